@@ -1,0 +1,854 @@
+"""The SVM processor model: VMRUN, the guest run, and #VMEXIT.
+
+:class:`SvmCpu` is the "silicon".  It owns the Unicorn engine, maps host
+DRAM as the host-physical address space, resolves every guest TLB fill
+through the 2-D walker (:mod:`sandbox.mmu`), finds intercept-enabled
+instructions with address-ranged code hooks placed by a page scanner
+(:mod:`sandbox.decode`), and performs the world switch in both directions
+against a VMCB in host memory.
+
+Exits that the hypervisor handles and resumes are processed inside the
+Unicorn hook that detected them (the world switch is a state transfer, not
+an ``emu_start`` round trip), which keeps an intercepted CPUID round trip in
+the microseconds.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL,
+                     UC_MEM_FETCH, UC_MEM_WRITE, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ,
+                     UC_PROT_WRITE, UC_TLB_VIRTUAL, Uc, UcError)
+from unicorn import unicorn_const as UCC
+from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib, HOOK_CODE_CFUNC, uc_hook_h
+from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
+
+from . import decode as D
+from .cpustate import (GPR_IDS, R_CS, R_DS, R_ES, R_FS, R_GS, R_SS, SEG_INDEX, CpuState, attrib_to_flags,
+                       flags_to_attrib)
+from .decision import ALWAYS, ExitInfo, decide, kinds_for_bits
+from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Shutdown, Vec, combine, deliver
+from .exitcodes import ExitCode
+from .hostmem import PAGE_SIZE, HostMemory
+from .mmu import GuestGP, GuestLayer, GuestPageFault, NestedFault, NestedLayer, TwoDimWalker, WalkStats
+from .paging import Access, PFErr
+from .vmcb import FIELDS, GUEST_INSN_BYTES, SEGMENTS, VMCB, Event, EventType, NpControl, TlbControl, VIntr
+
+MSR_EFER = 0xC000_0080
+MSR_VM_HSAVE_PA = 0xC001_0117
+EFER_SVME = 1 << 12
+EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
+RFLAGS_IF = 1 << 9
+TSC_HZ = 2_500_000_000
+
+# Masks from kvm-unit-tests x86/svm.h, checked against APM §15.5.1
+CR0_RESERVED = 0xFFFF_FFFF_0000_0000
+CR3_LONG_MBZ = 0xFFF0_0000_0000_0000
+CR4_RESERVED = 0xFFFF_FFFF_FE08_E000
+DR6_RESERVED = 0xFFFF_FFFF_0000_0000
+DR7_RESERVED = 0xFFFF_FFFF_0000_0000
+EFER_RESERVED = 0xFFFF_FFFF_FFFF_0200 & ~(1 << 15)   # 63:16 and 9 MBZ (bit 15 TCE allowed)
+
+
+@dataclass
+class ExitRecord:
+    """One #VMEXIT as the hypervisor sees it (mirrors the VMCB's exit fields)."""
+    exitcode: int
+    exitinfo1: int
+    exitinfo2: int
+    exitintinfo: int
+    rip: int
+    nrip: int
+    insn: bytes = b""
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        from .exitcodes import exit_name
+        return exit_name(self.exitcode)
+
+
+class VmrunError(Exception):
+    """VMRUN itself faulted in the host (#UD / #GP), before any guest state load."""
+
+
+@dataclass
+class RunLimits:
+    max_insns: int = 0            # 0: not counted
+    timeout_s: float = 10.0
+    max_exits: int = 10_000_000
+
+
+@dataclass
+class StopInfo:
+    reason: str = ""              # exit | halt | shutdown | insn-budget | timeout | exit-budget | error | stopped
+    detail: str = ""
+
+
+class SvmCpu:
+    """One AMD64 processor with SVM, executing guest code through Unicorn."""
+
+    def __init__(self, mem: HostMemory) -> None:
+        self.mem = mem
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        self.uc = uc
+        self.st = CpuState(uc)
+        self._h = uc._uch
+        # host (root-mode) state the hypervisor sets up, as by WRMSR
+        self.host_efer = EFER_LME | EFER_LMA | EFER_NXE
+        self.vm_hsave_pa = 0
+        self.gif = True
+        self.cycles_base = time.perf_counter_ns()
+        # current guest
+        self.vmcb: VMCB | None = None
+        self._vmcb_hpa = 0
+        self._ivec: tuple[int, ...] = (0,) * 6
+        self._iopm_hpa = self._msrpm_hpa = 0
+        self._n_cr3 = 0
+        self._np = False
+        self._asid = 0
+        self.stats = WalkStats()
+        self.exit_count = 0
+        self.on_exit: Callable[[ExitRecord], bool] | None = None
+        self.io_passthrough: Callable[[int, int, bool, int], int] | None = None
+        self.tsc_offset = 0
+        # scanner state
+        self._scan_kinds: frozenset = frozenset()
+        self._one = self._two = frozenset()
+        self._hooked: set[int] = set()
+        self._code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
+        self._code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
+        self._fetch_map: dict[int, int] = {}                  # gva page -> hpa page (last fetch fill)
+        self._decoded: dict[int, tuple[bytes, D.Insn | None]] = {}
+        self._pending_fault: Exception | None = None
+        self._exit: ExitRecord | None = None
+        self._stop: StopInfo | None = None
+        self._in_run = False
+        self._pass_once: int | None = None
+        self._install_hooks()
+
+    # ------------------------------------------------------------------ hooks
+    def _install_hooks(self) -> None:
+        uc = self.uc
+        uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
+        uc.hook_add(UC_HOOK_INTR, self._intr)
+        uc.hook_add(UC_HOOK_INSN, self._insn_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._insn_out, None, 1, 0, X.UC_X86_INS_OUT)
+        # one C callback shared by every per-address candidate hook
+        self._code_cb = HOOK_CODE_CFUNC(self._candidate_raw)
+        self._hook_add = uclib.uc_hook_add
+        # RDTSC/RDTSCP honour TSC_OFFSET even when not intercepted (the binding
+        # only wraps CPUID's callback type, which RDTSC shares)
+        self._tsc_cbs = [HOOK_INSN_CPUID_CFUNC(lambda h, ud: self._insn_rdtsc()),
+                         HOOK_INSN_CPUID_CFUNC(lambda h, ud: self._insn_rdtscp())]
+        for cb, ins in zip(self._tsc_cbs, (X.UC_X86_INS_RDTSC, X.UC_X86_INS_RDTSCP)):
+            hh = uc_hook_h()
+            err = self._hook_add(self._h, ctypes.byref(hh), UC_HOOK_INSN, cb, None, ctypes.c_uint64(1),
+                                 ctypes.c_uint64(0), ctypes.c_int(ins))
+            if err:
+                raise UcError(err)
+
+    def _add_candidate_hook(self, addr: int) -> None:
+        if addr in self._hooked:
+            return
+        hh = uc_hook_h()
+        err = self._hook_add(self._h, ctypes.byref(hh), UC_HOOK_CODE, self._code_cb, None,
+                             ctypes.c_uint64(addr), ctypes.c_uint64(addr))
+        if err:
+            raise UcError(err)
+        self._hooked.add(addr)
+
+    # ------------------------------------------------------------------ TSC
+    def host_tsc(self) -> int:
+        return (time.perf_counter_ns() - self.cycles_base) * (TSC_HZ // 1_000_000) // 1000
+
+    def _insn_rdtsc(self) -> int:
+        tsc = (self.host_tsc() + self.tsc_offset) & 0xFFFF_FFFF_FFFF_FFFF
+        self.st.reg_write(X.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
+        self.st.reg_write(X.UC_X86_REG_RDX, tsc >> 32)
+        return 1
+
+    def _insn_rdtscp(self) -> int:
+        self._insn_rdtsc()
+        self.st.reg_write(X.UC_X86_REG_RCX, self.uc.reg_read(X.UC_X86_REG_MSR, 0xC000_0103) & 0xFFFFFFFF)
+        return 1
+
+    # not-intercepted port I/O reaches the platform (pass-through devices)
+    def _insn_in(self, uc, port, size, ud) -> int:
+        if self.io_passthrough is None:
+            return (1 << (8 * size)) - 1
+        return self.io_passthrough(port, size, True, 0)
+
+    def _insn_out(self, uc, port, size, value, ud) -> None:
+        if self.io_passthrough is not None:
+            self.io_passthrough(port, size, False, value)
+
+    # ------------------------------------------------------------- 2-D walker
+    def walker(self) -> TwoDimWalker:
+        st = self.st
+        nested = NestedLayer(self.mem, self._n_cr3, self.stats) if self._np else _IdentityNested(self.mem, self.stats)
+        guest = GuestLayer(nested, st.cr(0), st.cr(3), st.cr(4), st.efer, self.stats)
+        return TwoDimWalker(guest, nested, self.stats)
+
+    def _tlb_fill(self, uc, vaddr, access, entry, ud) -> bool:
+        st = self.st.load()
+        user = st.cpl == 3
+        acc = Access.FETCH if access == UC_MEM_FETCH else (Access.WRITE if access == UC_MEM_WRITE else Access.READ)
+        try:
+            t = self.walker().translate(vaddr, acc, user)
+        except (GuestPageFault, NestedFault, GuestGP) as f:
+            self._pending_fault = f
+            return False
+        hpa = t.hpa & ~0xFFF
+        gva = vaddr & ~0xFFF
+        perms = UC_PROT_READ
+        if acc == Access.FETCH:
+            self._fetch_map[gva] = hpa
+            self._scan(gva, hpa)
+            perms |= UC_PROT_EXEC
+        else:
+            is_code = hpa in self._code_hpa
+            if acc == Access.WRITE:
+                if is_code:
+                    # a write to a scanned code page: drop its scans; the next fetch rescans
+                    for g in self._code_hpa.pop(hpa, ()):
+                        self._code_pages.pop(g, None)
+                perms |= UC_PROT_WRITE
+            elif t.writable and t.dirty and not is_code:
+                perms |= UC_PROT_WRITE
+        entry.paddr = hpa
+        entry.perms = perms
+        return True
+
+    # --------------------------------------------------------------- scanner
+    def _arm_scanner(self) -> None:
+        bits = {b for b in range(6 * 32) if self._ivec[b >> 5] >> (b & 31) & 1}
+        kinds = frozenset(kinds_for_bits(bits) | ALWAYS)
+        if kinds != self._scan_kinds:
+            self._scan_kinds = kinds
+            self._one, self._two = D.opcode_starts(set(kinds))
+            self._code_pages.clear()
+            self._code_hpa.clear()
+            self._decoded.clear()
+            self.uc.ctl_flush_tb()
+            self.flush_tlb()
+
+    def _scan(self, gva: int, hpa: int) -> None:
+        cur = self._code_pages.get(gva)
+        page = bytes(self.mem.view[hpa:hpa + PAGE_SIZE])
+        if cur is not None and cur[0] == hpa and cur[1] == page:
+            return
+        hits = D.scan(page, PAGE_SIZE, self._one, self._two)
+        # instructions that may straddle into the next page: any run of prefix
+        # bytes (or a lone 0F) reaching the end of the page could begin one
+        k = PAGE_SIZE - 1
+        if page[k] == 0x0F:
+            hits.append(k)
+            k -= 1
+        while k >= PAGE_SIZE - D.MAX_INSN and page[k] in D.PREFIX_BYTES:
+            hits.append(k)
+            k -= 1
+        for off in hits:
+            self._add_candidate_hook(gva + off)
+        self._code_pages[gva] = (hpa, page)
+        self._code_hpa.setdefault(hpa, set()).add(gva)
+        # drop stale decodes for this page
+        for a in [a for a in self._decoded if a & ~0xFFF == gva]:
+            del self._decoded[a]
+
+    def _insn_bytes(self, addr: int) -> bytes:
+        gva = addr & ~0xFFF
+        hpa = self._fetch_map.get(gva)
+        if hpa is None:
+            return b""
+        off = addr & 0xFFF
+        b = bytes(self.mem.view[hpa + off:hpa + min(PAGE_SIZE, off + D.MAX_INSN)])
+        if len(b) < D.MAX_INSN:
+            nxt = self._fetch_map.get(gva + PAGE_SIZE)
+            if nxt is None:
+                try:
+                    t = self.walker().translate(gva + PAGE_SIZE, Access.FETCH, self.st.cpl == 3, set_ad=False)
+                    nxt = t.hpa & ~0xFFF
+                except (GuestPageFault, NestedFault, GuestGP):
+                    nxt = None
+            if nxt is not None:
+                b += bytes(self.mem.view[nxt:nxt + D.MAX_INSN - len(b)])
+        return b
+
+    # ------------------------------------------------------- candidate hook
+    def _candidate_raw(self, handle, address, size, user_data) -> None:
+        try:
+            self._candidate(address)
+        except BaseException as e:          # never let an exception unwind through C
+            self._fail(f"internal error at guest RIP {address:#x}: {type(e).__name__}: {e}", e)
+
+    def pass_once(self, rip: int) -> None:
+        """Execute the instruction at ``rip`` once without the intercept check."""
+        self._pass_once = rip
+
+    def _candidate(self, address: int) -> None:
+        if self._stop is not None:
+            return
+        code = self._insn_bytes(address)
+        cached = self._decoded.get(address)
+        if cached is not None and cached[0] == code:
+            insn = cached[1]
+        else:
+            insn = D.decode(code)
+            if insn is not None and insn.kind not in self._scan_kinds:
+                insn = None
+            self._decoded[address] = (code, insn)
+        if insn is None:
+            return
+        st = self.st.load()
+        view = _GuestView(self, st)
+        if self._pass_once == address:
+            self._pass_once = None
+            info = None
+        else:
+            info = decide(insn, view, address, code)
+        if info is not None:
+            nrip = address + insn.length
+            self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=nrip)
+            self._after_exit_in_hook(address)
+            return
+        # not intercepted: the model handles what Unicorn cannot do natively
+        k = insn.kind
+        if k == D.Kind.HLT:
+            self._native_hlt(address, insn)
+        elif k in (D.Kind.INTN, D.Kind.INT3, D.Kind.ICEBP):
+            if view.cpl and k == D.Kind.INTN:
+                pass
+            vec = insn.imm if k == D.Kind.INTN else (3 if k == D.Kind.INT3 else 1)
+            self._deliver_in_hook(vec, None, software=(k == D.Kind.INTN) or k == D.Kind.INT3,
+                                  rip_after=address + insn.length, fault_rip=address)
+        elif k == D.Kind.INTO:
+            self._deliver_in_hook(Vec.UD, None, software=False, rip_after=address, fault_rip=address)
+        elif k in (D.Kind.VMLOAD, D.Kind.VMSAVE, D.Kind.SKINIT, D.Kind.VMRUN, D.Kind.STGI, D.Kind.CLGI,
+                   D.Kind.INVLPGA, D.Kind.VMMCALL):
+            # SVM instructions the VMCB does not intercept.  VMMCALL and SKINIT
+            # raise #UD (APM §15.4, §15.18); the rest need EFER.SVME and CPL 0.
+            if k in (D.Kind.VMMCALL, D.Kind.SKINIT) or not view.efer_svme():
+                self._deliver_in_hook(Vec.UD, None, software=False, rip_after=address, fault_rip=address)
+            elif view.cpl:
+                self._deliver_in_hook(Vec.GP, 0, software=False, rip_after=address, fault_rip=address)
+            elif k in (D.Kind.STGI, D.Kind.CLGI):
+                self._set_rip(address + insn.length)
+            else:
+                # VMLOAD/VMSAVE/INVLPGA without intercept run on the guest's behalf;
+                # this model treats them as no-ops on guest-physical state
+                self._set_rip(address + insn.length)
+
+    def _native_hlt(self, address: int, insn: D.Insn) -> None:
+        rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
+        vintr = self.vmcb.V_INTR if self.vmcb else 0
+        if rflags & RFLAGS_IF and vintr & VIntr.V_IRQ:
+            self._set_rip(address + insn.length)
+            self._inject_virq()
+            return
+        self._set_rip(address + insn.length)
+        self._halt("halt", f"HLT at {address:#x} with no pending interrupt")
+
+    def _set_rip(self, rip: int) -> None:
+        self.st.reg_write(X.UC_X86_REG_RIP, rip)
+
+    def _halt(self, reason: str, detail: str = "") -> None:
+        self._stop = StopInfo(reason, detail)
+        self.uc.emu_stop()
+
+    def _fail(self, msg: str, exc: BaseException | None = None) -> None:
+        self._stop = StopInfo("error", msg)
+        self._error = exc
+        try:
+            self.uc.emu_stop()
+        except UcError:
+            pass
+
+    # ------------------------------------------------------------- exceptions
+    def _intr(self, uc, intno, ud) -> None:
+        try:
+            rip = self.st.reg_read(X.UC_X86_REG_RIP)
+            err = self.st.load().error_code if intno in HAS_ERROR_CODE else None
+            if intno >= 32:
+                # a software interrupt the scanner did not see (cannot happen
+                # with INT n always hooked); deliver it like INT n
+                self._deliver_in_hook(intno, None, software=True, rip_after=rip, fault_rip=rip - 2)
+                return
+            self._exception(intno, err, rip)
+        except BaseException as e:
+            self._fail(f"internal error delivering vector {intno}: {type(e).__name__}: {e}", e)
+
+    def _exception(self, vector: int, err: int | None, rip: int, cr2: int | None = None) -> None:
+        """An exception raised by guest execution at ``rip``: intercept or deliver."""
+        if self._ivec[2] >> vector & 1:
+            info1 = err if err is not None else 0
+            info2 = cr2 if (vector == Vec.PF and cr2 is not None) else 0
+            insn = b""
+            if vector == Vec.PF:
+                insn = self._insn_bytes(rip)
+            self._vmexit(0x40 + vector, info1, info2, rip=rip, nrip=0, insn=insn)
+            self._after_exit_in_hook(rip)
+            return
+        if cr2 is not None:
+            self.st.reg_write(X.UC_X86_REG_CR2, cr2)
+        self._deliver_in_hook(vector, err, software=False, rip_after=rip, fault_rip=rip)
+
+    def _deliver_in_hook(self, vector: int, err: int | None, *, software: bool, rip_after: int,
+                         fault_rip: int, external: bool = False) -> None:
+        """Vector an event through the guest IDT, escalating to #DF and shutdown."""
+        cur_vec, cur_err, cur_sw = vector, err, software
+        ret_rip = rip_after
+        for _ in range(3):
+            st = self.st.load()
+            rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
+            rsp = st.gpr(4)
+            try:
+                new_rip, new_rsp, new_flags = deliver(st, self._guest_access(), cur_vec, cur_err,
+                                                      software=cur_sw, rip=ret_rip, rflags=rflags, rsp=rsp,
+                                                      external=external)
+            except DeliveryFault as f:
+                nxt = combine(cur_vec, f.vector)
+                if nxt is None:
+                    return self._shutdown(fault_rip)
+                if self._ivec[2] >> nxt & 1:
+                    self._vmexit(0x40 + nxt, f.error_code or 0, 0, rip=fault_rip, nrip=0,
+                                 exitintinfo=Event(cur_vec, EventType.EXCEPTION, cur_err).encode())
+                    return self._after_exit_in_hook(fault_rip)
+                cur_vec, cur_err, cur_sw, ret_rip = nxt, (0 if nxt == Vec.DF else f.error_code), False, fault_rip
+                continue
+            except GuestPageFault as f:
+                nxt = combine(cur_vec, Vec.PF)
+                if nxt is None:
+                    return self._shutdown(fault_rip)
+                self.st.reg_write(X.UC_X86_REG_CR2, f.address)
+                cur_vec, cur_err, cur_sw, ret_rip = nxt, (0 if nxt == Vec.DF else f.error_code), False, fault_rip
+                continue
+            except NestedFault as f:
+                self._vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=fault_rip, nrip=0,
+                             exitintinfo=Event(cur_vec, EventType.EXCEPTION, cur_err).encode())
+                return self._after_exit_in_hook(fault_rip)
+            st.store()
+            self.st.reg_write(X.UC_X86_REG_RSP, new_rsp)
+            self.st.reg_write(X.UC_X86_REG_RFLAGS, new_flags)
+            self._set_rip(new_rip)
+            return None
+        return self._shutdown(fault_rip)
+
+    def _shutdown(self, rip: int) -> None:
+        if self._ivec[3] >> 31 & 1:
+            self._vmexit(ExitCode.SHUTDOWN, 0, 0, rip=rip, nrip=0)
+            self._after_exit_in_hook(rip, resumable=False)
+        else:
+            # shutdown without the intercept: the machine stops (APM §15.12)
+            self._halt("shutdown", f"triple fault at {rip:#x}")
+
+    def _guest_access(self) -> GuestAccess:
+        def tr(gva: int, acc: int) -> int:
+            return self.walker().translate(gva, acc, False).hpa
+
+        def read(gva: int, n: int) -> bytes:
+            out = b""
+            while n:
+                chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
+                h = tr(gva, Access.READ)
+                out += bytes(self.mem.view[h:h + chunk])
+                gva, n = gva + chunk, n - chunk
+            return out
+
+        def write(gva: int, data: bytes) -> None:
+            while data:
+                chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
+                h = tr(gva, Access.WRITE)
+                self.mem.view[h:h + chunk] = data[:chunk]
+                gva, data = gva + chunk, data[chunk:]
+        return GuestAccess(read, write)
+
+    def _inject_virq(self) -> None:
+        vmcb = self.vmcb
+        v = vmcb.V_INTR
+        vec = vmcb.V_INTR_VECTOR
+        vmcb.V_INTR = v & ~VIntr.V_IRQ
+        rip = self.st.reg_read(X.UC_X86_REG_RIP)
+        self._deliver_in_hook(vec, None, software=False, rip_after=rip, fault_rip=rip, external=True)
+
+    # ------------------------------------------------------------- #VMEXIT
+    def _vmexit(self, code: int, info1: int, info2: int, *, rip: int, nrip: int, insn: bytes = b"",
+                exitintinfo: int = 0) -> ExitRecord:
+        """Save guest state and exit information into the VMCB (APM §15.6)."""
+        vmcb = self.vmcb
+        mv = self.mem.view
+        base = self._vmcb_hpa
+        self._save_state(rip)
+        struct.pack_into("<QQQQ", mv, base + 0x70, code & 0xFFFF_FFFF_FFFF_FFFF, info1 & 0xFFFF_FFFF_FFFF_FFFF,
+                         info2 & 0xFFFF_FFFF_FFFF_FFFF, exitintinfo)
+        struct.pack_into("<Q", mv, base + 0xC8, nrip)
+        struct.pack_into("<Q", mv, base + 0xA8, 0)          # EVENTINJ consumed
+        mv[base + 0xD0] = len(insn) & 0xF
+        if insn:
+            mv[base + GUEST_INSN_BYTES:base + GUEST_INSN_BYTES + len(insn)] = insn
+        self.exit_count += 1
+        rec = ExitRecord(code, info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
+        self._exit = rec
+        # GIF is cleared by #VMEXIT; the host-side state (ASID 0, ...) is implicit
+        self.gif = False
+        return rec
+
+    def _save_state(self, rip: int) -> None:
+        st = self.st.load()
+        mv = self.mem.view
+        b = self._vmcb_hpa
+        for name in ("ES", "CS", "SS", "DS"):
+            sel, sbase, limit, flags = st.seg(SEG_INDEX[name])
+            struct.pack_into("<HHIQ", mv, b + SEGMENTS[name], sel, flags_to_attrib(flags), limit, sbase)
+        gbase, glimit = st.gdt()
+        ibase, ilimit = st.idt()
+        struct.pack_into("<HHIQ", mv, b + 0x460, 0, 0, glimit, gbase)
+        struct.pack_into("<HHIQ", mv, b + 0x480, 0, 0, ilimit, ibase)
+        mv[b + 0x4CB] = st.cpl
+        rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
+        struct.pack_into("<Q", mv, b + 0x4D0, st.efer | EFER_SVME)
+        dr6 = self.st.reg_read(X.UC_X86_REG_DR6)
+        dr7 = self.st.reg_read(X.UC_X86_REG_DR7)
+        struct.pack_into("<7Q", mv, b + 0x548, st.cr(4), st.cr(3), st.cr(0), dr7, dr6, rflags, rip)
+        struct.pack_into("<Q", mv, b + 0x5D8, st.gpr(4))
+        struct.pack_into("<Q", mv, b + 0x5F8, st.gpr(0))
+        struct.pack_into("<Q", mv, b + 0x640, st.cr(2))
+        self._loaded = self._snapshot_vmcb()
+
+    def _after_exit_in_hook(self, rip: int, resumable: bool = True) -> None:
+        """Hand the exit to the hypervisor; resume in place or stop the run."""
+        rec = self._exit
+        if self.exit_count >= self.limits.max_exits:
+            return self._halt("exit-budget", f"{self.exit_count} exits")
+        resume = False
+        if resumable and self.on_exit is not None:
+            resume = bool(self.on_exit(rec))
+            if self._stop is not None:
+                return
+        if not resume:
+            self._stop = StopInfo("exit")
+            self.uc.emu_stop()
+            self._set_rip(rip)        # the intercepted instruction must not execute
+            return
+        # the hypervisor's VMRUN, performed in place
+        self._exit = None
+        if not self._enter(in_hook=True):
+            return self._after_exit_in_hook(rip, resumable=True)
+        self._set_rip(self._entry_rip)
+
+    # -------------------------------------------------------------- VMRUN
+    def vmrun(self, vmcb_hpa: int, on_exit: Callable[[ExitRecord], bool] | None = None,
+              limits: RunLimits | None = None) -> StopInfo:
+        """Execute VMRUN with rAX = ``vmcb_hpa`` (APM §15.5).
+
+        Runs the guest until an exit the hypervisor does not resume (then
+        returns with the VMCB holding the exit), or until the run stops
+        (budget, timeout, halt, shutdown).  ``on_exit(record)`` is the
+        hypervisor's exit handler; returning True means "VMRUN again".
+        """
+        if not self.host_efer & EFER_SVME:
+            raise VmrunError("#UD: VMRUN with host EFER.SVME = 0")
+        if vmcb_hpa & 0xFFF or vmcb_hpa + PAGE_SIZE > self.mem.size:
+            raise VmrunError(f"#GP: VMCB address {vmcb_hpa:#x} is not a page-aligned address in DRAM")
+        if not self.vm_hsave_pa or self.vm_hsave_pa & 0xFFF:
+            raise VmrunError("#GP: VM_HSAVE_PA is not set to a page-aligned address")
+        self.limits = limits or RunLimits()
+        self._vmcb_hpa = vmcb_hpa
+        self.vmcb = VMCB(self.mem, vmcb_hpa)
+        self.on_exit = on_exit
+        self._stop = None
+        self._exit = None
+        self._error = None
+        self._loaded = None
+        if not self._enter(in_hook=False):
+            # VMEXIT_INVALID: no guest instruction ran
+            if on_exit is not None and self._exit is not None:
+                on_exit(self._exit)
+            return StopInfo("exit", "VMEXIT_INVALID")
+        deadline = time.monotonic() + self.limits.timeout_s if self.limits.timeout_s else None
+        while self._stop is None:
+            rip = self._entry_rip
+            remaining_us = 0
+            if deadline is not None:
+                remaining_us = max(1, int((deadline - time.monotonic()) * 1e6))
+            self._pending_fault = None
+            try:
+                self.uc.emu_start(rip, 0xFFFF_FFFF_FFFF_FFFF, timeout=remaining_us,
+                                  count=self.limits.max_insns)
+            except UcError as e:
+                if self._stop is not None:
+                    break
+                f = self._pending_fault
+                if f is None:
+                    self._stop = StopInfo("error", f"emulation error: {e}")
+                    break
+                self._memory_fault(f)
+                if self._stop is None and self._exit is None:
+                    self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
+                continue
+            if self._stop is not None:
+                break
+            # emu_start returned by itself: budget, timeout, or an emu_stop from us
+            if deadline is not None and time.monotonic() >= deadline:
+                self._stop = StopInfo("timeout", f"wall-clock limit of {self.limits.timeout_s:g} s reached")
+            elif self.limits.max_insns:
+                self._stop = StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
+            else:
+                self._stop = StopInfo("stopped", "emulation stopped")
+        return self._stop
+
+    def _memory_fault(self, f: Exception) -> None:
+        """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
+        rip = self.st.reg_read(X.UC_X86_REG_RIP)
+        if isinstance(f, NestedFault):
+            insn = self._insn_bytes(rip)
+            self._vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=rip, nrip=0, insn=insn)
+            self._after_exit_outside(rip)
+        elif isinstance(f, GuestPageFault):
+            self._exception_outside(Vec.PF, f.error_code, rip, cr2=f.address)
+        elif isinstance(f, GuestGP):
+            self._exception_outside(Vec.GP, 0, rip)
+
+    def _exception_outside(self, vec: int, err: int | None, rip: int, cr2: int | None = None) -> None:
+        self._exception(vec, err, rip, cr2)
+        if self._exit is None and self._stop is None:
+            self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
+
+    def _after_exit_outside(self, rip: int) -> None:
+        self._after_exit_in_hook(rip)
+        if self._stop is None:
+            self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
+
+    # ------------------------------------------------------ state transfer
+    _SNAP_FIELDS = ("CR0", "CR3", "CR4", "EFER", "CR2", "DR6", "DR7")
+
+    def _snapshot_vmcb(self) -> bytes:
+        b = self._vmcb_hpa
+        mv = self.mem.view
+        return bytes(mv[b + 0x400:b + 0x4A0]) + bytes(mv[b + 0x4C8:b + 0x4D8]) + bytes(mv[b + 0x540:b + 0x570]) \
+            + bytes(mv[b + 0x640:b + 0x648])
+
+    def _enter(self, in_hook: bool) -> bool:
+        """VMRUN's checks and guest-state load; False after VMEXIT_INVALID."""
+        vmcb = self.vmcb
+        mv = self.mem.view
+        b = self._vmcb_hpa
+        ivec = struct.unpack_from("<6I", mv, b)
+        cr4, cr3, cr0, dr7, dr6, rflags, rip = struct.unpack_from("<7Q", mv, b + 0x548)
+        efer = struct.unpack_from("<Q", mv, b + 0x4D0)[0]
+        rsp = struct.unpack_from("<Q", mv, b + 0x5D8)[0]
+        rax = struct.unpack_from("<Q", mv, b + 0x5F8)[0]
+        asid = struct.unpack_from("<I", mv, b + 0x58)[0]
+        tlb_ctl = mv[b + 0x5C]
+        npc = struct.unpack_from("<Q", mv, b + 0x90)[0]
+        n_cr3 = struct.unpack_from("<Q", mv, b + 0xB0)[0]
+        iopm = struct.unpack_from("<Q", mv, b + 0x40)[0] & ~0xFFF
+        msrpm = struct.unpack_from("<Q", mv, b + 0x48)[0] & ~0xFFF
+        eventinj = struct.unpack_from("<Q", mv, b + 0xA8)[0]
+        cs_attr = struct.unpack_from("<H", mv, b + 0x412)[0]
+        why = self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm, eventinj, cs_attr)
+        if why:
+            self._invalid_reason = why
+            struct.pack_into("<QQQ", mv, b + 0x70, ExitCode.INVALID, 0, 0)
+            self.exit_count += 1
+            self._exit = ExitRecord(ExitCode.INVALID, 0, 0, 0, rip, 0, b"", self.exit_count)
+            self._stop = StopInfo("exit", f"VMEXIT_INVALID: {why}")
+            if in_hook:
+                self.uc.emu_stop()
+                self._set_rip(self.st.reg_read(X.UC_X86_REG_RIP))
+            return False
+        # host state goes to VM_HSAVE_PA (format is implementation-specific)
+        self.gif = True
+        self._ivec = ivec
+        self._iopm_hpa, self._msrpm_hpa = iopm, msrpm
+        np_on = bool(npc & NpControl.NP_ENABLE)
+        flush = tlb_ctl != TlbControl.DO_NOTHING or asid != self._asid or np_on != self._np or \
+            (np_on and n_cr3 != self._n_cr3)
+        self._np, self._n_cr3, self._asid = np_on, n_cr3 & 0x000F_FFFF_FFFF_F000, asid
+        self.tsc_offset = struct.unpack_from("<Q", mv, b + 0x50)[0]
+        snap = self._snapshot_vmcb()
+        st = self.st
+        if snap != self._loaded:
+            # full load of control and segment state (first run, or the hypervisor changed it)
+            st.reg_write(X.UC_X86_REG_CR0, cr0)
+            st.reg_write(X.UC_X86_REG_CR4, cr4)
+            self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer & ~EFER_SVME))
+            st.reg_write(X.UC_X86_REG_CR3, cr3)
+            st.reg_write(X.UC_X86_REG_CR2, struct.unpack_from("<Q", mv, b + 0x640)[0])
+            st.reg_write(X.UC_X86_REG_DR6, dr6)
+            st.reg_write(X.UC_X86_REG_DR7, dr7)
+            st.load()
+            for name in ("ES", "CS", "SS", "DS"):
+                sel, attr, limit, sbase = struct.unpack_from("<HHIQ", mv, b + SEGMENTS[name])
+                st.set_seg(SEG_INDEX[name], sel, sbase, limit, attrib_to_flags(attr))
+            _, _, glimit, gbase = struct.unpack_from("<HHIQ", mv, b + 0x460)
+            _, _, ilimit, ibase = struct.unpack_from("<HHIQ", mv, b + 0x480)
+            st.set_dtable("GDTR", gbase, glimit)
+            st.set_dtable("IDTR", ibase, ilimit)
+            cpl = mv[b + 0x4CB]
+            if not cr0 & 1:
+                cpl = 0
+            st.set_cpl(cpl)
+            st.store()
+            self._loaded = snap
+            flush = True
+        st.reg_write(X.UC_X86_REG_RAX, rax)
+        st.reg_write(X.UC_X86_REG_RSP, rsp)
+        st.reg_write(X.UC_X86_REG_RFLAGS, rflags)
+        self._entry_rip = rip
+        if not in_hook:
+            st.reg_write(X.UC_X86_REG_RIP, rip)
+        if flush:
+            self.flush_tlb()
+        self._arm_scanner()
+        # event injection (APM §15.20)
+        if eventinj & Event.VALID:
+            ev = Event.decode(eventinj)
+            struct.pack_into("<Q", mv, b + 0xA8, eventinj & ~Event.VALID)
+            st.reg_write(X.UC_X86_REG_RIP, rip)
+            self._deliver_in_hook(ev.vector, ev.error_code, software=(ev.type == EventType.SOFT_INT),
+                                  rip_after=rip, fault_rip=rip, external=(ev.type == EventType.INTR))
+            if self._exit is not None or self._stop is not None:
+                return self._stop is None
+            self._entry_rip = st.reg_read(X.UC_X86_REG_RIP)
+        elif struct.unpack_from("<Q", mv, b + 0x60)[0] & VIntr.V_IRQ and rflags & RFLAGS_IF \
+                and not struct.unpack_from("<Q", mv, b + 0x68)[0] & 1:
+            if ivec[3] >> 4 & 1:       # VINTR intercept
+                self._vmexit(ExitCode.VINTR, 0, 0, rip=rip, nrip=0)
+                self._stop = StopInfo("exit")
+                return True
+            st.reg_write(X.UC_X86_REG_RIP, rip)
+            self._inject_virq()
+            self._entry_rip = st.reg_read(X.UC_X86_REG_RIP)
+        return True
+
+    def _consistency(self, ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm, eventinj,
+                     cs_attr) -> str:
+        """APM §15.5.1 "Canonicalization and Consistency Checks"; '' when legal."""
+        if not efer & EFER_SVME:
+            return "guest EFER.SVME is zero"
+        if not cr0 & (1 << 30) and cr0 & (1 << 29):
+            return "CR0.CD = 0 and CR0.NW = 1"
+        if cr0 & CR0_RESERVED:
+            return "CR0[63:32] is not zero"
+        if cr3 & CR3_LONG_MBZ and efer & EFER_LMA:
+            return "CR3 MBZ bits set"
+        if cr4 & CR4_RESERVED:
+            return "CR4 MBZ bits set"
+        if dr6 & DR6_RESERVED:
+            return "DR6[63:32] is not zero"
+        if dr7 & DR7_RESERVED:
+            return "DR7[63:32] is not zero"
+        if efer & EFER_RESERVED:
+            return "EFER MBZ bits set"
+        lme_pg = efer & EFER_LME and cr0 & (1 << 31)
+        if lme_pg and not cr4 & (1 << 5):
+            return "EFER.LME and CR0.PG with CR4.PAE = 0"
+        if lme_pg and not cr0 & 1:
+            return "EFER.LME and CR0.PG with CR0.PE = 0"
+        if lme_pg and cs_attr & 0x200 and cs_attr & 0x400:
+            return "EFER.LME, CR0.PG, CR4.PAE, CS.L and CS.D all set"
+        if not ivec[4] & 1:
+            return "the VMRUN intercept bit is clear"
+        if asid == 0:
+            return "ASID is zero"
+        if ivec[3] >> 28 & 1 and msrpm + 0x2000 > self.mem.size:
+            return "MSRPM extends past the end of physical memory"
+        if ivec[3] >> 27 & 1 and iopm + 0x3000 > self.mem.size:
+            return "IOPM extends past the end of physical memory"
+        if npc & NpControl.NP_ENABLE and n_cr3 & 0xFFF0_0000_0000_0000:
+            return "N_CR3 MBZ bits set"
+        if eventinj & Event.VALID:
+            ty = (eventinj >> 8) & 7
+            vec = eventinj & 0xFF
+            if ty not in (0, 2, 3, 4):
+                return "EVENTINJ TYPE is reserved"
+            if ty == 3 and (vec == 2 or vec > 31):
+                return "EVENTINJ injects a non-exception vector as an exception"
+            if ty == 3 and vec in (4, 5) and efer & EFER_LMA:
+                return "EVENTINJ injects #OF/#BR in 64-bit mode"
+        return ""
+
+    # ------------------------------------------------------------ utilities
+    def flush_tlb(self) -> None:
+        """Flush Unicorn's soft TLB (the model's whole TLB)."""
+        self.uc.ctl(UCC.UC_CTL_TLB_FLUSH, UCC.UC_CTL_IO_WRITE)
+        self._fetch_map.clear()
+
+    @property
+    def iopm_hpa(self) -> int:
+        return self._iopm_hpa
+
+    @property
+    def msrpm_hpa(self) -> int:
+        return self._msrpm_hpa
+
+
+class _IdentityNested(NestedLayer):
+    """NP_ENABLE = 0: guest-physical is host-physical (no nested translation)."""
+
+    def __init__(self, mem: HostMemory, stats: WalkStats) -> None:
+        super().__init__(mem, 0, stats)
+
+    def translate(self, gpa: int, access: int, *, final: bool = True, set_ad: bool = True):
+        from .paging import WalkResult
+        if gpa + 1 > self._size:
+            raise NestedFault(int(PFErr.U | (PFErr.FINAL if final else PFErr.PT_WALK)), gpa)
+        return WalkResult(phys=gpa, writable=True, user=True, executable=True, dirty=True)
+
+
+class _GuestView:
+    """Adapter the intercept decision reads the guest through."""
+
+    __slots__ = ("cpu", "st", "cpl", "intercepts", "_rflags")
+
+    def __init__(self, cpu: SvmCpu, st: CpuState) -> None:
+        self.cpu, self.st = cpu, st
+        self.cpl = st.cpl
+        self.intercepts = cpu._ivec
+        self._rflags = None
+
+    def gpr(self, i: int) -> int:
+        return self.st.gpr(i)
+
+    def cr(self, n: int) -> int:
+        return self.st.cr(n)
+
+    def rflags(self) -> int:
+        if self._rflags is None:
+            self._rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
+        return self._rflags
+
+    def efer_svme(self) -> bool:
+        # the guest runs with EFER.SVME as the VMCB says (Unicorn's copy has it cleared)
+        return bool(self.cpu.mem.view[self.cpu._vmcb_hpa + 0x4D1] & (EFER_SVME >> 8))
+
+    def iopm_bit(self, port: int) -> bool:
+        return bool(self.cpu.mem.view[self.cpu._iopm_hpa + (port >> 3)] >> (port & 7) & 1)
+
+    def msrpm_byte(self, off: int) -> int:
+        return self.cpu.mem.view[self.cpu._msrpm_hpa + off]
+
+    def seg_base(self, idx: int) -> int:
+        return self.st.seg(idx)[1]
+
+    def io_allowed_by_tss(self, port: int, size: int) -> bool:
+        sel, base, limit, _ = self.st.tr()
+        try:
+            acc = self.cpu._guest_access()
+            if limit < 0x67:
+                return False
+            iomap = struct.unpack("<H", acc.read(base + 0x66, 2))[0]
+            if iomap + (port >> 3) + 1 > limit:
+                return False
+            bits = int.from_bytes(acc.read(base + iomap + (port >> 3), 2), "little")
+            return not (bits >> (port & 7)) & ((1 << size) - 1)
+        except (GuestPageFault, NestedFault, GuestGP):
+            return False

@@ -1,0 +1,311 @@
+"""Decoder for the instructions an SVM intercept can name.
+
+Two jobs, both over raw instruction bytes:
+
+* :func:`scan` finds every byte offset in a code window where an
+  instruction of an armed class *could* begin, prefixes included.  Over-
+  approximating is sound: a hook on an address where no instruction starts
+  never fires.
+* :func:`decode` decodes the one instruction at a hooked address: its class,
+  length, prefixes and the operand fields that EXITINFO needs.
+
+Only the sensitive opcodes are decoded in full; anything else comes back as
+``None`` and runs natively.  64-bit mode encoding rules (APM vol. 3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+LEGACY_PREFIXES = frozenset({0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65})
+SEG_PREFIX = {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}   # ES CS SS DS FS GS
+PREFIX_BYTES = LEGACY_PREFIXES | frozenset(range(0x40, 0x50))
+MAX_INSN = 15
+
+
+class Kind(Enum):
+    CPUID = "cpuid"
+    RDTSC = "rdtsc"
+    RDTSCP = "rdtscp"
+    RDPMC = "rdpmc"
+    HLT = "hlt"
+    PAUSE = "pause"
+    INVLPG = "invlpg"
+    INVLPGA = "invlpga"
+    INVD = "invd"
+    WBINVD = "wbinvd"
+    MONITOR = "monitor"
+    MWAIT = "mwait"
+    XSETBV = "xsetbv"
+    PUSHF = "pushf"
+    POPF = "popf"
+    IRET = "iret"
+    INTN = "intn"
+    INT3 = "int3"
+    INTO = "into"
+    ICEBP = "icebp"
+    SGDT = "sgdt"
+    SIDT = "sidt"
+    SLDT = "sldt"
+    STR = "str"
+    LGDT = "lgdt"
+    LIDT = "lidt"
+    LLDT = "lldt"
+    LTR = "ltr"
+    MOV_FROM_CR = "mov_from_cr"
+    MOV_TO_CR = "mov_to_cr"
+    SMSW = "smsw"
+    LMSW = "lmsw"
+    CLTS = "clts"
+    MOV_FROM_DR = "mov_from_dr"
+    MOV_TO_DR = "mov_to_dr"
+    IN = "in"
+    OUT = "out"
+    INS = "ins"
+    OUTS = "outs"
+    RDMSR = "rdmsr"
+    WRMSR = "wrmsr"
+    VMMCALL = "vmmcall"
+    VMRUN = "vmrun"
+    VMLOAD = "vmload"
+    VMSAVE = "vmsave"
+    STGI = "stgi"
+    CLGI = "clgi"
+    SKINIT = "skinit"
+    RSM = "rsm"
+    RDPRU = "rdpru"
+    INVPCID = "invpcid"
+
+
+@dataclass(slots=True)
+class Insn:
+    kind: Kind
+    length: int
+    opsize: int = 32           # operand size in bits
+    addrsize: int = 64
+    rep: bool = False          # F3 (or F2) present
+    lock: bool = False
+    seg: int | None = None     # explicit segment override (0-5)
+    rex: int = 0
+    reg: int = 0               # ModRM.reg (+REX.R) -- CR/DR number, /digit
+    rm: int = 0                # ModRM.rm (+REX.B) -- GPR for register forms
+    mod: int = 3
+    imm: int | None = None     # imm8 of INT n / IN / OUT
+    modrm_off: int = 0         # offset of the ModRM byte within the instruction
+    opcode_off: int = 0
+
+
+# opcodes after 0F that are sensitive on their own (second byte -> kind)
+_0F_SIMPLE = {
+    0xA2: Kind.CPUID, 0x31: Kind.RDTSC, 0x33: Kind.RDPMC, 0x30: Kind.WRMSR, 0x32: Kind.RDMSR,
+    0x08: Kind.INVD, 0x09: Kind.WBINVD, 0x06: Kind.CLTS, 0xAA: Kind.RSM,
+}
+# 0F 01 with mod == 11: third byte -> kind
+_0F01_REG = {
+    0xC8: Kind.MONITOR, 0xC9: Kind.MWAIT, 0xFA: Kind.MONITOR, 0xFB: Kind.MWAIT,
+    0xD1: Kind.XSETBV, 0xD8: Kind.VMRUN, 0xD9: Kind.VMMCALL, 0xDA: Kind.VMLOAD, 0xDB: Kind.VMSAVE,
+    0xDC: Kind.STGI, 0xDD: Kind.CLGI, 0xDE: Kind.SKINIT, 0xDF: Kind.INVLPGA, 0xF9: Kind.RDTSCP,
+    0xFD: Kind.RDPRU,
+}
+_0F01_MEM = {0: Kind.SGDT, 1: Kind.SIDT, 2: Kind.LGDT, 3: Kind.LIDT, 4: Kind.SMSW, 6: Kind.LMSW, 7: Kind.INVLPG}
+_0F00 = {0: Kind.SLDT, 1: Kind.STR, 2: Kind.LLDT, 3: Kind.LTR}
+_ONE_BYTE = {
+    0xF4: Kind.HLT, 0x9C: Kind.PUSHF, 0x9D: Kind.POPF, 0xCF: Kind.IRET, 0xCD: Kind.INTN,
+    0xCC: Kind.INT3, 0xCE: Kind.INTO, 0xF1: Kind.ICEBP,
+    0xE4: Kind.IN, 0xE5: Kind.IN, 0xEC: Kind.IN, 0xED: Kind.IN,
+    0xE6: Kind.OUT, 0xE7: Kind.OUT, 0xEE: Kind.OUT, 0xEF: Kind.OUT,
+    0x6C: Kind.INS, 0x6D: Kind.INS, 0x6E: Kind.OUTS, 0x6F: Kind.OUTS,
+}
+
+
+def _modrm_len(code: bytes, i: int, addrsize: int) -> int | None:
+    """Bytes taken by ModRM (+SIB +displacement) at ``code[i]``; None if truncated."""
+    if i >= len(code):
+        return None
+    m = code[i]
+    mod, rm = m >> 6, m & 7
+    n = 1
+    if mod == 3:
+        return n
+    if rm == 4:
+        if i + 1 >= len(code):
+            return None
+        sib = code[i + 1]
+        n += 1
+        if mod == 0 and (sib & 7) == 5:
+            n += 4
+    if mod == 0 and rm == 5:
+        n += 4
+    elif mod == 1:
+        n += 1
+    elif mod == 2:
+        n += 4
+    return n
+
+
+def decode(code: bytes) -> Insn | None:
+    """Decode the instruction at ``code[0]`` if it is one an intercept can name."""
+    i = 0
+    opsize_66 = addr_67 = rep = lock = False
+    seg = None
+    n = len(code)
+    while i < n and code[i] in LEGACY_PREFIXES:
+        b = code[i]
+        if b == 0x66:
+            opsize_66 = True
+        elif b == 0x67:
+            addr_67 = True
+        elif b in (0xF3, 0xF2):
+            rep = True
+            last_rep = b
+        elif b == 0xF0:
+            lock = True
+        else:
+            seg = SEG_PREFIX[b]
+        i += 1
+    rex = 0
+    if i < n and 0x40 <= code[i] <= 0x4F:
+        rex = code[i]
+        i += 1
+    if i >= n:
+        return None
+    opcode_off = i
+    op = code[i]
+    rex_w, rex_r, rex_b = bool(rex & 8), (rex >> 2) & 1, rex & 1
+    opsize = 64 if rex_w else (16 if opsize_66 else 32)
+    addrsize = 32 if addr_67 else 64
+    ins: Insn | None = None
+
+    def mk(kind: Kind, length: int, **kw) -> Insn | None:
+        if length > MAX_INSN:
+            return None       # over-long: #GP at decode, no intercept
+        return Insn(kind, length, opsize=opsize, addrsize=addrsize, rep=rep, lock=lock, seg=seg,
+                    rex=rex, opcode_off=opcode_off, **kw)
+
+    if op == 0x0F:
+        if i + 1 >= n:
+            return None
+        op2 = code[i + 1]
+        if op2 in _0F_SIMPLE:
+            return mk(_0F_SIMPLE[op2], i + 2)
+        if op2 in (0x20, 0x22, 0x21, 0x23):
+            if i + 2 >= n:
+                return None
+            m = code[i + 2]
+            reg = ((m >> 3) & 7) | (rex_r << 3)
+            if op2 in (0x20, 0x22) and lock:
+                reg |= 8          # LOCK MOV CR0 is the AMD alternate encoding of CR8
+            kind = {0x20: Kind.MOV_FROM_CR, 0x22: Kind.MOV_TO_CR,
+                    0x21: Kind.MOV_FROM_DR, 0x23: Kind.MOV_TO_DR}[op2]
+            # MOV CR/DR ignore ModRM.mod and always take a register operand
+            return mk(kind, i + 3, reg=reg, rm=(m & 7) | (rex_b << 3), mod=3, modrm_off=i + 2)
+        if op2 == 0x01:
+            if i + 2 >= n:
+                return None
+            m = code[i + 2]
+            mod, digit = m >> 6, (m >> 3) & 7
+            if mod == 3:
+                if m in _0F01_REG:
+                    return mk(_0F01_REG[m], i + 3, modrm_off=i + 2)
+                if digit == 4:
+                    return mk(Kind.SMSW, i + 3, rm=(m & 7) | (rex_b << 3), mod=3, modrm_off=i + 2)
+                if digit == 6:
+                    return mk(Kind.LMSW, i + 3, rm=(m & 7) | (rex_b << 3), mod=3, modrm_off=i + 2)
+                return None
+            if digit in _0F01_MEM and digit != 5:
+                ml = _modrm_len(code, i + 2, addrsize)
+                if ml is None:
+                    return None
+                return mk(_0F01_MEM[digit], i + 2 + ml, reg=digit, rm=(m & 7) | (rex_b << 3), mod=mod,
+                          modrm_off=i + 2)
+            return None
+        if op2 == 0x00:
+            if i + 2 >= n:
+                return None
+            m = code[i + 2]
+            digit = (m >> 3) & 7
+            if digit not in _0F00:
+                return None
+            ml = _modrm_len(code, i + 2, addrsize)
+            if ml is None:
+                return None
+            return mk(_0F00[digit], i + 2 + ml, reg=digit, rm=(m & 7) | (rex_b << 3), mod=m >> 6,
+                      modrm_off=i + 2)
+        if op2 == 0x38 and i + 2 < n and code[i + 2] == 0x82 and opsize_66:
+            ml = _modrm_len(code, i + 3, addrsize)
+            if ml is None:
+                return None
+            return mk(Kind.INVPCID, i + 3 + ml, modrm_off=i + 3)
+        return None
+    if op == 0x90 and rep and last_rep == 0xF3 and not rex & 1:
+        return mk(Kind.PAUSE, i + 1)
+    kind = _ONE_BYTE.get(op)
+    if kind is None:
+        return None
+    if kind in (Kind.INTN,) or op in (0xE4, 0xE5, 0xE6, 0xE7):
+        if i + 1 >= n:
+            return None
+        ins = mk(kind, i + 2, imm=code[i + 1])
+    else:
+        ins = mk(kind, i + 1)
+    if ins is not None and kind in (Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS):
+        # operand size of the port access: byte forms have an even opcode
+        ins.opsize = 8 if op % 2 == 0 else (16 if opsize_66 else 32)
+    if ins is not None and kind in (Kind.PUSHF, Kind.POPF, Kind.IRET):
+        ins.opsize = 64 if (rex_w or (kind != Kind.IRET and not opsize_66)) else (16 if opsize_66 else 32)
+    return ins
+
+
+# -- candidate scanning ------------------------------------------------------------
+#: first opcode byte -> kinds it may begin (used to build the scan set)
+def opcode_starts(kinds: set[Kind]) -> tuple[frozenset[int], frozenset[int]]:
+    """(single-byte opcodes, second bytes after 0F) that can begin one of ``kinds``."""
+    one = {op for op, k in _ONE_BYTE.items() if k in kinds}
+    if Kind.PAUSE in kinds:
+        one.add(0x90)
+    two: set[int] = {op2 for op2, k in _0F_SIMPLE.items() if k in kinds}
+    if kinds & {Kind.MOV_FROM_CR, Kind.MOV_TO_CR, Kind.MOV_FROM_DR, Kind.MOV_TO_DR}:
+        two |= {0x20, 0x21, 0x22, 0x23}
+    if kinds & (set(_0F01_REG.values()) | set(_0F01_MEM.values())):
+        two.add(0x01)
+    if kinds & set(_0F00.values()):
+        two.add(0x00)
+    if Kind.INVPCID in kinds:
+        two.add(0x38)
+    return frozenset(one), frozenset(two)
+
+
+def scan(window: bytes, limit: int, one: frozenset[int], two: frozenset[int]) -> list[int]:
+    """Offsets ``< limit`` in ``window`` where an armed instruction may start.
+
+    ``window`` may extend past ``limit`` (the next page's first bytes) so an
+    instruction straddling the boundary is seen.  Every run of prefix bytes
+    immediately before an opcode match also yields a candidate per byte.
+    """
+    hits: set[int] = set()
+    n = len(window)
+    find = window.find
+    for op in one:
+        j = find(bytes((op,)))
+        while j != -1:
+            _add_with_prefixes(window, j, limit, hits)
+            j = find(bytes((op,)), j + 1)
+    if two:
+        j = find(b"\x0f")
+        while j != -1:
+            if j + 1 < n and window[j + 1] in two:
+                _add_with_prefixes(window, j, limit, hits)
+            elif j + 1 >= n:
+                _add_with_prefixes(window, j, limit, hits)   # opcode byte beyond the window: be safe
+            j = find(b"\x0f", j + 1)
+    return sorted(hits)
+
+
+def _add_with_prefixes(window: bytes, j: int, limit: int, hits: set[int]) -> None:
+    if j < limit:
+        hits.add(j)
+    k = j - 1
+    while k >= 0 and j - k < MAX_INSN and window[k] in PREFIX_BYTES:
+        if k < limit:
+            hits.add(k)
+        k -= 1

@@ -1,0 +1,172 @@
+"""Host physical memory: the machine's DRAM.
+
+One Python-owned buffer (an anonymous ``mmap``) is the whole host-physical
+address space.  Unicorn maps it with ``mem_map_ptr`` so the emulated CPU and
+the Python hypervisor share the same bytes with no copies.  Everything the
+hypervisor owns -- guest pages, VMCBs, the IOPM and MSRPM, nested page
+tables -- is allocated here at a real host-physical address (HPA).
+
+The hypervisor reads and writes DRAM only through :class:`HostMemory`; that
+is the single view a memory-encryption layer (SEV) can later sit behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from typing import Iterable
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+PAGE_MASK = ~(PAGE_SIZE - 1)
+
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+
+
+class HostMemoryError(Exception):
+    """An access outside DRAM, or an allocator failure."""
+
+
+class HostMemory:
+    """``size`` bytes of DRAM starting at host-physical address 0.
+
+    Page 0 is never handed out by the allocator, so an HPA of 0 can mean
+    "none" in tables the hypervisor builds.
+    """
+
+    def __init__(self, size: int = 64 << 20) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise HostMemoryError(f"DRAM size must be a positive multiple of 4 KiB, got {size:#x}")
+        self.size = size
+        self._mm = mmap.mmap(-1, size)
+        self._cbuf = (ctypes.c_char * size).from_buffer(self._mm)
+        #: raw view for the CPU model; hypervisor code uses the methods below
+        self.view = memoryview(self._mm)
+        self._free: list[int] = list(range(size // PAGE_SIZE - 1, 0, -1))
+        self._allocated: set[int] = set()
+        #: callbacks run before a hypervisor read (lazy state write-back)
+        self.read_barriers: list = []
+
+    # -- mapping into Unicorn -------------------------------------------------
+    @property
+    def address(self) -> int:
+        """Process address of the DRAM buffer, for ``Uc.mem_map_ptr``."""
+        return ctypes.addressof(self._cbuf)
+
+    # -- allocator -------------------------------------------------------------
+    def alloc_page(self, zero: bool = True) -> int:
+        """Allocate one 4 KiB page; returns its HPA."""
+        if not self._free:
+            raise HostMemoryError("out of host memory")
+        pfn = self._free.pop()
+        self._allocated.add(pfn)
+        hpa = pfn << PAGE_SHIFT
+        if zero:
+            self.view[hpa:hpa + PAGE_SIZE] = bytes(PAGE_SIZE)
+        return hpa
+
+    def alloc_contiguous(self, npages: int, zero: bool = True) -> int:
+        """Allocate ``npages`` physically contiguous, 4 KiB-aligned pages."""
+        free = set(self._free)
+        for pfn in sorted(free):
+            if all((pfn + i) in free for i in range(npages)):
+                for i in range(npages):
+                    self._free.remove(pfn + i)
+                    self._allocated.add(pfn + i)
+                hpa = pfn << PAGE_SHIFT
+                if zero:
+                    self.view[hpa:hpa + npages * PAGE_SIZE] = bytes(npages * PAGE_SIZE)
+                return hpa
+        raise HostMemoryError(f"no {npages} contiguous free pages")
+
+    def free_page(self, hpa: int) -> None:
+        pfn = hpa >> PAGE_SHIFT
+        if pfn not in self._allocated:
+            raise HostMemoryError(f"double free or foreign page {hpa:#x}")
+        self._allocated.remove(pfn)
+        self._free.append(pfn)
+
+    def is_allocated(self, hpa: int) -> bool:
+        return (hpa >> PAGE_SHIFT) in self._allocated
+
+    @property
+    def pages_free(self) -> int:
+        return len(self._free)
+
+    # -- access API --------------------------------------------------------------
+    def _check(self, hpa: int, n: int) -> None:
+        if hpa < 0 or n < 0 or hpa + n > self.size:
+            raise HostMemoryError(f"host-physical access {hpa:#x}+{n:#x} outside DRAM (size {self.size:#x})")
+
+    def _barrier(self) -> None:
+        for cb in self.read_barriers:
+            cb()
+
+    def read(self, hpa: int, n: int) -> bytes:
+        self._check(hpa, n)
+        if self.read_barriers:
+            self._barrier()
+        return bytes(self.view[hpa:hpa + n])
+
+    def write(self, hpa: int, data: bytes | bytearray | memoryview) -> None:
+        self._check(hpa, len(data))
+        if self.read_barriers:
+            self._barrier()
+        self.view[hpa:hpa + len(data)] = data
+
+    def fill(self, hpa: int, n: int, byte: int = 0) -> None:
+        self.write(hpa, bytes([byte]) * n)
+
+    def read_u64(self, hpa: int) -> int:
+        self._check(hpa, 8)
+        if self.read_barriers:
+            self._barrier()
+        return _U64.unpack_from(self._mm, hpa)[0]
+
+    def write_u64(self, hpa: int, value: int) -> None:
+        self._check(hpa, 8)
+        if self.read_barriers:
+            self._barrier()
+        _U64.pack_into(self._mm, hpa, value & 0xFFFFFFFFFFFFFFFF)
+
+    def read_u32(self, hpa: int) -> int:
+        self._check(hpa, 4)
+        if self.read_barriers:
+            self._barrier()
+        return _U32.unpack_from(self._mm, hpa)[0]
+
+    def write_u32(self, hpa: int, value: int) -> None:
+        self._check(hpa, 4)
+        if self.read_barriers:
+            self._barrier()
+        _U32.pack_into(self._mm, hpa, value & 0xFFFFFFFF)
+
+    def read_u16(self, hpa: int) -> int:
+        self._check(hpa, 2)
+        if self.read_barriers:
+            self._barrier()
+        return _U16.unpack_from(self._mm, hpa)[0]
+
+    def read_u8(self, hpa: int) -> int:
+        self._check(hpa, 1)
+        if self.read_barriers:
+            self._barrier()
+        return self._mm[hpa]
+
+    def write_u8(self, hpa: int, value: int) -> None:
+        self._check(hpa, 1)
+        if self.read_barriers:
+            self._barrier()
+        self._mm[hpa] = value & 0xFF
+
+    def dump(self) -> bytes:
+        """The raw DRAM image, as a physical-memory probe would see it."""
+        if self.read_barriers:
+            self._barrier()
+        return bytes(self._mm)
+
+    def pages(self) -> Iterable[int]:
+        """HPAs of all allocated pages."""
+        return sorted(p << PAGE_SHIFT for p in self._allocated)

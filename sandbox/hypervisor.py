@@ -1,0 +1,580 @@
+"""The root-mode hypervisor: guests, the exit-handler table, default handlers.
+
+:class:`Machine` is the public entry point.  It owns host DRAM and the SVM
+processor, creates a :class:`Guest` (VMCB, nested page tables, IOPM, MSRPM,
+guest RAM), and runs the loop of a real hypervisor: VMRUN, take the
+#VMEXIT, dispatch on EXITCODE through :attr:`Machine.handlers` (one small
+function per exit code, as in KVM's ``svm_exit_handlers``), VMRUN again.
+"""
+from __future__ import annotations
+
+import collections
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Iterable
+
+from unicorn import x86_const as X
+
+from . import intercepts as I
+from .cpu import EFER_SVME, RunLimits, StopInfo, SvmCpu, ExitRecord, VmrunError
+from .cpustate import GPR_IDS, GPR_NAMES
+from .devices import COM1, PortBus, Serial16550
+from .exitcodes import ExitCode, exit_name
+from .hostmem import PAGE_SIZE, HostMemory
+from .iopm import IOPM, IOPM_PAGES, IoioInfo
+from .loader import (CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BASE, STACK_TOP, Image,
+                     load_image)
+from .msrpm import MSRPM, MSRPM_PAGES
+from .npt import NestedPageTable
+from .paging import Access, TableBuilder
+from .vmcb import VMCB, Event, EventType, NpControl, Segment
+
+
+class Action(Enum):
+    RESUME = "resume"
+    STOP = "stop"
+
+
+RESUME, STOP = Action.RESUME, Action.STOP
+
+HC_EXIT = 0
+HC_PRINT = 1
+HYPERVISOR_VENDOR = b"AMDVSandbox\x00"
+KVM_ENOSYS = 1000
+
+
+class GuestRegs:
+    """Guest general registers as a hypervisor sees them after #VMEXIT.
+
+    RAX, RSP, RIP and RFLAGS live in the VMCB state-save area; the other
+    GPRs stay in the processor (a real hypervisor saves them itself).
+    """
+
+    _VMCB = {"rax": "RAX", "rsp": "RSP", "rip": "RIP", "rflags": "RFLAGS"}
+
+    def __init__(self, machine: "Machine") -> None:
+        object.__setattr__(self, "_m", machine)
+
+    def __getattr__(self, name: str) -> int:
+        m = self._m
+        if name in self._VMCB:
+            return getattr(m.guest.vmcb, self._VMCB[name])
+        if name in GPR_NAMES:
+            return m.cpu.st.reg_read(GPR_IDS[GPR_NAMES.index(name)])
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: int) -> None:
+        m = self._m
+        if name in self._VMCB:
+            setattr(m.guest.vmcb, self._VMCB[name], value)
+        elif name in GPR_NAMES:
+            m.cpu.st.reg_write(GPR_IDS[GPR_NAMES.index(name)], value)
+        else:
+            raise AttributeError(name)
+
+    def as_dict(self) -> dict[str, int]:
+        return {n: getattr(self, n) for n in GPR_NAMES}
+
+
+class Guest:
+    """One virtual machine: its VMCB, nested page tables and RAM.
+
+    Guest RAM is ``ram_size`` bytes of guest-physical memory, each 4 KiB page
+    backed by a host page and mapped in the nested page table.
+    """
+
+    def __init__(self, mem: HostMemory, ram_size: int = 16 << 20, asid: int = 1) -> None:
+        if ram_size % PAGE_SIZE or ram_size < 0x200000:
+            raise ValueError("guest RAM must be a multiple of 4 KiB and at least 2 MiB")
+        self.mem, self.ram_size = mem, ram_size
+        self.vmcb_hpa = mem.alloc_page()
+        self.vmcb = VMCB(mem, self.vmcb_hpa)
+        self.iopm = IOPM(mem, mem.alloc_contiguous(IOPM_PAGES))
+        self.msrpm = MSRPM(mem, mem.alloc_contiguous(MSRPM_PAGES))
+        self.npt = NestedPageTable(mem)
+        self.ram: dict[int, int] = {}
+        for gpa in range(0, ram_size, PAGE_SIZE):
+            hpa = mem.alloc_page()
+            self.ram[gpa] = hpa
+            self.npt.map(gpa, hpa)
+        v = self.vmcb
+        v.IOPM_BASE_PA = self.iopm.hpa
+        v.MSRPM_BASE_PA = self.msrpm.hpa
+        v.GUEST_ASID = asid
+        v.NP_CONTROL = NpControl.NP_ENABLE
+        v.N_CR3 = self.npt.n_cr3
+        v.G_PAT = 0x0007040600070406
+        v.set_intercept(ExitCode.VMRUN)
+
+    # -- guest-physical memory --------------------------------------------------
+    def gpa_to_hpa(self, gpa: int) -> int:
+        hpa = self.npt.lookup(gpa)
+        if hpa is None:
+            raise KeyError(f"GPA {gpa:#x} is not mapped in the nested page table")
+        return hpa
+
+    def read_phys(self, gpa: int, n: int) -> bytes:
+        out = b""
+        while n > 0:
+            chunk = min(n, PAGE_SIZE - (gpa & 0xFFF))
+            out += self.mem.read(self.gpa_to_hpa(gpa), chunk)
+            gpa, n = gpa + chunk, n - chunk
+        return out
+
+    def write_phys(self, gpa: int, data: bytes) -> None:
+        while data:
+            chunk = min(len(data), PAGE_SIZE - (gpa & 0xFFF))
+            self.mem.write(self.gpa_to_hpa(gpa), data[:chunk])
+            gpa, data = gpa + chunk, data[chunk:]
+
+    # -- entry state -----------------------------------------------------------
+    def setup_long_mode(self, entry: int, rsp: int = STACK_TOP) -> None:
+        """Build the loader's GDT and identity page tables; set the VMCB's
+        state-save area to the documented entry state (see :mod:`sandbox.loader`)."""
+        self.write_phys(GDT_BASE, struct.pack("<3Q", *GDT))
+        nxt = [PT_BASE]
+
+        def alloc() -> int:
+            nxt[0] += PAGE_SIZE
+            self.write_phys(nxt[0], bytes(PAGE_SIZE))
+            return nxt[0]
+        self.write_phys(PT_BASE, bytes(PAGE_SIZE))
+        rd = lambda a: struct.unpack("<Q", self.read_phys(a, 8))[0]
+        wr = lambda a, val: self.write_phys(a, struct.pack("<Q", val))
+        tb = TableBuilder(PT_BASE, alloc, rd, wr)
+        for gpa in range(0, self.ram_size, PAGE_SIZE):
+            tb.map(gpa, gpa, write=True, user=False, execute=True)
+        if nxt[0] >= 0x80000:
+            raise ValueError("guest RAM too large for the loader's page-table area")
+        v = self.vmcb
+        v.set_seg("CS", Segment(CS_SEL, CS_ATTRIB, 0xFFFFFFFF, 0))
+        for s in ("SS", "DS", "ES"):
+            v.set_seg(s, Segment(DS_SEL, DS_ATTRIB, 0xFFFFFFFF, 0))
+        v.set_seg("GDTR", Segment(0, 0, len(GDT) * 8 - 1, GDT_BASE))
+        v.set_seg("IDTR", Segment(0, 0, 0, 0))
+        v.CR0 = 0x8001_0033          # PG WP NE ET MP PE
+        v.CR3 = PT_BASE
+        v.CR4 = 0x0000_0620          # OSXMMEXCPT OSFXSR PAE
+        v.EFER = 0x1D00              # NXE LMA LME SVME
+        v.RFLAGS = 0x2
+        v.RIP = entry
+        v.RSP = rsp
+        v.CPL = 0
+        v.DR6 = 0xFFFF0FF0
+        v.DR7 = 0x400
+
+    def load(self, image: Image) -> None:
+        for gpa, data in image.segments:
+            self.write_phys(gpa, data)
+        self.setup_long_mode(image.entry)
+
+
+@dataclass
+class RunResult:
+    """How a run ended, for the CLI and the API."""
+    reason: str
+    detail: str
+    exit_code: int | None              # the guest's EXIT hypercall code
+    exits: int
+    counts: dict[int, int]
+    regs: dict[str, int]
+    rip: int
+    rflags: int
+    console: str
+    insns: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason == "guest-exit" and (self.exit_code or 0) == 0 or self.reason == "halt"
+
+
+Handler = Callable[["Machine", ExitRecord], Action | None]
+
+
+class Machine:
+    """A host with SVM, one guest, and the hypervisor loop.
+
+    >>> m = Machine()
+    >>> m.load("guest_images/hello.S")
+    >>> result = m.run()
+    """
+
+    def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20) -> None:
+        self.mem = HostMemory(dram)
+        self.cpu = SvmCpu(self.mem)
+        # the hypervisor enables SVM: EFER.SVME and VM_HSAVE_PA (as KVM's svm_hardware_enable)
+        self.cpu.host_efer |= EFER_SVME
+        self.cpu.vm_hsave_pa = self.mem.alloc_page()
+        self.guest = Guest(self.mem, ram)
+        self.regs = GuestRegs(self)
+        self.bus = PortBus()
+        self.serial = Serial16550(COM1)
+        self.bus.attach(self.serial)
+        self.cpu.io_passthrough = self.bus.io
+        self.msrs: dict[int, int] = {0xC000_0103: 0, 0x1B: 0xFEE0_0900, 0x277: 0x0007040600070406}
+        self.handlers: dict[int, Handler] = dict(DEFAULT_HANDLERS)
+        self.counts: collections.Counter[int] = collections.Counter()
+        self.trace: collections.deque[ExitRecord] = collections.deque(maxlen=10_000)
+        self.on_exit_record: Callable[[ExitRecord], None] | None = None
+        self.console_sink: Callable[[bytes], None] | None = None
+        self.serial.sink = self._console
+        self.guest_exit_code: int | None = None
+        self._stop_reason: tuple[str, str] | None = None
+        self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        self.default_intercepts()
+
+    # -- configuration ---------------------------------------------------------
+    def default_intercepts(self) -> None:
+        """What a small real hypervisor arms: the SVM instructions, HLT,
+        shutdown, CPUID (virtualized leaves), and port I/O to COM1."""
+        v = self.guest.vmcb
+        for name in ("vmrun", "vmmcall", "vmload", "vmsave", "stgi", "clgi", "skinit", "invlpga",
+                     "hlt", "shutdown", "cpuid", "ioio"):
+            v.set_intercept(I.INTERCEPT_BITS[name])
+        self.guest.iopm.set(COM1, True, 8)
+
+    def intercept(self, names: str | Iterable[str], on: bool = True) -> None:
+        """Arm (or disarm) intercepts by APM name or group (``all``, ``sensitive``)."""
+        bits = I.resolve(list(names) if not isinstance(names, str) else names)
+        for b in bits:
+            self.guest.vmcb.set_intercept(b, on)
+        if on and I.INTERCEPT_BITS["ioio"] in bits:
+            self.guest.iopm.set_all(True)
+        if on and I.INTERCEPT_BITS["msr"] in bits:
+            self.guest.msrpm.set_all(True)
+
+    def set_ports(self, ports: Iterable[int]) -> None:
+        """Intercept exactly these ports (IOPM), arming IOIO_PROT."""
+        self.guest.iopm.set_all(False)
+        for p in ports:
+            self.guest.iopm.set(p)
+        self.guest.vmcb.set_intercept(ExitCode.IOIO)
+
+    def set_msrs(self, spec: Iterable[tuple[int, bool, bool]]) -> None:
+        """Intercept exactly these MSR accesses ((msr, read, write) tuples)."""
+        self.guest.msrpm.set_all(False)
+        for msr, r, w in spec:
+            self.guest.msrpm.set(msr, read=r or None, write=w or None)
+        self.guest.vmcb.set_intercept(ExitCode.MSR)
+
+    def on(self, code: int) -> Callable[[Handler], Handler]:
+        """Decorator: register ``fn(machine, exit)`` for exit code ``code``."""
+        def deco(fn: Handler) -> Handler:
+            self.handlers[int(code)] = fn
+            return fn
+        return deco
+
+    def load(self, path: str) -> Image:
+        img = load_image(path, self.guest.ram_size)
+        self.guest.load(img)
+        return img
+
+    def load_hooks(self, path: str) -> None:
+        """Load user handlers from a Python file (see ``hooks/``)."""
+        from .hooks_loader import load_hooks
+        load_hooks(self, path)
+
+    # -- guest access for handlers ---------------------------------------------
+    def read_virt(self, gva: int, n: int) -> bytes:
+        """Read guest-virtual memory through the guest's page tables (no A/D side effects)."""
+        w = self.cpu.walker()
+        out = b""
+        while n > 0:
+            chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
+            t = w.translate(gva, Access.READ, False, set_ad=False)
+            out += self.mem.read(t.hpa, chunk)
+            gva, n = gva + chunk, n - chunk
+        return out
+
+    def write_virt(self, gva: int, data: bytes) -> None:
+        w = self.cpu.walker()
+        while data:
+            chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
+            t = w.translate(gva, Access.WRITE, False, set_ad=True)
+            self.mem.write(t.hpa, data[:chunk])
+            gva, data = gva + chunk, data[chunk:]
+
+    def inject(self, vector: int, type: EventType = EventType.EXCEPTION, error_code: int | None = None) -> None:
+        self.guest.vmcb.inject(Event(vector, type, error_code))
+
+    def advance(self, exit: ExitRecord) -> None:
+        """Skip the intercepted instruction (RIP = nRIP)."""
+        self.guest.vmcb.RIP = exit.nrip
+
+    def stop(self, reason: str, detail: str = "") -> Action:
+        self._stop_reason = (reason, detail)
+        return STOP
+
+    def _console(self, b: bytes) -> None:
+        if self.console_sink:
+            self.console_sink(b)
+
+    # -- the hypervisor loop ---------------------------------------------------
+    def _dispatch(self, rec: ExitRecord) -> bool:
+        self.counts[rec.exitcode] += 1
+        self.trace.append(rec)
+        if self.on_exit_record is not None:
+            self.on_exit_record(rec)
+        h = self.handlers.get(rec.exitcode)
+        if h is None:
+            self._stop_reason = ("unhandled-exit", f"no handler for {exit_name(rec.exitcode)} at {rec.rip:#x}")
+            return False
+        try:
+            act = h(self, rec)
+        except Exception as e:       # a handler crash ends the run with a clear message
+            import traceback
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            self._stop_reason = ("handler-error", f"{exit_name(rec.exitcode)} handler raised "
+                                 f"{type(e).__name__}: {e} ({tb.filename}:{tb.lineno})")
+            return False
+        return act is None or act == RESUME
+
+    def run(self, max_insns: int = 0, timeout: float = 10.0, max_exits: int = 10_000_000) -> RunResult:
+        """VMRUN until a handler stops the guest or a limit is reached."""
+        self._stop_reason = None
+        self.guest_exit_code = None
+        limits = RunLimits(max_insns=max_insns, timeout_s=timeout, max_exits=max_exits)
+        try:
+            stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
+        except VmrunError as e:
+            stop = StopInfo("error", str(e))
+        if self._stop_reason is not None and stop.reason == "exit":
+            reason, detail = self._stop_reason
+        else:
+            reason, detail = stop.reason, stop.detail
+        if reason == "exit" and stop.detail.startswith("VMEXIT_INVALID"):
+            reason, detail = "invalid-vmcb", stop.detail
+        return self._result(reason, detail)
+
+    def _result(self, reason: str, detail: str) -> RunResult:
+        st = self.cpu.st
+        regs = {n: st.reg_read(GPR_IDS[i]) for i, n in enumerate(GPR_NAMES)}
+        return RunResult(reason=reason, detail=detail, exit_code=self.guest_exit_code,
+                         exits=sum(self.counts.values()), counts=dict(self.counts), regs=regs,
+                         rip=st.reg_read(X.UC_X86_REG_RIP), rflags=st.reg_read(X.UC_X86_REG_RFLAGS),
+                         console=self.serial.text)
+
+
+# ============================================================ default handlers
+def _cpuid_leaf(m: Machine, leaf: int, sub: int) -> tuple[int, int, int, int]:
+    if (leaf, sub) in m.cpuid_overrides:
+        return m.cpuid_overrides[(leaf, sub)]
+    if (leaf, -1) in m.cpuid_overrides:
+        return m.cpuid_overrides[(leaf, -1)]
+    vendor = b"AuthenticAMD"
+    if leaf == 0:
+        return 0xD, *struct.unpack("<III", vendor[0:4] + vendor[8:12] + vendor[4:8])
+    if leaf == 1:
+        eax = 0x00800F12                      # family 17h (Zen), model 1, stepping 2
+        ebx = 0x00010800                      # CLFLUSH 8 qwords, 1 logical processor
+        ecx = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 26) | (1 << 31)
+        if m.guest.vmcb.CR4 & (1 << 18):
+            ecx |= 1 << 27                    # OSXSAVE mirrors CR4
+        edx = 0x178BFBFF
+        return eax, ebx, ecx, edx
+    if leaf == 0x4000_0000:
+        return 0x4000_0001, *struct.unpack("<III", HYPERVISOR_VENDOR)
+    if leaf == 0x4000_0001:
+        return 0, 0, 0, 0
+    if leaf == 0x8000_0000:
+        return 0x8000_0008, *struct.unpack("<III", vendor[0:4] + vendor[8:12] + vendor[4:8])
+    if leaf == 0x8000_0001:
+        return 0x00800F12, 0, (1 << 0), (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29) | 0x0183F3FF
+    if 0x8000_0002 <= leaf <= 0x8000_0004:
+        brand = b"AMD-V Sandbox Virtual CPU".ljust(48, b"\x00")
+        i = (leaf - 0x8000_0002) * 16
+        return struct.unpack("<IIII", brand[i:i + 16])
+    if leaf == 0x8000_0008:
+        return 0x3030, 0, 0, 0                # 48 physical, 48 linear address bits
+    return 0, 0, 0, 0
+
+
+def handle_cpuid(m: Machine, e: ExitRecord) -> Action:
+    """CPUID: virtualized leaves, hypervisor-present bit, vendor leaf 0x40000000."""
+    leaf = m.regs.rax & 0xFFFFFFFF
+    sub = m.regs.rcx & 0xFFFFFFFF
+    a, b, c, d = _cpuid_leaf(m, leaf, sub)
+    m.regs.rax, m.regs.rbx, m.regs.rcx, m.regs.rdx = a, b, c, d
+    m.advance(e)
+    return RESUME
+
+
+def handle_rdtsc(m: Machine, e: ExitRecord) -> Action:
+    tsc = (m.cpu.host_tsc() + m.guest.vmcb.TSC_OFFSET) & 0xFFFF_FFFF_FFFF_FFFF
+    m.regs.rax, m.regs.rdx = tsc & 0xFFFFFFFF, tsc >> 32
+    if e.exitcode == ExitCode.RDTSCP:
+        m.regs.rcx = m.msrs.get(0xC000_0103, 0) & 0xFFFFFFFF
+    m.advance(e)
+    return RESUME
+
+
+def handle_ioio(m: Machine, e: ExitRecord) -> Action:
+    """IN/OUT/INS/OUTS against the port bus (APM §15.10.2 EXITINFO1)."""
+    info = e.exitinfo1
+    port = info >> 16
+    size = 1 if info & IoioInfo.SZ8 else (2 if info & IoioInfo.SZ16 else 4)
+    is_in = bool(info & IoioInfo.TYPE_IN)
+    if info & IoioInfo.STR:
+        count = (m.regs.rcx if info & IoioInfo.REP else 1)
+        asz = 64 if info & IoioInfo.A64 else (32 if info & IoioInfo.A32 else 16)
+        amask = (1 << asz) - 1
+        step = -size if m.guest.vmcb.RFLAGS & (1 << 10) else size
+        for _ in range(count & amask):
+            if is_in:
+                v = m.bus.io(port, size, True)
+                m.write_virt(m.regs.rdi & amask, v.to_bytes(size, "little"))
+                m.regs.rdi = (m.regs.rdi + step) & amask
+            else:
+                v = int.from_bytes(m.read_virt(m.regs.rsi & amask, size), "little")
+                m.bus.io(port, size, False, v)
+                m.regs.rsi = (m.regs.rsi + step) & amask
+        if info & IoioInfo.REP:
+            m.regs.rcx = 0
+    elif is_in:
+        v = m.bus.io(port, size, True)
+        rax = m.regs.rax
+        if size == 4:
+            m.regs.rax = v                    # 32-bit results zero-extend
+        else:
+            mask = (1 << (8 * size)) - 1
+            m.regs.rax = (rax & ~mask) | v
+    else:
+        m.bus.io(port, size, False, m.regs.rax & ((1 << (8 * size)) - 1))
+    m.guest.vmcb.RIP = e.exitinfo2            # EXITINFO2 = next RIP
+    return RESUME
+
+
+def handle_msr(m: Machine, e: ExitRecord) -> Action:
+    """RDMSR/WRMSR against the emulated MSR file; unknown MSRs raise #GP."""
+    msr = m.regs.rcx & 0xFFFFFFFF
+    if e.exitinfo1 == 0:
+        if msr == 0x10:
+            v = (m.cpu.host_tsc() + m.guest.vmcb.TSC_OFFSET) & 0xFFFF_FFFF_FFFF_FFFF
+        elif msr == 0xC000_0080:
+            v = m.guest.vmcb.EFER & ~EFER_SVME
+        elif msr in m.msrs:
+            v = m.msrs[msr]
+        else:
+            m.inject(13, EventType.EXCEPTION, 0)
+            return RESUME
+        m.regs.rax, m.regs.rdx = v & 0xFFFFFFFF, v >> 32
+    else:
+        v = (m.regs.rax & 0xFFFFFFFF) | ((m.regs.rdx & 0xFFFFFFFF) << 32)
+        if msr == 0xC000_0080:
+            m.guest.vmcb.EFER = v | EFER_SVME
+        elif msr in m.msrs or msr >= 0xC000_0000:
+            m.msrs[msr] = v
+        else:
+            m.inject(13, EventType.EXCEPTION, 0)
+            return RESUME
+    m.advance(e)
+    return RESUME
+
+
+def handle_hlt(m: Machine, e: ExitRecord) -> Action:
+    """HLT ends the run unless a virtual interrupt is pending."""
+    from .vmcb import VIntr
+    if m.guest.vmcb.V_INTR & VIntr.V_IRQ and m.guest.vmcb.RFLAGS & (1 << 9):
+        m.advance(e)
+        return RESUME
+    m.advance(e)
+    return m.stop("halt", f"guest executed HLT at {e.rip:#x}")
+
+
+def handle_vmmcall(m: Machine, e: ExitRecord) -> Action:
+    """Hypercalls: RAX = 0 EXIT(RDI = code), RAX = 1 PRINT(RDI = GVA, RSI = length)."""
+    nr = m.regs.rax
+    if nr == HC_EXIT:
+        m.guest_exit_code = m.regs.rdi & 0xFFFFFFFF
+        m.advance(e)
+        return m.stop("guest-exit", f"EXIT hypercall with code {m.guest_exit_code}")
+    if nr == HC_PRINT:
+        n = min(m.regs.rsi, 1 << 16)
+        data = m.read_virt(m.regs.rdi, n)
+        m.serial.output += data
+        m._console(data)
+        m.regs.rax = 0
+    else:
+        m.regs.rax = (-KVM_ENOSYS) & 0xFFFF_FFFF_FFFF_FFFF
+    m.advance(e)
+    return RESUME
+
+
+def handle_shutdown(m: Machine, e: ExitRecord) -> Action:
+    return m.stop("shutdown", f"guest triple-faulted at {e.rip:#x}")
+
+
+def handle_npf(m: Machine, e: ExitRecord) -> Action:
+    return m.stop("npf", f"nested page fault at GPA {e.exitinfo2:#x} (EXITINFO1 {e.exitinfo1:#x}) "
+                         f"from RIP {e.rip:#x}")
+
+
+def handle_svm_insn(m: Machine, e: ExitRecord) -> Action:
+    """VMRUN/VMLOAD/VMSAVE/STGI/CLGI/SKINIT/INVLPGA from the guest: no nested
+    virtualization here, so the guest gets #UD, as KVM does with nested=0."""
+    m.inject(6)
+    return RESUME
+
+
+def handle_invalid(m: Machine, e: ExitRecord) -> Action:
+    return m.stop("invalid-vmcb", getattr(m.cpu, "_invalid_reason", "VMEXIT_INVALID"))
+
+
+def handle_exception(m: Machine, e: ExitRecord) -> Action:
+    """An intercepted exception: reflect it into the guest (as KVM does for #PF/#UD)."""
+    vec = e.exitcode - 0x40
+    from .events import HAS_ERROR_CODE
+    err = (e.exitinfo1 & 0xFFFFFFFF) if vec in HAS_ERROR_CODE else None
+    if vec == 14:
+        m.guest.vmcb.CR2 = e.exitinfo2
+    if vec in (3, 4):
+        m.guest.vmcb.RIP = e.nrip if e.nrip else e.rip
+        m.inject(vec, EventType.EXCEPTION)
+        return RESUME
+    m.inject(vec, EventType.EXCEPTION, err)
+    return RESUME
+
+
+def reexecute(m: Machine, e: ExitRecord) -> Action:
+    """Let the intercepted instruction run once on the processor, unintercepted:
+    the hypervisor "emulates" it with the real instruction (descriptor-table
+    accesses, PUSHF/POPF/IRET, INT n, MOV CR/DR, RDPMC, XSETBV ...)."""
+    m.cpu.pass_once(e.rip)
+    return RESUME
+
+
+def _advance_only(m: Machine, e: ExitRecord) -> Action:
+    """Instructions a hypervisor can complete by skipping them (PAUSE, WBINVD,
+    INVD, MONITOR, MWAIT, INVLPG, descriptor-table and CR/DR reads ...)."""
+    m.advance(e)
+    return RESUME
+
+
+DEFAULT_HANDLERS: dict[int, Handler] = {
+    ExitCode.CPUID: handle_cpuid,
+    ExitCode.RDTSC: handle_rdtsc,
+    ExitCode.RDTSCP: handle_rdtsc,
+    ExitCode.IOIO: handle_ioio,
+    ExitCode.MSR: handle_msr,
+    ExitCode.HLT: handle_hlt,
+    ExitCode.VMMCALL: handle_vmmcall,
+    ExitCode.SHUTDOWN: handle_shutdown,
+    ExitCode.NPF: handle_npf,
+    ExitCode.INVALID: handle_invalid,
+    ExitCode.PAUSE: _advance_only,
+    ExitCode.WBINVD: _advance_only,
+    ExitCode.INVD: _advance_only,
+    ExitCode.MONITOR: _advance_only,
+    ExitCode.MWAIT: _advance_only,
+}
+for _c in (ExitCode.VMRUN, ExitCode.VMLOAD, ExitCode.VMSAVE, ExitCode.STGI, ExitCode.CLGI, ExitCode.SKINIT,
+           ExitCode.INVLPGA):
+    DEFAULT_HANDLERS[_c] = handle_svm_insn
+for _v in range(32):
+    DEFAULT_HANDLERS[0x40 + _v] = handle_exception
+for _c in (*range(0x00, 0x40), ExitCode.CR0_SEL_WRITE, ExitCode.IDTR_READ, ExitCode.GDTR_READ,
+           ExitCode.LDTR_READ, ExitCode.TR_READ, ExitCode.IDTR_WRITE, ExitCode.GDTR_WRITE,
+           ExitCode.LDTR_WRITE, ExitCode.TR_WRITE, ExitCode.RDPMC, ExitCode.PUSHF, ExitCode.POPF,
+           ExitCode.IRET, ExitCode.SWINT, ExitCode.INVLPG, ExitCode.XSETBV, ExitCode.ICEBP, ExitCode.RDPRU):
+    DEFAULT_HANDLERS.setdefault(int(_c), reexecute)

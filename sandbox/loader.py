@@ -1,0 +1,116 @@
+"""Guest images and the documented entry state.
+
+Formats: ``.S`` / ``.asm`` (Intel-syntax assembly, assembled by keystone at
+load), ``.bin`` (a flat binary), and freestanding ELF64 (``PT_LOAD``
+segments at their physical addresses, entry at ``e_entry``).
+
+Entry state (what every image can rely on):
+
+* 64-bit long mode, CPL 0: CS = 0x08 (64-bit code), SS = DS = ES = 0x10;
+  the loader's GDT sits at guest-physical 0x1000.
+* Identity page tables for guest-physical [0, RAM) with 4 KiB pages,
+  supervisor read/write/execute, rooted at CR3 = 0x2000; CR0.PG/PE/WP,
+  CR4.PAE, EFER.LME/LMA/NXE set.
+* RIP = the entry point (0x100000 for ``.S``/``.bin``), RSP = 0x90000,
+  RFLAGS = 0x2, IDTR limit 0 (no IDT until the guest loads one).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+LOAD_BASE = 0x100000
+STACK_TOP = 0x90000
+GDT_BASE = 0x1000
+PT_BASE = 0x2000
+
+GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
+CS_SEL, DS_SEL = 0x08, 0x10
+CS_ATTRIB = 0x29B     # code, exec/read, accessed, S, P, L
+DS_ATTRIB = 0xC93     # data, read/write, accessed, S, P, D/B, G
+
+
+class ImageError(Exception):
+    """A guest image that cannot be loaded."""
+
+
+@dataclass
+class Image:
+    path: str
+    segments: list[tuple[int, bytes]]      # (guest-physical address, bytes)
+    entry: int
+    kind: str
+
+
+def assemble(source: str, base: int = LOAD_BASE, name: str = "<asm>") -> bytes:
+    from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
+    ks = Ks(KS_ARCH_X86, KS_MODE_64)
+    # strip comments keystone does not know (# and // lines) and C-style blocks
+    lines = []
+    for line in source.splitlines():
+        s = line.split("#", 1)[0] if not line.lstrip().startswith(".") else line
+        s = s.split("//", 1)[0]
+        lines.append(s)
+    text = "\n".join(lines)
+    try:
+        enc, _ = ks.asm(text, base)
+    except KsError as e:
+        raise ImageError(f"{name}: keystone cannot assemble it: {e}") from None
+    if not enc:
+        raise ImageError(f"{name}: assembles to nothing")
+    return bytes(enc)
+
+
+def load_image(path: str | Path, ram_size: int) -> Image:
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(f"{p}: no such file")
+    if p.is_dir():
+        raise ImageError(f"{p}: is a directory, not a guest image")
+    data = p.read_bytes()
+    suffix = p.suffix.lower()
+    if data[:4] == b"\x7fELF":
+        return _load_elf(p, data, ram_size)
+    if suffix in (".s", ".asm"):
+        try:
+            src = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ImageError(f"{p}: assembly source is not UTF-8 text") from None
+        blob = assemble(src, LOAD_BASE, str(p))
+        kind = "asm"
+    elif suffix in (".bin", ".img", ".raw"):
+        blob = data
+        kind = "flat"
+    else:
+        raise ImageError(f"{p}: unknown image type {suffix or '(none)'}; expected .S, .asm, .bin or an ELF64 file")
+    if not blob:
+        raise ImageError(f"{p}: image is empty")
+    if LOAD_BASE + len(blob) > ram_size:
+        raise ImageError(f"{p}: {len(blob)} bytes do not fit in guest RAM at {LOAD_BASE:#x}")
+    return Image(str(p), [(LOAD_BASE, blob)], LOAD_BASE, kind)
+
+
+def _load_elf(p: Path, data: bytes, ram_size: int) -> Image:
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
+            raise ImageError(f"{p}: not an x86-64 ELF64 file ({elf['e_machine']}, ELF{elf.elfclass})")
+        segs = []
+        for seg in elf.iter_segments():
+            if seg["p_type"] != "PT_LOAD":
+                continue
+            addr = seg["p_paddr"] or seg["p_vaddr"]
+            body = seg.data() + bytes(max(0, seg["p_memsz"] - seg["p_filesz"]))
+            if addr < 0x10000 or addr + len(body) > ram_size:
+                raise ImageError(f"{p}: PT_LOAD at {addr:#x}+{len(body):#x} is outside guest RAM "
+                                 f"[0x10000, {ram_size:#x})")
+            segs.append((addr, body))
+        if not segs:
+            raise ImageError(f"{p}: ELF file has no PT_LOAD segments")
+        entry = elf["e_entry"]
+    except (ELFError, ValueError, KeyError, IndexError) as e:
+        raise ImageError(f"{p}: malformed ELF file: {e}") from None
+    return Image(str(p), segs, entry, "elf")
