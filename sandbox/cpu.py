@@ -45,6 +45,7 @@ EFER_SVME = 1 << 12
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 RFLAGS_IF = 1 << 9
 TSC_HZ = 2_500_000_000
+UNTIL_PAGE = 0xFFFF_FFFF_FFFF_F000      # page of the ``until`` address given to emu_start
 
 # Masks from kvm-unit-tests x86/svm.h, checked against APM §15.5.1
 CR0_RESERVED = 0xFFFF_FFFF_0000_0000
@@ -132,6 +133,7 @@ class SvmCpu:
         self._stop: StopInfo | None = None
         self._in_run = False
         self._pass_once: int | None = None
+        self._until_probe = False
         self._install_hooks()
 
     # ------------------------------------------------------------------ hooks
@@ -139,6 +141,7 @@ class SvmCpu:
         uc = self.uc
         uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
         uc.hook_add(UC_HOOK_INTR, self._intr)
+        uc.hook_add(UCC.UC_HOOK_INSN_INVALID, self._invalid_opcode)
         uc.hook_add(UC_HOOK_INSN, self._insn_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._insn_out, None, 1, 0, X.UC_X86_INS_OUT)
         # one C callback shared by every per-address candidate hook
@@ -199,6 +202,11 @@ class SvmCpu:
 
     def _tlb_fill(self, uc, vaddr, access, entry, ud) -> bool:
         st = self.st.load()
+        if vaddr == UNTIL_PAGE and st.rip & ~0xFFF != UNTIL_PAGE:
+            # Unicorn probes the page of emu_start's ``until`` address; that is not
+            # a guest access, so it must not become a guest #PF
+            self._until_probe = True
+            return False
         user = st.cpl == 3
         acc = Access.FETCH if access == UC_MEM_FETCH else (Access.WRITE if access == UC_MEM_WRITE else Access.READ)
         try:
@@ -385,6 +393,14 @@ class SvmCpu:
         except BaseException as e:
             self._fail(f"internal error delivering vector {intno}: {type(e).__name__}: {e}", e)
 
+    def _invalid_opcode(self, uc, ud) -> bool:
+        """#UD reaches Unicorn's invalid-instruction hook, not the interrupt hook."""
+        try:
+            self._exception(Vec.UD, None, self.st.reg_read(X.UC_X86_REG_RIP))
+        except BaseException as e:
+            self._fail(f"internal error delivering #UD: {type(e).__name__}: {e}", e)
+        return True
+
     def _exception(self, vector: int, err: int | None, rip: int, cr2: int | None = None) -> None:
         """An exception raised by guest execution at ``rip``: intercept or deliver."""
         if self._ivec[2] >> vector & 1:
@@ -528,8 +544,8 @@ class SvmCpu:
         if self.exit_count >= self.limits.max_exits:
             return self._halt("exit-budget", f"{self.exit_count} exits")
         resume = False
-        if resumable and self.on_exit is not None:
-            resume = bool(self.on_exit(rec))
+        if self.on_exit is not None:
+            resume = bool(self.on_exit(rec)) and resumable
             if self._stop is not None:
                 return
         if not resume:
@@ -586,6 +602,15 @@ class SvmCpu:
                 if self._stop is not None:
                     break
                 f = self._pending_fault
+                if f is None and self._until_probe and e.errno == UCC.UC_ERR_EXCEPTION:
+                    self._until_probe = False
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self._stop = StopInfo("timeout", f"wall-clock limit of {self.limits.timeout_s:g} s reached")
+                    elif self.limits.max_insns:
+                        self._stop = StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
+                    else:
+                        self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
+                    continue
                 if f is None:
                     self._stop = StopInfo("error", f"emulation error: {e}")
                     break

@@ -1,0 +1,197 @@
+"""``sandbox`` command line: run guest images under the SVM hypervisor."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .exitcodes import exit_name
+
+EPILOG = """\
+intercept names are the APM's, lowercase: cpuid hlt rdtsc rdtscp pushf popf gdtr_read cr0_read
+cr3_write ioio msr excp14 ... plus the groups 'all' and 'sensitive'.
+examples:
+  sandbox run guest_images/hello.S
+  sandbox run guest_images/popek_goldberg.S --intercept sensitive
+  sandbox run guest_images/hello.S --ports 0x3f8-0x3ff --json --quiet
+"""
+
+
+class CliError(Exception):
+    pass
+
+
+def _int(s: str) -> int:
+    try:
+        return int(s, 0)
+    except ValueError:
+        raise CliError(f"not a number: {s!r}") from None
+
+
+def parse_ports(spec: str) -> list[int]:
+    ports: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-", 1)
+            lo, hi = _int(a), _int(b)
+            if lo > hi:
+                raise CliError(f"empty port range {part!r}")
+            ports.extend(range(lo, hi + 1))
+        else:
+            ports.append(_int(part))
+    for p in ports:
+        if not 0 <= p <= 0xFFFF:
+            raise CliError(f"port {p:#x} is outside 0-0xffff")
+    return ports
+
+
+def parse_msrs(spec: str) -> list[tuple[int, bool, bool]]:
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        rw, _, num = part.rpartition(":")
+        rw = rw.lower() or "rw"
+        if rw not in ("r", "w", "rw"):
+            raise CliError(f"MSR access must be r:, w: or rw:, got {part!r}")
+        msr = _int(num)
+        from .msrpm import msrpm_bit
+        if msrpm_bit(msr, False) is None:
+            raise CliError(f"MSR {msr:#x} is outside the MSRPM ranges (it always exits when 'msr' is armed)")
+        out.append((msr, "r" in rw, "w" in rw))
+    return out
+
+
+def _disasm(m, rip: int) -> str:
+    try:
+        code = m.read_virt(rip, 15)
+    except Exception:
+        return "??"
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    cs = Cs(CS_ARCH_X86, CS_MODE_64)
+    for ins in cs.disasm(code, rip, 1):
+        return f"{ins.mnemonic} {ins.op_str}".strip()
+    return f"(bytes {code[:4].hex()})"
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .hypervisor import Machine
+    from .hooks_loader import HooksError, load_hooks
+    from .intercepts import UnknownIntercept
+    from .loader import ImageError
+
+    out = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    ports = parse_ports(a.ports) if a.ports else None
+    msrs = parse_msrs(a.msrs) if a.msrs else None
+    if a.max_insns < 0:
+        raise CliError("--max-insns must be >= 0")
+    try:
+        m = Machine(dram=a.dram << 20, ram=a.ram << 20)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    try:
+        m.load(a.image)
+    except ImageError as e:
+        raise CliError(str(e)) from None
+    try:
+        if a.intercept:
+            m.intercept(a.intercept)
+    except UnknownIntercept as e:
+        raise CliError(str(e)) from None
+    if ports is not None:
+        m.set_ports(ports)
+    if msrs is not None:
+        m.set_msrs(msrs)
+    if a.hooks:
+        try:
+            load_hooks(m, a.hooks)
+        except HooksError as e:
+            raise CliError(str(e)) from None
+
+    console_buf: list[bytes] = []
+    if not a.json:
+        m.console_sink = lambda b: (sys.stdout.write(b.decode("utf-8", "replace")), sys.stdout.flush())
+
+    def show(rec) -> None:
+        if a.quiet:
+            return
+        if a.json:
+            print(json.dumps({"exitcode": rec.exitcode, "exit": exit_name(rec.exitcode), "rip": rec.rip,
+                              "nrip": rec.nrip, "exitinfo1": rec.exitinfo1, "exitinfo2": rec.exitinfo2,
+                              "exitintinfo": rec.exitintinfo, "insn": _disasm(m, rec.rip)}), flush=True)
+        else:
+            err.print(f"[dim]#{rec.index:<6}[/dim] {rec.rip:#018x}  {_disasm(m, rec.rip):<28} "
+                      f"[bold]{exit_name(rec.exitcode):<14}[/bold] exitinfo1={rec.exitinfo1:#x} "
+                      f"exitinfo2={rec.exitinfo2:#x} nrip={rec.nrip:#x}")
+    m.on_exit_record = show
+    r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
+    ok = r.reason in ("guest-exit", "halt") and not r.exit_code
+    if a.json:
+        print(json.dumps({
+            "final": True, "reason": r.reason, "detail": r.detail, "guest_exit_code": r.exit_code,
+            "ok": ok, "regs": r.regs, "rip": r.rip, "rflags": r.rflags,
+            "exits": r.exits, "counts": {exit_name(k): v for k, v in sorted(r.counts.items())},
+            "insns": r.insns, "console": r.console,
+            "walks": {"walks": m.cpu.stats.walks, "guest_entries": m.cpu.stats.guest_entries,
+                      "nested_entries": m.cpu.stats.nested_entries},
+        }))
+    else:
+        t = Table(title="exits by code", show_lines=False)
+        t.add_column("EXITCODE", justify="right")
+        t.add_column("exit")
+        t.add_column("count", justify="right")
+        for code, n in sorted(r.counts.items()):
+            t.add_row(f"{code:#x}", exit_name(code), str(n))
+        err.print(t)
+        style = "green" if ok else "red"
+        err.print(f"[{style}]run ended: {r.reason}[/{style}]" + (f" - {r.detail}" if r.detail else "")
+                  + f"; {r.exits} exits; {m.cpu.stats.walks} 2-D walks")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sandbox", description="AMD-V (SVM) hypervisor sandbox",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a guest image", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("image", help="guest image: .S/.asm (keystone), .bin (flat) or ELF64")
+    r.add_argument("--intercept", metavar="NAMES", help="comma-separated intercepts to arm (APM names, 'all', 'sensitive')")
+    r.add_argument("--ports", metavar="LIST", help="intercept exactly these ports, e.g. 0x80,0x3f8-0x3ff")
+    r.add_argument("--msrs", metavar="LIST", help="intercept exactly these MSR accesses, e.g. r:0x10,w:0xc0000103")
+    r.add_argument("--hooks", metavar="FILE", help="Python file with user exit handlers")
+    r.add_argument("--max-insns", type=int, default=0, metavar="N",
+                   help="instruction budget per guest slice (0 = uncounted; counting slows the guest)")
+    r.add_argument("--max-exits", type=int, default=10_000_000, metavar="N", help="stop after N exits")
+    r.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wall-clock limit in seconds")
+    r.add_argument("--dram", type=int, default=64, metavar="MIB", help="host DRAM size (MiB)")
+    r.add_argument("--ram", type=int, default=16, metavar="MIB", help="guest RAM size (MiB)")
+    r.add_argument("--json", action="store_true", help="one JSON object per exit, then a final record")
+    r.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
+    r.set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except CliError as e:
+        print(f"sandbox: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sandbox: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
