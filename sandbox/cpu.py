@@ -31,7 +31,9 @@ from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 from . import decode as D
 from .cpustate import (GPR_IDS, R_CS, R_DS, R_ES, R_FS, R_GS, R_SS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
-from .decision import ALWAYS, ExitInfo, decide, kinds_for_bits
+from .decision import ALWAYS, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits
+
+NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Shutdown, Vec, combine, deliver
 from .exitcodes import ExitCode
 from .hostmem import PAGE_SIZE, HostMemory
@@ -56,7 +58,7 @@ DR7_RESERVED = 0xFFFF_FFFF_0000_0000
 EFER_RESERVED = 0xFFFF_FFFF_FFFF_0200 & ~(1 << 15)   # 63:16 and 9 MBZ (bit 15 TCE allowed)
 
 
-@dataclass
+@dataclass(slots=True)
 class ExitRecord:
     """One #VMEXIT as the hypervisor sees it (mirrors the VMCB's exit fields)."""
     exitcode: int
@@ -134,6 +136,16 @@ class SvmCpu:
         self._in_run = False
         self._pass_once: int | None = None
         self._until_probe = False
+        self._armed_ivec: tuple[int, ...] | None = None
+        self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
+        self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
+        self._saved_regs = (0, 0, 0)
+        self._lazy_pending = False
+        self._snap_valid = False
+        self._armed_ivec: tuple[int, ...] | None = None
+        self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
+        self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
+        self._saved_regs = (0, 0, 0)
         self._install_hooks()
 
     # ------------------------------------------------------------------ hooks
@@ -237,6 +249,10 @@ class SvmCpu:
 
     # --------------------------------------------------------------- scanner
     def _arm_scanner(self) -> None:
+        if self._ivec == self._armed_ivec:
+            return
+        self._armed_ivec = self._ivec
+        self._decoded.clear()           # cached decisions depend on the vectors
         bits = {b for b in range(6 * 32) if self._ivec[b >> 5] >> (b & 31) & 1}
         kinds = frozenset(kinds_for_bits(bits) | ALWAYS)
         if kinds != self._scan_kinds:
@@ -268,7 +284,7 @@ class SvmCpu:
         self._code_pages[gva] = (hpa, page)
         self._code_hpa.setdefault(hpa, set()).add(gva)
         # drop stale decodes for this page
-        for a in [a for a in self._decoded if a & ~0xFFF == gva]:
+        for a in [a for a in self._decoded if gva - D.MAX_INSN <= a < gva + PAGE_SIZE]:
             del self._decoded[a]
 
     def _insn_bytes(self, addr: int) -> bytes:
@@ -305,28 +321,33 @@ class SvmCpu:
         if self._stop is not None:
             return
         code = self._insn_bytes(address)
-        cached = self._decoded.get(address)
-        if cached is not None and cached[0] == code:
-            insn = cached[1]
-        else:
+        ent = self._decoded.get(address)
+        if ent is None or ent[0] != code:
             insn = D.decode(code)
             if insn is not None and insn.kind not in self._scan_kinds:
                 insn = None
-            self._decoded[address] = (code, insn)
+            fast = None
+            if insn is not None and insn.kind in STATE_FREE:
+                # the decision depends on the intercept vectors alone: cache it
+                fast = decide(insn, VectorsOnly(self._ivec), address, code) or NO_EXIT
+            ent = self._decoded[address] = (code, insn, fast)
+        insn = ent[1]
         if insn is None:
             return
         st = self.st.load()
-        view = _GuestView(self, st)
         if self._pass_once == address:
             self._pass_once = None
             info = None
+        elif ent[2] is not None:
+            info = ent[2] if ent[2] is not NO_EXIT else None
         else:
-            info = decide(insn, view, address, code)
+            info = decide(insn, _GuestView(self, st), address, code)
         if info is not None:
-            nrip = address + insn.length
-            self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=nrip)
+            self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=address + insn.length,
+                         fresh=True)
             self._after_exit_in_hook(address)
             return
+        view = _GuestView(self, st)
         # not intercepted: the model handles what Unicorn cannot do natively
         k = insn.kind
         if k == D.Kind.HLT:
@@ -494,14 +515,31 @@ class SvmCpu:
         rip = self.st.reg_read(X.UC_X86_REG_RIP)
         self._deliver_in_hook(vec, None, software=False, rip_after=rip, fault_rip=rip, external=True)
 
+    # -------------------------------------------------- GPRs for the hypervisor
+    def guest_gpr(self, i: int) -> int:
+        """Guest GPR ``i`` (QEMU order: rax rcx rdx rbx rsp rbp rsi rdi r8-r15).
+
+        The state snapshot taken at #VMEXIT is current while the hypervisor
+        runs; writes patch it and are stored at the next VMRUN."""
+        if not self._snap_valid:
+            self.st.load()
+            self._snap_valid = True
+        return self.st.gpr(i)
+
+    def set_guest_gpr(self, i: int, v: int) -> None:
+        if not self._snap_valid:
+            self.st.load()
+            self._snap_valid = True
+        self.st.set_gpr(i, v)
+
     # ------------------------------------------------------------- #VMEXIT
     def _vmexit(self, code: int, info1: int, info2: int, *, rip: int, nrip: int, insn: bytes = b"",
-                exitintinfo: int = 0) -> ExitRecord:
+                exitintinfo: int = 0, fresh: bool = False) -> ExitRecord:
         """Save guest state and exit information into the VMCB (APM §15.6)."""
         vmcb = self.vmcb
         mv = self.mem.view
         base = self._vmcb_hpa
-        self._save_state(rip)
+        self._save_state(rip, fresh)
         struct.pack_into("<QQQQ", mv, base + 0x70, code & 0xFFFF_FFFF_FFFF_FFFF, info1 & 0xFFFF_FFFF_FFFF_FFFF,
                          info2 & 0xFFFF_FFFF_FFFF_FFFF, exitintinfo)
         struct.pack_into("<Q", mv, base + 0xC8, nrip)
@@ -510,13 +548,54 @@ class SvmCpu:
         if insn:
             mv[base + GUEST_INSN_BYTES:base + GUEST_INSN_BYTES + len(insn)] = insn
         self.exit_count += 1
-        rec = ExitRecord(code, info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
+        rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
         self._exit = rec
         # GIF is cleared by #VMEXIT; the host-side state (ASID 0, ...) is implicit
         self.gif = False
         return rec
 
-    def _save_state(self, rip: int) -> None:
+    # Guest state at #VMEXIT.  RIP, RFLAGS, RSP and RAX -- the fields a handler
+    # touches on nearly every exit -- are written at once; the rest of the
+    # state-save area is written back lazily, before the hypervisor's first
+    # access to the VMCB's state-save area through HostMemory (``_sync``).
+    # Either way, nothing that reads host memory can see the VMCB before it
+    # holds the guest state, as the APM requires of #VMEXIT (§15.6).
+    _EAGER = ((0x570, 0x580), (0x5D8, 0x5E0), (0x5F8, 0x600))
+
+    def _save_state(self, rip: int, fresh: bool = False) -> None:
+        st = self.st if fresh else self.st.load()
+        mv = self.mem.view
+        b = self._vmcb_hpa
+        rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
+        rsp, rax = st.gpr(4), st.gpr(0)
+        struct.pack_into("<QQ", mv, b + 0x570, rflags, rip)
+        struct.pack_into("<Q", mv, b + 0x5D8, rsp)
+        struct.pack_into("<Q", mv, b + 0x5F8, rax)
+        self._saved_regs = (rax, rsp, rflags)
+        self._snap_valid = True
+        self._lazy_pending = True
+        self._vmcb_written = False
+        self.mem.sync = self._sync
+
+    _EAGER_QWORDS = frozenset({0x570, 0x578, 0x5D8, 0x5F8})
+
+    def _sync(self, hpa: int, n: int, write: bool = False) -> None:
+        off = hpa - self._vmcb_hpa
+        if off + n <= 0 or off >= 0x1000 or (n == 8 and off in self._EAGER_QWORDS):
+            return
+        for lo, hi in self._EAGER:
+            if lo <= off and off + n <= hi:
+                return
+        if write and not (0x70 <= off and off + n <= 0x90):
+            self._vmcb_written = True      # anything but the exit fields: reload at VMRUN
+        if off + n > 0x400:
+            self.flush_guest_state()
+
+    def flush_guest_state(self) -> None:
+        """Write the lazily saved part of the guest state into the VMCB."""
+        if not self._lazy_pending:
+            return
+        self._lazy_pending = False
         st = self.st.load()
         mv = self.mem.view
         b = self._vmcb_hpa
@@ -528,13 +607,8 @@ class SvmCpu:
         struct.pack_into("<HHIQ", mv, b + 0x460, 0, 0, glimit, gbase)
         struct.pack_into("<HHIQ", mv, b + 0x480, 0, 0, ilimit, ibase)
         mv[b + 0x4CB] = st.cpl
-        rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
         struct.pack_into("<Q", mv, b + 0x4D0, st.efer | EFER_SVME)
-        dr6 = self.st.reg_read(X.UC_X86_REG_DR6)
-        dr7 = self.st.reg_read(X.UC_X86_REG_DR7)
-        struct.pack_into("<7Q", mv, b + 0x548, st.cr(4), st.cr(3), st.cr(0), dr7, dr6, rflags, rip)
-        struct.pack_into("<Q", mv, b + 0x5D8, st.gpr(4))
-        struct.pack_into("<Q", mv, b + 0x5F8, st.gpr(0))
+        struct.pack_into("<5Q", mv, b + 0x548, st.cr(4), st.cr(3), st.cr(0), st.dr(7), st.dr(6))
         struct.pack_into("<Q", mv, b + 0x640, st.cr(2))
         self._loaded = self._snapshot_vmcb()
 
@@ -578,10 +652,12 @@ class SvmCpu:
         self.limits = limits or RunLimits()
         self._vmcb_hpa = vmcb_hpa
         self.vmcb = VMCB(self.mem, vmcb_hpa)
+        self._fast_ok = False
         self.on_exit = on_exit
         self._stop = None
         self._exit = None
         self._error = None
+        self._snap_valid = False
         self._loaded = None
         if not self._enter(in_hook=False):
             # VMEXIT_INVALID: no guest instruction ran
@@ -627,6 +703,9 @@ class SvmCpu:
                 self._stop = StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
             else:
                 self._stop = StopInfo("stopped", "emulation stopped")
+        self.flush_guest_state()
+        if self.st.dirty:
+            self.st.store()
         return self._stop
 
     def _memory_fault(self, f: Exception) -> None:
@@ -662,9 +741,41 @@ class SvmCpu:
 
     def _enter(self, in_hook: bool) -> bool:
         """VMRUN's checks and guest-state load; False after VMEXIT_INVALID."""
-        vmcb = self.vmcb
         mv = self.mem.view
         b = self._vmcb_hpa
+        if in_hook and self._fast_ok and not self._vmcb_written:
+            # Re-entry after an exit whose handler touched only RAX/RSP/RFLAGS/RIP
+            # (never-cached fields, APM §15.15.3): everything else was checked and
+            # loaded at the last VMRUN and is still what the processor holds.
+            rflags, rip = struct.unpack_from("<QQ", mv, b + 0x570)
+            rsp = struct.unpack_from("<Q", mv, b + 0x5D8)[0]
+            rax = struct.unpack_from("<Q", mv, b + 0x5F8)[0]
+            o_rax, o_rsp, o_rflags = self._saved_regs
+            st = self.st
+            if self._snap_valid and (st.dirty or rax != o_rax or rsp != o_rsp):
+                st.set_gpr(0, rax)            # the snapshot is current: patch and store once
+                st.set_gpr(4, rsp)
+                st.store()
+            else:
+                if st.dirty:
+                    st.store()
+                if rax != o_rax:
+                    st.reg_write(X.UC_X86_REG_RAX, rax)
+                if rsp != o_rsp:
+                    st.reg_write(X.UC_X86_REG_RSP, rsp)
+            self._snap_valid = False
+            if rflags != o_rflags:
+                st.reg_write(X.UC_X86_REG_RFLAGS, rflags)
+            if mv[b + 0x5C]:
+                self.flush_tlb()           # TLB_CONTROL acts on every VMRUN
+            self.gif = True
+            self._entry_rip = rip
+            return True
+        self._fast_ok = False
+        self.flush_guest_state()
+        if self.st.dirty:
+            self.st.store()
+        self._snap_valid = False
         ivec = struct.unpack_from("<6I", mv, b)
         cr4, cr3, cr0, dr7, dr6, rflags, rip = struct.unpack_from("<7Q", mv, b + 0x548)
         efer = struct.unpack_from("<Q", mv, b + 0x4D0)[0]
@@ -734,6 +845,8 @@ class SvmCpu:
             self.flush_tlb()
         self._arm_scanner()
         # event injection (APM §15.20)
+        if not eventinj & Event.VALID and not struct.unpack_from("<Q", mv, b + 0x60)[0] & VIntr.V_IRQ:
+            self._fast_ok = True
         if eventinj & Event.VALID:
             ev = Event.decode(eventinj)
             struct.pack_into("<Q", mv, b + 0xA8, eventinj & ~Event.VALID)

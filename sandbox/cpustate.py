@@ -95,23 +95,31 @@ class CpuState:
         self._restore = uclib.uc_context_restore
         self._rr = uclib.uc_reg_read
         self._rw = uclib.uc_reg_write
+        self.dirty = False         # snapshot holds writes not yet stored
         self._val = ctypes.c_uint64()
         self._pval = ctypes.byref(self._val)
 
     # -- whole-context transfer ------------------------------------------------
     def load(self) -> "CpuState":
+        if self.dirty:
+            self.store()
         self._save(self._h, self._ctx.context)
         return self
 
     def store(self) -> None:
         self._restore(self._h, self._ctx.context)
+        self.dirty = False
 
     # -- direct register access through Unicorn (side effects honoured) --------
     def reg_read(self, reg: int) -> int:
+        if self.dirty:
+            self.store()
         self._rr(self._h, reg, self._pval)
         return self._val.value
 
     def reg_write(self, reg: int, value: int) -> None:
+        if self.dirty:
+            self.store()
         self._val.value = value & 0xFFFFFFFFFFFFFFFF
         err = self._rw(self._h, reg, self._pval)
         if err:
@@ -125,7 +133,9 @@ class CpuState:
         return _Q.unpack_from(self.data, OFF_REGS + 8 * i)[0]
 
     def set_gpr(self, i: int, v: int) -> None:
+        """Patch a GPR in the snapshot; written back by the next load() or store()."""
         _Q.pack_into(self.data, OFF_REGS + 8 * i, v & 0xFFFFFFFFFFFFFFFF)
+        self.dirty = True
 
     @property
     def rip(self) -> int:
@@ -142,6 +152,9 @@ class CpuState:
     @property
     def hflags2(self) -> int:
         return _I.unpack_from(self.data, OFF_HFLAGS2)[0]
+
+    def dr(self, n: int) -> int:
+        return _Q.unpack_from(self.data, OFF_DR + 8 * n)[0]
 
     @property
     def error_code(self) -> int:
@@ -293,3 +306,20 @@ def _calibrate_error_code() -> int:
 
 
 OFF_ERROR_CODE = _calibrate_error_code()
+
+
+def _find_dr() -> int:
+    """Locate ``env->dr[8]`` by writing distinct markers to DR0-DR3."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    marks = [0x0D0D_0000_1111_0000 + i for i in range(4)]
+    for i, reg in enumerate((X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3)):
+        uc.reg_write(reg, marks[i])
+    data = bytes(uc.context_save())[CONTEXT_DATA:]
+    hits = [o for o in range(OFF_EFER, len(data) - 32, 8)
+            if [_Q.unpack_from(data, o + 8 * i)[0] for i in range(4)] == marks]
+    if len(hits) != 1:
+        raise ImportError("cannot locate env->dr[] in Unicorn's CPU context")
+    return hits[0]
+
+
+OFF_DR = _find_dr()

@@ -356,6 +356,16 @@ def kinds_for_bits(bits: set[int]) -> set[Kind]:
     return k
 
 
+@dataclass(frozen=True, slots=True)
+class VectorsOnly:
+    """The view a STATE_FREE decision needs: just the intercept vectors."""
+    intercepts: tuple[int, ...]
+
+
+#: kinds whose decision reads nothing but the intercept vectors (cacheable per address)
+STATE_FREE = frozenset({Kind.CPUID, Kind.PUSHF, Kind.POPF, Kind.IRET, Kind.PAUSE, Kind.VMMCALL, Kind.ICEBP,
+                        Kind.INTN, Kind.INT3, Kind.INTO, Kind.RSM, Kind.RDPRU})
+
 #: always decoded, intercepted or not: HLT ends a slice in Unicorn; INT n / INT3 /
 #: ICEBP / INTO are delivered through the guest IDT by this model; the SVM
 #: instructions touch physical memory and must never run on Unicorn's own SVM code

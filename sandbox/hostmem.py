@@ -46,8 +46,10 @@ class HostMemory:
         self.view = memoryview(self._mm)
         self._free: list[int] = list(range(size // PAGE_SIZE - 1, 0, -1))
         self._allocated: set[int] = set()
-        #: callbacks run before a hypervisor read (lazy state write-back)
-        self.read_barriers: list = []
+        #: called as ``sync(hpa, n, write)`` before every hypervisor access, so
+        #: the processor can write back guest state it saved lazily at #VMEXIT
+        #: and notice VMCB fields the hypervisor changed (its VMCB clean bits)
+        self.sync = None
 
     # -- mapping into Unicorn -------------------------------------------------
     @property
@@ -96,24 +98,18 @@ class HostMemory:
         return len(self._free)
 
     # -- access API --------------------------------------------------------------
-    def _check(self, hpa: int, n: int) -> None:
+    def _check(self, hpa: int, n: int, write: bool = False) -> None:
         if hpa < 0 or n < 0 or hpa + n > self.size:
             raise HostMemoryError(f"host-physical access {hpa:#x}+{n:#x} outside DRAM (size {self.size:#x})")
-
-    def _barrier(self) -> None:
-        for cb in self.read_barriers:
-            cb()
+        if self.sync is not None:
+            self.sync(hpa, n, write)
 
     def read(self, hpa: int, n: int) -> bytes:
         self._check(hpa, n)
-        if self.read_barriers:
-            self._barrier()
         return bytes(self.view[hpa:hpa + n])
 
     def write(self, hpa: int, data: bytes | bytearray | memoryview) -> None:
-        self._check(hpa, len(data))
-        if self.read_barriers:
-            self._barrier()
+        self._check(hpa, len(data), True)
         self.view[hpa:hpa + len(data)] = data
 
     def fill(self, hpa: int, n: int, byte: int = 0) -> None:
@@ -121,50 +117,35 @@ class HostMemory:
 
     def read_u64(self, hpa: int) -> int:
         self._check(hpa, 8)
-        if self.read_barriers:
-            self._barrier()
         return _U64.unpack_from(self._mm, hpa)[0]
 
     def write_u64(self, hpa: int, value: int) -> None:
-        self._check(hpa, 8)
-        if self.read_barriers:
-            self._barrier()
+        self._check(hpa, 8, True)
         _U64.pack_into(self._mm, hpa, value & 0xFFFFFFFFFFFFFFFF)
 
     def read_u32(self, hpa: int) -> int:
         self._check(hpa, 4)
-        if self.read_barriers:
-            self._barrier()
         return _U32.unpack_from(self._mm, hpa)[0]
 
     def write_u32(self, hpa: int, value: int) -> None:
-        self._check(hpa, 4)
-        if self.read_barriers:
-            self._barrier()
+        self._check(hpa, 4, True)
         _U32.pack_into(self._mm, hpa, value & 0xFFFFFFFF)
 
     def read_u16(self, hpa: int) -> int:
         self._check(hpa, 2)
-        if self.read_barriers:
-            self._barrier()
         return _U16.unpack_from(self._mm, hpa)[0]
 
     def read_u8(self, hpa: int) -> int:
         self._check(hpa, 1)
-        if self.read_barriers:
-            self._barrier()
         return self._mm[hpa]
 
     def write_u8(self, hpa: int, value: int) -> None:
-        self._check(hpa, 1)
-        if self.read_barriers:
-            self._barrier()
+        self._check(hpa, 1, True)
         self._mm[hpa] = value & 0xFF
 
     def dump(self) -> bytes:
         """The raw DRAM image, as a physical-memory probe would see it."""
-        if self.read_barriers:
-            self._barrier()
+        self._check(0, self.size)
         return bytes(self._mm)
 
     def pages(self) -> Iterable[int]:

@@ -44,6 +44,9 @@ HYPERVISOR_VENDOR = b"AMDVSandbox\x00"
 KVM_ENOSYS = 1000
 
 
+_GPR_INDEX = {n: i for i, n in enumerate(GPR_NAMES)}
+
+
 class GuestRegs:
     """Guest general registers as a hypervisor sees them after #VMEXIT.
 
@@ -60,16 +63,17 @@ class GuestRegs:
         m = self._m
         if name in self._VMCB:
             return getattr(m.guest.vmcb, self._VMCB[name])
-        if name in GPR_NAMES:
-            return m.cpu.st.reg_read(GPR_IDS[GPR_NAMES.index(name)])
+        i = _GPR_INDEX.get(name)
+        if i is not None:
+            return m.cpu.guest_gpr(i)
         raise AttributeError(name)
 
     def __setattr__(self, name: str, value: int) -> None:
         m = self._m
         if name in self._VMCB:
             setattr(m.guest.vmcb, self._VMCB[name], value)
-        elif name in GPR_NAMES:
-            m.cpu.st.reg_write(GPR_IDS[GPR_NAMES.index(name)], value)
+        elif name in _GPR_INDEX:
+            m.cpu.set_guest_gpr(_GPR_INDEX[name], value)
         else:
             raise AttributeError(name)
 
@@ -214,7 +218,7 @@ class Machine:
         self.cpu.io_passthrough = self.bus.io
         self.msrs: dict[int, int] = {0xC000_0103: 0, 0x1B: 0xFEE0_0900, 0x277: 0x0007040600070406}
         self.handlers: dict[int, Handler] = dict(DEFAULT_HANDLERS)
-        self.counts: collections.Counter[int] = collections.Counter()
+        self.counts: dict[int, int] = {}
         self.trace: collections.deque[ExitRecord] = collections.deque(maxlen=10_000)
         self.on_exit_record: Callable[[ExitRecord], None] | None = None
         self.console_sink: Callable[[bytes], None] | None = None
@@ -312,7 +316,8 @@ class Machine:
 
     # -- the hypervisor loop ---------------------------------------------------
     def _dispatch(self, rec: ExitRecord) -> bool:
-        self.counts[rec.exitcode] += 1
+        counts = self.counts
+        counts[rec.exitcode] = counts.get(rec.exitcode, 0) + 1
         self.trace.append(rec)
         if self.on_exit_record is not None:
             self.on_exit_record(rec)
@@ -392,11 +397,13 @@ def _cpuid_leaf(m: Machine, leaf: int, sub: int) -> tuple[int, int, int, int]:
 
 def handle_cpuid(m: Machine, e: ExitRecord) -> Action:
     """CPUID: virtualized leaves, hypervisor-present bit, vendor leaf 0x40000000."""
-    leaf = m.regs.rax & 0xFFFFFFFF
-    sub = m.regs.rcx & 0xFFFFFFFF
-    a, b, c, d = _cpuid_leaf(m, leaf, sub)
-    m.regs.rax, m.regs.rbx, m.regs.rcx, m.regs.rdx = a, b, c, d
-    m.advance(e)
+    vmcb, cpu = m.guest.vmcb, m.cpu
+    a, b, c, d = _cpuid_leaf(m, vmcb.RAX & 0xFFFFFFFF, cpu.guest_gpr(1) & 0xFFFFFFFF)
+    vmcb.RAX = a                       # RAX lives in the VMCB ...
+    cpu.set_guest_gpr(3, b)            # ... RBX, RCX, RDX in the processor
+    cpu.set_guest_gpr(1, c)
+    cpu.set_guest_gpr(2, d)
+    vmcb.RIP = e.nrip
     return RESUME
 
 

@@ -230,35 +230,10 @@ class VMCB:
     def __init__(self, mem: "HostMemory", hpa: int) -> None:
         if hpa & 0xFFF:
             raise ValueError(f"VMCB must be 4 KiB aligned, got {hpa:#x}")
-        object.__setattr__(self, "mem", mem)
-        object.__setattr__(self, "hpa", hpa)
-
-    def __getattr__(self, name: str) -> int:
-        f = FIELDS.get(name)
-        if f is None:
-            raise AttributeError(name)
-        mem, a = self.mem, self.hpa + f.offset
-        if f.size == 8:
-            return mem.read_u64(a)
-        if f.size == 4:
-            return mem.read_u32(a)
-        if f.size == 2:
-            return mem.read_u16(a)
-        return mem.read_u8(a)
-
-    def __setattr__(self, name: str, value: int) -> None:
-        f = FIELDS.get(name)
-        if f is None:
-            raise AttributeError(f"VMCB has no field {name}")
-        mem, a = self.mem, self.hpa + f.offset
-        if f.size == 8:
-            mem.write_u64(a, value)
-        elif f.size == 4:
-            mem.write_u32(a, value)
-        elif f.size == 1:
-            mem.write_u8(a, value)
-        else:
-            mem.write(a, struct.pack("<H", value & 0xFFFF))
+        if hpa < 0 or hpa + VMCB_SIZE > mem.size:
+            raise ValueError(f"VMCB at {hpa:#x} is outside host memory")
+        self.mem = mem
+        self.hpa = hpa
 
     # -- segments -------------------------------------------------------------
     def seg(self, name: str) -> Segment:
@@ -297,3 +272,30 @@ class VMCB:
 
     def __repr__(self) -> str:
         return f"VMCB(hpa={self.hpa:#x})"
+
+
+def _field_property(f: Field) -> property:
+    st = struct.Struct(_FMT[f.size])
+    off, size, mask = f.offset, f.size, (1 << (8 * f.size)) - 1
+    unpack, pack = st.unpack_from, st.pack_into
+
+    # The VMCB page was bounds-checked when the VMCB was made; HostMemory's
+    # sync hook still sees every access (lazy #VMEXIT state, clean tracking).
+    def get(self: VMCB) -> int:
+        mem = self.mem
+        a = self.hpa + off
+        if mem.sync is not None:
+            mem.sync(a, size, False)
+        return unpack(mem._mm, a)[0]
+
+    def set_(self: VMCB, value: int) -> None:
+        mem = self.mem
+        a = self.hpa + off
+        if mem.sync is not None:
+            mem.sync(a, size, True)
+        pack(mem._mm, a, value & mask)
+    return property(get, set_, doc=f"{f.name} at VMCB+{f.offset:03X}h ({f.size} bytes)")
+
+
+for _f in FIELDS.values():
+    setattr(VMCB, _f.name, _field_property(_f))
