@@ -28,7 +28,7 @@ from .loader import (CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BAS
 from .msrpm import MSRPM, MSRPM_PAGES
 from .npt import NestedPageTable
 from .paging import Access, TableBuilder
-from .vmcb import VMCB, Event, EventType, NpControl, Segment
+from .vmcb import VMCB, Event, EventType, NpControl, Segment, TlbControl
 
 
 class Action(Enum):
@@ -96,7 +96,7 @@ class Guest:
         self.vmcb = VMCB(mem, self.vmcb_hpa)
         self.iopm = IOPM(mem, mem.alloc_contiguous(IOPM_PAGES))
         self.msrpm = MSRPM(mem, mem.alloc_contiguous(MSRPM_PAGES))
-        self.npt = NestedPageTable(mem)
+        self.npt = NestedPageTable(mem, on_change=self._npt_changed)
         self.ram: dict[int, int] = {}
         for gpa in range(0, ram_size, PAGE_SIZE):
             hpa = mem.alloc_page()
@@ -110,6 +110,11 @@ class Guest:
         v.N_CR3 = self.npt.n_cr3
         v.G_PAT = 0x0007040600070406
         v.set_intercept(ExitCode.VMRUN)
+
+    def _npt_changed(self) -> None:
+        # a mapping changed under a possibly cached translation: flush this
+        # guest's TLB entries at the next VMRUN (what KVM does after NPT edits)
+        self.vmcb.TLB_CONTROL = TlbControl.FLUSH_ASID
 
     # -- guest-physical memory --------------------------------------------------
     def gpa_to_hpa(self, gpa: int) -> int:
@@ -316,6 +321,9 @@ class Machine:
 
     # -- the hypervisor loop ---------------------------------------------------
     def _dispatch(self, rec: ExitRecord) -> bool:
+        vmcb = self.guest.vmcb
+        if vmcb.TLB_CONTROL:
+            vmcb.TLB_CONTROL = TlbControl.DO_NOTHING    # a requested flush happened at the last VMRUN
         counts = self.counts
         counts[rec.exitcode] = counts.get(rec.exitcode, 0) + 1
         self.trace.append(rec)

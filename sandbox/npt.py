@@ -21,8 +21,11 @@ class NestedPageTable:
     walk the 2-D walker (:mod:`sandbox.mmu`) runs.
     """
 
-    def __init__(self, mem: "HostMemory", root: int | None = None) -> None:
+    def __init__(self, mem: "HostMemory", root: int | None = None, on_change=None) -> None:
         self.mem = mem
+        #: called after an existing mapping is changed or removed, so the
+        #: hypervisor can flush stale translations (TLB_CONTROL)
+        self.on_change = on_change
         self.root = root if root is not None else mem.alloc_page()
         self._builder = TableBuilder(self.root, mem.alloc_page, mem.read_u64, mem.write_u64)
         self.tables = {self.root}
@@ -32,12 +35,20 @@ class NestedPageTable:
         return self.root
 
     def map(self, gpa: int, hpa: int, *, write: bool = True, execute: bool = True, user: bool = True) -> None:
+        old = self._builder.entry(gpa)
         self._builder.map(gpa, hpa, write=write, execute=execute, user=user)
+        if old is not None and old & PTE.P:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def unmap(self, gpa: int) -> None:
         slot = self._builder.entry_addr(gpa)
         if slot is not None:
             self.mem.write_u64(slot, 0)
+            self._changed()
 
     def protect(self, gpa: int, *, write: bool | None = None, execute: bool | None = None,
                 present: bool | None = None, user: bool | None = None) -> None:
@@ -51,6 +62,7 @@ class NestedPageTable:
         if execute is not None:
             e = (e & ~PTE.NX) if execute else (e | PTE.NX)
         self.mem.write_u64(slot, int(e))
+        self._changed()
 
     def entry(self, gpa: int) -> int | None:
         return self._builder.entry(gpa)
