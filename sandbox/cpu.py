@@ -47,7 +47,11 @@ EFER_SVME = 1 << 12
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 RFLAGS_IF = 1 << 9
 TSC_HZ = 2_500_000_000
-UNTIL_PAGE = 0xFFFF_FFFF_FFFF_F000      # page of the ``until`` address given to emu_start
+UNTIL_PAGE = 0xFFFF_FFFF_FFFF_F000
+_M64 = 0xFFFF_FFFF_FFFF_FFFF
+_Q = struct.Struct("<Q")
+_QQ = struct.Struct("<QQ")
+_EXIT4 = struct.Struct("<QQQQ")      # page of the ``until`` address given to emu_start
 
 # Masks from kvm-unit-tests x86/svm.h, checked against APM §15.5.1
 CR0_RESERVED = 0xFFFF_FFFF_0000_0000
@@ -98,6 +102,7 @@ class SvmCpu:
 
     def __init__(self, mem: HostMemory) -> None:
         self.mem = mem
+        self._mm = mem._mm               # raw DRAM for the processor's own accesses
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -142,6 +147,8 @@ class SvmCpu:
         self._saved_regs = (0, 0, 0)
         self._lazy_pending = False
         self._snap_valid = False
+        #: set when a VMRUN carried out a TLB_CONTROL flush request
+        self.tlb_control_done = False
         self._armed_ivec: tuple[int, ...] | None = None
         self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
         self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
@@ -293,7 +300,9 @@ class SvmCpu:
         if hpa is None:
             return b""
         off = addr & 0xFFF
-        b = bytes(self.mem.view[hpa + off:hpa + min(PAGE_SIZE, off + D.MAX_INSN)])
+        if off <= PAGE_SIZE - D.MAX_INSN:
+            return self._mm[hpa + off:hpa + off + D.MAX_INSN]
+        b = self._mm[hpa + off:hpa + PAGE_SIZE]
         if len(b) < D.MAX_INSN:
             nxt = self._fetch_map.get(gva + PAGE_SIZE)
             if nxt is None:
@@ -312,6 +321,7 @@ class SvmCpu:
             self._candidate(address)
         except BaseException as e:          # never let an exception unwind through C
             self._fail(f"internal error at guest RIP {address:#x}: {type(e).__name__}: {e}", e)
+
 
     def pass_once(self, rip: int) -> None:
         """Execute the instruction at ``rip`` once without the intercept check."""
@@ -535,47 +545,40 @@ class SvmCpu:
     # ------------------------------------------------------------- #VMEXIT
     def _vmexit(self, code: int, info1: int, info2: int, *, rip: int, nrip: int, insn: bytes = b"",
                 exitintinfo: int = 0, fresh: bool = False) -> ExitRecord:
-        """Save guest state and exit information into the VMCB (APM §15.6)."""
-        vmcb = self.vmcb
-        mv = self.mem.view
-        base = self._vmcb_hpa
-        self._save_state(rip, fresh)
-        struct.pack_into("<QQQQ", mv, base + 0x70, code & 0xFFFF_FFFF_FFFF_FFFF, info1 & 0xFFFF_FFFF_FFFF_FFFF,
-                         info2 & 0xFFFF_FFFF_FFFF_FFFF, exitintinfo)
-        struct.pack_into("<Q", mv, base + 0xC8, nrip)
-        struct.pack_into("<Q", mv, base + 0xA8, 0)          # EVENTINJ consumed
-        mv[base + 0xD0] = len(insn) & 0xF
-        if insn:
-            mv[base + GUEST_INSN_BYTES:base + GUEST_INSN_BYTES + len(insn)] = insn
-        self.exit_count += 1
-        rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
-        self._exit = rec
-        # GIF is cleared by #VMEXIT; the host-side state (ASID 0, ...) is implicit
-        self.gif = False
-        return rec
+        """#VMEXIT (APM §15.6): save guest state and the exit information into the VMCB.
 
-    # Guest state at #VMEXIT.  RIP, RFLAGS, RSP and RAX -- the fields a handler
-    # touches on nearly every exit -- are written at once; the rest of the
-    # state-save area is written back lazily, before the hypervisor's first
-    # access to the VMCB's state-save area through HostMemory (``_sync``).
-    # Either way, nothing that reads host memory can see the VMCB before it
-    # holds the guest state, as the APM requires of #VMEXIT (§15.6).
-    _EAGER = ((0x570, 0x580), (0x5D8, 0x5E0), (0x5F8, 0x600))
-
-    def _save_state(self, rip: int, fresh: bool = False) -> None:
+        RIP, RFLAGS, RSP and RAX -- the fields a handler touches on nearly every
+        exit -- are written at once; the rest of the state-save area is written
+        back lazily, before the hypervisor's first access to it through
+        HostMemory (``_sync``).  Either way nothing that reads host memory can
+        see the VMCB before it holds the guest state.
+        """
         st = self.st if fresh else self.st.load()
         mv = self.mem.view
         b = self._vmcb_hpa
-        rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
-        rsp, rax = st.gpr(4), st.gpr(0)
-        struct.pack_into("<QQ", mv, b + 0x570, rflags, rip)
-        struct.pack_into("<Q", mv, b + 0x5D8, rsp)
-        struct.pack_into("<Q", mv, b + 0x5F8, rax)
+        rflags = st.reg_read(X.UC_X86_REG_RFLAGS)
+        rax, rsp = st.gpr(0), st.gpr(4)
+        _QQ.pack_into(mv, b + 0x570, rflags, rip)
+        _Q.pack_into(mv, b + 0x5D8, rsp)
+        _Q.pack_into(mv, b + 0x5F8, rax)
         self._saved_regs = (rax, rsp, rflags)
         self._snap_valid = True
         self._lazy_pending = True
         self._vmcb_written = False
         self.mem.sync = self._sync
+        _EXIT4.pack_into(mv, b + 0x70, code & _M64, info1 & _M64, info2 & _M64, exitintinfo)
+        _Q.pack_into(mv, b + 0xC8, nrip)
+        _Q.pack_into(mv, b + 0xA8, 0)          # EVENTINJ consumed
+        mv[b + 0xD0] = len(insn) & 0xF
+        if insn:
+            mv[b + GUEST_INSN_BYTES:b + GUEST_INSN_BYTES + len(insn)] = insn
+        self.exit_count += 1
+        rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
+        self._exit = rec
+        self.gif = False        # #VMEXIT clears GIF
+        return rec
+
+    _EAGER = ((0x570, 0x580), (0x5D8, 0x5E0), (0x5F8, 0x600))
 
     _EAGER_QWORDS = frozenset({0x570, 0x578, 0x5D8, 0x5F8})
 
@@ -753,8 +756,10 @@ class SvmCpu:
             o_rax, o_rsp, o_rflags = self._saved_regs
             st = self.st
             if self._snap_valid and (st.dirty or rax != o_rax or rsp != o_rsp):
-                st.set_gpr(0, rax)            # the snapshot is current: patch and store once
-                st.set_gpr(4, rsp)
+                if rax != o_rax:              # the snapshot is current: patch and store once
+                    st.set_gpr(0, rax)
+                if rsp != o_rsp:
+                    st.set_gpr(4, rsp)
                 st.store()
             else:
                 if st.dirty:
@@ -768,6 +773,7 @@ class SvmCpu:
                 st.reg_write(X.UC_X86_REG_RFLAGS, rflags)
             if mv[b + 0x5C]:
                 self.flush_tlb()           # TLB_CONTROL acts on every VMRUN
+                self.tlb_control_done = True
             self.gif = True
             self._entry_rip = rip
             return True
@@ -843,6 +849,7 @@ class SvmCpu:
             st.reg_write(X.UC_X86_REG_RIP, rip)
         if flush:
             self.flush_tlb()
+            self.tlb_control_done = tlb_ctl != TlbControl.DO_NOTHING
         self._arm_scanner()
         # event injection (APM §15.20)
         if not eventinj & Event.VALID and not struct.unpack_from("<Q", mv, b + 0x60)[0] & VIntr.V_IRQ:

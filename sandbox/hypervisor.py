@@ -321,9 +321,10 @@ class Machine:
 
     # -- the hypervisor loop ---------------------------------------------------
     def _dispatch(self, rec: ExitRecord) -> bool:
-        vmcb = self.guest.vmcb
-        if vmcb.TLB_CONTROL:
-            vmcb.TLB_CONTROL = TlbControl.DO_NOTHING    # a requested flush happened at the last VMRUN
+        if self.cpu.tlb_control_done:
+            # the flush requested through TLB_CONTROL happened at the last VMRUN
+            self.cpu.tlb_control_done = False
+            self.guest.vmcb.TLB_CONTROL = TlbControl.DO_NOTHING
         counts = self.counts
         counts[rec.exitcode] = counts.get(rec.exitcode, 0) + 1
         self.trace.append(rec)
