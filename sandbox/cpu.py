@@ -379,11 +379,78 @@ class SvmCpu:
             elif view.cpl:
                 self._deliver_in_hook(Vec.GP, 0, software=False, rip_after=address, fault_rip=address)
             elif k in (D.Kind.STGI, D.Kind.CLGI):
+                self._guest_gif(k == D.Kind.STGI)
+                self._set_rip(address + insn.length)
+            elif k == D.Kind.INVLPGA:
+                # invalidates one page of the ASID in ECX; the model's TLB is untagged
+                self.flush_tlb()
                 self._set_rip(address + insn.length)
             else:
-                # VMLOAD/VMSAVE/INVLPGA without intercept run on the guest's behalf;
-                # this model treats them as no-ops on guest-physical state
-                self._set_rip(address + insn.length)
+                self._virtual_vmload_vmsave(address, insn, st)
+
+    def _guest_gif(self, on: bool) -> None:
+        """STGI/CLGI not intercepted: with vGIF they set V_GIF (APM §15.33.2);
+        without it they would act on the physical GIF, which this model keeps."""
+        b = self._vmcb_hpa
+        v = _Q.unpack_from(self.mem.view, b + 0x60)[0]
+        if v & VIntr.V_GIF_ENABLE:
+            _Q.pack_into(self.mem.view, b + 0x60, (v | VIntr.V_GIF) if on else (v & ~VIntr.V_GIF))
+        else:
+            self.gif = on
+
+    # VMLOAD/VMSAVE state: FS GS TR LDTR (with hidden parts) + MSRs (APM §15.5.2)
+    _VMSAVE_MSRS = ((0x620, 0xC000_0102), (0x600, 0xC000_0081), (0x608, 0xC000_0082),
+                    (0x610, 0xC000_0083), (0x618, 0xC000_0084), (0x628, 0x174), (0x630, 0x175),
+                    (0x638, 0x176))
+
+    def _virtual_vmload_vmsave(self, address: int, insn: D.Insn, st: CpuState) -> None:
+        """VMLOAD/VMSAVE the VMCB does not intercept.
+
+        With VMSAVE/VMLOAD virtualization (VIRT_EXT bit 1, APM §15.33.1) rAX is
+        a guest-physical address, translated through the nested page table.
+        Without it the hardware would use rAX as a *host*-physical address; the
+        sandbox never lets a guest reach host memory outside its nested
+        mappings, so it stops the run and names the misconfiguration.
+        """
+        virt = _Q.unpack_from(self.mem.view, self._vmcb_hpa + 0xB8)[0] & 2
+        name = insn.kind.name
+        if not virt:
+            self._halt("error", f"{name} at {address:#x} is not intercepted and VMSAVE/VMLOAD "
+                       "virtualization is off: the guest would access host-physical memory")
+            return
+        gpa = st.gpr(0) & ~0xFFF if not st.gpr(0) & 0xFFF else None
+        if gpa is None:
+            self._deliver_in_hook(Vec.GP, 0, software=False, rip_after=address, fault_rip=address)
+            return
+        nested = NestedLayer(self.mem, self._n_cr3, self.stats)
+        try:
+            hpa = nested.translate(gpa, Access.WRITE if insn.kind == D.Kind.VMSAVE else Access.READ).phys
+        except NestedFault as f:
+            self._vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=address, nrip=0)
+            self._after_exit_in_hook(address)
+            return
+        mv = self.mem.view
+        segs = (("FS", R_FS), ("GS", R_GS))
+        if insn.kind == D.Kind.VMSAVE:
+            for name_, idx in segs:
+                sel, base, limit, flags = st.seg(idx)
+                struct.pack_into("<HHIQ", mv, hpa + SEGMENTS[name_], sel, flags_to_attrib(flags), limit, base)
+            for name_, getter in (("TR", st.tr), ("LDTR", st.ldt)):
+                sel, base, limit, flags = getter()
+                struct.pack_into("<HHIQ", mv, hpa + SEGMENTS[name_], sel, flags_to_attrib(flags), limit, base)
+            for off, msr in self._VMSAVE_MSRS:
+                _Q.pack_into(mv, hpa + off, self.uc.reg_read(X.UC_X86_REG_MSR, msr))
+        else:
+            for name_, idx in segs:
+                sel, attr, limit, base = struct.unpack_from("<HHIQ", mv, hpa + SEGMENTS[name_])
+                st.set_seg(idx, sel, base, limit, attrib_to_flags(attr))
+            for name_ in ("TR", "LDTR"):
+                sel, attr, limit, base = struct.unpack_from("<HHIQ", mv, hpa + SEGMENTS[name_])
+                st.set_system_seg(name_, sel, base, limit, attrib_to_flags(attr))
+            st.store()
+            for off, msr in self._VMSAVE_MSRS:
+                self.uc.reg_write(X.UC_X86_REG_MSR, (msr, _Q.unpack_from(mv, hpa + off)[0]))
+        self._set_rip(address + insn.length)
 
     def _native_hlt(self, address: int, insn: D.Insn) -> None:
         rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
