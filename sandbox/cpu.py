@@ -220,6 +220,14 @@ class SvmCpu:
         return TwoDimWalker(guest, nested, self.stats)
 
     def _tlb_fill(self, uc, vaddr, access, entry, ud) -> bool:
+        try:
+            return self._fill(vaddr, access, entry)
+        except BaseException as e:           # never let an exception unwind through C
+            self._fail(f"internal error in the TLB fill for {vaddr:#x}: {type(e).__name__}: {e}", e)
+            return False
+
+    def _fill(self, vaddr: int, access: int, entry) -> bool:
+        """One soft-TLB miss: the 2-D walk, and the code-page bookkeeping."""
         st = self.st.load()
         if vaddr == UNTIL_PAGE and st.rip & ~0xFFF != UNTIL_PAGE:
             # Unicorn probes the page of emu_start's ``until`` address; that is not
@@ -245,8 +253,13 @@ class SvmCpu:
             if acc == Access.WRITE:
                 if is_code:
                     # a write to a scanned code page: drop its scans; the next fetch rescans
-                    for g in self._code_hpa.pop(hpa, ()):
+                    aliases = self._code_hpa.pop(hpa, ())
+                    for g in aliases:
                         self._code_pages.pop(g, None)
+                    if any(g != gva for g in aliases):
+                        # another GVA maps this page with execute permission: drop
+                        # those entries too, so its next fetch is a fill that rescans
+                        self.flush_tlb()
                 perms |= UC_PROT_WRITE
             elif t.writable and t.dirty and not is_code:
                 perms |= UC_PROT_WRITE
