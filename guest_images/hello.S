@@ -1,57 +1,119 @@
-# hello: prints on the COM1 serial console, asks CPUID who it runs under,
-# prints through the PRINT hypercall, and exits with code 0.
+# hello.S - the smallest useful guest.
 #
-# Entry state (see README): 64-bit long mode, CPL 0, identity-mapped RAM,
-# RIP = 0x100000, RSP = 0x90000. COM1 data port 0x3F8, line status 0x3FD.
-# Hypercalls: VMMCALL with RAX = 0 EXIT(RDI = code), RAX = 1 PRINT(RDI, RSI).
+# Prints a greeting on the COM1 serial console (polling the line status
+# register before every byte), asks CPUID leaf 0x40000000 for the
+# hypervisor vendor string, prints a line through the PRINT hypercall and
+# ends the run with the EXIT hypercall, exit code 0.
+#
+# Expected console:
+#   Hello from the guest!
+#   hypervisor vendor: <12-character vendor string>
+#   hypercall print works
+#
+# Entry state (provided by the loader):
+#   * 64-bit long mode, CPL 0. CS = 0x08 (64-bit code), SS = DS = ES = 0x10
+#     (flat data). The loader's GDT is at guest-physical 0x1000.
+#   * CR3 -> loader page tables identity-mapping guest-physical [0, 16 MiB)
+#     with 4 KiB pages, present + writable + supervisor (U/S = 0).
+#     CR0.PG = PE = WP = 1, CR4.PAE = 1, EFER.LME = LMA = NXE = 1.
+#   * RIP = 0x100000 (the first byte of this file), RSP = 0x90000 (the stack
+#     grows down into [0x80000, 0x90000)), RFLAGS = 0x2 (IF = 0).
+#   * IDTR limit = 0: there is no IDT, so any exception escalates to a
+#     triple fault until the guest loads an IDT of its own.
+#   * Guest RAM is guest-physical [0, 16 MiB). Addresses at or above 16 MiB
+#     are not mapped in the nested page tables: an access there is a nested
+#     page fault that ends the run.
+#   * COM1: data port 0x3F8 (OUT writes one console character), line status
+#     port 0x3FD (bit 5 = 0x20, transmitter empty, always set).
+#   * Hypercalls: VMMCALL (0f 01 d9), RAX = function, arguments in RDI, RSI,
+#     RDX, result in RAX.
+#       RAX = 0  EXIT   RDI = exit code, the run ends
+#       RAX = 1  PRINT  RDI = guest-virtual address of the bytes, RSI = length
+#   * HLT with interrupts disabled ends the run.
+#
+# The whole file is one flat blob loaded at 0x100000: code first, data after.
 
-    lea rsi, [rip + hello_msg]
-    call puts
-    mov eax, 0x40000000          # hypervisor vendor leaf
+    .equ COM1_DATA, 0x3f8
+    .equ COM1_LSR, 0x3fd
+    .equ LSR_THR_EMPTY, 0x20
+    .equ HC_EXIT, 0
+    .equ HC_PRINT, 1
+
+start:
+    # 1. the serial console
+    lea rsi, [rip + msg_hello]
+    call serial_puts
+
+    # 2. who are we running under? CPUID 0x40000000 returns the hypervisor
+    #    vendor string in EBX, ECX, EDX
+    mov eax, 0x40000000
+    xor ecx, ecx
     cpuid
     lea rdi, [rip + vendor]
     mov dword ptr [rdi], ebx
     mov dword ptr [rdi + 4], ecx
     mov dword ptr [rdi + 8], edx
-    lea rsi, [rip + vendor_msg]
-    call puts
+    mov byte ptr [rdi + 12], 0
+    lea rsi, [rip + msg_vendor]
+    call serial_puts
     lea rsi, [rip + vendor]
-    call puts
-    lea rsi, [rip + newline]
-    call puts
-    mov eax, 1                   # PRINT hypercall
-    lea rdi, [rip + hcall_msg]
-    mov esi, 22
-    .byte 0x0f, 0x01, 0xd9       # vmmcall
-    xor eax, eax                 # EXIT hypercall, code 0
-    xor edi, edi
-    .byte 0x0f, 0x01, 0xd9
+    call serial_puts
+    lea rsi, [rip + msg_newline]
+    call serial_puts
 
-# puts: write the NUL-terminated string at RSI to COM1
-puts:
-    mov dx, 0x3fd
-wait_thr:
+    # 3. the PRINT hypercall: RDI = address, RSI = length
+    mov eax, HC_PRINT
+    lea rdi, [rip + msg_hcall]
+    mov esi, msg_hcall_end - msg_hcall
+    vmmcall
+
+    # 4. the EXIT hypercall, exit code 0
+    mov eax, HC_EXIT
+    xor edi, edi
+    vmmcall
+
+    # not reached: EXIT does not return
+halt_forever:
+    hlt
+    jmp halt_forever
+
+# serial_putc: write the byte in AL to COM1 once the transmitter is empty.
+# Clobbers DX.
+serial_putc:
+    push rax
+    mov dx, COM1_LSR
+serial_putc_wait:
     in al, dx
-    test al, 0x20
-    jz wait_thr
-    mov dx, 0x3f8
-    mov al, byte ptr [rsi]
-    test al, al
-    jz puts_done
+    test al, LSR_THR_EMPTY
+    jz serial_putc_wait
+    pop rax
+    mov dx, COM1_DATA
     out dx, al
-    inc rsi
-    jmp puts
-puts_done:
     ret
 
-hello_msg:
+# serial_puts: write the NUL-terminated string at RSI to COM1.
+# Clobbers RAX, RDX, RSI.
+serial_puts:
+    mov al, byte ptr [rsi]
+    test al, al
+    jz serial_puts_done
+    call serial_putc
+    inc rsi
+    jmp serial_puts
+serial_puts_done:
+    ret
+
+# ---------------------------------------------------------------- data
+    .align 16
+msg_hello:
     .asciz "Hello from the guest!\n"
-vendor_msg:
+msg_vendor:
     .asciz "hypervisor vendor: "
-newline:
+msg_newline:
     .asciz "\n"
-hcall_msg:
+msg_hcall:
     .ascii "hypercall print works\n"
-hcall_end:
+msg_hcall_end:
+    .align 16
 vendor:
-    .byte 0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+    .fill 16, 1, 0

@@ -552,6 +552,14 @@ def handle_exception(m: Machine, e: ExitRecord) -> Action:
     return RESUME
 
 
+def handle_rdpmc(m: Machine, e: ExitRecord) -> Action:
+    """RDPMC: the virtual CPU has no running performance counters; they read 0."""
+    m.regs.rax = 0
+    m.regs.rdx = 0
+    m.advance(e)
+    return RESUME
+
+
 def reexecute(m: Machine, e: ExitRecord) -> Action:
     """Let the intercepted instruction run once on the processor, unintercepted:
     the hypervisor "emulates" it with the real instruction (descriptor-table
@@ -578,6 +586,7 @@ DEFAULT_HANDLERS: dict[int, Handler] = {
     ExitCode.SHUTDOWN: handle_shutdown,
     ExitCode.NPF: handle_npf,
     ExitCode.INVALID: handle_invalid,
+    ExitCode.RDPMC: handle_rdpmc,
     ExitCode.PAUSE: _advance_only,
     ExitCode.WBINVD: _advance_only,
     ExitCode.INVD: _advance_only,

@@ -43,16 +43,29 @@ class Image:
     kind: str
 
 
+def strip_comment(line: str) -> str:
+    """Drop a ``#`` or ``//`` comment, leaving quoted strings intact."""
+    quote = None
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c == "#" or line.startswith("//", i):
+            return line[:i].rstrip()
+        i += 1
+    return line
+
+
 def assemble(source: str, base: int = LOAD_BASE, name: str = "<asm>") -> bytes:
     from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
     ks = Ks(KS_ARCH_X86, KS_MODE_64)
-    # strip comments keystone does not know (# and // lines) and C-style blocks
-    lines = []
-    for line in source.splitlines():
-        s = line.split("#", 1)[0] if not line.lstrip().startswith(".") else line
-        s = s.split("//", 1)[0]
-        lines.append(s)
-    text = "\n".join(lines)
+    text = "\n".join(strip_comment(line) for line in source.splitlines())
     try:
         enc, _ = ks.asm(text, base)
     except KsError as e:
