@@ -83,3 +83,28 @@ def test_hot_loop_result_matches_an_independent_computation():
         rax = (rax + rcx) & mask
         rdx ^= rax
     assert r.regs["rbx"] == rax and r.regs["rdx"] == rdx
+
+
+def _first_primes_sum(n: int) -> int:
+    primes, k = [], 2
+    while len(primes) < n:
+        if all(k % p for p in primes if p * p <= k):
+            primes.append(k)
+        k += 1
+    return sum(primes)
+
+
+def test_freestanding_c_elf_guest():
+    m, r = run("cguest.elf")
+    assert r.reason == "guest-exit" and r.exit_code == 0
+    assert "Hello from a C guest!" in r.console
+    assert f"sum of the first 20 primes: {_first_primes_sum(20):#018x}" in r.console
+    assert "printed by hypercall" in r.console
+
+
+def test_flat_binary_matches_its_source():
+    from sandbox.loader import assemble
+    binary = (IMAGES / "hello.bin").read_bytes()
+    assert binary == assemble((IMAGES / "hello.S").read_text())
+    m, r = run("hello.bin")
+    assert r.reason == "guest-exit" and "Hello from the guest!" in r.console
