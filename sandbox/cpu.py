@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -144,7 +145,7 @@ class SvmCpu:
         self._armed_ivec: tuple[int, ...] | None = None
         self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
         self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
-        self._saved_regs = (0, 0, 0)
+        self._saved_regs = (0, 0)
         self._lazy_pending = False
         self._snap_valid = False
         #: set when a VMRUN carried out a TLB_CONTROL flush request
@@ -152,7 +153,6 @@ class SvmCpu:
         self._armed_ivec: tuple[int, ...] | None = None
         self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
         self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
-        self._saved_regs = (0, 0, 0)
         self._install_hooks()
 
     # ------------------------------------------------------------------ hooks
@@ -627,8 +627,9 @@ class SvmCpu:
                 exitintinfo: int = 0, fresh: bool = False) -> ExitRecord:
         """#VMEXIT (APM §15.6): save guest state and the exit information into the VMCB.
 
-        RIP, RFLAGS, RSP and RAX -- the fields a handler touches on nearly every
-        exit -- are written at once; the rest of the state-save area is written
+        RIP, RSP and RAX -- the fields a handler touches on nearly every exit --
+        are written at once; the rest (RFLAGS included, which Unicorn computes
+        lazily and costs a call to read) of the state-save area is written
         back lazily, before the hypervisor's first access to it through
         HostMemory (``_sync``).  Either way nothing that reads host memory can
         see the VMCB before it holds the guest state.
@@ -636,12 +637,11 @@ class SvmCpu:
         st = self.st if fresh else self.st.load()
         mv = self.mem.view
         b = self._vmcb_hpa
-        rflags = st.reg_read(X.UC_X86_REG_RFLAGS)
         rax, rsp = st.gpr(0), st.gpr(4)
-        _QQ.pack_into(mv, b + 0x570, rflags, rip)
+        _Q.pack_into(mv, b + 0x578, rip)
         _Q.pack_into(mv, b + 0x5D8, rsp)
         _Q.pack_into(mv, b + 0x5F8, rax)
-        self._saved_regs = (rax, rsp, rflags)
+        self._saved_regs = (rax, rsp)
         self._snap_valid = True
         self._lazy_pending = True
         self._vmcb_written = False
@@ -658,9 +658,8 @@ class SvmCpu:
         self.gif = False        # #VMEXIT clears GIF
         return rec
 
-    _EAGER = ((0x570, 0x580), (0x5D8, 0x5E0), (0x5F8, 0x600))
-
-    _EAGER_QWORDS = frozenset({0x570, 0x578, 0x5D8, 0x5F8})
+    _EAGER = ((0x578, 0x580), (0x5D8, 0x5E0), (0x5F8, 0x600))     # RIP, RSP, RAX
+    _EAGER_QWORDS = frozenset({0x578, 0x5D8, 0x5F8})
 
     def _sync(self, hpa: int, n: int, write: bool = False) -> None:
         off = hpa - self._vmcb_hpa
@@ -693,6 +692,7 @@ class SvmCpu:
         struct.pack_into("<Q", mv, b + 0x4D0, st.efer | EFER_SVME)
         struct.pack_into("<5Q", mv, b + 0x548, st.cr(4), st.cr(3), st.cr(0), st.dr(7), st.dr(6))
         struct.pack_into("<Q", mv, b + 0x640, st.cr(2))
+        _Q.pack_into(mv, b + 0x570, st.reg_read(X.UC_X86_REG_RFLAGS))
         self._loaded = self._snapshot_vmcb()
 
     def _after_exit_in_hook(self, rip: int, resumable: bool = True) -> None:
@@ -747,26 +747,54 @@ class SvmCpu:
             if on_exit is not None and self._exit is not None:
                 on_exit(self._exit)
             return StopInfo("exit", "VMEXIT_INVALID")
-        deadline = time.monotonic() + self.limits.timeout_s if self.limits.timeout_s else None
+        # The wall-clock limit is a sleeping watchdog thread, not emu_start's
+        # ``timeout``: Unicorn's timer thread polls every 2 us and steals a
+        # core from the guest on a small machine.
+        self._timed_out = False
+        watchdog = None
+        if self.limits.timeout_s:
+            watchdog = threading.Timer(self.limits.timeout_s, self._watchdog)
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            self._run_slices()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        self.flush_guest_state()
+        if self.st.dirty:
+            self.st.store()
+        return self._stop
+
+    def _watchdog(self) -> None:
+        self._timed_out = True
+        self.uc.emu_stop()
+
+    def _slice_ended(self) -> StopInfo:
+        if self._timed_out:
+            return StopInfo("timeout", f"wall-clock limit of {self.limits.timeout_s:g} s reached")
+        if self.limits.max_insns:
+            return StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
+        return StopInfo("stopped", "emulation stopped")
+
+    def _run_slices(self) -> None:
+        """emu_start until the run stops; restart after page faults and probes."""
         while self._stop is None:
-            rip = self._entry_rip
-            remaining_us = 0
-            if deadline is not None:
-                remaining_us = max(1, int((deadline - time.monotonic()) * 1e6))
+            if self._timed_out:
+                self._stop = self._slice_ended()
+                break
             self._pending_fault = None
             try:
-                self.uc.emu_start(rip, 0xFFFF_FFFF_FFFF_FFFF, timeout=remaining_us,
-                                  count=self.limits.max_insns)
+                self.uc.emu_start(self._entry_rip, 0xFFFF_FFFF_FFFF_FFFF, count=self.limits.max_insns)
             except UcError as e:
                 if self._stop is not None:
                     break
                 f = self._pending_fault
                 if f is None and self._until_probe and e.errno == UCC.UC_ERR_EXCEPTION:
+                    # Unicorn's probe of the until page, reported when the slice ends
                     self._until_probe = False
-                    if deadline is not None and time.monotonic() >= deadline:
-                        self._stop = StopInfo("timeout", f"wall-clock limit of {self.limits.timeout_s:g} s reached")
-                    elif self.limits.max_insns:
-                        self._stop = StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
+                    if self._timed_out or self.limits.max_insns:
+                        self._stop = self._slice_ended()
                     else:
                         self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
                     continue
@@ -779,17 +807,8 @@ class SvmCpu:
                 continue
             if self._stop is not None:
                 break
-            # emu_start returned by itself: budget, timeout, or an emu_stop from us
-            if deadline is not None and time.monotonic() >= deadline:
-                self._stop = StopInfo("timeout", f"wall-clock limit of {self.limits.timeout_s:g} s reached")
-            elif self.limits.max_insns:
-                self._stop = StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
-            else:
-                self._stop = StopInfo("stopped", "emulation stopped")
-        self.flush_guest_state()
-        if self.st.dirty:
-            self.st.store()
-        return self._stop
+            # emu_start returned by itself: budget, or the watchdog's emu_stop
+            self._stop = self._slice_ended()
 
     def _memory_fault(self, f: Exception) -> None:
         """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
@@ -827,13 +846,13 @@ class SvmCpu:
         mv = self.mem.view
         b = self._vmcb_hpa
         if in_hook and self._fast_ok and not self._vmcb_written:
-            # Re-entry after an exit whose handler touched only RAX/RSP/RFLAGS/RIP
+            # Re-entry after an exit whose handler touched only RAX/RSP/RIP
             # (never-cached fields, APM §15.15.3): everything else was checked and
             # loaded at the last VMRUN and is still what the processor holds.
-            rflags, rip = struct.unpack_from("<QQ", mv, b + 0x570)
-            rsp = struct.unpack_from("<Q", mv, b + 0x5D8)[0]
-            rax = struct.unpack_from("<Q", mv, b + 0x5F8)[0]
-            o_rax, o_rsp, o_rflags = self._saved_regs
+            rip = _Q.unpack_from(mv, b + 0x578)[0]
+            rsp = _Q.unpack_from(mv, b + 0x5D8)[0]
+            rax = _Q.unpack_from(mv, b + 0x5F8)[0]
+            o_rax, o_rsp = self._saved_regs
             st = self.st
             if self._snap_valid and (st.dirty or rax != o_rax or rsp != o_rsp):
                 if rax != o_rax:              # the snapshot is current: patch and store once
@@ -849,8 +868,6 @@ class SvmCpu:
                 if rsp != o_rsp:
                     st.reg_write(X.UC_X86_REG_RSP, rsp)
             self._snap_valid = False
-            if rflags != o_rflags:
-                st.reg_write(X.UC_X86_REG_RFLAGS, rflags)
             if mv[b + 0x5C]:
                 self.flush_tlb()           # TLB_CONTROL acts on every VMRUN
                 self.tlb_control_done = True
