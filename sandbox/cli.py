@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--msrs", metavar="LIST", help="intercept exactly these MSR accesses, e.g. r:0x10,w:0xc0000103")
     r.add_argument("--hooks", metavar="FILE", help="Python file with user exit handlers")
     r.add_argument("--max-insns", type=int, default=0, metavar="N",
-                   help="instruction budget per guest slice (0 = uncounted; counting slows the guest)")
+                   help="instruction budget for the run; also reports the count (0 = uncounted: counting slows the guest)")
     r.add_argument("--max-exits", type=int, default=10_000_000, metavar="N", help="stop after N exits")
     r.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wall-clock limit in seconds")
     r.add_argument("--dram", type=int, default=64, metavar="MIB", help="host DRAM size (MiB)")

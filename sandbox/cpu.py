@@ -30,7 +30,7 @@ from unicorn.unicorn_py3.unicorn import uclib, HOOK_CODE_CFUNC, uc_hook_h
 from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 
 from . import decode as D
-from .cpustate import (GPR_IDS, R_CS, R_DS, R_ES, R_FS, R_GS, R_SS, SEG_INDEX, CpuState, attrib_to_flags,
+from .cpustate import (emu_counter, GPR_IDS, R_CS, R_DS, R_ES, R_FS, R_GS, R_SS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
 from .decision import ALWAYS, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits
 
@@ -141,6 +141,8 @@ class SvmCpu:
         self._stop: StopInfo | None = None
         self._in_run = False
         self._pass_once: int | None = None
+        #: instructions started in the last run (counted only with an instruction budget)
+        self.insns: int | None = None
         self._until_probe = False
         self._armed_ivec: tuple[int, ...] | None = None
         self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
@@ -751,6 +753,7 @@ class SvmCpu:
         # ``timeout``: Unicorn's timer thread polls every 2 us and steals a
         # core from the guest on a small machine.
         self._timed_out = False
+        self.insns = None
         watchdog = None
         if self.limits.timeout_s:
             watchdog = threading.Timer(self.limits.timeout_s, self._watchdog)
@@ -777,15 +780,34 @@ class SvmCpu:
             return StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
         return StopInfo("stopped", "emulation stopped")
 
+    def _count_slice(self, budget: int) -> None:
+        if budget:
+            n = emu_counter(self.uc)
+            if n is not None:
+                self.insns = (self.insns or 0) + min(n, budget)
+
     def _run_slices(self) -> None:
-        """emu_start until the run stops; restart after page faults and probes."""
+        """emu_start until the run stops; restart after page faults and probes.
+
+        With an instruction budget, Unicorn counts every instruction it starts
+        (an intercepted one included); the budget spans all slices of the run.
+        """
         while self._stop is None:
             if self._timed_out:
                 self._stop = self._slice_ended()
                 break
+            budget = 0
+            if self.limits.max_insns:
+                budget = self.limits.max_insns - (self.insns or 0)
+                if budget <= 0:
+                    self._stop = StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
+                    break
             self._pending_fault = None
             try:
-                self.uc.emu_start(self._entry_rip, 0xFFFF_FFFF_FFFF_FFFF, count=self.limits.max_insns)
+                try:
+                    self.uc.emu_start(self._entry_rip, 0xFFFF_FFFF_FFFF_FFFF, count=budget)
+                finally:
+                    self._count_slice(budget)
             except UcError as e:
                 if self._stop is not None:
                     break
@@ -793,7 +815,8 @@ class SvmCpu:
                 if f is None and self._until_probe and e.errno == UCC.UC_ERR_EXCEPTION:
                     # Unicorn's probe of the until page, reported when the slice ends
                     self._until_probe = False
-                    if self._timed_out or self.limits.max_insns:
+                    if self._timed_out or (self.limits.max_insns and self.insns is not None
+                                           and self.insns >= self.limits.max_insns):
                         self._stop = self._slice_ended()
                     else:
                         self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
@@ -808,6 +831,10 @@ class SvmCpu:
             if self._stop is not None:
                 break
             # emu_start returned by itself: budget, or the watchdog's emu_stop
+            if not self._timed_out and self.limits.max_insns and self.insns is not None \
+                    and self.insns < self.limits.max_insns:
+                self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
+                continue
             self._stop = self._slice_ended()
 
     def _memory_fault(self, f: Exception) -> None:

@@ -323,3 +323,35 @@ def _find_dr() -> int:
 
 
 OFF_DR = _find_dr()
+
+
+def _find_emu_counter() -> int | None:
+    """Offset of ``uc->emu_counter`` in Unicorn's engine struct, or None.
+
+    Unicorn counts instructions only when ``emu_start`` is given a ``count``,
+    and does not export the counter.  Its struct keeps ``size_t emu_counter;
+    size_t emu_count;`` side by side; a scratch run with a distinctive count
+    that is reached exactly pins the pair.
+    """
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0x1000, 0x1000, UC_PROT_ALL)
+    uc.mem_write(0x1000, b"\x48\xff\xc0\xeb\xfb")     # inc rax ; jmp -5
+    budget = 0x1357
+    uc.emu_start(0x1000, 0x2000, count=budget)
+    if uc.reg_read(X.UC_X86_REG_RAX) != (budget + 1) // 2:
+        return None
+    addr = uc._uch.value
+    raw = ctypes.string_at(addr, 2048)
+    hits = [o for o in range(0, len(raw) - 16, 8)
+            if _Q.unpack_from(raw, o + 8)[0] == budget and _Q.unpack_from(raw, o)[0] in (budget, budget + 1)]
+    return hits[0] if len(hits) == 1 else None
+
+
+OFF_EMU_COUNTER = _find_emu_counter()
+
+
+def emu_counter(uc: Uc) -> int | None:
+    """Instructions Unicorn counted in the last ``emu_start(count=...)``."""
+    if OFF_EMU_COUNTER is None:
+        return None
+    return _Q.unpack_from(ctypes.string_at(uc._uch.value + OFF_EMU_COUNTER, 8))[0]

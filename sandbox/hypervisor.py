@@ -364,7 +364,7 @@ class Machine:
     def _result(self, reason: str, detail: str) -> RunResult:
         st = self.cpu.st
         regs = {n: st.reg_read(GPR_IDS[i]) for i, n in enumerate(GPR_NAMES)}
-        return RunResult(reason=reason, detail=detail, exit_code=self.guest_exit_code,
+        return RunResult(reason=reason, detail=detail, exit_code=self.guest_exit_code, insns=self.cpu.insns,
                          exits=sum(self.counts.values()), counts=dict(self.counts), regs=regs,
                          rip=st.reg_read(X.UC_X86_REG_RIP), rflags=st.reg_read(X.UC_X86_REG_RFLAGS),
                          console=self.serial.text)

@@ -94,3 +94,14 @@ def test_triple_fault_is_reported(tmp_path):
     final = json.loads(p.stdout.strip().splitlines()[-1])
     assert final["reason"] == "shutdown"
     assert final["counts"] == {"SHUTDOWN": 1}
+
+
+def test_instruction_count_with_a_budget(tmp_path):
+    g = tmp_path / "count.S"
+    g.write_text("    mov ecx, 100\nl:\n    dec ecx\n    jnz l\n    xor eax, eax\n    xor edi, edi\n"
+                 "    .byte 0x0f, 0x01, 0xd9\n")
+    p = run_cli("run", str(g), "--max-insns", "100000", "--json", "--quiet")
+    assert p.returncode == 0
+    final = json.loads(p.stdout.strip().splitlines()[-1])
+    # mov + 100 x (dec, jnz) + xor + xor + the intercepted VMMCALL
+    assert final["insns"] == 1 + 200 + 3
