@@ -30,7 +30,7 @@ from unicorn.unicorn_py3.unicorn import uclib, HOOK_CODE_CFUNC, uc_hook_h
 from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 
 from . import decode as D
-from .cpustate import (emu_counter, GPR_IDS, R_CS, R_DS, R_ES, R_FS, R_GS, R_SS, SEG_INDEX, CpuState, attrib_to_flags,
+from .cpustate import (emu_counter, invalid_addr, GPR_IDS, R_CS, R_DS, R_ES, R_FS, R_GS, R_SS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
 from .decision import ALWAYS, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits
 
@@ -52,7 +52,7 @@ UNTIL_PAGE = 0xFFFF_FFFF_FFFF_F000
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
 _Q = struct.Struct("<Q")
 _QQ = struct.Struct("<QQ")
-_EXIT4 = struct.Struct("<QQQQ")      # page of the ``until`` address given to emu_start
+_EXIT4 = struct.Struct("<QQQQ")
 
 # Masks from kvm-unit-tests x86/svm.h, checked against APM §15.5.1
 CR0_RESERVED = 0xFFFF_FFFF_0000_0000
@@ -107,6 +107,11 @@ class SvmCpu:
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        # No exit address: with an ``until`` address Unicorn probes that page
+        # through the TLB-fill hook after every emu_start, which is not a guest
+        # access (and would overwrite the exact address of a real fault).
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
         self.uc = uc
         self.st = CpuState(uc)
         self._h = uc._uch
@@ -143,7 +148,7 @@ class SvmCpu:
         self._pass_once: int | None = None
         #: instructions started in the last run (counted only with an instruction budget)
         self.insns: int | None = None
-        self._until_probe = False
+        self._fault_page = 0
         self._armed_ivec: tuple[int, ...] | None = None
         self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
         self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
@@ -231,17 +236,13 @@ class SvmCpu:
     def _fill(self, vaddr: int, access: int, entry) -> bool:
         """One soft-TLB miss: the 2-D walk, and the code-page bookkeeping."""
         st = self.st.load()
-        if vaddr == UNTIL_PAGE and st.rip & ~0xFFF != UNTIL_PAGE:
-            # Unicorn probes the page of emu_start's ``until`` address; that is not
-            # a guest access, so it must not become a guest #PF
-            self._until_probe = True
-            return False
         user = st.cpl == 3
         acc = Access.FETCH if access == UC_MEM_FETCH else (Access.WRITE if access == UC_MEM_WRITE else Access.READ)
         try:
             t = self.walker().translate(vaddr, acc, user)
         except (GuestPageFault, NestedFault, GuestGP) as f:
             self._pending_fault = f
+            self._fault_page = vaddr & ~0xFFF
             return False
         hpa = t.hpa & ~0xFFF
         gva = vaddr & ~0xFFF
@@ -787,7 +788,7 @@ class SvmCpu:
                 self.insns = (self.insns or 0) + min(n, budget)
 
     def _run_slices(self) -> None:
-        """emu_start until the run stops; restart after page faults and probes.
+        """emu_start until the run stops; restart after page faults.
 
         With an instruction budget, Unicorn counts every instruction it starts
         (an intercepted one included); the budget spans all slices of the run.
@@ -812,15 +813,6 @@ class SvmCpu:
                 if self._stop is not None:
                     break
                 f = self._pending_fault
-                if f is None and self._until_probe and e.errno == UCC.UC_ERR_EXCEPTION:
-                    # Unicorn's probe of the until page, reported when the slice ends
-                    self._until_probe = False
-                    if self._timed_out or (self.limits.max_insns and self.insns is not None
-                                           and self.insns >= self.limits.max_insns):
-                        self._stop = self._slice_ended()
-                    else:
-                        self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
-                    continue
                 if f is None:
                     self._stop = StopInfo("error", f"emulation error: {e}")
                     break
@@ -840,12 +832,16 @@ class SvmCpu:
     def _memory_fault(self, f: Exception) -> None:
         """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
         rip = self.st.reg_read(X.UC_X86_REG_RIP)
+        # the fill saw only the page; Unicorn kept the exact faulting address
+        exact = invalid_addr(self.uc)
+        off = exact & 0xFFF if exact is not None and exact & ~0xFFF == self._fault_page else 0
         if isinstance(f, NestedFault):
+            gpa = f.gpa | off if f.exitinfo1 & PFErr.FINAL else f.gpa
             insn = self._insn_bytes(rip)
-            self._vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=rip, nrip=0, insn=insn)
+            self._vmexit(ExitCode.NPF, f.exitinfo1, gpa, rip=rip, nrip=0, insn=insn)
             self._after_exit_outside(rip)
         elif isinstance(f, GuestPageFault):
-            self._exception_outside(Vec.PF, f.error_code, rip, cr2=f.address)
+            self._exception_outside(Vec.PF, f.error_code, rip, cr2=f.address | off)
         elif isinstance(f, GuestGP):
             self._exception_outside(Vec.GP, 0, rip)
 

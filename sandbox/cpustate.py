@@ -355,3 +355,41 @@ def emu_counter(uc: Uc) -> int | None:
     if OFF_EMU_COUNTER is None:
         return None
     return _Q.unpack_from(ctypes.string_at(uc._uch.value + OFF_EMU_COUNTER, 8))[0]
+
+
+def _find_invalid_addr() -> int | None:
+    """Offset of ``uc->invalid_addr``: the exact address whose TLB fill failed.
+
+    Unicorn's fill callback only sees the page; the faulting address with its
+    page offset (CR2, NPF EXITINFO2) is kept in the engine struct.
+    """
+    from unicorn import UC_HOOK_TLB_FILL, UC_TLB_VIRTUAL, UC_PROT_READ, UC_PROT_EXEC
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x10000, UC_PROT_ALL)
+    uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+
+    def fill(u, vaddr, access, entry, ud):
+        if vaddr == 0x5000:
+            return False
+        entry.paddr = vaddr
+        entry.perms = UC_PROT_ALL
+        return True
+    uc.hook_add(UC_HOOK_TLB_FILL, fill)
+    uc.mem_write(0x1000, bytes.fromhex("488b042523510000"))   # mov rax, [0x5123]
+    try:
+        uc.emu_start(0x1000, 0x1008)
+    except UcError:
+        pass
+    raw = ctypes.string_at(uc._uch.value, 2048)
+    hits = [o for o in range(0, len(raw) - 8, 8) if _Q.unpack_from(raw, o)[0] == 0x5123]
+    return hits[0] if len(hits) == 1 else None
+
+
+OFF_INVALID_ADDR = _find_invalid_addr()
+
+
+def invalid_addr(uc: Uc) -> int | None:
+    """The exact address of the last failed TLB fill, if Unicorn's struct was located."""
+    if OFF_INVALID_ADDR is None:
+        return None
+    return _Q.unpack_from(ctypes.string_at(uc._uch.value + OFF_INVALID_ADDR, 8))[0]

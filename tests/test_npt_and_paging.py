@@ -64,14 +64,7 @@ def test_npt_np(guest, access, insn, bits):
     assert e.nrip == 0                                   # not an instruction intercept (APM §15.7.1)
 
 
-PAGE_ALIGNED = ("cpu.SvmCpu._fill walks the page-aligned vaddr Unicorn's TLB-fill callback passes and "
-                "_memory_fault reports that: the page offset of the faulting address is lost in NPF "
-                "EXITINFO2 (APM §15.25.6: the guest-physical address causing the fault), in CR2 "
-                "(APM vol. 2 §8.4.2: the linear address that caused the #PF) and in the #PF intercept's "
-                "EXITINFO2 (APM §15.12: the faulting address)")
 
-
-@pytest.mark.xfail(strict=True, reason=PAGE_ALIGNED)
 def test_npf_exitinfo2_is_the_exact_gpa(guest):
     m, e = npf_run(guest, f"mov rbx, {DATA + 0x18:#x}\nmov rax, [rbx]",
                    lambda m: m.guest.npt.protect(DATA, present=False))
@@ -258,7 +251,6 @@ def test_guest_pf_handled_by_its_own_idt(guest, id_, body, insn, addr, err):
     assert 0x4E not in r.counts
 
 
-@pytest.mark.xfail(strict=True, reason=PAGE_ALIGNED)
 def test_guest_pf_cr2_is_the_exact_address(guest):
     src = pf_guest_src("mov rbx, 0x400123").replace("{insn}", "mov byte ptr [rbx], 1")
     r = guest(src).run(timeout=5)
@@ -266,7 +258,6 @@ def test_guest_pf_cr2_is_the_exact_address(guest):
     assert r.regs["r8"] == 0x400123
 
 
-@pytest.mark.xfail(strict=True, reason=PAGE_ALIGNED)
 def test_pf_intercept_exitinfo2_is_the_exact_address(guest):
     src = pf_guest_src("mov rbx, 0x400123").replace("{insn}", "mov byte ptr [rbx], 1")
     m = guest(src)
