@@ -376,24 +376,31 @@ class SvmCpu:
         view = _GuestView(self, st)
         # not intercepted: the model handles what Unicorn cannot do natively
         k = insn.kind
-        if k == D.Kind.HLT:
-            self._native_hlt(address, insn)
+        if k in (D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS):
+            # not intercepted: only the I/O-permission #GP is the model's to raise
+            # (Unicorn does not check IOPL or the TSS bitmap)
+            port = insn.imm if insn.imm is not None else st.gpr(2) & 0xFFFF
+            if view.cpl > (view.rflags() >> 12) & 3 and not view.io_allowed_by_tss(port, insn.opsize // 8):
+                self._exception(Vec.GP, 0, address)
+        elif k == D.Kind.HLT:
+            if view.cpl:
+                self._exception(Vec.GP, 0, address)      # privileged: #GP before the intercept
+            else:
+                self._native_hlt(address, insn)
         elif k in (D.Kind.INTN, D.Kind.INT3, D.Kind.ICEBP):
-            if view.cpl and k == D.Kind.INTN:
-                pass
             vec = insn.imm if k == D.Kind.INTN else (3 if k == D.Kind.INT3 else 1)
             self._deliver_in_hook(vec, None, software=(k == D.Kind.INTN) or k == D.Kind.INT3,
                                   rip_after=address + insn.length, fault_rip=address)
         elif k == D.Kind.INTO:
-            self._deliver_in_hook(Vec.UD, None, software=False, rip_after=address, fault_rip=address)
+            self._exception(Vec.UD, None, address)
         elif k in (D.Kind.VMLOAD, D.Kind.VMSAVE, D.Kind.SKINIT, D.Kind.VMRUN, D.Kind.STGI, D.Kind.CLGI,
                    D.Kind.INVLPGA, D.Kind.VMMCALL):
             # SVM instructions the VMCB does not intercept.  VMMCALL and SKINIT
             # raise #UD (APM §15.4, §15.18); the rest need EFER.SVME and CPL 0.
             if k in (D.Kind.VMMCALL, D.Kind.SKINIT) or not view.efer_svme():
-                self._deliver_in_hook(Vec.UD, None, software=False, rip_after=address, fault_rip=address)
+                self._exception(Vec.UD, None, address)
             elif view.cpl:
-                self._deliver_in_hook(Vec.GP, 0, software=False, rip_after=address, fault_rip=address)
+                self._exception(Vec.GP, 0, address)
             elif k in (D.Kind.STGI, D.Kind.CLGI):
                 self._guest_gif(k == D.Kind.STGI)
                 self._set_rip(address + insn.length)
@@ -436,7 +443,7 @@ class SvmCpu:
             return
         gpa = st.gpr(0) & ~0xFFF if not st.gpr(0) & 0xFFF else None
         if gpa is None:
-            self._deliver_in_hook(Vec.GP, 0, software=False, rip_after=address, fault_rip=address)
+            self._exception(Vec.GP, 0, address)
             return
         nested = NestedLayer(self.mem, self._n_cr3, self.stats)
         try:

@@ -151,16 +151,14 @@ def _smsw(i, v, rip):
 
 
 def _lmsw(i, v, rip):
+    """LMSW treats the selective CR0-write intercept as non-selective: it exits
+    whatever value it writes (APM Table 15-7; kvm-unit-tests "sel cr0 lmsw")."""
     if v.cpl:
         return None
     if armed(v, ExitCode.CR0_WRITE):
         return ExitInfo(ExitCode.CR0_WRITE)
-    if armed(v, ExitCode.CR0_SEL_WRITE) and i.mod == 3:
-        src = v.gpr(i.rm) & 0xF
-        old = v.cr(0)
-        new = (old & ~0xE) | (src & 0xF) | (old & 1)     # LMSW cannot clear PE
-        if (new ^ old) & ~(CR0_TS | CR0_MP) & 0xF:
-            return ExitInfo(ExitCode.CR0_SEL_WRITE)
+    if armed(v, ExitCode.CR0_SEL_WRITE):
+        return ExitInfo(ExitCode.CR0_SEL_WRITE)
     return None
 
 
@@ -370,4 +368,6 @@ STATE_FREE = frozenset({Kind.CPUID, Kind.PUSHF, Kind.POPF, Kind.IRET, Kind.PAUSE
 #: ICEBP / INTO are delivered through the guest IDT by this model; the SVM
 #: instructions touch physical memory and must never run on Unicorn's own SVM code
 ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kind.VMLOAD,
-          Kind.VMSAVE, Kind.SKINIT, Kind.STGI, Kind.CLGI, Kind.INVLPGA, Kind.VMMCALL}
+          Kind.VMSAVE, Kind.SKINIT, Kind.STGI, Kind.CLGI, Kind.INVLPGA, Kind.VMMCALL,
+          # port I/O: Unicorn skips the IOPL / TSS-bitmap check, so the model makes it
+          Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS}

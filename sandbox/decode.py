@@ -148,9 +148,18 @@ def decode(code: bytes) -> Insn | None:
     i = 0
     opsize_66 = addr_67 = rep = lock = False
     seg = None
+    last_rep = 0
+    rex = 0
     n = len(code)
-    while i < n and code[i] in LEGACY_PREFIXES:
+    # Legacy prefixes and REX bytes in any order; a REX counts only when it
+    # immediately precedes the opcode (APM vol. 3 §1.2.7), otherwise it is ignored.
+    while i < n and code[i] in PREFIX_BYTES:
         b = code[i]
+        if 0x40 <= b <= 0x4F:
+            rex = b
+            i += 1
+            continue
+        rex = 0
         if b == 0x66:
             opsize_66 = True
         elif b == 0x67:
@@ -162,10 +171,6 @@ def decode(code: bytes) -> Insn | None:
             lock = True
         else:
             seg = SEG_PREFIX[b]
-        i += 1
-    rex = 0
-    if i < n and 0x40 <= code[i] <= 0x4F:
-        rex = code[i]
         i += 1
     if i >= n:
         return None

@@ -156,13 +156,8 @@ def test_not_intercepted(guest, case):
             assert r.regs["rsi"] == ret
 
 
-UD_BYPASS = ("cpu.SvmCpu._candidate delivers the #UD of an unintercepted VMMCALL/SKINIT (and INTO) with "
-             "_deliver_in_hook, which skips the exception-intercept check that _exception does; with "
-             "excp6 armed the exit must be 0x46 (APM §15.12; KUT rsm/svm_unsupported_instruction tests), "
-             "instead the #UD goes to the guest IDT")
 
 
-@pytest.mark.xfail(strict=True, reason=UD_BYPASS)
 @pytest.mark.parametrize("insn,pre,disarm", [
     (VMMCALL, "mov eax, 7", ["vmmcall"]),             # APM §15.4: VMMCALL not intercepted -> #UD
     (db(OP["skinit"]), "mov eax, 0x100000", ["skinit"]),
@@ -273,12 +268,8 @@ def test_lmsw_changing_em_exits_0x65(guest):
     assert not rec[0].info1 >> 63, "LMSW gives no decode assist (§3)"
 
 
-LMSW_ALWAYS = ("APM Table 15-7 (rev 3.42): LMSW treats the selective CR0-write intercept as non-selective "
-               "(intercepts regardless of the value written); kvm-unit-tests 'sel cr0 lmsw intercept'. "
-               "decision._lmsw only exits when a bit other than TS/MP changes, and never for a memory operand")
 
 
-@pytest.mark.xfail(strict=True, reason=LMSW_ALWAYS)
 @pytest.mark.parametrize("body", ["smsw eax\nxor eax, 2\nlmsw ax",            # MP only (the KUT case)
                                   "smsw eax\nlmsw ax",                        # same value
                                   f"smsw word ptr [{DATA:#x}]\nlmsw word ptr [{DATA:#x}]"],   # memory operand
@@ -398,12 +389,8 @@ def test_cpuid_with_legal_prefixes_exits(guest, hexbytes):
     run_expect_cpuid(guest, db(b), BASE)
 
 
-REX_ESCAPES = ("decode.decode accepts one REX byte only immediately after the legacy prefixes; a REX "
-               "followed by a legacy prefix (ignored REX, still CPUID: APM vol. 3 §1.2.7) or several REX "
-               "bytes make it return None, so the instruction runs natively without #VMEXIT")
 
 
-@pytest.mark.xfail(strict=True, reason=REX_ESCAPES)
 @pytest.mark.parametrize("hexbytes", ["48660fa2", "40480fa2", "4848480fa2"])
 def test_cpuid_with_ignored_rex_prefixes_exits(guest, hexbytes):
     b = bytes.fromhex(hexbytes)
@@ -756,12 +743,8 @@ def test_privileged_instruction_at_cpl3_is_gp_not_an_exit(guest, id_, insn, arm,
     assert (r.regs["r11"], r.regs["r12"]) == (USER_STACK, USER_SS)
 
 
-HLT_CPL3 = ("cpu.SvmCpu._candidate: HLT is always decoded (decision.ALWAYS) and, when the intercept "
-            "does not apply, _native_hlt halts the machine without checking CPL; HLT at CPL 3 must "
-            "raise #GP(0) (APM vol. 3 HLT; §15.7 simple exceptions before intercepts)")
 
 
-@pytest.mark.xfail(strict=True, reason=HLT_CPL3)
 @pytest.mark.parametrize("armed", [True, False])
 def test_hlt_at_cpl3_is_gp(guest, armed):
     m = user_guest(guest, "hlt")
@@ -783,13 +766,8 @@ def test_port_io_at_cpl3_with_iopl3_exits(guest):
     assert r.reason == "captured" and rec[0].info1 >> 16 == 0x3F8
 
 
-IO_CPL3 = ("decision._io returns None for CPL > IOPL without TSS permission, expecting the CPU to raise "
-           "#GP(0) first, but Unicorn executes the IN/OUT and cpu._insn_out/_insn_in pass it to the "
-           "port bus: a CPL-3 guest with IOPL 0 reaches COM1 with no #GP and no IOIO exit "
-           "(APM vol. 3 IN/OUT: #GP(0) when CPL > IOPL and the TSS I/O bitmap denies the port)")
 
 
-@pytest.mark.xfail(strict=True, reason=IO_CPL3)
 @pytest.mark.parametrize("insn", ["out dx, al", "in al, dx"])
 def test_port_io_at_cpl3_with_iopl0_is_gp(guest, insn):
     m = user_guest(guest, f"mov edx, 0x3f8\nmov al, 0x58\n{insn}")
@@ -798,12 +776,8 @@ def test_port_io_at_cpl3_with_iopl0_is_gp(guest, insn):
     assert r.exit_code == 0x10D and r.regs["rsi"] == 0
 
 
-GP_BYPASS = ("cpu.SvmCpu._candidate delivers the #GP of an SVM instruction at CPL > 0 with "
-             "_deliver_in_hook, skipping the exception-intercept check: with excp13 armed the exit "
-             "must be 0x4D (APM §15.12)")
 
 
-@pytest.mark.xfail(strict=True, reason=GP_BYPASS)
 def test_svm_instruction_gp_at_cpl3_hits_the_gp_intercept(guest):
     m = user_guest(guest, db(OP["stgi"]))
     m.intercept("excp13")
