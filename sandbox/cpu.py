@@ -149,6 +149,9 @@ class SvmCpu:
         #: instructions started in the last run (counted only with an instruction budget)
         self.insns: int | None = None
         self._fault_page = 0
+        self._defer_dispatch = False      # exits raised during VMRUN are dispatched by its caller
+        self._exit_resumable = True
+        self._last_exit_rip: int | None = None
         self._armed_ivec: tuple[int, ...] | None = None
         self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
         self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
@@ -477,8 +480,7 @@ class SvmCpu:
 
     def _native_hlt(self, address: int, insn: D.Insn) -> None:
         rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
-        vintr = self.vmcb.V_INTR if self.vmcb else 0
-        if rflags & RFLAGS_IF and vintr & VIntr.V_IRQ:
+        if self._virq_deliverable(rflags):
             self._set_rip(address + insn.length)
             self._inject_virq()
             return
@@ -538,9 +540,17 @@ class SvmCpu:
         self._deliver_in_hook(vector, err, software=False, rip_after=rip, fault_rip=rip)
 
     def _deliver_in_hook(self, vector: int, err: int | None, *, software: bool, rip_after: int,
-                         fault_rip: int, external: bool = False) -> None:
-        """Vector an event through the guest IDT, escalating to #DF and shutdown."""
-        cur_vec, cur_err, cur_sw = vector, err, software
+                         fault_rip: int, external: bool = False, etype: int | None = None) -> None:
+        """Vector an event through the guest IDT, escalating to #DF and shutdown.
+
+        A fault during delivery that the VMCB intercepts exits with EXITINTINFO
+        describing the event being delivered (APM §15.7.2): TYPE 0 for an
+        external interrupt, 2 NMI, 4 INT n, 3 for exceptions (INT3/INT1 too).
+        """
+        if etype is None:
+            etype = (EventType.INTR if external else
+                     EventType.SOFT_INT if software and vector not in (1, 3) else EventType.EXCEPTION)
+        cur_vec, cur_err, cur_sw, cur_type = vector, err, software, int(etype)
         ret_rip = rip_after
         for _ in range(3):
             st = self.st.load()
@@ -550,26 +560,25 @@ class SvmCpu:
                 new_rip, new_rsp, new_flags = deliver(st, self._guest_access(), cur_vec, cur_err,
                                                       software=cur_sw, rip=ret_rip, rflags=rflags, rsp=rsp,
                                                       external=external)
-            except DeliveryFault as f:
-                nxt = combine(cur_vec, f.vector)
+            except (DeliveryFault, GuestPageFault) as f:
+                fvec, ferr = (Vec.PF, f.error_code) if isinstance(f, GuestPageFault) else (f.vector, f.error_code)
+                intinfo = Event(cur_vec, EventType(cur_type), cur_err if cur_vec in HAS_ERROR_CODE else None)
+                nxt = combine(cur_vec, fvec)
                 if nxt is None:
                     return self._shutdown(fault_rip)
                 if self._ivec[2] >> nxt & 1:
-                    self._vmexit(0x40 + nxt, f.error_code or 0, 0, rip=fault_rip, nrip=0,
-                                 exitintinfo=Event(cur_vec, EventType.EXCEPTION, cur_err).encode())
+                    info2 = f.address if nxt == Vec.PF else 0
+                    self._vmexit(0x40 + nxt, (0 if nxt == Vec.DF else ferr) or 0, info2, rip=fault_rip, nrip=0,
+                                 exitintinfo=intinfo.encode())
                     return self._after_exit_in_hook(fault_rip)
-                cur_vec, cur_err, cur_sw, ret_rip = nxt, (0 if nxt == Vec.DF else f.error_code), False, fault_rip
-                continue
-            except GuestPageFault as f:
-                nxt = combine(cur_vec, Vec.PF)
-                if nxt is None:
-                    return self._shutdown(fault_rip)
-                self.st.reg_write(X.UC_X86_REG_CR2, f.address)
-                cur_vec, cur_err, cur_sw, ret_rip = nxt, (0 if nxt == Vec.DF else f.error_code), False, fault_rip
+                if nxt == Vec.PF:
+                    self.st.reg_write(X.UC_X86_REG_CR2, f.address)
+                cur_vec, cur_err, cur_sw, ret_rip = nxt, (0 if nxt == Vec.DF else ferr), False, fault_rip
+                cur_type, external = EventType.EXCEPTION, False
                 continue
             except NestedFault as f:
-                self._vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=fault_rip, nrip=0,
-                             exitintinfo=Event(cur_vec, EventType.EXCEPTION, cur_err).encode())
+                intinfo = Event(cur_vec, EventType(cur_type), cur_err if cur_vec in HAS_ERROR_CODE else None)
+                self._vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=fault_rip, nrip=0, exitintinfo=intinfo.encode())
                 return self._after_exit_in_hook(fault_rip)
             st.store()
             self.st.reg_write(X.UC_X86_REG_RSP, new_rsp)
@@ -707,24 +716,46 @@ class SvmCpu:
 
     def _after_exit_in_hook(self, rip: int, resumable: bool = True) -> None:
         """Hand the exit to the hypervisor; resume in place or stop the run."""
-        rec = self._exit
-        if self.exit_count >= self.limits.max_exits:
-            return self._halt("exit-budget", f"{self.exit_count} exits")
-        resume = False
-        if self.on_exit is not None:
-            resume = bool(self.on_exit(rec)) and resumable
-            if self._stop is not None:
-                return
-        if not resume:
-            self._stop = StopInfo("exit")
-            self.uc.emu_stop()
-            self._set_rip(rip)        # the intercepted instruction must not execute
+        self._exit_resumable = resumable
+        if self._defer_dispatch:
+            return                    # inside VMRUN itself: the caller dispatches
+        if self._dispatch_loop():
+            self._set_rip(self._entry_rip)
             return
-        # the hypervisor's VMRUN, performed in place
-        self._exit = None
-        if not self._enter(in_hook=True):
-            return self._after_exit_in_hook(rip, resumable=True)
-        self._set_rip(self._entry_rip)
+        try:
+            self.uc.emu_stop()
+        except UcError:
+            pass
+        # the intercepted instruction must not execute; RIP is the last exit's
+        self._set_rip(self._last_exit_rip if self._last_exit_rip is not None else rip)
+
+    def _dispatch_loop(self) -> bool:
+        """The hypervisor loop: hand ``self._exit`` to the handler and VMRUN again
+        while it resumes.  True when the guest continues at ``_entry_rip``."""
+        while True:
+            rec = self._exit
+            self._last_exit_rip = rec.rip
+            if self.exit_count >= self.limits.max_exits:
+                self._stop = StopInfo("exit-budget", f"{self.exit_count} exits")
+                return False
+            resume = False
+            if self.on_exit is not None:
+                resume = bool(self.on_exit(rec)) and self._exit_resumable
+                if self._stop is not None:
+                    return False
+            if not resume:
+                self._stop = StopInfo("exit")
+                return False
+            self._exit = None
+            self._defer_dispatch = True
+            try:
+                self._enter(in_hook=True)
+            finally:
+                self._defer_dispatch = False
+            if self._stop is not None:
+                return False
+            if self._exit is None:
+                return True
 
     # -------------------------------------------------------------- VMRUN
     def vmrun(self, vmcb_hpa: int, on_exit: Callable[[ExitRecord], bool] | None = None,
@@ -752,11 +783,17 @@ class SvmCpu:
         self._error = None
         self._snap_valid = False
         self._loaded = None
-        if not self._enter(in_hook=False):
-            # VMEXIT_INVALID: no guest instruction ran
-            if on_exit is not None and self._exit is not None:
-                on_exit(self._exit)
-            return StopInfo("exit", "VMEXIT_INVALID")
+        self._last_exit_rip = None
+        self._defer_dispatch = True
+        try:
+            self._enter(in_hook=False)
+        finally:
+            self._defer_dispatch = False
+        if self._exit is not None and self._stop is None and not self._dispatch_loop():
+            return self._finish()
+        if self._stop is not None:
+            return self._finish()
+        self.st.reg_write(X.UC_X86_REG_RIP, self._entry_rip)
         # The wall-clock limit is a sleeping watchdog thread, not emu_start's
         # ``timeout``: Unicorn's timer thread polls every 2 us and steals a
         # core from the guest on a small machine.
@@ -772,6 +809,9 @@ class SvmCpu:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+        return self._finish()
+
+    def _finish(self) -> StopInfo:
         self.flush_guest_state()
         if self.st.dirty:
             self.st.store()
@@ -924,14 +964,12 @@ class SvmCpu:
         cs_attr = struct.unpack_from("<H", mv, b + 0x412)[0]
         why = self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm, eventinj, cs_attr)
         if why:
+            # VMEXIT_INVALID: no guest state was loaded and no instruction runs
             self._invalid_reason = why
             struct.pack_into("<QQQ", mv, b + 0x70, ExitCode.INVALID, 0, 0)
             self.exit_count += 1
-            self._exit = ExitRecord(ExitCode.INVALID, 0, 0, 0, rip, 0, b"", self.exit_count)
-            self._stop = StopInfo("exit", f"VMEXIT_INVALID: {why}")
-            if in_hook:
-                self.uc.emu_stop()
-                self._set_rip(self.st.reg_read(X.UC_X86_REG_RIP))
+            self._exit = ExitRecord(int(ExitCode.INVALID), 0, 0, 0, rip, 0, b"", self.exit_count)
+            self._exit_resumable = True
             return False
         # host state goes to VM_HSAVE_PA (format is implementation-specific)
         self.gif = True
@@ -981,25 +1019,44 @@ class SvmCpu:
         # event injection (APM §15.20)
         if not eventinj & Event.VALID and not struct.unpack_from("<Q", mv, b + 0x60)[0] & VIntr.V_IRQ:
             self._fast_ok = True
+        defer, self._defer_dispatch = self._defer_dispatch, True
+        try:
+            self._entry_events(eventinj, ivec, rip, rflags)
+        finally:
+            self._defer_dispatch = defer
+        return self._exit is None and self._stop is None
+
+    def _entry_events(self, eventinj: int, ivec: tuple[int, ...], rip: int, rflags: int) -> None:
+        """EVENTINJ (APM §15.20) and a pending virtual interrupt (§15.21.4) at VMRUN.
+        An exit raised while delivering them is left in ``self._exit``."""
+        mv = self.mem.view
+        b = self._vmcb_hpa
+        st = self.st
         if eventinj & Event.VALID:
             ev = Event.decode(eventinj)
             struct.pack_into("<Q", mv, b + 0xA8, eventinj & ~Event.VALID)
             st.reg_write(X.UC_X86_REG_RIP, rip)
             self._deliver_in_hook(ev.vector, ev.error_code, software=(ev.type == EventType.SOFT_INT),
-                                  rip_after=rip, fault_rip=rip, external=(ev.type == EventType.INTR))
-            if self._exit is not None or self._stop is not None:
-                return self._stop is None
-            self._entry_rip = st.reg_read(X.UC_X86_REG_RIP)
-        elif struct.unpack_from("<Q", mv, b + 0x60)[0] & VIntr.V_IRQ and rflags & RFLAGS_IF \
-                and not struct.unpack_from("<Q", mv, b + 0x68)[0] & 1:
+                                  rip_after=rip, fault_rip=rip, external=(ev.type == EventType.INTR),
+                                  etype=int(ev.type))
+            if self._exit is None and self._stop is None:
+                self._entry_rip = st.reg_read(X.UC_X86_REG_RIP)
+        elif self._virq_deliverable(rflags) and not struct.unpack_from("<Q", mv, b + 0x68)[0] & 1:
             if ivec[3] >> 4 & 1:       # VINTR intercept
                 self._vmexit(ExitCode.VINTR, 0, 0, rip=rip, nrip=0)
-                self._stop = StopInfo("exit")
-                return True
+                self._after_exit_in_hook(rip)
+                return
             st.reg_write(X.UC_X86_REG_RIP, rip)
             self._inject_virq()
-            self._entry_rip = st.reg_read(X.UC_X86_REG_RIP)
-        return True
+            if self._exit is None and self._stop is None:
+                self._entry_rip = st.reg_read(X.UC_X86_REG_RIP)
+
+    def _virq_deliverable(self, rflags: int) -> bool:
+        """V_IRQ pending, IF set, and its priority beats V_TPR unless V_IGN_TPR (§15.21.4)."""
+        v = _Q.unpack_from(self.mem.view, self._vmcb_hpa + 0x60)[0]
+        if not v & VIntr.V_IRQ or not rflags & RFLAGS_IF:
+            return False
+        return bool(v & VIntr.V_IGN_TPR) or ((v >> 16) & 0xF) > (v & 0xF)
 
     def _consistency(self, ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm, eventinj,
                      cs_attr) -> str:

@@ -83,14 +83,8 @@ def test_exc_inject(guest):
     assert not stage[2] & V, "EVENTINJ.V cleared"
 
 
-RESUME_AFTER_INVALID = (
-    "cpu.SvmCpu._enter sets self._stop before _after_exit_in_hook(rip, resumable=True) hands the "
-    "VMEXIT_INVALID to the hypervisor, so a handler that repairs the VMCB and returns RESUME is "
-    "ignored and Machine.run ends with 'invalid-vmcb' (a real hypervisor loop -- and KUT's exc_inject -- "
-    "just VMRUNs again)")
 
 
-@pytest.mark.xfail(strict=True, reason=RESUME_AFTER_INVALID)
 def test_exc_inject_in_one_run(guest):
     m = guest(exc_inject_src())
     seen = []
@@ -347,12 +341,8 @@ def test_exitintinfo_of_an_exception(guest):
     assert e.exitintinfo == V | (3 << 8) | 6
 
 
-EXITINTINFO_TYPE = ("cpu.SvmCpu._deliver_in_hook records the event being delivered in EXITINTINFO "
-                    "always as TYPE=3 (exception), also for an external interrupt (0), an NMI (2) and "
-                    "a software interrupt INT n (4); APM §15.7.2 / Fig. 15-5")
 
 
-@pytest.mark.xfail(strict=True, reason=EXITINTINFO_TYPE)
 @pytest.mark.parametrize("id_,src,vec,inj,err,intinfo", NP_CASES[1:], ids=[c[0] for c in NP_CASES[1:]])
 def test_exitintinfo_type_of_interrupts(guest, id_, src, vec, inj, err, intinfo):
     e = np_exit(guest, src, vec, inj)
@@ -406,25 +396,16 @@ def test_virq_taken_after_the_guest_sets_if(guest, body):
     assert r.exit_code == 0x140
 
 
-VTPR = ("cpu.SvmCpu._enter takes a pending V_IRQ without comparing V_INTR_PRIO with V_TPR; with "
-        "V_IGN_TPR = 0 an interrupt whose priority does not beat V_TPR must stay pending "
-        "(APM §15.21.4; KUT virq_inject stage 3 'virtual IRQ blocked V_IRQ_PRIO less than V_TPR')")
 
 
-@pytest.mark.xfail(strict=True, reason=VTPR)
 def test_virq_blocked_by_v_tpr(guest):
     m = virq_guest(guest, "nop\nnop", prio=0x8, tpr=0xA, rflags=0x202)
     r = m.run(timeout=5)
     assert r.exit_code == 0x55 and m.guest.vmcb.V_INTR & V_IRQ
 
 
-VINTR_LOST = ("cpu.SvmCpu._enter performs the VINTR #VMEXIT (0x64) by setting _stop and returning, "
-              "without handing the exit to the hypervisor: no handler runs, counts stay empty and "
-              "Machine.run ends with reason 'exit' and an empty detail (at the first VMRUN and after a "
-              "resumed exit alike); KUT virq_inject stage 1 expects SVM_EXIT_VINTR")
 
 
-@pytest.mark.xfail(strict=True, reason=VINTR_LOST)
 def test_vintr_intercept_exit_reaches_the_hypervisor(guest):
     m = virq_guest(guest, "nop", rflags=0x202)
     m.intercept("vintr")
@@ -433,7 +414,6 @@ def test_vintr_intercept_exit_reaches_the_hypervisor(guest):
     assert r.reason == "captured" and r.counts == {0x64: 1} and rec[0].code == 0x64
 
 
-@pytest.mark.xfail(strict=True, reason=VINTR_LOST)
 def test_vintr_exit_after_a_resumed_exit_reaches_the_hypervisor(guest):
     m = guest(f"sti\nmov eax, 5\n{VMMCALL}\nnop\n" + hc_exit(0x55))
     install_reporting_idt(m)
