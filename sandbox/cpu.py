@@ -150,6 +150,7 @@ class SvmCpu:
         self.insns: int | None = None
         self._fault_page = 0
         self._defer_dispatch = False      # exits raised during VMRUN are dispatched by its caller
+        self._xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
         self._exit_resumable = True
         self._last_exit_rip: int | None = None
         self._armed_ivec: tuple[int, ...] | None = None
@@ -682,7 +683,11 @@ class SvmCpu:
 
     def _sync(self, hpa: int, n: int, write: bool = False) -> None:
         off = hpa - self._vmcb_hpa
-        if off + n <= 0 or off >= 0x1000 or (n == 8 and off in self._EAGER_QWORDS):
+        if off + n <= 0 or off >= 0x1000:
+            if write and self._code_hpa:
+                self._hypervisor_wrote(hpa, n)
+            return
+        if n == 8 and off in self._EAGER_QWORDS:
             return
         for lo, hi in self._EAGER:
             if lo <= off and off + n <= hi:
@@ -691,6 +696,29 @@ class SvmCpu:
             self._vmcb_written = True      # anything but the exit fields: reload at VMRUN
         if off + n > 0x400:
             self.flush_guest_state()
+
+    def _hypervisor_wrote(self, hpa: int, n: int) -> None:
+        """Cross-modifying code (APM vol. 2 §7.6.1): the hypervisor wrote into a
+        page the guest executed.  Once the write lands, Unicorn's translated
+        blocks for it are invalidated (through its own physical-write path) and
+        the TLB is flushed, so the next fetch is a fill that rescans the page."""
+        p = hpa & ~0xFFF
+        pages = [q for q in range(p, hpa + n, PAGE_SIZE) if q in self._code_hpa]
+        if not pages:
+            return
+        for q in pages:
+            for g in self._code_hpa.pop(q, ()):
+                self._code_pages.pop(g, None)
+                self._xmod_pages.add(g)
+
+    def _xmod_commit(self) -> None:
+        self._decoded.clear()
+        self.flush_tlb()
+        for g in self._xmod_pages:
+            # drops the translated blocks of that page (Unicorn walks it through
+            # the TLB-fill hook, which rescans it)
+            self.uc.ctl_remove_cache(g, g + PAGE_SIZE)
+        self._xmod_pages.clear()
 
     def flush_guest_state(self) -> None:
         """Write the lazily saved part of the guest state into the VMCB."""
@@ -777,6 +805,7 @@ class SvmCpu:
         self._vmcb_hpa = vmcb_hpa
         self.vmcb = VMCB(self.mem, vmcb_hpa)
         self._fast_ok = False
+        self.mem.sync = self._sync
         self.on_exit = on_exit
         self._stop = None
         self._exit = None
@@ -913,6 +942,8 @@ class SvmCpu:
 
     def _enter(self, in_hook: bool) -> bool:
         """VMRUN's checks and guest-state load; False after VMEXIT_INVALID."""
+        if self._xmod_pages:
+            self._xmod_commit()
         mv = self.mem.view
         b = self._vmcb_hpa
         if in_hook and self._fast_ok and not self._vmcb_written:

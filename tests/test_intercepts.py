@@ -533,13 +533,8 @@ def test_cpuid_written_ahead_in_the_same_block(guest):
     run_expect_cpuid(guest, src, target)
 
 
-XMOD = ("guest code rewritten by the hypervisor (Guest.write_phys / HostMemory) after the guest has "
-        "executed that page keeps running from Unicorn's stale translated blocks: neither the TB cache "
-        "nor the page's intercept scan is invalidated, even across #VMEXIT/VMRUN and a guest "
-        "MOV CR3 (serializing; APM vol. 2 §7.6.1 cross-modifying code)")
 
 
-@pytest.mark.xfail(strict=True, reason=XMOD)
 def test_hypervisor_patch_of_executed_code_is_seen(guest):
     src = (f"mov rsi, {DATA:#x}\ncall rsi\nmov eax, 5\n{VMMCALL}\nmov rax, cr3\nmov cr3, rax\n"
            "call rsi\n" + hc_exit(DONE))
