@@ -32,7 +32,7 @@ from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 from . import decode as D
 from .cpustate import (emu_counter, invalid_addr, GPR_IDS, R_CS, R_DS, R_ES, R_FS, R_GS, R_SS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
-from .decision import ALWAYS, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits
+from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits
 
 NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Shutdown, Vec, combine, deliver
@@ -151,6 +151,7 @@ class SvmCpu:
         self._fault_page = 0
         self._defer_dispatch = False      # exits raised during VMRUN are dispatched by its caller
         self._xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
+        self._irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
         self._exit_resumable = True
         self._last_exit_rip: int | None = None
         self._armed_ivec: tuple[int, ...] | None = None
@@ -276,12 +277,14 @@ class SvmCpu:
 
     # --------------------------------------------------------------- scanner
     def _arm_scanner(self) -> None:
-        if self._ivec == self._armed_ivec:
+        virq = bool(_Q.unpack_from(self.mem.view, self._vmcb_hpa + 0x60)[0] & VIntr.V_IRQ)
+        key = (self._ivec, virq)
+        if key == self._armed_ivec:
             return
-        self._armed_ivec = self._ivec
+        self._armed_ivec = key
         self._decoded.clear()           # cached decisions depend on the vectors
         bits = {b for b in range(6 * 32) if self._ivec[b >> 5] >> (b & 31) & 1}
-        kinds = frozenset(kinds_for_bits(bits) | ALWAYS)
+        kinds = frozenset(kinds_for_bits(bits) | ALWAYS | (IRQ_WINDOW if virq else frozenset()))
         if kinds != self._scan_kinds:
             self._scan_kinds = kinds
             self._one, self._two = D.opcode_starts(set(kinds))
@@ -350,6 +353,10 @@ class SvmCpu:
     def _candidate(self, address: int) -> None:
         if self._stop is not None:
             return
+        if self._irq_window and address in self._irq_window:
+            self._irq_window.discard(address)
+            if self._window_open():
+                return
         code = self._insn_bytes(address)
         ent = self._decoded.get(address)
         if ent is None or ent[0] != code:
@@ -380,7 +387,9 @@ class SvmCpu:
         view = _GuestView(self, st)
         # not intercepted: the model handles what Unicorn cannot do natively
         k = insn.kind
-        if k in (D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS):
+        if k in IRQ_WINDOW:
+            self._watch_irq_window(address, insn, st, view)
+        elif k in (D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS):
             # not intercepted: only the I/O-permission #GP is the model's to raise
             # (Unicorn does not check IOPL or the TSS bitmap)
             port = insn.imm if insn.imm is not None else st.gpr(2) & 0xFFFF
@@ -414,6 +423,51 @@ class SvmCpu:
                 self._set_rip(address + insn.length)
             else:
                 self._virtual_vmload_vmsave(address, insn, st)
+
+    # ---------------------------------------------- virtual interrupt window
+    def _watch_irq_window(self, address: int, insn: D.Insn, st: CpuState, view: "_GuestView") -> None:
+        """STI / POPF / IRET while a V_IRQ waits for RFLAGS.IF (APM §15.21.4).
+
+        Finds where the interrupt can first be taken -- after the instruction
+        following STI (its interrupt shadow), after POPF, at IRET's return
+        address -- and watches that address with a one-shot check.
+        """
+        if not _Q.unpack_from(self.mem.view, self._vmcb_hpa + 0x60)[0] & VIntr.V_IRQ:
+            return
+        try:
+            if insn.kind == D.Kind.STI:
+                nxt = address + insn.length
+                shadowed = D.length_of(self._insn_bytes_at(nxt))
+                if shadowed is None:
+                    return
+                target = nxt + shadowed
+            elif insn.kind == D.Kind.POPF:
+                target = address + insn.length
+            else:
+                target = _Q.unpack(self._guest_access().read(st.gpr(4), 8))[0]
+        except (GuestPageFault, NestedFault, GuestGP):
+            return
+        self._irq_window.add(target)
+        self._add_candidate_hook(target)
+        self.uc.ctl_remove_cache(target, target + 1)     # recompile with the hook
+
+    def _insn_bytes_at(self, addr: int) -> bytes:
+        acc = self._guest_access()
+        return acc.read(addr, D.MAX_INSN)
+
+    def _window_open(self) -> bool:
+        """At a watched address: take the pending virtual interrupt if it is
+        deliverable now (or exit on VINTR).  True when control moved."""
+        rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
+        if not self._virq_deliverable(rflags):
+            return False
+        rip = self.st.reg_read(X.UC_X86_REG_RIP)
+        if self._ivec[3] >> 4 & 1:           # VINTR intercept
+            self._vmexit(ExitCode.VINTR, 0, 0, rip=rip, nrip=0)
+            self._after_exit_in_hook(rip)
+            return True
+        self._inject_virq()
+        return True
 
     def _guest_gif(self, on: bool) -> None:
         """STGI/CLGI not intercepted: with vGIF they set V_GIF (APM §15.33.2);

@@ -305,6 +305,7 @@ DECIDE: dict[Kind, Callable] = {
     Kind.RSM: _simple(ExitCode.RSM),
     Kind.RDPRU: _simple(ExitCode.RDPRU),
     Kind.INVPCID: _simple(ExitCode.INVPCID, cpl0=True),
+    Kind.STI: lambda i, v, rip: None,          # no intercept; watched for interrupt windows
 }
 _NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: _io, Kind.OUT: _io, Kind.INS: _io, Kind.OUTS: _io}
 
@@ -361,8 +362,11 @@ class VectorsOnly:
 
 
 #: kinds whose decision reads nothing but the intercept vectors (cacheable per address)
-STATE_FREE = frozenset({Kind.CPUID, Kind.PUSHF, Kind.POPF, Kind.IRET, Kind.PAUSE, Kind.VMMCALL, Kind.ICEBP,
+STATE_FREE = frozenset({Kind.STI, Kind.CPUID, Kind.PUSHF, Kind.POPF, Kind.IRET, Kind.PAUSE, Kind.VMMCALL, Kind.ICEBP,
                         Kind.INTN, Kind.INT3, Kind.INTO, Kind.RSM, Kind.RDPRU})
+
+#: decoded while a virtual interrupt waits for RFLAGS.IF: the instructions that can set it
+IRQ_WINDOW = frozenset({Kind.STI, Kind.POPF, Kind.IRET})
 
 #: always decoded, intercepted or not: HLT ends a slice in Unicorn; INT n / INT3 /
 #: ICEBP / INTO are delivered through the guest IDT by this model; the SVM

@@ -75,6 +75,7 @@ class Kind(Enum):
     RSM = "rsm"
     RDPRU = "rdpru"
     INVPCID = "invpcid"
+    STI = "sti"
 
 
 @dataclass(slots=True)
@@ -111,7 +112,7 @@ _0F01_MEM = {0: Kind.SGDT, 1: Kind.SIDT, 2: Kind.LGDT, 3: Kind.LIDT, 4: Kind.SMS
 _0F00 = {0: Kind.SLDT, 1: Kind.STR, 2: Kind.LLDT, 3: Kind.LTR}
 _ONE_BYTE = {
     0xF4: Kind.HLT, 0x9C: Kind.PUSHF, 0x9D: Kind.POPF, 0xCF: Kind.IRET, 0xCD: Kind.INTN,
-    0xCC: Kind.INT3, 0xCE: Kind.INTO, 0xF1: Kind.ICEBP,
+    0xCC: Kind.INT3, 0xCE: Kind.INTO, 0xF1: Kind.ICEBP, 0xFB: Kind.STI,
     0xE4: Kind.IN, 0xE5: Kind.IN, 0xEC: Kind.IN, 0xED: Kind.IN,
     0xE6: Kind.OUT, 0xE7: Kind.OUT, 0xEE: Kind.OUT, 0xEF: Kind.OUT,
     0x6C: Kind.INS, 0x6D: Kind.INS, 0x6E: Kind.OUTS, 0x6F: Kind.OUTS,
@@ -314,3 +315,16 @@ def _add_with_prefixes(window: bytes, j: int, limit: int, hits: set[int]) -> Non
         if k < limit:
             hits.add(k)
         k -= 1
+
+
+def length_of(code: bytes) -> int | None:
+    """Length of any x86-64 instruction at ``code[0]`` (capstone), or None."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    global _CS
+    try:
+        cs = _CS
+    except NameError:
+        cs = _CS = Cs(CS_ARCH_X86, CS_MODE_64)
+    for ins in cs.disasm(code, 0, 1):
+        return ins.size
+    return None

@@ -383,12 +383,8 @@ def test_virq_ign_tpr(guest):
     assert m.run(timeout=5).exit_code == 0x140
 
 
-VIRQ_AFTER_STI = ("cpu.SvmCpu evaluates a pending V_IRQ only at VMRUN (_enter) and at a native HLT; "
-                  "when the guest later sets RFLAGS.IF (STI, POPF) the virtual interrupt is never taken "
-                  "(APM §15.21.4; KUT virq_inject 'virtual IRQ fired after L2 sti')")
 
 
-@pytest.mark.xfail(strict=True, reason=VIRQ_AFTER_STI)
 @pytest.mark.parametrize("body", ["nop\nsti\nnop\nnop\nnop", "push 0x202\npopfq\nnop\nnop"], ids=["sti", "popf"])
 def test_virq_taken_after_the_guest_sets_if(guest, body):
     m = virq_guest(guest, body, rflags=0x2)
