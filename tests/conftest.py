@@ -45,6 +45,25 @@ def db(b: bytes) -> str:
 VMMCALL = db(OP["vmmcall"])
 
 
+def asm_set_gate(idt: int, vector: int, label: str) -> str:
+    """Guest assembly that writes a 64-bit interrupt gate (selector 0x08, DPL 0,
+    type 0xE) for ``vector`` at ``idt``, pointing at ``label`` (clobbers RAX, RCX, RDX, RDI)."""
+    return f"""
+    mov rdi, {idt:#x}
+    mov rax, {label}
+    mov rdx, rax
+    and edx, 0xffff
+    mov rcx, 0x00008e0000080000
+    or rdx, rcx
+    mov rcx, rax
+    shr rcx, 16
+    shl rcx, 48
+    or rdx, rcx
+    mov [rdi + {vector}*16], rdx
+    mov qword ptr [rdi + {vector}*16 + 8], 0
+"""
+
+
 def hc_exit(code: int) -> str:
     """The EXIT hypercall: RAX = 0, RDI = code, VMMCALL."""
     return f"mov edi, {code:#x}\nxor eax, eax\n{VMMCALL}\n"

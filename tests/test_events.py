@@ -14,7 +14,7 @@ import pytest
 
 from sandbox import Event, EventType, Segment
 
-from conftest import (BASE, DATA, IDT_BASE, STUB_SIZE, STUBS, TSS_BASE, VMMCALL, assemble, capture, hc_exit,
+from conftest import (asm_set_gate, BASE, DATA, IDT_BASE, STUB_SIZE, STUBS, TSS_BASE, VMMCALL, assemble, capture, hc_exit,
                       idt_gate, install_reporting_idt, user_code_addr, user_guest)
 
 V = 1 << 31
@@ -26,19 +26,7 @@ CS_SEL, SS_SEL = 0x08, 0x10
 def exc_inject_src() -> str:
     """The guest builds an IDT with its own #DE handler (vector 0), which counts
     at DATA and returns with IRETQ; then it executes VMMCALL twice."""
-    return f"""
-    mov rdi, {IDT_BASE:#x}
-    mov rax, de_handler
-    mov rdx, rax
-    and edx, 0xffff
-    mov rcx, 0x00008e0000080000
-    or rdx, rcx
-    mov rcx, rax
-    shr rcx, 16
-    shl rcx, 48
-    or rdx, rcx
-    mov [rdi], rdx
-    mov qword ptr [rdi + 8], 0
+    return asm_set_gate(IDT_BASE, 0, "de_handler") + f"""
     mov rax, idtr
     lidt [rax]
     mov eax, 0x10

@@ -13,7 +13,7 @@ import pytest
 
 from sandbox.paging import PTE, Access, PFErr, canonical, walk
 
-from conftest import BASE, DATA, PT_ROOT, assemble, capture, hc_exit, user_code_addr, user_guest
+from conftest import asm_set_gate, BASE, DATA, PT_ROOT, assemble, capture, hc_exit, user_code_addr, user_guest
 
 P, RW, US, RSV, ID = 1, 2, 4, 8, 0x10
 FINAL, GPT = 1 << 32, 1 << 33
@@ -193,19 +193,7 @@ IDT = 0x60000
 def pf_guest_src(body: str) -> str:
     """A guest that builds its own IDT (vector 14 only), then runs ``body``;
     the handler reports RSI = error code, RDX = faulting RIP, R8 = CR2."""
-    return f"""
-    mov rdi, {IDT:#x}
-    mov rax, pf_handler
-    mov rdx, rax
-    and edx, 0xffff
-    mov rcx, 0x00008e0000080000
-    or rdx, rcx
-    mov rcx, rax
-    shr rcx, 16
-    shl rcx, 48
-    or rdx, rcx
-    mov [rdi + 14*16], rdx
-    mov qword ptr [rdi + 14*16 + 8], 0
+    return asm_set_gate(IDT, 14, "pf_handler") + f"""
     mov rax, idtr
     lidt [rax]
 {body}
