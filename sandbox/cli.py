@@ -87,7 +87,6 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .intercepts import UnknownIntercept
     from .loader import ImageError
 
-    out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     ports = parse_ports(a.ports) if a.ports else None
     msrs = parse_msrs(a.msrs) if a.msrs else None
@@ -116,7 +115,6 @@ def cmd_run(a: argparse.Namespace) -> int:
         except HooksError as e:
             raise CliError(str(e)) from None
 
-    console_buf: list[bytes] = []
     if not a.json:
         m.console_sink = lambda b: (sys.stdout.write(b.decode("utf-8", "replace")), sys.stdout.flush())
 

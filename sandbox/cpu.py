@@ -18,7 +18,7 @@ import ctypes
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL,
@@ -30,17 +30,17 @@ from unicorn.unicorn_py3.unicorn import uclib, HOOK_CODE_CFUNC, uc_hook_h
 from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 
 from . import decode as D
-from .cpustate import (emu_counter, invalid_addr, GPR_IDS, R_CS, R_DS, R_ES, R_FS, R_GS, R_SS, SEG_INDEX, CpuState, attrib_to_flags,
+from .cpustate import (emu_counter, invalid_addr, R_FS, R_GS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits
 
 NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
-from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Shutdown, Vec, combine, deliver
+from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Vec, combine, deliver
 from .exitcodes import ExitCode
 from .hostmem import PAGE_SIZE, HostMemory
 from .mmu import GuestGP, GuestLayer, GuestPageFault, NestedFault, NestedLayer, TwoDimWalker, WalkStats
 from .paging import Access, PFErr
-from .vmcb import FIELDS, GUEST_INSN_BYTES, SEGMENTS, VMCB, Event, EventType, NpControl, TlbControl, VIntr
+from .vmcb import GUEST_INSN_BYTES, SEGMENTS, VMCB, Event, EventType, NpControl, TlbControl, VIntr
 
 MSR_EFER = 0xC000_0080
 MSR_VM_HSAVE_PA = 0xC001_0117
@@ -144,7 +144,6 @@ class SvmCpu:
         self._pending_fault: Exception | None = None
         self._exit: ExitRecord | None = None
         self._stop: StopInfo | None = None
-        self._in_run = False
         self._pass_once: int | None = None
         #: instructions started in the last run (counted only with an instruction budget)
         self.insns: int | None = None
@@ -672,10 +671,11 @@ class SvmCpu:
         return GuestAccess(read, write)
 
     def _inject_virq(self) -> None:
-        vmcb = self.vmcb
-        v = vmcb.V_INTR
-        vec = vmcb.V_INTR_VECTOR
-        vmcb.V_INTR = v & ~VIntr.V_IRQ
+        """Take the pending virtual interrupt: V_IRQ is cleared as it is dispatched (§15.21.4)."""
+        mv, b = self.mem.view, self._vmcb_hpa
+        v = _Q.unpack_from(mv, b + 0x60)[0]
+        vec = mv[b + 0x64]
+        _Q.pack_into(mv, b + 0x60, v & ~VIntr.V_IRQ)
         rip = self.st.reg_read(X.UC_X86_REG_RIP)
         self._deliver_in_hook(vec, None, software=False, rip_after=rip, fault_rip=rip, external=True)
 

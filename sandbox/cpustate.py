@@ -363,7 +363,7 @@ def _find_invalid_addr() -> int | None:
     Unicorn's fill callback only sees the page; the faulting address with its
     page offset (CR2, NPF EXITINFO2) is kept in the engine struct.
     """
-    from unicorn import UC_HOOK_TLB_FILL, UC_TLB_VIRTUAL, UC_PROT_READ, UC_PROT_EXEC
+    from unicorn import UC_HOOK_TLB_FILL, UC_TLB_VIRTUAL
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x10000, UC_PROT_ALL)
     uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)

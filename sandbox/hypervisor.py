@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Iterable
 
