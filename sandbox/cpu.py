@@ -39,7 +39,7 @@ from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Vec, combine, de
 from .exitcodes import ExitCode
 from .hostmem import PAGE_SIZE, HostMemory
 from .mmu import GuestGP, GuestLayer, GuestPageFault, NestedFault, NestedLayer, TwoDimWalker, WalkStats
-from .paging import Access, PFErr
+from .paging import Access, PFErr, WalkResult
 from .vmcb import GUEST_INSN_BYTES, SEGMENTS, VMCB, Event, EventType, NpControl, TlbControl, VIntr
 
 MSR_EFER = 0xC000_0080
@@ -53,6 +53,19 @@ _M64 = 0xFFFF_FFFF_FFFF_FFFF
 _Q = struct.Struct("<Q")
 _QQ = struct.Struct("<QQ")
 _EXIT4 = struct.Struct("<QQQQ")
+_SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
+
+
+def _put_seg(mv, at: int, seg: tuple[int, int, int, int]) -> None:
+    """Store a (selector, base, limit, QEMU flags) segment as a VMCB record at ``at``."""
+    sel, base, limit, flags = seg
+    _SEGREC.pack_into(mv, at, sel, flags_to_attrib(flags), limit, base)
+
+
+def _get_seg(mv, at: int) -> tuple[int, int, int, int]:
+    """The VMCB segment record at ``at`` as (selector, base, limit, QEMU flags)."""
+    sel, attr, limit, base = _SEGREC.unpack_from(mv, at)
+    return sel, base, limit, attrib_to_flags(attr)
 
 # Masks from kvm-unit-tests x86/svm.h, checked against APM §15.5.1
 CR0_RESERVED = 0xFFFF_FFFF_0000_0000
@@ -371,19 +384,22 @@ class SvmCpu:
         if insn is None:
             return
         st = self.st.load()
+        view = None
         if self._pass_once == address:
             self._pass_once = None
             info = None
         elif ent[2] is not None:
             info = ent[2] if ent[2] is not NO_EXIT else None
         else:
-            info = decide(insn, _GuestView(self, st), address, code)
+            view = _GuestView(self, st)
+            info = decide(insn, view, address, code)
         if info is not None:
             self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=address + insn.length,
                          fresh=True)
             self._after_exit_in_hook(address)
             return
-        view = _GuestView(self, st)
+        if view is None:
+            view = _GuestView(self, st)
         # not intercepted: the model handles what Unicorn cannot do natively
         k = insn.kind
         if k in IRQ_WINDOW:
@@ -513,20 +529,16 @@ class SvmCpu:
         segs = (("FS", R_FS), ("GS", R_GS))
         if insn.kind == D.Kind.VMSAVE:
             for name_, idx in segs:
-                sel, base, limit, flags = st.seg(idx)
-                struct.pack_into("<HHIQ", mv, hpa + SEGMENTS[name_], sel, flags_to_attrib(flags), limit, base)
-            for name_, getter in (("TR", st.tr), ("LDTR", st.ldt)):
-                sel, base, limit, flags = getter()
-                struct.pack_into("<HHIQ", mv, hpa + SEGMENTS[name_], sel, flags_to_attrib(flags), limit, base)
+                _put_seg(mv, hpa + SEGMENTS[name_], st.seg(idx))
+            _put_seg(mv, hpa + SEGMENTS["TR"], st.tr())
+            _put_seg(mv, hpa + SEGMENTS["LDTR"], st.ldt())
             for off, msr in self._VMSAVE_MSRS:
                 _Q.pack_into(mv, hpa + off, self.uc.reg_read(X.UC_X86_REG_MSR, msr))
         else:
             for name_, idx in segs:
-                sel, attr, limit, base = struct.unpack_from("<HHIQ", mv, hpa + SEGMENTS[name_])
-                st.set_seg(idx, sel, base, limit, attrib_to_flags(attr))
+                st.set_seg(idx, *_get_seg(mv, hpa + SEGMENTS[name_]))
             for name_ in ("TR", "LDTR"):
-                sel, attr, limit, base = struct.unpack_from("<HHIQ", mv, hpa + SEGMENTS[name_])
-                st.set_system_seg(name_, sel, base, limit, attrib_to_flags(attr))
+                st.set_system_seg(name_, *_get_seg(mv, hpa + SEGMENTS[name_]))
             st.store()
             for off, msr in self._VMSAVE_MSRS:
                 self.uc.reg_write(X.UC_X86_REG_MSR, (msr, _Q.unpack_from(mv, hpa + off)[0]))
@@ -783,12 +795,9 @@ class SvmCpu:
         mv = self.mem.view
         b = self._vmcb_hpa
         for name in ("ES", "CS", "SS", "DS"):
-            sel, sbase, limit, flags = st.seg(SEG_INDEX[name])
-            struct.pack_into("<HHIQ", mv, b + SEGMENTS[name], sel, flags_to_attrib(flags), limit, sbase)
-        gbase, glimit = st.gdt()
-        ibase, ilimit = st.idt()
-        struct.pack_into("<HHIQ", mv, b + 0x460, 0, 0, glimit, gbase)
-        struct.pack_into("<HHIQ", mv, b + 0x480, 0, 0, ilimit, ibase)
+            _put_seg(mv, b + SEGMENTS[name], st.seg(SEG_INDEX[name]))
+        for name, (base, limit) in (("GDTR", st.gdt()), ("IDTR", st.idt())):
+            _put_seg(mv, b + SEGMENTS[name], (0, base, limit, 0))
         mv[b + 0x4CB] = st.cpl
         struct.pack_into("<Q", mv, b + 0x4D0, st.efer | EFER_SVME)
         struct.pack_into("<5Q", mv, b + 0x548, st.cr(4), st.cr(3), st.cr(0), st.dr(7), st.dr(6))
@@ -1078,12 +1087,10 @@ class SvmCpu:
             st.reg_write(X.UC_X86_REG_DR7, dr7)
             st.load()
             for name in ("ES", "CS", "SS", "DS"):
-                sel, attr, limit, sbase = struct.unpack_from("<HHIQ", mv, b + SEGMENTS[name])
-                st.set_seg(SEG_INDEX[name], sel, sbase, limit, attrib_to_flags(attr))
-            _, _, glimit, gbase = struct.unpack_from("<HHIQ", mv, b + 0x460)
-            _, _, ilimit, ibase = struct.unpack_from("<HHIQ", mv, b + 0x480)
-            st.set_dtable("GDTR", gbase, glimit)
-            st.set_dtable("IDTR", ibase, ilimit)
+                st.set_seg(SEG_INDEX[name], *_get_seg(mv, b + SEGMENTS[name]))
+            for name in ("GDTR", "IDTR"):
+                _, base, limit, _ = _get_seg(mv, b + SEGMENTS[name])
+                st.set_dtable(name, base, limit)
             cpl = mv[b + 0x4CB]
             if not cr0 & 1:
                 cpl = 0
@@ -1211,8 +1218,7 @@ class _IdentityNested(NestedLayer):
     def __init__(self, mem: HostMemory, stats: WalkStats) -> None:
         super().__init__(mem, 0, stats)
 
-    def translate(self, gpa: int, access: int, *, final: bool = True, set_ad: bool = True):
-        from .paging import WalkResult
+    def translate(self, gpa: int, access: int, *, final: bool = True, set_ad: bool = True) -> WalkResult:
         if gpa + 1 > self._size:
             raise NestedFault(int(PFErr.U | (PFErr.FINAL if final else PFErr.PT_WALK)), gpa)
         return WalkResult(phys=gpa, writable=True, user=True, executable=True, dirty=True)

@@ -333,7 +333,7 @@ def kinds_for_bits(bits: set[int]) -> set[Kind]:
         ExitCode.LDTR_WRITE: [Kind.LLDT], ExitCode.TR_WRITE: [Kind.LTR],
         ExitCode.IOIO: [Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS], ExitCode.MSR: [Kind.RDMSR, Kind.WRMSR],
         ExitCode.VMMCALL: [Kind.VMMCALL], ExitCode.STGI: [Kind.STGI], ExitCode.CLGI: [Kind.CLGI],
-        ExitCode.INVLPGA: [Kind.INVLPGA], ExitCode.RSM: [Kind.RSM], ExitCode.RDPRU: [Kind.RDPRU],
+        ExitCode.RSM: [Kind.RSM], ExitCode.RDPRU: [Kind.RDPRU],
         ExitCode.INVPCID: [Kind.INVPCID], ExitCode.CR0_SEL_WRITE: [Kind.MOV_TO_CR, Kind.LMSW],
         0x43: [Kind.INT3],
     }

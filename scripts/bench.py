@@ -247,12 +247,18 @@ def bare_cpuid_hook(g: Guest, n: int) -> Trips:
         u.reg_write(RIP, addr + 2)
 
     uc.hook_add(UC_HOOK_CODE, hook, None, g.at, g.at)
+    return _timed_hook_run(uc, g, n, stamps, "bare Unicorn CPUID hook")
+
+
+def _timed_hook_run(uc: Uc, g: Guest, n: int, stamps: list[int], what: str) -> Trips:
+    """Run the CPUID loop on a hooked bare Unicorn; check the hook ran n times
+    and left the leaf-0 results."""
     gc.collect()
     t = time.perf_counter()
     uc.emu_start(LOAD_BASE, g.end)
     total = time.perf_counter() - t
     if len(stamps) != n or uc.reg_read(X.UC_X86_REG_RBX) != LEAF0["rbx"]:
-        raise BenchError(f"bare Unicorn CPUID hook: ran {len(stamps)} times (expected {n}) "
+        raise BenchError(f"{what}: ran {len(stamps)} times (expected {n}) "
                          f"or left wrong results (RBX={uc.reg_read(X.UC_X86_REG_RBX):#x})")
     return Trips.of(stamps, total, n)
 
@@ -290,15 +296,9 @@ def bare_cpuid_raw(g: Guest, n: int) -> Trips | None:
                             ctypes.c_uint64(g.at))
     if err:
         raise UcError(err)
-    gc.collect()
-    t = time.perf_counter()
-    uc.emu_start(LOAD_BASE, g.end)
-    total = time.perf_counter() - t
-    if len(stamps) != n or uc.reg_read(X.UC_X86_REG_RBX) != LEAF0["rbx"]:
-        raise BenchError(f"bare Unicorn raw CPUID hook: ran {len(stamps)} times (expected {n}) "
-                         f"or left wrong results (RBX={uc.reg_read(X.UC_X86_REG_RBX):#x})")
-    del cb
-    return Trips.of(stamps, total, n)
+    trips = _timed_hook_run(uc, g, n, stamps, "bare Unicorn raw CPUID hook")
+    del cb            # the callback must outlive the run
+    return trips
 
 
 def bare_cpuid_native(g: Guest, n: int) -> float:

@@ -362,7 +362,11 @@ def test_rep_outsb_default_handler_sends_every_byte_to_com1(guest):
 
 # ================================================================== soundness
 def run_expect_cpuid(guest, src: str, expect_rip: int | None = None, n: int = 1):
-    m = guest(src + "\n" + hc_exit(DONE))
+    return expect_cpuid(guest(src + "\n" + hc_exit(DONE)), expect_rip, n)
+
+
+def expect_cpuid(m, expect_rip: int | None = None, n: int = 1):
+    """Run ``m`` (a guest ending with EXIT(DONE)) and expect ``n`` CPUID exits."""
     rips = []
 
     @m.on(0x72)
@@ -455,16 +459,7 @@ def test_cpuid_written_at_run_time_into_the_code_page(guest):
     body = assemble(src)
     buf = BASE + len(body) - 3
     assert body[-3:] == b"\x90\x90\xc3"
-    m = guest(src)
-    rips = []
-
-    @m.on(0x72)
-    def h(m, e):
-        rips.append(m.guest.vmcb.RIP)
-        m.advance(e)
-    r = m.run(timeout=5)
-    assert r.reason == "guest-exit" and r.exit_code == DONE
-    assert rips == [buf]
+    expect_cpuid(guest(src), buf)
 
 
 def test_cpuid_written_at_run_time_into_a_fresh_page(guest):
@@ -486,15 +481,7 @@ def test_cpuid_written_through_an_alias_mapping(guest):
     page = buf & ~0xFFF
     old = int.from_bytes(m.guest.read_phys(pte, 8), "little")
     m.guest.write_phys(pte, ((old & ~0x000F_FFFF_FFFF_F000) | page).to_bytes(8, "little"))
-    rips = []
-
-    @m.on(0x72)
-    def h(m, e):
-        rips.append(m.guest.vmcb.RIP)
-        m.advance(e)
-    r = m.run(timeout=5)
-    assert r.reason == "guest-exit" and r.exit_code == DONE
-    assert rips == [buf]
+    expect_cpuid(m, buf)
 
 
 def walk_to_pte(m, va: int) -> int:
