@@ -64,6 +64,12 @@ class WalkResult:
     entries: int = 0                # table entries read
 
 
+# plain-int copies for the walk: ``int & IntFlag`` dispatches to the enum's
+# reflected operator, which made enum arithmetic the bulk of a 2-D walk's cost
+_P, _RW, _US, _A, _D, _PS, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.NX))
+_E_P, _E_W, _E_U, _E_RSVD, _E_ID = (int(f) for f in (PFErr.P, PFErr.W, PFErr.U, PFErr.RSVD, PFErr.ID))
+
+
 def canonical(va: int) -> bool:
     top = va >> 47
     return top == 0 or top == 0x1FFFF
@@ -83,34 +89,34 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
     res = WalkResult()
     table = root & ADDR_MASK
     writable = user_ok = executable = True
-    err_base = (PFErr.W if access == Access.WRITE else 0) | (PFErr.U if user else 0) | \
-        (PFErr.ID if access == Access.FETCH and (nxe or smep) else 0)
+    err_base = (_E_W if access == Access.WRITE else 0) | (_E_U if user else 0) | \
+        (_E_ID if access == Access.FETCH and (nxe or smep) else 0)
     level = 4
     while True:
         idx = (va >> LEVEL_SHIFT[level]) & 0x1FF
         ea = table + idx * 8
         e = read_entry(ea)
         res.entries += 1
-        if not e & PTE.P:
+        if not e & _P:
             res.fault = int(err_base)
             return res
         rsvd = e & RSVD_HIGH
-        if not nxe and e & PTE.NX:
+        if not nxe and e & _NX:
             rsvd = True
-        if level == 4 and e & PTE.PS:
+        if level == 4 and e & _PS:
             rsvd = True
-        if level in (3, 2) and e & PTE.PS:
+        if level in (3, 2) and e & _PS:
             # large page: bits 20:13 (2 MiB) / 29:13 (1 GiB) of the address field must be 0
             low = (e & ADDR_MASK) & (PAGE_SIZE_AT[level] - 1) & ~0x1000
             if low:
                 rsvd = True
         if rsvd:
-            res.fault = int(err_base | PFErr.P | PFErr.RSVD)
+            res.fault = int(err_base | _E_P | _E_RSVD)
             return res
-        writable &= bool(e & PTE.RW)
-        user_ok &= bool(e & PTE.US)
-        executable &= not (nxe and e & PTE.NX)
-        leaf = level == 1 or (level in (3, 2) and e & PTE.PS)
+        writable &= bool(e & _RW)
+        user_ok &= bool(e & _US)
+        executable &= not (nxe and e & _NX)
+        leaf = level == 1 or (level in (3, 2) and e & _PS)
         if leaf:
             size = PAGE_SIZE_AT[level]
             # permission check
@@ -124,12 +130,12 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
             if access == Access.FETCH and smep and not user and user_ok:
                 ok = False
             if not ok:
-                res.fault = int(err_base | PFErr.P)
+                res.fault = int(err_base | _E_P)
                 return res
             if set_ad:
-                ne = e | PTE.A
+                ne = e | _A
                 if access == Access.WRITE:
-                    ne |= PTE.D
+                    ne |= _D
                 if ne != e:
                     write_entry(ea, ne)
             frame = (e & ADDR_MASK) & ~(size - 1)
@@ -138,10 +144,10 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
             res.user = user_ok
             res.executable = executable
             res.page_size = size
-            res.dirty = bool(e & PTE.D) or access == Access.WRITE
+            res.dirty = bool(e & _D) or access == Access.WRITE
             return res
-        if set_ad and not e & PTE.A:
-            write_entry(ea, e | PTE.A)
+        if set_ad and not e & _A:
+            write_entry(ea, e | _A)
         table = e & ADDR_MASK
         level -= 1
 
