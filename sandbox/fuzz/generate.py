@@ -1,0 +1,187 @@
+"""Case generators: random bytes, grammar-based streams over :data:`table.TABLE`,
+self-modifying sequences, corpus mutation, and random VMCB configurations.
+
+All randomness flows from one :class:`random.Random`, so a campaign seed
+reproduces every case.
+"""
+from __future__ import annotations
+
+import random
+
+from .case import CODE_BASE, CODE_WINDOW, DATA_BASE, Case, VmcbConfig
+from .table import LEGACY, TABLE, Template, filler
+
+#: the EXIT hypercall (xor eax, eax; xor edi, edi; VMMCALL) that ends a well-formed case
+TERMINATOR = b"\x31\xc0\x31\xff\x0f\x01\xd9"
+PAGE = 0x1000
+
+INTERESTING_PORTS = (0x20, 0x60, 0x61, 0x64, 0x70, 0x71, 0x7F, 0x80, 0xF8, 0xFF, 0x1F0, 0x3F8, 0x3FD, 0x7FF,
+                     0xCF8, 0xCFC, 0xFFFE, 0xFFFF)
+INTERESTING_MSRS = (0x10, 0x1B, 0x174, 0x175, 0x176, 0x277, 0xC000_0080, 0xC000_0081, 0xC000_0082,
+                    0xC000_0100, 0xC000_0101, 0xC000_0102, 0xC000_0103, 0xC001_0117, 0xC001_0131, 0x1FFF,
+                    0xC000_1FFF, 0xC001_1FFF)
+MSR_VALUES = INTERESTING_MSRS + (0x2000, 0x4000_0000, 0xC000_2000, 0xC001_2000, 0xFFFF_FFFF)
+NPT_TARGETS = (DATA_BASE, CODE_BASE, CODE_BASE + PAGE, 0x8F000, 0x2000)
+
+
+def random_regs(rng: random.Random) -> dict[str, int]:
+    regs = {n: DATA_BASE + rng.randrange(0, 0x800, 8) for n in ("rbx", "rsi", "rdi", "rbp")}
+    regs["rax"] = rng.choice((0, 1, 7, 0x8000_0000, 0x4000_0000, DATA_BASE, rng.getrandbits(64)))
+    regs["rcx"] = rng.choice(MSR_VALUES + (0, 1, 3, 0x10000, rng.getrandbits(32)))
+    regs["rdx"] = rng.choice(INTERESTING_PORTS + (rng.getrandbits(16), rng.getrandbits(64)))
+    return regs
+
+
+def random_config(rng: random.Random) -> VmcbConfig:
+    """Random intercept vectors, IOPM/MSRPM bits, exception bitmap, nested permissions."""
+    w = [0] * 6
+    for n in (0, 3, 4, 8):                           # CR reads and writes
+        for base in (0, 16):
+            if rng.random() < 0.3:
+                w[0] |= 1 << (base + n)
+    for n in range(8):                               # DR reads and writes
+        for base in (0, 16):
+            if rng.random() < 0.15:
+                w[1] |= 1 << (base + n)
+    for v in range(32):                              # exception bitmap
+        if rng.random() < 0.12:
+            w[2] |= 1 << v
+    for b in range(5, 31):                           # misc1 (external events 0-4 left clear)
+        if rng.random() < 0.45:
+            w[3] |= 1 << b
+    if rng.random() < 0.9:
+        w[3] |= 1 << 31                              # SHUTDOWN
+    for b in range(1, 15):                           # misc2
+        if rng.random() < 0.45:
+            w[4] |= 1 << b
+    if rng.random() < 0.98:
+        w[4] |= 1                                    # VMRUN (clear: VMEXIT_INVALID, APM §15.5.1)
+    if rng.random() < 0.7:
+        w[4] |= 1 << 1                               # VMMCALL: the terminator's exit
+    if rng.random() < 0.5:
+        w[5] |= 1 << 2                               # INVPCID
+    ports: set[int] = set()
+    for _ in range(rng.randrange(0, 8)):
+        p = rng.choice(INTERESTING_PORTS + (rng.randrange(0x10000),))
+        ports.add(min(0x10002, p + rng.choice((0, 0, 1, 2, 3))))
+    if rng.random() < 0.1:
+        ports.update(range(0x10000, 0x10003))
+    msrs = []
+    for _ in range(rng.randrange(0, 6)):
+        m = rng.choice(INTERESTING_MSRS)
+        msrs.append((m, rng.random() < 0.6, rng.random() < 0.6))
+    npt = []
+    if rng.random() < 0.12:
+        g = rng.choice(NPT_TARGETS)
+        npt.append((g, rng.random() < 0.8, rng.random() < 0.5, rng.random() < 0.7))
+    return VmcbConfig(w, sorted(ports), msrs, npt)
+
+
+def with_prefixes(rng: random.Random, t: Template, body: bytes) -> bytes:
+    pre = bytes(rng.choice(t.prefixes) for _ in range(rng.choice((0, 0, 0, 1, 1, 2, 3)))) if t.prefixes else b""
+    if t.rex and rng.random() < 0.25:
+        pre += bytes([0x40 | rng.randrange(16)])
+    return pre + body
+
+
+def sensitive(rng: random.Random) -> bytes:
+    t = rng.choice(TABLE)
+    return with_prefixes(rng, t, t.build(rng))
+
+
+def _place(rng: random.Random, code: bytes, straddle_at: int | None = None) -> int:
+    """An offset in the code window: random alignment, or chosen so the byte at
+    ``straddle_at`` in ``code`` lands just before the page boundary."""
+    room = CODE_WINDOW - len(code)
+    if room < 0:
+        raise ValueError("case too large for the code window")
+    if straddle_at is not None and rng.random() < 0.5:
+        off = PAGE - straddle_at - rng.randrange(1, 4)
+        if 0 <= off <= room:
+            return off
+    return rng.randrange(0, room + 1)
+
+
+def gen_random_bytes(rng: random.Random, n: int = 64) -> Case:
+    code = rng.randbytes(rng.randrange(1, n * 3)) + TERMINATOR
+    return Case(code, _place(rng, code), random_config(rng), random_regs(rng), "random-bytes")
+
+
+def gen_grammar(rng: random.Random, n: int = 64) -> Case:
+    parts: list[bytes] = []
+    straddle = None
+    for i in range(n):
+        if rng.random() < 0.3:
+            if straddle is None and rng.random() < 0.2:
+                straddle = sum(map(len, parts)) + 1
+            parts.append(sensitive(rng))
+        else:
+            parts.append(filler(rng))
+    code = b"".join(parts) + TERMINATOR
+    return Case(code, _place(rng, code, straddle), random_config(rng), random_regs(rng), "grammar")
+
+
+def gen_smc(rng: random.Random, n: int = 64) -> Case:
+    """Write a sensitive instruction into the code stream, then jump to it:
+    ``mov rax, imm64; lea rdi, [rip+target]; mov [rdi], rax; jmp target; target: 8 x NOP``."""
+    parts: list[bytes] = [filler(rng) for _ in range(rng.randrange(0, n // 2))]
+    body = sensitive(rng)[:8]
+    imm = body.ljust(8, b"\x90")
+    seq = b"\x48\xb8" + imm + b"\x48\x8d\x3d" + (5).to_bytes(4, "little") + b"\x48\x89\x07" + b"\xeb\x00" + b"\x90" * 8
+    # lea's disp32 is relative to the next instruction: mov [rdi], rax (3) + jmp (2) -> target
+    parts.append(seq)
+    parts += [filler(rng) for _ in range(rng.randrange(0, n // 2))]
+    code = b"".join(parts) + TERMINATOR
+    return Case(code, _place(rng, code), random_config(rng), random_regs(rng), "self-modifying")
+
+
+def mutate(rng: random.Random, base: Case) -> Case:
+    """Byte flips, insertions of table instructions, splices, and config tweaks."""
+    code = bytearray(base.code)
+    for _ in range(rng.randrange(1, 5)):
+        r = rng.random()
+        if r < 0.3 and code:
+            code[rng.randrange(len(code))] ^= 1 << rng.randrange(8)
+        elif r < 0.6:
+            at = rng.randrange(len(code) + 1)
+            code[at:at] = sensitive(rng)
+        elif r < 0.75 and code:
+            at = rng.randrange(len(code))
+            code[at:at] = bytes([rng.choice(LEGACY)])
+        elif r < 0.85 and len(code) > 2:
+            a = rng.randrange(len(code) - 1)
+            del code[a:a + rng.randrange(1, min(8, len(code) - a) + 1)]
+        else:
+            code[rng.randrange(len(code) + 1):] = b""
+            code += TERMINATOR
+    code = bytes(code[:CODE_WINDOW - 1]) or TERMINATOR
+    cfg = base.config
+    if rng.random() < 0.3:
+        cfg = random_config(rng)
+    else:
+        words = list(cfg.intercepts)
+        for _ in range(rng.randrange(0, 3)):
+            b = rng.randrange(6 * 32)
+            words[b >> 5] ^= 1 << (b & 31)
+        cfg = VmcbConfig(words, list(cfg.iopm), list(cfg.msrpm), list(cfg.npt))
+    regs = dict(base.regs) if rng.random() < 0.7 else random_regs(rng)
+    off = base.offset if base.offset + len(code) <= CODE_WINDOW and rng.random() < 0.7 else _place(rng, code)
+    return Case(code, off, cfg, regs, "mutation")
+
+
+GENERATORS = {"grammar": gen_grammar, "random-bytes": gen_random_bytes, "self-modifying": gen_smc}
+WEIGHTS = (("grammar", 0.55), ("random-bytes", 0.15), ("self-modifying", 0.1), ("mutation", 0.2))
+
+
+def next_case(rng: random.Random, corpus: list[Case], n: int = 64) -> Case:
+    r = rng.random()
+    acc = 0.0
+    for name, w in WEIGHTS:
+        acc += w
+        if r < acc:
+            if name == "mutation":
+                if corpus:
+                    return mutate(rng, rng.choice(corpus))
+                name = "grammar"
+            return GENERATORS[name](rng, n)
+    return gen_grammar(rng, n)
