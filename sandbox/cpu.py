@@ -32,7 +32,8 @@ from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 from . import decode as D
 from .cpustate import (emu_counter, invalid_addr, R_FS, R_GS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
-from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits
+from .decision import (ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits,
+                       svm_rax_faults)
 
 NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Vec, combine, deliver
@@ -429,6 +430,8 @@ class SvmCpu:
                 self._exception(Vec.UD, None, address)
             elif view.cpl:
                 self._exception(Vec.GP, 0, address)
+            elif k in (D.Kind.VMRUN, D.Kind.VMLOAD, D.Kind.VMSAVE) and svm_rax_faults(insn, st.gpr(0)):
+                self._exception(Vec.GP, 0, address)      # rAX check precedes the intercept
             elif k in (D.Kind.STGI, D.Kind.CLGI):
                 self._guest_gif(k == D.Kind.STGI)
                 self._set_rip(address + insn.length)

@@ -231,10 +231,23 @@ def _invlpg_check(i, v, rip, code: bytes = b""):
     return ExitInfo(ExitCode.INVLPG, effective_address(code, i, v, rip + i.length))
 
 
-def _svm(code_: int):
+MAXPHYADDR = 48        # CPUID Fn8000_0008 of the virtual CPU
+
+
+def svm_rax_faults(i: Insn, rax: int) -> bool:
+    """VMRUN/VMLOAD/VMSAVE: #GP when rAX is not page-aligned or is beyond
+    MAXPHYADDR, checked before the intercept (APM §15.5.1; Bochs and QEMU agree)."""
+    if i.addrsize == 32:
+        rax &= 0xFFFF_FFFF
+    return bool(rax & 0xFFF or rax >> MAXPHYADDR)
+
+
+def _svm(code_: int, uses_rax: bool = False):
     def check(i, v, rip):
         # EFER.SVME=0 or real mode: #UD first; CPL>0: #GP first (APM §15.5.1)
         if not v.efer_svme() or v.cpl:
+            return None
+        if uses_rax and svm_rax_faults(i, v.gpr(0)):
             return None
         return ExitInfo(code_) if armed(v, code_) else None
     return check
@@ -296,9 +309,9 @@ DECIDE: dict[Kind, Callable] = {
     Kind.RDMSR: _msr(False),
     Kind.WRMSR: _msr(True),
     Kind.VMMCALL: _vmmcall,
-    Kind.VMRUN: _svm(ExitCode.VMRUN),
-    Kind.VMLOAD: _svm(ExitCode.VMLOAD),
-    Kind.VMSAVE: _svm(ExitCode.VMSAVE),
+    Kind.VMRUN: _svm(ExitCode.VMRUN, uses_rax=True),
+    Kind.VMLOAD: _svm(ExitCode.VMLOAD, uses_rax=True),
+    Kind.VMSAVE: _svm(ExitCode.VMSAVE, uses_rax=True),
     Kind.STGI: _svm(ExitCode.STGI),
     Kind.CLGI: _svm(ExitCode.CLGI),
     Kind.SKINIT: _svm(ExitCode.SKINIT),
