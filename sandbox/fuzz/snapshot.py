@@ -44,6 +44,7 @@ class Outcome:
     handlers: list[str] = field(default_factory=list)  # handler name per exit
     crash: str = ""                                    # robustness: a Python exception escaped
     isolation: list[str] = field(default_factory=list)
+    audit: list = field(default_factory=list)          # AuditFindings (audit mode)
     dirty_pages: int = 0
 
 
@@ -51,7 +52,7 @@ class Harness:
     """One Machine, prepared once and restored per case."""
 
     def __init__(self, dram: int = 4 << 20, ram: int = 2 << 20, max_insns: int = DEFAULT_MAX_INSNS,
-                 max_exits: int = DEFAULT_MAX_EXITS, check_free_every: int = 16) -> None:
+                 max_exits: int = DEFAULT_MAX_EXITS, check_free_every: int = 16, audit: bool = False) -> None:
         self.max_insns, self.max_exits = max_insns, max_exits
         #: compare the never-allocated pages every N cases (1: every case, as the audit does)
         self.check_free_every = check_free_every
@@ -82,6 +83,11 @@ class Harness:
         self._cur_exits: list = []
         self._cur_handlers: list[str] = []
         m.on_exit_record = self._record
+        self.auditor = None
+        if audit:
+            from .audit import Auditor
+            self.auditor = Auditor(self)
+            self.check_free_every = 1
 
     # -- isolation: every TLB fill must land on a guest page -------------------------
     def _wrap_fill(self) -> None:
@@ -100,6 +106,8 @@ class Harness:
 
     def _record(self, rec) -> None:
         self._cur_exits.append(rec)
+        if self.auditor is not None:
+            self.auditor.on_exit(rec)
         h = self.m.handlers.get(rec.exitcode)
         self._cur_handlers.append(getattr(h, "__name__", "none") if h else "none")
 
@@ -165,6 +173,8 @@ class Harness:
         out = Outcome(None)
         try:
             self.apply(case)
+            if self.auditor is not None:
+                self.auditor.begin()
             out.result = m.run(max_insns=self.max_insns, timeout=0, max_exits=self.max_exits)
             if out.result.reason in ("error", "handler-error"):
                 out.crash = f"{out.result.reason}: {out.result.detail}"
@@ -172,6 +182,8 @@ class Harness:
             tb = traceback.extract_tb(e.__traceback__)[-1]
             out.crash = f"exception escaped Machine.run: {type(e).__name__}: {e} ({tb.filename}:{tb.lineno})"
         out.exits, out.handlers = self._cur_exits, self._cur_handlers
+        if self.auditor is not None:
+            out.audit = self.auditor.end()
         for a in self._fills_outside:
             out.isolation.append(f"guest TLB fill reached host page {a & ~0xFFF:#x} outside its nested mappings")
         out.dirty_pages, bad = self.restore()

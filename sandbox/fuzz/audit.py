@@ -1,0 +1,386 @@
+"""The soundness audit: an independent model of which instruction exits, and how.
+
+:func:`expected_exit` decodes one instruction with **capstone** and computes
+the #VMEXIT the APM prescribes for it under the current intercept vectors,
+IOPM and MSRPM -- EXITCODE, EXITINFO1, EXITINFO2 and nRIP -- without using
+the sandbox's decoder or decision code (:mod:`sandbox.decode`,
+:mod:`sandbox.decision`).  Exit codes are literal values from APM vol. 2
+Appendix C, Table C-1.
+
+:class:`Auditor` runs a case instruction by instruction (a code hook over
+every address, installed before any of the processor's own hooks so it sees
+each instruction first), and compares each expectation with the exits the
+sandbox raised:
+
+* an armed intercept whose instruction completed with no #VMEXIT (``missed``);
+* a #VMEXIT for an instruction whose intercept is clear (``spurious``);
+* a wrong EXITCODE, EXITINFO1, EXITINFO2 or nRIP (``mismatch``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import x86_const as C
+from unicorn import UC_HOOK_CODE
+from unicorn import x86_const as X
+
+# APM vol. 2 Table C-1
+CPUID, RDTSC, RDTSCP, RDPMC, HLT, PAUSE = 0x72, 0x6E, 0x87, 0x6F, 0x78, 0x77
+INVD, WBINVD, MONITOR, MWAIT, XSETBV = 0x76, 0x89, 0x8A, 0x8B, 0x8D
+PUSHF, POPF, IRET, SWINT, ICEBP, RSM = 0x70, 0x71, 0x74, 0x75, 0x88, 0x73
+IDTR_READ, GDTR_READ, LDTR_READ, TR_READ = 0x66, 0x67, 0x68, 0x69
+IDTR_WRITE, GDTR_WRITE, LDTR_WRITE, TR_WRITE = 0x6A, 0x6B, 0x6C, 0x6D
+CR_READ, CR_WRITE, DR_READ, DR_WRITE, CR0_SEL_WRITE = 0x00, 0x10, 0x20, 0x30, 0x65
+INVLPG, INVLPGA, IOIO, MSR, INVPCID = 0x79, 0x7A, 0x7B, 0x7C, 0xA2
+VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT = 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86
+EXCP_BP = 0x43
+#: every instruction-intercept exit code the audit models
+INSN_CODES = frozenset({CPUID, RDTSC, RDTSCP, RDPMC, HLT, PAUSE, INVD, WBINVD, MONITOR, MWAIT, XSETBV, PUSHF,
+                        POPF, IRET, SWINT, ICEBP, RSM, IDTR_READ, GDTR_READ, LDTR_READ, TR_READ, IDTR_WRITE,
+                        GDTR_WRITE, LDTR_WRITE, TR_WRITE, CR0_SEL_WRITE, INVLPG, INVLPGA, IOIO, MSR, INVPCID,
+                        VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, *range(0x00, 0x40)})
+NPF = 0x400
+CR4_TSD, CR4_DE, CR4_PCE, CR4_UMIP, CR4_OSXSAVE = 1 << 2, 1 << 3, 1 << 8, 1 << 11, 1 << 18
+MAXPHYADDR = 48
+
+_cs = Cs(CS_ARCH_X86, CS_MODE_64)
+_cs.detail = True
+
+_FIXED = {C.X86_INS_CPUID: CPUID, C.X86_INS_PAUSE: PAUSE, C.X86_INS_INVD: INVD, C.X86_INS_WBINVD: WBINVD,
+          C.X86_INS_WBNOINVD: WBINVD, C.X86_INS_PUSHF: PUSHF, C.X86_INS_PUSHFQ: PUSHF, C.X86_INS_POPF: POPF,
+          C.X86_INS_POPFQ: POPF, C.X86_INS_IRET: IRET, C.X86_INS_IRETD: IRET, C.X86_INS_IRETQ: IRET,
+          C.X86_INS_INT1: ICEBP, C.X86_INS_RSM: RSM, C.X86_INS_VMMCALL: VMMCALL}
+_CPL0 = {C.X86_INS_HLT: HLT, C.X86_INS_INVD: INVD, C.X86_INS_WBINVD: WBINVD, C.X86_INS_WBNOINVD: WBINVD,
+         C.X86_INS_LGDT: GDTR_WRITE, C.X86_INS_LIDT: IDTR_WRITE, C.X86_INS_LLDT: LDTR_WRITE,
+         C.X86_INS_LTR: TR_WRITE, C.X86_INS_INVPCID: INVPCID, C.X86_INS_MONITOR: MONITOR,
+         C.X86_INS_MWAIT: MWAIT}
+_UMIP = {C.X86_INS_SGDT: GDTR_READ, C.X86_INS_SIDT: IDTR_READ, C.X86_INS_SLDT: LDTR_READ, C.X86_INS_STR: TR_READ}
+_SVM = {C.X86_INS_VMRUN: VMRUN, C.X86_INS_VMLOAD: VMLOAD, C.X86_INS_VMSAVE: VMSAVE, C.X86_INS_STGI: STGI,
+        C.X86_INS_CLGI: CLGI, C.X86_INS_SKINIT: SKINIT, C.X86_INS_INVLPGA: INVLPGA}
+_IO = {C.X86_INS_IN: (True, False), C.X86_INS_OUT: (False, False), C.X86_INS_INSB: (True, True),
+       C.X86_INS_INSW: (True, True), C.X86_INS_INSD: (True, True), C.X86_INS_OUTSB: (False, True),
+       C.X86_INS_OUTSW: (False, True), C.X86_INS_OUTSD: (False, True)}
+_PREFIX_BYTES = frozenset({0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
+
+
+@dataclass(frozen=True)
+class Expect:
+    """The exit the APM prescribes (``code`` None: the instruction runs, or faults, with no intercept)."""
+    code: int | None
+    info1: int | None = None       # None: not defined for this exit / not compared
+    info2: int | None = None
+    nrip: int | None = None
+    what: str = ""
+
+
+class GuestState:
+    """What the model reads about the guest: registers from Unicorn, the
+    VMCB's intercept words, and the IOPM/MSRPM bytes in host memory."""
+
+    def __init__(self, uc, mm, vmcb_hpa: int, iopm_hpa: int, msrpm_hpa: int) -> None:
+        self.uc, self.mm = uc, mm
+        self.vmcb, self.iopm, self.msrpm = vmcb_hpa, iopm_hpa, msrpm_hpa
+
+    def armed(self, code: int) -> bool:
+        w = int.from_bytes(self.mm[self.vmcb + 4 * (code >> 5):self.vmcb + 4 * (code >> 5) + 4], "little")
+        return bool(w >> (code & 31) & 1)
+
+    def reg(self, r: int) -> int:
+        return self.uc.reg_read(r)
+
+    def cpl(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_CS) & 3
+
+    def svme(self) -> bool:
+        return bool(int.from_bytes(self.mm[self.vmcb + 0x4D0:self.vmcb + 0x4D8], "little") >> 12 & 1)
+
+    def iopm_bit(self, port: int) -> bool:
+        return bool(self.mm[self.iopm + (port >> 3)] >> (port & 7) & 1)
+
+    def msrpm_bit(self, bit: int) -> bool:
+        return bool(self.mm[self.msrpm + (bit >> 3)] >> (bit & 7) & 1)
+
+
+_GPR = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX, X.UC_X86_REG_RSP,
+        X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI, X.UC_X86_REG_R8, X.UC_X86_REG_R9,
+        X.UC_X86_REG_R10, X.UC_X86_REG_R11, X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14,
+        X.UC_X86_REG_R15)
+_UC_OF_CS = {getattr(C, f"X86_REG_{n}"): getattr(X, f"UC_X86_REG_{n}") for n in
+             ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10", "R11", "R12", "R13",
+              "R14", "R15", "EAX", "EBX", "ECX", "EDX", "ESI", "EDI", "EBP", "ESP", "R8D", "R9D", "R10D",
+              "R11D", "R12D", "R13D", "R14D", "R15D")}
+
+
+def _msrpm_bit(msr: int, write: bool) -> int | None:
+    """APM §15.11 Table 15-8: three 0x2000-MSR ranges at byte offsets 0, 0x800, 0x1000."""
+    for lo, byte in ((0, 0), (0xC000_0000, 0x800), (0xC001_0000, 0x1000)):
+        if lo <= msr <= lo + 0x1FFF:
+            return byte * 8 + 2 * (msr - lo) + int(write)
+    return None
+
+
+def _linear(ins, g: GuestState) -> int | None:
+    """Linear address of the memory operand (INVLPG's EXITINFO1, APM §15.8.2)."""
+    for op in ins.operands:
+        if op.type == C.X86_OP_MEM:
+            m = op.mem
+            a = m.disp
+            if m.base == C.X86_REG_RIP:
+                a += ins.address + ins.size
+            elif m.base:
+                a += g.reg(_UC_OF_CS[m.base])
+            if m.index:
+                a += g.reg(_UC_OF_CS[m.index]) * m.scale
+            if ins.prefix[3] == 0x67:
+                a &= 0xFFFF_FFFF
+            if m.segment == C.X86_REG_FS:
+                a += g.reg(X.UC_X86_REG_FS_BASE)
+            elif m.segment == C.X86_REG_GS:
+                a += g.reg(X.UC_X86_REG_GS_BASE)
+            return a & 0xFFFF_FFFF_FFFF_FFFF
+    return None
+
+
+def decode(code: bytes, rip: int):
+    for ins in _cs.disasm(code, rip, 1):
+        return ins
+    return None
+
+
+def expected_exit(code: bytes, rip: int, g: GuestState) -> Expect | None:
+    """The APM's #VMEXIT for the instruction at ``rip``; None when the model does not cover it."""
+    ins = decode(code, rip)
+    if ins is None:
+        return None
+    iid, nrip, cpl = ins.id, rip + ins.size, g.cpl()
+    lock = ins.prefix[0] == 0xF0
+    name = f"{ins.mnemonic} {ins.op_str}".strip()
+
+    def exit_if(c: int, info1: int | None = 0, info2: int | None = 0, n: int | None = None) -> Expect:
+        return Expect(c, info1, info2, nrip if n is None else n, name) if g.armed(c) else Expect(None, what=name)
+
+    none = Expect(None, what=name)
+    is_mov_crdr = iid == C.X86_INS_MOV and code[ins.size - 3:ins.size - 1] in (b"\x0f\x20", b"\x0f\x22", b"\x0f\x21", b"\x0f\x23")
+    if lock and not is_mov_crdr and (iid in _FIXED or iid in _CPL0 or iid in _UMIP or iid in _SVM or iid in _IO
+                                     or iid in (C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC,
+                                                C.X86_INS_RDMSR, C.X86_INS_WRMSR, C.X86_INS_INT,
+                                                C.X86_INS_INVLPG, C.X86_INS_SMSW, C.X86_INS_LMSW,
+                                                C.X86_INS_CLTS, C.X86_INS_XSETBV)):
+        return none                         # LOCK on a non-lockable instruction: #UD first
+    cr4 = g.reg(X.UC_X86_REG_CR4)
+    if iid in _FIXED:
+        return exit_if(_FIXED[iid])
+    if iid in (C.X86_INS_RDTSC, C.X86_INS_RDTSCP):
+        if cpl and cr4 & CR4_TSD:
+            return none                     # #GP first
+        return exit_if(RDTSC if iid == C.X86_INS_RDTSC else RDTSCP)
+    if iid == C.X86_INS_RDPMC:
+        return none if cpl and not cr4 & CR4_PCE else exit_if(RDPMC)
+    if iid in _CPL0:
+        return none if cpl else exit_if(_CPL0[iid])
+    if iid in _UMIP:
+        return none if cpl and cr4 & CR4_UMIP else exit_if(_UMIP[iid])
+    if iid == C.X86_INS_XSETBV:
+        return none if cpl or not cr4 & CR4_OSXSAVE else exit_if(XSETBV)
+    if iid == C.X86_INS_INT:
+        return exit_if(SWINT, ins.operands[0].imm & 0xFF)
+    if iid == C.X86_INS_INT3:
+        return exit_if(EXCP_BP, None, None, None)
+    if iid == C.X86_INS_SMSW:
+        return none if cpl and cr4 & CR4_UMIP else exit_if(CR_READ)
+    if iid == C.X86_INS_LMSW:
+        if cpl:
+            return none
+        if g.armed(CR_WRITE):
+            return exit_if(CR_WRITE)
+        return exit_if(CR0_SEL_WRITE)       # LMSW under the selective intercept always exits (APM Table 15-7)
+    if iid == C.X86_INS_CLTS:
+        return none if cpl else exit_if(CR_WRITE)
+    if is_mov_crdr:
+        if cpl:
+            return none
+        op2, modrm = code[ins.size - 2], code[ins.size - 1]
+        reg = (modrm >> 3 & 7) | (8 if ins.rex & 4 else 0)
+        gpr = (modrm & 7) | (8 if ins.rex & 1 else 0)
+        if op2 in (0x20, 0x22):
+            if lock:
+                reg |= 8                    # AMD: LOCK MOV CR0 is CR8
+            if reg not in (0, 2, 3, 4, 8):
+                return none                 # #UD
+            if op2 == 0x20:
+                return exit_if(CR_READ + reg, (1 << 63) | gpr)
+            if g.armed(CR_WRITE + reg):
+                return exit_if(CR_WRITE + reg, (1 << 63) | gpr)
+            if reg == 0 and g.armed(CR0_SEL_WRITE):
+                changed = g.reg(_GPR[gpr]) ^ g.reg(X.UC_X86_REG_CR0)
+                if changed & ~0b1010:       # any bit but TS (3) and MP (1)
+                    return exit_if(CR0_SEL_WRITE, (1 << 63) | gpr)
+            return none
+        if reg > 7 or (reg in (4, 5) and cr4 & CR4_DE):
+            return none                     # #UD
+        return exit_if((DR_READ if op2 == 0x21 else DR_WRITE) + reg, gpr)
+    if iid in _IO:
+        is_in, string = _IO[iid]
+        k = 0
+        while code[k] in _PREFIX_BYTES:
+            k += 1
+        op0 = code[k]
+        size = 1 if op0 in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E) else (2 if ins.prefix[2] == 0x66 else 4)
+        port = code[ins.size - 1] if op0 in (0xE4, 0xE5, 0xE6, 0xE7) else g.reg(X.UC_X86_REG_DX)
+        iopl = g.reg(X.UC_X86_REG_RFLAGS) >> 12 & 3
+        if cpl > iopl:
+            return None                     # TSS I/O bitmap: not modelled
+        if not g.armed(IOIO) or not any(g.iopm_bit(p) for p in range(port, port + size)):
+            return none
+        info = port << 16 | {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}[size] | (1 << 8 if ins.prefix[3] == 0x67 else 1 << 9)
+        if is_in:
+            info |= 1
+        if string:
+            info |= 1 << 2
+            if ins.prefix[0] in (0xF3, 0xF2):
+                info |= 1 << 3
+            seg = 0 if is_in else {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}.get(ins.prefix[1], 3)
+            info |= seg << 10
+        return Expect(IOIO, info, nrip, nrip, name)
+    if iid in (C.X86_INS_RDMSR, C.X86_INS_WRMSR):
+        if cpl or not g.armed(MSR):
+            return none
+        write = iid == C.X86_INS_WRMSR
+        msr = g.reg(X.UC_X86_REG_RCX) & 0xFFFF_FFFF
+        if msr == 0xC001_0131:
+            return none                     # SEV_STATUS is never intercepted (APM §15.34.10)
+        bit = _msrpm_bit(msr, write)
+        if bit is not None and not g.msrpm_bit(bit):
+            return none
+        return Expect(MSR, int(write), 0, nrip, name)
+    if iid == C.X86_INS_INVLPG:
+        return none if cpl else exit_if(INVLPG, _linear(ins, g))
+    if iid in _SVM:
+        if not g.svme():
+            return none                     # #UD
+        if cpl:
+            return none                     # #GP
+        if iid in (C.X86_INS_VMRUN, C.X86_INS_VMLOAD, C.X86_INS_VMSAVE):
+            rax = g.reg(X.UC_X86_REG_RAX)
+            if ins.prefix[3] == 0x67:
+                rax &= 0xFFFF_FFFF
+            if rax & 0xFFF or rax >> MAXPHYADDR:
+                return none                 # #GP: rAX not page-aligned or beyond MAXPHYADDR
+        return exit_if(_SVM[iid])
+    return Expect(None, what=name)
+
+
+@dataclass
+class AuditFinding:
+    kind: str           # missed | spurious | mismatch | order
+    rip: int
+    insn: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} at {self.rip:#x} ({self.insn}): {self.detail}"
+
+
+class Auditor:
+    """Steps every guest instruction through :func:`expected_exit` and checks the sandbox's exits."""
+
+    def __init__(self, harness) -> None:
+        self.h = harness
+        cpu = harness.cpu
+        g = harness.m.guest
+        self.state = GuestState(harness.uc, harness.mm, g.vmcb_hpa, g.iopm.hpa, g.msrpm.hpa)
+        self.findings: list[AuditFinding] = []
+        self.pending: tuple[int, Expect] | None = None
+        self.steps = 0
+        self.enabled = False
+        harness.uc.hook_add(UC_HOOK_CODE, self._step, None, 1, 0)
+        self._cpu = cpu
+
+    def begin(self) -> None:
+        self.findings, self.pending, self.steps, self.enabled = [], None, 0, True
+
+    def end(self) -> list[AuditFinding]:
+        self.enabled = False
+        self.pending = None
+        return self.findings
+
+    def _bytes(self, rip: int) -> bytes:
+        from ..paging import Access
+        w = self._cpu.walker()
+        out = b""
+        a = rip
+        while len(out) < 15:
+            try:
+                t = w.translate(a, Access.FETCH, self.state.cpl() == 3, set_ad=False)
+            except Exception:
+                break
+            n = min(15 - len(out), 0x1000 - (a & 0xFFF))
+            out += bytes(self.h.mm[t.hpa:t.hpa + n])
+            a += n
+        return out
+
+    def _step(self, uc, address, size, ud) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._settle_missed(address)
+            self.steps += 1
+            if self._cpu._pass_once == address:
+                self.pending = None              # the hypervisor re-executes it unintercepted
+                return
+            exp = expected_exit(self._bytes(address), address, self.state)
+            self.pending = (address, exp) if exp is not None else None
+        except Exception as e:                   # the audit must never break the run it watches
+            self.findings.append(AuditFinding("audit-error", address, "?", f"{type(e).__name__}: {e}"))
+            self.pending = None
+
+    def _settle_missed(self, address: int) -> None:
+        p = self.pending
+        if p is None:
+            return
+        rip, exp = p
+        self.pending = None
+        if exp.code is not None:
+            self.findings.append(AuditFinding("missed", rip, exp.what,
+                                              f"intercept {exp.code:#x} is armed but the instruction completed "
+                                              f"with no #VMEXIT"))
+
+    def on_exit(self, rec) -> None:
+        if not self.enabled:
+            return
+        p = self.pending
+        if p is None:
+            return
+        rip, exp = p
+        if rec.rip != rip:
+            return
+        self.pending = None
+        if rec.exitcode in INSN_CODES or rec.exitcode == EXCP_BP and exp.code == EXCP_BP:
+            if exp.code is None:
+                self.findings.append(AuditFinding("spurious", rip, exp.what,
+                                                  f"#VMEXIT {rec.exitcode:#x} but the APM gives no intercept here"))
+                return
+            bad = []
+            if rec.exitcode != exp.code:
+                bad.append(f"EXITCODE {rec.exitcode:#x} != {exp.code:#x}")
+            else:
+                for f, got, want in (("EXITINFO1", rec.exitinfo1, exp.info1), ("EXITINFO2", rec.exitinfo2, exp.info2),
+                                     ("nRIP", rec.nrip, exp.nrip)):
+                    if want is not None and got != want:
+                        bad.append(f"{f} {got:#x} != {want:#x}")
+            if bad:
+                self.findings.append(AuditFinding("mismatch", rip, exp.what, "; ".join(bad)))
+            return
+        if exp.code is not None and not _fetch_fault(rec):
+            self.findings.append(AuditFinding("order", rip, exp.what,
+                                              f"#VMEXIT {rec.exitcode:#x} came before the armed intercept "
+                                              f"{exp.code:#x} (instruction intercepts precede memory exceptions, "
+                                              f"APM §15.7)"))
+
+
+def _fetch_fault(rec) -> bool:
+    """An instruction-fetch fault (#PF or NPF with I/D = 1) precedes any intercept check."""
+    if rec.exitcode in (NPF, 0x4E):
+        return bool(rec.exitinfo1 & 0x10)
+    return False
