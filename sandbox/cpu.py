@@ -629,8 +629,10 @@ class SvmCpu:
                 new_rip, new_rsp, new_flags = deliver(st, self._guest_access(), cur_vec, cur_err,
                                                       software=cur_sw, rip=ret_rip, rflags=rflags, rsp=rsp,
                                                       external=external)
-            except (DeliveryFault, GuestPageFault) as f:
-                fvec, ferr = (Vec.PF, f.error_code) if isinstance(f, GuestPageFault) else (f.vector, f.error_code)
+            except (DeliveryFault, GuestPageFault, GuestGP) as f:
+                # a non-canonical IDT/GDT/TSS address read during delivery is #GP(0)
+                fvec, ferr = ((Vec.PF, f.error_code) if isinstance(f, GuestPageFault) else
+                              (Vec.GP, 0) if isinstance(f, GuestGP) else (f.vector, f.error_code))
                 intinfo = Event(cur_vec, EventType(cur_type), cur_err if cur_vec in HAS_ERROR_CODE else None)
                 nxt = combine(cur_vec, fvec)
                 if nxt is None:

@@ -83,6 +83,11 @@ def read_descriptor(mem: GuestAccess, gdt_base: int, gdt_limit: int, selector: i
     return struct.unpack("<Q", mem.read(gdt_base + idx, 8))[0]
 
 
+def _canonical(va: int) -> bool:
+    top = (va & 0xFFFF_FFFF_FFFF_FFFF) >> 47
+    return top == 0 or top == 0x1FFFF
+
+
 def descriptor_attrib(desc: int) -> int:
     """12-bit VMCB-style attrib from a descriptor's bits 55:52 and 47:40."""
     return ((desc >> 40) & 0xFF) | (((desc >> 52) & 0xF) << 8)
@@ -144,6 +149,8 @@ def deliver(st, mem: GuestAccess, vector: int, error_code: int | None, *, softwa
         frame.append(error_code & 0xFFFFFFFF)
     data = struct.pack(f"<{len(frame)}Q", *reversed(frame))
     new_rsp -= len(data)
+    if not _canonical(new_rsp) or not _canonical(new_rsp + len(data) - 1):
+        raise DeliveryFault(Vec.SS, 0)      # non-canonical stack in long mode: #SS(0) (APM vol. 2 §8.9.3)
     mem.write(new_rsp, data)        # faults here propagate as #PF / NPF
     # commit: CS from the gate, SS = NULL (RPL = new CPL) on a privilege change
     base = ((desc >> 16) & 0xFFFFFF) | (((desc >> 56) & 0xFF) << 24)

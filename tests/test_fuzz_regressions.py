@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import BASE, OP, assemble, capture, db, hc_exit
+from conftest import BASE, DATA, OP, assemble, capture, db, hc_exit, install_reporting_idt
 
 GP_EXIT = 0x40 + 13
 
@@ -32,3 +32,36 @@ def test_svm_insn_aligned_rax_still_exits(guest, name, code):
     m.intercept([name, "excp13"])
     rec = capture(m, GP_EXIT, code)
     assert m.run(timeout=5).reason == "captured" and rec[0].code == code
+
+
+def test_noncanonical_idt_base_escalates_instead_of_crashing(guest):
+    """LIDT with a non-canonical base, then #UD: reading the gate faults with
+    #GP(0); #UD is benign, so the #GP is delivered, and faults the same way:
+    #GP during #GP is a double fault (APM vol. 2 §8.2.9).  The model raised
+    an internal error instead.  Found by `sandbox fuzz` (robustness oracle)."""
+    src = f"""
+    mov rax, {DATA:#x}
+    mov word ptr [rax], 0xfff
+    mov rcx, 0x8000000000001000
+    mov [rax+2], rcx
+    lidt [rax]
+    ud2
+    """ + hc_exit(0x55)
+    m = guest(src)
+    m.intercept("excp8")
+    rec = capture(m, 0x48)
+    r = m.run(timeout=5)
+    assert r.reason == "captured", (r.reason, r.detail)
+    assert rec[0].code == 0x48 and rec[0].exitintinfo & 0xFF == 13   # #DF while delivering #GP
+
+
+def test_noncanonical_stack_during_delivery_is_ss(guest):
+    """Delivering #UD onto a non-canonical RSP faults with #SS(0); with the
+    #SS intercept the exit carries the #UD in EXITINTINFO (APM §15.7.2)."""
+    m = guest("mov rsp, 0x8000000000000000\nud2\n" + hc_exit(0x55))
+    install_reporting_idt(m)
+    m.intercept("excp12")
+    rec = capture(m, 0x4C)
+    r = m.run(timeout=5)
+    assert r.reason == "captured", (r.reason, r.detail)
+    assert rec[0].info1 == 0 and rec[0].exitintinfo & 0xFF == 6 and rec[0].exitintinfo >> 31 & 1
