@@ -14,6 +14,8 @@ examples:
   sandbox run guest_images/hello.S
   sandbox run guest_images/popek_goldberg.S --intercept sensitive
   sandbox run guest_images/hello.S --ports 0x3f8-0x3ff --json --quiet
+  sandbox run crashes/missed-0123456789ab.case --audit     (replay a fuzz finding)
+  sandbox fuzz --seconds 60 --seed 1 --crashes crashes/
 """
 
 
@@ -79,6 +81,9 @@ def _disasm(m, rip: int) -> str:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    if a.image.endswith(".case"):
+        from .fuzz.cli import replay_case
+        return replay_case(a)
     from rich.console import Console
     from rich.table import Table
 
@@ -161,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a guest image", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("image", help="guest image: .S/.asm (keystone), .bin (flat) or ELF64")
+    r.add_argument("image", help="guest image: .S/.asm (keystone), .bin (flat), ELF64, or a saved fuzz case (.case)")
     r.add_argument("--intercept", metavar="NAMES", help="comma-separated intercepts to arm (APM names, 'all', 'sensitive')")
     r.add_argument("--ports", metavar="LIST", help="intercept exactly these ports, e.g. 0x80,0x3f8-0x3ff")
     r.add_argument("--msrs", metavar="LIST", help="intercept exactly these MSR accesses, e.g. r:0x10,w:0xc0000103")
@@ -174,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ram", type=int, default=16, metavar="MIB", help="guest RAM size (MiB)")
     r.add_argument("--json", action="store_true", help="one JSON object per exit, then a final record")
     r.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
+    r.add_argument("--audit", action="store_true", help="for a saved fuzz case (.case): run the soundness audit too")
     r.set_defaults(fn=cmd_run)
+    from .fuzz.cli import add_parser
+    add_parser(sub)
     return p
 
 

@@ -129,8 +129,12 @@ def _linear(ins, g: GuestState) -> int | None:
             if m.base == C.X86_REG_RIP:
                 a += ins.address + ins.size
             elif m.base:
+                if m.base not in _UC_OF_CS:
+                    return None
                 a += g.reg(_UC_OF_CS[m.base])
             if m.index:
+                if m.index not in _UC_OF_CS:
+                    return None
                 a += g.reg(_UC_OF_CS[m.index]) * m.scale
             if ins.prefix[3] == 0x67:
                 a &= 0xFFFF_FFFF

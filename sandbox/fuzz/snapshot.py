@@ -176,7 +176,7 @@ class Harness:
             if self.auditor is not None:
                 self.auditor.begin()
             out.result = m.run(max_insns=self.max_insns, timeout=0, max_exits=self.max_exits)
-            if out.result.reason in ("error", "handler-error"):
+            if out.result.reason == "handler-error":
                 out.crash = f"{out.result.reason}: {out.result.detail}"
         except Exception as e:        # robustness: nothing may escape the hypervisor
             tb = traceback.extract_tb(e.__traceback__)[-1]

@@ -1,0 +1,305 @@
+"""The campaign: generate, run, judge, keep, save -- in one process or N workers.
+
+Workers share the corpus and crash directories AFL-style: each writes the
+cases that reached new coverage into the corpus directory and, every few
+hundred cases, picks up what the others wrote there.  With ``--jobs 1`` the
+case sequence is a pure function of ``--seed`` (and ``--cases``).
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .case import Case, CaseError
+from .generate import next_case
+from .oracle import Finding, coverage, findings, minimize
+from .snapshot import Harness
+
+SYNC_EVERY = 256          # cases between corpus syncs with the other workers
+STATUS_EVERY_S = 0.5
+
+
+class CampaignError(Exception):
+    """Bad campaign input: one clear line for the CLI."""
+
+
+@dataclass
+class Options:
+    seed: int = 0
+    seconds: float | None = None
+    cases: int | None = None
+    jobs: int = 1
+    corpus: Path | None = None
+    crashes: Path | None = None
+    audit: bool = False             # audit every case (slow)
+    audit_every: int = 8            # otherwise audit one case in N (0: never)
+    n_insns: int = 64
+    minimize: bool = True
+    stop_on_finding: bool = False
+
+
+@dataclass
+class Stats:
+    execs: int = 0
+    audited: int = 0
+    exits: collections.Counter = field(default_factory=collections.Counter)
+    ends: collections.Counter = field(default_factory=collections.Counter)
+    coverage: set = field(default_factory=set)
+    new_coverage: int = 0
+    corpus: int = 0
+    findings: dict = field(default_factory=dict)     # signature -> (Finding, saved path or "")
+
+    def merge(self, o: "Stats") -> None:
+        self.execs += o.execs
+        self.audited += o.audited
+        self.exits.update(o.exits)
+        self.ends.update(o.ends)
+        self.coverage |= o.coverage
+        self.new_coverage += o.new_coverage
+        self.corpus += o.corpus
+        for k, v in o.findings.items():
+            self.findings.setdefault(k, v)
+
+
+def check_dirs(opts: Options) -> None:
+    """Fail early, with one line, on unusable directories or corpus files."""
+    if opts.jobs < 1:
+        raise CampaignError("--jobs must be at least 1")
+    cores = os.cpu_count() or 1
+    if opts.jobs > cores:
+        raise CampaignError(f"--jobs {opts.jobs} is more than the {cores} cores of this machine")
+    for d, what in ((opts.crashes, "crash"), (opts.corpus, "corpus")):
+        if d is None:
+            continue
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise CampaignError(f"{what} directory {d} is not writable: {e.strerror or e}") from None
+    if opts.corpus is not None:
+        load_corpus(opts.corpus)
+
+
+def load_corpus(d: Path) -> list[Case]:
+    out = []
+    for p in sorted(d.glob("*.case")):
+        try:
+            out.append(Case.load(p))
+        except CaseError as e:
+            raise CampaignError(str(e)) from None
+    return out
+
+
+class Worker:
+    """One process's share of the campaign."""
+
+    def __init__(self, opts: Options, index: int = 0, patch: Callable[[], None] | None = None) -> None:
+        if patch is not None:
+            patch()
+        self.opts, self.index = opts, index
+        self.rng = random.Random(opts.seed * 1_000_003 + index)
+        self.fast = None if opts.audit else Harness()
+        self.auditing = Harness(audit=True) if opts.audit or opts.audit_every else None
+        self.corpus: list[Case] = load_corpus(opts.corpus) if opts.corpus else []
+        self._known_files = {p.name for p in opts.corpus.glob("*.case")} if opts.corpus else set()
+        self.stats = Stats(corpus=0)
+        self._saved = 0
+
+    def step(self) -> list[Finding]:
+        o = self.opts
+        case = next_case(self.rng, self.corpus, o.n_insns)
+        n = self.stats.execs
+        audit_now = o.audit or (o.audit_every and n % o.audit_every == 0)
+        h = self.auditing if audit_now else self.fast
+        out = h.run(case)
+        st = self.stats
+        st.execs += 1
+        st.audited += bool(audit_now)
+        for e in out.exits:
+            st.exits[e.exitcode] += 1
+        if out.result is not None:
+            st.ends[out.result.reason] += 1
+        cov = coverage(out)
+        new = cov - st.coverage
+        if new:
+            st.coverage |= new
+            st.new_coverage += len(new)
+            self.corpus.append(case)
+            st.corpus += 1
+            self._save_corpus(case)
+        fs = findings(out)
+        fresh = [f for f in fs if f.signature not in st.findings]
+        for f in fresh:
+            path = self._save_finding(f, case, h)
+            st.findings[f.signature] = (f, path)
+        if n % SYNC_EVERY == SYNC_EVERY - 1:
+            self._sync()
+        return fresh
+
+    # -- corpus / crashes on disk -------------------------------------------------------
+    def _save_corpus(self, case: Case) -> None:
+        if self.opts.corpus is None:
+            return
+        name = f"w{self.index}-{self._saved:06d}.case"
+        self._saved += 1
+        case.save(self.opts.corpus / name)
+        self._known_files.add(name)
+
+    def _sync(self) -> None:
+        d = self.opts.corpus
+        if d is None:
+            return
+        for p in d.glob("*.case"):
+            if p.name not in self._known_files:
+                self._known_files.add(p.name)
+                try:
+                    self.corpus.append(Case.load(p))
+                except CaseError:
+                    pass          # another worker is mid-write; it is picked up next sync
+
+    def _save_finding(self, f: Finding, case: Case, h: Harness) -> str:
+        small = case
+        if self.opts.minimize:
+            small = minimize(case, lambda c: any(g.signature == f.signature for g in findings(h.run(c))))
+        if self.opts.crashes is None:
+            return ""
+        base = self.opts.crashes / f"{f.kind}-{f.digest}"
+        if base.with_suffix(".case").exists():
+            return str(base.with_suffix(".case"))
+        small.origin = f"{case.origin}, minimized" if small is not case else case.origin
+        small.save(base.with_suffix(".case"))
+        base.with_suffix(".txt").write_text(
+            f"{f.kind}: {f.message}\nseed {self.opts.seed} worker {self.index}\n"
+            f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "") + "\n")
+        return str(base.with_suffix(".case"))
+
+
+def _done(opts: Options, t0: float, execs: int, quota: int | None) -> bool:
+    if opts.seconds is not None and time.monotonic() - t0 >= opts.seconds:
+        return True
+    return quota is not None and execs >= quota
+
+
+def _quota(opts: Options, index: int) -> int | None:
+    if opts.cases is None:
+        return None
+    q, r = divmod(opts.cases, opts.jobs)
+    return q + (1 if index < r else 0)
+
+
+def run_inline(opts: Options, on_status: Callable[[Stats, float], None] | None = None,
+               patch: Callable[[], None] | None = None) -> tuple[Stats, float, bool]:
+    """One worker in this process.  Returns (stats, seconds, interrupted)."""
+    w = Worker(opts, 0, patch)
+    t0 = time.monotonic()
+    last = t0
+    interrupted = False
+    quota = _quota(opts, 0)
+    try:
+        while not _done(opts, t0, w.stats.execs, quota):
+            fresh = w.step()
+            if fresh and opts.stop_on_finding:
+                break
+            now = time.monotonic()
+            if on_status is not None and now - last >= STATUS_EVERY_S:
+                last = now
+                on_status(w.stats, now - t0)
+    except KeyboardInterrupt:
+        interrupted = True
+    return w.stats, time.monotonic() - t0, interrupted
+
+
+def _worker_main(opts: Options, index: int, q, stop, patch) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent stops us through ``stop``
+    try:
+        w = Worker(opts, index, patch)
+        t0 = time.monotonic()
+        last = t0
+        quota = _quota(opts, index)
+        while not stop.is_set() and not _done(opts, t0, w.stats.execs, quota):
+            fresh = w.step()
+            if fresh and opts.stop_on_finding:
+                stop.set()
+            now = time.monotonic()
+            if now - last >= STATUS_EVERY_S:
+                last = now
+                q.put(("status", index, _portable(w.stats)))
+        q.put(("done", index, _portable(w.stats)))
+    except Exception as e:                           # report, never hang the parent
+        q.put(("error", index, f"{type(e).__name__}: {e}"))
+
+
+def _portable(s: Stats) -> Stats:
+    return Stats(s.execs, s.audited, collections.Counter(s.exits), collections.Counter(s.ends), set(s.coverage),
+                 s.new_coverage, s.corpus, dict(s.findings))
+
+
+def run_parallel(opts: Options, on_status: Callable[[Stats, float], None] | None = None,
+                 patch: Callable[[], None] | None = None) -> tuple[Stats, float, bool]:
+    """N worker processes (fork: each builds its own Unicorn after the fork)."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_worker_main, args=(opts, i, q, stop, patch), daemon=True) for i in range(opts.jobs)]
+    for p in procs:
+        p.start()
+    latest: dict[int, Stats] = {}
+    done: set[int] = set()
+    errors: list[str] = []
+    t0 = time.monotonic()
+    interrupted = False
+    last = t0
+    while len(done) < len(procs):
+        try:
+            try:
+                kind, i, payload = q.get(timeout=0.2)
+            except queue_mod.Empty:
+                if all(not p.is_alive() for p in procs) and q.empty():
+                    break
+                continue
+            if kind == "error":
+                errors.append(f"worker {i}: {payload}")
+                done.add(i)
+                continue
+            latest[i] = payload
+            if kind == "done":
+                done.add(i)
+            now = time.monotonic()
+            if on_status is not None and now - last >= STATUS_EVERY_S:
+                last = now
+                on_status(_total(latest), now - t0)
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()
+    for p in procs:
+        p.join(timeout=5)
+    if errors:
+        raise CampaignError("; ".join(errors))
+    return _total(latest), time.monotonic() - t0, interrupted
+
+
+def _total(latest: dict[int, Stats]) -> Stats:
+    tot = Stats()
+    for s in latest.values():
+        tot.merge(s)
+    tot.coverage = set().union(*(s.coverage for s in latest.values())) if latest else set()
+    return tot
+
+
+def run(opts: Options, on_status=None, patch=None) -> tuple[Stats, float, bool]:
+    check_dirs(opts)
+    if opts.seconds is None and opts.cases is None:
+        raise CampaignError("give --seconds or --cases")
+    if opts.jobs == 1:
+        return run_inline(opts, on_status, patch)
+    return run_parallel(opts, on_status, patch)
