@@ -26,6 +26,7 @@ from .iopm import IOPM, IOPM_PAGES, IoioInfo
 from .loader import (CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BASE, STACK_TOP, Image,
                      load_image)
 from .msrpm import MSRPM, MSRPM_PAGES
+from .mmu import GuestGP, GuestPageFault, NestedFault
 from .npt import NestedPageTable
 from .paging import Access, TableBuilder
 from .vmcb import VMCB, Event, EventType, NpControl, Segment, TlbControl
@@ -42,6 +43,9 @@ HC_EXIT = 0
 HC_PRINT = 1
 HYPERVISOR_VENDOR = b"AMDVSandbox\x00"
 KVM_ENOSYS = 1000
+KVM_EFAULT = 14
+#: REP INS/OUTS elements emulated per exit; the rest re-executes (bounds one handler call)
+STRING_IO_CHUNK = 4096
 
 
 _GPR_INDEX = {n: i for i, n in enumerate(GPR_NAMES)}
@@ -436,17 +440,21 @@ def handle_ioio(m: Machine, e: ExitRecord) -> Action:
         asz = 64 if info & IoioInfo.A64 else (32 if info & IoioInfo.A32 else 16)
         amask = (1 << asz) - 1
         step = -size if m.guest.vmcb.RFLAGS & (1 << 10) else size
-        for _ in range(count & amask):
-            if is_in:
-                v = m.bus.io(port, size, True)
-                m.write_virt(m.regs.rdi & amask, v.to_bytes(size, "little"))
-                m.regs.rdi = (m.regs.rdi + step) & amask
-            else:
-                v = int.from_bytes(m.read_virt(m.regs.rsi & amask, size), "little")
-                m.bus.io(port, size, False, v)
-                m.regs.rsi = (m.regs.rsi + step) & amask
-        if info & IoioInfo.REP:
-            m.regs.rcx = 0
+        try:
+            _string_io(m, info, port, size, is_in, min(count & amask, STRING_IO_CHUNK), amask, step)
+        except GuestPageFault as f:
+            # the guest's memory operand faults: #PF into the guest, the
+            # instruction restarts with RCX/RSI/RDI showing the progress made
+            m.guest.vmcb.CR2 = f.address
+            m.inject(14, EventType.EXCEPTION, f.error_code)
+            return RESUME
+        except GuestGP:
+            m.inject(13, EventType.EXCEPTION, 0)
+            return RESUME
+        except NestedFault as f:
+            return m.stop("npf", f"string I/O at {e.rip:#x} touched GPA {f.gpa:#x} outside the nested mappings")
+        if info & IoioInfo.REP and m.regs.rcx & amask:
+            return RESUME                     # more to do: re-execute (RIP unchanged), as KVM does
     elif is_in:
         v = m.bus.io(port, size, True)
         rax = m.regs.rax
@@ -459,6 +467,23 @@ def handle_ioio(m: Machine, e: ExitRecord) -> Action:
         m.bus.io(port, size, False, m.regs.rax & ((1 << (8 * size)) - 1))
     m.guest.vmcb.RIP = e.exitinfo2            # EXITINFO2 = next RIP
     return RESUME
+
+
+def _string_io(m: Machine, info: int, port: int, size: int, is_in: bool, count: int, amask: int,
+               step: int) -> None:
+    """INS/OUTS, one element at a time; RCX counts down as each completes."""
+    rep = bool(info & IoioInfo.REP)
+    for _ in range(count):
+        if is_in:
+            v = m.bus.io(port, size, True)
+            m.write_virt(m.regs.rdi & amask, v.to_bytes(size, "little"))
+            m.regs.rdi = (m.regs.rdi + step) & amask
+        else:
+            v = int.from_bytes(m.read_virt(m.regs.rsi & amask, size), "little")
+            m.bus.io(port, size, False, v)
+            m.regs.rsi = (m.regs.rsi + step) & amask
+        if rep:
+            m.regs.rcx = (m.regs.rcx - 1) & amask
 
 
 def handle_msr(m: Machine, e: ExitRecord) -> Action:
@@ -507,7 +532,12 @@ def handle_vmmcall(m: Machine, e: ExitRecord) -> Action:
         return m.stop("guest-exit", f"EXIT hypercall with code {m.guest_exit_code}")
     if nr == HC_PRINT:
         n = min(m.regs.rsi, 1 << 16)
-        data = m.read_virt(m.regs.rdi, n)
+        try:
+            data = m.read_virt(m.regs.rdi, n)
+        except (GuestPageFault, GuestGP, NestedFault):
+            m.regs.rax = (-KVM_EFAULT) & 0xFFFF_FFFF_FFFF_FFFF
+            m.advance(e)
+            return RESUME
         m.serial.output += data
         m._console(data)
         m.regs.rax = 0

@@ -65,3 +65,28 @@ def test_noncanonical_stack_during_delivery_is_ss(guest):
     r = m.run(timeout=5)
     assert r.reason == "captured", (r.reason, r.detail)
     assert rec[0].info1 == 0 and rec[0].exitintinfo & 0xFF == 6 and rec[0].exitintinfo >> 31 & 1
+
+
+def test_string_io_to_unmapped_memory_injects_pf(guest):
+    """An intercepted OUTSB whose source is not mapped by the guest's page
+    tables: the IOIO handler raised GuestPageFault out of the handler
+    (handler-error).  It now injects #PF with CR2 = the address (APM vol. 2
+    §8.4.2), as a hypervisor emulating the instruction must.  Found by
+    `sandbox fuzz` (robustness oracle)."""
+    m = guest("mov rsi, 0x40000000\nmov dx, 0x80\noutsb\n" + hc_exit(0x55))
+    install_reporting_idt(m)
+    m.set_ports([0x80])
+    r = m.run(timeout=5)
+    assert r.reason == "guest-exit" and r.exit_code == 0x10E, (r.reason, r.detail)
+    assert r.regs["r8"] == 0x40000000          # CR2 as the #PF handler saw it
+
+
+def test_rep_string_io_with_huge_count_is_chunked(guest):
+    """REP OUTSB with RCX = 2^32: the handler emulates a bounded chunk per exit and
+    re-executes the instruction, so one handler call cannot run for minutes."""
+    m = guest(f"mov rsi, {DATA:#x}\nmov rcx, 0x100000000\nmov dx, 0x80\nrep outsb\n" + hc_exit(0x55))
+    m.set_ports([0x80])
+    r = m.run(timeout=20, max_exits=3)
+    assert r.reason == "exit-budget", (r.reason, r.detail)
+    assert r.counts.get(0x7B) == 2              # the third exit hit the budget before its handler
+    assert r.regs["rcx"] == 0x100000000 - 2 * 4096
