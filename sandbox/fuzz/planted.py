@@ -1,0 +1,66 @@
+"""Planted bugs: copies of the intercept decision with one known defect each.
+
+Used to prove the campaign finds real intercept bugs (tests and the
+``--plant`` option of ``sandbox fuzz``).  Each patch replaces the decision
+function the processor calls (``sandbox.cpu.decide``) with a wrapper around a
+*copy* of the decision table; the project's own table is never edited.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .. import cpu as cpu_mod
+from .. import decision as D
+from ..decode import Kind
+from ..exitcodes import ExitCode
+
+
+def _popf_66(i, v, rip):
+    """Bug: POPF with an operand-size prefix (66h, a 16-bit POPF) is not intercepted."""
+    if i.opsize == 16:
+        return None
+    return D.ExitInfo(ExitCode.POPF) if D.armed(v, ExitCode.POPF) else None
+
+
+def _io_first_byte_only(i, v, rip, code=b""):
+    """Bug: the IOPM check looks at the first port's bit only, ignoring the
+    second (and further) bytes of a multi-byte access (APM §15.10.2)."""
+    port = i.imm if i.imm is not None else v.gpr(2) & 0xFFFF
+    size = i.opsize // 8
+    if size > 1 and D.armed(v, ExitCode.IOIO) and not v.iopm_bit(port):
+        return None
+    return D._io(i, v, rip, code)
+
+
+BUGS: dict[str, tuple[str, Callable]] = {
+    "popf-66": ("POPF with a 66h prefix is not intercepted", _popf_66),
+    "iopm-2nd-byte": ("the IOPM check ignores the 2nd byte of a multi-byte port access", _io_first_byte_only),
+}
+
+
+def plant(name: str) -> Callable[[], None]:
+    """A patch function that installs bug ``name`` (call it in the process that runs cases)."""
+    if name not in BUGS:
+        raise KeyError(f"unknown planted bug {name!r}; known: {', '.join(BUGS)}")
+    _, fn = BUGS[name]
+
+    def patch() -> None:
+        table = dict(D.DECIDE)
+        needs_code = dict(D._NEEDS_CODE)
+        if name == "popf-66":
+            table[Kind.POPF] = fn
+        else:
+            for k in (Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS):
+                needs_code[k] = fn
+
+        def decide(insn, v, rip, code):
+            f = needs_code.get(insn.kind)
+            if f is not None:
+                return f(insn, v, rip, code)
+            return table[insn.kind](insn, v, rip)
+        cpu_mod.decide = decide
+    return patch
+
+
+def unplant() -> None:
+    cpu_mod.decide = D.decide
