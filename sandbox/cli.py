@@ -19,8 +19,7 @@ examples:
 """
 
 
-class CliError(Exception):
-    pass
+from .errors import CliError   # one class, also when this module runs as __main__
 
 
 def _int(s: str) -> int:

@@ -197,16 +197,39 @@ def _quota(opts: Options, index: int) -> int | None:
     return q + (1 if index < r else 0)
 
 
+class _Interrupt:
+    """SIGINT sets a flag the loop polls.  A KeyboardInterrupt raised inside a
+    Unicorn hook would be caught by the processor model as an internal error of
+    the case being run, so the campaign never lets one be raised."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old = None
+
+    def __enter__(self) -> "_Interrupt":
+        try:
+            self._old = signal.signal(signal.SIGINT, self._on)
+        except ValueError:           # not the main thread: no handler, no Ctrl-C
+            self._old = None
+        return self
+
+    def _on(self, signum, frame) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def run_inline(opts: Options, on_status: Callable[[Stats, float], None] | None = None,
                patch: Callable[[], None] | None = None) -> tuple[Stats, float, bool]:
     """One worker in this process.  Returns (stats, seconds, interrupted)."""
     w = Worker(opts, 0, patch)
     t0 = time.monotonic()
     last = t0
-    interrupted = False
     quota = _quota(opts, 0)
-    try:
-        while not _done(opts, t0, w.stats.execs, quota):
+    with _Interrupt() as intr:
+        while not intr.hit and not _done(opts, t0, w.stats.execs, quota):
             fresh = w.step()
             if fresh and opts.stop_on_finding:
                 break
@@ -214,9 +237,7 @@ def run_inline(opts: Options, on_status: Callable[[Stats, float], None] | None =
             if on_status is not None and now - last >= STATUS_EVERY_S:
                 last = now
                 on_status(w.stats, now - t0)
-    except KeyboardInterrupt:
-        interrupted = True
-    return w.stats, time.monotonic() - t0, interrupted
+    return w.stats, time.monotonic() - t0, intr.hit
 
 
 def _worker_main(opts: Options, index: int, q, stop, patch) -> None:
@@ -257,10 +278,11 @@ def run_parallel(opts: Options, on_status: Callable[[Stats, float], None] | None
     done: set[int] = set()
     errors: list[str] = []
     t0 = time.monotonic()
-    interrupted = False
     last = t0
-    while len(done) < len(procs):
-        try:
+    with _Interrupt() as intr:
+        while len(done) < len(procs):
+            if intr.hit:
+                stop.set()
             try:
                 kind, i, payload = q.get(timeout=0.2)
             except queue_mod.Empty:
@@ -278,9 +300,7 @@ def run_parallel(opts: Options, on_status: Callable[[Stats, float], None] | None
             if on_status is not None and now - last >= STATUS_EVERY_S:
                 last = now
                 on_status(_total(latest), now - t0)
-        except KeyboardInterrupt:
-            interrupted = True
-            stop.set()
+    interrupted = intr.hit
     for p in procs:
         p.join(timeout=5)
     if errors:

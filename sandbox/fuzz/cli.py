@@ -55,7 +55,7 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from ..cli import CliError
+    from ..errors import CliError
     from . import campaign as C
 
     if a.seconds is None and a.cases is None:
@@ -101,7 +101,7 @@ def replay_case(a: argparse.Namespace) -> int:
     """``sandbox run FILE.case``: run a saved case with the same oracles as the campaign."""
     from rich.console import Console
 
-    from ..cli import CliError
+    from ..errors import CliError
     from .case import Case, CaseError
     from .oracle import findings
     from .snapshot import Harness
