@@ -45,7 +45,7 @@ HYPERVISOR_VENDOR = b"AMDVSandbox\x00"
 KVM_ENOSYS = 1000
 KVM_EFAULT = 14
 #: REP INS/OUTS elements emulated per exit; the rest re-executes (bounds one handler call)
-STRING_IO_CHUNK = 4096
+STRING_IO_CHUNK = 1024
 
 
 _GPR_INDEX = {n: i for i, n in enumerate(GPR_NAMES)}
@@ -471,19 +471,51 @@ def handle_ioio(m: Machine, e: ExitRecord) -> Action:
 
 def _string_io(m: Machine, info: int, port: int, size: int, is_in: bool, count: int, amask: int,
                step: int) -> None:
-    """INS/OUTS, one element at a time; RCX counts down as each completes."""
+    """INS/OUTS, one element at a time; RCX counts down as each completes.
+    Each guest page is translated once per call (not once per element)."""
     rep = bool(info & IoioInfo.REP)
-    for _ in range(count):
+    w = m.cpu.walker()
+    pages: dict[tuple[int, bool], int] = {}
+
+    def hpa(gva: int, write: bool) -> int | None:
+        if (gva & 0xFFF) + size > PAGE_SIZE:
+            return None                       # straddles a page: the general path
+        key = (gva >> 12, write)
+        base = pages.get(key)
+        if base is None:
+            try:
+                base = w.translate(gva & ~0xFFF, Access.WRITE if write else Access.READ, False, set_ad=write).hpa
+            except GuestPageFault as f:
+                raise GuestPageFault(f.error_code, gva) from None
+            pages[key] = base
+        return base | (gva & 0xFFF)
+
+    regs = m.regs
+    rdi, rsi, rcx = regs.rdi, regs.rsi, regs.rcx
+    try:
+        for _ in range(count):
+            if is_in:
+                v = m.bus.io(port, size, True).to_bytes(size, "little")
+                h = hpa(rdi & amask, True)
+                if h is None:
+                    m.write_virt(rdi & amask, v)
+                else:
+                    m.mem.write(h, v)
+                rdi = (rdi + step) & amask
+            else:
+                h = hpa(rsi & amask, False)
+                data = m.read_virt(rsi & amask, size) if h is None else m.mem.read(h, size)
+                m.bus.io(port, size, False, int.from_bytes(data, "little"))
+                rsi = (rsi + step) & amask
+            if rep:
+                rcx = (rcx - 1) & amask
+    finally:
         if is_in:
-            v = m.bus.io(port, size, True)
-            m.write_virt(m.regs.rdi & amask, v.to_bytes(size, "little"))
-            m.regs.rdi = (m.regs.rdi + step) & amask
+            regs.rdi = rdi
         else:
-            v = int.from_bytes(m.read_virt(m.regs.rsi & amask, size), "little")
-            m.bus.io(port, size, False, v)
-            m.regs.rsi = (m.regs.rsi + step) & amask
+            regs.rsi = rsi
         if rep:
-            m.regs.rcx = (m.regs.rcx - 1) & amask
+            regs.rcx = rcx
 
 
 def handle_msr(m: Machine, e: ExitRecord) -> Action:

@@ -24,6 +24,13 @@ same process, interleaved, and the best round of each side is kept):
 3. For scale: bare Unicorn with a Python UC_HOOK_CODE hook on the CPUID doing
    the same register writes and the RIP skip (the cheapest Python intercept),
    timed the same way; and the loop with no hook at all (Unicorn's own CPUID).
+4. Fuzzing (``sandbox fuzz``).  --fuzz-cases grammar cases of 64 instructions
+   (seeded, generated up front) run on one core from the snapshot harness:
+   restore of the changed pages + CPU context, the case, and the fast oracles
+   (robustness, isolation) with coverage keys -- execs/s, target >= 500/s.
+   The same for the soundness-audit mode (every instruction checked against
+   the independent APM model), and the whole campaign loop (generation,
+   corpus, one case in 8 audited) for scale.
 
 Exit status: 0 when every run succeeded (targets are reported, not enforced,
 unless --strict: then 1 when a target is missed); 2 when a run failed or the
@@ -96,6 +103,7 @@ LEAF0 = {"rax": 0xD, "rbx": 0x68747541, "rdx": 0x69746E65, "rcx": 0x444D4163}   
 
 TARGET_RATIO = 0.5
 TARGET_CPUID_MEDIAN_US = 10.0
+TARGET_FUZZ_EXECS = 500.0
 
 
 class BenchError(Exception):
@@ -311,12 +319,50 @@ def bare_cpuid_native(g: Guest, n: int) -> float:
 
 
 # -------------------------------------------------------------------- main
+def fuzz_rate(n: int, audit: bool, seed: int = 1) -> dict:
+    """execs/s of the snapshot harness on ``n`` pre-generated 64-instruction grammar cases."""
+    import random as _random
+    from sandbox.fuzz.generate import gen_grammar
+    from sandbox.fuzz.oracle import coverage, findings
+    from sandbox.fuzz.snapshot import Harness
+    rng = _random.Random(seed)
+    cases = [gen_grammar(rng, 64) for _ in range(n)]
+    h = Harness(audit=audit)
+    for c in cases[:20]:                     # warm-up: first scans, hooks, translated blocks
+        h.run(c)
+    nfind = dirty = insns = 0
+    t0 = time.perf_counter()
+    for c in cases:
+        out = h.run(c)
+        nfind += len(findings(out))
+        coverage(out)
+        dirty += out.dirty_pages
+        if h.auditor is not None:
+            insns += h.auditor.steps
+    dt = time.perf_counter() - t0
+    r = {"cases": n, "seconds": dt, "execs_per_s": n / dt, "findings": nfind, "mean_dirty_pages": dirty / n}
+    if audit:
+        r["audited_insns_per_case"] = insns / n
+    return r
+
+
+def fuzz_loop_rate(n: int, seed: int = 1) -> dict:
+    from sandbox.fuzz import campaign as FC
+    w = FC.Worker(FC.Options(seed=seed, cases=n, audit_every=8, minimize=False))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        w.step()
+    dt = time.perf_counter() - t0
+    return {"cases": n, "seconds": dt, "execs_per_s": n / dt, "coverage": len(w.stats.coverage)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=None, help="hot-loop iterations (default 20,000,000; quick 2,000,000)")
     ap.add_argument("--cpuids", type=int, default=None, help="CPUIDs per CPUID run (default 100,000; quick 10,000)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds, best kept (default 3; quick 2)")
+    ap.add_argument("--fuzz-cases", type=int, default=None, help="fuzz cases per mode (default 3000; quick 300)")
     ap.add_argument("--timeout", type=float, default=120.0, help="wall-clock limit of each sandbox run, s (120)")
     ap.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run (well under 20 s)")
     ap.add_argument("--json", nargs="?", const="-", metavar="FILE",
@@ -327,6 +373,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.iters = a.iters if a.iters is not None else (2_000_000 if q else 20_000_000)
     a.cpuids = a.cpuids if a.cpuids is not None else (10_000 if q else 100_000)
     a.rounds = a.rounds if a.rounds is not None else (2 if q else 3)
+    a.fuzz_cases = a.fuzz_cases if a.fuzz_cases is not None else (300 if q else 3000)
+    if a.fuzz_cases < 1:
+        ap.error("--fuzz-cases must be at least 1")
     if a.iters < 1 or a.iters >= 1 << 31:
         ap.error("--iters must be in [1, 2**31)")
     if a.cpuids < 2 or a.cpuids >= 1 << 31:
@@ -404,6 +453,14 @@ def run(a: argparse.Namespace, log) -> dict:
                 f"bare+API hook {runs['api'][-1].median:6.2f} us"
                 + (f"   bare+raw hook {runs['raw'][-1].median:6.2f} us" if have_raw else ""))
 
+    # -- 4. fuzzing: the snapshot harness, fast and audit modes, best of the rounds
+    nf = a.fuzz_cases
+    log(f"fuzz: {nf:,} 64-instruction cases x {rounds} rounds (fast oracles), {max(1, nf // 4):,} audited")
+    fast = max((fuzz_rate(nf, False) for _ in range(rounds)), key=lambda r: r["execs_per_s"])
+    aud = max((fuzz_rate(max(1, nf // 4), True) for _ in range(rounds)), key=lambda r: r["execs_per_s"])
+    loop = fuzz_loop_rate(max(1, nf // 2))
+    log(f"  fast {fast['execs_per_s']:.0f}/s   audit {aud['execs_per_s']:.0f}/s   campaign loop {loop['execs_per_s']:.0f}/s")
+
     bare_best, sb_best = min(bare_t), min(sb_t)
     best = {k: min(v, key=lambda t: t.median) for k, v in runs.items()}
     sb = best["sandbox"]
@@ -411,7 +468,8 @@ def run(a: argparse.Namespace, log) -> dict:
     ratio = bare_best / sb_best            # = (sandbox iterations/s) / (bare iterations/s)
     trip = lambda t: {k: v for k, v in asdict(t).items() if k != "deltas"}   # noqa: E731
     return {
-        "config": {"iters": n, "cpuids": nc, "rounds": rounds, "quick": a.quick, "timeout_s": a.timeout},
+        "config": {"iters": n, "cpuids": nc, "rounds": rounds, "quick": a.quick, "timeout_s": a.timeout,
+                   "fuzz_cases": nf},
         "environment": {"python": platform.python_version(), "unicorn": UNICORN_VERSION,
                         "sandbox": sandbox.__version__, "machine": platform.machine(),
                         "cpus": os.cpu_count()},
@@ -434,7 +492,10 @@ def run(a: argparse.Namespace, log) -> dict:
                        "bare_raw_hook_median_us": [t.median for t in runs.get("raw", [])],
                        "bare_no_hook_ns_per_iter": native},
         },
+        "fuzz": {"fast": fast, "audit": aud, "campaign_loop": loop},
         "targets": {
+            "fuzz_execs_per_s": {"value": fast["execs_per_s"], "target": f">= {TARGET_FUZZ_EXECS:g}/s",
+                                 "met": fast["execs_per_s"] >= TARGET_FUZZ_EXECS},
             "hot_loop_ratio": {"value": ratio, "target": f">= {TARGET_RATIO}", "met": ratio >= TARGET_RATIO},
             "cpuid_median_us": {"value": sb.median, "target": f"<= {TARGET_CPUID_MEDIAN_US:g} us",
                                 "met": sb.median <= TARGET_CPUID_MEDIAN_US},
@@ -490,6 +551,16 @@ def show(res: dict) -> None:
               f"{c['world_switch_overhead_us']:+.2f} us", "", "", "")
     t.add_row("bare Unicorn, no hook (Unicorn's own CPUID)", f"{c['bare_no_hook_ns_per_iter']:.0f} ns/iter",
               " / ".join(f"{x:.0f}" for x in c["rounds"]["bare_no_hook_ns_per_iter"]) + " ns", "", "")
+    f = res["fuzz"]
+    t.add_section()
+    t.add_row("[bold]fuzz execs/s, 64-insn cases, fast oracles, one core[/]",
+              f"[bold]{f['fast']['execs_per_s']:.0f}/s[/]", f"{f['fast']['cases']:,} cases",
+              tg["fuzz_execs_per_s"]["target"], ok(tg["fuzz_execs_per_s"]["met"]))
+    t.add_row("  pages restored per case (mean)", f"{f['fast']['mean_dirty_pages']:.1f}", "", "", "")
+    t.add_row("fuzz execs/s, soundness audit of every instruction", f"{f['audit']['execs_per_s']:.0f}/s",
+              f"{f['audit']['cases']:,} cases, {f['audit']['audited_insns_per_case']:.0f} insns each", "", "")
+    t.add_row("campaign loop (generation, corpus, 1 in 8 audited)", f"{f['campaign_loop']['execs_per_s']:.0f}/s",
+              f"{f['campaign_loop']['cases']:,} cases", "", "")
     con = Console()
     if not con.is_terminal:
         con = Console(width=132)

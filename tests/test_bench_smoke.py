@@ -10,9 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--iters", "200000",
-                        "--cpuids", "2000", "--rounds", "1", "--json", str(out)],
+                        "--cpuids", "2000", "--rounds", "1", "--fuzz-cases", "60", "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     data = json.loads(out.read_text())
     text = json.dumps(data)
-    assert "ratio" in text and "median" in text
+    assert "ratio" in text and "median" in text and data["fuzz"]["fast"]["execs_per_s"] > 0

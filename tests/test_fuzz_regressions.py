@@ -89,4 +89,30 @@ def test_rep_string_io_with_huge_count_is_chunked(guest):
     r = m.run(timeout=20, max_exits=3)
     assert r.reason == "exit-budget", (r.reason, r.detail)
     assert r.counts.get(0x7B) == 2              # the third exit hit the budget before its handler
-    assert r.regs["rcx"] == 0x100000000 - 2 * 4096
+    from sandbox.hypervisor import STRING_IO_CHUNK
+    assert r.regs["rcx"] == 0x100000000 - 2 * STRING_IO_CHUNK
+
+
+def test_rep_string_io_data_and_page_straddle(guest):
+    """REP OUTSB copies guest memory to the port in order, across a page
+    boundary; REP INSW stores each element (per-page translation cache)."""
+    src_at = DATA + 0xFFE                     # "hello" straddles DATA+0x1000
+    dst_at = DATA + 0x1FFF                    # 3 words straddle DATA+0x2000
+    m = guest(f"""
+    mov rsi, {src_at:#x}
+    mov rcx, 5
+    mov dx, 0x3f8
+    rep outsb
+    mov rdi, {dst_at:#x}
+    mov rcx, 3
+    mov dx, 0x1234
+    rep insw
+    """ + hc_exit(0x55))
+    m.guest.write_phys(src_at, b"hello")
+    m.set_ports([0x3F8, 0x1234, 0x1235])
+    r = m.run(timeout=5)
+    assert r.reason == "guest-exit", (r.reason, r.detail)
+    assert r.console == "hello"
+    assert r.regs["rsi"] == src_at + 5 and r.regs["rcx"] == 0      # (RDI is the EXIT code by now)
+    assert m.guest.read_phys(dst_at, 6) == b"\xff" * 6          # no device at 0x1234: all ones
+    assert m.guest.read_phys(dst_at - 1, 1) == b"\x00" and m.guest.read_phys(dst_at + 6, 1) == b"\x00"

@@ -17,6 +17,8 @@ on one of its own pages.
 from __future__ import annotations
 
 import struct
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -33,7 +35,11 @@ _GPR_IDS = {n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in GPRS}
 
 #: instruction budget per case: enough for a 64-instruction stream with its handler round trips
 DEFAULT_MAX_INSNS = 1024
-DEFAULT_MAX_EXITS = 128
+DEFAULT_MAX_EXITS = 64
+#: wall-clock limit per case (a watchdog thread; handlers emulating huge REP counts are the long tail)
+DEFAULT_TIMEOUT_S = 1.0
+#: candidate hooks after which the machine is rebuilt
+MAX_HOOKS = 2000
 
 
 @dataclass
@@ -55,9 +61,18 @@ class Harness:
                  max_exits: int = DEFAULT_MAX_EXITS, check_free_every: int = 16, audit: bool = False) -> None:
         self.max_insns, self.max_exits = max_insns, max_exits
         #: compare the never-allocated pages every N cases (1: every case, as the audit does)
-        self.check_free_every = check_free_every
+        self.check_free_every = 1 if audit else check_free_every
         self._restores = 0
-        m = self.m = Machine(dram=dram, ram=ram)
+        self._dram, self._ram, self._audit = dram, ram, audit
+        self.rebuilds = 0
+        self._watch = _Watchdog()
+        self._build()
+
+    def _build(self) -> None:
+        """A new Machine, prepared and snapshotted.  Also used to shed the
+        per-address candidate hooks that cases accumulate (every translated
+        block is checked against every hook, so thousands of them slow it down)."""
+        m = self.m = Machine(dram=self._dram, ram=self._ram)
         g = m.guest
         g.setup_long_mode(CODE_BASE)
         self.cpu = cpu = m.cpu
@@ -77,6 +92,7 @@ class Harness:
         self._gpa_hpa = dict(g.ram)
         self._fills_outside: list[int] = []
         self._wrap_fill()
+        self._track_hooks()
         self._base = bytes(self.mm)
         self._ctx = self.uc.context_save()
         self._msrs = dict(m.msrs)
@@ -84,10 +100,9 @@ class Harness:
         self._cur_handlers: list[str] = []
         m.on_exit_record = self._record
         self.auditor = None
-        if audit:
+        if self._audit:
             from .audit import Auditor
             self.auditor = Auditor(self)
-            self.check_free_every = 1
 
     # -- isolation: every TLB fill must land on a guest page -------------------------
     def _wrap_fill(self) -> None:
@@ -103,6 +118,37 @@ class Harness:
                 out.append(entry.paddr)
             return ok
         cpu._fill = fill
+
+    # -- candidate hooks: remembered so they can be deleted between cases -------------
+    def _track_hooks(self) -> None:
+        cpu = self.cpu
+        self._hook_handles: list[int] | None = None
+        inner = getattr(cpu, "_hook_add", None)
+        if inner is None or not hasattr(cpu, "_hooked"):
+            return                                    # fall back to rebuilding the machine
+        handles = self._hook_handles = []
+
+        def hook_add(h, phh, *args):
+            err = inner(h, phh, *args)
+            if not err:
+                handles.append(phh._obj.value)
+            return err
+        cpu._hook_add = hook_add
+
+    def _shed_hooks(self) -> None:
+        """Delete the per-address candidate hooks cases left behind (every translated
+        block is checked against every hook, so thousands of them slow Unicorn down)."""
+        if self._hook_handles is None:
+            self._build()
+            self.rebuilds += 1
+            return
+        from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
+        h = self.uc._uch
+        for v in self._hook_handles:
+            uclib.uc_hook_del(h, uc_hook_h(v))
+        self._hook_handles.clear()
+        self.cpu._hooked.clear()
+        self.rebuilds += 1
 
     def _record(self, rec) -> None:
         self._cur_exits.append(rec)
@@ -162,6 +208,8 @@ class Harness:
         self._after_config = {p: self.mm[p:p + PAGE_SIZE] for p in self.config_pages}
 
     def run(self, case: Case) -> Outcome:
+        if len(self.cpu._hooked) > MAX_HOOKS:
+            self._shed_hooks()
         m = self.m
         self._cur_exits, self._cur_handlers = [], []
         self._fills_outside.clear()
@@ -175,7 +223,11 @@ class Harness:
             self.apply(case)
             if self.auditor is not None:
                 self.auditor.begin()
-            out.result = m.run(max_insns=self.max_insns, timeout=0, max_exits=self.max_exits)
+            self._watch.arm(self.cpu, DEFAULT_TIMEOUT_S)
+            try:
+                out.result = m.run(max_insns=self.max_insns, timeout=0, max_exits=self.max_exits)
+            finally:
+                self._watch.disarm()
             if out.result.reason == "handler-error":
                 out.crash = f"{out.result.reason}: {out.result.detail}"
         except Exception as e:        # robustness: nothing may escape the hypervisor
@@ -220,6 +272,37 @@ class Harness:
         self.uc.context_restore(self._ctx)
         self.cpu.st.dirty = False
         return len(dirty), bad
+
+
+class _Watchdog:
+    """One long-lived thread that ends a case running past its wall-clock limit.
+    (``Machine.run``'s own timeout starts a thread per run: about 1 ms a case.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cpu = None
+        self._deadline = 0.0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, cpu, seconds: float) -> None:
+        with self._lock:
+            self._cpu, self._deadline = cpu, time.monotonic() + seconds
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="fuzz-watchdog")
+            self._thread.start()
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._cpu = None
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(0.02)
+            with self._lock:
+                cpu = self._cpu
+                if cpu is not None and time.monotonic() > self._deadline:
+                    self._cpu = None
+                    cpu._watchdog()          # as Machine.run's own timeout: flag, then emu_stop
 
 
 def _ranges(pages: list[int]) -> list[tuple[int, int]]:
