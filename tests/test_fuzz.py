@@ -183,7 +183,7 @@ def test_minimizer_keeps_the_finding(auditing):
 def test_seeded_campaign_finds_planted_bug(bug, seed):
     """A short seeded audit campaign finds each planted decision bug (the
     measured seeds find them within a few hundred cases: a few seconds)."""
-    opts = C.Options(seed=seed, cases=2000, audit=True, minimize=False)
+    opts = C.Options(seed=seed, cases=2000, audit=True, minimize=False, differential_every=0)
     found = []
 
     class Stop(Exception):
@@ -212,6 +212,7 @@ def test_cli_campaign_is_reproducible(tmp_path):
     out = []
     for i in range(2):
         rc, text = run_cli("fuzz", "--cases", "150", "--seed", "4", "--json", "--no-minimize",
+                           "--differential-every", "50",
                            "--crashes", str(tmp_path / f"c{i}"), "--corpus", str(tmp_path / f"k{i}"))
         assert rc in (0, 1), text
         d = json.loads(text.strip().splitlines()[-1])
@@ -264,7 +265,7 @@ def test_jobs_two_workers_share_the_corpus(tmp_path):
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs two cores")
     opts = C.Options(seed=1, cases=120, jobs=2, corpus=tmp_path / "k", crashes=tmp_path / "c", audit_every=0,
-                     minimize=False)
+                     minimize=False, differential_every=0)
     stats, secs, interrupted = C.run(opts)
     assert stats.execs == 120 and not interrupted
     names = os.listdir(tmp_path / "k")
@@ -285,3 +286,28 @@ def test_ctrl_c_keeps_corpus_and_prints_summary(tmp_path):
     assert any((tmp_path / "k").iterdir())
     for f in (tmp_path / "k").iterdir():
         Case.load(f)                         # every kept corpus file is whole
+
+
+# -- the differential reference: Unicorn's bundled QEMU SVM ------------------------------
+def test_qemu_reference_agrees_on_cpuid_and_pushf():
+    from sandbox.fuzz.differential import QemuSvm
+    q = QemuSvm()
+    c = Case(b"\x31\xc0" + CPUID + b"\x9c" + TERMINATOR, 0, VmcbConfig(words(0x72, 0x70, 0x81)))
+    e = q.first_exit(c)
+    assert (e.exitcode, e.rip) == (0x72, CODE_BASE + 2)          # APM Table C-1: CPUID 0x72
+    c = Case(b"\x31\xc0" + CPUID + b"\x9c" + TERMINATOR, 0, VmcbConfig(words(0x70, 0x81)))
+    e = q.first_exit(c)
+    assert (e.exitcode, e.rip) == (0x70, CODE_BASE + 4)          # CPUID not armed: PUSHF is first
+
+
+def test_differential_flags_a_planted_bug(harness):
+    """With POPF-66h planted, the sandbox runs past the 16-bit POPF that QEMU intercepts."""
+    from sandbox.fuzz.differential import differential
+    c = Case(b"\x66\x6a\x02" + POPF16 + TERMINATOR, 0, VmcbConfig(words(0x71, 0x81)))
+    assert differential(c, harness.run(c).exits) == []
+    plant("popf-66")()
+    try:
+        d = differential(c, harness.run(c).exits)
+    finally:
+        unplant()
+    assert len(d) == 1 and "sandbox 0x81" in d[0] and "QEMU 0x71" in d[0]

@@ -41,6 +41,7 @@ class Options:
     crashes: Path | None = None
     audit: bool = False             # audit every case (slow)
     audit_every: int = 8            # otherwise audit one case in N (0: never)
+    differential_every: int = 16    # compare one case in N with QEMU's SVM (0: never)
     n_insns: int = 64
     minimize: bool = True
     stop_on_finding: bool = False
@@ -50,6 +51,7 @@ class Options:
 class Stats:
     execs: int = 0
     audited: int = 0
+    differential: int = 0
     exits: collections.Counter = field(default_factory=collections.Counter)
     ends: collections.Counter = field(default_factory=collections.Counter)
     coverage: set = field(default_factory=set)
@@ -60,6 +62,7 @@ class Stats:
     def merge(self, o: "Stats") -> None:
         self.execs += o.execs
         self.audited += o.audited
+        self.differential += o.differential
         self.exits.update(o.exits)
         self.ends.update(o.ends)
         self.coverage |= o.coverage
@@ -114,6 +117,10 @@ class Worker:
         self._known_files = {p.name for p in opts.corpus.glob("*.case")} if opts.corpus else set()
         self.stats = Stats(corpus=0)
         self._saved = 0
+        self.qemu = None
+        if opts.differential_every:
+            from .differential import QemuSvm
+            self.qemu = QemuSvm()
 
     def step(self) -> list[Finding]:
         o = self.opts
@@ -138,6 +145,9 @@ class Worker:
             st.corpus += 1
             self._save_corpus(case)
         fs = findings(out)
+        if self.qemu is not None and n % o.differential_every == o.differential_every - 1:
+            st.differential += 1
+            fs += [Finding("differential", d) for d in self._differential(case, out)]
         fresh = [f for f in fs if f.signature not in st.findings]
         for f in fresh:
             path = self._save_finding(f, case, h)
@@ -167,10 +177,23 @@ class Worker:
                 except CaseError:
                     pass          # another worker is mid-write; it is picked up next sync
 
+    def _differential(self, case: Case, out) -> list[str]:
+        from .differential import differential
+        try:
+            return differential(case, out.exits, self.qemu)
+        except Exception as e:                 # the reference failing is not the sandbox's bug
+            return [] if not isinstance(e, AssertionError) else [str(e)]
+
+    def _reproduces(self, f: Finding, h: Harness) -> Callable[[Case], bool]:
+        if f.kind == "differential":
+            return lambda c: any(m == f.message or Finding(f.kind, m).signature == f.signature
+                                 for m in self._differential(c, h.run(c)))
+        return lambda c: any(g.signature == f.signature for g in findings(h.run(c)))
+
     def _save_finding(self, f: Finding, case: Case, h: Harness) -> str:
         small = case
         if self.opts.minimize:
-            small = minimize(case, lambda c: any(g.signature == f.signature for g in findings(h.run(c))))
+            small = minimize(case, self._reproduces(f, h))
         if self.opts.crashes is None:
             return ""
         base = self.opts.crashes / f"{f.kind}-{f.digest}"
@@ -261,7 +284,7 @@ def _worker_main(opts: Options, index: int, q, stop, patch) -> None:
 
 
 def _portable(s: Stats) -> Stats:
-    return Stats(s.execs, s.audited, collections.Counter(s.exits), collections.Counter(s.ends), set(s.coverage),
+    return Stats(s.execs, s.audited, s.differential, collections.Counter(s.exits), collections.Counter(s.ends), set(s.coverage),
                  s.new_coverage, s.corpus, dict(s.findings))
 
 

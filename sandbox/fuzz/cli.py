@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     f.add_argument("--audit", action="store_true", help="soundness-audit every case (slow)")
     f.add_argument("--audit-every", type=int, default=8, metavar="N",
                    help="in fast mode, audit one case in N (0: never; default 8)")
+    f.add_argument("--differential-every", type=int, default=16, metavar="N",
+                   help="compare one case in N with Unicorn's bundled QEMU SVM (0: never; default 16)")
     f.add_argument("--insns", type=int, default=64, metavar="N", help="instructions per generated case")
     f.add_argument("--no-minimize", action="store_true", help="save findings unminimized")
     f.add_argument("--stop-on-finding", action="store_true", help="end the campaign at the first finding")
@@ -41,7 +43,8 @@ def _status_table(stats, secs: float):
     from rich.table import Table
     t = Table(title="sandbox fuzz", show_header=False, box=None)
     rate = stats.execs / secs if secs > 0 else 0.0
-    t.add_row("execs", f"{stats.execs} ({rate:.0f}/s, {stats.audited} audited)")
+    t.add_row("execs", f"{stats.execs} ({rate:.0f}/s, {stats.audited} audited, "
+                       f"{stats.differential} compared with QEMU)")
     t.add_row("coverage", f"{len(stats.coverage)} (exit, info class, handler) tuples; corpus +{stats.corpus}")
     top = ", ".join(f"{exit_name(c)} {n}" for c, n in stats.exits.most_common(8))
     t.add_row("exits", top or "-")
@@ -62,10 +65,11 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
         raise CliError("give --seconds or --cases")
     if a.cases is not None and a.cases < 1 or a.seconds is not None and a.seconds <= 0:
         raise CliError("--cases and --seconds must be positive")
-    if a.audit_every < 0 or a.insns < 1:
-        raise CliError("--audit-every must be >= 0 and --insns >= 1")
+    if a.audit_every < 0 or a.differential_every < 0 or a.insns < 1:
+        raise CliError("--audit-every and --differential-every must be >= 0, --insns >= 1")
     opts = C.Options(seed=a.seed, seconds=a.seconds, cases=a.cases, jobs=a.jobs, corpus=a.corpus,
-                     crashes=a.crashes, audit=a.audit, audit_every=a.audit_every, n_insns=a.insns,
+                     crashes=a.crashes, audit=a.audit, audit_every=a.audit_every,
+                     differential_every=a.differential_every, n_insns=a.insns,
                      minimize=not a.no_minimize, stop_on_finding=a.stop_on_finding)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
@@ -78,7 +82,7 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
     except C.CampaignError as e:
         raise CliError(str(e)) from None
     summary = {
-        "seed": a.seed, "jobs": a.jobs, "execs": stats.execs, "audited": stats.audited, "seconds": round(secs, 2),
+        "seed": a.seed, "jobs": a.jobs, "execs": stats.execs, "audited": stats.audited, "differential": stats.differential, "seconds": round(secs, 2),
         "execs_per_s": round(stats.execs / secs, 1) if secs else 0.0, "interrupted": interrupted,
         "coverage": len(stats.coverage), "corpus_added": stats.corpus,
         "exits": {exit_name(c): n for c, n in stats.exits.most_common()},

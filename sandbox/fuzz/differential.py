@@ -1,0 +1,215 @@
+"""Differential reference: the same case under Unicorn's bundled QEMU SVM.
+
+A second, independent Unicorn instance (CPU model EPYC) runs a tiny host
+stub: WRMSR EFER.SVME and VM_HSAVE_PA, a CR0 rewrite so QEMU refreshes its
+hflags, then VMRUN on a VMCB holding the case's intercept vectors and the
+same guest entry state (identity-mapped long mode, nested paging off).
+QEMU then checks the intercepts itself; each #VMEXIT surfaces as
+``UC_HOOK_INTR`` with ``intno = 0x100 + EXITCODE`` at the guest instruction,
+and QEMU leaves EXITINFO1 in ``env->error_code`` (``cpu_vmexit``).  QEMU's
+``do_vmexit`` never runs under Unicorn, so only the *first* exit of a case is
+compared: EXITCODE and RIP, and EXITINFO1 where the APM defines it.
+
+Known QEMU deviations (:data:`ALLOW`), each checked against the APM:
+
+* ``rdtscp`` -- QEMU reports RDTSCP with the RDTSC exit code 0x6E; the APM
+  (Table C-1) gives RDTSCP its own code 0x87.  QEMU is wrong.
+* ``ioio`` -- IOIO exits do not surface under Unicorn (its port I/O path
+  skips ``helper_svm_check_io``); APM §15.10 requires them.  Not compared.
+* ``exceptions`` -- exception intercepts (0x40-0x5F) do not surface, and INT3
+  arrives as a plain vector 3; APM §15.12 requires them.  Not compared.
+* ``cr-above-8`` -- QEMU checks CR intercepts only for CR0-CR8.  Not compared.
+* ``svm-rax`` -- QEMU checks the VMRUN/VMLOAD/VMSAVE intercept before rAX's
+  alignment (its helpers test the intercept first); APM §15.5.1 and Bochs
+  raise #GP first.  QEMU is wrong; not compared when rAX is misaligned.
+* ``cr0-sel-write`` -- QEMU 5.0 has no selective CR0-write intercept (0x65);
+  APM §15.9.1 defines it.  Not compared.
+* ``invd`` -- QEMU's translator reports INVD with the WBINVD code
+  (``(b & 2) ? INVD : WBINVD`` is never true for 0F 08); APM Table C-1: INVD
+  0x76.  Not compared.
+* ``unmodelled`` -- MONITOR/MWAIT (the EPYC model under Unicorn raises #UD),
+  RDPRU and INVPCID (misc3 vector; QEMU 5.0 has neither), ICEBP (surfaces as
+  vector 1): the APM defines all of these intercepts.  Not compared.
+
+EXITINFO1 is compared only for MSR (QEMU's ``cpu_vmexit`` passes 0/1); QEMU
+5.0 has no decode assists for the others.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
+from unicorn import x86_const as X
+
+from ..cpustate import CpuState
+from .case import CODE_BASE, GPRS, Case
+
+MEM = 4 << 20
+PML4, PDPT, PD = 0x2000, 0x3000, 0x4000
+GDT = 0x1000
+STUB = 0x8000
+VMCB, HSAVE = 0x10000, 0x11000
+MSRPM_AT, IOPM_AT = 0x12000, 0x14000
+STACK = 0x90000
+EXCP_VMEXIT = 0x100
+
+#: exit codes whose EXITINFO1 QEMU passes (MSR r/w, INVLPG address, CR/DR have none under QEMU 5)
+INFO1_COMPARED = {0x7C}
+#: exits QEMU never raises under Unicorn (APM requires them): not compared
+NOT_SURFACING = {0x7B} | set(range(0x40, 0x60))
+ALLOW = {
+    "rdtscp": "QEMU reports RDTSCP as RDTSC (0x6E); APM Table C-1: 0x87",
+    "ioio": "IOIO exits do not surface under Unicorn; APM §15.10 requires them",
+    "exceptions": "exception intercepts do not surface (INT3 arrives as vector 3); APM §15.12 requires them",
+    "cr-above-8": "QEMU checks CR intercepts for CR0-CR8 only",
+    "svm-rax": "QEMU checks the VMRUN/VMLOAD/VMSAVE intercept before rAX alignment; APM §15.5.1: #GP first",
+    "cr0-sel-write": "QEMU 5.0 has no selective CR0-write intercept; APM §15.9.1 defines 0x65",
+    "invd": "QEMU reports INVD as WBINVD; APM Table C-1: INVD 0x76",
+    "unmodelled": "MONITOR/MWAIT/RDPRU/INVPCID/ICEBP intercepts never surface from QEMU 5.0 under Unicorn",
+}
+_UNMODELLED = {0x8A, 0x8B, 0x8C, 0x8E, 0xA2, 0x88}
+
+
+@dataclass
+class QemuExit:
+    exitcode: int
+    rip: int
+    exitinfo1: int
+
+
+def _stub(case: Case) -> bytes:
+    from keystone import KS_ARCH_X86, KS_MODE_64, Ks
+    regs = "\n".join(f"mov {n}, {v:#x}" for n, v in case.regs.items() if n not in ("rax", "rsp"))
+    src = f"""
+    mov ecx, 0xC0000080
+    rdmsr
+    or eax, 0x1000
+    wrmsr
+    mov ecx, 0xC0010117
+    mov eax, {HSAVE:#x}
+    xor edx, edx
+    wrmsr
+    mov rax, cr0
+    mov cr0, rax
+    jmp go
+    go:
+    {regs}
+    mov rax, {VMCB:#x}
+    .byte 0x0f, 0x01, 0xd8
+    hlt
+    """
+    enc, _ = Ks(KS_ARCH_X86, KS_MODE_64).asm(src, STUB)
+    return bytes(enc)
+
+
+class QemuSvm:
+    """One case under QEMU's SVM; :meth:`first_exit` returns its first #VMEXIT or None."""
+
+    def __init__(self) -> None:
+        self.uc = None
+
+    def _fresh(self) -> Uc:
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_cpu_model(X.UC_CPU_X86_EPYC)
+        uc.mem_map(0, MEM, UC_PROT_ALL)
+        # identity map of the first 1 GiB with 2 MiB pages (guest tables)
+        uc.mem_write(PML4, struct.pack("<Q", PDPT | 7))
+        uc.mem_write(PDPT, struct.pack("<Q", PD | 7))
+        uc.mem_write(PD, b"".join(struct.pack("<Q", (i << 21) | 0x87) for i in range(512)))
+        uc.mem_write(GDT, struct.pack("<3Q", 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF))
+        return uc
+
+    def first_exit(self, case: Case, max_insns: int = 1024) -> QemuExit | None:
+        uc = self._fresh()
+        uc.mem_write(case.entry, case.code)
+        v = bytearray(0x1000)
+        w = case.config.intercepts
+        struct.pack_into("<6I", v, 0, *w)
+        struct.pack_into("<QQ", v, 0x40, IOPM_AT, MSRPM_AT)
+        struct.pack_into("<I", v, 0x58, 1)                          # ASID
+        for name, off, sel, attr in (("ES", 0x400, 0x10, 0xC93), ("CS", 0x410, 0x08, 0x29B),
+                                     ("SS", 0x420, 0x10, 0xC93), ("DS", 0x430, 0x10, 0xC93)):
+            struct.pack_into("<HHIQ", v, off, sel, attr, 0xFFFFFFFF, 0)
+        struct.pack_into("<HHIQ", v, 0x460, 0, 0, 23, GDT)
+        v[0x4CB] = 0                                                # CPL
+        struct.pack_into("<Q", v, 0x4D0, 0x1D00)                    # EFER: SVME NXE LMA LME
+        struct.pack_into("<7Q", v, 0x548, 0x620, PML4, 0x80010033, 0x400, 0xFFFF0FF0, 0x2, case.entry)
+        struct.pack_into("<Q", v, 0x5D8, STACK)
+        struct.pack_into("<Q", v, 0x5F8, case.regs.get("rax", 0))
+        uc.mem_write(VMCB, bytes(v))
+        iopm = bytearray(0x3000)
+        for p in case.config.iopm:
+            iopm[p >> 3] |= 1 << (p & 7)
+        uc.mem_write(IOPM_AT, bytes(iopm))
+        msrpm = bytearray(0x2000)
+        from ..msrpm import msrpm_bit
+        for msr, r, wr in case.config.msrpm:
+            for on, is_w in ((r, False), (wr, True)):
+                b = msrpm_bit(msr, is_w)
+                if on and b is not None:
+                    msrpm[b >> 3] |= 1 << (b & 7)
+        uc.mem_write(MSRPM_AT, bytes(msrpm))
+        stub = _stub(case)
+        uc.mem_write(STUB, stub)
+        got: list[QemuExit] = []
+        st = CpuState(uc)
+        self.last_event = None
+
+        def intr(uc_, intno, ud):
+            rip = uc_.reg_read(X.UC_X86_REG_RIP)
+            if intno >= EXCP_VMEXIT and not got:
+                got.append(QemuExit(intno - EXCP_VMEXIT, rip, st.load().error_code))
+            elif self.last_event is None:
+                self.last_event = (intno, rip)        # an exception QEMU raised in the guest
+            uc_.emu_stop()
+        uc.hook_add(UC_HOOK_INTR, intr)
+        try:
+            uc.emu_start(STUB, STUB + len(stub), count=max_insns + 64)
+        except UcError:
+            pass
+        return got[0] if got else None
+
+
+def compared(code: int, rip: int, case: Case) -> str | None:
+    """Why a sandbox exit is *not* compared (an allow-list key), or None."""
+    if code == 0x87:
+        return "rdtscp"
+    if code == 0x7B:
+        return "ioio"
+    if 0x40 <= code < 0x60:
+        return "exceptions"
+    if 0x09 <= code <= 0x0F or 0x19 <= code <= 0x1F:
+        return "cr-above-8"
+    if code == 0x65:
+        return "cr0-sel-write"
+    if code in (0x76, 0x89):
+        return "invd"
+    if code in _UNMODELLED:
+        return "unmodelled"
+    if code in (0x80, 0x82, 0x83):
+        return "svm-rax"
+    return None
+
+
+def differential(case: Case, sandbox_exits: list, qemu: QemuSvm | None = None) -> list[str]:
+    """Disagreements between the sandbox's first exit and QEMU's, after the allow-list."""
+    q = (qemu or QemuSvm()).first_exit(case)
+    s = sandbox_exits[0] if sandbox_exits else None
+    if s is None or s.exitcode > 0xFF and s.exitcode != 0x400:
+        return []                       # the sandbox stopped without an instruction exit
+    if compared(s.exitcode, s.rip, case) is not None or s.exitcode in (0x400, 0x7F):
+        return []
+    if q is None:
+        return []          # inconclusive: QEMU's run ended on an emulation error or its budget
+    if q.exitcode == 0x6E and case.code[q.rip - case.entry:q.rip - case.entry + 15].find(b"\x0f\x01\xf9") >= 0 \
+            and q.rip != s.rip:
+        return []          # "rdtscp": QEMU checks the RDTSC bit for RDTSCP
+    if q.exitcode in NOT_SURFACING or compared(q.exitcode, q.rip, case) is not None:
+        return []          # QEMU stopped first on an exit it reports wrongly (see ALLOW)
+    out = []
+    if (q.exitcode, q.rip) != (s.exitcode, s.rip):
+        out.append(f"first exit: sandbox {s.exitcode:#x} at {s.rip:#x}, QEMU {q.exitcode:#x} at {q.rip:#x}")
+    elif s.exitcode in INFO1_COMPARED and q.exitinfo1 != s.exitinfo1:
+        out.append(f"{s.exitcode:#x} EXITINFO1: sandbox {s.exitinfo1:#x}, QEMU {q.exitinfo1:#x}")
+    return out
