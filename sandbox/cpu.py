@@ -33,7 +33,7 @@ from . import decode as D
 from .cpustate import (emu_counter, invalid_addr, R_FS, R_GS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
 from .decision import (ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits,
-                       svm_rax_faults)
+                       mov_to_cr_faults, svm_rax_faults)
 
 NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Vec, combine, deliver
@@ -420,6 +420,9 @@ class SvmCpu:
             vec = insn.imm if k == D.Kind.INTN else (3 if k == D.Kind.INT3 else 1)
             self._deliver_in_hook(vec, None, software=(k == D.Kind.INTN) or k == D.Kind.INT3,
                                   rip_after=address + insn.length, fault_rip=address)
+        elif k == D.Kind.MOV_TO_CR:
+            if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0)):
+                self._exception(Vec.GP, 0, address)      # Unicorn would load the illegal value
         elif k == D.Kind.INTO:
             self._exception(Vec.UD, None, address)
         elif k in (D.Kind.VMLOAD, D.Kind.VMSAVE, D.Kind.SKINIT, D.Kind.VMRUN, D.Kind.STGI, D.Kind.CLGI,

@@ -387,4 +387,25 @@ IRQ_WINDOW = frozenset({Kind.STI, Kind.POPF, Kind.IRET})
 ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kind.VMLOAD,
           Kind.VMSAVE, Kind.SKINIT, Kind.STGI, Kind.CLGI, Kind.INVLPGA, Kind.VMMCALL,
           # port I/O: Unicorn skips the IOPL / TSS-bitmap check, so the model makes it
-          Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS}
+          Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS,
+          # MOV to CR: Unicorn accepts reserved bits the processor must refuse with #GP
+          Kind.MOV_TO_CR}
+
+CR4_RESERVED = 0xFFFF_FFFF_FE08_E000      # APM vol. 2 §3.7.1 (kvm-unit-tests SVM_CR4_RESERVED_MASK)
+CR3_LONG_MBZ = 0xFFF0_0000_0000_0000      # bits 63:52 in long mode
+
+
+def mov_to_cr_faults(reg: int, value: int, cr0: int) -> bool:
+    """#GP(0) from MOV to CRn for an illegal value, in 64-bit mode (APM vol. 2 §3.1.1-3.1.3, §3.7.1,
+    "MOV CRn" in vol. 3): reserved bits of CR0 (63:32), CR3 (63:52), CR4 or CR8 (63:4);
+    CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE in long mode."""
+    if reg == 0:
+        return bool(value >> 32 or (value & (1 << 29) and not value & (1 << 30))
+                    or not value & (1 << 31) or not value & 1)
+    if reg == 3:
+        return bool(value & CR3_LONG_MBZ)
+    if reg == 4:
+        return bool(value & CR4_RESERVED or not value & (1 << 5))
+    if reg == 8:
+        return bool(value >> 4)
+    return False

@@ -116,3 +116,28 @@ def test_rep_string_io_data_and_page_straddle(guest):
     assert r.regs["rsi"] == src_at + 5 and r.regs["rcx"] == 0      # (RDI is the EXIT code by now)
     assert m.guest.read_phys(dst_at, 6) == b"\xff" * 6          # no device at 0x1234: all ones
     assert m.guest.read_phys(dst_at - 1, 1) == b"\x00" and m.guest.read_phys(dst_at + 6, 1) == b"\x00"
+
+
+@pytest.mark.parametrize("insn,pre", [
+    ("mov cr4, rax", "mov rax, cr4\nbts rax, 13"),          # CR4 bit 13 (VMXE) is MBZ on AMD
+    ("mov cr4, rax", "mov rax, cr4\nbts rax, 40"),
+    ("mov cr0, rax", "mov rax, cr0\nbts rax, 32"),          # CR0[63:32] MBZ
+    ("mov cr0, rax", "mov rax, cr0\nbts rax, 29\nbtr rax, 30"),   # NW without CD
+    ("mov cr8, rax", "mov eax, 16"),                         # CR8[63:4] MBZ
+], ids=["cr4-vmxe", "cr4-bit40", "cr0-high", "cr0-nw", "cr8-16"])
+def test_mov_to_cr_with_reserved_bits_is_gp(guest, insn, pre):
+    """MOV to CRn with a reserved bit set raises #GP(0) (APM vol. 2 §3.1, §3.7.1).
+    Unicorn loaded the value, and the next VMRUN failed its consistency check
+    (VMEXIT_INVALID, "CR4 MBZ bits set").  Found by `sandbox fuzz`."""
+    m = guest(pre + "\n" + insn + "\n" + hc_exit(0x55))
+    m.intercept("excp13")
+    rec = capture(m, GP_EXIT)
+    r = m.run(timeout=5)
+    assert r.reason == "captured", (r.reason, r.detail)
+    assert rec[0].rip == BASE + len(assemble(pre)) and rec[0].info1 == 0
+
+
+def test_mov_to_cr4_legal_value_still_runs(guest):
+    m = guest("mov rax, cr4\nbts rax, 9\nmov cr4, rax\nmov rbx, cr4\n" + hc_exit(0x55))
+    r = m.run(timeout=5)
+    assert r.reason == "guest-exit" and r.regs["rbx"] >> 9 & 1
