@@ -311,3 +311,22 @@ def test_differential_flags_a_planted_bug(harness):
     finally:
         unplant()
     assert len(d) == 1 and "sandbox 0x81" in d[0] and "QEMU 0x71" in d[0]
+
+
+def test_audit_models_mwaitx_as_mwait(auditing):
+    """MONITORX/MWAITX hit the MONITOR(X)/MWAIT(X) intercepts (APM Table B-1, misc2
+    bits 10-11); the audit once called the sandbox's exit spurious."""
+    c = Case(b"\x31\xc9\x31\xc0\x0f\x01\xfb" + TERMINATOR, 0, VmcbConfig(words(0x8B, 0x81)))
+    out = auditing.run(c)
+    assert out.exits[0].exitcode == 0x8B and not out.audit, [str(a) for a in out.audit]
+
+
+def test_differential_allows_qemu_rdtscp_as_rdtsc_after_self_modification(harness):
+    """QEMU checks the RDTSC bit for RDTSCP (allow-list 'rdtscp'); the bytes are only
+    written at run time, so the check must look at memory at the exit, not the case."""
+    from sandbox.fuzz.differential import QemuSvm, differential
+    code = bytes.fromhex("b80f01f9488d3d05000000890790909090909090eb00") + TERMINATOR
+    c = Case(code, 0x581, VmcbConfig(words(0x6E, 0x81)))          # RDTSC armed, RDTSCP not
+    q = QemuSvm().first_exit(c)
+    assert q.exitcode == 0x6E and q.insn.startswith(b"\x0f\x01\xf9")
+    assert differential(c, harness.run(c).exits) == []

@@ -118,6 +118,9 @@ def replay_case(a: argparse.Namespace) -> int:
     h = Harness(audit=bool(getattr(a, "audit", False)))
     out = h.run(case)
     fs = findings(out)
+    from .differential import differential
+    from .oracle import Finding
+    fs += [Finding("differential", d) for d in differential(case, out.exits)]
     r = out.result
     if a.json:
         for e in out.exits:

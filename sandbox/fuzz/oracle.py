@@ -31,8 +31,10 @@ class Finding:
     @property
     def signature(self) -> str:
         """Stable across addresses and values, for de-duplication."""
-        s = re.sub(r"0x[0-9a-f]+", "#", self.message)
-        s = re.sub(r"\d+", "#", s)
+        s = re.sub(r"at 0x[0-9a-f]+", "at #", self.message)
+        if self.kind != "differential":        # there the exit codes are the point
+            s = re.sub(r"0x[0-9a-f]+", "#", s)
+            s = re.sub(r"\d+", "#", s)
         return f"{self.kind}: {s}"
 
     @property
