@@ -264,8 +264,11 @@ def _xsetbv(i, v, rip):
 
 
 def _monitor(code_: int):
-    def check(i, v, rip):
-        if v.cpl:
+    def check(i, v, rip, code: bytes = b""):
+        # MONITOR/MWAIT are CPL-0 instructions (#UD first at CPL>0); MONITORX/MWAITX
+        # (0F 01 FA / FB) run at any CPL and hit the same intercepts (APM Table B-1)
+        x_form = len(code) > i.modrm_off and code[i.modrm_off] in (0xFA, 0xFB)
+        if v.cpl and not x_form:
             return None
         return ExitInfo(code_) if armed(v, code_) else None
     return check
@@ -320,7 +323,8 @@ DECIDE: dict[Kind, Callable] = {
     Kind.INVPCID: _simple(ExitCode.INVPCID, cpl0=True),
     Kind.STI: lambda i, v, rip: None,          # no intercept; watched for interrupt windows
 }
-_NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: _io, Kind.OUT: _io, Kind.INS: _io, Kind.OUTS: _io}
+_NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: _io, Kind.OUT: _io, Kind.INS: _io, Kind.OUTS: _io,
+               Kind.MONITOR: DECIDE[Kind.MONITOR], Kind.MWAIT: DECIDE[Kind.MWAIT]}
 
 
 def decide(insn: Insn, v: GuestView, rip: int, code: bytes) -> ExitInfo | None:

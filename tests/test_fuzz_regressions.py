@@ -141,3 +141,19 @@ def test_mov_to_cr4_legal_value_still_runs(guest):
     m = guest("mov rax, cr4\nbts rax, 9\nmov cr4, rax\nmov rbx, cr4\n" + hc_exit(0x55))
     r = m.run(timeout=5)
     assert r.reason == "guest-exit" and r.regs["rbx"] >> 9 & 1
+
+
+@pytest.mark.parametrize("insn,arm,code", [(b"\x0f\x01\xfa", "monitor", 0x8A), (b"\x0f\x01\xfb", "mwait", 0x8B)],
+                         ids=["monitorx", "mwaitx"])
+def test_monitorx_mwaitx_at_cpl3_exit(guest, insn, arm, code):
+    """MONITORX/MWAITX are legal at CPL 3 and hit the MONITOR(X)/MWAIT(X) intercepts
+    (APM Table B-1, misc2 bits 10-11); the decision applied MONITOR's CPL-0 rule to them.
+    Found while triaging a fuzz finding (the audit model lacked the X forms)."""
+    from conftest import user_code_addr, user_guest
+    m = user_guest(guest, "xor ecx, ecx\nxor eax, eax\n" + db(insn))
+    m.intercept(arm)
+    rec = capture(m, code)
+    r = m.run(timeout=5)
+    assert r.reason == "captured", (r.reason, r.detail)
+    at = user_code_addr("xor ecx, ecx\nxor eax, eax")
+    assert rec[0].rip == at and rec[0].nrip == at + 3
