@@ -330,3 +330,5 @@ def test_differential_allows_qemu_rdtscp_as_rdtsc_after_self_modification(harnes
     q = QemuSvm().first_exit(c)
     assert q.exitcode == 0x6E and q.insn.startswith(b"\x0f\x01\xf9")
     assert differential(c, harness.run(c).exits) == []
+    c = Case(b"\x67\x36\x66\x4c\x0f\x01\xf9" + TERMINATOR, 0, VmcbConfig(words(0x6E, 0x81)))   # with prefixes
+    assert differential(c, harness.run(c).exits) == []

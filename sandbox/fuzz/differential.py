@@ -172,6 +172,17 @@ class QemuSvm:
         return got[0] if got else None
 
 
+_PREFIXES = frozenset({0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
+
+
+def _opcode(insn: bytes) -> bytes:
+    """The instruction's bytes from its opcode on (legacy and REX prefixes skipped)."""
+    k = 0
+    while k < len(insn) and insn[k] in _PREFIXES:
+        k += 1
+    return insn[k:]
+
+
 def compared(code: int, rip: int, case: Case) -> str | None:
     """Why a sandbox exit is *not* compared (an allow-list key), or None."""
     if code == 0x87:
@@ -203,7 +214,7 @@ def differential(case: Case, sandbox_exits: list, qemu: QemuSvm | None = None) -
         return []
     if q is None:
         return []          # inconclusive: QEMU's run ended on an emulation error or its budget
-    if q.exitcode == 0x6E and b"\x0f\x01\xf9" in q.insn[:6]:
+    if q.exitcode == 0x6E and _opcode(q.insn).startswith(b"\x0f\x01\xf9"):
         return []          # "rdtscp": QEMU checks the RDTSC bit for RDTSCP (and reports it as RDTSC)
     if q.exitcode in NOT_SURFACING or compared(q.exitcode, q.rip, case) is not None:
         return []          # QEMU stopped first on an exit it reports wrongly (see ALLOW)
