@@ -118,7 +118,8 @@ class SvmCpu:
         self.mem = mem
         self._mm = mem._mm               # raw DRAM for the processor's own accesses
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address)
+        # DRAM, and above it the plaintext cache of SEV pages (HostMemory.cache_base)
+        uc.mem_map_ptr(0, 2 * mem.size, UC_PROT_ALL, mem.address)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         # No exit address: with an ``until`` address Unicorn probes that page
         # through the TLB-fill hook after every emu_start, which is not a guest
@@ -142,6 +143,8 @@ class SvmCpu:
         self._np = False
         self._asid = 0
         self.stats = WalkStats()
+        #: SEV memory controller (sandbox.memctl.MemoryController), attached by the SEV launcher
+        self.memctl = None
         self.exit_count = 0
         self.on_exit: Callable[[ExitRecord], bool] | None = None
         self.io_passthrough: Callable[[int, int, bool, int], int] | None = None
@@ -240,7 +243,8 @@ class SvmCpu:
     def walker(self) -> TwoDimWalker:
         st = self.st
         nested = NestedLayer(self.mem, self._n_cr3, self.stats) if self._np else _IdentityNested(self.mem, self.stats)
-        guest = GuestLayer(nested, st.cr(0), st.cr(3), st.cr(4), st.efer, self.stats)
+        enc = self.memctl if self.memctl is not None and self.memctl.active else None
+        guest = GuestLayer(nested, st.cr(0), st.cr(3), st.cr(4), st.efer, self.stats, enc)
         return TwoDimWalker(guest, nested, self.stats)
 
     def _tlb_fill(self, uc, vaddr, access, entry, ud) -> bool:
@@ -721,6 +725,8 @@ class SvmCpu:
         see the VMCB before it holds the guest state.
         """
         st = self.st if fresh else self.st.load()
+        if self.memctl is not None:
+            self.memctl.flush_dirty()         # SEV: DRAM holds ciphertext before the hypervisor runs
         mv = self.mem.view
         b = self._vmcb_hpa
         rax, rsp = st.gpr(0), st.gpr(4)
@@ -748,6 +754,8 @@ class SvmCpu:
     _EAGER_QWORDS = frozenset({0x578, 0x5D8, 0x5F8})
 
     def _sync(self, hpa: int, n: int, write: bool = False) -> None:
+        if self.memctl is not None:
+            self.memctl.host_access(hpa, n, write)
         off = hpa - self._vmcb_hpa
         if off + n <= 0 or off >= 0x1000:
             if write and self._code_hpa:
@@ -904,6 +912,8 @@ class SvmCpu:
         return self._finish()
 
     def _finish(self) -> StopInfo:
+        if self.memctl is not None:
+            self.memctl.flush_dirty()
         self.flush_guest_state()
         if self.st.dirty:
             self.st.store()
@@ -1007,6 +1017,8 @@ class SvmCpu:
         """VMRUN's checks and guest-state load; False after VMEXIT_INVALID."""
         if self._xmod_pages:
             self._xmod_commit()
+        if self.memctl is not None:
+            self.memctl.before_vmrun(self)
         mv = self.mem.view
         b = self._vmcb_hpa
         if in_hook and self._fast_ok and not self._vmcb_written:
@@ -1057,6 +1069,8 @@ class SvmCpu:
         eventinj = struct.unpack_from("<Q", mv, b + 0xA8)[0]
         cs_attr = struct.unpack_from("<H", mv, b + 0x412)[0]
         why = self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm, eventinj, cs_attr)
+        if not why and self.memctl is not None:
+            why = self.memctl.vmrun_check(asid, bool(npc & 2), bool(npc & NpControl.NP_ENABLE))
         if why:
             # VMEXIT_INVALID: no guest state was loaded and no instruction runs
             self._invalid_reason = why

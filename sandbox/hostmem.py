@@ -34,14 +34,22 @@ class HostMemory:
 
     Page 0 is never handed out by the allocator, so an HPA of 0 can mean
     "none" in tables the hypervisor builds.
+
+    The buffer is twice ``size``: the upper half is not DRAM but the
+    processor's on-die plaintext cache for encrypted (SEV) pages, at
+    ``cache_base + hpa`` (see :mod:`sandbox.memctl`).  It is reachable only by
+    the processor model; every method here is bounded by ``size``, and
+    :meth:`dump` returns DRAM alone.
     """
 
     def __init__(self, size: int = 64 << 20) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise HostMemoryError(f"DRAM size must be a positive multiple of 4 KiB, got {size:#x}")
         self.size = size
-        self._mm = mmap.mmap(-1, size)
-        self._cbuf = (ctypes.c_char * size).from_buffer(self._mm)
+        #: where the processor's plaintext cache starts (just above DRAM)
+        self.cache_base = size
+        self._mm = mmap.mmap(-1, 2 * size)     # anonymous: untouched cache pages cost nothing
+        self._cbuf = (ctypes.c_char * (2 * size)).from_buffer(self._mm)
         #: raw view for the CPU model; hypervisor code uses the methods below
         self.view = memoryview(self._mm)
         self._free: list[int] = list(range(size // PAGE_SIZE - 1, 0, -1))
@@ -146,7 +154,7 @@ class HostMemory:
     def dump(self) -> bytes:
         """The raw DRAM image, as a physical-memory probe would see it."""
         self._check(0, self.size)
-        return bytes(self._mm)
+        return bytes(self._mm[:self.size])
 
     def pages(self) -> Iterable[int]:
         """HPAs of all allocated pages."""

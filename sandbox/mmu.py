@@ -92,8 +92,12 @@ class NestedLayer:
 class GuestLayer:
     """GVA -> GPA through the guest's own page tables, reading them via ``nested``."""
 
-    def __init__(self, nested: NestedLayer, cr0: int, cr3: int, cr4: int, efer: int, stats: WalkStats) -> None:
+    def __init__(self, nested: NestedLayer, cr0: int, cr3: int, cr4: int, efer: int, stats: WalkStats,
+                 enc=None) -> None:
         self.nested, self.stats = nested, stats
+        #: SEV memory controller (:mod:`sandbox.memctl`) when the guest is encrypted
+        self.enc = enc
+        self._nocbit = ~enc.cbit_mask if enc is not None else -1
         self.paging = bool(cr0 & (1 << 31))
         self.wp = bool(cr0 & (1 << 16))
         self.cr3 = cr3
@@ -103,13 +107,15 @@ class GuestLayer:
 
     def _read(self, gpa: int) -> int:
         # a guest page-table read is a user write at the nested level (APM §15.25.6)
-        r = self.nested.translate(gpa, Access.WRITE, final=False)
+        r = self.nested.translate(gpa & self._nocbit, Access.WRITE, final=False)
         self.stats.guest_entries += 1
-        return int.from_bytes(self._mem.view[r.phys:r.phys + 8], "little")
+        a = r.phys if self.enc is None else self.enc.cpu_paddr(r.phys, True, True)   # SEV: PT walks are private
+        return int.from_bytes(self._mem.view[a:a + 8], "little")
 
     def _write(self, gpa: int, v: int) -> None:
-        r = self.nested.translate(gpa, Access.WRITE, final=False)
-        self._mem.view[r.phys:r.phys + 8] = v.to_bytes(8, "little")
+        r = self.nested.translate(gpa & self._nocbit, Access.WRITE, final=False)
+        a = r.phys if self.enc is None else self.enc.cpu_paddr(r.phys, True, True)
+        self._mem.view[a:a + 8] = v.to_bytes(8, "little")
 
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> WalkResult:
         if not self.paging:
@@ -133,6 +139,10 @@ class Translation:
     executable: bool
     dirty: bool
     user: bool = True
+    #: SEV: the access is private (guest C-bit, or a fetch); ``hpa`` is then the
+    #: processor's plaintext-cache address and ``dram`` the page's real HPA
+    private: bool = False
+    dram: int | None = None
 
 
 @dataclass
@@ -145,6 +155,9 @@ class TwoDimWalker:
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> Translation:
         self.stats.walks += 1
         g = self.guest.translate(gva, access, user, set_ad)
+        if self.guest.enc is not None:
+            from .sevwalk import sev_final
+            return sev_final(self, gva, g, access, set_ad)
         n = self.nested.translate(g.phys, access, final=True, set_ad=set_ad)
         return Translation(gva=gva, gpa=g.phys, hpa=n.phys, writable=g.writable and n.writable,
                            executable=g.executable and n.executable, dirty=g.dirty and n.dirty, user=g.user)

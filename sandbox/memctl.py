@@ -1,0 +1,197 @@
+"""The memory controller's AES engine and the processor's plaintext cache (SEV).
+
+On SEV hardware an AES engine in the memory controller encrypts every cache
+line written to DRAM with the key of the guest's ASID and decrypts it on the
+way back, with a tweak derived from the host-physical address so that equal
+plaintext at two addresses gives unrelated ciphertext (APM vol. 2 §15.34.2;
+AMD Memory Encryption whitepaper).  Keys are held by the secure processor
+(:mod:`sandbox.sev`); nothing here returns one.
+
+Cipher construction (this model's; AMD does not publish the exact tweak):
+AES-128 in XTS mode (IEEE 1619, an XEX tweakable block cipher) with the
+4 KiB page as the data unit and the page's host-physical address as the
+tweak.  For the 16-byte block ``j`` of the page at HPA ``p``::
+
+    T_j = AES_K2(le128(p)) * alpha^j        (multiplication in GF(2^128))
+    C_j = AES_K1(P_j xor T_j) xor T_j
+
+so each block's tweak is a function of its own host-physical address.  The
+guest key is the pair (K1, K2) of independent AES-128 keys.
+
+Plaintext while the guest runs: the host buffer's upper half
+(``HostMemory.cache_base``) models the processor's caches.  A private page
+(C-bit set in the guest's page table, or any instruction fetch or guest
+page-table access) is decrypted there on first touch and the guest's TLB
+entry points at that alias; shared pages map straight to DRAM.  At every
+#VMEXIT, before the hypervisor runs, pages the guest changed are encrypted
+back into DRAM (:meth:`MemoryController.flush_dirty`), so DRAM never holds a
+private page's plaintext while hypervisor code can run.  A hypervisor write
+into DRAM drops the cached plaintext of that page: the guest then decrypts
+whatever the hypervisor wrote.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .hostmem import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .hostmem import HostMemory
+
+PAGE_MASK = ~(PAGE_SIZE - 1)
+
+
+class XtsEngine:
+    """One guest key's AES-128-XTS engine (data unit = one 4 KiB page)."""
+
+    __slots__ = ("_alg",)
+
+    def __init__(self, key_pair: bytes) -> None:
+        if len(key_pair) != 32:
+            raise ValueError("an XTS-AES-128 key is two 16-byte keys")
+        self._alg = algorithms.AES(key_pair)
+
+    def _ctx(self, hpa: int, encrypt: bool):
+        c = Cipher(self._alg, modes.XTS((hpa & PAGE_MASK).to_bytes(16, "little")))
+        return c.encryptor() if encrypt else c.decryptor()
+
+    def encrypt_page(self, hpa: int, plaintext: bytes) -> bytes:
+        e = self._ctx(hpa, True)
+        return e.update(plaintext) + e.finalize()
+
+    def decrypt_page(self, hpa: int, ciphertext: bytes) -> bytes:
+        d = self._ctx(hpa, False)
+        return d.update(ciphertext) + d.finalize()
+
+
+@dataclass
+class MemCtlStats:
+    decrypts: int = 0          # pages decrypted into the cache
+    encrypts: int = 0          # pages written back encrypted
+    flushes: int = 0           # flush_dirty calls (one per #VMEXIT)
+    invalidations: int = 0     # cached pages dropped because the hypervisor wrote DRAM
+
+
+class MemoryController:
+    """Encrypts guest-private pages between the processor and DRAM.
+
+    The processor calls :meth:`cpu_paddr` from its TLB fill (via the 2-D
+    walker), :meth:`flush_dirty` at #VMEXIT, :meth:`host_access` from the
+    host-memory sync hook and :meth:`before_vmrun` at VMRUN.
+    """
+
+    def __init__(self, mem: "HostMemory", engine_for: Callable[[int], XtsEngine | None], cbit: int) -> None:
+        self.mem = mem
+        self._engine_for = engine_for
+        #: the C-bit as a mask in guest page-table entries
+        self.cbit_mask = 1 << cbit
+        self._cb = mem.cache_base
+        self._view = mem.view
+        self._mm = mem._mm
+        self.active = False
+        self.asid = 0
+        self._engine: XtsEngine | None = None
+        self._clean: dict[int, bytes] = {}     # cached page -> plaintext as last written to DRAM
+        self._writable: set[int] = set()       # cached pages the guest may have written since
+        self.stale = False                     # cached plaintext dropped: TLB/TBs need flushing
+        #: called after guest writes reach DRAM, with the pages written (SNP uses it)
+        self.stats = MemCtlStats()
+        #: optional check of a private access (SNP's RMP); raises to refuse it
+        self.rmp_check: Callable[[int, int, int, bool], None] | None = None
+
+    # ---------------------------------------------------------------- VMRUN
+    def vmrun_check(self, asid: int, sev_enabled: bool, np_enabled: bool) -> str:
+        """VMRUN's SEV checks (APM §15.5.1); '' when legal.  Selects the key."""
+        if not sev_enabled:
+            if self.active:
+                self._drop_all()
+            self.active = False
+            return ""
+        if not np_enabled:
+            return "SEV is enabled without nested paging"
+        engine = self._engine_for(asid)
+        if engine is None:
+            return f"SEV is enabled but ASID {asid} has no launched SEV guest (no key)"
+        if asid != self.asid or not self.active:
+            self._drop_all()
+        self.asid, self._engine, self.active = asid, engine, True
+        return ""
+
+    def before_vmrun(self, cpu) -> None:
+        """The hypervisor replaced cached pages: the guest's TLB entries and
+        translated blocks for their plaintext are stale."""
+        if self.stale:
+            self.stale = False
+            cpu.flush_tlb()
+            cpu.uc.ctl_flush_tb()
+
+    # ----------------------------------------------------------- guest side
+    def cpu_paddr(self, hpa: int, private: bool, writable: bool) -> int:
+        """Where the processor accesses host page ``hpa`` for the guest."""
+        page = hpa & PAGE_MASK
+        if not private:
+            if page in self._writable:
+                self._write_back(page)      # C=0 after C=1: the private lines are written back first
+            return hpa
+        if page not in self._clean:
+            self._fill(page)
+        if writable:
+            self._writable.add(page)
+        return self._cb + hpa
+
+    def _fill(self, page: int) -> None:
+        pt = self._engine.decrypt_page(page, self._mm[page:page + PAGE_SIZE])
+        self._view[self._cb + page:self._cb + page + PAGE_SIZE] = pt
+        self._clean[page] = pt
+        self.stats.decrypts += 1
+
+    def _write_back(self, page: int) -> bool:
+        a = self._cb + page
+        cur = self._mm[a:a + PAGE_SIZE]
+        if cur == self._clean[page]:
+            return False
+        self._view[page:page + PAGE_SIZE] = self._engine.encrypt_page(page, cur)
+        self._clean[page] = cur
+        self.stats.encrypts += 1
+        return True
+
+    def flush_dirty(self) -> None:
+        """#VMEXIT: encrypt every page the guest changed back into DRAM."""
+        self.stats.flushes += 1
+        for page in self._writable:
+            self._write_back(page)
+
+    # ------------------------------------------------------ hypervisor side
+    def host_access(self, hpa: int, n: int, write: bool) -> None:
+        """A hypervisor access through HostMemory: DRAM must be current, and
+        a write makes the cached plaintext of the pages it touches stale."""
+        first, last = hpa & PAGE_MASK, (hpa + max(n, 1) - 1) & PAGE_MASK
+        if first == last:
+            if first not in self._clean:
+                return
+            pages = (first,)
+        else:
+            pages = [p for p in range(first, last + 1, PAGE_SIZE) if p in self._clean]
+        for p in pages:
+            if p in self._writable:
+                self._write_back(p)
+            if write:
+                del self._clean[p]
+                self._writable.discard(p)
+                self.stale = True
+                self.stats.invalidations += 1
+
+    def _drop_all(self) -> None:
+        if self._engine is not None:
+            for p in self._writable:
+                self._write_back(p)
+        if self._clean:
+            self.stale = True
+        self._clean.clear()
+        self._writable.clear()
+
+    def cached_pages(self) -> list[int]:
+        return sorted(self._clean)
