@@ -391,8 +391,12 @@ def _cpuid_leaf(m: Machine, leaf: int, sub: int) -> tuple[int, int, int, int]:
         return 0x4000_0001, *struct.unpack("<III", HYPERVISOR_VENDOR)
     if leaf == 0x4000_0001:
         return 0, 0, 0, 0
+    sev = getattr(m, "sp", None) is not None      # a secure processor: memory encryption is offered
     if leaf == 0x8000_0000:
-        return 0x8000_0008, *struct.unpack("<III", vendor[0:4] + vendor[8:12] + vendor[4:8])
+        return 0x8000_001F if sev else 0x8000_0008, *struct.unpack("<III", vendor[0:4] + vendor[8:12] + vendor[4:8])
+    if leaf == 0x8000_001F and sev:
+        from .sev import cpuid_8000_001f
+        return cpuid_8000_001f()
     if leaf == 0x8000_0001:
         return 0x00800F12, 0, (1 << 0), (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29) | 0x0183F3FF
     if 0x8000_0002 <= leaf <= 0x8000_0004:
