@@ -14,6 +14,7 @@ examples:
   sandbox run guest_images/hello.S
   sandbox run guest_images/popek_goldberg.S --intercept sensitive
   sandbox run guest_images/hello.S --ports 0x3f8-0x3ff --json --quiet
+  sandbox run guest_images/sev_secrets.S --sev --dump-host-memory dram.bin
 """
 
 
@@ -67,6 +68,8 @@ def parse_msrs(spec: str) -> list[tuple[int, bool, bool]]:
 
 
 def _disasm(m, rip: int) -> str:
+    if getattr(m, "sp", None) is not None:
+        return "(encrypted)"          # SEV: the hypervisor sees only ciphertext of guest code
     try:
         code = m.read_virt(rip, 15)
     except Exception:
@@ -114,6 +117,20 @@ def cmd_run(a: argparse.Namespace) -> int:
             load_hooks(m, a.hooks)
         except HooksError as e:
             raise CliError(str(e)) from None
+    dump = None
+    if a.dump_host_memory:
+        try:
+            dump = open(a.dump_host_memory, "wb")
+        except OSError as e:
+            raise CliError(f"cannot write --dump-host-memory file: {e.strerror}: {a.dump_host_memory}") from None
+    if a.sev or a.sev_es or a.snp:
+        from .sevcli import launch_from_cli
+        try:
+            note = launch_from_cli(m, es=a.sev_es, snp=a.snp)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        if not a.json and not a.quiet:
+            err.print(note)
 
     if not a.json:
         m.console_sink = lambda b: (sys.stdout.write(b.decode("utf-8", "replace")), sys.stdout.flush())
@@ -131,6 +148,9 @@ def cmd_run(a: argparse.Namespace) -> int:
                       f"exitinfo2={rec.exitinfo2:#x} nrip={rec.nrip:#x}")
     m.on_exit_record = show
     r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
+    if dump is not None:
+        with dump:
+            dump.write(m.mem.dump())          # raw DRAM: what the hypervisor (or a probe) could read
     ok = r.reason in ("guest-exit", "halt") and not r.exit_code
     if a.json:
         print(json.dumps({
@@ -172,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wall-clock limit in seconds")
     r.add_argument("--dram", type=int, default=64, metavar="MIB", help="host DRAM size (MiB)")
     r.add_argument("--ram", type=int, default=16, metavar="MIB", help="guest RAM size (MiB)")
+    r.add_argument("--sev", action="store_true", help="launch the guest encrypted (SEV): measured, C-bit set")
+    r.add_argument("--sev-es", action="store_true", help="SEV-ES: encrypted register state, #VC and the GHCB (implies --sev)")
+    r.add_argument("--snp", action="store_true", help="SEV-SNP: reverse-map table integrity (implies --sev)")
+    r.add_argument("--dump-host-memory", metavar="PATH", help="write the raw host DRAM image here when the run ends")
     r.add_argument("--json", action="store_true", help="one JSON object per exit, then a final record")
     r.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
     r.set_defaults(fn=cmd_run)

@@ -292,7 +292,7 @@ class Machine:
         while n > 0:
             chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
             t = w.translate(gva, Access.READ, False, set_ad=False)
-            out += self.mem.read(t.hpa, chunk)
+            out += self.mem.read(t.hpa if t.dram is None else t.dram, chunk)   # SEV: DRAM, i.e. ciphertext
             gva, n = gva + chunk, n - chunk
         return out
 
@@ -301,7 +301,7 @@ class Machine:
         while data:
             chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
             t = w.translate(gva, Access.WRITE, False, set_ad=True)
-            self.mem.write(t.hpa, data[:chunk])
+            self.mem.write(t.hpa if t.dram is None else t.dram, data[:chunk])
             gva, data = gva + chunk, data[chunk:]
 
     def inject(self, vector: int, type: EventType = EventType.EXCEPTION, error_code: int | None = None) -> None:
