@@ -38,7 +38,8 @@ NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Vec, combine, deliver
 from .exitcodes import ExitCode
 from .hostmem import PAGE_SIZE, HostMemory
-from .mmu import GuestGP, GuestLayer, GuestPageFault, NestedFault, NestedLayer, TwoDimWalker, WalkStats
+from .mmu import (GuestException, GuestGP, GuestLayer, GuestPageFault, NestedFault, NestedLayer, TwoDimWalker,
+                  WalkStats)
 from .paging import Access, PFErr, WalkResult
 from .vmcb import GUEST_INSN_BYTES, SEGMENTS, VMCB, Event, EventType, NpControl, TlbControl, VIntr
 
@@ -261,7 +262,7 @@ class SvmCpu:
         acc = Access.FETCH if access == UC_MEM_FETCH else (Access.WRITE if access == UC_MEM_WRITE else Access.READ)
         try:
             t = self.walker().translate(vaddr, acc, user)
-        except (GuestPageFault, NestedFault, GuestGP) as f:
+        except (GuestPageFault, NestedFault, GuestGP, GuestException) as f:
             self._pending_fault = f
             self._fault_page = vaddr & ~0xFFF
             return False
@@ -589,7 +590,10 @@ class SvmCpu:
     def _invalid_opcode(self, uc, ud) -> bool:
         """#UD reaches Unicorn's invalid-instruction hook, not the interrupt hook."""
         try:
-            self._exception(Vec.UD, None, self.st.reg_read(X.UC_X86_REG_RIP))
+            rip = self.st.reg_read(X.UC_X86_REG_RIP)
+            if self.memctl is not None and self.memctl.emulate(self, rip):
+                return True                           # an SEV instruction Unicorn does not know (PVALIDATE)
+            self._exception(Vec.UD, None, rip)
         except BaseException as e:
             self._fail(f"internal error delivering #UD: {type(e).__name__}: {e}", e)
         return True
@@ -993,6 +997,8 @@ class SvmCpu:
             self._exception_outside(Vec.PF, f.error_code, rip, cr2=f.address | off)
         elif isinstance(f, GuestGP):
             self._exception_outside(Vec.GP, 0, rip)
+        elif isinstance(f, GuestException):          # SEV-SNP #VC raised by the memory system
+            self._exception_outside(f.vector, f.error_code, rip)
 
     def _exception_outside(self, vec: int, err: int | None, rip: int, cr2: int | None = None) -> None:
         self._exception(vec, err, rip, cr2)

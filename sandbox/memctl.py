@@ -97,10 +97,10 @@ class MemoryController:
         self._clean: dict[int, bytes] = {}     # cached page -> plaintext as last written to DRAM
         self._writable: set[int] = set()       # cached pages the guest may have written since
         self.stale = False                     # cached plaintext dropped: TLB/TBs need flushing
-        #: called after guest writes reach DRAM, with the pages written (SNP uses it)
         self.stats = MemCtlStats()
-        #: optional check of a private access (SNP's RMP); raises to refuse it
-        self.rmp_check: Callable[[int, int, int, bool], None] | None = None
+        #: SEV-SNP: the reverse-map table (sandbox.rmp), and whether the running guest is SNP-active
+        self.rmp = None
+        self.snp = False
 
     # ---------------------------------------------------------------- VMRUN
     def vmrun_check(self, asid: int, sev_enabled: bool, np_enabled: bool) -> str:
@@ -142,6 +142,12 @@ class MemoryController:
             self._writable.add(page)
         return self._cb + hpa
 
+    def pt_paddr(self, hpa: int, gpa: int) -> int:
+        """A guest page-table access: always private (APM §15.34.6)."""
+        if self.snp:
+            self.rmp.check_guest(hpa, gpa, 1, True, self.asid, False)
+        return self.cpu_paddr(hpa, True, True)
+
     def _fill(self, page: int) -> None:
         pt = self._engine.decrypt_page(page, self._mm[page:page + PAGE_SIZE])
         self._view[self._cb + page:self._cb + page + PAGE_SIZE] = pt
@@ -167,7 +173,10 @@ class MemoryController:
     # ------------------------------------------------------ hypervisor side
     def host_access(self, hpa: int, n: int, write: bool) -> None:
         """A hypervisor access through HostMemory: DRAM must be current, and
-        a write makes the cached plaintext of the pages it touches stale."""
+        a write makes the cached plaintext of the pages it touches stale.
+        With an RMP, writes to pages the hypervisor does not own are refused."""
+        if write and self.rmp is not None:
+            self.rmp.check_host_write(hpa, n)
         first, last = hpa & PAGE_MASK, (hpa + max(n, 1) - 1) & PAGE_MASK
         if first == last:
             if first not in self._clean:
@@ -184,6 +193,12 @@ class MemoryController:
                 self.stale = True
                 self.stats.invalidations += 1
 
+    def invalidate(self, page: int) -> None:
+        """The secure processor rewrote ``page`` in DRAM (firmware page move)."""
+        if self._clean.pop(page, None) is not None:
+            self._writable.discard(page)
+            self.stale = True
+
     def _drop_all(self) -> None:
         if self._engine is not None:
             for p in self._writable:
@@ -192,6 +207,13 @@ class MemoryController:
             self.stale = True
         self._clean.clear()
         self._writable.clear()
+
+    def emulate(self, cpu, rip: int) -> bool:
+        """An instruction Unicorn reports as invalid: PVALIDATE of an SNP guest."""
+        if not self.snp:
+            return False
+        from .rmp import emulate_pvalidate
+        return emulate_pvalidate(cpu, rip)
 
     def cached_pages(self) -> list[int]:
         return sorted(self._clean)

@@ -46,6 +46,14 @@ class GuestGP(Exception):
 
 
 @dataclass
+class GuestException(Exception):
+    """An exception the memory system raises in the guest itself (SEV-SNP's
+    #VC PAGE_NOT_VALIDATED): vector and error code."""
+    vector: int
+    error_code: int
+
+
+@dataclass
 class WalkStats:
     guest_entries: int = 0
     nested_entries: int = 0
@@ -109,12 +117,12 @@ class GuestLayer:
         # a guest page-table read is a user write at the nested level (APM §15.25.6)
         r = self.nested.translate(gpa & self._nocbit, Access.WRITE, final=False)
         self.stats.guest_entries += 1
-        a = r.phys if self.enc is None else self.enc.cpu_paddr(r.phys, True, True)   # SEV: PT walks are private
+        a = r.phys if self.enc is None else self.enc.pt_paddr(r.phys, gpa & self._nocbit)   # SEV: always private
         return int.from_bytes(self._mem.view[a:a + 8], "little")
 
     def _write(self, gpa: int, v: int) -> None:
         r = self.nested.translate(gpa & self._nocbit, Access.WRITE, final=False)
-        a = r.phys if self.enc is None else self.enc.cpu_paddr(r.phys, True, True)
+        a = r.phys if self.enc is None else self.enc.pt_paddr(r.phys, gpa & self._nocbit)
         self._mem.view[a:a + 8] = v.to_bytes(8, "little")
 
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> WalkResult:

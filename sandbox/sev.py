@@ -181,6 +181,8 @@ class SecureProcessor:
         self._next_handle = 1
         #: optional SNP reverse-map table; firmware writes consult it
         self.rmp = None
+        #: the memory controller, kept coherent with the firmware's own DRAM writes
+        self.memctl = None
 
     # ------------------------------------------------------------ platform
     def pdh_public(self) -> bytes:
@@ -242,10 +244,14 @@ class SecureProcessor:
         self._engines[asid] = XtsEngine(key)
         return handle
 
-    def launch_update_data(self, handle: int, hpa: int, length: int) -> None:
-        """LAUNCH_UPDATE_DATA: measure the plaintext and encrypt it in place."""
+    def launch_update_data(self, handle: int, hpa: int, length: int, gpa: int | None = None) -> None:
+        """LAUNCH_UPDATE_DATA: measure the plaintext and encrypt it in place.
+        With SNP (SNP_LAUNCH_UPDATE) the pages are assigned to the guest at ``gpa``
+        in the RMP and marked validated."""
         g = self._ctx(handle, GuestState.LUPDATE)
         self._check_page_range(hpa, length)
+        if self.rmp is not None and gpa is None:
+            raise SevError("INVALID_PARAM", "SNP launch update needs the pages' GPA")
         eng = self._engines[g.asid]
         mv = self.mem.view
         for p in range(hpa, hpa + length, PAGE_SIZE):
@@ -254,7 +260,7 @@ class SecureProcessor:
             mv[p:p + PAGE_SIZE] = eng.encrypt_page(p, pt)
             g.launched_pages += 1
             if self.rmp is not None:
-                self.rmp.firmware_assign(p, g.asid, validated=True)
+                self.rmp.firmware_assign(p, g.asid, gpa + (p - hpa), validated=True)
 
     def launch_update_vmsa(self, handle: int, hpa: int) -> None:
         """LAUNCH_UPDATE_VMSA (SEV-ES): measure and encrypt the initial VMSA page."""
@@ -296,12 +302,16 @@ class SecureProcessor:
             raise SevError("INVALID_ADDRESS", "source and destination are the same page")
         # the hypervisor's host-memory accesses keep the processor's cache coherent
         self.mem.read(src_hpa, PAGE_SIZE)
-        self.mem.write(dst_hpa, bytes(PAGE_SIZE))
+        if self.rmp is not None and self.rmp.entry(dst_hpa).assigned:
+            raise SevError("INVALID_PAGE_STATE", f"destination {dst_hpa:#x} is not a hypervisor page")
         eng = self._engines[g.asid]
         mv = self.mem.view
         pt = eng.decrypt_page(src_hpa, bytes(mv[src_hpa:src_hpa + PAGE_SIZE]))
         mv[dst_hpa:dst_hpa + PAGE_SIZE] = eng.encrypt_page(dst_hpa, pt)
-        self.mem.write(src_hpa, bytes(PAGE_SIZE))
+        mv[src_hpa:src_hpa + PAGE_SIZE] = bytes(PAGE_SIZE)
+        if self.memctl is not None:
+            self.memctl.invalidate(src_hpa)
+            self.memctl.invalidate(dst_hpa)
         if self.rmp is not None:
             self.rmp.firmware_move(src_hpa, dst_hpa)
 

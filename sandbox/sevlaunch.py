@@ -46,7 +46,9 @@ def attach_secure_processor(m: "Machine") -> SecureProcessor:
     if sp is None:
         sp = SecureProcessor(m.mem)
         m.sp = sp
-        m.cpu.memctl = MemoryController(m.mem, sp.engine_for, C_BIT)
+        m.cpu.memctl = sp.memctl = MemoryController(m.mem, sp.engine_for, C_BIT)
+        if m.mem.sync is None:
+            m.mem.sync = m.cpu._sync         # host-memory accesses go through the memory controller
     return sp
 
 
@@ -94,7 +96,7 @@ def launch_sev(m: "Machine", *, asid: int | None = None, policy: int = Policy.NO
     owner = owner or GuestOwner(sp.pdh_public())
     handle = sp.launch_start(asid, policy, owner.session())
     for gpa in sorted(g.ram):
-        sp.launch_update_data(handle, g.ram[gpa], PAGE_SIZE)
+        sp.launch_update_data(handle, g.ram[gpa], PAGE_SIZE, gpa)
     vmsa = getattr(m, "_sev_es_vmsa_hook", None)
     if vmsa is not None:
         vmsa(handle, expected)

@@ -33,8 +33,8 @@ def sev_final(w: "TwoDimWalker", gva: int, g: WalkResult, access: int, set_ad: b
             f.exitinfo1 |= NPF_ENC
         raise
     writable = g.writable and n.writable
-    if enc.rmp_check is not None:
-        enc.rmp_check(n.phys, gpa, access, private)
+    if enc.snp:
+        enc.rmp.check_guest(n.phys, gpa, access, private, enc.asid, True)
     hpa = enc.cpu_paddr(n.phys, private, writable)
     return Translation(gva=gva, gpa=gpa, hpa=hpa, writable=writable, executable=g.executable and n.executable,
                        dirty=g.dirty and n.dirty, user=g.user, private=private, dram=n.phys)

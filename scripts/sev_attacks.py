@@ -51,6 +51,10 @@ def run(body: str, actions, snp: bool):
         launch_sev(m)
     it = iter(actions)
     seen = []
+    if snp:
+        m.guest.vmcb.set_intercept(0x40 + 29)      # watch the guest's #VC (exit 0x5D)
+        m.on(0x40 + 29)(lambda m, e: m.stop("vc", f"guest took #VC with error code {e.exitinfo1:#x}"
+                                             + (" (PAGE_NOT_VALIDATED)" if e.exitinfo1 == 0x404 else "")))
 
     def hv(m, e):
         if m.regs.rax == 2:
@@ -69,8 +73,8 @@ def show(v: int) -> str:
 
 
 def outcome(r, seen, idx: int) -> str:
-    if r.reason == "npf":
-        return f"run stopped: {r.detail}"
+    if r.reason != "guest-exit" or len(seen) <= idx:
+        return f"run stopped ({r.reason}): {r.detail}"
     a, b = seen[idx]
     return f"guest reads A = {show(a)}, B = {show(b)}"
 
@@ -93,11 +97,18 @@ def main() -> int:
           f"{'FOUND' if SECRET_A.to_bytes(8, 'little') in m.mem.dump() else 'nowhere'} in DRAM)\n")
 
     # 2. write
+    refused = []
+
     def write(m):
-        m.guest.write_phys(PAGE_A, b"HV-WROTE")
+        try:
+            m.guest.write_phys(PAGE_A, b"HV-WROTE")
+        except Exception as e:          # SNP: the RMP refuses the write
+            refused.append(str(e))
     m, r, seen = run(write_ab(SECRET_A, SECRET_B) + HV_TURN + READ_AB + HV_TURN, [write, noop], snp)
     print("2. hypervisor writes b'HV-WROTE' into private page A:")
-    print(f"   {outcome(r, seen, 1) if r.reason != 'npf' else 'run stopped: ' + r.detail}\n")
+    if refused:
+        print(f"   refused: {refused[0]}")
+    print(f"   {outcome(r, seen, 1)}\n")
 
     # 3. move
     def move(m):
@@ -124,11 +135,20 @@ def main() -> int:
         saved["c"] = m.mem.read(m.guest.ram[PAGE_A], 4096)
 
     def replay(m):
-        m.mem.write(m.guest.ram[PAGE_A], saved["c"])
-    m, r, seen = run(write_ab(OLD, SECRET_B) + HV_TURN + write_ab(NEW, SECRET_B) + HV_TURN + READ_AB + HV_TURN,
-                     [record, replay, noop], snp)
+        hpa = m.guest.ram[PAGE_A]
+        try:
+            m.mem.write(hpa, saved["c"])
+        except Exception as e:          # SNP: take the page back with RMPUPDATE, write, give it back
+            print(f"   (direct write refused: {e};\n    the hypervisor RMPUPDATEs the page to itself, "
+                  "writes, and RMPUPDATEs it back to the guest)")
+            m.rmp.rmpupdate(hpa, assigned=False)
+            m.mem.write(hpa, saved["c"])
+            m.rmp.rmpupdate(hpa, assigned=True, asid=m.cpu.memctl.asid, gpa=PAGE_A)
+            m.cpu.memctl.stale = True
     print(f"5. guest writes A = {show(OLD)}, hypervisor records the ciphertext; guest writes A = {show(NEW)};")
     print("   hypervisor writes the recorded ciphertext back:")
+    m, r, seen = run(write_ab(OLD, SECRET_B) + HV_TURN + write_ab(NEW, SECRET_B) + HV_TURN + READ_AB + HV_TURN,
+                     [record, replay, noop], snp)
     print(f"   {outcome(r, seen, 2)}")
     return 0
 
