@@ -399,6 +399,9 @@ class SvmCpu:
             view = _GuestView(self, st)
             info = decide(insn, view, address, code)
         if info is not None:
+            if self.memctl is not None and self.memctl.es is not None and \
+                    self.memctl.es.intercept(self, info.exitcode, address, insn.length):
+                return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
             self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=address + insn.length,
                          fresh=True)
             self._after_exit_in_hook(address)
@@ -752,6 +755,8 @@ class SvmCpu:
         rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
         self._exit = rec
         self.gif = False        # #VMEXIT clears GIF
+        if self.memctl is not None and self.memctl.es is not None:
+            self.memctl.es.on_vmexit(self, rec)        # SEV-ES: state into the encrypted VMSA
         return rec
 
     _EAGER = ((0x578, 0x580), (0x5D8, 0x5E0), (0x5F8, 0x600))     # RIP, RSP, RAX
@@ -1076,7 +1081,7 @@ class SvmCpu:
         cs_attr = struct.unpack_from("<H", mv, b + 0x412)[0]
         why = self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm, eventinj, cs_attr)
         if not why and self.memctl is not None:
-            why = self.memctl.vmrun_check(asid, bool(npc & 2), bool(npc & NpControl.NP_ENABLE))
+            why = self.memctl.vmrun_check(asid, bool(npc & 2), bool(npc & NpControl.NP_ENABLE), bool(npc & 4))
         if why:
             # VMEXIT_INVALID: no guest state was loaded and no instruction runs
             self._invalid_reason = why

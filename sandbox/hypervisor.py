@@ -61,6 +61,9 @@ class GuestRegs:
 
     def __getattr__(self, name: str) -> int:
         m = self._m
+        if getattr(m, "sev_es", None) is not None:
+            from .seves import SevEsRegisterError
+            raise SevEsRegisterError(f"guest register {name} is in the encrypted VMSA (SEV-ES); use the GHCB")
         if name in self._VMCB:
             return getattr(m.guest.vmcb, self._VMCB[name])
         i = _GPR_INDEX.get(name)
@@ -70,6 +73,9 @@ class GuestRegs:
 
     def __setattr__(self, name: str, value: int) -> None:
         m = self._m
+        if getattr(m, "sev_es", None) is not None:
+            from .seves import SevEsRegisterError
+            raise SevEsRegisterError(f"guest register {name} is in the encrypted VMSA (SEV-ES); use the GHCB")
         if name in self._VMCB:
             setattr(m.guest.vmcb, self._VMCB[name], value)
         elif name in _GPR_INDEX:

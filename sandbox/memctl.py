@@ -101,9 +101,11 @@ class MemoryController:
         #: SEV-SNP: the reverse-map table (sandbox.rmp), and whether the running guest is SNP-active
         self.rmp = None
         self.snp = False
+        #: SEV-ES: the guest's VMSA/GHCB state (sandbox.seves.SevEsState) when it runs with SEV-ES
+        self.es = None
 
     # ---------------------------------------------------------------- VMRUN
-    def vmrun_check(self, asid: int, sev_enabled: bool, np_enabled: bool) -> str:
+    def vmrun_check(self, asid: int, sev_enabled: bool, np_enabled: bool, es_enabled: bool = False) -> str:
         """VMRUN's SEV checks (APM §15.5.1); '' when legal.  Selects the key."""
         if not sev_enabled:
             if self.active:
@@ -112,6 +114,8 @@ class MemoryController:
             return ""
         if not np_enabled:
             return "SEV is enabled without nested paging"
+        if es_enabled and self.es is None:
+            return "SEV-ES is enabled but the guest has no VMSA"
         engine = self._engine_for(asid)
         if engine is None:
             return f"SEV is enabled but ASID {asid} has no launched SEV guest (no key)"
@@ -123,6 +127,8 @@ class MemoryController:
     def before_vmrun(self, cpu) -> None:
         """The hypervisor replaced cached pages: the guest's TLB entries and
         translated blocks for their plaintext are stale."""
+        if self.es is not None:
+            self.es.on_vmrun(cpu)
         if self.stale:
             self.stale = False
             cpu.flush_tlb()

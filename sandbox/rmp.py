@@ -107,8 +107,8 @@ class ReverseMapTable:
         struct.pack_into("<QQ", self._view, self._addr(hpa), e.encode(), 0)
 
     # ----------------------------------------------------------- firmware
-    def firmware_assign(self, hpa: int, asid: int, gpa: int, validated: bool) -> None:
-        self._set(hpa, RmpEntry(assigned=True, asid=asid, gpa=gpa, validated=validated))
+    def firmware_assign(self, hpa: int, asid: int, gpa: int, validated: bool, vmsa: bool = False) -> None:
+        self._set(hpa, RmpEntry(assigned=True, asid=asid, gpa=gpa, validated=validated, vmsa=vmsa))
 
     def firmware_move(self, src: int, dst: int) -> None:
         e = self.entry(src)

@@ -267,7 +267,9 @@ class SecureProcessor:
         g = self._ctx(handle, GuestState.LUPDATE)
         if not g.policy & Policy.ES:
             raise SevError("POLICY_FAILURE", "LAUNCH_UPDATE_VMSA for a guest without SEV-ES")
-        self.launch_update_data(handle, hpa, PAGE_SIZE)
+        self.launch_update_data(handle, hpa, PAGE_SIZE, gpa=0)
+        if self.rmp is not None:
+            self.rmp.firmware_assign(hpa, g.asid, 0, validated=True, vmsa=True)
 
     def launch_measure(self, handle: int) -> Measurement:
         g = self._ctx(handle, GuestState.LUPDATE, GuestState.LSECRET)
