@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .hostmem import PAGE_SIZE
-from .memctl import XtsEngine
+from .memctl import XexEngine
 
 if TYPE_CHECKING:
     from .hostmem import HostMemory
@@ -176,8 +176,8 @@ class SecureProcessor:
         self._pdh = X25519PrivateKey.generate()
         self._guests: dict[int, _GuestContext] = {}
         self._by_asid: dict[int, int] = {}           # ASID -> handle
-        self._keys: dict[int, bytes] = {}            # ASID -> 32-byte XTS key pair (never returned)
-        self._engines: dict[int, XtsEngine] = {}
+        self._keys: dict[int, bytes] = {}            # ASID -> 32-byte XEX key pair (never returned)
+        self._engines: dict[int, XexEngine] = {}
         self._next_handle = 1
         #: optional SNP reverse-map table; firmware writes consult it
         self.rmp = None
@@ -189,7 +189,7 @@ class SecureProcessor:
         """The platform Diffie-Hellman public key (PDH_CERT_EXPORT)."""
         return self._pdh.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
-    def engine_for(self, asid: int) -> XtsEngine | None:
+    def engine_for(self, asid: int) -> XexEngine | None:
         """The memory controller's key slot for ``asid`` (hardware path only: the
         engine encrypts and decrypts, it does not expose its key)."""
         h = self._by_asid.get(asid)
@@ -241,7 +241,7 @@ class SecureProcessor:
         while key[:16] == key[16:]:
             key = os.urandom(32)
         self._keys[asid] = key
-        self._engines[asid] = XtsEngine(key)
+        self._engines[asid] = XexEngine(key)
         return handle
 
     def launch_update_data(self, handle: int, hpa: int, length: int, gpa: int | None = None) -> None:
@@ -319,7 +319,7 @@ class SecureProcessor:
 
     # ------------------------------------------------------------ testing
     def _testing_key(self, asid: int) -> bytes:
-        """TESTING ONLY: the XTS key pair of ``asid``, so a test can recompute
+        """TESTING ONLY: the XEX key pair of ``asid``, so a test can recompute
         ciphertext with an independent AES implementation.  No hypervisor path
         calls this."""
         return self._keys[asid]
