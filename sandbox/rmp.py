@@ -227,7 +227,8 @@ def handle_npf_snp(m: "Machine", e) -> "object":
     owns is an implicit page-state change to shared, as KVM treats it: the
     hypervisor takes the page back with RMPUPDATE and resumes.  An RMP fault
     on a private access is a violation: the run stops and says so."""
-    from .hypervisor import RESUME, handle_npf
+    from .hypervisor import RESUME
+    from .sevlaunch import handle_npf_sev
     from .sevwalk import NPF_ENC
     if e.exitinfo1 & NPF_RMP:
         gpa = e.exitinfo2 & ~0xFFF
@@ -239,4 +240,4 @@ def handle_npf_snp(m: "Machine", e) -> "object":
                 return RESUME
         return m.stop("npf", f"RMP violation: nested page fault with the RMP bit at GPA {e.exitinfo2:#x} "
                              f"(EXITINFO1 {e.exitinfo1:#x}) from RIP {e.rip:#x}")
-    return handle_npf(m, e)
+    return handle_npf_sev(m, e)

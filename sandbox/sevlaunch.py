@@ -75,6 +75,19 @@ def set_cbit_in_page_tables(m: "Machine") -> None:
     g.vmcb.CR3 = cr3 | C_BIT_MASK
 
 
+def handle_npf_sev(m: "Machine", e) -> object:
+    """VMEXIT_NPF of an SEV guest.  An encrypted access (EXITINFO1 bit 34, ENC)
+    to a GPA the hypervisor left unmapped for MMIO cannot be emulated: the
+    hypervisor would see only ciphertext.  The run stops and says so; a guest
+    must map MMIO shared (C-bit clear).  Everything else is the default handler."""
+    from .hypervisor import handle_npf
+    from .sevwalk import NPF_ENC
+    if e.exitinfo1 & NPF_ENC and m.guest.npt.lookup(e.exitinfo2 & ~0xFFF) is None:
+        return m.stop("npf", f"encrypted (C-bit) access to GPA {e.exitinfo2:#x}, which the hypervisor "
+                             f"treats as MMIO: MMIO must be mapped shared (RIP {e.rip:#x})")
+    return handle_npf(m, e)
+
+
 def launch_sev(m: "Machine", *, asid: int | None = None, policy: int = Policy.NODBG,
                owner: GuestOwner | None = None, expected: list[bytes] | None = None,
                tamper=None) -> LaunchReport:
@@ -105,5 +118,7 @@ def launch_sev(m: "Machine", *, asid: int | None = None, policy: int = Policy.NO
     sp.launch_finish(handle)
     g.vmcb.GUEST_ASID = asid
     g.vmcb.NP_CONTROL = g.vmcb.NP_CONTROL | NpControl.SEV_ENABLE
+    if m.handlers.get(0x400) is None or m.handlers[0x400].__name__ == "handle_npf":
+        m.on(0x400)(handle_npf_sev)
     m.sev_handle = handle
     return LaunchReport(handle, asid, int(policy), meas, verified, owner, len(g.ram))

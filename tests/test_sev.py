@@ -334,3 +334,42 @@ def test_no_api_returns_the_key(guest):
             if callable(attr):
                 continue
             assert key[:16] not in repr(attr).encode("latin-1", "replace")
+
+
+# ------------------------------------------------------------------ MMIO
+MMIO_GPA = 0x1C5000
+
+
+def test_cbit_on_a_page_the_hypervisor_marked_mmio(guest):
+    m = guest(f"mov rax, {MMIO_GPA:#x}\nmov rbx, [rax]\n" + hc_exit(0))
+    launch_sev(m)
+    m.guest.npt.unmap(MMIO_GPA)                 # the hypervisor emulates this GPA as MMIO
+    r = m.run()
+    assert r.reason == "npf" and "encrypted (C-bit) access" in r.detail and f"{MMIO_GPA:#x}" in r.detail
+    assert not r.ok
+
+
+def test_shared_access_to_mmio_is_an_ordinary_npf(guest):
+    m = guest(f"mov rdi, {MMIO_GPA:#x}\n{MAKE_SHARED}\nmov rax, {MMIO_GPA:#x}\nmov rbx, [rax]\n" + hc_exit(0))
+    launch_sev(m)
+    m.guest.npt.unmap(MMIO_GPA)
+    seen = []
+    m.on(ExitCode.NPF)(lambda m, e: (seen.append(e.exitinfo1), m.stop("npf"))[1])
+    r = m.run()
+    assert r.reason == "npf" and seen and not seen[0] & (1 << 34)      # C=0: no ENC bit
+
+
+def test_attack_script_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for extra in ([], ["--snp"]):
+        p = subprocess.run([sys.executable, str(root / "scripts" / "sev_attacks.py"), *extra],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        if extra:
+            assert p.stdout.count("RMP violation") >= 3 and "PAGE_NOT_VALIDATED" in p.stdout
+        else:
+            assert "guest reads A = 0x5345435245544242" in p.stdout       # the swap
+            assert "guest reads A = 0x0123456789abcdef" in p.stdout       # the replay
