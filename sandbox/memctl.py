@@ -147,6 +147,8 @@ class MemoryController:
     def vmrun_check(self, asid: int, sev_enabled: bool, np_enabled: bool, es_enabled: bool = False) -> str:
         """VMRUN's SEV checks (APM §15.5.1); '' when legal.  Selects the key."""
         if not sev_enabled:
+            if es_enabled:
+                return "SEV-ES enable set without SEV enable"
             if self.active:
                 self._drop_all()
             self.active = False

@@ -373,3 +373,18 @@ def test_attack_script_runs(tmp_path):
         else:
             assert "guest reads A = 0x5345435245544242" in p.stdout       # the swap
             assert "guest reads A = 0x0123456789abcdef" in p.stdout       # the replay
+
+
+def test_sev_bit_without_a_secure_processor_is_invalid(guest):
+    m = guest(hc_exit(0))
+    m.guest.vmcb.NP_CONTROL = m.guest.vmcb.NP_CONTROL | 2        # VMCB 090h bit 1: SEV enable
+    r = m.run()
+    assert r.reason == "invalid-vmcb" and "secure processor" in r.detail
+
+
+def test_sev_without_nested_paging_is_invalid(guest):
+    m = guest(hc_exit(0))
+    launch_sev(m)
+    m.guest.vmcb.NP_CONTROL = 2                                  # SEV on, NP_ENABLE off
+    r = m.run()
+    assert r.reason == "invalid-vmcb" and "nested paging" in r.detail

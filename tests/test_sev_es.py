@@ -154,3 +154,12 @@ def test_cli_sev_es_and_snp(tmp_path):
         assert p.returncode == 0, p.stderr
         assert p.stdout == EXPECTED
         assert "VMGEXIT" in p.stderr and "(encrypted)" in p.stderr
+
+
+def test_trace_script_runs():
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "sev_es_trace.py")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    plain, es = p.stdout.split("SEV-ES (")
+    assert "CPUID" in plain and "vmcb.RAX=0x8000001f" in plain
+    assert "regs.rbx=(refused)" in es and "SW_EXITCODE=0x72" in es and "rip=0x00000000" in es
