@@ -414,3 +414,18 @@ def test_engine_matches_reference_and_round_trips(seed, pfn_a, pfn_b):
     if a != b:
         assert batch[4096:] != c                         # the same page at another address
         assert _ENGINE.decrypt_page(b, c) != page        # a moved ciphertext does not decrypt
+
+
+def test_guest_asid_selects_the_key(guest):
+    """VMCB GUEST_ASID picks the key: pointing it at another launched guest's ASID
+    makes the processor decrypt this guest's code with the wrong key."""
+    m = guest(f"mov rax, {PAGE_A:#x}\nmov rbx, {SECRET_A:#x}\nmov [rax], rbx\n" + hc_exit(0))
+    rep = launch_sev(m)
+    other = GuestOwner(m.sp.pdh_public())
+    h = m.sp.launch_start(rep.asid + 1, Policy.NODBG, other.session())
+    m.sp.launch_measure(h)
+    m.sp.launch_finish(h)
+    m.guest.vmcb.GUEST_ASID = rep.asid + 1
+    r = m.run(max_exits=50)
+    assert r.reason != "guest-exit"                        # garbage code: it never reaches EXIT
+    assert le(SECRET_A) not in m.mem.dump()
