@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Iterable
 
@@ -27,7 +27,9 @@ from .loader import (CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BAS
                      load_image)
 from .msrpm import MSRPM, MSRPM_PAGES
 from .npt import NestedPageTable
+from .mmu import WalkStats
 from .paging import Access, TableBuilder
+from .tlb import TlbStats
 from .vmcb import VMCB, Event, EventType, NpControl, Segment, TlbControl
 
 
@@ -192,6 +194,10 @@ class RunResult:
     rflags: int
     console: str
     insns: int | None = None
+    #: memory references of the processor's 2-D walks (see :class:`sandbox.mmu.WalkStats`)
+    walk: dict[str, int] = field(default_factory=dict)
+    #: TLB hits, misses and flushes (see :class:`sandbox.tlb.TlbStats`)
+    tlb: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -287,7 +293,7 @@ class Machine:
     # -- guest access for handlers ---------------------------------------------
     def read_virt(self, gva: int, n: int) -> bytes:
         """Read guest-virtual memory through the guest's page tables (no A/D side effects)."""
-        w = self.cpu.walker()
+        w = self.cpu.walker(WalkStats())
         out = b""
         while n > 0:
             chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
@@ -297,7 +303,7 @@ class Machine:
         return out
 
     def write_virt(self, gva: int, data: bytes) -> None:
-        w = self.cpu.walker()
+        w = self.cpu.walker(WalkStats())
         while data:
             chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
             t = w.translate(gva, Access.WRITE, False, set_ad=True)
@@ -348,6 +354,8 @@ class Machine:
         """VMRUN until a handler stops the guest or a limit is reached."""
         self._stop_reason = None
         self.guest_exit_code = None
+        self.cpu.stats = WalkStats()          # walk and TLB figures are per run
+        self.cpu.tlb.stats = TlbStats()
         limits = RunLimits(max_insns=max_insns, timeout_s=timeout, max_exits=max_exits)
         try:
             stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
@@ -367,7 +375,8 @@ class Machine:
         return RunResult(reason=reason, detail=detail, exit_code=self.guest_exit_code, insns=self.cpu.insns,
                          exits=sum(self.counts.values()), counts=dict(self.counts), regs=regs,
                          rip=st.reg_read(X.UC_X86_REG_RIP), rflags=st.reg_read(X.UC_X86_REG_RFLAGS),
-                         console=self.serial.text)
+                         console=self.serial.text, walk=self.cpu.stats.snapshot(),
+                         tlb=self.cpu.tlb.stats.snapshot())
 
 
 # ============================================================ default handlers

@@ -47,9 +47,27 @@ class GuestGP(Exception):
 
 @dataclass
 class WalkStats:
+    """Memory references made by 2-D walks (APM §15.25.5, Figure 15-13).
+
+    ``guest_entries`` counts guest page-table entries read, ``nested_entries``
+    every nested page-table entry read -- those of the nested walks of each
+    guest table *and* of the final GPA.  ``data_refs`` counts the final
+    data/code accesses the completed walks were made for: one per walk,
+    kept apart from the table references.
+    """
     guest_entries: int = 0
     nested_entries: int = 0
     walks: int = 0
+    data_refs: int = 0
+
+    @property
+    def table_refs(self) -> int:
+        return self.guest_entries + self.nested_entries
+
+    def snapshot(self) -> dict[str, int]:
+        return {"walks": self.walks, "guest_pte_refs": self.guest_entries,
+                "nested_pte_refs": self.nested_entries, "table_refs": self.table_refs,
+                "data_refs": self.data_refs}
 
 
 class NestedLayer:
@@ -99,6 +117,7 @@ class GuestLayer:
         self.cr3 = cr3
         self.nxe = bool(efer & (1 << 11))
         self.smep = bool(cr4 & (1 << 20))
+        self.pge = bool(cr4 & (1 << 7))
         self._mem = nested.mem
 
     def _read(self, gpa: int) -> int:
@@ -133,6 +152,7 @@ class Translation:
     executable: bool
     dirty: bool
     user: bool = True
+    global_: bool = False
 
 
 @dataclass
@@ -146,5 +166,7 @@ class TwoDimWalker:
         self.stats.walks += 1
         g = self.guest.translate(gva, access, user, set_ad)
         n = self.nested.translate(g.phys, access, final=True, set_ad=set_ad)
+        self.stats.data_refs += 1
         return Translation(gva=gva, gpa=g.phys, hpa=n.phys, writable=g.writable and n.writable,
-                           executable=g.executable and n.executable, dirty=g.dirty and n.dirty, user=g.user)
+                           executable=g.executable and n.executable, dirty=g.dirty and n.dirty, user=g.user,
+                           global_=g.global_ and self.guest.pge)

@@ -62,6 +62,7 @@ class WalkResult:
     dirty: bool = False
     fault: int | None = None        # PFErr bits when the walk faulted
     entries: int = 0                # table entries read
+    global_: bool = False           # the leaf has G set (meaningful with CR4.PGE)
 
 
 def canonical(va: int) -> bool:
@@ -139,6 +140,7 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
             res.executable = executable
             res.page_size = size
             res.dirty = bool(e & PTE.D) or access == Access.WRITE
+            res.global_ = bool(e & PTE.G)
             return res
         if set_ad and not e & PTE.A:
             write_entry(ea, e | PTE.A)
@@ -147,20 +149,23 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
 
 
 class TableBuilder:
-    """Builds 4-level tables with 4 KiB leaves in some physical space.
+    """Builds 4-level tables in some physical space, with 4 KiB, 2 MiB or 1 GiB leaves.
 
     ``alloc()`` returns the address of a fresh zeroed table page; ``read``
     and ``write`` access 8-byte entries.  Intermediate entries are P|RW|US so
     that permissions are decided by the leaf.
     """
 
+    #: leaf size -> the level its entry lives at
+    LEVEL_OF = {1 << 12: 1, 1 << 21: 2, 1 << 30: 3}
+
     def __init__(self, root: int, alloc: Callable[[], int], read: Callable[[int], int],
                  write: Callable[[int, int], None]) -> None:
         self.root, self._alloc, self._read, self._write = root, alloc, read, write
 
-    def _leaf_slot(self, va: int, create: bool) -> int | None:
+    def _slot(self, va: int, create: bool, leaf_level: int = 1) -> int | None:
         table = self.root
-        for level in (4, 3, 2):
+        for level in range(4, leaf_level, -1):
             ea = table + ((va >> LEVEL_SHIFT[level]) & 0x1FF) * 8
             e = self._read(ea)
             if not e & PTE.P:
@@ -170,14 +175,26 @@ class TableBuilder:
                 e = nt | PTE.P | PTE.RW | PTE.US
                 self._write(ea, e)
             elif e & PTE.PS:
+                if not create:
+                    return ea             # the large leaf that maps ``va``
                 raise ValueError(f"{va:#x} is inside a large page")
             table = e & ADDR_MASK
-        return table + ((va >> 12) & 0x1FF) * 8
+        return table + ((va >> LEVEL_SHIFT[leaf_level]) & 0x1FF) * 8
 
     def map(self, va: int, pa: int, *, write: bool = True, user: bool = True, execute: bool = True,
-            extra: int = 0) -> None:
-        slot = self._leaf_slot(va, True)
-        e = (pa & ADDR_MASK) | PTE.P | extra
+            extra: int = 0, size: int = 1 << 12) -> None:
+        """Map ``va`` -> ``pa`` with a leaf of ``size`` bytes (4 KiB, 2 MiB or 1 GiB)."""
+        level = self.LEVEL_OF.get(size)
+        if level is None:
+            raise ValueError(f"page size {size:#x} is not 4 KiB, 2 MiB or 1 GiB")
+        if va % size or pa % size:
+            raise ValueError(f"{va:#x} -> {pa:#x} is not aligned to the page size {size:#x}")
+        slot = self._slot(va, True, level)
+        if level > 1:
+            old = self._read(slot)
+            if old & PTE.P and not old & PTE.PS:
+                raise ValueError(f"{va:#x} already has a page table below it")
+        e = (pa & ADDR_MASK) | PTE.P | extra | (PTE.PS if level > 1 else 0)
         if write:
             e |= PTE.RW
         if user:
@@ -187,12 +204,26 @@ class TableBuilder:
         self._write(slot, int(e))
 
     def entry(self, va: int) -> int | None:
-        slot = self._leaf_slot(va, False)
+        slot = self._slot(va, False)
         return None if slot is None else self._read(slot)
 
     def set_entry(self, va: int, value: int) -> None:
-        slot = self._leaf_slot(va, True)
+        slot = self._slot(va, True)
         self._write(slot, value)
 
     def entry_addr(self, va: int) -> int | None:
-        return self._leaf_slot(va, False)
+        """Address of the leaf entry (4 KiB or large) that maps ``va``, if any."""
+        return self._slot(va, False)
+
+    def leaf(self, va: int) -> tuple[int, int, int] | None:
+        """(entry address, entry, page size) of the present leaf mapping ``va``."""
+        table = self.root
+        for level in (4, 3, 2, 1):
+            ea = table + ((va >> LEVEL_SHIFT[level]) & 0x1FF) * 8
+            e = self._read(ea)
+            if not e & PTE.P:
+                return None
+            if level == 1 or (level in (2, 3) and e & PTE.PS):
+                return ea, e, PAGE_SIZE_AT[level]
+            table = e & ADDR_MASK
+        return None
