@@ -21,7 +21,7 @@ from .cpu import EFER_SVME, RunLimits, StopInfo, SvmCpu, ExitRecord, VmrunError
 from .cpustate import GPR_IDS, GPR_NAMES
 from .devices import COM1, PortBus, Serial16550
 from .exitcodes import ExitCode, exit_name
-from .hostmem import PAGE_SIZE, HostMemory
+from .hostmem import PAGE_SIZE, HostMemory, HostMemoryError
 from .iopm import IOPM, IOPM_PAGES, IoioInfo
 from .loader import (CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BASE, STACK_TOP, Image,
                      load_image)
@@ -29,7 +29,7 @@ from .msrpm import MSRPM, MSRPM_PAGES
 from .npt import NestedPageTable
 from .mmu import WalkStats
 from .paging import Access, TableBuilder
-from .tlb import TlbStats
+from .tlb import TlbMode, TlbStats
 from .vmcb import VMCB, Event, EventType, NpControl, Segment, TlbControl
 
 
@@ -40,6 +40,8 @@ class Action(Enum):
 
 RESUME, STOP = Action.RESUME, Action.STOP
 
+#: leaf sizes the nested page table can back guest RAM with
+NPT_PAGE_SIZES = (4 << 10, 2 << 20, 1 << 30)
 HC_EXIT = 0
 HC_PRINT = 1
 HYPERVISOR_VENDOR = b"AMDVSandbox\x00"
@@ -90,20 +92,35 @@ class Guest:
     backed by a host page and mapped in the nested page table.
     """
 
-    def __init__(self, mem: HostMemory, ram_size: int = 16 << 20, asid: int = 1) -> None:
+    def __init__(self, mem: HostMemory, ram_size: int = 16 << 20, asid: int = 1,
+                 npt_page: int = PAGE_SIZE) -> None:
         if ram_size % PAGE_SIZE or ram_size < 0x200000:
             raise ValueError("guest RAM must be a multiple of 4 KiB and at least 2 MiB")
-        self.mem, self.ram_size = mem, ram_size
+        if npt_page not in NPT_PAGE_SIZES:
+            raise ValueError(f"nested page size must be 4 KiB, 2 MiB or 1 GiB, not {npt_page:#x}")
+        if ram_size % npt_page:
+            raise ValueError(f"guest RAM ({ram_size:#x}) is not a multiple of the nested page size {npt_page:#x}")
+        self.mem, self.ram_size, self.npt_page = mem, ram_size, npt_page
         self.vmcb_hpa = mem.alloc_page()
         self.vmcb = VMCB(mem, self.vmcb_hpa)
         self.iopm = IOPM(mem, mem.alloc_contiguous(IOPM_PAGES))
         self.msrpm = MSRPM(mem, mem.alloc_contiguous(MSRPM_PAGES))
         self.npt = NestedPageTable(mem, on_change=self._npt_changed)
         self.ram: dict[int, int] = {}
-        for gpa in range(0, ram_size, PAGE_SIZE):
-            hpa = mem.alloc_page()
-            self.ram[gpa] = hpa
-            self.npt.map(gpa, hpa)
+        if npt_page == PAGE_SIZE:
+            for gpa in range(0, ram_size, PAGE_SIZE):
+                hpa = mem.alloc_page()
+                self.ram[gpa] = hpa
+                self.npt.map(gpa, hpa)
+        else:
+            # large nested pages need host memory contiguous and aligned to their size
+            try:
+                base = mem.alloc_contiguous(ram_size // PAGE_SIZE, align=npt_page)
+            except HostMemoryError as e:
+                raise ValueError(f"cannot back guest RAM with {npt_page >> 20} MiB nested pages: {e}") from None
+            for gpa in range(0, ram_size, npt_page):
+                self.npt.map(gpa, base + gpa, size=npt_page)
+            self.ram = {gpa: base + gpa for gpa in range(0, ram_size, PAGE_SIZE)}
         v = self.vmcb
         v.IOPM_BASE_PA = self.iopm.hpa
         v.MSRPM_BASE_PA = self.msrpm.hpa
@@ -215,13 +232,16 @@ class Machine:
     >>> result = m.run()
     """
 
-    def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20) -> None:
+    def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20, *, npt_page: int = PAGE_SIZE,
+                 tlb_mode: TlbMode = TlbMode.TAGGED) -> None:
         self.mem = HostMemory(dram)
         self.cpu = SvmCpu(self.mem)
+        self.cpu.tlb.mode = tlb_mode
         # the hypervisor enables SVM: EFER.SVME and VM_HSAVE_PA (as KVM's svm_hardware_enable)
         self.cpu.host_efer |= EFER_SVME
         self.cpu.vm_hsave_pa = self.mem.alloc_page()
-        self.guest = Guest(self.mem, ram)
+        self.guest = Guest(self.mem, ram, npt_page=npt_page)
+        self.guests: list[Guest] = [self.guest]
         self.regs = GuestRegs(self)
         self.bus = PortBus()
         self.serial = Serial16550(COM1)
@@ -238,6 +258,28 @@ class Machine:
         self._stop_reason: tuple[str, str] | None = None
         self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self.default_intercepts()
+
+    # -- more guests -----------------------------------------------------------
+    def add_guest(self, asid: int, ram: int | None = None, npt_page: int | None = None) -> Guest:
+        """A further guest with its own VMCB, NPT, RAM and ASID, armed with the
+        default intercepts; :meth:`use` makes it the one :meth:`run` enters."""
+        if any(g.vmcb.GUEST_ASID == asid for g in self.guests):
+            raise ValueError(f"ASID {asid} is already in use by another guest")
+        g = Guest(self.mem, ram or self.guest.ram_size, asid=asid, npt_page=npt_page or self.guest.npt_page)
+        self.guests.append(g)
+        cur, self.guest = self.guest, g
+        try:
+            self.default_intercepts()
+        finally:
+            self.guest = cur
+        return g
+
+    def use(self, guest: Guest) -> None:
+        """Make ``guest`` the current guest (the next :meth:`run` is a world
+        switch into it; handlers see it as ``m.guest``)."""
+        if guest not in self.guests:
+            raise ValueError("not a guest of this machine")
+        self.guest = guest
 
     # -- configuration ---------------------------------------------------------
     def default_intercepts(self) -> None:

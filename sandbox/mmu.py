@@ -119,16 +119,21 @@ class GuestLayer:
         self.smep = bool(cr4 & (1 << 20))
         self.pge = bool(cr4 & (1 << 7))
         self._mem = nested.mem
+        self._last: tuple[int, int] | None = None
 
     def _read(self, gpa: int) -> int:
         # a guest page-table read is a user write at the nested level (APM §15.25.6)
         r = self.nested.translate(gpa, Access.WRITE, final=False)
         self.stats.guest_entries += 1
+        self._last = (gpa, r.phys)
         return int.from_bytes(self._mem.view[r.phys:r.phys + 8], "little")
 
     def _write(self, gpa: int, v: int) -> None:
-        r = self.nested.translate(gpa, Access.WRITE, final=False)
-        self._mem.view[r.phys:r.phys + 8] = v.to_bytes(8, "little")
+        # setting A/D is a locked update of the entry just read: same host address, no new walk
+        last = self._last
+        phys = last[1] if last is not None and last[0] == gpa else \
+            self.nested.translate(gpa, Access.WRITE, final=False).phys
+        self._mem.view[phys:phys + 8] = v.to_bytes(8, "little")
 
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> WalkResult:
         if not self.paging:
