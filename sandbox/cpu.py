@@ -54,6 +54,8 @@ EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 RFLAGS_IF = 1 << 9
 CR4_SMEP = 1 << 20
 TSC_HZ = 2_500_000_000
+#: the guest clock's nominal rate: one retired instruction is 10 ns of guest time
+GUEST_IPS = 100_000_000
 UNTIL_PAGE = 0xFFFF_FFFF_FFFF_F000
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
 _Q = struct.Struct("<Q")
@@ -182,6 +184,10 @@ class SvmCpu:
         self._snap_valid = False
         #: set when a VMRUN carried out a TLB_CONTROL flush request
         self.tlb_control_done = False
+        #: guest time: instructions retired in counted slices (see :meth:`arm_timer`)
+        self.guest_clock = 0
+        self.timer_period = self.timer_next = 0
+        self.timer_ticks = self.timer_masked = 0
         self._armed_ivec: tuple[int, ...] | None = None
         self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
         self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
@@ -971,7 +977,39 @@ class SvmCpu:
         if budget:
             n = emu_counter(self.uc)
             if n is not None:
-                self.insns = (self.insns or 0) + min(n, budget)
+                n = min(n, budget)
+                self.guest_clock += n
+                if self.limits.max_insns:
+                    self.insns = (self.insns or 0) + n
+
+    # -------------------------------------------------------- virtual timer
+    def arm_timer(self, period_ns: int) -> None:
+        """A periodic physical interrupt in guest time (0 disarms it).
+
+        Guest time is counted in retired guest instructions at the model's
+        nominal :data:`GUEST_IPS`; the run is sliced at each deadline with
+        Unicorn's instruction count, so a timer costs nothing per instruction
+        in Python.  At a deadline the processor takes the interrupt: a
+        #VMEXIT(INTR) when the VMCB intercepts INTR (APM §15.13.1)."""
+        if period_ns < 0:
+            raise ValueError("timer period must be positive")
+        self.timer_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns else 0
+        self.timer_next = self.guest_clock + self.timer_period
+
+    @property
+    def guest_time_ns(self) -> int:
+        return self.guest_clock * 1_000_000_000 // GUEST_IPS
+
+    def _timer_interrupt(self) -> None:
+        self.timer_next = self.guest_clock + self.timer_period
+        self.timer_ticks += 1
+        rip = self.st.reg_read(X.UC_X86_REG_RIP)
+        self._entry_rip = rip
+        if not self._ivec[ExitCode.INTR >> 5] >> (ExitCode.INTR & 31) & 1:
+            self.timer_masked += 1      # not intercepted: the host would field it; the guest never sees it
+            return
+        self._vmexit(ExitCode.INTR, 0, 0, rip=rip, nrip=0)
+        self._after_exit_outside(rip)
 
     def _run_slices(self) -> None:
         """emu_start until the run stops; restart after page faults.
@@ -989,6 +1027,9 @@ class SvmCpu:
                 if budget <= 0:
                     self._stop = StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
                     break
+            if self.timer_period:
+                due = max(1, self.timer_next - self.guest_clock)
+                budget = min(budget, due) if budget else due
             self._pending_fault = None
             try:
                 try:
@@ -1008,7 +1049,10 @@ class SvmCpu:
                 continue
             if self._stop is not None:
                 break
-            # emu_start returned by itself: budget, or the watchdog's emu_stop
+            # emu_start returned by itself: a timer deadline, the budget, or the watchdog's emu_stop
+            if not self._timed_out and self.timer_period and self.guest_clock >= self.timer_next:
+                self._timer_interrupt()
+                continue
             if not self._timed_out and self.limits.max_insns and self.insns is not None \
                     and self.insns < self.limits.max_insns:
                 self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)

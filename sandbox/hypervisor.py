@@ -19,7 +19,8 @@ from unicorn import x86_const as X
 from . import intercepts as I
 from .cpu import EFER_SVME, RunLimits, StopInfo, SvmCpu, ExitRecord, VmrunError
 from .cpustate import GPR_IDS, GPR_NAMES
-from .devices import COM1, PortBus, Serial16550
+from .devices import COM1, DeviceBus, MmioRegion, Serial16550
+from .mmio import AccessForm, MmioDecodeError, complete, decode_access, decode_form
 from .exitcodes import ExitCode, exit_name
 from .hostmem import PAGE_SIZE, HostMemory, HostMemoryError
 from .iopm import IOPM, IOPM_PAGES, IoioInfo
@@ -31,6 +32,12 @@ from .mmu import WalkStats
 from .paging import Access, TableBuilder
 from .tlb import TlbMode, TlbStats
 from .vmcb import VMCB, Event, EventType, NpControl, Segment, TlbControl
+
+
+class MmioMode(Enum):
+    """How a hypervisor serves an MMIO window (see :meth:`Machine.map_mmio`)."""
+    TRAP = "trap"        # every access exits and is emulated
+    GRANT = "grant"      # the first access maps a register page; writes are found by Dirty-bit polling
 
 
 class Action(Enum):
@@ -243,7 +250,7 @@ class Machine:
         self.guest = Guest(self.mem, ram, npt_page=npt_page)
         self.guests: list[Guest] = [self.guest]
         self.regs = GuestRegs(self)
-        self.bus = PortBus()
+        self.bus = DeviceBus()
         self.serial = Serial16550(COM1)
         self.bus.attach(self.serial)
         self.cpu.io_passthrough = self.bus.io
@@ -257,6 +264,8 @@ class Machine:
         self.guest_exit_code: int | None = None
         self._stop_reason: tuple[str, str] | None = None
         self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        self.timer_callback: Callable[["Machine"], None] | None = None
+        self._mmio_forms: dict[tuple[int, bytes], AccessForm] = {}
         self.default_intercepts()
 
     # -- more guests -----------------------------------------------------------
@@ -280,6 +289,32 @@ class Machine:
         if guest not in self.guests:
             raise ValueError("not a guest of this machine")
         self.guest = guest
+
+    # -- devices ---------------------------------------------------------------
+    def map_mmio(self, gpa: int, size: int, device, mode: MmioMode = MmioMode.TRAP) -> MmioRegion:
+        """Give ``device`` the guest-physical window [gpa, gpa + size).
+
+        The window's pages leave the nested page table, so a guest access
+        exits with VMEXIT_NPF.  In ``TRAP`` mode every access is decoded and
+        emulated against the device (:mod:`sandbox.mmio`); in ``GRANT`` mode
+        the first access to a page maps a host page there (the device's
+        register page) and later accesses run at full speed -- the device
+        then learns about writes from the nested Dirty bits
+        (:meth:`NestedPageTable.harvest_dirty`), typically on a timer.
+        """
+        region = self.bus.attach_mmio(gpa, size, device)
+        region.mode = MmioMode(mode)
+        region.backing = {}
+        for page in range(gpa, gpa + size, PAGE_SIZE):
+            self.guest.npt.unmap(page)
+        return region
+
+    def set_timer(self, period_ns: int, callback: Callable[["Machine"], None] | None = None) -> None:
+        """A periodic interrupt every ``period_ns`` of guest time, taken as a
+        #VMEXIT(INTR); ``callback(machine)`` runs on each (0 disarms)."""
+        self.timer_callback = callback
+        self.cpu.arm_timer(period_ns)
+        self.guest.vmcb.set_intercept(ExitCode.INTR, bool(period_ns))
 
     # -- configuration ---------------------------------------------------------
     def default_intercepts(self) -> None:
@@ -573,8 +608,50 @@ def handle_shutdown(m: Machine, e: ExitRecord) -> Action:
 
 
 def handle_npf(m: Machine, e: ExitRecord) -> Action:
+    """VMEXIT_NPF: an MMIO window's access goes to its device; any other
+    nested fault ends the run (this hypervisor never pages guest memory)."""
+    region = m.bus.region(e.exitinfo2) if e.exitinfo1 & (1 << 32) else None
+    if region is not None:
+        return handle_mmio(m, e, region)
     return m.stop("npf", f"nested page fault at GPA {e.exitinfo2:#x} (EXITINFO1 {e.exitinfo1:#x}) "
                          f"from RIP {e.rip:#x}")
+
+
+def handle_mmio(m: Machine, e: ExitRecord, region: MmioRegion) -> Action:
+    """A guest access to a device window (NPF with EXITINFO2 = the GPA)."""
+    gpa = e.exitinfo2
+    if region.mode is MmioMode.GRANT:
+        page = gpa & ~(PAGE_SIZE - 1)
+        hpa = region.backing.get(page)
+        if hpa is None:
+            hpa = region.backing[page] = m.mem.alloc_page()
+            grant = getattr(region.device, "granted", None)
+            if grant is not None:
+                grant(m, page - region.gpa, hpa)
+        m.guest.npt.map(page, hpa)          # the instruction re-executes against RAM
+        return RESUME
+    code = e.insn or m.read_virt(e.rip, 15)
+    key = (e.rip, code)
+    form = m._mmio_forms.get(key)
+    try:
+        if form is None:
+            form = m._mmio_forms[key] = decode_form(code)
+        acc = decode_access(code, gpa, m.regs, form)
+    except MmioDecodeError as err:
+        return m.stop("mmio-error", f"at RIP {e.rip:#x}, GPA {gpa:#x}: {err}")
+    if acc.is_write:
+        m.bus.mmio(gpa, acc.size, True, acc.value)
+    else:
+        complete(acc, m.bus.mmio(gpa, acc.size, False), m.regs)
+    m.guest.vmcb.RIP = e.rip + form.length
+    return RESUME
+
+
+def handle_intr(m: Machine, e: ExitRecord) -> Action:
+    """A physical interrupt: the virtual timer's tick."""
+    if m.timer_callback is not None:
+        m.timer_callback(m)
+    return RESUME
 
 
 def handle_svm_insn(m: Machine, e: ExitRecord) -> Action:
@@ -636,6 +713,7 @@ DEFAULT_HANDLERS: dict[int, Handler] = {
     ExitCode.VMMCALL: handle_vmmcall,
     ExitCode.SHUTDOWN: handle_shutdown,
     ExitCode.NPF: handle_npf,
+    ExitCode.INTR: handle_intr,
     ExitCode.INVALID: handle_invalid,
     ExitCode.RDPMC: handle_rdpmc,
     ExitCode.PAUSE: _advance_only,
