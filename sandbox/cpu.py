@@ -1096,8 +1096,6 @@ class SvmCpu:
 
     def _enter(self, in_hook: bool) -> bool:
         """VMRUN's checks and guest-state load; False after VMEXIT_INVALID."""
-        if self._xmod_pages:
-            self._xmod_commit()
         mv = self.mem.view
         b = self._vmcb_hpa
         if in_hook and self._fast_ok and not self._vmcb_written:
@@ -1125,6 +1123,8 @@ class SvmCpu:
             self._snap_valid = False
             if mv[b + 0x5C] or self.tlb.mode is TlbMode.FLUSH_ON_SWITCH:
                 self._tlb_control(mv[b + 0x5C])      # TLB_CONTROL acts on every VMRUN
+            if self._xmod_pages:
+                self._xmod_commit()      # after the flush: it refills through current translations
             self.gif = True
             self._entry_rip = rip
             return True
@@ -1199,6 +1199,8 @@ class SvmCpu:
             self._tlb_control(tlb_ctl)
         elif flush:
             self.flush_tlb()
+        if self._xmod_pages:
+            self._xmod_commit()          # after the flush: it refills through current translations
         self._arm_scanner()
         # event injection (APM §15.20)
         if not eventinj & Event.VALID and not struct.unpack_from("<Q", mv, b + 0x60)[0] & VIntr.V_IRQ:

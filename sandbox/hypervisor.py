@@ -108,6 +108,7 @@ class Guest:
         if ram_size % npt_page:
             raise ValueError(f"guest RAM ({ram_size:#x}) is not a multiple of the nested page size {npt_page:#x}")
         self.mem, self.ram_size, self.npt_page = mem, ram_size, npt_page
+        self.migrations = 0
         self.vmcb_hpa = mem.alloc_page()
         self.vmcb = VMCB(mem, self.vmcb_hpa)
         self.iopm = IOPM(mem, mem.alloc_contiguous(IOPM_PAGES))
@@ -162,6 +163,43 @@ class Guest:
             chunk = min(len(data), PAGE_SIZE - (gpa & 0xFFF))
             self.mem.write(self.gpa_to_hpa(gpa), data[:chunk])
             gpa, data = gpa + chunk, data[chunk:]
+
+    # -- moving guest memory ---------------------------------------------------
+    def migrate_page(self, gpa: int, new_hpa: int | None = None) -> int:
+        """Move one 4 KiB guest page to another host page while the guest
+        lives: copy it, point the nested entry at the copy, and have the next
+        VMRUN flush this guest's ASID (``on_change``), so no stale
+        translation reaches the old page.  The old page is scrubbed and
+        freed.  Returns the new HPA."""
+        if gpa % PAGE_SIZE or gpa not in self.ram:
+            raise ValueError(f"GPA {gpa:#x} is not a page of guest RAM")
+        if self.npt_page != PAGE_SIZE:
+            raise ValueError("pages can only be migrated when guest RAM uses 4 KiB nested pages")
+        old = self.ram[gpa]
+        new = self.mem.alloc_page(zero=False) if new_hpa is None else new_hpa
+        if new == old:
+            return old
+        self.mem.write(new, self.mem.read(old, PAGE_SIZE))
+        self.npt.map(gpa, new)
+        self.ram[gpa] = new
+        self.mem.write(old, bytes(PAGE_SIZE))       # nothing of the guest stays behind
+        self.mem.free_page(old)
+        self.migrations += 1
+        return new
+
+    def fragmentation(self) -> int:
+        """How many guest pages do not follow their GPA predecessor in host memory."""
+        gpas = sorted(self.ram)
+        return sum(1 for a, b in zip(gpas, gpas[1:]) if self.ram[b] != self.ram[a] + PAGE_SIZE)
+
+    def compact(self) -> int:
+        """Move all of guest RAM into one contiguous, GPA-ordered run of host
+        pages (as a memory-compaction pass would); returns its base HPA."""
+        gpas = sorted(self.ram)
+        base = self.mem.alloc_contiguous(len(gpas), zero=False)
+        for i, gpa in enumerate(gpas):
+            self.migrate_page(gpa, base + i * PAGE_SIZE)
+        return base
 
     # -- entry state -----------------------------------------------------------
     def setup_long_mode(self, entry: int, rsp: int = STACK_TOP) -> None:
