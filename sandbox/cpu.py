@@ -472,12 +472,8 @@ class SvmCpu:
                 self._guest_gif(k == D.Kind.STGI)
                 self._set_rip(address + insn.length)
             elif k == D.Kind.INVLPGA:
-                # rAX = the virtual page, ECX = the ASID whose mapping goes (APM §15.16.3)
-                asid = st.gpr(1) & 0xFFFF_FFFF
                 va = st.gpr(0) if insn.addrsize == 64 else st.gpr(0) & 0xFFFF_FFFF
-                self.tlb.flush_page(asid, va & ~0xFFF)
-                if asid == self._asid:
-                    self.flush_tlb()
+                self.invlpga(va, st.gpr(1) & 0xFFFF_FFFF)
                 self._set_rip(address + insn.length)
             else:
                 self._virtual_vmload_vmsave(address, insn, st)
@@ -682,7 +678,11 @@ class SvmCpu:
             except (DeliveryFault, GuestPageFault) as f:
                 fvec, ferr = (Vec.PF, f.error_code) if isinstance(f, GuestPageFault) else (f.vector, f.error_code)
                 intinfo = Event(cur_vec, EventType(cur_type), cur_err if cur_vec in HAS_ERROR_CODE else None)
-                nxt = combine(cur_vec, fvec)
+                # The new exception's own intercept comes first (APM §15.7.2: e.g.
+                # a #PF intercepted while delivering another event exits as #PF
+                # with EXITINTINFO = that event -- what shadow paging relies on);
+                # only an unintercepted one combines into #DF or shutdown.
+                nxt = fvec if self._ivec[2] >> fvec & 1 else combine(cur_vec, fvec)
                 if nxt is None:
                     return self._shutdown(fault_rip)
                 if self._ivec[2] >> nxt & 1:
@@ -1305,6 +1305,13 @@ class SvmCpu:
             self.tlb.flush_all()          # reserved encodings: the safe superset
         self.flush_tlb()
         self.tlb_control_done = bool(tlb_ctl)
+
+    def invlpga(self, va: int, asid: int) -> None:
+        """INVLPGA: rAX = the virtual page, ECX = the ASID whose translation
+        goes (APM §15.16.3); the hypervisor's way to drop one guest page."""
+        self.tlb.flush_page(asid, va & ~0xFFF)
+        if asid == self._asid:
+            self.flush_tlb()
 
     def flush_tlb(self) -> None:
         """Empty Unicorn's soft TLB, the untagged cache in front of :attr:`tlb`."""

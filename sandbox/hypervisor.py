@@ -30,6 +30,7 @@ from .msrpm import MSRPM, MSRPM_PAGES
 from .npt import NestedPageTable
 from .mmu import WalkStats
 from .paging import Access, TableBuilder
+from .shadow import ShadowPager
 from .tlb import TlbMode, TlbStats
 from .vmcb import VMCB, Event, EventType, NpControl, Segment, TlbControl
 
@@ -49,6 +50,8 @@ RESUME, STOP = Action.RESUME, Action.STOP
 
 #: leaf sizes the nested page table can back guest RAM with
 NPT_PAGE_SIZES = (4 << 10, 2 << 20, 1 << 30)
+#: how guest memory is virtualized: the processor's nested paging, or the hypervisor's shadow tables
+PAGING_MODES = ("nested", "shadow")
 HC_EXIT = 0
 HC_PRINT = 1
 HYPERVISOR_VENDOR = b"AMDVSandbox\x00"
@@ -278,7 +281,9 @@ class Machine:
     """
 
     def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20, *, npt_page: int = PAGE_SIZE,
-                 tlb_mode: TlbMode = TlbMode.TAGGED) -> None:
+                 tlb_mode: TlbMode = TlbMode.TAGGED, paging: str = "nested") -> None:
+        if paging not in PAGING_MODES:
+            raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
         self.mem = HostMemory(dram)
         self.cpu = SvmCpu(self.mem)
         self.cpu.tlb.mode = tlb_mode
@@ -305,6 +310,8 @@ class Machine:
         self.timer_callback: Callable[["Machine"], None] | None = None
         self._mmio_forms: dict[tuple[int, bytes], AccessForm] = {}
         self.default_intercepts()
+        #: the shadow MMU when the guest runs without nested paging
+        self.shadow: ShadowPager | None = ShadowPager(self) if paging == "shadow" else None
 
     # -- more guests -----------------------------------------------------------
     def add_guest(self, asid: int, ram: int | None = None, npt_page: int | None = None) -> Guest:
@@ -398,7 +405,13 @@ class Machine:
     def load(self, path: str) -> Image:
         img = load_image(path, self.guest.ram_size)
         self.guest.load(img)
+        if self.shadow is not None:
+            self.shadow.attach_cr3(self.guest.vmcb.CR3)
         return img
+
+    def invlpga(self, va: int, asid: int) -> None:
+        """The hypervisor executes INVLPGA (drop one page of one ASID's TLB)."""
+        self.cpu.invlpga(va, asid)
 
     def load_hooks(self, path: str) -> None:
         """Load user handlers from a Python file (see ``hooks/``)."""
@@ -408,22 +421,26 @@ class Machine:
     # -- guest access for handlers ---------------------------------------------
     def read_virt(self, gva: int, n: int) -> bytes:
         """Read guest-virtual memory through the guest's page tables (no A/D side effects)."""
-        w = self.cpu.walker(WalkStats())
         out = b""
         while n > 0:
             chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
-            t = w.translate(gva, Access.READ, False, set_ad=False)
-            out += self.mem.read(t.hpa, chunk)
+            out += self.mem.read(self._virt_to_host(gva, Access.READ), chunk)
             gva, n = gva + chunk, n - chunk
         return out
 
     def write_virt(self, gva: int, data: bytes) -> None:
-        w = self.cpu.walker(WalkStats())
         while data:
             chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
-            t = w.translate(gva, Access.WRITE, False, set_ad=True)
-            self.mem.write(t.hpa, data[:chunk])
+            self.mem.write(self._virt_to_host(gva, Access.WRITE, set_ad=True), data[:chunk])
             gva, data = gva + chunk, data[chunk:]
+
+    def _virt_to_host(self, gva: int, access: int, set_ad: bool = False) -> int:
+        """GVA -> HPA through the guest's own tables (and the NPT or the RAM
+        map) on the guest's behalf: A/D bits only with ``set_ad`` (a write the
+        hypervisor emulates for the guest), never the processor's counters."""
+        if self.shadow is not None:
+            return self.shadow.translate(gva, access, set_ad)
+        return self.cpu.walker(WalkStats()).translate(gva, access, False, set_ad=set_ad).hpa
 
     def inject(self, vector: int, type: EventType = EventType.EXCEPTION, error_code: int | None = None) -> None:
         self.guest.vmcb.inject(Event(vector, type, error_code))
