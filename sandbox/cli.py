@@ -14,6 +14,7 @@ examples:
   sandbox run guest_images/hello.S
   sandbox run guest_images/popek_goldberg.S --intercept sensitive
   sandbox run guest_images/hello.S --ports 0x3f8-0x3ff --json --quiet
+  sandbox run guest_images/kernel.S --paging shadow --quiet
   sandbox run guest_images/sev_secrets.S --sev --dump-host-memory dram.bin
 """
 
@@ -95,8 +96,15 @@ def cmd_run(a: argparse.Namespace) -> int:
     msrs = parse_msrs(a.msrs) if a.msrs else None
     if a.max_insns < 0:
         raise CliError("--max-insns must be >= 0")
+    from .tlb import TlbMode
+    npt_page = {"4k": 4 << 10, "2m": 2 << 20, "1g": 1 << 30}[a.npt_page]
+    if a.paging == "shadow" and npt_page != 4 << 10:
+        raise CliError("--npt-page applies to nested paging; shadow paging backs guest RAM with 4 KiB pages")
+    if (a.sev or a.sev_es or a.snp) and a.paging == "shadow":
+        raise CliError("SEV needs nested paging: the hypervisor cannot read an encrypted guest's page tables")
     try:
-        m = Machine(dram=a.dram << 20, ram=a.ram << 20)
+        m = Machine(dram=a.dram << 20, ram=a.ram << 20, npt_page=npt_page, paging=a.paging,
+                    tlb_mode=TlbMode(a.tlb))
     except ValueError as e:
         raise CliError(str(e)) from None
     try:
@@ -158,9 +166,9 @@ def cmd_run(a: argparse.Namespace) -> int:
             "ok": ok, "regs": None if getattr(m, "sev_es", None) else r.regs,     # SEV-ES: in the VMSA
             "rip": r.rip, "rflags": r.rflags,
             "exits": r.exits, "counts": {exit_name(k): v for k, v in sorted(r.counts.items())},
-            "insns": r.insns, "console": r.console,
-            "walks": {"walks": m.cpu.stats.walks, "guest_entries": m.cpu.stats.guest_entries,
-                      "nested_entries": m.cpu.stats.nested_entries},
+            "insns": r.insns, "console": r.console, "paging": a.paging,
+            "walks": r.walk, "tlb": r.tlb,
+            "shadow": m.shadow.stats.snapshot() if m.shadow is not None else None,
         }))
     else:
         t = Table(title="exits by code", show_lines=False)
@@ -170,10 +178,34 @@ def cmd_run(a: argparse.Namespace) -> int:
         for code, n in sorted(r.counts.items()):
             t.add_row(f"{code:#x}", exit_name(code), str(n))
         err.print(t)
+        err.print(memory_table(a.paging, r, m))
         style = "green" if ok else "red"
         err.print(f"[{style}]run ended: {r.reason}[/{style}]" + (f" - {r.detail}" if r.detail else "")
-                  + f"; {r.exits} exits; {m.cpu.stats.walks} 2-D walks")
+                  + f"; {r.exits} exits")
     return 0 if ok else 1
+
+
+def memory_table(paging: str, r, m):
+    """The run's memory-virtualization figures: walks, their page-table
+    references, TLB hits and misses (and the shadow MMU's work)."""
+    from rich.table import Table
+    w, tlb = r.walk, r.tlb
+    t = Table(title=f"memory ({paging} paging)", show_header=False)
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    kind = "2-D walks" if paging == "nested" else "walks of the shadow tables"
+    t.add_row(kind, str(w.get("walks", 0)))
+    t.add_row("  guest page-table references", str(w.get("guest_pte_refs", 0)))
+    if paging == "nested":
+        t.add_row("  nested page-table references", str(w.get("nested_pte_refs", 0)))
+    t.add_row("  data references", str(w.get("data_refs", 0)))
+    t.add_row("TLB hits / misses", f"{tlb.get('hits', 0)} / {tlb.get('misses', 0)}")
+    if m.shadow is not None:
+        s = m.shadow.stats
+        t.add_row("shadow faults fixed / reflected", f"{s.shadow_faults} / {s.guest_faults}")
+        t.add_row("guest table entries the hypervisor read", str(s.guest_entries))
+        t.add_row("page-table writes trapped / shadow rebuilds", f"{s.pt_write_faults} / {s.zaps}")
+    return t
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wall-clock limit in seconds")
     r.add_argument("--dram", type=int, default=64, metavar="MIB", help="host DRAM size (MiB)")
     r.add_argument("--ram", type=int, default=16, metavar="MIB", help="guest RAM size (MiB)")
+    r.add_argument("--paging", choices=("nested", "shadow"), default="nested",
+                   help="memory virtualization: the processor's nested paging, or hypervisor shadow tables")
+    r.add_argument("--npt-page", choices=("4k", "2m", "1g"), default="4k",
+                   help="leaf size of the nested page table backing guest RAM")
+    r.add_argument("--tlb", choices=("tagged", "flush"), default="tagged",
+                   help="TLB tagged by ASID, or flushed on every world switch (pre-ASID hardware)")
     r.add_argument("--sev", action="store_true", help="launch the guest encrypted (SEV): measured, C-bit set")
     r.add_argument("--sev-es", action="store_true", help="SEV-ES: encrypted register state, #VC and the GHCB (implies --sev)")
     r.add_argument("--snp", action="store_true", help="SEV-SNP: reverse-map table integrity (implies --sev)")

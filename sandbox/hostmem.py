@@ -77,19 +77,27 @@ class HostMemory:
             self.view[hpa:hpa + PAGE_SIZE] = bytes(PAGE_SIZE)
         return hpa
 
-    def alloc_contiguous(self, npages: int, zero: bool = True) -> int:
-        """Allocate ``npages`` physically contiguous, 4 KiB-aligned pages."""
+    def alloc_contiguous(self, npages: int, zero: bool = True, align: int = PAGE_SIZE) -> int:
+        """Allocate ``npages`` physically contiguous pages starting at an HPA
+        aligned to ``align`` (a power of two, at least 4 KiB)."""
+        if npages <= 0 or align < PAGE_SIZE or align & (align - 1):
+            raise HostMemoryError(f"bad contiguous allocation: {npages} pages aligned to {align:#x}")
         free = set(self._free)
-        for pfn in sorted(free):
-            if all((pfn + i) in free for i in range(npages)):
-                for i in range(npages):
-                    self._free.remove(pfn + i)
-                    self._allocated.add(pfn + i)
+        step = align >> PAGE_SHIFT
+        top = self.size >> PAGE_SHIFT
+        pfn = step if step > 1 else 1
+        while pfn + npages <= top:
+            gap = next((pfn + i for i in range(npages) if (pfn + i) not in free), None)
+            if gap is None:
+                run = set(range(pfn, pfn + npages))
+                self._free = [p for p in self._free if p not in run]
+                self._allocated |= run
                 hpa = pfn << PAGE_SHIFT
                 if zero:
                     self.view[hpa:hpa + npages * PAGE_SIZE] = bytes(npages * PAGE_SIZE)
                 return hpa
-        raise HostMemoryError(f"no {npages} contiguous free pages")
+            pfn = (gap // step + 1) * step
+        raise HostMemoryError(f"no {npages} contiguous free pages aligned to {align:#x}")
 
     def free_page(self, hpa: int) -> None:
         pfn = hpa >> PAGE_SHIFT

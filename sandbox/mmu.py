@@ -55,9 +55,27 @@ class GuestException(Exception):
 
 @dataclass
 class WalkStats:
+    """Memory references made by 2-D walks (APM §15.25.5, Figure 15-13).
+
+    ``guest_entries`` counts guest page-table entries read, ``nested_entries``
+    every nested page-table entry read -- those of the nested walks of each
+    guest table *and* of the final GPA.  ``data_refs`` counts the final
+    data/code accesses the completed walks were made for: one per walk,
+    kept apart from the table references.
+    """
     guest_entries: int = 0
     nested_entries: int = 0
     walks: int = 0
+    data_refs: int = 0
+
+    @property
+    def table_refs(self) -> int:
+        return self.guest_entries + self.nested_entries
+
+    def snapshot(self) -> dict[str, int]:
+        return {"walks": self.walks, "guest_pte_refs": self.guest_entries,
+                "nested_pte_refs": self.nested_entries, "table_refs": self.table_refs,
+                "data_refs": self.data_refs}
 
 
 class NestedLayer:
@@ -111,18 +129,26 @@ class GuestLayer:
         self.cr3 = cr3
         self.nxe = bool(efer & (1 << 11))
         self.smep = bool(cr4 & (1 << 20))
+        self.pge = bool(cr4 & (1 << 7))
         self._mem = nested.mem
+        self._last: tuple[int, int] | None = None
 
     def _read(self, gpa: int) -> int:
         # a guest page-table read is a user write at the nested level (APM §15.25.6)
         r = self.nested.translate(gpa & self._nocbit, Access.WRITE, final=False)
         self.stats.guest_entries += 1
-        a = r.phys if self.enc is None else self.enc.pt_paddr(r.phys, gpa & self._nocbit)   # SEV: always private
+        gpa &= self._nocbit
+        self._last = (gpa, r.phys)
+        a = r.phys if self.enc is None else self.enc.pt_paddr(r.phys, gpa)   # SEV: PT walks are private
         return int.from_bytes(self._mem.view[a:a + 8], "little")
 
     def _write(self, gpa: int, v: int) -> None:
-        r = self.nested.translate(gpa & self._nocbit, Access.WRITE, final=False)
-        a = r.phys if self.enc is None else self.enc.pt_paddr(r.phys, gpa & self._nocbit)
+        # setting A/D is a locked update of the entry just read: same host address, no new walk
+        gpa &= self._nocbit
+        last = self._last
+        phys = last[1] if last is not None and last[0] == gpa else \
+            self.nested.translate(gpa, Access.WRITE, final=False).phys
+        a = phys if self.enc is None else self.enc.pt_paddr(phys, gpa)
         self._mem.view[a:a + 8] = v.to_bytes(8, "little")
 
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> WalkResult:
@@ -147,6 +173,7 @@ class Translation:
     executable: bool
     dirty: bool
     user: bool = True
+    global_: bool = False
     #: SEV: the access is private (guest C-bit, or a fetch); ``hpa`` is then the
     #: processor's plaintext-cache address and ``dram`` the page's real HPA
     private: bool = False
@@ -167,5 +194,7 @@ class TwoDimWalker:
             from .sevwalk import sev_final
             return sev_final(self, gva, g, access, set_ad)
         n = self.nested.translate(g.phys, access, final=True, set_ad=set_ad)
+        self.stats.data_refs += 1
         return Translation(gva=gva, gpa=g.phys, hpa=n.phys, writable=g.writable and n.writable,
-                           executable=g.executable and n.executable, dirty=g.dirty and n.dirty, user=g.user)
+                           executable=g.executable and n.executable, dirty=g.dirty and n.dirty, user=g.user,
+                           global_=g.global_ and self.guest.pge)

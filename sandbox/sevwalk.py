@@ -36,5 +36,7 @@ def sev_final(w: "TwoDimWalker", gva: int, g: WalkResult, access: int, set_ad: b
     if enc.snp:
         enc.rmp.check_guest(n.phys, gpa, access, private, enc.asid, True)
     hpa = enc.cpu_paddr(n.phys, private, writable)
+    w.stats.data_refs += 1
     return Translation(gva=gva, gpa=gpa, hpa=hpa, writable=writable, executable=g.executable and n.executable,
-                       dirty=g.dirty and n.dirty, user=g.user, private=private, dram=n.phys)
+                       dirty=g.dirty and n.dirty, user=g.user, global_=g.global_ and w.guest.pge,
+                       private=private, dram=n.phys)
