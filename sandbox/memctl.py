@@ -172,6 +172,9 @@ class MemoryController:
             self.es.on_vmrun(cpu)
         if self.stale:
             self.stale = False
+            tlb = getattr(cpu, "tlb", None)
+            if tlb is not None:
+                tlb.flush_asid(self.asid)       # an ASID-tagged TLB holds plaintext-cache addresses too
             cpu.flush_tlb()
             cpu.uc.ctl_flush_tb()
 
