@@ -174,7 +174,7 @@ class MemoryController:
             self.stale = False
             tlb = getattr(cpu, "tlb", None)
             if tlb is not None:
-                tlb.flush_asid(self.asid)       # the tagged TLB holds plaintext-cache addresses too
+                tlb.flush_asid(self.asid)       # an ASID-tagged TLB holds plaintext-cache addresses too
             cpu.flush_tlb()
             cpu.uc.ctl_flush_tb()
 
