@@ -8,8 +8,9 @@ non-automatic exits from APM §15.35.5.
 """
 from __future__ import annotations
 
-import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 from sandbox import Machine
@@ -147,19 +148,22 @@ def test_es_bit_without_vmsa_is_invalid(guest):
     assert r.reason == "invalid-vmcb" and "VMSA" in r.detail
 
 
-def test_cli_sev_es_and_snp(tmp_path):
+def test_cli_sev_es_and_snp(capsys):
+    from sandbox.cli import main
     for extra in (["--sev-es"], ["--sev-es", "--snp"]):
-        p = subprocess.run([sys.executable, "-m", "sandbox.cli", "run", str(IMAGE), *extra, "--ram", "4",
-                            "--dram", "16"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-        assert p.returncode == 0, p.stderr
-        assert p.stdout == EXPECTED
-        assert "VMGEXIT" in p.stderr and "(encrypted)" in p.stderr
+        code = main(["run", str(IMAGE), *extra, "--ram", "4", "--dram", "16"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert out.out == EXPECTED
+        assert "VMGEXIT" in out.err and "(encrypted)" in out.err
 
 
-def test_trace_script_runs():
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "sev_es_trace.py")], capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
-    plain, es = p.stdout.split("SEV-ES (")
+def test_trace_script_runs(capsys, monkeypatch):
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["sev_es_trace.py"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "scripts" / "sev_es_trace.py"), run_name="__main__")
+    assert e.value.code == 0
+    plain, es = capsys.readouterr().out.split("SEV-ES (")
     assert "CPUID" in plain and "vmcb.RAX=0x8000001f" in plain
     assert "regs.rbx=(refused)" in es and "SW_EXITCODE=0x72" in es and "rip=0x00000000" in es

@@ -7,8 +7,6 @@ NPF EXITINFO1 bits from APM §15.36.10 (bit 31 RMP, 32 final, 34 ENC);
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -179,12 +177,13 @@ def test_unvalidated_page_raises_vc(guest):
     assert stops == [(0x5D, 0x404, 0)]
 
 
-def test_cli_snp_dump(tmp_path):
+def test_cli_snp_dump(tmp_path, capsys):
+    from sandbox.cli import main
     dump = tmp_path / "d.bin"
-    p = subprocess.run([sys.executable, "-m", "sandbox.cli", "run", str(ROOT / "guest_images" / "sev_secrets.S"),
-                        "--snp", "--ram", "4", "--dram", "16", "--dump-host-memory", str(dump)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert "shared page: SHARED-BOUNCE-1b2e" in p.stdout and "private page: FORTRESS-PRIVATE-7f3a9c5e" in p.stdout
+    code = main(["run", str(ROOT / "guest_images" / "sev_secrets.S"), "--snp", "--ram", "4", "--dram", "16",
+                 "--dump-host-memory", str(dump)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "shared page: SHARED-BOUNCE-1b2e" in out.out and "private page: FORTRESS-PRIVATE-7f3a9c5e" in out.out
     data = dump.read_bytes()
     assert b"SHARED-BOUNCE-1b2e" in data and b"FORTRESS-PRIVATE" not in data
