@@ -1169,10 +1169,13 @@ class SvmCpu:
         msrpm = struct.unpack_from("<Q", mv, b + 0x48)[0] & ~0xFFF
         eventinj = struct.unpack_from("<Q", mv, b + 0xA8)[0]
         cs_attr = struct.unpack_from("<H", mv, b + 0x412)[0]
-        why = self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm, eventinj, cs_attr)
-        if not why and (self.memctl is not None or npc & (NpControl.SEV_ENABLE | NpControl.SEV_ES_ENABLE)):
+        why = ""
+        if self.memctl is not None or npc & (NpControl.SEV_ENABLE | NpControl.SEV_ES_ENABLE):
+            # SEV first: an SEV-ES guest's state comes from its VMSA (APM §15.35.8)
             why = self.memctl.vmrun_check(asid, bool(npc & 2), bool(npc & NpControl.NP_ENABLE), bool(npc & 4)) \
                 if self.memctl is not None else "SEV enable set, but the processor has no secure processor"
+        why = why or self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm,
+                                       eventinj, cs_attr)
         if why:
             # VMEXIT_INVALID: no guest state was loaded and no instruction runs
             self._invalid_reason = why

@@ -157,6 +157,8 @@ class MemoryController:
             return "SEV is enabled without nested paging"
         if es_enabled and self.es is None:
             return "SEV-ES is enabled but the guest has no VMSA"
+        if es_enabled and self.es.invalid:
+            return self.es.invalid
         engine = self._engine_for(asid)
         if engine is None:
             return f"SEV is enabled but ASID {asid} has no launched SEV guest (no key)"

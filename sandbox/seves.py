@@ -17,10 +17,13 @@ VMGEXIT -- still exit; every other intercept (non-automatic, NAE) raises #VC
 VMGEXIT copies it to the VMCB's GHCB_PA.
 
 The VMCB's nRIP and guest instruction bytes are not saved (§15.35.8), and the
-hypervisor's exit record carries no guest RIP.
+hypervisor's exit record carries no guest RIP.  The VMSA is integrity-checked:
+the processor keeps a SHA-256 of the state it saved, and a VMRUN whose VMSA
+no longer decrypts to that state fails with VMEXIT_INVALID (§15.35.8).
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import TYPE_CHECKING
 
@@ -60,6 +63,9 @@ class SevEsState:
         self.saved = False            # the VMSA holds the state VMRUN must load
         self.vc_count = 0
         self.asid = 0                 # set at launch: whose key encrypts the VMSA
+        self._digest: bytes | None = None   # held by the processor, never in DRAM
+        #: why the last VMRUN's VMSA check failed ('' when it passed)
+        self.invalid = ""
 
     def _engine(self):
         return self.m.sp.engine_for(self.asid)
@@ -78,6 +84,7 @@ class SevEsState:
             _Q.pack_into(vmsa, 0x178, rec.nrip)           # the guest resumes after VMGEXIT
             _Q.pack_into(mv, b + 0xA0, self.ghcb_msr)     # GHCB_PA <- GHCB MSR
         eng = self._engine()
+        self._digest = hashlib.sha256(vmsa).digest()
         mv[self.vmsa_hpa:self.vmsa_hpa + PAGE_SIZE] = eng.encrypt_page(self.vmsa_hpa, bytes(vmsa))
         mv[b + SAVE_LO:b + SAVE_HI] = bytes(SAVE_HI - SAVE_LO)
         _Q.pack_into(mv, b + 0xC8, 0)                     # nRIP not saved
@@ -95,6 +102,11 @@ class SevEsState:
         mv = cpu.mem.view
         b = cpu._vmcb_hpa
         vmsa = eng.decrypt_page(self.vmsa_hpa, bytes(mv[self.vmsa_hpa:self.vmsa_hpa + PAGE_SIZE]))
+        if self._digest is not None and hashlib.sha256(vmsa).digest() != self._digest:
+            self.invalid = f"SEV-ES VMSA integrity check failed (VMSA at {self.vmsa_hpa:#x} was modified)"
+            cpu._fast_ok = False          # take VMRUN's full check path, which fails on ``invalid``
+            return                        # nothing is loaded
+        self.invalid = ""
         mv[b + SAVE_LO:b + SAVE_HI] = vmsa[0:SAVE_HI - SAVE_LO]
         self.saved = False
 

@@ -167,3 +167,20 @@ def test_trace_script_runs(capsys, monkeypatch):
     plain, es = capsys.readouterr().out.split("SEV-ES (")
     assert "CPUID" in plain and "vmcb.RAX=0x8000001f" in plain
     assert "regs.rbx=(refused)" in es and "SW_EXITCODE=0x72" in es and "rip=0x00000000" in es
+
+
+def test_hypervisor_tampering_with_the_vmsa_fails_vmrun():
+    m = machine(launch_sev_es)
+    from sandbox.ghcb import handle_vmgexit
+
+    def tamper(m, e):
+        act = handle_vmgexit(m, e)
+        if len(m.ghcb_log) == 3:
+            hpa = m.sev_es.vmsa_hpa
+            b = m.mem.read(hpa + 0x178, 1)[0]
+            m.mem.write(hpa + 0x178, bytes([b ^ 0x40]))          # one bit of the encrypted RIP
+        return act
+    m.on(0x403)(tamper)
+    r = m.run()
+    assert r.reason == "invalid-vmcb" and "VMSA integrity" in r.detail
+    assert len(m.ghcb_log) == 3                                  # the guest never ran again
