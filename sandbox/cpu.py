@@ -32,14 +32,19 @@ from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 from . import decode as D
 from .cpustate import (emu_counter, invalid_addr, R_FS, R_GS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
-from .decision import (ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, decide, kinds_for_bits,
-                       mov_to_cr_faults, svm_rax_faults)
+from .decision import (ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, decide, effective_address,
+                       kinds_for_bits, mov_to_cr_faults, svm_rax_faults)
 
 NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
+#: instructions the processor watches although they may not exit: their TLB
+#: side effects reach the tagged TLB model (Unicorn only flushes its own)
+TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
 from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Vec, combine, deliver
 from .exitcodes import ExitCode
 from .hostmem import PAGE_SIZE, HostMemory
-from .mmu import GuestGP, GuestLayer, GuestPageFault, NestedFault, NestedLayer, TwoDimWalker, WalkStats
+from .mmu import (GuestException, GuestGP, GuestLayer, GuestPageFault, NestedFault, NestedLayer, TwoDimWalker,
+                  WalkStats)
+from .tlb import Tlb, TlbEntry, TlbMode
 from .paging import Access, PFErr, WalkResult
 from .vmcb import GUEST_INSN_BYTES, SEGMENTS, VMCB, Event, EventType, NpControl, TlbControl, VIntr
 
@@ -48,7 +53,10 @@ MSR_VM_HSAVE_PA = 0xC001_0117
 EFER_SVME = 1 << 12
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 RFLAGS_IF = 1 << 9
+CR4_SMEP = 1 << 20
 TSC_HZ = 2_500_000_000
+#: the guest clock's nominal rate: one retired instruction is 10 ns of guest time
+GUEST_IPS = 100_000_000
 UNTIL_PAGE = 0xFFFF_FFFF_FFFF_F000
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
 _Q = struct.Struct("<Q")
@@ -119,7 +127,8 @@ class SvmCpu:
         self.mem = mem
         self._mm = mem._mm               # raw DRAM for the processor's own accesses
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address)
+        # DRAM, and above it the plaintext cache of SEV pages (HostMemory.cache_base)
+        uc.mem_map_ptr(0, 2 * mem.size, UC_PROT_ALL, mem.address)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         # No exit address: with an ``until`` address Unicorn probes that page
         # through the TLB-fill hook after every emu_start, which is not a guest
@@ -143,6 +152,10 @@ class SvmCpu:
         self._np = False
         self._asid = 0
         self.stats = WalkStats()
+        #: the ASID-tagged TLB (Unicorn's soft TLB is a cache in front of it)
+        self.tlb = Tlb()
+        #: SEV memory controller (sandbox.memctl.MemoryController), attached by the SEV launcher
+        self.memctl = None
         self.exit_count = 0
         self.on_exit: Callable[[ExitRecord], bool] | None = None
         self.io_passthrough: Callable[[int, int, bool, int], int] | None = None
@@ -175,6 +188,10 @@ class SvmCpu:
         self._snap_valid = False
         #: set when a VMRUN carried out a TLB_CONTROL flush request
         self.tlb_control_done = False
+        #: guest time: instructions retired in counted slices (see :meth:`arm_timer`)
+        self.guest_clock = 0
+        self.timer_period = self.timer_next = 0
+        self.timer_ticks = self.timer_masked = 0
         self._armed_ivec: tuple[int, ...] | None = None
         self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
         self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
@@ -238,11 +255,16 @@ class SvmCpu:
             self.io_passthrough(port, size, False, value)
 
     # ------------------------------------------------------------- 2-D walker
-    def walker(self) -> TwoDimWalker:
+    def walker(self, stats: WalkStats | None = None) -> TwoDimWalker:
+        """The 2-D walker for the current guest context.  The processor's own
+        walks count into ``self.stats``; pass ``stats`` for walks made on the
+        hypervisor's behalf, which are not guest memory references."""
         st = self.st
-        nested = NestedLayer(self.mem, self._n_cr3, self.stats) if self._np else _IdentityNested(self.mem, self.stats)
-        guest = GuestLayer(nested, st.cr(0), st.cr(3), st.cr(4), st.efer, self.stats)
-        return TwoDimWalker(guest, nested, self.stats)
+        stats = self.stats if stats is None else stats
+        nested = NestedLayer(self.mem, self._n_cr3, stats) if self._np else _IdentityNested(self.mem, stats)
+        enc = self.memctl if self.memctl is not None and self.memctl.active else None
+        guest = GuestLayer(nested, st.cr(0), st.cr(3), st.cr(4), st.efer, stats, enc)
+        return TwoDimWalker(guest, nested, stats)
 
     def _tlb_fill(self, uc, vaddr, access, entry, ud) -> bool:
         try:
@@ -252,18 +274,33 @@ class SvmCpu:
             return False
 
     def _fill(self, vaddr: int, access: int, entry) -> bool:
-        """One soft-TLB miss: the 2-D walk, and the code-page bookkeeping."""
+        """One miss in Unicorn's soft TLB: answered by the ASID-tagged TLB
+        model, or by a 2-D walk; then the code-page bookkeeping."""
         st = self.st.load()
         user = st.cpl == 3
         acc = Access.FETCH if access == UC_MEM_FETCH else (Access.WRITE if access == UC_MEM_WRITE else Access.READ)
-        try:
-            t = self.walker().translate(vaddr, acc, user)
-        except (GuestPageFault, NestedFault, GuestGP) as f:
-            self._pending_fault = f
-            self._fault_page = vaddr & ~0xFFF
-            return False
-        hpa = t.hpa & ~0xFFF
         gva = vaddr & ~0xFFF
+        tlb = self.tlb
+        e = tlb.lookup(self._asid, user, gva)
+        if e is not None and (
+                (acc == Access.WRITE and not (e.writable and e.dirty))
+                or (acc == Access.FETCH and (not e.executable or (e.user_page and not user and st.cr(4) & CR4_SMEP)))):
+            # Not enough for this access: the processor walks again before it
+            # faults, and a first write walks to set the Dirty bits (§5.4.2).
+            e = None
+        if e is None:
+            tlb.stats.misses += 1
+            try:
+                t = self.walker().translate(vaddr, acc, user)
+            except (GuestPageFault, NestedFault, GuestGP, GuestException) as f:
+                self._pending_fault = f
+                self._fault_page = gva
+                return False
+            e = TlbEntry(t.hpa & ~0xFFF, t.gpa & ~0xFFF, t.writable, t.executable, t.dirty, t.global_, t.user)
+            tlb.insert(self._asid, user, gva, e)
+        else:
+            tlb.stats.hits += 1
+        hpa = e.hpa
         perms = UC_PROT_READ
         if acc == Access.FETCH:
             self._fetch_map[gva] = hpa
@@ -282,7 +319,7 @@ class SvmCpu:
                         # those entries too, so its next fetch is a fill that rescans
                         self.flush_tlb()
                 perms |= UC_PROT_WRITE
-            elif t.writable and t.dirty and not is_code:
+            elif e.writable and e.dirty and not is_code:
                 perms |= UC_PROT_WRITE
         entry.paddr = hpa
         entry.perms = perms
@@ -297,7 +334,7 @@ class SvmCpu:
         self._armed_ivec = key
         self._decoded.clear()           # cached decisions depend on the vectors
         bits = {b for b in range(6 * 32) if self._ivec[b >> 5] >> (b & 31) & 1}
-        kinds = frozenset(kinds_for_bits(bits) | ALWAYS | (IRQ_WINDOW if virq else frozenset()))
+        kinds = frozenset(kinds_for_bits(bits) | ALWAYS | TLB_OBSERVED | (IRQ_WINDOW if virq else frozenset()))
         if kinds != self._scan_kinds:
             self._scan_kinds = kinds
             self._one, self._two = D.opcode_starts(set(kinds))
@@ -395,6 +432,9 @@ class SvmCpu:
             view = _GuestView(self, st)
             info = decide(insn, view, address, code)
         if info is not None:
+            if self.memctl is not None and self.memctl.es is not None and \
+                    self.memctl.es.intercept(self, info.exitcode, address, insn.length):
+                return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
             self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=address + insn.length,
                          fresh=True)
             self._after_exit_in_hook(address)
@@ -423,6 +463,12 @@ class SvmCpu:
         elif k == D.Kind.MOV_TO_CR:
             if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0)):
                 self._exception(Vec.GP, 0, address)      # Unicorn would load the illegal value
+            else:
+                self._observe_cr_write(insn.reg)
+        elif k == D.Kind.INVLPG:
+            # INVLPG drops the page in the current ASID, global or not (APM §5.5.3)
+            va = effective_address(code, insn, view, address + insn.length)
+            self.tlb.flush_page(self._asid, va & ~0xFFF)
         elif k == D.Kind.INTO:
             self._exception(Vec.UD, None, address)
         elif k in (D.Kind.VMLOAD, D.Kind.VMSAVE, D.Kind.SKINIT, D.Kind.VMRUN, D.Kind.STGI, D.Kind.CLGI,
@@ -439,11 +485,21 @@ class SvmCpu:
                 self._guest_gif(k == D.Kind.STGI)
                 self._set_rip(address + insn.length)
             elif k == D.Kind.INVLPGA:
-                # invalidates one page of the ASID in ECX; the model's TLB is untagged
-                self.flush_tlb()
+                va = st.gpr(0) if insn.addrsize == 64 else st.gpr(0) & 0xFFFF_FFFF
+                self.invlpga(va, st.gpr(1) & 0xFFFF_FFFF)
                 self._set_rip(address + insn.length)
             else:
                 self._virtual_vmload_vmsave(address, insn, st)
+
+    def _observe_cr_write(self, cr: int) -> None:
+        """A MOV to CR0/CR3/CR4 about to run: its TLB side effect (APM §5.5.2).
+        Unicorn flushes its own soft TLB when it executes the move; the tagged
+        model behind it is updated here.  MOV CR3 keeps global entries; a CR0 or
+        CR4 write may change PG/WP/PGE/SMEP and drops the ASID's entries."""
+        if cr == 3:
+            self.tlb.flush_asid(self._asid, keep_global=True)
+        elif cr in (0, 4):
+            self.tlb.flush_asid(self._asid)
 
     # ---------------------------------------------- virtual interrupt window
     def _watch_irq_window(self, address: int, insn: D.Insn, st: CpuState, view: "_GuestView") -> None:
@@ -591,7 +647,10 @@ class SvmCpu:
     def _invalid_opcode(self, uc, ud) -> bool:
         """#UD reaches Unicorn's invalid-instruction hook, not the interrupt hook."""
         try:
-            self._exception(Vec.UD, None, self.st.reg_read(X.UC_X86_REG_RIP))
+            rip = self.st.reg_read(X.UC_X86_REG_RIP)
+            if self.memctl is not None and self.memctl.emulate(self, rip):
+                return True                           # an SEV instruction Unicorn does not know (PVALIDATE)
+            self._exception(Vec.UD, None, rip)
         except BaseException as e:
             self._fail(f"internal error delivering #UD: {type(e).__name__}: {e}", e)
         return True
@@ -637,7 +696,11 @@ class SvmCpu:
                 fvec, ferr = ((Vec.PF, f.error_code) if isinstance(f, GuestPageFault) else
                               (Vec.GP, 0) if isinstance(f, GuestGP) else (f.vector, f.error_code))
                 intinfo = Event(cur_vec, EventType(cur_type), cur_err if cur_vec in HAS_ERROR_CODE else None)
-                nxt = combine(cur_vec, fvec)
+                # The new exception's own intercept comes first (APM §15.7.2: e.g.
+                # a #PF intercepted while delivering another event exits as #PF
+                # with EXITINTINFO = that event -- what shadow paging relies on);
+                # only an unintercepted one combines into #DF or shutdown.
+                nxt = fvec if self._ivec[2] >> fvec & 1 else combine(cur_vec, fvec)
                 if nxt is None:
                     return self._shutdown(fault_rip)
                 if self._ivec[2] >> nxt & 1:
@@ -729,6 +792,8 @@ class SvmCpu:
         see the VMCB before it holds the guest state.
         """
         st = self.st if fresh else self.st.load()
+        if self.memctl is not None:
+            self.memctl.flush_dirty()         # SEV: DRAM holds ciphertext before the hypervisor runs
         mv = self.mem.view
         b = self._vmcb_hpa
         rax, rsp = st.gpr(0), st.gpr(4)
@@ -750,12 +815,16 @@ class SvmCpu:
         rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
         self._exit = rec
         self.gif = False        # #VMEXIT clears GIF
+        if self.memctl is not None and self.memctl.es is not None:
+            self.memctl.es.on_vmexit(self, rec)        # SEV-ES: state into the encrypted VMSA
         return rec
 
     _EAGER = ((0x578, 0x580), (0x5D8, 0x5E0), (0x5F8, 0x600))     # RIP, RSP, RAX
     _EAGER_QWORDS = frozenset({0x578, 0x5D8, 0x5F8})
 
     def _sync(self, hpa: int, n: int, write: bool = False) -> None:
+        if self.memctl is not None:
+            self.memctl.host_access(hpa, n, write)
         off = hpa - self._vmcb_hpa
         if off + n <= 0 or off >= 0x1000:
             if write and self._code_hpa:
@@ -912,6 +981,8 @@ class SvmCpu:
         return self._finish()
 
     def _finish(self) -> StopInfo:
+        if self.memctl is not None:
+            self.memctl.flush_dirty()
         self.flush_guest_state()
         if self.st.dirty:
             self.st.store()
@@ -932,7 +1003,39 @@ class SvmCpu:
         if budget:
             n = emu_counter(self.uc)
             if n is not None:
-                self.insns = (self.insns or 0) + min(n, budget)
+                n = min(n, budget)
+                self.guest_clock += n
+                if self.limits.max_insns:
+                    self.insns = (self.insns or 0) + n
+
+    # -------------------------------------------------------- virtual timer
+    def arm_timer(self, period_ns: int) -> None:
+        """A periodic physical interrupt in guest time (0 disarms it).
+
+        Guest time is counted in retired guest instructions at the model's
+        nominal :data:`GUEST_IPS`; the run is sliced at each deadline with
+        Unicorn's instruction count, so a timer costs nothing per instruction
+        in Python.  At a deadline the processor takes the interrupt: a
+        #VMEXIT(INTR) when the VMCB intercepts INTR (APM §15.13.1)."""
+        if period_ns < 0:
+            raise ValueError("timer period must be positive")
+        self.timer_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns else 0
+        self.timer_next = self.guest_clock + self.timer_period
+
+    @property
+    def guest_time_ns(self) -> int:
+        return self.guest_clock * 1_000_000_000 // GUEST_IPS
+
+    def _timer_interrupt(self) -> None:
+        self.timer_next = self.guest_clock + self.timer_period
+        self.timer_ticks += 1
+        rip = self.st.reg_read(X.UC_X86_REG_RIP)
+        self._entry_rip = rip
+        if not self._ivec[ExitCode.INTR >> 5] >> (ExitCode.INTR & 31) & 1:
+            self.timer_masked += 1      # not intercepted: the host would field it; the guest never sees it
+            return
+        self._vmexit(ExitCode.INTR, 0, 0, rip=rip, nrip=0)
+        self._after_exit_outside(rip)
 
     def _run_slices(self) -> None:
         """emu_start until the run stops; restart after page faults.
@@ -950,6 +1053,9 @@ class SvmCpu:
                 if budget <= 0:
                     self._stop = StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
                     break
+            if self.timer_period:
+                due = max(1, self.timer_next - self.guest_clock)
+                budget = min(budget, due) if budget else due
             self._pending_fault = None
             try:
                 try:
@@ -969,7 +1075,10 @@ class SvmCpu:
                 continue
             if self._stop is not None:
                 break
-            # emu_start returned by itself: budget, or the watchdog's emu_stop
+            # emu_start returned by itself: a timer deadline, the budget, or the watchdog's emu_stop
+            if not self._timed_out and self.timer_period and self.guest_clock >= self.timer_next:
+                self._timer_interrupt()
+                continue
             if not self._timed_out and self.limits.max_insns and self.insns is not None \
                     and self.insns < self.limits.max_insns:
                 self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
@@ -991,6 +1100,8 @@ class SvmCpu:
             self._exception_outside(Vec.PF, f.error_code, rip, cr2=f.address | off)
         elif isinstance(f, GuestGP):
             self._exception_outside(Vec.GP, 0, rip)
+        elif isinstance(f, GuestException):          # SEV-SNP #VC raised by the memory system
+            self._exception_outside(f.vector, f.error_code, rip)
 
     def _exception_outside(self, vec: int, err: int | None, rip: int, cr2: int | None = None) -> None:
         self._exception(vec, err, rip, cr2)
@@ -1013,8 +1124,8 @@ class SvmCpu:
 
     def _enter(self, in_hook: bool) -> bool:
         """VMRUN's checks and guest-state load; False after VMEXIT_INVALID."""
-        if self._xmod_pages:
-            self._xmod_commit()
+        if self.memctl is not None:
+            self.memctl.before_vmrun(self)
         mv = self.mem.view
         b = self._vmcb_hpa
         if in_hook and self._fast_ok and not self._vmcb_written:
@@ -1040,9 +1151,10 @@ class SvmCpu:
                 if rsp != o_rsp:
                     st.reg_write(X.UC_X86_REG_RSP, rsp)
             self._snap_valid = False
-            if mv[b + 0x5C]:
-                self.flush_tlb()           # TLB_CONTROL acts on every VMRUN
-                self.tlb_control_done = True
+            if mv[b + 0x5C] or self.tlb.mode is TlbMode.FLUSH_ON_SWITCH:
+                self._tlb_control(mv[b + 0x5C])      # TLB_CONTROL acts on every VMRUN
+            if self._xmod_pages:
+                self._xmod_commit()      # after the flush: it refills through current translations
             self.gif = True
             self._entry_rip = rip
             return True
@@ -1064,7 +1176,13 @@ class SvmCpu:
         msrpm = struct.unpack_from("<Q", mv, b + 0x48)[0] & ~0xFFF
         eventinj = struct.unpack_from("<Q", mv, b + 0xA8)[0]
         cs_attr = struct.unpack_from("<H", mv, b + 0x412)[0]
-        why = self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm, eventinj, cs_attr)
+        why = ""
+        if self.memctl is not None or npc & (NpControl.SEV_ENABLE | NpControl.SEV_ES_ENABLE):
+            # SEV first: an SEV-ES guest's state comes from its VMSA (APM §15.35.8)
+            why = self.memctl.vmrun_check(asid, bool(npc & 2), bool(npc & NpControl.NP_ENABLE), bool(npc & 4)) \
+                if self.memctl is not None else "SEV enable set, but the processor has no secure processor"
+        why = why or self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm,
+                                       eventinj, cs_attr)
         if why:
             # VMEXIT_INVALID: no guest state was loaded and no instruction runs
             self._invalid_reason = why
@@ -1078,8 +1196,9 @@ class SvmCpu:
         self._ivec = ivec
         self._iopm_hpa, self._msrpm_hpa = iopm, msrpm
         np_on = bool(npc & NpControl.NP_ENABLE)
-        flush = tlb_ctl != TlbControl.DO_NOTHING or asid != self._asid or np_on != self._np or \
-            (np_on and n_cr3 != self._n_cr3)
+        # Unicorn's soft TLB is untagged: empty it whenever the translation
+        # context changes; the ASID-tagged model behind it keeps its entries.
+        flush = asid != self._asid or np_on != self._np or (np_on and n_cr3 != self._n_cr3)
         self._np, self._n_cr3, self._asid = np_on, n_cr3 & 0x000F_FFFF_FFFF_F000, asid
         self.tsc_offset = struct.unpack_from("<Q", mv, b + 0x50)[0]
         snap = self._snapshot_vmcb()
@@ -1112,9 +1231,12 @@ class SvmCpu:
         self._entry_rip = rip
         if not in_hook:
             st.reg_write(X.UC_X86_REG_RIP, rip)
-        if flush:
+        if tlb_ctl or self.tlb.mode is TlbMode.FLUSH_ON_SWITCH:
+            self._tlb_control(tlb_ctl)
+        elif flush:
             self.flush_tlb()
-            self.tlb_control_done = tlb_ctl != TlbControl.DO_NOTHING
+        if self._xmod_pages:
+            self._xmod_commit()          # after the flush: it refills through current translations
         self._arm_scanner()
         # event injection (APM §15.20)
         if not eventinj & Event.VALID and not struct.unpack_from("<Q", mv, b + 0x60)[0] & VIntr.V_IRQ:
@@ -1206,8 +1328,29 @@ class SvmCpu:
         return ""
 
     # ------------------------------------------------------------ utilities
+    def _tlb_control(self, tlb_ctl: int) -> None:
+        """VMRUN carries out TLB_CONTROL (APM §15.16.2, Table 15-11); in
+        pre-ASID mode every world switch flushes everything."""
+        if self.tlb.mode is TlbMode.FLUSH_ON_SWITCH or tlb_ctl == TlbControl.FLUSH_ALL:
+            self.tlb.flush_all()
+        elif tlb_ctl == TlbControl.FLUSH_ASID:
+            self.tlb.flush_asid(self._asid)
+        elif tlb_ctl == TlbControl.FLUSH_ASID_LOCAL:
+            self.tlb.flush_asid(self._asid, keep_global=True)
+        elif tlb_ctl:
+            self.tlb.flush_all()          # reserved encodings: the safe superset
+        self.flush_tlb()
+        self.tlb_control_done = bool(tlb_ctl)
+
+    def invlpga(self, va: int, asid: int) -> None:
+        """INVLPGA: rAX = the virtual page, ECX = the ASID whose translation
+        goes (APM §15.16.3); the hypervisor's way to drop one guest page."""
+        self.tlb.flush_page(asid, va & ~0xFFF)
+        if asid == self._asid:
+            self.flush_tlb()
+
     def flush_tlb(self) -> None:
-        """Flush Unicorn's soft TLB (the model's whole TLB)."""
+        """Empty Unicorn's soft TLB, the untagged cache in front of :attr:`tlb`."""
         self.uc.ctl(UCC.UC_CTL_TLB_FLUSH, UCC.UC_CTL_IO_WRITE)
         self._fetch_map.clear()
 

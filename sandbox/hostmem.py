@@ -34,14 +34,22 @@ class HostMemory:
 
     Page 0 is never handed out by the allocator, so an HPA of 0 can mean
     "none" in tables the hypervisor builds.
+
+    The buffer is twice ``size``: the upper half is not DRAM but the
+    processor's on-die plaintext cache for encrypted (SEV) pages, at
+    ``cache_base + hpa`` (see :mod:`sandbox.memctl`).  It is reachable only by
+    the processor model; every method here is bounded by ``size``, and
+    :meth:`dump` returns DRAM alone.
     """
 
     def __init__(self, size: int = 64 << 20) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise HostMemoryError(f"DRAM size must be a positive multiple of 4 KiB, got {size:#x}")
         self.size = size
-        self._mm = mmap.mmap(-1, size)
-        self._cbuf = (ctypes.c_char * size).from_buffer(self._mm)
+        #: where the processor's plaintext cache starts (just above DRAM)
+        self.cache_base = size
+        self._mm = mmap.mmap(-1, 2 * size)     # anonymous: untouched cache pages cost nothing
+        self._cbuf = (ctypes.c_char * (2 * size)).from_buffer(self._mm)
         #: raw view for the CPU model; hypervisor code uses the methods below
         self.view = memoryview(self._mm)
         self._free: list[int] = list(range(size // PAGE_SIZE - 1, 0, -1))
@@ -69,19 +77,27 @@ class HostMemory:
             self.view[hpa:hpa + PAGE_SIZE] = bytes(PAGE_SIZE)
         return hpa
 
-    def alloc_contiguous(self, npages: int, zero: bool = True) -> int:
-        """Allocate ``npages`` physically contiguous, 4 KiB-aligned pages."""
+    def alloc_contiguous(self, npages: int, zero: bool = True, align: int = PAGE_SIZE) -> int:
+        """Allocate ``npages`` physically contiguous pages starting at an HPA
+        aligned to ``align`` (a power of two, at least 4 KiB)."""
+        if npages <= 0 or align < PAGE_SIZE or align & (align - 1):
+            raise HostMemoryError(f"bad contiguous allocation: {npages} pages aligned to {align:#x}")
         free = set(self._free)
-        for pfn in sorted(free):
-            if all((pfn + i) in free for i in range(npages)):
-                for i in range(npages):
-                    self._free.remove(pfn + i)
-                    self._allocated.add(pfn + i)
+        step = align >> PAGE_SHIFT
+        top = self.size >> PAGE_SHIFT
+        pfn = step if step > 1 else 1
+        while pfn + npages <= top:
+            gap = next((pfn + i for i in range(npages) if (pfn + i) not in free), None)
+            if gap is None:
+                run = set(range(pfn, pfn + npages))
+                self._free = [p for p in self._free if p not in run]
+                self._allocated |= run
                 hpa = pfn << PAGE_SHIFT
                 if zero:
                     self.view[hpa:hpa + npages * PAGE_SIZE] = bytes(npages * PAGE_SIZE)
                 return hpa
-        raise HostMemoryError(f"no {npages} contiguous free pages")
+            pfn = (gap // step + 1) * step
+        raise HostMemoryError(f"no {npages} contiguous free pages aligned to {align:#x}")
 
     def free_page(self, hpa: int) -> None:
         pfn = hpa >> PAGE_SHIFT
@@ -146,7 +162,7 @@ class HostMemory:
     def dump(self) -> bytes:
         """The raw DRAM image, as a physical-memory probe would see it."""
         self._check(0, self.size)
-        return bytes(self._mm)
+        return bytes(self._mm[:self.size])
 
     def pages(self) -> Iterable[int]:
         """HPAs of all allocated pages."""

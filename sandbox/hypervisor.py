@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Iterable
 
@@ -19,17 +19,27 @@ from unicorn import x86_const as X
 from . import intercepts as I
 from .cpu import EFER_SVME, RunLimits, StopInfo, SvmCpu, ExitRecord, VmrunError
 from .cpustate import GPR_IDS, GPR_NAMES
-from .devices import COM1, PortBus, Serial16550
+from .devices import COM1, DeviceBus, MmioRegion, Serial16550
+from .mmio import AccessForm, MmioDecodeError, complete, decode_access, decode_form
 from .exitcodes import ExitCode, exit_name
-from .hostmem import PAGE_SIZE, HostMemory
+from .hostmem import PAGE_SIZE, HostMemory, HostMemoryError
 from .iopm import IOPM, IOPM_PAGES, IoioInfo
 from .loader import (CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BASE, STACK_TOP, Image,
                      load_image)
 from .msrpm import MSRPM, MSRPM_PAGES
 from .mmu import GuestGP, GuestPageFault, NestedFault
 from .npt import NestedPageTable
+from .mmu import WalkStats
 from .paging import Access, TableBuilder
+from .shadow import ShadowPager
+from .tlb import TlbMode, TlbStats
 from .vmcb import VMCB, Event, EventType, NpControl, Segment, TlbControl
+
+
+class MmioMode(Enum):
+    """How a hypervisor serves an MMIO window (see :meth:`Machine.map_mmio`)."""
+    TRAP = "trap"        # every access exits and is emulated
+    GRANT = "grant"      # the first access maps a register page; writes are found by Dirty-bit polling
 
 
 class Action(Enum):
@@ -39,6 +49,10 @@ class Action(Enum):
 
 RESUME, STOP = Action.RESUME, Action.STOP
 
+#: leaf sizes the nested page table can back guest RAM with
+NPT_PAGE_SIZES = (4 << 10, 2 << 20, 1 << 30)
+#: how guest memory is virtualized: the processor's nested paging, or the hypervisor's shadow tables
+PAGING_MODES = ("nested", "shadow")
 HC_EXIT = 0
 HC_PRINT = 1
 HYPERVISOR_VENDOR = b"AMDVSandbox\x00"
@@ -65,6 +79,9 @@ class GuestRegs:
 
     def __getattr__(self, name: str) -> int:
         m = self._m
+        if getattr(m, "sev_es", None) is not None:
+            from .seves import SevEsRegisterError
+            raise SevEsRegisterError(f"guest register {name} is in the encrypted VMSA (SEV-ES); use the GHCB")
         if name in self._VMCB:
             return getattr(m.guest.vmcb, self._VMCB[name])
         i = _GPR_INDEX.get(name)
@@ -74,6 +91,9 @@ class GuestRegs:
 
     def __setattr__(self, name: str, value: int) -> None:
         m = self._m
+        if getattr(m, "sev_es", None) is not None:
+            from .seves import SevEsRegisterError
+            raise SevEsRegisterError(f"guest register {name} is in the encrypted VMSA (SEV-ES); use the GHCB")
         if name in self._VMCB:
             setattr(m.guest.vmcb, self._VMCB[name], value)
         elif name in _GPR_INDEX:
@@ -92,20 +112,36 @@ class Guest:
     backed by a host page and mapped in the nested page table.
     """
 
-    def __init__(self, mem: HostMemory, ram_size: int = 16 << 20, asid: int = 1) -> None:
+    def __init__(self, mem: HostMemory, ram_size: int = 16 << 20, asid: int = 1,
+                 npt_page: int = PAGE_SIZE) -> None:
         if ram_size % PAGE_SIZE or ram_size < 0x200000:
             raise ValueError("guest RAM must be a multiple of 4 KiB and at least 2 MiB")
-        self.mem, self.ram_size = mem, ram_size
+        if npt_page not in NPT_PAGE_SIZES:
+            raise ValueError(f"nested page size must be 4 KiB, 2 MiB or 1 GiB, not {npt_page:#x}")
+        if ram_size % npt_page:
+            raise ValueError(f"guest RAM ({ram_size:#x}) is not a multiple of the nested page size {npt_page:#x}")
+        self.mem, self.ram_size, self.npt_page = mem, ram_size, npt_page
+        self.migrations = 0
         self.vmcb_hpa = mem.alloc_page()
         self.vmcb = VMCB(mem, self.vmcb_hpa)
         self.iopm = IOPM(mem, mem.alloc_contiguous(IOPM_PAGES))
         self.msrpm = MSRPM(mem, mem.alloc_contiguous(MSRPM_PAGES))
         self.npt = NestedPageTable(mem, on_change=self._npt_changed)
         self.ram: dict[int, int] = {}
-        for gpa in range(0, ram_size, PAGE_SIZE):
-            hpa = mem.alloc_page()
-            self.ram[gpa] = hpa
-            self.npt.map(gpa, hpa)
+        if npt_page == PAGE_SIZE:
+            for gpa in range(0, ram_size, PAGE_SIZE):
+                hpa = mem.alloc_page()
+                self.ram[gpa] = hpa
+                self.npt.map(gpa, hpa)
+        else:
+            # large nested pages need host memory contiguous and aligned to their size
+            try:
+                base = mem.alloc_contiguous(ram_size // PAGE_SIZE, align=npt_page)
+            except HostMemoryError as e:
+                raise ValueError(f"cannot back guest RAM with {npt_page >> 20} MiB nested pages: {e}") from None
+            for gpa in range(0, ram_size, npt_page):
+                self.npt.map(gpa, base + gpa, size=npt_page)
+            self.ram = {gpa: base + gpa for gpa in range(0, ram_size, PAGE_SIZE)}
         v = self.vmcb
         v.IOPM_BASE_PA = self.iopm.hpa
         v.MSRPM_BASE_PA = self.msrpm.hpa
@@ -140,6 +176,43 @@ class Guest:
             chunk = min(len(data), PAGE_SIZE - (gpa & 0xFFF))
             self.mem.write(self.gpa_to_hpa(gpa), data[:chunk])
             gpa, data = gpa + chunk, data[chunk:]
+
+    # -- moving guest memory ---------------------------------------------------
+    def migrate_page(self, gpa: int, new_hpa: int | None = None) -> int:
+        """Move one 4 KiB guest page to another host page while the guest
+        lives: copy it, point the nested entry at the copy, and have the next
+        VMRUN flush this guest's ASID (``on_change``), so no stale
+        translation reaches the old page.  The old page is scrubbed and
+        freed.  Returns the new HPA."""
+        if gpa % PAGE_SIZE or gpa not in self.ram:
+            raise ValueError(f"GPA {gpa:#x} is not a page of guest RAM")
+        if self.npt_page != PAGE_SIZE:
+            raise ValueError("pages can only be migrated when guest RAM uses 4 KiB nested pages")
+        old = self.ram[gpa]
+        new = self.mem.alloc_page(zero=False) if new_hpa is None else new_hpa
+        if new == old:
+            return old
+        self.mem.write(new, self.mem.read(old, PAGE_SIZE))
+        self.npt.map(gpa, new)
+        self.ram[gpa] = new
+        self.mem.write(old, bytes(PAGE_SIZE))       # nothing of the guest stays behind
+        self.mem.free_page(old)
+        self.migrations += 1
+        return new
+
+    def fragmentation(self) -> int:
+        """How many guest pages do not follow their GPA predecessor in host memory."""
+        gpas = sorted(self.ram)
+        return sum(1 for a, b in zip(gpas, gpas[1:]) if self.ram[b] != self.ram[a] + PAGE_SIZE)
+
+    def compact(self) -> int:
+        """Move all of guest RAM into one contiguous, GPA-ordered run of host
+        pages (as a memory-compaction pass would); returns its base HPA."""
+        gpas = sorted(self.ram)
+        base = self.mem.alloc_contiguous(len(gpas), zero=False)
+        for i, gpa in enumerate(gpas):
+            self.migrate_page(gpa, base + i * PAGE_SIZE)
+        return base
 
     # -- entry state -----------------------------------------------------------
     def setup_long_mode(self, entry: int, rsp: int = STACK_TOP) -> None:
@@ -196,6 +269,10 @@ class RunResult:
     rflags: int
     console: str
     insns: int | None = None
+    #: memory references of the processor's 2-D walks (see :class:`sandbox.mmu.WalkStats`)
+    walk: dict[str, int] = field(default_factory=dict)
+    #: TLB hits, misses and flushes (see :class:`sandbox.tlb.TlbStats`)
+    tlb: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -213,15 +290,20 @@ class Machine:
     >>> result = m.run()
     """
 
-    def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20) -> None:
+    def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20, *, npt_page: int = PAGE_SIZE,
+                 tlb_mode: TlbMode = TlbMode.TAGGED, paging: str = "nested") -> None:
+        if paging not in PAGING_MODES:
+            raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
         self.mem = HostMemory(dram)
         self.cpu = SvmCpu(self.mem)
+        self.cpu.tlb.mode = tlb_mode
         # the hypervisor enables SVM: EFER.SVME and VM_HSAVE_PA (as KVM's svm_hardware_enable)
         self.cpu.host_efer |= EFER_SVME
         self.cpu.vm_hsave_pa = self.mem.alloc_page()
-        self.guest = Guest(self.mem, ram)
+        self.guest = Guest(self.mem, ram, npt_page=npt_page)
+        self.guests: list[Guest] = [self.guest]
         self.regs = GuestRegs(self)
-        self.bus = PortBus()
+        self.bus = DeviceBus()
         self.serial = Serial16550(COM1)
         self.bus.attach(self.serial)
         self.cpu.io_passthrough = self.bus.io
@@ -235,7 +317,59 @@ class Machine:
         self.guest_exit_code: int | None = None
         self._stop_reason: tuple[str, str] | None = None
         self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        self.timer_callback: Callable[["Machine"], None] | None = None
+        self._mmio_forms: dict[tuple[int, bytes], AccessForm] = {}
         self.default_intercepts()
+        #: the shadow MMU when the guest runs without nested paging
+        self.shadow: ShadowPager | None = ShadowPager(self) if paging == "shadow" else None
+
+    # -- more guests -----------------------------------------------------------
+    def add_guest(self, asid: int, ram: int | None = None, npt_page: int | None = None) -> Guest:
+        """A further guest with its own VMCB, NPT, RAM and ASID, armed with the
+        default intercepts; :meth:`use` makes it the one :meth:`run` enters."""
+        if any(g.vmcb.GUEST_ASID == asid for g in self.guests):
+            raise ValueError(f"ASID {asid} is already in use by another guest")
+        g = Guest(self.mem, ram or self.guest.ram_size, asid=asid, npt_page=npt_page or self.guest.npt_page)
+        self.guests.append(g)
+        cur, self.guest = self.guest, g
+        try:
+            self.default_intercepts()
+        finally:
+            self.guest = cur
+        return g
+
+    def use(self, guest: Guest) -> None:
+        """Make ``guest`` the current guest (the next :meth:`run` is a world
+        switch into it; handlers see it as ``m.guest``)."""
+        if guest not in self.guests:
+            raise ValueError("not a guest of this machine")
+        self.guest = guest
+
+    # -- devices ---------------------------------------------------------------
+    def map_mmio(self, gpa: int, size: int, device, mode: MmioMode = MmioMode.TRAP) -> MmioRegion:
+        """Give ``device`` the guest-physical window [gpa, gpa + size).
+
+        The window's pages leave the nested page table, so a guest access
+        exits with VMEXIT_NPF.  In ``TRAP`` mode every access is decoded and
+        emulated against the device (:mod:`sandbox.mmio`); in ``GRANT`` mode
+        the first access to a page maps a host page there (the device's
+        register page) and later accesses run at full speed -- the device
+        then learns about writes from the nested Dirty bits
+        (:meth:`NestedPageTable.harvest_dirty`), typically on a timer.
+        """
+        region = self.bus.attach_mmio(gpa, size, device)
+        region.mode = MmioMode(mode)
+        region.backing = {}
+        for page in range(gpa, gpa + size, PAGE_SIZE):
+            self.guest.npt.unmap(page)
+        return region
+
+    def set_timer(self, period_ns: int, callback: Callable[["Machine"], None] | None = None) -> None:
+        """A periodic interrupt every ``period_ns`` of guest time, taken as a
+        #VMEXIT(INTR); ``callback(machine)`` runs on each (0 disarms)."""
+        self.timer_callback = callback
+        self.cpu.arm_timer(period_ns)
+        self.guest.vmcb.set_intercept(ExitCode.INTR, bool(period_ns))
 
     # -- configuration ---------------------------------------------------------
     def default_intercepts(self) -> None:
@@ -281,7 +415,13 @@ class Machine:
     def load(self, path: str) -> Image:
         img = load_image(path, self.guest.ram_size)
         self.guest.load(img)
+        if self.shadow is not None:
+            self.shadow.attach_cr3(self.guest.vmcb.CR3)
         return img
+
+    def invlpga(self, va: int, asid: int) -> None:
+        """The hypervisor executes INVLPGA (drop one page of one ASID's TLB)."""
+        self.cpu.invlpga(va, asid)
 
     def load_hooks(self, path: str) -> None:
         """Load user handlers from a Python file (see ``hooks/``)."""
@@ -291,22 +431,27 @@ class Machine:
     # -- guest access for handlers ---------------------------------------------
     def read_virt(self, gva: int, n: int) -> bytes:
         """Read guest-virtual memory through the guest's page tables (no A/D side effects)."""
-        w = self.cpu.walker()
         out = b""
         while n > 0:
             chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
-            t = w.translate(gva, Access.READ, False, set_ad=False)
-            out += self.mem.read(t.hpa, chunk)
+            out += self.mem.read(self._virt_to_host(gva, Access.READ), chunk)
             gva, n = gva + chunk, n - chunk
         return out
 
     def write_virt(self, gva: int, data: bytes) -> None:
-        w = self.cpu.walker()
         while data:
             chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
-            t = w.translate(gva, Access.WRITE, False, set_ad=True)
-            self.mem.write(t.hpa, data[:chunk])
+            self.mem.write(self._virt_to_host(gva, Access.WRITE, set_ad=True), data[:chunk])
             gva, data = gva + chunk, data[chunk:]
+
+    def _virt_to_host(self, gva: int, access: int, set_ad: bool = False) -> int:
+        """GVA -> HPA through the guest's own tables (and the NPT or the RAM
+        map) on the guest's behalf: A/D bits only with ``set_ad`` (a write the
+        hypervisor emulates for the guest), never the processor's counters."""
+        if self.shadow is not None:
+            return self.shadow.translate(gva, access, set_ad)
+        t = self.cpu.walker(WalkStats()).translate(gva, access, False, set_ad=set_ad)
+        return t.hpa if t.dram is None else t.dram          # SEV: the DRAM page, i.e. ciphertext
 
     def inject(self, vector: int, type: EventType = EventType.EXCEPTION, error_code: int | None = None) -> None:
         self.guest.vmcb.inject(Event(vector, type, error_code))
@@ -352,6 +497,8 @@ class Machine:
         """VMRUN until a handler stops the guest or a limit is reached."""
         self._stop_reason = None
         self.guest_exit_code = None
+        self.cpu.stats = WalkStats()          # walk and TLB figures are per run
+        self.cpu.tlb.stats = TlbStats()
         limits = RunLimits(max_insns=max_insns, timeout_s=timeout, max_exits=max_exits)
         try:
             stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
@@ -371,7 +518,8 @@ class Machine:
         return RunResult(reason=reason, detail=detail, exit_code=self.guest_exit_code, insns=self.cpu.insns,
                          exits=sum(self.counts.values()), counts=dict(self.counts), regs=regs,
                          rip=st.reg_read(X.UC_X86_REG_RIP), rflags=st.reg_read(X.UC_X86_REG_RFLAGS),
-                         console=self.serial.text)
+                         console=self.serial.text, walk=self.cpu.stats.snapshot(),
+                         tlb=self.cpu.tlb.stats.snapshot())
 
 
 # ============================================================ default handlers
@@ -395,8 +543,12 @@ def _cpuid_leaf(m: Machine, leaf: int, sub: int) -> tuple[int, int, int, int]:
         return 0x4000_0001, *struct.unpack("<III", HYPERVISOR_VENDOR)
     if leaf == 0x4000_0001:
         return 0, 0, 0, 0
+    sev = getattr(m, "sp", None) is not None      # a secure processor: memory encryption is offered
     if leaf == 0x8000_0000:
-        return 0x8000_0008, *struct.unpack("<III", vendor[0:4] + vendor[8:12] + vendor[4:8])
+        return 0x8000_001F if sev else 0x8000_0008, *struct.unpack("<III", vendor[0:4] + vendor[8:12] + vendor[4:8])
+    if leaf == 0x8000_001F and sev:
+        from .sev import cpuid_8000_001f
+        return cpuid_8000_001f()
     if leaf == 0x8000_0001:
         return 0x00800F12, 0, (1 << 0), (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29) | 0x0183F3FF
     if 0x8000_0002 <= leaf <= 0x8000_0004:
@@ -584,8 +736,50 @@ def handle_shutdown(m: Machine, e: ExitRecord) -> Action:
 
 
 def handle_npf(m: Machine, e: ExitRecord) -> Action:
+    """VMEXIT_NPF: an MMIO window's access goes to its device; any other
+    nested fault ends the run (this hypervisor never pages guest memory)."""
+    region = m.bus.region(e.exitinfo2) if e.exitinfo1 & (1 << 32) else None
+    if region is not None:
+        return handle_mmio(m, e, region)
     return m.stop("npf", f"nested page fault at GPA {e.exitinfo2:#x} (EXITINFO1 {e.exitinfo1:#x}) "
                          f"from RIP {e.rip:#x}")
+
+
+def handle_mmio(m: Machine, e: ExitRecord, region: MmioRegion) -> Action:
+    """A guest access to a device window (NPF with EXITINFO2 = the GPA)."""
+    gpa = e.exitinfo2
+    if region.mode is MmioMode.GRANT:
+        page = gpa & ~(PAGE_SIZE - 1)
+        hpa = region.backing.get(page)
+        if hpa is None:
+            hpa = region.backing[page] = m.mem.alloc_page()
+            grant = getattr(region.device, "granted", None)
+            if grant is not None:
+                grant(m, page - region.gpa, hpa)
+        m.guest.npt.map(page, hpa)          # the instruction re-executes against RAM
+        return RESUME
+    code = e.insn or m.read_virt(e.rip, 15)
+    key = (e.rip, code)
+    form = m._mmio_forms.get(key)
+    try:
+        if form is None:
+            form = m._mmio_forms[key] = decode_form(code)
+        acc = decode_access(code, gpa, m.regs, form)
+    except MmioDecodeError as err:
+        return m.stop("mmio-error", f"at RIP {e.rip:#x}, GPA {gpa:#x}: {err}")
+    if acc.is_write:
+        m.bus.mmio(gpa, acc.size, True, acc.value)
+    else:
+        complete(acc, m.bus.mmio(gpa, acc.size, False), m.regs)
+    m.guest.vmcb.RIP = e.rip + form.length
+    return RESUME
+
+
+def handle_intr(m: Machine, e: ExitRecord) -> Action:
+    """A physical interrupt: the virtual timer's tick."""
+    if m.timer_callback is not None:
+        m.timer_callback(m)
+    return RESUME
 
 
 def handle_svm_insn(m: Machine, e: ExitRecord) -> Action:
@@ -647,6 +841,7 @@ DEFAULT_HANDLERS: dict[int, Handler] = {
     ExitCode.VMMCALL: handle_vmmcall,
     ExitCode.SHUTDOWN: handle_shutdown,
     ExitCode.NPF: handle_npf,
+    ExitCode.INTR: handle_intr,
     ExitCode.INVALID: handle_invalid,
     ExitCode.RDPMC: handle_rdpmc,
     ExitCode.PAUSE: _advance_only,

@@ -16,6 +16,8 @@ Entry state (what every image can rely on):
 """
 from __future__ import annotations
 
+import os
+
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,17 +64,63 @@ def strip_comment(line: str) -> str:
     return line
 
 
+def _keystone(text: str, base: int) -> bytes:
+    from keystone import KS_ARCH_X86, KS_MODE_64, Ks
+    enc, _ = Ks(KS_ARCH_X86, KS_MODE_64).asm(text, base)
+    return bytes(enc or b"")
+
+
+def _keystone_isolated(text: str, base: int) -> bytes:
+    """Keystone in a forked child: some inputs (a high-byte register next to a
+    REX prefix, ``mov dh, [r12]``) make LLVM inside keystone abort the whole
+    process, which a loader must turn into an error, not a crash."""
+    import os
+    import pickle
+    import signal
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # child: assemble, report, leave at once
+        os.close(r)
+        try:
+            from keystone import KsError
+            try:
+                out = ("ok", _keystone(text, base))
+            except KsError as e:
+                out = ("error", str(e))
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(out, f)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        why = f"signal {signal.Signals(sig).name}" if sig else f"status {os.waitstatus_to_exitcode(status)}"
+        return ("crash", why)
+    return pickle.loads(data)
+
+
 def assemble(source: str, base: int = LOAD_BASE, name: str = "<asm>") -> bytes:
-    from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
-    ks = Ks(KS_ARCH_X86, KS_MODE_64)
+    from keystone import KsError
     text = "\n".join(strip_comment(line) for line in source.splitlines())
-    try:
-        enc, _ = ks.asm(text, base)
-    except KsError as e:
-        raise ImageError(f"{name}: keystone cannot assemble it: {e}") from None
+    if hasattr(os, "fork"):
+        res = _keystone_isolated(text, base)
+        if res[0] == "crash":
+            raise ImageError(f"{name}: keystone crashed assembling it ({res[1]}); an instruction it "
+                             "cannot encode, e.g. AH/BH/CH/DH with a REX register such as R8-R15") from None
+        if res[0] == "error":
+            raise ImageError(f"{name}: keystone cannot assemble it: {res[1]}") from None
+        enc = res[1]
+    else:
+        try:
+            enc = _keystone(text, base)
+        except KsError as e:
+            raise ImageError(f"{name}: keystone cannot assemble it: {e}") from None
     if not enc:
         raise ImageError(f"{name}: assembles to nothing")
-    return bytes(enc)
+    return enc
 
 
 def load_image(path: str | Path, ram_size: int) -> Image:

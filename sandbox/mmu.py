@@ -46,10 +46,36 @@ class GuestGP(Exception):
 
 
 @dataclass
+class GuestException(Exception):
+    """An exception the memory system raises in the guest itself (SEV-SNP's
+    #VC PAGE_NOT_VALIDATED): vector and error code."""
+    vector: int
+    error_code: int
+
+
+@dataclass
 class WalkStats:
+    """Memory references made by 2-D walks (APM §15.25.5, Figure 15-13).
+
+    ``guest_entries`` counts guest page-table entries read, ``nested_entries``
+    every nested page-table entry read -- those of the nested walks of each
+    guest table *and* of the final GPA.  ``data_refs`` counts the final
+    data/code accesses the completed walks were made for: one per walk,
+    kept apart from the table references.
+    """
     guest_entries: int = 0
     nested_entries: int = 0
     walks: int = 0
+    data_refs: int = 0
+
+    @property
+    def table_refs(self) -> int:
+        return self.guest_entries + self.nested_entries
+
+    def snapshot(self) -> dict[str, int]:
+        return {"walks": self.walks, "guest_pte_refs": self.guest_entries,
+                "nested_pte_refs": self.nested_entries, "table_refs": self.table_refs,
+                "data_refs": self.data_refs}
 
 
 class NestedLayer:
@@ -92,24 +118,38 @@ class NestedLayer:
 class GuestLayer:
     """GVA -> GPA through the guest's own page tables, reading them via ``nested``."""
 
-    def __init__(self, nested: NestedLayer, cr0: int, cr3: int, cr4: int, efer: int, stats: WalkStats) -> None:
+    def __init__(self, nested: NestedLayer, cr0: int, cr3: int, cr4: int, efer: int, stats: WalkStats,
+                 enc=None) -> None:
         self.nested, self.stats = nested, stats
+        #: SEV memory controller (:mod:`sandbox.memctl`) when the guest is encrypted
+        self.enc = enc
+        self._nocbit = ~enc.cbit_mask if enc is not None else -1
         self.paging = bool(cr0 & (1 << 31))
         self.wp = bool(cr0 & (1 << 16))
         self.cr3 = cr3
         self.nxe = bool(efer & (1 << 11))
         self.smep = bool(cr4 & (1 << 20))
+        self.pge = bool(cr4 & (1 << 7))
         self._mem = nested.mem
+        self._last: tuple[int, int] | None = None
 
     def _read(self, gpa: int) -> int:
         # a guest page-table read is a user write at the nested level (APM §15.25.6)
-        r = self.nested.translate(gpa, Access.WRITE, final=False)
+        r = self.nested.translate(gpa & self._nocbit, Access.WRITE, final=False)
         self.stats.guest_entries += 1
-        return int.from_bytes(self._mem.view[r.phys:r.phys + 8], "little")
+        gpa &= self._nocbit
+        self._last = (gpa, r.phys)
+        a = r.phys if self.enc is None else self.enc.pt_paddr(r.phys, gpa)   # SEV: PT walks are private
+        return int.from_bytes(self._mem.view[a:a + 8], "little")
 
     def _write(self, gpa: int, v: int) -> None:
-        r = self.nested.translate(gpa, Access.WRITE, final=False)
-        self._mem.view[r.phys:r.phys + 8] = v.to_bytes(8, "little")
+        # setting A/D is a locked update of the entry just read: same host address, no new walk
+        gpa &= self._nocbit
+        last = self._last
+        phys = last[1] if last is not None and last[0] == gpa else \
+            self.nested.translate(gpa, Access.WRITE, final=False).phys
+        a = phys if self.enc is None else self.enc.pt_paddr(phys, gpa)
+        self._mem.view[a:a + 8] = v.to_bytes(8, "little")
 
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> WalkResult:
         if not self.paging:
@@ -133,6 +173,11 @@ class Translation:
     executable: bool
     dirty: bool
     user: bool = True
+    global_: bool = False
+    #: SEV: the access is private (guest C-bit, or a fetch); ``hpa`` is then the
+    #: processor's plaintext-cache address and ``dram`` the page's real HPA
+    private: bool = False
+    dram: int | None = None
 
 
 @dataclass
@@ -145,6 +190,11 @@ class TwoDimWalker:
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> Translation:
         self.stats.walks += 1
         g = self.guest.translate(gva, access, user, set_ad)
+        if self.guest.enc is not None:
+            from .sevwalk import sev_final
+            return sev_final(self, gva, g, access, set_ad)
         n = self.nested.translate(g.phys, access, final=True, set_ad=set_ad)
+        self.stats.data_refs += 1
         return Translation(gva=gva, gpa=g.phys, hpa=n.phys, writable=g.writable and n.writable,
-                           executable=g.executable and n.executable, dirty=g.dirty and n.dirty, user=g.user)
+                           executable=g.executable and n.executable, dirty=g.dirty and n.dirty, user=g.user,
+                           global_=g.global_ and self.guest.pge)

@@ -62,12 +62,14 @@ class WalkResult:
     dirty: bool = False
     fault: int | None = None        # PFErr bits when the walk faulted
     entries: int = 0                # table entries read
+    global_: bool = False           # the leaf has G set (meaningful with CR4.PGE)
 
 
-# plain-int copies for the walk: ``int & IntFlag`` dispatches to the enum's
-# reflected operator, which made enum arithmetic the bulk of a 2-D walk's cost
-_P, _RW, _US, _A, _D, _PS, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.NX))
-_E_P, _E_W, _E_U, _E_RSVD, _E_ID = (int(f) for f in (PFErr.P, PFErr.W, PFErr.U, PFErr.RSVD, PFErr.ID))
+_P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.G, PTE.NX))
+_W, _U, _RSVD, _ID = int(PFErr.W), int(PFErr.U), int(PFErr.RSVD), int(PFErr.ID)
+_SHIFT = LEVEL_SHIFT
+_SIZE = {3: 1 << 30, 2: 1 << 21, 1: 1 << 12}
+assert Access.WRITE == 1 and Access.FETCH == 2
 
 
 def canonical(va: int) -> bool:
@@ -89,84 +91,73 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
     res = WalkResult()
     table = root & ADDR_MASK
     writable = user_ok = executable = True
-    err_base = (_E_W if access == Access.WRITE else 0) | (_E_U if user else 0) | \
-        (_E_ID if access == Access.FETCH and (nxe or smep) else 0)
-    level = 4
-    while True:
-        idx = (va >> LEVEL_SHIFT[level]) & 0x1FF
-        ea = table + idx * 8
+    # plain ints on this path: IntFlag arithmetic costs microseconds per walk
+    err_base = (_W if access == 1 else 0) | (_U if user else 0) | \
+        (_ID if access == 2 and (nxe or smep) else 0)
+    entries = 0
+    for level in (4, 3, 2, 1):
+        ea = table + ((va >> _SHIFT[level]) & 0x1FF) * 8
         e = read_entry(ea)
-        res.entries += 1
-        if not e & _P:
-            res.fault = int(err_base)
+        entries += 1
+        if not e & 1:
+            res.entries = entries
+            res.fault = err_base
             return res
-        rsvd = e & RSVD_HIGH
-        if not nxe and e & _NX:
-            rsvd = True
-        if level == 4 and e & _PS:
-            rsvd = True
-        if level in (3, 2) and e & _PS:
+        ps = e & _PS and level != 1
+        rsvd = e & RSVD_HIGH or (not nxe and e & _NX) or (level == 4 and e & _PS)
+        if ps and level != 4 and (e & ADDR_MASK) & (_SIZE[level] - 1) & ~0x1000:
             # large page: bits 20:13 (2 MiB) / 29:13 (1 GiB) of the address field must be 0
-            low = (e & ADDR_MASK) & (PAGE_SIZE_AT[level] - 1) & ~0x1000
-            if low:
-                rsvd = True
+            rsvd = True
         if rsvd:
-            res.fault = int(err_base | _E_P | _E_RSVD)
+            res.entries = entries
+            res.fault = err_base | _P | _RSVD
             return res
-        writable &= bool(e & _RW)
-        user_ok &= bool(e & _US)
-        executable &= not (nxe and e & _NX)
-        leaf = level == 1 or (level in (3, 2) and e & _PS)
-        if leaf:
-            size = PAGE_SIZE_AT[level]
-            # permission check
-            ok = True
-            if user and not user_ok:
-                ok = False
-            if access == Access.WRITE and not writable and (user or wp):
-                ok = False
-            if access == Access.FETCH and not executable:
-                ok = False
-            if access == Access.FETCH and smep and not user and user_ok:
-                ok = False
-            if not ok:
-                res.fault = int(err_base | _E_P)
+        writable = writable and bool(e & _RW)
+        user_ok = user_ok and bool(e & _US)
+        executable = executable and not (nxe and e & _NX)
+        if level == 1 or ps:
+            size = _SIZE[level]
+            res.entries = entries
+            if (user and not user_ok) or (access == 1 and not writable and (user or wp)) or \
+                    (access == 2 and (not executable or (smep and not user and user_ok))):
+                res.fault = err_base | _P
                 return res
             if set_ad:
-                ne = e | _A
-                if access == Access.WRITE:
-                    ne |= _D
+                ne = e | _A | (_D if access == 1 else 0)
                 if ne != e:
                     write_entry(ea, ne)
-            frame = (e & ADDR_MASK) & ~(size - 1)
-            res.phys = frame | (va & (size - 1))
+            res.phys = ((e & ADDR_MASK) & ~(size - 1)) | (va & (size - 1))
             res.writable = writable or (not user and not wp)
             res.user = user_ok
             res.executable = executable
             res.page_size = size
-            res.dirty = bool(e & _D) or access == Access.WRITE
+            res.dirty = bool(e & _D) or access == 1
+            res.global_ = bool(e & _G)
             return res
         if set_ad and not e & _A:
             write_entry(ea, e | _A)
         table = e & ADDR_MASK
-        level -= 1
+    raise AssertionError("unreachable")
 
 
 class TableBuilder:
-    """Builds 4-level tables with 4 KiB leaves in some physical space.
+    """Builds 4-level tables in some physical space, with 4 KiB, 2 MiB or 1 GiB leaves.
 
     ``alloc()`` returns the address of a fresh zeroed table page; ``read``
     and ``write`` access 8-byte entries.  Intermediate entries are P|RW|US so
     that permissions are decided by the leaf.
     """
 
+    #: leaf size -> the level its entry lives at
+    LEVEL_OF = {1 << 12: 1, 1 << 21: 2, 1 << 30: 3}
+
     def __init__(self, root: int, alloc: Callable[[], int], read: Callable[[int], int],
                  write: Callable[[int, int], None]) -> None:
         self.root, self._alloc, self._read, self._write = root, alloc, read, write
 
-    def _leaf_slot(self, va: int, create: bool) -> int | None:
+    def _slot(self, va: int, create: bool, leaf_level: int = 1) -> int | None:
         table = self.root
-        for level in (4, 3, 2):
+        for level in range(4, leaf_level, -1):
             ea = table + ((va >> LEVEL_SHIFT[level]) & 0x1FF) * 8
             e = self._read(ea)
             if not e & PTE.P:
@@ -176,14 +167,26 @@ class TableBuilder:
                 e = nt | PTE.P | PTE.RW | PTE.US
                 self._write(ea, e)
             elif e & PTE.PS:
+                if not create:
+                    return ea             # the large leaf that maps ``va``
                 raise ValueError(f"{va:#x} is inside a large page")
             table = e & ADDR_MASK
-        return table + ((va >> 12) & 0x1FF) * 8
+        return table + ((va >> LEVEL_SHIFT[leaf_level]) & 0x1FF) * 8
 
     def map(self, va: int, pa: int, *, write: bool = True, user: bool = True, execute: bool = True,
-            extra: int = 0) -> None:
-        slot = self._leaf_slot(va, True)
-        e = (pa & ADDR_MASK) | PTE.P | extra
+            extra: int = 0, size: int = 1 << 12) -> None:
+        """Map ``va`` -> ``pa`` with a leaf of ``size`` bytes (4 KiB, 2 MiB or 1 GiB)."""
+        level = self.LEVEL_OF.get(size)
+        if level is None:
+            raise ValueError(f"page size {size:#x} is not 4 KiB, 2 MiB or 1 GiB")
+        if va % size or pa % size:
+            raise ValueError(f"{va:#x} -> {pa:#x} is not aligned to the page size {size:#x}")
+        slot = self._slot(va, True, level)
+        if level > 1:
+            old = self._read(slot)
+            if old & PTE.P and not old & PTE.PS:
+                raise ValueError(f"{va:#x} already has a page table below it")
+        e = (pa & ADDR_MASK) | PTE.P | extra | (PTE.PS if level > 1 else 0)
         if write:
             e |= PTE.RW
         if user:
@@ -193,12 +196,26 @@ class TableBuilder:
         self._write(slot, int(e))
 
     def entry(self, va: int) -> int | None:
-        slot = self._leaf_slot(va, False)
+        slot = self._slot(va, False)
         return None if slot is None else self._read(slot)
 
     def set_entry(self, va: int, value: int) -> None:
-        slot = self._leaf_slot(va, True)
+        slot = self._slot(va, True)
         self._write(slot, value)
 
     def entry_addr(self, va: int) -> int | None:
-        return self._leaf_slot(va, False)
+        """Address of the leaf entry (4 KiB or large) that maps ``va``, if any."""
+        return self._slot(va, False)
+
+    def leaf(self, va: int) -> tuple[int, int, int] | None:
+        """(entry address, entry, page size) of the present leaf mapping ``va``."""
+        table = self.root
+        for level in (4, 3, 2, 1):
+            ea = table + ((va >> LEVEL_SHIFT[level]) & 0x1FF) * 8
+            e = self._read(ea)
+            if not e & PTE.P:
+                return None
+            if level == 1 or (level in (2, 3) and e & PTE.PS):
+                return ea, e, PAGE_SIZE_AT[level]
+            table = e & ADDR_MASK
+        return None

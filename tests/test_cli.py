@@ -105,3 +105,33 @@ def test_instruction_count_with_a_budget(tmp_path):
     final = json.loads(p.stdout.strip().splitlines()[-1])
     # mov + 100 x (dec, jnz) + xor + xor + the intercepted VMMCALL
     assert final["insns"] == 1 + 200 + 3
+
+
+# -- memory virtualization options -------------------------------------------------
+def _final(p):
+    return [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")][-1]
+
+
+def test_paging_modes_report_their_walks():
+    nested = _final(run_cli("run", str(ROOT / "guest_images" / "kernel.S"), "--json", "--quiet"))
+    shadow = _final(run_cli("run", str(ROOT / "guest_images" / "kernel.S"), "--json", "--quiet",
+                            "--paging", "shadow"))
+    assert nested["ok"] and shadow["ok"] and nested["console"] == shadow["console"]
+    assert nested["walks"]["nested_pte_refs"] > 0 and shadow["walks"]["nested_pte_refs"] == 0
+    assert shadow["counts"].get("EXCP_PF", 0) > 0 and "EXCP_PF" not in nested["counts"]
+    assert shadow["shadow"]["shadow_faults"] > 0 and nested["shadow"] is None
+
+
+def test_memory_summary_table():
+    p = run_cli("run", str(HELLO), "--quiet", "--npt-page", "2m")
+    assert p.returncode == 0, p.stderr
+    assert "memory (nested paging)" in p.stderr and "nested page-table references" in p.stderr
+
+
+def test_bad_memory_options_are_usage_errors():
+    p = run_cli("run", str(HELLO), "--npt-page", "1g")
+    assert p.returncode == 2 and "nested page size" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("run", str(HELLO), "--paging", "shadow", "--npt-page", "2m")
+    assert p.returncode == 2 and "shadow" in p.stderr
+    p = run_cli("run", str(HELLO), "--tlb", "sometimes")
+    assert p.returncode == 2

@@ -179,7 +179,7 @@ def test_minimizer_keeps_the_finding(auditing):
     assert len(small.code) < len(c.code) and small.config.iopm == [] and small.config.msrpm == []
 
 
-@pytest.mark.parametrize("bug,seed", [("popf-66", 0), ("iopm-2nd-byte", 0)])
+@pytest.mark.parametrize("bug,seed", [("popf-66", 2), ("iopm-2nd-byte", 1)])
 def test_seeded_campaign_finds_planted_bug(bug, seed):
     """A short seeded audit campaign finds each planted decision bug (the
     measured seeds find them within a few hundred cases: a few seconds)."""

@@ -219,3 +219,13 @@ def test_entry_state(tmp_path):
     assert v.CR0 & 0x8000_0001 == 0x8000_0001 and v.CR4 & 0x20 and v.EFER & 0x500 == 0x500
     r = m.run(timeout=5)
     assert (r.regs["r8"], r.regs["r9"], r.regs["r10"], r.regs["r11"]) == (0x08, 0x10, 0x2000, 0x90000)
+
+
+def test_keystone_crash_is_a_clear_error(tmp_path):
+    """LLVM inside keystone aborts the process on a high-byte register next to a
+    REX prefix; the loader assembles in a child and reports it."""
+    from sandbox.loader import ImageError, load_image
+    p = tmp_path / "bad.S"
+    p.write_text("mov dh, byte ptr [r12]\n")
+    with pytest.raises(ImageError, match="keystone crashed"):
+        load_image(p, 2 << 20)

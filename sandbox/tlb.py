@@ -1,0 +1,112 @@
+"""The translation lookaside buffer, tagged by ASID (APM vol. 2 §15.16).
+
+AMD tags every TLB entry with the ASID of the address space that created
+it, so a world switch between the host and guests (or between guests with
+different ASIDs) keeps everyone's translations: nothing is flushed unless
+the hypervisor asks for it through the VMCB's TLB_CONTROL field or INVLPGA.
+
+Unicorn keeps its own, untagged soft TLB in front of this one.  That soft
+TLB is only a cache of this model: it is emptied on every ASID switch and
+on every flush, and each of its misses is answered here -- by a hit (no
+page-table reference at all) or by a miss that runs the 2-D walk.
+
+Each entry holds the combined GVA -> HPA translation of one 4 KiB page and
+the permissions the walk established for a given privilege level.  Entries
+made from a guest PTE with G=1 while CR4.PGE=1 are *global*: a MOV CR3
+keeps them, an explicit flush of the ASID does not (§5.5.2, §15.16.1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+#: entries the model holds before it evicts the oldest (a mid-size L2 TLB)
+DEFAULT_CAPACITY = 2048
+
+
+class TlbMode(Enum):
+    """How world switches treat the TLB."""
+    #: entries tagged by ASID survive VMRUN and #VMEXIT (AMD-V with ASIDs)
+    TAGGED = "tagged"
+    #: every VMRUN and #VMEXIT flushes the whole TLB (pre-ASID hardware)
+    FLUSH_ON_SWITCH = "flush"
+
+
+@dataclass(slots=True)
+class TlbEntry:
+    hpa: int                 # host-physical page
+    gpa: int                 # guest-physical page (for INVLPGA-free bookkeeping and migration)
+    writable: bool
+    executable: bool
+    dirty: bool              # both levels' D bits were set when the entry was made
+    global_: bool
+    user_page: bool = True   # the guest leaf allows user access (for SMEP)
+
+
+@dataclass
+class TlbStats:
+    hits: int = 0
+    misses: int = 0
+    flushes: int = 0          # flush operations of any scope
+    evictions: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "flushes": self.flushes, "evictions": self.evictions}
+
+
+class Tlb:
+    """Translations keyed by (ASID, CPL-is-user, GVA page)."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, mode: TlbMode = TlbMode.TAGGED) -> None:
+        self.capacity = capacity
+        self.mode = mode
+        self.stats = TlbStats()
+        self._e: dict[tuple[int, bool, int], TlbEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._e)
+
+    def lookup(self, asid: int, user: bool, gva_page: int) -> TlbEntry | None:
+        return self._e.get((asid, user, gva_page))
+
+    def insert(self, asid: int, user: bool, gva_page: int, entry: TlbEntry) -> None:
+        key = (asid, user, gva_page)
+        e = self._e
+        e.pop(key, None)
+        if len(e) >= self.capacity:
+            del e[next(iter(e))]          # oldest first
+            self.stats.evictions += 1
+        e[key] = entry
+
+    # -- invalidation (each is one architectural operation) --------------------
+    def flush_all(self) -> None:
+        """TLB_CONTROL = 1: every entry of every ASID."""
+        self.stats.flushes += 1
+        self._e.clear()
+
+    def flush_asid(self, asid: int, *, keep_global: bool = False) -> None:
+        """TLB_CONTROL = 3 (all of ``asid``) or 7 (its non-global entries);
+        ``keep_global`` is also what a guest MOV CR3 does to its own ASID."""
+        self.stats.flushes += 1
+        self._e = {k: v for k, v in self._e.items() if k[0] != asid or (keep_global and v.global_)}
+
+    def flush_page(self, asid: int, gva_page: int) -> None:
+        """INVLPG (in ``asid``) / INVLPGA(rAX = page, ECX = ``asid``): global entries too."""
+        self.stats.flushes += 1
+        for user in (False, True):
+            self._e.pop((asid, user, gva_page), None)
+
+    def flush_hpa(self, hpa_page: int) -> int:
+        """Drop every translation to one host page (after the hypervisor moved
+        it); returns how many there were.  Not an architectural operation: a
+        hypervisor gets the same effect with TLB_CONTROL, more coarsely."""
+        drop = [k for k, v in self._e.items() if v.hpa == hpa_page]
+        for k in drop:
+            del self._e[k]
+        if drop:
+            self.stats.flushes += 1
+        return len(drop)
+
+    def entries(self, asid: int | None = None) -> list[tuple[int, int, TlbEntry]]:
+        """(ASID, GVA page, entry) for inspection."""
+        return [(k[0], k[2], v) for k, v in self._e.items() if asid is None or k[0] == asid]
