@@ -332,3 +332,25 @@ def test_differential_allows_qemu_rdtscp_as_rdtsc_after_self_modification(harnes
     assert differential(c, harness.run(c).exits) == []
     c = Case(b"\x67\x36\x66\x4c\x0f\x01\xf9" + TERMINATOR, 0, VmcbConfig(words(0x6E, 0x81)))   # with prefixes
     assert differential(c, harness.run(c).exits) == []
+
+
+def test_audit_ignores_crdr_opcode_bytes_inside_an_immediate(auditing):
+    """mov edx, 0xe3200f95 ends in the bytes of MOV rbx, CR4 (0F 20 E3): not a CR read."""
+    c = Case(bytes.fromhex("c7c2950f20e3") + TERMINATOR, 0, VmcbConfig(words(0x04, 0x81)))
+    out = auditing.run(c)
+    assert not out.audit, [str(a) for a in out.audit]
+    c = Case(bytes.fromhex("0f20e3") + TERMINATOR, 0, VmcbConfig(words(0x04, 0x81)))   # the real one
+    out = auditing.run(c)
+    assert out.exits[0].exitcode == 0x04 and out.exits[0].exitinfo1 == (1 << 63) | 3 and not out.audit
+
+
+def test_differential_allows_qemu_intercepting_sev_status(harness):
+    """APM §15.34.10: SEV_STATUS (C001_0131h) is never intercepted; QEMU applies the MSRPM."""
+    from sandbox.fuzz.differential import QemuSvm, differential
+    c = Case(b"\x0f\x32\xf4", 0, VmcbConfig(words(0x7C, 0x78), msrpm=[(0xC001_0131, True, True)]),
+             {"rcx": 0xC001_0131})
+    q = QemuSvm().first_exit(c)
+    assert q.exitcode == 0x7C and q.ecx == 0xC001_0131
+    out = harness.run(c)
+    assert out.exits[0].exitcode == 0x78                   # the sandbox runs RDMSR, then exits on HLT
+    assert differential(c, out.exits) == []

@@ -168,7 +168,10 @@ def expected_exit(code: bytes, rip: int, g: GuestState) -> Expect | None:
         return Expect(c, info1, info2, nrip if n is None else n, name) if g.armed(c) else Expect(None, what=name)
 
     none = Expect(None, what=name)
-    is_mov_crdr = iid == C.X86_INS_MOV and code[ins.size - 3:ins.size - 1] in (b"\x0f\x20", b"\x0f\x22", b"\x0f\x21", b"\x0f\x23")
+    k = 0
+    while k < ins.size and code[k] in _PREFIX_BYTES:
+        k += 1
+    is_mov_crdr = iid == C.X86_INS_MOV and code[k] == 0x0F and code[k + 1] in (0x20, 0x21, 0x22, 0x23)
     if lock and not is_mov_crdr and (iid in _FIXED or iid in _CPL0 or iid in _UMIP or iid in _SVM or iid in _IO
                                      or iid in (C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC,
                                                 C.X86_INS_RDMSR, C.X86_INS_WRMSR, C.X86_INS_INT,
@@ -207,7 +210,7 @@ def expected_exit(code: bytes, rip: int, g: GuestState) -> Expect | None:
     if is_mov_crdr:
         if cpl:
             return none
-        op2, modrm = code[ins.size - 2], code[ins.size - 1]
+        op2, modrm = code[k + 1], code[k + 2]
         reg = (modrm >> 3 & 7) | (8 if ins.rex & 4 else 0)
         gpr = (modrm & 7) | (8 if ins.rex & 1 else 0)
         if op2 in (0x20, 0x22):
