@@ -794,10 +794,25 @@ def handle_invalid(m: Machine, e: ExitRecord) -> Action:
 
 
 def handle_exception(m: Machine, e: ExitRecord) -> Action:
-    """An intercepted exception: reflect it into the guest (as KVM does for #PF/#UD)."""
+    """An intercepted exception: reflect it into the guest (as KVM does for #PF/#UD).
+
+    When it was raised while the processor delivered another exception
+    (EXITINTINFO valid, TYPE 3), the hypervisor applies the double-fault
+    rules itself (APM §8.2.9, as KVM's exception queue does): the pair
+    becomes #DF, or a shutdown -- otherwise a guest with a broken IDT would
+    bounce the same exception between the intercept and delivery forever."""
     vec = e.exitcode - 0x40
-    from .events import HAS_ERROR_CODE
+    from .events import HAS_ERROR_CODE, combine
     err = (e.exitinfo1 & 0xFFFFFFFF) if vec in HAS_ERROR_CODE else None
+    ii = e.exitintinfo
+    if ii & (1 << 31) and (ii >> 8) & 7 == EventType.EXCEPTION:
+        nxt = combine(ii & 0xFF, vec)
+        if nxt is None:
+            return m.stop("shutdown", f"exception {vec} while delivering exception {ii & 0xFF} "
+                                      f"at {e.rip:#x}: triple fault")
+        if nxt != vec:
+            m.inject(nxt, EventType.EXCEPTION, 0)
+            return RESUME
     if vec == 14:
         m.guest.vmcb.CR2 = e.exitinfo2
     if vec in (3, 4):

@@ -456,3 +456,22 @@ def test_npf_while_reading_the_idt(guest):
     e = rec[0]
     assert e.info1 == (1 << 32) | 0x4 and e.info2 == IDT_BASE + 6 * 16          # the #UD gate
     assert e.exitintinfo == V | (3 << 8) | 6 and e.rip == BASE
+
+
+def test_reflected_exceptions_combine_into_df_then_shutdown(guest):
+    """No IDT, #UD and #GP intercepted, the default handler reflecting both.
+    Each delivery faults (#GP, IDT limit) and exits as #GP with EXITINTINFO =
+    the event being delivered (APM §15.7.2); the hypervisor then applies the
+    double-fault rules (Table 8-7): #UD is benign, so #GP is delivered; #GP
+    during #GP is #DF; #GP during #DF is a shutdown.  (Without the rules the
+    reflected #GP bounced between the intercept and delivery forever.)"""
+    m = guest("ud2\n" + hc_exit(0))
+    from sandbox import Segment
+    m.guest.vmcb.set_seg("IDTR", Segment(0, 0, 0, 0))
+    m.intercept("excp6,excp13")
+    seen = []
+    m.on_exit_record = lambda rec: seen.append((rec.exitcode, rec.exitintinfo & 0xFF if rec.exitintinfo >> 31 & 1
+                                                else None))
+    r = m.run(timeout=5, max_exits=50)
+    assert r.reason == "shutdown", r
+    assert seen == [(0x46, None), (0x4D, 6), (0x4D, 13), (0x4D, 8)]
