@@ -19,7 +19,7 @@ from sandbox.paging import PTE, Access, TableBuilder
 from sandbox.tlb import TlbMode
 from sandbox.vmcb import TlbControl
 
-from conftest import BASE, DATA, assemble, capture, hc_exit, leaf_pte, new_machine
+from conftest import BASE, DATA, capture, hc_exit, leaf_pte, new_machine
 
 P, RW, US, RSV, ID = 1, 2, 4, 8, 0x10
 FINAL, GPT = 1 << 32, 1 << 33
@@ -81,7 +81,7 @@ def test_walk_references(guest_page, nested_page):
         assert stats.table_refs == 24          # the figure the APM and the seeds quote
 
 
-HELLO_LOOP = f"""
+HELLO_LOOP = """
     mov rbx, 0x150000
     mov ecx, 16
 touch:
@@ -220,7 +220,7 @@ def test_nested_fault_on_guest_table_sets_bit_33(tmp_path):
 
 
 # ============================================================ A/D in the nested tables
-AD_GUEST = f"""
+AD_GUEST = """
     mov rax, [0x150000]          # R: read only
     mov rax, [0x151000]          # W1: read first (a read translation is cached) ...
     mov qword ptr [0x151000], 1  # ... then written
@@ -412,7 +412,7 @@ def test_guest_recursive_and_aliased_tables(guest):
     """Guest tables that loop (PML4[511] -> PML4) and map one page 512 times
     behave as the APM's walk says: the recursive address reads the PML4 and
     every alias reaches the same page."""
-    m = guest(f"""
+    m = guest("""
     mov rbx, 0xFFFFFFFFFFFFF000
     mov rsi, [rbx]                  # PML4 entry 0, through the recursive slot
     mov rcx, 0x40000000

@@ -15,7 +15,7 @@ from sandbox.exitcodes import ExitCode
 from sandbox.hypervisor import RESUME, handle_vmmcall
 from sandbox.rmp import RmpEntry, RmpError, RmpViolation, launch_snp
 
-from conftest import VMMCALL, hc_exit
+from conftest import hc_exit
 from test_sev import HV_TURN, PAGE_A, PAGE_B, READ_AB, SECRET_A, SECRET_B, write_ab
 
 ROOT = Path(__file__).resolve().parents[1]

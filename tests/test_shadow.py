@@ -9,7 +9,7 @@ import pytest
 
 from sandbox import Machine
 
-from conftest import BASE, DATA, hc_exit, install_reporting_idt
+from conftest import DATA, hc_exit, install_reporting_idt
 
 GUESTS = ["hello.S", "kernel.S", "cguest.elf", "popek_goldberg.S"]
 
@@ -27,7 +27,7 @@ def run_both(load, ram: int = 4 << 20) -> dict[str, tuple]:
 @pytest.mark.parametrize("image", GUESTS)
 def test_bundled_guests_run_unchanged_under_shadow_paging(image):
     res = run_both(lambda m: m.load(f"guest_images/{image}"), ram=16 << 20)
-    (mn, rn), (ms, rs) = res["nested"], res["shadow"]
+    (_, rn), (ms, rs) = res["nested"], res["shadow"]
     assert rn.reason == rs.reason == "guest-exit", (rn.detail, rs.detail)
     assert rs.exit_code == rn.exit_code == 0
     assert rs.console == rn.console
@@ -84,7 +84,7 @@ def test_live_page_table_edits_are_seen(tmp_path):
 
 
 def test_guest_page_fault_is_reflected_identically(tmp_path):
-    src = f"mov rbx, 0x40000000\nmov qword ptr [rbx], 1\n" + hc_exit(0)
+    src = "mov rbx, 0x40000000\nmov qword ptr [rbx], 1\n" + hc_exit(0)
 
     def load(m):
         p = tmp_path / "pf.S"

@@ -45,7 +45,7 @@ from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcEr
 from unicorn import x86_const as X
 
 from ..cpustate import CpuState
-from .case import CODE_BASE, GPRS, Case
+from .case import Case
 
 MEM = 4 << 20
 PML4, PDPT, PD = 0x2000, 0x3000, 0x4000
