@@ -1,7 +1,7 @@
 """Shared helpers for the SVM sandbox tests.
 
-Expected values in the tests come from /work/shared/amdv-facts.md (APM vol. 2
-ch. 15 and appendices B/C, kvm-unit-tests) or from an independent
+Expected values in the tests come from the AMD APM (vol. 2 ch. 15 and
+appendices B/C) and kvm-unit-tests, or from an independent
 computation in the test -- instruction lengths from capstone, addresses from
 keystone -- never from the implementation's own output.
 """

@@ -1,4 +1,4 @@
-"""IOPM and MSRPM (APM vol. 2 §15.10-15.11; amdv-facts.md §3 "IOIO", §5).
+"""IOPM and MSRPM (APM vol. 2 §15.10-15.11).
 
 Unit tests of the bitmap classes against hand-computed bit positions, and
 guests whose IN/OUT/RDMSR/WRMSR exit (or not) according to bits the test

@@ -1,6 +1,6 @@
 """Event injection and exception delivery.
 
-EVENTINJ / EXITINTINFO layout: amdv-facts.md §4 (APM §15.20 Fig. 15-5).
+EVENTINJ / EXITINTINFO layout: APM §15.20 Fig. 15-5.
 Exception intercepts: exit code 0x40 + vector, EXITINFO1 = error code for
 #GP/#NP/..., NRIP only for INT3 (§3, §15.12).  Guest delivery follows the
 long-mode interrupt frame (APM vol. 2 §8.9.3: RSP aligned to 16, then SS, RSP,

@@ -1,6 +1,6 @@
 """Defects `sandbox fuzz` found, each pinned by the smallest guest that shows it.
 
-Expected values come from the APM (amdv-facts.md §6) -- never from the code under test.
+Expected values come from the APM -- never from the code under test.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ GP_EXIT = 0x40 + 13
 @pytest.mark.parametrize("rax", [0x100123, 1 << 48])
 def test_svm_insn_rax_gp_precedes_intercept(guest, name, code, rax):
     """VMRUN/VMLOAD/VMSAVE raise #GP when rAX is not page-aligned or is at or
-    beyond MAXPHYADDR, before the intercept check (APM §15.5.1; amdv-facts §6
+    beyond MAXPHYADDR, before the intercept check (APM §15.5.1
     "Checks done before the intercept").  Found by the soundness audit."""
     pre = f"mov rax, {rax:#x}"
     m = guest(pre + "\n" + db(OP[name]) + "\n" + hc_exit(0x55))

@@ -1,7 +1,7 @@
 """Instruction intercepts, one tiny guest per instruction class.
 
 For each class: with the intercept armed the guest's first #VMEXIT is the
-APM exit code (amdv-facts.md §3, Table C-1) with RIP = the instruction,
+APM exit code (Table C-1) with RIP = the instruction,
 NRIP = RIP + its length (capstone's decoding of the bytes in guest memory,
 APM §15.7.1) and the EXITINFO1/2 of §3 where the APM defines them; with
 the intercept clear the instruction runs in the guest and no such exit

@@ -1,7 +1,7 @@
 """Nested paging (kvm-unit-tests svm_npt ports), guest #PF, A/D bits, and
 the shared 4-level walker.
 
-NPF EXITINFO1 (amdv-facts.md §3 "NPF"): bit 0 P, 1 RW, 2 US, 3 RSV, 4 ID,
+NPF EXITINFO1 (APM §15.25.6): bit 0 P, 1 RW, 2 US, 3 RSV, 4 ID,
 32 final GPA translation, 33 guest page-table walk; EXITINFO2 = the
 faulting guest-physical address.  Nested accesses are user accesses and a
 guest page-table access is a nested write (§3, §8).  #PF error codes: APM

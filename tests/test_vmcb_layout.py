@@ -1,8 +1,8 @@
 """VMCB layout, exit codes, intercept numbering and EVENTINJ encoding.
 
-Every expected number below is transcribed from amdv-facts.md: §1 (APM
-Table B-1, control area), §2 (Table B-2, state-save area), §3 (Table C-1,
-exit codes) and §4 (EVENTINJ, APM §15.20 Fig. 15-5).
+Every expected number below is transcribed from the APM: Table B-1
+(control area), Table B-2 (state-save area), Table C-1 (exit codes) and
+§15.20 Fig. 15-5 (EVENTINJ).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VMRUN consistency checks (amdv-facts.md §6; APM §15.5.1 "Canonicalization and
+"""VMRUN consistency checks (APM §15.5.1 "Canonicalization and
 Consistency Checks"; kvm-unit-tests svm_guest_state_test, asid_zero, vmrun
 intercept check, exc_inject).
 
