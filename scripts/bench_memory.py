@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         w = res["world_switch"][mode]
         t.add_row(f"32-page loop per CPUID exit, {label}",
                   f"{w['walks_per_exit']:.2f} walks/exit, {w['us_per_exit']:.1f} us/exit")
-    Console().print(t)
+    con = Console()
+    if not con.is_terminal:
+        con = Console(width=132)       # a pipe or a file: do not wrap the table at 80 columns
+    con.print(t)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         t.add_row(mode, f"{r.exits:,}", ", ".join(f"{k} {v:,}" for k, v in r.by_code.items()),
                   f"{r.commands:,}", f"{r.status_reads:,}", "" if r.guest_ms is None else f"{r.guest_ms:.1f}",
                   f"{r.seconds:.1f}" + ("" if r.reason == "ok" else f" ({r.reason})"))
-    Console().print(t)
+    con = Console()
+    if not con.is_terminal:
+        con = Console(width=132)       # a pipe or a file: do not wrap the table at 80 columns
+    con.print(t)
     return 1 if failed else 0
 
 
