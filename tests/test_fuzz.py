@@ -353,3 +353,20 @@ def test_differential_allows_qemu_intercepting_sev_status(harness):
     out = harness.run(c)
     assert out.exits[0].exitcode == 0x78                   # the sandbox runs RDMSR, then exits on HLT
     assert differential(c, out.exits) == []
+
+
+def test_cases_do_not_inherit_translations():
+    """A case that rewrites a guest PTE leaves translations in the ASID-tagged
+    TLB; the snapshot restores the PTE, so the next case must walk again and
+    see the restored mapping (found when the tagged TLB met the fuzzer)."""
+    from conftest import assemble
+    pte = 0x5000 + ((DATA_BASE >> 12) & 0x1FF) * 8       # the loader's identity PT for the first 2 MiB
+    remap = assemble(f"mov rdi, {pte:#x}\nmov qword ptr [rdi], {DATA_BASE + 0x1000 | 3:#x}\n"
+                     f"mov rbx, {DATA_BASE:#x}\nmov rax, [rbx]\n", CODE_BASE) + TERMINATOR
+    probe = assemble(f"mov rbx, {DATA_BASE:#x}\nmov qword ptr [rbx + 0x1000], 0x77\nmov rsi, [rbx]\n",
+                     CODE_BASE) + TERMINATOR
+    cfg = VmcbConfig(words(0x81))
+    fresh = Harness().run(Case(probe, 0, cfg)).result.regs["rsi"]
+    h = Harness()
+    h.run(Case(remap, 0, cfg))
+    assert h.run(Case(probe, 0, cfg)).result.regs["rsi"] == fresh == 0

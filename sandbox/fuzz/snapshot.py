@@ -205,6 +205,9 @@ class Harness:
         cpu._pass_once = None
         cpu.gif = True
         cpu.flush_tlb()
+        # and the ASID-tagged TLB behind it: the previous case may have
+        # rewritten guest page tables the snapshot restored since
+        cpu.tlb.flush_all()
         self._after_config = {p: self.mm[p:p + PAGE_SIZE] for p in self.config_pages}
 
     def run(self, case: Case) -> Outcome:
