@@ -167,7 +167,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({
             "final": True, "reason": r.reason, "detail": r.detail, "guest_exit_code": r.exit_code,
-            "ok": ok, "regs": None if getattr(m, "sev_es", None) else r.regs,     # SEV-ES: in the VMSA
+            "ok": ok, "regs": r.regs or None,         # SEV-ES: none, they are in the encrypted VMSA
             "rip": r.rip, "rflags": r.rflags,
             "exits": r.exits, "counts": {exit_name(k): v for k, v in sorted(r.counts.items())},
             "insns": r.insns, "console": r.console, "paging": a.paging,

@@ -514,10 +514,16 @@ class Machine:
 
     def _result(self, reason: str, detail: str) -> RunResult:
         st = self.cpu.st
-        regs = {n: st.reg_read(GPR_IDS[i]) for i, n in enumerate(GPR_NAMES)}
+        if getattr(self, "sev_es", None) is not None:
+            # SEV-ES: the guest's registers are in its encrypted VMSA; the
+            # hypervisor's result has none of them (regs empty, RIP/RFLAGS 0)
+            regs, rip, rflags = {}, 0, 0
+        else:
+            regs = {n: st.reg_read(GPR_IDS[i]) for i, n in enumerate(GPR_NAMES)}
+            rip, rflags = st.reg_read(X.UC_X86_REG_RIP), st.reg_read(X.UC_X86_REG_RFLAGS)
         return RunResult(reason=reason, detail=detail, exit_code=self.guest_exit_code, insns=self.cpu.insns,
                          exits=sum(self.counts.values()), counts=dict(self.counts), regs=regs,
-                         rip=st.reg_read(X.UC_X86_REG_RIP), rflags=st.reg_read(X.UC_X86_REG_RFLAGS),
+                         rip=rip, rflags=rflags,
                          console=self.serial.text, walk=self.cpu.stats.snapshot(),
                          tlb=self.cpu.tlb.stats.snapshot())
 

@@ -184,3 +184,16 @@ def test_hypervisor_tampering_with_the_vmsa_fails_vmrun():
     r = m.run()
     assert r.reason == "invalid-vmcb" and "VMSA integrity" in r.detail
     assert len(m.ghcb_log) == 3                                  # the guest never ran again
+
+
+def test_run_result_holds_no_sev_es_registers():
+    """The Python API's result, like the CLI's, has no register of an SEV-ES
+    guest: they are in the encrypted VMSA."""
+    from sandbox import Machine
+    from sandbox.sevcli import launch_from_cli
+    m = Machine()
+    m.load("guest_images/sev_es_vc.S")
+    launch_from_cli(m, es=True, snp=False)
+    r = m.run(timeout=10)
+    assert r.reason == "guest-exit", r.detail
+    assert r.regs == {} and r.rip == 0 and r.rflags == 0
