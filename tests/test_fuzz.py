@@ -276,8 +276,8 @@ def test_ctrl_c_keeps_corpus_and_prints_summary(tmp_path):
                           "--corpus", str(tmp_path / "k"), "--no-status"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (tmp_path / "k").exists() or not any((tmp_path / "k").iterdir()):
-        time.sleep(0.2)
+    while time.monotonic() < deadline and not list((tmp_path / "k").glob("*.case")):
+        time.sleep(0.2)          # (not just any file: the directory check writes a probe file first)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode in (0, 1), err

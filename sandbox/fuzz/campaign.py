@@ -246,12 +246,14 @@ class _Interrupt:
 
 def run_inline(opts: Options, on_status: Callable[[Stats, float], None] | None = None,
                patch: Callable[[], None] | None = None) -> tuple[Stats, float, bool]:
-    """One worker in this process.  Returns (stats, seconds, interrupted)."""
-    w = Worker(opts, 0, patch)
-    t0 = time.monotonic()
-    last = t0
-    quota = _quota(opts, 0)
+    """One worker in this process.  Returns (stats, seconds, interrupted).
+    Ctrl-C is caught from the start, so one that lands while the worker is
+    still being built (and writing its first corpus files) stops cleanly too."""
     with _Interrupt() as intr:
+        w = Worker(opts, 0, patch)
+        t0 = time.monotonic()
+        last = t0
+        quota = _quota(opts, 0)
         while not intr.hit and not _done(opts, t0, w.stats.execs, quota):
             fresh = w.step()
             if fresh and opts.stop_on_finding:
@@ -295,14 +297,14 @@ def run_parallel(opts: Options, on_status: Callable[[Stats, float], None] | None
     q = ctx.Queue()
     stop = ctx.Event()
     procs = [ctx.Process(target=_worker_main, args=(opts, i, q, stop, patch), daemon=True) for i in range(opts.jobs)]
-    for p in procs:
-        p.start()
     latest: dict[int, Stats] = {}
     done: set[int] = set()
     errors: list[str] = []
     t0 = time.monotonic()
     last = t0
-    with _Interrupt() as intr:
+    with _Interrupt() as intr:           # before the workers start: no window for a stray KeyboardInterrupt
+        for p in procs:
+            p.start()
         while len(done) < len(procs):
             if intr.hit:
                 stop.set()

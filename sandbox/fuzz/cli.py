@@ -80,6 +80,10 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
                 stats, secs, interrupted = C.run(opts, lambda s, t: live.update(_status_table(s, t)), patch)
     except C.CampaignError as e:
         raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        # Ctrl-C before the campaign loop took over SIGINT (checking the
+        # directories, loading the corpus): nothing ran, nothing is lost
+        stats, secs, interrupted = C.Stats(), 0.0, True
     summary = {
         "seed": a.seed, "jobs": a.jobs, "execs": stats.execs, "audited": stats.audited, "differential": stats.differential, "seconds": round(secs, 2),
         "execs_per_s": round(stats.execs / secs, 1) if secs else 0.0, "interrupted": interrupted,
