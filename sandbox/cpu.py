@@ -57,10 +57,8 @@ CR4_SMEP = 1 << 20
 TSC_HZ = 2_500_000_000
 #: the guest clock's nominal rate: one retired instruction is 10 ns of guest time
 GUEST_IPS = 100_000_000
-UNTIL_PAGE = 0xFFFF_FFFF_FFFF_F000
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
 _Q = struct.Struct("<Q")
-_QQ = struct.Struct("<QQ")
 _EXIT4 = struct.Struct("<QQQQ")
 _SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
 
@@ -192,9 +190,6 @@ class SvmCpu:
         self.guest_clock = 0
         self.timer_period = self.timer_next = 0
         self.timer_ticks = self.timer_masked = 0
-        self._armed_ivec: tuple[int, ...] | None = None
-        self._fast_ok = False             # last VMRUN fully checked and loaded this VMCB
-        self._vmcb_written = False        # the hypervisor wrote the VMCB since the last exit
         self._install_hooks()
 
     # ------------------------------------------------------------------ hooks
@@ -296,7 +291,7 @@ class SvmCpu:
                 self._pending_fault = f
                 self._fault_page = gva
                 return False
-            e = TlbEntry(t.hpa & ~0xFFF, t.gpa & ~0xFFF, t.writable, t.executable, t.dirty, t.global_, t.user)
+            e = TlbEntry(t.hpa & ~0xFFF, t.writable, t.executable, t.dirty, t.global_, t.user)
             tlb.insert(self._asid, user, gva, e)
         else:
             tlb.stats.hits += 1

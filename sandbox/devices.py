@@ -83,13 +83,13 @@ class DeviceBus:
     def attach(self, dev) -> None:
         self.devices.append(dev)
 
-    def attach_mmio(self, gpa: int, size: int, dev) -> MmioRegion:
+    def attach_mmio(self, gpa: int, size: int, dev, mode: object = None) -> MmioRegion:
         if gpa % PAGE or size <= 0 or size % PAGE:
             raise ValueError(f"an MMIO window must be whole 4 KiB pages, not {gpa:#x}+{size:#x}")
         for r in self.regions:
             if gpa < r.gpa + r.size and r.gpa < gpa + size:
                 raise ValueError(f"MMIO window {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
-        r = MmioRegion(gpa, size, dev)
+        r = MmioRegion(gpa, size, dev, mode)
         self.regions.append(r)
         if dev not in self.devices:
             self.devices.append(dev)

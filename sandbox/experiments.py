@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 from .cpu import GUEST_IPS
@@ -124,7 +125,6 @@ class IoResult:
 def run_io_experiment(mode: str, reads: int = 1_000_000, writes: int = 30_000, *,
                       tick_ns: int = 1_000_000, timeout: float = 600.0) -> IoResult:
     """Run the workload in ``mode`` and count its exits."""
-    import time
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
     m = Machine(dram=16 << 20, ram=2 << 20)

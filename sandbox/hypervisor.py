@@ -357,9 +357,7 @@ class Machine:
         then learns about writes from the nested Dirty bits
         (:meth:`NestedPageTable.harvest_dirty`), typically on a timer.
         """
-        region = self.bus.attach_mmio(gpa, size, device)
-        region.mode = MmioMode(mode)
-        region.backing = {}
+        region = self.bus.attach_mmio(gpa, size, device, MmioMode(mode))
         for page in range(gpa, gpa + size, PAGE_SIZE):
             self.guest.npt.unmap(page)
         return region

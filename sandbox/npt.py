@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .hostmem import PAGE_SIZE
-from .paging import ADDR_MASK, PTE, Access, TableBuilder, WalkResult, walk
+from .paging import ADDR_MASK, PTE, TableBuilder
 
 if TYPE_CHECKING:
     from .hostmem import HostMemory
@@ -19,8 +19,8 @@ class NestedPageTable:
     """A nested page table the hypervisor builds and edits.
 
     ``map(gpa, hpa)`` installs a leaf (4 KiB by default, or a 2 MiB / 1 GiB
-    large page with ``size``); :func:`nested_walk` is the walk the 2-D
-    walker (:mod:`sandbox.mmu`) runs.  The processor sets the Accessed and
+    large page with ``size``); :class:`sandbox.mmu.NestedLayer` walks it for
+    the 2-D walker.  The processor sets the Accessed and
     Dirty bits of these entries as it uses them (APM §15.25.4), so the
     hypervisor can learn what its guest touched from the table alone
     (:meth:`dirty_pages`, :meth:`harvest_dirty`).
@@ -127,24 +127,3 @@ class NestedPageTable:
         if found:
             self._changed()
         return found
-
-
-def nested_walk(mem: "HostMemory", n_cr3: int, gpa: int, access: int) -> WalkResult:
-    """One nested walk: a user access of type ``access`` (APM §15.25.5)."""
-    size = mem.size
-
-    def read(a: int) -> int:
-        if a + 8 > size:
-            raise LookupError(a)
-        return int.from_bytes(mem.view[a:a + 8], "little")
-
-    def write(a: int, v: int) -> None:
-        mem.view[a:a + 8] = v.to_bytes(8, "little")
-
-    try:
-        return walk(n_cr3, gpa, access, True, read, write, wp=True, nxe=True)
-    except LookupError:
-        # a table pointer outside DRAM: treat as a reserved-bit fault
-        r = WalkResult()
-        r.fault = 0x8 | 0x1 | 0x4 | (0x2 if access == Access.WRITE else 0) | (0x10 if access == Access.FETCH else 0)
-        return r

@@ -35,7 +35,6 @@ class TlbMode(Enum):
 @dataclass(slots=True)
 class TlbEntry:
     hpa: int                 # host-physical page
-    gpa: int                 # guest-physical page (for INVLPGA-free bookkeeping and migration)
     writable: bool
     executable: bool
     dirty: bool              # both levels' D bits were set when the entry was made
@@ -95,17 +94,6 @@ class Tlb:
         self.stats.flushes += 1
         for user in (False, True):
             self._e.pop((asid, user, gva_page), None)
-
-    def flush_hpa(self, hpa_page: int) -> int:
-        """Drop every translation to one host page (after the hypervisor moved
-        it); returns how many there were.  Not an architectural operation: a
-        hypervisor gets the same effect with TLB_CONTROL, more coarsely."""
-        drop = [k for k, v in self._e.items() if v.hpa == hpa_page]
-        for k in drop:
-            del self._e[k]
-        if drop:
-            self.stats.flushes += 1
-        return len(drop)
 
     def entries(self, asid: int | None = None) -> list[tuple[int, int, TlbEntry]]:
         """(ASID, GVA page, entry) for inspection."""

@@ -81,7 +81,8 @@ def test_walk_references(guest_page, nested_page):
         assert stats.table_refs == 24          # the figure the APM and the seeds quote
 
 
-HELLO_LOOP = """
+#: read one qword of each of 16 pages from 0x150000 (the code page is a 17th)
+TOUCH_16 = """
     mov rbx, 0x150000
     mov ecx, 16
 touch:
@@ -89,7 +90,8 @@ touch:
     add rbx, 0x1000
     dec ecx
     jnz touch
-""" + hc_exit(0)
+"""
+HELLO_LOOP = TOUCH_16 + hc_exit(0)
 
 
 @pytest.mark.parametrize("npt_page", [KIB4, MIB2])
@@ -253,16 +255,7 @@ def test_nested_dirty_bits_tell_the_hypervisor_what_was_written(guest):
 
 
 # ============================================================ the ASID-tagged TLB
-TOUCH = """
-start:
-    mov rbx, 0x150000
-    mov ecx, 16
-touch:
-    mov rax, [rbx]
-    add rbx, 0x1000
-    dec ecx
-    jnz touch
-    hlt
+TOUCH = "start:" + TOUCH_16 + """    hlt
 {extra}
     jmp start
 """
