@@ -5,7 +5,7 @@
 import struct
 
 from sandbox import RESUME, ExitCode
-from sandbox.hypervisor import handle_cpuid
+from sandbox.hypervisor.machine import handle_cpuid
 
 
 def setup(m):

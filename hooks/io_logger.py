@@ -6,8 +6,8 @@ handler perform it.
 import sys
 
 from sandbox import ExitCode
-from sandbox.hypervisor import handle_ioio
-from sandbox.iopm import IoioInfo
+from sandbox.hypervisor.machine import handle_ioio
+from sandbox.svm.iopm import IoioInfo
 
 
 def log_io(m, e):

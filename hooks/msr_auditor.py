@@ -6,7 +6,7 @@ print an audit table when the guest exits.
 import sys
 
 from sandbox import ExitCode
-from sandbox.hypervisor import handle_msr, handle_vmmcall
+from sandbox.hypervisor.machine import handle_msr, handle_vmmcall
 
 AUDIT: list[tuple[str, int, int, int]] = []
 

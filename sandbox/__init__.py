@@ -1,8 +1,8 @@
 """An AMD-V (SVM) hypervisor sandbox: real x86-64 guest code on Unicorn,
 under a Python model of the SVM processor and a scriptable hypervisor."""
-from .exitcodes import ExitCode, exit_name
-from .hypervisor import RESUME, STOP, Action, Guest, Machine, RunResult
-from .vmcb import VMCB, Event, EventType, Segment
+from .svm.exitcodes import ExitCode, exit_name
+from .hypervisor.machine import RESUME, STOP, Action, Guest, Machine, RunResult
+from .svm.vmcb import VMCB, Event, EventType, Segment
 
 __all__ = ["Machine", "Guest", "RunResult", "Action", "RESUME", "STOP", "ExitCode", "exit_name",
            "VMCB", "Event", "EventType", "Segment"]

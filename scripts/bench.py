@@ -64,9 +64,9 @@ from unicorn import x86_const as X  # noqa: E402
 
 import sandbox  # noqa: E402
 from sandbox import ExitCode, Machine  # noqa: E402
-from sandbox.cpu import VmrunError  # noqa: E402
-from sandbox.hypervisor import handle_cpuid  # noqa: E402
-from sandbox.loader import LOAD_BASE, ImageError, assemble  # noqa: E402
+from sandbox.svm.cpu import VmrunError  # noqa: E402
+from sandbox.hypervisor.machine import handle_cpuid  # noqa: E402
+from sandbox.hypervisor.loader import LOAD_BASE, ImageError, assemble  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_sev  # noqa: E402

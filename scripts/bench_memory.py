@@ -33,8 +33,8 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, Uc  # noqa: E402
 from unicorn import x86_const as X  # noqa: E402
 
 from sandbox import Machine  # noqa: E402
-from sandbox.loader import LOAD_BASE, assemble  # noqa: E402
-from sandbox.tlb import TlbMode  # noqa: E402
+from sandbox.hypervisor.loader import LOAD_BASE, assemble  # noqa: E402
+from sandbox.memory.tlb import TlbMode  # noqa: E402
 
 EXIT = "    xor eax, eax\n    xor edi, edi\n    .byte 0x0f, 0x01, 0xd9\n"
 BUF = 0x400000

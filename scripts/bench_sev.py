@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from sandbox import Machine
-from sandbox.memctl import XexEngine
-from sandbox.sevlaunch import launch_sev
+from sandbox.sev.memctl import XexEngine
+from sandbox.hypervisor.sev_launch import launch_sev
 
 TARGET_SEV_RATIO = 3.0
 INNER = 1666

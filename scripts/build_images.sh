@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 gcc -O2 -ffreestanding -fno-pic -fno-stack-protector -mno-red-zone -mgeneral-regs-only -nostdlib -static \
     -no-pie -Wl,-Ttext=0x100000 -Wl,--build-id=none -Wl,-z,noexecstack -Wl,-z,norelro \
     -o guest_images/cguest.elf guest_images/src/cguest.c
-python -c "from sandbox.loader import assemble; import sys; \
+python -c "from sandbox.hypervisor.loader import assemble; import sys; \
 sys.stdout.buffer.write(assemble(open('guest_images/hello.S').read()))" > guest_images/hello.bin
 ls -l guest_images/cguest.elf guest_images/hello.bin

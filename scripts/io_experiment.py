@@ -6,7 +6,7 @@ grant the register pages and poll their nested Dirty bits on a 1 ms timer.
     python scripts/io_experiment.py --modes all      # plus trap-and-emulate MMIO (slower)
     python scripts/io_experiment.py --reads 100000 --writes 3000
 
-Every figure is counted from the run's exits (see sandbox/experiments.py).
+Every figure is counted from the run's exits (see sandbox/experiments/io_dirty.py).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sandbox.experiments import MODES, run_io_experiment  # noqa: E402
+from sandbox.experiments.io_dirty import MODES, run_io_experiment  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,9 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sandbox import Machine                              # noqa: E402
-from sandbox.exitcodes import ExitCode                   # noqa: E402
-from sandbox.hypervisor import RESUME, handle_vmmcall    # noqa: E402
-from sandbox.sevlaunch import launch_sev                 # noqa: E402
+from sandbox.svm.exitcodes import ExitCode                   # noqa: E402
+from sandbox.hypervisor.machine import RESUME, handle_vmmcall    # noqa: E402
+from sandbox.hypervisor.sev_launch import launch_sev                 # noqa: E402
 
 PAGE_A, PAGE_B = 0x1C0000, 0x1C1000
 SECRET_A, SECRET_B = 0x5345_4352_4554_4141, 0x5345_4352_4554_4242
@@ -45,7 +45,7 @@ def run(body: str, actions, snp: bool):
     m.load(f.name)
     os.unlink(f.name)
     if snp:
-        from sandbox.rmp import launch_snp
+        from sandbox.sev.rmp import launch_snp
         launch_snp(m)
     else:
         launch_sev(m)

@@ -18,9 +18,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sandbox import Machine                     # noqa: E402
-from sandbox.exitcodes import exit_name         # noqa: E402
-from sandbox.seves import SevEsRegisterError, launch_sev_es   # noqa: E402
-from sandbox.sevlaunch import launch_sev        # noqa: E402
+from sandbox.svm.exitcodes import exit_name         # noqa: E402
+from sandbox.sev.vmsa import SevEsRegisterError, launch_sev_es   # noqa: E402
+from sandbox.hypervisor.sev_launch import launch_sev        # noqa: E402
 
 IMAGE = os.path.join(os.path.dirname(__file__), "..", "guest_images", "sev_es_vc.S")
 
@@ -54,7 +54,7 @@ def trace(es: bool, limit: int) -> list[str]:
         lines.append(line)
     # the GHCB request is logged by the VMGEXIT handler; read it after the handler ran
     if es:
-        from sandbox.ghcb import handle_vmgexit
+        from sandbox.hypervisor.ghcb import handle_vmgexit
 
         def logged(m_, e):
             act = handle_vmgexit(m_, e)

@@ -3,8 +3,8 @@
 :func:`expected_exit` decodes one instruction with **capstone** and computes
 the #VMEXIT the APM prescribes for it under the current intercept vectors,
 IOPM and MSRPM -- EXITCODE, EXITINFO1, EXITINFO2 and nRIP -- without using
-the sandbox's decoder or decision code (:mod:`sandbox.decode`,
-:mod:`sandbox.decision`).  Exit codes are literal values from APM vol. 2
+the sandbox's decoder or decision code (:mod:`sandbox.svm.decode`,
+:mod:`sandbox.svm.decision`).  Exit codes are literal values from APM vol. 2
 Appendix C, Table C-1.
 
 :class:`Auditor` runs a case instruction by instruction (a code hook over
@@ -316,7 +316,7 @@ class Auditor:
         return self.findings
 
     def _bytes(self, rip: int) -> bytes:
-        from ..paging import Access
+        from ..memory.paging import Access
         w = self._cpu.walker()
         out = b""
         a = rip

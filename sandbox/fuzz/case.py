@@ -17,7 +17,7 @@ CODE_BASE = 0x100000
 CODE_WINDOW = 0x2000
 #: a scratch data page memory operands point into
 DATA_BASE = 0x1C0000
-#: GPR names in QEMU order (as sandbox.cpustate.GPR_NAMES)
+#: GPR names in QEMU order (as sandbox.svm.cpustate.GPR_NAMES)
 GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as X
 
-from ..cpustate import CpuState
+from ..svm.cpustate import CpuState
 from .case import Case
 
 MEM = 4 << 20
@@ -148,7 +148,7 @@ class QemuSvm:
             iopm[p >> 3] |= 1 << (p & 7)
         uc.mem_write(IOPM_AT, bytes(iopm))
         msrpm = bytearray(0x2000)
-        from ..msrpm import msrpm_bit
+        from ..svm.msrpm import msrpm_bit
         for msr, r, wr in case.config.msrpm:
             for on, is_w in ((r, False), (wr, True)):
                 b = msrpm_bit(msr, is_w)

@@ -2,17 +2,17 @@
 
 Used to prove the campaign finds real intercept bugs (tests and the
 ``--plant`` option of ``sandbox fuzz``).  Each patch replaces the decision
-function the processor calls (``sandbox.cpu.decide``) with a wrapper around a
+function the processor calls (``sandbox.svm.cpu.decide``) with a wrapper around a
 *copy* of the decision table; the project's own table is never edited.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from .. import cpu as cpu_mod
-from .. import decision as D
-from ..decode import Kind
-from ..exitcodes import ExitCode
+from ..svm import cpu as cpu_mod
+from ..svm import decision as D
+from ..svm.decode import Kind
+from ..svm.exitcodes import ExitCode
 
 
 def _popf_66(i, v, rip):

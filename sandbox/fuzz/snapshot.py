@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from unicorn import x86_const as X
 
-from ..hypervisor import Machine, RunResult
-from ..hostmem import PAGE_SIZE
-from ..msrpm import msrpm_bit
+from ..hypervisor.machine import Machine, RunResult
+from ..memory.hostmem import PAGE_SIZE
+from ..svm.msrpm import msrpm_bit
 from .case import CODE_BASE, GPRS, Case
 
 _I6 = struct.Struct("<6I")

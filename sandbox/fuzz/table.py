@@ -45,7 +45,7 @@ def modrm_reg(rng: random.Random, reg: int) -> bytes:
 @dataclass(frozen=True)
 class Template:
     name: str
-    intercept: str                       # APM intercept name (sandbox.intercepts)
+    intercept: str                       # APM intercept name (sandbox.svm.intercepts)
     build: Callable[[random.Random], bytes]
     prefixes: tuple[int, ...] = LEGACY   # prefixes that may precede it
     rex: bool = True

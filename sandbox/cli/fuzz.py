@@ -1,0 +1,144 @@
+"""``sandbox fuzz`` and the replay of a saved case by ``sandbox run FILE.case``."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..svm.exitcodes import exit_name
+
+FUZZ_EPILOG = """\
+examples:
+  sandbox fuzz --seconds 60 --seed 1
+  sandbox fuzz --cases 20000 --jobs 2 --corpus corpus/ --crashes crashes/
+  sandbox fuzz --seconds 30 --audit            # audit every case (slower)
+  sandbox run crashes/missed-0123456789ab.case --audit   # replay a finding
+"""
+
+
+def add_parser(sub) -> None:
+    f = sub.add_parser("fuzz", help="fuzz the intercept logic and the handlers", epilog=FUZZ_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    f.add_argument("--cases", type=int, metavar="N", help="stop after N cases (over all jobs)")
+    f.add_argument("--seed", type=int, default=0, help="campaign seed (with --jobs 1 the case sequence is reproducible)")
+    f.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes (at most the core count)")
+    f.add_argument("--corpus", type=Path, metavar="DIR", help="corpus directory (read at start, new coverage written)")
+    f.add_argument("--crashes", type=Path, metavar="DIR", help="where findings are saved as minimized .case files")
+    f.add_argument("--audit", action="store_true", help="soundness-audit every case (slow)")
+    f.add_argument("--audit-every", type=int, default=8, metavar="N",
+                   help="in fast mode, audit one case in N (0: never; default 8)")
+    f.add_argument("--differential-every", type=int, default=16, metavar="N",
+                   help="compare one case in N with Unicorn's bundled QEMU SVM (0: never; default 16)")
+    f.add_argument("--insns", type=int, default=64, metavar="N", help="instructions per generated case")
+    f.add_argument("--no-minimize", action="store_true", help="save findings unminimized")
+    f.add_argument("--stop-on-finding", action="store_true", help="end the campaign at the first finding")
+    f.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    f.add_argument("--no-status", action="store_true", help="no live status panel")
+    f.set_defaults(fn=cmd_fuzz)
+
+
+def _status_table(stats, secs: float):
+    from rich.table import Table
+    t = Table(title="sandbox fuzz", show_header=False, box=None)
+    rate = stats.execs / secs if secs > 0 else 0.0
+    t.add_row("execs", f"{stats.execs} ({rate:.0f}/s, {stats.audited} audited, "
+                       f"{stats.differential} compared with QEMU)")
+    t.add_row("coverage", f"{len(stats.coverage)} (exit, info class, handler) tuples; corpus +{stats.corpus}")
+    top = ", ".join(f"{exit_name(c)} {n}" for c, n in stats.exits.most_common(8))
+    t.add_row("exits", top or "-")
+    t.add_row("findings", str(len(stats.findings)))
+    for f, path in list(stats.findings.values())[-5:]:
+        t.add_row("", f"[red]{f.kind}[/red] {f.message[:100]}")
+    return t
+
+
+def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from .errors import CliError
+    from ..fuzz import campaign as C
+
+    if a.seconds is None and a.cases is None:
+        raise CliError("give --seconds or --cases")
+    if a.cases is not None and a.cases < 1 or a.seconds is not None and a.seconds <= 0:
+        raise CliError("--cases and --seconds must be positive")
+    if a.audit_every < 0 or a.differential_every < 0 or a.insns < 1:
+        raise CliError("--audit-every and --differential-every must be >= 0, --insns >= 1")
+    opts = C.Options(seed=a.seed, seconds=a.seconds, cases=a.cases, jobs=a.jobs, corpus=a.corpus,
+                     crashes=a.crashes, audit=a.audit, audit_every=a.audit_every,
+                     differential_every=a.differential_every, n_insns=a.insns,
+                     minimize=not a.no_minimize, stop_on_finding=a.stop_on_finding)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        C.check_dirs(opts)
+        if a.no_status or a.json or not err.is_terminal:
+            stats, secs, interrupted = C.run(opts, None, patch)
+        else:
+            with Live(_status_table(C.Stats(), 1.0), console=err, refresh_per_second=4) as live:
+                stats, secs, interrupted = C.run(opts, lambda s, t: live.update(_status_table(s, t)), patch)
+    except C.CampaignError as e:
+        raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        # Ctrl-C before the campaign loop took over SIGINT (checking the
+        # directories, loading the corpus): nothing ran, nothing is lost
+        stats, secs, interrupted = C.Stats(), 0.0, True
+    summary = {
+        "seed": a.seed, "jobs": a.jobs, "execs": stats.execs, "audited": stats.audited, "differential": stats.differential, "seconds": round(secs, 2),
+        "execs_per_s": round(stats.execs / secs, 1) if secs else 0.0, "interrupted": interrupted,
+        "coverage": len(stats.coverage), "corpus_added": stats.corpus,
+        "exits": {exit_name(c): n for c, n in stats.exits.most_common()},
+        "ends": dict(stats.ends.most_common()),
+        "findings": [{"kind": f.kind, "message": f.message, "file": p} for f, p in stats.findings.values()],
+    }
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        err.print(_status_table(stats, secs))
+        err.print(f"{'interrupted; ' if interrupted else ''}{stats.execs} cases in {secs:.1f} s "
+                  f"({summary['execs_per_s']}/s), {len(stats.findings)} finding(s)"
+                  + (f"; corpus kept in {a.corpus}" if a.corpus else ""))
+        for f in summary["findings"]:
+            err.print(f"  [red]{f['kind']}[/red] {f['message']}" + (f"\n    saved: {f['file']}" if f["file"] else ""))
+    return 1 if stats.findings else 0
+
+
+def replay_case(a: argparse.Namespace) -> int:
+    """``sandbox run FILE.case``: run a saved case with the same oracles as the campaign."""
+    from rich.console import Console
+
+    from .errors import CliError
+    from ..fuzz.case import Case, CaseError
+    from ..fuzz.oracle import findings
+    from ..fuzz.snapshot import Harness
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        case = Case.load(a.image)
+    except CaseError as e:
+        raise CliError(str(e)) from None
+    h = Harness(audit=bool(getattr(a, "audit", False)))
+    out = h.run(case)
+    fs = findings(out)
+    from ..fuzz.differential import differential
+    from ..fuzz.oracle import Finding
+    fs += [Finding("differential", d) for d in differential(case, out.exits)]
+    r = out.result
+    if a.json:
+        for e in out.exits:
+            print(json.dumps({"exitcode": e.exitcode, "exit": exit_name(e.exitcode), "rip": e.rip, "nrip": e.nrip,
+                              "exitinfo1": e.exitinfo1, "exitinfo2": e.exitinfo2}))
+        print(json.dumps({"final": True, "reason": r.reason if r else "crash", "detail": r.detail if r else out.crash,
+                          "findings": [{"kind": f.kind, "message": f.message} for f in fs]}))
+    else:
+        if not a.quiet:
+            for i, (e, hname) in enumerate(zip(out.exits, out.handlers)):
+                err.print(f"[dim]#{i + 1:<4}[/dim] {e.rip:#018x} [bold]{exit_name(e.exitcode):<14}[/bold] "
+                          f"exitinfo1={e.exitinfo1:#x} exitinfo2={e.exitinfo2:#x} nrip={e.nrip:#x} -> {hname}")
+        err.print(f"run ended: {r.reason if r else 'crash'}" + (f" - {r.detail}" if r and r.detail else ""))
+        for f in fs:
+            err.print(f"[red]{f.kind}[/red]: {f.message}")
+        if not fs:
+            err.print("[green]no oracle findings[/green]")
+    return 1 if fs else 0

@@ -1,0 +1,53 @@
+"""Loading user exit handlers from a Python file (``sandbox run --hooks FILE``).
+
+A hooks file either defines ``setup(machine)``, which registers handlers with
+``@machine.on(ExitCode.X)``, or a module-level ``HANDLERS`` dict mapping exit
+codes (ints or :class:`~sandbox.svm.exitcodes.ExitCode`) or APM names to
+``handler(machine, exit)`` functions.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+
+class HooksError(Exception):
+    pass
+
+
+def load_hooks(machine: "Machine", path: str) -> None:
+    from ..svm.exitcodes import ExitCode
+    p = Path(path)
+    if not p.is_file():
+        raise HooksError(f"{p}: no such hooks file")
+    spec = importlib.util.spec_from_file_location(f"sandbox_hooks_{p.stem}", p)
+    if spec is None or spec.loader is None:
+        raise HooksError(f"{p}: not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:
+        raise HooksError(f"{p}: error while loading: {type(e).__name__}: {e}") from None
+    found = False
+    if hasattr(mod, "setup"):
+        try:
+            mod.setup(machine)
+        except Exception as e:
+            raise HooksError(f"{p}: setup() failed: {type(e).__name__}: {e}") from None
+        found = True
+    for key, fn in getattr(mod, "HANDLERS", {}).items():
+        if isinstance(key, str):
+            try:
+                key = ExitCode[key.upper()]
+            except KeyError:
+                raise HooksError(f"{p}: HANDLERS names unknown exit {key!r}") from None
+        if not callable(fn):
+            raise HooksError(f"{p}: handler for {key} is not callable")
+        machine.handlers[int(key)] = fn
+        found = True
+    if not found:
+        raise HooksError(f"{p}: defines neither setup(machine) nor HANDLERS")

@@ -1,0 +1,200 @@
+"""The two-dimensional walk: GVA -> GPA -> HPA (APM vol. 2 §15.25).
+
+Two stacked layers, each with one job, in the style of layered address
+spaces:
+
+* :class:`NestedLayer` -- GPA -> HPA through the hypervisor's nested page
+  tables rooted at N_CR3.  Every access is a user access; a failure is a
+  :class:`NestedFault` that becomes VMEXIT_NPF.
+* :class:`GuestLayer` -- GVA -> GPA through the guest's own 4-level tables
+  while CR0.PG is set.  Every guest page-table entry is itself read through
+  the nested layer (as a user *write*, so nested A/D bits are set); a
+  failure is a :class:`GuestPageFault` injected into the guest as #PF.
+
+The walk order follows §15.25.6: nested walk of each guest PTE, guest PTE
+check, guest permission check, nested walk of the final GPA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .paging import ADDR_MASK, Access, PFErr, WalkResult, canonical, walk
+
+if TYPE_CHECKING:
+    from .hostmem import HostMemory
+
+
+@dataclass
+class NestedFault(Exception):
+    """A nested translation failed: VMEXIT_NPF with these EXITINFO1/2."""
+    exitinfo1: int
+    gpa: int
+
+
+@dataclass
+class GuestPageFault(Exception):
+    """The guest's own walk failed: #PF with ``error_code``, CR2 = ``address``."""
+    error_code: int
+    address: int
+
+
+@dataclass
+class GuestGP(Exception):
+    """A non-canonical guest address: #GP(0) (or #SS for stack accesses)."""
+    address: int
+
+
+@dataclass
+class GuestException(Exception):
+    """An exception the memory system raises in the guest itself (SEV-SNP's
+    #VC PAGE_NOT_VALIDATED): vector and error code."""
+    vector: int
+    error_code: int
+
+
+@dataclass
+class WalkStats:
+    """Memory references made by 2-D walks (APM §15.25.5, Figure 15-13).
+
+    ``guest_entries`` counts guest page-table entries read, ``nested_entries``
+    every nested page-table entry read -- those of the nested walks of each
+    guest table *and* of the final GPA.  ``data_refs`` counts the final
+    data/code accesses the completed walks were made for: one per walk,
+    kept apart from the table references.
+    """
+    guest_entries: int = 0
+    nested_entries: int = 0
+    walks: int = 0
+    data_refs: int = 0
+
+    @property
+    def table_refs(self) -> int:
+        return self.guest_entries + self.nested_entries
+
+    def snapshot(self) -> dict[str, int]:
+        return {"walks": self.walks, "guest_pte_refs": self.guest_entries,
+                "nested_pte_refs": self.nested_entries, "table_refs": self.table_refs,
+                "data_refs": self.data_refs}
+
+
+class NestedLayer:
+    """GPA -> HPA through 4-level nested page tables in host memory."""
+
+    def __init__(self, mem: "HostMemory", n_cr3: int, stats: WalkStats) -> None:
+        self.mem, self.n_cr3, self.stats = mem, n_cr3 & ADDR_MASK, stats
+        self._view = mem.view
+        self._size = mem.size
+
+    def _read(self, a: int) -> int:
+        if a + 8 > self._size:
+            raise LookupError(a)
+        return int.from_bytes(self._view[a:a + 8], "little")
+
+    def _write(self, a: int, v: int) -> None:
+        self._view[a:a + 8] = v.to_bytes(8, "little")
+
+    def translate(self, gpa: int, access: int, *, final: bool = True, set_ad: bool = True) -> WalkResult:
+        """Walk for ``gpa``; raises :class:`NestedFault` on failure.
+
+        ``final`` says whether this is the guest's final data/code address
+        (EXITINFO1 bit 32) or a guest page-table access (bit 33).
+        """
+        try:
+            r = walk(self.n_cr3, gpa, access, True, self._read, self._write, wp=True, nxe=True, set_ad=set_ad)
+        except LookupError:
+            r = WalkResult(fault=int(PFErr.P | PFErr.RSVD | PFErr.U |
+                                     (PFErr.W if access == Access.WRITE else 0) |
+                                     (PFErr.ID if access == Access.FETCH else 0)))
+        self.stats.nested_entries += r.entries
+        if r.fault is not None:
+            bits = PFErr.FINAL if final else PFErr.PT_WALK
+            raise NestedFault(r.fault | int(bits), gpa)
+        if r.phys + 1 > self._size:
+            raise NestedFault(int(PFErr.P | PFErr.RSVD | PFErr.U | (PFErr.FINAL if final else PFErr.PT_WALK)), gpa)
+        return r
+
+
+class GuestLayer:
+    """GVA -> GPA through the guest's own page tables, reading them via ``nested``."""
+
+    def __init__(self, nested: NestedLayer, cr0: int, cr3: int, cr4: int, efer: int, stats: WalkStats,
+                 enc=None) -> None:
+        self.nested, self.stats = nested, stats
+        #: SEV memory controller (:mod:`sandbox.sev.memctl`) when the guest is encrypted
+        self.enc = enc
+        self._nocbit = ~enc.cbit_mask if enc is not None else -1
+        self.paging = bool(cr0 & (1 << 31))
+        self.wp = bool(cr0 & (1 << 16))
+        self.cr3 = cr3
+        self.nxe = bool(efer & (1 << 11))
+        self.smep = bool(cr4 & (1 << 20))
+        self.pge = bool(cr4 & (1 << 7))
+        self._mem = nested.mem
+        self._last: tuple[int, int] | None = None
+
+    def _read(self, gpa: int) -> int:
+        # a guest page-table read is a user write at the nested level (APM §15.25.6)
+        r = self.nested.translate(gpa & self._nocbit, Access.WRITE, final=False)
+        self.stats.guest_entries += 1
+        gpa &= self._nocbit
+        self._last = (gpa, r.phys)
+        a = r.phys if self.enc is None else self.enc.pt_paddr(r.phys, gpa)   # SEV: PT walks are private
+        return int.from_bytes(self._mem.view[a:a + 8], "little")
+
+    def _write(self, gpa: int, v: int) -> None:
+        # setting A/D is a locked update of the entry just read: same host address, no new walk
+        gpa &= self._nocbit
+        last = self._last
+        phys = last[1] if last is not None and last[0] == gpa else \
+            self.nested.translate(gpa, Access.WRITE, final=False).phys
+        a = phys if self.enc is None else self.enc.pt_paddr(phys, gpa)
+        self._mem.view[a:a + 8] = v.to_bytes(8, "little")
+
+    def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> WalkResult:
+        if not self.paging:
+            return WalkResult(phys=gva & 0xFFFF_FFFF_FFFF, writable=True, user=True, executable=True, dirty=True)
+        if not canonical(gva):
+            raise GuestGP(gva)
+        r = walk(self.cr3, gva, access, user, self._read, self._write, wp=self.wp, nxe=self.nxe,
+                 set_ad=set_ad, smep=self.smep)
+        if r.fault is not None:
+            raise GuestPageFault(r.fault, gva)
+        return r
+
+
+@dataclass
+class Translation:
+    """A completed 2-D translation of one page."""
+    gva: int
+    gpa: int
+    hpa: int
+    writable: bool
+    executable: bool
+    dirty: bool
+    user: bool = True
+    global_: bool = False
+    #: SEV: the access is private (guest C-bit, or a fetch); ``hpa`` is then the
+    #: processor's plaintext-cache address and ``dram`` the page's real HPA
+    private: bool = False
+    dram: int | None = None
+
+
+@dataclass
+class TwoDimWalker:
+    """The stack: :class:`GuestLayer` over :class:`NestedLayer`."""
+    guest: GuestLayer
+    nested: NestedLayer
+    stats: WalkStats = field(default_factory=WalkStats)
+
+    def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> Translation:
+        self.stats.walks += 1
+        g = self.guest.translate(gva, access, user, set_ad)
+        if self.guest.enc is not None:
+            from .encryption import sev_final
+            return sev_final(self, gva, g, access, set_ad)
+        n = self.nested.translate(g.phys, access, final=True, set_ad=set_ad)
+        self.stats.data_refs += 1
+        return Translation(gva=gva, gpa=g.phys, hpa=n.phys, writable=g.writable and n.writable,
+                           executable=g.executable and n.executable, dirty=g.dirty and n.dirty, user=g.user,
+                           global_=g.global_ and self.guest.pge)

@@ -1,0 +1,221 @@
+"""x86-64 4-level page-table entries and the walk both translation layers share.
+
+The guest's page tables (GVA -> GPA) and the hypervisor's nested page tables
+(GPA -> HPA) use the same long-mode entry format (APM vol. 2 §5.3-5.4).
+:func:`walk` walks one such table given a function that reads an entry; the
+two layers in :mod:`sandbox.memory.mmu` plug in how their table memory is reached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntFlag
+from typing import Callable
+
+
+class PTE(IntFlag):
+    P = 1 << 0
+    RW = 1 << 1
+    US = 1 << 2
+    PWT = 1 << 3
+    PCD = 1 << 4
+    A = 1 << 5
+    D = 1 << 6
+    PS = 1 << 7
+    G = 1 << 8
+    NX = 1 << 63
+
+
+ADDR_MASK = 0x000F_FFFF_FFFF_F000      # bits 51:12
+MAXPHYADDR = 48
+#: bits that must be zero in every level above MAXPHYADDR (51:MAXPHYADDR)
+RSVD_HIGH = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)
+LEVEL_SHIFT = {4: 39, 3: 30, 2: 21, 1: 12}
+PAGE_SIZE_AT = {3: 1 << 30, 2: 1 << 21, 1: 1 << 12}
+
+
+class PFErr(IntFlag):
+    """Page-fault error code bits (#PF and the low bits of NPF EXITINFO1)."""
+    P = 1 << 0
+    W = 1 << 1
+    U = 1 << 2
+    RSVD = 1 << 3
+    ID = 1 << 4
+    # NPF-only bits (APM §15.25.6)
+    FINAL = 1 << 32        # fault on the final GPA translation
+    PT_WALK = 1 << 33      # fault while translating a guest page-table access
+
+
+class Access:
+    READ = 0
+    WRITE = 1
+    FETCH = 2
+
+
+@dataclass(slots=True)
+class WalkResult:
+    """Outcome of a walk: either ``phys`` + effective permissions, or a fault."""
+    phys: int = 0
+    writable: bool = False
+    user: bool = False
+    executable: bool = False
+    page_size: int = 4096
+    dirty: bool = False
+    fault: int | None = None        # PFErr bits when the walk faulted
+    entries: int = 0                # table entries read
+    global_: bool = False           # the leaf has G set (meaningful with CR4.PGE)
+
+
+_P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.G, PTE.NX))
+_W, _U, _RSVD, _ID = int(PFErr.W), int(PFErr.U), int(PFErr.RSVD), int(PFErr.ID)
+_SHIFT = LEVEL_SHIFT
+_SIZE = {3: 1 << 30, 2: 1 << 21, 1: 1 << 12}
+assert Access.WRITE == 1 and Access.FETCH == 2
+
+
+def canonical(va: int) -> bool:
+    top = va >> 47
+    return top == 0 or top == 0x1FFFF
+
+
+def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int], int],
+         write_entry: Callable[[int, int], None], *, wp: bool = True, nxe: bool = True,
+         set_ad: bool = True, smep: bool = False) -> WalkResult:
+    """Walk a 4-level table rooted at ``root`` for ``va``.
+
+    ``read_entry(addr)`` returns the 8-byte entry at table address ``addr``
+    (a GPA for guest tables, an HPA for nested ones); raising ``LookupError``
+    from it aborts the walk (the caller's layer records why).  Accessed bits
+    are set on every level walked and Dirty on the final entry of a write,
+    as the hardware does (APM §5.4.2).
+    """
+    res = WalkResult()
+    table = root & ADDR_MASK
+    writable = user_ok = executable = True
+    # plain ints on this path: IntFlag arithmetic costs microseconds per walk
+    err_base = (_W if access == 1 else 0) | (_U if user else 0) | \
+        (_ID if access == 2 and (nxe or smep) else 0)
+    entries = 0
+    for level in (4, 3, 2, 1):
+        ea = table + ((va >> _SHIFT[level]) & 0x1FF) * 8
+        e = read_entry(ea)
+        entries += 1
+        if not e & 1:
+            res.entries = entries
+            res.fault = err_base
+            return res
+        ps = e & _PS and level != 1
+        rsvd = e & RSVD_HIGH or (not nxe and e & _NX) or (level == 4 and e & _PS)
+        if ps and level != 4 and (e & ADDR_MASK) & (_SIZE[level] - 1) & ~0x1000:
+            # large page: bits 20:13 (2 MiB) / 29:13 (1 GiB) of the address field must be 0
+            rsvd = True
+        if rsvd:
+            res.entries = entries
+            res.fault = err_base | _P | _RSVD
+            return res
+        writable = writable and bool(e & _RW)
+        user_ok = user_ok and bool(e & _US)
+        executable = executable and not (nxe and e & _NX)
+        if level == 1 or ps:
+            size = _SIZE[level]
+            res.entries = entries
+            if (user and not user_ok) or (access == 1 and not writable and (user or wp)) or \
+                    (access == 2 and (not executable or (smep and not user and user_ok))):
+                res.fault = err_base | _P
+                return res
+            if set_ad:
+                ne = e | _A | (_D if access == 1 else 0)
+                if ne != e:
+                    write_entry(ea, ne)
+            res.phys = ((e & ADDR_MASK) & ~(size - 1)) | (va & (size - 1))
+            res.writable = writable or (not user and not wp)
+            res.user = user_ok
+            res.executable = executable
+            res.page_size = size
+            res.dirty = bool(e & _D) or access == 1
+            res.global_ = bool(e & _G)
+            return res
+        if set_ad and not e & _A:
+            write_entry(ea, e | _A)
+        table = e & ADDR_MASK
+    raise AssertionError("unreachable")
+
+
+class TableBuilder:
+    """Builds 4-level tables in some physical space, with 4 KiB, 2 MiB or 1 GiB leaves.
+
+    ``alloc()`` returns the address of a fresh zeroed table page; ``read``
+    and ``write`` access 8-byte entries.  Intermediate entries are P|RW|US so
+    that permissions are decided by the leaf.
+    """
+
+    #: leaf size -> the level its entry lives at
+    LEVEL_OF = {1 << 12: 1, 1 << 21: 2, 1 << 30: 3}
+
+    def __init__(self, root: int, alloc: Callable[[], int], read: Callable[[int], int],
+                 write: Callable[[int, int], None]) -> None:
+        self.root, self._alloc, self._read, self._write = root, alloc, read, write
+
+    def _slot(self, va: int, create: bool, leaf_level: int = 1) -> int | None:
+        table = self.root
+        for level in range(4, leaf_level, -1):
+            ea = table + ((va >> LEVEL_SHIFT[level]) & 0x1FF) * 8
+            e = self._read(ea)
+            if not e & PTE.P:
+                if not create:
+                    return None
+                nt = self._alloc()
+                e = nt | PTE.P | PTE.RW | PTE.US
+                self._write(ea, e)
+            elif e & PTE.PS:
+                if not create:
+                    return ea             # the large leaf that maps ``va``
+                raise ValueError(f"{va:#x} is inside a large page")
+            table = e & ADDR_MASK
+        return table + ((va >> LEVEL_SHIFT[leaf_level]) & 0x1FF) * 8
+
+    def map(self, va: int, pa: int, *, write: bool = True, user: bool = True, execute: bool = True,
+            extra: int = 0, size: int = 1 << 12) -> None:
+        """Map ``va`` -> ``pa`` with a leaf of ``size`` bytes (4 KiB, 2 MiB or 1 GiB)."""
+        level = self.LEVEL_OF.get(size)
+        if level is None:
+            raise ValueError(f"page size {size:#x} is not 4 KiB, 2 MiB or 1 GiB")
+        if va % size or pa % size:
+            raise ValueError(f"{va:#x} -> {pa:#x} is not aligned to the page size {size:#x}")
+        slot = self._slot(va, True, level)
+        if level > 1:
+            old = self._read(slot)
+            if old & PTE.P and not old & PTE.PS:
+                raise ValueError(f"{va:#x} already has a page table below it")
+        e = (pa & ADDR_MASK) | PTE.P | extra | (PTE.PS if level > 1 else 0)
+        if write:
+            e |= PTE.RW
+        if user:
+            e |= PTE.US
+        if not execute:
+            e |= PTE.NX
+        self._write(slot, int(e))
+
+    def entry(self, va: int) -> int | None:
+        slot = self._slot(va, False)
+        return None if slot is None else self._read(slot)
+
+    def set_entry(self, va: int, value: int) -> None:
+        slot = self._slot(va, True)
+        self._write(slot, value)
+
+    def entry_addr(self, va: int) -> int | None:
+        """Address of the leaf entry (4 KiB or large) that maps ``va``, if any."""
+        return self._slot(va, False)
+
+    def leaf(self, va: int) -> tuple[int, int, int] | None:
+        """(entry address, entry, page size) of the present leaf mapping ``va``."""
+        table = self.root
+        for level in (4, 3, 2, 1):
+            ea = table + ((va >> LEVEL_SHIFT[level]) & 0x1FF) * 8
+            e = self._read(ea)
+            if not e & PTE.P:
+                return None
+            if level == 1 or (level in (2, 3) and e & PTE.PS):
+                return ea, e, PAGE_SIZE_AT[level]
+            table = e & ADDR_MASK
+        return None

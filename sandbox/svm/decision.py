@@ -1,0 +1,415 @@
+"""The intercept decision: does this instruction #VMEXIT, and with what?
+
+One small function per instruction class, in one table indexed by
+:class:`~sandbox.svm.decode.Kind` (the shape of KVM's exit-handler table, on the
+other side of the world switch).  Each returns an :class:`ExitInfo` when the
+VMCB intercepts the instruction, or ``None`` when it runs natively.
+
+Instructions whose simple exceptions (#UD, CPL #GP) come first are left to
+run natively so the CPU raises them: "instruction intercepts are checked
+after simple exceptions ... but before exceptions related to memory
+accesses" (APM vol. 2 §15.7).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from .decode import Insn, Kind
+from .exitcodes import ExitCode
+from .iopm import IoioInfo
+from .msrpm import msrpm_bit, UNINTERCEPTABLE
+
+CR_VALID = 1 << 63      # EXITINFO1[63]: decode assist valid for MOV CRx (APM §15.8.1)
+CR0_TS, CR0_MP = 1 << 3, 1 << 1
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    exitcode: int
+    exitinfo1: int = 0
+    exitinfo2: int = 0
+
+
+class GuestView(Protocol):
+    """What the decision needs to know about the guest at the instruction."""
+    cpl: int
+    intercepts: tuple[int, int, int, int, int, int]   # the six words at 000h-014h
+
+    def gpr(self, i: int) -> int: ...
+    def cr(self, n: int) -> int: ...
+    def rflags(self) -> int: ...
+    def iopm_bit(self, port: int) -> bool: ...
+    def msrpm_byte(self, off: int) -> int: ...
+    def seg_base(self, idx: int) -> int: ...
+    def io_allowed_by_tss(self, port: int, size: int) -> bool: ...
+
+
+def armed(v: GuestView, bit: int) -> bool:
+    return bool(v.intercepts[bit >> 5] >> (bit & 31) & 1)
+
+
+def _simple(code: int, cpl0: bool = False) -> Callable[[Insn, GuestView, int], ExitInfo | None]:
+    def check(i: Insn, v: GuestView, rip: int) -> ExitInfo | None:
+        if cpl0 and v.cpl:
+            return None
+        return ExitInfo(code) if armed(v, code) else None
+    return check
+
+
+# -- effective address of a memory operand (INVLPG's EXITINFO1) -----------------
+def effective_address(code: bytes, i: Insn, v: GuestView, next_rip: int) -> int:
+    p = i.modrm_off
+    m = code[p]
+    mod, rm = m >> 6, m & 7
+    rex_x, rex_b = (i.rex >> 1) & 1, i.rex & 1
+    p += 1
+    addr = 0
+    if rm == 4:
+        sib = code[p]
+        p += 1
+        scale, idx, base = 1 << (sib >> 6), ((sib >> 3) & 7) | (rex_x << 3), (sib & 7) | (rex_b << 3)
+        if idx != 4:
+            addr += v.gpr(idx) * scale
+        if (sib & 7) == 5 and mod == 0:
+            addr += struct.unpack_from("<i", code, p)[0]
+            p += 4
+        else:
+            addr += v.gpr(base)
+    elif rm == 5 and mod == 0:
+        addr = next_rip + struct.unpack_from("<i", code, p)[0]
+        p += 4
+    else:
+        addr += v.gpr(rm | (rex_b << 3))
+    if mod == 1:
+        addr += struct.unpack_from("<b", code, p)[0]
+    elif mod == 2:
+        addr += struct.unpack_from("<i", code, p)[0]
+    if i.addrsize == 32:
+        addr &= 0xFFFFFFFF
+    if i.seg in (4, 5):
+        addr += v.seg_base(i.seg)
+    return addr & 0xFFFF_FFFF_FFFF_FFFF
+
+
+# -- per-class checks ---------------------------------------------------------------
+def _cpuid(i, v, rip):
+    return ExitInfo(ExitCode.CPUID) if armed(v, ExitCode.CPUID) else None
+
+
+def _rdtsc(i, v, rip):
+    if v.cpl and v.cr(4) & (1 << 2):          # CR4.TSD: #GP first
+        return None
+    return ExitInfo(ExitCode.RDTSC) if armed(v, ExitCode.RDTSC) else None
+
+
+def _rdtscp(i, v, rip):
+    if v.cpl and v.cr(4) & (1 << 2):
+        return None
+    return ExitInfo(ExitCode.RDTSCP) if armed(v, ExitCode.RDTSCP) else None
+
+
+def _rdpmc(i, v, rip):
+    if v.cpl and not v.cr(4) & (1 << 8):      # CR4.PCE
+        return None
+    return ExitInfo(ExitCode.RDPMC) if armed(v, ExitCode.RDPMC) else None
+
+
+def _descriptor_read(code_: int):
+    def check(i, v, rip):
+        if v.cpl and v.cr(4) & (1 << 11):     # CR4.UMIP
+            return None
+        return ExitInfo(code_) if armed(v, code_) else None
+    return check
+
+
+def _mov_from_cr(i, v, rip):
+    if v.cpl:
+        return None
+    code = 0x00 + i.reg
+    return ExitInfo(code, CR_VALID | i.rm) if armed(v, code) else None
+
+
+def _mov_to_cr(i, v, rip):
+    if v.cpl:
+        return None
+    code = 0x10 + i.reg
+    if armed(v, code):
+        return ExitInfo(code, CR_VALID | i.rm)
+    if i.reg == 0 and armed(v, ExitCode.CR0_SEL_WRITE):
+        new = v.gpr(i.rm)
+        if (new ^ v.cr(0)) & ~(CR0_TS | CR0_MP) & 0xFFFFFFFF:
+            return ExitInfo(ExitCode.CR0_SEL_WRITE, CR_VALID | i.rm)
+    return None
+
+
+def _smsw(i, v, rip):
+    if v.cpl and v.cr(4) & (1 << 11):
+        return None
+    return ExitInfo(ExitCode.CR0_READ) if armed(v, ExitCode.CR0_READ) else None
+
+
+def _lmsw(i, v, rip):
+    """LMSW treats the selective CR0-write intercept as non-selective: it exits
+    whatever value it writes (APM Table 15-7; kvm-unit-tests "sel cr0 lmsw")."""
+    if v.cpl:
+        return None
+    if armed(v, ExitCode.CR0_WRITE):
+        return ExitInfo(ExitCode.CR0_WRITE)
+    if armed(v, ExitCode.CR0_SEL_WRITE):
+        return ExitInfo(ExitCode.CR0_SEL_WRITE)
+    return None
+
+
+def _clts(i, v, rip):
+    if v.cpl:
+        return None
+    return ExitInfo(ExitCode.CR0_WRITE) if armed(v, ExitCode.CR0_WRITE) else None
+
+
+def _mov_dr(write: bool):
+    def check(i, v, rip):
+        if v.cpl or i.reg > 7:
+            return None
+        code = (0x30 if write else 0x20) + i.reg
+        return ExitInfo(code, i.rm) if armed(v, code) else None
+    return check
+
+
+def _io(i: Insn, v: GuestView, rip: int, code: bytes = b"") -> ExitInfo | None:
+    size = i.opsize // 8
+    is_in = i.kind in (Kind.IN, Kind.INS)
+    string = i.kind in (Kind.INS, Kind.OUTS)
+    port = i.imm if i.imm is not None else v.gpr(2) & 0xFFFF
+    iopl = (v.rflags() >> 12) & 3
+    if v.cpl > iopl and not v.io_allowed_by_tss(port, size):
+        return None                                   # #GP before the intercept
+    if not armed(v, ExitCode.IOIO):
+        return None
+    if not any(v.iopm_bit(p) for p in range(port, port + size)):
+        return None
+    seg = 0 if i.kind == Kind.INS else (i.seg if i.seg is not None else 3)
+    info1 = IoioInfo.encode(port, size, is_in, string=string, rep=i.rep and string,
+                            addr_size=i.addrsize, seg=seg)
+    return ExitInfo(ExitCode.IOIO, info1, rip + i.length)
+
+
+def _msr(write: bool):
+    def check(i, v, rip):
+        if v.cpl:
+            return None
+        if not armed(v, ExitCode.MSR):
+            return None
+        msr = v.gpr(1) & 0xFFFFFFFF
+        if msr in UNINTERCEPTABLE:
+            return None
+        bit = msrpm_bit(msr, write)
+        if bit is not None and not v.msrpm_byte(bit >> 3) >> (bit & 7) & 1:
+            return None
+        return ExitInfo(ExitCode.MSR, 1 if write else 0)
+    return check
+
+
+def _intn(i, v, rip):
+    return ExitInfo(ExitCode.SWINT, i.imm) if armed(v, ExitCode.SWINT) else None
+
+
+def _int3(i, v, rip):
+    return ExitInfo(0x40 + 3) if armed(v, 0x40 + 3) else None
+
+
+def _into(i, v, rip):
+    return None       # INTO is #UD in 64-bit mode
+
+
+def _invlpg_check(i, v, rip, code: bytes = b""):
+    if v.cpl:
+        return None
+    if not armed(v, ExitCode.INVLPG):
+        return None
+    return ExitInfo(ExitCode.INVLPG, effective_address(code, i, v, rip + i.length))
+
+
+MAXPHYADDR = 48        # CPUID Fn8000_0008 of the virtual CPU
+
+
+def svm_rax_faults(i: Insn, rax: int) -> bool:
+    """VMRUN/VMLOAD/VMSAVE: #GP when rAX is not page-aligned or is beyond
+    MAXPHYADDR, checked before the intercept (APM §15.5.1; Bochs and QEMU agree)."""
+    if i.addrsize == 32:
+        rax &= 0xFFFF_FFFF
+    return bool(rax & 0xFFF or rax >> MAXPHYADDR)
+
+
+def _svm(code_: int, uses_rax: bool = False):
+    def check(i, v, rip):
+        # EFER.SVME=0 or real mode: #UD first; CPL>0: #GP first (APM §15.5.1)
+        if not v.efer_svme() or v.cpl:
+            return None
+        if uses_rax and svm_rax_faults(i, v.gpr(0)):
+            return None
+        return ExitInfo(code_) if armed(v, code_) else None
+    return check
+
+
+def _vmmcall(i, v, rip):
+    return ExitInfo(ExitCode.VMMCALL) if armed(v, ExitCode.VMMCALL) else None
+
+
+def _xsetbv(i, v, rip):
+    if not v.cr(4) & (1 << 18) or v.cpl:     # CR4.OSXSAVE=0: #UD; CPL>0: #GP
+        return None
+    return ExitInfo(ExitCode.XSETBV) if armed(v, ExitCode.XSETBV) else None
+
+
+def _monitor(code_: int):
+    def check(i, v, rip, code: bytes = b""):
+        # MONITOR/MWAIT are CPL-0 instructions (#UD first at CPL>0); MONITORX/MWAITX
+        # (0F 01 FA / FB) run at any CPL and hit the same intercepts (APM Table B-1)
+        x_form = len(code) > i.modrm_off and code[i.modrm_off] in (0xFA, 0xFB)
+        if v.cpl and not x_form:
+            return None
+        return ExitInfo(code_) if armed(v, code_) else None
+    return check
+
+
+DECIDE: dict[Kind, Callable] = {
+    Kind.CPUID: _cpuid,
+    Kind.RDTSC: _rdtsc,
+    Kind.RDTSCP: _rdtscp,
+    Kind.RDPMC: _rdpmc,
+    Kind.HLT: _simple(ExitCode.HLT, cpl0=True),
+    Kind.PAUSE: _simple(ExitCode.PAUSE),
+    Kind.INVLPGA: _svm(ExitCode.INVLPGA),
+    Kind.INVD: _simple(ExitCode.INVD, cpl0=True),
+    Kind.WBINVD: _simple(ExitCode.WBINVD, cpl0=True),
+    Kind.MONITOR: _monitor(ExitCode.MONITOR),
+    Kind.MWAIT: _monitor(ExitCode.MWAIT),
+    Kind.XSETBV: _xsetbv,
+    Kind.PUSHF: _simple(ExitCode.PUSHF),
+    Kind.POPF: _simple(ExitCode.POPF),
+    Kind.IRET: _simple(ExitCode.IRET),
+    Kind.INTN: _intn,
+    Kind.INT3: _int3,
+    Kind.INTO: _into,
+    Kind.ICEBP: _simple(ExitCode.ICEBP),
+    Kind.SGDT: _descriptor_read(ExitCode.GDTR_READ),
+    Kind.SIDT: _descriptor_read(ExitCode.IDTR_READ),
+    Kind.SLDT: _descriptor_read(ExitCode.LDTR_READ),
+    Kind.STR: _descriptor_read(ExitCode.TR_READ),
+    Kind.LGDT: _simple(ExitCode.GDTR_WRITE, cpl0=True),
+    Kind.LIDT: _simple(ExitCode.IDTR_WRITE, cpl0=True),
+    Kind.LLDT: _simple(ExitCode.LDTR_WRITE, cpl0=True),
+    Kind.LTR: _simple(ExitCode.TR_WRITE, cpl0=True),
+    Kind.MOV_FROM_CR: _mov_from_cr,
+    Kind.MOV_TO_CR: _mov_to_cr,
+    Kind.SMSW: _smsw,
+    Kind.LMSW: _lmsw,
+    Kind.CLTS: _clts,
+    Kind.MOV_FROM_DR: _mov_dr(False),
+    Kind.MOV_TO_DR: _mov_dr(True),
+    Kind.RDMSR: _msr(False),
+    Kind.WRMSR: _msr(True),
+    Kind.VMMCALL: _vmmcall,
+    Kind.VMRUN: _svm(ExitCode.VMRUN, uses_rax=True),
+    Kind.VMLOAD: _svm(ExitCode.VMLOAD, uses_rax=True),
+    Kind.VMSAVE: _svm(ExitCode.VMSAVE, uses_rax=True),
+    Kind.STGI: _svm(ExitCode.STGI),
+    Kind.CLGI: _svm(ExitCode.CLGI),
+    Kind.SKINIT: _svm(ExitCode.SKINIT),
+    Kind.RSM: _simple(ExitCode.RSM),
+    Kind.RDPRU: _simple(ExitCode.RDPRU),
+    Kind.INVPCID: _simple(ExitCode.INVPCID, cpl0=True),
+    Kind.STI: lambda i, v, rip: None,          # no intercept; watched for interrupt windows
+}
+_NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: _io, Kind.OUT: _io, Kind.INS: _io, Kind.OUTS: _io,
+               Kind.MONITOR: DECIDE[Kind.MONITOR], Kind.MWAIT: DECIDE[Kind.MWAIT]}
+
+
+def decide(insn: Insn, v: GuestView, rip: int, code: bytes) -> ExitInfo | None:
+    """The #VMEXIT this instruction causes under the current VMCB, or None."""
+    f = _NEEDS_CODE.get(insn.kind)
+    if f is not None:
+        return f(insn, v, rip, code)
+    return DECIDE[insn.kind](insn, v, rip)
+
+
+#: instruction kinds each intercept bit makes the scanner look for
+def kinds_for_bits(bits: set[int]) -> set[Kind]:
+    k: set[Kind] = set()
+    table = {
+        ExitCode.CPUID: [Kind.CPUID], ExitCode.RDTSC: [Kind.RDTSC], ExitCode.RDTSCP: [Kind.RDTSCP],
+        ExitCode.RDPMC: [Kind.RDPMC], ExitCode.HLT: [Kind.HLT], ExitCode.PAUSE: [Kind.PAUSE],
+        ExitCode.INVLPG: [Kind.INVLPG], ExitCode.INVLPGA: [Kind.INVLPGA], ExitCode.INVD: [Kind.INVD],
+        ExitCode.WBINVD: [Kind.WBINVD], ExitCode.MONITOR: [Kind.MONITOR], ExitCode.MWAIT: [Kind.MWAIT],
+        ExitCode.XSETBV: [Kind.XSETBV], ExitCode.PUSHF: [Kind.PUSHF], ExitCode.POPF: [Kind.POPF],
+        ExitCode.IRET: [Kind.IRET], ExitCode.SWINT: [Kind.INTN], ExitCode.ICEBP: [Kind.ICEBP],
+        ExitCode.GDTR_READ: [Kind.SGDT], ExitCode.IDTR_READ: [Kind.SIDT], ExitCode.LDTR_READ: [Kind.SLDT],
+        ExitCode.TR_READ: [Kind.STR], ExitCode.GDTR_WRITE: [Kind.LGDT], ExitCode.IDTR_WRITE: [Kind.LIDT],
+        ExitCode.LDTR_WRITE: [Kind.LLDT], ExitCode.TR_WRITE: [Kind.LTR],
+        ExitCode.IOIO: [Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS], ExitCode.MSR: [Kind.RDMSR, Kind.WRMSR],
+        ExitCode.VMMCALL: [Kind.VMMCALL], ExitCode.STGI: [Kind.STGI], ExitCode.CLGI: [Kind.CLGI],
+        ExitCode.RSM: [Kind.RSM], ExitCode.RDPRU: [Kind.RDPRU],
+        ExitCode.INVPCID: [Kind.INVPCID], ExitCode.CR0_SEL_WRITE: [Kind.MOV_TO_CR, Kind.LMSW],
+        0x43: [Kind.INT3],
+    }
+    for b in bits:
+        if b in table:
+            k.update(table[b])
+        elif 0x00 <= b <= 0x0F:
+            k.add(Kind.MOV_FROM_CR)
+            if b == 0:
+                k.add(Kind.SMSW)
+        elif 0x10 <= b <= 0x1F:
+            k.add(Kind.MOV_TO_CR)
+            if b == 0x10:
+                k.update((Kind.LMSW, Kind.CLTS))
+        elif 0x20 <= b <= 0x2F:
+            k.add(Kind.MOV_FROM_DR)
+        elif 0x30 <= b <= 0x3F:
+            k.add(Kind.MOV_TO_DR)
+    return k
+
+
+@dataclass(frozen=True, slots=True)
+class VectorsOnly:
+    """The view a STATE_FREE decision needs: just the intercept vectors."""
+    intercepts: tuple[int, ...]
+
+
+#: kinds whose decision reads nothing but the intercept vectors (cacheable per address)
+STATE_FREE = frozenset({Kind.STI, Kind.CPUID, Kind.PUSHF, Kind.POPF, Kind.IRET, Kind.PAUSE, Kind.VMMCALL, Kind.ICEBP,
+                        Kind.INTN, Kind.INT3, Kind.INTO, Kind.RSM, Kind.RDPRU})
+
+#: decoded while a virtual interrupt waits for RFLAGS.IF: the instructions that can set it
+IRQ_WINDOW = frozenset({Kind.STI, Kind.POPF, Kind.IRET})
+
+#: always decoded, intercepted or not: HLT ends a slice in Unicorn; INT n / INT3 /
+#: ICEBP / INTO are delivered through the guest IDT by this model; the SVM
+#: instructions touch physical memory and must never run on Unicorn's own SVM code
+ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kind.VMLOAD,
+          Kind.VMSAVE, Kind.SKINIT, Kind.STGI, Kind.CLGI, Kind.INVLPGA, Kind.VMMCALL,
+          # port I/O: Unicorn skips the IOPL / TSS-bitmap check, so the model makes it
+          Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS,
+          # MOV to CR: Unicorn accepts reserved bits the processor must refuse with #GP
+          Kind.MOV_TO_CR}
+
+CR4_RESERVED = 0xFFFF_FFFF_FE08_E000      # APM vol. 2 §3.7.1 (kvm-unit-tests SVM_CR4_RESERVED_MASK)
+CR3_LONG_MBZ = 0xFFF0_0000_0000_0000      # bits 63:52 in long mode
+
+
+def mov_to_cr_faults(reg: int, value: int, cr0: int) -> bool:
+    """#GP(0) from MOV to CRn for an illegal value, in 64-bit mode (APM vol. 2 §3.1.1-3.1.3, §3.7.1,
+    "MOV CRn" in vol. 3): reserved bits of CR0 (63:32), CR3 (63:52), CR4 or CR8 (63:4);
+    CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE in long mode."""
+    if reg == 0:
+        return bool(value >> 32 or (value & (1 << 29) and not value & (1 << 30))
+                    or not value & (1 << 31) or not value & 1)
+    if reg == 3:
+        return bool(value & CR3_LONG_MBZ)
+    if reg == 4:
+        return bool(value & CR4_RESERVED or not value & (1 << 5))
+    if reg == 8:
+        return bool(value >> 4)
+    return False

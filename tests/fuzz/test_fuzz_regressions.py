@@ -1,0 +1,159 @@
+"""Defects `sandbox fuzz` found, each pinned by the smallest guest that shows it.
+
+Expected values come from the APM -- never from the code under test.
+"""
+from __future__ import annotations
+
+import pytest
+
+from conftest import BASE, DATA, OP, assemble, capture, db, hc_exit, install_reporting_idt
+
+GP_EXIT = 0x40 + 13
+
+
+@pytest.mark.parametrize("name,code", [("vmrun", 0x80), ("vmload", 0x82), ("vmsave", 0x83)])
+@pytest.mark.parametrize("rax", [0x100123, 1 << 48])
+def test_svm_insn_rax_gp_precedes_intercept(guest, name, code, rax):
+    """VMRUN/VMLOAD/VMSAVE raise #GP when rAX is not page-aligned or is at or
+    beyond MAXPHYADDR, before the intercept check (APM §15.5.1
+    "Checks done before the intercept").  Found by the soundness audit."""
+    pre = f"mov rax, {rax:#x}"
+    m = guest(pre + "\n" + db(OP[name]) + "\n" + hc_exit(0x55))
+    m.intercept([name, "excp13"])
+    rec = capture(m, GP_EXIT, code)
+    r = m.run(timeout=5)
+    assert r.reason == "captured", (r.reason, r.detail)
+    assert rec[0].code == GP_EXIT and rec[0].rip == BASE + len(assemble(pre))
+
+
+@pytest.mark.parametrize("name,code", [("vmrun", 0x80), ("vmload", 0x82), ("vmsave", 0x83)])
+def test_svm_insn_aligned_rax_still_exits(guest, name, code):
+    m = guest("mov rax, 0x100000\n" + db(OP[name]) + "\n" + hc_exit(0x55))
+    m.intercept([name, "excp13"])
+    rec = capture(m, GP_EXIT, code)
+    assert m.run(timeout=5).reason == "captured" and rec[0].code == code
+
+
+def test_noncanonical_idt_base_escalates_instead_of_crashing(guest):
+    """LIDT with a non-canonical base, then #UD: reading the gate faults with
+    #GP(0); #UD is benign, so the #GP is delivered, and faults the same way:
+    #GP during #GP is a double fault (APM vol. 2 §8.2.9).  The model raised
+    an internal error instead.  Found by `sandbox fuzz` (robustness oracle)."""
+    src = f"""
+    mov rax, {DATA:#x}
+    mov word ptr [rax], 0xfff
+    mov rcx, 0x8000000000001000
+    mov [rax+2], rcx
+    lidt [rax]
+    ud2
+    """ + hc_exit(0x55)
+    m = guest(src)
+    m.intercept("excp8")
+    rec = capture(m, 0x48)
+    r = m.run(timeout=5)
+    assert r.reason == "captured", (r.reason, r.detail)
+    assert rec[0].code == 0x48 and rec[0].exitintinfo & 0xFF == 13   # #DF while delivering #GP
+
+
+def test_noncanonical_stack_during_delivery_is_ss(guest):
+    """Delivering #UD onto a non-canonical RSP faults with #SS(0); with the
+    #SS intercept the exit carries the #UD in EXITINTINFO (APM §15.7.2)."""
+    m = guest("mov rsp, 0x8000000000000000\nud2\n" + hc_exit(0x55))
+    install_reporting_idt(m)
+    m.intercept("excp12")
+    rec = capture(m, 0x4C)
+    r = m.run(timeout=5)
+    assert r.reason == "captured", (r.reason, r.detail)
+    assert rec[0].info1 == 0 and rec[0].exitintinfo & 0xFF == 6 and rec[0].exitintinfo >> 31 & 1
+
+
+def test_string_io_to_unmapped_memory_injects_pf(guest):
+    """An intercepted OUTSB whose source is not mapped by the guest's page
+    tables: the IOIO handler raised GuestPageFault out of the handler
+    (handler-error).  It now injects #PF with CR2 = the address (APM vol. 2
+    §8.4.2), as a hypervisor emulating the instruction must.  Found by
+    `sandbox fuzz` (robustness oracle)."""
+    m = guest("mov rsi, 0x40000000\nmov dx, 0x80\noutsb\n" + hc_exit(0x55))
+    install_reporting_idt(m)
+    m.set_ports([0x80])
+    r = m.run(timeout=5)
+    assert r.reason == "guest-exit" and r.exit_code == 0x10E, (r.reason, r.detail)
+    assert r.regs["r8"] == 0x40000000          # CR2 as the #PF handler saw it
+
+
+def test_rep_string_io_with_huge_count_is_chunked(guest):
+    """REP OUTSB with RCX = 2^32: the handler emulates a bounded chunk per exit and
+    re-executes the instruction, so one handler call cannot run for minutes."""
+    m = guest(f"mov rsi, {DATA:#x}\nmov rcx, 0x100000000\nmov dx, 0x80\nrep outsb\n" + hc_exit(0x55))
+    m.set_ports([0x80])
+    r = m.run(timeout=20, max_exits=3)
+    assert r.reason == "exit-budget", (r.reason, r.detail)
+    assert r.counts.get(0x7B) == 2              # the third exit hit the budget before its handler
+    from sandbox.hypervisor.machine import STRING_IO_CHUNK
+    assert r.regs["rcx"] == 0x100000000 - 2 * STRING_IO_CHUNK
+
+
+def test_rep_string_io_data_and_page_straddle(guest):
+    """REP OUTSB copies guest memory to the port in order, across a page
+    boundary; REP INSW stores each element (per-page translation cache)."""
+    src_at = DATA + 0xFFE                     # "hello" straddles DATA+0x1000
+    dst_at = DATA + 0x1FFF                    # 3 words straddle DATA+0x2000
+    m = guest(f"""
+    mov rsi, {src_at:#x}
+    mov rcx, 5
+    mov dx, 0x3f8
+    rep outsb
+    mov rdi, {dst_at:#x}
+    mov rcx, 3
+    mov dx, 0x1234
+    rep insw
+    """ + hc_exit(0x55))
+    m.guest.write_phys(src_at, b"hello")
+    m.set_ports([0x3F8, 0x1234, 0x1235])
+    r = m.run(timeout=5)
+    assert r.reason == "guest-exit", (r.reason, r.detail)
+    assert r.console == "hello"
+    assert r.regs["rsi"] == src_at + 5 and r.regs["rcx"] == 0      # (RDI is the EXIT code by now)
+    assert m.guest.read_phys(dst_at, 6) == b"\xff" * 6          # no device at 0x1234: all ones
+    assert m.guest.read_phys(dst_at - 1, 1) == b"\x00" and m.guest.read_phys(dst_at + 6, 1) == b"\x00"
+
+
+@pytest.mark.parametrize("insn,pre", [
+    ("mov cr4, rax", "mov rax, cr4\nbts rax, 13"),          # CR4 bit 13 (VMXE) is MBZ on AMD
+    ("mov cr4, rax", "mov rax, cr4\nbts rax, 40"),
+    ("mov cr0, rax", "mov rax, cr0\nbts rax, 32"),          # CR0[63:32] MBZ
+    ("mov cr0, rax", "mov rax, cr0\nbts rax, 29\nbtr rax, 30"),   # NW without CD
+    ("mov cr8, rax", "mov eax, 16"),                         # CR8[63:4] MBZ
+], ids=["cr4-vmxe", "cr4-bit40", "cr0-high", "cr0-nw", "cr8-16"])
+def test_mov_to_cr_with_reserved_bits_is_gp(guest, insn, pre):
+    """MOV to CRn with a reserved bit set raises #GP(0) (APM vol. 2 §3.1, §3.7.1).
+    Unicorn loaded the value, and the next VMRUN failed its consistency check
+    (VMEXIT_INVALID, "CR4 MBZ bits set").  Found by `sandbox fuzz`."""
+    m = guest(pre + "\n" + insn + "\n" + hc_exit(0x55))
+    m.intercept("excp13")
+    rec = capture(m, GP_EXIT)
+    r = m.run(timeout=5)
+    assert r.reason == "captured", (r.reason, r.detail)
+    assert rec[0].rip == BASE + len(assemble(pre)) and rec[0].info1 == 0
+
+
+def test_mov_to_cr4_legal_value_still_runs(guest):
+    m = guest("mov rax, cr4\nbts rax, 9\nmov cr4, rax\nmov rbx, cr4\n" + hc_exit(0x55))
+    r = m.run(timeout=5)
+    assert r.reason == "guest-exit" and r.regs["rbx"] >> 9 & 1
+
+
+@pytest.mark.parametrize("insn,arm,code", [(b"\x0f\x01\xfa", "monitor", 0x8A), (b"\x0f\x01\xfb", "mwait", 0x8B)],
+                         ids=["monitorx", "mwaitx"])
+def test_monitorx_mwaitx_at_cpl3_exit(guest, insn, arm, code):
+    """MONITORX/MWAITX are legal at CPL 3 and hit the MONITOR(X)/MWAIT(X) intercepts
+    (APM Table B-1, misc2 bits 10-11); the decision applied MONITOR's CPL-0 rule to them.
+    Found while triaging a fuzz finding (the audit model lacked the X forms)."""
+    from conftest import user_code_addr, user_guest
+    m = user_guest(guest, "xor ecx, ecx\nxor eax, eax\n" + db(insn))
+    m.intercept(arm)
+    rec = capture(m, code)
+    r = m.run(timeout=5)
+    assert r.reason == "captured", (r.reason, r.detail)
+    at = user_code_addr("xor ecx, ecx\nxor eax, eax")
+    assert rec[0].rip == at and rec[0].nrip == at + 3
