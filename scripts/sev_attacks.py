@@ -143,8 +143,8 @@ def main() -> int:
                   "writes, and RMPUPDATEs it back to the guest)")
             m.rmp.rmpupdate(hpa, assigned=False)
             m.mem.write(hpa, saved["c"])
-            m.rmp.rmpupdate(hpa, assigned=True, asid=m.cpu.memctl.asid, gpa=PAGE_A)
-            m.cpu.memctl.stale = True
+            m.rmp.rmpupdate(hpa, assigned=True, asid=m.sp.memctl.asid, gpa=PAGE_A)
+            m.sp.memctl.stale = True
     print(f"5. guest writes A = {show(OLD)}, hypervisor records the ciphertext; guest writes A = {show(NEW)};")
     print("   hypervisor writes the recorded ciphertext back:")
     m, r, seen = run(write_ab(OLD, SECRET_B) + HV_TURN + write_ab(NEW, SECRET_B) + HV_TURN + READ_AB + HV_TURN,

@@ -22,6 +22,7 @@ examples:
 
 
 from .errors import CliError
+from ..svm.stop import StopReason
 
 
 def _int(s: str) -> int:
@@ -163,7 +164,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if dump is not None:
         with dump:
             dump.write(m.mem.dump())          # raw DRAM: what the hypervisor (or a probe) could read
-    ok = r.reason in ("guest-exit", "halt") and not r.exit_code
+    ok = r.reason in (StopReason.GUEST_EXIT, StopReason.HALT) and not r.exit_code
     if a.json:
         print(json.dumps({
             "final": True, "reason": r.reason, "detail": r.detail, "guest_exit_code": r.exit_code,

@@ -25,6 +25,8 @@ from capstone import x86_const as C
 from unicorn import UC_HOOK_CODE
 from unicorn import x86_const as X
 
+from ..arch import MAXPHYADDR
+
 # APM vol. 2 Table C-1
 CPUID, RDTSC, RDTSCP, RDPMC, HLT, PAUSE = 0x72, 0x6E, 0x87, 0x6F, 0x78, 0x77
 INVD, WBINVD, MONITOR, MWAIT, XSETBV = 0x76, 0x89, 0x8A, 0x8B, 0x8D
@@ -42,7 +44,6 @@ INSN_CODES = frozenset({CPUID, RDTSC, RDTSCP, RDPMC, HLT, PAUSE, INVD, WBINVD, M
                         VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, *range(0x00, 0x40)})
 NPF = 0x400
 CR4_TSD, CR4_DE, CR4_PCE, CR4_UMIP, CR4_OSXSAVE = 1 << 2, 1 << 3, 1 << 8, 1 << 11, 1 << 18
-MAXPHYADDR = 48
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_64)
 _cs.detail = True

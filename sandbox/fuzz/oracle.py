@@ -19,6 +19,7 @@ from typing import Callable
 from .case import Case, CODE_WINDOW, VmcbConfig
 from .generate import TERMINATOR
 from .snapshot import Outcome
+from ..svm.stop import StopReason
 
 NPF = 0x400
 
@@ -46,7 +47,7 @@ def findings(out: Outcome) -> list[Finding]:
     fs: list[Finding] = []
     if out.crash:
         fs.append(Finding("crash", out.crash))
-    elif out.result is not None and out.result.reason == "error" and (
+    elif out.result is not None and out.result.reason == StopReason.ERROR and (
             "internal error" in out.result.detail or "emulation error" in out.result.detail):
         fs.append(Finding("crash", out.result.detail))
     fs += [Finding("isolation", m) for m in out.isolation]

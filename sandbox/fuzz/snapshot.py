@@ -28,6 +28,7 @@ from ..hypervisor.machine import Machine, RunResult
 from ..memory.hostmem import PAGE_SIZE
 from ..svm.msrpm import msrpm_bit
 from .case import CODE_BASE, GPRS, Case
+from ..svm.stop import StopReason
 
 _I6 = struct.Struct("<6I")
 _Q = struct.Struct("<Q")
@@ -231,7 +232,7 @@ class Harness:
                 out.result = m.run(max_insns=self.max_insns, timeout=0, max_exits=self.max_exits)
             finally:
                 self._watch.disarm()
-            if out.result.reason == "handler-error":
+            if out.result.reason == StopReason.HANDLER_ERROR:
                 out.crash = f"{out.result.reason}: {out.result.detail}"
         except Exception as e:        # robustness: nothing may escape the hypervisor
             tb = traceback.extract_tb(e.__traceback__)[-1]

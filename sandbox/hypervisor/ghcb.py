@@ -27,6 +27,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from ..svm.iopm import IoioInfo
+from ..svm.stop import StopReason
 
 if TYPE_CHECKING:
     from ..svm.cpu import ExitRecord
@@ -102,7 +103,7 @@ def handle_vmgexit(m: "Machine", e: "ExitRecord") -> "Action":
     from .machine import RESUME, _cpuid_leaf
     gpa = m.guest.vmcb.GHCB_PA
     if gpa & 0xFFF or m.guest.npt.lookup(gpa) is None:
-        return m.stop("ghcb-error", f"VMGEXIT with GHCB GPA {gpa:#x}, which is not a mapped, page-aligned page")
+        return m.stop(StopReason.GHCB_ERROR, f"VMGEXIT with GHCB GPA {gpa:#x}, which is not a mapped, page-aligned page")
     g = GhcbPage(m.guest.read_phys(gpa, 4096))
     m.ghcb_log.append((g.get(Ghcb.SW_EXITCODE), g.get(Ghcb.SW_EXITINFO1), g.get(Ghcb.SW_EXITINFO2)))
     need = (Ghcb.SW_EXITCODE, Ghcb.SW_EXITINFO1, Ghcb.SW_EXITINFO2)
@@ -158,11 +159,11 @@ def handle_vmgexit(m: "Machine", e: "ExitRecord") -> "Action":
         elif g.get(Ghcb.RAX) == 0:
             m.guest_exit_code = g.get(Ghcb.RDI) & 0xFFFFFFFF if g.valid(Ghcb.RDI) else 0
             g.set(Ghcb.SW_EXITINFO1, 0)
-            stop = ("guest-exit", f"EXIT hypercall (through the GHCB) with code {m.guest_exit_code}")
+            stop = (StopReason.GUEST_EXIT, f"EXIT hypercall (through the GHCB) with code {m.guest_exit_code}")
         else:
             g.error(GhcbError.INVALID_INPUT)
     elif code == 0x8000_FFFE:                            # TERM_REQUEST
-        stop = ("guest-terminated", f"guest requested termination, reason {g.get(Ghcb.SW_EXITINFO1):#x}")
+        stop = (StopReason.GUEST_TERMINATED, f"guest requested termination, reason {g.get(Ghcb.SW_EXITINFO1):#x}")
     else:
         g.error(GhcbError.INVALID_EVENT)
     m.guest.write_phys(gpa, bytes(g.raw))

@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 from unicorn import x86_const as X
 
 from ..svm import intercepts as I
-from ..svm.cpu import EFER_SVME, RunLimits, StopInfo, SvmCpu, ExitRecord, VmrunError
+from ..arch import EFER_SVME
+from ..svm.cpu import RunLimits, StopInfo, SvmCpu, ExitRecord, VmrunError
 from ..svm.cpustate import GPR_IDS, GPR_NAMES
 from .devices import COM1, DeviceBus, MmioRegion, Serial16550
 from .mmio import AccessForm, MmioDecodeError, complete, decode_access, decode_form
@@ -34,6 +35,7 @@ from ..memory.paging import Access, TableBuilder
 from .shadow import ShadowPager
 from ..memory.tlb import TlbMode, TlbStats
 from ..svm.vmcb import VMCB, Event, EventType, NpControl, Segment, TlbControl
+from ..svm.stop import StopReason
 
 
 class MmioMode(Enum):
@@ -276,7 +278,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.reason == "guest-exit" and (self.exit_code or 0) == 0 or self.reason == "halt"
+        return self.reason == StopReason.GUEST_EXIT and (self.exit_code or 0) == 0 or self.reason == StopReason.HALT
 
 
 Handler = Callable[["Machine", ExitRecord], Action | None]
@@ -479,14 +481,14 @@ class Machine:
             self.on_exit_record(rec)
         h = self.handlers.get(rec.exitcode)
         if h is None:
-            self._stop_reason = ("unhandled-exit", f"no handler for {exit_name(rec.exitcode)} at {rec.rip:#x}")
+            self._stop_reason = (StopReason.UNHANDLED_EXIT, f"no handler for {exit_name(rec.exitcode)} at {rec.rip:#x}")
             return False
         try:
             act = h(self, rec)
         except Exception as e:       # a handler crash ends the run with a clear message
             import traceback
             tb = traceback.extract_tb(e.__traceback__)[-1]
-            self._stop_reason = ("handler-error", f"{exit_name(rec.exitcode)} handler raised "
+            self._stop_reason = (StopReason.HANDLER_ERROR, f"{exit_name(rec.exitcode)} handler raised "
                                  f"{type(e).__name__}: {e} ({tb.filename}:{tb.lineno})")
             return False
         return act is None or act == RESUME
@@ -501,13 +503,13 @@ class Machine:
         try:
             stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
         except VmrunError as e:
-            stop = StopInfo("error", str(e))
-        if self._stop_reason is not None and stop.reason == "exit":
+            stop = StopInfo(StopReason.ERROR, str(e))
+        if self._stop_reason is not None and stop.reason == StopReason.EXIT:
             reason, detail = self._stop_reason
         else:
             reason, detail = stop.reason, stop.detail
-        if reason == "exit" and stop.detail.startswith("VMEXIT_INVALID"):
-            reason, detail = "invalid-vmcb", stop.detail
+        if reason == StopReason.EXIT and stop.detail.startswith("VMEXIT_INVALID"):
+            reason, detail = StopReason.INVALID_VMCB, stop.detail
         return self._result(reason, detail)
 
     def _result(self, reason: str, detail: str) -> RunResult:
@@ -608,7 +610,7 @@ def handle_ioio(m: Machine, e: ExitRecord) -> Action:
             m.inject(13, EventType.EXCEPTION, 0)
             return RESUME
         except NestedFault as f:
-            return m.stop("npf", f"string I/O at {e.rip:#x} touched GPA {f.gpa:#x} outside the nested mappings")
+            return m.stop(StopReason.NPF, f"string I/O at {e.rip:#x} touched GPA {f.gpa:#x} outside the nested mappings")
         if info & IoioInfo.REP and m.regs.rcx & amask:
             return RESUME                     # more to do: re-execute (RIP unchanged), as KVM does
     elif is_in:
@@ -708,7 +710,7 @@ def handle_hlt(m: Machine, e: ExitRecord) -> Action:
         m.advance(e)
         return RESUME
     m.advance(e)
-    return m.stop("halt", f"guest executed HLT at {e.rip:#x}")
+    return m.stop(StopReason.HALT, f"guest executed HLT at {e.rip:#x}")
 
 
 def handle_vmmcall(m: Machine, e: ExitRecord) -> Action:
@@ -717,7 +719,7 @@ def handle_vmmcall(m: Machine, e: ExitRecord) -> Action:
     if nr == HC_EXIT:
         m.guest_exit_code = m.regs.rdi & 0xFFFFFFFF
         m.advance(e)
-        return m.stop("guest-exit", f"EXIT hypercall with code {m.guest_exit_code}")
+        return m.stop(StopReason.GUEST_EXIT, f"EXIT hypercall with code {m.guest_exit_code}")
     if nr == HC_PRINT:
         n = min(m.regs.rsi, 1 << 16)
         try:
@@ -736,7 +738,7 @@ def handle_vmmcall(m: Machine, e: ExitRecord) -> Action:
 
 
 def handle_shutdown(m: Machine, e: ExitRecord) -> Action:
-    return m.stop("shutdown", f"guest triple-faulted at {e.rip:#x}")
+    return m.stop(StopReason.SHUTDOWN, f"guest triple-faulted at {e.rip:#x}")
 
 
 def handle_npf(m: Machine, e: ExitRecord) -> Action:
@@ -745,7 +747,7 @@ def handle_npf(m: Machine, e: ExitRecord) -> Action:
     region = m.bus.region(e.exitinfo2) if e.exitinfo1 & (1 << 32) else None
     if region is not None:
         return handle_mmio(m, e, region)
-    return m.stop("npf", f"nested page fault at GPA {e.exitinfo2:#x} (EXITINFO1 {e.exitinfo1:#x}) "
+    return m.stop(StopReason.NPF, f"nested page fault at GPA {e.exitinfo2:#x} (EXITINFO1 {e.exitinfo1:#x}) "
                          f"from RIP {e.rip:#x}")
 
 
@@ -770,7 +772,7 @@ def handle_mmio(m: Machine, e: ExitRecord, region: MmioRegion) -> Action:
             form = m._mmio_forms[key] = decode_form(code)
         acc = decode_access(code, gpa, m.regs, form)
     except MmioDecodeError as err:
-        return m.stop("mmio-error", f"at RIP {e.rip:#x}, GPA {gpa:#x}: {err}")
+        return m.stop(StopReason.MMIO_ERROR, f"at RIP {e.rip:#x}, GPA {gpa:#x}: {err}")
     if acc.is_write:
         m.bus.mmio(gpa, acc.size, True, acc.value)
     else:
@@ -794,7 +796,7 @@ def handle_svm_insn(m: Machine, e: ExitRecord) -> Action:
 
 
 def handle_invalid(m: Machine, e: ExitRecord) -> Action:
-    return m.stop("invalid-vmcb", getattr(m.cpu, "_invalid_reason", "VMEXIT_INVALID"))
+    return m.stop(StopReason.INVALID_VMCB, getattr(m.cpu, "_invalid_reason", "VMEXIT_INVALID"))
 
 
 def handle_exception(m: Machine, e: ExitRecord) -> Action:
@@ -812,7 +814,7 @@ def handle_exception(m: Machine, e: ExitRecord) -> Action:
     if ii & (1 << 31) and (ii >> 8) & 7 == EventType.EXCEPTION:
         nxt = combine(ii & 0xFF, vec)
         if nxt is None:
-            return m.stop("shutdown", f"exception {vec} while delivering exception {ii & 0xFF} "
+            return m.stop(StopReason.SHUTDOWN, f"exception {vec} while delivering exception {ii & 0xFF} "
                                       f"at {e.rip:#x}: triple fault")
         if nxt != vec:
             m.inject(nxt, EventType.EXCEPTION, 0)

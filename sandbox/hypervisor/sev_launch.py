@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING
 
 from ..memory.hostmem import PAGE_SIZE
 from ..sev.memctl import MemoryController
+from ..sev.processor import SevExtension
 from ..memory.paging import ADDR_MASK, PTE
 from ..sev.firmware import C_BIT, C_BIT_MASK, MIN_SEV_ASID, GuestOwner, Measurement, Policy, SecureProcessor
 from ..svm.vmcb import NpControl
+from ..svm.stop import StopReason
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -46,9 +48,10 @@ def attach_secure_processor(m: "Machine") -> SecureProcessor:
     if sp is None:
         sp = SecureProcessor(m.mem)
         m.sp = sp
-        m.cpu.memctl = sp.memctl = MemoryController(m.mem, sp.engine_for, C_BIT)
+        sp.memctl = MemoryController(m.mem, sp.engine_for, C_BIT)
+        m.cpu.ext = SevExtension(sp.memctl)
         if m.mem.sync is None:
-            m.mem.sync = m.cpu._sync         # host-memory accesses go through the memory controller
+            m.mem.sync = m.cpu.host_access        # host-memory accesses go through the memory controller
     return sp
 
 
@@ -83,7 +86,7 @@ def handle_npf_sev(m: "Machine", e) -> object:
     from .machine import handle_npf
     from ..memory.encryption import NPF_ENC
     if e.exitinfo1 & NPF_ENC and m.guest.npt.lookup(e.exitinfo2 & ~0xFFF) is None:
-        return m.stop("npf", f"encrypted (C-bit) access to GPA {e.exitinfo2:#x}, which the hypervisor "
+        return m.stop(StopReason.NPF, f"encrypted (C-bit) access to GPA {e.exitinfo2:#x}, which the hypervisor "
                              f"treats as MMIO: MMIO must be mapped shared (RIP {e.rip:#x})")
     return handle_npf(m, e)
 

@@ -33,6 +33,7 @@ from ..svm.exitcodes import ExitCode
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.paging import ADDR_MASK, Access, TableBuilder, canonical, walk
 from ..svm.vmcb import EventType, NpControl, TlbControl
+from ..svm.stop import StopReason
 
 if TYPE_CHECKING:
     from ..svm.cpu import ExitRecord
@@ -155,13 +156,13 @@ class ShadowPager:
         try:
             r = self.guest_walk(gva, access, user)
         except LookupError:
-            return m.stop("shadow-error", f"guest table at a GPA outside RAM while walking {gva:#x}")
+            return m.stop(StopReason.SHADOW_ERROR, f"guest table at a GPA outside RAM while walking {gva:#x}")
         if r.fault is not None:
             self.stats.guest_faults += 1
             return self._reflect(e, r.fault)
         gpa = r.phys & ~(PAGE_SIZE - 1)
         if gpa not in self.guest.ram:
-            return m.stop("shadow-error", f"GVA {gva:#x} maps GPA {gpa:#x}, which is not guest RAM")
+            return m.stop(StopReason.SHADOW_ERROR, f"GVA {gva:#x} maps GPA {gpa:#x}, which is not guest RAM")
         fresh = [t for t in self._seen if t not in self.protected]
         self.protected.update(self._seen)
         if access == Access.WRITE and gpa in self.protected:
@@ -203,7 +204,7 @@ class ShadowPager:
 
     def on_cr3_write(self, m: "Machine", e: "ExitRecord") -> "Action | None":
         if not e.exitinfo1 & CR_VALID:
-            return m.stop("shadow-error", "MOV to CR3 without decode assists")
+            return m.stop(StopReason.SHADOW_ERROR, "MOV to CR3 without decode assists")
         self.stats.cr3_writes += 1
         self.attach_cr3(m.cpu.guest_gpr(e.exitinfo1 & 0xF) & (ADDR_MASK | 0x18))
         m.advance(e)
@@ -211,7 +212,7 @@ class ShadowPager:
 
     def on_cr3_read(self, m: "Machine", e: "ExitRecord") -> "Action | None":
         if not e.exitinfo1 & CR_VALID:
-            return m.stop("shadow-error", "MOV from CR3 without decode assists")
+            return m.stop(StopReason.SHADOW_ERROR, "MOV from CR3 without decode assists")
         m.cpu.set_guest_gpr(e.exitinfo1 & 0xF, self.guest_cr3)
         m.advance(e)
         return None

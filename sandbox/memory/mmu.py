@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from .paging import ADDR_MASK, Access, PFErr, WalkResult, canonical, walk
 
 if TYPE_CHECKING:
+    from .encryption import EncryptionLayer, MemoryEncryption
     from .hostmem import HostMemory
 
 
@@ -119,9 +120,9 @@ class GuestLayer:
     """GVA -> GPA through the guest's own page tables, reading them via ``nested``."""
 
     def __init__(self, nested: NestedLayer, cr0: int, cr3: int, cr4: int, efer: int, stats: WalkStats,
-                 enc=None) -> None:
+                 enc: "MemoryEncryption | None" = None) -> None:
         self.nested, self.stats = nested, stats
-        #: SEV memory controller (:mod:`sandbox.sev.memctl`) when the guest is encrypted
+        #: the memory controller when the guest is encrypted: page-table reads are private
         self.enc = enc
         self._nocbit = ~enc.cbit_mask if enc is not None else -1
         self.paging = bool(cr0 & (1 << 31))
@@ -182,17 +183,20 @@ class Translation:
 
 @dataclass
 class TwoDimWalker:
-    """The stack: :class:`GuestLayer` over :class:`NestedLayer`."""
+    """The stack: :class:`GuestLayer` over :class:`NestedLayer`, and with
+    memory encryption an :class:`~sandbox.memory.encryption.EncryptionLayer`
+    making the final step."""
     guest: GuestLayer
     nested: NestedLayer
     stats: WalkStats = field(default_factory=WalkStats)
+    #: the final step when guest memory is encrypted (``final(gva, g, access, set_ad)``)
+    encryption: "EncryptionLayer | None" = None
 
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> Translation:
         self.stats.walks += 1
         g = self.guest.translate(gva, access, user, set_ad)
-        if self.guest.enc is not None:
-            from .encryption import sev_final
-            return sev_final(self, gva, g, access, set_ad)
+        if self.encryption is not None:
+            return self.encryption.final(gva, g, access, set_ad)
         n = self.nested.translate(g.phys, access, final=True, set_ad=set_ad)
         self.stats.data_refs += 1
         return Translation(gva=gva, gpa=g.phys, hpa=n.phys, writable=g.writable and n.writable,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from enum import IntFlag
 from typing import Callable
 
+from ..arch import MAXPHYADDR
+
 
 class PTE(IntFlag):
     P = 1 << 0
@@ -26,7 +28,6 @@ class PTE(IntFlag):
 
 
 ADDR_MASK = 0x000F_FFFF_FFFF_F000      # bits 51:12
-MAXPHYADDR = 48
 #: bits that must be zero in every level above MAXPHYADDR (51:MAXPHYADDR)
 RSVD_HIGH = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)
 LEVEL_SHIFT = {4: 39, 3: 30, 2: 21, 1: 12}
@@ -43,6 +44,7 @@ class PFErr(IntFlag):
     # NPF-only bits (APM §15.25.6)
     FINAL = 1 << 32        # fault on the final GPA translation
     PT_WALK = 1 << 33      # fault while translating a guest page-table access
+    ENC = 1 << 34          # the faulting access was encrypted (SEV, APM §15.36.10)
 
 
 class Access:

@@ -194,6 +194,11 @@ class MemoryController:
             self._writable.add(page)
         return self._cb + hpa
 
+    def check_access(self, hpa: int, gpa: int, access: int, private: bool) -> None:
+        """SEV-SNP: the RMP check of a guest access (raises the NPF or #VC it takes)."""
+        if self.snp:
+            self.rmp.check_guest(hpa, gpa, access, private, self.asid, True)
+
     def pt_paddr(self, hpa: int, gpa: int) -> int:
         """A guest page-table access: always private (APM §15.34.6)."""
         if self.snp:
@@ -273,13 +278,6 @@ class MemoryController:
             self.stale = True
         self._clean.clear()
         self._writable.clear()
-
-    def emulate(self, cpu, rip: int) -> bool:
-        """An instruction Unicorn reports as invalid: PVALIDATE of an SNP guest."""
-        if not self.snp:
-            return False
-        from .rmp import emulate_pvalidate
-        return emulate_pvalidate(cpu, rip)
 
     def cached_pages(self) -> list[int]:
         return sorted(self._clean)

@@ -32,9 +32,11 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..arch import VEC_VC
 from ..memory.hostmem import PAGE_SIZE, HostMemoryError
 from ..memory.mmu import GuestException, NestedFault
 from ..memory.paging import Access, PFErr
+from ..svm.stop import StopReason
 
 if TYPE_CHECKING:
     from ..hypervisor.machine import Machine
@@ -45,7 +47,6 @@ ENTRY_SIZE = 16
 MSR_RMP_BASE, MSR_RMP_END = 0xC001_0132, 0xC001_0133
 NPF_RMP = 1 << 31                    # EXITINFO1 bit 31 (APM §15.36.10)
 VC_PAGE_NOT_VALIDATED = 0x404        # #VC error code (SVM_EXIT_... 0x404)
-VEC_VC = 29
 PVALIDATE = bytes.fromhex("f20f01ff")
 PVALIDATE_FAIL_INPUT, PVALIDATE_FAIL_SIZEMISMATCH = 1, 6
 
@@ -163,11 +164,10 @@ class ReverseMapTable:
         return 0, False
 
 
-def emulate_pvalidate(cpu, rip: int) -> bool:
+def emulate_pvalidate(cpu, mc: "MemoryController", rip: int) -> bool:
     """Called from the processor's invalid-opcode path: executes PVALIDATE for
     an SNP-active guest.  False when the bytes at RIP are not PVALIDATE."""
-    mc: MemoryController | None = cpu.memctl
-    if mc is None or not mc.active or mc.rmp is None or cpu._insn_bytes(rip)[:4] != PVALIDATE:
+    if cpu.insn_bytes(rip)[:4] != PVALIDATE:
         return False
     from unicorn import x86_const as X
     from ..memory.mmu import GuestGP, GuestPageFault
@@ -185,14 +185,13 @@ def emulate_pvalidate(cpu, rip: int) -> bool:
             n = w.nested.translate(gpa, Access.READ, final=True, set_ad=False)
             status, cf = mc.rmp.pvalidate(n.phys & ~0xFFF, gpa, mc.asid, validate)
         except GuestPageFault as f:
-            cpu._exception(14, f.error_code, rip, cr2=f.address)
+            cpu.raise_exception(14, f.error_code, rip, cr2=f.address)
             return True
         except GuestGP:
-            cpu._exception(13, 0, rip)
+            cpu.raise_exception(13, 0, rip)
             return True
         except NestedFault as f:
-            cpu._vmexit(0x400, f.exitinfo1, f.gpa, rip=rip, nrip=0)
-            cpu._after_exit_in_hook(rip)
+            cpu.take_vmexit(0x400, f.exitinfo1, f.gpa, rip=rip, nrip=0)
             return True
         mc.stale = True            # translations of that page must recheck the RMP
     st.reg_write(X.UC_X86_REG_RAX, status)
@@ -206,7 +205,7 @@ def attach_rmp(m: "Machine") -> ReverseMapTable:
     sp = attach_secure_processor(m)
     if sp.rmp is None:
         sp.rmp = ReverseMapTable(m.mem)
-        m.cpu.memctl.rmp = sp.rmp
+        m.sp.memctl.rmp = sp.rmp
         m.rmp = sp.rmp
         m.msrs[MSR_RMP_BASE], m.msrs[MSR_RMP_END] = sp.rmp.base, sp.rmp.end
     return sp.rmp
@@ -217,7 +216,7 @@ def launch_snp(m: "Machine", **kw):
     the guest in the RMP at its GPA and validated (as SNP_LAUNCH_UPDATE does)."""
     from ..hypervisor.sev_launch import launch_sev
     attach_rmp(m)
-    m.cpu.memctl.snp = True
+    m.sp.memctl.snp = True
     m.on(0x400)(handle_npf_snp)
     return launch_sev(m, **kw)
 
@@ -234,10 +233,10 @@ def handle_npf_snp(m: "Machine", e) -> "object":
         gpa = e.exitinfo2 & ~0xFFF
         if not e.exitinfo1 & NPF_ENC:
             hpa = m.guest.npt.lookup(gpa)
-            if hpa is not None and m.rmp.entry(hpa).asid == m.cpu.memctl.asid:
+            if hpa is not None and m.rmp.entry(hpa).asid == m.sp.memctl.asid:
                 m.rmp.rmpupdate(hpa, assigned=False)
-                m.cpu.memctl.stale = True
+                m.sp.memctl.stale = True
                 return RESUME
-        return m.stop("npf", f"RMP violation: nested page fault with the RMP bit at GPA {e.exitinfo2:#x} "
+        return m.stop(StopReason.NPF, f"RMP violation: nested page fault with the RMP bit at GPA {e.exitinfo2:#x} "
                              f"(EXITINFO1 {e.exitinfo1:#x}) from RIP {e.rip:#x}")
     return handle_npf_sev(m, e)

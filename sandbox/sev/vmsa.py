@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
+from ..arch import VEC_VC
 from ..hypervisor.ghcb import VMEXIT_VMGEXIT, VMGEXIT_BYTES, handle_vmgexit
 from ..memory.hostmem import PAGE_SIZE
 from .firmware import MSR_GHCB, Policy
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from ..svm.cpu import ExitRecord, SvmCpu
     from ..hypervisor.machine import Machine
 
-VEC_VC = 29
 SAVE_LO, SAVE_HI = 0x400, 0x700          # VMCB state-save area copied into the VMSA
 #: automatic exits (APM §15.35.5); NPF only when not a reserved-bit fault
 AUTOMATIC_EXITS = frozenset({0x52, 0x60, 0x61, 0x62, 0x63, 0x64, 0x77, 0x78, 0x7F, *range(0x8F, 0xA0), 0xA5, 0xA6,
@@ -75,7 +75,7 @@ class SevEsState:
         """#VMEXIT: guest state into the encrypted VMSA; the VMCB save area is cleared."""
         cpu.flush_guest_state()
         mv = cpu.mem.view
-        b = cpu._vmcb_hpa
+        b = cpu.vmcb_hpa
         vmsa = bytearray(PAGE_SIZE)
         vmsa[0:SAVE_HI - SAVE_LO] = mv[b + SAVE_LO:b + SAVE_HI]
         for i, off in enumerate(GPR_VMSA):
@@ -100,11 +100,11 @@ class SevEsState:
         if not self.saved or eng is None:
             return                        # no key: VMRUN's SEV check fails the run
         mv = cpu.mem.view
-        b = cpu._vmcb_hpa
+        b = cpu.vmcb_hpa
         vmsa = eng.decrypt_page(self.vmsa_hpa, bytes(mv[self.vmsa_hpa:self.vmsa_hpa + PAGE_SIZE]))
         if self._digest is not None and hashlib.sha256(vmsa).digest() != self._digest:
             self.invalid = f"SEV-ES VMSA integrity check failed (VMSA at {self.vmsa_hpa:#x} was modified)"
-            cpu._fast_ok = False          # take VMRUN's full check path, which fails on ``invalid``
+            cpu.require_full_vmrun()         # take VMRUN's full check path, which fails on ``invalid``
             return                        # nothing is loaded
         self.invalid = ""
         mv[b + SAVE_LO:b + SAVE_HI] = vmsa[0:SAVE_HI - SAVE_LO]
@@ -116,7 +116,7 @@ class SevEsState:
         (GHCB MSR, VMGEXIT, or #VC for a non-automatic exit)."""
         st = cpu.st
         if exitcode == 0x7C and st.reg_read(X.UC_X86_REG_RCX) & 0xFFFFFFFF == MSR_GHCB:
-            if cpu._insn_bytes(rip)[:2] == b"\x0f\x30":   # WRMSR
+            if cpu.insn_bytes(rip)[:2] == b"\x0f\x30":   # WRMSR
                 self.ghcb_msr = (st.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF) | \
                     (st.reg_read(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32
             else:
@@ -124,14 +124,13 @@ class SevEsState:
                 st.reg_write(X.UC_X86_REG_RDX, self.ghcb_msr >> 32)
             st.reg_write(X.UC_X86_REG_RIP, rip + length)
             return True
-        if exitcode == 0x81 and cpu._insn_bytes(rip)[:4] == VMGEXIT_BYTES:
-            cpu._vmexit(VMEXIT_VMGEXIT, 0, 0, rip=rip, nrip=rip + 4)
-            cpu._after_exit_in_hook(rip)
+        if exitcode == 0x81 and cpu.insn_bytes(rip)[:4] == VMGEXIT_BYTES:
+            cpu.take_vmexit(VMEXIT_VMGEXIT, 0, 0, rip=rip, nrip=rip + 4)
             return True
         if exitcode in AUTOMATIC_EXITS:
             return False
         self.vc_count += 1
-        cpu._exception(VEC_VC, exitcode, rip)
+        cpu.raise_exception(VEC_VC, exitcode, rip)
         return True
 
 
@@ -144,7 +143,7 @@ def launch_sev_es(m: "Machine", *, snp: bool = False, **kw):
     if snp:
         from .rmp import attach_rmp, handle_npf_snp
         attach_rmp(m)
-        m.cpu.memctl.snp = True
+        m.sp.memctl.snp = True
         m.on(0x400)(handle_npf_snp)
     vmsa_hpa = m.mem.alloc_page()
     es = SevEsState(m, vmsa_hpa)
@@ -172,7 +171,7 @@ def launch_sev_es(m: "Machine", *, snp: bool = False, **kw):
     # every MSR access of the guest is a #VC (the GHCB MSR is the processor's)
     m.guest.msrpm.set_all(True)
     v.set_intercept(0x7C)
-    m.cpu.memctl.es = es
+    m.sp.memctl.es = es
     m.sev_es = es
     m.ghcb_log = []
     m.on(VMEXIT_VMGEXIT)(handle_vmgexit)

@@ -29,6 +29,9 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib, HOOK_CODE_CFUNC, uc_hook_h
 from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 
+from ..arch import (CR0_RESERVED, CR3_LONG_MBZ, CR4_RESERVED, CR4_SMEP, DR6_RESERVED, DR7_RESERVED,
+                    EFER_LMA, EFER_LME, EFER_NXE, EFER_RESERVED, EFER_SVME, M64, MSR_EFER, MSR_VM_HSAVE_PA,
+                    RFLAGS_IF)
 from . import decode as D
 from .cpustate import (emu_counter, invalid_addr, R_FS, R_GS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
@@ -39,6 +42,8 @@ NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 #: instructions the processor watches although they may not exit: their TLB
 #: side effects reach the tagged TLB model (Unicorn only flushes its own)
 TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
+from ..memory.encryption import EncryptionLayer
+from .extension import NO_EXTENSION, ProcessorExtension
 from .events import DeliveryFault, GuestAccess, HAS_ERROR_CODE, Vec, combine, deliver
 from .exitcodes import ExitCode
 from ..memory.hostmem import PAGE_SIZE, HostMemory
@@ -47,17 +52,11 @@ from ..memory.mmu import (GuestException, GuestGP, GuestLayer, GuestPageFault, N
 from ..memory.tlb import Tlb, TlbEntry, TlbMode
 from ..memory.paging import Access, PFErr, WalkResult
 from .vmcb import GUEST_INSN_BYTES, SEGMENTS, VMCB, Event, EventType, NpControl, TlbControl, VIntr
+from .stop import StopReason
 
-MSR_EFER = 0xC000_0080
-MSR_VM_HSAVE_PA = 0xC001_0117
-EFER_SVME = 1 << 12
-EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
-RFLAGS_IF = 1 << 9
-CR4_SMEP = 1 << 20
 TSC_HZ = 2_500_000_000
 #: the guest clock's nominal rate: one retired instruction is 10 ns of guest time
 GUEST_IPS = 100_000_000
-_M64 = 0xFFFF_FFFF_FFFF_FFFF
 _Q = struct.Struct("<Q")
 _EXIT4 = struct.Struct("<QQQQ")
 _SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
@@ -74,13 +73,6 @@ def _get_seg(mv, at: int) -> tuple[int, int, int, int]:
     sel, attr, limit, base = _SEGREC.unpack_from(mv, at)
     return sel, base, limit, attrib_to_flags(attr)
 
-# Masks from kvm-unit-tests x86/svm.h, checked against APM §15.5.1
-CR0_RESERVED = 0xFFFF_FFFF_0000_0000
-CR3_LONG_MBZ = 0xFFF0_0000_0000_0000
-CR4_RESERVED = 0xFFFF_FFFF_FE08_E000
-DR6_RESERVED = 0xFFFF_FFFF_0000_0000
-DR7_RESERVED = 0xFFFF_FFFF_0000_0000
-EFER_RESERVED = 0xFFFF_FFFF_FFFF_0200 & ~(1 << 15)   # 63:16 and 9 MBZ (bit 15 TCE allowed)
 
 
 @dataclass(slots=True)
@@ -114,7 +106,7 @@ class RunLimits:
 
 @dataclass
 class StopInfo:
-    reason: str = ""              # exit | halt | shutdown | insn-budget | timeout | exit-budget | error | stopped
+    reason: StopReason
     detail: str = ""
 
 
@@ -152,8 +144,8 @@ class SvmCpu:
         self.stats = WalkStats()
         #: the ASID-tagged TLB (Unicorn's soft TLB is a cache in front of it)
         self.tlb = Tlb()
-        #: SEV memory controller (sandbox.sev.memctl.MemoryController), attached by the SEV launcher
-        self.memctl = None
+        #: what plugs in from above (SEV); the default does nothing
+        self.ext: ProcessorExtension = NO_EXTENSION
         self.exit_count = 0
         self.on_exit: Callable[[ExitRecord], bool] | None = None
         self.io_passthrough: Callable[[int, int, bool, int], int] | None = None
@@ -257,9 +249,10 @@ class SvmCpu:
         st = self.st
         stats = self.stats if stats is None else stats
         nested = NestedLayer(self.mem, self._n_cr3, stats) if self._np else _IdentityNested(self.mem, stats)
-        enc = self.memctl if self.memctl is not None and self.memctl.active else None
+        enc = self.ext.encryption()
         guest = GuestLayer(nested, st.cr(0), st.cr(3), st.cr(4), st.efer, stats, enc)
-        return TwoDimWalker(guest, nested, stats)
+        return TwoDimWalker(guest, nested, stats,
+                            EncryptionLayer(enc, guest, nested, stats) if enc is not None else None)
 
     def _tlb_fill(self, uc, vaddr, access, entry, ud) -> bool:
         try:
@@ -362,7 +355,8 @@ class SvmCpu:
         for a in [a for a in self._decoded if gva - D.MAX_INSN <= a < gva + PAGE_SIZE]:
             del self._decoded[a]
 
-    def _insn_bytes(self, addr: int) -> bytes:
+    def insn_bytes(self, addr: int) -> bytes:
+        """Up to 15 bytes of guest code at ``addr``, as the processor fetched them."""
         gva = addr & ~0xFFF
         hpa = self._fetch_map.get(gva)
         if hpa is None:
@@ -402,7 +396,7 @@ class SvmCpu:
             self._irq_window.discard(address)
             if self._window_open():
                 return
-        code = self._insn_bytes(address)
+        code = self.insn_bytes(address)
         ent = self._decoded.get(address)
         if ent is None or ent[0] != code:
             insn = D.decode(code)
@@ -427,8 +421,7 @@ class SvmCpu:
             view = _GuestView(self, st)
             info = decide(insn, view, address, code)
         if info is not None:
-            if self.memctl is not None and self.memctl.es is not None and \
-                    self.memctl.es.intercept(self, info.exitcode, address, insn.length):
+            if self.ext.intercept(self, info.exitcode, address, insn.length):
                 return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
             self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=address + insn.length,
                          fresh=True)
@@ -445,10 +438,10 @@ class SvmCpu:
             # (Unicorn does not check IOPL or the TSS bitmap)
             port = insn.imm if insn.imm is not None else st.gpr(2) & 0xFFFF
             if view.cpl > (view.rflags() >> 12) & 3 and not view.io_allowed_by_tss(port, insn.opsize // 8):
-                self._exception(Vec.GP, 0, address)
+                self.raise_exception(Vec.GP, 0, address)
         elif k == D.Kind.HLT:
             if view.cpl:
-                self._exception(Vec.GP, 0, address)      # privileged: #GP before the intercept
+                self.raise_exception(Vec.GP, 0, address)      # privileged: #GP before the intercept
             else:
                 self._native_hlt(address, insn)
         elif k in (D.Kind.INTN, D.Kind.INT3, D.Kind.ICEBP):
@@ -457,7 +450,7 @@ class SvmCpu:
                                   rip_after=address + insn.length, fault_rip=address)
         elif k == D.Kind.MOV_TO_CR:
             if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0)):
-                self._exception(Vec.GP, 0, address)      # Unicorn would load the illegal value
+                self.raise_exception(Vec.GP, 0, address)      # Unicorn would load the illegal value
             else:
                 self._observe_cr_write(insn.reg)
         elif k == D.Kind.INVLPG:
@@ -465,17 +458,17 @@ class SvmCpu:
             va = effective_address(code, insn, view, address + insn.length)
             self.tlb.flush_page(self._asid, va & ~0xFFF)
         elif k == D.Kind.INTO:
-            self._exception(Vec.UD, None, address)
+            self.raise_exception(Vec.UD, None, address)
         elif k in (D.Kind.VMLOAD, D.Kind.VMSAVE, D.Kind.SKINIT, D.Kind.VMRUN, D.Kind.STGI, D.Kind.CLGI,
                    D.Kind.INVLPGA, D.Kind.VMMCALL):
             # SVM instructions the VMCB does not intercept.  VMMCALL and SKINIT
             # raise #UD (APM §15.4, §15.18); the rest need EFER.SVME and CPL 0.
             if k in (D.Kind.VMMCALL, D.Kind.SKINIT) or not view.efer_svme():
-                self._exception(Vec.UD, None, address)
+                self.raise_exception(Vec.UD, None, address)
             elif view.cpl:
-                self._exception(Vec.GP, 0, address)
+                self.raise_exception(Vec.GP, 0, address)
             elif k in (D.Kind.VMRUN, D.Kind.VMLOAD, D.Kind.VMSAVE) and svm_rax_faults(insn, st.gpr(0)):
-                self._exception(Vec.GP, 0, address)      # rAX check precedes the intercept
+                self.raise_exception(Vec.GP, 0, address)      # rAX check precedes the intercept
             elif k in (D.Kind.STGI, D.Kind.CLGI):
                 self._guest_gif(k == D.Kind.STGI)
                 self._set_rip(address + insn.length)
@@ -568,12 +561,12 @@ class SvmCpu:
         virt = _Q.unpack_from(self.mem.view, self._vmcb_hpa + 0xB8)[0] & 2
         name = insn.kind.name
         if not virt:
-            self._halt("error", f"{name} at {address:#x} is not intercepted and VMSAVE/VMLOAD "
+            self._halt(StopReason.ERROR, f"{name} at {address:#x} is not intercepted and VMSAVE/VMLOAD "
                        "virtualization is off: the guest would access host-physical memory")
             return
         gpa = st.gpr(0) & ~0xFFF if not st.gpr(0) & 0xFFF else None
         if gpa is None:
-            self._exception(Vec.GP, 0, address)
+            self.raise_exception(Vec.GP, 0, address)
             return
         nested = NestedLayer(self.mem, self._n_cr3, self.stats)
         try:
@@ -608,7 +601,7 @@ class SvmCpu:
             self._inject_virq()
             return
         self._set_rip(address + insn.length)
-        self._halt("halt", f"HLT at {address:#x} with no pending interrupt")
+        self._halt(StopReason.HALT, f"HLT at {address:#x} with no pending interrupt")
 
     def _set_rip(self, rip: int) -> None:
         self.st.reg_write(X.UC_X86_REG_RIP, rip)
@@ -618,7 +611,7 @@ class SvmCpu:
         self.uc.emu_stop()
 
     def _fail(self, msg: str, exc: BaseException | None = None) -> None:
-        self._stop = StopInfo("error", msg)
+        self._stop = StopInfo(StopReason.ERROR, msg)
         self._error = exc
         try:
             self.uc.emu_stop()
@@ -635,7 +628,7 @@ class SvmCpu:
                 # with INT n always hooked); deliver it like INT n
                 self._deliver_in_hook(intno, None, software=True, rip_after=rip, fault_rip=rip - 2)
                 return
-            self._exception(intno, err, rip)
+            self.raise_exception(intno, err, rip)
         except BaseException as e:
             self._fail(f"internal error delivering vector {intno}: {type(e).__name__}: {e}", e)
 
@@ -643,21 +636,21 @@ class SvmCpu:
         """#UD reaches Unicorn's invalid-instruction hook, not the interrupt hook."""
         try:
             rip = self.st.reg_read(X.UC_X86_REG_RIP)
-            if self.memctl is not None and self.memctl.emulate(self, rip):
+            if self.ext.emulate_invalid(self, rip):
                 return True                           # an SEV instruction Unicorn does not know (PVALIDATE)
-            self._exception(Vec.UD, None, rip)
+            self.raise_exception(Vec.UD, None, rip)
         except BaseException as e:
             self._fail(f"internal error delivering #UD: {type(e).__name__}: {e}", e)
         return True
 
-    def _exception(self, vector: int, err: int | None, rip: int, cr2: int | None = None) -> None:
+    def raise_exception(self, vector: int, err: int | None, rip: int, cr2: int | None = None) -> None:
         """An exception raised by guest execution at ``rip``: intercept or deliver."""
         if self._ivec[2] >> vector & 1:
             info1 = err if err is not None else 0
             info2 = cr2 if (vector == Vec.PF and cr2 is not None) else 0
             insn = b""
             if vector == Vec.PF:
-                insn = self._insn_bytes(rip)
+                insn = self.insn_bytes(rip)
             self._vmexit(0x40 + vector, info1, info2, rip=rip, nrip=0, insn=insn)
             self._after_exit_in_hook(rip)
             return
@@ -725,7 +718,7 @@ class SvmCpu:
             self._after_exit_in_hook(rip, resumable=False)
         else:
             # shutdown without the intercept: the machine stops (APM §15.12)
-            self._halt("shutdown", f"triple fault at {rip:#x}")
+            self._halt(StopReason.SHUTDOWN, f"triple fault at {rip:#x}")
 
     def _guest_access(self) -> GuestAccess:
         def tr(gva: int, acc: int) -> int:
@@ -787,8 +780,7 @@ class SvmCpu:
         see the VMCB before it holds the guest state.
         """
         st = self.st if fresh else self.st.load()
-        if self.memctl is not None:
-            self.memctl.flush_dirty()         # SEV: DRAM holds ciphertext before the hypervisor runs
+        self.ext.at_vmexit(self)              # SEV: DRAM holds ciphertext before the hypervisor runs
         mv = self.mem.view
         b = self._vmcb_hpa
         rax, rsp = st.gpr(0), st.gpr(4)
@@ -799,8 +791,8 @@ class SvmCpu:
         self._snap_valid = True
         self._lazy_pending = True
         self._vmcb_written = False
-        self.mem.sync = self._sync
-        _EXIT4.pack_into(mv, b + 0x70, code & _M64, info1 & _M64, info2 & _M64, exitintinfo)
+        self.mem.sync = self.host_access
+        _EXIT4.pack_into(mv, b + 0x70, code & M64, info1 & M64, info2 & M64, exitintinfo)
         _Q.pack_into(mv, b + 0xC8, nrip)
         _Q.pack_into(mv, b + 0xA8, 0)          # EVENTINJ consumed
         mv[b + 0xD0] = len(insn) & 0xF
@@ -810,16 +802,17 @@ class SvmCpu:
         rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
         self._exit = rec
         self.gif = False        # #VMEXIT clears GIF
-        if self.memctl is not None and self.memctl.es is not None:
-            self.memctl.es.on_vmexit(self, rec)        # SEV-ES: state into the encrypted VMSA
+        self.ext.after_vmexit(self, rec)      # SEV-ES: state into the encrypted VMSA
         return rec
 
     _EAGER = ((0x578, 0x580), (0x5D8, 0x5E0), (0x5F8, 0x600))     # RIP, RSP, RAX
     _EAGER_QWORDS = frozenset({0x578, 0x5D8, 0x5F8})
 
-    def _sync(self, hpa: int, n: int, write: bool = False) -> None:
-        if self.memctl is not None:
-            self.memctl.host_access(hpa, n, write)
+    def host_access(self, hpa: int, n: int, write: bool = False) -> None:
+        """The hypervisor reads or writes host memory (``HostMemory.sync``):
+        the VMCB must hold the guest state first, and a write to a page the
+        guest executed is cross-modifying code."""
+        self.ext.host_access(hpa, n, write)
         off = hpa - self._vmcb_hpa
         if off + n <= 0 or off >= 0x1000:
             if write and self._code_hpa:
@@ -899,7 +892,7 @@ class SvmCpu:
             rec = self._exit
             self._last_exit_rip = rec.rip
             if self.exit_count >= self.limits.max_exits:
-                self._stop = StopInfo("exit-budget", f"{self.exit_count} exits")
+                self._stop = StopInfo(StopReason.EXIT_BUDGET, f"{self.exit_count} exits")
                 return False
             resume = False
             if self.on_exit is not None:
@@ -907,7 +900,7 @@ class SvmCpu:
                 if self._stop is not None:
                     return False
             if not resume:
-                self._stop = StopInfo("exit")
+                self._stop = StopInfo(StopReason.EXIT)
                 return False
             self._exit = None
             self._defer_dispatch = True
@@ -940,7 +933,7 @@ class SvmCpu:
         self._vmcb_hpa = vmcb_hpa
         self.vmcb = VMCB(self.mem, vmcb_hpa)
         self._fast_ok = False
-        self.mem.sync = self._sync
+        self.mem.sync = self.host_access
         self.on_exit = on_exit
         self._stop = None
         self._exit = None
@@ -976,8 +969,7 @@ class SvmCpu:
         return self._finish()
 
     def _finish(self) -> StopInfo:
-        if self.memctl is not None:
-            self.memctl.flush_dirty()
+        self.ext.at_stop(self)
         self.flush_guest_state()
         if self.st.dirty:
             self.st.store()
@@ -989,10 +981,10 @@ class SvmCpu:
 
     def _slice_ended(self) -> StopInfo:
         if self._timed_out:
-            return StopInfo("timeout", f"wall-clock limit of {self.limits.timeout_s:g} s reached")
+            return StopInfo(StopReason.TIMEOUT, f"wall-clock limit of {self.limits.timeout_s:g} s reached")
         if self.limits.max_insns:
-            return StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
-        return StopInfo("stopped", "emulation stopped")
+            return StopInfo(StopReason.INSN_BUDGET, f"instruction budget of {self.limits.max_insns} reached")
+        return StopInfo(StopReason.STOPPED, "emulation stopped")
 
     def _count_slice(self, budget: int) -> None:
         if budget:
@@ -1046,7 +1038,7 @@ class SvmCpu:
             if self.limits.max_insns:
                 budget = self.limits.max_insns - (self.insns or 0)
                 if budget <= 0:
-                    self._stop = StopInfo("insn-budget", f"instruction budget of {self.limits.max_insns} reached")
+                    self._stop = StopInfo(StopReason.INSN_BUDGET, f"instruction budget of {self.limits.max_insns} reached")
                     break
             if self.timer_period:
                 due = max(1, self.timer_next - self.guest_clock)
@@ -1062,7 +1054,7 @@ class SvmCpu:
                     break
                 f = self._pending_fault
                 if f is None:
-                    self._stop = StopInfo("error", f"emulation error: {e}")
+                    self._stop = StopInfo(StopReason.ERROR, f"emulation error: {e}")
                     break
                 self._memory_fault(f)
                 if self._stop is None and self._exit is None:
@@ -1088,7 +1080,7 @@ class SvmCpu:
         off = exact & 0xFFF if exact is not None and exact & ~0xFFF == self._fault_page else 0
         if isinstance(f, NestedFault):
             gpa = f.gpa | off if f.exitinfo1 & PFErr.FINAL else f.gpa
-            insn = self._insn_bytes(rip)
+            insn = self.insn_bytes(rip)
             self._vmexit(ExitCode.NPF, f.exitinfo1, gpa, rip=rip, nrip=0, insn=insn)
             self._after_exit_outside(rip)
         elif isinstance(f, GuestPageFault):
@@ -1099,7 +1091,7 @@ class SvmCpu:
             self._exception_outside(f.vector, f.error_code, rip)
 
     def _exception_outside(self, vec: int, err: int | None, rip: int, cr2: int | None = None) -> None:
-        self._exception(vec, err, rip, cr2)
+        self.raise_exception(vec, err, rip, cr2)
         if self._exit is None and self._stop is None:
             self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
 
@@ -1119,8 +1111,7 @@ class SvmCpu:
 
     def _enter(self, in_hook: bool) -> bool:
         """VMRUN's checks and guest-state load; False after VMEXIT_INVALID."""
-        if self.memctl is not None:
-            self.memctl.before_vmrun(self)
+        self.ext.before_vmrun(self)
         mv = self.mem.view
         b = self._vmcb_hpa
         if in_hook and self._fast_ok and not self._vmcb_written:
@@ -1171,12 +1162,8 @@ class SvmCpu:
         msrpm = struct.unpack_from("<Q", mv, b + 0x48)[0] & ~0xFFF
         eventinj = struct.unpack_from("<Q", mv, b + 0xA8)[0]
         cs_attr = struct.unpack_from("<H", mv, b + 0x412)[0]
-        why = ""
-        if self.memctl is not None or npc & (NpControl.SEV_ENABLE | NpControl.SEV_ES_ENABLE):
-            # SEV first: an SEV-ES guest's state comes from its VMSA (APM §15.35.8)
-            why = self.memctl.vmrun_check(asid, bool(npc & 2), bool(npc & NpControl.NP_ENABLE), bool(npc & 4)) \
-                if self.memctl is not None else "SEV enable set, but the processor has no secure processor"
-        why = why or self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm,
+        # SEV first: an SEV-ES guest's state comes from its VMSA (APM §15.35.8)
+        why = self.ext.vmrun_check(self, asid, npc) or self._consistency(ivec, cr0, cr3, cr4, efer, dr6, dr7, asid, npc, n_cr3, iopm, msrpm,
                                        eventinj, cs_attr)
         if why:
             # VMEXIT_INVALID: no guest state was loaded and no instruction runs
@@ -1348,6 +1335,22 @@ class SvmCpu:
         """Empty Unicorn's soft TLB, the untagged cache in front of :attr:`tlb`."""
         self.uc.ctl(UCC.UC_CTL_TLB_FLUSH, UCC.UC_CTL_IO_WRITE)
         self._fetch_map.clear()
+
+    def take_vmexit(self, code: int, info1: int, info2: int, *, rip: int, nrip: int) -> None:
+        """#VMEXIT from inside the guest run (an extension's intercept or an
+        instruction it emulates): save the state, then hand the exit to the
+        hypervisor; the guest resumes or the run stops as it decides."""
+        self._vmexit(code, info1, info2, rip=rip, nrip=nrip)
+        self._after_exit_in_hook(rip)
+
+    def require_full_vmrun(self) -> None:
+        """Make the next VMRUN take every check and reload the whole VMCB."""
+        self._fast_ok = False
+
+    @property
+    def vmcb_hpa(self) -> int:
+        """Host-physical address of the VMCB of the current (or last) VMRUN."""
+        return self._vmcb_hpa
 
     @property
     def iopm_hpa(self) -> int:

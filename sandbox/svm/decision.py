@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from ..arch import CR3_LONG_MBZ, CR4_RESERVED, MAXPHYADDR
 from .decode import Insn, Kind
 from .exitcodes import ExitCode
 from .iopm import IoioInfo
@@ -231,9 +232,6 @@ def _invlpg_check(i, v, rip, code: bytes = b""):
     return ExitInfo(ExitCode.INVLPG, effective_address(code, i, v, rip + i.length))
 
 
-MAXPHYADDR = 48        # CPUID Fn8000_0008 of the virtual CPU
-
-
 def svm_rax_faults(i: Insn, rax: int) -> bool:
     """VMRUN/VMLOAD/VMSAVE: #GP when rAX is not page-aligned or is beyond
     MAXPHYADDR, checked before the intercept (APM §15.5.1; Bochs and QEMU agree)."""
@@ -395,8 +393,6 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
           # MOV to CR: Unicorn accepts reserved bits the processor must refuse with #GP
           Kind.MOV_TO_CR}
 
-CR4_RESERVED = 0xFFFF_FFFF_FE08_E000      # APM vol. 2 §3.7.1 (kvm-unit-tests SVM_CR4_RESERVED_MASK)
-CR3_LONG_MBZ = 0xFFF0_0000_0000_0000      # bits 63:52 in long mode
 
 
 def mov_to_cr_faults(reg: int, value: int, cr0: int) -> bool:

@@ -326,7 +326,7 @@ def test_no_api_returns_the_key(guest):
     m = guest(hc_exit(0))
     rep = launch_sev(m)
     key = m.sp._testing_key(rep.asid)
-    for obj in (m.sp, m.cpu.memctl):
+    for obj in (m.sp, m.sp.memctl):
         for name in dir(obj):
             if name.startswith("_"):
                 continue

@@ -114,7 +114,7 @@ def test_replay_through_rmpupdate_is_caught_as_unvalidated(guest):
         hpa = m.guest.ram[PAGE_A]
         m.rmp.rmpupdate(hpa, assigned=False)
         m.mem.write(hpa, saved["c"])
-        m.rmp.rmpupdate(hpa, assigned=True, asid=m.cpu.memctl.asid, gpa=PAGE_A)
+        m.rmp.rmpupdate(hpa, assigned=True, asid=m.sp.memctl.asid, gpa=PAGE_A)
     body = write_ab(1) + HV_TURN + write_ab(2) + HV_TURN + READ_AB + HV_TURN
     m, _, seen, stops = snp_staged(guest, body, [record, replay])
     r = m.run()
@@ -154,7 +154,7 @@ def test_pvalidate_makes_a_new_page_usable(guest):
 
     def give(m):
         dst = m.mem.alloc_page()
-        m.rmp.rmpupdate(dst, assigned=True, asid=m.cpu.memctl.asid, gpa=PAGE_C)
+        m.rmp.rmpupdate(dst, assigned=True, asid=m.sp.memctl.asid, gpa=PAGE_C)
         m.guest.npt.map(PAGE_C, dst)
         assert not m.rmp.entry(dst).validated
     m, _, seen, stops = snp_staged(guest, body, [give, lambda m: None, lambda m: None])
@@ -170,7 +170,7 @@ def test_unvalidated_page_raises_vc(guest):
 
     def give(m):
         dst = m.mem.alloc_page()
-        m.rmp.rmpupdate(dst, assigned=True, asid=m.cpu.memctl.asid, gpa=PAGE_C)
+        m.rmp.rmpupdate(dst, assigned=True, asid=m.sp.memctl.asid, gpa=PAGE_C)
         m.guest.npt.map(PAGE_C, dst)
     m, _, seen, stops = snp_staged(guest, body, [give])
     assert m.run().reason == "vc"

@@ -1,0 +1,37 @@
+"""x86-64 architectural constants every layer shares: the platform's
+MAXPHYADDR, control-register and EFER bits, MSR numbers, exception vectors.
+
+The bottom of the import graph: it imports nothing from the project.
+"""
+from __future__ import annotations
+
+#: physical-address width of the virtual CPU (CPUID Fn8000_0008 EAX[7:0])
+MAXPHYADDR = 48
+M64 = 0xFFFF_FFFF_FFFF_FFFF
+
+# CR0 (APM vol. 2 §3.1.1)
+CR0_PE, CR0_WP, CR0_NW, CR0_CD, CR0_PG = 1 << 0, 1 << 16, 1 << 29, 1 << 30, 1 << 31
+CR0_RESERVED = 0xFFFF_FFFF_0000_0000
+# CR3 (§3.1.2): bits 63:52 must be zero in long mode
+CR3_LONG_MBZ = 0xFFF0_0000_0000_0000
+# CR4 (§3.7.1); the reserved mask is kvm-unit-tests' SVM_CR4_RESERVED_MASK
+CR4_TSD, CR4_DE, CR4_PAE, CR4_PGE, CR4_PCE = 1 << 2, 1 << 3, 1 << 5, 1 << 7, 1 << 8
+CR4_UMIP, CR4_OSXSAVE, CR4_SMEP = 1 << 11, 1 << 18, 1 << 20
+CR4_RESERVED = 0xFFFF_FFFF_FE08_E000
+# DR6/DR7 (§13.1.1): bits 63:32 must be zero
+DR6_RESERVED = 0xFFFF_FFFF_0000_0000
+DR7_RESERVED = 0xFFFF_FFFF_0000_0000
+# EFER (§3.1.7)
+EFER_LME, EFER_LMA, EFER_NXE, EFER_SVME = 1 << 8, 1 << 10, 1 << 11, 1 << 12
+#: 63:16 and 9 must be zero (bit 15, TCE, is allowed)
+EFER_RESERVED = 0xFFFF_FFFF_FFFF_0200 & ~(1 << 15)
+# RFLAGS
+RFLAGS_IF = 1 << 9
+
+# MSRs
+MSR_EFER = 0xC000_0080
+MSR_TSC_AUX = 0xC000_0103
+MSR_VM_HSAVE_PA = 0xC001_0117
+
+#: the SEV-ES VMM Communication exception (APM vol. 2 §15.35.5)
+VEC_VC = 29
