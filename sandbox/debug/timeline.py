@@ -44,7 +44,9 @@ import json
 import math
 import os
 import time
-from typing import IO, Any, Protocol
+from typing import IO, Any
+
+from .exits import ExitLike, exit_label
 
 #: the phases :func:`validate` knows (the document's "Event Descriptions")
 PHASES = frozenset("BEXiICMbenstfPOND") | {"(", ")"}
@@ -57,19 +59,6 @@ HYPERVISOR, GUEST = "hypervisor", "guest"
 
 class TimelineError(ValueError):
     """A trace that breaks the format's rules, or events written out of order."""
-
-
-class ExitLike(Protocol):
-    """What the timeline needs from a #VMEXIT (the processor's exit record has it)."""
-    exitcode: int
-    exitinfo1: int
-    exitinfo2: int
-    rip: int
-
-
-def _exit_name(code: int) -> str:
-    from ..svm.exitcodes import exit_name
-    return exit_name(code)
 
 
 class TimelineWriter:
@@ -254,7 +243,7 @@ class VcpuTimeline:
         ts = self._ts(ts)
         info = {"exitcode": f"{exit.exitcode:#x}", "rip": f"{exit.rip:#x}",
                 "exitinfo1": f"{exit.exitinfo1:#x}", "exitinfo2": f"{exit.exitinfo2:#x}", **args}
-        self._open_span(self.hv_track, _exit_name(exit.exitcode), ts, "vmexit", info)
+        self._open_span(self.hv_track, exit_label(exit.exitcode), ts, "vmexit", info)
         self.exits += 1
         self._window_exits += 1
         self._rate(ts)
