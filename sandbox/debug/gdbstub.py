@@ -297,6 +297,8 @@ class GdbStub:
         self._last_stop = StopEvent(StopKind.STEP)
         self._last_reply = self._stop_reply(self._last_stop)
         self._ended = False
+        #: the last exception a target method raised into a packet handler (answered E01)
+        self.last_error: Exception | None = None
         self._reader = threading.Thread(target=self._read_loop, name="gdbstub-reader", daemon=True)
 
     # -- socket side ------------------------------------------------------------
@@ -469,6 +471,9 @@ class GdbStub:
                 return self._query(p)
         except rsp.RspError:
             return "E%02x" % EINVAL
+        except Exception as e:              # a target bug answers this packet with an error,
+            self.last_error = e             # it does not end the debugging session
+            return "E01"
         return ""
 
     # -- queries --------------------------------------------------------------

@@ -280,6 +280,30 @@ def test_resume_that_raises_reports_sigabrt_and_stays_attached(session):
     assert c.cmd("qC") == "QC1"
 
 
+def test_a_target_bug_is_an_error_reply_not_the_end_of_the_session(session):
+    c, cpu, srv = session()
+
+    def broken(name):
+        raise RuntimeError("register file on fire")
+    cpu.read_register = broken
+    assert c.cmd("g") == "E01"
+    assert str(srv.server.stub.last_error) == "register file on fire"
+    assert c.cmd("m100000,1") == "00"
+
+
+def test_keyboard_interrupt_in_the_stub_closes_the_connection(session):
+    c, cpu, srv = session()
+
+    def ctrl_c(name):
+        raise KeyboardInterrupt
+    cpu.read_register = ctrl_c
+    c.send("g")
+    with pytest.raises(KeyboardInterrupt):
+        srv.join()
+    with pytest.raises((EOFError, OSError)):
+        c.next_event()
+
+
 # -- interrupts -------------------------------------------------------------------------------------------------
 def spinning() -> FakeCpu:
     return FakeCpu([Step(0x100000), Step(0x100004), Step(0x100008)], loop_to=1, slow=0.0005)
