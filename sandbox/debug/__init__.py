@@ -20,4 +20,6 @@ implements, so it can be built and tested without the processor:
 * :mod:`.recording` -- the versioned, integrity-checked record/replay file
   format and the :class:`~.recording.Replayer` that feeds a run its recorded
   nondeterministic inputs and reports the first divergence.
+* :mod:`.exits` -- :class:`~.exits.ExitLike`, what the timeline and the
+  recordings need from a #VMEXIT record.
 """
