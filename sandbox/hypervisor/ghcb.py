@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING
 
 from ..svm.iopm import IoioInfo
 from ..svm.stop import StopReason
+from .handlers import RESUME, Action, _cpuid_leaf
 
 if TYPE_CHECKING:
     from ..svm.cpu import ExitRecord
-    from .machine import Action, Machine
+    from .machine import Machine
 
 
 class Ghcb(IntEnum):
@@ -100,12 +101,11 @@ class GhcbPage:
 
 def handle_vmgexit(m: "Machine", e: "ExitRecord") -> "Action":
     """VMEXIT_VMGEXIT: serve the request in the guest's GHCB (CPUID, IOIO, MSR, VMMCALL)."""
-    from .machine import RESUME, _cpuid_leaf
     gpa = m.guest.vmcb.GHCB_PA
     if gpa & 0xFFF or m.guest.npt.lookup(gpa) is None:
         return m.stop(StopReason.GHCB_ERROR, f"VMGEXIT with GHCB GPA {gpa:#x}, which is not a mapped, page-aligned page")
     g = GhcbPage(m.guest.read_phys(gpa, 4096))
-    m.ghcb_log.append((g.get(Ghcb.SW_EXITCODE), g.get(Ghcb.SW_EXITINFO1), g.get(Ghcb.SW_EXITINFO2)))
+    m.sev.ghcb_log.append((g.get(Ghcb.SW_EXITCODE), g.get(Ghcb.SW_EXITINFO1), g.get(Ghcb.SW_EXITINFO2)))
     need = (Ghcb.SW_EXITCODE, Ghcb.SW_EXITINFO1, Ghcb.SW_EXITINFO2)
     code = g.get(Ghcb.SW_EXITCODE)
     g.clear_valid()

@@ -14,8 +14,8 @@ import pytest
 from pathlib import Path
 
 from sandbox import Machine
-from sandbox.sev.vmsa import SevEsRegisterError, launch_sev_es
-from sandbox.hypervisor.sev_launch import launch_sev
+from sandbox.hypervisor.machine import SevEsRegisterError
+from sandbox.hypervisor.sev_launch import launch_sev, launch_sev_es
 
 from conftest import hc_exit
 from test_sev import MAKE_SHARED
@@ -43,11 +43,11 @@ def test_es_guest_runs_through_vc_and_ghcb():
     assert r.reason == "guest-exit" and r.exit_code == 0, r.detail
     assert r.console == EXPECTED
     assert set(codes) == {0x403}                    # every exit is a VMGEXIT: CPUID/IOIO/MSR/VMMCALL are #VC
-    requests = {c for c, _, _ in m.ghcb_log}
+    requests = {c for c, _, _ in m.sev.ghcb_log}
     assert requests == {0x72, 0x7B, 0x7C, 0x81}
-    assert m.sev_es.vc_count == len(m.ghcb_log)
+    assert m.sev.es.vc_count == len(m.sev.ghcb_log)
     # an OUT to COM1 as the guest described it: port 0x3F8 in SW_EXITINFO1[31:16], SZ8, A64, TYPE = OUT
-    assert (0x7B, (0x3F8 << 16) | 0x210, 0) in m.ghcb_log
+    assert (0x7B, (0x3F8 << 16) | 0x210, 0) in m.sev.ghcb_log
 
 
 def test_exit_trace_with_and_without_es():
@@ -128,7 +128,7 @@ def test_ghcb_in_a_private_page_is_garbage_not_a_crash(guest):
     launch_sev_es(m)
     r = m.run()
     assert r.reason == "halt"
-    assert m.ghcb_log and m.ghcb_log[0][0] != 0x72          # what the hypervisor saw was not the request
+    assert m.sev.ghcb_log and m.sev.ghcb_log[0][0] != 0x72          # what the hypervisor saw was not the request
 
 
 def test_plain_vmmcall_in_es_guest_is_a_vc_not_an_exit(guest):
@@ -175,15 +175,15 @@ def test_hypervisor_tampering_with_the_vmsa_fails_vmrun():
 
     def tamper(m, e):
         act = handle_vmgexit(m, e)
-        if len(m.ghcb_log) == 3:
-            hpa = m.sev_es.vmsa_hpa
+        if len(m.sev.ghcb_log) == 3:
+            hpa = m.sev.es.vmsa_hpa
             b = m.mem.read(hpa + 0x178, 1)[0]
             m.mem.write(hpa + 0x178, bytes([b ^ 0x40]))          # one bit of the encrypted RIP
         return act
     m.on(0x403)(tamper)
     r = m.run()
     assert r.reason == "invalid-vmcb" and "VMSA integrity" in r.detail
-    assert len(m.ghcb_log) == 3                                  # the guest never ran again
+    assert len(m.sev.ghcb_log) == 3                                  # the guest never ran again
 
 
 def test_run_result_holds_no_sev_es_registers():
@@ -197,3 +197,4 @@ def test_run_result_holds_no_sev_es_registers():
     r = m.run(timeout=10)
     assert r.reason == "guest-exit", r.detail
     assert r.regs == {} and r.rip == 0 and r.rflags == 0
+
