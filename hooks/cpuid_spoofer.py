@@ -4,15 +4,14 @@
 """
 import struct
 
-from sandbox import RESUME, ExitCode
-from sandbox.hypervisor.machine import handle_cpuid
+from sandbox import RESUME, ExitCode, handlers
 
 
 def setup(m):
     @m.on(ExitCode.CPUID)
     def spoof(m, e):
         leaf = m.regs.rax & 0xFFFFFFFF
-        handle_cpuid(m, e)                       # virtualized leaves, RIP advanced
+        handlers.handle_cpuid(m, e)              # virtualized leaves, RIP advanced
         if leaf == 0:
             ebx, edx, ecx = struct.unpack("<III", b"GenuineIntel")
             m.regs.rbx, m.regs.rdx, m.regs.rcx = ebx, edx, ecx

@@ -5,8 +5,7 @@ handler perform it.
 """
 import sys
 
-from sandbox import ExitCode
-from sandbox.hypervisor.machine import handle_ioio
+from sandbox import ExitCode, handlers
 from sandbox.svm.iopm import IoioInfo
 
 
@@ -18,7 +17,7 @@ def log_io(m, e):
     extra += " rep" if info & IoioInfo.REP else ""
     value = "" if info & (IoioInfo.TYPE_IN | IoioInfo.STR) else f" value={m.regs.rax & ((1 << 8 * size) - 1):#x}"
     print(f"[io] {kind} port={info >> 16:#06x} size={size}{extra}{value} rip={e.rip:#x}", file=sys.stderr)
-    return handle_ioio(m, e)
+    return handlers.handle_ioio(m, e)
 
 
 HANDLERS = {ExitCode.IOIO: log_io}

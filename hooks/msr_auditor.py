@@ -5,8 +5,7 @@ print an audit table when the guest exits.
 """
 import sys
 
-from sandbox import ExitCode
-from sandbox.hypervisor.machine import handle_msr, handle_vmmcall
+from sandbox import ExitCode, handlers
 
 AUDIT: list[tuple[str, int, int, int]] = []
 
@@ -16,14 +15,14 @@ def audit_msr(m, e):
     if e.exitinfo1:                                   # WRMSR (EXITINFO1 = 1)
         value = (m.regs.rdx & 0xFFFFFFFF) << 32 | (m.regs.rax & 0xFFFFFFFF)
         AUDIT.append(("WRMSR", msr, value, e.rip))
-        return handle_msr(m, e)
-    act = handle_msr(m, e)
+        return handlers.handle_msr(m, e)
+    act = handlers.handle_msr(m, e)
     AUDIT.append(("RDMSR", msr, (m.regs.rdx & 0xFFFFFFFF) << 32 | (m.regs.rax & 0xFFFFFFFF), e.rip))
     return act
 
 
 def report_on_exit(m, e):
-    act = handle_vmmcall(m, e)
+    act = handlers.handle_vmmcall(m, e)
     if m.guest_exit_code is not None:
         for op, msr, value, rip in AUDIT:
             print(f"[msr] {op} {msr:#010x} = {value:#018x} at rip {rip:#x}", file=sys.stderr)

@@ -29,12 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc  # noqa: E402
 from unicorn import x86_const as X  # noqa: E402
 
 from sandbox import Machine  # noqa: E402
 from sandbox.hypervisor.loader import LOAD_BASE, assemble  # noqa: E402
 from sandbox.memory.tlb import TlbMode  # noqa: E402
+from sandbox.svm.stop import StopReason  # noqa: E402
 
 EXIT = "    xor eax, eax\n    xor edi, edi\n    .byte 0x0f, 0x01, 0xd9\n"
 BUF = 0x400000
@@ -93,7 +96,7 @@ def _run(tmp: Path, name: str, src: str, **kw) -> tuple[float, object, Machine]:
     t = time.perf_counter()
     r = m.run(timeout=300)
     dt = time.perf_counter() - t
-    if r.reason != "guest-exit":
+    if r.reason != StopReason.GUEST_EXIT:
         raise SystemExit(f"bench_memory: {name} ended with {r.reason}: {r.detail}")
     return dt, r, m
 
@@ -160,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
             "stream": stream_ratio(tmp, 4 if q else 40, 1 if q else 3),
             "world_switch": switch_cost(tmp, 200 if q else 5000),
         }
-    from rich.console import Console
-    from rich.table import Table
     t = Table(title="memory virtualization, one run")
     t.add_column("measure")
     t.add_column("result", justify="right")

@@ -21,6 +21,7 @@ from pathlib import Path
 from sandbox import Machine
 from sandbox.sev.memctl import XexEngine
 from sandbox.hypervisor.sev_launch import launch_sev
+from sandbox.svm.stop import StopReason
 
 TARGET_SEV_RATIO = 3.0
 INNER = 1666
@@ -75,9 +76,9 @@ def _run(path: Path, sev: bool, timeout: float) -> tuple[float, int, int, object
     t0 = time.perf_counter()
     r = m.run(timeout=timeout)
     dt = time.perf_counter() - t0
-    if r.reason != "guest-exit" or r.exit_code:
+    if r.reason != StopReason.GUEST_EXIT or r.exit_code:
         raise RuntimeError(f"SEV={sev}: run ended with {r.reason} ({r.detail})")
-    return dt, r.regs["rbx"], r.exits, (m.sp.memctl if sev else None)
+    return dt, r.regs["rbx"], r.exits, (m.sev.memctl if sev else None)
 
 
 def aes_throughput(rounds: int = 200) -> dict:

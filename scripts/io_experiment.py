@@ -16,6 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
 from sandbox.experiments.io_dirty import MODES, run_io_experiment  # noqa: E402
 
 
@@ -30,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"io_experiment: unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}", file=sys.stderr)
         return 2
-    from rich.console import Console
-    from rich.table import Table
     t = Table(title=f"{a.reads:,} status reads + {a.writes:,} commands, about 1 s of guest time")
     for col in ("mode", "exits", "by exit code", "commands received", "status reads trapped", "guest ms",
                 "wall s"):

@@ -20,10 +20,10 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sandbox import Machine                              # noqa: E402
-from sandbox.svm.exitcodes import ExitCode                   # noqa: E402
-from sandbox.hypervisor.machine import RESUME, handle_vmmcall    # noqa: E402
-from sandbox.hypervisor.sev_launch import launch_sev                 # noqa: E402
+from sandbox import RESUME, ExitCode, Machine, handlers                  # noqa: E402
+from sandbox.hypervisor.sev_launch import launch_sev, launch_snp          # noqa: E402
+from sandbox.sev.rmp import VC_PAGE_NOT_VALIDATED                         # noqa: E402
+from sandbox.svm.stop import StopReason                                   # noqa: E402
 
 PAGE_A, PAGE_B = 0x1C0000, 0x1C1000
 SECRET_A, SECRET_B = 0x5345_4352_4554_4141, 0x5345_4352_4554_4242
@@ -45,16 +45,15 @@ def run(body: str, actions, snp: bool):
     m.load(f.name)
     os.unlink(f.name)
     if snp:
-        from sandbox.sev.rmp import launch_snp
         launch_snp(m)
     else:
         launch_sev(m)
     it = iter(actions)
     seen = []
     if snp:
-        m.guest.vmcb.set_intercept(0x40 + 29)      # watch the guest's #VC (exit 0x5D)
-        m.on(0x40 + 29)(lambda m, e: m.stop("vc", f"guest took #VC with error code {e.exitinfo1:#x}"
-                                             + (" (PAGE_NOT_VALIDATED)" if e.exitinfo1 == 0x404 else "")))
+        m.guest.vmcb.set_intercept(ExitCode.EXCP_VC)      # watch the guest's #VC
+        m.on(ExitCode.EXCP_VC)(lambda m, e: m.stop("vc", f"guest took #VC with error code {e.exitinfo1:#x}" + (
+            " (PAGE_NOT_VALIDATED)" if e.exitinfo1 == VC_PAGE_NOT_VALIDATED else "")))
 
     def hv(m, e):
         if m.regs.rax == 2:
@@ -62,7 +61,7 @@ def run(body: str, actions, snp: bool):
             next(it)(m)
             m.advance(e)
             return RESUME
-        return handle_vmmcall(m, e)
+        return handlers.handle_vmmcall(m, e)
     m.on(ExitCode.VMMCALL)(hv)
     r = m.run()
     return m, r, seen
@@ -73,7 +72,7 @@ def show(v: int) -> str:
 
 
 def outcome(r, seen, idx: int) -> str:
-    if r.reason != "guest-exit" or len(seen) <= idx:
+    if r.reason != StopReason.GUEST_EXIT or len(seen) <= idx:
         return f"run stopped ({r.reason}): {r.detail}"
     a, b = seen[idx]
     return f"guest reads A = {show(a)}, B = {show(b)}"
@@ -141,10 +140,10 @@ def main() -> int:
         except Exception as e:          # SNP: take the page back with RMPUPDATE, write, give it back
             print(f"   (direct write refused: {e};\n    the hypervisor RMPUPDATEs the page to itself, "
                   "writes, and RMPUPDATEs it back to the guest)")
-            m.rmp.rmpupdate(hpa, assigned=False)
+            m.sev.rmp.rmpupdate(hpa, assigned=False)
             m.mem.write(hpa, saved["c"])
-            m.rmp.rmpupdate(hpa, assigned=True, asid=m.sp.memctl.asid, gpa=PAGE_A)
-            m.sp.memctl.stale = True
+            m.sev.rmp.rmpupdate(hpa, assigned=True, asid=m.sev.memctl.asid, gpa=PAGE_A)
+            m.sev.memctl.stale = True
     print(f"5. guest writes A = {show(OLD)}, hypervisor records the ciphertext; guest writes A = {show(NEW)};")
     print("   hypervisor writes the recorded ciphertext back:")
     m, r, seen = run(write_ab(OLD, SECRET_B) + HV_TURN + write_ab(NEW, SECRET_B) + HV_TURN + READ_AB + HV_TURN,

@@ -17,10 +17,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sandbox import Machine                     # noqa: E402
-from sandbox.svm.exitcodes import exit_name         # noqa: E402
-from sandbox.sev.vmsa import SevEsRegisterError, launch_sev_es   # noqa: E402
-from sandbox.hypervisor.sev_launch import launch_sev        # noqa: E402
+from sandbox import ExitCode, Machine, exit_name                                  # noqa: E402
+from sandbox.hypervisor.ghcb import handle_vmgexit                                # noqa: E402
+from sandbox.hypervisor.machine import SevEsRegisterError                         # noqa: E402
+from sandbox.hypervisor.sev_launch import launch_sev, launch_sev_es               # noqa: E402
 
 IMAGE = os.path.join(os.path.dirname(__file__), "..", "guest_images", "sev_es_vc.S")
 
@@ -33,11 +33,12 @@ def trace(es: bool, limit: int) -> list[str]:
     else:
         launch_sev(m)
         m.set_msrs([(0x1B, True, False)])          # the same MSR exit as the SEV-ES guest's #VC
+    log = m.sev.ghcb_log
     lines: list[str] = []
     kinds: set[int] = set()
 
     def rec(r):
-        kind = m.ghcb_log[-1][0] if es and m.ghcb_log else r.exitcode
+        kind = log[-1][0] if es and log else r.exitcode
         if len(lines) >= limit or kind in kinds:
             return                                  # the first exit of each kind
         kinds.add(kind)
@@ -49,18 +50,15 @@ def trace(es: bool, limit: int) -> list[str]:
         line = (f"  {exit_name(r.exitcode):<8} rip={r.rip:#010x} vmcb.RAX={v.RAX:#x} vmcb.CR3={v.CR3:#x} "
                 f"regs.rbx={rbx}")
         if es:
-            line += "  GHCB: " + (f"SW_EXITCODE={m.ghcb_log[-1][0]:#x} SW_EXITINFO1={m.ghcb_log[-1][1]:#x}"
-                                  if m.ghcb_log else "-")
+            line += "  GHCB: " + (f"SW_EXITCODE={log[-1][0]:#x} SW_EXITINFO1={log[-1][1]:#x}" if log else "-")
         lines.append(line)
     # the GHCB request is logged by the VMGEXIT handler; read it after the handler ran
     if es:
-        from sandbox.hypervisor.ghcb import handle_vmgexit
-
         def logged(m_, e):
             act = handle_vmgexit(m_, e)
             rec(e)
             return act
-        m.on(0x403)(logged)
+        m.on(ExitCode.VMGEXIT)(logged)
     else:
         m.on_exit_record = rec
     r = m.run()

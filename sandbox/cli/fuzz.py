@@ -5,7 +5,17 @@ import argparse
 import json
 from pathlib import Path
 
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from ..fuzz import campaign as C
+from ..fuzz.case import Case, CaseError
+from ..fuzz.differential import differential
+from ..fuzz.oracle import Finding, findings
+from ..fuzz.snapshot import Harness
 from ..svm.exitcodes import exit_name
+from .errors import CliError
 
 FUZZ_EPILOG = """\
 examples:
@@ -38,8 +48,7 @@ def add_parser(sub) -> None:
     f.set_defaults(fn=cmd_fuzz)
 
 
-def _status_table(stats, secs: float):
-    from rich.table import Table
+def _status_table(stats: C.Stats, secs: float) -> Table:
     t = Table(title="sandbox fuzz", show_header=False, box=None)
     rate = stats.execs / secs if secs > 0 else 0.0
     t.add_row("execs", f"{stats.execs} ({rate:.0f}/s, {stats.audited} audited, "
@@ -54,12 +63,6 @@ def _status_table(stats, secs: float):
 
 
 def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
-    from rich.console import Console
-    from rich.live import Live
-
-    from .errors import CliError
-    from ..fuzz import campaign as C
-
     if a.seconds is None and a.cases is None:
         raise CliError("give --seconds or --cases")
     if a.cases is not None and a.cases < 1 or a.seconds is not None and a.seconds <= 0:
@@ -106,23 +109,14 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
 
 def replay_case(a: argparse.Namespace) -> int:
     """``sandbox run FILE.case``: run a saved case with the same oracles as the campaign."""
-    from rich.console import Console
-
-    from .errors import CliError
-    from ..fuzz.case import Case, CaseError
-    from ..fuzz.oracle import findings
-    from ..fuzz.snapshot import Harness
-
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         case = Case.load(a.image)
     except CaseError as e:
         raise CliError(str(e)) from None
-    h = Harness(audit=bool(getattr(a, "audit", False)))
+    h = Harness(audit=a.audit)
     out = h.run(case)
     fs = findings(out)
-    from ..fuzz.differential import differential
-    from ..fuzz.oracle import Finding
     fs += [Finding("differential", d) for d in differential(case, out.exits)]
     r = out.result
     if a.json:

@@ -4,8 +4,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import BinaryIO, Callable
 
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from rich.console import Console
+from rich.table import Table
+
+from ..hypervisor.hooks_loader import HooksError, load_hooks
+from ..hypervisor.loader import ImageError
+from ..hypervisor.machine import Machine, RunResult
+from ..memory.tlb import TlbMode
+from ..svm.cpu import ExitRecord
 from ..svm.exitcodes import exit_name
+from ..svm.intercepts import UnknownIntercept
+from ..svm.msrpm import msrpm_bit
+from ..svm.stop import StopReason
+from .errors import CliError
+from .fuzz import add_parser, replay_case
+
+_CS = Cs(CS_ARCH_X86, CS_MODE_64)
 
 EPILOG = """\
 intercept names are the APM's, lowercase: cpuid hlt rdtsc rdtscp pushf popf gdtr_read cr0_read
@@ -19,10 +36,6 @@ examples:
   sandbox run crashes/missed-0123456789ab.case --audit     (replay a fuzz finding)
   sandbox fuzz --seconds 60 --seed 1 --crashes crashes/
 """
-
-
-from .errors import CliError
-from ..svm.stop import StopReason
 
 
 def _int(s: str) -> int:
@@ -63,45 +76,30 @@ def parse_msrs(spec: str) -> list[tuple[int, bool, bool]]:
         if rw not in ("r", "w", "rw"):
             raise CliError(f"MSR access must be r:, w: or rw:, got {part!r}")
         msr = _int(num)
-        from ..svm.msrpm import msrpm_bit
         if msrpm_bit(msr, False) is None:
             raise CliError(f"MSR {msr:#x} is outside the MSRPM ranges (it always exits when 'msr' is armed)")
         out.append((msr, "r" in rw, "w" in rw))
     return out
 
 
-def _disasm(m, rip: int) -> str:
-    if getattr(m, "sp", None) is not None:
+def _disasm(m: Machine, rip: int) -> str:
+    if m.sev is not None:
         return "(encrypted)"          # SEV: the hypervisor sees only ciphertext of guest code
     try:
         code = m.read_virt(rip, 15)
     except Exception:
         return "??"
-    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
-    cs = Cs(CS_ARCH_X86, CS_MODE_64)
-    for ins in cs.disasm(code, rip, 1):
+    for ins in _CS.disasm(code, rip, 1):
         return f"{ins.mnemonic} {ins.op_str}".strip()
     return f"(bytes {code[:4].hex()})"
 
 
-def cmd_run(a: argparse.Namespace) -> int:
-    if a.image.endswith(".case"):
-        from .fuzz import replay_case
-        return replay_case(a)
-    from rich.console import Console
-    from rich.table import Table
-
-    from ..hypervisor.machine import Machine
-    from ..hypervisor.hooks_loader import HooksError, load_hooks
-    from ..svm.intercepts import UnknownIntercept
-    from ..hypervisor.loader import ImageError
-
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+def _machine(a: argparse.Namespace) -> Machine:
+    """The machine ``sandbox run`` describes: memory, paging, the image, intercepts and hooks."""
     ports = parse_ports(a.ports) if a.ports else None
     msrs = parse_msrs(a.msrs) if a.msrs else None
     if a.max_insns < 0:
         raise CliError("--max-insns must be >= 0")
-    from ..memory.tlb import TlbMode
     npt_page = {"4k": 4 << 10, "2m": 2 << 20, "1g": 1 << 30}[a.npt_page]
     if a.paging == "shadow" and npt_page != 4 << 10:
         raise CliError("--npt-page applies to nested paging; shadow paging backs guest RAM with 4 KiB pages")
@@ -130,25 +128,23 @@ def cmd_run(a: argparse.Namespace) -> int:
             load_hooks(m, a.hooks)
         except HooksError as e:
             raise CliError(str(e)) from None
-    dump = None
-    if a.dump_host_memory:
-        try:
-            dump = open(a.dump_host_memory, "wb")
-        except OSError as e:
-            raise CliError(f"cannot write --dump-host-memory file: {e.strerror}: {a.dump_host_memory}") from None
-    if a.sev or a.sev_es or a.snp:
-        from .sev import launch_from_cli
-        try:
-            note = launch_from_cli(m, es=a.sev_es, snp=a.snp)
-        except ValueError as e:
-            raise CliError(str(e)) from None
-        if not a.json and not a.quiet:
-            err.print(note)
+    return m
 
-    if not a.json:
-        m.console_sink = lambda b: (sys.stdout.write(b.decode("utf-8", "replace")), sys.stdout.flush())
 
-    def show(rec) -> None:
+def _launch_sev(m: Machine, a: argparse.Namespace, err: Console) -> None:
+    # deferred: the SEV stack imports cryptography and numpy (about 0.5 s), which runs without SEV never need
+    from .sev import launch_from_cli
+    try:
+        note = launch_from_cli(m, es=a.sev_es, snp=a.snp)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if not a.json and not a.quiet:
+        err.print(note)
+
+
+def _exit_printer(m: Machine, a: argparse.Namespace, err: Console) -> Callable[[ExitRecord], None]:
+    """The per-exit line (or JSON object) of ``sandbox run``."""
+    def show(rec: ExitRecord) -> None:
         if a.quiet:
             return
         if a.json:
@@ -159,7 +155,29 @@ def cmd_run(a: argparse.Namespace) -> int:
             err.print(f"[dim]#{rec.index:<6}[/dim] {rec.rip:#018x}  {_disasm(m, rec.rip):<28} "
                       f"[bold]{exit_name(rec.exitcode):<14}[/bold] exitinfo1={rec.exitinfo1:#x} "
                       f"exitinfo2={rec.exitinfo2:#x} nrip={rec.nrip:#x}")
-    m.on_exit_record = show
+    return show
+
+
+def _open_dump(path: str | None) -> BinaryIO | None:
+    if not path:
+        return None
+    try:
+        return open(path, "wb")
+    except OSError as e:
+        raise CliError(f"cannot write --dump-host-memory file: {e.strerror}: {path}") from None
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    if a.image.endswith(".case"):
+        return replay_case(a)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    m = _machine(a)
+    dump = _open_dump(a.dump_host_memory)
+    if a.sev or a.sev_es or a.snp:
+        _launch_sev(m, a, err)
+    if not a.json:
+        m.console_sink = lambda b: (sys.stdout.write(b.decode("utf-8", "replace")), sys.stdout.flush())
+    m.on_exit_record = _exit_printer(m, a, err)
     r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
     if dump is not None:
         with dump:
@@ -176,13 +194,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             "shadow": m.shadow.stats.snapshot() if m.shadow is not None else None,
         }))
     else:
-        t = Table(title="exits by code", show_lines=False)
-        t.add_column("EXITCODE", justify="right")
-        t.add_column("exit")
-        t.add_column("count", justify="right")
-        for code, n in sorted(r.counts.items()):
-            t.add_row(f"{code:#x}", exit_name(code), str(n))
-        err.print(t)
+        err.print(exits_table(r))
         err.print(memory_table(a.paging, r, m))
         style = "green" if ok else "red"
         err.print(f"[{style}]run ended: {r.reason}[/{style}]" + (f" - {r.detail}" if r.detail else "")
@@ -190,10 +202,20 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def memory_table(paging: str, r, m):
+def exits_table(r: RunResult) -> Table:
+    """The run's exits per code."""
+    t = Table(title="exits by code", show_lines=False)
+    t.add_column("EXITCODE", justify="right")
+    t.add_column("exit")
+    t.add_column("count", justify="right")
+    for code, n in sorted(r.counts.items()):
+        t.add_row(f"{code:#x}", exit_name(code), str(n))
+    return t
+
+
+def memory_table(paging: str, r: RunResult, m: Machine) -> Table:
     """The run's memory-virtualization figures: walks, their page-table
     references, TLB hits and misses (and the shadow MMU's work)."""
-    from rich.table import Table
     w, tlb = r.walk, r.tlb
     t = Table(title=f"memory ({paging} paging)", show_header=False)
     t.add_column("what")
@@ -244,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
     r.add_argument("--audit", action="store_true", help="for a saved fuzz case (.case): run the soundness audit too")
     r.set_defaults(fn=cmd_run)
-    from .fuzz import add_parser
     add_parser(sub)
     return p
 

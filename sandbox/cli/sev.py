@@ -1,26 +1,20 @@
 """The command line's SEV launch: one call that picks SEV, SEV-ES or SNP."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ..hypervisor.machine import Machine
+from ..hypervisor.sev_launch import launch_sev, launch_sev_es, launch_snp
 from ..sev.firmware import SevError
 
-if TYPE_CHECKING:
-    from ..hypervisor.machine import Machine
 
-
-def launch_from_cli(m: "Machine", *, es: bool = False, snp: bool = False) -> str:
+def launch_from_cli(m: Machine, *, es: bool = False, snp: bool = False) -> str:
     """Launch the loaded guest encrypted; returns a one-line note for the user.
     Raises ValueError with a one-line message when the launch fails."""
     try:
         if es:
-            from ..sev.vmsa import launch_sev_es
             rep = launch_sev_es(m, snp=snp)
         elif snp:
-            from ..sev.rmp import launch_snp
             rep = launch_snp(m)
         else:
-            from ..hypervisor.sev_launch import launch_sev
             rep = launch_sev(m)
     except SevError as e:
         raise ValueError(f"SEV launch failed: {e}") from None

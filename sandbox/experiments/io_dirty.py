@@ -28,10 +28,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from ..hypervisor.devices import MmioMode, StatusControlDevice
+from ..hypervisor.machine import Machine
 from ..svm.cpu import GUEST_IPS
-from ..hypervisor.devices import StatusControlDevice
 from ..svm.exitcodes import exit_name
-from ..hypervisor.machine import Machine, MmioMode
+from ..svm.stop import StopReason
 
 STATUS_PORT, CONTROL_PORT = 0x510, 0x514
 MMIO_GPA = 0x1E0000                 # two register pages inside the guest's identity map
@@ -153,4 +154,4 @@ def run_io_experiment(mode: str, reads: int = 1_000_000, writes: int = 30_000, *
     return IoResult(mode=mode, exits=r.exits, by_code={exit_name(c): n for c, n in sorted(r.counts.items())},
                     commands=len(dev.commands), status_reads=dev.status_reads,
                     guest_ms=m.cpu.guest_time_ns / 1e6 if m.cpu.timer_period else None, seconds=dt,
-                    reason=r.reason if r.reason != "guest-exit" else "ok")
+                    reason=r.reason if r.reason != StopReason.GUEST_EXIT else "ok")

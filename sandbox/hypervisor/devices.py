@@ -9,10 +9,17 @@ or VMEXIT_NPF into one of these calls.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable
 
 COM1 = 0x3F8
 PAGE = 4096
+
+
+class MmioMode(Enum):
+    """How a hypervisor serves an MMIO window (see :meth:`~sandbox.hypervisor.machine.Machine.map_mmio`)."""
+    TRAP = "trap"        # every access exits and is emulated
+    GRANT = "grant"      # the first access maps a register page; writes are found by Dirty-bit polling
 
 
 class Serial16550:
@@ -65,7 +72,7 @@ class MmioRegion:
     gpa: int
     size: int
     device: object
-    mode: object = None                 # the hypervisor's MmioMode for it
+    mode: MmioMode | None = None        # how the hypervisor serves it
     backing: dict = field(default_factory=dict)   # GPA page -> HPA, once granted
 
     def __contains__(self, gpa: int) -> bool:
@@ -83,7 +90,7 @@ class DeviceBus:
     def attach(self, dev) -> None:
         self.devices.append(dev)
 
-    def attach_mmio(self, gpa: int, size: int, dev, mode: object = None) -> MmioRegion:
+    def attach_mmio(self, gpa: int, size: int, dev, mode: MmioMode | None = None) -> MmioRegion:
         if gpa % PAGE or size <= 0 or size % PAGE:
             raise ValueError(f"an MMIO window must be whole 4 KiB pages, not {gpa:#x}+{size:#x}")
         for r in self.regions:

@@ -11,16 +11,18 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..svm.exitcodes import ExitCode
+
 if TYPE_CHECKING:
     from .machine import Machine
 
 
 class HooksError(Exception):
-    pass
+    """A hooks file that cannot be loaded."""
 
 
 def load_hooks(machine: "Machine", path: str) -> None:
-    from ..svm.exitcodes import ExitCode
+    """Run the hooks file at ``path`` against ``machine`` (HooksError with a one-line reason)."""
     p = Path(path)
     if not p.is_file():
         raise HooksError(f"{p}: no such hooks file")

@@ -16,11 +16,16 @@ Entry state (what every image can rely on):
 """
 from __future__ import annotations
 
-import os
-
 import io
+import os
+import pickle
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
 
 LOAD_BASE = 0x100000
 STACK_TOP = 0x90000
@@ -65,24 +70,19 @@ def strip_comment(line: str) -> str:
 
 
 def _keystone(text: str, base: int) -> bytes:
-    from keystone import KS_ARCH_X86, KS_MODE_64, Ks
     enc, _ = Ks(KS_ARCH_X86, KS_MODE_64).asm(text, base)
     return bytes(enc or b"")
 
 
-def _keystone_isolated(text: str, base: int) -> bytes:
+def _keystone_isolated(text: str, base: int) -> tuple[str, bytes | str]:
     """Keystone in a forked child: some inputs (a high-byte register next to a
     REX prefix, ``mov dh, [r12]``) make LLVM inside keystone abort the whole
     process, which a loader must turn into an error, not a crash."""
-    import os
-    import pickle
-    import signal
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                    # child: assemble, report, leave at once
         os.close(r)
         try:
-            from keystone import KsError
             try:
                 out = ("ok", _keystone(text, base))
             except KsError as e:
@@ -103,7 +103,6 @@ def _keystone_isolated(text: str, base: int) -> bytes:
 
 
 def assemble(source: str, base: int = LOAD_BASE, name: str = "<asm>") -> bytes:
-    from keystone import KsError
     text = "\n".join(strip_comment(line) for line in source.splitlines())
     if hasattr(os, "fork"):
         res = _keystone_isolated(text, base)
@@ -153,8 +152,6 @@ def load_image(path: str | Path, ram_size: int) -> Image:
 
 
 def _load_elf(p: Path, data: bytes, ram_size: int) -> Image:
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
     try:
         elf = ELFFile(io.BytesIO(data))
         if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":

@@ -29,18 +29,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..svm.exitcodes import ExitCode
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.paging import ADDR_MASK, Access, TableBuilder, canonical, walk
-from ..svm.vmcb import EventType, NpControl, TlbControl
+from ..svm.cpu import ExitRecord
+from ..svm.events import Vec
+from ..svm.exitcodes import ExitCode
 from ..svm.stop import StopReason
+from ..svm.vmcb import EventType, NpControl, TlbControl
+from .handlers import Action
 
 if TYPE_CHECKING:
-    from ..svm.cpu import ExitRecord
-    from .machine import Action, Machine
+    from .machine import Machine
 
 CR_VALID = 1 << 63
-PF_VEC = 14
+PF_VEC = Vec.PF
 
 
 @dataclass
@@ -77,12 +79,12 @@ class ShadowPager:
         v = g.vmcb
         v.NP_CONTROL = v.NP_CONTROL & ~NpControl.NP_ENABLE
         v.N_CR3 = 0
-        for code in (ExitCode.CR3_READ, ExitCode.CR3_WRITE, ExitCode.INVLPG, 0x40 + PF_VEC):
+        for code in (ExitCode.CR3_READ, ExitCode.CR3_WRITE, ExitCode.INVLPG, ExitCode.EXCP_PF):
             v.set_intercept(code)
         m.on(ExitCode.CR3_READ)(self.on_cr3_read)
         m.on(ExitCode.CR3_WRITE)(self.on_cr3_write)
         m.on(ExitCode.INVLPG)(self.on_invlpg)
-        m.on(0x40 + PF_VEC)(self.on_page_fault)
+        m.on(ExitCode.EXCP_PF)(self.on_page_fault)
 
     # -- the shadow tables ----------------------------------------------------
     def _alloc(self) -> int:
@@ -147,7 +149,7 @@ class ShadowPager:
         return self._gpa_to_hpa(r.phys)
 
     # -- exit handlers --------------------------------------------------------
-    def on_page_fault(self, m: "Machine", e: "ExitRecord") -> "Action | None":
+    def on_page_fault(self, m: "Machine", e: ExitRecord) -> Action | None:
         gva, err = e.exitinfo2, e.exitinfo1 & 0xFFFF_FFFF
         access = Access.FETCH if err & 0x10 else (Access.WRITE if err & 0x2 else Access.READ)
         user = bool(err & 0x4)
@@ -188,21 +190,21 @@ class ShadowPager:
         # no flush: the TLB holds no not-present entries, and a read-only
         # entry is walked again on the write that needs more (§5.5)
 
-    def _reflect(self, e: "ExitRecord", err: int) -> "Action | None":
+    def _reflect(self, e: ExitRecord, err: int) -> Action | None:
         """The guest's own #PF: CR2 and the error code its tables produced."""
         v = self.guest.vmcb
         v.CR2 = e.exitinfo2
         self.m.inject(PF_VEC, EventType.EXCEPTION, err)
         return None
 
-    def _reinject(self, e: "ExitRecord") -> None:
+    def _reinject(self, e: ExitRecord) -> None:
         """A shadow fault hit while the processor was delivering an event: that
         event (EXITINTINFO, APM §15.7.2) is injected again."""
         info = e.exitintinfo
         if info & (1 << 31):
             self.guest.vmcb.EVENTINJ = info
 
-    def on_cr3_write(self, m: "Machine", e: "ExitRecord") -> "Action | None":
+    def on_cr3_write(self, m: "Machine", e: ExitRecord) -> Action | None:
         if not e.exitinfo1 & CR_VALID:
             return m.stop(StopReason.SHADOW_ERROR, "MOV to CR3 without decode assists")
         self.stats.cr3_writes += 1
@@ -210,14 +212,14 @@ class ShadowPager:
         m.advance(e)
         return None
 
-    def on_cr3_read(self, m: "Machine", e: "ExitRecord") -> "Action | None":
+    def on_cr3_read(self, m: "Machine", e: ExitRecord) -> Action | None:
         if not e.exitinfo1 & CR_VALID:
             return m.stop(StopReason.SHADOW_ERROR, "MOV from CR3 without decode assists")
         m.cpu.set_guest_gpr(e.exitinfo1 & 0xF, self.guest_cr3)
         m.advance(e)
         return None
 
-    def on_invlpg(self, m: "Machine", e: "ExitRecord") -> "Action | None":
+    def on_invlpg(self, m: "Machine", e: ExitRecord) -> Action | None:
         self.stats.invlpg += 1
         if self._unsynced:
             self.zap()              # tables the guest wrote freely: resynchronize everything

@@ -33,17 +33,14 @@ import os
 import struct
 from dataclasses import dataclass, field
 from enum import Enum, IntFlag
-from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..memory.hostmem import PAGE_SIZE
-from .memctl import XexEngine
-
-if TYPE_CHECKING:
-    from ..memory.hostmem import HostMemory
+from ..memory.hostmem import PAGE_SIZE, HostMemory
+from .memctl import MemoryController, XexEngine
+from .rmp import ReverseMapTable
 
 # ----------------------------------------------------------- capabilities
 #: C-bit position in guest page-table entries (CPUID Fn8000_001F EBX[5:0]).
@@ -170,7 +167,7 @@ class GuestOwner:
 class SecureProcessor:
     """The AMD secure processor: keys per ASID and the SEV firmware commands."""
 
-    def __init__(self, mem: "HostMemory", max_asid: int = MAX_SEV_ASID, min_sev_asid: int = MIN_SEV_ASID) -> None:
+    def __init__(self, mem: HostMemory, max_asid: int = MAX_SEV_ASID, min_sev_asid: int = MIN_SEV_ASID) -> None:
         self.mem = mem
         self.max_asid, self.min_sev_asid = max_asid, min_sev_asid
         self._pdh = X25519PrivateKey.generate()
@@ -180,9 +177,9 @@ class SecureProcessor:
         self._engines: dict[int, XexEngine] = {}
         self._next_handle = 1
         #: optional SNP reverse-map table; firmware writes consult it
-        self.rmp = None
+        self.rmp: ReverseMapTable | None = None
         #: the memory controller, kept coherent with the firmware's own DRAM writes
-        self.memctl = None
+        self.memctl: MemoryController | None = None
 
     # ------------------------------------------------------------ platform
     def pdh_public(self) -> bytes:
@@ -196,6 +193,10 @@ class SecureProcessor:
         if h is None or self._guests[h].state is not GuestState.RUNNING:
             return None
         return self._engines[asid]
+
+    def cpuid_8000_001f(self) -> tuple[int, int, int, int]:
+        """CPUID Fn8000_001F as this platform reports it (what a hypervisor passes on)."""
+        return cpuid_8000_001f()
 
     def is_es(self, asid: int) -> bool:
         h = self._by_asid.get(asid)

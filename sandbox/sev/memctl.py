@@ -42,10 +42,12 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..memory.hostmem import PAGE_SIZE
+from ..memory.hostmem import PAGE_SIZE, HostMemory
+from .rmp import ReverseMapTable
 
 if TYPE_CHECKING:
-    from ..memory.hostmem import HostMemory
+    from ..svm.cpu import SvmCpu
+    from .vmsa import SevEsState
 
 PAGE_MASK = ~(PAGE_SIZE - 1)
 
@@ -122,14 +124,13 @@ class MemoryController:
     host-memory sync hook and :meth:`before_vmrun` at VMRUN.
     """
 
-    def __init__(self, mem: "HostMemory", engine_for: Callable[[int], XexEngine | None], cbit: int) -> None:
+    def __init__(self, mem: HostMemory, engine_for: Callable[[int], XexEngine | None], cbit: int) -> None:
         self.mem = mem
         self._engine_for = engine_for
         #: the C-bit as a mask in guest page-table entries
         self.cbit_mask = 1 << cbit
         self._cb = mem.cache_base
         self._view = mem.view
-        self._mm = mem._mm
         self.active = False
         self.asid = 0
         self._engine: XexEngine | None = None
@@ -137,11 +138,11 @@ class MemoryController:
         self._writable: set[int] = set()       # cached pages the guest may have written since
         self.stale = False                     # cached plaintext dropped: TLB/TBs need flushing
         self.stats = MemCtlStats()
-        #: SEV-SNP: the reverse-map table (sandbox.sev.rmp), and whether the running guest is SNP-active
-        self.rmp = None
+        #: SEV-SNP: the reverse-map table, and whether the running guest is SNP-active
+        self.rmp: ReverseMapTable | None = None
         self.snp = False
-        #: SEV-ES: the guest's VMSA/GHCB state (sandbox.sev.vmsa.SevEsState) when it runs with SEV-ES
-        self.es = None
+        #: SEV-ES: the guest's VMSA and GHCB MSR when it runs with SEV-ES
+        self.es: SevEsState | None = None
 
     # ---------------------------------------------------------------- VMRUN
     def vmrun_check(self, asid: int, sev_enabled: bool, np_enabled: bool, es_enabled: bool = False) -> str:
@@ -167,16 +168,14 @@ class MemoryController:
         self.asid, self._engine, self.active = asid, engine, True
         return ""
 
-    def before_vmrun(self, cpu) -> None:
+    def before_vmrun(self, cpu: "SvmCpu") -> None:
         """The hypervisor replaced cached pages: the guest's TLB entries and
         translated blocks for their plaintext are stale."""
         if self.es is not None:
             self.es.on_vmrun(cpu)
         if self.stale:
             self.stale = False
-            tlb = getattr(cpu, "tlb", None)
-            if tlb is not None:
-                tlb.flush_asid(self.asid)       # an ASID-tagged TLB holds plaintext-cache addresses too
+            cpu.tlb.flush_asid(self.asid)       # an ASID-tagged TLB holds plaintext-cache addresses too
             cpu.flush_tlb()
             cpu.uc.ctl_flush_tb()
 
@@ -206,14 +205,14 @@ class MemoryController:
         return self.cpu_paddr(hpa, True, True)
 
     def _fill(self, page: int) -> None:
-        pt = self._engine.decrypt_page(page, self._mm[page:page + PAGE_SIZE])
+        pt = self._engine.decrypt_page(page, self._view[page:page + PAGE_SIZE].tobytes())
         self._view[self._cb + page:self._cb + page + PAGE_SIZE] = pt
         self._clean[page] = pt
         self.stats.decrypts += 1
 
     def _write_back(self, page: int) -> bool:
         a = self._cb + page
-        cur = self._mm[a:a + PAGE_SIZE]
+        cur = self._view[a:a + PAGE_SIZE].tobytes()
         if cur == self._clean[page]:
             return False
         self._view[page:page + PAGE_SIZE] = self._engine.encrypt_page(page, cur)
@@ -224,16 +223,15 @@ class MemoryController:
     def flush_dirty(self) -> None:
         """#VMEXIT: encrypt every page the guest changed back into DRAM (one AES call)."""
         self.stats.flushes += 1
-        mm, cb, clean = self._mm, self._cb, self._clean
+        view, cb, clean = self._view, self._cb, self._clean
         changed = []
         for page in self._writable:
-            cur = mm[cb + page:cb + page + PAGE_SIZE]
+            cur = view[cb + page:cb + page + PAGE_SIZE].tobytes()
             if cur != clean[page]:
                 changed.append((page, cur))
         if not changed:
             return
         ct = memoryview(self._engine.encrypt_pages(changed))
-        view = self._view
         o = 0
         for page, cur in changed:
             view[page:page + PAGE_SIZE] = ct[o:o + PAGE_SIZE]

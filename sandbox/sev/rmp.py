@@ -25,6 +25,9 @@ PVALIDATE (F2 0F 01 FF) is executed by the guest: RAX = GVA, ECX = page size
 (0 = 4 KiB), EDX = 1 validate / 0 rescind; RAX returns 0 (success),
 1 (FAIL_INPUT) or 6 (FAIL_SIZEMISMATCH); RFLAGS.CF = 1 when VALIDATED did not
 change (APM vol. 3 PVALIDATE).
+
+Attaching the RMP to a machine and launching an SNP guest are the
+hypervisor's part: :mod:`sandbox.hypervisor.sev_launch`.
 """
 from __future__ import annotations
 
@@ -32,14 +35,18 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from unicorn import x86_const as X
+
 from ..arch import VEC_VC
-from ..memory.hostmem import PAGE_SIZE, HostMemoryError
-from ..memory.mmu import GuestException, NestedFault
+from ..memory.encryption import NPF_ENC
+from ..memory.hostmem import PAGE_SIZE, HostMemory, HostMemoryError
+from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import Access, PFErr
-from ..svm.stop import StopReason
+from ..svm.events import Vec
+from ..svm.exitcodes import ExitCode
 
 if TYPE_CHECKING:
-    from ..hypervisor.machine import Machine
+    from ..svm.cpu import SvmCpu
     from .memctl import MemoryController
 
 RMP_BOOKKEEPING = 0x4000
@@ -88,7 +95,7 @@ class RmpEntry:
 class ReverseMapTable:
     """The RMP, in DRAM pages owned by the secure processor."""
 
-    def __init__(self, mem) -> None:
+    def __init__(self, mem: HostMemory) -> None:
         self.mem = mem
         n = RMP_BOOKKEEPING + (mem.size // PAGE_SIZE) * ENTRY_SIZE
         self.npages = (n + PAGE_SIZE - 1) // PAGE_SIZE
@@ -148,7 +155,6 @@ class ReverseMapTable:
             bits = PFErr.P | PFErr.U | (PFErr.W if access == Access.WRITE else 0) | \
                 (PFErr.ID if access == Access.FETCH else 0)
             bits |= PFErr.FINAL if final else PFErr.PT_WALK
-            from ..memory.encryption import NPF_ENC
             raise NestedFault(int(bits) | NPF_RMP | (NPF_ENC if private else 0), gpa)
         if private and not e.validated:
             raise GuestException(VEC_VC, VC_PAGE_NOT_VALIDATED)
@@ -164,13 +170,11 @@ class ReverseMapTable:
         return 0, False
 
 
-def emulate_pvalidate(cpu, mc: "MemoryController", rip: int) -> bool:
+def emulate_pvalidate(cpu: "SvmCpu", mc: "MemoryController", rip: int) -> bool:
     """Called from the processor's invalid-opcode path: executes PVALIDATE for
     an SNP-active guest.  False when the bytes at RIP are not PVALIDATE."""
     if cpu.insn_bytes(rip)[:4] != PVALIDATE:
         return False
-    from unicorn import x86_const as X
-    from ..memory.mmu import GuestGP, GuestPageFault
     st = cpu.st
     gva, size, validate = (st.reg_read(X.UC_X86_REG_RAX), st.reg_read(X.UC_X86_REG_RCX) & 0xFFFFFFFF,
                            bool(st.reg_read(X.UC_X86_REG_RDX) & 1))
@@ -185,58 +189,16 @@ def emulate_pvalidate(cpu, mc: "MemoryController", rip: int) -> bool:
             n = w.nested.translate(gpa, Access.READ, final=True, set_ad=False)
             status, cf = mc.rmp.pvalidate(n.phys & ~0xFFF, gpa, mc.asid, validate)
         except GuestPageFault as f:
-            cpu.raise_exception(14, f.error_code, rip, cr2=f.address)
+            cpu.raise_exception(Vec.PF, f.error_code, rip, cr2=f.address)
             return True
         except GuestGP:
-            cpu.raise_exception(13, 0, rip)
+            cpu.raise_exception(Vec.GP, 0, rip)
             return True
         except NestedFault as f:
-            cpu.take_vmexit(0x400, f.exitinfo1, f.gpa, rip=rip, nrip=0)
+            cpu.take_vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=rip, nrip=0)
             return True
         mc.stale = True            # translations of that page must recheck the RMP
     st.reg_write(X.UC_X86_REG_RAX, status)
     st.reg_write(X.UC_X86_REG_RFLAGS, rflags | (1 if cf else 0))
-    st.reg_write(X.UC_X86_REG_RIP, rip + 4)
+    st.reg_write(X.UC_X86_REG_RIP, rip + len(PVALIDATE))
     return True
-
-
-def attach_rmp(m: "Machine") -> ReverseMapTable:
-    from ..hypervisor.sev_launch import attach_secure_processor
-    sp = attach_secure_processor(m)
-    if sp.rmp is None:
-        sp.rmp = ReverseMapTable(m.mem)
-        m.sp.memctl.rmp = sp.rmp
-        m.rmp = sp.rmp
-        m.msrs[MSR_RMP_BASE], m.msrs[MSR_RMP_END] = sp.rmp.base, sp.rmp.end
-    return sp.rmp
-
-
-def launch_snp(m: "Machine", **kw):
-    """Launch the loaded guest as SNP-active: every launched page is assigned to
-    the guest in the RMP at its GPA and validated (as SNP_LAUNCH_UPDATE does)."""
-    from ..hypervisor.sev_launch import launch_sev
-    attach_rmp(m)
-    m.sp.memctl.snp = True
-    m.on(0x400)(handle_npf_snp)
-    return launch_sev(m, **kw)
-
-
-def handle_npf_snp(m: "Machine", e) -> "object":
-    """VMEXIT_NPF for an SNP guest.  A shared (C=0) access to a page the guest
-    owns is an implicit page-state change to shared, as KVM treats it: the
-    hypervisor takes the page back with RMPUPDATE and resumes.  An RMP fault
-    on a private access is a violation: the run stops and says so."""
-    from ..hypervisor.machine import RESUME
-    from ..hypervisor.sev_launch import handle_npf_sev
-    from ..memory.encryption import NPF_ENC
-    if e.exitinfo1 & NPF_RMP:
-        gpa = e.exitinfo2 & ~0xFFF
-        if not e.exitinfo1 & NPF_ENC:
-            hpa = m.guest.npt.lookup(gpa)
-            if hpa is not None and m.rmp.entry(hpa).asid == m.sp.memctl.asid:
-                m.rmp.rmpupdate(hpa, assigned=False)
-                m.sp.memctl.stale = True
-                return RESUME
-        return m.stop(StopReason.NPF, f"RMP violation: nested page fault with the RMP bit at GPA {e.exitinfo2:#x} "
-                             f"(EXITINFO1 {e.exitinfo1:#x}) from RIP {e.rip:#x}")
-    return handle_npf_sev(m, e)

@@ -389,6 +389,11 @@ class SvmCpu:
         """Execute the instruction at ``rip`` once without the intercept check."""
         self._pass_once = rip
 
+    @property
+    def invalid_reason(self) -> str:
+        """Why the last VMRUN failed with VMEXIT_INVALID."""
+        return self._invalid_reason
+
     def _candidate(self, address: int) -> None:
         if self._stop is not None:
             return

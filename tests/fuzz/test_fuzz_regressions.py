@@ -89,7 +89,7 @@ def test_rep_string_io_with_huge_count_is_chunked(guest):
     r = m.run(timeout=20, max_exits=3)
     assert r.reason == "exit-budget", (r.reason, r.detail)
     assert r.counts.get(0x7B) == 2              # the third exit hit the budget before its handler
-    from sandbox.hypervisor.machine import STRING_IO_CHUNK
+    from sandbox.hypervisor.string_io import STRING_IO_CHUNK
     assert r.regs["rcx"] == 0x100000000 - 2 * STRING_IO_CHUNK
 
 

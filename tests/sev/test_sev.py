@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sandbox.svm.exitcodes import ExitCode
-from sandbox.hypervisor.machine import RESUME, handle_vmmcall
+from sandbox.hypervisor.handlers import RESUME, handle_vmmcall
 from sandbox.sev.firmware import C_BIT, GuestOwner, GuestState, Policy, SecureProcessor, SevError, cpuid_8000_001f
 from sandbox.hypervisor.sev_launch import launch_sev
 
@@ -103,7 +103,7 @@ def test_ciphertext_is_xex_of_the_plaintext_under_the_asid_key(guest):
     hpa = m.guest.ram[PAGE_A]
     expect = bytearray(4096)
     expect[:8] = le(SECRET_A)
-    key = m.sp._testing_key(rep.asid)
+    key = m.sev.sp._testing_key(rep.asid)
     assert m.mem.read(hpa, 4096) == xex_reference(key, hpa, bytes(expect))
 
 
@@ -199,7 +199,7 @@ def test_firmware_page_move_keeps_the_data(guest):
     def move(m):
         src = m.guest.ram[PAGE_A]
         dst = m.mem.alloc_page()
-        m.sp.page_move(m.sev_handle, src, dst)
+        m.sev.sp.page_move(m.sev.handle, src, dst)
         m.guest.npt.map(PAGE_A, dst)
         m.guest.ram[PAGE_A] = dst
     m, _, seen = staged(guest, write_ab() + HV_TURN + READ_AB + HV_TURN, [move, lambda m: None])
@@ -316,7 +316,7 @@ def test_bad_update_region(guest):
 def test_vmrun_with_sev_but_no_launched_guest_is_invalid(guest):
     m = guest(hc_exit(0))
     launch_sev(m)
-    m.sp.decommission(m.sev_handle)
+    m.sev.sp.decommission(m.sev.handle)
     r = m.run()
     assert r.reason == "invalid-vmcb" and "no launched SEV guest" in r.detail
     assert not r.ok
@@ -325,8 +325,8 @@ def test_vmrun_with_sev_but_no_launched_guest_is_invalid(guest):
 def test_no_api_returns_the_key(guest):
     m = guest(hc_exit(0))
     rep = launch_sev(m)
-    key = m.sp._testing_key(rep.asid)
-    for obj in (m.sp, m.sp.memctl):
+    key = m.sev.sp._testing_key(rep.asid)
+    for obj in (m.sev.sp, m.sev.memctl):
         for name in dir(obj):
             if name.startswith("_"):
                 continue
@@ -423,10 +423,10 @@ def test_guest_asid_selects_the_key(guest):
     makes the processor decrypt this guest's code with the wrong key."""
     m = guest(f"mov rax, {PAGE_A:#x}\nmov rbx, {SECRET_A:#x}\nmov [rax], rbx\n" + hc_exit(0))
     rep = launch_sev(m)
-    other = GuestOwner(m.sp.pdh_public())
-    h = m.sp.launch_start(rep.asid + 1, Policy.NODBG, other.session())
-    m.sp.launch_measure(h)
-    m.sp.launch_finish(h)
+    other = GuestOwner(m.sev.sp.pdh_public())
+    h = m.sev.sp.launch_start(rep.asid + 1, Policy.NODBG, other.session())
+    m.sev.sp.launch_measure(h)
+    m.sev.sp.launch_finish(h)
     m.guest.vmcb.GUEST_ASID = rep.asid + 1
     r = m.run(max_exits=50)
     assert r.reason != "guest-exit"                        # garbage code: it never reaches EXIT

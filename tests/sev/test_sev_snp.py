@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from sandbox.svm.exitcodes import ExitCode
-from sandbox.hypervisor.machine import RESUME, handle_vmmcall
-from sandbox.sev.rmp import RmpEntry, RmpError, RmpViolation, launch_snp
+from sandbox.hypervisor.handlers import RESUME, handle_vmmcall
+from sandbox.hypervisor.sev_launch import launch_snp
+from sandbox.sev.rmp import RmpEntry, RmpError, RmpViolation
 
 from conftest import hc_exit
 from test_sev import HV_TURN, PAGE_A, PAGE_B, READ_AB, SECRET_A, SECRET_B, write_ab
@@ -58,15 +59,15 @@ def test_launch_assigns_and_validates_every_guest_page(guest):
     m = guest(hc_exit(0))
     rep = launch_snp(m)
     for gpa, hpa in m.guest.ram.items():
-        e = m.rmp.entry(hpa)
+        e = m.sev.rmp.entry(hpa)
         assert e.assigned and e.asid == rep.asid and e.gpa == gpa and e.validated
-    assert not m.rmp.entry(m.guest.vmcb_hpa).assigned          # hypervisor pages stay the hypervisor's
-    rmp_page = m.rmp.entry(m.rmp.base)
+    assert not m.sev.rmp.entry(m.guest.vmcb_hpa).assigned          # hypervisor pages stay the hypervisor's
+    rmp_page = m.sev.rmp.entry(m.sev.rmp.base)
     assert rmp_page.assigned and rmp_page.immutable and rmp_page.asid == 0
     with pytest.raises(RmpError, match="FAIL_PERMISSION"):
-        m.rmp.rmpupdate(m.rmp.base, assigned=False)
+        m.sev.rmp.rmpupdate(m.sev.rmp.base, assigned=False)
     with pytest.raises(RmpViolation):
-        m.mem.write(m.rmp.base + 0x4000, b"\0" * 16)            # nor can it edit the RMP itself
+        m.mem.write(m.sev.rmp.base + 0x4000, b"\0" * 16)            # nor can it edit the RMP itself
     assert m.run().ok
 
 
@@ -112,9 +113,9 @@ def test_replay_through_rmpupdate_is_caught_as_unvalidated(guest):
 
     def replay(m):
         hpa = m.guest.ram[PAGE_A]
-        m.rmp.rmpupdate(hpa, assigned=False)
+        m.sev.rmp.rmpupdate(hpa, assigned=False)
         m.mem.write(hpa, saved["c"])
-        m.rmp.rmpupdate(hpa, assigned=True, asid=m.sp.memctl.asid, gpa=PAGE_A)
+        m.sev.rmp.rmpupdate(hpa, assigned=True, asid=m.sev.memctl.asid, gpa=PAGE_A)
     body = write_ab(1) + HV_TURN + write_ab(2) + HV_TURN + READ_AB + HV_TURN
     m, _, seen, stops = snp_staged(guest, body, [record, replay])
     r = m.run()
@@ -154,9 +155,9 @@ def test_pvalidate_makes_a_new_page_usable(guest):
 
     def give(m):
         dst = m.mem.alloc_page()
-        m.rmp.rmpupdate(dst, assigned=True, asid=m.sp.memctl.asid, gpa=PAGE_C)
+        m.sev.rmp.rmpupdate(dst, assigned=True, asid=m.sev.memctl.asid, gpa=PAGE_C)
         m.guest.npt.map(PAGE_C, dst)
-        assert not m.rmp.entry(dst).validated
+        assert not m.sev.rmp.entry(dst).validated
     m, _, seen, stops = snp_staged(guest, body, [give, lambda m: None, lambda m: None])
     r = m.run()
     assert r.ok, (r.reason, r.detail, stops)
@@ -170,7 +171,7 @@ def test_unvalidated_page_raises_vc(guest):
 
     def give(m):
         dst = m.mem.alloc_page()
-        m.rmp.rmpupdate(dst, assigned=True, asid=m.sp.memctl.asid, gpa=PAGE_C)
+        m.sev.rmp.rmpupdate(dst, assigned=True, asid=m.sev.memctl.asid, gpa=PAGE_C)
         m.guest.npt.map(PAGE_C, dst)
     m, _, seen, stops = snp_staged(guest, body, [give])
     assert m.run().reason == "vc"
