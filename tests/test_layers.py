@@ -27,16 +27,10 @@ PACKAGE = "sandbox"
 #: package) -> why.  Only a heavy dependency that most runs never need may be
 #: deferred; anything else is imported at the top of its module.
 FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
-    ("sandbox.hypervisor.loader", "keystone"):
-        "the assembler (~90 ms to import) is needed only for .S images",
-    ("sandbox.hypervisor.loader", "elftools"):
-        "pyelftools (~130 ms to import) is needed only for ELF images",
     ("sandbox.fuzz.differential", "keystone"):
-        "the assembler is needed only to build the differential's QEMU stub",
-    ("sandbox.cli.fuzz", "rich"):
-        "rich's console/live display (~70-230 ms) is needed only for interactive output",
-    ("sandbox.cli.run", "rich"):
-        "rich's console and tables (~70 ms) are needed only when a run prints",
+        "the assembler (~90 ms to import) is needed only to build the differential's QEMU stub",
+    ("sandbox.cli.run", "sandbox.cli.sev"):
+        "the SEV stack imports cryptography and numpy (~0.5 s), which runs without --sev never need",
 }
 
 #: Private attributes of objects the project does not own that a module may
