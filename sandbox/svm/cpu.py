@@ -1195,6 +1195,8 @@ class SvmCpu:
             st.reg_write(X.UC_X86_REG_DR6, dr6)
             st.reg_write(X.UC_X86_REG_DR7, dr7)
             st.load()
+            if bool(st.efer & EFER_LMA) != bool(efer & EFER_LMA):
+                st.set_lma(bool(efer & EFER_LMA))    # e.g. a legacy-mode guest after a long-mode one
             for name in ("ES", "CS", "SS", "DS"):
                 st.set_seg(SEG_INDEX[name], *_get_seg(mv, b + SEGMENTS[name]))
             for name in ("GDTR", "IDTR"):

@@ -172,6 +172,15 @@ class CpuState:
     def efer(self) -> int:
         return _Q.unpack_from(self.data, OFF_EFER)[0]
 
+    def set_lma(self, on: bool) -> None:
+        """Patch EFER.LMA and hflags.LMA in the snapshot.  QEMU changes LMA only
+        on a CR0.PG transition, so a world switch that loads EFER must set it."""
+        lma = 1 << 10
+        efer = self.efer
+        _Q.pack_into(self.data, OFF_EFER, (efer | lma) if on else (efer & ~lma))
+        self.hflags = (self.hflags | HF_LMA) if on else (self.hflags & ~(HF_LMA | HF_CS64))
+        self.dirty = True
+
     def seg(self, idx: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, qemu_flags) of segment register ``idx``."""
         return _SEG.unpack_from(self.data, OFF_SEGS + SEG_SIZE * idx)
