@@ -449,7 +449,7 @@ class SvmCpu:
             self._deliver_in_hook(vec, None, software=(k == D.Kind.INTN) or k == D.Kind.INT3,
                                   rip_after=address + insn.length, fault_rip=address)
         elif k == D.Kind.MOV_TO_CR:
-            if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0)):
+            if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0), bool(st.efer & EFER_LMA)):
                 self.raise_exception(Vec.GP, 0, address)      # Unicorn would load the illegal value
             else:
                 self._observe_cr_write(insn.reg)
