@@ -182,6 +182,9 @@ class SvmCpu:
         self.guest_clock = 0
         self.timer_period = self.timer_next = 0
         self.timer_ticks = self.timer_masked = 0
+        self._slice_budget = 0            # instructions the running emu_start may count (0: not counting)
+        self._in_emu = False
+        self._rearm = False               # the timer was re-armed while a slice ran
         self._install_hooks()
 
     # ------------------------------------------------------------------ hooks
@@ -1007,11 +1010,24 @@ class SvmCpu:
         if period_ns < 0:
             raise ValueError("timer period must be positive")
         self.timer_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns else 0
-        self.timer_next = self.guest_clock + self.timer_period
+        self.timer_next = self._clock_now() + self.timer_period
+        if self._in_emu:
+            # armed by a hypervisor handling an exit inside the run: end this
+            # slice, so the next one is bounded by the new deadline
+            self._rearm = True
+            self.uc.emu_stop()
+
+    def _clock_now(self) -> int:
+        """Guest time in instructions, including the running slice's progress."""
+        if self._in_emu and self._slice_budget:
+            n = emu_counter(self.uc)
+            if n is not None:
+                return self.guest_clock + min(n, self._slice_budget)
+        return self.guest_clock
 
     @property
     def guest_time_ns(self) -> int:
-        return self.guest_clock * 1_000_000_000 // GUEST_IPS
+        return self._clock_now() * 1_000_000_000 // GUEST_IPS
 
     def _timer_interrupt(self) -> None:
         self.timer_next = self.guest_clock + self.timer_period
@@ -1044,10 +1060,12 @@ class SvmCpu:
                 due = max(1, self.timer_next - self.guest_clock)
                 budget = min(budget, due) if budget else due
             self._pending_fault = None
+            self._slice_budget, self._in_emu, self._rearm = budget, True, False
             try:
                 try:
                     self.uc.emu_start(self._entry_rip, 0xFFFF_FFFF_FFFF_FFFF, count=budget)
                 finally:
+                    self._in_emu = False
                     self._count_slice(budget)
             except UcError as e:
                 if self._stop is not None:
@@ -1062,6 +1080,9 @@ class SvmCpu:
                 continue
             if self._stop is not None:
                 break
+            if self._rearm and not self._timed_out:
+                self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
+                continue
             # emu_start returned by itself: a timer deadline, the budget, or the watchdog's emu_stop
             if not self._timed_out and self.timer_period and self.guest_clock >= self.timer_next:
                 self._timer_interrupt()
