@@ -132,6 +132,9 @@ def load_image(path: str | Path, ram_size: int) -> Image:
     data = p.read_bytes()
     suffix = p.suffix.lower()
     if data[:4] == b"\x7fELF":
+        if data[4:5] == b"\x01":                  # ELFCLASS32: a multiboot kernel
+            from .multiboot import load_multiboot
+            return load_multiboot(p, data, ram_size)
         return _load_elf(p, data, ram_size)
     if suffix in (".s", ".asm"):
         try:
