@@ -26,7 +26,7 @@ from ..svm.exitcodes import ExitCode, exit_name
 from ..memory.hostmem import PAGE_SIZE, HostMemory, HostMemoryError
 from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from .loader import (CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BASE, STACK_TOP, Image,
-                     load_image)
+                     ImageError, load_image)
 from ..svm.msrpm import MSRPM, MSRPM_PAGES
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from ..memory.npt import NestedPageTable
@@ -412,9 +412,16 @@ class Machine:
             return fn
         return deco
 
-    def load(self, path: str) -> Image:
+    def load(self, path: str, append: str | None = None) -> Image:
+        """Load a guest image; ``append`` is a multiboot kernel's command line."""
         img = load_image(path, self.guest.ram_size)
-        self.guest.load(img)
+        if img.kind == "multiboot":
+            from .multiboot import boot
+            boot(self, img, append or "")
+        elif append:
+            raise ImageError(f"{path}: a command line (append) applies to multiboot kernels only")
+        else:
+            self.guest.load(img)
         if self.shadow is not None:
             self.shadow.attach_cr3(self.guest.vmcb.CR3)
         return img
