@@ -20,7 +20,7 @@ from ..svm import intercepts as I
 from ..arch import EFER_SVME
 from ..svm.cpu import RunLimits, StopInfo, SvmCpu, ExitRecord, VmrunError
 from ..svm.cpustate import GPR_IDS, GPR_NAMES
-from .devices import COM1, DeviceBus, MmioRegion, Serial16550
+from .devices import COM1, DeviceBus, MmioRegion, MsrFault, Serial16550
 from .mmio import AccessForm, MmioDecodeError, complete, decode_access, decode_form
 from ..svm.exitcodes import ExitCode, exit_name
 from ..memory.hostmem import PAGE_SIZE, HostMemory, HostMemoryError
@@ -684,8 +684,22 @@ def _string_io(m: Machine, info: int, port: int, size: int, is_in: bool, count: 
 
 
 def handle_msr(m: Machine, e: ExitRecord) -> Action:
-    """RDMSR/WRMSR against the emulated MSR file; unknown MSRs raise #GP."""
+    """RDMSR/WRMSR against a device that owns the MSR (the local APIC's), then
+    the emulated MSR file; unknown MSRs raise #GP."""
     msr = m.regs.rcx & 0xFFFFFFFF
+    dev = m.bus.msr_owner(msr)
+    if dev is not None:
+        try:
+            if e.exitinfo1 == 0:
+                v = dev.rdmsr(msr)
+                m.regs.rax, m.regs.rdx = v & 0xFFFFFFFF, v >> 32
+            else:
+                dev.wrmsr(msr, (m.regs.rax & 0xFFFFFFFF) | ((m.regs.rdx & 0xFFFFFFFF) << 32))
+        except MsrFault:
+            m.inject(13, EventType.EXCEPTION, 0)
+            return RESUME
+        m.advance(e)
+        return RESUME
     if e.exitinfo1 == 0:
         if msr == 0x10:
             v = (m.cpu.host_tsc() + m.guest.vmcb.TSC_OFFSET) & 0xFFFF_FFFF_FFFF_FFFF
