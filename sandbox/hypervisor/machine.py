@@ -321,6 +321,8 @@ class Machine:
         self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self.timer_callback: Callable[["Machine"], None] | None = None
         self._mmio_forms: dict[tuple[int, bytes], AccessForm] = {}
+        #: ``hook(machine, exit)`` run after every handler that resumes the guest (STOP ends the run)
+        self.resume_hooks: list[Callable[["Machine", ExitRecord], Action | None]] = []
         self.default_intercepts()
         #: the shadow MMU when the guest runs without nested paging
         self.shadow: ShadowPager | None = ShadowPager(self) if paging == "shadow" else None
@@ -492,6 +494,12 @@ class Machine:
             return False
         try:
             act = h(self, rec)
+            if (act is None or act == RESUME) and self.resume_hooks:
+                # before the next VMRUN: e.g. the platform's interrupt controller
+                # queues an interrupt (EVENTINJ, or V_IRQ for a window)
+                for hook in self.resume_hooks:
+                    if hook(self, rec) == STOP:
+                        return False
         except Exception as e:       # a handler crash ends the run with a clear message
             import traceback
             tb = traceback.extract_tb(e.__traceback__)[-1]
