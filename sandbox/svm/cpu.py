@@ -625,7 +625,9 @@ class SvmCpu:
     def _intr(self, uc, intno, ud) -> None:
         try:
             rip = self.st.reg_read(X.UC_X86_REG_RIP)
-            err = self.st.load().error_code if intno in HAS_ERROR_CODE else None
+            st = self.st.load()
+            err = st.error_code if intno in HAS_ERROR_CODE else None
+            st.clear_old_exception()        # the model delivers it: nothing stays "in flight" for QEMU
             if intno >= 32:
                 # a software interrupt the scanner did not see (cannot happen
                 # with INT n always hooked); deliver it like INT n
@@ -1095,6 +1097,7 @@ class SvmCpu:
 
     def _memory_fault(self, f: Exception) -> None:
         """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
+        self.st.load().clear_old_exception()
         rip = self.st.reg_read(X.UC_X86_REG_RIP)
         # the fill saw only the page; Unicorn kept the exact faulting address
         exact = invalid_addr(self.uc)

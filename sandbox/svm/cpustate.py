@@ -161,6 +161,13 @@ class CpuState:
         """QEMU's ``env->error_code`` of the exception being raised."""
         return _I.unpack_from(self.data, OFF_ERROR_CODE)[0]
 
+    def clear_old_exception(self) -> None:
+        """Forget QEMU's exception in flight.  QEMU resets it when it delivers an
+        event itself; here the model delivers, so a later fault would otherwise
+        be combined with a stale one into #DF (check_exception)."""
+        _I.pack_into(self.data, OFF_OLD_EXCEPTION, 0xFFFFFFFF)
+        self.dirty = True
+
     @property
     def cpl(self) -> int:
         return self.hflags & HF_CPL_MASK
@@ -315,6 +322,31 @@ def _calibrate_error_code() -> int:
 
 
 OFF_ERROR_CODE = _calibrate_error_code()
+
+
+def _calibrate_old_exception() -> int:
+    """Find ``env->old_exception``, QEMU's "contributory exception in flight"
+    (-1 when none): -1 after INT 0x80, 13 after a #GP whose delivery the
+    interrupt hook took over."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x10000, UC_PROT_ALL)
+    uc.mem_write(0x1000, bytes.fromhex("cd8066b830128ed8"))
+    snaps: list[bytes] = []
+
+    def hook(u, intno, ud):
+        snaps.append(bytes(u.context_save())[CONTEXT_DATA:])
+        if len(snaps) == 2:
+            u.emu_stop()
+    uc.hook_add(UC_HOOK_INTR, hook)
+    uc.emu_start(0x1000, 0x1010, count=4)
+    a, b = snaps
+    for off in range(OFF_ERROR_CODE, min(len(a), OFF_ERROR_CODE + 512) - 4, 4):
+        if _I.unpack_from(a, off)[0] == 0xFFFFFFFF and _I.unpack_from(b, off)[0] == 13:
+            return off
+    raise ImportError("cannot locate env->old_exception in Unicorn's CPU context")
+
+
+OFF_OLD_EXCEPTION = _calibrate_old_exception()
 
 
 def _find_dr() -> int:
