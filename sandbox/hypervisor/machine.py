@@ -293,7 +293,7 @@ class Machine:
     """
 
     def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20, *, npt_page: int = PAGE_SIZE,
-                 tlb_mode: TlbMode = TlbMode.TAGGED, paging: str = "nested") -> None:
+                 tlb_mode: TlbMode = TlbMode.TAGGED, paging: str = "nested", platform: str | None = None) -> None:
         if paging not in PAGING_MODES:
             raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
         self.mem = HostMemory(dram)
@@ -326,6 +326,11 @@ class Machine:
         self.default_intercepts()
         #: the shadow MMU when the guest runs without nested paging
         self.shadow: ShadowPager | None = ShadowPager(self) if paging == "shadow" else None
+        #: devices and interrupt plumbing beyond COM1 (``platform="pc"``: see sandbox.hypervisor.platform)
+        self.platform = None
+        if platform is not None:
+            from .platform import install
+            self.platform = install(self, platform)
 
     # -- more guests -----------------------------------------------------------
     def add_guest(self, asid: int, ram: int | None = None, npt_page: int | None = None) -> Guest:

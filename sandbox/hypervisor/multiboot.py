@@ -182,3 +182,5 @@ def boot(m: "Machine", image: Image, cmdline: str = "") -> None:
     v.DR6 = 0xFFFF0FF0
     v.DR7 = 0x400
     m.regs.rbx = MBI_BASE
+    if getattr(m, "platform", None) is not None and hasattr(m.platform, "set_cmdline"):
+        m.platform.set_cmdline(cmdline)          # fw_cfg's copy of the command line
