@@ -54,14 +54,14 @@ ICR_DEST_LOGICAL = 1 << 11
 ICR_WRITABLE = 0x000CCFFF            # vector, delivery mode, dest mode, level, trigger, shorthand
 ESR_SEND_ILLEGAL, ESR_RECV_ILLEGAL = 1 << 5, 1 << 6
 
-#: writable bits of each LVT entry (SDM Figure 11-8)
-LVT_BITS = {LVT_TIMER: 0x700FF, LVT_THERMAL: 0x107FF, LVT_PERF: 0x107FF, LVT_CMCI: 0x107FF,
+#: writable bits of each LVT entry (SDM Figure 11-8); six entries, no CMCI (max LVT 5, as AMD's)
+LVT_BITS = {LVT_TIMER: 0x700FF, LVT_THERMAL: 0x107FF, LVT_PERF: 0x107FF,
             LVT_LINT0: 0x1A7FF, LVT_LINT1: 0x1A7FF, LVT_ERROR: 0x100FF}
 
 #: x2APIC MSR semantics (SDM §11.12.1.2, Table 11-6): readable / writable register offsets
-X2_READ = {ID, LVR, TPR, PPR, LDR, SVR, ESR, LVT_CMCI, ICR, *LVT_BITS, TMICT, TMCCT, TDCR,
+X2_READ = {ID, LVR, TPR, PPR, LDR, SVR, ESR, ICR, *LVT_BITS, TMICT, TMCCT, TDCR,
            *range(ISR, ISR + 0x80, 0x10), *range(TMR, TMR + 0x80, 0x10), *range(IRR, IRR + 0x80, 0x10)}
-X2_WRITE = {TPR, SVR, ESR, LVT_CMCI, ICR, *LVT_BITS, TMICT, TDCR, EOI, SELF_IPI}
+X2_WRITE = {TPR, SVR, ESR, ICR, *LVT_BITS, TMICT, TDCR, EOI, SELF_IPI}
 
 
 class LocalApic:

@@ -44,6 +44,11 @@ RFLAGS_IF = 1 << 9
 #: CPUID Fn0000_0001 ECX bits the platform adds: x2APIC (21), TSC-deadline timer (24)
 CPUID1_ECX_X2APIC = 1 << 21
 CPUID1_ECX_TSC_DEADLINE = 1 << 24
+#: MSRs that hold a linear address: WRMSR of a non-canonical value is #GP(0) (APM vol. 2 §4.5.3,
+#: Intel SDM vol. 4 "WRMSR"); QEMU's TCG helper_wrmsr -- so Unicorn -- stores it unchecked
+CANONICAL_MSRS = frozenset({0xC000_0100, 0xC000_0101, 0xC000_0102,    # FS_BASE GS_BASE KERNEL_GS_BASE
+                            0xC000_0082, 0xC000_0083,                  # LSTAR CSTAR
+                            0x175, 0x176})                             # SYSENTER_ESP SYSENTER_EIP
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
@@ -69,13 +74,20 @@ class PcPlatform:
         for base, n in ((self.debug_exit.base, self.debug_exit.size), (0x510, 2), (0x20, 2), (0xA0, 2)):
             g.iopm.set(base, True, n)
         g.vmcb.set_intercept(ExitCode.IOIO)
+        # COM1's line status register is polled before every character: served
+        # without an exit (the processor's port pass-through reaches the bus)
+        g.iopm.set(0x3FD, False)
         for msr in (MSR_APIC_BASE, MSR_TSC_DEADLINE, *range(X2APIC_MSR_BASE, X2APIC_MSR_END + 1)):
             g.msrpm.set(msr, read=True, write=True)
+        for msr in CANONICAL_MSRS:
+            g.msrpm.set(msr, read=False, write=True)
         g.vmcb.set_intercept(ExitCode.MSR)
         g.vmcb.set_intercept(ExitCode.CR8_READ)
         g.vmcb.set_intercept(ExitCode.CR8_WRITE)
         self._cpuid = m.handlers[ExitCode.CPUID]
         m.handlers[ExitCode.CPUID] = self._handle_cpuid
+        self._msr = m.handlers[ExitCode.MSR]
+        m.handlers[ExitCode.MSR] = self._handle_msr
         m.handlers[ExitCode.CR8_READ] = self._handle_cr8
         m.handlers[ExitCode.CR8_WRITE] = self._handle_cr8
         m.handlers[ExitCode.HLT] = self._handle_hlt
@@ -116,6 +128,20 @@ class PcPlatform:
         if leaf == 1:
             m.regs.rcx = m.regs.rcx | CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE
         return act
+
+    def _handle_msr(self, m: "Machine", e) -> "Action":
+        """Address-holding MSRs: #GP for a non-canonical value, else the
+        processor's own WRMSR runs; everything else goes to the default handler."""
+        msr = m.regs.rcx & 0xFFFFFFFF
+        if e.exitinfo1 == 1 and msr in CANONICAL_MSRS:
+            from ..machine import RESUME
+            value = (m.regs.rax & 0xFFFFFFFF) | ((m.regs.rdx & 0xFFFFFFFF) << 32)
+            if (value >> 47) not in (0, 0x1FFFF):
+                m.inject(13, EventType.EXCEPTION, 0)
+            else:
+                m.cpu.pass_once(e.rip)
+            return RESUME
+        return self._msr(m, e)
 
     def _handle_cr8(self, m: "Machine", e) -> "Action":
         """MOV from/to CR8: the APIC's TPR[7:4] (APM §15.21.3); EXITINFO1 names the GPR."""
