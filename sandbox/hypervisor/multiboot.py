@@ -16,7 +16,8 @@ flags, checksum; Multiboot Specification 0.6.96 §3.1.1) and is entered in
 * ESP is left to the kernel (it is set to 0x7C00 here), no IDT.
 
 The information structure gives ``mem_lower``/``mem_upper`` (flag bit 0), the
-command line (bit 2), a memory map (bit 6) and the loader's name (bit 9); no
+command line (bit 2: the kernel's path, a space, then the arguments, as QEMU's
+``-kernel``/``-append`` build it), a memory map (bit 6) and the loader's name (bit 9); no
 boot modules.  It sits in low memory at 0x9000, below the 640 KiB line and
 outside every segment the kernel loads.
 
@@ -156,7 +157,9 @@ def boot(m: "Machine", image: Image, cmdline: str = "") -> None:
     EBX, which lives in the processor) to the multiboot machine state."""
     from ..svm.vmcb import Segment
     guest = m.guest
-    raw = cmdline.encode("utf-8")
+    # the kernel's path is the first word, as QEMU's multiboot loader (and GRUB) pass it:
+    # kvm-unit-tests takes it as argv[0]
+    raw = f"{image.path} {cmdline}".encode("utf-8")
     if len(raw) > CMDLINE_MAX or b"\x00" in raw:
         raise ImageError(f"{image.path}: the command line must be at most {CMDLINE_MAX} bytes without NUL")
     for gpa, data in image.segments:
