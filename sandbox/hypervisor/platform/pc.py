@@ -8,7 +8,8 @@
 * the local APIC (:mod:`.apic`): xAPIC registers in the MMIO window at
   0xFEE00000 (trap-and-emulate: VMEXIT_NPF), x2APIC registers, IA32_APIC_BASE
   and IA32_TSC_DEADLINE as intercepted MSRs, MOV CR8 (the TPR) intercepted;
-  its timer on the processor's guest-time timer (#VMEXIT(INTR)).
+  its timer on the processor's guest-time timer (#VMEXIT(INTR));
+* KVM's hypercall ABI for VMMCALL (unknown numbers return -KVM_ENOSYS).
 
 **Interrupts reach the guest through the VMCB**, as KVM's SVM code does
 (svm_inject_irq / svm_enable_irq_window): after every exit the hypervisor
@@ -49,6 +50,7 @@ CPUID1_ECX_TSC_DEADLINE = 1 << 24
 CANONICAL_MSRS = frozenset({0xC000_0100, 0xC000_0101, 0xC000_0102,    # FS_BASE GS_BASE KERNEL_GS_BASE
                             0xC000_0082, 0xC000_0083,                  # LSTAR CSTAR
                             0x175, 0x176})                             # SYSENTER_ESP SYSENTER_EIP
+KVM_HC_VAPIC_POLL_IRQ = 1
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
@@ -93,6 +95,7 @@ class PcPlatform:
         m.handlers[ExitCode.HLT] = self._handle_hlt
         m.handlers[ExitCode.VINTR] = self._handle_vintr
         m.handlers[ExitCode.IRET] = self._handle_iret
+        m.handlers[ExitCode.VMMCALL] = self._handle_vmmcall
         m.resume_hooks.append(self.after_exit)
         self.window = False              # an interrupt window is requested (V_IRQ + VINTR)
         self.nmi_in_service = False      # an injected NMI's handler has not executed IRET yet
@@ -142,6 +145,17 @@ class PcPlatform:
                 m.cpu.pass_once(e.rip)
             return RESUME
         return self._msr(m, e)
+
+    def _handle_vmmcall(self, m: "Machine", e) -> "Action":
+        """KVM's hypercall ABI (Documentation/virt/kvm/x86/hypercalls.rst): RAX = the
+        number, RAX = the result.  KVM_HC_VAPIC_POLL_IRQ (1) returns 0; every other
+        number -KVM_ENOSYS.  (The sandbox's own EXIT/PRINT hypercalls are not on this
+        platform: a kvm-unit-tests guest calls VMMCALL with RAX = 0 to time the exit.)"""
+        from ..machine import KVM_ENOSYS, RESUME
+        nr = m.regs.rax & 0xFFFFFFFF
+        m.regs.rax = 0 if nr == KVM_HC_VAPIC_POLL_IRQ else (-KVM_ENOSYS) & 0xFFFF_FFFF_FFFF_FFFF
+        m.advance(e)
+        return RESUME
 
     def _handle_cr8(self, m: "Machine", e) -> "Action":
         """MOV from/to CR8: the APIC's TPR[7:4] (APM §15.21.3); EXITINFO1 names the GPR."""
