@@ -39,6 +39,9 @@ from .decision import (ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, de
                        kinds_for_bits, mov_to_cr_faults, svm_rax_faults)
 
 NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
+#: instructions CR4.UMIP restricts to CPL 0 (seen when their intercept is armed)
+UMIP_KINDS = frozenset({D.Kind.SGDT, D.Kind.SIDT, D.Kind.SLDT, D.Kind.STR, D.Kind.SMSW})
+CR4_UMIP = 1 << 11
 #: instructions the processor watches although they may not exit: their TLB
 #: side effects reach the tagged TLB model (Unicorn only flushes its own)
 TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
@@ -462,6 +465,9 @@ class SvmCpu:
             self.tlb.flush_page(self._asid, va & ~0xFFF)
         elif k == D.Kind.INTO:
             self.raise_exception(Vec.UD, None, address)
+        elif k in UMIP_KINDS and view.cpl and st.cr(4) & CR4_UMIP:
+            # UMIP (APM vol. 2 §3.1.3): #GP at CPL > 0; Unicorn does not implement it
+            self.raise_exception(Vec.GP, 0, address)
         elif k in (D.Kind.VMLOAD, D.Kind.VMSAVE, D.Kind.SKINIT, D.Kind.VMRUN, D.Kind.STGI, D.Kind.CLGI,
                    D.Kind.INVLPGA, D.Kind.VMMCALL):
             # SVM instructions the VMCB does not intercept.  VMMCALL and SKINIT
