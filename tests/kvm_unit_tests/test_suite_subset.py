@@ -40,7 +40,7 @@ FLOORS = {
     "setjmp.flat": ("", 10),
     "hypercall.flat": ("", 4),
     "eventinj.flat": ("", 13),
-    "umip.flat": ("", 11),
+    "umip.flat": ("", 21),
 }
 
 

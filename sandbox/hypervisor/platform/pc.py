@@ -45,6 +45,8 @@ RFLAGS_IF = 1 << 9
 #: CPUID Fn0000_0001 ECX bits the platform adds: x2APIC (21), TSC-deadline timer (24)
 CPUID1_ECX_X2APIC = 1 << 21
 CPUID1_ECX_TSC_DEADLINE = 1 << 24
+#: CPUID Fn0000_0007_ECX[2]: UMIP (CR4.UMIP makes SGDT/SIDT/SLDT/STR/SMSW #GP at CPL > 0)
+CPUID7_ECX_UMIP = 1 << 2
 #: MSRs that hold a linear address: WRMSR of a non-canonical value is #GP(0) (APM vol. 2 §4.5.3,
 #: Intel SDM vol. 4 "WRMSR"); QEMU's TCG helper_wrmsr -- so Unicorn -- stores it unchecked
 CANONICAL_MSRS = frozenset({0xC000_0100, 0xC000_0101, 0xC000_0102,    # FS_BASE GS_BASE KERNEL_GS_BASE
@@ -84,6 +86,11 @@ class PcPlatform:
         for msr in CANONICAL_MSRS:
             g.msrpm.set(msr, read=False, write=True)
         g.vmcb.set_intercept(ExitCode.MSR)
+        # Unicorn has no UMIP: the processor model raises UMIP's #GP (CPL > 0, CR4.UMIP)
+        # before an armed descriptor-table intercept, so the platform arms them (the
+        # CPL 0 exits re-execute the instruction)
+        for code in (ExitCode.GDTR_READ, ExitCode.IDTR_READ, ExitCode.LDTR_READ, ExitCode.TR_READ):
+            g.vmcb.set_intercept(code)
         g.vmcb.set_intercept(ExitCode.CR8_READ)
         g.vmcb.set_intercept(ExitCode.CR8_WRITE)
         self._cpuid = m.handlers[ExitCode.CPUID]
@@ -126,10 +133,12 @@ class PcPlatform:
 
     # -------------------------------------------------------------- handlers
     def _handle_cpuid(self, m: "Machine", e) -> "Action":
-        leaf = m.guest.vmcb.RAX & 0xFFFFFFFF
+        leaf, sub = m.guest.vmcb.RAX & 0xFFFFFFFF, m.regs.rcx & 0xFFFFFFFF
         act = self._cpuid(m, e)
         if leaf == 1:
             m.regs.rcx = m.regs.rcx | CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE
+        elif leaf == 7 and sub == 0:
+            m.regs.rcx = m.regs.rcx | CPUID7_ECX_UMIP
         return act
 
     def _handle_msr(self, m: "Machine", e) -> "Action":
