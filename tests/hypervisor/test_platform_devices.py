@@ -315,3 +315,26 @@ def test_software_disable_masks_lvts_and_blocks_delivery():
 def test_xapic_window_closed_in_x2apic_mode():
     a = x2(apic())
     assert a.mmio_read(0x30, 4) == 0xFFFFFFFF
+
+
+# ------------------------------------------------------------ machine-check MSRs
+def test_machine_check_banks():
+    # SDM vol. 3B §16.3.1: MCG_CAP[7:0] = bank count, bit 8 MCG_CTL_P; banks from 0x400, 4 MSRs each.
+    # Write rules as kvm-unit-tests' msr.flat expects them of KVM: MCi_CTL 0 or all ones,
+    # MCi_STATUS only 0, the MSRs of banks past the count #GP.
+    from sandbox.hypervisor.platform.msrs import MachineCheckBanks
+    mc = MachineCheckBanks(banks=10)
+    cap = mc.rdmsr(0x179)
+    assert cap & 0xFF == 10 and cap & (1 << 8)
+    for v in (0, (1 << 64) - 1):
+        mc.wrmsr(0x400, v)
+        assert mc.rdmsr(0x400) == v
+    with pytest.raises(MsrFault):
+        mc.wrmsr(0x400, 0xAAAA_AAAA_AAAA_AAAA)
+    with pytest.raises(MsrFault):
+        mc.wrmsr(0x401, 1)
+    mc.wrmsr(0x402, 0xAAAA_AAAA_AAAA_AAAA)              # ADDR: any value
+    for msr in (0x400 + 4 * 10, 0x400 + 4 * 31 + 3):
+        assert mc.owns_msr(msr)
+        with pytest.raises(MsrFault):
+            mc.rdmsr(msr)

@@ -9,7 +9,9 @@
   0xFEE00000 (trap-and-emulate: VMEXIT_NPF), x2APIC registers, IA32_APIC_BASE
   and IA32_TSC_DEADLINE as intercepted MSRs, MOV CR8 (the TPR) intercepted;
   its timer on the processor's guest-time timer (#VMEXIT(INTR));
-* KVM's hypercall ABI for VMMCALL (unknown numbers return -KVM_ENOSYS).
+* KVM's hypercall ABI for VMMCALL (unknown numbers return -KVM_ENOSYS);
+* every MSR intercepted, served as :mod:`.msrs` says (#GP for unknown ones);
+  the machine-check banks.
 
 **Interrupts reach the guest through the VMCB**, as KVM's SVM code does
 (svm_inject_irq / svm_enable_irq_window): after every exit the hypervisor
@@ -36,6 +38,7 @@ from ...svm.vmcb import Event, EventType, VIntr
 from .apic import MSR_APIC_BASE, MSR_TSC_DEADLINE, X2APIC_MSR_BASE, X2APIC_MSR_END, XAPIC_BASE, LocalApic
 from .debug_exit import IsaDebugExit
 from .fw_cfg import FwCfg
+from .msrs import CANONICAL_MSRS, MSR_TSC, NATIVE_MSRS, MachineCheckBanks
 from .pic import LegacyPic
 
 if TYPE_CHECKING:
@@ -47,11 +50,6 @@ CPUID1_ECX_X2APIC = 1 << 21
 CPUID1_ECX_TSC_DEADLINE = 1 << 24
 #: CPUID Fn0000_0007_ECX[2]: UMIP (CR4.UMIP makes SGDT/SIDT/SLDT/STR/SMSW #GP at CPL > 0)
 CPUID7_ECX_UMIP = 1 << 2
-#: MSRs that hold a linear address: WRMSR of a non-canonical value is #GP(0) (APM vol. 2 §4.5.3,
-#: Intel SDM vol. 4 "WRMSR"); QEMU's TCG helper_wrmsr -- so Unicorn -- stores it unchecked
-CANONICAL_MSRS = frozenset({0xC000_0100, 0xC000_0101, 0xC000_0102,    # FS_BASE GS_BASE KERNEL_GS_BASE
-                            0xC000_0082, 0xC000_0083,                  # LSTAR CSTAR
-                            0x175, 0x176})                             # SYSENTER_ESP SYSENTER_EIP
 KVM_HC_VAPIC_POLL_IRQ = 1
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -71,7 +69,8 @@ class PcPlatform:
         self.pic = LegacyPic()
         self.apic = LocalApic(now_ns=lambda: m.cpu.guest_time_ns, tsc=self.guest_tsc, tsc_hz=TSC_HZ,
                               on_timer_change=self._arm_timer)
-        for dev in (self.debug_exit, self.fw_cfg, self.pic, self.apic):
+        self.mca = MachineCheckBanks()
+        for dev in (self.debug_exit, self.fw_cfg, self.pic, self.apic, self.mca):
             m.bus.attach(dev)
         m.map_mmio(XAPIC_BASE, 0x1000, self.apic, MmioMode.TRAP)
         g = m.guest
@@ -81,10 +80,7 @@ class PcPlatform:
         # COM1's line status register is polled before every character: served
         # without an exit (the processor's port pass-through reaches the bus)
         g.iopm.set(0x3FD, False)
-        for msr in (MSR_APIC_BASE, MSR_TSC_DEADLINE, *range(X2APIC_MSR_BASE, X2APIC_MSR_END + 1)):
-            g.msrpm.set(msr, read=True, write=True)
-        for msr in CANONICAL_MSRS:
-            g.msrpm.set(msr, read=False, write=True)
+        g.msrpm.set_all(True)                # every MSR access exits (see .msrs)
         g.vmcb.set_intercept(ExitCode.MSR)
         # Unicorn has no UMIP: the processor model raises UMIP's #GP (CPL > 0, CR4.UMIP)
         # before an armed descriptor-table intercept, so the platform arms them (the
@@ -142,18 +138,31 @@ class PcPlatform:
         return act
 
     def _handle_msr(self, m: "Machine", e) -> "Action":
-        """Address-holding MSRs: #GP for a non-canonical value, else the
-        processor's own WRMSR runs; everything else goes to the default handler."""
+        """Every RDMSR/WRMSR (see :mod:`.msrs`): devices, the TSC, the
+        processor's own MSRs, else #GP."""
+        from ..machine import RESUME
         msr = m.regs.rcx & 0xFFFFFFFF
-        if e.exitinfo1 == 1 and msr in CANONICAL_MSRS:
-            from ..machine import RESUME
-            value = (m.regs.rax & 0xFFFFFFFF) | ((m.regs.rdx & 0xFFFFFFFF) << 32)
-            if (value >> 47) not in (0, 0x1FFFF):
-                m.inject(13, EventType.EXCEPTION, 0)
+        write = e.exitinfo1 == 1
+        value = (m.regs.rax & 0xFFFFFFFF) | ((m.regs.rdx & 0xFFFFFFFF) << 32)
+        if m.bus.msr_owner(msr) is not None:
+            return self._msr(m, e)
+        if msr == MSR_TSC:
+            v = m.guest.vmcb
+            if write:
+                v.TSC_OFFSET = (value - m.cpu.host_tsc()) & 0xFFFF_FFFF_FFFF_FFFF
+            else:
+                tsc = self.guest_tsc()
+                m.regs.rax, m.regs.rdx = tsc & 0xFFFFFFFF, tsc >> 32
+            m.advance(e)
+            return RESUME
+        if msr in NATIVE_MSRS:
+            if write and msr in CANONICAL_MSRS and (value >> 47) not in (0, 0x1FFFF):
+                m.inject(13, EventType.EXCEPTION, 0)        # Unicorn would store it unchecked
             else:
                 m.cpu.pass_once(e.rip)
             return RESUME
-        return self._msr(m, e)
+        m.inject(13, EventType.EXCEPTION, 0)
+        return RESUME
 
     def _handle_vmmcall(self, m: "Machine", e) -> "Action":
         """KVM's hypercall ABI (Documentation/virt/kvm/x86/hypercalls.rst): RAX = the
