@@ -338,3 +338,29 @@ def test_machine_check_banks():
         assert mc.owns_msr(msr)
         with pytest.raises(MsrFault):
             mc.rdmsr(msr)
+
+
+# ------------------------------------------------------------------------ ACPI
+def test_acpi_tables_are_found_the_bios_way_and_checksum():
+    # ACPI 6.x §5.2.5.3: "RSD PTR " on a 16-byte boundary in 0xE0000-0xFFFFF, 20 bytes summing to 0;
+    # §5.2.6: every table's bytes sum to 0; §5.2.9: FADT PM_TMR_BLK at offset 76, PM_TMR_LEN at 91
+    from sandbox.hypervisor.platform.acpi import tables
+    mem = dict(tables())
+    (rsdp_at, rsdp), = [(a, d) for a, d in mem.items() if d[:8] == b"RSD PTR "]
+    assert 0xE0000 <= rsdp_at < 0x100000 and rsdp_at % 16 == 0 and sum(rsdp[:20]) % 256 == 0
+    rsdt = mem[struct.unpack_from("<I", rsdp, 16)[0]]
+    assert rsdt[:4] == b"RSDT" and sum(rsdt) % 256 == 0
+    length = struct.unpack_from("<I", rsdt, 4)[0]
+    entries = struct.unpack_from(f"<{(length - 36) // 4}I", rsdt, 36)
+    fadt = mem[entries[0]]
+    assert fadt[:4] == b"FACP" and sum(fadt) % 256 == 0 and len(fadt) >= 116
+    assert struct.unpack_from("<I", fadt, 76)[0] == 0x608 and fadt[91] == 4
+
+
+def test_pm_timer_counts_at_3_579545_mhz_in_24_bits():
+    from sandbox.hypervisor.platform.acpi import AcpiPmTimer
+    t = {"ns": 1_000_000_000}
+    pm = AcpiPmTimer(lambda: t["ns"])
+    assert pm.read(0x608, 4) == 3_579_545 & 0xFFFFFF           # one second of ticks, 24 bits
+    t["ns"] = 10_000_000_000
+    assert pm.read(0x608, 4) == 35_795_450 & 0xFFFFFF

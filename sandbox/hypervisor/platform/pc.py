@@ -5,6 +5,7 @@
 * QEMU's ``fw_cfg`` at 0x510/0x511 (:mod:`.fw_cfg`): signature, RAM size, CPU
   count, the command line;
 * the 8259 pair at 0x20/0x21 and 0xA0/0xA1, masked (:mod:`.pic`);
+* ACPI RSDP/RSDT/FADT at 0xF0000 and the ACPI PM timer at 0x608 (:mod:`.acpi`);
 * the local APIC (:mod:`.apic`): xAPIC registers in the MMIO window at
   0xFEE00000 (trap-and-emulate: VMEXIT_NPF), x2APIC registers, IA32_APIC_BASE
   and IA32_TSC_DEADLINE as intercepted MSRs, MOV CR8 (the TPR) intercepted;
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 from ...svm.exitcodes import ExitCode
 from ...svm.stop import StopReason
 from ...svm.vmcb import Event, EventType, VIntr
+from . import acpi
 from .apic import MSR_APIC_BASE, MSR_TSC_DEADLINE, X2APIC_MSR_BASE, X2APIC_MSR_END, XAPIC_BASE, LocalApic
 from .debug_exit import IsaDebugExit
 from .fw_cfg import FwCfg
@@ -70,11 +72,15 @@ class PcPlatform:
         self.apic = LocalApic(now_ns=lambda: m.cpu.guest_time_ns, tsc=self.guest_tsc, tsc_hz=TSC_HZ,
                               on_timer_change=self._arm_timer)
         self.mca = MachineCheckBanks()
-        for dev in (self.debug_exit, self.fw_cfg, self.pic, self.apic, self.mca):
+        self.pm_timer = acpi.AcpiPmTimer(lambda: m.cpu.guest_time_ns)
+        for dev in (self.debug_exit, self.fw_cfg, self.pic, self.apic, self.mca, self.pm_timer):
             m.bus.attach(dev)
         m.map_mmio(XAPIC_BASE, 0x1000, self.apic, MmioMode.TRAP)
         g = m.guest
-        for base, n in ((self.debug_exit.base, self.debug_exit.size), (0x510, 2), (0x20, 2), (0xA0, 2)):
+        for gpa, data in acpi.tables():          # where a BIOS leaves them (0xF0000, reserved in the E820 map)
+            g.write_phys(gpa, data)
+        for base, n in ((self.debug_exit.base, self.debug_exit.size), (0x510, 2), (0x20, 2), (0xA0, 2),
+                        (acpi.PM_TIMER_PORT, 4)):
             g.iopm.set(base, True, n)
         g.vmcb.set_intercept(ExitCode.IOIO)
         # COM1's line status register is polled before every character: served
