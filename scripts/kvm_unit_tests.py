@@ -78,6 +78,7 @@ class Outcome:
     status: int | None = None      # QEMU-style exit status: (code << 1) | 1
     seconds: float = 0.0
     summary: str = ""
+    last_line: str = ""            # the test's last output line (vmexit.flat and sieve.flat print no report lines)
     verdict: str = ""              # PASS / FAIL / SKIP / ERROR, as kvm-unit-tests' runner says it
 
 
@@ -188,6 +189,8 @@ def parse_output(text: str, o: Outcome) -> None:
     o.skipped = kinds.count("SKIP")
     m = SUMMARY.findall(text.replace("\r", ""))
     o.summary = m[-1] if m else ""
+    lines = [ln for ln in text.replace("\r", "").splitlines() if ln.strip()]
+    o.last_line = lines[-1].strip() if lines else ""
 
 
 def verdict(o: Outcome) -> str:
@@ -260,6 +263,7 @@ def run_qemu(path: str, args: str, extra: list[str], timeout: float) -> Outcome:
 
 
 def table(results: list[Result], with_qemu: bool):
+    from rich.markup import escape
     from rich.table import Table
     t = Table(title="kvm-unit-tests x86_64 under the sandbox" + (" and QEMU TCG" if with_qemu else ""))
     t.add_column("test")
@@ -269,14 +273,17 @@ def table(results: list[Result], with_qemu: bool):
         t.add_column(f"{who}\nended")
         t.add_column(f"{who}\ns", justify="right")
     for r in results:
-        row = [r.name, r.args]
+        if r.skip_reason == "binary not built":
+            continue                       # summarized below the table
+        row = [r.name, escape(r.args)]
         for o in (r.sandbox,) + ((r.qemu,) if with_qemu else ()):
             if o is None:
                 row += ["-", f"[dim]skipped: {r.skip_reason}[/dim]", ""]
             else:
                 style = {"PASS": "green", "FAIL": "red", "SKIP": "yellow"}.get(o.verdict, "magenta")
-                row += [f"{o.passed}/{o.failed}/{o.skipped}", f"[{style}]{o.verdict}[/{style}] {o.ended}",
-                        f"{o.seconds:.1f}"]
+                tail = "" if o.summary or not o.last_line else f" · {escape(o.last_line[:40])}"
+                row += [f"{o.passed}/{o.failed}/{o.skipped}",
+                        f"[{style}]{o.verdict}[/{style}] {escape(o.ended)}{tail}", f"{o.seconds:.1f}"]
         t.add_row(*row)
     return t
 
@@ -344,8 +351,13 @@ def main(argv: list[str] | None = None) -> int:
         out.print(table(results, with_qemu))
         ran = [r for r in results if r.sandbox is not None]
         ok = sum(1 for r in ran if r.sandbox.verdict == "PASS")
-        out.print(f"{len(ran)} run, {ok} passed under the sandbox; {len(results) - len(ran)} skipped "
-                  f"({', '.join(sorted({r.skip_reason.split(' (')[0] for r in results if r.skip_reason}))})")
+        why: dict[str, int] = {}
+        for r in results:
+            if r.skip_reason:
+                k = r.skip_reason.split(" (")[0]
+                why[k] = why.get(k, 0) + 1
+        out.print(f"{len(ran)} run, {ok} passed under the sandbox; {len(results) - len(ran)} skipped: "
+                  + ", ".join(f"{n} {k}" for k, n in sorted(why.items())))
     return 0
 
 
