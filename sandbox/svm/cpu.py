@@ -33,7 +33,7 @@ from ..arch import (CR0_RESERVED, CR3_LONG_MBZ, CR4_RESERVED, CR4_SMEP, DR6_RESE
                     EFER_LMA, EFER_LME, EFER_NXE, EFER_RESERVED, EFER_SVME, M64, MSR_EFER, MSR_VM_HSAVE_PA,
                     RFLAGS_IF)
 from . import decode as D
-from .cpustate import (emu_counter, invalid_addr, R_FS, R_GS, SEG_INDEX, CpuState, attrib_to_flags,
+from .cpustate import (HF_CS64, emu_counter, invalid_addr, R_FS, R_GS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
 from .decision import (ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, decide, effective_address,
                        kinds_for_bits, mov_to_cr_faults, svm_rax_faults)
@@ -417,6 +417,8 @@ class SvmCpu:
         if insn is None:
             return
         st = self.st.load()
+        if 0x40 <= code[0] <= 0x4F and not st.hflags & HF_CS64:
+            return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
         view = None
         if self._pass_once == address:
             self._pass_once = None
