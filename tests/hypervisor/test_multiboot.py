@@ -392,3 +392,19 @@ def test_cpuid_advertises_x2apic_and_tsc_deadline(tmp_path):
     m = lm_guest(tmp_path, "mov eax, 1\ncpuid\nmov r12d, ecx\nshr r12d, 21", "nop")
     r = m.run()
     assert r.exit_code & 1 and r.exit_code & 8       # ECX bits 21 and 24
+
+
+def test_inc_dec_before_an_intercepted_instruction_in_32bit_code(tmp_path):
+    """In 32-bit code 48h is DEC EAX, not REX.W: 'dec eax; cpuid' is two
+    instructions, and the CPUID exit is at the second (nRIP after it)."""
+    m = machine()
+    m.load(kernel(tmp_path, "mov eax, 5\ndec eax\ncpuid\nhlt"))
+    seen = []
+
+    @m.on(ExitCode.CPUID)
+    def cpuid(m, e):
+        seen.append((e.rip, e.nrip, m.guest.vmcb.RAX))
+        return m.stop("seen")
+    m.run()
+    start = LOAD + 12
+    assert seen == [(start + 6, start + 8, 4)]          # mov eax, imm32 is 5 bytes, dec eax 1
