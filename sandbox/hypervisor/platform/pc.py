@@ -276,7 +276,11 @@ class PcPlatform:
             return None
         v = m.guest.vmcb
         if v.EVENTINJ & (1 << 31):
-            return None                      # an event is already queued; interrupts wait for the next exit
+            # an event is already queued (a reflected exception): the interrupt waits
+            # for the window after it (the handler's IRET is watched with V_IRQ set)
+            if apic.pending_vector() is not None:
+                self._open_window()
+            return None
         if apic.nmi_pending and not self.nmi_in_service:
             apic.nmi_pending = False
             self.nmi_in_service = True
