@@ -156,6 +156,9 @@ def boot(m: "Machine", image: Image, cmdline: str = "") -> None:
     """Load ``image`` into the machine's current guest and set its VMCB (and
     EBX, which lives in the processor) to the multiboot machine state."""
     from ..svm.vmcb import Segment
+    if getattr(m, "shadow", None) is not None:
+        raise ImageError(f"{image.path}: a multiboot kernel starts with paging off, which the shadow "
+                         "MMU does not model; use nested paging")
     guest = m.guest
     # the kernel's path is the first word, as QEMU's multiboot loader (and GRUB) pass it:
     # kvm-unit-tests takes it as argv[0]

@@ -408,3 +408,8 @@ def test_inc_dec_before_an_intercepted_instruction_in_32bit_code(tmp_path):
     m.run()
     start = LOAD + 12
     assert seen == [(start + 6, start + 8, 4)]          # mov eax, imm32 is 5 bytes, dec eax 1
+
+
+def test_shadow_paging_refuses_a_multiboot_kernel(tmp_path):
+    with pytest.raises(ImageError, match="paging off"):
+        Machine(dram=48 << 20, ram=32 << 20, paging="shadow").load(kernel(tmp_path, "hlt"))
