@@ -33,12 +33,15 @@ from ..arch import (CR0_RESERVED, CR3_LONG_MBZ, CR4_RESERVED, CR4_SMEP, DR6_RESE
                     EFER_LMA, EFER_LME, EFER_NXE, EFER_RESERVED, EFER_SVME, M64, MSR_EFER, MSR_VM_HSAVE_PA,
                     RFLAGS_IF)
 from . import decode as D
-from .cpustate import (emu_counter, invalid_addr, R_FS, R_GS, SEG_INDEX, CpuState, attrib_to_flags,
+from .cpustate import (HF_CS64, emu_counter, invalid_addr, R_FS, R_GS, SEG_INDEX, CpuState, attrib_to_flags,
                        flags_to_attrib)
 from .decision import (ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, decide, effective_address,
                        kinds_for_bits, mov_to_cr_faults, svm_rax_faults)
 
 NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
+#: instructions CR4.UMIP restricts to CPL 0 (seen when their intercept is armed)
+UMIP_KINDS = frozenset({D.Kind.SGDT, D.Kind.SIDT, D.Kind.SLDT, D.Kind.STR, D.Kind.SMSW})
+CR4_UMIP = 1 << 11
 #: instructions the processor watches although they may not exit: their TLB
 #: side effects reach the tagged TLB model (Unicorn only flushes its own)
 TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
@@ -182,6 +185,9 @@ class SvmCpu:
         self.guest_clock = 0
         self.timer_period = self.timer_next = 0
         self.timer_ticks = self.timer_masked = 0
+        self._slice_budget = 0            # instructions the running emu_start may count (0: not counting)
+        self._in_emu = False
+        self._rearm = False               # the timer was re-armed while a slice ran
         self._install_hooks()
 
     # ------------------------------------------------------------------ hooks
@@ -416,6 +422,8 @@ class SvmCpu:
         if insn is None:
             return
         st = self.st.load()
+        if 0x40 <= code[0] <= 0x4F and not st.hflags & HF_CS64:
+            return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
         view = None
         if self._pass_once == address:
             self._pass_once = None
@@ -454,7 +462,7 @@ class SvmCpu:
             self._deliver_in_hook(vec, None, software=(k == D.Kind.INTN) or k == D.Kind.INT3,
                                   rip_after=address + insn.length, fault_rip=address)
         elif k == D.Kind.MOV_TO_CR:
-            if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0)):
+            if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0), bool(st.efer & EFER_LMA)):
                 self.raise_exception(Vec.GP, 0, address)      # Unicorn would load the illegal value
             else:
                 self._observe_cr_write(insn.reg)
@@ -464,6 +472,9 @@ class SvmCpu:
             self.tlb.flush_page(self._asid, va & ~0xFFF)
         elif k == D.Kind.INTO:
             self.raise_exception(Vec.UD, None, address)
+        elif k in UMIP_KINDS and view.cpl and st.cr(4) & CR4_UMIP:
+            # UMIP (APM vol. 2 §3.1.3): #GP at CPL > 0; Unicorn does not implement it
+            self.raise_exception(Vec.GP, 0, address)
         elif k in (D.Kind.VMLOAD, D.Kind.VMSAVE, D.Kind.SKINIT, D.Kind.VMRUN, D.Kind.STGI, D.Kind.CLGI,
                    D.Kind.INVLPGA, D.Kind.VMMCALL):
             # SVM instructions the VMCB does not intercept.  VMMCALL and SKINIT
@@ -627,7 +638,9 @@ class SvmCpu:
     def _intr(self, uc, intno, ud) -> None:
         try:
             rip = self.st.reg_read(X.UC_X86_REG_RIP)
-            err = self.st.load().error_code if intno in HAS_ERROR_CODE else None
+            st = self.st.load()
+            err = st.error_code if intno in HAS_ERROR_CODE else None
+            st.clear_old_exception()        # the model delivers it: nothing stays "in flight" for QEMU
             if intno >= 32:
                 # a software interrupt the scanner did not see (cannot happen
                 # with INT n always hooked); deliver it like INT n
@@ -1012,11 +1025,24 @@ class SvmCpu:
         if period_ns < 0:
             raise ValueError("timer period must be positive")
         self.timer_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns else 0
-        self.timer_next = self.guest_clock + self.timer_period
+        self.timer_next = self._clock_now() + self.timer_period
+        if self._in_emu:
+            # armed by a hypervisor handling an exit inside the run: end this
+            # slice, so the next one is bounded by the new deadline
+            self._rearm = True
+            self.uc.emu_stop()
+
+    def _clock_now(self) -> int:
+        """Guest time in instructions, including the running slice's progress."""
+        if self._in_emu and self._slice_budget:
+            n = emu_counter(self.uc)
+            if n is not None:
+                return self.guest_clock + min(n, self._slice_budget)
+        return self.guest_clock
 
     @property
     def guest_time_ns(self) -> int:
-        return self.guest_clock * 1_000_000_000 // GUEST_IPS
+        return self._clock_now() * 1_000_000_000 // GUEST_IPS
 
     def _timer_interrupt(self) -> None:
         self.timer_next = self.guest_clock + self.timer_period
@@ -1049,10 +1075,12 @@ class SvmCpu:
                 due = max(1, self.timer_next - self.guest_clock)
                 budget = min(budget, due) if budget else due
             self._pending_fault = None
+            self._slice_budget, self._in_emu, self._rearm = budget, True, False
             try:
                 try:
                     self.uc.emu_start(self._entry_rip, 0xFFFF_FFFF_FFFF_FFFF, count=budget)
                 finally:
+                    self._in_emu = False
                     self._count_slice(budget)
             except UcError as e:
                 if self._stop is not None:
@@ -1067,6 +1095,9 @@ class SvmCpu:
                 continue
             if self._stop is not None:
                 break
+            if self._rearm and not self._timed_out:
+                self._entry_rip = self.st.reg_read(X.UC_X86_REG_RIP)
+                continue
             # emu_start returned by itself: a timer deadline, the budget, or the watchdog's emu_stop
             if not self._timed_out and self.timer_period and self.guest_clock >= self.timer_next:
                 self._timer_interrupt()
@@ -1079,6 +1110,7 @@ class SvmCpu:
 
     def _memory_fault(self, f: Exception) -> None:
         """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
+        self.st.load().clear_old_exception()
         rip = self.st.reg_read(X.UC_X86_REG_RIP)
         # the fill saw only the page; Unicorn kept the exact faulting address
         exact = invalid_addr(self.uc)
@@ -1200,6 +1232,8 @@ class SvmCpu:
             st.reg_write(X.UC_X86_REG_DR6, dr6)
             st.reg_write(X.UC_X86_REG_DR7, dr7)
             st.load()
+            if bool(st.efer & EFER_LMA) != bool(efer & EFER_LMA):
+                st.set_lma(bool(efer & EFER_LMA))    # e.g. a legacy-mode guest after a long-mode one
             for name in ("ES", "CS", "SS", "DS"):
                 st.set_seg(SEG_INDEX[name], *_get_seg(mv, b + SEGMENTS[name]))
             for name in ("GDTR", "IDTR"):

@@ -168,6 +168,13 @@ class CpuState:
         """QEMU's ``env->error_code`` of the exception being raised."""
         return _I.unpack_from(self.data, OFF_ERROR_CODE)[0]
 
+    def clear_old_exception(self) -> None:
+        """Forget QEMU's exception in flight.  QEMU resets it when it delivers an
+        event itself; here the model delivers, so a later fault would otherwise
+        be combined with a stale one into #DF (check_exception)."""
+        _I.pack_into(self.data, OFF_OLD_EXCEPTION, 0xFFFFFFFF)
+        self.dirty = True
+
     @property
     def cpl(self) -> int:
         return self.hflags & HF_CPL_MASK
@@ -178,6 +185,15 @@ class CpuState:
     @property
     def efer(self) -> int:
         return _Q.unpack_from(self.data, OFF_EFER)[0]
+
+    def set_lma(self, on: bool) -> None:
+        """Patch EFER.LMA and hflags.LMA in the snapshot.  QEMU changes LMA only
+        on a CR0.PG transition, so a world switch that loads EFER must set it."""
+        lma = 1 << 10
+        efer = self.efer
+        _Q.pack_into(self.data, OFF_EFER, (efer | lma) if on else (efer & ~lma))
+        self.hflags = (self.hflags | HF_LMA) if on else (self.hflags & ~(HF_LMA | HF_CS64))
+        self.dirty = True
 
     def seg(self, idx: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, qemu_flags) of segment register ``idx``."""
@@ -268,6 +284,7 @@ class Internals:
     efer: int
     dr: int
     error_code: int
+    old_exception: int
     emu_counter: int
     invalid_addr: int
 
@@ -279,6 +296,7 @@ NAMES = {
     "ldt": "CPUX86State ldt", "tr": "CPUX86State tr", "gdt": "CPUX86State gdt",
     "idt": "CPUX86State idt", "cr": "CPUX86State cr", "efer": "CPUX86State efer",
     "dr": "CPUX86State dr", "error_code": "exception error_code",
+    "old_exception": "exception old_exception",
     "emu_counter": "emu_counter", "invalid_addr": "invalid_addr",
 }
 HANDLE = "Uc._uch engine handle"
@@ -343,6 +361,19 @@ def _locate_error_code() -> int:
                     and _I.unpack_from(b, off)[0] == 0x1230:
                 return off
     raise missing(NAMES["error_code"])
+
+
+def _locate_old_exception(error_code: int) -> int:
+    """``env->old_exception``, QEMU's "contributory exception in flight" (-1
+    when none): -1 after INT 0x80, 13 after a #GP whose delivery the interrupt
+    hook took over; it lies a little after ``error_code``."""
+    snaps = _gp_error_code_run(0x1230)
+    if len(snaps) == 2:
+        a, b = (s_[CONTEXT_DATA:] for s_ in snaps)
+        for off in range(error_code, min(len(a), error_code + 512) - 4, 4):
+            if _I.unpack_from(a, off)[0] == 0xFFFFFFFF and _I.unpack_from(b, off)[0] == 13:
+                return off
+    raise missing(NAMES["old_exception"])
 
 
 _DR_IDS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3,
@@ -416,7 +447,8 @@ def locate_internals() -> Internals:
     return Internals(
         context_data=CONTEXT_DATA, regs=OFF_REGS, eip=OFF_EIP, hflags=OFF_HFLAGS,
         hflags2=OFF_HFLAGS2, segs=OFF_SEGS, ldt=OFF_LDT, tr=OFF_TR, gdt=OFF_GDT, idt=OFF_IDT,
-        cr=OFF_CR, efer=OFF_EFER, dr=_locate_dr(), error_code=_locate_error_code(),
+        cr=OFF_CR, efer=OFF_EFER, dr=_locate_dr(), error_code=(err := _locate_error_code()),
+        old_exception=_locate_old_exception(err),
         emu_counter=_locate_emu_counter(), invalid_addr=_locate_invalid_addr())
 
 
@@ -507,6 +539,9 @@ def verify_internals(at: Internals) -> None:
     snaps = _gp_error_code_run(0x2468)
     check(NAMES["error_code"], len(snaps) == 2 and i32(at.error_code) >= 0
           and _I.unpack_from(snaps[1], at.context_data + at.error_code)[0] == 0x2468)
+    check(NAMES["old_exception"], len(snaps) == 2 and i32(at.old_exception) >= 0
+          and _I.unpack_from(snaps[0], at.context_data + at.old_exception)[0] == 0xFFFF_FFFF
+          and _I.unpack_from(snaps[1], at.context_data + at.old_exception)[0] == 13)
     # the instruction counter: five NOPs reach the end before a budget of 50; then
     # the failed-fill address: a write to a refused page, at another offset than calibration's
     uc = _scratch(b"\x90" * 5 + bytes.fromhex("48891c25a86e0000"))     # mov [0x6ea8], rbx
@@ -530,6 +565,7 @@ INTERNALS = locate_internals()
 verify_internals(INTERNALS)
 OFF_DR = INTERNALS.dr
 OFF_ERROR_CODE = INTERNALS.error_code
+OFF_OLD_EXCEPTION = INTERNALS.old_exception
 OFF_EMU_COUNTER = INTERNALS.emu_counter
 OFF_INVALID_ADDR = INTERNALS.invalid_addr
 

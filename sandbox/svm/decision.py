@@ -395,10 +395,18 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
 
 
 
-def mov_to_cr_faults(reg: int, value: int, cr0: int) -> bool:
+def mov_to_cr_faults(reg: int, value: int, cr0: int, long_mode: bool = True) -> bool:
     """#GP(0) from MOV to CRn for an illegal value, in 64-bit mode (APM vol. 2 §3.1.1-3.1.3, §3.7.1,
     "MOV CRn" in vol. 3): reserved bits of CR0 (63:32), CR3 (63:52), CR4 or CR8 (63:4);
-    CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE in long mode."""
+    CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE in long mode.
+    Outside long mode (EFER.LMA = 0, e.g. a multiboot kernel before it enables paging) only
+    CR0.NW without CD, CR0.PG without PE and the reserved CR4 bits fault."""
+    if not long_mode:
+        if reg == 0:
+            return bool(value & (1 << 29) and not value & (1 << 30) or value & (1 << 31) and not value & 1)
+        if reg == 4:
+            return bool(value & CR4_RESERVED)
+        return False
     if reg == 0:
         return bool(value >> 32 or (value & (1 << 29) and not value & (1 << 30))
                     or not value & (1 << 31) or not value & 1)
