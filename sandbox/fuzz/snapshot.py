@@ -27,6 +27,7 @@ from unicorn import x86_const as X
 from ..hypervisor.machine import Machine, RunResult
 from ..memory.hostmem import PAGE_SIZE
 from ..svm.msrpm import msrpm_bit
+from ..svm.vmcb import OFF_INTERCEPTS, OFF_RAX, OFF_RIP
 from .case import CODE_BASE, GPRS, Case
 from ..svm.stop import StopReason
 
@@ -78,7 +79,7 @@ class Harness:
         g.setup_long_mode(CODE_BASE)
         self.cpu = cpu = m.cpu
         self.uc = cpu.uc
-        self.mm = m.mem._mm
+        self.mm = m.mem.raw
         self.guest_pages = frozenset(g.ram.values())
         self.vmcb_hpa = g.vmcb_hpa
         fixed = {g.iopm.hpa + i * PAGE_SIZE for i in range(3)} | {g.msrpm.hpa + i * PAGE_SIZE for i in range(2)}
@@ -174,7 +175,7 @@ class Harness:
             at += n
         cfg = case.config
         v = self.vmcb_hpa
-        _I6.pack_into(mm, v, *cfg.intercepts)
+        _I6.pack_into(mm, v + OFF_INTERCEPTS, *cfg.intercepts)
         g = m.guest
         io = g.iopm.hpa
         for p in cfg.iopm:
@@ -189,8 +190,8 @@ class Harness:
             if gpa in self._gpa_hpa:
                 g.npt.protect(gpa, present=present, write=write, execute=execute)
         regs = case.regs
-        _Q.pack_into(mm, v + 0x578, entry)                 # RIP
-        _Q.pack_into(mm, v + 0x5F8, regs.get("rax", 0))    # RAX
+        _Q.pack_into(mm, v + OFF_RIP, entry)
+        _Q.pack_into(mm, v + OFF_RAX, regs.get("rax", 0))
         uc = self.uc
         for n, val in regs.items():
             if n not in ("rax", "rsp"):

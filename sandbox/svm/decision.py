@@ -217,7 +217,7 @@ def _intn(i, v, rip):
 
 
 def _int3(i, v, rip):
-    return ExitInfo(0x40 + 3) if armed(v, 0x40 + 3) else None
+    return ExitInfo(ExitCode.EXCP_BP) if armed(v, ExitCode.EXCP_BP) else None
 
 
 def _into(i, v, rip):
@@ -350,7 +350,7 @@ def kinds_for_bits(bits: set[int]) -> set[Kind]:
         ExitCode.VMMCALL: [Kind.VMMCALL], ExitCode.STGI: [Kind.STGI], ExitCode.CLGI: [Kind.CLGI],
         ExitCode.RSM: [Kind.RSM], ExitCode.RDPRU: [Kind.RDPRU],
         ExitCode.INVPCID: [Kind.INVPCID], ExitCode.CR0_SEL_WRITE: [Kind.MOV_TO_CR, Kind.LMSW],
-        0x43: [Kind.INT3],
+        ExitCode.EXCP_BP: [Kind.INT3],
     }
     for b in bits:
         if b in table:

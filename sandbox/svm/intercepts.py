@@ -8,7 +8,7 @@ both the VMCB and the exit decoder.
 """
 from __future__ import annotations
 
-from .exitcodes import ExitCode
+from .exitcodes import ExitCode, excp
 
 #: flat bit index (== exit code) of every named intercept, APM names, lowercase
 INTERCEPT_BITS: dict[str, int] = {}
@@ -18,7 +18,7 @@ for _n in range(16):
     INTERCEPT_BITS[f"dr{_n}_read"] = 0x20 + _n
     INTERCEPT_BITS[f"dr{_n}_write"] = 0x30 + _n
 for _n in range(32):
-    INTERCEPT_BITS[f"excp{_n}"] = 0x40 + _n
+    INTERCEPT_BITS[f"excp{_n}"] = excp(_n)
 _NAMED = {
     "intr": ExitCode.INTR, "nmi": ExitCode.NMI, "smi": ExitCode.SMI, "init": ExitCode.INIT,
     "vintr": ExitCode.VINTR, "cr0_sel_write": ExitCode.CR0_SEL_WRITE,
