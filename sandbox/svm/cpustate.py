@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
-from unicorn import Uc, UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, UcError
+from unicorn import Uc, UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL, UC_TLB_VIRTUAL, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
@@ -363,7 +363,6 @@ def _find_invalid_addr() -> int | None:
     Unicorn's fill callback only sees the page; the faulting address with its
     page offset (CR2, NPF EXITINFO2) is kept in the engine struct.
     """
-    from unicorn import UC_HOOK_TLB_FILL, UC_TLB_VIRTUAL
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x10000, UC_PROT_ALL)
     uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)

@@ -8,6 +8,8 @@ both the VMCB and the exit decoder.
 """
 from __future__ import annotations
 
+import difflib
+
 from .exitcodes import ExitCode, excp
 
 #: flat bit index (== exit code) of every named intercept, APM names, lowercase
@@ -92,7 +94,6 @@ def resolve(names: str | list[str]) -> set[int]:
         elif n in INTERCEPT_BITS:
             bits.add(INTERCEPT_BITS[n])
         else:
-            import difflib
             close = difflib.get_close_matches(n, list(INTERCEPT_BITS) + list(GROUPS), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UnknownIntercept(f"unknown intercept name {raw!r}{hint}")
