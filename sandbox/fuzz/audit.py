@@ -397,7 +397,7 @@ class Auditor:
         try:
             self._settle_missed(address)
             self.steps += 1
-            if self._cpu._pass_once == address:
+            if self._cpu.pass_once_rip == address:
                 self.pending = None              # the hypervisor re-executes it unintercepted
                 return
             exp = expected_exit(self._bytes(address), address, self.state)
