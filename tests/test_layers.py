@@ -41,13 +41,9 @@ PRIVATE_ALLOWED: dict[tuple[str, str], str] = {
     ("sandbox.svm.cpustate", "_uch"):
         "Unicorn's engine handle (Uc._uch): uc_context_save/restore and uc_reg_read/write "
         "are called on it directly, and emu_counter/invalid_addr are read from its struct",
-    ("sandbox.svm.cpu", "_uch"):
-        "Unicorn's engine handle (Uc._uch): the processor adds its hooks with uclib.uc_hook_add "
-        "on it, to pass a ctypes callback it keeps and a 64-bit instruction id",
-    ("sandbox.fuzz.snapshot", "_uch"):
-        "Unicorn's engine handle (Uc._uch): the harness deletes hooks with uc_hook_del on it",
-    ("sandbox.fuzz.snapshot", "_obj"):
-        "ctypes byref()'s referenced object (CArgObject._obj): the hook handle Unicorn wrote",
+    ("sandbox.svm.engine", "_uch"):
+        "Unicorn's engine handle (Uc._uch): the processor adds and deletes its raw hooks with "
+        "uclib.uc_hook_add / uc_hook_del in this one module",
     ("sandbox.hypervisor.loader", "_exit"):
         "os._exit: the documented way for a forked child to leave without running the "
         "parent's cleanup",
