@@ -168,6 +168,8 @@ class RunResult:
     walk: dict[str, int] = field(default_factory=dict)
     #: TLB hits, misses and flushes (see :class:`sandbox.memory.tlb.TlbStats`)
     tlb: dict[str, int] = field(default_factory=dict)
+    #: the original exception when the processor model failed internally (reason "error")
+    error: BaseException | None = None
 
     @property
     def ok(self) -> bool:
@@ -426,7 +428,9 @@ class Machine:
             reason, detail = stop.reason, stop.detail
         if reason == StopReason.EXIT and stop.detail.startswith("VMEXIT_INVALID"):
             reason, detail = StopReason.INVALID_VMCB, stop.detail
-        return self._result(reason, detail)
+        result = self._result(reason, detail)
+        result.error = stop.error
+        return result
 
     def _result(self, reason: str, detail: str) -> RunResult:
         st = self.cpu.st

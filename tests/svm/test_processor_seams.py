@@ -4,7 +4,8 @@ The walker the processor builds at VMRUN holds the guest's CR0/CR3/CR4/EFER;
 a guest MOV CR3 to tables that map the same VA elsewhere must be seen by the
 very next access (APM vol. 2 §5.5.2: only global translations survive a MOV
 CR3).  The seams are what tools outside the processor use: a fill observer,
-resets of the translation caches and the decision function.
+resets of the translation caches, the decision function, and the original
+exception of an internal error.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import struct
 from unicorn import UC_MEM_FETCH, UC_PROT_EXEC
 
 from sandbox.svm.exitcodes import ExitCode
+from sandbox.svm.stop import StopReason
 
 from conftest import BASE, DATA, hc_exit, install_reporting_idt, leaf_pte
 
@@ -90,6 +92,18 @@ def test_decide_is_replaceable(guest):
     m.cpu.reset_translation_caches()
     r = m.run(timeout=5, max_insns=1000)
     assert ExitCode.CPUID not in r.counts
+
+
+def test_internal_error_keeps_its_exception(guest):
+    m = guest("cpuid\n" + hc_exit(DONE))
+    boom = RuntimeError("decision failed")
+
+    def bad(insn, view, rip, code):
+        raise boom
+    m.cpu.decide = bad
+    r = m.run(timeout=5)
+    assert r.reason == StopReason.ERROR and "internal error" in r.detail
+    assert r.error is boom
 
 
 def test_wrmsr_efer_nxe_reaches_the_walk(guest):
