@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -10,12 +11,13 @@ from rich.live import Live
 from rich.table import Table
 
 from ..fuzz import campaign as C
-from ..fuzz.case import Case, CaseError
+from ..fuzz.case import CODE_WINDOW, Case, CaseError
 from ..fuzz.differential import differential
 from ..fuzz.oracle import Finding, findings
 from ..fuzz.snapshot import Harness
 from ..svm.exitcodes import exit_name
 from .errors import CliError
+from .helpfmt import HelpFormatter
 
 FUZZ_EPILOG = """\
 examples:
@@ -28,8 +30,8 @@ examples:
 
 def add_parser(sub) -> None:
     f = sub.add_parser("fuzz", help="fuzz the intercept logic and the handlers", epilog=FUZZ_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    f.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+                       formatter_class=HelpFormatter)
+    f.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds (finite, > 0)")
     f.add_argument("--cases", type=int, metavar="N", help="stop after N cases (over all jobs)")
     f.add_argument("--seed", type=int, default=0, help="campaign seed (with --jobs 1 the case sequence is reproducible)")
     f.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes (at most the core count)")
@@ -40,7 +42,7 @@ def add_parser(sub) -> None:
                    help="in fast mode, audit one case in N (0: never; default 8)")
     f.add_argument("--differential-every", type=int, default=16, metavar="N",
                    help="compare one case in N with Unicorn's bundled QEMU SVM (0: never; default 16)")
-    f.add_argument("--insns", type=int, default=64, metavar="N", help="instructions per generated case")
+    f.add_argument("--insns", type=int, default=64, metavar="N", help="instructions per generated case (1-%d)" % (CODE_WINDOW // 16))
     f.add_argument("--no-minimize", action="store_true", help="save findings unminimized")
     f.add_argument("--stop-on-finding", action="store_true", help="end the campaign at the first finding")
     f.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -62,13 +64,33 @@ def _status_table(stats: C.Stats, secs: float) -> Table:
     return t
 
 
-def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
+#: the most instructions a generated case can hold: the code window at 16 bytes each (15 + room to place it)
+MAX_INSNS = CODE_WINDOW // 16
+
+
+def check_fuzz_numbers(a: argparse.Namespace) -> None:
+    """Every numeric flag of ``sandbox fuzz``: one line on a value it cannot use."""
     if a.seconds is None and a.cases is None:
         raise CliError("give --seconds or --cases")
-    if a.cases is not None and a.cases < 1 or a.seconds is not None and a.seconds <= 0:
-        raise CliError("--cases and --seconds must be positive")
-    if a.audit_every < 0 or a.differential_every < 0 or a.insns < 1:
-        raise CliError("--audit-every and --differential-every must be >= 0, --insns >= 1")
+    if a.seconds is not None and not (0 < a.seconds < math.inf):
+        raise CliError(f"--seconds {a.seconds:g}: give a finite number of seconds > 0")
+    if a.cases is not None and a.cases < 1:
+        raise CliError(f"--cases {a.cases}: must be >= 1")
+    if a.seed < 0:
+        raise CliError(f"--seed {a.seed}: must be >= 0")
+    if a.jobs < 1:
+        raise CliError(f"--jobs {a.jobs}: must be >= 1")
+    if a.audit_every < 0 or a.differential_every < 0:
+        raise CliError("--audit-every and --differential-every must be >= 0 (0: never)")
+    if not 1 <= a.insns <= MAX_INSNS:
+        raise CliError(f"--insns {a.insns}: must be 1-{MAX_INSNS} (a case's code window is {CODE_WINDOW:#x} bytes)")
+    for d, flag in ((a.corpus, "--corpus"), (a.crashes, "--crashes")):
+        if d is not None and d.exists() and not d.is_dir():
+            raise CliError(f"{flag} {d}: a file, not a directory")
+
+
+def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
+    check_fuzz_numbers(a)
     opts = C.Options(seed=a.seed, seconds=a.seconds, cases=a.cases, jobs=a.jobs, corpus=a.corpus,
                      crashes=a.crashes, audit=a.audit, audit_every=a.audit_every,
                      differential_every=a.differential_every, n_insns=a.insns,

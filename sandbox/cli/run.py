@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
-from typing import BinaryIO, Callable
+import threading
+from typing import BinaryIO, Callable, TextIO
 
 from capstone import CS_ARCH_X86, CS_MODE_32, CS_MODE_64, Cs
 from rich.console import Console
@@ -15,6 +19,7 @@ from ..hypervisor.hooks_loader import HooksError, load_hooks
 from ..hypervisor.loader import ImageError
 from ..hypervisor.machine import Machine, RunResult
 from ..hypervisor.multiboot import is_multiboot
+from ..memory.hostmem import HostMemoryError
 from ..memory.tlb import TlbMode
 from ..svm.cpu import ExitRecord
 from ..svm.exitcodes import exit_name
@@ -23,11 +28,19 @@ from ..svm.msrpm import msrpm_bit
 from ..svm.stop import StopReason
 from .errors import CliError
 from .fuzz import add_parser, replay_case
+from .helpfmt import HelpFormatter
 
 _CS = Cs(CS_ARCH_X86, CS_MODE_64)
 _CS32 = Cs(CS_ARCH_X86, CS_MODE_32)
 
+#: what Machine.default_intercepts arms (the --intercept help names them)
+DEFAULT_INTERCEPTS = ("vmrun vmmcall vmload vmsave stgi clgi skinit invlpga hlt shutdown cpuid, "
+                      "and ioio for the COM1 ports 0x3f8-0x3ff only")
+
 EPILOG = """\
+console: the guest's serial output goes to stdout, a line at a time; the exit trace and the
+summary go to stderr. Exit status: 0 guest exited 0 (or halted), 1 run failed, 2 bad input,
+130 interrupted by Ctrl-C (the summary is still printed).
 intercept names are the APM's, lowercase: cpuid hlt rdtsc rdtscp pushf popf gdtr_read cr0_read
 cr3_write ioio msr excp14 ... plus the groups 'all' and 'sensitive'.
 examples:
@@ -42,11 +55,38 @@ examples:
 """
 
 
-def _int(s: str) -> int:
+def _int(s: str, what: str = "") -> int:
     try:
         return int(s, 0)
     except ValueError:
-        raise CliError(f"not a number: {s!r}") from None
+        raise CliError(f"{what or 'not a number'}: {s!r}" if what else f"not a number: {s!r}") from None
+
+
+#: host DRAM (MiB): the model maps twice this (DRAM, then the processor's plaintext cache)
+DRAM_MIN, DRAM_MAX = 4, 16384
+#: guest RAM (MiB); host DRAM must hold it and the hypervisor's own pages (VMCB, NPT, IOPM, MSRPM)
+RAM_MIN, RAM_OVERHEAD = 2, 8
+
+
+def check_sizes(ram: int, dram: int) -> None:
+    """One line on guest RAM / host DRAM sizes the machine cannot have."""
+    if not DRAM_MIN <= dram <= DRAM_MAX:
+        raise CliError(f"--dram {dram}: host DRAM must be {DRAM_MIN}-{DRAM_MAX} MiB")
+    if ram < RAM_MIN:
+        raise CliError(f"--ram {ram}: guest RAM must be at least {RAM_MIN} MiB")
+    if dram < ram + RAM_OVERHEAD:
+        raise CliError(f"guest RAM of {ram} MiB needs --dram of at least {ram + RAM_OVERHEAD} MiB "
+                       f"(guest RAM + {RAM_OVERHEAD} MiB for the hypervisor), got {dram}")
+
+
+def check_limits(a: argparse.Namespace) -> None:
+    """The run's budgets: finite, not negative."""
+    if not (a.timeout >= 0) or a.timeout == float("inf"):
+        raise CliError(f"--timeout {a.timeout:g}: give a number of seconds >= 0 (0: no wall-clock limit)")
+    if a.max_exits < 0:
+        raise CliError(f"--max-exits {a.max_exits}: must be >= 0")
+    if a.max_insns < 0:
+        raise CliError(f"--max-insns {a.max_insns}: must be >= 0")
 
 
 def parse_ports(spec: str) -> list[int]:
@@ -55,6 +95,8 @@ def parse_ports(spec: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
+        if part.startswith("-"):
+            raise CliError(f"port {part!r} is negative; ports are 0-0xffff")
         if "-" in part:
             a, b = part.split("-", 1)
             lo, hi = _int(a), _int(b)
@@ -65,7 +107,7 @@ def parse_ports(spec: str) -> list[int]:
             ports.append(_int(part))
     for p in ports:
         if not 0 <= p <= 0xFFFF:
-            raise CliError(f"port {p:#x} is outside 0-0xffff")
+            raise CliError(f"port {p} is outside 0-0xffff" if p < 0 else f"port {p:#x} is outside 0-0xffff")
     return ports
 
 
@@ -103,8 +145,7 @@ def _machine(a: argparse.Namespace) -> Machine:
     """The machine ``sandbox run`` describes: memory, paging, the image, intercepts and hooks."""
     ports = parse_ports(a.ports) if a.ports else None
     msrs = parse_msrs(a.msrs) if a.msrs else None
-    if a.max_insns < 0:
-        raise CliError("--max-insns must be >= 0")
+    check_limits(a)
     npt_page = {"4k": 4 << 10, "2m": 2 << 20, "1g": 1 << 30}[a.npt_page]
     if a.paging == "shadow" and npt_page != 4 << 10:
         raise CliError("--npt-page applies to nested paging; shadow paging backs guest RAM with 4 KiB pages")
@@ -114,19 +155,25 @@ def _machine(a: argparse.Namespace) -> Machine:
     # a multiboot kernel (kvm-unit-tests) gets the PC platform and 256 MiB, as under QEMU's -m 256
     ram = a.ram if a.ram is not None else (256 if multiboot else 16)
     dram = a.dram if a.dram is not None else max(64, ram + 32)
+    check_sizes(ram, dram)
     platform = a.platform if a.platform is not None else ("pc" if multiboot else "none")
     try:
         m = Machine(dram=dram << 20, ram=ram << 20, npt_page=npt_page, paging=a.paging,
                     tlb_mode=TlbMode(a.tlb), platform=None if platform == "none" else platform)
-    except ValueError as e:
+    except (ValueError, HostMemoryError) as e:
         raise CliError(str(e)) from None
+    except (OSError, MemoryError) as e:
+        raise CliError(f"cannot allocate {dram} MiB of host DRAM (the model maps twice that): "
+                       f"{getattr(e, 'strerror', None) or type(e).__name__}") from None
     try:
         m.load(a.image, append=a.append)
-    except ImageError as e:
+    except (ImageError, HostMemoryError) as e:
         raise CliError(str(e)) from None
+    if a.no_default_intercepts:
+        clear_intercepts(m)
     try:
         if a.intercept:
-            m.intercept(a.intercept)
+            apply_intercepts(m, a.intercept)
     except UnknownIntercept as e:
         raise CliError(str(e)) from None
     if ports is not None:
@@ -134,11 +181,37 @@ def _machine(a: argparse.Namespace) -> Machine:
     if msrs is not None:
         m.set_msrs(msrs)
     if a.hooks:
+        if os.path.isdir(a.hooks):
+            raise CliError(f"--hooks {a.hooks}: a directory; give one Python file of handlers, "
+                           "e.g. --hooks hooks/cpuid_spoofer.py")
         try:
             load_hooks(m, a.hooks)
         except HooksError as e:
             raise CliError(str(e)) from None
     return m
+
+
+def clear_intercepts(m: Machine) -> None:
+    """``--no-default-intercepts``: disarm every intercept and clear the IOPM and MSRPM.
+    VMRUN stays armed: the APM makes a VMRUN without it fail (VMEXIT_INVALID)."""
+    m.intercept("all", on=False)
+    m.guest.iopm.set_all(False)
+    m.guest.msrpm.set_all(False)
+    m.intercept("vmrun")
+
+
+def apply_intercepts(m: Machine, spec: str) -> None:
+    """``--intercept a,b,-c``: arm each name; a leading '-' disarms it."""
+    arm = [n.strip() for n in spec.split(",") if n.strip() and not n.strip().startswith("-")]
+    disarm = [n.strip()[1:] for n in spec.split(",") if n.strip().startswith("-")]
+    if arm:
+        m.intercept(arm)
+    if disarm:
+        m.intercept(disarm, on=False)
+        if "ioio" in disarm:
+            m.guest.iopm.set_all(False)
+        if "msr" in disarm:
+            m.guest.msrpm.set_all(False)
 
 
 def _launch_sev(m: Machine, a: argparse.Namespace, err: Console) -> None:
@@ -152,16 +225,21 @@ def _launch_sev(m: Machine, a: argparse.Namespace, err: Console) -> None:
         err.print(note)
 
 
-def _exit_printer(m: Machine, a: argparse.Namespace, err: Console) -> Callable[[ExitRecord], None]:
+def _exit_printer(m: Machine, a: argparse.Namespace, err: Console, console: "ConsoleLines",
+                  closed: Callable[[], None]) -> Callable[[ExitRecord], None]:
     """The per-exit line (or JSON object) of ``sandbox run``."""
     def show(rec: ExitRecord) -> None:
         if a.quiet:
             return
         if a.json:
-            print(json.dumps({"exitcode": rec.exitcode, "exit": exit_name(rec.exitcode), "rip": rec.rip,
-                              "nrip": rec.nrip, "exitinfo1": rec.exitinfo1, "exitinfo2": rec.exitinfo2,
-                              "exitintinfo": rec.exitintinfo, "insn": _disasm(m, rec.rip)}), flush=True)
+            try:
+                print(json.dumps({"exitcode": rec.exitcode, "exit": exit_name(rec.exitcode), "rip": rec.rip,
+                                  "nrip": rec.nrip, "exitinfo1": rec.exitinfo1, "exitinfo2": rec.exitinfo2,
+                                  "exitintinfo": rec.exitintinfo, "insn": _disasm(m, rec.rip)}), flush=True)
+            except BrokenPipeError:
+                closed()
         else:
+            console.flush()               # a partial console line goes out before the trace line
             err.print(f"[dim]#{rec.index:<6}[/dim] {rec.rip:#018x}  {escape(_disasm(m, rec.rip)):<28} "
                       f"[bold]{exit_name(rec.exitcode):<14}[/bold] exitinfo1={rec.exitinfo1:#x} "
                       f"exitinfo2={rec.exitinfo2:#x} nrip={rec.nrip:#x}")
@@ -177,21 +255,136 @@ def _open_dump(path: str | None) -> BinaryIO | None:
         raise CliError(f"cannot write --dump-host-memory file: {e.strerror}: {path}") from None
 
 
+class ConsoleLines:
+    """The guest console on stdout, a line at a time: a partial line is kept
+    until its newline, or until the exit trace (on stderr) is about to print
+    a line, so the two streams never interleave inside a line."""
+
+    def __init__(self, out: TextIO, on_closed: Callable[[], None]) -> None:
+        self.out, self.on_closed = out, on_closed
+        self.partial = b""
+        self.closed = False
+
+    def write(self, b: bytes) -> None:
+        data = self.partial + b
+        head, nl, self.partial = data.rpartition(b"\n")
+        if nl:
+            self._emit(head + nl)
+
+    def flush(self) -> None:
+        """Write out a partial line (before a trace line, at the end of the run)."""
+        if self.partial:
+            data, self.partial = self.partial, b""
+            self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.out.write(data.decode("utf-8", "replace"))
+            self.out.flush()
+        except BrokenPipeError:
+            self.closed = True
+            self.on_closed()
+
+
+def quiet_broken_pipe() -> int:
+    """stdout's reader went away (``| head``): end quietly, as Unix tools do.
+    Point stdout at /dev/null so the interpreter's final flush cannot complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(m: Machine):
+    """While the guest runs, Ctrl-C asks the processor to stop (Machine.request_stop).
+
+    Python runs signal handlers only between bytecodes, and a guest that never
+    exits keeps the main thread inside Unicorn's C loop; so on Unix SIGINT is
+    blocked in this thread and a helper thread takes it with sigwait.  A second
+    Ctrl-C while stopping is the same request again."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        old = signal.signal(signal.SIGINT, lambda *_: m.request_stop()) \
+            if threading.current_thread() is threading.main_thread() else None
+        try:
+            yield
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+        return
+    done = threading.Event()
+
+    def waiter() -> None:
+        while True:
+            signal.sigwait({signal.SIGINT})
+            if done.is_set():
+                return
+            m.request_stop()
+
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    t = threading.Thread(target=waiter, name="sandbox-sigint", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.pthread_kill(t.ident, signal.SIGINT)
+        t.join(1.0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+#: ``sandbox run`` options that configure a machine; a saved .case brings its own
+_CASE_IGNORES = ("intercept", "ports", "msrs", "hooks", "max_insns", "max_exits", "timeout", "dram", "ram",
+                 "append", "platform", "paging", "npt_page", "tlb", "sev", "sev_es", "snp",
+                 "dump_host_memory", "no_default_intercepts")
+
+
+def _refuse_for_case(a: argparse.Namespace) -> None:
+    defaults = vars(build_parser().parse_args(["run", a.image]))
+    given = [n for n in _CASE_IGNORES if getattr(a, n) != defaults[n]]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise CliError(f"{flags}: a saved fuzz case (.case) carries its own machine configuration; "
+                       "only --audit, --json and --quiet apply to it")
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     if a.image.endswith(".case"):
+        _refuse_for_case(a)
         return replay_case(a)
+    if a.audit:
+        raise CliError("--audit applies to a saved fuzz case (.case) only")
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     m = _machine(a)
     dump = _open_dump(a.dump_host_memory)
     if a.sev or a.sev_es or a.snp:
         _launch_sev(m, a, err)
+    pipe = {"closed": False}
+
+    def closed() -> None:
+        pipe["closed"] = True
+        m.request_stop()
+
+    console = ConsoleLines(sys.stdout, closed)
     if not a.json:
-        m.console_sink = lambda b: (sys.stdout.write(b.decode("utf-8", "replace")), sys.stdout.flush())
-    m.on_exit_record = _exit_printer(m, a, err)
-    r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
+        m.console_sink = console.write
+    m.on_exit_record = _exit_printer(m, a, err, console, closed)
+    with ctrl_c_stops(m):
+        r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
+    console.flush()
+    if pipe["closed"] or console.closed:
+        if dump is not None:
+            dump.close()
+        return quiet_broken_pipe()
     if dump is not None:
         with dump:
             dump.write(m.mem.dump())          # raw DRAM: what the hypervisor (or a probe) could read
+    interrupted = r.reason == StopReason.STOPPED and r.detail == "interrupted"
     ok = r.reason in (StopReason.GUEST_EXIT, StopReason.HALT) and not r.exit_code
     dbg = getattr(getattr(m.platform, "debug_exit", None), "status", None)
     if a.json:
@@ -204,13 +397,15 @@ def cmd_run(a: argparse.Namespace) -> int:
             "insns": r.insns, "console": r.console, "paging": a.paging,
             "walks": r.walk, "tlb": r.tlb,
             "shadow": m.shadow.stats.snapshot() if m.shadow is not None else None,
-        }))
+        }), flush=True)
     else:
         err.print(exits_table(r))
         err.print(memory_table(a.paging, r, m))
         style = "green" if ok else "red"
-        err.print(f"[{style}]run ended: {r.reason}[/{style}]" + (f" - {r.detail}" if r.detail else "")
+        err.print(f"[{style}]run ended: {r.reason}[/{style}]" + (f" - {escape(r.detail)}" if r.detail else "")
                   + f"; {r.exits} exits")
+    if interrupted:
+        return 130
     return 0 if ok else 1
 
 
@@ -251,25 +446,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sandbox", description="AMD-V (SVM) hypervisor sandbox",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run a guest image", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("image", help="guest image: .S/.asm (keystone), .bin (flat), ELF64, an ELF32 multiboot kernel "
-                                 "(kvm-unit-tests .flat), or a saved fuzz case (.case)")
-    r.add_argument("--intercept", metavar="NAMES", help="comma-separated intercepts to arm (APM names, 'all', 'sensitive')")
+    r = sub.add_parser("run", help="run a guest image", epilog=EPILOG, formatter_class=HelpFormatter)
+    r.add_argument("image", help="guest image: .S/.asm (keystone), .bin (flat), a static non-PIE ELF64, an ELF32 "
+                                 "multiboot kernel (kvm-unit-tests .flat), or a saved fuzz case (.case: only "
+                                 "--audit, --json and --quiet apply)")
+    r.add_argument("--intercept", metavar="NAMES",
+                   help="comma-separated intercepts to arm (APM names, 'all', 'sensitive'); a leading '-' disarms "
+                        f"one (--intercept=-cpuid,rdtsc). Armed by default: {DEFAULT_INTERCEPTS}")
+    r.add_argument("--no-default-intercepts", action="store_true",
+                   help="start from no intercepts (VMRUN only, as the APM requires) and an empty IOPM/MSRPM")
     r.add_argument("--ports", metavar="LIST", help="intercept exactly these ports, e.g. 0x80,0x3f8-0x3ff")
     r.add_argument("--msrs", metavar="LIST", help="intercept exactly these MSR accesses, e.g. r:0x10,w:0xc0000103")
-    r.add_argument("--hooks", metavar="FILE", help="Python file with user exit handlers")
+    r.add_argument("--hooks", metavar="FILE", help="Python file with user exit handlers, e.g. hooks/cpuid_spoofer.py")
     r.add_argument("--max-insns", type=int, default=0, metavar="N",
                    help="instruction budget for the run; also reports the count (0 = uncounted: counting slows the guest)")
-    r.add_argument("--max-exits", type=int, default=10_000_000, metavar="N", help="stop after N exits")
-    r.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wall-clock limit in seconds")
+    r.add_argument("--max-exits", type=int, default=10_000_000, metavar="N",
+                   help="handle N exits, then stop the run at the next one (>= 0)")
+    r.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="wall-clock limit in seconds; 0 = no limit (Ctrl-C still stops the run)")
     r.add_argument("--dram", type=int, default=None, metavar="MIB",
-                   help="host DRAM size (MiB; default 64, or guest RAM + 32 when that is more)")
+                   help=f"host DRAM size, {DRAM_MIN}-{DRAM_MAX} MiB and at least guest RAM + {RAM_OVERHEAD}; "
+                        "default: 64, or guest RAM + 32 when that is more")
     r.add_argument("--ram", type=int, default=None, metavar="MIB",
-                   help="guest RAM size (MiB; default 16, 256 for a multiboot kernel)")
+                   help=f"guest RAM size, at least {RAM_MIN} MiB; default: 16, or 256 for a multiboot kernel")
     r.add_argument("--append", metavar="ARGS", help="command line of a multiboot kernel (kvm-unit-tests' test_args)")
     r.add_argument("--platform", choices=("none", "pc"), default=None,
-                   help="devices beyond COM1: 'pc' (debug-exit, fw_cfg, PIC, local APIC); default pc for a "
+                   help="devices beyond COM1: 'pc' (debug-exit, fw_cfg, PIC, local APIC); default: pc for a "
                         "multiboot kernel, else none")
     r.add_argument("--paging", choices=("nested", "shadow"), default="nested",
                    help="memory virtualization: the processor's nested paging, or hypervisor shadow tables")
@@ -297,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"sandbox: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except KeyboardInterrupt:
         print("sandbox: interrupted", file=sys.stderr)
         return 130

@@ -139,6 +139,10 @@ def _load_elf(p: Path, data: bytes, ram_size: int) -> Image:
         elf = ELFFile(io.BytesIO(data))
         if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
             raise ImageError(f"{p}: not an x86-64 ELF64 file ({elf['e_machine']}, ELF{elf.elfclass})")
+        if elf["e_type"] != "ET_EXEC" or any(seg["p_type"] in ("PT_INTERP", "PT_DYNAMIC")
+                                             for seg in elf.iter_segments()):
+            raise ImageError(f"{p}: a {elf['e_type']} (PIE, shared or dynamically linked) ELF file; only static, "
+                             "non-PIE ELF64 executables (ET_EXEC, linked at their guest-physical address) are supported")
         segs = []
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_LOAD":

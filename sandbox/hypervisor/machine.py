@@ -44,6 +44,13 @@ from .shadow import ShadowPager
 if TYPE_CHECKING:
     from .sev_launch import SevGuest
 
+#: exits a handler may resume with nothing changed this many times in a row before the run ends (livelock)
+LIVELOCK_LIMIT = 1000
+#: asynchronous exits: the guest did not ask for them, so resuming one in place is no livelock
+_ASYNC_EXITS = frozenset({ExitCode.INTR, ExitCode.NMI, ExitCode.SMI, ExitCode.INIT, ExitCode.VINTR})
+#: RunResult.counts keys: the ExitCode member (an IntEnum: equal to its int) where the code is known
+_EXIT_KEYS = {int(c): c for c in ExitCode}
+
 #: how guest memory is virtualized: the processor's nested paging, or the hypervisor's shadow tables
 PAGING_MODES = ("nested", "shadow")
 
@@ -212,6 +219,10 @@ class Machine:
         self.serial.sink = self._console
         self.guest_exit_code: int | None = None
         self._stop_reason: tuple[str, str] | None = None
+        self._interrupted = False
+        self._last_fp: tuple | None = None
+        self._same_fp = 0
+        self._console_start = 0
         self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self.timer_callback: Callable[["Machine"], None] | None = None
         #: decoded MMIO instructions by (RIP, instruction bytes)
@@ -307,7 +318,18 @@ class Machine:
         self.guest.vmcb.set_intercept(ExitCode.MSR)
 
     def on(self, code: int) -> Callable[[Handler], Handler]:
-        """Decorator: register ``fn(machine, exit)`` for exit code ``code``."""
+        """Decorator: register ``fn(machine, exit)`` for exit code ``code``.
+
+        ``exit`` is the :class:`~sandbox.svm.cpu.ExitRecord` (``exit.exitcode``,
+        ``exit.exitinfo1``/``EXITINFO1`` ..., ``exit.rip``, ``exit.nrip``).  The
+        handler returns :data:`RESUME` (or None) to VMRUN again -- having
+        completed the instruction with :meth:`advance`, or RIP stays on it and
+        the guest re-executes it -- or :data:`STOP` / ``m.stop(reason, detail)``
+        to end the run.  Any other return value ends the run with
+        ``handler-error``; a handler that resumes the same instruction with no
+        change of state :data:`LIVELOCK_LIMIT` times in a row ends it with
+        ``livelock``.
+        """
         def deco(fn: Handler) -> Handler:
             self.handlers[int(code)] = fn
             return fn
@@ -388,36 +410,98 @@ class Machine:
             self.cpu.tlb_control_done = False
             self.guest.vmcb.TLB_CONTROL = TlbControl.DO_NOTHING
         counts = self.counts
-        counts[rec.exitcode] = counts.get(rec.exitcode, 0) + 1
+        code = rec.exitcode
+        key = _EXIT_KEYS.get(code, code)
+        counts[key] = counts.get(key, 0) + 1
         self.trace.append(rec)
         if self.on_exit_record is not None:
             self.on_exit_record(rec)
-        h = self.handlers.get(rec.exitcode)
+        h = self.handlers.get(code)
         if h is None:
-            self._stop_reason = (StopReason.UNHANDLED_EXIT, f"no handler for {exit_name(rec.exitcode)} at {rec.rip:#x}")
+            self._stop_reason = (StopReason.UNHANDLED_EXIT, f"no handler for {exit_name(code)} at {rec.rip:#x}")
             return False
         try:
             act = h(self, rec)
-            if (act is None or act == RESUME) and self.resume_hooks:
-                # before the next VMRUN: e.g. the platform's interrupt controller
-                # queues an interrupt (EVENTINJ, or V_IRQ for a window)
-                for hook in self.resume_hooks:
-                    if hook(self, rec) == STOP:
-                        return False
+            if act is not None and act != RESUME and act != STOP:
+                self._stop_reason = (StopReason.HANDLER_ERROR, f"handler for {exit_name(code)} returned {act!r}; "
+                                     "expected RESUME, STOP or None")
+                return False
+            if act is None or act == RESUME:
+                if self._livelocked(rec):
+                    return False
+                if self.resume_hooks:
+                    # before the next VMRUN: e.g. the platform's interrupt controller
+                    # queues an interrupt (EVENTINJ, or V_IRQ for a window)
+                    for hook in self.resume_hooks:
+                        if hook(self, rec) == STOP:
+                            return False
+        except KeyboardInterrupt:    # Ctrl-C inside a handler: the run stops, as request_stop() does
+            self._stop_reason = (StopReason.STOPPED, "interrupted")
+            return False
         except Exception as e:       # a handler crash ends the run with a clear message
             tb = traceback.extract_tb(e.__traceback__)[-1]
-            self._stop_reason = (StopReason.HANDLER_ERROR, f"{exit_name(rec.exitcode)} handler raised "
+            self._stop_reason = (StopReason.HANDLER_ERROR, f"{exit_name(code)} handler raised "
                                  f"{type(e).__name__}: {e} ({tb.filename}:{tb.lineno})")
             return False
         return act is None or act == RESUME
 
+    def _livelocked(self, rec: ExitRecord) -> bool:
+        """True (and the run's stop reason set) when a handler has resumed the
+        same synchronous exit at the same RIP, with no change of state, for
+        :data:`LIVELOCK_LIMIT` exits in a row -- a handler that forgot to
+        advance RIP.  The fingerprint is cheap: exit code, EXITINFO1/2, RIP
+        before and after the handler, a pending EVENTINJ, RAX..RBX."""
+        if rec.exitcode in _ASYNC_EXITS or (self.sev is not None and self.sev.es is not None):
+            self._last_fp, self._same_fp = None, 0
+            return False
+        v = self.guest.vmcb
+        if v.RIP != rec.rip:
+            self._last_fp, self._same_fp = None, 0
+            return False
+        cpu = self.cpu
+        fp = (rec.exitcode, rec.rip, rec.exitinfo1, rec.exitinfo2, v.EVENTINJ, v.RAX,
+              cpu.guest_gpr(1), cpu.guest_gpr(2), cpu.guest_gpr(3))
+        if fp != self._last_fp:
+            self._last_fp, self._same_fp = fp, 1
+            return False
+        self._same_fp += 1
+        if self._same_fp < LIVELOCK_LIMIT:
+            return False
+        self._stop_reason = (StopReason.HANDLER_ERROR, f"livelock: the {exit_name(rec.exitcode)} handler resumed "
+                             f"the guest at {rec.rip:#x} {self._same_fp} times with no change of state "
+                             "(did it forget m.advance(exit)?)")
+        return True
+
+    def request_stop(self) -> None:
+        """End the current run as soon as possible (reason ``stopped``, detail
+        ``interrupted``); any thread or a signal handler may call it.  The
+        CLI's Ctrl-C handler does."""
+        self._interrupted = True
+        self.cpu.expire_timeout()
+
     def run(self, max_insns: int = 0, timeout: float = 10.0, max_exits: int = 10_000_000) -> RunResult:
-        """VMRUN until a handler stops the guest or a limit is reached."""
+        """VMRUN until a handler stops the guest or a limit is reached.
+
+        ``timeout`` is wall-clock seconds (0: no limit); ``max_exits`` the
+        number of exits handled before the run stops (at the next one);
+        ``max_insns`` an instruction budget (0: not counted).  The result's
+        exits, counts, console, walk and TLB figures are this run's alone.
+        """
+        if not (timeout >= 0) or timeout == float("inf"):
+            raise ValueError(f"timeout must be a finite number of seconds >= 0 (0: no limit), not {timeout!r}")
+        if max_exits < 0 or max_insns < 0:
+            raise ValueError("max_exits and max_insns must be >= 0")
         self._stop_reason = None
+        self._interrupted = False
+        self._last_fp, self._same_fp = None, 0
         self.guest_exit_code = None
+        self.counts = {}                      # per run, as the walk and TLB figures
+        self._console_start = len(self.serial.output)
         self.cpu.stats = WalkStats()          # walk and TLB figures are per run
         self.cpu.tlb.stats = TlbStats()
-        limits = RunLimits(max_insns=max_insns, timeout_s=timeout, max_exits=max_exits)
+        # the processor stops when it takes exit number max_exits + 1 of this run, undispatched
+        limits = RunLimits(max_insns=max_insns, timeout_s=timeout,
+                           max_exits=self.cpu.exit_count + max_exits + 1)
         try:
             stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
         except VmrunError as e:
@@ -428,8 +512,16 @@ class Machine:
             reason, detail = stop.reason, stop.detail
         if reason == StopReason.EXIT and stop.detail.startswith("VMEXIT_INVALID"):
             reason, detail = StopReason.INVALID_VMCB, stop.detail
+        if reason == StopReason.EXIT_BUDGET:
+            detail = f"exit budget of {max_exits} reached"
+        error = stop.error
+        if self._interrupted and reason in (StopReason.TIMEOUT, StopReason.STOPPED):
+            reason, detail = StopReason.STOPPED, "interrupted"
+        elif reason == StopReason.ERROR and isinstance(error, KeyboardInterrupt):
+            # Ctrl-C (no signal handler) landed inside one of the processor's hooks
+            reason, detail, error = StopReason.STOPPED, "interrupted", None
         result = self._result(reason, detail)
-        result.error = stop.error
+        result.error = error
         return result
 
     def _result(self, reason: str, detail: str) -> RunResult:
@@ -444,5 +536,5 @@ class Machine:
         return RunResult(reason=reason, detail=detail, exit_code=self.guest_exit_code, insns=self.cpu.insns,
                          exits=sum(self.counts.values()), counts=dict(self.counts), regs=regs,
                          rip=rip, rflags=rflags,
-                         console=self.serial.text, walk=self.cpu.stats.snapshot(),
+                         console=self.serial.output[self._console_start:].decode("utf-8", "replace"), walk=self.cpu.stats.snapshot(),
                          tlb=self.cpu.tlb.stats.snapshot())
