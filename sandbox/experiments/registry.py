@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import msr_bitmap, virtio_io
+from . import asid_flush, exit_model, io_notice, msr_bitmap, shadow_nested, virtio_io, walk_refs
 from .base import Context, Experiment, Outcome
 from .common import STOP
 
@@ -22,6 +22,11 @@ from .common import STOP
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     msr_bitmap.EXPERIMENT,
     virtio_io.EXPERIMENT,
+    io_notice.EXPERIMENT,
+    walk_refs.EXPERIMENT,
+    asid_flush.EXPERIMENT,
+    shadow_nested.EXPERIMENT,
+    exit_model.EXPERIMENT,
 )}
 
 

@@ -132,7 +132,9 @@ def plot(data: dict[str, Any], path) -> None:
         xs = data["series"][name]
         ax.plot([x["bytes"] / 1024 for x in xs], [x["exits_per_kib"] for x in xs], mark + "-", color=colour,
                 label=name)
+    sizes = [x["bytes"] / 1024 for x in data["series"][SERIES[0][0]]]
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
     ax.set_yscale("log")
     ax.set_xlabel("payload (KiB)")
     ax.set_ylabel("#VMEXITs per KiB sent")
