@@ -60,7 +60,8 @@ def check_files(rep, name: str) -> None:
 
 
 def test_every_experiment_has_a_test():
-    tested = {"msr-bitmap", "virtio", "io-dirty", "walk-refs", "asid-flush", "shadow-nested", "exit-model"}
+    tested = {"msr-bitmap", "virtio", "io-dirty", "walk-refs", "asid-flush", "shadow-nested", "exit-model",
+              "popek-goldberg"}
     assert set(EXPERIMENTS) <= tested
 
 
@@ -171,3 +172,29 @@ def test_exit_model_io_reduction_at_least_60_percent(report):
     reduction = 1 - (new["io_exits"] / new["guest_ns"]) / (old["io_exits"] / old["guest_ns"])
     assert reduction >= 0.60                                                   # the seed's claim
     assert abs(100 * reduction - data["reduction_io_pct"]) < 1e-6
+
+
+def test_popek_goldberg_classic_breaks_svm_holds(report):
+    """The values a ring-0 kernel sees after pg_probe.S's set-up, from its own constants:
+    GDTR (0x60000, 0x37), IDTR (0x61000, 0xFFF), LDTR 0x18, TR 0x28, MSW = the
+    loader's CR0 0x80010033 with TS (bit 3), IF 0 after CLI and 1 after POPF of
+    0x202, LAR of 0x00AF9B000000FFFF = bits 55:40 of it masked 0x00F0FF00, the
+    TSS limit 0x67, CS 0x08 and SS 0x10 with RPL 0."""
+    rows = {r["instruction"]: r for r in report("popek-goldberg")["rows"]}
+    want = {"SGDT": "base 0x60000, limit 0x37", "SIDT": "base 0x61000, limit 0xfff", "SLDT": "0x18",
+            "STR": "0x28", "SMSW": f"{(0x80010033 | 8) & 0xFFFF:#06x}", "PUSHF after CLI (IF)": "IF=0",
+            "POPF of IF=1 (the VM's IF)": "IF=1", "LAR 0x08": "ZF=1, 0x00a09b00", "LSL 0x28": "ZF=1, 0x67",
+            "VERR 0x08": "ZF=1", "VERW 0x10": "ZF=1", "MOV from CS (RPL)": "0x8 (RPL 0)",
+            "MOV from SS (RPL)": "0x10 (RPL 0)"}
+    svm_exits = {"SGDT": "GDTR_READ", "SIDT": "IDTR_READ", "SLDT": "LDTR_READ", "STR": "TR_READ",
+                 "SMSW": "CR0_READ", "PUSHF after CLI (IF)": "PUSHF", "POPF of IF=1 (the VM's IF)": "POPF"}
+    for name, real in want.items():
+        r = rows[name]
+        assert r["svm_saw"] == real, name                          # SVM: what ring 0 sees
+        assert r["classic_trap"] == "" and r["classic_saw"] != real and r["breaks"], name
+        assert r["svm_exit"] == svm_exits.get(name, ""), name      # the APM's intercept, or none exists
+    # classic: the kernel saw the monitor's tables and its ring-3 selectors
+    assert rows["SGDT"]["classic_saw"] == "base 0xff000, limit 0xfff"
+    assert rows["MOV from CS (RPL)"]["classic_saw"].endswith("(RPL 3)")
+    for name in ("LGDT", "LIDT", "LLDT", "LTR", "MOV to CR0", "CLI"):
+        assert rows[name]["classic_trap"].startswith("EXCP_GP"), name
