@@ -49,6 +49,9 @@ COMMANDS_PER_100 = 3
 #: instructions of the loop besides the spin (counted in io_poll.S; both modes within one or two)
 LOOP_OVERHEAD = 10
 SLOTS = 512
+#: how far an issue time estimated from the iteration number can be off: iterations that write a
+#: command run a few more instructions than the mean (100 instructions = 1 us is ample)
+ISSUE_ERROR_NS = 1_000
 
 
 def _reads(quick: bool) -> int:
@@ -159,7 +162,7 @@ def run_experiment(ctx: Context) -> Outcome:
         "poll: 2 NPF (one per register page) + one INTR per period of guest time": all(
             p["npf"] == 2 and abs(p["ticks"] - p["guest_ns"] / (p["period_ms"] * 1e6)) <= 1 for p in polls),
         "poll: time-to-notice within one period, about half on average": all(
-            0 <= p["notice_min_ns"] and p["notice_max_ns"] <= p["period_ms"] * 1e6 * 1.01
+            -ISSUE_ERROR_NS <= p["notice_min_ns"] and p["notice_max_ns"] <= p["period_ms"] * 1e6 + ISSUE_ERROR_NS
             and 0.3 < p["notice_mean_ns"] / (p["period_ms"] * 1e6) < 0.7 for p in polls if p["ticks"] >= 2),
         "the command ring never overran": not any(p["overrun"] for p in polls),
     }

@@ -121,7 +121,8 @@ def test_io_dirty_trap_vs_poll(report):
         assert p["npf"] == 2 and p["ticks"] == ticks   # the seed's 2 + 1,000 for one second at 1 ms
         assert p["commands_seen"] == writes
         if p["ticks"] >= 2:
-            assert p["notice_max_ns"] <= p["period_ms"] * 1e6 * 1.01
+            # issue times are estimated from the iteration number: within 1 us (100 instructions)
+            assert -1_000 <= p["notice_min_ns"] and p["notice_max_ns"] <= p["period_ms"] * 1e6 + 1_000
     exits = [p["exits"] for p in data["poll"]]
     assert exits == sorted(exits, reverse=True)        # a longer period, fewer exits
 
