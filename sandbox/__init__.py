@@ -8,9 +8,9 @@ from .hypervisor import handlers
 from .hypervisor.guest import Guest
 from .hypervisor.handlers import DEFAULT_HANDLERS, RESUME, STOP, Action
 from .hypervisor.machine import Machine, RunResult
+from .version import __version__
 from .svm.exitcodes import ExitCode, exit_name
 from .svm.vmcb import VMCB, Event, EventType, Segment
 
 __all__ = ["Machine", "Guest", "RunResult", "Action", "RESUME", "STOP", "ExitCode", "exit_name",
            "VMCB", "Event", "EventType", "Segment", "handlers", "DEFAULT_HANDLERS"]
-__version__ = "0.1.0"

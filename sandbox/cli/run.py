@@ -6,13 +6,15 @@ import json
 import sys
 from typing import BinaryIO, Callable
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import CS_ARCH_X86, CS_MODE_32, CS_MODE_64, Cs
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..hypervisor.hooks_loader import HooksError, load_hooks
 from ..hypervisor.loader import ImageError
 from ..hypervisor.machine import Machine, RunResult
+from ..hypervisor.multiboot import is_multiboot
 from ..memory.tlb import TlbMode
 from ..svm.cpu import ExitRecord
 from ..svm.exitcodes import exit_name
@@ -24,6 +26,7 @@ from .experiment import add_parser as add_experiment_parser
 from .fuzz import add_parser, replay_case
 
 _CS = Cs(CS_ARCH_X86, CS_MODE_64)
+_CS32 = Cs(CS_ARCH_X86, CS_MODE_32)
 
 EPILOG = """\
 intercept names are the APM's, lowercase: cpuid hlt rdtsc rdtscp pushf popf gdtr_read cr0_read
@@ -34,6 +37,7 @@ examples:
   sandbox run guest_images/hello.S --ports 0x3f8-0x3ff --json --quiet
   sandbox run guest_images/kernel.S --paging shadow --quiet
   sandbox run guest_images/sev_secrets.S --sev --dump-host-memory dram.bin
+  sandbox run ../shared/kvm-unit-tests/x86/msr.flat --quiet   (multiboot: PC platform, 256 MiB)
   sandbox run crashes/missed-0123456789ab.case --audit     (replay a fuzz finding)
   sandbox fuzz --seconds 60 --seed 1 --crashes crashes/
 """
@@ -90,7 +94,8 @@ def _disasm(m: Machine, rip: int) -> str:
         code = m.read_virt(rip, 15)
     except Exception:
         return "??"
-    for ins in _CS.disasm(code, rip, 1):
+    long_mode = m.guest.vmcb.seg("CS").attrib & 0x200       # CS.L: else 32-bit code (a multiboot entry)
+    for ins in (_CS if long_mode else _CS32).disasm(code, rip, 1):
         return f"{ins.mnemonic} {ins.op_str}".strip()
     return f"(bytes {code[:4].hex()})"
 
@@ -106,13 +111,18 @@ def _machine(a: argparse.Namespace) -> Machine:
         raise CliError("--npt-page applies to nested paging; shadow paging backs guest RAM with 4 KiB pages")
     if (a.sev or a.sev_es or a.snp) and a.paging == "shadow":
         raise CliError("SEV needs nested paging: the hypervisor cannot read an encrypted guest's page tables")
+    multiboot = is_multiboot(a.image)
+    # a multiboot kernel (kvm-unit-tests) gets the PC platform and 256 MiB, as under QEMU's -m 256
+    ram = a.ram if a.ram is not None else (256 if multiboot else 16)
+    dram = a.dram if a.dram is not None else max(64, ram + 32)
+    platform = a.platform if a.platform is not None else ("pc" if multiboot else "none")
     try:
-        m = Machine(dram=a.dram << 20, ram=a.ram << 20, npt_page=npt_page, paging=a.paging,
-                    tlb_mode=TlbMode(a.tlb))
+        m = Machine(dram=dram << 20, ram=ram << 20, npt_page=npt_page, paging=a.paging,
+                    tlb_mode=TlbMode(a.tlb), platform=None if platform == "none" else platform)
     except ValueError as e:
         raise CliError(str(e)) from None
     try:
-        m.load(a.image)
+        m.load(a.image, append=a.append)
     except ImageError as e:
         raise CliError(str(e)) from None
     try:
@@ -153,7 +163,7 @@ def _exit_printer(m: Machine, a: argparse.Namespace, err: Console) -> Callable[[
                               "nrip": rec.nrip, "exitinfo1": rec.exitinfo1, "exitinfo2": rec.exitinfo2,
                               "exitintinfo": rec.exitintinfo, "insn": _disasm(m, rec.rip)}), flush=True)
         else:
-            err.print(f"[dim]#{rec.index:<6}[/dim] {rec.rip:#018x}  {_disasm(m, rec.rip):<28} "
+            err.print(f"[dim]#{rec.index:<6}[/dim] {rec.rip:#018x}  {escape(_disasm(m, rec.rip)):<28} "
                       f"[bold]{exit_name(rec.exitcode):<14}[/bold] exitinfo1={rec.exitinfo1:#x} "
                       f"exitinfo2={rec.exitinfo2:#x} nrip={rec.nrip:#x}")
     return show
@@ -184,9 +194,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         with dump:
             dump.write(m.mem.dump())          # raw DRAM: what the hypervisor (or a probe) could read
     ok = r.reason in (StopReason.GUEST_EXIT, StopReason.HALT) and not r.exit_code
+    dbg = getattr(getattr(m.platform, "debug_exit", None), "status", None)
     if a.json:
         print(json.dumps({
             "final": True, "reason": r.reason, "detail": r.detail, "guest_exit_code": r.exit_code,
+            "debug_exit_status": dbg,
             "ok": ok, "regs": r.regs or None,         # SEV-ES: none, they are in the encrypted VMSA
             "rip": r.rip, "rflags": r.rflags,
             "exits": r.exits, "counts": {exit_name(k): v for k, v in sorted(r.counts.items())},
@@ -242,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a guest image", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("image", help="guest image: .S/.asm (keystone), .bin (flat), ELF64, or a saved fuzz case (.case)")
+    r.add_argument("image", help="guest image: .S/.asm (keystone), .bin (flat), ELF64, an ELF32 multiboot kernel "
+                                 "(kvm-unit-tests .flat), or a saved fuzz case (.case)")
     r.add_argument("--intercept", metavar="NAMES", help="comma-separated intercepts to arm (APM names, 'all', 'sensitive')")
     r.add_argument("--ports", metavar="LIST", help="intercept exactly these ports, e.g. 0x80,0x3f8-0x3ff")
     r.add_argument("--msrs", metavar="LIST", help="intercept exactly these MSR accesses, e.g. r:0x10,w:0xc0000103")
@@ -251,8 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instruction budget for the run; also reports the count (0 = uncounted: counting slows the guest)")
     r.add_argument("--max-exits", type=int, default=10_000_000, metavar="N", help="stop after N exits")
     r.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wall-clock limit in seconds")
-    r.add_argument("--dram", type=int, default=64, metavar="MIB", help="host DRAM size (MiB)")
-    r.add_argument("--ram", type=int, default=16, metavar="MIB", help="guest RAM size (MiB)")
+    r.add_argument("--dram", type=int, default=None, metavar="MIB",
+                   help="host DRAM size (MiB; default 64, or guest RAM + 32 when that is more)")
+    r.add_argument("--ram", type=int, default=None, metavar="MIB",
+                   help="guest RAM size (MiB; default 16, 256 for a multiboot kernel)")
+    r.add_argument("--append", metavar="ARGS", help="command line of a multiboot kernel (kvm-unit-tests' test_args)")
+    r.add_argument("--platform", choices=("none", "pc"), default=None,
+                   help="devices beyond COM1: 'pc' (debug-exit, fw_cfg, PIC, local APIC); default pc for a "
+                        "multiboot kernel, else none")
     r.add_argument("--paging", choices=("nested", "shadow"), default="nested",
                    help="memory virtualization: the processor's nested paging, or hypervisor shadow tables")
     r.add_argument("--npt-page", choices=("4k", "2m", "1g"), default="4k",

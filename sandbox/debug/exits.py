@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ..svm.exitcodes import exit_name
+
 
 class ExitLike(Protocol):
     exitcode: int
@@ -18,7 +20,6 @@ class ExitLike(Protocol):
 
 def exit_label(code: int) -> str:
     """The APM name of an exit code (``CPUID``), or its number if it has none."""
-    from ..svm.exitcodes import exit_name
     return exit_name(code)
 
 

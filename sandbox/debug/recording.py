@@ -70,6 +70,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from ..version import __version__
 from .exits import ExitLike, describe_exit
 
 FORMAT_VERSION = 1
@@ -169,7 +170,7 @@ class RecordingWriter:
                  rng_seed: int | None = None, image_name: str | None = None,
                  sandbox_version: str | None = None) -> None:
         if sandbox_version is None:
-            from .. import __version__ as sandbox_version
+            sandbox_version = __version__
         self.path = os.fspath(path)
         self.header = {
             "format": FORMAT_VERSION,

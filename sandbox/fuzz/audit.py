@@ -26,6 +26,7 @@ from unicorn import UC_HOOK_CODE
 from unicorn import x86_const as X
 
 from ..arch import MAXPHYADDR
+from ..memory.paging import Access
 
 # APM vol. 2 Table C-1
 CPUID, RDTSC, RDTSCP, RDPMC, HLT, PAUSE = 0x72, 0x6E, 0x87, 0x6F, 0x78, 0x77
@@ -36,7 +37,7 @@ IDTR_WRITE, GDTR_WRITE, LDTR_WRITE, TR_WRITE = 0x6A, 0x6B, 0x6C, 0x6D
 CR_READ, CR_WRITE, DR_READ, DR_WRITE, CR0_SEL_WRITE = 0x00, 0x10, 0x20, 0x30, 0x65
 INVLPG, INVLPGA, IOIO, MSR, INVPCID = 0x79, 0x7A, 0x7B, 0x7C, 0xA2
 VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT = 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86
-EXCP_BP = 0x43
+EXCP_BP, EXCP_PF = 0x43, 0x4E
 #: every instruction-intercept exit code the audit models
 INSN_CODES = frozenset({CPUID, RDTSC, RDTSCP, RDPMC, HLT, PAUSE, INVD, WBINVD, MONITOR, MWAIT, XSETBV, PUSHF,
                         POPF, IRET, SWINT, ICEBP, RSM, IDTR_READ, GDTR_READ, LDTR_READ, TR_READ, IDTR_WRITE,
@@ -156,130 +157,190 @@ def decode(code: bytes, rip: int):
     return None
 
 
+#: a handler's answer when the instruction is not of its class
+_OTHER = object()
+_LOCK_UD = frozenset({C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC, C.X86_INS_RDMSR, C.X86_INS_WRMSR,
+                      C.X86_INS_INT, C.X86_INS_INVLPG, C.X86_INS_SMSW, C.X86_INS_LMSW, C.X86_INS_CLTS,
+                      C.X86_INS_XSETBV})
+
+
+@dataclass
+class _At:
+    """One decoded instruction and the guest state the model reads for it."""
+    ins: object
+    code: bytes
+    g: GuestState
+    nrip: int
+    cpl: int
+    lock: bool
+    name: str
+    k: int                  # offset of the opcode, after the prefixes
+    cr4: int
+
+    @property
+    def none(self) -> Expect:
+        return Expect(None, what=self.name)
+
+    def exit_if(self, c: int, info1: int | None = 0, info2: int | None = 0, n: int | None = None) -> Expect:
+        if not self.g.armed(c):
+            return self.none
+        return Expect(c, info1, info2, self.nrip if n is None else n, self.name)
+
+    @property
+    def is_mov_crdr(self) -> bool:
+        code, k = self.code, self.k
+        return self.ins.id == C.X86_INS_MOV and code[k] == 0x0F and code[k + 1] in (0x20, 0x21, 0x22, 0x23)
+
+
 def expected_exit(code: bytes, rip: int, g: GuestState) -> Expect | None:
     """The APM's #VMEXIT for the instruction at ``rip``; None when the model does not cover it."""
     ins = decode(code, rip)
     if ins is None:
         return None
-    iid, nrip, cpl = ins.id, rip + ins.size, g.cpl()
-    lock = ins.prefix[0] == 0xF0
-    name = f"{ins.mnemonic} {ins.op_str}".strip()
-
-    def exit_if(c: int, info1: int | None = 0, info2: int | None = 0, n: int | None = None) -> Expect:
-        return Expect(c, info1, info2, nrip if n is None else n, name) if g.armed(c) else Expect(None, what=name)
-
-    none = Expect(None, what=name)
     k = 0
     while k < ins.size and code[k] in _PREFIX_BYTES:
         k += 1
-    is_mov_crdr = iid == C.X86_INS_MOV and code[k] == 0x0F and code[k + 1] in (0x20, 0x21, 0x22, 0x23)
-    if lock and not is_mov_crdr and (iid in _FIXED or iid in _CPL0 or iid in _UMIP or iid in _SVM or iid in _IO
-                                     or iid in (C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC,
-                                                C.X86_INS_RDMSR, C.X86_INS_WRMSR, C.X86_INS_INT,
-                                                C.X86_INS_INVLPG, C.X86_INS_SMSW, C.X86_INS_LMSW,
-                                                C.X86_INS_CLTS, C.X86_INS_XSETBV)):
-        return none                         # LOCK on a non-lockable instruction: #UD first
-    cr4 = g.reg(X.UC_X86_REG_CR4)
+    x = _At(ins, code, g, rip + ins.size, g.cpl(), ins.prefix[0] == 0xF0, f"{ins.mnemonic} {ins.op_str}".strip(),
+            k, 0)
+    iid = ins.id
+    if x.lock and not x.is_mov_crdr and (iid in _FIXED or iid in _CPL0 or iid in _UMIP or iid in _SVM
+                                         or iid in _IO or iid in _LOCK_UD):
+        return x.none                       # LOCK on a non-lockable instruction: #UD first
+    x.cr4 = g.reg(X.UC_X86_REG_CR4)
+    for handler in (_plain, _mov_crdr, _ioio, _msr, _invlpg_svm):
+        r = handler(x)
+        if r is not _OTHER:
+            return r
+    return x.none
+
+
+def _plain(x: _At):
+    """Instructions whose exit depends on the intercept bit, CPL and CR4 alone."""
+    iid, cpl, cr4 = x.ins.id, x.cpl, x.cr4
     if iid in _FIXED:
-        return exit_if(_FIXED[iid])
+        return x.exit_if(_FIXED[iid])
     if iid in (C.X86_INS_RDTSC, C.X86_INS_RDTSCP):
         if cpl and cr4 & CR4_TSD:
-            return none                     # #GP first
-        return exit_if(RDTSC if iid == C.X86_INS_RDTSC else RDTSCP)
+            return x.none                   # #GP first
+        return x.exit_if(RDTSC if iid == C.X86_INS_RDTSC else RDTSCP)
     if iid == C.X86_INS_RDPMC:
-        return none if cpl and not cr4 & CR4_PCE else exit_if(RDPMC)
+        return x.none if cpl and not cr4 & CR4_PCE else x.exit_if(RDPMC)
     if iid in _CPL0:
-        return none if cpl else exit_if(_CPL0[iid])
+        return x.none if cpl else x.exit_if(_CPL0[iid])
     if iid in _UMIP:
-        return none if cpl and cr4 & CR4_UMIP else exit_if(_UMIP[iid])
+        return x.none if cpl and cr4 & CR4_UMIP else x.exit_if(_UMIP[iid])
     if iid == C.X86_INS_XSETBV:
-        return none if cpl or not cr4 & CR4_OSXSAVE else exit_if(XSETBV)
+        return x.none if cpl or not cr4 & CR4_OSXSAVE else x.exit_if(XSETBV)
     if iid == C.X86_INS_INT:
-        return exit_if(SWINT, ins.operands[0].imm & 0xFF)
+        return x.exit_if(SWINT, x.ins.operands[0].imm & 0xFF)
     if iid == C.X86_INS_INT3:
-        return exit_if(EXCP_BP, None, None, None)
+        return x.exit_if(EXCP_BP, None, None, None)
     if iid == C.X86_INS_SMSW:
-        return none if cpl and cr4 & CR4_UMIP else exit_if(CR_READ)
+        return x.none if cpl and cr4 & CR4_UMIP else x.exit_if(CR_READ)
     if iid == C.X86_INS_LMSW:
         if cpl:
-            return none
-        if g.armed(CR_WRITE):
-            return exit_if(CR_WRITE)
-        return exit_if(CR0_SEL_WRITE)       # LMSW under the selective intercept always exits (APM Table 15-7)
+            return x.none
+        if x.g.armed(CR_WRITE):
+            return x.exit_if(CR_WRITE)
+        return x.exit_if(CR0_SEL_WRITE)     # LMSW under the selective intercept always exits (APM Table 15-7)
     if iid == C.X86_INS_CLTS:
-        return none if cpl else exit_if(CR_WRITE)
-    if is_mov_crdr:
-        if cpl:
-            return none
-        op2, modrm = code[k + 1], code[k + 2]
-        reg = (modrm >> 3 & 7) | (8 if ins.rex & 4 else 0)
-        gpr = (modrm & 7) | (8 if ins.rex & 1 else 0)
-        if op2 in (0x20, 0x22):
-            if lock:
-                reg |= 8                    # AMD: LOCK MOV CR0 is CR8
-            if reg not in (0, 2, 3, 4, 8):
-                return none                 # #UD
-            if op2 == 0x20:
-                return exit_if(CR_READ + reg, (1 << 63) | gpr)
-            if g.armed(CR_WRITE + reg):
-                return exit_if(CR_WRITE + reg, (1 << 63) | gpr)
-            if reg == 0 and g.armed(CR0_SEL_WRITE):
-                changed = g.reg(_GPR[gpr]) ^ g.reg(X.UC_X86_REG_CR0)
-                if changed & ~0b1010:       # any bit but TS (3) and MP (1)
-                    return exit_if(CR0_SEL_WRITE, (1 << 63) | gpr)
-            return none
-        if reg > 7 or (reg in (4, 5) and cr4 & CR4_DE):
-            return none                     # #UD
-        return exit_if((DR_READ if op2 == 0x21 else DR_WRITE) + reg, gpr)
-    if iid in _IO:
-        is_in, string = _IO[iid]
-        k = 0
-        while code[k] in _PREFIX_BYTES:
-            k += 1
-        op0 = code[k]
-        size = 1 if op0 in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E) else (2 if ins.prefix[2] == 0x66 else 4)
-        port = code[ins.size - 1] if op0 in (0xE4, 0xE5, 0xE6, 0xE7) else g.reg(X.UC_X86_REG_DX)
-        iopl = g.reg(X.UC_X86_REG_RFLAGS) >> 12 & 3
-        if cpl > iopl:
-            return None                     # TSS I/O bitmap: not modelled
-        if not g.armed(IOIO) or not any(g.iopm_bit(p) for p in range(port, port + size)):
-            return none
-        info = port << 16 | {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}[size] | (1 << 8 if ins.prefix[3] == 0x67 else 1 << 9)
-        if is_in:
-            info |= 1
-        if string:
-            info |= 1 << 2
-            if ins.prefix[0] in (0xF3, 0xF2):
-                info |= 1 << 3
-            seg = 0 if is_in else {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}.get(ins.prefix[1], 3)
-            info |= seg << 10
-        return Expect(IOIO, info, nrip, nrip, name)
-    if iid in (C.X86_INS_RDMSR, C.X86_INS_WRMSR):
-        if cpl or not g.armed(MSR):
-            return none
-        write = iid == C.X86_INS_WRMSR
-        msr = g.reg(X.UC_X86_REG_RCX) & 0xFFFF_FFFF
-        if msr == 0xC001_0131:
-            return none                     # SEV_STATUS is never intercepted (APM §15.34.10)
-        bit = _msrpm_bit(msr, write)
-        if bit is not None and not g.msrpm_bit(bit):
-            return none
-        return Expect(MSR, int(write), 0, nrip, name)
-    if iid == C.X86_INS_INVLPG:
-        return none if cpl else exit_if(INVLPG, _linear(ins, g))
-    if iid in _SVM:
-        if not g.svme():
-            return none                     # #UD
-        if cpl:
-            return none                     # #GP
-        if iid in (C.X86_INS_VMRUN, C.X86_INS_VMLOAD, C.X86_INS_VMSAVE):
-            rax = g.reg(X.UC_X86_REG_RAX)
-            if ins.prefix[3] == 0x67:
-                rax &= 0xFFFF_FFFF
-            if rax & 0xFFF or rax >> MAXPHYADDR:
-                return none                 # #GP: rAX not page-aligned or beyond MAXPHYADDR
-        return exit_if(_SVM[iid])
-    return Expect(None, what=name)
+        return x.none if cpl else x.exit_if(CR_WRITE)
+    return _OTHER
+
+
+def _mov_crdr(x: _At):
+    """MOV to/from CRn and DRn (APM §15.8-15.9)."""
+    if not x.is_mov_crdr:
+        return _OTHER
+    if x.cpl:
+        return x.none
+    code, k, g = x.code, x.k, x.g
+    op2, modrm = code[k + 1], code[k + 2]
+    reg = (modrm >> 3 & 7) | (8 if x.ins.rex & 4 else 0)
+    gpr = (modrm & 7) | (8 if x.ins.rex & 1 else 0)
+    if op2 in (0x20, 0x22):
+        if x.lock:
+            reg |= 8                        # AMD: LOCK MOV CR0 is CR8
+        if reg not in (0, 2, 3, 4, 8):
+            return x.none                   # #UD
+        if op2 == 0x20:
+            return x.exit_if(CR_READ + reg, (1 << 63) | gpr)
+        if g.armed(CR_WRITE + reg):
+            return x.exit_if(CR_WRITE + reg, (1 << 63) | gpr)
+        if reg == 0 and g.armed(CR0_SEL_WRITE):
+            changed = g.reg(_GPR[gpr]) ^ g.reg(X.UC_X86_REG_CR0)
+            if changed & ~0b1010:           # any bit but TS (3) and MP (1)
+                return x.exit_if(CR0_SEL_WRITE, (1 << 63) | gpr)
+        return x.none
+    if reg > 7 or (reg in (4, 5) and x.cr4 & CR4_DE):
+        return x.none                       # #UD
+    return x.exit_if((DR_READ if op2 == 0x21 else DR_WRITE) + reg, gpr)
+
+
+def _ioio(x: _At):
+    """IN/OUT/INS/OUTS against the IOPM, with EXITINFO1 (APM §15.10.2)."""
+    ins, code, g = x.ins, x.code, x.g
+    if ins.id not in _IO:
+        return _OTHER
+    is_in, string = _IO[ins.id]
+    k = 0
+    while code[k] in _PREFIX_BYTES:
+        k += 1
+    op0 = code[k]
+    size = 1 if op0 in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E) else (2 if ins.prefix[2] == 0x66 else 4)
+    port = code[ins.size - 1] if op0 in (0xE4, 0xE5, 0xE6, 0xE7) else g.reg(X.UC_X86_REG_DX)
+    iopl = g.reg(X.UC_X86_REG_RFLAGS) >> 12 & 3
+    if x.cpl > iopl:
+        return None                         # TSS I/O bitmap: not modelled
+    if not g.armed(IOIO) or not any(g.iopm_bit(p) for p in range(port, port + size)):
+        return x.none
+    info = port << 16 | {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}[size] | (1 << 8 if ins.prefix[3] == 0x67 else 1 << 9)
+    if is_in:
+        info |= 1
+    if string:
+        info |= 1 << 2
+        if ins.prefix[0] in (0xF3, 0xF2):
+            info |= 1 << 3
+        seg = 0 if is_in else {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}.get(ins.prefix[1], 3)
+        info |= seg << 10
+    return Expect(IOIO, info, x.nrip, x.nrip, x.name)
+
+
+def _msr(x: _At):
+    """RDMSR/WRMSR against the MSRPM (APM §15.11)."""
+    iid, g = x.ins.id, x.g
+    if iid not in (C.X86_INS_RDMSR, C.X86_INS_WRMSR):
+        return _OTHER
+    if x.cpl or not g.armed(MSR):
+        return x.none
+    write = iid == C.X86_INS_WRMSR
+    msr = g.reg(X.UC_X86_REG_RCX) & 0xFFFF_FFFF
+    if msr == 0xC001_0131:
+        return x.none                       # SEV_STATUS is never intercepted (APM §15.34.10)
+    bit = _msrpm_bit(msr, write)
+    if bit is not None and not g.msrpm_bit(bit):
+        return x.none
+    return Expect(MSR, int(write), 0, x.nrip, x.name)
+
+
+def _invlpg_svm(x: _At):
+    """INVLPG, and the SVM instructions' #UD/#GP checks before their intercepts (APM §15.5)."""
+    ins, g = x.ins, x.g
+    if ins.id == C.X86_INS_INVLPG:
+        return x.none if x.cpl else x.exit_if(INVLPG, _linear(ins, g))
+    if ins.id not in _SVM:
+        return _OTHER
+    if not g.svme():
+        return x.none                       # #UD
+    if x.cpl:
+        return x.none                       # #GP
+    if ins.id in (C.X86_INS_VMRUN, C.X86_INS_VMLOAD, C.X86_INS_VMSAVE):
+        rax = g.reg(X.UC_X86_REG_RAX)
+        if ins.prefix[3] == 0x67:
+            rax &= 0xFFFF_FFFF
+        if rax & 0xFFF or rax >> MAXPHYADDR:
+            return x.none                   # #GP: rAX not page-aligned or beyond MAXPHYADDR
+    return x.exit_if(_SVM[ins.id])
 
 
 @dataclass
@@ -317,7 +378,6 @@ class Auditor:
         return self.findings
 
     def _bytes(self, rip: int) -> bytes:
-        from ..memory.paging import Access
         w = self._cpu.walker()
         out = b""
         a = rip
@@ -337,7 +397,7 @@ class Auditor:
         try:
             self._settle_missed(address)
             self.steps += 1
-            if self._cpu._pass_once == address:
+            if self._cpu.pass_once_rip == address:
                 self.pending = None              # the hypervisor re-executes it unintercepted
                 return
             exp = expected_exit(self._bytes(address), address, self.state)
@@ -392,6 +452,6 @@ class Auditor:
 
 def _fetch_fault(rec) -> bool:
     """An instruction-fetch fault (#PF or NPF with I/D = 1) precedes any intercept check."""
-    if rec.exitcode in (NPF, 0x4E):
+    if rec.exitcode in (NPF, EXCP_PF):
         return bool(rec.exitinfo1 & 0x10)
     return False

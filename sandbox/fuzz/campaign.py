@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .case import Case, CaseError
+from .differential import QemuSvm, differential
 from .generate import next_case
 from .oracle import Finding, coverage, findings, minimize
 from .snapshot import Harness
@@ -119,7 +120,6 @@ class Worker:
         self._saved = 0
         self.qemu = None
         if opts.differential_every:
-            from .differential import QemuSvm
             self.qemu = QemuSvm()
 
     def step(self) -> list[Finding]:
@@ -178,7 +178,6 @@ class Worker:
                     pass          # another worker is mid-write; it is picked up next sync
 
     def _differential(self, case: Case, out) -> list[str]:
-        from .differential import differential
         try:
             return differential(case, out.exits, self.qemu)
         except Exception as e:                 # the reference failing is not the sandbox's bug

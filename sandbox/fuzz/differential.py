@@ -45,6 +45,10 @@ from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcEr
 from unicorn import x86_const as X
 
 from ..svm.cpustate import CpuState
+from ..svm.exitcodes import EXCP_END, EXCP_FIRST, ExitCode, is_excp
+from ..svm.msrpm import msrpm_bit
+from ..svm.vmcb import (OFF_CPL, OFF_CR4, OFF_EFER, OFF_GUEST_ASID, OFF_INTERCEPTS, OFF_IOPM_BASE_PA, OFF_RAX,
+                        OFF_RSP, SEGMENTS)
 from .case import Case
 
 MEM = 4 << 20
@@ -54,12 +58,12 @@ STUB = 0x8000
 VMCB, HSAVE = 0x10000, 0x11000
 MSRPM_AT, IOPM_AT = 0x12000, 0x14000
 STACK = 0x90000
-EXCP_VMEXIT = 0x100
+EXCP_VMEXIT = 0x100         # QEMU under Unicorn: an intercept is interrupt 100h + EXITCODE
 
 #: exit codes whose EXITINFO1 QEMU passes (MSR r/w, INVLPG address, CR/DR have none under QEMU 5)
-INFO1_COMPARED = {0x7C}
+INFO1_COMPARED = {ExitCode.MSR}
 #: exits QEMU never raises under Unicorn (APM requires them): not compared
-NOT_SURFACING = {0x7B} | set(range(0x40, 0x60))
+NOT_SURFACING = {ExitCode.IOIO} | set(range(EXCP_FIRST, EXCP_END))
 ALLOW = {
     "rdtscp": "QEMU reports RDTSCP as RDTSC (0x6E); APM Table C-1: 0x87",
     "ioio": "IOIO exits do not surface under Unicorn; APM §15.10 requires them",
@@ -71,7 +75,8 @@ ALLOW = {
     "invd": "QEMU reports INVD as WBINVD; APM Table C-1: INVD 0x76",
     "unmodelled": "MONITOR/MWAIT/RDPRU/INVPCID/ICEBP intercepts never surface from QEMU 5.0 under Unicorn",
 }
-_UNMODELLED = {0x8A, 0x8B, 0x8C, 0x8E, 0xA2, 0x88}
+_UNMODELLED = {ExitCode.MONITOR, ExitCode.MWAIT, ExitCode.MWAIT_CONDITIONAL, ExitCode.RDPRU, ExitCode.INVPCID,
+               ExitCode.ICEBP}
 
 
 @dataclass
@@ -130,25 +135,24 @@ class QemuSvm:
         uc.mem_write(case.entry, case.code)
         v = bytearray(0x1000)
         w = case.config.intercepts
-        struct.pack_into("<6I", v, 0, *w)
-        struct.pack_into("<QQ", v, 0x40, IOPM_AT, MSRPM_AT)
-        struct.pack_into("<I", v, 0x58, 1)                          # ASID
-        for name, off, sel, attr in (("ES", 0x400, 0x10, 0xC93), ("CS", 0x410, 0x08, 0x29B),
-                                     ("SS", 0x420, 0x10, 0xC93), ("DS", 0x430, 0x10, 0xC93)):
-            struct.pack_into("<HHIQ", v, off, sel, attr, 0xFFFFFFFF, 0)
-        struct.pack_into("<HHIQ", v, 0x460, 0, 0, 23, GDT)
-        v[0x4CB] = 0                                                # CPL
-        struct.pack_into("<Q", v, 0x4D0, 0x1D00)                    # EFER: SVME NXE LMA LME
-        struct.pack_into("<7Q", v, 0x548, 0x620, PML4, 0x80010033, 0x400, 0xFFFF0FF0, 0x2, case.entry)
-        struct.pack_into("<Q", v, 0x5D8, STACK)
-        struct.pack_into("<Q", v, 0x5F8, case.regs.get("rax", 0))
+        struct.pack_into("<6I", v, OFF_INTERCEPTS, *w)
+        struct.pack_into("<QQ", v, OFF_IOPM_BASE_PA, IOPM_AT, MSRPM_AT)     # IOPM_BASE_PA, MSRPM_BASE_PA
+        struct.pack_into("<I", v, OFF_GUEST_ASID, 1)
+        for name, sel, attr in (("ES", 0x10, 0xC93), ("CS", 0x08, 0x29B), ("SS", 0x10, 0xC93), ("DS", 0x10, 0xC93)):
+            struct.pack_into("<HHIQ", v, SEGMENTS[name], sel, attr, 0xFFFFFFFF, 0)
+        struct.pack_into("<HHIQ", v, SEGMENTS["GDTR"], 0, 0, 23, GDT)
+        v[OFF_CPL] = 0
+        struct.pack_into("<Q", v, OFF_EFER, 0x1D00)                 # EFER: SVME NXE LMA LME
+        # CR4, CR3, CR0, DR7, DR6, RFLAGS, RIP
+        struct.pack_into("<7Q", v, OFF_CR4, 0x620, PML4, 0x80010033, 0x400, 0xFFFF0FF0, 0x2, case.entry)
+        struct.pack_into("<Q", v, OFF_RSP, STACK)
+        struct.pack_into("<Q", v, OFF_RAX, case.regs.get("rax", 0))
         uc.mem_write(VMCB, bytes(v))
         iopm = bytearray(0x3000)
         for p in case.config.iopm:
             iopm[p >> 3] |= 1 << (p & 7)
         uc.mem_write(IOPM_AT, bytes(iopm))
         msrpm = bytearray(0x2000)
-        from ..svm.msrpm import msrpm_bit
         for msr, r, wr in case.config.msrpm:
             for on, is_w in ((r, False), (wr, True)):
                 b = msrpm_bit(msr, is_w)
@@ -190,21 +194,21 @@ def _opcode(insn: bytes) -> bytes:
 
 def compared(code: int, rip: int, case: Case) -> str | None:
     """Why a sandbox exit is *not* compared (an allow-list key), or None."""
-    if code == 0x87:
+    if code == ExitCode.RDTSCP:
         return "rdtscp"
-    if code == 0x7B:
+    if code == ExitCode.IOIO:
         return "ioio"
-    if 0x40 <= code < 0x60:
+    if is_excp(code):
         return "exceptions"
-    if 0x09 <= code <= 0x0F or 0x19 <= code <= 0x1F:
+    if ExitCode.CR8_READ < code <= ExitCode.CR0_READ + 15 or ExitCode.CR8_WRITE < code <= ExitCode.CR0_WRITE + 15:
         return "cr-above-8"
-    if code == 0x65:
+    if code == ExitCode.CR0_SEL_WRITE:
         return "cr0-sel-write"
-    if code in (0x76, 0x89):
+    if code in (ExitCode.INVD, ExitCode.WBINVD):
         return "invd"
     if code in _UNMODELLED:
         return "unmodelled"
-    if code in (0x80, 0x82, 0x83):
+    if code in (ExitCode.VMRUN, ExitCode.VMLOAD, ExitCode.VMSAVE):
         return "svm-rax"
     return None
 
@@ -213,15 +217,15 @@ def differential(case: Case, sandbox_exits: list, qemu: QemuSvm | None = None) -
     """Disagreements between the sandbox's first exit and QEMU's, after the allow-list."""
     q = (qemu or QemuSvm()).first_exit(case)
     s = sandbox_exits[0] if sandbox_exits else None
-    if s is None or s.exitcode > 0xFF and s.exitcode != 0x400:
+    if s is None or s.exitcode > 0xFF and s.exitcode != ExitCode.NPF:
         return []                       # the sandbox stopped without an instruction exit
-    if compared(s.exitcode, s.rip, case) is not None or s.exitcode in (0x400, 0x7F):
+    if compared(s.exitcode, s.rip, case) is not None or s.exitcode in (ExitCode.NPF, ExitCode.SHUTDOWN):
         return []
     if q is None:
         return []          # inconclusive: QEMU's run ended on an emulation error or its budget
-    if q.exitcode == 0x6E and _opcode(q.insn).startswith(b"\x0f\x01\xf9"):
+    if q.exitcode == ExitCode.RDTSC and _opcode(q.insn).startswith(b"\x0f\x01\xf9"):
         return []          # "rdtscp": QEMU checks the RDTSC bit for RDTSCP (and reports it as RDTSC)
-    if q.exitcode == 0x7C and q.ecx == 0xC001_0131:
+    if q.exitcode == ExitCode.MSR and q.ecx == 0xC001_0131:
         return []          # "sev-status": QEMU intercepts SEV_STATUS; APM §15.34.10: it cannot be
     if q.exitcode in NOT_SURFACING or compared(q.exitcode, q.rip, case) is not None:
         return []          # QEMU stopped first on an exit it reports wrongly (see ALLOW)

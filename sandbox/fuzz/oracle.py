@@ -19,9 +19,8 @@ from typing import Callable
 from .case import Case, CODE_WINDOW, VmcbConfig
 from .generate import TERMINATOR
 from .snapshot import Outcome
+from ..svm.exitcodes import EXCP_FIRST, ExitCode, is_excp
 from ..svm.stop import StopReason
-
-NPF = 0x400
 
 
 @dataclass(frozen=True)
@@ -59,15 +58,15 @@ def findings(out: Outcome) -> list[Finding]:
 
 def info_class(code: int, info1: int) -> int:
     """The part of EXITINFO1 that distinguishes handler paths (APM §15.7-15.12)."""
-    if code == 0x7B:                      # IOIO: type, string, rep, size, address size
+    if code == ExitCode.IOIO:             # IOIO: type, string, rep, size, address size
         return info1 & 0x3FF
-    if code == 0x7C:                      # MSR: read / write
+    if code == ExitCode.MSR:              # MSR: read / write
         return info1 & 1
-    if code < 0x40:                       # CR/DR: decode-assist valid, extended GPR
+    if code < EXCP_FIRST:                 # CR/DR: decode-assist valid, extended GPR
         return (info1 >> 63) << 1 | (info1 >> 3 & 1)
-    if code == NPF:
+    if code == ExitCode.NPF:
         return (info1 & 0x1F) | (info1 >> 32 & 3) << 5
-    if 0x40 <= code < 0x60:
+    if is_excp(code):
         return int(info1 != 0)
     return 0
 

@@ -1,18 +1,22 @@
 """Planted bugs: copies of the intercept decision with one known defect each.
 
 Used to prove the campaign finds real intercept bugs (tests and the
-``--plant`` option of ``sandbox fuzz``).  Each patch replaces the decision
-function the processor calls (``sandbox.svm.cpu.decide``) with a wrapper around a
-*copy* of the decision table; the project's own table is never edited.
+``--plant`` option of ``sandbox fuzz``).  Planting a bug makes
+:func:`decision` return a wrapper around a *copy* of the decision table with
+the defect; the snapshot harness gives every processor it runs that decision
+through the processor's public ``decide`` attribute.  The project's own
+table is never edited.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from ..svm import cpu as cpu_mod
 from ..svm import decision as D
 from ..svm.decode import Kind
 from ..svm.exitcodes import ExitCode
+
+#: the planted decision in this process, or None for the project's own
+_planted: Callable | None = None
 
 
 def _popf_66(i, v, rip):
@@ -29,7 +33,7 @@ def _io_first_byte_only(i, v, rip, code=b""):
     size = i.opsize // 8
     if size > 1 and D.armed(v, ExitCode.IOIO) and not v.iopm_bit(port):
         return None
-    return D._io(i, v, rip, code)
+    return D.io_exit(i, v, rip, code)
 
 
 BUGS: dict[str, tuple[str, Callable]] = {
@@ -45,8 +49,9 @@ def plant(name: str) -> Callable[[], None]:
     _, fn = BUGS[name]
 
     def patch() -> None:
+        global _planted
         table = dict(D.DECIDE)
-        needs_code = dict(D._NEEDS_CODE)
+        needs_code = dict(D.NEEDS_CODE)
         if name == "popf-66":
             table[Kind.POPF] = fn
         else:
@@ -58,9 +63,15 @@ def plant(name: str) -> Callable[[], None]:
             if f is not None:
                 return f(insn, v, rip, code)
             return table[insn.kind](insn, v, rip)
-        cpu_mod.decide = decide
+        _planted = decide
     return patch
 
 
 def unplant() -> None:
-    cpu_mod.decide = D.decide
+    global _planted
+    _planted = None
+
+
+def decision() -> Callable:
+    """The decision function processors in this process should use: the planted one, or the project's."""
+    return _planted if _planted is not None else D.decide

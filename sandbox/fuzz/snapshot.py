@@ -12,7 +12,7 @@ The same comparison is the isolation oracle: a changed page that is neither
 guest RAM, the VMCB nor a nested-table page means guest activity reached host
 memory it must not (APM §15.25: guest accesses go through the nested
 mappings only).  A TLB-fill wrapper checks every fill the guest causes lands
-on one of its own pages.
+on one of its own pages (a fill observer on the processor).
 """
 from __future__ import annotations
 
@@ -27,8 +27,11 @@ from unicorn import x86_const as X
 from ..hypervisor.machine import Machine, RunResult
 from ..memory.hostmem import PAGE_SIZE
 from ..svm.msrpm import msrpm_bit
-from .case import CODE_BASE, GPRS, Case
 from ..svm.stop import StopReason
+from ..svm.vmcb import OFF_INTERCEPTS, OFF_RAX, OFF_RIP
+from . import planted
+from .audit import Auditor
+from .case import CODE_BASE, GPRS, Case
 
 _I6 = struct.Struct("<6I")
 _Q = struct.Struct("<Q")
@@ -70,15 +73,13 @@ class Harness:
         self._build()
 
     def _build(self) -> None:
-        """A new Machine, prepared and snapshotted.  Also used to shed the
-        per-address candidate hooks that cases accumulate (every translated
-        block is checked against every hook, so thousands of them slow it down)."""
+        """A new Machine, prepared and snapshotted."""
         m = self.m = Machine(dram=self._dram, ram=self._ram)
         g = m.guest
         g.setup_long_mode(CODE_BASE)
         self.cpu = cpu = m.cpu
         self.uc = cpu.uc
-        self.mm = m.mem._mm
+        self.mm = m.mem.raw
         self.guest_pages = frozenset(g.ram.values())
         self.vmcb_hpa = g.vmcb_hpa
         fixed = {g.iopm.hpa + i * PAGE_SIZE for i in range(3)} | {g.msrpm.hpa + i * PAGE_SIZE for i in range(2)}
@@ -92,8 +93,7 @@ class Harness:
         self.free_ranges = _ranges(sorted(set(range(0, m.mem.size, PAGE_SIZE)) - allocated))
         self._gpa_hpa = dict(g.ram)
         self._fills_outside: list[int] = []
-        self._wrap_fill()
-        self._track_hooks()
+        self._watch_fills()
         self._base = bytes(self.mm)
         self._ctx = self.uc.context_save()
         self._msrs = dict(m.msrs)
@@ -102,53 +102,21 @@ class Harness:
         m.on_exit_record = self._record
         self.auditor = None
         if self._audit:
-            from .audit import Auditor
             self.auditor = Auditor(self)
 
     # -- isolation: every TLB fill must land on a guest page -------------------------
-    def _wrap_fill(self) -> None:
-        cpu = self.cpu
-        inner = getattr(cpu, "_fill", None)
-        if inner is None:
-            return
-        guest_pages, out = self.guest_pages, self._fills_outside
+    def _watch_fills(self) -> None:
+        cpu, guest_pages, out = self.cpu, self.guest_pages, self._fills_outside
 
-        def fill(vaddr: int, access: int, entry) -> bool:
-            ok = inner(vaddr, access, entry)
-            if ok and cpu._np and entry.paddr & ~0xFFF not in guest_pages:
-                out.append(entry.paddr)
-            return ok
-        cpu._fill = fill
-
-    # -- candidate hooks: remembered so they can be deleted between cases -------------
-    def _track_hooks(self) -> None:
-        cpu = self.cpu
-        self._hook_handles: list[int] | None = None
-        inner = getattr(cpu, "_hook_add", None)
-        if inner is None or not hasattr(cpu, "_hooked"):
-            return                                    # fall back to rebuilding the machine
-        handles = self._hook_handles = []
-
-        def hook_add(h, phh, *args):
-            err = inner(h, phh, *args)
-            if not err:
-                handles.append(phh._obj.value)
-            return err
-        cpu._hook_add = hook_add
+        def on_fill(gva: int, access: int, hpa: int, perms: int) -> None:
+            if cpu.nested_paging and hpa & ~0xFFF not in guest_pages:
+                out.append(hpa)
+        cpu.add_fill_observer(on_fill)
 
     def _shed_hooks(self) -> None:
         """Delete the per-address candidate hooks cases left behind (every translated
         block is checked against every hook, so thousands of them slow Unicorn down)."""
-        if self._hook_handles is None:
-            self._build()
-            self.rebuilds += 1
-            return
-        from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
-        h = self.uc._uch
-        for v in self._hook_handles:
-            uclib.uc_hook_del(h, uc_hook_h(v))
-        self._hook_handles.clear()
-        self.cpu._hooked.clear()
+        self.cpu.shed_candidate_hooks()
         self.rebuilds += 1
 
     def _record(self, rec) -> None:
@@ -174,7 +142,7 @@ class Harness:
             at += n
         cfg = case.config
         v = self.vmcb_hpa
-        _I6.pack_into(mm, v, *cfg.intercepts)
+        _I6.pack_into(mm, v + OFF_INTERCEPTS, *cfg.intercepts)
         g = m.guest
         io = g.iopm.hpa
         for p in cfg.iopm:
@@ -189,31 +157,25 @@ class Harness:
             if gpa in self._gpa_hpa:
                 g.npt.protect(gpa, present=present, write=write, execute=execute)
         regs = case.regs
-        _Q.pack_into(mm, v + 0x578, entry)                 # RIP
-        _Q.pack_into(mm, v + 0x5F8, regs.get("rax", 0))    # RAX
+        _Q.pack_into(mm, v + OFF_RIP, entry)
+        _Q.pack_into(mm, v + OFF_RAX, regs.get("rax", 0))
         uc = self.uc
         for n, val in regs.items():
             if n not in ("rax", "rsp"):
                 uc.reg_write(_GPR_IDS[n], val)
         # stale translations of the previous case's code: the code window and
         # anything else the guest ran may have changed under Unicorn
-        uc.ctl_flush_tb()
-        cpu._code_pages.clear()
-        cpu._code_hpa.clear()
-        cpu._decoded.clear()
-        cpu._xmod_pages.clear()
-        cpu._irq_window.clear()
-        cpu._pass_once = None
+        cpu.reset_translation_caches()
         cpu.gif = True
-        cpu.flush_tlb()
         # and the ASID-tagged TLB behind it: the previous case may have
         # rewritten guest page tables the snapshot restored since
         cpu.tlb.flush_all()
         self._after_config = {p: self.mm[p:p + PAGE_SIZE] for p in self.config_pages}
 
     def run(self, case: Case) -> Outcome:
-        if len(self.cpu._hooked) > MAX_HOOKS:
+        if self.cpu.candidate_hook_count > MAX_HOOKS:
             self._shed_hooks()
+        self.cpu.decide = planted.decision()        # a planted bug, in processes that run one
         m = self.m
         self._cur_exits, self._cur_handlers = [], []
         self._fills_outside.clear()
@@ -306,7 +268,7 @@ class _Watchdog:
                 cpu = self._cpu
                 if cpu is not None and time.monotonic() > self._deadline:
                     self._cpu = None
-                    cpu._watchdog()          # as Machine.run's own timeout: flag, then emu_stop
+                    cpu.expire_timeout()     # as Machine.run's own timeout: flag, then emu_stop
 
 
 def _ranges(pages: list[int]) -> list[tuple[int, int]]:

@@ -1,8 +1,9 @@
 """Devices the hypervisor emulates, on one bus: port I/O and MMIO.
 
-A device answers port reads/writes (``owns(port)``, ``read``, ``write``)
-and/or accesses to a memory-mapped register window (``mmio_read(offset,
-size)``, ``mmio_write(offset, size, value)``).  :class:`DeviceBus` routes
+A device answers port reads/writes (``owns(port)``, ``read``, ``write``),
+accesses to a memory-mapped register window (``mmio_read(offset,
+size)``, ``mmio_write(offset, size, value)``) and/or MSRs (``owns_msr(msr)``,
+``rdmsr(msr)``, ``wrmsr(msr, value)``, raising :class:`MsrFault` for #GP).  :class:`DeviceBus` routes
 both kinds; the hypervisor (:mod:`sandbox.hypervisor.mmio`) turns a guest's VMEXIT_IOIO
 or VMEXIT_NPF into one of these calls.
 """
@@ -20,6 +21,10 @@ class MmioMode(Enum):
     """How a hypervisor serves an MMIO window (see :meth:`~sandbox.hypervisor.machine.Machine.map_mmio`)."""
     TRAP = "trap"        # every access exits and is emulated
     GRANT = "grant"      # the first access maps a register page; writes are found by Dirty-bit polling
+
+
+class MsrFault(Exception):
+    """A device refuses an MSR access: the guest gets #GP(0)."""
 
 
 class Serial16550:
@@ -101,6 +106,14 @@ class DeviceBus:
         if dev not in self.devices:
             self.devices.append(dev)
         return r
+
+    def msr_owner(self, msr: int):
+        """The device that serves MSR ``msr`` (``owns_msr``, ``rdmsr``, ``wrmsr``), if any."""
+        for d in self.devices:
+            owns = getattr(d, "owns_msr", None)
+            if owns is not None and owns(msr):
+                return d
+        return None
 
     def region(self, gpa: int) -> MmioRegion | None:
         for r in self.regions:

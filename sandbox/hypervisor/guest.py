@@ -10,7 +10,10 @@ from ..svm.exitcodes import ExitCode
 from ..svm.iopm import IOPM, IOPM_PAGES
 from ..svm.msrpm import MSRPM, MSRPM_PAGES
 from ..svm.vmcb import VMCB, NpControl, Segment, TlbControl
-from .loader import CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BASE, STACK_TOP, Image
+from .image import CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BASE, STACK_TOP, Image
+
+#: the loader's identity tables use 4 KiB pages below this guest-physical address, 2 MiB pages above
+SMALL_PAGE_LIMIT = 64 << 20
 
 #: leaf sizes the nested page table can back guest RAM with
 NPT_PAGE_SIZES = (4 << 10, 2 << 20, 1 << 30)
@@ -140,8 +143,18 @@ class Guest:
         rd = lambda a: struct.unpack("<Q", self.read_phys(a, 8))[0]
         wr = lambda a, val: self.write_phys(a, struct.pack("<Q", val))
         tb = TableBuilder(PT_BASE, alloc, rd, wr)
-        for gpa in range(0, self.ram_size, PAGE_SIZE):
+        # 4 KiB pages over the first 64 MiB; beyond, 2 MiB pages, so the tables of
+        # a large guest still fit the loader's area below 0x80000
+        small = min(self.ram_size, SMALL_PAGE_LIMIT)
+        for gpa in range(0, small, PAGE_SIZE):
             tb.map(gpa, gpa, write=True, user=False, execute=True)
+        big = 2 << 20
+        for gpa in range(small, self.ram_size, big):
+            if gpa + big <= self.ram_size:
+                tb.map(gpa, gpa, write=True, user=False, execute=True, size=big)
+            else:                             # a tail shorter than 2 MiB
+                for g in range(gpa, self.ram_size, PAGE_SIZE):
+                    tb.map(g, g, write=True, user=False, execute=True)
         if nxt[0] >= 0x80000:
             raise ValueError("guest RAM too large for the loader's page-table area")
         v = self.vmcb

@@ -28,7 +28,7 @@ from ..svm.exitcodes import ExitCode, excp
 from ..svm.iopm import IoioInfo
 from ..svm.stop import StopReason
 from ..svm.vmcb import EventType, VIntr
-from .devices import MmioMode, MmioRegion
+from .devices import MmioMode, MmioRegion, MsrFault
 from .mmio import MmioDecodeError, complete, decode_access, decode_form
 from .string_io import STRING_IO_CHUNK, string_io
 
@@ -199,9 +199,23 @@ def _wrmsr(m: "Machine", msr: int, value: int) -> bool:
 
 
 def handle_msr(m: "Machine", e: ExitRecord) -> Action:
-    """RDMSR/WRMSR (EXITINFO1 0/1) against the emulated MSR file; unknown MSRs raise #GP."""
+    """RDMSR/WRMSR (EXITINFO1 0/1) against a device that owns the MSR (the local
+    APIC's), then the emulated MSR file; unknown MSRs raise #GP."""
     regs = m.regs
     msr = regs.rcx & M32
+    dev = m.bus.msr_owner(msr)
+    if dev is not None:
+        try:
+            if e.exitinfo1 == 0:
+                v = dev.rdmsr(msr)
+                regs.rax, regs.rdx = v & M32, v >> 32
+            else:
+                dev.wrmsr(msr, (regs.rax & M32) | (regs.rdx & M32) << 32)
+        except MsrFault:
+            m.inject(Vec.GP, EventType.EXCEPTION, 0)
+            return RESUME
+        m.advance(e)
+        return RESUME
     if e.exitinfo1 == 0:
         v = _rdmsr(m, msr)
         if v is None:

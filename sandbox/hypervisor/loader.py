@@ -20,34 +20,15 @@ import io
 import os
 import pickle
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
 
-LOAD_BASE = 0x100000
-STACK_TOP = 0x90000
-GDT_BASE = 0x1000
-PT_BASE = 0x2000
+from .image import LOAD_BASE, Image, ImageError
+from .multiboot import load_multiboot
 
-GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
-CS_SEL, DS_SEL = 0x08, 0x10
-CS_ATTRIB = 0x29B     # code, exec/read, accessed, S, P, L
-DS_ATTRIB = 0xC93     # data, read/write, accessed, S, P, D/B, G
-
-
-class ImageError(Exception):
-    """A guest image that cannot be loaded."""
-
-
-@dataclass
-class Image:
-    path: str
-    segments: list[tuple[int, bytes]]      # (guest-physical address, bytes)
-    entry: int
-    kind: str
 
 
 def strip_comment(line: str) -> str:
@@ -131,6 +112,8 @@ def load_image(path: str | Path, ram_size: int) -> Image:
     data = p.read_bytes()
     suffix = p.suffix.lower()
     if data[:4] == b"\x7fELF":
+        if data[4:5] == b"\x01":                  # ELFCLASS32: a multiboot kernel
+            return load_multiboot(p, data, ram_size)
         return _load_elf(p, data, ram_size)
     if suffix in (".s", ".asm"):
         try:

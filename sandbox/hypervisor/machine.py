@@ -33,7 +33,11 @@ from .guest import Guest
 from .handlers import DEFAULT_HANDLERS, RESUME, STOP, Action, Handler
 from .handlers import handle_cpuid  # noqa: F401  (scripts/bench.py imports it from here)
 from .hooks_loader import load_hooks
-from .loader import Image, load_image
+from .image import Image, ImageError
+from .loader import load_image
+from .multiboot import boot as boot_multiboot
+from .platform import PcPlatform
+from .platform import install as install_platform
 from .mmio import AccessForm
 from .shadow import ShadowPager
 
@@ -164,6 +168,8 @@ class RunResult:
     walk: dict[str, int] = field(default_factory=dict)
     #: TLB hits, misses and flushes (see :class:`sandbox.memory.tlb.TlbStats`)
     tlb: dict[str, int] = field(default_factory=dict)
+    #: the original exception when the processor model failed internally (reason "error")
+    error: BaseException | None = None
 
     @property
     def ok(self) -> bool:
@@ -179,7 +185,8 @@ class Machine:
     """
 
     def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20, *, npt_page: int = PAGE_SIZE,
-                 tlb_mode: TlbMode = TlbMode.TAGGED, paging: str = "nested") -> None:
+                 tlb_mode: TlbMode = TlbMode.TAGGED, paging: str = "nested",
+                 platform: str | None = None) -> None:
         if paging not in PAGING_MODES:
             raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
         self.mem = HostMemory(dram)
@@ -211,9 +218,13 @@ class Machine:
         self.mmio_forms: dict[tuple[int, bytes], AccessForm] = {}
         #: SEV: the secure processor and the encrypted guest (None until a launch attaches it)
         self.sev: SevGuest | None = None
+        #: ``hook(machine, exit)`` run after every handler that resumes the guest (STOP ends the run)
+        self.resume_hooks: list[Callable[["Machine", ExitRecord], Action | None]] = []
         self.default_intercepts()
         #: the shadow MMU when the guest runs without nested paging
         self.shadow: ShadowPager | None = ShadowPager(self) if paging == "shadow" else None
+        #: devices and interrupt plumbing beyond COM1 (``platform="pc"``: see sandbox.hypervisor.platform)
+        self.platform: PcPlatform | None = install_platform(self, platform) if platform is not None else None
 
     # -- more guests -----------------------------------------------------------
     def add_guest(self, asid: int, ram: int | None = None, npt_page: int | None = None) -> Guest:
@@ -302,9 +313,15 @@ class Machine:
             return fn
         return deco
 
-    def load(self, path: str) -> Image:
+    def load(self, path: str, append: str | None = None) -> Image:
+        """Load a guest image; ``append`` is a multiboot kernel's command line."""
         img = load_image(path, self.guest.ram_size)
-        self.guest.load(img)
+        if img.kind == "multiboot":
+            boot_multiboot(self, img, append or "")
+        elif append:
+            raise ImageError(f"{path}: a command line (append) applies to multiboot kernels only")
+        else:
+            self.guest.load(img)
         if self.shadow is not None:
             self.shadow.attach_cr3(self.guest.vmcb.CR3)
         return img
@@ -381,6 +398,12 @@ class Machine:
             return False
         try:
             act = h(self, rec)
+            if (act is None or act == RESUME) and self.resume_hooks:
+                # before the next VMRUN: e.g. the platform's interrupt controller
+                # queues an interrupt (EVENTINJ, or V_IRQ for a window)
+                for hook in self.resume_hooks:
+                    if hook(self, rec) == STOP:
+                        return False
         except Exception as e:       # a handler crash ends the run with a clear message
             tb = traceback.extract_tb(e.__traceback__)[-1]
             self._stop_reason = (StopReason.HANDLER_ERROR, f"{exit_name(rec.exitcode)} handler raised "
@@ -405,7 +428,9 @@ class Machine:
             reason, detail = stop.reason, stop.detail
         if reason == StopReason.EXIT and stop.detail.startswith("VMEXIT_INVALID"):
             reason, detail = StopReason.INVALID_VMCB, stop.detail
-        return self._result(reason, detail)
+        result = self._result(reason, detail)
+        result.error = stop.error
+        return result
 
     def _result(self, reason: str, detail: str) -> RunResult:
         st = self.cpu.st

@@ -48,10 +48,14 @@ class HostMemory:
         self.size = size
         #: where the processor's plaintext cache starts (just above DRAM)
         self.cache_base = size
-        self._mm = mmap.mmap(-1, 2 * size)     # anonymous: untouched cache pages cost nothing
-        self._cbuf = (ctypes.c_char * (2 * size)).from_buffer(self._mm)
+        #: the buffer itself (an anonymous ``mmap``: untouched cache pages cost
+        #: nothing), for the processor model and whole-memory tools such as
+        #: snapshots; its slices are copies, and it bypasses :attr:`sync`
+        self.raw = mmap.mmap(-1, 2 * size)
+        self._mm = self.raw                    # the older name, still read by sandbox.sev.memctl
+        self._cbuf = (ctypes.c_char * (2 * size)).from_buffer(self.raw)
         #: raw view for the CPU model; hypervisor code uses the methods below
-        self.view = memoryview(self._mm)
+        self.view = memoryview(self.raw)
         self._free: list[int] = list(range(size // PAGE_SIZE - 1, 0, -1))
         self._allocated: set[int] = set()
         #: called as ``sync(hpa, n, write)`` before every hypervisor access, so
@@ -133,36 +137,36 @@ class HostMemory:
 
     def read_u64(self, hpa: int) -> int:
         self._check(hpa, 8)
-        return _U64.unpack_from(self._mm, hpa)[0]
+        return _U64.unpack_from(self.raw, hpa)[0]
 
     def write_u64(self, hpa: int, value: int) -> None:
         self._check(hpa, 8, True)
-        _U64.pack_into(self._mm, hpa, value & 0xFFFFFFFFFFFFFFFF)
+        _U64.pack_into(self.raw, hpa, value & 0xFFFFFFFFFFFFFFFF)
 
     def read_u32(self, hpa: int) -> int:
         self._check(hpa, 4)
-        return _U32.unpack_from(self._mm, hpa)[0]
+        return _U32.unpack_from(self.raw, hpa)[0]
 
     def write_u32(self, hpa: int, value: int) -> None:
         self._check(hpa, 4, True)
-        _U32.pack_into(self._mm, hpa, value & 0xFFFFFFFF)
+        _U32.pack_into(self.raw, hpa, value & 0xFFFFFFFF)
 
     def read_u16(self, hpa: int) -> int:
         self._check(hpa, 2)
-        return _U16.unpack_from(self._mm, hpa)[0]
+        return _U16.unpack_from(self.raw, hpa)[0]
 
     def read_u8(self, hpa: int) -> int:
         self._check(hpa, 1)
-        return self._mm[hpa]
+        return self.raw[hpa]
 
     def write_u8(self, hpa: int, value: int) -> None:
         self._check(hpa, 1, True)
-        self._mm[hpa] = value & 0xFF
+        self.raw[hpa] = value & 0xFF
 
     def dump(self) -> bytes:
         """The raw DRAM image, as a physical-memory probe would see it."""
         self._check(0, self.size)
-        return bytes(self._mm[:self.size])
+        return bytes(self.raw[:self.size])
 
     def pages(self) -> Iterable[int]:
         """HPAs of all allocated pages."""

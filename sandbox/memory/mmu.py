@@ -116,6 +116,18 @@ class NestedLayer:
         return r
 
 
+
+class IdentityNested(NestedLayer):
+    """NP_ENABLE = 0: guest-physical is host-physical (no nested translation)."""
+
+    def __init__(self, mem: "HostMemory", stats: WalkStats) -> None:
+        super().__init__(mem, 0, stats)
+
+    def translate(self, gpa: int, access: int, *, final: bool = True, set_ad: bool = True) -> WalkResult:
+        if gpa + 1 > self._size:
+            raise NestedFault(int(PFErr.U | (PFErr.FINAL if final else PFErr.PT_WALK)), gpa)
+        return WalkResult(phys=gpa, writable=True, user=True, executable=True, dirty=True)
+
 class GuestLayer:
     """GVA -> GPA through the guest's own page tables, reading them via ``nested``."""
 

@@ -162,13 +162,13 @@ class TableBuilder:
         for level in range(4, leaf_level, -1):
             ea = table + ((va >> LEVEL_SHIFT[level]) & 0x1FF) * 8
             e = self._read(ea)
-            if not e & PTE.P:
+            if not e & _P:
                 if not create:
                     return None
                 nt = self._alloc()
-                e = nt | PTE.P | PTE.RW | PTE.US
+                e = nt | _P | _RW | _US
                 self._write(ea, e)
-            elif e & PTE.PS:
+            elif e & _PS:
                 if not create:
                     return ea             # the large leaf that maps ``va``
                 raise ValueError(f"{va:#x} is inside a large page")
@@ -186,16 +186,16 @@ class TableBuilder:
         slot = self._slot(va, True, level)
         if level > 1:
             old = self._read(slot)
-            if old & PTE.P and not old & PTE.PS:
+            if old & _P and not old & _PS:
                 raise ValueError(f"{va:#x} already has a page table below it")
-        e = (pa & ADDR_MASK) | PTE.P | extra | (PTE.PS if level > 1 else 0)
+        e = (pa & ADDR_MASK) | _P | int(extra) | (_PS if level > 1 else 0)
         if write:
-            e |= PTE.RW
+            e |= _RW
         if user:
-            e |= PTE.US
+            e |= _US
         if not execute:
-            e |= PTE.NX
-        self._write(slot, int(e))
+            e |= _NX
+        self._write(slot, e)
 
     def entry(self, va: int) -> int | None:
         slot = self._slot(va, False)
@@ -215,9 +215,9 @@ class TableBuilder:
         for level in (4, 3, 2, 1):
             ea = table + ((va >> LEVEL_SHIFT[level]) & 0x1FF) * 8
             e = self._read(ea)
-            if not e & PTE.P:
+            if not e & _P:
                 return None
-            if level == 1 or (level in (2, 3) and e & PTE.PS):
+            if level == 1 or (level in (2, 3) and e & _PS):
                 return ea, e, PAGE_SIZE_AT[level]
             table = e & ADDR_MASK
         return None

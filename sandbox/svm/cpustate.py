@@ -8,23 +8,29 @@ save, the hidden part of CS/SS/DS/ES (base, limit, attributes) and the CPL
 buffer we can unpack with ``struct``, and ``uc_context_restore`` writes it
 back.
 
-The layout is QEMU 5.0's, as bundled by Unicorn 2.1.  Every offset used here
-is verified at import against values written through Unicorn's own API, so
-a Unicorn with another layout fails loudly instead of silently.
+The layout is QEMU 5.0's, as bundled by Unicorn 2.1; a few values (the debug
+registers, the pending exception's error code, and in Unicorn's own engine
+struct the instruction counter and the failed-fill address) are found by
+calibration.  Every Unicorn internal used here is then verified at import by
+:func:`verify_internals` against values written through Unicorn's own API or
+produced by the instruction semantics, so a Unicorn with another layout fails
+loudly -- an ImportError naming the value -- instead of silently.
 """
 from __future__ import annotations
 
 import ctypes
 import struct
+from dataclasses import dataclass
 
-from unicorn import Uc, UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, UcError
+import unicorn
+from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL,
+                     UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
 # -- QEMU CPUX86State layout (x86_64 target) ---------------------------------
 OFF_REGS = 0
 OFF_EIP = 128
-OFF_EFLAGS = 136
 OFF_HFLAGS = 176
 OFF_HFLAGS2 = 180
 OFF_SEGS = 184          # SegmentCache[6]: ES CS SS DS FS GS, 24 bytes each
@@ -55,6 +61,7 @@ DESC_DPL_SHIFT = 13
 _SEG = struct.Struct("<I4xQII")    # selector, base, limit, flags
 _Q = struct.Struct("<Q")
 _I = struct.Struct("<I")
+_H = struct.Struct("<H")
 _REGS = struct.Struct("<16Q")
 
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
@@ -161,6 +168,13 @@ class CpuState:
         """QEMU's ``env->error_code`` of the exception being raised."""
         return _I.unpack_from(self.data, OFF_ERROR_CODE)[0]
 
+    def clear_old_exception(self) -> None:
+        """Forget QEMU's exception in flight.  QEMU resets it when it delivers an
+        event itself; here the model delivers, so a later fault would otherwise
+        be combined with a stale one into #DF (check_exception)."""
+        _I.pack_into(self.data, OFF_OLD_EXCEPTION, 0xFFFFFFFF)
+        self.dirty = True
+
     @property
     def cpl(self) -> int:
         return self.hflags & HF_CPL_MASK
@@ -171,6 +185,15 @@ class CpuState:
     @property
     def efer(self) -> int:
         return _Q.unpack_from(self.data, OFF_EFER)[0]
+
+    def set_lma(self, on: bool) -> None:
+        """Patch EFER.LMA and hflags.LMA in the snapshot.  QEMU changes LMA only
+        on a CR0.PG transition, so a world switch that loads EFER must set it."""
+        lma = 1 << 10
+        efer = self.efer
+        _Q.pack_into(self.data, OFF_EFER, (efer | lma) if on else (efer & ~lma))
+        self.hflags = (self.hflags | HF_LMA) if on else (self.hflags & ~(HF_LMA | HF_CS64))
+        self.dirty = True
 
     def seg(self, idx: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, qemu_flags) of segment register ``idx``."""
@@ -232,164 +255,327 @@ class CpuState:
         _I.pack_into(self.data, OFF_HFLAGS2, (v | HF2_GIF) if on else (v & ~HF2_GIF))
 
 
-def _verify_layout() -> None:
-    """Check every offset above against Unicorn's own register API."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 0x10000, UC_PROT_ALL)
-    for i, rid in enumerate(GPR_IDS):
-        uc.reg_write(rid, 0x1111_0000_0000_0000 + i * 0x101)
-    uc.reg_write(X.UC_X86_REG_RIP, 0xDEAD_B000)
-    uc.reg_write(X.UC_X86_REG_CS, 0x33)
-    uc.reg_write(X.UC_X86_REG_SS, 0x2B)
-    uc.reg_write(X.UC_X86_REG_DS, 0x23)
-    uc.reg_write(X.UC_X86_REG_ES, 0x1B)
-    uc.reg_write(X.UC_X86_REG_GS_BASE, 0x7777_0000)
-    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x4000, 0x57, 0))
-    uc.reg_write(X.UC_X86_REG_IDTR, (0, 0x5000, 0xFFF, 0))
-    uc.reg_write(X.UC_X86_REG_CR3, 0x3000)
-    uc.reg_write(X.UC_X86_REG_CR2, 0xC0C0_0000)
-    st = CpuState(uc).load()
-    problems = []
-    for i, rid in enumerate(GPR_IDS):
-        if st.gpr(i) != 0x1111_0000_0000_0000 + i * 0x101:
-            problems.append(f"gpr {i}")
-    if st.rip != 0xDEAD_B000:
-        problems.append("eip")
-    if [st.seg(i)[0] for i in (R_CS, R_SS, R_DS, R_ES)] != [0x33, 0x2B, 0x23, 0x1B]:
-        problems.append("segment selectors")
-    if st.seg(R_GS)[1] != 0x7777_0000:
-        problems.append("segment base")
-    if st.gdt() != (0x4000, 0x57) or st.idt() != (0x5000, 0xFFF):
-        problems.append("gdt/idt")
-    if st.cr(3) != 0x3000 or st.cr(2) != 0xC0C0_0000:
-        problems.append("cr")
-    if st.efer != uc.reg_read(X.UC_X86_REG_MSR, 0xC0000080):
-        problems.append("efer")
-    if not st.hflags & HF_LMA:
-        problems.append("hflags")
-    if problems:
-        raise ImportError("Unicorn's CPUX86State layout differs from the one this sandbox "
-                          f"was built for ({', '.join(problems)}); use unicorn 2.1.x")
-    del st, uc
+# -- the Unicorn internals above, located and verified at import ----------------------
+#: the Unicorn whose internals this module was written against (pyproject pins 2.1.x)
+UNICORN_EXPECTED = "unicorn 2.1.4"
 
 
-_verify_layout()
+@dataclass(frozen=True)
+class Internals:
+    """Byte offsets of every Unicorn internal the model reads or writes.
 
-
-def _calibrate_error_code() -> int:
-    """Find ``env->error_code`` by raising #GP(0x1230) and INT 0x80 in a scratch CPU.
-
-    QEMU keeps ``int error_code; int exception_is_int; target_ulong
-    exception_next_eip;`` together; INT 0x80 pins the last two and #GP with a
-    selector error code pins the first.
+    ``context_data`` is in Unicorn's ``struct uc_context``; ``emu_counter``
+    and ``invalid_addr`` are in its ``struct uc_struct`` (the engine behind
+    ``Uc._uch``); the rest are in QEMU's ``CPUX86State``.  The first group is
+    QEMU 5.0's layout as Unicorn 2.1 bundles it; ``dr``, ``error_code``,
+    ``emu_counter`` and ``invalid_addr`` are found by calibration.
     """
+    context_data: int
+    regs: int
+    eip: int
+    hflags: int
+    hflags2: int
+    segs: int
+    ldt: int
+    tr: int
+    gdt: int
+    idt: int
+    cr: int
+    efer: int
+    dr: int
+    error_code: int
+    old_exception: int
+    emu_counter: int
+    invalid_addr: int
+
+
+#: how an error message names each value
+NAMES = {
+    "context_data": "uc_context data", "regs": "CPUX86State regs", "eip": "CPUX86State eip",
+    "hflags": "CPUX86State hflags", "hflags2": "CPUX86State hflags2", "segs": "CPUX86State segs",
+    "ldt": "CPUX86State ldt", "tr": "CPUX86State tr", "gdt": "CPUX86State gdt",
+    "idt": "CPUX86State idt", "cr": "CPUX86State cr", "efer": "CPUX86State efer",
+    "dr": "CPUX86State dr", "error_code": "exception error_code",
+    "old_exception": "exception old_exception",
+    "emu_counter": "emu_counter", "invalid_addr": "invalid_addr",
+}
+HANDLE = "Uc._uch engine handle"
+
+
+def missing(*names: str) -> ImportError:
+    quoted = ", ".join(f"'{n}'" for n in names)
+    plural = "s" if len(names) > 1 else ""
+    return ImportError(f"sandbox: Unicorn internal{plural} {quoted} not found at import "
+                       f"({UNICORN_EXPECTED} expected, {unicorn.__version__} installed)")
+
+
+def _handle(uc: Uc) -> int:
+    h = getattr(uc, "_uch", None)
+    if not isinstance(h, ctypes.c_void_p) or not h.value:
+        raise missing(HANDLE)
+    return h.value
+
+
+def _context_bytes(uc: Uc) -> bytes:
+    """The whole ``uc_context`` (header and CPUX86State) of ``uc`` as it is now."""
+    return bytes(uc.context_save())
+
+
+def _engine_bytes(uc: Uc, size: int = 2048) -> bytes:
+    """The first ``size`` bytes of Unicorn's engine struct behind ``uc``."""
+    return ctypes.string_at(_handle(uc), size)
+
+
+def _scratch(code: bytes = b"", at: int = 0x1000) -> Uc:
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x10000, UC_PROT_ALL)
-    # int 0x80 ; mov ax, 0x1230 ; mov ds, ax
-    uc.mem_write(0x1000, bytes.fromhex("cd8066b830128ed8"))
+    uc.mem_write(at, code)
+    return uc
+
+
+def _gp_error_code_run(selector: int) -> list[bytes]:
+    """INT 0x80, then ``mov ds, selector`` (#GP(selector), beyond the empty GDT)
+    in a fresh CPU: the context at each of the two exceptions."""
+    # int 0x80 ; mov ax, selector ; mov ds, ax
+    uc = _scratch(bytes.fromhex("cd8066b8") + _H.pack(selector) + bytes.fromhex("8ed8"))
     snaps: list[bytes] = []
 
     def hook(u, intno, ud):
-        snaps.append(bytes(u.context_save())[CONTEXT_DATA:])
+        snaps.append(_context_bytes(u))
         if len(snaps) == 2:
             u.emu_stop()
     uc.hook_add(UC_HOOK_INTR, hook)
     uc.emu_start(0x1000, 0x1010, count=4)
-    if len(snaps) != 2:
-        raise ImportError("cannot calibrate Unicorn's exception state")
-    a, b = snaps
-    for off in range(OFF_EFER, len(a) - 16, 8):
-        if _Q.unpack_from(a, off + 8)[0] == 0x1002 and _I.unpack_from(a, off + 4)[0] == 1 \
-                and _I.unpack_from(b, off)[0] == 0x1230:
-            return off
-    raise ImportError("cannot locate env->error_code in Unicorn's CPU context")
+    return snaps
 
 
-OFF_ERROR_CODE = _calibrate_error_code()
+def _locate_error_code() -> int:
+    """``env->error_code``: QEMU keeps ``int error_code; int exception_is_int;
+    target_ulong exception_next_eip;`` together; INT 0x80 (at 0x1000, two
+    bytes) pins the last two and #GP(0x1230) the first."""
+    snaps = _gp_error_code_run(0x1230)
+    if len(snaps) == 2:
+        a, b = (s[CONTEXT_DATA:] for s in snaps)
+        for off in range(OFF_EFER, len(a) - 16, 8):
+            if _Q.unpack_from(a, off + 8)[0] == 0x1002 and _I.unpack_from(a, off + 4)[0] == 1 \
+                    and _I.unpack_from(b, off)[0] == 0x1230:
+                return off
+    raise missing(NAMES["error_code"])
 
 
-def _find_dr() -> int:
-    """Locate ``env->dr[8]`` by writing distinct markers to DR0-DR3."""
+def _locate_old_exception(error_code: int) -> int:
+    """``env->old_exception``, QEMU's "contributory exception in flight" (-1
+    when none): -1 after INT 0x80, 13 after a #GP whose delivery the interrupt
+    hook took over; it lies a little after ``error_code``."""
+    snaps = _gp_error_code_run(0x1230)
+    if len(snaps) == 2:
+        a, b = (s_[CONTEXT_DATA:] for s_ in snaps)
+        for off in range(error_code, min(len(a), error_code + 512) - 4, 4):
+            if _I.unpack_from(a, off)[0] == 0xFFFFFFFF and _I.unpack_from(b, off)[0] == 13:
+                return off
+    raise missing(NAMES["old_exception"])
+
+
+_DR_IDS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3,
+           None, None, X.UC_X86_REG_DR6, X.UC_X86_REG_DR7)
+
+
+def _locate_dr() -> int:
+    """``env->dr[8]``: the one place holding distinct markers written to DR0-DR3."""
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     marks = [0x0D0D_0000_1111_0000 + i for i in range(4)]
-    for i, reg in enumerate((X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3)):
-        uc.reg_write(reg, marks[i])
-    data = bytes(uc.context_save())[CONTEXT_DATA:]
+    for reg, mark in zip(_DR_IDS, marks):
+        uc.reg_write(reg, mark)
+    data = _context_bytes(uc)[CONTEXT_DATA:]
     hits = [o for o in range(OFF_EFER, len(data) - 32, 8)
             if [_Q.unpack_from(data, o + 8 * i)[0] for i in range(4)] == marks]
     if len(hits) != 1:
-        raise ImportError("cannot locate env->dr[] in Unicorn's CPU context")
+        raise missing(NAMES["dr"])
     return hits[0]
 
 
-OFF_DR = _find_dr()
-
-
-def _find_emu_counter() -> int | None:
-    """Offset of ``uc->emu_counter`` in Unicorn's engine struct, or None.
-
-    Unicorn counts instructions only when ``emu_start`` is given a ``count``,
-    and does not export the counter.  Its struct keeps ``size_t emu_counter;
-    size_t emu_count;`` side by side; a scratch run with a distinctive count
-    that is reached exactly pins the pair.
-    """
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0x1000, 0x1000, UC_PROT_ALL)
-    uc.mem_write(0x1000, b"\x48\xff\xc0\xeb\xfb")     # inc rax ; jmp -5
+def _locate_emu_counter() -> int:
+    """``uc->emu_counter``: Unicorn counts instructions only when ``emu_start``
+    has a ``count``, and does not export the counter.  Its struct keeps
+    ``uint64_t emu_counter, emu_count;`` side by side; a run that exhausts a
+    distinctive budget pins the pair."""
+    uc = _scratch(b"\x48\xff\xc0\xeb\xfb")          # inc rax ; jmp -5
     budget = 0x1357
     uc.emu_start(0x1000, 0x2000, count=budget)
-    if uc.reg_read(X.UC_X86_REG_RAX) != (budget + 1) // 2:
-        return None
-    addr = uc._uch.value
-    raw = ctypes.string_at(addr, 2048)
-    hits = [o for o in range(0, len(raw) - 16, 8)
-            if _Q.unpack_from(raw, o + 8)[0] == budget and _Q.unpack_from(raw, o)[0] in (budget, budget + 1)]
-    return hits[0] if len(hits) == 1 else None
+    if uc.reg_read(X.UC_X86_REG_RAX) == (budget + 1) // 2:
+        raw = _engine_bytes(uc)
+        hits = [o for o in range(0, len(raw) - 16, 8)
+                if _Q.unpack_from(raw, o + 8)[0] == budget
+                and _Q.unpack_from(raw, o)[0] in (budget, budget + 1)]
+        if len(hits) == 1:
+            return hits[0]
+    raise missing(NAMES["emu_counter"])
 
 
-OFF_EMU_COUNTER = _find_emu_counter()
-
-
-def emu_counter(uc: Uc) -> int | None:
-    """Instructions Unicorn counted in the last ``emu_start(count=...)``."""
-    if OFF_EMU_COUNTER is None:
-        return None
-    return _Q.unpack_from(ctypes.string_at(uc._uch.value + OFF_EMU_COUNTER, 8))[0]
-
-
-def _find_invalid_addr() -> int | None:
-    """Offset of ``uc->invalid_addr``: the exact address whose TLB fill failed.
-
-    Unicorn's fill callback only sees the page; the faulting address with its
-    page offset (CR2, NPF EXITINFO2) is kept in the engine struct.
-    """
-    from unicorn import UC_HOOK_TLB_FILL, UC_TLB_VIRTUAL
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 0x10000, UC_PROT_ALL)
+def _refuse_page(uc: Uc, page: int) -> None:
+    """A virtual TLB whose fill maps every page 1:1 except ``page``."""
     uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
 
     def fill(u, vaddr, access, entry, ud):
-        if vaddr == 0x5000:
+        if vaddr == page:
             return False
         entry.paddr = vaddr
         entry.perms = UC_PROT_ALL
         return True
     uc.hook_add(UC_HOOK_TLB_FILL, fill)
-    uc.mem_write(0x1000, bytes.fromhex("488b042523510000"))   # mov rax, [0x5123]
+
+
+def _locate_invalid_addr() -> int:
+    """``uc->invalid_addr``: Unicorn's fill callback sees only the page; the
+    exact faulting address (CR2, NPF EXITINFO2) is kept in the engine struct."""
+    uc = _scratch(bytes.fromhex("488b042523510000"))      # mov rax, [0x5123]
+    _refuse_page(uc, 0x5000)
     try:
         uc.emu_start(0x1000, 0x1008)
     except UcError:
         pass
-    raw = ctypes.string_at(uc._uch.value, 2048)
+    raw = _engine_bytes(uc)
     hits = [o for o in range(0, len(raw) - 8, 8) if _Q.unpack_from(raw, o)[0] == 0x5123]
-    return hits[0] if len(hits) == 1 else None
+    if len(hits) != 1:
+        raise missing(NAMES["invalid_addr"])
+    return hits[0]
 
 
-OFF_INVALID_ADDR = _find_invalid_addr()
+def locate_internals() -> Internals:
+    """The fixed QEMU 5.0 layout plus the calibrated offsets; ImportError
+    naming the first value that cannot be found."""
+    return Internals(
+        context_data=CONTEXT_DATA, regs=OFF_REGS, eip=OFF_EIP, hflags=OFF_HFLAGS,
+        hflags2=OFF_HFLAGS2, segs=OFF_SEGS, ldt=OFF_LDT, tr=OFF_TR, gdt=OFF_GDT, idt=OFF_IDT,
+        cr=OFF_CR, efer=OFF_EFER, dr=_locate_dr(), error_code=(err := _locate_error_code()),
+        old_exception=_locate_old_exception(err),
+        emu_counter=_locate_emu_counter(), invalid_addr=_locate_invalid_addr())
 
 
-def invalid_addr(uc: Uc) -> int | None:
-    """The exact address of the last failed TLB fill, if Unicorn's struct was located."""
-    if OFF_INVALID_ADDR is None:
-        return None
+def verify_internals(at: Internals) -> None:
+    """Check every offset in ``at`` against values Unicorn's own API or the
+    instruction semantics produce, in scratch CPUs other than the ones that
+    calibrated them; ImportError naming every value that does not hold."""
+    bad: list[str] = []
+
+    def check(name: str, ok: bool) -> None:
+        if not ok and name not in bad:
+            bad.append(name)
+
+    # state written through Unicorn's register API
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    gprs = [0x1111_0000_0000_0000 + i * 0x101 for i in range(16)]
+    for rid, v in zip(GPR_IDS, gprs):
+        uc.reg_write(rid, v)
+    uc.reg_write(X.UC_X86_REG_RIP, 0xDEAD_B000)
+    uc.reg_write(X.UC_X86_REG_RFLAGS, 0x402)    # DF: QEMU's env->df, beside hflags, becomes -1
+    # (Unicorn loads FS and GS selectors through the GDT, the others as given)
+    sels = (0x1B, 0x33, 0x2B, 0x23)                           # ES CS SS DS
+    for rid, v in zip((X.UC_X86_REG_ES, X.UC_X86_REG_CS, X.UC_X86_REG_SS, X.UC_X86_REG_DS), sels):
+        uc.reg_write(rid, v)
+    uc.reg_write(X.UC_X86_REG_FS_BASE, 0x6666_0000)
+    uc.reg_write(X.UC_X86_REG_GS_BASE, 0x7777_0000)
+    tables = {"gdt": (X.UC_X86_REG_GDTR, (0, 0x4000, 0x57, 0)),
+              "idt": (X.UC_X86_REG_IDTR, (0, 0x5000, 0xFFF, 0)),
+              "ldt": (X.UC_X86_REG_LDTR, (0x30, 0x1111_2222_3333, 0x77, 0x8200)),
+              "tr": (X.UC_X86_REG_TR, (0x28, 0xAAAA_BBBB_CCCC, 0x67, 0x8B00))}
+    for rid, v in tables.values():
+        uc.reg_write(rid, v)
+    uc.reg_write(X.UC_X86_REG_CR2, 0xC0C0_0000)
+    uc.reg_write(X.UC_X86_REG_CR3, 0x3000)
+    drs = {0: 0xD0, 1: 0xD1, 2: 0xD2, 3: 0xD3, 6: 0xFFFF_4FF1, 7: 0x455}
+    for n, v in drs.items():
+        uc.reg_write(_DR_IDS[n], v)
+    raw = _context_bytes(uc)
+    # size_t context_size (the CPU state's size) opens the header, data[] closes it
+    check(NAMES["context_data"], _Q.unpack_from(raw, 0)[0] == len(raw) - at.context_data)
+    if bad:
+        raise missing(*bad)
+    d = raw[at.context_data:]
+
+    def q(off: int) -> int:
+        return _Q.unpack_from(d, off)[0] if 0 <= off <= len(d) - 8 else -1
+
+    def i32(off: int) -> int:
+        return _I.unpack_from(d, off)[0] if 0 <= off <= len(d) - 4 else -1
+
+    def cache(off: int) -> tuple[int, ...]:
+        return _SEG.unpack_from(d, off) if 0 <= off <= len(d) - SEG_SIZE else ()
+
+    check(NAMES["regs"], [q(at.regs + 8 * i) for i in range(16)] == gprs)
+    check(NAMES["eip"], q(at.eip) == 0xDEAD_B000)
+    check(NAMES["segs"], [cache(at.segs + SEG_SIZE * i)[:1] for i in range(4)] == [(s,) for s in sels]
+          and cache(at.segs + SEG_SIZE * R_FS)[1:2] == (0x6666_0000,)
+          and cache(at.segs + SEG_SIZE * R_GS)[1:2] == (0x7777_0000,))
+    for name, (_, (sel, base, limit, flags)) in tables.items():
+        want = (sel, base, limit, flags) if name in ("ldt", "tr") else (base, limit)
+        got = cache(getattr(at, name))
+        check(NAMES[name], (got if name in ("ldt", "tr") else got[1:3]) == want)
+    check(NAMES["cr"], [q(at.cr + 8 * n) for n in (0, 2, 3, 4)]
+          == [uc.reg_read(r) for r in (X.UC_X86_REG_CR0, X.UC_X86_REG_CR2, X.UC_X86_REG_CR3,
+                                       X.UC_X86_REG_CR4)])
+    check(NAMES["efer"], q(at.efer) == uc.reg_read(X.UC_X86_REG_MSR, 0xC0000080))
+    check(NAMES["dr"], all(q(at.dr + 8 * n) == v for n, v in drs.items()))
+    # a fresh 64-bit CPU: long mode, 64-bit CS, CPL 0; GIF set (QEMU's reset)
+    hf = i32(at.hflags)
+    check(NAMES["hflags"], hf >= 0 and hf & (HF_LMA | HF_CS64) == HF_LMA | HF_CS64
+          and hf & HF_CPL_MASK == 0)
+    check(NAMES["hflags2"], i32(at.hflags2) == HF2_GIF)
+    if NAMES["hflags"] not in bad:
+        # CPL written into hflags rules the CPU: MOV from CR0 runs at CPL 0, is #GP at CPL 3
+        uc = _scratch(bytes.fromhex("0f20c0"))          # mov rax, cr0
+        ints: list[int] = []
+        uc.hook_add(UC_HOOK_INTR, lambda u, intno, ud: (ints.append(intno), u.emu_stop()))
+        for cpl, want in ((0, []), (3, [13])):
+            ctx = uc.context_save()
+            addr = ctypes.cast(ctx.context, ctypes.c_void_p).value + at.context_data + at.hflags
+            ctypes.c_uint32.from_address(addr).value = \
+                (ctypes.c_uint32.from_address(addr).value & ~HF_CPL_MASK) | cpl
+            uc.context_restore(ctx)
+            ints.clear()
+            uc.emu_start(0x1000, 0x1003)
+            check(NAMES["hflags"], ints == want)
+    # the exception being raised: #GP(selector) from MOV DS, in a fresh CPU
+    snaps = _gp_error_code_run(0x2468)
+    check(NAMES["error_code"], len(snaps) == 2 and i32(at.error_code) >= 0
+          and _I.unpack_from(snaps[1], at.context_data + at.error_code)[0] == 0x2468)
+    check(NAMES["old_exception"], len(snaps) == 2 and i32(at.old_exception) >= 0
+          and _I.unpack_from(snaps[0], at.context_data + at.old_exception)[0] == 0xFFFF_FFFF
+          and _I.unpack_from(snaps[1], at.context_data + at.old_exception)[0] == 13)
+    # the instruction counter: five NOPs reach the end before a budget of 50; then
+    # the failed-fill address: a write to a refused page, at another offset than calibration's
+    uc = _scratch(b"\x90" * 5 + bytes.fromhex("48891c25a86e0000"))     # mov [0x6ea8], rbx
+    _refuse_page(uc, 0x6000)
+    uc.emu_start(0x1000, 0x1005, count=50)
+    raw = _engine_bytes(uc)
+    check(NAMES["emu_counter"], 0 <= at.emu_counter <= len(raw) - 8
+          and _Q.unpack_from(raw, at.emu_counter)[0] == 5)
+    try:
+        uc.emu_start(0x1005, 0x100D)
+    except UcError:
+        pass
+    raw = _engine_bytes(uc)
+    check(NAMES["invalid_addr"], 0 <= at.invalid_addr <= len(raw) - 8
+          and _Q.unpack_from(raw, at.invalid_addr)[0] == 0x6EA8)
+    if bad:
+        raise missing(*bad)
+
+
+INTERNALS = locate_internals()
+verify_internals(INTERNALS)
+OFF_DR = INTERNALS.dr
+OFF_ERROR_CODE = INTERNALS.error_code
+OFF_OLD_EXCEPTION = INTERNALS.old_exception
+OFF_EMU_COUNTER = INTERNALS.emu_counter
+OFF_INVALID_ADDR = INTERNALS.invalid_addr
+
+
+def emu_counter(uc: Uc) -> int:
+    """Instructions Unicorn counted in the last ``emu_start(count=...)``: those
+    executed, plus the one it stopped at when the count ran out."""
+    return _Q.unpack_from(ctypes.string_at(uc._uch.value + OFF_EMU_COUNTER, 8))[0]
+
+
+def invalid_addr(uc: Uc) -> int:
+    """The exact address of the last failed TLB fill."""
     return _Q.unpack_from(ctypes.string_at(uc._uch.value + OFF_INVALID_ADDR, 8))[0]

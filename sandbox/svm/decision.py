@@ -178,7 +178,8 @@ def _mov_dr(write: bool):
     return check
 
 
-def _io(i: Insn, v: GuestView, rip: int, code: bytes = b"") -> ExitInfo | None:
+def io_exit(i: Insn, v: GuestView, rip: int, code: bytes = b"") -> ExitInfo | None:
+    """IN/OUT/INS/OUTS: the IOPM's bits for every byte of the access (APM §15.10.2)."""
     size = i.opsize // 8
     is_in = i.kind in (Kind.IN, Kind.INS)
     string = i.kind in (Kind.INS, Kind.OUTS)
@@ -217,7 +218,7 @@ def _intn(i, v, rip):
 
 
 def _int3(i, v, rip):
-    return ExitInfo(0x40 + 3) if armed(v, 0x40 + 3) else None
+    return ExitInfo(ExitCode.EXCP_BP) if armed(v, ExitCode.EXCP_BP) else None
 
 
 def _into(i, v, rip):
@@ -321,13 +322,14 @@ DECIDE: dict[Kind, Callable] = {
     Kind.INVPCID: _simple(ExitCode.INVPCID, cpl0=True),
     Kind.STI: lambda i, v, rip: None,          # no intercept; watched for interrupt windows
 }
-_NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: _io, Kind.OUT: _io, Kind.INS: _io, Kind.OUTS: _io,
-               Kind.MONITOR: DECIDE[Kind.MONITOR], Kind.MWAIT: DECIDE[Kind.MWAIT]}
+#: kinds whose decision also reads the instruction bytes: ``f(insn, view, rip, code)``
+NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: io_exit, Kind.OUT: io_exit, Kind.INS: io_exit,
+              Kind.OUTS: io_exit, Kind.MONITOR: DECIDE[Kind.MONITOR], Kind.MWAIT: DECIDE[Kind.MWAIT]}
 
 
 def decide(insn: Insn, v: GuestView, rip: int, code: bytes) -> ExitInfo | None:
     """The #VMEXIT this instruction causes under the current VMCB, or None."""
-    f = _NEEDS_CODE.get(insn.kind)
+    f = NEEDS_CODE.get(insn.kind)
     if f is not None:
         return f(insn, v, rip, code)
     return DECIDE[insn.kind](insn, v, rip)
@@ -350,7 +352,7 @@ def kinds_for_bits(bits: set[int]) -> set[Kind]:
         ExitCode.VMMCALL: [Kind.VMMCALL], ExitCode.STGI: [Kind.STGI], ExitCode.CLGI: [Kind.CLGI],
         ExitCode.RSM: [Kind.RSM], ExitCode.RDPRU: [Kind.RDPRU],
         ExitCode.INVPCID: [Kind.INVPCID], ExitCode.CR0_SEL_WRITE: [Kind.MOV_TO_CR, Kind.LMSW],
-        0x43: [Kind.INT3],
+        ExitCode.EXCP_BP: [Kind.INT3],
     }
     for b in bits:
         if b in table:
@@ -395,10 +397,18 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
 
 
 
-def mov_to_cr_faults(reg: int, value: int, cr0: int) -> bool:
+def mov_to_cr_faults(reg: int, value: int, cr0: int, long_mode: bool = True) -> bool:
     """#GP(0) from MOV to CRn for an illegal value, in 64-bit mode (APM vol. 2 §3.1.1-3.1.3, §3.7.1,
     "MOV CRn" in vol. 3): reserved bits of CR0 (63:32), CR3 (63:52), CR4 or CR8 (63:4);
-    CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE in long mode."""
+    CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE in long mode.
+    Outside long mode (EFER.LMA = 0, e.g. a multiboot kernel before it enables paging) only
+    CR0.NW without CD, CR0.PG without PE and the reserved CR4 bits fault."""
+    if not long_mode:
+        if reg == 0:
+            return bool(value & (1 << 29) and not value & (1 << 30) or value & (1 << 31) and not value & 1)
+        if reg == 4:
+            return bool(value & CR4_RESERVED)
+        return False
     if reg == 0:
         return bool(value >> 32 or (value & (1 << 29) and not value & (1 << 30))
                     or not value & (1 << 31) or not value & 1)

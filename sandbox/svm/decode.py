@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
 LEGACY_PREFIXES = frozenset({0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65})
 SEG_PREFIX = {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}   # ES CS SS DS FS GS
 PREFIX_BYTES = LEGACY_PREFIXES | frozenset(range(0x40, 0x50))
@@ -144,16 +146,43 @@ def _modrm_len(code: bytes, i: int, addrsize: int) -> int | None:
     return n
 
 
-def decode(code: bytes) -> Insn | None:
-    """Decode the instruction at ``code[0]`` if it is one an intercept can name."""
+@dataclass(slots=True)
+class _Prefixes:
+    """The prefixes in front of an opcode, and the sizes they select."""
+    at: int                    # offset of the opcode
+    opsize_66: bool
+    rep: bool
+    last_rep: int
+    lock: bool
+    seg: int | None
+    rex: int
+    opsize: int
+    addrsize: int
+
+    @property
+    def rex_r(self) -> int:
+        return (self.rex >> 2) & 1
+
+    @property
+    def rex_b(self) -> int:
+        return self.rex & 1
+
+    def mk(self, kind: Kind, length: int, **kw) -> Insn | None:
+        if length > MAX_INSN:
+            return None       # over-long: #GP at decode, no intercept
+        return Insn(kind, length, opsize=self.opsize, addrsize=self.addrsize, rep=self.rep, lock=self.lock,
+                    seg=self.seg, rex=self.rex, opcode_off=self.at, **kw)
+
+
+def _prefixes(code: bytes) -> _Prefixes | None:
+    """Legacy prefixes and REX bytes in any order; a REX counts only when it
+    immediately precedes the opcode (APM vol. 3 §1.2.7), otherwise it is ignored."""
     i = 0
     opsize_66 = addr_67 = rep = lock = False
     seg = None
     last_rep = 0
     rex = 0
     n = len(code)
-    # Legacy prefixes and REX bytes in any order; a REX counts only when it
-    # immediately precedes the opcode (APM vol. 3 §1.2.7), otherwise it is ignored.
     while i < n and code[i] in PREFIX_BYTES:
         b = code[i]
         if 0x40 <= b <= 0x4F:
@@ -175,91 +204,102 @@ def decode(code: bytes) -> Insn | None:
         i += 1
     if i >= n:
         return None
-    opcode_off = i
-    op = code[i]
-    rex_w, rex_r, rex_b = bool(rex & 8), (rex >> 2) & 1, rex & 1
-    opsize = 64 if rex_w else (16 if opsize_66 else 32)
-    addrsize = 32 if addr_67 else 64
-    ins: Insn | None = None
+    opsize = 64 if rex & 8 else (16 if opsize_66 else 32)
+    return _Prefixes(i, opsize_66, rep, last_rep, lock, seg, rex, opsize, 32 if addr_67 else 64)
 
-    def mk(kind: Kind, length: int, **kw) -> Insn | None:
-        if length > MAX_INSN:
-            return None       # over-long: #GP at decode, no intercept
-        return Insn(kind, length, opsize=opsize, addrsize=addrsize, rep=rep, lock=lock, seg=seg,
-                    rex=rex, opcode_off=opcode_off, **kw)
 
-    if op == 0x0F:
-        if i + 1 >= n:
-            return None
-        op2 = code[i + 1]
-        if op2 in _0F_SIMPLE:
-            return mk(_0F_SIMPLE[op2], i + 2)
-        if op2 in (0x20, 0x22, 0x21, 0x23):
-            if i + 2 >= n:
-                return None
-            m = code[i + 2]
-            reg = ((m >> 3) & 7) | (rex_r << 3)
-            if op2 in (0x20, 0x22) and lock:
-                reg |= 8          # LOCK MOV CR0 is the AMD alternate encoding of CR8
-            kind = {0x20: Kind.MOV_FROM_CR, 0x22: Kind.MOV_TO_CR,
-                    0x21: Kind.MOV_FROM_DR, 0x23: Kind.MOV_TO_DR}[op2]
-            # MOV CR/DR ignore ModRM.mod and always take a register operand
-            return mk(kind, i + 3, reg=reg, rm=(m & 7) | (rex_b << 3), mod=3, modrm_off=i + 2)
-        if op2 == 0x01:
-            if i + 2 >= n:
-                return None
-            m = code[i + 2]
-            mod, digit = m >> 6, (m >> 3) & 7
-            if mod == 3:
-                if m in _0F01_REG:
-                    return mk(_0F01_REG[m], i + 3, modrm_off=i + 2)
-                if digit == 4:
-                    return mk(Kind.SMSW, i + 3, rm=(m & 7) | (rex_b << 3), mod=3, modrm_off=i + 2)
-                if digit == 6:
-                    return mk(Kind.LMSW, i + 3, rm=(m & 7) | (rex_b << 3), mod=3, modrm_off=i + 2)
-                return None
-            if digit in _0F01_MEM and digit != 5:
-                ml = _modrm_len(code, i + 2, addrsize)
-                if ml is None:
-                    return None
-                return mk(_0F01_MEM[digit], i + 2 + ml, reg=digit, rm=(m & 7) | (rex_b << 3), mod=mod,
-                          modrm_off=i + 2)
-            return None
-        if op2 == 0x00:
-            if i + 2 >= n:
-                return None
-            m = code[i + 2]
-            digit = (m >> 3) & 7
-            if digit not in _0F00:
-                return None
-            ml = _modrm_len(code, i + 2, addrsize)
-            if ml is None:
-                return None
-            return mk(_0F00[digit], i + 2 + ml, reg=digit, rm=(m & 7) | (rex_b << 3), mod=m >> 6,
-                      modrm_off=i + 2)
-        if op2 == 0x38 and i + 2 < n and code[i + 2] == 0x82 and opsize_66:
-            ml = _modrm_len(code, i + 3, addrsize)
-            if ml is None:
-                return None
-            return mk(Kind.INVPCID, i + 3 + ml, modrm_off=i + 3)
+def decode(code: bytes) -> Insn | None:
+    """Decode the instruction at ``code[0]`` if it is one an intercept can name."""
+    p = _prefixes(code)
+    if p is None:
         return None
-    if op == 0x90 and rep and last_rep == 0xF3 and not rex & 1:
-        return mk(Kind.PAUSE, i + 1)
+    if code[p.at] == 0x0F:
+        return _decode_0f(code, p)
+    return _decode_one_byte(code, p)
+
+
+def _decode_one_byte(code: bytes, p: _Prefixes) -> Insn | None:
+    i = p.at
+    op = code[i]
+    if op == 0x90 and p.rep and p.last_rep == 0xF3 and not p.rex & 1:
+        return p.mk(Kind.PAUSE, i + 1)
     kind = _ONE_BYTE.get(op)
     if kind is None:
         return None
     if kind in (Kind.INTN,) or op in (0xE4, 0xE5, 0xE6, 0xE7):
-        if i + 1 >= n:
+        if i + 1 >= len(code):
             return None
-        ins = mk(kind, i + 2, imm=code[i + 1])
+        ins = p.mk(kind, i + 2, imm=code[i + 1])
     else:
-        ins = mk(kind, i + 1)
+        ins = p.mk(kind, i + 1)
     if ins is not None and kind in (Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS):
         # operand size of the port access: byte forms have an even opcode
-        ins.opsize = 8 if op % 2 == 0 else (16 if opsize_66 else 32)
+        ins.opsize = 8 if op % 2 == 0 else (16 if p.opsize_66 else 32)
     if ins is not None and kind in (Kind.PUSHF, Kind.POPF, Kind.IRET):
-        ins.opsize = 64 if (rex_w or (kind != Kind.IRET and not opsize_66)) else (16 if opsize_66 else 32)
+        ins.opsize = 64 if (p.rex & 8 or (kind != Kind.IRET and not p.opsize_66)) else (16 if p.opsize_66 else 32)
     return ins
+
+
+def _decode_0f(code: bytes, p: _Prefixes) -> Insn | None:
+    i, n = p.at, len(code)
+    if i + 1 >= n:
+        return None
+    op2 = code[i + 1]
+    if op2 in _0F_SIMPLE:
+        return p.mk(_0F_SIMPLE[op2], i + 2)
+    if op2 in (0x20, 0x22, 0x21, 0x23):
+        if i + 2 >= n:
+            return None
+        m = code[i + 2]
+        reg = ((m >> 3) & 7) | (p.rex_r << 3)
+        if op2 in (0x20, 0x22) and p.lock:
+            reg |= 8          # LOCK MOV CR0 is the AMD alternate encoding of CR8
+        kind = {0x20: Kind.MOV_FROM_CR, 0x22: Kind.MOV_TO_CR,
+                0x21: Kind.MOV_FROM_DR, 0x23: Kind.MOV_TO_DR}[op2]
+        # MOV CR/DR ignore ModRM.mod and always take a register operand
+        return p.mk(kind, i + 3, reg=reg, rm=(m & 7) | (p.rex_b << 3), mod=3, modrm_off=i + 2)
+    if op2 == 0x01:
+        return _decode_0f01(code, p) if i + 2 < n else None
+    if op2 == 0x00:
+        if i + 2 >= n:
+            return None
+        m = code[i + 2]
+        digit = (m >> 3) & 7
+        if digit not in _0F00:
+            return None
+        ml = _modrm_len(code, i + 2, p.addrsize)
+        if ml is None:
+            return None
+        return p.mk(_0F00[digit], i + 2 + ml, reg=digit, rm=(m & 7) | (p.rex_b << 3), mod=m >> 6,
+                    modrm_off=i + 2)
+    if op2 == 0x38 and i + 2 < n and code[i + 2] == 0x82 and p.opsize_66:
+        ml = _modrm_len(code, i + 3, p.addrsize)
+        if ml is None:
+            return None
+        return p.mk(Kind.INVPCID, i + 3 + ml, modrm_off=i + 3)
+    return None
+
+
+def _decode_0f01(code: bytes, p: _Prefixes) -> Insn | None:
+    """Group 7 (0F 01): the SVM instructions, MONITOR/MWAIT, descriptor tables, SMSW/LMSW, INVLPG."""
+    i = p.at
+    m = code[i + 2]
+    mod, digit = m >> 6, (m >> 3) & 7
+    if mod == 3:
+        if m in _0F01_REG:
+            return p.mk(_0F01_REG[m], i + 3, modrm_off=i + 2)
+        if digit == 4:
+            return p.mk(Kind.SMSW, i + 3, rm=(m & 7) | (p.rex_b << 3), mod=3, modrm_off=i + 2)
+        if digit == 6:
+            return p.mk(Kind.LMSW, i + 3, rm=(m & 7) | (p.rex_b << 3), mod=3, modrm_off=i + 2)
+        return None
+    if digit in _0F01_MEM and digit != 5:
+        ml = _modrm_len(code, i + 2, p.addrsize)
+        if ml is None:
+            return None
+        return p.mk(_0F01_MEM[digit], i + 2 + ml, reg=digit, rm=(m & 7) | (p.rex_b << 3), mod=mod,
+                    modrm_off=i + 2)
+    return None
 
 
 # -- candidate scanning ------------------------------------------------------------
@@ -317,14 +357,12 @@ def _add_with_prefixes(window: bytes, j: int, limit: int, hits: set[int]) -> Non
         k -= 1
 
 
+#: capstone, for the length of an instruction the decoder does not model
+_CS = Cs(CS_ARCH_X86, CS_MODE_64)
+
+
 def length_of(code: bytes) -> int | None:
     """Length of any x86-64 instruction at ``code[0]`` (capstone), or None."""
-    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
-    global _CS
-    try:
-        cs = _CS
-    except NameError:
-        cs = _CS = Cs(CS_ARCH_X86, CS_MODE_64)
-    for ins in cs.disasm(code, 0, 1):
+    for ins in _CS.disasm(code, 0, 1):
         return ins.size
     return None

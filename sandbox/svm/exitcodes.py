@@ -133,6 +133,16 @@ def exit_name(code: int) -> str:
     return f"UNKNOWN_{code:#x}"
 
 
+#: exit codes EXCP_DE ... EXCP_DE + 31 are the exception intercepts, by vector
+EXCP_FIRST = int(ExitCode.EXCP_DE)
+EXCP_END = EXCP_FIRST + 32
+
+
 def excp(vector: int) -> int:
-    """Exit code of exception ``vector`` (0x40 + vector)."""
-    return 0x40 + vector
+    """Exit code of exception ``vector`` (EXCP_DE + vector)."""
+    return EXCP_FIRST + vector
+
+
+def is_excp(code: int) -> bool:
+    """True for the exit code of an exception intercept (0x40-0x5F)."""
+    return EXCP_FIRST <= code < EXCP_END

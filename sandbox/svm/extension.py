@@ -14,7 +14,8 @@ from .vmcb import NpControl
 
 if TYPE_CHECKING:
     from ..memory.encryption import MemoryEncryption
-    from .cpu import ExitRecord, SvmCpu
+    from .cpu import SvmCpu
+    from .world_switch import ExitRecord
 
 
 class ProcessorExtension:

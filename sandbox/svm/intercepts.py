@@ -8,7 +8,9 @@ both the VMCB and the exit decoder.
 """
 from __future__ import annotations
 
-from .exitcodes import ExitCode
+import difflib
+
+from .exitcodes import ExitCode, excp
 
 #: flat bit index (== exit code) of every named intercept, APM names, lowercase
 INTERCEPT_BITS: dict[str, int] = {}
@@ -18,7 +20,7 @@ for _n in range(16):
     INTERCEPT_BITS[f"dr{_n}_read"] = 0x20 + _n
     INTERCEPT_BITS[f"dr{_n}_write"] = 0x30 + _n
 for _n in range(32):
-    INTERCEPT_BITS[f"excp{_n}"] = 0x40 + _n
+    INTERCEPT_BITS[f"excp{_n}"] = excp(_n)
 _NAMED = {
     "intr": ExitCode.INTR, "nmi": ExitCode.NMI, "smi": ExitCode.SMI, "init": ExitCode.INIT,
     "vintr": ExitCode.VINTR, "cr0_sel_write": ExitCode.CR0_SEL_WRITE,
@@ -92,7 +94,6 @@ def resolve(names: str | list[str]) -> set[int]:
         elif n in INTERCEPT_BITS:
             bits.add(INTERCEPT_BITS[n])
         else:
-            import difflib
             close = difflib.get_close_matches(n, list(INTERCEPT_BITS) + list(GROUPS), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UnknownIntercept(f"unknown intercept name {raw!r}{hint}")

@@ -6,6 +6,7 @@ compares equal to its string.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -29,3 +30,16 @@ class StopReason(StrEnum):
     MMIO_ERROR = "mmio-error"            #: an MMIO access the hypervisor cannot emulate
     SHADOW_ERROR = "shadow-error"        #: the shadow MMU cannot build a mapping
     GHCB_ERROR = "ghcb-error"            #: a malformed GHCB request
+
+
+@dataclass
+class StopInfo:
+    """Why :meth:`~sandbox.svm.cpu.SvmCpu.vmrun` returned.
+
+    ``error`` keeps the original exception when the model itself failed
+    (``reason`` is :attr:`StopReason.ERROR` and ``detail`` names where), so a
+    caller can re-raise it or print its traceback instead of a summary line.
+    """
+    reason: StopReason
+    detail: str = ""
+    error: BaseException | None = None

@@ -120,6 +120,63 @@ assert SEGMENTS["TR"] == 0x490 and FIELDS["EFER"].offset == 0x4D0 and FIELDS["G_
 assert all(f.offset + f.size <= VMCB_SIZE for f in FIELDS.values())
 
 
+def _at(name: str) -> int:
+    return FIELDS[name].offset
+
+
+# The offsets the processor reads and writes directly, by APM name.  Each is
+# taken from FIELDS / SEGMENTS above, so a VMCB offset is written down once.
+OFF_INTERCEPTS = _at("INTERCEPT_CR")          # the six intercept words, 000h-017h
+OFF_IOPM_BASE_PA = _at("IOPM_BASE_PA")
+OFF_MSRPM_BASE_PA = _at("MSRPM_BASE_PA")
+OFF_TSC_OFFSET = _at("TSC_OFFSET")
+OFF_GUEST_ASID = _at("GUEST_ASID")
+OFF_TLB_CONTROL = _at("TLB_CONTROL")
+OFF_V_INTR = _at("V_INTR")                    # the VINTR control quadword (:class:`VIntr`)
+OFF_V_INTR_VECTOR = _at("V_INTR_VECTOR")
+OFF_INTERRUPT_SHADOW = _at("INTERRUPT_SHADOW")
+OFF_EXITCODE = _at("EXITCODE")                # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO follow
+OFF_EXITINTINFO = _at("EXITINTINFO")
+OFF_NP_CONTROL = _at("NP_CONTROL")
+OFF_EVENTINJ = _at("EVENTINJ")
+OFF_N_CR3 = _at("N_CR3")
+OFF_VIRT_EXT = _at("VIRT_EXT")
+OFF_NRIP = _at("NRIP")
+OFF_GUEST_INSN_LEN = _at("GUEST_INSN_LEN")
+OFF_CPL = _at("CPL")
+OFF_EFER = _at("EFER")
+OFF_CR4 = _at("CR4")                          # CR4, CR3, CR0, DR7, DR6, RFLAGS, RIP follow
+OFF_CR3 = _at("CR3")
+OFF_CR0 = _at("CR0")
+OFF_DR7 = _at("DR7")
+OFF_DR6 = _at("DR6")
+OFF_RFLAGS = _at("RFLAGS")
+OFF_RIP = _at("RIP")
+OFF_RSP = _at("RSP")
+OFF_RAX = _at("RAX")
+OFF_STAR = _at("STAR")
+OFF_LSTAR = _at("LSTAR")
+OFF_CSTAR = _at("CSTAR")
+OFF_SFMASK = _at("SFMASK")
+OFF_KERNEL_GS_BASE = _at("KERNEL_GS_BASE")
+OFF_SYSENTER_CS = _at("SYSENTER_CS")
+OFF_SYSENTER_ESP = _at("SYSENTER_ESP")
+OFF_SYSENTER_EIP = _at("SYSENTER_EIP")
+OFF_CR2 = _at("CR2")
+#: end of the exit-information fields (EXITCODE ... EXITINTINFO)
+EXIT_INFO_END = OFF_EXITINTINFO + FIELDS["EXITINTINFO"].size
+#: a segment record is selector (u16), attrib (u16), limit (u32), base (u64)
+SEG_ATTRIB = 2
+SEG_RECORD_SIZE = 16
+#: the intercept words, as ``struct`` reads them from OFF_INTERCEPTS
+INTERCEPT_WORDS = 6
+
+# The processor moves these runs with one struct call each: pin the order.
+assert (OFF_CR3, OFF_CR0, OFF_DR7, OFF_DR6, OFF_RFLAGS, OFF_RIP) == tuple(OFF_CR4 + 8 * i for i in range(1, 7))
+assert _at("EXITINFO1") == OFF_EXITCODE + 8 and _at("EXITINFO2") == OFF_EXITCODE + 16
+assert OFF_EXITINTINFO == OFF_EXITCODE + 24 and OFF_V_INTR_VECTOR == OFF_V_INTR + 4
+
+
 class NpControl(IntFlag):
     NP_ENABLE = 1 << 0
     SEV_ENABLE = 1 << 1
@@ -133,6 +190,19 @@ class VIntr(IntFlag):
     V_IGN_TPR = 1 << 20
     V_INTR_MASKING = 1 << 24
     V_GIF_ENABLE = 1 << 25
+
+
+#: V_TPR is V_INTR[3:0]; V_INTR_PRIO is V_INTR[19:16] (APM §15.21.4)
+V_TPR_MASK = 0xF
+V_INTR_PRIO_SHIFT = 16
+#: INTERRUPT_SHADOW bit 0: the guest is in an interrupt shadow (APM §15.21.5)
+INTERRUPT_SHADOW_ACTIVE = 1
+
+
+class VirtExt(IntFlag):
+    """Bits of VIRT_EXT at 0B8h."""
+    LBR_VIRTUALIZATION = 1 << 0
+    VMSAVE_VMLOAD_VIRTUALIZATION = 1 << 1
 
 
 class TlbControl(IntEnum):
@@ -286,14 +356,14 @@ def _field_property(f: Field) -> property:
         a = self.hpa + off
         if mem.sync is not None:
             mem.sync(a, size, False)
-        return unpack(mem._mm, a)[0]
+        return unpack(mem.raw, a)[0]
 
     def set_(self: VMCB, value: int) -> None:
         mem = self.mem
         a = self.hpa + off
         if mem.sync is not None:
             mem.sync(a, size, True)
-        pack(mem._mm, a, value & mask)
+        pack(mem.raw, a, value & mask)
     return property(get, set_, doc=f"{f.name} at VMCB+{f.offset:03X}h ({f.size} bytes)")
 
 

@@ -164,6 +164,7 @@ def test_timer_without_intr_intercept_never_exits(guest):
 
 
 # ============================================================ the seed's experiment
+@pytest.mark.slow
 def test_io_experiment_port_trap_takes_1_030_000_exits():
     r = run_io_experiment("port", 1_000_000, 30_000)
     assert r.reason == "ok"

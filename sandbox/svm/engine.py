@@ -1,0 +1,106 @@
+"""The execution engine: Unicorn set up as this processor's core, and its raw hooks.
+
+Host DRAM is mapped as the host-physical address space, Unicorn's own x86
+page walk is replaced by the TLB-fill hook (``UC_TLB_VIRTUAL``), and the
+per-address code hooks the scanner places go through Unicorn's C API with one
+shared C callback.
+
+This is the one module of the processor that reaches into the Unicorn
+binding's internals: the engine handle ``uc._uch`` and the ctypes hook API
+(``uclib``, ``uc_hook_h``, the callback types).  :mod:`sandbox.svm.cpustate`
+reads the same handle for its context transfers, on its own.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc,
+                     UcError)
+from unicorn import unicorn_const as UCC
+from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
+from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uc_hook_h, uclib
+
+from ..memory.hostmem import HostMemory
+
+
+def new_engine(mem: HostMemory) -> Uc:
+    """A 64-bit x86 Unicorn over ``mem``: DRAM and, above it, the plaintext
+    cache of SEV pages (``HostMemory.cache_base``), with a virtual TLB."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map_ptr(0, 2 * mem.size, UC_PROT_ALL, mem.address)
+    uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+    # No exit address: with an ``until`` address Unicorn probes that page
+    # through the TLB-fill hook after every emu_start, which is not a guest
+    # access (and would overwrite the exact address of a real fault).
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    return uc
+
+
+def raw_handle(uc: Uc) -> ctypes.c_void_p:
+    """The ``uc_engine *`` behind a binding object (a binding internal)."""
+    return uc._uch
+
+
+def flush_soft_tlb(uc: Uc) -> None:
+    """Empty Unicorn's soft TLB (there is no Python wrapper for this control)."""
+    uc.ctl(UCC.UC_CTL_TLB_FLUSH, UCC.UC_CTL_IO_WRITE)
+
+
+def add_raw_insn_hook(uc: Uc, fn: Callable[[], int], insn: int) -> object:
+    """A UC_HOOK_INSN for RDTSC/RDTSCP, which the binding does not wrap
+    (they share CPUID's callback type).  ``fn()`` returns 1 to skip the
+    instruction.  Keep the returned object alive as long as the hook."""
+    cb = HOOK_INSN_CPUID_CFUNC(lambda h, ud: fn())
+    hh = uc_hook_h()
+    err = uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), UC_HOOK_INSN, cb, None, ctypes.c_uint64(1),
+                            ctypes.c_uint64(0), ctypes.c_int(insn))
+    if err:
+        raise UcError(err)
+    return cb
+
+
+class CodeHooks:
+    """Address-ranged UC_HOOK_CODE hooks, one per address, sharing one C callback.
+
+    A hook on an address where no instruction begins never fires, and one
+    whose address is never executed is free; but every translated block is
+    checked against every hook, and ``uc_hook_del`` is O(n), so a long-lived
+    processor sheds them now and then (:meth:`shed`).
+    """
+
+    def __init__(self, uc: Uc, callback: Callable[[object, int, int, object], None]) -> None:
+        """``callback(handle, address, size, user_data)`` is called from C: it
+        must not raise."""
+        self._h = raw_handle(uc)
+        self._add = uclib.uc_hook_add
+        self._cb = HOOK_CODE_CFUNC(callback)
+        #: address -> hook handle
+        self.handles: dict[int, uc_hook_h] = {}
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __contains__(self, addr: int) -> bool:
+        return addr in self.handles
+
+    def add(self, addr: int) -> None:
+        """Hook the instruction that may begin at ``addr`` (once)."""
+        if addr in self.handles:
+            return
+        hh = uc_hook_h()
+        err = self._add(self._h, ctypes.byref(hh), UC_HOOK_CODE, self._cb, None,
+                        ctypes.c_uint64(addr), ctypes.c_uint64(addr))
+        if err:
+            raise UcError(err)
+        self.handles[addr] = hh
+
+    def shed(self) -> int:
+        """Delete every hook; returns how many there were.  Translated blocks
+        compiled with them must be dropped by the caller."""
+        n = len(self.handles)
+        for hh in self.handles.values():
+            uclib.uc_hook_del(self._h, hh)
+        self.handles.clear()
+        return n

@@ -1,0 +1,210 @@
+"""The TLB fill: every miss of Unicorn's soft TLB, answered like the hardware's page walker.
+
+Unicorn runs with a virtual TLB, so each soft-TLB miss comes here.  The
+ASID-tagged TLB model (:class:`~sandbox.memory.tlb.Tlb`) answers it when it
+holds a translation good enough for the access; otherwise the 2-D walk
+(:mod:`sandbox.memory.mmu`, APM §15.25) makes one.  A failed walk is kept
+in :attr:`TlbFill.pending_fault` for the run loop, which raises the #PF (or
+#NPF) once Unicorn has stopped.
+
+The fill also keeps the code-page bookkeeping the scanner depends on: a
+fetch fill scans the page, and scanned pages are never writable in the soft
+TLB, so a guest store to one comes back here as a write fill that drops the
+page's scans.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc
+
+from ..arch import CR4_SMEP
+from ..memory.encryption import EncryptionLayer
+from ..memory.hostmem import PAGE_SIZE, HostMemory
+from ..memory.mmu import (GuestException, GuestGP, GuestLayer, GuestPageFault, IdentityNested, NestedFault,
+                          NestedLayer, TwoDimWalker, WalkStats)
+from ..memory.paging import Access
+from ..memory.tlb import Tlb, TlbEntry
+from .controls import GuestControls
+from .cpustate import CpuState
+from .decode import MAX_INSN
+from .engine import flush_soft_tlb
+from .extension import NO_EXTENSION, ProcessorExtension
+
+if TYPE_CHECKING:
+    from .scanner import Scanner
+
+#: ``fn(gva, access, hpa, perms)``: ``access`` is the UC_MEM_* type Unicorn
+#: asked for, ``hpa`` and ``perms`` (UC_PROT_*) what the fill granted
+FillObserver = Callable[[int, int, int, int], None]
+
+
+class TlbFill:
+    """Answers Unicorn's TLB misses from the tagged TLB or a 2-D walk."""
+
+    def __init__(self, uc: Uc, st: CpuState, mem: HostMemory, tlb: Tlb, ctl: GuestControls,
+                 stats: WalkStats) -> None:
+        self._uc, self._st, self._mem, self._tlb, self._ctl = uc, st, mem, tlb, ctl
+        self._mm = mem.raw
+        self._view = mem.view
+        #: where the processor's own walks count their memory references
+        self.stats = stats
+        self.ext: ProcessorExtension = NO_EXTENSION
+        #: gva page -> hpa page of the last fetch fill (what the processor fetched)
+        self.fetch_map: dict[int, int] = {}
+        #: the fault of the last failed fill, and its page, for the run loop
+        self.pending_fault: Exception | None = None
+        self.fault_page = 0
+        self._walker: TwoDimWalker | None = None
+        self._walker_efer = 0
+        self._observers: list[FillObserver] = []
+        #: the fill in use: :meth:`_fill`, or the observed one once an observer is registered
+        self.fill = self._fill
+
+    def connect(self, scanner: "Scanner", fail: Callable[[str, BaseException | None], None]) -> None:
+        """Bind what a fill calls: the page scanner and its code-page maps, and the run's failure stop."""
+        self._scan = scanner.scan
+        self._code_pages = scanner.code_pages
+        self._code_hpa = scanner.code_hpa
+        self._fail = fail
+
+    # ------------------------------------------------------------ the hook
+    def on_tlb_fill(self, uc, vaddr: int, access: int, entry, ud) -> bool:
+        """Unicorn's UC_HOOK_TLB_FILL callback."""
+        try:
+            return self.fill(vaddr, access, entry)
+        except BaseException as e:           # never let an exception unwind through C
+            self._fail(f"internal error in the TLB fill for {vaddr:#x}: {type(e).__name__}: {e}", e)
+            return False
+
+    def _fill(self, vaddr: int, access: int, entry) -> bool:
+        """One miss in Unicorn's soft TLB: answered by the ASID-tagged TLB
+        model, or by a 2-D walk; then the code-page bookkeeping."""
+        st = self._st.load()
+        user = st.cpl == 3
+        acc = Access.FETCH if access == UC_MEM_FETCH else (Access.WRITE if access == UC_MEM_WRITE else Access.READ)
+        gva = vaddr & ~0xFFF
+        tlb = self._tlb
+        asid = self._ctl.asid
+        e = tlb.lookup(asid, user, gva)
+        if e is not None and (
+                (acc == Access.WRITE and not (e.writable and e.dirty))
+                or (acc == Access.FETCH and (not e.executable or (e.user_page and not user and st.cr(4) & CR4_SMEP)))):
+            # Not enough for this access: the processor walks again before it
+            # faults, and a first write walks to set the Dirty bits (§5.4.2).
+            e = None
+        if e is None:
+            tlb.stats.misses += 1
+            try:
+                t = self.guest_walker().translate(vaddr, acc, user)
+            except (GuestPageFault, NestedFault, GuestGP, GuestException) as f:
+                self.pending_fault = f
+                self.fault_page = gva
+                return False
+            e = TlbEntry(t.hpa & ~0xFFF, t.writable, t.executable, t.dirty, t.global_, t.user)
+            tlb.insert(asid, user, gva, e)
+        else:
+            tlb.stats.hits += 1
+        hpa = e.hpa
+        perms = UC_PROT_READ
+        if acc == Access.FETCH:
+            self.fetch_map[gva] = hpa
+            self._scan(gva, hpa)
+            perms |= UC_PROT_EXEC
+        else:
+            is_code = hpa in self._code_hpa
+            if acc == Access.WRITE:
+                if is_code:
+                    self._code_page_written(gva, hpa)
+                perms |= UC_PROT_WRITE
+            elif e.writable and e.dirty and not is_code:
+                perms |= UC_PROT_WRITE
+        entry.paddr = hpa
+        entry.perms = perms
+        return True
+
+    def _code_page_written(self, gva: int, hpa: int) -> None:
+        """A guest write to a scanned code page: drop its scans; the next fetch rescans."""
+        aliases = self._code_hpa.pop(hpa, ())
+        for g in aliases:
+            self._code_pages.pop(g, None)
+        if any(g != gva for g in aliases):
+            # another GVA maps this page with execute permission: drop
+            # those entries too, so its next fetch is a fill that rescans
+            self.flush_soft_tlb()
+
+    # ----------------------------------------------------------- observers
+    def add_observer(self, fn: FillObserver) -> None:
+        """Call ``fn`` after every successful fill (nothing is paid while none is registered)."""
+        self._observers.append(fn)
+        self.fill = self._observed_fill
+
+    def _observed_fill(self, vaddr: int, access: int, entry) -> bool:
+        ok = self._fill(vaddr, access, entry)
+        if ok:
+            for fn in self._observers:
+                fn(vaddr, access, entry.paddr, entry.perms)
+        return ok
+
+    # -------------------------------------------------------------- walkers
+    def build_walker(self, stats: WalkStats) -> TwoDimWalker:
+        """A 2-D walker for the guest context as the loaded CPU state and the
+        latched controls describe it, counting into ``stats``."""
+        st, ctl, mem = self._st, self._ctl, self._mem
+        nested = NestedLayer(mem, ctl.n_cr3, stats) if ctl.np else IdentityNested(mem, stats)
+        enc = self.ext.encryption()
+        guest = GuestLayer(nested, st.cr(0), st.cr(3), st.cr(4), st.efer, stats, enc)
+        return TwoDimWalker(guest, nested, stats,
+                            EncryptionLayer(enc, guest, nested, stats) if enc is not None else None)
+
+    def guest_walker(self) -> TwoDimWalker:
+        """The processor's own walker, built at most once per VMRUN.
+
+        The world switch drops it at every guest entry, the MOV-to-CR observer
+        when the guest rewrites CR0/CR3/CR4.  A WRMSR to EFER (NXE) is not
+        observed when the MSR intercept is off, so EFER is compared here.
+        """
+        w = self._walker
+        efer = self._st.efer
+        if w is None or efer != self._walker_efer:
+            w = self._walker = self.build_walker(self.stats)
+            self._walker_efer = efer
+        return w
+
+    def drop_walker(self) -> None:
+        """The guest's paging controls, the nested root or the statistics changed."""
+        self._walker = None
+
+    def set_stats(self, stats: WalkStats) -> None:
+        self.stats = stats
+        self._walker = None
+
+    # ------------------------------------------------------------ fetches
+    def insn_bytes(self, addr: int) -> bytes:
+        """Up to 15 bytes of guest code at ``addr``, as the processor fetched them."""
+        gva = addr & ~0xFFF
+        hpa = self.fetch_map.get(gva)
+        if hpa is None:
+            return b""
+        off = addr & 0xFFF
+        if off <= PAGE_SIZE - MAX_INSN:
+            return self._mm[hpa + off:hpa + off + MAX_INSN]
+        b = self._mm[hpa + off:hpa + PAGE_SIZE]
+        if len(b) < MAX_INSN:
+            nxt = self.fetch_map.get(gva + PAGE_SIZE)
+            if nxt is None:
+                try:
+                    t = self.guest_walker().translate(gva + PAGE_SIZE, Access.FETCH, self._st.cpl == 3,
+                                                      set_ad=False)
+                    nxt = t.hpa & ~0xFFF
+                except (GuestPageFault, NestedFault, GuestGP):
+                    nxt = None
+            if nxt is not None:
+                b += bytes(self._view[nxt:nxt + MAX_INSN - len(b)])
+        return b
+
+    def flush_soft_tlb(self) -> None:
+        """Empty Unicorn's soft TLB, the untagged cache in front of the tagged TLB."""
+        flush_soft_tlb(self._uc)
+        self.fetch_map.clear()
+

@@ -1,0 +1,279 @@
+"""Events: exceptions, interrupts and their delivery through the guest IDT.
+
+Unicorn never delivers an x86 exception itself; it reports it to a hook and
+this part decides: the exception's intercept (#VMEXIT 40h + vector), or
+delivery through the guest's IDT, escalating to #DF and shutdown (APM vol. 2
+§8.2.9, §15.12).  It also injects what the hypervisor queues at VMRUN --
+EVENTINJ (§15.20) and a pending virtual interrupt V_IRQ (§15.21.4) -- and
+watches the instructions that open a virtual-interrupt window.
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Callable
+
+from unicorn import Uc
+from unicorn import x86_const as X
+
+from ..arch import RFLAGS_IF
+from ..memory.hostmem import PAGE_SIZE, HostMemory
+from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
+from ..memory.paging import Access
+from . import decode as D
+from .controls import GuestControls
+from .cpustate import CpuState
+from .events import HAS_ERROR_CODE, DeliveryFault, GuestAccess, Vec, combine, deliver
+from .exitcodes import ExitCode, excp
+from .extension import NO_EXTENSION, ProcessorExtension
+from .stop import StopReason
+from .vmcb import (OFF_EVENTINJ, OFF_INTERRUPT_SHADOW, OFF_V_INTR, OFF_V_INTR_VECTOR, INTERRUPT_SHADOW_ACTIVE,
+                   V_INTR_PRIO_SHIFT, V_TPR_MASK, Event, EventType, VIntr)
+
+if TYPE_CHECKING:
+    from .cpu import SvmCpu
+    from .fill import TlbFill
+    from .run import RunLoop
+    from .scanner import DecisionView, Scanner
+    from .world_switch import SwitchState, WorldSwitch
+
+_Q = struct.Struct("<Q")
+_RIP, _RSP, _RFLAGS = X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS
+_DELIVERY_FAULTS = (DeliveryFault, GuestPageFault, GuestGP)
+
+
+class Interrupts:
+    """Exception intercepts, IDT delivery, EVENTINJ, V_IRQ and the interrupt window."""
+
+    def __init__(self, uc: Uc, st: CpuState, mem: HostMemory, ctl: GuestControls, sw: "SwitchState") -> None:
+        self._uc, self._st, self._ctl, self._sw = uc, st, ctl, sw
+        self._view = mem.view
+        self.ext: ProcessorExtension = NO_EXTENSION
+        #: supervisor reads and writes of guest linear memory, for delivery and the TSS
+        self.access = GuestAccess(self._read, self._write)
+
+    def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", ws: "WorldSwitch", run: "RunLoop") -> None:
+        """Bind what delivery calls: the walker, the scanner's watch, the #VMEXIT, stopping the run."""
+        self._cpu = cpu
+        self._walker = fill.guest_walker
+        self._watch = scanner.watch
+        self._insn_bytes = fill.insn_bytes
+        self._vmexit = ws.vmexit
+        self._after_exit = ws.after_exit_in_hook
+        self._halt = run.halt
+        self._fail: Callable[[str, BaseException | None], None] = run.fail
+
+    # -------------------------------------------------------- Unicorn hooks
+    def on_intr(self, uc, intno: int, ud) -> None:
+        """UC_HOOK_INTR: an exception (or INT n) Unicorn raised."""
+        try:
+            rip = self._st.reg_read(_RIP)
+            st = self._st.load()
+            err = st.error_code if intno in HAS_ERROR_CODE else None
+            st.clear_old_exception()        # the model delivers it: nothing stays "in flight" for QEMU
+            if intno >= 32:
+                # a software interrupt the scanner did not see (cannot happen
+                # with INT n always hooked); deliver it like INT n
+                self.deliver(intno, None, software=True, rip_after=rip, fault_rip=rip - 2)
+                return
+            self.raise_exception(intno, err, rip)
+        except BaseException as e:
+            self._fail(f"internal error delivering vector {intno}: {type(e).__name__}: {e}", e)
+
+    def on_invalid(self, uc, ud) -> bool:
+        """#UD reaches Unicorn's invalid-instruction hook, not the interrupt hook."""
+        try:
+            rip = self._st.reg_read(_RIP)
+            if self.ext.emulate_invalid(self._cpu, rip):
+                return True                           # an SEV instruction Unicorn does not know (PVALIDATE)
+            self.raise_exception(Vec.UD, None, rip)
+        except BaseException as e:
+            self._fail(f"internal error delivering #UD: {type(e).__name__}: {e}", e)
+        return True
+
+    # ----------------------------------------------------------- exceptions
+    def raise_exception(self, vector: int, err: int | None, rip: int, cr2: int | None = None) -> None:
+        """An exception raised by guest execution at ``rip``: intercept or deliver."""
+        if self._ctl.ivec[2] >> vector & 1:          # word 2: the exception intercepts
+            info1 = err if err is not None else 0
+            info2 = cr2 if (vector == Vec.PF and cr2 is not None) else 0
+            insn = self._insn_bytes(rip) if vector == Vec.PF else b""
+            self._vmexit(excp(vector), info1, info2, rip=rip, nrip=0, insn=insn)
+            self._after_exit(rip)
+            return
+        if cr2 is not None:
+            self._st.reg_write(X.UC_X86_REG_CR2, cr2)
+        self.deliver(vector, err, software=False, rip_after=rip, fault_rip=rip)
+
+    def deliver(self, vector: int, err: int | None, *, software: bool, rip_after: int, fault_rip: int,
+                external: bool = False, etype: int | None = None) -> None:
+        """Vector an event through the guest IDT, escalating to #DF and shutdown.
+
+        A fault during delivery that the VMCB intercepts exits with EXITINTINFO
+        describing the event being delivered (APM §15.7.2): TYPE 0 for an
+        external interrupt, 2 NMI, 4 INT n, 3 for exceptions (INT3/INT1 too).
+        """
+        if etype is None:
+            etype = (EventType.INTR if external else
+                     EventType.SOFT_INT if software and vector not in (1, 3) else EventType.EXCEPTION)
+        vec, ec, soft, ty, ret_rip = vector, err, software, int(etype), rip_after
+        for _ in range(3):
+            try:
+                self._push_frame(vec, ec, soft, ret_rip, external)
+                return
+            except _DELIVERY_FAULTS as f:
+                nxt = self._delivery_fault(f, vec, ec, ty, fault_rip)
+                if nxt is None:
+                    return
+                vec, ec = nxt
+                soft, ret_rip, ty, external = False, fault_rip, EventType.EXCEPTION, False
+            except NestedFault as f:
+                self._vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=fault_rip, nrip=0,
+                             exitintinfo=_intinfo(vec, ty, ec))
+                self._after_exit(fault_rip)
+                return
+        self.shutdown(fault_rip)
+
+    def _push_frame(self, vec: int, err: int | None, software: bool, ret_rip: int, external: bool) -> None:
+        """One delivery attempt: the frame on the handler's stack, then CS:RIP, RSP, RFLAGS."""
+        st = self._st.load()
+        rflags = st.reg_read(_RFLAGS)
+        new_rip, new_rsp, new_flags = deliver(st, self.access, vec, err, software=software, rip=ret_rip,
+                                              rflags=rflags, rsp=st.gpr(4), external=external)
+        st.store()
+        st.reg_write(_RSP, new_rsp)
+        st.reg_write(_RFLAGS, new_flags)
+        st.reg_write(_RIP, new_rip)
+
+    def _delivery_fault(self, f: Exception, vec: int, err: int | None, ty: int,
+                        fault_rip: int) -> tuple[int, int] | None:
+        """Delivering ``vec`` faulted with ``f``: exit, shut down (None), or the next event to deliver."""
+        # a non-canonical IDT/GDT/TSS address read during delivery is #GP(0)
+        fvec, ferr = ((Vec.PF, f.error_code) if isinstance(f, GuestPageFault) else
+                      (Vec.GP, 0) if isinstance(f, GuestGP) else (f.vector, f.error_code))
+        ivec = self._ctl.ivec
+        # The new exception's own intercept comes first (APM §15.7.2: e.g.
+        # a #PF intercepted while delivering another event exits as #PF
+        # with EXITINTINFO = that event -- what shadow paging relies on);
+        # only an unintercepted one combines into #DF or shutdown.
+        nxt = fvec if ivec[2] >> fvec & 1 else combine(vec, fvec)
+        if nxt is None:
+            self.shutdown(fault_rip)
+            return None
+        nerr = 0 if nxt == Vec.DF else ferr
+        if ivec[2] >> nxt & 1:
+            info2 = f.address if nxt == Vec.PF else 0
+            self._vmexit(excp(nxt), nerr or 0, info2, rip=fault_rip, nrip=0, exitintinfo=_intinfo(vec, ty, err))
+            self._after_exit(fault_rip)
+            return None
+        if nxt == Vec.PF:
+            self._st.reg_write(X.UC_X86_REG_CR2, f.address)
+        return nxt, nerr
+
+    def shutdown(self, rip: int) -> None:
+        """Triple fault: #VMEXIT(SHUTDOWN), which cannot resume, or the machine stops (APM §15.12)."""
+        if self._ctl.intercepted(ExitCode.SHUTDOWN):
+            self._vmexit(ExitCode.SHUTDOWN, 0, 0, rip=rip, nrip=0)
+            self._after_exit(rip, resumable=False)
+        else:
+            self._halt(StopReason.SHUTDOWN, f"triple fault at {rip:#x}")
+
+    # ------------------------------------------------ guest memory access
+    def _read(self, gva: int, n: int) -> bytes:
+        out = b""
+        while n:
+            chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
+            h = self._walker().translate(gva, Access.READ, False).hpa
+            out += bytes(self._view[h:h + chunk])
+            gva, n = gva + chunk, n - chunk
+        return out
+
+    def _write(self, gva: int, data: bytes) -> None:
+        while data:
+            chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
+            h = self._walker().translate(gva, Access.WRITE, False).hpa
+            self._view[h:h + chunk] = data[:chunk]
+            gva, data = gva + chunk, data[chunk:]
+
+    # ------------------------------------------------- virtual interrupts
+    def virq_deliverable(self, rflags: int) -> bool:
+        """V_IRQ pending, IF set, and its priority beats V_TPR unless V_IGN_TPR (§15.21.4)."""
+        v = _Q.unpack_from(self._view, self._ctl.vmcb_hpa + OFF_V_INTR)[0]
+        if not v & VIntr.V_IRQ or not rflags & RFLAGS_IF:
+            return False
+        return bool(v & VIntr.V_IGN_TPR) or ((v >> V_INTR_PRIO_SHIFT) & 0xF) > (v & V_TPR_MASK)
+
+    def inject_virq(self) -> None:
+        """Take the pending virtual interrupt: V_IRQ is cleared as it is dispatched (§15.21.4)."""
+        mv, b = self._view, self._ctl.vmcb_hpa
+        v = _Q.unpack_from(mv, b + OFF_V_INTR)[0]
+        vec = mv[b + OFF_V_INTR_VECTOR]
+        _Q.pack_into(mv, b + OFF_V_INTR, v & ~VIntr.V_IRQ)
+        rip = self._st.reg_read(_RIP)
+        self.deliver(vec, None, software=False, rip_after=rip, fault_rip=rip, external=True)
+
+    def entry_events(self, eventinj: int, rip: int, rflags: int) -> None:
+        """EVENTINJ (APM §15.20) and a pending virtual interrupt (§15.21.4) at VMRUN.
+        An exit raised while delivering them is left pending for VMRUN's caller."""
+        mv, b, st, sw = self._view, self._ctl.vmcb_hpa, self._st, self._sw
+        if eventinj & Event.VALID:
+            ev = Event.decode(eventinj)
+            _Q.pack_into(mv, b + OFF_EVENTINJ, eventinj & ~Event.VALID)
+            st.reg_write(_RIP, rip)
+            self.deliver(ev.vector, ev.error_code, software=(ev.type == EventType.SOFT_INT), rip_after=rip,
+                         fault_rip=rip, external=(ev.type == EventType.INTR), etype=int(ev.type))
+        elif self.virq_deliverable(rflags) and not _Q.unpack_from(mv, b + OFF_INTERRUPT_SHADOW)[0] \
+                & INTERRUPT_SHADOW_ACTIVE:
+            if self._ctl.intercepted(ExitCode.VINTR):
+                self._vmexit(ExitCode.VINTR, 0, 0, rip=rip, nrip=0)
+                self._after_exit(rip)
+                return
+            st.reg_write(_RIP, rip)
+            self.inject_virq()
+        else:
+            return
+        if sw.exit is None and sw.stop is None:
+            sw.entry_rip = st.reg_read(_RIP)
+
+    def watch_irq_window(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView",
+                         code: bytes) -> None:
+        """STI / POPF / IRET while a V_IRQ waits for RFLAGS.IF (APM §15.21.4).
+
+        Finds where the interrupt can first be taken -- after the instruction
+        following STI (its interrupt shadow), after POPF, at IRET's return
+        address -- and watches that address with a one-shot check.
+        """
+        if not _Q.unpack_from(self._view, self._ctl.vmcb_hpa + OFF_V_INTR)[0] & VIntr.V_IRQ:
+            return
+        try:
+            if insn.kind == D.Kind.STI:
+                nxt = address + insn.length
+                shadowed = D.length_of(self.access.read(nxt, D.MAX_INSN))
+                if shadowed is None:
+                    return
+                target = nxt + shadowed
+            elif insn.kind == D.Kind.POPF:
+                target = address + insn.length
+            else:
+                target = _Q.unpack(self.access.read(st.gpr(4), 8))[0]
+        except (GuestPageFault, NestedFault, GuestGP):
+            return
+        self._watch(target)
+
+    def window_open(self) -> bool:
+        """At a watched address: take the pending virtual interrupt if it is
+        deliverable now (or exit on VINTR).  True when control moved."""
+        rflags = self._st.reg_read(_RFLAGS)
+        if not self.virq_deliverable(rflags):
+            return False
+        rip = self._st.reg_read(_RIP)
+        if self._ctl.intercepted(ExitCode.VINTR):
+            self._vmexit(ExitCode.VINTR, 0, 0, rip=rip, nrip=0)
+            self._after_exit(rip)
+            return True
+        self.inject_virq()
+        return True
+
+
+def _intinfo(vec: int, ty: int, err: int | None) -> int:
+    """EXITINTINFO for the event that was being delivered (APM §15.7.2)."""
+    return Event(vec, EventType(ty), err if vec in HAS_ERROR_CODE else None).encode()

@@ -1,0 +1,287 @@
+"""Instructions that do not exit but that Unicorn cannot run as the processor would.
+
+The scanner hands every candidate the VMCB does not intercept to
+:meth:`NativeInsns.handle`, which dispatches on the instruction kind the way
+KVM's exit handlers do (one small function each): the I/O-permission #GP
+Unicorn skips, HLT, INT n / INT3 / ICEBP / INTO through the guest IDT, MOV
+to CR (illegal values and the tagged TLB's side effects), INVLPG, and the SVM
+instructions (STGI/CLGI, INVLPGA, virtualized VMLOAD/VMSAVE).
+
+It also owns the instruction hooks Unicorn offers for RDTSC/RDTSCP (the TSC
+offset applies even when they are not intercepted) and for IN/OUT that
+reach pass-through devices.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from typing import TYPE_CHECKING, Callable
+
+from unicorn import UC_HOOK_INSN, Uc
+from unicorn import x86_const as X
+
+from ..arch import CR4_UMIP, EFER_LMA, MSR_TSC_AUX
+from ..memory.hostmem import HostMemory
+from ..memory.mmu import NestedFault, NestedLayer
+from ..memory.paging import Access
+from ..memory.tlb import Tlb
+from . import decode as D
+from .controls import GuestControls
+from .cpustate import R_FS, R_GS, CpuState
+from .decision import IRQ_WINDOW, effective_address, mov_to_cr_faults, svm_rax_faults
+from .engine import add_raw_insn_hook
+from .events import Vec
+from .exitcodes import ExitCode
+from .stop import StopReason
+from .vmcb import (OFF_CSTAR, OFF_KERNEL_GS_BASE, OFF_LSTAR, OFF_SFMASK, OFF_STAR, OFF_SYSENTER_CS,
+                   OFF_SYSENTER_EIP, OFF_SYSENTER_ESP, OFF_V_INTR, OFF_VIRT_EXT, SEGMENTS, VIntr, VirtExt)
+from .world_switch import get_seg, put_seg
+
+if TYPE_CHECKING:
+    from .fill import TlbFill
+    from .interrupts import Interrupts
+    from .run import RunLoop
+    from .scanner import DecisionView
+    from .world_switch import SwitchState, WorldSwitch
+
+TSC_HZ = 2_500_000_000
+_Q = struct.Struct("<Q")
+
+#: VMLOAD/VMSAVE's MSRs and where they sit in the VMCB (APM §15.5.2)
+_VMSAVE_MSRS = ((OFF_KERNEL_GS_BASE, 0xC000_0102), (OFF_STAR, 0xC000_0081), (OFF_LSTAR, 0xC000_0082),
+                (OFF_CSTAR, 0xC000_0083), (OFF_SFMASK, 0xC000_0084), (OFF_SYSENTER_CS, 0x174),
+                (OFF_SYSENTER_ESP, 0x175), (OFF_SYSENTER_EIP, 0x176))
+_IO = frozenset({D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS})
+_SVM = frozenset({D.Kind.VMLOAD, D.Kind.VMSAVE, D.Kind.SKINIT, D.Kind.VMRUN, D.Kind.STGI, D.Kind.CLGI,
+                  D.Kind.INVLPGA, D.Kind.VMMCALL})
+_SOFT_INT_VECTOR = {D.Kind.INT3: int(Vec.BP), D.Kind.ICEBP: int(Vec.DB)}
+
+Handler = Callable[[int, D.Insn, CpuState, "DecisionView", bytes], None]
+
+#: instructions CR4.UMIP restricts to CPL 0 (seen when their intercept is armed)
+UMIP_KINDS = frozenset({D.Kind.SGDT, D.Kind.SIDT, D.Kind.SLDT, D.Kind.STR, D.Kind.SMSW})
+
+class NativeInsns:
+    """Emulation of what Unicorn gets wrong or cannot do for instructions that do not exit."""
+
+    def __init__(self, uc: Uc, st: CpuState, mem: HostMemory, tlb: Tlb, ctl: GuestControls,
+                 sw: "SwitchState") -> None:
+        self._uc, self._st, self._mem, self._tlb, self._ctl, self._sw = uc, st, mem, tlb, ctl, sw
+        self._view = mem.view
+        self.cycles_base = time.perf_counter_ns()
+        #: ``fn(port, size, is_in, value) -> value``: not-intercepted port I/O reaches the platform
+        self.io_passthrough: Callable[[int, int, bool, int], int] | None = None
+        self._table: dict[D.Kind, Handler] = {k: self._io_permission for k in _IO}
+        self._table.update({k: self._svm_insn for k in _SVM})
+        self._table.update({D.Kind.HLT: self._hlt, D.Kind.INTN: self._soft_int, D.Kind.INT3: self._soft_int,
+                            D.Kind.ICEBP: self._soft_int, D.Kind.MOV_TO_CR: self._mov_to_cr,
+                            D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into})
+        self._table.update({k: self._umip for k in UMIP_KINDS})
+        self._tsc_cbs: list[object] = []
+
+    def install_hooks(self) -> None:
+        """Unicorn's instruction hooks for IN/OUT and RDTSC/RDTSCP."""
+        uc = self._uc
+        uc.hook_add(UC_HOOK_INSN, self._insn_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._insn_out, None, 1, 0, X.UC_X86_INS_OUT)
+        # RDTSC/RDTSCP honour TSC_OFFSET even when not intercepted
+        self._tsc_cbs = [add_raw_insn_hook(uc, self._insn_rdtsc, X.UC_X86_INS_RDTSC),
+                         add_raw_insn_hook(uc, self._insn_rdtscp, X.UC_X86_INS_RDTSCP)]
+
+    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop") -> None:
+        """Bind what the emulation calls: soft-TLB flushes and the walker's
+        statistics, the #VMEXIT, event delivery, and stopping the run."""
+        self._fill = fill
+        self._vmexit = ws.vmexit
+        self._after_exit = ws.after_exit_in_hook
+        self._raise = interrupts.raise_exception
+        self._deliver = interrupts.deliver
+        self._interrupts = interrupts
+        self._halt = run.halt
+        for k in IRQ_WINDOW:
+            self._table[k] = interrupts.watch_irq_window
+
+    def handle(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """The instruction at ``address`` runs without an exit: do the model's part of it."""
+        h = self._table.get(insn.kind)
+        if h is not None:
+            h(address, insn, st, view, code)
+
+    def _set_rip(self, rip: int) -> None:
+        self._st.reg_write(X.UC_X86_REG_RIP, rip)
+
+    # ------------------------------------------------------------ handlers
+    def _io_permission(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """Port I/O not intercepted: only the I/O-permission #GP is the model's
+        to raise (Unicorn does not check IOPL or the TSS bitmap)."""
+        port = insn.imm if insn.imm is not None else st.gpr(2) & 0xFFFF
+        if view.cpl > (view.rflags() >> 12) & 3 and not view.io_allowed_by_tss(port, insn.opsize // 8):
+            self._raise(Vec.GP, 0, address)
+
+    def _hlt(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """HLT is privileged (#GP before the intercept); at CPL 0 it waits for
+        a pending virtual interrupt, or ends the run."""
+        if view.cpl:
+            self._raise(Vec.GP, 0, address)
+            return
+        rflags = self._st.reg_read(X.UC_X86_REG_RFLAGS)
+        self._set_rip(address + insn.length)
+        if self._interrupts.virq_deliverable(rflags):
+            self._interrupts.inject_virq()
+            return
+        self._halt(StopReason.HALT, f"HLT at {address:#x} with no pending interrupt")
+
+    def _soft_int(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """INT n, INT3 and ICEBP go through the guest IDT (Unicorn never delivers them)."""
+        k = insn.kind
+        vec = insn.imm if k == D.Kind.INTN else _SOFT_INT_VECTOR[k]
+        self._deliver(vec, None, software=(k == D.Kind.INTN) or k == D.Kind.INT3,
+                      rip_after=address + insn.length, fault_rip=address)
+
+    def _into(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        self._raise(Vec.UD, None, address)          # INTO is invalid in 64-bit mode
+
+    def _umip(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """SGDT/SIDT/SLDT/STR/SMSW at CPL > 0 with CR4.UMIP: #GP (APM vol. 2 §3.1.3);
+        Unicorn does not implement UMIP.  Seen only when their intercepts are armed."""
+        if view.cpl and st.cr(4) & CR4_UMIP:
+            self._raise(Vec.GP, 0, address)
+
+    def _mov_to_cr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0), bool(st.efer & EFER_LMA)):
+            self._raise(Vec.GP, 0, address)        # Unicorn would load the illegal value
+        else:
+            self.observe_cr_write(insn.reg)
+
+    def observe_cr_write(self, cr: int) -> None:
+        """A MOV to CR0/CR3/CR4 about to run: its TLB side effect (APM §5.5.2).
+        Unicorn flushes its own soft TLB when it executes the move; the tagged
+        model behind it is updated here.  MOV CR3 keeps global entries; a CR0 or
+        CR4 write may change PG/WP/PGE/SMEP and drops the ASID's entries.  The
+        processor's walker, which holds CR0/CR3/CR4, is rebuilt at the next walk."""
+        if cr == 3:
+            self._tlb.flush_asid(self._ctl.asid, keep_global=True)
+        elif cr in (0, 4):
+            self._tlb.flush_asid(self._ctl.asid)
+        else:
+            return
+        self._fill.drop_walker()
+
+    def _invlpg(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """INVLPG drops the page in the current ASID, global or not (APM §5.5.3)."""
+        va = effective_address(code, insn, view, address + insn.length)
+        self._tlb.flush_page(self._ctl.asid, va & ~0xFFF)
+
+    def _svm_insn(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """SVM instructions the VMCB does not intercept.  VMMCALL and SKINIT
+        raise #UD (APM §15.4, §15.18); the rest need EFER.SVME and CPL 0."""
+        k = insn.kind
+        if k in (D.Kind.VMMCALL, D.Kind.SKINIT) or not view.efer_svme():
+            self._raise(Vec.UD, None, address)
+        elif view.cpl:
+            self._raise(Vec.GP, 0, address)
+        elif k in (D.Kind.VMRUN, D.Kind.VMLOAD, D.Kind.VMSAVE) and svm_rax_faults(insn, st.gpr(0)):
+            self._raise(Vec.GP, 0, address)      # rAX check precedes the intercept
+        elif k in (D.Kind.STGI, D.Kind.CLGI):
+            self._guest_gif(k == D.Kind.STGI)
+            self._set_rip(address + insn.length)
+        elif k == D.Kind.INVLPGA:
+            va = st.gpr(0) if insn.addrsize == 64 else st.gpr(0) & 0xFFFF_FFFF
+            self.invlpga(va, st.gpr(1) & 0xFFFF_FFFF)
+            self._set_rip(address + insn.length)
+        else:
+            self._virtual_vmload_vmsave(address, insn, st)
+
+    def _guest_gif(self, on: bool) -> None:
+        """STGI/CLGI not intercepted: with vGIF they set V_GIF (APM §15.33.2);
+        without it they would act on the physical GIF, which this model keeps."""
+        at = self._ctl.vmcb_hpa + OFF_V_INTR
+        v = _Q.unpack_from(self._view, at)[0]
+        if v & VIntr.V_GIF_ENABLE:
+            _Q.pack_into(self._view, at, (v | VIntr.V_GIF) if on else (v & ~VIntr.V_GIF))
+        else:
+            self._sw.gif = on
+
+    def invlpga(self, va: int, asid: int) -> None:
+        """INVLPGA: rAX = the virtual page, ECX = the ASID whose translation
+        goes (APM §15.16.3); the hypervisor's way to drop one guest page."""
+        self._tlb.flush_page(asid, va & ~0xFFF)
+        if asid == self._ctl.asid:
+            self._fill.flush_soft_tlb()
+
+    def _virtual_vmload_vmsave(self, address: int, insn: D.Insn, st: CpuState) -> None:
+        """VMLOAD/VMSAVE the VMCB does not intercept.
+
+        With VMSAVE/VMLOAD virtualization (VIRT_EXT bit 1, APM §15.33.1) rAX is
+        a guest-physical address, translated through the nested page table.
+        Without it the hardware would use rAX as a *host*-physical address; the
+        sandbox never lets a guest reach host memory outside its nested
+        mappings, so it stops the run and names the misconfiguration.
+        """
+        ctl = self._ctl
+        virt = _Q.unpack_from(self._view, ctl.vmcb_hpa + OFF_VIRT_EXT)[0] & VirtExt.VMSAVE_VMLOAD_VIRTUALIZATION
+        if not virt:
+            self._halt(StopReason.ERROR, f"{insn.kind.name} at {address:#x} is not intercepted and VMSAVE/VMLOAD "
+                       "virtualization is off: the guest would access host-physical memory")
+            return
+        if st.gpr(0) & 0xFFF:
+            self._raise(Vec.GP, 0, address)
+            return
+        nested = NestedLayer(self._mem, ctl.n_cr3, self._fill.stats)
+        try:
+            hpa = nested.translate(st.gpr(0), Access.WRITE if insn.kind == D.Kind.VMSAVE else Access.READ).phys
+        except NestedFault as f:
+            self._vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=address, nrip=0)
+            self._after_exit(address)
+            return
+        if insn.kind == D.Kind.VMSAVE:
+            self._vmsave(hpa, st)
+        else:
+            self._vmload(hpa, st)
+        self._set_rip(address + insn.length)
+
+    def _vmsave(self, hpa: int, st: CpuState) -> None:
+        """FS, GS, TR, LDTR (with their hidden parts) and the MSRs into the VMCB at ``hpa``."""
+        mv, uc = self._view, self._uc
+        put_seg(mv, hpa + SEGMENTS["FS"], st.seg(R_FS))
+        put_seg(mv, hpa + SEGMENTS["GS"], st.seg(R_GS))
+        put_seg(mv, hpa + SEGMENTS["TR"], st.tr())
+        put_seg(mv, hpa + SEGMENTS["LDTR"], st.ldt())
+        for off, msr in _VMSAVE_MSRS:
+            _Q.pack_into(mv, hpa + off, uc.reg_read(X.UC_X86_REG_MSR, msr))
+
+    def _vmload(self, hpa: int, st: CpuState) -> None:
+        """The same state from the VMCB at ``hpa`` into the processor."""
+        mv, uc = self._view, self._uc
+        st.set_seg(R_FS, *get_seg(mv, hpa + SEGMENTS["FS"]))
+        st.set_seg(R_GS, *get_seg(mv, hpa + SEGMENTS["GS"]))
+        for name in ("TR", "LDTR"):
+            st.set_system_seg(name, *get_seg(mv, hpa + SEGMENTS[name]))
+        st.store()
+        for off, msr in _VMSAVE_MSRS:
+            uc.reg_write(X.UC_X86_REG_MSR, (msr, _Q.unpack_from(mv, hpa + off)[0]))
+
+    # ----------------------------------------------------- TSC and port I/O
+    def host_tsc(self) -> int:
+        """The host's time-stamp counter, at the model's nominal :data:`TSC_HZ`."""
+        return (time.perf_counter_ns() - self.cycles_base) * (TSC_HZ // 1_000_000) // 1000
+
+    def _insn_rdtsc(self) -> int:
+        tsc = (self.host_tsc() + self._ctl.tsc_offset) & 0xFFFF_FFFF_FFFF_FFFF
+        self._st.reg_write(X.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
+        self._st.reg_write(X.UC_X86_REG_RDX, tsc >> 32)
+        return 1
+
+    def _insn_rdtscp(self) -> int:
+        self._insn_rdtsc()
+        self._st.reg_write(X.UC_X86_REG_RCX, self._uc.reg_read(X.UC_X86_REG_MSR, MSR_TSC_AUX) & 0xFFFFFFFF)
+        return 1
+
+    def _insn_in(self, uc, port: int, size: int, ud) -> int:
+        if self.io_passthrough is None:
+            return (1 << (8 * size)) - 1
+        return self.io_passthrough(port, size, True, 0)
+
+    def _insn_out(self, uc, port: int, size: int, value: int, ud) -> None:
+        if self.io_passthrough is not None:
+            self.io_passthrough(port, size, False, value)

@@ -1,0 +1,252 @@
+"""The guest run: Unicorn slices, the virtual timer, the watchdog and the run's limits.
+
+Between a VMRUN that enters the guest and the exit the hypervisor does not
+resume, the guest runs in ``emu_start`` slices.  A slice ends at a timer
+deadline, at the end of an instruction budget, when the watchdog fires, or
+when a TLB fill failed -- then the #PF or #NPF the fill kept is raised here,
+outside any Unicorn hook.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from unicorn import Uc, UcError
+from unicorn import x86_const as X
+
+from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault
+from ..memory.paging import PFErr
+from .controls import GuestControls
+from .cpustate import CpuState, emu_counter, invalid_addr
+from .events import Vec
+from .exitcodes import ExitCode
+from .stop import StopInfo, StopReason
+
+if TYPE_CHECKING:
+    from .fill import TlbFill
+    from .interrupts import Interrupts
+    from .world_switch import SwitchState, WorldSwitch
+
+#: the guest clock's nominal rate: one retired instruction is 10 ns of guest time
+GUEST_IPS = 100_000_000
+_RIP = X.UC_X86_REG_RIP
+
+
+@dataclass
+class RunLimits:
+    max_insns: int = 0            # 0: not counted
+    timeout_s: float = 10.0
+    max_exits: int = 10_000_000
+
+
+class RunLoop:
+    """Runs the entered guest until the run stops; owns guest time and the timer."""
+
+    def __init__(self, uc: Uc, st: CpuState, ctl: GuestControls, sw: "SwitchState") -> None:
+        self._uc, self._st, self._ctl, self._sw = uc, st, ctl, sw
+        self.limits = RunLimits()
+        #: instructions started in the last run (counted only with an instruction budget)
+        self.insns: int | None = None
+        self.timed_out = False
+        #: guest time: instructions retired in counted slices (see :meth:`arm_timer`)
+        self.guest_clock = 0
+        self.timer_period = self.timer_next = 0
+        self.timer_ticks = self.timer_masked = 0
+        self._slice_budget = 0            # instructions the running emu_start may count (0: not counting)
+        self._in_emu = False
+        self._rearm = False               # the timer was re-armed while a slice ran
+
+    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts") -> None:
+        """Bind the failed fill's fault, the #VMEXIT and exception delivery."""
+        self._fill = fill
+        self._vmexit = ws.vmexit
+        self._after_exit = ws.after_exit_in_hook
+        self._raise = interrupts.raise_exception
+
+    # ------------------------------------------------------ ending the run
+    def halt(self, reason: StopReason, detail: str = "") -> None:
+        """The run stops here (HLT, shutdown, a configuration the model refuses)."""
+        self._sw.stop = StopInfo(reason, detail)
+        self._uc.emu_stop()
+
+    def fail(self, msg: str, exc: BaseException | None = None) -> None:
+        """An internal error: the run stops, keeping the original exception in the stop."""
+        self._sw.stop = StopInfo(StopReason.ERROR, msg, exc)
+        try:
+            self._uc.emu_stop()
+        except UcError:
+            pass
+
+    def expire(self) -> None:
+        """The wall-clock limit: flag, then stop emulation (any thread may call it)."""
+        self.timed_out = True
+        self._uc.emu_stop()
+
+    # ------------------------------------------------------------ the run
+    def run(self) -> None:
+        """Run the guest from the world switch's entry RIP until the run stops
+        (within :attr:`limits`, which VMRUN set)."""
+        self._st.reg_write(_RIP, self._sw.entry_rip)
+        # The wall-clock limit is a sleeping watchdog thread, not emu_start's
+        # ``timeout``: Unicorn's timer thread polls every 2 us and steals a
+        # core from the guest on a small machine.
+        self.timed_out = False
+        self.insns = None
+        watchdog = None
+        if self.limits.timeout_s:
+            watchdog = threading.Timer(self.limits.timeout_s, self.expire)
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            self._run_slices()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    def _run_slices(self) -> None:
+        """emu_start until the run stops; restart after page faults.
+
+        With an instruction budget, Unicorn counts every instruction it starts
+        (an intercepted one included); the budget spans all slices of the run.
+        """
+        sw, limits = self._sw, self.limits
+        while sw.stop is None:
+            if self.timed_out:
+                sw.stop = self._slice_ended()
+                break
+            budget = 0
+            if limits.max_insns:
+                budget = limits.max_insns - (self.insns or 0)
+                if budget <= 0:
+                    sw.stop = StopInfo(StopReason.INSN_BUDGET, f"instruction budget of {limits.max_insns} reached")
+                    break
+            if self.timer_period:
+                due = max(1, self.timer_next - self.guest_clock)
+                budget = min(budget, due) if budget else due
+            if not self._slice(budget):
+                break
+
+    def _slice(self, budget: int) -> bool:
+        """One ``emu_start``; False when the run ends."""
+        sw, limits = self._sw, self.limits
+        self._fill.pending_fault = None
+        self._slice_budget, self._in_emu, self._rearm = budget, True, False
+        try:
+            try:
+                self._uc.emu_start(sw.entry_rip, 0xFFFF_FFFF_FFFF_FFFF, count=budget)
+            finally:
+                self._in_emu = False
+                self._count_slice(budget)
+        except UcError as e:
+            if sw.stop is not None:
+                return False
+            f = self._fill.pending_fault
+            if f is None:
+                sw.stop = StopInfo(StopReason.ERROR, f"emulation error: {e}")
+                return False
+            self._memory_fault(f)
+            if sw.stop is None and sw.exit is None:
+                sw.entry_rip = self._st.reg_read(_RIP)
+            return True
+        if sw.stop is not None:
+            return False
+        if self._rearm and not self.timed_out:
+            sw.entry_rip = self._st.reg_read(_RIP)      # the timer was re-armed: a new slice, a new bound
+            return True
+        # emu_start returned by itself: a timer deadline, the budget, or the watchdog's emu_stop
+        if not self.timed_out and self.timer_period and self.guest_clock >= self.timer_next:
+            self._timer_interrupt()
+            return True
+        if not self.timed_out and limits.max_insns and self.insns is not None and self.insns < limits.max_insns:
+            sw.entry_rip = self._st.reg_read(_RIP)
+            return True
+        sw.stop = self._slice_ended()
+        return False
+
+    def _slice_ended(self) -> StopInfo:
+        if self.timed_out:
+            return StopInfo(StopReason.TIMEOUT, f"wall-clock limit of {self.limits.timeout_s:g} s reached")
+        if self.limits.max_insns:
+            return StopInfo(StopReason.INSN_BUDGET, f"instruction budget of {self.limits.max_insns} reached")
+        return StopInfo(StopReason.STOPPED, "emulation stopped")
+
+    def _count_slice(self, budget: int) -> None:
+        if budget:
+            n = emu_counter(self._uc)
+            if n is not None:
+                n = min(n, budget)
+                self.guest_clock += n
+                if self.limits.max_insns:
+                    self.insns = (self.insns or 0) + n
+
+    # ------------------------------------------------------- memory faults
+    def _memory_fault(self, f: Exception) -> None:
+        """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
+        self._st.load().clear_old_exception()
+        rip = self._st.reg_read(_RIP)
+        # the fill saw only the page; Unicorn kept the exact faulting address
+        exact = invalid_addr(self._uc)
+        off = exact & 0xFFF if exact is not None and exact & ~0xFFF == self._fill.fault_page else 0
+        if isinstance(f, NestedFault):
+            gpa = f.gpa | off if f.exitinfo1 & PFErr.FINAL else f.gpa
+            insn = self._fill.insn_bytes(rip)
+            self._vmexit(ExitCode.NPF, f.exitinfo1, gpa, rip=rip, nrip=0, insn=insn)
+            self._after_exit_outside(rip)
+        elif isinstance(f, GuestPageFault):
+            self._exception_outside(Vec.PF, f.error_code, rip, cr2=f.address | off)
+        elif isinstance(f, GuestGP):
+            self._exception_outside(Vec.GP, 0, rip)
+        elif isinstance(f, GuestException):          # SEV-SNP #VC raised by the memory system
+            self._exception_outside(f.vector, f.error_code, rip)
+
+    def _exception_outside(self, vec: int, err: int | None, rip: int, cr2: int | None = None) -> None:
+        self._raise(vec, err, rip, cr2)
+        sw = self._sw
+        if sw.exit is None and sw.stop is None:
+            sw.entry_rip = self._st.reg_read(_RIP)
+
+    def _after_exit_outside(self, rip: int) -> None:
+        self._after_exit(rip)
+        if self._sw.stop is None:
+            self._sw.entry_rip = self._st.reg_read(_RIP)
+
+    # -------------------------------------------------------- virtual timer
+    def arm_timer(self, period_ns: int) -> None:
+        """A periodic physical interrupt in guest time (0 disarms it).
+
+        Guest time is counted in retired guest instructions at the model's
+        nominal :data:`GUEST_IPS`; the run is sliced at each deadline with
+        Unicorn's instruction count, so a timer costs nothing per instruction
+        in Python.  At a deadline the processor takes the interrupt: a
+        #VMEXIT(INTR) when the VMCB intercepts INTR (APM §15.13.1)."""
+        if period_ns < 0:
+            raise ValueError("timer period must be positive")
+        self.timer_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns else 0
+        self.timer_next = self._clock_now() + self.timer_period
+        if self._in_emu:
+            # armed by a hypervisor handling an exit inside the run: end this
+            # slice, so the next one is bounded by the new deadline
+            self._rearm = True
+            self._uc.emu_stop()
+
+    def _clock_now(self) -> int:
+        """Guest time in instructions, including the running slice's progress."""
+        if self._in_emu and self._slice_budget:
+            return self.guest_clock + min(emu_counter(self._uc), self._slice_budget)
+        return self.guest_clock
+
+    @property
+    def guest_time_ns(self) -> int:
+        return self._clock_now() * 1_000_000_000 // GUEST_IPS
+
+    def _timer_interrupt(self) -> None:
+        self.timer_next = self.guest_clock + self.timer_period
+        self.timer_ticks += 1
+        rip = self._st.reg_read(_RIP)
+        self._sw.entry_rip = rip
+        if not self._ctl.intercepted(ExitCode.INTR):
+            self.timer_masked += 1      # not intercepted: the host would field it; the guest never sees it
+            return
+        self._vmexit(ExitCode.INTR, 0, 0, rip=rip, nrip=0)
+        self._after_exit_outside(rip)

@@ -1,0 +1,304 @@
+"""The intercept scanner: finds the instructions that may #VMEXIT without a per-instruction callback.
+
+When a code page is first fetched, :meth:`Scanner.scan` looks at every byte
+offset where an armed instruction could begin -- legal prefixes included, and
+the last bytes of the page treated as the possible start of an instruction
+that straddles into the next page -- and puts an address-ranged code hook on
+each candidate.  A hook where no instruction begins never fires, so over-
+approximating is sound.  When a hook fires, :meth:`Scanner.candidate` decodes
+the instruction (cached per address), asks the decision function whether it
+exits, and either takes the #VMEXIT or hands the instruction to the parts
+that emulate what Unicorn does not (:mod:`.native`).
+
+Code the guest writes is caught by the TLB fill (scanned pages are never
+writable in Unicorn's soft TLB); code the hypervisor writes is
+cross-modifying code (:meth:`Scanner.hypervisor_wrote`, APM vol. 2 §7.6.1).
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Callable
+
+from unicorn import Uc
+from unicorn import x86_const as X
+
+from ..arch import EFER_SVME
+from ..memory.hostmem import PAGE_SIZE, HostMemory
+from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
+from . import decode as D
+from .controls import GuestControls
+from .cpustate import HF_CS64, CpuState
+from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
+from .decision import decide as default_decide
+from .engine import CodeHooks
+from .events import GuestAccess
+from .extension import NO_EXTENSION, ProcessorExtension
+from .vmcb import OFF_EFER, OFF_V_INTR, VIntr
+
+if TYPE_CHECKING:
+    from .cpu import SvmCpu
+    from .fill import TlbFill
+    from .interrupts import Interrupts
+    from .native import NativeInsns
+    from .world_switch import SwitchState, WorldSwitch
+
+#: ``decide(insn, view, rip, code)``: the #VMEXIT an instruction causes, or None
+Decide = Callable[[D.Insn, "DecisionView", int, bytes], ExitInfo | None]
+
+NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
+#: instructions the processor watches although they may not exit: their TLB
+#: side effects reach the tagged TLB model (Unicorn only flushes its own)
+TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
+_Q = struct.Struct("<Q")
+_TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
+
+
+class Scanner:
+    """Code-page scans, candidate hooks, the decode cache and cross-modifying code."""
+
+    def __init__(self, uc: Uc, st: CpuState, mem: HostMemory, ctl: GuestControls, sw: "SwitchState") -> None:
+        self._uc, self._st, self._sw = uc, st, sw
+        #: the controls the last full VMRUN latched (read, never written, here)
+        self.ctl = ctl
+        self.view = mem.view
+        self.hooks = CodeHooks(uc, self.on_candidate)
+        self.ext: ProcessorExtension = NO_EXTENSION
+        #: the decision function (see :data:`Decide`); replaceable, e.g. by a fuzzer's planted bug
+        self.decide: Decide = default_decide
+        self.scan_kinds: frozenset = frozenset()
+        self._one = self._two = frozenset()
+        self._armed_key: tuple | None = None
+        self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
+        self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
+        self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None]] = {}
+        self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
+        self.irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
+        self.pass_once_rip: int | None = None
+
+    def connect(self, cpu: "SvmCpu", fill: "TlbFill", ws: "WorldSwitch", native: "NativeInsns",
+                interrupts: "Interrupts", fail: Callable[[str, BaseException | None], None]) -> None:
+        """Bind what a candidate calls: fetched bytes, the #VMEXIT, the
+        emulation of instructions that do not exit, the interrupt window."""
+        self._cpu = cpu
+        self._insn_bytes = fill.insn_bytes
+        self._flush_soft_tlb = fill.flush_soft_tlb
+        self._vmexit = ws.vmexit
+        self._after_exit = ws.after_exit_in_hook
+        self._native = native.handle
+        self._window_open = interrupts.window_open
+        self.guest_access: GuestAccess = interrupts.access
+        self._fail = fail
+
+    # ---------------------------------------------------------------- arming
+    def arm(self) -> None:
+        """Scan for what the latched intercept vectors (and a pending V_IRQ) make interesting."""
+        ctl = self.ctl
+        virq = bool(_Q.unpack_from(self.view, ctl.vmcb_hpa + OFF_V_INTR)[0] & VIntr.V_IRQ)
+        key = (ctl.ivec, virq)
+        if key == self._armed_key:
+            return
+        self._armed_key = key
+        self.decoded.clear()           # cached decisions depend on the vectors
+        bits = {b for b in range(6 * 32) if ctl.ivec[b >> 5] >> (b & 31) & 1}
+        kinds = frozenset(kinds_for_bits(bits) | ALWAYS | TLB_OBSERVED | (IRQ_WINDOW if virq else frozenset()))
+        if kinds != self.scan_kinds:
+            self.scan_kinds = kinds
+            self._one, self._two = D.opcode_starts(set(kinds))
+            self.code_pages.clear()
+            self.code_hpa.clear()
+            self.decoded.clear()
+            self._uc.ctl_flush_tb()
+            self._flush_soft_tlb()
+
+    def scan(self, gva: int, hpa: int) -> None:
+        """A fetch fill of page ``gva`` (at ``hpa``): hook every candidate on it."""
+        cur = self.code_pages.get(gva)
+        page = bytes(self.view[hpa:hpa + PAGE_SIZE])
+        if cur is not None and cur[0] == hpa and cur[1] == page:
+            return
+        hits = D.scan(page, PAGE_SIZE, self._one, self._two)
+        # instructions that may straddle into the next page: any run of prefix
+        # bytes (or a lone 0F) reaching the end of the page could begin one
+        k = PAGE_SIZE - 1
+        if page[k] == 0x0F:
+            hits.append(k)
+            k -= 1
+        while k >= PAGE_SIZE - D.MAX_INSN and page[k] in D.PREFIX_BYTES:
+            hits.append(k)
+            k -= 1
+        add = self.hooks.add
+        for off in hits:
+            add(gva + off)
+        self.code_pages[gva] = (hpa, page)
+        self.code_hpa.setdefault(hpa, set()).add(gva)
+        # drop stale decodes for this page
+        for a in [a for a in self.decoded if gva - D.MAX_INSN <= a < gva + PAGE_SIZE]:
+            del self.decoded[a]
+
+    def watch(self, addr: int) -> None:
+        """A one-shot interrupt-window check at ``addr`` (see :mod:`.interrupts`)."""
+        self.irq_window.add(addr)
+        self.hooks.add(addr)
+        self._uc.ctl_remove_cache(addr, addr + 1)     # recompile with the hook
+
+    def pass_once(self, rip: int | None) -> None:
+        """Execute the instruction at ``rip`` once without the intercept check (None: cancel)."""
+        self.pass_once_rip = rip
+
+    # -------------------------------------------------------- candidate hook
+    def on_candidate(self, handle, address: int, size: int, user_data) -> None:
+        """The C callback of every candidate hook."""
+        try:
+            self.candidate(address)
+        except BaseException as e:          # never let an exception unwind through C
+            self._fail(f"internal error at guest RIP {address:#x}: {type(e).__name__}: {e}", e)
+
+    def candidate(self, address: int) -> None:
+        """An instruction that may exit is about to execute at ``address``."""
+        if self._sw.stop is not None:
+            return
+        irq = self.irq_window
+        if irq and address in irq:
+            irq.discard(address)
+            if self._window_open():
+                return
+        code = self._insn_bytes(address)
+        ent = self.decoded.get(address)
+        if ent is None or ent[0] != code:
+            ent = self._decode(address, code)
+        insn = ent[1]
+        if insn is None:
+            return
+        st = self._st.load()
+        if 0x40 <= code[0] <= 0x4F and not st.hflags & HF_CS64:
+            return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
+        view = None
+        if self.pass_once_rip == address:
+            self.pass_once_rip = None
+            info = None
+        elif ent[2] is not None:
+            info = ent[2] if ent[2] is not NO_EXIT else None
+        else:
+            view = DecisionView(self, st)
+            info = self.decide(insn, view, address, code)
+        if info is not None:
+            if self.ext.intercept(self._cpu, info.exitcode, address, insn.length):
+                return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
+            self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=address + insn.length,
+                         fresh=True)
+            self._after_exit(address)
+            return
+        # not intercepted: the model handles what Unicorn cannot do natively
+        self._native(address, insn, st, view or DecisionView(self, st), code)
+
+    def _decode(self, address: int, code: bytes) -> tuple[bytes, D.Insn | None, ExitInfo | None]:
+        insn = D.decode(code)
+        if insn is not None and insn.kind not in self.scan_kinds:
+            insn = None
+        fast = None
+        if insn is not None and insn.kind in STATE_FREE:
+            # the decision depends on the intercept vectors alone: cache it
+            fast = self.decide(insn, VectorsOnly(self.ctl.ivec), address, code) or NO_EXIT
+        ent = self.decoded[address] = (code, insn, fast)
+        return ent
+
+    def set_decide(self, fn: Decide) -> None:
+        """Use ``fn`` for intercept decisions from now on (cached ones are dropped)."""
+        if fn is not self.decide:
+            self.decide = fn
+            self.decoded.clear()
+
+    # ------------------------------------------------- cross-modifying code
+    def hypervisor_wrote(self, hpa: int, n: int) -> None:
+        """Cross-modifying code (APM vol. 2 §7.6.1): the hypervisor wrote into a
+        page the guest executed.  Once the write lands, Unicorn's translated
+        blocks for it are invalidated (through its own physical-write path) and
+        the TLB is flushed, so the next fetch is a fill that rescans the page."""
+        p = hpa & ~0xFFF
+        pages = [q for q in range(p, hpa + n, PAGE_SIZE) if q in self.code_hpa]
+        for q in pages:
+            for g in self.code_hpa.pop(q, ()):
+                self.code_pages.pop(g, None)
+                self.xmod_pages.add(g)
+
+    def xmod_commit(self) -> None:
+        """At VMRUN, after any TLB flush: drop what the hypervisor's writes made stale."""
+        self.decoded.clear()
+        self._flush_soft_tlb()
+        for g in self.xmod_pages:
+            # drops the translated blocks of that page (Unicorn walks it through
+            # the TLB-fill hook, which rescans it)
+            self._uc.ctl_remove_cache(g, g + PAGE_SIZE)
+        self.xmod_pages.clear()
+
+    # ---------------------------------------------------------------- resets
+    def reset(self) -> None:
+        """Forget every scan, decode and pending watch; drop the translated
+        blocks and Unicorn's soft TLB, so every page is fetched and scanned anew."""
+        self._uc.ctl_flush_tb()
+        self.code_pages.clear()
+        self.code_hpa.clear()
+        self.decoded.clear()
+        self.xmod_pages.clear()
+        self.irq_window.clear()
+        self.pass_once_rip = None
+        self._flush_soft_tlb()
+
+    def shed_hooks(self) -> int:
+        """Delete every candidate hook and :meth:`reset`; returns how many were deleted."""
+        n = self.hooks.shed()
+        self.reset()
+        return n
+
+
+class DecisionView:
+    """What the intercept decision reads of the guest (:class:`~sandbox.svm.decision.GuestView`)."""
+
+    __slots__ = ("_sc", "st", "cpl", "intercepts", "_rflags")
+
+    def __init__(self, scanner: Scanner, st: CpuState) -> None:
+        self._sc, self.st = scanner, st
+        self.cpl = st.cpl
+        self.intercepts = scanner.ctl.ivec
+        self._rflags = None
+
+    def gpr(self, i: int) -> int:
+        return self.st.gpr(i)
+
+    def cr(self, n: int) -> int:
+        return self.st.cr(n)
+
+    def rflags(self) -> int:
+        if self._rflags is None:
+            self._rflags = self.st.reg_read(X.UC_X86_REG_RFLAGS)
+        return self._rflags
+
+    def efer_svme(self) -> bool:
+        # the guest runs with EFER.SVME as the VMCB says (Unicorn's copy has it cleared)
+        sc = self._sc
+        return bool(sc.view[sc.ctl.vmcb_hpa + OFF_EFER + 1] & (EFER_SVME >> 8))
+
+    def iopm_bit(self, port: int) -> bool:
+        sc = self._sc
+        return bool(sc.view[sc.ctl.iopm_hpa + (port >> 3)] >> (port & 7) & 1)
+
+    def msrpm_byte(self, off: int) -> int:
+        sc = self._sc
+        return sc.view[sc.ctl.msrpm_hpa + off]
+
+    def seg_base(self, idx: int) -> int:
+        return self.st.seg(idx)[1]
+
+    def io_allowed_by_tss(self, port: int, size: int) -> bool:
+        sel, base, limit, _ = self.st.tr()
+        try:
+            acc = self._sc.guest_access
+            if limit < 0x67:
+                return False
+            iomap = struct.unpack("<H", acc.read(base + _TSS_IOMAP_BASE, 2))[0]
+            if iomap + (port >> 3) + 1 > limit:
+                return False
+            bits = int.from_bytes(acc.read(base + iomap + (port >> 3), 2), "little")
+            return not (bits >> (port & 7)) & ((1 << size) - 1)
+        except (GuestPageFault, NestedFault, GuestGP):
+            return False

@@ -1,0 +1,512 @@
+"""The world switch: VMRUN's guest-state load, #VMEXIT's save, and the dispatch loop.
+
+Exits the hypervisor resumes are handled inside the Unicorn hook that
+detected them: the world switch is a state transfer, not an ``emu_start``
+round trip, which keeps an intercepted CPUID round trip in the microseconds.
+
+Two shortcuts make that transfer cheap, both what the APM allows:
+
+* #VMEXIT writes RIP, RSP and RAX to the VMCB at once; the rest of the
+  state-save area is written back lazily, before the hypervisor's first
+  access to it through ``HostMemory`` (:meth:`WorldSwitch.host_access`).
+* VMRUN after a handler that touched only RAX, RSP and RIP (never-cached
+  fields, APM §15.15.3) skips the checks and the reload: everything else was
+  checked and loaded at the last full VMRUN and is still what the processor
+  holds -- what the VMCB clean bits let hardware do.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from unicorn import Uc, UcError
+from unicorn import x86_const as X
+
+from ..arch import EFER_LMA, EFER_SVME, M64, MSR_EFER
+from ..memory.hostmem import HostMemory
+from ..memory.tlb import Tlb, TlbMode
+from .consistency import VmcbImage, consistency
+from .controls import GuestControls
+from .cpustate import SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
+from .exitcodes import ExitCode, exit_name
+from .extension import NO_EXTENSION, ProcessorExtension
+from .stop import StopInfo, StopReason
+from .vmcb import (EXIT_INFO_END, GUEST_INSN_BYTES, OFF_CPL, OFF_CR2, OFF_CR4, OFF_EFER, OFF_EVENTINJ,
+                   OFF_EXITCODE, OFF_GUEST_INSN_LEN, OFF_NRIP, OFF_RAX, OFF_RFLAGS, OFF_RIP, OFF_RSP,
+                   OFF_TLB_CONTROL, OFF_V_INTR, SAVE_AREA, SEG_RECORD_SIZE, SEGMENTS, VMCB_SIZE, Event, NpControl,
+                   TlbControl, VIntr)
+
+if TYPE_CHECKING:
+    from .cpu import SvmCpu
+    from .fill import TlbFill
+    from .interrupts import Interrupts
+    from .scanner import Scanner
+
+_Q = struct.Struct("<Q")
+_EXIT4 = struct.Struct("<QQQQ")     # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
+_EXIT3 = struct.Struct("<QQQ")
+_SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
+_CR4_TO_DR6 = struct.Struct("<5Q")    # CR4, CR3, CR0, DR7, DR6
+_N_CR3_ADDR = 0x000F_FFFF_FFFF_F000
+_RIP, _RSP, _RAX, _RFLAGS = X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RAX, X.UC_X86_REG_RFLAGS
+#: the never-cached fields #VMEXIT writes at once (APM §15.15.3): RIP, RSP, RAX
+_EAGER = tuple((off, off + 8) for off in (OFF_RIP, OFF_RSP, OFF_RAX))
+_EAGER_QWORDS = frozenset({OFF_RIP, OFF_RSP, OFF_RAX})
+#: the state-save fields a full VMRUN loads into the processor besides RIP/RSP/RAX/RFLAGS:
+#: ES..TR, CPL..EFER, CR4..DR6, CR2; a change in them since the last load means "load again"
+_LOADED_RANGES = ((SEGMENTS["ES"], SEGMENTS["TR"] + SEG_RECORD_SIZE), (OFF_CPL, OFF_EFER + 8),
+                  (OFF_CR4, OFF_RFLAGS), (OFF_CR2, OFF_CR2 + 8))
+_SEGMENT_REGS = ("ES", "CS", "SS", "DS")
+
+
+def put_seg(mv, at: int, seg: tuple[int, int, int, int]) -> None:
+    """Store a (selector, base, limit, QEMU flags) segment as a VMCB record at ``at``."""
+    sel, base, limit, flags = seg
+    _SEGREC.pack_into(mv, at, sel, flags_to_attrib(flags), limit, base)
+
+
+def get_seg(mv, at: int) -> tuple[int, int, int, int]:
+    """The VMCB segment record at ``at`` as (selector, base, limit, QEMU flags)."""
+    sel, attr, limit, base = _SEGREC.unpack_from(mv, at)
+    return sel, base, limit, attrib_to_flags(attr)
+
+
+@dataclass(slots=True)
+class ExitRecord:
+    """One #VMEXIT as the hypervisor sees it (mirrors the VMCB's exit fields)."""
+    exitcode: int
+    exitinfo1: int
+    exitinfo2: int
+    exitintinfo: int
+    rip: int
+    nrip: int
+    insn: bytes = b""
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return exit_name(self.exitcode)
+
+
+@dataclass(slots=True)
+class SwitchState:
+    """The flags that steer the world switch, in one place.
+
+    ``exit``
+        The #VMEXIT waiting to be dispatched, or None.  Set by #VMEXIT (and
+        by VMRUN's VMEXIT_INVALID); cleared by the dispatch loop before it
+        VMRUNs again and by a new top-level VMRUN.
+    ``stop``
+        Why the run ends (:class:`StopInfo`), or None while it goes on.  Set
+        by the dispatch loop (an exit not resumed, the exit budget), by the
+        run loop (budget, watchdog, emulation error) and by halts and internal
+        errors; cleared only by a new top-level VMRUN.
+    ``exit_resumable``
+        The pending exit may resume (False for #VMEXIT(SHUTDOWN)).  Set with
+        every exit handed to the dispatch loop, and by VMEXIT_INVALID.
+    ``defer_dispatch``
+        Exits raised while VMRUN itself runs (EVENTINJ, V_IRQ delivery) are
+        left pending for VMRUN's caller instead of being dispatched where they
+        happen.  Set around every VMRUN and around the entry events; restored
+        after them.
+    ``entry_rip``
+        Where the guest resumes: set by VMRUN (the VMCB's RIP, or the handler
+        an entry event vectored to), and after a fault, a timer interrupt or
+        a budget slice by the run loop.
+    ``last_exit_rip``
+        RIP of the last exit dispatched, where a stopped run leaves RIP.
+        Set by the dispatch loop; cleared by a top-level VMRUN.
+    ``fast_ok``
+        The last VMRUN fully checked and loaded this VMCB, with no event to
+        inject: a VMRUN after an exit whose handler wrote only RAX/RSP/RIP may
+        take the fast re-entry.  Set at the end of a full VMRUN without
+        EVENTINJ or V_IRQ pending; cleared by a top-level VMRUN, at the start
+        of every full VMRUN, and by ``require_full_vmrun`` (SEV-ES).
+    ``vmcb_written``
+        The hypervisor wrote a VMCB field other than RIP/RSP/RAX and the exit
+        information since the last #VMEXIT: the next VMRUN is a full one.
+        Set by ``host_access``; cleared by #VMEXIT.
+    ``loaded``
+        The bytes of the state-save fields (``_LOADED_RANGES``) as last loaded
+        into, or written back from, the processor; a full VMRUN reloads them
+        only when the VMCB differs.  Set by a full load and by
+        ``flush_guest_state``; cleared (None) by a top-level VMRUN.
+    ``snap_valid``
+        The CpuState snapshot holds the guest's current registers, so the
+        hypervisor's GPR reads and writes use it (writes are stored at the
+        next VMRUN).  Set by #VMEXIT and by the first GPR access of a
+        handler; cleared by every VMRUN.
+    ``lazy_pending``
+        The state-save area beyond RIP/RSP/RAX has not been written back since
+        the last #VMEXIT.  Set by #VMEXIT; cleared by ``flush_guest_state``
+        (the hypervisor's first access to the save area, a full VMRUN, the
+        end of the run).
+    ``saved_regs``
+        (RAX, RSP) as #VMEXIT wrote them, so the fast re-entry writes only
+        what the handler changed.  Set by #VMEXIT.
+    ``gif``
+        The global interrupt flag: set by VMRUN, cleared by #VMEXIT, and by
+        STGI/CLGI the VMCB does not intercept without vGIF (APM §15.17).
+    """
+    exit: ExitRecord | None = None
+    stop: StopInfo | None = None
+    exit_resumable: bool = True
+    defer_dispatch: bool = False
+    entry_rip: int = 0
+    last_exit_rip: int | None = None
+    fast_ok: bool = False
+    vmcb_written: bool = False
+    loaded: bytes | None = None
+    snap_valid: bool = False
+    lazy_pending: bool = False
+    saved_regs: tuple[int, int] = (0, 0)
+    gif: bool = True
+
+
+class WorldSwitch:
+    """VMRUN (checks, guest-state load, entry events), #VMEXIT and the hypervisor loop."""
+
+    def __init__(self, uc: Uc, st: CpuState, mem: HostMemory, tlb: Tlb, ctl: GuestControls,
+                 sw: SwitchState) -> None:
+        self._uc, self._st, self._mem, self._tlb, self._ctl, self.sw = uc, st, mem, tlb, ctl, sw
+        self._view = mem.view
+        self.ext: ProcessorExtension = NO_EXTENSION
+        self.exit_count = 0
+        self.max_exits = 0
+        self.on_exit: Callable[[ExitRecord], bool] | None = None
+        #: why the last VMRUN failed with VMEXIT_INVALID
+        self.invalid_reason = ""
+        self._sync = self.host_access
+
+    def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts") -> None:
+        """Bind what the switch drives: soft-TLB flushes and the walker, the
+        scanner's arming and cross-modifying code, the entry events."""
+        self._cpu = cpu
+        self._flush_soft_tlb = fill.flush_soft_tlb
+        self._drop_walker = fill.drop_walker
+        self._arm_scanner = scanner.arm
+        self._code_hpa = scanner.code_hpa
+        self._xmod_pages = scanner.xmod_pages
+        self._xmod_commit = scanner.xmod_commit
+        self._hypervisor_wrote = scanner.hypervisor_wrote
+        self._entry_events = interrupts.entry_events
+
+    # ------------------------------------------------------------- VMRUN
+    def launch(self, vmcb_hpa: int, on_exit: Callable[[ExitRecord], bool] | None, max_exits: int) -> bool:
+        """A VMRUN from the hypervisor: load the guest (dispatching the exits
+        its entry raised).  True when the guest is to run from ``sw.entry_rip``."""
+        sw = self.sw
+        self._ctl.vmcb_hpa = vmcb_hpa
+        self.on_exit, self.max_exits = on_exit, max_exits
+        self._mem.sync = self._sync
+        sw.fast_ok = False
+        sw.stop = sw.exit = None
+        sw.snap_valid = False
+        sw.loaded = None
+        sw.last_exit_rip = None
+        sw.defer_dispatch = True
+        try:
+            self.enter(in_hook=False)
+        finally:
+            sw.defer_dispatch = False
+        if sw.exit is not None and sw.stop is None and not self.dispatch_loop():
+            return False
+        return sw.stop is None
+
+    def enter(self, in_hook: bool) -> bool:
+        """VMRUN's checks and guest-state load; False after VMEXIT_INVALID."""
+        self.ext.before_vmrun(self._cpu)
+        sw = self.sw
+        if not (in_hook and sw.fast_ok and not sw.vmcb_written):
+            return self._enter_full(in_hook)
+        # Re-entry after an exit whose handler touched only RAX/RSP/RIP
+        # (never-cached fields, APM §15.15.3): everything else was checked and
+        # loaded at the last VMRUN and is still what the processor holds.
+        mv = self._view
+        b = self._ctl.vmcb_hpa
+        rip = _Q.unpack_from(mv, b + OFF_RIP)[0]
+        rsp = _Q.unpack_from(mv, b + OFF_RSP)[0]
+        rax = _Q.unpack_from(mv, b + OFF_RAX)[0]
+        o_rax, o_rsp = sw.saved_regs
+        st = self._st
+        if sw.snap_valid and (st.dirty or rax != o_rax or rsp != o_rsp):
+            if rax != o_rax:              # the snapshot is current: patch and store once
+                st.set_gpr(0, rax)
+            if rsp != o_rsp:
+                st.set_gpr(4, rsp)
+            st.store()
+        else:
+            if st.dirty:
+                st.store()
+            if rax != o_rax:
+                st.reg_write(_RAX, rax)
+            if rsp != o_rsp:
+                st.reg_write(_RSP, rsp)
+        sw.snap_valid = False
+        tlb_ctl = mv[b + OFF_TLB_CONTROL]
+        if tlb_ctl or self._tlb.mode is TlbMode.FLUSH_ON_SWITCH:
+            self.tlb_control(tlb_ctl)      # TLB_CONTROL acts on every VMRUN
+        if self._xmod_pages:
+            self._xmod_commit()      # after the flush: it refills through current translations
+        self._drop_walker()
+        sw.gif = True
+        sw.entry_rip = rip
+        return True
+
+    def _enter_full(self, in_hook: bool) -> bool:
+        """VMRUN through every check: §15.5.1, the controls, the guest state, the entry events."""
+        sw = self.sw
+        sw.fast_ok = False
+        self.flush_guest_state()
+        st = self._st
+        if st.dirty:
+            st.store()
+        sw.snap_valid = False
+        mv, b = self._view, self._ctl.vmcb_hpa
+        v = VmcbImage.read(mv, b)
+        # SEV first: an SEV-ES guest's state comes from its VMSA (APM §15.35.8)
+        why = self.ext.vmrun_check(self._cpu, v.asid, v.np_control) or consistency(v, self._mem.size)
+        if why:
+            self._vmexit_invalid(why, v.rip)
+            return False
+        # host state goes to VM_HSAVE_PA (format is implementation-specific)
+        sw.gif = True
+        flush = self._latch_controls(v)
+        if self._load_guest_state(v):
+            flush = True
+        st.reg_write(_RAX, v.rax)
+        st.reg_write(_RSP, v.rsp)
+        st.reg_write(_RFLAGS, v.rflags)
+        sw.entry_rip = v.rip
+        if not in_hook:
+            st.reg_write(_RIP, v.rip)
+        if v.tlb_control or self._tlb.mode is TlbMode.FLUSH_ON_SWITCH:
+            self.tlb_control(v.tlb_control)
+        elif flush:
+            self._flush_soft_tlb()
+        if self._xmod_pages:
+            self._xmod_commit()          # after the flush: it refills through current translations
+        self._drop_walker()
+        self._arm_scanner()
+        # event injection (APM §15.20)
+        if not v.eventinj & Event.VALID and not _Q.unpack_from(mv, b + OFF_V_INTR)[0] & VIntr.V_IRQ:
+            sw.fast_ok = True
+        defer, sw.defer_dispatch = sw.defer_dispatch, True
+        try:
+            self._entry_events(v.eventinj, v.rip, v.rflags)
+        finally:
+            sw.defer_dispatch = defer
+        return sw.exit is None and sw.stop is None
+
+    def _vmexit_invalid(self, why: str, rip: int) -> None:
+        """VMEXIT_INVALID: no guest state was loaded and no instruction runs."""
+        self.invalid_reason = why
+        _EXIT3.pack_into(self._view, self._ctl.vmcb_hpa + OFF_EXITCODE, ExitCode.INVALID, 0, 0)
+        self.exit_count += 1
+        self.sw.exit = ExitRecord(int(ExitCode.INVALID), 0, 0, 0, rip, 0, b"", self.exit_count)
+        self.sw.exit_resumable = True
+
+    def _latch_controls(self, v: VmcbImage) -> bool:
+        """Take the controls VMRUN works from; True when the translation context changed."""
+        ctl = self._ctl
+        ctl.ivec = v.ivec
+        ctl.iopm_hpa, ctl.msrpm_hpa = v.iopm, v.msrpm
+        np_on = bool(v.np_control & NpControl.NP_ENABLE)
+        # Unicorn's soft TLB is untagged: empty it whenever the translation
+        # context changes; the ASID-tagged model behind it keeps its entries.
+        flush = v.asid != ctl.asid or np_on != ctl.np or (np_on and v.n_cr3 != ctl.n_cr3)
+        ctl.np, ctl.n_cr3, ctl.asid = np_on, v.n_cr3 & _N_CR3_ADDR, v.asid
+        ctl.tsc_offset = v.tsc_offset
+        return flush
+
+    def _load_guest_state(self, v: VmcbImage) -> bool:
+        """Full load of control and segment state, when the VMCB's differs from
+        what the processor holds (the first run, or the hypervisor changed it)."""
+        sw, st, mv, b = self.sw, self._st, self._view, self._ctl.vmcb_hpa
+        snap = self.snapshot_vmcb()
+        if snap == sw.loaded:
+            return False
+        st.reg_write(X.UC_X86_REG_CR0, v.cr0)
+        st.reg_write(X.UC_X86_REG_CR4, v.cr4)
+        self._uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, v.efer & ~EFER_SVME))
+        st.reg_write(X.UC_X86_REG_CR3, v.cr3)
+        st.reg_write(X.UC_X86_REG_CR2, v.cr2)
+        st.reg_write(X.UC_X86_REG_DR6, v.dr6)
+        st.reg_write(X.UC_X86_REG_DR7, v.dr7)
+        st.load()
+        if bool(st.efer & EFER_LMA) != bool(v.efer & EFER_LMA):
+            st.set_lma(bool(v.efer & EFER_LMA))      # e.g. a legacy-mode guest after a long-mode one
+        for name in _SEGMENT_REGS:
+            st.set_seg(SEG_INDEX[name], *get_seg(mv, b + SEGMENTS[name]))
+        for name in ("GDTR", "IDTR"):
+            _, base, limit, _ = get_seg(mv, b + SEGMENTS[name])
+            st.set_dtable(name, base, limit)
+        st.set_cpl(mv[b + OFF_CPL] if v.cr0 & 1 else 0)
+        st.store()
+        sw.loaded = snap
+        return True
+
+    def snapshot_vmcb(self) -> bytes:
+        """The state-save fields a full load takes, as bytes (see ``SwitchState.loaded``)."""
+        b, mv = self._ctl.vmcb_hpa, self._view
+        return b"".join(bytes(mv[b + lo:b + hi]) for lo, hi in _LOADED_RANGES)
+
+    def tlb_control(self, tlb_ctl: int) -> None:
+        """VMRUN carries out TLB_CONTROL (APM §15.16.2, Table 15-11); in
+        pre-ASID mode every world switch flushes everything."""
+        tlb, asid = self._tlb, self._ctl.asid
+        if tlb.mode is TlbMode.FLUSH_ON_SWITCH or tlb_ctl == TlbControl.FLUSH_ALL:
+            tlb.flush_all()
+        elif tlb_ctl == TlbControl.FLUSH_ASID:
+            tlb.flush_asid(asid)
+        elif tlb_ctl == TlbControl.FLUSH_ASID_LOCAL:
+            tlb.flush_asid(asid, keep_global=True)
+        elif tlb_ctl:
+            tlb.flush_all()          # reserved encodings: the safe superset
+        self._flush_soft_tlb()
+        self._cpu.tlb_control_done = bool(tlb_ctl)
+
+    # ------------------------------------------------------------ #VMEXIT
+    def vmexit(self, code: int, info1: int, info2: int, *, rip: int, nrip: int, insn: bytes = b"",
+               exitintinfo: int = 0, fresh: bool = False) -> ExitRecord:
+        """#VMEXIT (APM §15.6): save guest state and the exit information into the VMCB.
+
+        RIP, RSP and RAX -- the fields a handler touches on nearly every exit --
+        are written at once; the rest (RFLAGS included, which Unicorn computes
+        lazily and costs a call to read) of the state-save area is written
+        back lazily, before the hypervisor's first access to it through
+        HostMemory (``host_access``).  Either way nothing that reads host memory can
+        see the VMCB before it holds the guest state.
+        """
+        st = self._st if fresh else self._st.load()
+        cpu = self._cpu
+        self.ext.at_vmexit(cpu)              # SEV: DRAM holds ciphertext before the hypervisor runs
+        mv = self._view
+        b = self._ctl.vmcb_hpa
+        rax, rsp = st.gpr(0), st.gpr(4)
+        _Q.pack_into(mv, b + OFF_RIP, rip)
+        _Q.pack_into(mv, b + OFF_RSP, rsp)
+        _Q.pack_into(mv, b + OFF_RAX, rax)
+        sw = self.sw
+        sw.saved_regs = (rax, rsp)
+        sw.snap_valid = True
+        sw.lazy_pending = True
+        sw.vmcb_written = False
+        self._mem.sync = self._sync
+        _EXIT4.pack_into(mv, b + OFF_EXITCODE, code & M64, info1 & M64, info2 & M64, exitintinfo)
+        _Q.pack_into(mv, b + OFF_NRIP, nrip)
+        _Q.pack_into(mv, b + OFF_EVENTINJ, 0)          # EVENTINJ consumed
+        mv[b + OFF_GUEST_INSN_LEN] = len(insn) & 0xF
+        if insn:
+            mv[b + GUEST_INSN_BYTES:b + GUEST_INSN_BYTES + len(insn)] = insn
+        self.exit_count += 1
+        rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
+        sw.exit = rec
+        sw.gif = False        # #VMEXIT clears GIF
+        self.ext.after_vmexit(cpu, rec)      # SEV-ES: state into the encrypted VMSA
+        return rec
+
+    def host_access(self, hpa: int, n: int, write: bool = False) -> None:
+        """The hypervisor reads or writes host memory (``HostMemory.sync``):
+        the VMCB must hold the guest state first, and a write to a page the
+        guest executed is cross-modifying code."""
+        self.ext.host_access(hpa, n, write)
+        off = hpa - self._ctl.vmcb_hpa
+        if off + n <= 0 or off >= VMCB_SIZE:
+            if write and self._code_hpa:
+                self._hypervisor_wrote(hpa, n)
+            return
+        if n == 8 and off in _EAGER_QWORDS:
+            return
+        for lo, hi in _EAGER:
+            if lo <= off and off + n <= hi:
+                return
+        if write and not (OFF_EXITCODE <= off and off + n <= EXIT_INFO_END):
+            self.sw.vmcb_written = True      # anything but the exit fields: reload at VMRUN
+        if off + n > SAVE_AREA:
+            self.flush_guest_state()
+
+    def flush_guest_state(self) -> None:
+        """Write the lazily saved part of the guest state into the VMCB."""
+        sw = self.sw
+        if not sw.lazy_pending:
+            return
+        sw.lazy_pending = False
+        st = self._st.load()
+        mv = self._view
+        b = self._ctl.vmcb_hpa
+        for name in _SEGMENT_REGS:
+            put_seg(mv, b + SEGMENTS[name], st.seg(SEG_INDEX[name]))
+        for name, (base, limit) in (("GDTR", st.gdt()), ("IDTR", st.idt())):
+            put_seg(mv, b + SEGMENTS[name], (0, base, limit, 0))
+        mv[b + OFF_CPL] = st.cpl
+        _Q.pack_into(mv, b + OFF_EFER, st.efer | EFER_SVME)
+        _CR4_TO_DR6.pack_into(mv, b + OFF_CR4, st.cr(4), st.cr(3), st.cr(0), st.dr(7), st.dr(6))
+        _Q.pack_into(mv, b + OFF_CR2, st.cr(2))
+        _Q.pack_into(mv, b + OFF_RFLAGS, st.reg_read(_RFLAGS))
+        sw.loaded = self.snapshot_vmcb()
+
+    def guest_gpr(self, i: int) -> int:
+        """Guest GPR ``i`` (QEMU order: rax rcx rdx rbx rsp rbp rsi rdi r8-r15).
+
+        The state snapshot taken at #VMEXIT is current while the hypervisor
+        runs; writes patch it and are stored at the next VMRUN."""
+        sw = self.sw
+        if not sw.snap_valid:
+            self._st.load()
+            sw.snap_valid = True
+        return self._st.gpr(i)
+
+    def set_guest_gpr(self, i: int, v: int) -> None:
+        sw = self.sw
+        if not sw.snap_valid:
+            self._st.load()
+            sw.snap_valid = True
+        self._st.set_gpr(i, v)
+
+    # ---------------------------------------------------- the dispatch loop
+    def after_exit_in_hook(self, rip: int, resumable: bool = True) -> None:
+        """Hand the exit to the hypervisor; resume in place or stop the run."""
+        sw = self.sw
+        sw.exit_resumable = resumable
+        if sw.defer_dispatch:
+            return                    # inside VMRUN itself: the caller dispatches
+        if self.dispatch_loop():
+            self._st.reg_write(_RIP, sw.entry_rip)
+            return
+        try:
+            self._uc.emu_stop()
+        except UcError:
+            pass
+        # the intercepted instruction must not execute; RIP is the last exit's
+        self._st.reg_write(_RIP, sw.last_exit_rip if sw.last_exit_rip is not None else rip)
+
+    def dispatch_loop(self) -> bool:
+        """The hypervisor loop: hand the pending exit to the handler and VMRUN again
+        while it resumes.  True when the guest continues at ``sw.entry_rip``."""
+        sw = self.sw
+        while True:
+            rec = sw.exit
+            sw.last_exit_rip = rec.rip
+            if self.exit_count >= self.max_exits:
+                sw.stop = StopInfo(StopReason.EXIT_BUDGET, f"{self.exit_count} exits")
+                return False
+            resume = False
+            if self.on_exit is not None:
+                resume = bool(self.on_exit(rec)) and sw.exit_resumable
+                if sw.stop is not None:
+                    return False
+            if not resume:
+                sw.stop = StopInfo(StopReason.EXIT)
+                return False
+            sw.exit = None
+            sw.defer_dispatch = True
+            try:
+                self.enter(in_hook=True)
+            finally:
+                sw.defer_dispatch = False
+            if sw.stop is not None:
+                return False
+            if sw.exit is None:
+                return True

@@ -1,0 +1,64 @@
+"""A fast subset of kvm-unit-tests, run unmodified under the sandbox.
+
+The binaries are not part of the project: they are read from a kvm-unit-tests
+build in ``../shared/kvm-unit-tests/`` next to the repository (or
+``$KVM_UNIT_TESTS_DIR``); the tests skip when it is absent.  Each binary boots
+as a multiboot kernel on the PC platform and must reach its SUMMARY line with
+at least the PASS count below and no FAIL.  The floors may only go up: they
+are what the sandbox achieved when they were set (the same as QEMU 7.2 TCG
+for these binaries, see BUILD.md in the build).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from sandbox import Machine
+from sandbox.svm.stop import StopReason
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def suite_dir() -> Path | None:
+    env = os.environ.get("KVM_UNIT_TESTS_DIR")
+    cands = [Path(env)] if env else [ROOT.parent / "shared" / "kvm-unit-tests",
+                                     ROOT.parent.parent / "shared" / "kvm-unit-tests"]
+    for d in cands:
+        if (d / "x86").is_dir():
+            return d / "x86"
+    return None
+
+
+X86 = suite_dir()
+
+#: binary -> (command line, PASS floor); tens of seconds together
+FLOORS = {
+    "tsc.flat": ("", 3),
+    "setjmp.flat": ("", 10),
+    "hypercall.flat": ("", 4),
+    "eventinj.flat": ("", 13),
+    "umip.flat": ("", 21),
+}
+
+
+@pytest.mark.skipif(X86 is None, reason="kvm-unit-tests build not found (../shared/kvm-unit-tests)")
+@pytest.mark.parametrize("binary", sorted(FLOORS))
+def test_binary_reaches_summary_with_floor(binary):
+    path = X86 / binary
+    if not path.exists():
+        pytest.skip(f"{binary} not built")
+    args, floor = FLOORS[binary]
+    # 64 MiB is enough for these (the image ends at ~16.2 MiB) and builds faster than 256
+    m = Machine(dram=96 << 20, ram=64 << 20, platform="pc")
+    m.load(str(path), append=args)
+    r = m.run(timeout=120)
+    out = r.console.replace("\r", "")
+    passed = len(re.findall(r"^PASS:", out, re.M))
+    failed = len(re.findall(r"^FAIL:", out, re.M))
+    assert r.reason == StopReason.GUEST_EXIT, f"{r.reason}: {r.detail}\n{out[-2000:]}"
+    assert re.search(r"^SUMMARY: ", out, re.M), out[-2000:]
+    assert passed >= floor and failed == 0, out[-2000:]
+    assert r.exit_code == 0 and m.platform.debug_exit.status == 1      # QEMU's "success" status
