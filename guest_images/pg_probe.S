@@ -14,7 +14,6 @@
 #   1 LGDT, LIDT -> SGDT, SIDT        2 LLDT, LTR -> SLDT, STR
 #   4 MOV CR0 (TS) -> SMSW            8 CLI -> PUSHF, POPF
 #   16 LGDT -> LAR, LSL, VERR, VERW, MOV from CS and SS
-# (a classic-mode run takes one phase at a time: see popek_goldberg.py).
 #
 # Before each step the kernel writes the step number to guest-physical
 # 0xF07F8, so the host can tell which step an exit belongs to.  Results

@@ -113,7 +113,7 @@ class _StopRequest:
                     if m is not None:
                         # the processor's own timeout path: flag, then emu_stop (a
                         # bare emu_stop would be resumed by an instruction budget)
-                        m.cpu._watchdog()
+                        m.cpu.expire_timeout()
         finally:
             os.close(r)
 

@@ -26,14 +26,6 @@ What a real ring-0 kernel sees is derived from the probe's own constants
 (the GDTR and IDTR it loads, its descriptors, CR0 with TS, IF after CLI
 and after POPF), not from either run.  An instruction *breaks* Popek and
 Goldberg when it does not trap and the kernel sees something else.
-
-**One processor-model defect shapes the classic runs**: Unicorn's QEMU
-remembers the vector of an exception the processor model intercepted (its
-``old_exception`` is cleared only when QEMU delivers one itself), so in one
-run a second trapped #GP arrives as a #DF (the monitor takes it as the #GP
-it is) and a third as a triple fault.  The classic probe therefore runs
-in five phases (one guest run each, at most two privileged traps per run);
-the SVM probe runs all phases at once.  The fix belongs in ``sandbox/svm``.
 """
 from __future__ import annotations
 
@@ -52,7 +44,7 @@ from .plotting import pyplot, save, subtitle
 
 IMAGE = "pg_probe.S"
 STEP = 0xF07F8
-PHASES = (1, 2, 4, 8, 16)
+ALL_PHASES = 0x1F                 # pg_probe.S runs every phase in one run
 RFLAGS_IF = 1 << 9
 REPORT = 0x50                     # the probe's "note my interrupt flag" hypercall
 
@@ -141,41 +133,30 @@ def probe(mode: str, mask: int) -> dict[str, Any]:
 
 
 def _steps(quick: bool) -> int:
-    return 1 + len(PHASES)
+    return 2
 
 
 def run_experiment(ctx: Context) -> Outcome:
     addr = _addresses()
-    svm = probe("svm", 0x1F)
+    svm = probe("svm", ALL_PHASES)
     ctx.step("svm")
-    classic_runs = []
-    for ph in PHASES:
-        classic_runs.append(probe("classic", ph))
-        ctx.step(f"classic phase {ph}")
-    # the classic phases fill disjoint result slots; merge them
-    merged = [0] * 17
-    for r in classic_runs:
-        merged = [a | b for a, b in zip(merged, r["results"])]
-    classic_exits: dict[int, list[str]] = {}
-    for r in classic_runs:
-        for rip, names in r["exits"].items():
-            classic_exits.setdefault(rip, []).extend(names)
-    classic_if = [x for r in classic_runs for x in r["vm_if"]]
+    classic = probe("classic", ALL_PHASES)
+    ctx.step("classic")
     want = expected()
-    seen = {"classic": _observed(merged, classic_if), "svm": _observed(svm["results"], svm["vm_if"])}
+    seen = {"classic": _observed(classic["results"], classic["vm_if"]), "svm": _observed(svm["results"], svm["vm_if"])}
 
     def trapped(exits: dict[int, list[str]], key: str) -> str:
         names = [n for n in exits.get(addr[key], []) if n != "EXCP_PF"]     # a shadow #PF is not a trap
-        return ", ".join("EXCP_GP (as #DF)" if n == "EXCP_DF" else n for n in names)
+        return ", ".join(names)
 
     rows, table = [], []
     for label, key in PRIVILEGED:
-        c, s = trapped(classic_exits, key), trapped(svm["exits"], key)
+        c, s = trapped(classic["exits"], key), trapped(svm["exits"], key)
         rows.append([label, "privileged", c or "no", "emulated", s or "no (runs on the VM's own state)", "", ""])
         table.append({"instruction": label, "kind": "privileged", "classic_trap": c, "svm_exit": s})
     broken = []
     for label, key, slot in SENSITIVE:
-        c, s = trapped(classic_exits, key), trapped(svm["exits"], key)
+        c, s = trapped(classic["exits"], key), trapped(svm["exits"], key)
         cv, sv = seen["classic"][slot], seen["svm"][slot]
         breaks = not c and cv != want[slot]
         if breaks:
@@ -212,12 +193,9 @@ def run_experiment(ctx: Context) -> Outcome:
                  "SVM (sensitive intercepts): exit", "SVM: kernel saw", "SVM correct"],
         rows=rows,
         data={"rows": table, "monitor_gdt": MONITOR_GDT, "monitor_cs": MON_CS | 3, "monitor_ss": MON_DS | 3,
-              "classic_emulated": [r["emulated"] for r in classic_runs], "phases": list(PHASES)},
+              "classic_emulated": classic["emulated"]},
         checks=checks,
-        notes=["Classic runs: one per phase (at most two privileged traps per guest run) because of a processor-"
-               "model defect: Unicorn's QEMU keeps the vector of an intercepted exception, so the second #GP of a "
-               "run arrives as #DF (taken as the #GP it is) and a third as a triple fault.",
-               "POPF row: what the guest saw is the interrupt flag the VM has after POPF (the monitor's virtual "
+        notes=[               "POPF row: what the guest saw is the interrupt flag the VM has after POPF (the monitor's virtual "
                "IF, or the real one under SVM), noted at the probe's report hypercall."])
 
 

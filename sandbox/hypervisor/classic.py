@@ -187,12 +187,6 @@ class ClassicMonitor:
     # -- traps ----------------------------------------------------------------------
     def on_exception(self, m: "Machine", e: ExitRecord) -> Action | None:
         vec = e.exitcode - excp(0)
-        if vec == 8 and not e.exitintinfo & (1 << 31):
-            # A #DF that no event delivery caused: Unicorn's QEMU keeps the
-            # vector of an exception the processor model intercepted (its
-            # ``old_exception`` is only cleared when QEMU itself delivers one),
-            # so the next #GP is combined into #DF.  Here it is that #GP.
-            vec = 13
         self.traps.append((e.rip, vec))
         if vec == 13 or vec == 6:
             code = m.read_virt(e.rip, 15)
