@@ -331,6 +331,10 @@ class SvmCpu:
     def guest_time_ns(self) -> int:
         return self._run.guest_time_ns
 
+    def idle_until(self, time_ns: int) -> None:
+        """The processor idles (HLT) until guest time ``time_ns``: the clock jumps there."""
+        self._run.idle_until(time_ns)
+
     @property
     def timer_period(self) -> int:
         return self._run.timer_period

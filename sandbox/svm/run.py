@@ -236,6 +236,12 @@ class RunLoop:
             return self.guest_clock + min(emu_counter(self._uc), self._slice_budget)
         return self.guest_clock
 
+    def idle_until(self, time_ns: int) -> None:
+        """Guest time jumps forward to ``time_ns`` (an idle processor); never backwards."""
+        now = self.guest_time_ns
+        if time_ns > now:
+            self.guest_clock += -(-(time_ns - now) * GUEST_IPS // 1_000_000_000)
+
     @property
     def guest_time_ns(self) -> int:
         return self._clock_now() * 1_000_000_000 // GUEST_IPS

@@ -42,7 +42,7 @@ from .debug_exit import IsaDebugExit
 from .fw_cfg import FwCfg
 from .msrs import CANONICAL_MSRS, MSR_TSC, NATIVE_MSRS, MachineCheckBanks
 from .pic import LegacyPic
-from ...svm.cpu import GUEST_IPS, TSC_HZ
+from ...svm.cpu import TSC_HZ
 from ..devices import MmioMode
 from ..handlers import KVM_ENOSYS, RESUME
 
@@ -205,9 +205,7 @@ class PcPlatform:
             d = self.apic.deadline_ns
             if d is not None:
                 # an idle processor: guest time runs on to the timer's deadline
-                now = m.cpu.guest_time_ns
-                if d > now:
-                    m.cpu.guest_clock += -(-(d - now) * GUEST_IPS // 1_000_000_000)
+                m.cpu.idle_until(d)
                 self.apic.timer_fired()
                 return RESUME
         return m.stop(StopReason.HALT, f"guest executed HLT at {e.rip:#x} with no interrupt to wake it")
