@@ -31,6 +31,9 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
         "the assembler (~90 ms to import) is needed only to build the differential's QEMU stub",
     ("sandbox.cli.run", "sandbox.cli.sev"):
         "the SEV stack imports cryptography and numpy (~0.5 s), which runs without --sev never need",
+    ("sandbox.experiments.plotting", "matplotlib"):
+        "matplotlib (0.5-3 s to import) is needed only to draw an experiment's plot, never by "
+        "'sandbox run', which imports the experiment registry for its subcommand",
 }
 
 #: Private attributes of objects the project does not own that a module may

@@ -27,6 +27,7 @@ from ..svm.intercepts import UnknownIntercept
 from ..svm.msrpm import msrpm_bit
 from ..svm.stop import StopReason
 from .errors import CliError
+from .experiment import add_parser as add_experiment_parser
 from .fuzz import add_parser, replay_case
 from .helpfmt import HelpFormatter
 
@@ -488,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--audit", action="store_true", help="for a saved fuzz case (.case): run the soundness audit too")
     r.set_defaults(fn=cmd_run)
     add_parser(sub)
+    add_experiment_parser(sub)
     return p
 
 
