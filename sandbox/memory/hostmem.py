@@ -52,7 +52,6 @@ class HostMemory:
         #: nothing), for the processor model and whole-memory tools such as
         #: snapshots; its slices are copies, and it bypasses :attr:`sync`
         self.raw = mmap.mmap(-1, 2 * size)
-        self._mm = self.raw                    # the older name, still read by sandbox.sev.memctl
         self._cbuf = (ctypes.c_char * (2 * size)).from_buffer(self.raw)
         #: raw view for the CPU model; hypervisor code uses the methods below
         self.view = memoryview(self.raw)

@@ -295,11 +295,6 @@ class SvmCpu:
         return self._ws.invalid_reason
 
     @property
-    def _invalid_reason(self) -> str:
-        # the older name, still read by sandbox.hypervisor.machine.handle_invalid
-        return self._ws.invalid_reason
-
-    @property
     def vmcb_hpa(self) -> int:
         """Host-physical address of the VMCB of the current (or last) VMRUN."""
         return self._ctl.vmcb_hpa
