@@ -182,3 +182,22 @@ def test_cpuid_shows_svm_only_with_nested(tmp_path):
     for nested, bit in ((True, 4), (False, 0)):
         m, _ = machine(tmp_path, src, "hlt\n", nested=nested)
         assert m.run(timeout=20).exit_code == bit
+
+
+def test_tsc_offsets_stack(tmp_path):
+    """§15.30.4: RDTSC returns TSC + TSC_OFFSET.  L0 gives L1 δ1, L1 gives L2 δ2:
+    L2 reads T_H + δ1 + δ2, L1 reads T_H + δ1 (neither level intercepts RDTSC)."""
+    d1, d2 = 1 << 40, 1 << 44
+    l2 = "rdtsc\nshl rdx, 32\nor rax, rdx\nmov rdi, 0x1C0200\nmov [rdi], rax\nhlt\n"
+    l1 = L1_ENABLE + L1_VMRUN + "rdtsc\nshl rdx, 32\nor rax, rdx\nmov rdi, 0x1C0208\nmov [rdi], rax\n" \
+        + L1_EXIT_WITH_EXITCODE
+    m, v = machine(tmp_path, l1, l2, ("vmrun", "hlt"))
+    m.guest.vmcb.TSC_OFFSET = d1
+    v.TSC_OFFSET = d2
+    t0 = m.cpu.host_tsc()
+    r = m.run(timeout=20)
+    t1 = m.cpu.host_tsc()
+    assert r.exit_code == ExitCode.HLT
+    t_l2, t_l1 = struct.unpack("<QQ", m.guest.read_phys(0x1C0200, 16))
+    assert t0 + d1 + d2 <= t_l2 <= t1 + d1 + d2
+    assert t0 + d1 <= t_l1 <= t1 + d1
