@@ -229,6 +229,8 @@ class Machine:
         #: a world switch to another VMCB asked for by a handler (nested SVM), taken by :meth:`run`
         self._switch_pending = False
         #: nested SVM for the guest (opt-in, as KVM's ``nested=1``): see :mod:`sandbox.hypervisor.nested`
+        if nested and paging != "nested":
+            raise ValueError("nested SVM needs nested paging for its guest (as KVM's nested=1 with npt=1)")
         self.nested: NestedSvm | None = NestedSvm(self) if nested else None
 
     # -- more guests -----------------------------------------------------------
@@ -399,14 +401,16 @@ class Machine:
             # the flush requested through TLB_CONTROL happened at the last VMRUN
             self.cpu.tlb_control_done = False
             self.guest.vmcb.TLB_CONTROL = TlbControl.DO_NOTHING
+        nested_l2 = self.nested is not None and self.nested.guest_mode
+        if nested_l2:
+            rec.level = "L2"
         counts = self.counts
         counts[rec.exitcode] = counts.get(rec.exitcode, 0) + 1
         self.trace.append(rec)
         if self.on_exit_record is not None:
             self.on_exit_record(rec)
         h = self.handlers.get(rec.exitcode)
-        if self.nested is not None and self.nested.guest_mode:
-            rec.level = "L2"
+        if nested_l2:
             h = self.nested.handler_for(rec, h)
         if h is None:
             self._stop_reason = (StopReason.UNHANDLED_EXIT, f"no handler for {exit_name(rec.exitcode)} at {rec.rip:#x}")
