@@ -131,6 +131,10 @@ class NestedSvm:
         self.nested_runs = 0
         m.cpuid_overrides.setdefault((0x8000_0001, -1), self._cpuid_ext())
         m.cpuid_overrides.setdefault((0x8000_000A, -1), SVM_FEATURES)
+        if m.sev is None:                     # the extended leaves now reach Fn8000_000A
+            m.cpuid_overrides.setdefault((0x8000_0000, -1), (0x8000_000A, *FIXED_LEAVES[0][1:]))
+        #: L0's MSR handler before nested SVM took the exit (the PC platform's, or the default)
+        self._l0_msr = m.handlers.get(int(ExitCode.MSR), handle_msr)
         for code, fn in ((ExitCode.VMRUN, self.vmrun), (ExitCode.VMLOAD, self.vmload),
                          (ExitCode.VMSAVE, self.vmsave), (ExitCode.STGI, self.stgi), (ExitCode.CLGI, self.clgi),
                          (ExitCode.INVLPGA, self.invlpga), (ExitCode.MSR, self.msr)):
@@ -149,7 +153,7 @@ class NestedSvm:
     def msr(self, m: "Machine", e: ExitRecord) -> Action | None:
         """EFER (SVME is L1's virtual bit), VM_HSAVE_PA and VM_CR; the rest to L0's MSR handler."""
         if self.guest_mode:
-            return handle_msr(m, e)
+            return self._l0_msr(m, e)
         regs = m.regs
         msr, write = regs.rcx & M32, e.exitinfo1 == 1
         value = (regs.rax & M32) | (regs.rdx & M32) << 32
@@ -177,7 +181,7 @@ class NestedSvm:
             else:
                 regs.rax, regs.rdx = self.vm_cr & M32, self.vm_cr >> 32
         else:
-            return handle_msr(m, e)
+            return self._l0_msr(m, e)
         m.advance(e)
         return RESUME
 
