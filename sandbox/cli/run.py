@@ -160,7 +160,8 @@ def _machine(a: argparse.Namespace) -> Machine:
     platform = a.platform if a.platform is not None else ("pc" if multiboot else "none")
     try:
         m = Machine(dram=dram << 20, ram=ram << 20, npt_page=npt_page, paging=a.paging,
-                    tlb_mode=TlbMode(a.tlb), platform=None if platform == "none" else platform)
+                    tlb_mode=TlbMode(a.tlb), platform=None if platform == "none" else platform,
+                    nested=a.nested)
     except (ValueError, HostMemoryError) as e:
         raise CliError(str(e)) from None
     except (OSError, MemoryError) as e:
@@ -236,12 +237,14 @@ def _exit_printer(m: Machine, a: argparse.Namespace, err: Console, console: "Con
             try:
                 print(json.dumps({"exitcode": rec.exitcode, "exit": exit_name(rec.exitcode), "rip": rec.rip,
                                   "nrip": rec.nrip, "exitinfo1": rec.exitinfo1, "exitinfo2": rec.exitinfo2,
-                                  "exitintinfo": rec.exitintinfo, "insn": _disasm(m, rec.rip)}), flush=True)
+                                  "exitintinfo": rec.exitintinfo, "insn": _disasm(m, rec.rip),
+                                  **({"level": rec.level} if m.nested is not None else {})}), flush=True)
             except BrokenPipeError:
                 closed()
         else:
             console.flush()               # a partial console line goes out before the trace line
-            err.print(f"[dim]#{rec.index:<6}[/dim] {rec.rip:#018x}  {escape(_disasm(m, rec.rip)):<28} "
+            lvl = f"{rec.level} " if m.nested is not None else ""
+            err.print(f"[dim]#{rec.index:<6}[/dim] {lvl}{rec.rip:#018x}  {escape(_disasm(m, rec.rip)):<28} "
                       f"[bold]{exit_name(rec.exitcode):<14}[/bold] exitinfo1={rec.exitinfo1:#x} "
                       f"exitinfo2={rec.exitinfo2:#x} nrip={rec.nrip:#x}")
     return show
@@ -474,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--platform", choices=("none", "pc"), default=None,
                    help="devices beyond COM1: 'pc' (debug-exit, fw_cfg, PIC, local APIC); default: pc for a "
                         "multiboot kernel, else none")
+    r.add_argument("--nested", action="store_true",
+                   help="nested SVM: the guest may run its own guests (VMRUN emulated by this hypervisor)")
     r.add_argument("--paging", choices=("nested", "shadow"), default="nested",
                    help="memory virtualization: the processor's nested paging, or hypervisor shadow tables")
     r.add_argument("--npt-page", choices=("4k", "2m", "1g"), default="4k",

@@ -190,6 +190,8 @@ def _rdmsr(m: "Machine", msr: int) -> int | None:
 def _wrmsr(m: "Machine", msr: int, value: int) -> bool:
     """Perform WRMSR; False for #GP (an unknown MSR below C000_0000h)."""
     if msr == MSR_EFER:
+        if value & EFER_SVME:
+            return False                      # no nested SVM (CPUID says so): #GP, as KVM without nested
         m.guest.vmcb.EFER = value | EFER_SVME
     elif msr in m.msrs or msr >= 0xC000_0000:
         m.msrs[msr] = value

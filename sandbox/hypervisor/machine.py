@@ -39,6 +39,7 @@ from .multiboot import boot as boot_multiboot
 from .platform import PcPlatform
 from .platform import install as install_platform
 from .mmio import AccessForm
+from .nested import NestedSvm
 from .shadow import ShadowPager
 
 if TYPE_CHECKING:
@@ -193,7 +194,7 @@ class Machine:
 
     def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20, *, npt_page: int = PAGE_SIZE,
                  tlb_mode: TlbMode = TlbMode.TAGGED, paging: str = "nested",
-                 platform: str | None = None) -> None:
+                 platform: str | None = None, nested: bool = False) -> None:
         if paging not in PAGING_MODES:
             raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
         self.mem = HostMemory(dram)
@@ -236,6 +237,12 @@ class Machine:
         self.shadow: ShadowPager | None = ShadowPager(self) if paging == "shadow" else None
         #: devices and interrupt plumbing beyond COM1 (``platform="pc"``: see sandbox.hypervisor.platform)
         self.platform: PcPlatform | None = install_platform(self, platform) if platform is not None else None
+        #: a world switch to another VMCB asked for by a handler (nested SVM), taken by :meth:`run`
+        self._switch_pending = False
+        #: nested SVM for the guest (opt-in, as KVM's ``nested=1``): see :mod:`sandbox.hypervisor.nested`
+        if nested and paging != "nested":
+            raise ValueError("nested SVM needs nested paging for its guest (as KVM's nested=1 with npt=1)")
+        self.nested: NestedSvm | None = NestedSvm(self) if nested else None
 
     # -- more guests -----------------------------------------------------------
     def add_guest(self, asid: int, ram: int | None = None, npt_page: int | None = None) -> Guest:
@@ -258,6 +265,13 @@ class Machine:
         if guest not in self.guests:
             raise ValueError("not a guest of this machine")
         self.guest = guest
+
+    def switch_to(self, guest: Guest) -> Action:
+        """From a handler: end this VMRUN and enter ``guest`` next (the
+        processor takes the other VMCB at once, inside the same :meth:`run`)."""
+        self.use(guest)
+        self._switch_pending = True
+        return STOP
 
     # -- devices ---------------------------------------------------------------
     def map_mmio(self, gpa: int, size: int, device: object, mode: MmioMode = MmioMode.TRAP) -> MmioRegion:
@@ -409,6 +423,9 @@ class Machine:
             # the flush requested through TLB_CONTROL happened at the last VMRUN
             self.cpu.tlb_control_done = False
             self.guest.vmcb.TLB_CONTROL = TlbControl.DO_NOTHING
+        nested_l2 = self.nested is not None and self.nested.guest_mode
+        if nested_l2:
+            rec.level = "L2"
         counts = self.counts
         code = rec.exitcode
         key = _EXIT_KEYS.get(code, code)
@@ -417,6 +434,8 @@ class Machine:
         if self.on_exit_record is not None:
             self.on_exit_record(rec)
         h = self.handlers.get(code)
+        if nested_l2:
+            h = self.nested.handler_for(rec, h)
         if h is None:
             self._stop_reason = (StopReason.UNHANDLED_EXIT, f"no handler for {exit_name(code)} at {rec.rip:#x}")
             return False
@@ -502,10 +521,15 @@ class Machine:
         # the processor stops when it takes exit number max_exits + 1 of this run, undispatched
         limits = RunLimits(max_insns=max_insns, timeout_s=timeout,
                            max_exits=self.cpu.exit_count + max_exits + 1)
-        try:
-            stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
-        except VmrunError as e:
-            stop = StopInfo(StopReason.ERROR, str(e))
+        while True:
+            self._switch_pending = False
+            try:
+                stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
+            except VmrunError as e:
+                stop = StopInfo(StopReason.ERROR, str(e))
+            # nested SVM: a world switch between L1 and L2 ends the processor's VMRUN; enter again
+            if not (self._switch_pending and self._stop_reason is None and stop.reason == StopReason.EXIT):
+                break
         if self._stop_reason is not None and stop.reason == StopReason.EXIT:
             reason, detail = self._stop_reason
         else:

@@ -83,6 +83,8 @@ class ExitRecord:
     nrip: int
     insn: bytes = b""
     index: int = 0
+    #: the guest level the exit came from, as the hypervisor sees it ("L1"; "L2" under nested SVM)
+    level: str = "L1"
 
     @property
     def name(self) -> str:

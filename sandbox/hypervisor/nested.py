@@ -1,0 +1,419 @@
+"""Nested SVM: the guest (L1) runs its own guest (L2) under the sandbox's hypervisor (L0).
+
+Opt-in, as in KVM (``Machine(nested=True)``, ``sandbox run --nested``); the
+design follows KVM's ``arch/x86/kvm/svm/nested.c``:
+
+* L1 sees SVM in CPUID and may set EFER.SVME, VM_HSAVE_PA and VM_CR (MSR
+  intercepts on L1's VMCB, "VMCB01").
+* L1's VMRUN is intercepted by L0: VMCB12 (in L1 memory, RAX = its GPA) is
+  checked with the processor's own §15.5.1 checks, then L0 builds VMCB02:
+  L2's state from VMCB12's save area, intercepts = L0's | L1's, merged
+  IOPM/MSRPM, TSC_OFFSET = L0's + L1's, an ASID of its own, and nested paging
+  through either L0's NPT (VMCB12 without NP: L2 physical = L1 physical) or a
+  shadow NPT L0 builds on VMEXIT_NPF by walking L1's NPT (at VMCB12.N_CR3, in
+  L1 memory) and composing it with L0's.  VMCB01 keeps L1's state: it is the
+  host save area (KVM keeps it in the vCPU, VM_HSAVE_PA is only recorded).
+* An L2 exit that L1 intercepts (VMCB12's vectors, L1's IOPM/MSRPM, an NPF of
+  L1's NPT) is reflected: an emulated #VMEXIT into VMCB12 (exit fields and the
+  L2 save area), L1 resumes after its VMRUN with GIF = 0 (APM §15.6, §15.17).
+  Any other L2 exit goes to L0's own handler table and L2 resumes.
+* STGI/CLGI (a virtual GIF), VMLOAD/VMSAVE on L1 GPAs and INVLPGA are emulated.
+
+Between levels the machine re-enters the processor with the other VMCB
+(``Machine.switch_to``); the general-purpose registers other than RAX/RSP
+stay in the processor, as VMRUN and #VMEXIT leave them on hardware.
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from unicorn import x86_const as X
+
+from ..arch import EFER_SVME, M64, MSR_EFER
+from ..memory.hostmem import PAGE_SIZE
+from ..memory.npt import NestedPageTable
+from ..memory.paging import PFErr, walk
+from ..svm.consistency import IOPM_SIZE, MSRPM_SIZE, VmcbImage, consistency
+from ..svm.cpu import ExitRecord
+from ..svm.cpustate import R_FS, R_GS
+from ..svm.events import Vec
+from ..svm.exitcodes import ExitCode
+from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
+from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
+from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, NpControl, TlbControl, VIntr)
+from ..svm.world_switch import get_seg, put_seg
+from .handlers import FIXED_LEAVES, RESUME, Action, handle_msr
+
+if TYPE_CHECKING:
+    from .guest import Guest
+    from .machine import Machine
+
+MSR_VM_CR = 0xC001_0114
+MSR_VM_HSAVE_PA = 0xC001_0117
+#: VM_CR.SVMDIS (bit 4): SVM disabled; L1 may not set it while EFER.SVME is 1
+VM_CR_SVMDIS = 1 << 4
+M32 = 0xFFFF_FFFF
+#: the state-save area VMRUN loads and #VMEXIT saves (segments ES .. the last MSR field)
+SAVE_LEN = 0x700 - SAVE_AREA
+_Q = struct.Struct("<Q")
+#: the MSRs VMLOAD/VMSAVE move (APM §15.5.2): STAR LSTAR CSTAR SFMASK KernelGsBase SYSENTER_CS/ESP/EIP
+_VMSAVE_MSRS = ((OFF_STAR + 0x00, 0xC000_0081), (OFF_STAR + 0x08, 0xC000_0082), (OFF_STAR + 0x10, 0xC000_0083),
+                (OFF_STAR + 0x18, 0xC000_0084), (OFF_STAR + 0x20, 0xC000_0102), (OFF_STAR + 0x28, 0x174),
+                (OFF_STAR + 0x30, 0x175), (OFF_STAR + 0x38, 0x176))
+#: Fn8000_000A: revision 1, 16 ASIDs, EDX: NP (0), NRIPS (3), VMCB clean bits (5)
+SVM_FEATURES = (1, 16, 0, (1 << 0) | (1 << 3) | (1 << 5))
+
+
+class NestedContext:
+    """VMCB02: the context L0 runs L2 in (what :meth:`Machine.use` switches to).
+
+    Guest-like for the default handlers: ``vmcb``, ``iopm``, ``msrpm``,
+    ``npt`` (L0's NPT of L1 without NP in VMCB12, else the shadow NPT) and
+    guest-physical access through it."""
+
+    def __init__(self, l1: "Guest", asid: int) -> None:
+        mem = l1.mem
+        self.mem, self.l1, self.ram_size, self.npt_page = mem, l1, l1.ram_size, PAGE_SIZE
+        self.vmcb_hpa = mem.alloc_page()
+        self.vmcb = VMCB(mem, self.vmcb_hpa)
+        self.iopm = IOPM(mem, mem.alloc_contiguous(IOPM_PAGES))
+        self.msrpm = MSRPM(mem, mem.alloc_contiguous(MSRPM_PAGES))
+        self.shadow = NestedPageTable(mem)
+        self.npt: NestedPageTable = l1.npt
+        self.asid = asid
+        self.ram = l1.ram
+
+    def gpa_to_hpa(self, gpa: int) -> int:
+        hpa = self.npt.lookup(gpa)
+        if hpa is None:
+            raise KeyError(f"L2 GPA {gpa:#x} is not mapped")
+        return hpa
+
+    def read_phys(self, gpa: int, n: int) -> bytes:
+        out = b""
+        while n > 0:
+            chunk = min(n, PAGE_SIZE - (gpa & 0xFFF))
+            out += self.mem.read(self.gpa_to_hpa(gpa), chunk)
+            gpa, n = gpa + chunk, n - chunk
+        return out
+
+    def reset_shadow(self) -> None:
+        """Forget every shadow mapping (a new VMRUN may come with a changed L1 NPT)."""
+        sh, mem = self.shadow, self.mem
+        for t in sh.tables - {sh.root}:
+            mem.free_page(t)
+        mem.write(sh.root, bytes(PAGE_SIZE))
+        sh.tables = {sh.root}
+        sh.leaves = {}
+
+
+class NestedSvm:
+    """L0's emulation of SVM for its guest: installs itself on ``m`` (handlers, CPUID, MSRs)."""
+
+    def __init__(self, m: "Machine") -> None:
+        self.m = m
+        self.l1 = m.guest
+        asid = max(g.vmcb.GUEST_ASID for g in m.guests) + 1
+        self.ctx = NestedContext(self.l1, asid)
+        m.guests.append(self.ctx)             # type: ignore[arg-type]  (Guest-like)
+        #: L1's view: EFER.SVME, VM_HSAVE_PA, VM_CR, the virtual GIF
+        self.svme = False
+        self.hsave_pa = 0
+        self.vm_cr = 0
+        self.gif = True
+        #: in guest mode (L2 runs): the HPA and GPA of VMCB12, and whether it enables NP
+        self.guest_mode = False
+        self.vmcb12_hpa = 0
+        self.vmcb12_gpa = 0
+        self.np12 = False
+        self.n_cr3_12 = 0
+        self.nested_runs = 0
+        m.cpuid_overrides.setdefault((0x8000_0001, -1), self._cpuid_ext())
+        m.cpuid_overrides.setdefault((0x8000_000A, -1), SVM_FEATURES)
+        if m.sev is None:                     # the extended leaves now reach Fn8000_000A
+            m.cpuid_overrides.setdefault((0x8000_0000, -1), (0x8000_000A, *FIXED_LEAVES[0][1:]))
+        #: L0's MSR handler before nested SVM took the exit (the PC platform's, or the default)
+        self._l0_msr = m.handlers.get(int(ExitCode.MSR), handle_msr)
+        for code, fn in ((ExitCode.VMRUN, self.vmrun), (ExitCode.VMLOAD, self.vmload),
+                         (ExitCode.VMSAVE, self.vmsave), (ExitCode.STGI, self.stgi), (ExitCode.CLGI, self.clgi),
+                         (ExitCode.INVLPGA, self.invlpga), (ExitCode.MSR, self.msr)):
+            m.handlers[int(code)] = fn
+        v = self.l1.vmcb
+        v.set_intercept(ExitCode.MSR)
+        for msr in (MSR_EFER, MSR_VM_CR, MSR_VM_HSAVE_PA):
+            self.l1.msrpm.set(msr, read=True, write=True)
+
+    @staticmethod
+    def _cpuid_ext() -> tuple[int, int, int, int]:
+        a, b, c, d = FIXED_LEAVES[0x8000_0001]
+        return a, b, c | (1 << 2), d           # ECX[2]: SVM
+
+    # ------------------------------------------------------------------ L1's MSRs
+    def msr(self, m: "Machine", e: ExitRecord) -> Action | None:
+        """EFER (SVME is L1's virtual bit), VM_HSAVE_PA and VM_CR; the rest to L0's MSR handler."""
+        if self.guest_mode:
+            return self._l0_msr(m, e)
+        regs = m.regs
+        msr, write = regs.rcx & M32, e.exitinfo1 == 1
+        value = (regs.rax & M32) | (regs.rdx & M32) << 32
+        if msr == MSR_EFER:
+            if not write:
+                v = (m.guest.vmcb.EFER & ~EFER_SVME) | (EFER_SVME if self.svme else 0)
+                regs.rax, regs.rdx = v & M32, v >> 32
+            elif value & EFER_SVME and self.vm_cr & VM_CR_SVMDIS:
+                m.inject(Vec.GP, error_code=0)
+                return RESUME
+            else:
+                self.svme = bool(value & EFER_SVME)
+                m.guest.vmcb.EFER = value | EFER_SVME
+        elif msr == MSR_VM_HSAVE_PA:
+            if write and value & 0xFFF:
+                m.inject(Vec.GP, error_code=0)
+                return RESUME
+            if write:
+                self.hsave_pa = value
+            else:
+                regs.rax, regs.rdx = self.hsave_pa & M32, self.hsave_pa >> 32
+        elif msr == MSR_VM_CR:
+            if write:
+                self.vm_cr = value & VM_CR_SVMDIS
+            else:
+                regs.rax, regs.rdx = self.vm_cr & M32, self.vm_cr >> 32
+        else:
+            return self._l0_msr(m, e)
+        m.advance(e)
+        return RESUME
+
+    # ------------------------------------------------------------------ checks
+    def _svm_insn_faults(self, m: "Machine", e: ExitRecord, *, rax_page: bool) -> bool:
+        """#UD without L1's EFER.SVME, #GP for a VMCB address outside L1's memory; True when raised."""
+        if not self.svme:
+            m.inject(Vec.UD)
+            return True
+        if m.guest.vmcb.CPL:
+            m.inject(Vec.GP, error_code=0)
+            return True
+        if rax_page:
+            gpa = m.regs.rax
+            if gpa & 0xFFF or gpa + PAGE_SIZE > self.l1.ram_size or self.l1.npt.lookup(gpa) is None:
+                m.inject(Vec.GP, error_code=0)
+                return True
+        return False
+
+    # ------------------------------------------------------------------ VMRUN
+    def vmrun(self, m: "Machine", e: ExitRecord) -> Action | None:
+        if self.guest_mode:                   # L2's VMRUN: L1 always intercepts it (checked at VMRUN)
+            return self.reflect(e)
+        if self._svm_insn_faults(m, e, rax_page=True):
+            return RESUME
+        gpa = m.regs.rax
+        hpa12 = self.l1.gpa_to_hpa(gpa)
+        nrip = e.nrip or e.rip + 3
+        img = VmcbImage.read(m.mem.view, hpa12)
+        why = consistency(img, self.l1.ram_size)
+        v12 = VMCB(m.mem, hpa12)
+        if why:
+            # VMEXIT_INVALID for L1 (APM §15.5.1): EXITCODE = -1, L1 goes on after its VMRUN
+            v12.EXITCODE, v12.EXITINFO1, v12.EXITINFO2 = M64, 0, 0
+            self.invalid_reason = why
+            m.advance(e, nrip)
+            return RESUME
+        self.vmcb12_hpa, self.vmcb12_gpa = hpa12, gpa
+        self.l1.vmcb.RIP = nrip               # where L1 resumes at the #VMEXIT that ends L2
+        self._build_vmcb02(m, v12, img)
+        self.guest_mode = True
+        self.gif = True                        # VMRUN sets GIF
+        self.nested_runs += 1
+        return m.switch_to(self.ctx)          # type: ignore[arg-type]
+
+    def _build_vmcb02(self, m: "Machine", v12: VMCB, img: VmcbImage) -> None:
+        ctx, mem, v01 = self.ctx, m.mem, self.l1.vmcb
+        hpa02, hpa12 = ctx.vmcb_hpa, self.vmcb12_hpa
+        mem.write(hpa02, bytes(PAGE_SIZE))
+        mem.write(hpa02 + SAVE_AREA, mem.read(hpa12 + SAVE_AREA, SAVE_LEN))
+        v02 = ctx.vmcb
+        w01 = struct.unpack("<6I", mem.read(self.l1.vmcb_hpa + OFF_INTERCEPTS, 24))
+        mem.write(hpa02 + OFF_INTERCEPTS, struct.pack("<6I", *(a | b for a, b in zip(w01, img.ivec))))
+        # permission maps: a bit set in L0's or (when L1 intercepts the class) in L1's
+        self._merge(ctx.iopm.hpa, self.l1.iopm.hpa, img.iopm if img.intercepted(ExitCode.IOIO) else None, IOPM_SIZE)
+        self._merge(ctx.msrpm.hpa, self.l1.msrpm.hpa, img.msrpm if img.intercepted(ExitCode.MSR) else None,
+                    MSRPM_SIZE)
+        v02.IOPM_BASE_PA, v02.MSRPM_BASE_PA = ctx.iopm.hpa, ctx.msrpm.hpa
+        v02.TSC_OFFSET = (v01.TSC_OFFSET + img.tsc_offset) & M64
+        v02.GUEST_ASID = ctx.asid
+        v02.TLB_CONTROL = TlbControl.FLUSH_ASID
+        v02.V_INTR = v12.V_INTR
+        v02.INTERRUPT_SHADOW = v12.INTERRUPT_SHADOW
+        v02.EVENTINJ = img.eventinj
+        v02.NP_CONTROL = NpControl.NP_ENABLE
+        self.np12 = bool(img.np_control & NpControl.NP_ENABLE)
+        if self.np12:                          # L2 GPA -> L1's NPT -> L1 GPA -> L0's NPT: a shadow NPT
+            self.n_cr3_12 = img.n_cr3
+            ctx.reset_shadow()
+            ctx.npt = ctx.shadow
+        else:                                  # L2 physical = L1 physical
+            ctx.npt = self.l1.npt
+        v02.N_CR3 = ctx.npt.n_cr3
+        v02.set_intercept(ExitCode.NPF)
+
+    def _merge(self, dst: int, l0: int, l1_gpa: int | None, size: int) -> None:
+        mem = self.m.mem
+        bits = int.from_bytes(mem.read(l0, size), "little")
+        if l1_gpa is not None:
+            try:
+                bits |= int.from_bytes(self.l1.read_phys(l1_gpa, size), "little")
+            except KeyError:
+                bits = (1 << (8 * size)) - 1   # outside L1's memory: everything exits
+        mem.write(dst, bits.to_bytes(size, "little"))
+
+    # ------------------------------------------------------------------ L2 exits
+    def handler_for(self, rec: ExitRecord, h):
+        """The handler of an exit taken while L2 runs: reflect it to L1, or L0's own."""
+        if rec.exitcode == ExitCode.NPF:
+            return self._npf if self.np12 else h
+        if rec.exitcode == ExitCode.VMRUN or self._l1_intercepts(rec):
+            return lambda m, e: self.reflect(e)
+        return h
+
+    def _l1_intercepts(self, rec: ExitRecord) -> bool:
+        v12 = VMCB(self.m.mem, self.vmcb12_hpa)
+        code = rec.exitcode
+        if code in (ExitCode.INTR, ExitCode.NMI, ExitCode.INVALID) or code > 0x400:
+            return False                        # physical events stay with L0
+        if not v12.intercept(code):
+            return False
+        if code == ExitCode.IOIO:
+            info = rec.exitinfo1
+            port = info >> 16 & 0xFFFF
+            size = 1 if info & IoioInfo.SZ8 else (2 if info & IoioInfo.SZ16 else 4)
+            base = v12.IOPM_BASE_PA & ~0xFFF
+            try:
+                raw = self.l1.read_phys(base + (port >> 3), 2)
+            except KeyError:
+                return True
+            bits = int.from_bytes(raw, "little") >> (port & 7)
+            return bool(bits & ((1 << size) - 1))
+        if code == ExitCode.MSR:
+            bit = msrpm_bit(self.m.regs.rcx & M32, rec.exitinfo1 == 1)
+            if bit is None:
+                return True
+            try:
+                byte = self.l1.read_phys((v12.MSRPM_BASE_PA & ~0xFFF) + (bit >> 3), 1)[0]
+            except KeyError:
+                return True
+            return bool(byte >> (bit & 7) & 1)
+        return True
+
+    def _npf(self, m: "Machine", e: ExitRecord) -> Action | None:
+        """VMEXIT_NPF from L2 with L1's NPT: fix the shadow, or reflect L1's NPF."""
+        l2gpa = e.exitinfo2
+        err = e.exitinfo1
+        access = 1 if err & PFErr.W else (2 if err & PFErr.ID else 0)
+        npt01 = self.l1.npt
+
+        def rd(a: int) -> int:
+            hpa = npt01.lookup(a)
+            if hpa is None:
+                raise LookupError(a)
+            return _Q.unpack_from(m.mem.view, hpa)[0]
+
+        def wr(a: int, v: int) -> None:
+            m.mem.write(npt01.lookup(a), _Q.pack(v))
+        try:
+            r = walk(self.n_cr3_12, l2gpa, access, True, rd, wr, wp=True, nxe=True)
+        except LookupError:
+            r = None
+        if r is None or r.fault is not None:
+            fault = (r.fault if r is not None else int(PFErr.P | PFErr.RSVD))
+            info1 = fault | (err & (PFErr.FINAL | PFErr.PT_WALK))
+            return self.reflect(ExitRecord(int(ExitCode.NPF), info1, l2gpa, e.exitintinfo, e.rip, 0, e.insn))
+        hpa = npt01.lookup(r.phys & ~0xFFF)
+        if hpa is None:
+            return m.stop("npf", f"L2 GPA {l2gpa:#x} -> L1 GPA {r.phys:#x} is not L1 RAM (MMIO under L2 "
+                                 "is not emulated)")
+        self.ctx.shadow.map(l2gpa & ~0xFFF, hpa, write=r.writable, execute=r.executable)
+        return RESUME
+
+    def reflect(self, e: ExitRecord) -> Action:
+        """The emulated #VMEXIT from L2 to L1 (APM §15.6): exit fields and L2's state into
+        VMCB12, L1 on at the instruction after its VMRUN with GIF = 0."""
+        m, ctx = self.m, self.ctx
+        m.cpu.flush_guest_state()
+        mem, hpa12 = m.mem, self.vmcb12_hpa
+        v02, v12 = ctx.vmcb, VMCB(mem, hpa12)
+        mem.write(hpa12 + SAVE_AREA, mem.read(ctx.vmcb_hpa + SAVE_AREA, SAVE_LEN))
+        v12.EXITCODE, v12.EXITINFO1, v12.EXITINFO2 = e.exitcode & M64, e.exitinfo1 & M64, e.exitinfo2 & M64
+        v12.EXITINTINFO = e.exitintinfo
+        v12.NRIP = e.nrip
+        v12.EVENTINJ = 0
+        v12.INTERRUPT_SHADOW = v02.INTERRUPT_SHADOW
+        keep = VIntr.V_IRQ | 0xF                # V_IRQ and V_TPR go back to L1
+        v12.V_INTR = (v12.V_INTR & ~keep) | (v02.V_INTR & keep)
+        self.guest_mode = False
+        self.gif = False                        # #VMEXIT clears GIF (APM §15.17)
+        return m.switch_to(self.l1)
+
+    # ------------------------------------------------------------------ the other SVM instructions
+    def vmload(self, m: "Machine", e: ExitRecord) -> Action | None:
+        if self.guest_mode:
+            return self.reflect(e)
+        if self._svm_insn_faults(m, e, rax_page=True):
+            return RESUME
+        hpa, cpu = self.l1.gpa_to_hpa(m.regs.rax), m.cpu
+        cpu.guest_gpr(0)                         # the processor's snapshot is current
+        st, mv = cpu.st, m.mem.view
+        st.set_seg(R_FS, *get_seg(mv, hpa + SEGMENTS["FS"]))
+        st.set_seg(R_GS, *get_seg(mv, hpa + SEGMENTS["GS"]))
+        for name in ("TR", "LDTR"):
+            st.set_system_seg(name, *get_seg(mv, hpa + SEGMENTS[name]))
+        st.store()
+        for off, msr in _VMSAVE_MSRS:
+            cpu.uc.reg_write(X.UC_X86_REG_MSR, (msr, _Q.unpack_from(mv, hpa + off)[0]))
+        m.advance(e)
+        return RESUME
+
+    def vmsave(self, m: "Machine", e: ExitRecord) -> Action | None:
+        if self.guest_mode:
+            return self.reflect(e)
+        if self._svm_insn_faults(m, e, rax_page=True):
+            return RESUME
+        hpa, cpu = self.l1.gpa_to_hpa(m.regs.rax), m.cpu
+        cpu.guest_gpr(0)
+        st, mv = cpu.st, m.mem.view
+        put_seg(mv, hpa + SEGMENTS["FS"], st.seg(R_FS))
+        put_seg(mv, hpa + SEGMENTS["GS"], st.seg(R_GS))
+        put_seg(mv, hpa + SEGMENTS["TR"], st.tr())
+        put_seg(mv, hpa + SEGMENTS["LDTR"], st.ldt())
+        for off, msr in _VMSAVE_MSRS:
+            _Q.pack_into(mv, hpa + off, cpu.uc.reg_read(X.UC_X86_REG_MSR, msr))
+        m.advance(e)
+        return RESUME
+
+    def stgi(self, m: "Machine", e: ExitRecord) -> Action | None:
+        if self.guest_mode:
+            return self.reflect(e)
+        if self._svm_insn_faults(m, e, rax_page=False):
+            return RESUME
+        self.gif = True
+        m.advance(e)
+        return RESUME
+
+    def clgi(self, m: "Machine", e: ExitRecord) -> Action | None:
+        if self.guest_mode:
+            return self.reflect(e)
+        if self._svm_insn_faults(m, e, rax_page=False):
+            return RESUME
+        self.gif = False
+        m.advance(e)
+        return RESUME
+
+    def invlpga(self, m: "Machine", e: ExitRecord) -> Action | None:
+        """INVLPGA from L1: drop the page from L2's TLB (L0's ASID for L2)."""
+        if self.guest_mode:
+            return self.reflect(e)
+        if self._svm_insn_faults(m, e, rax_page=False):
+            return RESUME
+        m.invlpga(m.regs.rax & ~0xFFF, self.ctx.asid)
+        m.advance(e)
+        return RESUME

@@ -1,0 +1,203 @@
+"""Nested SVM: small L1 hypervisors that run an L2 under the sandbox's L0.
+
+Expected values come from the APM vol. 2: exit codes (Appendix C), nRIP
+(§15.7.1: the address of the next sequential instruction), IOIO EXITINFO1/2
+(§15.10.2), #VMEXIT clearing GIF (§15.17), VMEXIT_INVALID = -1 for an illegal
+VMCB (§15.5.1), the TSC offset of each level adding up (§15.30.4) -- and
+instruction lengths from capstone, never from the implementation.
+"""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from sandbox import Machine
+from sandbox.hypervisor.image import CS_ATTRIB, CS_SEL, DS_ATTRIB, DS_SEL, GDT, GDT_BASE, PT_BASE
+from sandbox.memory.paging import TableBuilder
+from sandbox.svm.exitcodes import ExitCode
+from sandbox.svm.intercepts import INTERCEPT_BITS
+from sandbox.svm.vmcb import VMCB, NpControl, Segment
+from tests.conftest import OP, assemble, db, insn_length
+
+VMCB12 = 0x1A0000
+HSAVE = 0x1A1000
+L2_CODE = 0x140000
+L2_STACK = 0x1B0000
+NPT12 = 0x1D0000              # L1's nested page table for L2 (identity over 2 MiB)
+EXITCODE = VMCB12 + 0x70      # APM Table B-1
+M64 = (1 << 64) - 1
+
+L1_ENABLE = f"""
+    mov ecx, 0xC0000080
+    rdmsr
+    or eax, 0x1000
+    wrmsr
+    mov ecx, 0xC0010117
+    mov eax, {HSAVE:#x}
+    xor edx, edx
+    wrmsr
+"""
+L1_VMRUN = f"mov rax, {VMCB12:#x}\n{db(OP['vmrun'])}\n"
+# (keystone assembles "[imm]" RIP-relative: addresses go through a register)
+L1_EXIT_WITH_EXITCODE = f"mov rdi, {EXITCODE:#x}\nmov rdi, [rdi]\nxor eax, eax\n{db(OP['vmmcall'])}\n"
+
+
+def machine(tmp_path, l1_src: str, l2_src: str, intercepts=("vmrun",), np: bool = False,
+            nested: bool = True) -> tuple[Machine, VMCB]:
+    m = Machine(dram=16 << 20, ram=2 << 20, nested=nested)
+    p = tmp_path / "l1.S"
+    p.write_text(l1_src)
+    m.load(str(p))
+    g = m.guest
+    g.write_phys(L2_CODE, assemble(l2_src, L2_CODE))
+    v = VMCB(m.mem, g.gpa_to_hpa(VMCB12))       # L1's VMCB12, as L1's own loader would place it
+    for name in intercepts:
+        v.set_intercept(INTERCEPT_BITS[name])
+    v.GUEST_ASID = 1
+    v.set_seg("CS", Segment(CS_SEL, CS_ATTRIB, 0xFFFFFFFF, 0))
+    for s in ("SS", "DS", "ES"):
+        v.set_seg(s, Segment(DS_SEL, DS_ATTRIB, 0xFFFFFFFF, 0))
+    v.set_seg("GDTR", Segment(0, 0, len(GDT) * 8 - 1, GDT_BASE))
+    v.CR0, v.CR3, v.CR4, v.EFER = 0x8001_0033, PT_BASE, 0x620, 0x1D00
+    v.RFLAGS, v.RIP, v.RSP = 0x2, L2_CODE, L2_STACK
+    v.DR6, v.DR7, v.G_PAT = 0xFFFF0FF0, 0x400, 0x0007040600070406
+    if np:
+        nxt = [NPT12]
+        g.write_phys(NPT12, bytes(4096))
+
+        def alloc() -> int:
+            nxt[0] += 4096
+            g.write_phys(nxt[0], bytes(4096))
+            return nxt[0]
+        rd = lambda a: struct.unpack("<Q", g.read_phys(a, 8))[0]
+        wr = lambda a, val: g.write_phys(a, struct.pack("<Q", val))
+        tb = TableBuilder(NPT12, alloc, rd, wr)
+        for gpa in range(0, 2 << 20, 4096):
+            if not NPT12 <= gpa < NPT12 + 0x10000:
+                tb.map(gpa, gpa, write=True, user=True, execute=True)
+        v.NP_CONTROL, v.N_CR3 = NpControl.NP_ENABLE, NPT12
+    return m, v
+
+
+@pytest.mark.parametrize("l2, names, code, length", [
+    ("cpuid", ("vmrun", "cpuid"), ExitCode.CPUID, None),
+    ("hlt", ("vmrun", "hlt"), ExitCode.HLT, None),
+    (db(OP["vmmcall"]), ("vmrun", "vmmcall"), ExitCode.VMMCALL, 3),
+])
+@pytest.mark.parametrize("np", [False, True])
+def test_l2_exit_is_reflected_to_l1(tmp_path, l2, names, code, length, np):
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, f"nop\n{l2}\n", names, np=np)
+    r = m.run(timeout=20)
+    assert r.exit_code == code, r.detail
+    n = length or insn_length(assemble(l2, L2_CODE + 1))
+    assert v.EXITCODE == code and v.RIP == L2_CODE + 1 and v.NRIP == L2_CODE + 1 + n
+    assert not m.nested.gif                   # #VMEXIT cleared L1's GIF (APM §15.17)
+    # the exit trace names the level: L1's VMRUN, L2's exit, L1's EXIT hypercall (NPFs of the shadow aside)
+    levels = [(e.level, e.exitcode) for e in m.trace if e.exitcode != ExitCode.NPF][-3:]
+    assert levels == [("L1", ExitCode.VMRUN), ("L2", code), ("L1", ExitCode.VMMCALL)]
+    assert any(e.exitcode == ExitCode.NPF for e in m.trace) == np
+
+
+def test_ioio_reflected_with_exitinfo(tmp_path):
+    l1 = L1_ENABLE + f"""
+    mov rdi, {VMCB12 + 0x40:#x}
+    mov qword ptr [rdi], 0x1C0000
+    mov rdi, 0x1C0010
+    mov byte ptr [rdi], 1
+    """ + L1_VMRUN + L1_EXIT_WITH_EXITCODE
+    m, v = machine(tmp_path, l1, "mov al, 0x5a\nout 0x80, al\n", ("vmrun", "ioio"))
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.IOIO, r.detail
+    out_rip = L2_CODE + 2
+    # §15.10.2: port 80h in 31:16, SZ8 (bit 4), A64 (bit 9), OUT (TYPE = 0); EXITINFO2 = next RIP
+    assert v.EXITINFO1 == (0x80 << 16) | (1 << 4) | (1 << 9)
+    assert v.EXITINFO2 == out_rip + 2 and v.RIP == out_rip
+
+
+def test_l0_handles_what_l1_does_not_intercept(tmp_path):
+    """L2's CPUID is not intercepted by L1: L0 answers it and L2 goes on to a HLT L1 does intercept."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE,
+                   "mov eax, 0x40000000\ncpuid\nmov rdi, 0x1C0100\nmov [rdi], ebx\nhlt\n", ("vmrun", "hlt"))
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.HLT
+    assert m.guest.read_phys(0x1C0100, 4) == b"AMDV"
+    assert [e.level for e in m.trace if e.exitcode == ExitCode.CPUID] == ["L2"]
+
+
+def test_malformed_vmcb12_is_vmexit_invalid(tmp_path):
+    """ASID 0 is illegal (§15.5.1): VMRUN ends at once with EXITCODE = -1 in VMCB12."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + "mov rdi, 0x1A0070\nmov rdi, [rdi]\ncmp rdi, -1\nsete dil\n"
+                   "movzx edi, dil\nxor eax, eax\n" + db(OP["vmmcall"]), "hlt\n", ("vmrun", "hlt"))
+    v.GUEST_ASID = 0
+    r = m.run(timeout=20)
+    assert r.exit_code == 1 and v.EXITCODE == M64
+
+
+def _gp_probe(body: str) -> str:
+    """L1 with a #GP handler that exits with code 13, running ``body`` then exiting with 0."""
+    from tests.conftest import asm_set_gate
+    return f"""
+    {asm_set_gate(0x60000, 13, "gp")}
+    {asm_set_gate(0x60000, 6, "ud")}
+    mov rax, 0x60000
+    push rax
+    mov ax, 0xfff
+    push ax
+    lidt [rsp]
+    {body}
+    xor edi, edi
+    xor eax, eax
+    {db(OP['vmmcall'])}
+gp:
+    mov edi, 13
+    xor eax, eax
+    {db(OP['vmmcall'])}
+ud:
+    mov edi, 6
+    xor eax, eax
+    {db(OP['vmmcall'])}
+"""
+
+
+def test_vmcb12_outside_l1_memory_is_gp(tmp_path):
+    m, _ = machine(tmp_path, _gp_probe(L1_ENABLE + f"mov rax, {4 << 20:#x}\n{db(OP['vmrun'])}"), "hlt\n")
+    assert m.run(timeout=20).exit_code == 13
+
+
+def test_vmrun_without_svme_is_ud(tmp_path):
+    m, _ = machine(tmp_path, _gp_probe(L1_VMRUN), "hlt\n")
+    assert m.run(timeout=20).exit_code == 6
+
+
+def test_svme_without_nested_is_gp(tmp_path):
+    m, _ = machine(tmp_path, _gp_probe("mov ecx, 0xC0000080\nrdmsr\nor eax, 0x1000\nwrmsr\n"), "hlt\n",
+                   nested=False)
+    m.intercept("msr")
+    assert m.run(timeout=20).exit_code == 13
+
+
+def test_cpuid_shows_svm_only_with_nested(tmp_path):
+    src = "mov eax, 0x80000001\ncpuid\nmov edi, ecx\nand edi, 4\nxor eax, eax\n" + db(OP["vmmcall"])
+    for nested, bit in ((True, 4), (False, 0)):
+        m, _ = machine(tmp_path, src, "hlt\n", nested=nested)
+        assert m.run(timeout=20).exit_code == bit
+
+
+def test_tsc_offsets_stack(tmp_path):
+    """§15.30.4: RDTSC returns TSC + TSC_OFFSET.  L0 gives L1 δ1, L1 gives L2 δ2:
+    L2 reads T_H + δ1 + δ2, L1 reads T_H + δ1 (neither level intercepts RDTSC)."""
+    d1, d2 = 1 << 40, 1 << 44
+    l2 = "rdtsc\nshl rdx, 32\nor rax, rdx\nmov rdi, 0x1C0200\nmov [rdi], rax\nhlt\n"
+    l1 = L1_ENABLE + L1_VMRUN + "rdtsc\nshl rdx, 32\nor rax, rdx\nmov rdi, 0x1C0208\nmov [rdi], rax\n" \
+        + L1_EXIT_WITH_EXITCODE
+    m, v = machine(tmp_path, l1, l2, ("vmrun", "hlt"))
+    m.guest.vmcb.TSC_OFFSET = d1
+    v.TSC_OFFSET = d2
+    t0 = m.cpu.host_tsc()
+    r = m.run(timeout=20)
+    t1 = m.cpu.host_tsc()
+    assert r.exit_code == ExitCode.HLT
+    t_l2, t_l1 = struct.unpack("<QQ", m.guest.read_phys(0x1C0200, 16))
+    assert t0 + d1 + d2 <= t_l2 <= t1 + d1 + d2
+    assert t0 + d1 <= t_l1 <= t1 + d1
