@@ -288,6 +288,7 @@ class SvmCpu:
     @tsc_offset.setter
     def tsc_offset(self, v: int) -> None:
         self._ctl.tsc_offset = v
+        self._ws.apply_tsc_offset()
 
     @property
     def invalid_reason(self) -> str:
