@@ -328,6 +328,11 @@ class SvmCpu:
         """Guest time in retired instructions (counted in timer or budget slices)."""
         return self._run.guest_clock
 
+    @guest_clock.setter
+    def guest_clock(self, v: int) -> None:
+        # the platform advances guest time over a HLT to the next timer deadline
+        self._run.guest_clock = v
+
     @property
     def guest_time_ns(self) -> int:
         return self._run.guest_time_ns
