@@ -44,41 +44,57 @@ if TYPE_CHECKING:
     from .scanner import DecisionView
     from .world_switch import SwitchState, WorldSwitch
 
-def _calibrate_tsc(samples: int = 15, gap_s: float = 0.01) -> tuple[int, int, int, int]:
+class _TscClock:
     """A linear map from ``time.perf_counter_ns()`` to the TSC Unicorn's RDTSC
-    reads (QEMU's ``cpu_get_tsc``: the host's own counter): two probes about
-    ``gap_s`` apart, each the best of ``samples`` RDTSCs bracketed by clock
-    reads (the narrowest bracket; its midpoint is the read's time).
-    Returns (ns0, tsc0, dns, dtsc)."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 0x2000, UC_PROT_ALL)
-    uc.mem_write(0x1000, b"\x0f\x31")                          # rdtsc
-    uc.emu_start(0x1000, 0x1002)                                # translated once
-    clock, rr, rax, rdx = time.perf_counter_ns, uc.reg_read, X.UC_X86_REG_RAX, X.UC_X86_REG_RDX
+    reads (QEMU's ``cpu_get_tsc``: the host's own counter).
 
-    def probe() -> tuple[int, int]:
-        best = None
+    Each anchor is the best of a few RDTSCs bracketed by clock reads (the
+    narrowest bracket; its midpoint is the read's time).  Two anchors ~10 ms
+    apart at import give the first frequency; later, at most every
+    :attr:`REANCHOR_NS`, a new anchor re-bases the map and the frequency is
+    taken over the whole baseline since import, so the slope's error does not
+    grow into the offset over a long run."""
+    REANCHOR_NS = 500_000_000
+
+    def __init__(self, gap_s: float = 0.01) -> None:
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.mem_map(0, 0x2000, UC_PROT_ALL)
+        uc.mem_write(0x1000, b"\x0f\x31")                      # rdtsc
+        uc.emu_start(0x1000, 0x1002)                            # translated once
+        self._uc = uc
+        self.ns0, self.tsc0 = self._probe(15)
+        time.sleep(gap_s)
+        self.ns, self.tsc = self._probe(15)
+        self.dns, self.dtsc = max(1, self.ns - self.ns0), max(1, self.tsc - self.tsc0)
+
+    def _probe(self, samples: int) -> tuple[int, int]:
+        uc, clock, rr = self._uc, time.perf_counter_ns, self._uc.reg_read
+        best = (1 << 62, 0, 0)
         for _ in range(samples):
             t0 = clock()
             uc.emu_start(0x1000, 0x1002)
             t1 = clock()
-            if best is None or t1 - t0 < best[0]:
-                best = (t1 - t0, (t0 + t1) // 2, rr(rdx) << 32 | rr(rax) & 0xFFFF_FFFF)
+            if t1 - t0 < best[0]:
+                best = (t1 - t0, (t0 + t1) // 2, rr(X.UC_X86_REG_RDX) << 32 | rr(X.UC_X86_REG_RAX) & 0xFFFF_FFFF)
         return best[1], best[2]
-    ns0, tsc0 = probe()
-    time.sleep(gap_s)
-    ns1, tsc1 = probe()
-    return ns0, tsc0, max(1, ns1 - ns0), max(1, tsc1 - tsc0)
+
+    def now(self) -> int:
+        t = time.perf_counter_ns()
+        if t - self.ns > self.REANCHOR_NS:
+            self.ns, self.tsc = self._probe(5)
+            self.dns, self.dtsc = max(1, self.ns - self.ns0), max(1, self.tsc - self.tsc0)
+            t = time.perf_counter_ns()
+        return (self.tsc + (t - self.ns) * self.dtsc // self.dns) & 0xFFFF_FFFF_FFFF_FFFF
 
 
-_NS0, _TSC0, _DNS, _DTSC = _calibrate_tsc()
+_CLOCK = _TscClock()
 #: the host TSC's frequency as calibrated at import (what RDTSC counts per second)
-TSC_HZ = _DTSC * 1_000_000_000 // _DNS
+TSC_HZ = _CLOCK.dtsc * 1_000_000_000 // _CLOCK.dns
 
 
 def host_tsc() -> int:
     """The host's time-stamp counter, the clock a native RDTSC in the guest reads."""
-    return (_TSC0 + (time.perf_counter_ns() - _NS0) * _DTSC // _DNS) & 0xFFFF_FFFF_FFFF_FFFF
+    return _CLOCK.now()
 
 
 _Q = struct.Struct("<Q")
@@ -96,6 +112,7 @@ Handler = Callable[[int, D.Insn, CpuState, "DecisionView", bytes], None]
 
 #: instructions CR4.UMIP restricts to CPL 0 (seen when their intercept is armed)
 UMIP_KINDS = frozenset({D.Kind.SGDT, D.Kind.SIDT, D.Kind.SLDT, D.Kind.STR, D.Kind.SMSW})
+
 
 class NativeInsns:
     """Emulation of what Unicorn gets wrong or cannot do for instructions that do not exit."""
