@@ -13,7 +13,12 @@
 2. **Memory-heavy loop vs bare Unicorn.**  Read-modify-write passes over a
    1 MiB buffer; bare Unicorn maps flat memory with no hooks, the sandbox
    runs the same code under nested paging.  Both must compute the same sum.
-3. **TLB flush on world switch.**  A guest that touches 32 pages between
+3. **Working sets beyond the soft TLB's first size.**  A warm pass of
+   read-modify-writes over 4 MiB at stride 4096 (1,024 pages, one access
+   each) and at stride 64, beside bare Unicorn with the data mapped
+   without execute (bare Unicorn sends stores to RWX pages down a slow
+   path); a warm pass = (time of 1+K passes - time of 1 pass) / K.
+4. **TLB flush on world switch.**  A guest that touches 32 pages between
    consecutive CPUID exits, run with the ASID-tagged TLB and with a flush
    on every world switch (pre-ASID hardware): 2-D walks per exit and time
    per exit.
@@ -31,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from unicorn import UC_ARCH_X86, UC_MODE_64, Uc  # noqa: E402
+from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_PROT_READ, UC_PROT_WRITE, Uc  # noqa: E402
 from unicorn import x86_const as X  # noqa: E402
 
 from sandbox import Machine  # noqa: E402
@@ -70,6 +75,22 @@ s:
     dec r8
     jnz p
 """
+
+STRIDE = """
+    mov r8, {passes}
+p{tag}:
+    mov rbx, {buf:#x}
+    mov rcx, {count}
+s{tag}:
+    add qword ptr [rbx], 1
+    add rbx, {stride}
+    dec rcx
+    jnz s{tag}
+    dec r8
+    jnz p{tag}
+"""
+MARK = "    mov eax, {n}\n    .byte 0x0f, 0x01, 0xd9\n"       # a timing hypercall
+BIG = 4 << 20
 
 SWITCH = f"""
     mov r12, {{n}}
@@ -140,6 +161,61 @@ def stream_ratio(tmp: Path, passes: int, rounds: int) -> dict:
             "bare_mips": insns / bare / 1e6, "sandbox_mips": insns / sb / 1e6}
 
 
+def stride_ratio(tmp: Path, stride: int, warm: int, rounds: int) -> dict:
+    """A warm pass over 4 MiB at ``stride``, in the sandbox and in bare Unicorn
+    with the data not executable: one cold pass, then ``warm`` passes timed
+    (between two hypercalls in the sandbox, by one ``emu_start`` bare)."""
+    fmt = dict(buf=BUF, count=BIG // stride, stride=stride)
+    cold = STRIDE.format(passes=1, tag="c", **fmt)
+    hot = STRIDE.format(passes=warm, tag="w", **fmt)
+    check = f"    mov rbx, {BUF + BIG - stride:#x}\n    mov rsi, [rbx]\n"
+    src = cold + MARK.format(n=0x5001) + hot + MARK.format(n=0x5002) + check + EXIT
+    code = assemble(src, LOAD_BASE, "stride")
+    at_warm = LOAD_BASE + len(assemble(cold + MARK.format(n=0x5001), LOAD_BASE, "stride"))
+    at_end = at_warm + len(assemble(hot, at_warm, "stride"))
+
+    def bare() -> tuple[float, int]:
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.mem_map(0, BUF, UC_PROT_ALL)
+        uc.mem_map(BUF, BIG, UC_PROT_READ | UC_PROT_WRITE)
+        uc.mem_write(LOAD_BASE, code)
+        uc.emu_start(LOAD_BASE, at_warm - 3 - 5)                  # the cold pass, up to the hypercall
+        t = time.perf_counter()
+        uc.emu_start(at_warm, at_end)
+        dt = time.perf_counter() - t
+        return dt, int.from_bytes(uc.mem_read(BUF + BIG - stride, 8), "little")
+
+    def sandbox() -> tuple[float, int]:
+        p = tmp / f"stride{stride}.S"
+        p.write_text(src)
+        m = Machine(ram=16 << 20)
+        m.load(str(p))
+        stamps: list[float] = []
+        default = m.handlers[0x81]
+
+        def h(m, e):
+            if m.regs.rax in (0x5001, 0x5002):
+                stamps.append(time.perf_counter())
+                m.advance(e)
+                return None
+            return default(m, e)
+        m.on(0x81)(h)
+        r = m.run(timeout=300)
+        if r.reason != StopReason.GUEST_EXIT or len(stamps) != 2:
+            raise SystemExit(f"bench_memory: stride {stride} ended with {r.reason}: {r.detail}")
+        return stamps[1] - stamps[0], r.regs["rsi"]
+
+    bare_s = sb_s = float("inf")
+    for _ in range(rounds):
+        b, want = bare()
+        sb, got = sandbox()
+        if got != want or want != 1 + warm:
+            raise SystemExit(f"bench_memory: stride {stride}: sandbox read {got:#x}, bare {want:#x}")
+        bare_s, sb_s = min(bare_s, b), min(sb_s, sb)
+    return {"stride": stride, "bytes": BIG, "bare_pass_ms": bare_s / warm * 1e3,
+            "sandbox_pass_ms": sb_s / warm * 1e3, "ratio": bare_s / sb_s}
+
+
 def switch_cost(tmp: Path, n: int) -> dict:
     out = {}
     for mode in (TlbMode.TAGGED, TlbMode.FLUSH_ON_SWITCH):
@@ -161,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             "tlb_miss_nested": tlb_miss_cost(tmp, 256 if q else 2048, 1 if q else 3, "nested"),
             "tlb_miss_shadow": tlb_miss_cost(tmp, 256 if q else 2048, 1 if q else 3, "shadow"),
             "stream": stream_ratio(tmp, 4 if q else 40, 1 if q else 3),
+            "stride4096": stride_ratio(tmp, 4096, 20 if q else 200, 1 if q else 3),
+            "stride64": stride_ratio(tmp, 64, 2 if q else 10, 1 if q else 3),
             "world_switch": switch_cost(tmp, 200 if q else 5000),
         }
     t = Table(title="memory virtualization, one run")
@@ -174,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_row("1 MiB read-modify-write loop: bare Unicorn / sandbox",
               f"{s['bare_mips']:.0f} / {s['sandbox_mips']:.0f} MIPS")
     t.add_row("[bold]memory-heavy loop ratio sandbox / bare[/]", f"[bold]{s['ratio']:.2f}[/]")
+    for k in ("stride4096", "stride64"):
+        w = res[k]
+        t.add_row(f"warm 4 MiB pass, stride {w['stride']}: bare (data not exec) / sandbox",
+                  f"{w['bare_pass_ms']:.3f} / {w['sandbox_pass_ms']:.3f} ms, ratio [bold]{w['ratio']:.2f}[/]")
     for mode, label in (("tagged", "ASID-tagged TLB"), ("flush", "flush on every world switch")):
         w = res["world_switch"][mode]
         t.add_row(f"32-page loop per CPUID exit, {label}",

@@ -17,11 +17,13 @@ keeps them, an explicit flush of the ASID does not (§5.5.2, §15.16.1).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
-#: entries the model holds before it evicts the oldest (a mid-size L2 TLB)
-DEFAULT_CAPACITY = 2048
+#: entries the model holds before it evicts the oldest: 2**18 pages (1 GiB
+#: of 4 KiB pages), so a large working set does not cost a 2-D walk per access
+DEFAULT_CAPACITY = 1 << 18
 
 
 class TlbMode(Enum):
@@ -60,7 +62,8 @@ class Tlb:
         self.capacity = capacity
         self.mode = mode
         self.stats = TlbStats()
-        self._e: dict[tuple[int, bool, int], TlbEntry] = {}
+        #: FIFO order; OrderedDict's popitem(last=False) evicts in O(1)
+        self._e: OrderedDict[tuple[int, bool, int], TlbEntry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._e)
@@ -73,7 +76,7 @@ class Tlb:
         e = self._e
         e.pop(key, None)
         if len(e) >= self.capacity:
-            del e[next(iter(e))]          # oldest first
+            e.popitem(last=False)         # oldest first
             self.stats.evictions += 1
         e[key] = entry
 
@@ -87,7 +90,7 @@ class Tlb:
         """TLB_CONTROL = 3 (all of ``asid``) or 7 (its non-global entries);
         ``keep_global`` is also what a guest MOV CR3 does to its own ASID."""
         self.stats.flushes += 1
-        self._e = {k: v for k, v in self._e.items() if k[0] != asid or (keep_global and v.global_)}
+        self._e = OrderedDict((k, v) for k, v in self._e.items() if k[0] != asid or (keep_global and v.global_))
 
     def flush_page(self, asid: int, gva_page: int) -> None:
         """INVLPG (in ``asid``) / INVLPGA(rAX = page, ECX = ``asid``): global entries too."""

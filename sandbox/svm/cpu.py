@@ -288,6 +288,7 @@ class SvmCpu:
     @tsc_offset.setter
     def tsc_offset(self, v: int) -> None:
         self._ctl.tsc_offset = v
+        self._ws.apply_tsc_offset()
 
     @property
     def invalid_reason(self) -> str:
@@ -321,6 +322,11 @@ class SvmCpu:
     def guest_clock(self) -> int:
         """Guest time in retired instructions (counted in timer or budget slices)."""
         return self._run.guest_clock
+
+    @guest_clock.setter
+    def guest_clock(self, v: int) -> None:
+        # the platform advances guest time over a HLT to the next timer deadline
+        self._run.guest_clock = v
 
     @property
     def guest_time_ns(self) -> int:

@@ -176,6 +176,16 @@ class CpuState:
         self.dirty = True
 
     @property
+    def tsc_offset(self) -> int:
+        """QEMU's ``env->tsc_offset``, which Unicorn's RDTSC/RDTSCP add to the host TSC."""
+        return _Q.unpack_from(self.data, OFF_TSC_OFFSET)[0]
+
+    @tsc_offset.setter
+    def tsc_offset(self, v: int) -> None:
+        _Q.pack_into(self.data, OFF_TSC_OFFSET, v & 0xFFFFFFFFFFFFFFFF)
+        self.dirty = True
+
+    @property
     def cpl(self) -> int:
         return self.hflags & HF_CPL_MASK
 
@@ -285,6 +295,7 @@ class Internals:
     dr: int
     error_code: int
     old_exception: int
+    tsc_offset: int
     emu_counter: int
     invalid_addr: int
 
@@ -296,7 +307,7 @@ NAMES = {
     "ldt": "CPUX86State ldt", "tr": "CPUX86State tr", "gdt": "CPUX86State gdt",
     "idt": "CPUX86State idt", "cr": "CPUX86State cr", "efer": "CPUX86State efer",
     "dr": "CPUX86State dr", "error_code": "exception error_code",
-    "old_exception": "exception old_exception",
+    "old_exception": "exception old_exception", "tsc_offset": "CPUX86State tsc_offset",
     "emu_counter": "emu_counter", "invalid_addr": "invalid_addr",
 }
 HANDLE = "Uc._uch engine handle"
@@ -376,6 +387,48 @@ def _locate_old_exception(error_code: int) -> int:
     raise missing(NAMES["old_exception"])
 
 
+_RDTSC_AT = 0x1000
+#: an offset RDTSC must add: far above any host TSC difference a probe can see
+_TSC_MARK = 0x5A5A << 48
+_TSC_SLACK = 1 << 40
+
+
+def _rdtsc_probe(uc: Uc, off: int, value: int) -> int:
+    """RDTSC in ``uc`` (code at :data:`_RDTSC_AT`) with the qword at CPUX86State
+    offset ``off`` set to ``value`` for the one instruction, then put back."""
+    ctx = uc.context_save()
+    addr = ctypes.cast(ctx.context, ctypes.c_void_p).value + CONTEXT_DATA + off
+    cell = ctypes.c_uint64.from_address(addr)
+    old, cell.value = cell.value, value
+    uc.context_restore(ctx)
+    uc.emu_start(_RDTSC_AT, _RDTSC_AT + 2)
+    tsc = uc.reg_read(X.UC_X86_REG_RDX) << 32 | uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFF_FFFF
+    ctx = uc.context_save()
+    ctypes.c_uint64.from_address(ctypes.cast(ctx.context, ctypes.c_void_p).value + CONTEXT_DATA + off).value = old
+    uc.context_restore(ctx)
+    return tsc
+
+
+def _tsc_offset_holds(uc: Uc, off: int) -> bool:
+    """RDTSC with :data:`_TSC_MARK` at ``off`` reads the mark plus the host's
+    progress since a plain RDTSC just before."""
+    a = _rdtsc_probe(uc, off, 0)
+    b = _rdtsc_probe(uc, off, _TSC_MARK)
+    return 0 <= ((b - a) & 0xFFFF_FFFF_FFFF_FFFF) - _TSC_MARK < _TSC_SLACK
+
+
+def _locate_tsc_offset(old_exception: int) -> int:
+    """``env->tsc_offset``, which QEMU's RDTSC adds to the host TSC: it follows
+    ``int old_exception`` and ``uint64_t vm_vmcb``; the qword whose value
+    RDTSC adds pins it."""
+    uc = _scratch(b"\x0f\x31", _RDTSC_AT)
+    start = (old_exception + 4 + 7) & ~7
+    hits = [o for o in range(start, start + 32, 8) if _tsc_offset_holds(uc, o)]
+    if len(hits) != 1:
+        raise missing(NAMES["tsc_offset"])
+    return hits[0]
+
+
 _DR_IDS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3,
            None, None, X.UC_X86_REG_DR6, X.UC_X86_REG_DR7)
 
@@ -448,7 +501,7 @@ def locate_internals() -> Internals:
         context_data=CONTEXT_DATA, regs=OFF_REGS, eip=OFF_EIP, hflags=OFF_HFLAGS,
         hflags2=OFF_HFLAGS2, segs=OFF_SEGS, ldt=OFF_LDT, tr=OFF_TR, gdt=OFF_GDT, idt=OFF_IDT,
         cr=OFF_CR, efer=OFF_EFER, dr=_locate_dr(), error_code=(err := _locate_error_code()),
-        old_exception=_locate_old_exception(err),
+        old_exception=(old := _locate_old_exception(err)), tsc_offset=_locate_tsc_offset(old),
         emu_counter=_locate_emu_counter(), invalid_addr=_locate_invalid_addr())
 
 
@@ -542,6 +595,9 @@ def verify_internals(at: Internals) -> None:
     check(NAMES["old_exception"], len(snaps) == 2 and i32(at.old_exception) >= 0
           and _I.unpack_from(snaps[0], at.context_data + at.old_exception)[0] == 0xFFFF_FFFF
           and _I.unpack_from(snaps[1], at.context_data + at.old_exception)[0] == 13)
+    # TSC_OFFSET: a fresh CPU's RDTSC adds what is written there (and nothing beside it)
+    check(NAMES["tsc_offset"], at.tsc_offset % 8 == 0 and at.tsc_offset > at.old_exception
+          and _tsc_offset_holds(_scratch(b"\x0f\x31", _RDTSC_AT), at.tsc_offset))
     # the instruction counter: five NOPs reach the end before a budget of 50; then
     # the failed-fill address: a write to a refused page, at another offset than calibration's
     uc = _scratch(b"\x90" * 5 + bytes.fromhex("48891c25a86e0000"))     # mov [0x6ea8], rbx
@@ -566,6 +622,7 @@ verify_internals(INTERNALS)
 OFF_DR = INTERNALS.dr
 OFF_ERROR_CODE = INTERNALS.error_code
 OFF_OLD_EXCEPTION = INTERNALS.old_exception
+OFF_TSC_OFFSET = INTERNALS.tsc_offset
 OFF_EMU_COUNTER = INTERNALS.emu_counter
 OFF_INVALID_ADDR = INTERNALS.invalid_addr
 

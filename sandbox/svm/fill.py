@@ -34,6 +34,14 @@ from .extension import NO_EXTENSION, ProcessorExtension
 if TYPE_CHECKING:
     from .scanner import Scanner
 
+#: QEMU's soft TLB: 2**8 entries per MMU index at first, at most 2**22
+#: (CPU_TLB_DYN_DEFAULT_BITS, CPU_TLB_DYN_MAX_BITS for a 64-bit guest on a 64-bit host)
+SOFT_TLB_INITIAL = 1 << 8
+SOFT_TLB_MAX = 1 << 22
+#: QEMU doubles the soft TLB at a flush when more than 70% of it was used
+#: (tlb_mmu_resize_locked); a little margin over that for the count's slack
+SOFT_TLB_GROW_PERCENT = 72
+
 #: ``fn(gva, access, hpa, perms)``: ``access`` is the UC_MEM_* type Unicorn
 #: asked for, ``hpa`` and ``perms`` (UC_PROT_*) what the fill granted
 FillObserver = Callable[[int, int, int, int], None]
@@ -60,6 +68,12 @@ class TlbFill:
         self._observers: list[FillObserver] = []
         #: the fill in use: :meth:`_fill`, or the observed one once an observer is registered
         self.fill = self._fill
+        #: what Unicorn's soft TLB has grown to (an estimate), and the fills
+        #: since it was last flushed: past the growth threshold a flush lets
+        #: QEMU double it (it resizes only at a flush)
+        self.soft_tlb_size = SOFT_TLB_INITIAL
+        self.soft_fills = 0
+        self._grow_at = SOFT_TLB_INITIAL * SOFT_TLB_GROW_PERCENT // 100 + 1
 
     def connect(self, scanner: "Scanner", fail: Callable[[str, BaseException | None], None]) -> None:
         """Bind what a fill calls: the page scanner and its code-page maps, and the run's failure stop."""
@@ -80,6 +94,10 @@ class TlbFill:
     def _fill(self, vaddr: int, access: int, entry) -> bool:
         """One miss in Unicorn's soft TLB: answered by the ASID-tagged TLB
         model, or by a 2-D walk; then the code-page bookkeeping."""
+        self.soft_fills += 1
+        if self.soft_fills > self._grow_at:
+            self.flush_soft_tlb()        # QEMU grows the soft TLB at this flush (the page refills)
+            self.soft_fills = 1
         st = self._st.load()
         user = st.cpl == 3
         acc = Access.FETCH if access == UC_MEM_FETCH else (Access.WRITE if access == UC_MEM_WRITE else Access.READ)
@@ -204,7 +222,16 @@ class TlbFill:
         return b
 
     def flush_soft_tlb(self) -> None:
-        """Empty Unicorn's soft TLB, the untagged cache in front of the tagged TLB."""
+        """Empty Unicorn's soft TLB, the untagged cache in front of the tagged TLB.
+
+        QEMU resizes it at every flush: it doubles when the fills since the
+        last flush filled more than 70% of it, so a guest whose working set
+        outgrows it does not refill through Python on every access."""
         flush_soft_tlb(self._uc)
         self.fetch_map.clear()
+        if self.soft_fills > self._grow_at and self.soft_tlb_size < SOFT_TLB_MAX:
+            self.soft_tlb_size *= 2
+            self._grow_at = (self.soft_tlb_size * SOFT_TLB_GROW_PERCENT // 100 + 1
+                             if self.soft_tlb_size < SOFT_TLB_MAX else 1 << 62)
+        self.soft_fills = 0
 

@@ -7,9 +7,10 @@ Unicorn skips, HLT, INT n / INT3 / ICEBP / INTO through the guest IDT, MOV
 to CR (illegal values and the tagged TLB's side effects), INVLPG, and the SVM
 instructions (STGI/CLGI, INVLPGA, virtualized VMLOAD/VMSAVE).
 
-It also owns the instruction hooks Unicorn offers for RDTSC/RDTSCP (the TSC
-offset applies even when they are not intercepted) and for IN/OUT that
-reach pass-through devices.
+It also owns the instruction hooks Unicorn offers for IN/OUT that reach
+pass-through devices.  RDTSC/RDTSCP the VMCB does not intercept run natively
+in Unicorn, which adds ``env->tsc_offset`` (written at VMRUN) to the host's
+TSC; :func:`host_tsc` is that same clock, calibrated at import.
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ import struct
 import time
 from typing import TYPE_CHECKING, Callable
 
-from unicorn import UC_HOOK_INSN, Uc
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
-from ..arch import CR4_UMIP, EFER_LMA, MSR_TSC_AUX
+from ..arch import CR4_UMIP, EFER_LMA
 from ..memory.hostmem import HostMemory
 from ..memory.mmu import NestedFault, NestedLayer
 from ..memory.paging import Access
@@ -29,7 +30,6 @@ from . import decode as D
 from .controls import GuestControls
 from .cpustate import R_FS, R_GS, CpuState
 from .decision import IRQ_WINDOW, effective_address, mov_to_cr_faults, svm_rax_faults
-from .engine import add_raw_insn_hook
 from .events import Vec
 from .exitcodes import ExitCode
 from .stop import StopReason
@@ -44,7 +44,59 @@ if TYPE_CHECKING:
     from .scanner import DecisionView
     from .world_switch import SwitchState, WorldSwitch
 
-TSC_HZ = 2_500_000_000
+class _TscClock:
+    """A linear map from ``time.perf_counter_ns()`` to the TSC Unicorn's RDTSC
+    reads (QEMU's ``cpu_get_tsc``: the host's own counter).
+
+    Each anchor is the best of a few RDTSCs bracketed by clock reads (the
+    narrowest bracket; its midpoint is the read's time).  Two anchors ~10 ms
+    apart at import give the first frequency; later, at most every
+    :attr:`REANCHOR_NS`, a new anchor re-bases the map and the frequency is
+    taken over the whole baseline since import, so the slope's error does not
+    grow into the offset over a long run."""
+    REANCHOR_NS = 500_000_000
+
+    def __init__(self, gap_s: float = 0.01) -> None:
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.mem_map(0, 0x2000, UC_PROT_ALL)
+        uc.mem_write(0x1000, b"\x0f\x31")                      # rdtsc
+        uc.emu_start(0x1000, 0x1002)                            # translated once
+        self._uc = uc
+        self.ns0, self.tsc0 = self._probe(15)
+        time.sleep(gap_s)
+        self.ns, self.tsc = self._probe(15)
+        self.dns, self.dtsc = max(1, self.ns - self.ns0), max(1, self.tsc - self.tsc0)
+
+    def _probe(self, samples: int) -> tuple[int, int]:
+        uc, clock, rr = self._uc, time.perf_counter_ns, self._uc.reg_read
+        best = (1 << 62, 0, 0)
+        for _ in range(samples):
+            t0 = clock()
+            uc.emu_start(0x1000, 0x1002)
+            t1 = clock()
+            if t1 - t0 < best[0]:
+                best = (t1 - t0, (t0 + t1) // 2, rr(X.UC_X86_REG_RDX) << 32 | rr(X.UC_X86_REG_RAX) & 0xFFFF_FFFF)
+        return best[1], best[2]
+
+    def now(self) -> int:
+        t = time.perf_counter_ns()
+        if t - self.ns > self.REANCHOR_NS:
+            self.ns, self.tsc = self._probe(5)
+            self.dns, self.dtsc = max(1, self.ns - self.ns0), max(1, self.tsc - self.tsc0)
+            t = time.perf_counter_ns()
+        return (self.tsc + (t - self.ns) * self.dtsc // self.dns) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+_CLOCK = _TscClock()
+#: the host TSC's frequency as calibrated at import (what RDTSC counts per second)
+TSC_HZ = _CLOCK.dtsc * 1_000_000_000 // _CLOCK.dns
+
+
+def host_tsc() -> int:
+    """The host's time-stamp counter, the clock a native RDTSC in the guest reads."""
+    return _CLOCK.now()
+
+
 _Q = struct.Struct("<Q")
 
 #: VMLOAD/VMSAVE's MSRs and where they sit in the VMCB (APM §15.5.2)
@@ -61,6 +113,7 @@ Handler = Callable[[int, D.Insn, CpuState, "DecisionView", bytes], None]
 #: instructions CR4.UMIP restricts to CPL 0 (seen when their intercept is armed)
 UMIP_KINDS = frozenset({D.Kind.SGDT, D.Kind.SIDT, D.Kind.SLDT, D.Kind.STR, D.Kind.SMSW})
 
+
 class NativeInsns:
     """Emulation of what Unicorn gets wrong or cannot do for instructions that do not exit."""
 
@@ -68,7 +121,6 @@ class NativeInsns:
                  sw: "SwitchState") -> None:
         self._uc, self._st, self._mem, self._tlb, self._ctl, self._sw = uc, st, mem, tlb, ctl, sw
         self._view = mem.view
-        self.cycles_base = time.perf_counter_ns()
         #: ``fn(port, size, is_in, value) -> value``: not-intercepted port I/O reaches the platform
         self.io_passthrough: Callable[[int, int, bool, int], int] | None = None
         self._table: dict[D.Kind, Handler] = {k: self._io_permission for k in _IO}
@@ -77,16 +129,14 @@ class NativeInsns:
                             D.Kind.ICEBP: self._soft_int, D.Kind.MOV_TO_CR: self._mov_to_cr,
                             D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into})
         self._table.update({k: self._umip for k in UMIP_KINDS})
-        self._tsc_cbs: list[object] = []
 
     def install_hooks(self) -> None:
-        """Unicorn's instruction hooks for IN/OUT and RDTSC/RDTSCP."""
+        """Unicorn's instruction hooks for IN/OUT.  RDTSC/RDTSCP need none: the
+        scanner catches intercepted ones, and Unicorn adds TSC_OFFSET (in
+        ``env->tsc_offset``, written at VMRUN) to the others at native speed."""
         uc = self._uc
         uc.hook_add(UC_HOOK_INSN, self._insn_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._insn_out, None, 1, 0, X.UC_X86_INS_OUT)
-        # RDTSC/RDTSCP honour TSC_OFFSET even when not intercepted
-        self._tsc_cbs = [add_raw_insn_hook(uc, self._insn_rdtsc, X.UC_X86_INS_RDTSC),
-                         add_raw_insn_hook(uc, self._insn_rdtscp, X.UC_X86_INS_RDTSCP)]
 
     def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop") -> None:
         """Bind what the emulation calls: soft-TLB flushes and the walker's
@@ -263,19 +313,8 @@ class NativeInsns:
 
     # ----------------------------------------------------- TSC and port I/O
     def host_tsc(self) -> int:
-        """The host's time-stamp counter, at the model's nominal :data:`TSC_HZ`."""
-        return (time.perf_counter_ns() - self.cycles_base) * (TSC_HZ // 1_000_000) // 1000
-
-    def _insn_rdtsc(self) -> int:
-        tsc = (self.host_tsc() + self._ctl.tsc_offset) & 0xFFFF_FFFF_FFFF_FFFF
-        self._st.reg_write(X.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
-        self._st.reg_write(X.UC_X86_REG_RDX, tsc >> 32)
-        return 1
-
-    def _insn_rdtscp(self) -> int:
-        self._insn_rdtsc()
-        self._st.reg_write(X.UC_X86_REG_RCX, self._uc.reg_read(X.UC_X86_REG_MSR, MSR_TSC_AUX) & 0xFFFFFFFF)
-        return 1
+        """The host's time-stamp counter (:func:`host_tsc`)."""
+        return host_tsc()
 
     def _insn_in(self, uc, port: int, size: int, ud) -> int:
         if self.io_passthrough is None:

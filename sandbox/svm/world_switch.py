@@ -320,7 +320,17 @@ class WorldSwitch:
         flush = v.asid != ctl.asid or np_on != ctl.np or (np_on and v.n_cr3 != ctl.n_cr3)
         ctl.np, ctl.n_cr3, ctl.asid = np_on, v.n_cr3 & _N_CR3_ADDR, v.asid
         ctl.tsc_offset = v.tsc_offset
+        self.apply_tsc_offset()
         return flush
+
+    def apply_tsc_offset(self) -> None:
+        """Put the latched TSC_OFFSET where Unicorn's RDTSC/RDTSCP add it
+        (``env->tsc_offset``), so the ones not intercepted run natively."""
+        st = self._st
+        st.load()
+        if st.tsc_offset != self._ctl.tsc_offset & M64:
+            st.tsc_offset = self._ctl.tsc_offset
+            st.store()
 
     def _load_guest_state(self, v: VmcbImage) -> bool:
         """Full load of control and segment state, when the VMCB's differs from

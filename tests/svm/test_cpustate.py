@@ -498,3 +498,21 @@ def test_the_import_itself_fails(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("sandbox: Unicorn internal 'emu_counter' not found at import "
                                  "(unicorn 2.1.4 expected"), out.stdout
+
+
+# -- TSC_OFFSET: where Unicorn's RDTSC adds it -----------------------------------------
+def test_tsc_offset_written_in_the_snapshot_is_added_by_rdtsc():
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x10000, UC_PROT_ALL)
+    uc.mem_write(0x1000, b"\x0f\x31\x0f\x31")        # rdtsc ; rdtsc
+    st = C.CpuState(uc).load()
+    assert st.tsc_offset == 0
+    uc.emu_start(0x1000, 0x1002)
+    before = uc.reg_read(X.UC_X86_REG_RDX) << 32 | uc.reg_read(X.UC_X86_REG_RAX)
+    st.load()
+    st.tsc_offset = 7 << 60
+    st.store()
+    uc.emu_start(0x1002, 0x1004)
+    after = uc.reg_read(X.UC_X86_REG_RDX) << 32 | uc.reg_read(X.UC_X86_REG_RAX)
+    assert 0 <= ((after - before) & (2**64 - 1)) - (7 << 60) < 1 << 40
+    assert C.CpuState(uc).load().tsc_offset == 7 << 60

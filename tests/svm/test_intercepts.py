@@ -631,6 +631,59 @@ def test_tsc_offset_applies_to_rdtsc(guest, intercepted):
     assert r.exit_code == 5
 
 
+_READ_TSC = "shl rdx, 32\nor rax, rdx\n"
+
+
+def test_native_and_intercepted_tsc_reads_are_one_clock(guest):
+    """A native RDTSC (Unicorn adds env->tsc_offset), an intercepted RDTSCP (the
+    handler adds TSC_OFFSET to the model's host TSC, calibrated to the same
+    clock) and a native RDTSC again: monotonic, with the offset applied."""
+    m = guest("rdtsc\n" + _READ_TSC + "mov r12, rax\n"
+              "rdtscp\n" + _READ_TSC + "mov r13, rax\n"
+              "rdtsc\n" + _READ_TSC + "mov r14, rax\n"
+              "mov eax, 5\n" + VMMCALL + "\n" + hc_exit(DONE))
+    m.guest.vmcb.TSC_OFFSET = 3 << 60
+    m.intercept("rdtscp")
+    seen = {}
+    default = m.handlers[0x81]
+
+    @m.on(0x81)
+    def h(m, e):
+        if m.regs.rax == 5:
+            seen.update(a=m.regs.r12, b=m.regs.r13, c=m.regs.r14)
+            m.advance(e)
+            return None
+        return default(m, e)
+    r = m.run(timeout=5)
+    assert r.exit_code == DONE, r.detail
+    a, b, c = seen["a"], seen["b"], seen["c"]
+    assert a >> 60 == b >> 60 == c >> 60 == 3
+    assert a < b < c and c - a < 1 << 40
+
+
+def test_native_rdtscp_reads_tsc_aux_and_the_offset(guest):
+    m = guest("mov ecx, 0xC0000103\nmov eax, 0x4321\nxor edx, edx\nwrmsr\nxor ecx, ecx\nrdtscp\n"
+              "shr edx, 28\nshl edx, 16\nor ecx, edx\nmov edi, ecx\nxor eax, eax\n" + VMMCALL)
+    m.set_msrs([])
+    m.guest.vmcb.TSC_OFFSET = 3 << 60
+    r = m.run(timeout=5)
+    assert r.exit_code == 0x3_4321, r.detail
+
+
+def test_tsc_offset_written_by_a_handler_applies_to_the_next_native_rdtsc(guest):
+    """A handler's write to TSC_OFFSET makes the next VMRUN a full one, which
+    puts it where Unicorn's RDTSC adds it."""
+    m = guest("xor eax, eax\ncpuid\nrdtsc\nmov rdi, rdx\nshr rdi, 28\nxor eax, eax\n" + VMMCALL)
+    default = m.handlers[0x72]
+
+    @m.on(0x72)
+    def h(m, e):
+        m.guest.vmcb.TSC_OFFSET = 6 << 60
+        return default(m, e)
+    r = m.run(timeout=5)
+    assert r.exit_code == 6
+
+
 # ================================================================== SVM instructions, not intercepted
 def test_vmsave_virtualized_writes_the_guest_page(guest):
     """VMSAVE with VMSAVE/VMLOAD virtualization (VIRT_EXT bit 1, §7): rAX is a GPA;
