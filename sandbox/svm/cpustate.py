@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import Callable
 from dataclasses import dataclass
 
 import unicorn
@@ -515,6 +516,20 @@ def verify_internals(at: Internals) -> None:
         if not ok and name not in bad:
             bad.append(name)
 
+    _verify_api_state(at, check, bad)
+    if NAMES["hflags"] not in bad:
+        _verify_cpl(at, check)
+    _verify_exception_state(at, check)
+    _verify_engine_counters(at, check)
+    if bad:
+        raise missing(*bad)
+
+
+Check = Callable[[str, bool], None]
+
+
+def _verify_api_state(at: Internals, check: Check, bad: list[str]) -> None:
+    """The state Unicorn's register API writes: GPRs, RIP, segments, tables, CRs, EFER, DRs, hflags."""
     # state written through Unicorn's register API
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     gprs = [0x1111_0000_0000_0000 + i * 0x101 for i in range(16)]
@@ -574,30 +589,41 @@ def verify_internals(at: Internals) -> None:
     check(NAMES["hflags"], hf >= 0 and hf & (HF_LMA | HF_CS64) == HF_LMA | HF_CS64
           and hf & HF_CPL_MASK == 0)
     check(NAMES["hflags2"], i32(at.hflags2) == HF2_GIF)
-    if NAMES["hflags"] not in bad:
-        # CPL written into hflags rules the CPU: MOV from CR0 runs at CPL 0, is #GP at CPL 3
-        uc = _scratch(bytes.fromhex("0f20c0"))          # mov rax, cr0
-        ints: list[int] = []
-        uc.hook_add(UC_HOOK_INTR, lambda u, intno, ud: (ints.append(intno), u.emu_stop()))
-        for cpl, want in ((0, []), (3, [13])):
-            ctx = uc.context_save()
-            addr = ctypes.cast(ctx.context, ctypes.c_void_p).value + at.context_data + at.hflags
-            ctypes.c_uint32.from_address(addr).value = \
-                (ctypes.c_uint32.from_address(addr).value & ~HF_CPL_MASK) | cpl
-            uc.context_restore(ctx)
-            ints.clear()
-            uc.emu_start(0x1000, 0x1003)
-            check(NAMES["hflags"], ints == want)
+
+
+def _verify_cpl(at: Internals, check: Check) -> None:
+    """CPL written into hflags rules the CPU: MOV from CR0 runs at CPL 0, is #GP at CPL 3."""
+    # CPL written into hflags rules the CPU: MOV from CR0 runs at CPL 0, is #GP at CPL 3
+    uc = _scratch(bytes.fromhex("0f20c0"))          # mov rax, cr0
+    ints: list[int] = []
+    uc.hook_add(UC_HOOK_INTR, lambda u, intno, ud: (ints.append(intno), u.emu_stop()))
+    for cpl, want in ((0, []), (3, [13])):
+        ctx = uc.context_save()
+        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value + at.context_data + at.hflags
+        ctypes.c_uint32.from_address(addr).value = \
+            (ctypes.c_uint32.from_address(addr).value & ~HF_CPL_MASK) | cpl
+        uc.context_restore(ctx)
+        ints.clear()
+        uc.emu_start(0x1000, 0x1003)
+        check(NAMES["hflags"], ints == want)
+
+
+def _verify_exception_state(at: Internals, check: Check) -> None:
+    """The exception being raised (error code, old_exception) and TSC_OFFSET."""
     # the exception being raised: #GP(selector) from MOV DS, in a fresh CPU
     snaps = _gp_error_code_run(0x2468)
-    check(NAMES["error_code"], len(snaps) == 2 and i32(at.error_code) >= 0
+    check(NAMES["error_code"], len(snaps) == 2 and 0 <= at.error_code <= len(snaps[1]) - at.context_data - 4
           and _I.unpack_from(snaps[1], at.context_data + at.error_code)[0] == 0x2468)
-    check(NAMES["old_exception"], len(snaps) == 2 and i32(at.old_exception) >= 0
+    check(NAMES["old_exception"], len(snaps) == 2 and 0 <= at.old_exception <= len(snaps[1]) - at.context_data - 4
           and _I.unpack_from(snaps[0], at.context_data + at.old_exception)[0] == 0xFFFF_FFFF
           and _I.unpack_from(snaps[1], at.context_data + at.old_exception)[0] == 13)
     # TSC_OFFSET: a fresh CPU's RDTSC adds what is written there (and nothing beside it)
     check(NAMES["tsc_offset"], at.tsc_offset % 8 == 0 and at.tsc_offset > at.old_exception
           and _tsc_offset_holds(_scratch(b"\x0f\x31", _RDTSC_AT), at.tsc_offset))
+
+
+def _verify_engine_counters(at: Internals, check: Check) -> None:
+    """The engine's instruction counter and failed-fill address."""
     # the instruction counter: five NOPs reach the end before a budget of 50; then
     # the failed-fill address: a write to a refused page, at another offset than calibration's
     uc = _scratch(b"\x90" * 5 + bytes.fromhex("48891c25a86e0000"))     # mov [0x6ea8], rbx
@@ -613,8 +639,6 @@ def verify_internals(at: Internals) -> None:
     raw = _engine_bytes(uc)
     check(NAMES["invalid_addr"], 0 <= at.invalid_addr <= len(raw) - 8
           and _Q.unpack_from(raw, at.invalid_addr)[0] == 0x6EA8)
-    if bad:
-        raise missing(*bad)
 
 
 INTERNALS = locate_internals()
