@@ -245,7 +245,7 @@ def test_cli_unwritable_crash_dir_as_file(tmp_path):
     f = tmp_path / "afile"
     f.write_text("")
     rc, text = run_cli("fuzz", "--cases", "5", "--crashes", str(f))
-    assert rc == 2 and "not writable" in text and "Traceback" not in text
+    assert rc == 2 and "a file, not a directory" in text and "Traceback" not in text
 
 
 def test_replay_saved_case_with_sandbox_run(tmp_path, capsys):
