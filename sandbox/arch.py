@@ -18,7 +18,8 @@ CR3_LONG_MBZ = 0xFFF0_0000_0000_0000
 CR4_TSD, CR4_DE, CR4_PAE, CR4_PGE, CR4_PCE = 1 << 2, 1 << 3, 1 << 5, 1 << 7, 1 << 8
 CR4_UMIP, CR4_OSXSAVE, CR4_SMEP = 1 << 11, 1 << 18, 1 << 20
 CR4_RESERVED = 0xFFFF_FFFF_FE08_E000
-# DR6/DR7 (§13.1.1): bits 63:32 must be zero
+# DR6/DR7 (§13.1.1): bits 63:32 must be zero -- a MOV to DR6/DR7 setting one is #GP(0)
+# (vol. 3 "MOV DRn"), and VMRUN refuses a VMCB holding one (§15.5.1)
 DR6_RESERVED = 0xFFFF_FFFF_0000_0000
 DR7_RESERVED = 0xFFFF_FFFF_0000_0000
 # EFER (§3.1.7)

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from ..arch import CR3_LONG_MBZ, CR4_RESERVED, MAXPHYADDR
+from ..arch import CR3_LONG_MBZ, CR4_DE, CR4_RESERVED, DR6_RESERVED, DR7_RESERVED, MAXPHYADDR
 from .decode import Insn, Kind
 from .exitcodes import ExitCode
 from .iopm import IoioInfo
@@ -392,9 +392,23 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
           Kind.VMSAVE, Kind.SKINIT, Kind.STGI, Kind.CLGI, Kind.INVLPGA, Kind.VMMCALL,
           # port I/O: Unicorn skips the IOPL / TSS-bitmap check, so the model makes it
           Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS,
-          # MOV to CR: Unicorn accepts reserved bits the processor must refuse with #GP
-          Kind.MOV_TO_CR}
+          # MOV to CR/DR: Unicorn accepts (or silently drops) reserved bits the
+          # processor must refuse with #GP
+          Kind.MOV_TO_CR, Kind.MOV_TO_DR}
 
+
+
+def mov_to_dr_faults(reg: int, value: int, cr4: int) -> bool:
+    """#GP(0) from MOV to DRn in 64-bit mode: a 1 in bits 63:32 of DR6 or DR7
+    (DR4/DR5 alias them while CR4.DE = 0; with DE = 1 they are #UD, which
+    Unicorn raises) -- APM vol. 3 "MOV DRn", vol. 2 §13.1.1."""
+    if reg in (4, 5) and cr4 & CR4_DE:
+        return False
+    if reg in (4, 6):
+        return bool(value & DR6_RESERVED)
+    if reg in (5, 7):
+        return bool(value & DR7_RESERVED)
+    return False
 
 
 def mov_to_cr_faults(reg: int, value: int, cr0: int, long_mode: bool = True) -> bool:

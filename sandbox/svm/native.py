@@ -28,7 +28,7 @@ from ..memory.tlb import Tlb
 from . import decode as D
 from .controls import GuestControls
 from .cpustate import R_FS, R_GS, CpuState
-from .decision import IRQ_WINDOW, effective_address, mov_to_cr_faults, svm_rax_faults
+from .decision import IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults
 from .engine import add_raw_insn_hook
 from .events import Vec
 from .exitcodes import ExitCode
@@ -75,6 +75,7 @@ class NativeInsns:
         self._table.update({k: self._svm_insn for k in _SVM})
         self._table.update({D.Kind.HLT: self._hlt, D.Kind.INTN: self._soft_int, D.Kind.INT3: self._soft_int,
                             D.Kind.ICEBP: self._soft_int, D.Kind.MOV_TO_CR: self._mov_to_cr,
+                            D.Kind.MOV_TO_DR: self._mov_to_dr,
                             D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into})
         self._table.update({k: self._umip for k in UMIP_KINDS})
         self._tsc_cbs: list[object] = []
@@ -152,6 +153,10 @@ class NativeInsns:
             self._raise(Vec.GP, 0, address)        # Unicorn would load the illegal value
         else:
             self.observe_cr_write(insn.reg)
+
+    def _mov_to_dr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        if view.cpl == 0 and mov_to_dr_faults(insn.reg, st.gpr(insn.rm), st.cr(4)):
+            self._raise(Vec.GP, 0, address)        # Unicorn would load (DR6) or drop (DR7) the bits
 
     def observe_cr_write(self, cr: int) -> None:
         """A MOV to CR0/CR3/CR4 about to run: its TLB side effect (APM §5.5.2).
