@@ -112,6 +112,11 @@ class GuestRegs:
     def as_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in GPR_NAMES}
 
+    def __getattr__(self, name: str) -> int:
+        """A register by name (``regs.__getattr__("r12")``, as the old register
+        view allowed); an unknown name is an AttributeError."""
+        return object.__getattribute__(self, name)
+
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
         self.machine.guest.vmcb.RIP = next_rip

@@ -16,7 +16,10 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from ..arch import CR3_LONG_MBZ, CR4_DE, CR4_RESERVED, DR6_RESERVED, DR7_RESERVED, MAXPHYADDR
+from ..arch import (APIC_BASE_RESERVED, CR0_PG, CR3_LONG_MBZ, CR4_DE, CR4_RESERVED, DR6_RESERVED, DR7_RESERVED,
+                    EFER_LME, EFER_WRITABLE, MAXPHYADDR, MSR_APIC_BASE, MSR_CANONICAL, MSR_EFER, MSR_PAT,
+                    MSR_VM_HSAVE_PA, PAT_TYPES, VM_HSAVE_PA_RESERVED)
+from ..memory.paging import canonical
 from .decode import Insn, Kind
 from .exitcodes import ExitCode
 from .iopm import IoioInfo
@@ -392,10 +395,31 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
           Kind.VMSAVE, Kind.SKINIT, Kind.STGI, Kind.CLGI, Kind.INVLPGA, Kind.VMMCALL,
           # port I/O: Unicorn skips the IOPL / TSS-bitmap check, so the model makes it
           Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS,
-          # MOV to CR/DR: Unicorn accepts (or silently drops) reserved bits the
-          # processor must refuse with #GP
-          Kind.MOV_TO_CR, Kind.MOV_TO_DR}
+          # MOV to CR/DR, WRMSR: Unicorn accepts (or silently drops) reserved bits
+          # the processor must refuse with #GP
+          Kind.MOV_TO_CR, Kind.MOV_TO_DR, Kind.WRMSR}
 
+
+
+def wrmsr_faults(msr: int, value: int, cr0: int, efer: int) -> bool:
+    """#GP(0) from WRMSR of an illegal value to an MSR this processor implements
+    (APM vol. 3 "WRMSR"; KVM's checks where the APM leaves a choice):
+    EFER -- a bit it does not implement, or LME changed while CR0.PG = 1
+    (vol. 2 §3.1.7); PAT -- a reserved memory type (§7.8.1); APIC_BASE --
+    reserved bits; VM_HSAVE_PA -- not a page-aligned physical address
+    (§15.30.4); FS/GS/KernelGS base, LSTAR, CSTAR, SYSENTER_ESP/EIP -- a
+    non-canonical address."""
+    if msr == MSR_EFER:
+        return bool(value & ~EFER_WRITABLE or ((value ^ efer) & EFER_LME and cr0 & CR0_PG))
+    if msr == MSR_PAT:
+        return any((value >> (8 * i)) & 0xFF not in PAT_TYPES for i in range(8))
+    if msr == MSR_APIC_BASE:
+        return bool(value & APIC_BASE_RESERVED)
+    if msr == MSR_VM_HSAVE_PA:
+        return bool(value & VM_HSAVE_PA_RESERVED)
+    if msr in MSR_CANONICAL:
+        return not canonical(value)
+    return False
 
 
 def mov_to_dr_faults(reg: int, value: int, cr4: int) -> bool:

@@ -28,7 +28,8 @@ from ..memory.tlb import Tlb
 from . import decode as D
 from .controls import GuestControls
 from .cpustate import R_FS, R_GS, CpuState
-from .decision import IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults
+from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults,
+                       wrmsr_faults)
 from .engine import add_raw_insn_hook
 from .events import Vec
 from .exitcodes import ExitCode
@@ -75,7 +76,7 @@ class NativeInsns:
         self._table.update({k: self._svm_insn for k in _SVM})
         self._table.update({D.Kind.HLT: self._hlt, D.Kind.INTN: self._soft_int, D.Kind.INT3: self._soft_int,
                             D.Kind.ICEBP: self._soft_int, D.Kind.MOV_TO_CR: self._mov_to_cr,
-                            D.Kind.MOV_TO_DR: self._mov_to_dr,
+                            D.Kind.MOV_TO_DR: self._mov_to_dr, D.Kind.WRMSR: self._wrmsr,
                             D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into})
         self._table.update({k: self._umip for k in UMIP_KINDS})
         self._tsc_cbs: list[object] = []
@@ -157,6 +158,19 @@ class NativeInsns:
     def _mov_to_dr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
         if view.cpl == 0 and mov_to_dr_faults(insn.reg, st.gpr(insn.rm), st.cr(4)):
             self._raise(Vec.GP, 0, address)        # Unicorn would load (DR6) or drop (DR7) the bits
+
+    def _wrmsr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """Unicorn's WRMSR drops EFER bits it does not implement and checks nothing else."""
+        if view.cpl:
+            return
+        msr = st.gpr(1) & 0xFFFFFFFF
+        value = (st.gpr(0) & 0xFFFFFFFF) | (st.gpr(2) & 0xFFFFFFFF) << 32
+        if wrmsr_faults(msr, value, st.cr(0), st.efer):
+            self._raise(Vec.GP, 0, address)
+        elif msr == MSR_TSC_AUX and value >> 32:
+            # AMD processors ignore TSC_AUX[63:32] (reads return zero); Unicorn would keep them
+            self._uc.reg_write(X.UC_X86_REG_MSR, (msr, value & 0xFFFFFFFF))
+            self._set_rip(address + insn.length)
 
     def observe_cr_write(self, cr: int) -> None:
         """A MOV to CR0/CR3/CR4 about to run: its TLB side effect (APM §5.5.2).

@@ -74,6 +74,64 @@ TABLE = [
 ]
 
 
+def _wrmsr(msr: int, value: int, rmw: bool = False) -> tuple[str, str]:
+    """(setup, insn) for WRMSR of ``value`` to ``msr`` (or of EFER | value when ``rmw``)."""
+    if rmw:
+        return (f"mov ecx, {msr:#x}\nrdmsr\nor eax, {value & 0xFFFFFFFF:#x}\nor edx, {value >> 32:#x}", "wrmsr")
+    return (f"mov ecx, {msr:#x}\nmov eax, {value & 0xFFFFFFFF:#x}\nmov edx, {value >> 32:#x}", "wrmsr")
+
+
+def _msr_row(id_: str, msr: int, value: int, expect: str, apm: str, check=None, rmw=False) -> Row:
+    pre, insn = _wrmsr(msr, value, rmw)
+    return Row(id_, pre, insn, "msr", 0x7C, expect, apm, check)
+
+
+EFER, PAT, APIC_BASE, TSC_AUX, VM_HSAVE_PA = 0xC0000080, 0x277, 0x1B, 0xC0000103, 0xC0010117
+NONCANONICAL = 0x0000_8000_0000_0000
+TABLE += [
+    # -- WRMSR EFER (vol. 2 §3.1.7; VMRUN MBZ bits §15.5.1): the processor implements SCE, LME,
+    #    LMA (read-only), NXE, SVME (CPUID Fn8000_0001); KVM's efer_reserved_bits ------------------
+    _msr_row("efer-mbz-bit9", EFER, 1 << 9, GP, "vol. 2 §3.1.7: bit 9 MBZ", rmw=True),
+    _msr_row("efer-mbz-bit16", EFER, 1 << 16, GP, "vol. 2 §3.1.7: bits 63:16 MBZ", rmw=True),
+    _msr_row("efer-mbz-bit63", EFER, 1 << 63, GP, "vol. 2 §3.1.7: bits 63:16 MBZ", rmw=True),
+    _msr_row("efer-ffxsr-not-implemented", EFER, 1 << 14, GP,
+             "vol. 2 §3.1.7: FFXSR absent from CPUID Fn8000_0001_EDX[25]", rmw=True),
+    Row("efer-clear-lme-with-paging", "mov ecx, 0xc0000080\nrdmsr\nand eax, 0xfffffeff", "wrmsr", "msr", 0x7C, GP,
+        "vol. 2 §14.6.1: LME changes only while paging is off"),
+    Row("efer-lma-is-read-only", "mov ecx, 0xc0000080\nrdmsr\nand eax, 0xfffffbff", "wrmsr", "msr", 0x7C, "ok",
+        "vol. 2 §3.1.7: LMA is read-only", check=lambda m: _efer_has(m, 0x500)),
+    _msr_row("efer-set-sce", EFER, 1, "ok", "vol. 2 §3.1.7", check=lambda m: _efer_has(m, 0x501), rmw=True),
+    # -- WRMSR PAT (vol. 2 §7.8.1: encodings 2 and 3 reserved) -----------------------------------
+    _msr_row("pat-type-2", PAT, 0x0007040600070402, GP, "vol. 2 §7.8.1"),
+    _msr_row("pat-type-3-in-pa7", PAT, 0x0307040600070406, GP, "vol. 2 §7.8.1"),
+    _msr_row("pat-type-8", PAT, 0x0007040600070408, GP, "vol. 2 §7.8.1"),
+    _msr_row("pat-default", PAT, 0x0007040600070406, "ok", "vol. 2 §7.8.1"),
+    # -- WRMSR APIC_BASE (vol. 2 §16.3.1; KVM kvm_apic_set_base) --------------------------------
+    _msr_row("apic-base-bit9", APIC_BASE, 0xFEE00B00, GP, "vol. 2 §16.3.1: bit 9 reserved"),
+    _msr_row("apic-base-x2apic", APIC_BASE, 0xFEE00D00, GP, "x2APIC (bit 10) absent: CPUID Fn0000_0001_ECX[21] = 0"),
+    _msr_row("apic-base-beyond-maxphyaddr", APIC_BASE, (1 << 48) | 0xFEE00900, GP,
+             "vol. 2 §16.3.1: base within MAXPHYADDR (48, CPUID Fn8000_0008)"),
+    _msr_row("apic-base-default", APIC_BASE, 0xFEE00900, "ok", "vol. 2 §16.3.1"),
+    # -- WRMSR TSC_AUX: AMD ignores bits 63:32 (KVM svm_set_msr: no #GP on AMD, reads back 32 bits)
+    Row("tsc-aux-high-bits", "mov ecx, 0xc0000103\nmov eax, 0x1234\nmov edx, 1",
+        "wrmsr\nrdmsr\nmov r12, rdx\nmov r13, rax", "msr", 0x7C, "ok", "vol. 3 RDTSCP: TSC_AUX[31:0]",
+        check=lambda m: (reg("r12", 0)(m), reg("r13", 0x1234)(m))),
+    # -- WRMSR of a linear address (vol. 3 WRMSR; KVM __kvm_set_msr): canonical or #GP ---------
+    *[_msr_row(f"{name}-noncanonical", msr, NONCANONICAL, GP, "vol. 3 WRMSR: non-canonical address")
+      for name, msr in (("fs-base", 0xC0000100), ("gs-base", 0xC0000101), ("kernel-gs-base", 0xC0000102),
+                        ("lstar", 0xC0000082), ("cstar", 0xC0000083), ("sysenter-esp", 0x175),
+                        ("sysenter-eip", 0x176))],
+    _msr_row("kernel-gs-base-canonical", 0xC0000102, 0xFFFF_8000_0000_0000, "ok", "vol. 3 WRMSR"),
+    # -- WRMSR VM_HSAVE_PA (vol. 2 §15.30.4: a page-aligned physical address) -----------------
+    _msr_row("vm-hsave-pa-unaligned", VM_HSAVE_PA, 0x1800, GP, "vol. 2 §15.30.4: bits 11:0 MBZ"),
+    _msr_row("vm-hsave-pa-beyond-maxphyaddr", VM_HSAVE_PA, 1 << 48, GP, "vol. 2 §15.30.4"),
+]
+
+
+def _efer_has(m, bits: int):
+    assert m.guest.vmcb.EFER & (bits | 0x1000) == bits | 0x1000, hex(m.guest.vmcb.EFER)
+
+
 def _dr_upper_clear(m):
     assert m.guest.vmcb.DR6 >> 32 == 0 and m.guest.vmcb.DR7 >> 32 == 0
 
