@@ -14,10 +14,20 @@ CR0_PE, CR0_WP, CR0_NW, CR0_CD, CR0_PG = 1 << 0, 1 << 16, 1 << 29, 1 << 30, 1 <<
 CR0_RESERVED = 0xFFFF_FFFF_0000_0000
 # CR3 (§3.1.2): bits 63:52 must be zero in long mode
 CR3_LONG_MBZ = 0xFFF0_0000_0000_0000
+#: ... and bits 51:MAXPHYADDR are beyond the physical address width: a MOV to CR3
+#: setting one is #GP(0) as well (§3.1.2; KVM's kvm_vcpu_is_legal_cr3)
+CR3_LONG_RESERVED = CR3_LONG_MBZ | (((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1))
 # CR4 (§3.7.1); the reserved mask is kvm-unit-tests' SVM_CR4_RESERVED_MASK
 CR4_TSD, CR4_DE, CR4_PAE, CR4_PGE, CR4_PCE = 1 << 2, 1 << 3, 1 << 5, 1 << 7, 1 << 8
 CR4_UMIP, CR4_OSXSAVE, CR4_SMEP = 1 << 11, 1 << 18, 1 << 20
 CR4_RESERVED = 0xFFFF_FFFF_FE08_E000
+CR4_LA57, CR4_FSGSBASE, CR4_PCIDE = 1 << 12, 1 << 16, 1 << 17
+CR4_SMAP, CR4_PKE, CR4_CET, CR4_PKS = 1 << 21, 1 << 22, 1 << 23, 1 << 24
+#: features this processor does not implement -- its walk and TLB have no 5-level
+#: paging, PCID, SMAP, protection keys or CET, and no CPUID leaf reports them: a MOV
+#: to CR4 setting one is #GP(0) like any reserved bit (§3.7.1; KVM derives its CR4
+#: reserved bits from the guest's CPUID the same way)
+CR4_UNIMPLEMENTED = CR4_LA57 | CR4_PCIDE | CR4_SMAP | CR4_PKE | CR4_CET | CR4_PKS
 # DR6/DR7 (§13.1.1): bits 63:32 must be zero -- a MOV to DR6/DR7 setting one is #GP(0)
 # (vol. 3 "MOV DRn"), and VMRUN refuses a VMCB holding one (§15.5.1)
 DR6_RESERVED = 0xFFFF_FFFF_0000_0000

@@ -16,7 +16,8 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from ..arch import (APIC_BASE_RESERVED, CR0_PG, CR3_LONG_MBZ, CR4_DE, CR4_RESERVED, DR6_RESERVED, DR7_RESERVED,
+from ..arch import (APIC_BASE_RESERVED, CR0_PG, CR3_LONG_RESERVED, CR4_DE, CR4_RESERVED, CR4_UNIMPLEMENTED,
+                    DR6_RESERVED, DR7_RESERVED,
                     EFER_LME, EFER_WRITABLE, MAXPHYADDR, MSR_APIC_BASE, MSR_CANONICAL, MSR_EFER, MSR_PAT,
                     MSR_VM_HSAVE_PA, PAT_TYPES, VM_HSAVE_PA_RESERVED)
 from ..memory.paging import canonical
@@ -437,23 +438,25 @@ def mov_to_dr_faults(reg: int, value: int, cr4: int) -> bool:
 
 def mov_to_cr_faults(reg: int, value: int, cr0: int, long_mode: bool = True) -> bool:
     """#GP(0) from MOV to CRn for an illegal value, in 64-bit mode (APM vol. 2 §3.1.1-3.1.3, §3.7.1,
-    "MOV CRn" in vol. 3): reserved bits of CR0 (63:32), CR3 (63:52), CR4 or CR8 (63:4);
-    CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE in long mode.
-    Outside long mode (EFER.LMA = 0, e.g. a multiboot kernel before it enables paging) only
-    CR0.NW without CD, CR0.PG without PE and the reserved CR4 bits fault."""
+    "MOV CRn" in vol. 3): reserved bits of CR0 (63:32), CR3 (63:52 and 51:MAXPHYADDR), CR4
+    (reserved, or a feature this processor lacks: LA57, PCIDE, SMAP, PKE, CET, PKS) or CR8
+    (63:4); CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE
+    in long mode. Outside long mode (EFER.LMA = 0, e.g. a multiboot kernel before it enables
+    paging) only CR0.NW without CD, CR0.PG without PE and the reserved or unimplemented CR4
+    bits fault."""
     if not long_mode:
         if reg == 0:
             return bool(value & (1 << 29) and not value & (1 << 30) or value & (1 << 31) and not value & 1)
         if reg == 4:
-            return bool(value & CR4_RESERVED)
+            return bool(value & (CR4_RESERVED | CR4_UNIMPLEMENTED))
         return False
     if reg == 0:
         return bool(value >> 32 or (value & (1 << 29) and not value & (1 << 30))
                     or not value & (1 << 31) or not value & 1)
     if reg == 3:
-        return bool(value & CR3_LONG_MBZ)
+        return bool(value & CR3_LONG_RESERVED)
     if reg == 4:
-        return bool(value & CR4_RESERVED or not value & (1 << 5))
+        return bool(value & (CR4_RESERVED | CR4_UNIMPLEMENTED) or not value & (1 << 5))
     if reg == 8:
         return bool(value >> 4)
     return False

@@ -136,6 +136,50 @@ def _dr_upper_clear(m):
     assert m.guest.vmcb.DR6 >> 32 == 0 and m.guest.vmcb.DR7 >> 32 == 0
 
 
+# -- MOV CRn (APM vol. 2 §3.1.1-3.1.3, §3.7.1; vol. 3 "MOV CRn") -----------------------------------
+def _cr(n: int, op: str) -> str:
+    return f"mov rax, cr{n}\n{op}"
+
+
+TABLE += [
+    Row("mov-cr0-bit32", _cr(0, "bts rax, 32"), "mov cr0, rax", "cr0_write", 0x10, GP, "vol. 2 §3.1.1: CR0[63:32] MBZ"),
+    Row("mov-cr0-nw-without-cd", _cr(0, "bts rax, 29\nbtr rax, 30"), "mov cr0, rax", "cr0_write", 0x10, GP,
+        "vol. 2 §3.1.1: NW = 1 with CD = 0"),
+    Row("mov-cr0-clear-pg-in-long-mode", _cr(0, "btr rax, 31"), "mov cr0, rax", "cr0_write", 0x10, GP,
+        "vol. 2 §14.7: paging cannot be disabled in 64-bit mode"),
+    Row("mov-cr3-bit52", _cr(3, "bts rax, 52"), "mov cr3, rax", "cr3_write", 0x13, GP,
+        "vol. 2 §3.1.2: CR3[63:52] MBZ in long mode"),
+    Row("mov-cr3-bit48", _cr(3, "bts rax, 48"), "mov cr3, rax", "cr3_write", 0x13, GP,
+        "vol. 2 §3.1.2: bits 51:MAXPHYADDR reserved (MAXPHYADDR 48, CPUID Fn8000_0008)"),
+    Row("mov-cr4-bit13", _cr(4, "bts rax, 13"), "mov cr4, rax", "cr4_write", 0x14, GP, "vol. 2 §3.7.1: reserved"),
+    Row("mov-cr4-la57", _cr(4, "bts rax, 12"), "mov cr4, rax", "cr4_write", 0x14, GP,
+        "vol. 2 §3.7.1: LA57 not implemented, and fixed while long mode is active"),
+    Row("mov-cr4-pcide", _cr(4, "bts rax, 17"), "mov cr4, rax", "cr4_write", 0x14, GP,
+        "vol. 2 §3.7.1: PCID not implemented (CPUID Fn0000_0001_ECX[17] = 0)"),
+    Row("mov-cr4-smap", _cr(4, "bts rax, 21"), "mov cr4, rax", "cr4_write", 0x14, GP,
+        "vol. 2 §3.7.1: SMAP not implemented (CPUID Fn0000_0007_EBX[20] = 0)"),
+    Row("mov-cr4-clear-pae-in-long-mode", _cr(4, "btr rax, 5"), "mov cr4, rax", "cr4_write", 0x14, GP,
+        "vol. 2 §14.7: PAE cannot be cleared while long mode is active"),
+    Row("mov-cr4-osxsave", _cr(4, "bts rax, 18"), "mov cr4, rax", "cr4_write", 0x14, "ok", "vol. 2 §3.7.1",
+        check=lambda m: assert_bits(m.guest.vmcb.CR4, 1 << 18)),
+    Row("mov-cr8-bit4", "mov eax, 0x10", "mov cr8, rax", "cr8_write", 0x18, GP, "vol. 2 §3.1.5: CR8[63:4] reserved"),
+    # -- LMSW (vol. 3 "LMSW"): loads CR0[3:0], can set PE but never clear it --------------------
+    Row("lmsw-zero-keeps-pe", "xor eax, eax", "lmsw ax", "cr0_write", 0x10, "ok", "vol. 3 LMSW",
+        check=lambda m: _low_cr0(m, 0x1)),
+    Row("lmsw-all-ones", "mov eax, 0xffff", "lmsw ax", "cr0_write", 0x10, "ok", "vol. 3 LMSW: bits 3:0 only",
+        check=lambda m: _low_cr0(m, 0xF)),
+]
+
+
+def assert_bits(value: int, bits: int) -> None:
+    assert value & bits == bits, hex(value)
+
+
+def _low_cr0(m, nibble: int) -> None:
+    cr0 = m.guest.vmcb.CR0
+    assert cr0 & 0xF == nibble and cr0 & ~0xF == 0x8001_0030, hex(cr0)     # the loader's CR0 above bit 3
+
+
 def build(guest, row: Row, armed: bool):
     pre = row.pre
     rip = BASE + len(assemble(pre)) if pre else BASE
