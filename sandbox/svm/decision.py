@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from ..arch import (APIC_BASE_RESERVED, CR0_PG, CR3_LONG_RESERVED, CR4_DE, CR4_RESERVED, CR4_UNIMPLEMENTED,
-                    DR6_RESERVED, DR7_RESERVED,
+                    DR6_RESERVED, DR7_RESERVED, XCR0_SSE, XCR0_X87, XCR0_YMM,
                     EFER_LME, EFER_WRITABLE, MAXPHYADDR, MSR_APIC_BASE, MSR_CANONICAL, MSR_EFER, MSR_PAT,
                     MSR_VM_HSAVE_PA, PAT_TYPES, VM_HSAVE_PA_RESERVED)
 from ..memory.paging import canonical
@@ -398,7 +398,7 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
           Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS,
           # MOV to CR/DR, WRMSR: Unicorn accepts (or silently drops) reserved bits
           # the processor must refuse with #GP
-          Kind.MOV_TO_CR, Kind.MOV_TO_DR, Kind.WRMSR}
+          Kind.MOV_TO_CR, Kind.MOV_TO_DR, Kind.WRMSR, Kind.XSETBV}
 
 
 
@@ -421,6 +421,13 @@ def wrmsr_faults(msr: int, value: int, cr0: int, efer: int) -> bool:
     if msr in MSR_CANONICAL:
         return not canonical(value)
     return False
+
+
+def xsetbv_faults(ecx: int, value: int) -> bool:
+    """#GP(0) from XSETBV (APM vol. 3 "XSETBV", vol. 2 §11.5.2): ECX names no XCR
+    (only XCR0 exists), XCR0.X87 = 0, or YMM enabled without SSE.  (Unicorn checks
+    the first two and the bits its CPUID leaf 0Dh does not report, not the third.)"""
+    return bool(ecx != 0 or not value & XCR0_X87 or (value & XCR0_YMM and not value & XCR0_SSE))
 
 
 def mov_to_dr_faults(reg: int, value: int, cr4: int) -> bool:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import UC_HOOK_INSN, Uc
 from unicorn import x86_const as X
 
-from ..arch import CR4_UMIP, EFER_LMA, MSR_TSC_AUX
+from ..arch import CR4_OSXSAVE, CR4_UMIP, EFER_LMA, MSR_TSC_AUX
 from ..memory.hostmem import HostMemory
 from ..memory.mmu import NestedFault, NestedLayer
 from ..memory.paging import Access
@@ -29,7 +29,7 @@ from . import decode as D
 from .controls import GuestControls
 from .cpustate import R_FS, R_GS, CpuState
 from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults,
-                       wrmsr_faults)
+                       wrmsr_faults, xsetbv_faults)
 from .engine import add_raw_insn_hook
 from .events import Vec
 from .exitcodes import ExitCode
@@ -77,6 +77,7 @@ class NativeInsns:
         self._table.update({D.Kind.HLT: self._hlt, D.Kind.INTN: self._soft_int, D.Kind.INT3: self._soft_int,
                             D.Kind.ICEBP: self._soft_int, D.Kind.MOV_TO_CR: self._mov_to_cr,
                             D.Kind.MOV_TO_DR: self._mov_to_dr, D.Kind.WRMSR: self._wrmsr,
+                            D.Kind.XSETBV: self._xsetbv,
                             D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into})
         self._table.update({k: self._umip for k in UMIP_KINDS})
         self._tsc_cbs: list[object] = []
@@ -171,6 +172,13 @@ class NativeInsns:
             # AMD processors ignore TSC_AUX[63:32] (reads return zero); Unicorn would keep them
             self._uc.reg_write(X.UC_X86_REG_MSR, (msr, value & 0xFFFFFFFF))
             self._set_rip(address + insn.length)
+
+    def _xsetbv(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """Unicorn accepts XCR0.YMM without SSE; at CPL > 0 or without CR4.OSXSAVE
+        Unicorn raises the #GP / #UD that comes first."""
+        if view.cpl == 0 and st.cr(4) & CR4_OSXSAVE and xsetbv_faults(
+                st.gpr(1) & 0xFFFFFFFF, (st.gpr(0) & 0xFFFFFFFF) | (st.gpr(2) & 0xFFFFFFFF) << 32):
+            self._raise(Vec.GP, 0, address)
 
     def observe_cr_write(self, cr: int) -> None:
         """A MOV to CR0/CR3/CR4 about to run: its TLB side effect (APM §5.5.2).

@@ -180,6 +180,22 @@ def _low_cr0(m, nibble: int) -> None:
     assert cr0 & 0xF == nibble and cr0 & ~0xF == 0x8001_0030, hex(cr0)     # the loader's CR0 above bit 3
 
 
+# -- XSETBV (vol. 3 "XSETBV"; vol. 2 §11.5.2) --------------------------------------------------------
+OSXSAVE = "mov rax, cr4\nbts rax, 18\nmov cr4, rax\n"
+TABLE += [
+    Row("xsetbv-xcr1", OSXSAVE + "mov ecx, 1\nmov eax, 3\nxor edx, edx", "xsetbv", "xsetbv", 0x8D, GP,
+        "vol. 3 XSETBV: only XCR0 exists"),
+    Row("xsetbv-x87-disabled", OSXSAVE + "xor ecx, ecx\nmov eax, 2\nxor edx, edx", "xsetbv", "xsetbv", 0x8D, GP,
+        "vol. 2 §11.5.2: XCR0[0] must be 1"),
+    Row("xsetbv-ymm-without-sse", OSXSAVE + "xor ecx, ecx\nmov eax, 5\nxor edx, edx", "xsetbv", "xsetbv", 0x8D, GP,
+        "vol. 2 §11.5.2: YMM requires SSE"),
+    Row("xsetbv-bit62", OSXSAVE + "xor ecx, ecx\nmov eax, 3\nmov edx, 0x40000000", "xsetbv", "xsetbv", 0x8D, GP,
+        "vol. 3 XSETBV: a bit CPUID Fn0000_000D does not report"),
+    Row("xsetbv-x87-sse", OSXSAVE + "xor ecx, ecx\nmov eax, 3\nxor edx, edx", "xsetbv\nxgetbv\nmov r12, rax",
+        "xsetbv", 0x8D, "ok", "vol. 3 XSETBV", check=lambda m: reg("r12", 3)(m)),
+]
+
+
 def build(guest, row: Row, armed: bool):
     pre = row.pre
     rip = BASE + len(assemble(pre)) if pre else BASE
