@@ -325,6 +325,8 @@ DECIDE: dict[Kind, Callable] = {
     Kind.RDPRU: _simple(ExitCode.RDPRU),
     Kind.INVPCID: _simple(ExitCode.INVPCID, cpl0=True),
     Kind.STI: lambda i, v, rip: None,          # no intercept; watched for interrupt windows
+    Kind.WRFSBASE: lambda i, v, rip: None,     # no intercept; checked for a non-canonical base
+    Kind.WRGSBASE: lambda i, v, rip: None,
 }
 #: kinds whose decision also reads the instruction bytes: ``f(insn, view, rip, code)``
 NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: io_exit, Kind.OUT: io_exit, Kind.INS: io_exit,
@@ -398,7 +400,9 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
           Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS,
           # MOV to CR/DR, WRMSR: Unicorn accepts (or silently drops) reserved bits
           # the processor must refuse with #GP
-          Kind.MOV_TO_CR, Kind.MOV_TO_DR, Kind.WRMSR, Kind.XSETBV}
+          Kind.MOV_TO_CR, Kind.MOV_TO_DR, Kind.WRMSR, Kind.XSETBV,
+          # LGDT/LIDT/IRET/WRFSBASE/WRGSBASE: Unicorn loads a non-canonical base or RIP
+          Kind.LGDT, Kind.LIDT, Kind.IRET, Kind.WRFSBASE, Kind.WRGSBASE}
 
 
 

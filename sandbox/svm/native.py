@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import UC_HOOK_INSN, Uc
 from unicorn import x86_const as X
 
-from ..arch import CR4_OSXSAVE, CR4_UMIP, EFER_LMA, MSR_TSC_AUX
+from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_UMIP, EFER_LMA, MSR_TSC_AUX
 from ..memory.hostmem import HostMemory
-from ..memory.mmu import NestedFault, NestedLayer
-from ..memory.paging import Access
+from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault, NestedLayer
+from ..memory.paging import Access, canonical
 from ..memory.tlb import Tlb
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import R_FS, R_GS, CpuState
+from .cpustate import HF_CS64, R_FS, R_GS, CpuState
 from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults,
                        wrmsr_faults, xsetbv_faults)
 from .engine import add_raw_insn_hook
@@ -78,6 +78,9 @@ class NativeInsns:
                             D.Kind.ICEBP: self._soft_int, D.Kind.MOV_TO_CR: self._mov_to_cr,
                             D.Kind.MOV_TO_DR: self._mov_to_dr, D.Kind.WRMSR: self._wrmsr,
                             D.Kind.XSETBV: self._xsetbv,
+                            D.Kind.LGDT: self._load_table_base, D.Kind.LIDT: self._load_table_base,
+                            D.Kind.WRFSBASE: self._wrfsgsbase, D.Kind.WRGSBASE: self._wrfsgsbase,
+                            D.Kind.IRET: self._iret,
                             D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into})
         self._table.update({k: self._umip for k in UMIP_KINDS})
         self._tsc_cbs: list[object] = []
@@ -101,7 +104,9 @@ class NativeInsns:
         self._deliver = interrupts.deliver
         self._interrupts = interrupts
         self._halt = run.halt
-        for k in IRQ_WINDOW:
+        self._access = interrupts.access
+        self._watch_irq_window = interrupts.watch_irq_window
+        for k in IRQ_WINDOW - {D.Kind.IRET}:          # IRET: _iret checks its RIP first
             self._table[k] = interrupts.watch_irq_window
 
     def handle(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
@@ -179,6 +184,38 @@ class NativeInsns:
         if view.cpl == 0 and st.cr(4) & CR4_OSXSAVE and xsetbv_faults(
                 st.gpr(1) & 0xFFFFFFFF, (st.gpr(0) & 0xFFFFFFFF) | (st.gpr(2) & 0xFFFFFFFF) << 32):
             self._raise(Vec.GP, 0, address)
+
+    def _iret(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """IRETQ to a non-canonical RIP is #GP(0) at the IRET, before any state is
+        loaded (APM vol. 3 "IRET"); Unicorn would load it all and fault at the fetch.
+        Otherwise IRET may open an interrupt window."""
+        if insn.opsize == 64 and not canonical(self._peek(st.gpr(4), 8, canonical=0)):
+            self._raise(Vec.GP, 0, address)
+            return
+        self._watch_irq_window(address, insn, st, view, code)
+
+    def _load_table_base(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView",
+                         code: bytes) -> None:
+        """LGDT/LIDT: a non-canonical descriptor-table base is #GP(0) (APM vol. 3 "LGDT",
+        "LIDT"); Unicorn loads it.  The operand: 2-byte limit, 8-byte base in 64-bit mode."""
+        if view.cpl == 0:
+            ea = effective_address(code, insn, view, address + insn.length)
+            if not canonical(self._peek(ea + 2, 8, canonical=0)):
+                self._raise(Vec.GP, 0, address)
+
+    def _wrfsgsbase(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """A non-canonical FS/GS base is #GP(0) (APM vol. 3 "WRFSBASE"); Unicorn loads it."""
+        if st.cr(4) & CR4_FSGSBASE and st.hflags & HF_CS64 and insn.opsize == 64 \
+                and not canonical(st.gpr(insn.rm)):
+            self._raise(Vec.GP, 0, address)
+
+    def _peek(self, gva: int, n: int, canonical: int) -> int:
+        """A little-endian value the instruction is about to read; ``canonical``
+        when the read would fault (the instruction then raises that fault itself)."""
+        try:
+            return int.from_bytes(self._access.read(gva, n), "little")
+        except (GuestPageFault, NestedFault, GuestGP, GuestException):
+            return canonical
 
     def observe_cr_write(self, cr: int) -> None:
         """A MOV to CR0/CR3/CR4 about to run: its TLB side effect (APM §5.5.2).

@@ -195,6 +195,76 @@ TABLE += [
         "xsetbv", 0x8D, "ok", "vol. 3 XSETBV", check=lambda m: reg("r12", 3)(m)),
 ]
 
+# -- POPF, IRET: RFLAGS images (vol. 3 "POPF", "IRET"; vol. 2 §3.1.6) ---------------------------------
+# What an instruction at CPL 0 can set: CF PF AF ZF SF TF IF DF OF IOPL NT AC ID; bit 1 reads as 1,
+# bits 3, 5, 15, 22-63 are reserved (0). POPF leaves VM, VIF, VIP and clears RF; PUSHF clears RF and
+# VM in its image. The images below leave TF clear (no single-step trap) and, for IRET, RF, VM, VIF
+# and VIP: Unicorn's IRET does not load VIF/VIP at CPL 0, and its PUSHF copies RF into the image --
+# deviations in flags that are not reserved, outside what this table checks.
+SETTABLE = sum(1 << b for b in (0, 2, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 18, 21))
+TF, RF, VM, VIF, VIP = 1 << 8, 1 << 16, 1 << 17, 1 << 19, 1 << 20
+POPF_IMAGE = ((1 << 64) - 1) & ~TF
+IRET_IMAGE = ((1 << 64) - 1) & ~(TF | RF | VM | VIF | VIP)
+RFLAGS_AFTER = 0x2 | (POPF_IMAGE & SETTABLE)
+READ_BACK = "pushfq\npop r12\npush 2\npopfq"
+
+
+def _iret_frame(rip: str, rflags: int) -> str:
+    return (f"mov rax, rsp\npush 0x10\npush rax\nmovabs rcx, {rflags:#x}\npush rcx\npush 8\n"
+            f"movabs rcx, {rip}\npush rcx")
+
+
+def _iret_row(id_: str, rflags: int, expect: str, apm: str, check=None, target: int | None = None) -> Row:
+    pre = _iret_frame("0x0", rflags)
+    here = BASE + len(assemble(pre))
+    nxt = here + len(assemble("iretq", here)) if target is None else target
+    return Row(id_, _iret_frame(f"{nxt:#x}", rflags), "iretq\n" + READ_BACK, "iret", 0x74, expect, apm, check)
+
+
+TABLE += [
+    Row("popf-all-flags", f"movabs rax, {POPF_IMAGE:#x}\npush rax", "popfq\n" + READ_BACK, "popf", 0x71, "ok",
+        "vol. 3 POPF (CPL 0): reserved bits stay 0, VM/VIF/VIP unchanged, RF cleared",
+        check=lambda m: reg("r12", RFLAGS_AFTER)(m)),
+    _iret_row("iret-all-flags", IRET_IMAGE, "ok", "vol. 3 IRET (CPL 0, 64-bit): reserved bits stay 0",
+              check=lambda m: reg("r12", 0x2 | (IRET_IMAGE & SETTABLE))(m)),
+    _iret_row("iret-noncanonical-rip", 2, GP, "vol. 3 IRET: #GP(0) if the return RIP is non-canonical",
+              target=0x8000_0000_0000_0000),
+]
+
+
+# -- descriptor tables and segment bases (vol. 3 "LGDT", "LIDT", "WRFSBASE", "SWAPGS") ---------------
+def _dtr(insn: str, base: int) -> str:
+    return f"mov rax, {DATA_PAGE:#x}\nmov word ptr [rax], 0xfff\nmovabs rcx, {base:#x}\nmov [rax + 2], rcx"
+
+
+DATA_PAGE = 0x1C0000
+FSGSBASE = "mov rax, cr4\nbts rax, 16\nmov cr4, rax\n"
+TABLE += [
+    Row("lgdt-noncanonical-base", _dtr("lgdt", NONCANONICAL), "lgdt [rax]", "gdtr_write", 0x6B, GP,
+        "vol. 3 LGDT: #GP(0) if the new base is non-canonical"),
+    Row("lidt-noncanonical-base", _dtr("lidt", NONCANONICAL), "lidt [rax]", "idtr_write", 0x6A, GP,
+        "vol. 3 LIDT: #GP(0) if the new base is non-canonical"),
+    Row("lidt-canonical-base", _dtr("lidt", 0xFFFF_8000_0000_0000), "lidt [rax]", "idtr_write", 0x6A, "ok",
+        "vol. 3 LIDT", check=lambda m: _dtr_base(m, "IDTR", 0xFFFF_8000_0000_0000)),
+    Row("wrfsbase-noncanonical", FSGSBASE + f"movabs rax, {NONCANONICAL:#x}", "wrfsbase rax", "", None, GP,
+        "vol. 3 WRFSBASE: #GP(0) if the address is non-canonical"),
+    Row("wrgsbase-noncanonical", FSGSBASE + f"movabs rax, {NONCANONICAL:#x}", "wrgsbase rax", "", None, GP,
+        "vol. 3 WRGSBASE: #GP(0) if the address is non-canonical"),
+    Row("wrfsbase-canonical", FSGSBASE + "mov eax, 0x7000", "wrfsbase rax\nmov ecx, 0xc0000100\nrdmsr\nmov r12, rax",
+        "", None, "ok", "vol. 3 WRFSBASE", check=lambda m: reg("r12", 0x7000)(m)),
+    Row("wrgsbase-32-bit-operand", FSGSBASE + "mov eax, 0xffffffff",
+        "wrgsbase eax\nmov ecx, 0xc0000101\nrdmsr\nmov r12, rdx", "", None, "ok",
+        "vol. 3 WRGSBASE: a 32-bit operand is zero-extended", check=lambda m: reg("r12", 0)(m)),
+    Row("swapgs", "mov ecx, 0xc0000102\nmov eax, 0x5000\nxor edx, edx\nwrmsr",
+        "swapgs\nmov ecx, 0xc0000101\nrdmsr\nmov r12, rax", "", None, "ok",
+        "vol. 3 SWAPGS: exchanges GS.base and KernelGSbase (both checked when written)",
+        check=lambda m: reg("r12", 0x5000)(m)),
+]
+
+
+def _dtr_base(m, name: str, base: int) -> None:
+    assert m.guest.vmcb.seg(name).base == base, hex(m.guest.vmcb.seg(name).base)
+
 
 def build(guest, row: Row, armed: bool):
     pre = row.pre
