@@ -345,17 +345,17 @@ class Machine:
         out = b""
         while n > 0:
             chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
-            out += self.mem.read(self._virt_to_host(gva, Access.READ), chunk)
+            out += self.mem.read(self.virt_to_host(gva, Access.READ), chunk)
             gva, n = gva + chunk, n - chunk
         return out
 
     def write_virt(self, gva: int, data: bytes) -> None:
         while data:
             chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
-            self.mem.write(self._virt_to_host(gva, Access.WRITE, set_ad=True), data[:chunk])
+            self.mem.write(self.virt_to_host(gva, Access.WRITE, set_ad=True), data[:chunk])
             gva, data = gva + chunk, data[chunk:]
 
-    def _virt_to_host(self, gva: int, access: int, set_ad: bool = False) -> int:
+    def virt_to_host(self, gva: int, access: int, set_ad: bool = False) -> int:
         """GVA -> HPA through the guest's own tables (and the NPT or the RAM
         map) on the guest's behalf: A/D bits only with ``set_ad`` (a write the
         hypervisor emulates for the guest), never the processor's counters."""
