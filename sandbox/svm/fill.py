@@ -9,8 +9,8 @@ in :attr:`TlbFill.pending_fault` for the run loop, which raises the #PF (or
 
 The fill also keeps the code-page bookkeeping the scanner depends on: a
 fetch fill scans the page, and scanned pages are never writable in the soft
-TLB, so a guest store to one comes back here as a write fill that drops the
-page's scans.
+TLB, so a guest store to one comes back here as a write fill, which is
+refused and single-stepped (:mod:`.smc`).
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ from .cpustate import CpuState
 from .decode import MAX_INSN
 from .engine import flush_soft_tlb
 from .extension import NO_EXTENSION, ProcessorExtension
+from .smc import CodeStore
 
 if TYPE_CHECKING:
     from .scanner import Scanner
+    from .smc import SmcStepper
 
 #: ``fn(gva, access, hpa, perms)``: ``access`` is the UC_MEM_* type Unicorn
 #: asked for, ``hpa`` and ``perms`` (UC_PROT_*) what the fill granted
@@ -58,14 +60,17 @@ class TlbFill:
         self._walker: TwoDimWalker | None = None
         self._walker_efer = 0
         self._observers: list[FillObserver] = []
+        #: hpa pages Unicorn's soft TLB may hold writable (emptied with it)
+        self.wgrant: set[int] = set()
         #: the fill in use: :meth:`_fill`, or the observed one once an observer is registered
         self.fill = self._fill
 
-    def connect(self, scanner: "Scanner", fail: Callable[[str, BaseException | None], None]) -> None:
-        """Bind what a fill calls: the page scanner and its code-page maps, and the run's failure stop."""
+    def connect(self, scanner: "Scanner", smc: "SmcStepper", fail: Callable[[str, BaseException | None], None]) -> None:
+        """Bind what a fill calls: the page scanner and its code-page maps, the
+        code pages a stepped store may write, and the run's failure stop."""
         self._scan = scanner.scan
-        self._code_pages = scanner.code_pages
         self._code_hpa = scanner.code_hpa
+        self._smc_open = smc.open
         self._fail = fail
 
     # ------------------------------------------------------------ the hook
@@ -108,30 +113,31 @@ class TlbFill:
         hpa = e.hpa
         perms = UC_PROT_READ
         if acc == Access.FETCH:
+            if hpa in self.wgrant and hpa not in self._code_hpa:
+                # the page becomes code while a soft-TLB entry (this or another
+                # GVA) may still write it unobserved: drop those entries
+                self.flush_soft_tlb()
             self.fetch_map[gva] = hpa
             self._scan(gva, hpa)
             perms |= UC_PROT_EXEC
         else:
             is_code = hpa in self._code_hpa
             if acc == Access.WRITE:
-                if is_code:
-                    self._code_page_written(gva, hpa)
+                if is_code and hpa not in self._smc_open:
+                    # A store to a scanned code page: refused and single-stepped
+                    # (Unicorn's own self-modifying-code check does not hold for
+                    # a page mapped without execute permission; see .smc)
+                    self.pending_fault = CodeStore(hpa)
+                    self.fault_page = gva
+                    return False
                 perms |= UC_PROT_WRITE
+                self.wgrant.add(hpa)
             elif e.writable and e.dirty and not is_code:
                 perms |= UC_PROT_WRITE
+                self.wgrant.add(hpa)
         entry.paddr = hpa
         entry.perms = perms
         return True
-
-    def _code_page_written(self, gva: int, hpa: int) -> None:
-        """A guest write to a scanned code page: drop its scans; the next fetch rescans."""
-        aliases = self._code_hpa.pop(hpa, ())
-        for g in aliases:
-            self._code_pages.pop(g, None)
-        if any(g != gva for g in aliases):
-            # another GVA maps this page with execute permission: drop
-            # those entries too, so its next fetch is a fill that rescans
-            self.flush_soft_tlb()
 
     # ----------------------------------------------------------- observers
     def add_observer(self, fn: FillObserver) -> None:
@@ -185,7 +191,12 @@ class TlbFill:
         gva = addr & ~0xFFF
         hpa = self.fetch_map.get(gva)
         if hpa is None:
-            return b""
+            # a soft-TLB flush emptied the map while a translated block of this
+            # page still runs: the bytes are where a fetch finds them now
+            try:
+                hpa = self.guest_walker().translate(gva, Access.FETCH, self._st.cpl == 3, set_ad=False).hpa & ~0xFFF
+            except (GuestPageFault, NestedFault, GuestGP, GuestException):
+                return b""
         off = addr & 0xFFF
         if off <= PAGE_SIZE - MAX_INSN:
             return self._mm[hpa + off:hpa + off + MAX_INSN]
@@ -207,4 +218,5 @@ class TlbFill:
         """Empty Unicorn's soft TLB, the untagged cache in front of the tagged TLB."""
         flush_soft_tlb(self._uc)
         self.fetch_map.clear()
+        self.wgrant.clear()
 

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .interrupts import Interrupts
     from .run import RunLoop
     from .scanner import DecisionView
+    from .smc import SmcStepper
     from .world_switch import SwitchState, WorldSwitch
 
 TSC_HZ = 2_500_000_000
@@ -94,10 +95,12 @@ class NativeInsns:
         self._tsc_cbs = [add_raw_insn_hook(uc, self._insn_rdtsc, X.UC_X86_INS_RDTSC),
                          add_raw_insn_hook(uc, self._insn_rdtscp, X.UC_X86_INS_RDTSCP)]
 
-    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop") -> None:
+    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop",
+                smc: "SmcStepper") -> None:
         """Bind what the emulation calls: soft-TLB flushes and the walker's
         statistics, the #VMEXIT, event delivery, and stopping the run."""
         self._fill = fill
+        self._processor_wrote = smc.processor_wrote
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
         self._raise = interrupts.raise_exception
@@ -300,6 +303,7 @@ class NativeInsns:
             return
         if insn.kind == D.Kind.VMSAVE:
             self._vmsave(hpa, st)
+            self._processor_wrote(hpa)         # a VMSAVE into a code page is self-modifying code
         else:
             self._vmload(hpa, st)
         self._set_rip(address + insn.length)
