@@ -121,15 +121,85 @@ def gen_grammar(rng: random.Random, n: int = 64) -> Case:
     return Case(code, _place(rng, code, straddle), random_config(rng), random_regs(rng), "grammar")
 
 
-def gen_smc(rng: random.Random, n: int = 64) -> Case:
-    """Write a sensitive instruction into the code stream, then jump to it:
-    ``mov rax, imm64; lea rdi, [rip+target]; mov [rdi], rax; jmp target; target: 8 x NOP``."""
-    parts: list[bytes] = [filler(rng) for _ in range(rng.randrange(0, n // 2))]
+def _smc_jump(rng: random.Random) -> bytes:
+    """``mov rax, imm64; lea rdi, [rip+target]; mov [rdi], rax; jmp target; target: 8 x NOP``."""
     body = sensitive(rng)[:8]
     imm = body.ljust(8, b"\x90")
-    seq = b"\x48\xb8" + imm + b"\x48\x8d\x3d" + (5).to_bytes(4, "little") + b"\x48\x89\x07" + b"\xeb\x00" + b"\x90" * 8
     # lea's disp32 is relative to the next instruction: mov [rdi], rax (3) + jmp (2) -> target
-    parts.append(seq)
+    return b"\x48\xb8" + imm + b"\x48\x8d\x3d" + (5).to_bytes(4, "little") + b"\x48\x89\x07" + b"\xeb\x00" + b"\x90" * 8
+
+
+SLED = 32
+STORE_WIDTHS = (1, 2, 4, 8, 8, 8, 16, "movsb")
+
+
+def _store(width: int, disp: int, chunk: bytes) -> bytes:
+    """Store ``chunk`` (``width`` bytes) at [rdi + disp32] (clobbers RAX, RDX, XMM0, XMM1)."""
+    d = disp.to_bytes(4, "little", signed=True)
+    v = int.from_bytes(chunk, "little")
+    if width == 1:
+        return b"\xb0" + chunk + b"\x88\x87" + d                               # mov al, ib; mov [rdi+d], al
+    if width == 2:
+        return b"\x66\xb8" + chunk + b"\x66\x89\x87" + d                       # mov ax, iw; mov [rdi+d], ax
+    if width == 4:
+        return b"\xb8" + chunk + b"\x89\x87" + d                               # mov eax, id; mov [rdi+d], eax
+    if width == 8:
+        return b"\x48\xb8" + chunk + b"\x48\x89\x87" + d                       # mov rax, iq; mov [rdi+d], rax
+    # movq xmm0, rax; movq xmm1, rdx; punpcklqdq xmm0, xmm1; movdqu [rdi+d], xmm0
+    return (b"\x48\xb8" + (v & (2**64 - 1)).to_bytes(8, "little") + b"\x48\xba" + (v >> 64).to_bytes(8, "little")
+            + b"\x66\x48\x0f\x6e\xc0\x66\x48\x0f\x6e\xca\x66\x0f\x6c\xc1\xf3\x0f\x7f\x87" + d)
+
+
+def _smc_patch(rng: random.Random) -> bytes:
+    """Patch an armed instruction into the code just ahead of the running block
+    and run on into it (issue 10's stale-code escape):
+
+    ``jmp +8; 8 bytes no block holds; lea rdi, [those bytes]``; a decoy store of
+    NOPs over NOPs there; the instruction's bytes stored into a NOP sled ahead
+    with stores of one width (1 .. 16 bytes, or ``rep movsb`` from the data
+    page) starting at an odd offset, possibly before the instruction's first
+    byte; then (usually) no branch: the sled runs in the same translated block."""
+    insn = sensitive(rng)
+    k = rng.randrange(0, SLED - len(insn) - 15)                # the instruction starts at sled + k
+    width = rng.choice(STORE_WIDTHS)
+    w = 1 if width == "movsb" else width
+    pre = rng.randrange(0, min(w, k + 1))
+    payload = b"\x90" * pre + insn
+    payload += b"\x90" * (-len(payload) % w)
+    head = b"\xeb\x08" + b"\x90" * 8 + b"\x48\x8d\x3d" + (-15).to_bytes(4, "little", signed=True)
+    dw = rng.choice((2, 4, 8))
+    body = _store(dw, rng.randrange(0, 8 - dw + 1), b"\x90" * dw)        # the decoy: same bytes
+    stores = []
+    if width == "movsb":
+        n = len(payload)
+        src = b"".join(b"\x48\xb8" + payload[i:i + 8].ljust(8, b"\x90") + b"\x48\x89\x86"
+                       + i.to_bytes(4, "little") for i in range(0, n, 8))            # mov rax, iq; mov [rsi+i], rax
+        stores.append(b"\x48\xbe" + DATA_BASE.to_bytes(8, "little") + src)          # mov rsi, DATA_BASE
+        stores.append(b"\x48\x8d\xbf" + b"@DISP" + b"\xb9" + n.to_bytes(4, "little") + b"\xf3\xa4")
+    else:
+        for i in range(0, len(payload), w):
+            stores.append((i, payload[i:i + w]))
+    jump = rng.random() < 0.2
+    # the sled's offset from RDI: the head's scratch and LEA, the decoy, the stores, a jump
+    size = 8 + 7 + len(body) + len(b"\xeb\x00" if jump else b"")
+    for st in stores:
+        size += len(st) if isinstance(st, bytes) else len(_store(w, 0, st[1]))
+    sled_at = size + (k - pre)                                  # where the stores begin, from RDI
+    for st in stores:
+        if isinstance(st, bytes):
+            body += st.replace(b"@DISP", sled_at.to_bytes(4, "little"))
+        else:
+            body += _store(w, sled_at + st[0], st[1])
+    if jump:
+        body += b"\xeb\x00"
+    return head + body + b"\x90" * SLED
+
+
+def gen_smc(rng: random.Random, n: int = 64) -> Case:
+    """Write a sensitive instruction into the code stream and run it: patched
+    ahead of the running block (:func:`_smc_patch`), or stored and jumped to."""
+    parts: list[bytes] = [filler(rng) for _ in range(rng.randrange(0, n // 2))]
+    parts.append(_smc_patch(rng) if rng.random() < 0.8 else _smc_jump(rng))
     parts += [filler(rng) for _ in range(rng.randrange(0, n // 2))]
     code = b"".join(parts) + TERMINATOR
     return Case(code, _place(rng, code), random_config(rng), random_regs(rng), "self-modifying")

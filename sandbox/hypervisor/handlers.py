@@ -19,10 +19,11 @@ import struct
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Callable
 
-from ..arch import CR4_OSXSAVE, EFER_SVME, M64, MSR_EFER, MSR_TSC_AUX, RFLAGS_IF
+from ..arch import CR4_OSXSAVE, EFER_LMA, EFER_SVME, M64, MSR_EFER, MSR_TSC_AUX, RFLAGS_IF
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from ..svm.cpu import ExitRecord
+from ..svm.decision import wrmsr_faults
 from ..svm.events import HAS_ERROR_CODE, Vec, combine
 from ..svm.exitcodes import ExitCode, excp
 from ..svm.iopm import IoioInfo
@@ -188,11 +189,18 @@ def _rdmsr(m: "Machine", msr: int) -> int | None:
 
 
 def _wrmsr(m: "Machine", msr: int, value: int) -> bool:
-    """Perform WRMSR; False for #GP (an unknown MSR below C000_0000h)."""
+    """Perform WRMSR; False for #GP (an unknown MSR below C000_0000h, or an
+    illegal value: the processor's own wrmsr_faults check, so nothing illegal
+    reaches the VMCB)."""
+    efer = m.guest.vmcb.EFER
+    if wrmsr_faults(msr, value, m.guest.vmcb.CR0, efer):
+        return False
     if msr == MSR_EFER:
         if value & EFER_SVME:
             return False                      # no nested SVM (CPUID says so): #GP, as KVM without nested
-        m.guest.vmcb.EFER = value | EFER_SVME
+        m.guest.vmcb.EFER = (value & ~EFER_LMA) | (efer & EFER_LMA) | EFER_SVME     # LMA is read-only
+    elif msr == MSR_TSC_AUX:
+        m.msrs[msr] = value & M32                 # AMD ignores bits 63:32
     elif msr in m.msrs or msr >= 0xC000_0000:
         m.msrs[msr] = value
     else:

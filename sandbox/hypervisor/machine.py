@@ -120,6 +120,11 @@ class GuestRegs:
     def as_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in GPR_NAMES}
 
+    def __getattr__(self, name: str) -> int:
+        """A register by name (``regs.__getattr__("r12")``, as the old register
+        view allowed); an unknown name is an AttributeError."""
+        return object.__getattribute__(self, name)
+
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
         self.machine.guest.vmcb.RIP = next_rip
@@ -376,17 +381,17 @@ class Machine:
         out = b""
         while n > 0:
             chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
-            out += self.mem.read(self._virt_to_host(gva, Access.READ), chunk)
+            out += self.mem.read(self.virt_to_host(gva, Access.READ), chunk)
             gva, n = gva + chunk, n - chunk
         return out
 
     def write_virt(self, gva: int, data: bytes) -> None:
         while data:
             chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
-            self.mem.write(self._virt_to_host(gva, Access.WRITE, set_ad=True), data[:chunk])
+            self.mem.write(self.virt_to_host(gva, Access.WRITE, set_ad=True), data[:chunk])
             gva, data = gva + chunk, data[chunk:]
 
-    def _virt_to_host(self, gva: int, access: int, set_ad: bool = False) -> int:
+    def virt_to_host(self, gva: int, access: int, set_ad: bool = False) -> int:
         """GVA -> HPA through the guest's own tables (and the NPT or the RAM
         map) on the guest's behalf: A/D bits only with ``set_ad`` (a write the
         hypervisor emulates for the guest), never the processor's counters."""

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..memory.hostmem import PAGE_SIZE
-from ..memory.paging import ADDR_MASK, Access, TableBuilder, canonical, walk
+from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
+from ..memory.paging import ADDR_MASK, Access, PFErr, TableBuilder, canonical, walk
 from ..svm.cpu import ExitRecord
 from ..svm.events import Vec
 from ..svm.exitcodes import ExitCode
@@ -142,11 +143,24 @@ class ShadowPager:
                     nxe=bool(v.EFER & (1 << 11)), set_ad=set_ad, smep=bool(v.CR4 & (1 << 20)))
 
     def translate(self, gva: int, access: int = Access.READ, set_ad: bool = False) -> int:
-        """GVA -> HPA through the guest's tables, for the hypervisor's own use."""
-        r = self.guest_walk(gva, access, False, set_ad=set_ad)
+        """GVA -> HPA through the guest's tables, for the hypervisor's own use.
+
+        Fails the way the nested-paging walk does, so a handler behaves the same
+        in both modes: GuestGP for a non-canonical address, GuestPageFault with
+        the guest's error code, NestedFault for a guest table or page outside
+        guest RAM (which nested paging would find unmapped in the NPT)."""
+        if not canonical(gva):
+            raise GuestGP(gva)
+        try:
+            r = self.guest_walk(gva, access, False, set_ad=set_ad)
+        except LookupError as e:
+            raise NestedFault(int(PFErr.U | PFErr.PT_WALK), e.args[0]) from None
         if r.fault is not None:
-            raise LookupError(f"GVA {gva:#x} is not mapped by the guest")
-        return self._gpa_to_hpa(r.phys)
+            raise GuestPageFault(r.fault, gva)
+        try:
+            return self._gpa_to_hpa(r.phys)
+        except LookupError:
+            raise NestedFault(int(PFErr.U | PFErr.FINAL), r.phys) from None
 
     # -- exit handlers --------------------------------------------------------
     def on_page_fault(self, m: "Machine", e: ExitRecord) -> Action | None:

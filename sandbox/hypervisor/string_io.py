@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..memory.hostmem import PAGE_SIZE
-from ..memory.mmu import GuestPageFault, TwoDimWalker
+from ..memory.mmu import GuestPageFault
 from ..memory.paging import Access
 from ..svm.iopm import IoioInfo
 
@@ -24,8 +24,8 @@ STRING_IO_CHUNK = 1024
 class _PageCache:
     """Each guest page translated once per handler call (not once per element)."""
 
-    def __init__(self, walker: TwoDimWalker, size: int) -> None:
-        self.walker, self.size = walker, size
+    def __init__(self, m: "Machine", size: int) -> None:
+        self.m, self.size = m, size
         self.pages: dict[tuple[int, bool], int] = {}
 
     def hpa(self, gva: int, write: bool) -> int | None:
@@ -36,8 +36,9 @@ class _PageCache:
         base = self.pages.get(key)
         if base is None:
             try:
-                base = self.walker.translate(gva & ~0xFFF, Access.WRITE if write else Access.READ, False,
-                                             set_ad=write).hpa
+                # through the guest's own tables in either paging mode (the processor's
+                # walker would read the shadow tables under shadow paging)
+                base = self.m.virt_to_host(gva & ~0xFFF, Access.WRITE if write else Access.READ, set_ad=write)
             except GuestPageFault as f:
                 raise GuestPageFault(f.error_code, gva) from None
             self.pages[key] = base
@@ -49,7 +50,7 @@ def string_io(m: "Machine", info: int, port: int, size: int, count: int, amask: 
     completes.  Raises the guest's fault (GuestPageFault, GuestGP) or a
     NestedFault for the element that could not be moved."""
     is_in, rep = bool(info & IoioInfo.TYPE_IN), bool(info & IoioInfo.REP)
-    cache = _PageCache(m.cpu.walker(), size)
+    cache = _PageCache(m, size)
     regs = m.regs
     rdi, rsi, rcx = regs.rdi, regs.rsi, regs.rcx
     try:

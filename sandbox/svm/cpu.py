@@ -40,6 +40,7 @@ from .interrupts import Interrupts
 from .native import TSC_HZ, NativeInsns
 from .run import GUEST_IPS, RunLimits, RunLoop
 from .scanner import Decide, Scanner
+from .smc import SmcStepper
 from .stop import StopInfo, StopReason
 from .vmcb import VMCB
 from .world_switch import ExitRecord, SwitchState, WorldSwitch
@@ -84,12 +85,14 @@ class SvmCpu:
         self._interrupts = interrupts = Interrupts(uc, st, mem, ctl, sw)
         self._ws = ws = WorldSwitch(uc, st, mem, tlb, ctl, sw)
         self._run = run = RunLoop(uc, st, ctl, sw)
-        fill.connect(scanner, run.fail)
+        self._smc = smc = SmcStepper(uc, st)
+        fill.connect(scanner, smc, run.fail)
         scanner.connect(self, fill, ws, native, interrupts, run.fail)
-        native.connect(fill, ws, interrupts, run)
-        interrupts.connect(self, fill, scanner, ws, run)
-        ws.connect(self, fill, scanner, interrupts)
-        run.connect(fill, ws, interrupts)
+        native.connect(fill, ws, interrupts, run, smc)
+        interrupts.connect(self, fill, scanner, ws, run, smc)
+        ws.connect(self, fill, scanner, interrupts, smc)
+        run.connect(fill, ws, interrupts, smc)
+        smc.connect(fill, scanner, interrupts.access)
         uc.hook_add(UC_HOOK_TLB_FILL, fill.on_tlb_fill)
         uc.hook_add(UC_HOOK_INTR, interrupts.on_intr)
         uc.hook_add(UCC.UC_HOOK_INSN_INVALID, interrupts.on_invalid)
@@ -127,6 +130,8 @@ class SvmCpu:
         self.vmcb = VMCB(self.mem, vmcb_hpa)
         if self._ws.launch(vmcb_hpa, on_exit, limits.max_exits):
             self._run.run()
+        if self._smc.step is not None:
+            self._smc.end()                  # the run stopped inside a stepped code store
         self._ext.at_stop(self)
         self._ws.flush_guest_state()
         if self.st.dirty:
@@ -185,6 +190,7 @@ class SvmCpu:
         :meth:`pass_once`; drop Unicorn's translated blocks and soft TLB.  The
         ASID-tagged :attr:`tlb` is architectural and stays (``tlb.flush_all()``)."""
         self._scanner.reset()
+        self._smc.reset()
         self._fill.drop_walker()
 
     def shed_candidate_hooks(self) -> int:
@@ -193,6 +199,7 @@ class SvmCpu:
         :meth:`reset_translation_caches` so pages are scanned and hooked anew.
         Returns how many hooks were deleted."""
         n = self._scanner.shed_hooks()
+        self._smc.reset()
         self._fill.drop_walker()
         return n
 

@@ -16,7 +16,11 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from ..arch import CR3_LONG_MBZ, CR4_RESERVED, MAXPHYADDR
+from ..arch import (APIC_BASE_RESERVED, CR0_PG, CR3_LONG_RESERVED, CR4_DE, CR4_RESERVED, CR4_UNIMPLEMENTED,
+                    DR6_RESERVED, DR7_RESERVED, XCR0_SSE, XCR0_X87, XCR0_YMM,
+                    EFER_LME, EFER_WRITABLE, MAXPHYADDR, MSR_APIC_BASE, MSR_CANONICAL, MSR_EFER, MSR_PAT,
+                    MSR_VM_HSAVE_PA, PAT_TYPES, VM_HSAVE_PA_RESERVED)
+from ..memory.paging import canonical
 from .decode import Insn, Kind
 from .exitcodes import ExitCode
 from .iopm import IoioInfo
@@ -321,6 +325,8 @@ DECIDE: dict[Kind, Callable] = {
     Kind.RDPRU: _simple(ExitCode.RDPRU),
     Kind.INVPCID: _simple(ExitCode.INVPCID, cpl0=True),
     Kind.STI: lambda i, v, rip: None,          # no intercept; watched for interrupt windows
+    Kind.WRFSBASE: lambda i, v, rip: None,     # no intercept; checked for a non-canonical base
+    Kind.WRGSBASE: lambda i, v, rip: None,
 }
 #: kinds whose decision also reads the instruction bytes: ``f(insn, view, rip, code)``
 NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: io_exit, Kind.OUT: io_exit, Kind.INS: io_exit,
@@ -392,30 +398,76 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
           Kind.VMSAVE, Kind.SKINIT, Kind.STGI, Kind.CLGI, Kind.INVLPGA, Kind.VMMCALL,
           # port I/O: Unicorn skips the IOPL / TSS-bitmap check, so the model makes it
           Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS,
-          # MOV to CR: Unicorn accepts reserved bits the processor must refuse with #GP
-          Kind.MOV_TO_CR}
+          # MOV to CR/DR, WRMSR: Unicorn accepts (or silently drops) reserved bits
+          # the processor must refuse with #GP
+          Kind.MOV_TO_CR, Kind.MOV_TO_DR, Kind.WRMSR, Kind.XSETBV,
+          # LGDT/LIDT/IRET/WRFSBASE/WRGSBASE: Unicorn loads a non-canonical base or RIP
+          Kind.LGDT, Kind.LIDT, Kind.IRET, Kind.WRFSBASE, Kind.WRGSBASE}
 
+
+
+def wrmsr_faults(msr: int, value: int, cr0: int, efer: int) -> bool:
+    """#GP(0) from WRMSR of an illegal value to an MSR this processor implements
+    (APM vol. 3 "WRMSR"; KVM's checks where the APM leaves a choice):
+    EFER -- a bit it does not implement, or LME changed while CR0.PG = 1
+    (vol. 2 §3.1.7); PAT -- a reserved memory type (§7.8.1); APIC_BASE --
+    reserved bits; VM_HSAVE_PA -- not a page-aligned physical address
+    (§15.30.4); FS/GS/KernelGS base, LSTAR, CSTAR, SYSENTER_ESP/EIP -- a
+    non-canonical address."""
+    if msr == MSR_EFER:
+        return bool(value & ~EFER_WRITABLE or ((value ^ efer) & EFER_LME and cr0 & CR0_PG))
+    if msr == MSR_PAT:
+        return any((value >> (8 * i)) & 0xFF not in PAT_TYPES for i in range(8))
+    if msr == MSR_APIC_BASE:
+        return bool(value & APIC_BASE_RESERVED)
+    if msr == MSR_VM_HSAVE_PA:
+        return bool(value & VM_HSAVE_PA_RESERVED)
+    if msr in MSR_CANONICAL:
+        return not canonical(value)
+    return False
+
+
+def xsetbv_faults(ecx: int, value: int) -> bool:
+    """#GP(0) from XSETBV (APM vol. 3 "XSETBV", vol. 2 §11.5.2): ECX names no XCR
+    (only XCR0 exists), XCR0.X87 = 0, or YMM enabled without SSE.  (Unicorn checks
+    the first two and the bits its CPUID leaf 0Dh does not report, not the third.)"""
+    return bool(ecx != 0 or not value & XCR0_X87 or (value & XCR0_YMM and not value & XCR0_SSE))
+
+
+def mov_to_dr_faults(reg: int, value: int, cr4: int) -> bool:
+    """#GP(0) from MOV to DRn in 64-bit mode: a 1 in bits 63:32 of DR6 or DR7
+    (DR4/DR5 alias them while CR4.DE = 0; with DE = 1 they are #UD, which
+    Unicorn raises) -- APM vol. 3 "MOV DRn", vol. 2 §13.1.1."""
+    if reg in (4, 5) and cr4 & CR4_DE:
+        return False
+    if reg in (4, 6):
+        return bool(value & DR6_RESERVED)
+    if reg in (5, 7):
+        return bool(value & DR7_RESERVED)
+    return False
 
 
 def mov_to_cr_faults(reg: int, value: int, cr0: int, long_mode: bool = True) -> bool:
     """#GP(0) from MOV to CRn for an illegal value, in 64-bit mode (APM vol. 2 §3.1.1-3.1.3, §3.7.1,
-    "MOV CRn" in vol. 3): reserved bits of CR0 (63:32), CR3 (63:52), CR4 or CR8 (63:4);
-    CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE in long mode.
-    Outside long mode (EFER.LMA = 0, e.g. a multiboot kernel before it enables paging) only
-    CR0.NW without CD, CR0.PG without PE and the reserved CR4 bits fault."""
+    "MOV CRn" in vol. 3): reserved bits of CR0 (63:32), CR3 (63:52 and 51:MAXPHYADDR), CR4
+    (reserved, or a feature this processor lacks: LA57, PCIDE, SMAP, PKE, CET, PKS) or CR8
+    (63:4); CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE
+    in long mode. Outside long mode (EFER.LMA = 0, e.g. a multiboot kernel before it enables
+    paging) only CR0.NW without CD, CR0.PG without PE and the reserved or unimplemented CR4
+    bits fault."""
     if not long_mode:
         if reg == 0:
             return bool(value & (1 << 29) and not value & (1 << 30) or value & (1 << 31) and not value & 1)
         if reg == 4:
-            return bool(value & CR4_RESERVED)
+            return bool(value & (CR4_RESERVED | CR4_UNIMPLEMENTED))
         return False
     if reg == 0:
         return bool(value >> 32 or (value & (1 << 29) and not value & (1 << 30))
                     or not value & (1 << 31) or not value & 1)
     if reg == 3:
-        return bool(value & CR3_LONG_MBZ)
+        return bool(value & CR3_LONG_RESERVED)
     if reg == 4:
-        return bool(value & CR4_RESERVED or not value & (1 << 5))
+        return bool(value & (CR4_RESERVED | CR4_UNIMPLEMENTED) or not value & (1 << 5))
     if reg == 8:
         return bool(value >> 4)
     return False

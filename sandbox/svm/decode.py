@@ -78,6 +78,8 @@ class Kind(Enum):
     RDPRU = "rdpru"
     INVPCID = "invpcid"
     STI = "sti"
+    WRFSBASE = "wrfsbase"
+    WRGSBASE = "wrgsbase"
 
 
 @dataclass(slots=True)
@@ -272,6 +274,11 @@ def _decode_0f(code: bytes, p: _Prefixes) -> Insn | None:
             return None
         return p.mk(_0F00[digit], i + 2 + ml, reg=digit, rm=(m & 7) | (p.rex_b << 3), mod=m >> 6,
                     modrm_off=i + 2)
+    if op2 == 0xAE and p.last_rep == 0xF3 and i + 2 < n and code[i + 2] >> 6 == 3 \
+            and (code[i + 2] >> 3) & 7 in (2, 3):
+        m = code[i + 2]                 # F3 0F AE /2, /3 (register form): WRFSBASE, WRGSBASE
+        return p.mk(Kind.WRFSBASE if (m >> 3) & 7 == 2 else Kind.WRGSBASE, i + 3,
+                    rm=(m & 7) | (p.rex_b << 3), modrm_off=i + 2)
     if op2 == 0x38 and i + 2 < n and code[i + 2] == 0x82 and p.opsize_66:
         ml = _modrm_len(code, i + 3, p.addrsize)
         if ml is None:
@@ -318,6 +325,8 @@ def opcode_starts(kinds: set[Kind]) -> tuple[frozenset[int], frozenset[int]]:
         two.add(0x00)
     if Kind.INVPCID in kinds:
         two.add(0x38)
+    if kinds & {Kind.WRFSBASE, Kind.WRGSBASE}:
+        two.add(0xAE)
     return frozenset(one), frozenset(two)
 
 
@@ -339,7 +348,9 @@ def scan(window: bytes, limit: int, one: frozenset[int], two: frozenset[int]) ->
     if two:
         j = find(b"\x0f")
         while j != -1:
-            if j + 1 < n and window[j + 1] in two:
+            # 0F AE is a candidate only in its WRFSBASE/WRGSBASE register forms (not the fences)
+            if j + 1 < n and window[j + 1] in two and (window[j + 1] != 0xAE or j + 2 >= n
+                                                       or 0xD0 <= window[j + 2] <= 0xDF):
                 _add_with_prefixes(window, j, limit, hits)
             elif j + 1 >= n:
                 _add_with_prefixes(window, j, limit, hits)   # opcode byte beyond the window: be safe

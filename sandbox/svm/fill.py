@@ -9,8 +9,8 @@ in :attr:`TlbFill.pending_fault` for the run loop, which raises the #PF (or
 
 The fill also keeps the code-page bookkeeping the scanner depends on: a
 fetch fill scans the page, and scanned pages are never writable in the soft
-TLB, so a guest store to one comes back here as a write fill that drops the
-page's scans.
+TLB, so a guest store to one comes back here as a write fill, which is
+refused and single-stepped (:mod:`.smc`).
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ from .cpustate import CpuState
 from .decode import MAX_INSN
 from .engine import flush_soft_tlb
 from .extension import NO_EXTENSION, ProcessorExtension
+from .smc import CodeStore
 
 if TYPE_CHECKING:
     from .scanner import Scanner
+    from .smc import SmcStepper
 
 #: QEMU's soft TLB: 2**8 entries per MMU index at first, at most 2**22
 #: (CPU_TLB_DYN_DEFAULT_BITS, CPU_TLB_DYN_MAX_BITS for a 64-bit guest on a 64-bit host)
@@ -66,6 +68,8 @@ class TlbFill:
         self._walker: TwoDimWalker | None = None
         self._walker_efer = 0
         self._observers: list[FillObserver] = []
+        #: hpa pages Unicorn's soft TLB may hold writable (emptied with it)
+        self.wgrant: set[int] = set()
         #: the fill in use: :meth:`_fill`, or the observed one once an observer is registered
         self.fill = self._fill
         #: what Unicorn's soft TLB has grown to (an estimate), and the fills
@@ -75,11 +79,12 @@ class TlbFill:
         self.soft_fills = 0
         self._grow_at = SOFT_TLB_INITIAL * SOFT_TLB_GROW_PERCENT // 100 + 1
 
-    def connect(self, scanner: "Scanner", fail: Callable[[str, BaseException | None], None]) -> None:
-        """Bind what a fill calls: the page scanner and its code-page maps, and the run's failure stop."""
+    def connect(self, scanner: "Scanner", smc: "SmcStepper", fail: Callable[[str, BaseException | None], None]) -> None:
+        """Bind what a fill calls: the page scanner and its code-page maps, the
+        code pages a stepped store may write, and the run's failure stop."""
         self._scan = scanner.scan
-        self._code_pages = scanner.code_pages
         self._code_hpa = scanner.code_hpa
+        self._smc_open = smc.open
         self._fail = fail
 
     # ------------------------------------------------------------ the hook
@@ -126,30 +131,31 @@ class TlbFill:
         hpa = e.hpa
         perms = UC_PROT_READ
         if acc == Access.FETCH:
+            if hpa in self.wgrant and hpa not in self._code_hpa:
+                # the page becomes code while a soft-TLB entry (this or another
+                # GVA) may still write it unobserved: drop those entries
+                self.flush_soft_tlb()
             self.fetch_map[gva] = hpa
             self._scan(gva, hpa)
             perms |= UC_PROT_EXEC
         else:
             is_code = hpa in self._code_hpa
             if acc == Access.WRITE:
-                if is_code:
-                    self._code_page_written(gva, hpa)
+                if is_code and hpa not in self._smc_open:
+                    # A store to a scanned code page: refused and single-stepped
+                    # (Unicorn's own self-modifying-code check does not hold for
+                    # a page mapped without execute permission; see .smc)
+                    self.pending_fault = CodeStore(hpa)
+                    self.fault_page = gva
+                    return False
                 perms |= UC_PROT_WRITE
+                self.wgrant.add(hpa)
             elif e.writable and e.dirty and not is_code:
                 perms |= UC_PROT_WRITE
+                self.wgrant.add(hpa)
         entry.paddr = hpa
         entry.perms = perms
         return True
-
-    def _code_page_written(self, gva: int, hpa: int) -> None:
-        """A guest write to a scanned code page: drop its scans; the next fetch rescans."""
-        aliases = self._code_hpa.pop(hpa, ())
-        for g in aliases:
-            self._code_pages.pop(g, None)
-        if any(g != gva for g in aliases):
-            # another GVA maps this page with execute permission: drop
-            # those entries too, so its next fetch is a fill that rescans
-            self.flush_soft_tlb()
 
     # ----------------------------------------------------------- observers
     def add_observer(self, fn: FillObserver) -> None:
@@ -203,7 +209,12 @@ class TlbFill:
         gva = addr & ~0xFFF
         hpa = self.fetch_map.get(gva)
         if hpa is None:
-            return b""
+            # a soft-TLB flush emptied the map while a translated block of this
+            # page still runs: the bytes are where a fetch finds them now
+            try:
+                hpa = self.guest_walker().translate(gva, Access.FETCH, self._st.cpl == 3, set_ad=False).hpa & ~0xFFF
+            except (GuestPageFault, NestedFault, GuestGP, GuestException):
+                return b""
         off = addr & 0xFFF
         if off <= PAGE_SIZE - MAX_INSN:
             return self._mm[hpa + off:hpa + off + MAX_INSN]
@@ -234,4 +245,5 @@ class TlbFill:
             self._grow_at = (self.soft_tlb_size * SOFT_TLB_GROW_PERCENT // 100 + 1
                              if self.soft_tlb_size < SOFT_TLB_MAX else 1 << 62)
         self.soft_fills = 0
+        self.wgrant.clear()
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .fill import TlbFill
     from .run import RunLoop
     from .scanner import DecisionView, Scanner
+    from .smc import SmcStepper
     from .world_switch import SwitchState, WorldSwitch
 
 _Q = struct.Struct("<Q")
@@ -51,9 +52,12 @@ class Interrupts:
         #: supervisor reads and writes of guest linear memory, for delivery and the TSS
         self.access = GuestAccess(self._read, self._write)
 
-    def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", ws: "WorldSwitch", run: "RunLoop") -> None:
-        """Bind what delivery calls: the walker, the scanner's watch, the #VMEXIT, stopping the run."""
+    def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", ws: "WorldSwitch", run: "RunLoop",
+                smc: "SmcStepper") -> None:
+        """Bind what delivery calls: the walker, the scanner's watch, the #VMEXIT,
+        stopping the run, and the stepping of a store to a code page."""
         self._cpu = cpu
+        self._smc = smc
         self._walker = fill.guest_walker
         self._watch = scanner.watch
         self._insn_bytes = fill.insn_bytes
@@ -66,6 +70,9 @@ class Interrupts:
     def on_intr(self, uc, intno: int, ud) -> None:
         """UC_HOOK_INTR: an exception (or INT n) Unicorn raised."""
         try:
+            if self._smc.step is not None and self._smc.trap(intno):
+                self._st.load().clear_old_exception()
+                return                      # the model's own trap after a stepped code store
             rip = self._st.reg_read(_RIP)
             st = self._st.load()
             err = st.error_code if intno in HAS_ERROR_CODE else None
@@ -112,6 +119,8 @@ class Interrupts:
         describing the event being delivered (APM §15.7.2): TYPE 0 for an
         external interrupt, 2 NMI, 4 INT n, 3 for exceptions (INT3/INT1 too).
         """
+        if self._smc.step is not None:
+            self._smc.end()                 # the frame's RFLAGS must not carry the model's TF
         if etype is None:
             etype = (EventType.INTR if external else
                      EventType.SOFT_INT if software and vector not in (1, 3) else EventType.EXCEPTION)
@@ -192,6 +201,7 @@ class Interrupts:
             chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
             h = self._walker().translate(gva, Access.WRITE, False).hpa
             self._view[h:h + chunk] = data[:chunk]
+            self._smc.processor_wrote(h)
             gva, data = gva + chunk, data[chunk:]
 
     # ------------------------------------------------- virtual interrupts

@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
-from ..arch import CR4_UMIP, EFER_LMA
+from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_UMIP, EFER_LMA, MSR_TSC_AUX
 from ..memory.hostmem import HostMemory
-from ..memory.mmu import NestedFault, NestedLayer
-from ..memory.paging import Access
+from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault, NestedLayer
+from ..memory.paging import Access, canonical
 from ..memory.tlb import Tlb
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import R_FS, R_GS, CpuState
-from .decision import IRQ_WINDOW, effective_address, mov_to_cr_faults, svm_rax_faults
+from .cpustate import HF_CS64, R_FS, R_GS, CpuState
+from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults,
+                       wrmsr_faults, xsetbv_faults)
 from .events import Vec
 from .exitcodes import ExitCode
 from .stop import StopReason
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .interrupts import Interrupts
     from .run import RunLoop
     from .scanner import DecisionView
+    from .smc import SmcStepper
     from .world_switch import SwitchState, WorldSwitch
 
 class _TscClock:
@@ -127,6 +129,11 @@ class NativeInsns:
         self._table.update({k: self._svm_insn for k in _SVM})
         self._table.update({D.Kind.HLT: self._hlt, D.Kind.INTN: self._soft_int, D.Kind.INT3: self._soft_int,
                             D.Kind.ICEBP: self._soft_int, D.Kind.MOV_TO_CR: self._mov_to_cr,
+                            D.Kind.MOV_TO_DR: self._mov_to_dr, D.Kind.WRMSR: self._wrmsr,
+                            D.Kind.XSETBV: self._xsetbv,
+                            D.Kind.LGDT: self._load_table_base, D.Kind.LIDT: self._load_table_base,
+                            D.Kind.WRFSBASE: self._wrfsgsbase, D.Kind.WRGSBASE: self._wrfsgsbase,
+                            D.Kind.IRET: self._iret,
                             D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into})
         self._table.update({k: self._umip for k in UMIP_KINDS})
 
@@ -138,17 +145,21 @@ class NativeInsns:
         uc.hook_add(UC_HOOK_INSN, self._insn_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._insn_out, None, 1, 0, X.UC_X86_INS_OUT)
 
-    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop") -> None:
+    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop",
+                smc: "SmcStepper") -> None:
         """Bind what the emulation calls: soft-TLB flushes and the walker's
         statistics, the #VMEXIT, event delivery, and stopping the run."""
         self._fill = fill
+        self._processor_wrote = smc.processor_wrote
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
         self._raise = interrupts.raise_exception
         self._deliver = interrupts.deliver
         self._interrupts = interrupts
         self._halt = run.halt
-        for k in IRQ_WINDOW:
+        self._access = interrupts.access
+        self._watch_irq_window = interrupts.watch_irq_window
+        for k in IRQ_WINDOW - {D.Kind.IRET}:          # IRET: _iret checks its RIP first
             self._table[k] = interrupts.watch_irq_window
 
     def handle(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
@@ -202,6 +213,62 @@ class NativeInsns:
             self._raise(Vec.GP, 0, address)        # Unicorn would load the illegal value
         else:
             self.observe_cr_write(insn.reg)
+
+    def _mov_to_dr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        if view.cpl == 0 and mov_to_dr_faults(insn.reg, st.gpr(insn.rm), st.cr(4)):
+            self._raise(Vec.GP, 0, address)        # Unicorn would load (DR6) or drop (DR7) the bits
+
+    def _wrmsr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """Unicorn's WRMSR drops EFER bits it does not implement and checks nothing else."""
+        if view.cpl:
+            return
+        msr = st.gpr(1) & 0xFFFFFFFF
+        value = (st.gpr(0) & 0xFFFFFFFF) | (st.gpr(2) & 0xFFFFFFFF) << 32
+        if wrmsr_faults(msr, value, st.cr(0), st.efer):
+            self._raise(Vec.GP, 0, address)
+        elif msr == MSR_TSC_AUX and value >> 32:
+            # AMD processors ignore TSC_AUX[63:32] (reads return zero); Unicorn would keep them
+            self._uc.reg_write(X.UC_X86_REG_MSR, (msr, value & 0xFFFFFFFF))
+            self._set_rip(address + insn.length)
+
+    def _xsetbv(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """Unicorn accepts XCR0.YMM without SSE; at CPL > 0 or without CR4.OSXSAVE
+        Unicorn raises the #GP / #UD that comes first."""
+        if view.cpl == 0 and st.cr(4) & CR4_OSXSAVE and xsetbv_faults(
+                st.gpr(1) & 0xFFFFFFFF, (st.gpr(0) & 0xFFFFFFFF) | (st.gpr(2) & 0xFFFFFFFF) << 32):
+            self._raise(Vec.GP, 0, address)
+
+    def _iret(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """IRETQ to a non-canonical RIP is #GP(0) at the IRET, before any state is
+        loaded (APM vol. 3 "IRET"); Unicorn would load it all and fault at the fetch.
+        Otherwise IRET may open an interrupt window."""
+        if insn.opsize == 64 and not canonical(self._peek(st.gpr(4), 8, canonical=0)):
+            self._raise(Vec.GP, 0, address)
+            return
+        self._watch_irq_window(address, insn, st, view, code)
+
+    def _load_table_base(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView",
+                         code: bytes) -> None:
+        """LGDT/LIDT: a non-canonical descriptor-table base is #GP(0) (APM vol. 3 "LGDT",
+        "LIDT"); Unicorn loads it.  The operand: 2-byte limit, 8-byte base in 64-bit mode."""
+        if view.cpl == 0:
+            ea = effective_address(code, insn, view, address + insn.length)
+            if not canonical(self._peek(ea + 2, 8, canonical=0)):
+                self._raise(Vec.GP, 0, address)
+
+    def _wrfsgsbase(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """A non-canonical FS/GS base is #GP(0) (APM vol. 3 "WRFSBASE"); Unicorn loads it."""
+        if st.cr(4) & CR4_FSGSBASE and st.hflags & HF_CS64 and insn.opsize == 64 \
+                and not canonical(st.gpr(insn.rm)):
+            self._raise(Vec.GP, 0, address)
+
+    def _peek(self, gva: int, n: int, canonical: int) -> int:
+        """A little-endian value the instruction is about to read; ``canonical``
+        when the read would fault (the instruction then raises that fault itself)."""
+        try:
+            return int.from_bytes(self._access.read(gva, n), "little")
+        except (GuestPageFault, NestedFault, GuestGP, GuestException):
+            return canonical
 
     def observe_cr_write(self, cr: int) -> None:
         """A MOV to CR0/CR3/CR4 about to run: its TLB side effect (APM §5.5.2).
@@ -286,6 +353,7 @@ class NativeInsns:
             return
         if insn.kind == D.Kind.VMSAVE:
             self._vmsave(hpa, st)
+            self._processor_wrote(hpa)         # a VMSAVE into a code page is self-modifying code
         else:
             self._vmload(hpa, st)
         self._set_rip(address + insn.length)

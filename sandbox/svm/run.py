@@ -21,11 +21,13 @@ from .controls import GuestControls
 from .cpustate import CpuState, emu_counter, invalid_addr
 from .events import Vec
 from .exitcodes import ExitCode
+from .smc import CodeStore
 from .stop import StopInfo, StopReason
 
 if TYPE_CHECKING:
     from .fill import TlbFill
     from .interrupts import Interrupts
+    from .smc import SmcStepper
     from .world_switch import SwitchState, WorldSwitch
 
 #: the guest clock's nominal rate: one retired instruction is 10 ns of guest time
@@ -57,9 +59,10 @@ class RunLoop:
         self._in_emu = False
         self._rearm = False               # the timer was re-armed while a slice ran
 
-    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts") -> None:
-        """Bind the failed fill's fault, the #VMEXIT and exception delivery."""
+    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", smc: "SmcStepper") -> None:
+        """Bind the failed fill's fault, the #VMEXIT, exception delivery and code-store stepping."""
         self._fill = fill
+        self._smc = smc
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
         self._raise = interrupts.raise_exception
@@ -185,9 +188,15 @@ class RunLoop:
         """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
         self._st.load().clear_old_exception()
         rip = self._st.reg_read(_RIP)
+        smc = self._smc
+        if isinstance(f, CodeStore):
+            smc.begin(f.hpa, rip)          # a store to a code page: step it
+            return
         # the fill saw only the page; Unicorn kept the exact faulting address
         exact = invalid_addr(self._uc)
         off = exact & 0xFFF if exact is not None and exact & ~0xFFF == self._fill.fault_page else 0
+        if smc.step is not None:
+            smc.end()                      # the stepped store faulted
         if isinstance(f, NestedFault):
             gpa = f.gpa | off if f.exitinfo1 & PFErr.FINAL else f.gpa
             insn = self._fill.insn_bytes(rip)

@@ -53,6 +53,20 @@ _Q = struct.Struct("<Q")
 _TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
 
 
+def straddling(page: bytes) -> list[int]:
+    """Offsets where an instruction straddling into the next page may begin:
+    any run of prefix bytes (or a lone 0F) reaching the end of the page."""
+    hits = []
+    k = PAGE_SIZE - 1
+    if page[k] == 0x0F:
+        hits.append(k)
+        k -= 1
+    while k >= PAGE_SIZE - D.MAX_INSN and page[k] in D.PREFIX_BYTES:
+        hits.append(k)
+        k -= 1
+    return hits
+
+
 class Scanner:
     """Code-page scans, candidate hooks, the decode cache and cross-modifying code."""
 
@@ -74,6 +88,8 @@ class Scanner:
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
         self.irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
         self.pass_once_rip: int | None = None
+        #: the address whose pass_once the last candidate hook used (a stepped code store re-arms it)
+        self.pass_used: int | None = None
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", ws: "WorldSwitch", native: "NativeInsns",
                 interrupts: "Interrupts", fail: Callable[[str, BaseException | None], None]) -> None:
@@ -116,16 +132,7 @@ class Scanner:
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
         if cur is not None and cur[0] == hpa and cur[1] == page:
             return
-        hits = D.scan(page, PAGE_SIZE, self._one, self._two)
-        # instructions that may straddle into the next page: any run of prefix
-        # bytes (or a lone 0F) reaching the end of the page could begin one
-        k = PAGE_SIZE - 1
-        if page[k] == 0x0F:
-            hits.append(k)
-            k -= 1
-        while k >= PAGE_SIZE - D.MAX_INSN and page[k] in D.PREFIX_BYTES:
-            hits.append(k)
-            k -= 1
+        hits = D.scan(page, PAGE_SIZE, self._one, self._two) + straddling(page)
         add = self.hooks.add
         for off in hits:
             add(gva + off)
@@ -173,8 +180,10 @@ class Scanner:
         if 0x40 <= code[0] <= 0x4F and not st.hflags & HF_CS64:
             return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
         view = None
+        self.pass_used = None
         if self.pass_once_rip == address:
             self.pass_once_rip = None
+            self.pass_used = address
             info = None
         elif ent[2] is not None:
             info = ent[2] if ent[2] is not NO_EXIT else None
@@ -207,6 +216,32 @@ class Scanner:
         if fn is not self.decide:
             self.decide = fn
             self.decoded.clear()
+
+    def rescan_changed(self, hpa: int) -> tuple[int, int] | None:
+        """Self-modifying code: rescan every executable alias of code page
+        ``hpa`` whose bytes differ from its last scan.  Only an instruction
+        that begins at most 15 bytes before a changed byte can have become a
+        candidate: that window is scanned.  Returns the changed byte range
+        [first, last) within the page, or None when nothing changed."""
+        page = bytes(self.view[hpa:hpa + PAGE_SIZE])
+        new = int.from_bytes(page, "little")
+        first, last = PAGE_SIZE, 0
+        add = self.hooks.add
+        for g in list(self.code_hpa.get(hpa, ())):
+            cur = self.code_pages.get(g)
+            if cur is None or cur[0] != hpa or cur[1] == page:
+                continue
+            x = int.from_bytes(cur[1], "little") ^ new
+            lo, hi = ((x & -x).bit_length() - 1) >> 3, (x.bit_length() + 7) >> 3
+            ws = max(0, lo - D.MAX_INSN)
+            hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
+            if hi > PAGE_SIZE - D.MAX_INSN:
+                hits += straddling(page)
+            for off in hits:
+                add(g + off)
+            self.code_pages[g] = (hpa, page)
+            first, last = min(first, lo), max(last, hi)
+        return (first, last) if last else None
 
     # ------------------------------------------------- cross-modifying code
     def hypervisor_wrote(self, hpa: int, n: int) -> None:
@@ -242,6 +277,7 @@ class Scanner:
         self.xmod_pages.clear()
         self.irq_window.clear()
         self.pass_once_rip = None
+        self.pass_used = None
         self._flush_soft_tlb()
 
     def shed_hooks(self) -> int:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .fill import TlbFill
     from .interrupts import Interrupts
     from .scanner import Scanner
+    from .smc import SmcStepper
 
 _Q = struct.Struct("<Q")
 _EXIT4 = struct.Struct("<QQQQ")     # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
@@ -181,10 +182,12 @@ class WorldSwitch:
         self.invalid_reason = ""
         self._sync = self.host_access
 
-    def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts") -> None:
+    def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts",
+                smc: "SmcStepper") -> None:
         """Bind what the switch drives: soft-TLB flushes and the walker, the
         scanner's arming and cross-modifying code, the entry events."""
         self._cpu = cpu
+        self._smc = smc
         self._flush_soft_tlb = fill.flush_soft_tlb
         self._drop_walker = fill.drop_walker
         self._arm_scanner = scanner.arm
@@ -391,6 +394,9 @@ class WorldSwitch:
         HostMemory (``host_access``).  Either way nothing that reads host memory can
         see the VMCB before it holds the guest state.
         """
+        if self._smc.step is not None:
+            self._smc.end()                  # the exit's RFLAGS must not carry the model's TF
+            fresh = False
         st = self._st if fresh else self._st.load()
         cpu = self._cpu
         self.ext.at_vmexit(cpu)              # SEV: DRAM holds ciphertext before the hypervisor runs

@@ -688,13 +688,13 @@ def test_tsc_offset_written_by_a_handler_applies_to_the_next_native_rdtsc(guest)
 def test_vmsave_virtualized_writes_the_guest_page(guest):
     """VMSAVE with VMSAVE/VMLOAD virtualization (VIRT_EXT bit 1, §7): rAX is a GPA;
     KernelGsBase lands at offset 620h of that page (§2)."""
-    m = guest(f"mov ecx, 0xC0000102\nmov eax, 0x12345678\nmov edx, 0x9abc\nwrmsr\nmov eax, {DATA:#x}\n"
+    m = guest(f"mov ecx, 0xC0000102\nmov eax, 0x12345678\nmov edx, 0x1abc\nwrmsr\nmov eax, {DATA:#x}\n"
               + db(OP["vmsave"]) + "\n" + hc_exit(DONE))
     m.intercept("vmsave", on=False)
     m.guest.vmcb.VIRT_EXT |= 2
     r = m.run(timeout=5)
     assert r.exit_code == DONE
-    assert m.guest.read_phys(DATA + 0x620, 8) == (0x9ABC_1234_5678).to_bytes(8, "little")
+    assert m.guest.read_phys(DATA + 0x620, 8) == (0x1ABC_1234_5678).to_bytes(8, "little")
 
 
 def test_vmload_virtualized_reads_the_guest_page(guest):

@@ -1,0 +1,169 @@
+"""Self-modifying code: stepping a guest store to a scanned code page.
+
+Scanned code pages are never writable in Unicorn's soft TLB, and Unicorn's
+own detection of self-modifying code cannot be relied on for them: in
+Unicorn 2.1.4 ``notdirty_write()`` calls ``tlb_set_dirty()`` when the TLB
+entry has no execute permission, so after one store no later store to the
+page is checked, and ``store_helper()`` splits an unaligned store into byte
+stores of which only the first reaches the check.  So a write fill to a
+scanned code page is refused (:class:`CodeStore`, raised by the fill as its
+pending fault) and the store is single-stepped:
+
+- :meth:`SmcStepper.begin` (from the run loop's memory fault): the page is
+  opened for writing and RFLAGS.TF set, so Unicorn translates the storing
+  instruction as a one-instruction block and traps after it;
+- :meth:`SmcStepper.end` (the trap, an exit, an event delivered, a fault, or
+  the end of the run): the guest's TF back, the soft TLB flushed (W revoked),
+  and each opened page rescanned where its bytes changed, with the stale
+  translated blocks dropped (:meth:`SmcStepper.code_changed`).
+
+The processor's own stores into guest memory (event frames, a virtual
+VMSAVE) go through :meth:`SmcStepper.processor_wrote`.  Nothing here runs
+on the fill or candidate hot paths while no code store is open.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from unicorn import UC_PROT_EXEC, UC_PROT_READ, Uc
+from unicorn import x86_const as X
+
+from . import decode as D
+from .cpustate import CpuState
+from .events import Vec
+
+if TYPE_CHECKING:
+    from .events import GuestAccess
+    from .fill import TlbFill
+    from .scanner import Scanner
+
+RFLAGS_TF = 1 << 8
+#: a non-canonical address for resolving host pages in Unicorn (:meth:`SmcStepper.invalidate_code`)
+TB_PROBE_VA = 0x5A5A_0000_0000_0000
+_RFLAGS, _DR6, _RSP = X.UC_X86_REG_RFLAGS, X.UC_X86_REG_DR6, X.UC_X86_REG_RSP
+
+
+class CodeStore(Exception):
+    """A guest store hit a scanned code page (a refused TLB fill)."""
+
+    def __init__(self, hpa: int) -> None:
+        super().__init__(hpa)
+        self.hpa = hpa
+
+
+class SmcStepper:
+    """Refused stores to code pages, single-stepped and then rescanned."""
+
+    def __init__(self, uc: Uc, st: CpuState) -> None:
+        self._uc, self._st = uc, st
+        #: code pages (hpa) the single-stepped store may write
+        self.open: set[int] = set()
+        #: (guest RFLAGS.TF, DR6, RIP) while a store is stepped, else None
+        self.step: tuple[int, int, int] | None = None
+
+    def connect(self, fill: "TlbFill", scanner: "Scanner", access: "GuestAccess") -> None:
+        """Bind the fill (soft-TLB flush, fetched bytes, the probe fill), the
+        scanner (rescan, pass_once) and the supervisor guest access."""
+        self._fill = fill
+        self._scanner = scanner
+        self._access = access
+
+    # ------------------------------------------------------------ stepping
+    def begin(self, hpa: int, rip: int) -> None:
+        """A guest store to the scanned code page ``hpa`` was refused by its TLB
+        fill; nothing was written and RIP is the storing instruction.
+
+        The instruction runs again, alone, with ``hpa`` writable: RFLAGS.TF makes
+        Unicorn translate it as a one-instruction block and trap after it, where
+        :meth:`end` looks at what changed, rescans and drops the stale translated
+        blocks before anything after the store is translated or executed.  A store
+        that straddles into a second code page comes back here once more for that page."""
+        self.open.add(hpa)
+        st = self._st
+        if self.step is None:
+            rflags = st.reg_read(_RFLAGS)
+            self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), rip)
+            st.reg_write(_RFLAGS, rflags | RFLAGS_TF)
+        sc = self._scanner
+        if sc.pass_used == rip:
+            sc.pass_once(rip)          # the hypervisor's one unintercepted execution is still due
+
+    def end(self) -> None:
+        """The stepped store completed or faulted: guest TF back, the writable
+        soft-TLB entries gone, and each page it may have written re-examined."""
+        guest_tf = self.step[0]
+        self.step = None
+        st = self._st
+        if not guest_tf:
+            st.reg_write(_RFLAGS, st.reg_read(_RFLAGS) & ~RFLAGS_TF)
+        opened = list(self.open)
+        self.open.clear()                   # in place: the fill holds this set
+        self._fill.flush_soft_tlb()
+        for hpa in opened:
+            self.code_changed(hpa)
+
+    def trap(self, intno: int) -> bool:
+        """An exception while a store is stepped: end the step.  True when it is
+        the model's own #DB after the store, which the guest must not see (a
+        breakpoint that matched as well is still delivered)."""
+        guest_tf, dr6, step_rip = self.step
+        self.end()
+        if intno != Vec.DB or guest_tf:
+            return False
+        self._unstep_pushf(step_rip)
+        st = self._st
+        hit = st.reg_read(_DR6) & ~dr6 & 0xF
+        st.reg_write(_DR6, dr6 | hit)
+        return not hit
+
+    def _unstep_pushf(self, rip: int) -> None:
+        """A stepped PUSHF pushed the model's RFLAGS.TF: the guest's image has TF clear."""
+        insn = D.decode(self._fill.insn_bytes(rip))
+        if insn is None or insn.kind != D.Kind.PUSHF:
+            return
+        n = insn.opsize // 8
+        rsp = self._st.reg_read(_RSP)
+        v = int.from_bytes(self._access.read(rsp, n), "little")
+        self._access.write(rsp, (v & ~RFLAGS_TF).to_bytes(n, "little"))
+
+    # ------------------------------------------------------ changed code
+    def processor_wrote(self, hpa: int) -> None:
+        """The processor model itself stored into guest memory (an event frame,
+        a VMSAVE): a code page it changed is rescanned and its blocks dropped."""
+        page = hpa & ~0xFFF
+        if page in self._scanner.code_hpa and page not in self.open:
+            self.code_changed(page)
+
+    def code_changed(self, hpa: int) -> None:
+        """Rescan the executable aliases of code page ``hpa`` where its bytes
+        changed, then drop the translated blocks that hold the old bytes -- in
+        that order, so a block translated afterwards carries the new hooks."""
+        changed = self._scanner.rescan_changed(hpa)
+        if changed is not None:
+            self.invalidate_code(hpa + changed[0], hpa + changed[1])
+
+    def invalidate_code(self, start: int, end: int) -> None:
+        """Drop Unicorn's translated blocks holding host bytes [start, end) (one
+        page).  Unicorn invalidates by virtual address and resolves it with a
+        fetch through the TLB: the probe address is non-canonical, so no guest
+        access can share its entry, and the fill answers it with the host page."""
+        page = start & ~0xFFF
+
+        def probe_fill(vaddr: int, access: int, entry) -> bool:
+            entry.paddr = page
+            entry.perms = UC_PROT_READ | UC_PROT_EXEC
+            return True
+
+        fill = self._fill
+        saved, fill.fill = fill.fill, probe_fill
+        va = TB_PROBE_VA | (start & 0xFFF)
+        try:
+            self._uc.ctl_remove_cache(va, va + (end - start))
+        finally:
+            fill.fill = saved
+            fill.flush_soft_tlb()
+
+    def reset(self) -> None:
+        """Forget an open store (the translation caches are being reset)."""
+        self.open.clear()
+        self.step = None
