@@ -19,7 +19,37 @@ SMALL_PAGE_LIMIT = 64 << 20
 NPT_PAGE_SIZES = (4 << 10, 2 << 20, 1 << 30)
 
 
-class Guest:
+class GuestPhysicalMemory:
+    """Guest-physical access through a nested page table (``self.npt``) into
+    host memory (``self.mem``), as the hypervisor reads and writes a guest."""
+
+    #: how an error names the address space
+    SPACE = "GPA"
+    mem: HostMemory
+    npt: NestedPageTable
+
+    def gpa_to_hpa(self, gpa: int) -> int:
+        hpa = self.npt.lookup(gpa)
+        if hpa is None:
+            raise KeyError(f"{self.SPACE} {gpa:#x} is not mapped in the nested page table")
+        return hpa
+
+    def read_phys(self, gpa: int, n: int) -> bytes:
+        out = b""
+        while n > 0:
+            chunk = min(n, PAGE_SIZE - (gpa & 0xFFF))
+            out += self.mem.read(self.gpa_to_hpa(gpa), chunk)
+            gpa, n = gpa + chunk, n - chunk
+        return out
+
+    def write_phys(self, gpa: int, data: bytes) -> None:
+        while data:
+            chunk = min(len(data), PAGE_SIZE - (gpa & 0xFFF))
+            self.mem.write(self.gpa_to_hpa(gpa), data[:chunk])
+            gpa, data = gpa + chunk, data[chunk:]
+
+
+class Guest(GuestPhysicalMemory):
     """One virtual machine: its VMCB, nested page tables and RAM.
 
     Guest RAM is ``ram_size`` bytes of guest-physical memory, each 4 KiB page
@@ -69,27 +99,6 @@ class Guest:
         # a mapping changed under a possibly cached translation: flush this
         # guest's TLB entries at the next VMRUN (what KVM does after NPT edits)
         self.vmcb.TLB_CONTROL = TlbControl.FLUSH_ASID
-
-    # -- guest-physical memory --------------------------------------------------
-    def gpa_to_hpa(self, gpa: int) -> int:
-        hpa = self.npt.lookup(gpa)
-        if hpa is None:
-            raise KeyError(f"GPA {gpa:#x} is not mapped in the nested page table")
-        return hpa
-
-    def read_phys(self, gpa: int, n: int) -> bytes:
-        out = b""
-        while n > 0:
-            chunk = min(n, PAGE_SIZE - (gpa & 0xFFF))
-            out += self.mem.read(self.gpa_to_hpa(gpa), chunk)
-            gpa, n = gpa + chunk, n - chunk
-        return out
-
-    def write_phys(self, gpa: int, data: bytes) -> None:
-        while data:
-            chunk = min(len(data), PAGE_SIZE - (gpa & 0xFFF))
-            self.mem.write(self.gpa_to_hpa(gpa), data[:chunk])
-            gpa, data = gpa + chunk, data[chunk:]
 
     # -- moving guest memory ---------------------------------------------------
     def migrate_page(self, gpa: int, new_hpa: int | None = None) -> int:

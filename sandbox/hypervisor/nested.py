@@ -43,10 +43,10 @@ from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
 from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, NpControl, TlbControl, VIntr)
 from ..svm.world_switch import get_seg, put_seg
+from .guest import Guest, GuestPhysicalMemory
 from .handlers import FIXED_LEAVES, RESUME, Action, handle_msr
 
 if TYPE_CHECKING:
-    from .guest import Guest
     from .machine import Machine
 
 MSR_VM_CR = 0xC001_0114
@@ -65,12 +65,14 @@ _VMSAVE_MSRS = ((OFF_STAR + 0x00, 0xC000_0081), (OFF_STAR + 0x08, 0xC000_0082), 
 SVM_FEATURES = (1, 16, 0, (1 << 0) | (1 << 3) | (1 << 5))
 
 
-class NestedContext:
+class NestedContext(GuestPhysicalMemory):
     """VMCB02: the context L0 runs L2 in (what :meth:`Machine.use` switches to).
 
     Guest-like for the default handlers: ``vmcb``, ``iopm``, ``msrpm``,
     ``npt`` (L0's NPT of L1 without NP in VMCB12, else the shadow NPT) and
     guest-physical access through it."""
+
+    SPACE = "L2 GPA"
 
     def __init__(self, l1: "Guest", asid: int) -> None:
         mem = l1.mem
@@ -84,19 +86,6 @@ class NestedContext:
         self.asid = asid
         self.ram = l1.ram
 
-    def gpa_to_hpa(self, gpa: int) -> int:
-        hpa = self.npt.lookup(gpa)
-        if hpa is None:
-            raise KeyError(f"L2 GPA {gpa:#x} is not mapped")
-        return hpa
-
-    def read_phys(self, gpa: int, n: int) -> bytes:
-        out = b""
-        while n > 0:
-            chunk = min(n, PAGE_SIZE - (gpa & 0xFFF))
-            out += self.mem.read(self.gpa_to_hpa(gpa), chunk)
-            gpa, n = gpa + chunk, n - chunk
-        return out
 
     def reset_shadow(self) -> None:
         """Forget every shadow mapping (a new VMRUN may come with a changed L1 NPT)."""
