@@ -107,7 +107,7 @@ def handle_cpuid(m: "Machine", e: ExitRecord) -> Action:
     """CPUID: virtualized leaves, hypervisor-present bit, vendor leaf 0x40000000."""
     regs = m.regs
     regs.rax, regs.rbx, regs.rcx, regs.rdx = _cpuid_leaf(m, regs.rax & M32, regs.rcx & M32)
-    m.advance(e)
+    regs.complete(e.nrip)                     # m.advance(e), one call fewer on the hottest exit
     return RESUME
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import collections
 import operator
+import struct
 import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 from unicorn import x86_const as X
 
-from ..arch import EFER_SVME
+from ..arch import EFER_SVME, M64
 from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import WalkStats
 from ..memory.paging import Access
@@ -27,7 +28,7 @@ from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
 from ..svm.cpustate import GPR_IDS, GPR_NAMES
 from ..svm.exitcodes import ExitCode, exit_name
 from ..svm.stop import StopReason
-from ..svm.vmcb import Event, EventType, TlbControl
+from ..svm.vmcb import OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
 from .devices import COM1, DeviceBus, MmioMode, MmioRegion, Serial16550
 from .guest import Guest
 from .handlers import DEFAULT_HANDLERS, RESUME, STOP, Action, Handler
@@ -51,6 +52,8 @@ LIVELOCK_LIMIT = 1000
 _ASYNC_EXITS = frozenset({ExitCode.INTR, ExitCode.NMI, ExitCode.SMI, ExitCode.INIT, ExitCode.VINTR})
 #: RunResult.counts keys: the ExitCode member (an IntEnum: equal to its int) where the code is known
 _EXIT_KEYS = {int(c): c for c in ExitCode}
+
+_Q = struct.Struct("<Q")
 
 #: how guest memory is virtualized: the processor's nested paging, or the hypervisor's shadow tables
 PAGING_MODES = ("nested", "shadow")
@@ -88,6 +91,24 @@ class _VmcbReg:
         setattr(regs.machine.guest.vmcb, self.field, value)
 
 
+class _EagerReg:
+    """RAX, RSP or RIP: a never-cached VMCB field (APM §15.15.3) that #VMEXIT
+    writes at once, so it is always current in the VMCB page and the
+    world switch needs no notice of an access: read and written in place,
+    with no per-field round trip through the VMCB accessor."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
+        m = regs.machine
+        return _Q.unpack_from(m.mem.raw, m.guest.vmcb_hpa + self.offset)[0]
+
+    def __set__(self, regs: "GuestRegs", value: int) -> None:
+        m = regs.machine
+        _Q.pack_into(m.mem.raw, m.guest.vmcb_hpa + self.offset, value & M64)
+
+
 class _CpuReg:
     """A guest GPR the processor keeps (a real hypervisor saves these itself)."""
 
@@ -110,7 +131,7 @@ class GuestRegs:
     """
 
     __slots__ = ("machine",)
-    rax, rsp, rip, rflags = _VmcbReg("RAX"), _VmcbReg("RSP"), _VmcbReg("RIP"), _VmcbReg("RFLAGS")
+    rax, rsp, rip, rflags = _EagerReg(OFF_RAX), _EagerReg(OFF_RSP), _EagerReg(OFF_RIP), _VmcbReg("RFLAGS")
     rcx, rdx, rbx, rbp, rsi, rdi = (_CpuReg(GPR_NAMES.index(n)) for n in ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi"))
     r8, r9, r10, r11, r12, r13, r14, r15 = (_CpuReg(GPR_NAMES.index(f"r{i}")) for i in range(8, 16))
 
@@ -127,7 +148,8 @@ class GuestRegs:
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
-        self.machine.guest.vmcb.RIP = next_rip
+        m = self.machine
+        _Q.pack_into(m.mem.raw, m.guest.vmcb_hpa + OFF_RIP, next_rip & M64)
 
     def inject(self, event: Event) -> None:
         """Deliver ``event`` at the next VMRUN (EVENTINJ)."""
@@ -424,33 +446,31 @@ class Machine:
 
     # -- the hypervisor loop ---------------------------------------------------
     def _dispatch(self, rec: ExitRecord) -> bool:
-        if self.cpu.tlb_control_done:
+        cpu = self.cpu
+        if cpu.tlb_control_done:
             # the flush requested through TLB_CONTROL happened at the last VMRUN
-            self.cpu.tlb_control_done = False
+            cpu.tlb_control_done = False
             self.guest.vmcb.TLB_CONTROL = TlbControl.DO_NOTHING
-        nested_l2 = self.nested is not None and self.nested.guest_mode
-        if nested_l2:
-            rec.level = "L2"
-        counts = self.counts
         code = rec.exitcode
+        counts = self.counts
         key = _EXIT_KEYS.get(code, code)
         counts[key] = counts.get(key, 0) + 1
+        nested = self.nested
+        nested_l2 = nested is not None and nested.guest_mode
+        if nested_l2:
+            rec.level = "L2"
         self.trace.append(rec)
         if self.on_exit_record is not None:
             self.on_exit_record(rec)
         h = self.handlers.get(code)
         if nested_l2:
-            h = self.nested.handler_for(rec, h)
+            h = nested.handler_for(rec, h)
         if h is None:
             self._stop_reason = (StopReason.UNHANDLED_EXIT, f"no handler for {exit_name(code)} at {rec.rip:#x}")
             return False
         try:
             act = h(self, rec)
-            if act is not None and act != RESUME and act != STOP:
-                self._stop_reason = (StopReason.HANDLER_ERROR, f"handler for {exit_name(code)} returned {act!r}; "
-                                     "expected RESUME, STOP or None")
-                return False
-            if act is None or act == RESUME:
+            if act is None or act is RESUME:
                 if self._livelocked(rec):
                     return False
                 if self.resume_hooks:
@@ -459,6 +479,11 @@ class Machine:
                     for hook in self.resume_hooks:
                         if hook(self, rec) == STOP:
                             return False
+                return True
+            if act is not STOP:
+                self._stop_reason = (StopReason.HANDLER_ERROR, f"handler for {exit_name(code)} returned {act!r}; "
+                                     "expected RESUME, STOP or None")
+            return False
         except KeyboardInterrupt:    # Ctrl-C inside a handler: the run stops, as request_stop() does
             self._stop_reason = (StopReason.STOPPED, "interrupted")
             return False
@@ -467,21 +492,23 @@ class Machine:
             self._stop_reason = (StopReason.HANDLER_ERROR, f"{exit_name(code)} handler raised "
                                  f"{type(e).__name__}: {e} ({tb.filename}:{tb.lineno})")
             return False
-        return act is None or act == RESUME
 
     def _livelocked(self, rec: ExitRecord) -> bool:
         """True (and the run's stop reason set) when a handler has resumed the
         same synchronous exit at the same RIP, with no change of state, for
         :data:`LIVELOCK_LIMIT` exits in a row -- a handler that forgot to
         advance RIP.  The fingerprint is cheap: exit code, EXITINFO1/2, RIP
-        before and after the handler, a pending EVENTINJ, RAX..RBX."""
+        before and after the handler, a pending EVENTINJ, RAX..RBX.  The
+        common case -- the handler moved RIP -- costs one read of the VMCB's
+        RIP (a never-cached field, current in the VMCB page)."""
+        if _Q.unpack_from(self.mem.raw, self.guest.vmcb_hpa + OFF_RIP)[0] != rec.rip:
+            if self._last_fp is not None:
+                self._last_fp, self._same_fp = None, 0
+            return False
         if rec.exitcode in _ASYNC_EXITS or (self.sev is not None and self.sev.es is not None):
             self._last_fp, self._same_fp = None, 0
             return False
         v = self.guest.vmcb
-        if v.RIP != rec.rip:
-            self._last_fp, self._same_fp = None, 0
-            return False
         cpu = self.cpu
         fp = (rec.exitcode, rec.rip, rec.exitinfo1, rec.exitinfo2, v.EVENTINJ, v.RAX,
               cpu.guest_gpr(1), cpu.guest_gpr(2), cpu.guest_gpr(3))

@@ -96,6 +96,7 @@ class CpuState:
         self.uc = uc
         self._h = uc._uch
         self._ctx = uc.context_save()
+        self._cptr = self._ctx.context          # the binding's property costs a call per access
         addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         size = self._ctx.size - CONTEXT_DATA
         self.data = memoryview((ctypes.c_char * size).from_address(addr + CONTEXT_DATA)).cast("B")
@@ -111,11 +112,11 @@ class CpuState:
     def load(self) -> "CpuState":
         if self.dirty:
             self.store()
-        self._save(self._h, self._ctx.context)
+        self._save(self._h, self._cptr)
         return self
 
     def store(self) -> None:
-        self._restore(self._h, self._ctx.context)
+        self._restore(self._h, self._cptr)
         self.dirty = False
 
     # -- direct register access through Unicorn (side effects honoured) --------

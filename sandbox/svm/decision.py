@@ -188,8 +188,8 @@ def io_exit(i: Insn, v: GuestView, rip: int, code: bytes = b"") -> ExitInfo | No
     is_in = i.kind in (Kind.IN, Kind.INS)
     string = i.kind in (Kind.INS, Kind.OUTS)
     port = i.imm if i.imm is not None else v.gpr(2) & 0xFFFF
-    iopl = (v.rflags() >> 12) & 3
-    if v.cpl > iopl and not v.io_allowed_by_tss(port, size):
+    # at CPL 0 the IOPL check always passes: RFLAGS (a call to compute) is read only above it
+    if v.cpl and v.cpl > (v.rflags() >> 12) & 3 and not v.io_allowed_by_tss(port, size):
         return None                                   # #GP before the intercept
     if not armed(v, ExitCode.IOIO):
         return None

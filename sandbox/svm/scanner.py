@@ -27,7 +27,7 @@ from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import HF_CS64, CpuState
+from .cpustate import HF_CPL_MASK, HF_CS64, OFF_REGS, CpuState
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
 from .engine import CodeHooks
@@ -49,6 +49,7 @@ NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 #: instructions the processor watches although they may not exit: their TLB
 #: side effects reach the tagged TLB model (Unicorn only flushes its own)
 TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
+IO_KINDS = frozenset({D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS})
 _Q = struct.Struct("<Q")
 _TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
 
@@ -85,6 +86,8 @@ class Scanner:
         self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
         self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None]] = {}
+        #: port I/O decisions at CPL 0: address -> (decoded entry, key, decision); see _io_decision
+        self.io_decided: dict[int, tuple[tuple, tuple, ExitInfo | None]] = {}
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
         self.irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
         self.pass_once_rip: int | None = None
@@ -187,11 +190,14 @@ class Scanner:
             info = None
         elif ent[2] is not None:
             info = ent[2] if ent[2] is not NO_EXIT else None
+        elif insn.kind in IO_KINDS and self.decide is default_decide and not st.hflags & HF_CPL_MASK:
+            info = self._io_decision(ent, insn, st, address, code)
         else:
             view = DecisionView(self, st)
             info = self.decide(insn, view, address, code)
         if info is not None:
-            if self.ext.intercept(self._cpu, info.exitcode, address, insn.length):
+            ext = self.ext
+            if ext is not NO_EXTENSION and ext.intercept(self._cpu, info.exitcode, address, insn.length):
                 return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
             self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=address + insn.length,
                          fresh=True)
@@ -199,6 +205,24 @@ class Scanner:
             return
         # not intercepted: the model handles what Unicorn cannot do natively
         self._native(address, insn, st, view or DecisionView(self, st), code)
+
+    def _io_decision(self, ent: tuple, insn: D.Insn, st: CpuState, address: int, code: bytes) -> ExitInfo | None:
+        """Port I/O at CPL 0, decided once per instruction and remembered.
+
+        At CPL 0 no IOPL or TSS check applies (APM §15.10.2), so the decision
+        depends only on the instruction (``ent``: a new decode or a rescan
+        makes a new entry), its port, the intercept vectors and the IOPM's
+        bits for the port -- the cache key, read afresh on every execution."""
+        port = insn.imm if insn.imm is not None else _Q.unpack_from(st.data, OFF_REGS + 16)[0] & 0xFFFF
+        ctl, view = self.ctl, self.view
+        a = ctl.iopm_hpa + (port >> 3)
+        key = (port, ctl.ivec, a, view[a], view[a + 1])     # an access of <= 4 ports spans <= 2 bytes
+        hit = self.io_decided.get(address)
+        if hit is not None and hit[0] is ent and hit[1] == key:
+            return hit[2]
+        info = self.decide(insn, DecisionView(self, st), address, code)
+        self.io_decided[address] = (ent, key, info)
+        return info
 
     def _decode(self, address: int, code: bytes) -> tuple[bytes, D.Insn | None, ExitInfo | None]:
         insn = D.decode(code)
@@ -274,6 +298,7 @@ class Scanner:
         self.code_pages.clear()
         self.code_hpa.clear()
         self.decoded.clear()
+        self.io_decided.clear()
         self.xmod_pages.clear()
         self.irq_window.clear()
         self.pass_once_rip = None

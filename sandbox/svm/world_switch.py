@@ -28,7 +28,7 @@ from ..memory.hostmem import HostMemory
 from ..memory.tlb import Tlb, TlbMode
 from .consistency import VmcbImage, consistency
 from .controls import GuestControls
-from .cpustate import SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
+from .cpustate import OFF_REGS, SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
 from .exitcodes import ExitCode, exit_name
 from .extension import NO_EXTENSION, ProcessorExtension
 from .stop import StopInfo, StopReason
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 _Q = struct.Struct("<Q")
 _EXIT4 = struct.Struct("<QQQQ")     # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
 _EXIT3 = struct.Struct("<QQQ")
+_RAX_RSP = struct.Struct("<Q24xQ")     # GPRs 0 and 4 of the state snapshot (QEMU order: rax rcx rdx rbx rsp)
 _SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
 _CR4_TO_DR6 = struct.Struct("<5Q")    # CR4, CR3, CR0, DR7, DR6
 _N_CR3_ADDR = 0x000F_FFFF_FFFF_F000
@@ -221,7 +222,8 @@ class WorldSwitch:
 
     def enter(self, in_hook: bool) -> bool:
         """VMRUN's checks and guest-state load; False after VMEXIT_INVALID."""
-        self.ext.before_vmrun(self._cpu)
+        if self.ext is not NO_EXTENSION:
+            self.ext.before_vmrun(self._cpu)
         sw = self.sw
         if not (in_hook and sw.fast_ok and not sw.vmcb_written):
             return self._enter_full(in_hook)
@@ -399,10 +401,12 @@ class WorldSwitch:
             fresh = False
         st = self._st if fresh else self._st.load()
         cpu = self._cpu
-        self.ext.at_vmexit(cpu)              # SEV: DRAM holds ciphertext before the hypervisor runs
+        ext = self.ext
+        if ext is not NO_EXTENSION:
+            ext.at_vmexit(cpu)               # SEV: DRAM holds ciphertext before the hypervisor runs
         mv = self._view
         b = self._ctl.vmcb_hpa
-        rax, rsp = st.gpr(0), st.gpr(4)
+        rax, rsp = _RAX_RSP.unpack_from(st.data, OFF_REGS)
         _Q.pack_into(mv, b + OFF_RIP, rip)
         _Q.pack_into(mv, b + OFF_RSP, rsp)
         _Q.pack_into(mv, b + OFF_RAX, rax)
@@ -422,7 +426,8 @@ class WorldSwitch:
         rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
         sw.exit = rec
         sw.gif = False        # #VMEXIT clears GIF
-        self.ext.after_vmexit(cpu, rec)      # SEV-ES: state into the encrypted VMSA
+        if ext is not NO_EXTENSION:
+            ext.after_vmexit(cpu, rec)       # SEV-ES: state into the encrypted VMSA
         return rec
 
     def host_access(self, hpa: int, n: int, write: bool = False) -> None:
@@ -470,18 +475,20 @@ class WorldSwitch:
 
         The state snapshot taken at #VMEXIT is current while the hypervisor
         runs; writes patch it and are stored at the next VMRUN."""
-        sw = self.sw
-        if not sw.snap_valid:
-            self._st.load()
-            sw.snap_valid = True
-        return self._st.gpr(i)
+        st = self._st
+        if not self.sw.snap_valid:
+            st.load()
+            self.sw.snap_valid = True
+        return _Q.unpack_from(st.data, OFF_REGS + 8 * i)[0]
 
     def set_guest_gpr(self, i: int, v: int) -> None:
-        sw = self.sw
-        if not sw.snap_valid:
-            self._st.load()
-            sw.snap_valid = True
-        self._st.set_gpr(i, v)
+        """Patch guest GPR ``i`` in the state snapshot (stored at the next VMRUN)."""
+        st = self._st
+        if not self.sw.snap_valid:
+            st.load()
+            self.sw.snap_valid = True
+        _Q.pack_into(st.data, OFF_REGS + 8 * i, v & M64)
+        st.dirty = True
 
     # ---------------------------------------------------- the dispatch loop
     def after_exit_in_hook(self, rip: int, resumable: bool = True) -> None:
