@@ -10,7 +10,6 @@ import sys
 import threading
 from typing import BinaryIO, Callable, TextIO
 
-from capstone import CS_ARCH_X86, CS_MODE_32, CS_MODE_64, Cs
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -30,9 +29,8 @@ from .errors import CliError
 from .experiment import add_parser as add_experiment_parser
 from .fuzz import add_parser, replay_case
 from .helpfmt import HelpFormatter
+from .trace import DEFAULT_TRACE_LIMIT, Disassembler, ExitTrace, color_of, json_exit
 
-_CS = Cs(CS_ARCH_X86, CS_MODE_64)
-_CS32 = Cs(CS_ARCH_X86, CS_MODE_32)
 
 #: what Machine.default_intercepts arms (the --intercept help names them)
 DEFAULT_INTERCEPTS = ("vmrun vmmcall vmload vmsave stgi clgi skinit invlpga hlt shutdown cpuid, "
@@ -88,6 +86,8 @@ def check_limits(a: argparse.Namespace) -> None:
         raise CliError(f"--max-exits {a.max_exits}: must be >= 0")
     if a.max_insns < 0:
         raise CliError(f"--max-insns {a.max_insns}: must be >= 0")
+    if getattr(a, "trace_limit", 0) < 0:
+        raise CliError(f"--trace-limit {a.trace_limit}: must be >= 0 (0: every exit)")
 
 
 def parse_ports(spec: str) -> list[int]:
@@ -127,19 +127,6 @@ def parse_msrs(spec: str) -> list[tuple[int, bool, bool]]:
             raise CliError(f"MSR {msr:#x} is outside the MSRPM ranges (it always exits when 'msr' is armed)")
         out.append((msr, "r" in rw, "w" in rw))
     return out
-
-
-def _disasm(m: Machine, rip: int) -> str:
-    if m.sev is not None:
-        return "(encrypted)"          # SEV: the hypervisor sees only ciphertext of guest code
-    try:
-        code = m.read_virt(rip, 15)
-    except Exception:
-        return "??"
-    long_mode = m.guest.vmcb.seg("CS").attrib & 0x200       # CS.L: else 32-bit code (a multiboot entry)
-    for ins in (_CS if long_mode else _CS32).disasm(code, rip, 1):
-        return f"{ins.mnemonic} {ins.op_str}".strip()
-    return f"(bytes {code[:4].hex()})"
 
 
 def _machine(a: argparse.Namespace) -> Machine:
@@ -228,26 +215,21 @@ def _launch_sev(m: Machine, a: argparse.Namespace, err: Console) -> None:
 
 
 def _exit_printer(m: Machine, a: argparse.Namespace, err: Console, console: "ConsoleLines",
-                  closed: Callable[[], None]) -> Callable[[ExitRecord], None]:
-    """The per-exit line (or JSON object) of ``sandbox run``."""
-    def show(rec: ExitRecord) -> None:
-        if a.quiet:
-            return
-        if a.json:
+                  closed: Callable[[], None]) -> tuple[Callable[[ExitRecord], None] | None, ExitTrace | None]:
+    """The per-exit line (or JSON object) of ``sandbox run``, and the human trace (to finish at the end)."""
+    if a.quiet:
+        return None, None
+    if a.json:
+        disasm = Disassembler(m)
+
+        def show(rec: ExitRecord) -> None:
             try:
-                print(json.dumps({"exitcode": rec.exitcode, "exit": exit_name(rec.exitcode), "rip": rec.rip,
-                                  "nrip": rec.nrip, "exitinfo1": rec.exitinfo1, "exitinfo2": rec.exitinfo2,
-                                  "exitintinfo": rec.exitintinfo, "insn": _disasm(m, rec.rip),
-                                  **({"level": rec.level} if m.nested is not None else {})}), flush=True)
+                print(json_exit(m, disasm, rec), flush=True)
             except BrokenPipeError:
                 closed()
-        else:
-            console.flush()               # a partial console line goes out before the trace line
-            lvl = f"{rec.level} " if m.nested is not None else ""
-            err.print(f"[dim]#{rec.index:<6}[/dim] {lvl}{rec.rip:#018x}  {escape(_disasm(m, rec.rip)):<28} "
-                      f"[bold]{exit_name(rec.exitcode):<14}[/bold] exitinfo1={rec.exitinfo1:#x} "
-                      f"exitinfo2={rec.exitinfo2:#x} nrip={rec.nrip:#x}")
-    return show
+        return show, None
+    trace = ExitTrace(m, err.file, limit=a.trace_limit, color=color_of(err), before_line=console.flush)
+    return trace, trace
 
 
 def _open_dump(path: str | None) -> BinaryIO | None:
@@ -377,10 +359,15 @@ def cmd_run(a: argparse.Namespace) -> int:
     console = ConsoleLines(sys.stdout, closed)
     if not a.json:
         m.console_sink = console.write
-    m.on_exit_record = _exit_printer(m, a, err, console, closed)
+    m.on_exit_record, trace = _exit_printer(m, a, err, console, closed)
     with ctrl_c_stops(m):
         r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
     console.flush()
+    if trace is not None:
+        try:
+            trace.finish()                # "... N more exits", before the summary
+        except BrokenPipeError:
+            pass
     if pipe["closed"] or console.closed:
         if dump is not None:
             dump.close()
@@ -491,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dump-host-memory", metavar="PATH", help="write the raw host DRAM image here when the run ends")
     r.add_argument("--json", action="store_true", help="one JSON object per exit, then a final record")
     r.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
+    r.add_argument("--trace-limit", type=int, default=DEFAULT_TRACE_LIMIT, metavar="N",
+                   help=f"print the first N exit lines, then one '... M more exits' line (default {DEFAULT_TRACE_LIMIT:,}; "
+                        "0: every exit; the summary and --json are never cut)")
     r.add_argument("--audit", action="store_true", help="for a saved fuzz case (.case): run the soundness audit too")
     r.set_defaults(fn=cmd_run)
     add_parser(sub)

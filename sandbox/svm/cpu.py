@@ -110,6 +110,10 @@ class SvmCpu:
         self.raise_exception: Callable[..., None] = interrupts.raise_exception
         #: up to 15 bytes of guest code at an address, as the processor fetched them
         self.insn_bytes: Callable[[int], bytes] = fill.insn_bytes
+        #: whether the guest's CS is a 64-bit code segment (CS.L), read without a VMCB write-back
+        self.guest_cs_long: Callable[[], bool] = ws.guest_cs_long
+        #: ``fetched_bytes(addr)``: guest code at ``addr`` as fetched, without a walk (None if no longer mapped)
+        self.fetched_bytes: Callable[[int], bytes | None] = fill.fetched_bytes
         #: empty Unicorn's soft TLB, the untagged cache in front of :attr:`tlb`
         self.flush_tlb: Callable[[], None] = fill.flush_soft_tlb
 

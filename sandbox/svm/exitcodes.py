@@ -113,7 +113,20 @@ class ExitCode(IntEnum):
 
 
 def exit_name(code: int) -> str:
-    """APM-style name of any exit code, including the ranged ones."""
+    """APM-style name of any exit code, including the ranged ones (remembered:
+    an enum lookup costs microseconds, and a trace names every exit)."""
+    name = _NAMES.get(code)
+    if name is None:
+        name = _exit_name(code)
+        if len(_NAMES) < 4096:           # arbitrary codes (a fuzzer's) must not grow it without bound
+            _NAMES[code] = name
+    return name
+
+
+_NAMES: dict[int, str] = {}
+
+
+def _exit_name(code: int) -> str:
     try:
         return ExitCode(code).name
     except ValueError:

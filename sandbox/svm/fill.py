@@ -232,6 +232,22 @@ class TlbFill:
                 b += bytes(self._view[nxt:nxt + MAX_INSN - len(b)])
         return b
 
+    def fetched_bytes(self, addr: int) -> bytes | None:
+        """Up to 15 bytes of guest code at ``addr`` through the translations the
+        processor fetched with (no walk, nothing counted), or None when a page
+        they need is not in Unicorn's soft TLB for fetches any more."""
+        gva = addr & ~0xFFF
+        hpa = self.fetch_map.get(gva)
+        if hpa is None:
+            return None
+        off = addr & 0xFFF
+        if off <= PAGE_SIZE - MAX_INSN:
+            return bytes(self._mm[hpa + off:hpa + off + MAX_INSN])
+        nxt = self.fetch_map.get(gva + PAGE_SIZE)
+        if nxt is None:
+            return None
+        return bytes(self._mm[hpa + off:hpa + PAGE_SIZE]) + bytes(self._view[nxt:nxt + MAX_INSN - (PAGE_SIZE - off)])
+
     def flush_soft_tlb(self) -> None:
         """Empty Unicorn's soft TLB, the untagged cache in front of the tagged TLB.
 

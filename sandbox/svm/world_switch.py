@@ -28,7 +28,7 @@ from ..memory.hostmem import HostMemory
 from ..memory.tlb import Tlb, TlbMode
 from .consistency import VmcbImage, consistency
 from .controls import GuestControls
-from .cpustate import OFF_REGS, SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
+from .cpustate import DESC_L, OFF_REGS, R_CS, SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
 from .exitcodes import ExitCode, exit_name
 from .extension import NO_EXTENSION, ProcessorExtension
 from .stop import StopInfo, StopReason
@@ -480,6 +480,15 @@ class WorldSwitch:
             st.load()
             self.sw.snap_valid = True
         return _Q.unpack_from(st.data, OFF_REGS + 8 * i)[0]
+
+    def guest_cs_long(self) -> bool:
+        """CS.L of the guest as the processor holds it: the VMCB's CS.attrib
+        bit 9, without the state-save write-back a VMCB read of it costs."""
+        st = self._st
+        if not self.sw.snap_valid:
+            st.load()
+            self.sw.snap_valid = True
+        return bool(st.seg(R_CS)[3] & DESC_L)
 
     def set_guest_gpr(self, i: int, v: int) -> None:
         """Patch guest GPR ``i`` in the state snapshot (stored at the next VMRUN)."""
