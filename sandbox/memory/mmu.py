@@ -16,6 +16,7 @@ check, guest permission check, nested walk of the final GPA.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from .paging import ADDR_MASK, Access, PFErr, WalkResult, canonical, walk
 if TYPE_CHECKING:
     from .encryption import EncryptionLayer, MemoryEncryption
     from .hostmem import HostMemory
+
+_Q = struct.Struct("<Q")
 
 
 @dataclass
@@ -90,10 +93,10 @@ class NestedLayer:
     def _read(self, a: int) -> int:
         if a + 8 > self._size:
             raise LookupError(a)
-        return int.from_bytes(self._view[a:a + 8], "little")
+        return _Q.unpack_from(self._view, a)[0]
 
     def _write(self, a: int, v: int) -> None:
-        self._view[a:a + 8] = v.to_bytes(8, "little")
+        _Q.pack_into(self._view, a, v)
 
     def translate(self, gpa: int, access: int, *, final: bool = True, set_ad: bool = True) -> WalkResult:
         """Walk for ``gpa``; raises :class:`NestedFault` on failure.
@@ -144,16 +147,35 @@ class GuestLayer:
         self.smep = bool(cr4 & (1 << 20))
         self.pge = bool(cr4 & (1 << 7))
         self._mem = nested.mem
+        self._view = nested.mem.view
         self._last: tuple[int, int] | None = None
+        #: guest table page (GPA) -> (HPA page, nested entries its walk read); see :meth:`_read`
+        self._pt_pages: dict[int, tuple[int, int]] = {}
 
     def _read(self, gpa: int) -> int:
-        # a guest page-table read is a user write at the nested level (APM §15.25.6)
-        r = self.nested.translate(gpa & self._nocbit, Access.WRITE, final=False)
-        self.stats.guest_entries += 1
+        """One guest page-table entry, read through the nested layer.
+
+        A guest page-table read is a user write at the nested level (APM
+        §15.25.6).  The nested translation of each table page is remembered
+        for this walker's life (at most one VMRUN: the hypervisor, the only
+        one who changes the nested tables, runs only between them), as the
+        processor's nested TLB would; the references are counted all the
+        same -- they are the architectural walk's, not the model's work --
+        and the nested A/D bits were set by the walk that filled the entry."""
         gpa &= self._nocbit
-        self._last = (gpa, r.phys)
-        a = r.phys if self.enc is None else self.enc.pt_paddr(r.phys, gpa)   # SEV: PT walks are private
-        return int.from_bytes(self._mem.view[a:a + 8], "little")
+        page = gpa & ~0xFFF
+        hit = self._pt_pages.get(page)
+        if hit is None:
+            r = self.nested.translate(gpa, Access.WRITE, final=False)
+            phys = r.phys
+            self._pt_pages[page] = (phys & ~0xFFF, r.entries)
+        else:
+            phys = hit[0] | (gpa & 0xFFF)
+            self.stats.nested_entries += hit[1]
+        self.stats.guest_entries += 1
+        self._last = (gpa, phys)
+        a = phys if self.enc is None else self.enc.pt_paddr(phys, gpa)   # SEV: PT walks are private
+        return _Q.unpack_from(self._view, a)[0]
 
     def _write(self, gpa: int, v: int) -> None:
         # setting A/D is a locked update of the entry just read: same host address, no new walk
@@ -162,7 +184,7 @@ class GuestLayer:
         phys = last[1] if last is not None and last[0] == gpa else \
             self.nested.translate(gpa, Access.WRITE, final=False).phys
         a = phys if self.enc is None else self.enc.pt_paddr(phys, gpa)
-        self._mem.view[a:a + 8] = v.to_bytes(8, "little")
+        _Q.pack_into(self._view, a, v)
 
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> WalkResult:
         if not self.paging:

@@ -71,6 +71,7 @@ _P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PT
 _W, _U, _RSVD, _ID = int(PFErr.W), int(PFErr.U), int(PFErr.RSVD), int(PFErr.ID)
 _SHIFT = LEVEL_SHIFT
 _SIZE = {3: 1 << 30, 2: 1 << 21, 1: 1 << 12}
+_LEVELS = tuple((level, LEVEL_SHIFT[level]) for level in (4, 3, 2, 1))
 assert Access.WRITE == 1 and Access.FETCH == 2
 
 
@@ -90,52 +91,41 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
     are set on every level walked and Dirty on the final entry of a write,
     as the hardware does (APM §5.4.2).
     """
-    res = WalkResult()
     table = root & ADDR_MASK
     writable = user_ok = executable = True
     # plain ints on this path: IntFlag arithmetic costs microseconds per walk
     err_base = (_W if access == 1 else 0) | (_U if user else 0) | \
         (_ID if access == 2 and (nxe or smep) else 0)
+    rsvd_nx = 0 if nxe else _NX
     entries = 0
-    for level in (4, 3, 2, 1):
-        ea = table + ((va >> _SHIFT[level]) & 0x1FF) * 8
+    for level, shift in _LEVELS:
+        ea = table + ((va >> shift) & 0x1FF) * 8
         e = read_entry(ea)
         entries += 1
         if not e & 1:
-            res.entries = entries
-            res.fault = err_base
-            return res
+            return WalkResult(fault=err_base, entries=entries)
         ps = e & _PS and level != 1
-        rsvd = e & RSVD_HIGH or (not nxe and e & _NX) or (level == 4 and e & _PS)
-        if ps and level != 4 and (e & ADDR_MASK) & (_SIZE[level] - 1) & ~0x1000:
+        if e & RSVD_HIGH or e & rsvd_nx or (level == 4 and e & _PS) or \
+                (ps and (e & ADDR_MASK) & (_SIZE[level] - 1) & ~0x1000):
             # large page: bits 20:13 (2 MiB) / 29:13 (1 GiB) of the address field must be 0
-            rsvd = True
-        if rsvd:
-            res.entries = entries
-            res.fault = err_base | _P | _RSVD
-            return res
-        writable = writable and bool(e & _RW)
-        user_ok = user_ok and bool(e & _US)
-        executable = executable and not (nxe and e & _NX)
+            return WalkResult(fault=err_base | _P | _RSVD, entries=entries)
+        if not e & _RW:
+            writable = False
+        if not e & _US:
+            user_ok = False
+        if nxe and e & _NX:
+            executable = False
         if level == 1 or ps:
             size = _SIZE[level]
-            res.entries = entries
             if (user and not user_ok) or (access == 1 and not writable and (user or wp)) or \
                     (access == 2 and (not executable or (smep and not user and user_ok))):
-                res.fault = err_base | _P
-                return res
+                return WalkResult(fault=err_base | _P, entries=entries)
             if set_ad:
                 ne = e | _A | (_D if access == 1 else 0)
                 if ne != e:
                     write_entry(ea, ne)
-            res.phys = ((e & ADDR_MASK) & ~(size - 1)) | (va & (size - 1))
-            res.writable = writable or (not user and not wp)
-            res.user = user_ok
-            res.executable = executable
-            res.page_size = size
-            res.dirty = bool(e & _D) or access == 1
-            res.global_ = bool(e & _G)
-            return res
+            return WalkResult(((e & ADDR_MASK) & ~(size - 1)) | (va & (size - 1)), writable or (not user and not wp),
+                              user_ok, executable, size, bool(e & _D) or access == 1, None, entries, bool(e & _G))
         if set_ad and not e & _A:
             write_entry(ea, e | _A)
         table = e & ADDR_MASK
