@@ -21,18 +21,21 @@ so equal plaintext at two addresses gives unrelated ciphertext, and a
 ciphertext block moved to another address decrypts to garbage.  The tweaks
 of a page (256 blocks) are computed once and cached; the XORs are done on
 whole pages with numpy and the AES in ECB mode over every page written back
-at one #VMEXIT in a single call.
+at once in a single call.
 
 Plaintext while the guest runs: the host buffer's upper half
 (``HostMemory.cache_base``) models the processor's caches.  A private page
 (C-bit set in the guest's page table, or any instruction fetch or guest
 page-table access) is decrypted there on first touch and the guest's TLB
-entry points at that alias; shared pages map straight to DRAM.  At every
-#VMEXIT, before the hypervisor runs, pages the guest changed are encrypted
-back into DRAM (:meth:`MemoryController.flush_dirty`), so DRAM never holds a
-private page's plaintext while hypervisor code can run.  A hypervisor write
-into DRAM drops the cached plaintext of that page: the guest then decrypts
-whatever the hypervisor wrote.
+entry points at that alias; shared pages map straight to DRAM, so DRAM
+never holds a private page's plaintext.  The cache is write-back: a page the
+guest changed is encrypted back into DRAM when the hypervisor first reads or
+writes it through ``HostMemory`` (:meth:`MemoryController.host_access`, so
+whatever the hypervisor sees of DRAM is current ciphertext), when another
+key takes over, and when the run stops (:meth:`MemoryController.flush_dirty`)
+-- not at every #VMEXIT, so exits whose handlers never look at guest memory
+pay no AES.  A hypervisor write into DRAM drops the cached plaintext of that
+page: the guest then decrypts whatever the hypervisor wrote.
 """
 from __future__ import annotations
 
@@ -120,8 +123,11 @@ class MemoryController:
     """Encrypts guest-private pages between the processor and DRAM.
 
     The processor calls :meth:`cpu_paddr` from its TLB fill (via the 2-D
-    walker), :meth:`flush_dirty` at #VMEXIT, :meth:`host_access` from the
-    host-memory sync hook and :meth:`before_vmrun` at VMRUN.
+    walker), :meth:`host_access` from the host-memory sync hook (which
+    writes a changed page back, encrypted, before the hypervisor sees DRAM),
+    :meth:`before_vmrun` at VMRUN and :meth:`flush_dirty` when the run
+    stops.  DRAM never holds a private page's plaintext: that lives in the
+    processor's cache (``mem.cache_base``), as on hardware.
     """
 
     def __init__(self, mem: HostMemory, engine_for: Callable[[int], XexEngine | None], cbit: int) -> None:
@@ -221,7 +227,7 @@ class MemoryController:
         return True
 
     def flush_dirty(self) -> None:
-        """#VMEXIT: encrypt every page the guest changed back into DRAM (one AES call)."""
+        """Encrypt every page the guest changed back into DRAM (one AES call): at the end of a run."""
         self.stats.flushes += 1
         view, cb, clean = self._view, self._cb, self._clean
         changed = []

@@ -40,8 +40,12 @@ class SevExtension(ProcessorExtension):
         mc = self.memctl
         return mc.snp and mc.active and mc.rmp is not None and emulate_pvalidate(cpu, mc, rip)
 
-    def at_vmexit(self, cpu: "SvmCpu") -> None:
-        self.memctl.flush_dirty()
+    # No write-back at #VMEXIT: DRAM holds only ciphertext at every moment
+    # (plaintext lives in the processor's cache), and a page the guest changed
+    # is encrypted back when the hypervisor first touches it through
+    # HostMemory (host_access), when another key takes over, and when the run
+    # stops -- what a write-back cache does; the exits of a guest whose
+    # hypervisor never reads its memory pay no AES.
 
     def after_vmexit(self, cpu: "SvmCpu", rec: "ExitRecord") -> None:
         if self.memctl.es is not None:
