@@ -11,13 +11,16 @@
    The same for shadow paging (a miss there is a #PF exit plus the
    hypervisor's walk of the guest tables).
 2. **Memory-heavy loop vs bare Unicorn.**  Read-modify-write passes over a
-   1 MiB buffer; bare Unicorn maps flat memory with no hooks, the sandbox
-   runs the same code under nested paging.  Both must compute the same sum.
+   1 MiB buffer; bare Unicorn maps flat memory with no hooks (the data not
+   executable), the sandbox runs the same code under nested paging.  Both
+   must compute the same sum.
 3. **Working sets beyond the soft TLB's first size.**  A warm pass of
    read-modify-writes over 4 MiB at stride 4096 (1,024 pages, one access
-   each) and at stride 64, beside bare Unicorn with the data mapped
-   without execute (bare Unicorn sends stores to RWX pages down a slow
-   path); a warm pass = (time of 1+K passes - time of 1 pass) / K.
+   each) and at stride 64, and over 64 MiB at stride 4096 (16,384 pages:
+   the ASID-tagged TLB must hold them, no 2-D walk per access), beside
+   bare Unicorn with the data mapped without execute (bare Unicorn sends
+   stores to RWX pages down a slow path), timed between two hypercalls
+   after a cold pass; the 2-D walks the warm passes made are counted.
 4. **TLB flush on world switch.**  A guest that touches 32 pages between
    consecutive CPUID exits, run with the ASID-tagged TLB and with a flush
    on every world switch (pre-ASID hardware): 2-D walks per exit and time
@@ -146,7 +149,10 @@ def stream_ratio(tmp: Path, passes: int, rounds: int) -> dict:
     bare = sb = float("inf")
     for _ in range(rounds):
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.mem_map(0, 16 << 20)
+        # the data not executable: bare Unicorn sends every store to a page
+        # mapped executable down its self-modifying-code slow path
+        uc.mem_map(0, BUF, UC_PROT_ALL)
+        uc.mem_map(BUF, (16 << 20) - BUF, UC_PROT_READ | UC_PROT_WRITE)
         uc.mem_write(LOAD_BASE, code)
         t = time.perf_counter()
         uc.emu_start(LOAD_BASE, loop_end)
@@ -161,14 +167,15 @@ def stream_ratio(tmp: Path, passes: int, rounds: int) -> dict:
             "bare_mips": insns / bare / 1e6, "sandbox_mips": insns / sb / 1e6}
 
 
-def stride_ratio(tmp: Path, stride: int, warm: int, rounds: int) -> dict:
-    """A warm pass over 4 MiB at ``stride``, in the sandbox and in bare Unicorn
-    with the data not executable: one cold pass, then ``warm`` passes timed
-    (between two hypercalls in the sandbox, by one ``emu_start`` bare)."""
-    fmt = dict(buf=BUF, count=BIG // stride, stride=stride)
+def stride_ratio(tmp: Path, stride: int, warm: int, rounds: int, size: int = BIG) -> dict:
+    """A warm pass over ``size`` bytes at ``stride``, in the sandbox and in bare
+    Unicorn with the data not executable: one cold pass, then ``warm`` passes
+    timed (between two hypercalls in the sandbox, by one ``emu_start`` bare),
+    and the 2-D walks and tagged-TLB misses the warm passes cost."""
+    fmt = dict(buf=BUF, count=size // stride, stride=stride)
     cold = STRIDE.format(passes=1, tag="c", **fmt)
     hot = STRIDE.format(passes=warm, tag="w", **fmt)
-    check = f"    mov rbx, {BUF + BIG - stride:#x}\n    mov rsi, [rbx]\n"
+    check = f"    mov rbx, {BUF + size - stride:#x}\n    mov rsi, [rbx]\n"
     src = cold + MARK.format(n=0x5001) + hot + MARK.format(n=0x5002) + check + EXIT
     code = assemble(src, LOAD_BASE, "stride")
     at_warm = LOAD_BASE + len(assemble(cold + MARK.format(n=0x5001), LOAD_BASE, "stride"))
@@ -177,43 +184,48 @@ def stride_ratio(tmp: Path, stride: int, warm: int, rounds: int) -> dict:
     def bare() -> tuple[float, int]:
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map(0, BUF, UC_PROT_ALL)
-        uc.mem_map(BUF, BIG, UC_PROT_READ | UC_PROT_WRITE)
+        uc.mem_map(BUF, size, UC_PROT_READ | UC_PROT_WRITE)
         uc.mem_write(LOAD_BASE, code)
         uc.emu_start(LOAD_BASE, at_warm - 3 - 5)                  # the cold pass, up to the hypercall
         t = time.perf_counter()
         uc.emu_start(at_warm, at_end)
         dt = time.perf_counter() - t
-        return dt, int.from_bytes(uc.mem_read(BUF + BIG - stride, 8), "little")
+        return dt, int.from_bytes(uc.mem_read(BUF + size - stride, 8), "little")
 
     def sandbox() -> tuple[float, int]:
         p = tmp / f"stride{stride}.S"
         p.write_text(src)
-        m = Machine(ram=16 << 20)
+        ram = max(16 << 20, BUF + size + (1 << 20))
+        m = Machine(ram=ram, dram=ram + (32 << 20))
         m.load(str(p))
-        stamps: list[float] = []
+        stamps: list[tuple[float, int, int]] = []
         default = m.handlers[0x81]
 
         def h(m, e):
             if m.regs.rax in (0x5001, 0x5002):
-                stamps.append(time.perf_counter())
+                stamps.append((time.perf_counter(), m.cpu.stats.walks, m.cpu.tlb.stats.misses))
                 m.advance(e)
                 return None
             return default(m, e)
         m.on(0x81)(h)
-        r = m.run(timeout=300)
+        r = m.run(timeout=600)
         if r.reason != StopReason.GUEST_EXIT or len(stamps) != 2:
             raise SystemExit(f"bench_memory: stride {stride} ended with {r.reason}: {r.detail}")
-        return stamps[1] - stamps[0], r.regs["rsi"]
+        (t0, w0, m0), (t1, w1, m1) = stamps
+        return t1 - t0, r.regs["rsi"], w1 - w0, m1 - m0
 
     bare_s = sb_s = float("inf")
+    walks = misses = 0
     for _ in range(rounds):
         b, want = bare()
-        sb, got = sandbox()
+        sb, got, walks, misses = sandbox()
         if got != want or want != 1 + warm:
             raise SystemExit(f"bench_memory: stride {stride}: sandbox read {got:#x}, bare {want:#x}")
         bare_s, sb_s = min(bare_s, b), min(sb_s, sb)
-    return {"stride": stride, "bytes": BIG, "bare_pass_ms": bare_s / warm * 1e3,
-            "sandbox_pass_ms": sb_s / warm * 1e3, "ratio": bare_s / sb_s}
+    accesses = warm * (size // stride)
+    return {"stride": stride, "bytes": size, "bare_pass_ms": bare_s / warm * 1e3,
+            "sandbox_pass_ms": sb_s / warm * 1e3, "ratio": bare_s / sb_s,
+            "warm_walks_per_access": walks / accesses, "warm_tlb_misses_per_access": misses / accesses}
 
 
 def switch_cost(tmp: Path, n: int) -> dict:
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "stream": stream_ratio(tmp, 4 if q else 40, 1 if q else 3),
             "stride4096": stride_ratio(tmp, 4096, 20 if q else 200, 1 if q else 3),
             "stride64": stride_ratio(tmp, 64, 2 if q else 10, 1 if q else 3),
+            "stride4096_64m": stride_ratio(tmp, 4096, 2 if q else 10, 1, size=64 << 20),
             "world_switch": switch_cost(tmp, 200 if q else 5000),
         }
     t = Table(title="memory virtualization, one run")
@@ -252,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_row("1 MiB read-modify-write loop: bare Unicorn / sandbox",
               f"{s['bare_mips']:.0f} / {s['sandbox_mips']:.0f} MIPS")
     t.add_row("[bold]memory-heavy loop ratio sandbox / bare[/]", f"[bold]{s['ratio']:.2f}[/]")
-    for k in ("stride4096", "stride64"):
+    for k in ("stride4096", "stride64", "stride4096_64m"):
         w = res[k]
-        t.add_row(f"warm 4 MiB pass, stride {w['stride']}: bare (data not exec) / sandbox",
-                  f"{w['bare_pass_ms']:.3f} / {w['sandbox_pass_ms']:.3f} ms, ratio [bold]{w['ratio']:.2f}[/]")
+        t.add_row(f"warm {w['bytes'] >> 20} MiB pass, stride {w['stride']}: bare (data not exec) / sandbox",
+                  f"{w['bare_pass_ms']:.3f} / {w['sandbox_pass_ms']:.3f} ms, ratio [bold]{w['ratio']:.2f}[/]; "
+                  f"{w['warm_walks_per_access']:.4f} 2-D walks per access")
     for mode, label in (("tagged", "ASID-tagged TLB"), ("flush", "flush on every world switch")):
         w = res["world_switch"][mode]
         t.add_row(f"32-page loop per CPUID exit, {label}",
