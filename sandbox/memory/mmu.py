@@ -105,7 +105,8 @@ class NestedLayer:
         (EXITINFO1 bit 32) or a guest page-table access (bit 33).
         """
         try:
-            r = walk(self.n_cr3, gpa, access, True, self._read, self._write, wp=True, nxe=True, set_ad=set_ad)
+            r = walk(self.n_cr3, gpa, access, True, None, None, wp=True, nxe=True, set_ad=set_ad,
+                     table_mem=self._view, table_limit=self._size)
         except LookupError:
             r = WalkResult(fault=int(PFErr.P | PFErr.RSVD | PFErr.U |
                                      (PFErr.W if access == Access.WRITE else 0) |

@@ -7,6 +7,7 @@ two layers in :mod:`sandbox.memory.mmu` plug in how their table memory is reache
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntFlag
 from typing import Callable
@@ -71,6 +72,7 @@ _P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PT
 _W, _U, _RSVD, _ID = int(PFErr.W), int(PFErr.U), int(PFErr.RSVD), int(PFErr.ID)
 _SHIFT = LEVEL_SHIFT
 _SIZE = {3: 1 << 30, 2: 1 << 21, 1: 1 << 12}
+_Q = struct.Struct("<Q")
 _LEVELS = tuple((level, LEVEL_SHIFT[level]) for level in (4, 3, 2, 1))
 assert Access.WRITE == 1 and Access.FETCH == 2
 
@@ -80,14 +82,18 @@ def canonical(va: int) -> bool:
     return top == 0 or top == 0x1FFFF
 
 
-def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int], int],
-         write_entry: Callable[[int, int], None], *, wp: bool = True, nxe: bool = True,
-         set_ad: bool = True, smep: bool = False) -> WalkResult:
+def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int], int] | None,
+         write_entry: Callable[[int, int], None] | None, *, wp: bool = True, nxe: bool = True,
+         set_ad: bool = True, smep: bool = False, table_mem: memoryview | None = None,
+         table_limit: int = 0) -> WalkResult:
     """Walk a 4-level table rooted at ``root`` for ``va``.
 
     ``read_entry(addr)`` returns the 8-byte entry at table address ``addr``
     (a GPA for guest tables, an HPA for nested ones); raising ``LookupError``
-    from it aborts the walk (the caller's layer records why).  Accessed bits
+    from it aborts the walk (the caller's layer records why).  Tables that sit
+    directly in a buffer (the nested ones, in host DRAM) are read from
+    ``table_mem`` instead, with no call per entry: an entry at or beyond
+    ``table_limit`` aborts the walk as a ``LookupError`` would.  Accessed bits
     are set on every level walked and Dirty on the final entry of a write,
     as the hardware does (APM §5.4.2).
     """
@@ -100,7 +106,12 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
     entries = 0
     for level, shift in _LEVELS:
         ea = table + ((va >> shift) & 0x1FF) * 8
-        e = read_entry(ea)
+        if table_mem is None:
+            e = read_entry(ea)
+        elif ea + 8 > table_limit:
+            raise LookupError(ea)
+        else:
+            e = _Q.unpack_from(table_mem, ea)[0]
         entries += 1
         if not e & 1:
             return WalkResult(fault=err_base, entries=entries)
@@ -123,11 +134,17 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
             if set_ad:
                 ne = e | _A | (_D if access == 1 else 0)
                 if ne != e:
-                    write_entry(ea, ne)
+                    if table_mem is None:
+                        write_entry(ea, ne)
+                    else:
+                        _Q.pack_into(table_mem, ea, ne)
             return WalkResult(((e & ADDR_MASK) & ~(size - 1)) | (va & (size - 1)), writable or (not user and not wp),
                               user_ok, executable, size, bool(e & _D) or access == 1, None, entries, bool(e & _G))
         if set_ad and not e & _A:
-            write_entry(ea, e | _A)
+            if table_mem is None:
+                write_entry(ea, e | _A)
+            else:
+                _Q.pack_into(table_mem, ea, e | _A)
         table = e & ADDR_MASK
     raise AssertionError("unreachable")
 
