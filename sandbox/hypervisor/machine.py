@@ -25,7 +25,7 @@ from ..memory.paging import Access
 from ..memory.tlb import TlbMode, TlbStats
 from ..svm import intercepts as I
 from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
-from ..svm.cpustate import GPR_IDS, GPR_NAMES
+from ..svm.cpustate import GPR_IDS, GPR_NAMES, OFF_REGS
 from ..svm.exitcodes import ExitCode, exit_name
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
@@ -110,16 +110,30 @@ class _EagerReg:
 
 
 class _CpuReg:
-    """A guest GPR the processor keeps (a real hypervisor saves these itself)."""
+    """A guest GPR the processor keeps (a real hypervisor saves these itself).
+
+    While the hypervisor runs after a #VMEXIT, the processor's state snapshot
+    holds the guest's registers: they are read and patched there directly
+    (stored at the next VMRUN); otherwise through the processor's accessors."""
 
     def __init__(self, index: int) -> None:
         self.index = index
+        self.offset = OFF_REGS + 8 * index
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
-        return regs.machine.cpu.guest_gpr(self.index)
+        cpu = regs.machine.cpu
+        if cpu.switch.snap_valid:
+            return _Q.unpack_from(cpu.st.data, self.offset)[0]
+        return cpu.guest_gpr(self.index)
 
     def __set__(self, regs: "GuestRegs", value: int) -> None:
-        regs.machine.cpu.set_guest_gpr(self.index, value)
+        cpu = regs.machine.cpu
+        if cpu.switch.snap_valid:
+            st = cpu.st
+            _Q.pack_into(st.data, self.offset, value & M64)
+            st.dirty = True
+        else:
+            cpu.set_guest_gpr(self.index, value)
 
 
 class GuestRegs:
@@ -471,7 +485,11 @@ class Machine:
         try:
             act = h(self, rec)
             if act is None or act is RESUME:
-                if self._livelocked(rec):
+                # the livelock check's common case inline: the handler moved RIP
+                if _Q.unpack_from(self.mem.raw, self.guest.vmcb_hpa + OFF_RIP)[0] != rec.rip:
+                    if self._last_fp is not None:
+                        self._last_fp, self._same_fp = None, 0
+                elif self._livelocked(rec):
                     return False
                 if self.resume_hooks:
                     # before the next VMRUN: e.g. the platform's interrupt controller

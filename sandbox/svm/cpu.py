@@ -79,6 +79,9 @@ class SvmCpu:
         self._ext: ProcessorExtension = NO_EXTENSION
         self._ctl = ctl = GuestControls()
         self._sw = sw = SwitchState()
+        #: the world switch's flags (read-only outside the processor): ``switch.snap_valid`` says
+        #: that :attr:`st` holds the guest's registers while the hypervisor runs
+        self.switch: SwitchState = sw
         self._fill = fill = TlbFill(uc, st, mem, tlb, ctl, WalkStats())
         self._scanner = scanner = Scanner(uc, st, mem, ctl, sw)
         self._native = native = NativeInsns(uc, st, mem, tlb, ctl, sw)

@@ -239,9 +239,9 @@ class WorldSwitch:
         st = self._st
         if sw.snap_valid and (st.dirty or rax != o_rax or rsp != o_rsp):
             if rax != o_rax:              # the snapshot is current: patch and store once
-                st.set_gpr(0, rax)
+                _Q.pack_into(st.data, OFF_REGS, rax)
             if rsp != o_rsp:
-                st.set_gpr(4, rsp)
+                _Q.pack_into(st.data, OFF_REGS + 32, rsp)
             st.store()
         else:
             if st.dirty:
