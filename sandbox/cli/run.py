@@ -228,7 +228,8 @@ def _exit_printer(m: Machine, a: argparse.Namespace, err: Console, console: "Con
             except BrokenPipeError:
                 closed()
         return show, None
-    trace = ExitTrace(m, err.file, limit=a.trace_limit, color=color_of(err), before_line=console.flush)
+    trace = ExitTrace(m, err.file, limit=a.trace_limit, color=color_of(err), before_line=console.flush,
+                      on_closed=closed)
     return trace, trace
 
 

@@ -76,22 +76,28 @@ class ExitTrace:
     """``on_exit_record`` of ``sandbox run``: the per-exit line, elided past ``limit`` (0: never)."""
 
     def __init__(self, m: Machine, out: TextIO, *, limit: int = DEFAULT_TRACE_LIMIT, color: bool = False,
-                 before_line: Callable[[], None] | None = None) -> None:
+                 before_line: Callable[[], None] | None = None, on_closed: Callable[[], None] | None = None) -> None:
         self.m, self.out, self.limit = m, out, limit
-        self.before_line = before_line
+        self.before_line, self.on_closed = before_line, on_closed
+        self.closed = False
         self.disasm = Disassembler(m)
         self.shown = 0
         self.elided = 0
         self._dim, self._bold, self._off = ("\x1b[2m", "\x1b[1m", "\x1b[0m") if color else ("", "", "")
 
     def __call__(self, rec: ExitRecord) -> None:
-        if self.limit and self.shown >= self.limit:
+        if self.closed or (self.limit and self.shown >= self.limit):
             self.elided += 1
             return
         self.shown += 1
         if self.before_line is not None:
             self.before_line()            # a partial console line goes out before the trace line
-        self.out.write(self.line(rec))
+        try:
+            self.out.write(self.line(rec))
+        except BrokenPipeError:           # the reader went away: stop tracing, end the run quietly
+            self.closed = True
+            if self.on_closed is not None:
+                self.on_closed()
 
     def line(self, rec: ExitRecord) -> str:
         # one %-format: a quarter of the cost of the same line as an f-string with format specs
@@ -108,6 +114,8 @@ class ExitTrace:
 
     def finish(self) -> None:
         """Write the elision line, if any (before the summary)."""
+        if self.closed:
+            return
         tail = self.elision_line()
         if tail is not None:
             self.out.write(tail)

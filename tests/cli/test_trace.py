@@ -123,3 +123,13 @@ def test_default_trace_of_cpuid_loop_is_elided_and_the_run_completes():
     assert f"... {100_001 - DEFAULT_TRACE_LIMIT:,} more exits not shown" in p.stderr
     assert trace_lines(p.stderr) == list(range(1, DEFAULT_TRACE_LIMIT + 1))
     assert summary_count(p.stderr, "CPUID") == 100_000
+
+
+def test_trace_reader_going_away_ends_the_run_quietly(loop):
+    """``sandbox run ... 2>&1 >/dev/null | head -1``: the run stops, no traceback, SIGPIPE's status."""
+    p = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "run", str(loop), "--trace-limit", "0"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = p.stderr.readline()
+    p.stderr.close()
+    assert p.wait(timeout=120) == 141
+    assert TRACE_LINE.match(first.decode())
