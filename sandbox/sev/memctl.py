@@ -115,7 +115,7 @@ class XexEngine:
 class MemCtlStats:
     decrypts: int = 0          # pages decrypted into the cache
     encrypts: int = 0          # pages written back encrypted
-    flushes: int = 0           # flush_dirty calls (one per #VMEXIT)
+    flushes: int = 0           # flush_dirty calls (one per run stop)
     invalidations: int = 0     # cached pages dropped because the hypervisor wrote DRAM
 
 
