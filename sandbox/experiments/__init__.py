@@ -15,5 +15,6 @@ helpers and :mod:`~sandbox.experiments.plotting` the matplotlib set-up.
 ``shadow_nested``  shadow vs nested paging on ``guest_images/kernel.S``
 ``exit_model``     lambda = lambda_cpu + lambda_io, pre-2008 vs modern feature sets
 ``popek_goldberg`` sensitive instructions in classic trap-and-emulate and under SVM
+``nested_tsc``     T_L2 = T_H + d1 + d2 read at each level of an L1/L2 pair
 =================  ===============================================================
 """
