@@ -61,7 +61,7 @@ def check_files(rep, name: str) -> None:
 
 def test_every_experiment_has_a_test():
     tested = {"msr-bitmap", "virtio", "io-dirty", "walk-refs", "asid-flush", "shadow-nested", "exit-model",
-              "popek-goldberg", "nested-tsc"}
+              "popek-goldberg", "nested-tsc", "avic"}
     assert set(EXPERIMENTS) <= tested
 
 
@@ -219,3 +219,19 @@ def test_nested_tsc_each_level_adds_its_offset(report):
             # without d2 (L1's offset not applied to L2) or without d1, L2's reading leaves the bracket
             assert not 0 <= (b - d1 - h0) & M64 <= rel[-1]
             assert not 0 <= (b - d2 - h0) & M64 <= rel[-1]
+
+
+def test_avic_fewer_exits_same_handled_count(report):
+    """Seeds 000/002: AVIC delivers interrupts without exits.  Derived: the device
+    raises N; injection costs an INTR exit and a trapped EOI (NPF at the xAPIC's
+    EOI register, SDM Table 11-1: 0xFEE000B0) per interrupt; AVIC neither."""
+    data = report("avic")
+    n = data["interrupts"]
+    inj, av = data["runs"]["injection"], data["runs"]["avic"]
+    assert inj["handled"] == av["handled"] == n and inj["eois"] == av["eois"] == n
+    assert av["exits"] < inj["exits"]
+    assert inj["by_code"]["INTR"] >= n and inj["eoi_exits"] == n
+    assert inj["exits"] >= 2 * n
+    assert "INTR" not in av["by_code"] and av["eoi_exits"] == 0 and "NPF" not in av["by_code"]
+    assert av["exits"] <= 3                    # SVR's trapped write, the device start, the guest's exit
+    assert av["ppr_end"] == 0 == inj["ppr_end"]  # every in-service vector EOI'd
