@@ -210,8 +210,8 @@ class Interrupts:
     def virq_deliverable(self, rflags: int) -> bool:
         """V_IRQ pending, IF set, and its priority beats V_TPR unless V_IGN_TPR (§15.21.4)."""
         v = _Q.unpack_from(self._view, self._ctl.vmcb_hpa + OFF_V_INTR)[0]
-        if not v & VIntr.V_IRQ or not rflags & RFLAGS_IF:
-            return False
+        if not v & VIntr.V_IRQ or v & VIntr.AVIC_ENABLE or not rflags & RFLAGS_IF:
+            return False                 # V_IRQ is ignored while AVIC is on (§15.29.2)
         return bool(v & VIntr.V_IGN_TPR) or ((v >> V_INTR_PRIO_SHIFT) & 0xF) > (v & V_TPR_MASK)
 
     def inject_virq(self) -> None:
