@@ -19,7 +19,8 @@
 # Parameters (qwords at guest-physical 0xF0000; 0 = the default):
 #   [0xF0000] rounds R   (default 8, at most 64)
 #   [0xF0008] d2, L2's TSC_OFFSET as L1 sets it (default 0x10000000000)
-# Results (qwords at 0xF0800): R, then R records of 5 qwords: h0 a b c h1.
+# Results (qwords at 0xF0800): R, d2 as written into the VMCB, then R
+# records of 5 qwords: h0 a b c h1.
 # Hypercalls: VMMCALL with RAX = 0 (EXIT, RDI = code); RAX = 0x54534348
 # ("HTSC": L0 returns its own TSC in RAX; the experiment's L0 answers it).
 
@@ -104,7 +105,8 @@ clear:
 
     mov rsi, RESULTS
     mov qword ptr [rsi], r14
-    lea r15, [rsi + 8]                      # the current record
+    mov qword ptr [rsi + 8], r12            # d2
+    lea r15, [rsi + 16]                     # the current record
     xor r13, r13                            # rounds done
 
 round:

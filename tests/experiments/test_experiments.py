@@ -210,7 +210,7 @@ def test_nested_tsc_each_level_adds_its_offset(report):
     assert len(data["runs"]) >= 2
     for p in data["runs"]:
         d1, d2 = p["d1"], p["d2"]
-        assert p["rounds"] == len(p["records"]) >= 3
+        assert p["rounds"] == len(p["records"]) >= 3 and p["vmcb12_tsc_offset"] == d2
         assert p["by_code"]["VMRUN"] == p["rounds"]                 # one L1 VMRUN per round
         for r in p["records"]:
             h0, a, b, c, h1 = r["h0"], r["l1_a"], r["l2"], r["l1_c"], r["h1"]
