@@ -102,10 +102,6 @@ class AvicApic:
         for i in idx:
             _I.pack_into(view, self.logical_hpa + 4 * i, logical_entry(self.apic_id))
 
-    @property
-    def running(self) -> bool:
-        return bool(_Q.unpack_from(self.m.mem.view, self.physical_hpa + 8 * self.apic_id)[0] & PHYS_IS_RUNNING)
-
     # ------------------------------------------------------------ posting
     def post(self, vector: int) -> None:
         """A device raises ``vector`` from another host processor: set it in the
