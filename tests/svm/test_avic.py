@@ -360,3 +360,13 @@ def test_doorbell_for_another_processor_does_not_deliver_here(guest):
     m.cpu.schedule_remote(5_000, device)
     m.run(max_insns=200_000, timeout=20)
     assert data(m, 1) == 0 and m.cpu.avic.stats.doorbells_sent[:1] == [9]
+
+
+def test_avic_vmcb_fields_and_exit_codes_match_the_apm():
+    """APM Table B-1: V_INTR bit 31 AVIC enable, bit 30 x2AVIC; AVIC_APIC_BAR 098h,
+    backing page 0E0h, logical table 0F0h, physical table 0F8h; Appendix C: 401h, 402h."""
+    from sandbox.svm import vmcb as V
+    assert VIntr.AVIC_ENABLE == 1 << 31 and VIntr.X2AVIC_ENABLE == 1 << 30
+    assert (V.OFF_AVIC_APIC_BAR, V.OFF_AVIC_BACKING_PAGE, V.OFF_AVIC_LOGICAL_TABLE,
+            V.OFF_AVIC_PHYSICAL_TABLE) == (0x98, 0xE0, 0xF0, 0xF8)
+    assert (ExitCode.AVIC_INCOMPLETE_IPI, ExitCode.AVIC_NOACCEL) == (0x401, 0x402)
