@@ -7,11 +7,13 @@
 # device's vector, enables the APIC (SVR) with TPR = 0, and spins with
 # interrupts enabled until it has handled N interrupts.  Its handler counts
 # the interrupt and writes EOI.  The device is the hypervisor's (port 0xE0: a
-# write starts it, once the guest is ready): it raises the vector N times,
+# read starts it, once the guest is ready, and returns 0; with no device the
+# read floats to 0xFF and the guest ends at once): it raises the vector N times,
 # every so often in guest time, whether by a physical interrupt and injection
 # (an exit per interrupt, a trapped EOI) or through AVIC.
 #
-# Parameters (qwords at guest-physical 0xF0000; 0 = the default):
+# Parameters (qwords at guest-physical 0xF0000; 0 = the default; the ACPI
+# RSDP the PC platform leaves there means "no parameters"):
 #   [0xF0000] interrupts N to handle  (default 100)
 #   [0xF0008] vector                  (default 0x41)
 # Results (qwords at 0xF0800): interrupts handled, EOIs written, loop
@@ -26,6 +28,11 @@
 
 start:
     mov rsi, PARAMS
+    mov r14, 100                        # the defaults
+    mov r13, 0x41
+    mov rax, 0x2052545020445352         # "RSD PTR ": the PC platform's ACPI RSDP sits here
+    cmp qword ptr [rsi], rax            # unless the host wrote parameters over it
+    je have_v
     mov r14, qword ptr [rsi]
     test r14, r14
     jnz have_n
@@ -91,13 +98,15 @@ clear_idt:
     xor r12, r12                        # EOIs written
     xor r11, r11                        # loop iterations waiting
     sti
-    mov al, 1
-    out 0xE0, al                        # start the device (it raises N interrupts)
+    in al, 0xE0                         # start the device (it raises N interrupts)
+    cmp al, 0xFF
+    je finish                           # no device on the port (the bus floats high): nothing to wait for
 wait:
     inc r11
     pause
     cmp r15, r14
     jb wait
+finish:
     cli
 
     mov rsi, RESULTS
