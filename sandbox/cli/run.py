@@ -510,8 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "deprivileged to ring 3 with no SVM intercepts, privileged instructions emulated from their "
                         "#GP/#UD, memory on shadow paging")
     r.add_argument("--paging", choices=("nested", "shadow"), default=None,
-                   help="memory virtualization: the processor's nested paging (default), or hypervisor shadow "
-                        "tables (the only choice with --mode classic)")
+                   help="memory virtualization: the processor's nested paging, or hypervisor shadow tables "
+                        "(default: nested; shadow, the only choice, with --mode classic)")
     r.add_argument("--npt-page", choices=("4k", "2m", "1g"), default="4k",
                    help="leaf size of the nested page table backing guest RAM")
     r.add_argument("--tlb", choices=("tagged", "flush"), default="tagged",
