@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "#GP/#UD, memory on shadow paging")
     r.add_argument("--paging", choices=("nested", "shadow"), default=None,
                    help="memory virtualization: the processor's nested paging, or hypervisor shadow tables "
-                        "(default: nested; shadow, the only choice, with --mode classic)")
+                        "(default: nested); --mode classic runs on shadow tables only")
     r.add_argument("--npt-page", choices=("4k", "2m", "1g"), default="4k",
                    help="leaf size of the nested page table backing guest RAM")
     r.add_argument("--tlb", choices=("tagged", "flush"), default="tagged",
