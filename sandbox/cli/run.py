@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..hypervisor.classic import ClassicMonitor
 from ..hypervisor.hooks_loader import HooksError, load_hooks
 from ..hypervisor.loader import ImageError
 from ..hypervisor.machine import Machine, RunResult
@@ -47,6 +48,7 @@ examples:
   sandbox run guest_images/popek_goldberg.S --intercept sensitive
   sandbox run guest_images/hello.S --ports 0x3f8-0x3ff --json --quiet
   sandbox run guest_images/kernel.S --paging shadow --quiet
+  sandbox run guest_images/virtio_console.S --mode classic   (trap-and-emulate at ring 3)
   sandbox run guest_images/sev_secrets.S --sev --dump-host-memory dram.bin
   sandbox run ../shared/kvm-unit-tests/x86/msr.flat --quiet   (multiboot: PC platform, 256 MiB)
   sandbox run crashes/missed-0123456789ab.case --audit     (replay a fuzz finding)
@@ -134,6 +136,7 @@ def _machine(a: argparse.Namespace) -> Machine:
     ports = parse_ports(a.ports) if a.ports else None
     msrs = parse_msrs(a.msrs) if a.msrs else None
     check_limits(a)
+    check_mode(a)
     npt_page = {"4k": 4 << 10, "2m": 2 << 20, "1g": 1 << 30}[a.npt_page]
     if a.paging == "shadow" and npt_page != 4 << 10:
         raise CliError("--npt-page applies to nested paging; shadow paging backs guest RAM with 4 KiB pages")
@@ -158,6 +161,8 @@ def _machine(a: argparse.Namespace) -> Machine:
         m.load(a.image, append=a.append)
     except (ImageError, HostMemoryError) as e:
         raise CliError(str(e)) from None
+    if a.mode == "classic":
+        ClassicMonitor(m).attach()          # the kernel at CPL 3, no SVM instruction intercepts
     if a.no_default_intercepts:
         clear_intercepts(m)
     try:
@@ -178,6 +183,27 @@ def _machine(a: argparse.Namespace) -> Machine:
         except HooksError as e:
             raise CliError(str(e)) from None
     return m
+
+
+def check_mode(a: argparse.Namespace) -> None:
+    """``--mode classic``: trap-and-emulate on shadow paging.  Resolves ``--paging``
+    (shadow for classic, nested otherwise) and refuses what the monitor cannot do."""
+    if a.mode != "classic":
+        a.paging = a.paging or "nested"
+        return
+    if a.paging == "nested":
+        raise CliError("--mode classic runs on shadow paging (--paging shadow), not nested paging")
+    a.paging = "shadow"
+    refused = [flag for flag, on in (
+        ("--sev", a.sev), ("--sev-es", a.sev_es), ("--snp", a.snp), ("--nested", a.nested),
+        ("--platform pc", a.platform == "pc"), ("--intercept", bool(a.intercept)),
+        ("--no-default-intercepts", a.no_default_intercepts), ("--npt-page", a.npt_page != "4k")) if on]
+    if refused:
+        raise CliError(f"--mode classic cannot be combined with {', '.join(refused)}: the classic monitor "
+                       "deprivileges a plain 64-bit guest and traps privileged instructions without SVM intercepts")
+    if is_multiboot(a.image):
+        raise CliError("--mode classic runs 64-bit images (.S, .bin, ELF64); a multiboot kernel starts in "
+                       "32-bit protected mode, which the classic monitor does not emulate")
 
 
 def clear_intercepts(m: Machine) -> None:
@@ -327,7 +353,7 @@ def ctrl_c_stops(m: Machine):
 
 #: ``sandbox run`` options that configure a machine; a saved .case brings its own
 _CASE_IGNORES = ("intercept", "ports", "msrs", "hooks", "max_insns", "max_exits", "timeout", "dram", "ram",
-                 "append", "platform", "paging", "npt_page", "tlb", "sev", "sev_es", "snp",
+                 "append", "platform", "paging", "npt_page", "tlb", "sev", "sev_es", "snp", "mode",
                  "dump_host_memory", "no_default_intercepts")
 
 
@@ -467,8 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiboot kernel, else none")
     r.add_argument("--nested", action="store_true",
                    help="nested SVM: the guest may run its own guests (VMRUN emulated by this hypervisor)")
-    r.add_argument("--paging", choices=("nested", "shadow"), default="nested",
-                   help="memory virtualization: the processor's nested paging, or hypervisor shadow tables")
+    r.add_argument("--mode", choices=("svm", "classic"), default="svm",
+                   help="svm: the guest in non-root mode at its own CPL; classic: trap-and-emulate -- the kernel "
+                        "deprivileged to ring 3 with no SVM intercepts, privileged instructions emulated from their "
+                        "#GP/#UD, memory on shadow paging")
+    r.add_argument("--paging", choices=("nested", "shadow"), default=None,
+                   help="memory virtualization: the processor's nested paging, or hypervisor shadow tables "
+                        "(default: nested); --mode classic runs on shadow tables only")
     r.add_argument("--npt-page", choices=("4k", "2m", "1g"), default="4k",
                    help="leaf size of the nested page table backing guest RAM")
     r.add_argument("--tlb", choices=("tagged", "flush"), default="tagged",

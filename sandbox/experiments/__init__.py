@@ -13,7 +13,9 @@ helpers and :mod:`~sandbox.experiments.plotting` the matplotlib set-up.
 ``walk_refs``      2-D walk references for every pair of guest and nested page sizes
 ``asid_flush``     ASID-tagged TLB vs flush on world switch, per pages touched
 ``shadow_nested``  shadow vs nested paging on ``guest_images/kernel.S``
+``avic_irq``       a device's interrupts: injection (an exit per interrupt and EOI) vs AVIC
 ``exit_model``     lambda = lambda_cpu + lambda_io, pre-2008 vs modern feature sets
 ``popek_goldberg`` sensitive instructions in classic trap-and-emulate and under SVM
+``nested_tsc``     T_L2 = T_H + d1 + d2 read at each level of an L1/L2 pair
 =================  ===============================================================
 """

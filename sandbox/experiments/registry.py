@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import asid_flush, exit_model, io_notice, msr_bitmap, popek_goldberg, shadow_nested, virtio_io, walk_refs
+from . import (asid_flush, avic_irq, exit_model, io_notice, msr_bitmap, nested_tsc, popek_goldberg, shadow_nested, virtio_io,
+               walk_refs)
 from .base import Context, Experiment, Outcome
 from .common import STOP
 
@@ -26,8 +27,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     walk_refs.EXPERIMENT,
     asid_flush.EXPERIMENT,
     shadow_nested.EXPERIMENT,
+    avic_irq.EXPERIMENT,
     exit_model.EXPERIMENT,
     popek_goldberg.EXPERIMENT,
+    nested_tsc.EXPERIMENT,
 )}
 
 

@@ -36,6 +36,7 @@ from .cpustate import CpuState
 from .engine import new_engine
 from .extension import NO_EXTENSION, ProcessorExtension
 from .fill import FillObserver, TlbFill
+from .avic import Avic
 from .interrupts import Interrupts
 from .native import TSC_HZ, NativeInsns
 from .run import GUEST_IPS, RunLimits, RunLoop
@@ -89,12 +90,14 @@ class SvmCpu:
         self._ws = ws = WorldSwitch(uc, st, mem, tlb, ctl, sw)
         self._run = run = RunLoop(uc, st, ctl, sw)
         self._smc = smc = SmcStepper(uc, st)
+        self._avic = avic = Avic(mem.view, st, sw, lambda: ctl.vmcb_hpa)
         fill.connect(scanner, smc, run.fail)
         scanner.connect(self, fill, ws, native, interrupts, run.fail)
-        native.connect(fill, ws, interrupts, run, smc)
-        interrupts.connect(self, fill, scanner, ws, run, smc)
+        native.connect(fill, ws, interrupts, run, smc, avic)
+        interrupts.connect(self, fill, scanner, ws, run, smc, avic)
         ws.connect(self, fill, scanner, interrupts, smc)
-        run.connect(fill, ws, interrupts, smc)
+        run.connect(fill, ws, interrupts, smc, avic)
+        avic.connect(ws.vmexit, ws.after_exit_in_hook, interrupts.deliver, fill.insn_bytes)
         smc.connect(fill, scanner, interrupts.access)
         uc.hook_add(UC_HOOK_TLB_FILL, fill.on_tlb_fill)
         uc.hook_add(UC_HOOK_INTR, interrupts.on_intr)
@@ -183,6 +186,23 @@ class SvmCpu:
     def arm_timer(self, period_ns: int) -> None:
         """A periodic physical interrupt in guest time (0 disarms it); see :meth:`RunLoop.arm_timer`."""
         self._run.arm_timer(period_ns)
+
+    def schedule_remote(self, period_ns: int, fn: Callable[[], None] | None) -> None:
+        """Work another processor does every ``period_ns`` of guest time; see :meth:`RunLoop.schedule_remote`."""
+        self._run.schedule_remote(period_ns, fn)
+
+    def kick(self) -> None:
+        """An IPI from another processor: #VMEXIT(INTR) after the remote event that sent it."""
+        self._run.kick()
+
+    @property
+    def avic(self) -> Avic:
+        """The processor's AVIC (APM §15.29): active while the VMCB sets AVIC_ENABLE."""
+        return self._avic
+
+    def avic_doorbell(self, host_apic_id: int) -> None:
+        """A write of ``host_apic_id`` to the AVIC_DOORBELL MSR (C001_011Bh) on another processor."""
+        self._avic.doorbell(host_apic_id)
 
     # ------------------------------------------------- hooks for outside tools
     def add_fill_observer(self, fn: FillObserver) -> None:

@@ -30,6 +30,7 @@ from .vmcb import (OFF_EVENTINJ, OFF_INTERRUPT_SHADOW, OFF_V_INTR, OFF_V_INTR_VE
                    V_INTR_PRIO_SHIFT, V_TPR_MASK, Event, EventType, VIntr)
 
 if TYPE_CHECKING:
+    from .avic import Avic
     from .cpu import SvmCpu
     from .fill import TlbFill
     from .run import RunLoop
@@ -53,11 +54,12 @@ class Interrupts:
         self.access = GuestAccess(self._read, self._write)
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", ws: "WorldSwitch", run: "RunLoop",
-                smc: "SmcStepper") -> None:
+                smc: "SmcStepper", avic: "Avic") -> None:
         """Bind what delivery calls: the walker, the scanner's watch, the #VMEXIT,
         stopping the run, and the stepping of a store to a code page."""
         self._cpu = cpu
         self._smc = smc
+        self._avic = avic
         self._walker = fill.guest_walker
         self._watch = scanner.watch
         self._insn_bytes = fill.insn_bytes
@@ -208,8 +210,8 @@ class Interrupts:
     def virq_deliverable(self, rflags: int) -> bool:
         """V_IRQ pending, IF set, and its priority beats V_TPR unless V_IGN_TPR (§15.21.4)."""
         v = _Q.unpack_from(self._view, self._ctl.vmcb_hpa + OFF_V_INTR)[0]
-        if not v & VIntr.V_IRQ or not rflags & RFLAGS_IF:
-            return False
+        if not v & VIntr.V_IRQ or v & VIntr.AVIC_ENABLE or not rflags & RFLAGS_IF:
+            return False                 # V_IRQ is ignored while AVIC is on (§15.29.2)
         return bool(v & VIntr.V_IGN_TPR) or ((v >> V_INTR_PRIO_SHIFT) & 0xF) > (v & V_TPR_MASK)
 
     def inject_virq(self) -> None:
@@ -239,6 +241,9 @@ class Interrupts:
                 return
             st.reg_write(_RIP, rip)
             self.inject_virq()
+        elif self._avic.deliverable(rflags) is not None:
+            st.reg_write(_RIP, rip)          # AVIC: the virtual IRR, evaluated at VMRUN (§15.29.2)
+            self._avic.deliver_pending()
         else:
             return
         if sw.exit is None and sw.stop is None:
@@ -246,13 +251,14 @@ class Interrupts:
 
     def watch_irq_window(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView",
                          code: bytes) -> None:
-        """STI / POPF / IRET while a V_IRQ waits for RFLAGS.IF (APM §15.21.4).
+        """STI / POPF / IRET while a V_IRQ (or an AVIC interrupt) waits for RFLAGS.IF (APM §15.21.4).
 
         Finds where the interrupt can first be taken -- after the instruction
         following STI (its interrupt shadow), after POPF, at IRET's return
         address -- and watches that address with a one-shot check.
         """
-        if not _Q.unpack_from(self._view, self._ctl.vmcb_hpa + OFF_V_INTR)[0] & VIntr.V_IRQ:
+        if not _Q.unpack_from(self._view, self._ctl.vmcb_hpa + OFF_V_INTR)[0] & VIntr.V_IRQ \
+                and not self._avic.waiting():
             return
         try:
             if insn.kind == D.Kind.STI:
@@ -274,7 +280,7 @@ class Interrupts:
         deliverable now (or exit on VINTR).  True when control moved."""
         rflags = self._st.reg_read(_RFLAGS)
         if not self.virq_deliverable(rflags):
-            return False
+            return self._avic.deliver_pending()
         rip = self._st.reg_read(_RIP)
         if self._ctl.intercepted(ExitCode.VINTR):
             self._vmexit(ExitCode.VINTR, 0, 0, rip=rip, nrip=0)

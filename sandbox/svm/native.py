@@ -39,6 +39,7 @@ from .vmcb import (OFF_CSTAR, OFF_KERNEL_GS_BASE, OFF_LSTAR, OFF_SFMASK, OFF_STA
 from .world_switch import get_seg, put_seg
 
 if TYPE_CHECKING:
+    from .avic import Avic
     from .fill import TlbFill
     from .interrupts import Interrupts
     from .run import RunLoop
@@ -146,7 +147,7 @@ class NativeInsns:
         uc.hook_add(UC_HOOK_INSN, self._insn_out, None, 1, 0, X.UC_X86_INS_OUT)
 
     def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop",
-                smc: "SmcStepper") -> None:
+                smc: "SmcStepper", avic: "Avic") -> None:
         """Bind what the emulation calls: soft-TLB flushes and the walker's
         statistics, the #VMEXIT, event delivery, and stopping the run."""
         self._fill = fill
@@ -156,6 +157,7 @@ class NativeInsns:
         self._raise = interrupts.raise_exception
         self._deliver = interrupts.deliver
         self._interrupts = interrupts
+        self._avic = avic
         self._halt = run.halt
         self._access = interrupts.access
         self._watch_irq_window = interrupts.watch_irq_window
@@ -189,6 +191,8 @@ class NativeInsns:
         self._set_rip(address + insn.length)
         if self._interrupts.virq_deliverable(rflags):
             self._interrupts.inject_virq()
+            return
+        if self._avic.deliver_pending():
             return
         self._halt(StopReason.HALT, f"HLT at {address:#x} with no pending interrupt")
 

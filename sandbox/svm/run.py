@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from unicorn import Uc, UcError
 from unicorn import x86_const as X
@@ -25,6 +25,7 @@ from .smc import CodeStore
 from .stop import StopInfo, StopReason
 
 if TYPE_CHECKING:
+    from .avic import Avic
     from .fill import TlbFill
     from .interrupts import Interrupts
     from .smc import SmcStepper
@@ -58,10 +59,18 @@ class RunLoop:
         self._slice_budget = 0            # instructions the running emu_start may count (0: not counting)
         self._in_emu = False
         self._rearm = False               # the timer was re-armed while a slice ran
+        # work another processor does at set points of guest time (see schedule_remote)
+        self.remote_period = self.remote_next = 0
+        self.remote_fn: Callable[[], None] | None = None
+        self.remote_events = 0
+        self._kicked = False
 
-    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", smc: "SmcStepper") -> None:
-        """Bind the failed fill's fault, the #VMEXIT, exception delivery and code-store stepping."""
+    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", smc: "SmcStepper",
+                avic: "Avic") -> None:
+        """Bind the failed fill's fault, the #VMEXIT, exception delivery, code-store
+        stepping and the AVIC (which takes APIC-page accesses and doorbells)."""
         self._fill = fill
+        self._avic = avic
         self._smc = smc
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
@@ -127,6 +136,9 @@ class RunLoop:
             if self.timer_period:
                 due = max(1, self.timer_next - self.guest_clock)
                 budget = min(budget, due) if budget else due
+            if self.remote_period:
+                due = max(1, self.remote_next - self.guest_clock)
+                budget = min(budget, due) if budget else due
             if not self._slice(budget):
                 break
 
@@ -157,7 +169,10 @@ class RunLoop:
         if self._rearm and not self.timed_out:
             sw.entry_rip = self._st.reg_read(_RIP)      # the timer was re-armed: a new slice, a new bound
             return True
-        # emu_start returned by itself: a timer deadline, the budget, or the watchdog's emu_stop
+        # emu_start returned by itself: a timer deadline, a remote event, the budget, or the watchdog's emu_stop
+        if not self.timed_out and self.remote_period and self.guest_clock >= self.remote_next:
+            self._remote_event()
+            return True
         if not self.timed_out and self.timer_period and self.guest_clock >= self.timer_next:
             self._timer_interrupt()
             return True
@@ -199,6 +214,9 @@ class RunLoop:
             smc.end()                      # the stepped store faulted
         if isinstance(f, NestedFault):
             gpa = f.gpa | off if f.exitinfo1 & PFErr.FINAL else f.gpa
+            if f.exitinfo1 & PFErr.FINAL and self._avic.claims(gpa):
+                self._avic.guest_access(rip, gpa)      # AVIC: the APIC page goes to the backing page
+                return
             insn = self._fill.insn_bytes(rip)
             self._vmexit(ExitCode.NPF, f.exitinfo1, gpa, rip=rip, nrip=0, insn=insn)
             self._after_exit_outside(rip)
@@ -254,6 +272,47 @@ class RunLoop:
     @property
     def guest_time_ns(self) -> int:
         return self._clock_now() * 1_000_000_000 // GUEST_IPS
+
+    # ------------------------------------------------------ remote events
+    def schedule_remote(self, period_ns: int, fn: Callable[[], None] | None) -> None:
+        """Run ``fn`` every ``period_ns`` of guest time (0 or None: stop), as
+        work another processor does concurrently -- a device's emulation thread
+        posting interrupts.  It does not interrupt this processor: the run is
+        only sliced there so the work happens at that point of guest time.  What
+        ``fn`` sends this processor arrives after it: a doorbell (AVIC evaluates
+        the virtual IRR, no exit) or a kick (:meth:`kick`, a physical interrupt)."""
+        if period_ns < 0:
+            raise ValueError("remote event period must be positive")
+        self.remote_fn = fn if period_ns else None
+        self.remote_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns and fn else 0
+        self.remote_next = self._clock_now() + self.remote_period
+        if self._in_emu:
+            self._rearm = True
+            self._uc.emu_stop()
+
+    def kick(self) -> None:
+        """A physical interrupt (an IPI from another processor) arrives: taken
+        after the remote event that sent it, as #VMEXIT(INTR) when intercepted."""
+        self._kicked = True
+
+    def _remote_event(self) -> None:
+        self.remote_next = self.guest_clock + self.remote_period
+        self.remote_events += 1
+        sw = self._sw
+        rip = self._st.reg_read(_RIP)
+        sw.entry_rip = rip
+        self.remote_fn()
+        if self._kicked:
+            self._kicked = False
+            self._avic.doorbell_pending = False
+            if self._ctl.intercepted(ExitCode.INTR):
+                self._vmexit(ExitCode.INTR, 0, 0, rip=rip, nrip=0)
+                self._after_exit_outside(rip)
+                return
+        if self._avic.doorbell_pending:
+            self._avic.doorbell_pending = False
+            if self._avic.deliver_pending() and sw.exit is None and sw.stop is None:
+                sw.entry_rip = self._st.reg_read(_RIP)
 
     def _timer_interrupt(self) -> None:
         self.timer_next = self.guest_clock + self.timer_period

@@ -112,7 +112,9 @@ class Scanner:
     def arm(self) -> None:
         """Scan for what the latched intercept vectors (and a pending V_IRQ) make interesting."""
         ctl = self.ctl
-        virq = bool(_Q.unpack_from(self.view, ctl.vmcb_hpa + OFF_V_INTR)[0] & VIntr.V_IRQ)
+        # a pending V_IRQ, or AVIC (whose virtual IRR may be pending at any time), makes
+        # the instructions that set RFLAGS.IF interesting
+        virq = bool(_Q.unpack_from(self.view, ctl.vmcb_hpa + OFF_V_INTR)[0] & (VIntr.V_IRQ | VIntr.AVIC_ENABLE))
         key = (ctl.ivec, virq)
         if key == self._armed_key:
             return

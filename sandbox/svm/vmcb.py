@@ -138,6 +138,10 @@ OFF_INTERRUPT_SHADOW = _at("INTERRUPT_SHADOW")
 OFF_EXITCODE = _at("EXITCODE")                # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO follow
 OFF_EXITINTINFO = _at("EXITINTINFO")
 OFF_NP_CONTROL = _at("NP_CONTROL")
+OFF_AVIC_APIC_BAR = _at("AVIC_APIC_BAR")
+OFF_AVIC_BACKING_PAGE = _at("AVIC_BACKING_PAGE")
+OFF_AVIC_LOGICAL_TABLE = _at("AVIC_LOGICAL_TABLE")
+OFF_AVIC_PHYSICAL_TABLE = _at("AVIC_PHYSICAL_TABLE")
 OFF_EVENTINJ = _at("EVENTINJ")
 OFF_N_CR3 = _at("N_CR3")
 OFF_VIRT_EXT = _at("VIRT_EXT")
@@ -190,11 +194,19 @@ class VIntr(IntFlag):
     V_IGN_TPR = 1 << 20
     V_INTR_MASKING = 1 << 24
     V_GIF_ENABLE = 1 << 25
+    X2AVIC_ENABLE = 1 << 30       # AVIC for x2APIC MSR accesses (not modelled: x2APIC MSRs exit as usual)
+    AVIC_ENABLE = 1 << 31         # APM §15.29.6
 
 
 #: V_TPR is V_INTR[3:0]; V_INTR_PRIO is V_INTR[19:16] (APM §15.21.4)
 V_TPR_MASK = 0xF
 V_INTR_PRIO_SHIFT = 16
+#: AVIC pointers (APM §15.29.6, Table B-1): the APIC BAR is a guest-physical
+#: address, the backing page and the two tables host-physical, bits 51:12;
+#: AVIC_PHYSICAL_TABLE[7:0] is AVIC_PHYSICAL_MAX_INDEX (the highest valid index)
+AVIC_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
+AVIC_PHYSICAL_MAX_INDEX_MASK = 0xFF
+
 #: INTERRUPT_SHADOW bit 0: the guest is in an interrupt shadow (APM §15.21.5)
 INTERRUPT_SHADOW_ACTIVE = 1
 

@@ -297,7 +297,7 @@ class WorldSwitch:
         self._drop_walker()
         self._arm_scanner()
         # event injection (APM §15.20)
-        if not v.eventinj & Event.VALID and not _Q.unpack_from(mv, b + OFF_V_INTR)[0] & VIntr.V_IRQ:
+        if not v.eventinj & Event.VALID and not _Q.unpack_from(mv, b + OFF_V_INTR)[0] & (VIntr.V_IRQ | VIntr.AVIC_ENABLE):
             sw.fast_ok = True
         defer, sw.defer_dispatch = sw.defer_dispatch, True
         try:

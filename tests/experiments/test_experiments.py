@@ -61,7 +61,7 @@ def check_files(rep, name: str) -> None:
 
 def test_every_experiment_has_a_test():
     tested = {"msr-bitmap", "virtio", "io-dirty", "walk-refs", "asid-flush", "shadow-nested", "exit-model",
-              "popek-goldberg"}
+              "popek-goldberg", "nested-tsc", "avic"}
     assert set(EXPERIMENTS) <= tested
 
 
@@ -199,3 +199,39 @@ def test_popek_goldberg_classic_breaks_svm_holds(report):
     assert rows["MOV from CS (RPL)"]["classic_saw"].endswith("(RPL 3)")
     for name in ("LGDT", "LIDT", "LLDT", "LTR", "MOV to CR0", "CLI"):
         assert rows[name]["classic_trap"] == "EXCP_GP", name
+
+
+def test_nested_tsc_each_level_adds_its_offset(report):
+    """APM §15.30.4: RDTSC returns TSC + TSC_OFFSET; L0 runs L2 on L1's offset
+    plus L2's.  Recomputed here from the raw readings and the configured
+    offsets: the host TSC is monotonic, so h0 <= a - d1 <= b - d1 - d2 <=
+    c - d1 <= h1 exactly, and leaving out either offset breaks it."""
+    data = report("nested-tsc")
+    assert len(data["runs"]) >= 2
+    for p in data["runs"]:
+        d1, d2 = p["d1"], p["d2"]
+        assert p["rounds"] == len(p["records"]) >= 3 and p["vmcb12_tsc_offset"] == d2
+        assert p["by_code"]["VMRUN"] == p["rounds"]                 # one L1 VMRUN per round
+        for r in p["records"]:
+            h0, a, b, c, h1 = r["h0"], r["l1_a"], r["l2"], r["l1_c"], r["h1"]
+            rel = [(x - h0) & M64 for x in (a - d1, b - d1 - d2, c - d1, h1)]
+            assert rel == sorted(rel) and rel[-1] < 1 << 40
+            # without d2 (L1's offset not applied to L2) or without d1, L2's reading leaves the bracket
+            assert not 0 <= (b - d1 - h0) & M64 <= rel[-1]
+            assert not 0 <= (b - d2 - h0) & M64 <= rel[-1]
+
+
+def test_avic_fewer_exits_same_handled_count(report):
+    """Seeds 000/002: AVIC delivers interrupts without exits.  Derived: the device
+    raises N; injection costs an INTR exit and a trapped EOI (NPF at the xAPIC's
+    EOI register, SDM Table 11-1: 0xFEE000B0) per interrupt; AVIC neither."""
+    data = report("avic")
+    n = data["interrupts"]
+    inj, av = data["runs"]["injection"], data["runs"]["avic"]
+    assert inj["handled"] == av["handled"] == n and inj["eois"] == av["eois"] == n
+    assert av["exits"] < inj["exits"]
+    assert inj["by_code"]["INTR"] >= n and inj["eoi_exits"] == n
+    assert inj["exits"] >= 2 * n
+    assert "INTR" not in av["by_code"] and av["eoi_exits"] == 0 and "NPF" not in av["by_code"]
+    assert av["exits"] <= 3                    # SVR's trapped write, the device start, the guest's exit
+    assert av["ppr_end"] == 0 == inj["ppr_end"]  # every in-service vector EOI'd
