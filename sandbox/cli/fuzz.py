@@ -16,7 +16,9 @@ from ..fuzz.differential import differential
 from ..fuzz.oracle import Finding, findings
 from ..fuzz.snapshot import Harness
 from ..svm.exitcodes import exit_name
+from ..fuzz.vmrun_state import is_state_file
 from .errors import CliError
+from .fuzz_vmrun import check_target, cmd_fuzz_vmrun, replay_state
 from .helpfmt import HelpFormatter
 
 FUZZ_EPILOG = """\
@@ -25,6 +27,7 @@ examples:
   sandbox fuzz --cases 20000 --jobs 2 --corpus corpus/ --crashes crashes/
   sandbox fuzz --seconds 30 --audit            # audit every case (slower)
   sandbox run crashes/missed-0123456789ab.case --audit   # replay a finding
+  sandbox fuzz --target vmrun --seconds 30 --crashes crashes/   # VMCB states at VMRUN's checks
 """
 
 
@@ -47,6 +50,8 @@ def add_parser(sub) -> None:
     f.add_argument("--stop-on-finding", action="store_true", help="end the campaign at the first finding")
     f.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     f.add_argument("--no-status", action="store_true", help="no live status panel")
+    f.add_argument("--target", default="intercepts", metavar="NAME",
+                   help="what to fuzz: intercepts (guest code, default) or vmrun (VMCB states at VMRUN's checks)")
     f.set_defaults(fn=cmd_fuzz)
 
 
@@ -91,6 +96,9 @@ def check_fuzz_numbers(a: argparse.Namespace) -> None:
 
 def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
     check_fuzz_numbers(a)
+    check_target(a)
+    if a.target == "vmrun":
+        return cmd_fuzz_vmrun(a, patch)
     opts = C.Options(seed=a.seed, seconds=a.seconds, cases=a.cases, jobs=a.jobs, corpus=a.corpus,
                      crashes=a.crashes, audit=a.audit, audit_every=a.audit_every,
                      differential_every=a.differential_every, n_insns=a.insns,
@@ -131,6 +139,8 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
 
 def replay_case(a: argparse.Namespace) -> int:
     """``sandbox run FILE.case``: run a saved case with the same oracles as the campaign."""
+    if is_state_file(a.image):
+        return replay_state(a)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         case = Case.load(a.image)
