@@ -16,7 +16,9 @@ from ..fuzz.differential import differential
 from ..fuzz.oracle import Finding, findings
 from ..fuzz.snapshot import Harness
 from ..svm.exitcodes import exit_name
+from ..fuzz.hooks_fuzz import HookGuard, check_hooks
 from ..fuzz.vmrun_state import is_state_file
+from ..hypervisor.hooks_loader import HooksError
 from .errors import CliError
 from .fuzz_vmrun import check_target, cmd_fuzz_vmrun, replay_state
 from .helpfmt import HelpFormatter
@@ -50,6 +52,8 @@ def add_parser(sub) -> None:
     f.add_argument("--stop-on-finding", action="store_true", help="end the campaign at the first finding")
     f.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     f.add_argument("--no-status", action="store_true", help="no live status panel")
+    f.add_argument("--hooks", type=Path, metavar="FILE",
+                   help="a hooks file of exit handlers to fuzz (raised, hung, livelock, invalid state, host memory)")
     f.add_argument("--target", default="intercepts", metavar="NAME",
                    help="what to fuzz: intercepts (guest code, default) or vmrun (VMCB states at VMRUN's checks)")
     f.set_defaults(fn=cmd_fuzz)
@@ -99,10 +103,15 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
     check_target(a)
     if a.target == "vmrun":
         return cmd_fuzz_vmrun(a, patch)
+    if a.hooks is not None:
+        try:
+            check_hooks(str(a.hooks))
+        except HooksError as e:
+            raise CliError(f"--hooks {e}") from None
     opts = C.Options(seed=a.seed, seconds=a.seconds, cases=a.cases, jobs=a.jobs, corpus=a.corpus,
                      crashes=a.crashes, audit=a.audit, audit_every=a.audit_every,
                      differential_every=a.differential_every, n_insns=a.insns,
-                     minimize=not a.no_minimize, stop_on_finding=a.stop_on_finding)
+                     minimize=not a.no_minimize, stop_on_finding=a.stop_on_finding, hooks=a.hooks)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         C.check_dirs(opts)
@@ -147,8 +156,14 @@ def replay_case(a: argparse.Namespace) -> int:
     except CaseError as e:
         raise CliError(str(e)) from None
     h = Harness(audit=a.audit)
+    guard = None
+    if getattr(a, "hooks", None):
+        try:
+            guard = HookGuard(h.m, a.hooks)
+        except HooksError as e:
+            raise CliError(f"--hooks {e}") from None
     out = h.run(case)
-    fs = findings(out)
+    fs = findings(out) + (guard.take() if guard is not None else [])
     fs += [Finding("differential", d) for d in differential(case, out.exits)]
     r = out.result
     if a.json:

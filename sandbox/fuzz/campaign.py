@@ -21,6 +21,7 @@ from typing import Callable
 from .case import Case, CaseError
 from .differential import QemuSvm, differential
 from .generate import next_case
+from .hooks_fuzz import HookGuard
 from .oracle import Finding, coverage, findings, minimize
 from .snapshot import Harness
 
@@ -46,6 +47,7 @@ class Options:
     n_insns: int = 64
     minimize: bool = True
     stop_on_finding: bool = False
+    hooks: Path | None = None       # a user's hooks file, fuzzed with the oracles of hooks_fuzz.py
 
 
 @dataclass
@@ -121,6 +123,15 @@ class Worker:
         self.qemu = None
         if opts.differential_every:
             self.qemu = QemuSvm()
+        #: the user's handlers, guarded, on each harness's machine (--hooks)
+        self.guards = {id(h): HookGuard(h.m, str(opts.hooks)) for h in (self.fast, self.auditing)
+                       if h is not None} if opts.hooks is not None else {}
+
+    def _judge(self, h: Harness, out) -> list[Finding]:
+        """The fast oracles, and the user-handler oracles when --hooks is given."""
+        fs = findings(out)
+        g = self.guards.get(id(h))
+        return fs + g.take() if g is not None else fs
 
     def step(self) -> list[Finding]:
         o = self.opts
@@ -144,7 +155,7 @@ class Worker:
             self.corpus.append(case)
             st.corpus += 1
             self._save_corpus(case)
-        fs = findings(out)
+        fs = self._judge(h, out)
         if self.qemu is not None and n % o.differential_every == o.differential_every - 1:
             st.differential += 1
             fs += [Finding("differential", d) for d in self._differential(case, out)]
@@ -187,7 +198,7 @@ class Worker:
         if f.kind == "differential":
             return lambda c: any(m == f.message or Finding(f.kind, m).signature == f.signature
                                  for m in self._differential(c, h.run(c)))
-        return lambda c: any(g.signature == f.signature for g in findings(h.run(c)))
+        return lambda c: any(g.signature == f.signature for g in self._judge(h, h.run(c)))
 
     def _save_finding(self, f: Finding, case: Case, h: Harness) -> str:
         small = case
@@ -202,7 +213,8 @@ class Worker:
         small.save(base.with_suffix(".case"))
         base.with_suffix(".txt").write_text(
             f"{f.kind}: {f.message}\nseed {self.opts.seed} worker {self.index}\n"
-            f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "") + "\n")
+            f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "")
+            + (f" --hooks {self.opts.hooks}" if self.opts.hooks is not None else "") + "\n")
         return str(base.with_suffix(".case"))
 
 
