@@ -24,6 +24,8 @@ def check_target(a: argparse.Namespace) -> None:
         raise CliError("--target vmrun runs in one process: use --jobs 1")
     if a.target == "vmrun" and getattr(a, "hooks", None) is not None:
         raise CliError("--hooks applies to --target intercepts (VMRUN states run no handler)")
+    if a.target == "vmrun" and getattr(a, "coverage_report", None) is not None:
+        raise CliError("--coverage-report applies to --target intercepts (VMRUN states run no handler)")
     if a.target == "vmrun" and a.corpus is not None:
         raise CliError("--target vmrun keeps its corpus in memory: --corpus applies to --target intercepts")
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 from .case import Case, CaseError
 from .differential import QemuSvm, differential
+from .arcs import ArcTracer
 from .generate import next_case
 from .hooks_fuzz import HookGuard
 from .oracle import Finding, coverage, findings, minimize
@@ -48,6 +49,7 @@ class Options:
     minimize: bool = True
     stop_on_finding: bool = False
     hooks: Path | None = None       # a user's hooks file, fuzzed with the oracles of hooks_fuzz.py
+    arcs: bool = True               # handler arcs as coverage feedback (arcs.py)
 
 
 @dataclass
@@ -126,6 +128,14 @@ class Worker:
         #: the user's handlers, guarded, on each harness's machine (--hooks)
         self.guards = {id(h): HookGuard(h.m, str(opts.hooks)) for h in (self.fast, self.auditing)
                        if h is not None} if opts.hooks is not None else {}
+        extra = [str(opts.hooks)] if opts.hooks is not None else []
+        self.tracers = {id(h): ArcTracer(h.m, extra) for h in (self.fast, self.auditing)
+                        if h is not None} if opts.arcs else {}
+
+    def _arcs(self, h: Harness) -> frozenset:
+        """The handler arcs of the case ``h`` just ran (empty without --arcs)."""
+        t = self.tracers.get(id(h))
+        return t.take() if t is not None else frozenset()
 
     def _judge(self, h: Harness, out) -> list[Finding]:
         """The fast oracles, and the user-handler oracles when --hooks is given."""
@@ -147,7 +157,7 @@ class Worker:
             st.exits[e.exitcode] += 1
         if out.result is not None:
             st.ends[out.result.reason] += 1
-        cov = coverage(out)
+        cov = coverage(out) | self._arcs(h)
         new = cov - st.coverage
         if new:
             st.coverage |= new
@@ -198,7 +208,11 @@ class Worker:
         if f.kind == "differential":
             return lambda c: any(m == f.message or Finding(f.kind, m).signature == f.signature
                                  for m in self._differential(c, h.run(c)))
-        return lambda c: any(g.signature == f.signature for g in self._judge(h, h.run(c)))
+        def still(c: Case) -> bool:
+            out = h.run(c)
+            self._arcs(h)                   # a minimizing run's arcs are not the next case's
+            return any(g.signature == f.signature for g in self._judge(h, out))
+        return still
 
     def _save_finding(self, f: Finding, case: Case, h: Harness) -> str:
         small = case
