@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -18,6 +19,7 @@ from ..fuzz.oracle import Finding, findings
 from ..fuzz.snapshot import Harness
 from ..svm.exitcodes import exit_name
 from ..fuzz.arcs import ReportError, arc_count, html_report
+from ..fuzz.cluster import ray_module, run_ray
 from ..fuzz.hooks_fuzz import HookGuard, check_hooks
 from ..fuzz.vmrun_state import is_state_file
 from ..hypervisor.hooks_loader import HooksError
@@ -60,6 +62,9 @@ def add_parser(sub) -> None:
                    help="no handler arc coverage as feedback (it costs about 1.2x in execs/s)")
     f.add_argument("--coverage-report", type=Path, metavar="DIR",
                    help="write an HTML coverage report of the handlers' arcs to DIR at the end (needs coverage.py)")
+    f.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the --jobs workers as Ray actors: a local Ray, or the cluster at HOST:PORT "
+                        "(pip install -e '.[cluster]')")
     f.add_argument("--target", default="intercepts", metavar="NAME",
                    help="what to fuzz: intercepts (guest code, default) or vmrun (VMCB states at VMRUN's checks)")
     f.set_defaults(fn=cmd_fuzz)
@@ -129,13 +134,20 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
                      minimize=not a.no_minimize, stop_on_finding=a.stop_on_finding, hooks=a.hooks,
                      arcs=not a.no_arcs)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    ray_info: dict = {}
     try:
-        C.check_dirs(opts)
+        if a.ray is not None:
+            ray_module()                        # one line, exit 2, before anything else
+            C.check_dirs(dataclasses.replace(opts, jobs=1))   # the workers' cores are the cluster's
+            runner = lambda o, cb, p: _run_ray(o, a.ray, cb, ray_info)   # noqa: E731
+        else:
+            C.check_dirs(opts)
+            runner = C.run
         if a.no_status or a.json or not err.is_terminal:
-            stats, secs, interrupted = C.run(opts, None, patch)
+            stats, secs, interrupted = runner(opts, None, patch)
         else:
             with Live(_status_table(C.Stats(), 1.0), console=err, refresh_per_second=4) as live:
-                stats, secs, interrupted = C.run(opts, lambda s, t: live.update(_status_table(s, t)), patch)
+                stats, secs, interrupted = runner(opts, lambda s, t: live.update(_status_table(s, t)), patch)
     except C.CampaignError as e:
         raise CliError(str(e)) from None
     except KeyboardInterrupt:
@@ -150,6 +162,8 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
         "ends": dict(stats.ends.most_common()),
         "findings": [{"kind": f.kind, "message": f.message, "file": p} for f, p in stats.findings.values()],
     }
+    if ray_info:
+        summary["ray"] = ray_info
     if a.coverage_report is not None:
         try:
             summary["coverage_report"] = str(a.coverage_report / "index.html")
@@ -166,6 +180,12 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
         for f in summary["findings"]:
             err.print(f"  [red]{f['kind']}[/red] {f['message']}" + (f"\n    saved: {f['file']}" if f["file"] else ""))
     return 1 if stats.findings else 0
+
+
+def _run_ray(opts: C.Options, address: str, on_status, info: dict) -> tuple[C.Stats, float, bool]:
+    stats, secs, interrupted, more = run_ray(opts, address or None, on_status)
+    info.update(more)
+    return stats, secs, interrupted
 
 
 def replay_case(a: argparse.Namespace) -> int:

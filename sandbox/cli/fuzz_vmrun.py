@@ -20,6 +20,8 @@ def check_target(a: argparse.Namespace) -> None:
     """One line for a target this build does not have, or options it cannot honour."""
     if a.target not in TARGETS:
         raise CliError(f"--target {a.target}: unknown target; known: {', '.join(TARGETS)}")
+    if a.target == "vmrun" and getattr(a, "ray", None) is not None:
+        raise CliError("--ray applies to --target intercepts")
     if a.target == "vmrun" and a.jobs != 1:
         raise CliError("--target vmrun runs in one process: use --jobs 1")
     if a.target == "vmrun" and getattr(a, "hooks", None) is not None:

@@ -122,6 +122,9 @@ class Worker:
         self._known_files = {p.name for p in opts.corpus.glob("*.case")} if opts.corpus else set()
         self.stats = Stats(corpus=0)
         self._saved = 0
+        #: (finding, minimized case) pairs, kept when a caller sets a list here (the Ray driver
+        #: saves findings in one place, so its workers keep them instead of writing files)
+        self.keep_cases: list | None = None
         self.qemu = None
         if opts.differential_every:
             self.qemu = QemuSvm()
@@ -218,6 +221,8 @@ class Worker:
         small = case
         if self.opts.minimize:
             small = minimize(case, self._reproduces(f, h))
+        if self.keep_cases is not None:
+            self.keep_cases.append((f, small))
         if self.opts.crashes is None:
             return ""
         base = self.opts.crashes / f"{f.kind}-{f.digest}"
