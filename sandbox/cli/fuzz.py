@@ -66,7 +66,8 @@ def add_parser(sub) -> None:
                    help="run the --jobs workers as Ray actors: a local Ray, or the cluster at HOST:PORT "
                         "(pip install -e '.[cluster]')")
     f.add_argument("--target", default="intercepts", metavar="NAME",
-                   help="what to fuzz: intercepts (guest code, default) or vmrun (VMCB states at VMRUN's checks)")
+                   help="what to fuzz: intercepts (guest code, default), vmrun (VMCB states at VMRUN's checks) or "
+                        "vmrun-nested (the same states as VMCB12 of an L1 guest hypervisor)")
     f.set_defaults(fn=cmd_fuzz)
 
 
@@ -114,7 +115,7 @@ def check_fuzz_numbers(a: argparse.Namespace) -> None:
 def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
     check_fuzz_numbers(a)
     check_target(a)
-    if a.target == "vmrun":
+    if a.target in ("vmrun", "vmrun-nested"):
         return cmd_fuzz_vmrun(a, patch)
     if a.coverage_report is not None:
         if a.no_arcs:

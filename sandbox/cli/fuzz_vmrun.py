@@ -13,27 +13,27 @@ from ..fuzz.vmrun_state import StateError, VmrunState
 from ..svm.exitcodes import exit_name
 from .errors import CliError
 
-TARGETS = ("intercepts", "vmrun")
+TARGETS = ("intercepts", "vmrun", "vmrun-nested")
 
 
 def check_target(a: argparse.Namespace) -> None:
     """One line for a target this build does not have, or options it cannot honour."""
     if a.target not in TARGETS:
         raise CliError(f"--target {a.target}: unknown target; known: {', '.join(TARGETS)}")
-    if a.target == "vmrun" and getattr(a, "ray", None) is not None:
+    if a.target.startswith("vmrun") and getattr(a, "ray", None) is not None:
         raise CliError("--ray applies to --target intercepts")
-    if a.target == "vmrun" and a.jobs != 1:
+    if a.target.startswith("vmrun") and a.jobs != 1:
         raise CliError("--target vmrun runs in one process: use --jobs 1")
-    if a.target == "vmrun" and getattr(a, "hooks", None) is not None:
+    if a.target.startswith("vmrun") and getattr(a, "hooks", None) is not None:
         raise CliError("--hooks applies to --target intercepts (VMRUN states run no handler)")
-    if a.target == "vmrun" and getattr(a, "coverage_report", None) is not None:
+    if a.target.startswith("vmrun") and getattr(a, "coverage_report", None) is not None:
         raise CliError("--coverage-report applies to --target intercepts (VMRUN states run no handler)")
-    if a.target == "vmrun" and a.corpus is not None:
+    if a.target.startswith("vmrun") and a.corpus is not None:
         raise CliError("--target vmrun keeps its corpus in memory: --corpus applies to --target intercepts")
 
 
 def _table(st: V.VmrunStats, secs: float) -> Table:
-    t = Table(title="sandbox fuzz --target vmrun", show_header=False, box=None)
+    t = Table(title="sandbox fuzz --target vmrun[-nested]", show_header=False, box=None)
     rate = st.execs / secs if secs > 0 else 0.0
     t.add_row("VMRUNs", f"{st.execs} ({rate:.0f}/s; {st.invalid} VMEXIT_INVALID, {st.entered} entered, "
                         f"{st.differential} compared with QEMU)")
@@ -52,7 +52,7 @@ def _table(st: V.VmrunStats, secs: float) -> Table:
 def cmd_fuzz_vmrun(a: argparse.Namespace, patch=None) -> int:
     opts = V.VmrunOptions(seed=a.seed, seconds=a.seconds, cases=a.cases, crashes=a.crashes,
                           differential_every=a.differential_every, minimize=not a.no_minimize,
-                          stop_on_finding=a.stop_on_finding)
+                          stop_on_finding=a.stop_on_finding, nested=a.target == "vmrun-nested")
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         if a.no_status or a.json or not err.is_terminal:
@@ -62,7 +62,7 @@ def cmd_fuzz_vmrun(a: argparse.Namespace, patch=None) -> int:
                 st, secs, interrupted = V.run(opts, lambda s, t: live.update(_table(s, t)), patch)
     except OSError as e:
         raise CliError(f"crash directory {a.crashes}: {e.strerror or e}") from None
-    summary = {"target": "vmrun", "seed": a.seed, "execs": st.execs, "seconds": round(secs, 2),
+    summary = {"target": a.target, "seed": a.seed, "execs": st.execs, "seconds": round(secs, 2),
                "execs_per_s": round(st.execs / secs, 1) if secs else 0.0, "interrupted": interrupted,
                "invalid": st.invalid, "entered": st.entered, "differential": st.differential,
                "coverage": len(st.coverage), "corpus_added": st.corpus,

@@ -21,6 +21,7 @@ from typing import Callable
 
 from ..svm.exitcodes import exit_name
 from .oracle import Finding
+from .vmrun_nested import NestedVmrunHarness
 from .vmrun_qemu import compare
 from .vmrun_state import VmrunState, base_state, generate
 from .vmrun_target import VmrunHarness, VmrunOutcome, judge
@@ -37,6 +38,7 @@ class VmrunOptions:
     differential_every: int = 8         # compare one state in N with QEMU's SVM (0: never)
     minimize: bool = True
     stop_on_finding: bool = False
+    nested: bool = False                # VMCB12 of an L1 guest hypervisor (vmrun_nested.py)
 
 
 @dataclass
@@ -71,7 +73,7 @@ class VmrunWorker:
             patch()
         self.opts = opts
         self.rng = random.Random(opts.seed * 1_000_003)
-        self.h = VmrunHarness()
+        self.h = NestedVmrunHarness() if opts.nested else VmrunHarness()
         self.corpus: list[VmrunState] = []
         self.stats = VmrunStats()
 
@@ -91,6 +93,7 @@ class VmrunWorker:
     def step(self) -> list[Finding]:
         o, st = self.opts, self.stats
         s = generate(self.rng, self.corpus)
+        s.target = "vmrun-nested" if o.nested else "vmrun"
         qemu = bool(o.differential_every) and st.execs % o.differential_every == o.differential_every - 1
         out, fs = self.check(s, qemu)
         st.execs += 1
@@ -115,7 +118,7 @@ class VmrunWorker:
         """Put each field back to the legal base while the finding reproduces."""
         base, small, still = base_state(), s, self._reproduces(f)
         for fl in fields(VmrunState):
-            if fl.name == "labels" or getattr(small, fl.name) == getattr(base, fl.name):
+            if fl.name in ("labels", "target") or getattr(small, fl.name) == getattr(base, fl.name):
                 continue
             trial = replace(small, **{fl.name: getattr(base, fl.name)})
             if still(trial):
@@ -138,8 +141,8 @@ class VmrunWorker:
 
 
 def replay(s: VmrunState, qemu: bool = True) -> tuple[VmrunOutcome, list[Finding]]:
-    """One saved state through every oracle (``sandbox run FILE.case``)."""
-    w = VmrunWorker(VmrunOptions())
+    """One saved state through every oracle (``sandbox run FILE.case``), by its own target."""
+    w = VmrunWorker(VmrunOptions(nested=s.target == "vmrun-nested"))
     return w.check(s, qemu)
 
 

@@ -67,12 +67,14 @@ class VmrunState:
     avic_logical: int = 0
     avic_physical: int = 0
     labels: list[str] = field(default_factory=list)
+    #: how the state reaches VMRUN: "vmrun" (the hypervisor's VMRUN) or "vmrun-nested" (VMCB12 of an L1)
+    target: str = "vmrun"
 
     def to_json(self) -> dict:
         d = asdict(self)
         out = {"format": FORMAT, "version": VERSION}
         for k, v in d.items():
-            out[k] = [hex(w) for w in v] if k == "intercepts" else (v if k == "labels" else hex(v))
+            out[k] = [hex(w) for w in v] if k == "intercepts" else (v if k in ("labels", "target") else hex(v))
         return out
 
     def dumps(self) -> str:
@@ -95,6 +97,10 @@ class VmrunState:
                 v = d[f.name]
                 if f.name == "labels":
                     kw[f.name] = [str(x) for x in v]
+                elif f.name == "target":
+                    if v not in ("vmrun", "vmrun-nested"):
+                        raise StateError(f"{where}: unknown target {v!r}")
+                    kw[f.name] = v
                 elif f.name == "intercepts":
                     kw[f.name] = [int(w, 0) & 0xFFFF_FFFF for w in v]
                     if len(kw[f.name]) != 6:

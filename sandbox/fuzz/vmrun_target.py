@@ -64,6 +64,7 @@ class VmrunOutcome:
     result: object = None
     crash: str = ""
     isolation: list[str] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)   # (kind, message) a harness adds
 
 
 class VmrunHarness:
@@ -175,6 +176,7 @@ def judge(s: VmrunState, out: VmrunOutcome, dram: int) -> list[Finding]:
     if out.crash:
         fs.append(Finding("crash", out.crash))
     fs += [Finding("isolation", msg) for msg in out.isolation]
+    fs += [Finding(kind, msg) for kind, msg in out.notes]
     if out.crash or out.first is None:
         return fs
     want = verdict(s, dram).expect_invalid

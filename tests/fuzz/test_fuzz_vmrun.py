@@ -221,3 +221,34 @@ def test_cli_campaign_saves_and_replays(tmp_path):
     st(asid=0).save(bad)
     r = cli("run", str(bad), "--json")
     assert r.returncode == 0 and "ASID" in json.loads(r.stdout)["vmrun"]
+
+
+# -- the same states as VMCB12 of an L1 guest hypervisor (nested SVM) ---------------------------
+@pytest.fixture(scope="module")
+def nh():
+    from sandbox.fuzz.vmrun_nested import NestedVmrunHarness
+    return NestedVmrunHarness()
+
+
+@pytest.mark.parametrize("name,state", [("base", st()), ("NMI event", st(eventinj=1 << 31 | 2 << 8 | 2)),
+                                        ("#GP event", st(eventinj=1 << 31 | 3 << 8 | 13 | 1 << 11 | 7 << 32))])
+def test_nested_legal_state_enters_l2_and_reflects(nh, name, state):
+    s = nh.resolve(state)
+    out = nh.run(s)
+    assert not out.invalid and out.first is not None and out.first.exitcode == 0x78, (name, out.crash)
+    assert judge(s, out, nh.dram) == []
+
+
+@pytest.mark.parametrize("name", ["ASID 0", "CD=0 NW=1", "VMRUN intercept clear", "EVENTINJ TYPE 5"])
+def test_nested_illegal_state_is_vmexit_invalid_in_vmcb12(nh, name):
+    s = nh.resolve(ILLEGAL[name])
+    out = nh.run(s)
+    assert out.invalid and judge(s, out, nh.dram) == []
+
+
+def test_nested_vmcb12_with_sev_enable_is_invalid(nh):
+    """Found by --target vmrun-nested: L0 accepted a VMCB12 with SEV enabled although
+    L1's processor has no SEV, and dropped the bit (APM §15.34.3: VMEXIT_INVALID)."""
+    s = nh.resolve(st(np_control=1 | 2))
+    out = nh.run(s)
+    assert out.invalid and "SEV" in out.reason
