@@ -165,3 +165,14 @@ def test_cli_finding_replays_with_hooks(tmp_path):
     assert r.returncode == 1 and "hook-raised" in r.stderr and "cpuid_from_table" in r.stderr
     r = cli("run", str(c), "--quiet")
     assert r.returncode == 0
+
+
+def test_cli_replay_with_unloadable_hooks_file(tmp_path):
+    c = tmp_path / "c.case"
+    cpuid_case().save(c)
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    r = cli("run", str(c), "--hooks", str(bad))
+    assert r.returncode == 2 and "boom" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("fuzz", "--cases", "5", "--target", "vmrun", "--hooks", str(BUGGY))
+    assert r.returncode == 2 and "--hooks applies to --target intercepts" in r.stderr
