@@ -34,6 +34,8 @@ examples:
   sandbox fuzz --seconds 30 --audit            # audit every case (slower)
   sandbox run crashes/missed-0123456789ab.case --audit   # replay a finding
   sandbox fuzz --target vmrun --seconds 30 --crashes crashes/   # VMCB states at VMRUN's checks
+  sandbox fuzz --seconds 60 --hooks hooks/buggy_handlers.py --crashes crashes/   # your handlers
+  sandbox fuzz --seconds 60 --jobs 2 --ray --coverage-report cov/   # Ray actors; handler arcs as HTML
 """
 
 
