@@ -121,9 +121,11 @@ def test_well_behaved_examples_give_no_findings(name):
     w = C.Worker(C.Options(seed=3, audit_every=0, differential_every=0, minimize=False,
                            hooks=ROOT / "hooks" / name))
     fs = []
-    for _ in range(150):
+    for _ in range(600):                       # until the handlers have run a few times
         fs += [f for f in w.step() if f.kind.startswith("hook-")]
-    assert fs == [] and sum(g.calls for g in w.guards.values()) > 0
+        if sum(g.calls for g in w.guards.values()) >= 5:
+            break
+    assert fs == [] and sum(g.calls for g in w.guards.values()) >= 5
 
 
 def test_checked_memory_bounds_accesses_to_the_guest():
