@@ -22,7 +22,7 @@ QEMU's deviations from the APM (:data:`ALLOW`), checked against its source
 * ``cr0-et`` -- QEMU forces CR0.ET (bit 4) to 1 when it loads CR0; the APM
   (vol. 2 §3.1.1) defines ET as read-only 1 on AMD64 processors, so a VMCB
   CR0 with ET clear is loaded with ET set by both.  Compared with ET masked.
-* ``efer-lma`` -- QEMU recomputes nothing but masks EFER to the bits its
+* ``efer-bits`` -- QEMU masks EFER to the bits its
   model supports (``cpu_load_efer``); EFER bits 15:13 and 7:1 are
   feature-dependent / RAZ (vol. 2 Figure 3-8): not compared.
 * ``rflags`` -- QEMU loads RFLAGS through ``cpu_load_eflags``, which keeps
@@ -59,7 +59,7 @@ HLT_EXIT = 0x78
 ALLOW = {
     "no-consistency-checks": "QEMU's helper_vmrun has no consistency checks; APM §15.5.1 requires them",
     "cr0-et": "QEMU forces CR0.ET; APM vol. 2 §3.1.1: ET is read-only 1",
-    "efer-lma": "QEMU masks EFER to its model's bits; EFER 15:13, 7:1 are feature-dependent / RAZ",
+    "efer-bits": "QEMU masks EFER to its model's bits; EFER 15:13, 7:1 are feature-dependent / RAZ",
     "rflags": "QEMU's cpu_load_eflags handles reserved RFLAGS bits its own way; compared on defined flags",
     "dr": "QEMU loads DR6/DR7 without MOV DR's fixed bits; compared by the round-trip oracle instead",
 }
