@@ -34,6 +34,10 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
     ("sandbox.experiments.plotting", "matplotlib"):
         "matplotlib (0.5-3 s to import) is needed only to draw an experiment's plot, never by "
         "'sandbox run', which imports the experiment registry for its subcommand",
+    ("sandbox.fuzz.cluster", "ray"):
+        "Ray is an optional extra (import ~1 s), needed only by 'sandbox fuzz --ray'",
+    ("sandbox.fuzz.arcs", "coverage"):
+        "coverage.py is an optional extra, needed only to write --coverage-report's HTML at a campaign's end",
 }
 
 #: Private attributes of objects the project does not own that a module may

@@ -352,7 +352,7 @@ def ctrl_c_stops(m: Machine):
 
 
 #: ``sandbox run`` options that configure a machine; a saved .case brings its own
-_CASE_IGNORES = ("intercept", "ports", "msrs", "hooks", "max_insns", "max_exits", "timeout", "dram", "ram",
+_CASE_IGNORES = ("intercept", "ports", "msrs", "max_insns", "max_exits", "timeout", "dram", "ram",
                  "append", "platform", "paging", "npt_page", "tlb", "sev", "sev_es", "snp", "mode",
                  "dump_host_memory", "no_default_intercepts")
 
@@ -363,7 +363,7 @@ def _refuse_for_case(a: argparse.Namespace) -> None:
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         raise CliError(f"{flags}: a saved fuzz case (.case) carries its own machine configuration; "
-                       "only --audit, --json and --quiet apply to it")
+                       "only --audit, --hooks, --json and --quiet apply to it")
 
 
 def cmd_run(a: argparse.Namespace) -> int:

@@ -20,7 +20,9 @@ from typing import Callable
 
 from .case import Case, CaseError
 from .differential import QemuSvm, differential
+from .arcs import ArcTracer
 from .generate import next_case
+from .hooks_fuzz import HookGuard
 from .oracle import Finding, coverage, findings, minimize
 from .snapshot import Harness
 
@@ -46,6 +48,8 @@ class Options:
     n_insns: int = 64
     minimize: bool = True
     stop_on_finding: bool = False
+    hooks: Path | None = None       # a user's hooks file, fuzzed with the oracles of hooks_fuzz.py
+    arcs: bool = True               # handler arcs as coverage feedback (arcs.py)
 
 
 @dataclass
@@ -118,9 +122,29 @@ class Worker:
         self._known_files = {p.name for p in opts.corpus.glob("*.case")} if opts.corpus else set()
         self.stats = Stats(corpus=0)
         self._saved = 0
+        #: (finding, minimized case) pairs, kept when a caller sets a list here (the Ray driver
+        #: saves findings in one place, so its workers keep them instead of writing files)
+        self.keep_cases: list | None = None
         self.qemu = None
         if opts.differential_every:
             self.qemu = QemuSvm()
+        #: the user's handlers, guarded, on each harness's machine (--hooks)
+        self.guards = {id(h): HookGuard(h.m, str(opts.hooks)) for h in (self.fast, self.auditing)
+                       if h is not None} if opts.hooks is not None else {}
+        extra = [str(opts.hooks)] if opts.hooks is not None else []
+        self.tracers = {id(h): ArcTracer(h.m, extra) for h in (self.fast, self.auditing)
+                        if h is not None} if opts.arcs else {}
+
+    def _arcs(self, h: Harness) -> frozenset:
+        """The handler arcs of the case ``h`` just ran (empty without --arcs)."""
+        t = self.tracers.get(id(h))
+        return t.take() if t is not None else frozenset()
+
+    def _judge(self, h: Harness, out) -> list[Finding]:
+        """The fast oracles, and the user-handler oracles when --hooks is given."""
+        fs = findings(out)
+        g = self.guards.get(id(h))
+        return fs + g.take() if g is not None else fs
 
     def step(self) -> list[Finding]:
         o = self.opts
@@ -136,7 +160,7 @@ class Worker:
             st.exits[e.exitcode] += 1
         if out.result is not None:
             st.ends[out.result.reason] += 1
-        cov = coverage(out)
+        cov = coverage(out) | self._arcs(h)
         new = cov - st.coverage
         if new:
             st.coverage |= new
@@ -144,7 +168,7 @@ class Worker:
             self.corpus.append(case)
             st.corpus += 1
             self._save_corpus(case)
-        fs = findings(out)
+        fs = self._judge(h, out)
         if self.qemu is not None and n % o.differential_every == o.differential_every - 1:
             st.differential += 1
             fs += [Finding("differential", d) for d in self._differential(case, out)]
@@ -187,12 +211,18 @@ class Worker:
         if f.kind == "differential":
             return lambda c: any(m == f.message or Finding(f.kind, m).signature == f.signature
                                  for m in self._differential(c, h.run(c)))
-        return lambda c: any(g.signature == f.signature for g in findings(h.run(c)))
+        def still(c: Case) -> bool:
+            out = h.run(c)
+            self._arcs(h)                   # a minimizing run's arcs are not the next case's
+            return any(g.signature == f.signature for g in self._judge(h, out))
+        return still
 
     def _save_finding(self, f: Finding, case: Case, h: Harness) -> str:
         small = case
         if self.opts.minimize:
             small = minimize(case, self._reproduces(f, h))
+        if self.keep_cases is not None:
+            self.keep_cases.append((f, small))
         if self.opts.crashes is None:
             return ""
         base = self.opts.crashes / f"{f.kind}-{f.digest}"
@@ -202,7 +232,8 @@ class Worker:
         small.save(base.with_suffix(".case"))
         base.with_suffix(".txt").write_text(
             f"{f.kind}: {f.message}\nseed {self.opts.seed} worker {self.index}\n"
-            f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "") + "\n")
+            f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "")
+            + (f" --hooks {self.opts.hooks}" if self.opts.hooks is not None else "") + "\n")
         return str(base.with_suffix(".case"))
 
 

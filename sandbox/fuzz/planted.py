@@ -9,9 +9,11 @@ table is never edited.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from ..svm import decision as D
+from ..svm import world_switch
 from ..svm.decode import Kind
 from ..svm.exitcodes import ExitCode
 
@@ -42,10 +44,33 @@ BUGS: dict[str, tuple[str, Callable]] = {
 }
 
 
+#: VMRUN checks with one rule dropped: each hides the violation from the project's own
+#: :func:`~sandbox.svm.consistency.consistency` by handing it a copy of the VMCB image
+#: with the offending bits masked (the guest state loaded is the real one)
+_CR0_CD, _CR0_NW, _CS_D = 1 << 30, 1 << 29, 1 << 10
+VMRUN_BUGS: dict[str, tuple[str, Callable]] = {
+    "vmrun-cd-nw": ("VMRUN accepts CR0.CD = 0 with CR0.NW = 1 (APM §15.5.1)",
+                    lambda v: replace(v, cr0=v.cr0 | _CR0_CD) if v.cr0 & _CR0_NW else v),
+    "vmrun-cs-l-d": ("VMRUN accepts EFER.LME, CR0.PG, CR4.PAE with CS.L and CS.D (APM §15.5.1)",
+                     lambda v: replace(v, cs_attr=v.cs_attr & ~_CS_D)),
+}
+_real_consistency = world_switch.consistency
+
+
+def _plant_vmrun(name: str) -> Callable[[], None]:
+    hide = VMRUN_BUGS[name][1]
+
+    def patch() -> None:
+        world_switch.consistency = lambda v, dram_size: _real_consistency(hide(v), dram_size)
+    return patch
+
+
 def plant(name: str) -> Callable[[], None]:
     """A patch function that installs bug ``name`` (call it in the process that runs cases)."""
+    if name in VMRUN_BUGS:
+        return _plant_vmrun(name)
     if name not in BUGS:
-        raise KeyError(f"unknown planted bug {name!r}; known: {', '.join(BUGS)}")
+        raise KeyError(f"unknown planted bug {name!r}; known: {', '.join([*BUGS, *VMRUN_BUGS])}")
     _, fn = BUGS[name]
 
     def patch() -> None:
@@ -70,6 +95,7 @@ def plant(name: str) -> Callable[[], None]:
 def unplant() -> None:
     global _planted
     _planted = None
+    world_switch.consistency = _real_consistency
 
 
 def decision() -> Callable:

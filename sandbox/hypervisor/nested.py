@@ -201,6 +201,9 @@ class NestedSvm:
         nrip = e.nrip or e.rip + 3
         img = VmcbImage.read(m.mem.view, hpa12)
         why = consistency(img, self.l1.ram_size)
+        if not why and img.np_control & (NpControl.SEV_ENABLE | NpControl.SEV_ES_ENABLE):
+            # L1's processor offers no SEV (CPUID Fn8000_001F is not L1's): §15.34.3
+            why = "SEV enable set in VMCB12, but L1's processor has no SEV"
         v12 = VMCB(m.mem, hpa12)
         if why:
             # VMEXIT_INVALID for L1 (APM §15.5.1): EXITCODE = -1, L1 goes on after its VMRUN

@@ -103,8 +103,8 @@ def _check_save_area(v: VmcbImage) -> str:
         return "CR0.CD = 0 and CR0.NW = 1"
     if cr0 & CR0_RESERVED:
         return "CR0[63:32] is not zero"
-    if v.cr3 & CR3_LONG_MBZ and efer & EFER_LMA:
-        return "CR3 MBZ bits set"
+    if v.cr3 & CR3_LONG_MBZ and efer & EFER_LME and cr0 & CR0_PG:
+        return "CR3 MBZ bits set"          # long mode is EFER.LME with CR0.PG (LMA follows them)
     if v.cr4 & CR4_RESERVED:
         return "CR4 MBZ bits set"
     if v.dr6 & DR6_RESERVED:
@@ -129,9 +129,10 @@ def _check_controls(v: VmcbImage, dram_size: int) -> str:
         return "the VMRUN intercept bit is clear"
     if v.asid == 0:
         return "ASID is zero"
-    if v.intercepted(ExitCode.MSR) and v.msrpm + MSRPM_SIZE > dram_size:
+    # checked whether or not the MSR / IOIO intercepts are armed: §15.5.1 names the tables
+    if v.msrpm + MSRPM_SIZE > dram_size:
         return "MSRPM extends past the end of physical memory"
-    if v.intercepted(ExitCode.IOIO) and v.iopm + IOPM_SIZE > dram_size:
+    if v.iopm + IOPM_SIZE > dram_size:
         return "IOPM extends past the end of physical memory"
     if v.np_control & NpControl.NP_ENABLE and v.n_cr3 & _N_CR3_MBZ:
         return "N_CR3 MBZ bits set"

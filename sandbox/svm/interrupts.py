@@ -231,7 +231,9 @@ class Interrupts:
             ev = Event.decode(eventinj)
             _Q.pack_into(mv, b + OFF_EVENTINJ, eventinj & ~Event.VALID)
             st.reg_write(_RIP, rip)
-            self.deliver(ev.vector, ev.error_code, software=(ev.type == EventType.SOFT_INT), rip_after=rip,
+            # §15.20: for TYPE 2 (NMI) the VECTOR field is ignored; an NMI is vector 2
+            vector = 2 if ev.type == EventType.NMI else ev.vector
+            self.deliver(vector, ev.error_code, software=(ev.type == EventType.SOFT_INT), rip_after=rip,
                          fault_rip=rip, external=(ev.type == EventType.INTR), etype=int(ev.type))
         elif self.virq_deliverable(rflags) and not _Q.unpack_from(mv, b + OFF_INTERRUPT_SHADOW)[0] \
                 & INTERRUPT_SHADOW_ACTIVE:

@@ -161,13 +161,13 @@ def test_pie_elf_says_only_static_non_pie(tmp_path):
     assert "only static, non-PIE ELF64" in one_line_error(run_cli("run", p))
 
 
-# 10. a saved case refuses the machine flags it would ignore
+# 10. a saved case refuses the machine flags it would ignore (--hooks replays a handler finding)
 @pytest.mark.parametrize("flag", [("--intercept", "cpuid"), ("--ports", "0x80"), ("--msrs", "r:0x10"),
-                                  ("--hooks", "hooks/cpuid_spoofer.py"), ("--timeout", "3"), ("--sev",)])
+                                  ("--timeout", "3"), ("--sev",)])
 def test_case_replay_refuses_machine_flags(tmp_path, flag):
     case = tmp_path / "x.case"
     case.write_text("{}")
-    assert "only --audit, --json and --quiet" in one_line_error(run_cli("run", case, *flag))
+    assert "only --audit, --hooks, --json and --quiet" in one_line_error(run_cli("run", case, *flag))
 
 
 # 13. disarming intercepts
