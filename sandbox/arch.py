@@ -34,8 +34,11 @@ DR6_RESERVED = 0xFFFF_FFFF_0000_0000
 DR7_RESERVED = 0xFFFF_FFFF_0000_0000
 # EFER (§3.1.7)
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE, EFER_SVME = 1 << 0, 1 << 8, 1 << 10, 1 << 11, 1 << 12
-#: 63:16 and 9 must be zero (bit 15, TCE, is allowed): what VMRUN checks (§15.5.1)
-EFER_RESERVED = 0xFFFF_FFFF_FFFF_0200 & ~(1 << 15)
+#: 63:16, 15 and 9 must be zero: what VMRUN checks (§15.5.1, "any MBZ bit of EFER").
+#: Bit 15 (TCE) is reserved here because this processor does not implement the
+#: translation-cache extension (CPUID Fn8000_0001_ECX[17] = 0) and Unicorn would drop
+#: it from the loaded EFER; KVM refuses it the same way when the guest's CPUID lacks TCE
+EFER_RESERVED = 0xFFFF_FFFF_FFFF_8200
 #: the EFER bits this processor implements (SYSCALL, long mode, NX, SVM); a WRMSR
 #: setting any other is #GP(0) (§3.1.7; KVM's efer_reserved_bits). LMA is
 #: read-only: the value written there is ignored

@@ -57,6 +57,8 @@ def _set(field, fn):
 
 
 ILLEGAL = {
+    # TCE is MBZ on a processor whose CPUID Fn8000_0001_ECX[17] is clear (APM §3.1.7)
+    "efer-bit15-tce-unimplemented": _set("EFER", lambda x: x | (1 << 15)),
     "efer-svme-clear": _set("EFER", lambda x: x & ~EFER_SVME),
     "cr0-cd0-nw1": _set("CR0", lambda x: (x & ~CR0_CD) | CR0_NW),
     "cr0-bit32": _set("CR0", lambda x: x | (1 << 32)),
@@ -111,7 +113,6 @@ LEGAL = {
     "cr0-cd1-nw1": _set("CR0", lambda x: x | CR0_CD | CR0_NW),               # KUT test_cr0: legal
     "cr3-bit51": _set("CR3", lambda x: x & ~0xFFF),                            # no MBZ bit touched
     "cr4-osxsave": _set("CR4", lambda x: x | (1 << 18)),
-    "efer-bit15-tce": _set("EFER", lambda x: x | (1 << 15)),
     "dr6-low-bits": _set("DR6", lambda x: 0xFFFF0FF0),
     "dr7-low-bits": _set("DR7", lambda x: 0x400),
     "cs-l-without-d": lambda m: cs_attrib_plus(m, CS_L),
