@@ -24,12 +24,26 @@ def test_fifo_eviction_drops_the_oldest_and_counts():
     assert len(t) == 1
 
 
+def _churn_cost(capacity: int) -> float:
+    """Best-of-3 seconds per insert once a full TLB of ``capacity`` evicts on every insert."""
+    best = float("inf")
+    for _ in range(3):
+        t = Tlb(capacity=capacity)
+        for i in range(capacity):
+            t.insert(1, False, i << 12, _e(i))
+        n = 1 << 14
+        t0 = time.perf_counter()
+        for i in range(capacity, capacity + n):
+            t.insert(1, False, i << 12, _e(i))
+        best = min(best, (time.perf_counter() - t0) / n)
+        assert len(t) == capacity and t.stats.evictions == n
+    return best
+
+
 def test_eviction_stays_cheap_under_churn():
-    t = Tlb(capacity=1 << 14)
-    for i in range(1 << 14):
-        t.insert(1, False, i << 12, _e(i))
-    t0 = time.perf_counter()
-    for i in range(1 << 14, 1 << 16):
-        t.insert(1, False, i << 12, _e(i))
-    per = (time.perf_counter() - t0) / (3 << 14)
-    assert per < 20e-6 and len(t) == 1 << 14 and t.stats.evictions == 3 << 14
+    # O(1) eviction: the cost per insert does not grow with the capacity.  A scan
+    # (or a FIFO whose head search skips deleted slots) would make the 2^16-entry
+    # TLB hundreds of times dearer than the 2^8 one; compared in one run, so the
+    # machine's load cancels.
+    small, large = _churn_cost(1 << 8), _churn_cost(1 << 16)
+    assert large < 4 * small, (small, large)
