@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..debug.gdbstub import GdbStubError, serve
+from ..debug.target import MachineTarget
 from ..hypervisor.hooks_loader import HooksError, load_hooks
 from ..hypervisor.loader import ImageError
 from ..hypervisor.machine import Machine, RunResult
@@ -345,7 +347,7 @@ def ctrl_c_stops(m: Machine):
 #: ``sandbox run`` options that configure a machine; a saved .case brings its own
 _CASE_IGNORES = ("intercept", "ports", "msrs", "hooks", "max_insns", "max_exits", "timeout", "dram", "ram",
                  "append", "platform", "paging", "npt_page", "tlb", "sev", "sev_es", "snp",
-                 "dump_host_memory", "no_default_intercepts")
+                 "dump_host_memory", "no_default_intercepts", "gdb")
 
 
 def _refuse_for_case(a: argparse.Namespace) -> None:
@@ -379,7 +381,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         m.console_sink = console.write
     m.on_exit_record = _exit_printer(m, a, err, console, closed)
     with ctrl_c_stops(m):
-        r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
+        if a.gdb:
+            r = debug_run(m, a, err)
+        else:
+            r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
     console.flush()
     if pipe["closed"] or console.closed:
         if dump is not None:
@@ -411,6 +416,50 @@ def cmd_run(a: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 0 if ok else 1
+
+
+def parse_gdb_address(spec: str) -> tuple[str, int]:
+    """``--gdb [HOST:]PORT``: loopback unless a host is given."""
+    host, _, port = spec.rpartition(":")
+    try:
+        n = int(port, 10)
+    except ValueError:
+        raise CliError(f"--gdb {spec}: give [HOST:]PORT, e.g. --gdb 1234 or --gdb 127.0.0.1:1234") from None
+    if not 0 <= n <= 0xFFFF:
+        raise CliError(f"--gdb {spec}: port {n} is outside 0-65535")
+    return host.strip("[]") or "127.0.0.1", n
+
+
+def debug_run(m: Machine, a: argparse.Namespace, err: Console) -> RunResult:
+    """``--gdb``: wait for gdb before the first VMRUN, serve it, then finish the run
+    as gdb left it (detach: the guest runs on; kill: the run stops)."""
+    host, port = parse_gdb_address(a.gdb)
+    target = MachineTarget(m, max_exits=a.max_exits)
+
+    def listening(h: str, p: int) -> None:
+        err.print(f"gdb stub: waiting for gdb on {h}:{p} (gdb -ex 'target remote {h}:{p}')")
+
+    try:
+        session = serve(target, host, port, on_listening=listening)
+    except GdbStubError as e:
+        raise CliError(str(e)) from None
+    if not a.quiet and not a.json:
+        err.print(f"gdb stub: session {session.reason}")
+    if session.reason in ("detached", "disconnected") and not target.ended:
+        r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=max(0, a.max_exits - target.exits))
+        target.exits += r.exits
+        target.counts.update(r.counts)
+        target.console += r.console
+        target.last = r
+    result = target.result()
+    if result is None:                      # killed before the guest ran an instruction
+        v = m.guest.vmcb
+        result = RunResult(StopReason.STOPPED, "killed by gdb before the guest ran", None, 0, {},
+                           {} if m.sev is not None and m.sev.es is not None else m.regs.as_dict(),
+                           v.RIP, v.RFLAGS, "")
+    elif session.reason == "killed" and not target.ended:
+        result.reason, result.detail = StopReason.STOPPED, "killed by gdb"
+    return result
 
 
 def exits_table(r: RunResult) -> Table:
@@ -489,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sev-es", action="store_true", help="SEV-ES: encrypted register state, #VC and the GHCB (implies --sev)")
     r.add_argument("--snp", action="store_true", help="SEV-SNP: reverse-map table integrity (implies --sev)")
     r.add_argument("--dump-host-memory", metavar="PATH", help="write the raw host DRAM image here when the run ends")
+    r.add_argument("--gdb", metavar="[HOST:]PORT",
+                   help="wait for gdb ('target remote HOST:PORT') before the first VMRUN and let it debug the "
+                        "guest; HOST defaults to 127.0.0.1 (see README, 'Debugging a guest')")
     r.add_argument("--json", action="store_true", help="one JSON object per exit, then a final record")
     r.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
     r.add_argument("--audit", action="store_true", help="for a saved fuzz case (.case): run the soundness audit too")

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 LIVELOCK_LIMIT = 1000
 #: asynchronous exits: the guest did not ask for them, so resuming one in place is no livelock
 _ASYNC_EXITS = frozenset({ExitCode.INTR, ExitCode.NMI, ExitCode.SMI, ExitCode.INIT, ExitCode.VINTR})
+#: stops from outside the guest, with no #VMEXIT: the guest state goes to the VMCB so run() can continue
+_RESUMABLE_STOPS = frozenset({StopReason.INSN_BUDGET, StopReason.TIMEOUT, StopReason.STOPPED})
 #: RunResult.counts keys: the ExitCode member (an IntEnum: equal to its int) where the code is known
 _EXIT_KEYS = {int(c): c for c in ExitCode}
 
@@ -532,6 +534,8 @@ class Machine:
                 stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
             except VmrunError as e:
                 stop = StopInfo(StopReason.ERROR, str(e))
+            if stop.reason in _RESUMABLE_STOPS and not (self.sev is not None and self.sev.es is not None):
+                self.cpu.save_stopped_state()      # a later run() continues where this one stopped
             # nested SVM: a world switch between L1 and L2 ends the processor's VMRUN; enter again
             if not (self._switch_pending and self._stop_reason is None and stop.reason == StopReason.EXIT):
                 break

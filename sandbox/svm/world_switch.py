@@ -465,6 +465,24 @@ class WorldSwitch:
         _Q.pack_into(mv, b + OFF_RFLAGS, st.reg_read(_RFLAGS))
         sw.loaded = self.snapshot_vmcb()
 
+    def save_stopped_state(self) -> None:
+        """A run stopped from outside (budget, watchdog, a debugger) with no
+        #VMEXIT pending: write the guest state the processor holds into the
+        VMCB's state-save area, as the #VMEXIT(INTR) of the host interrupt
+        that stops a real guest would (APM §15.6), but without an exit code,
+        so the next VMRUN resumes exactly where the guest stopped."""
+        sw = self.sw
+        st = self._st.load()
+        mv, b = self._view, self._ctl.vmcb_hpa
+        rip = st.reg_read(_RIP)
+        _Q.pack_into(mv, b + OFF_RIP, rip)
+        _Q.pack_into(mv, b + OFF_RSP, st.gpr(4))
+        _Q.pack_into(mv, b + OFF_RAX, st.gpr(0))
+        sw.entry_rip = rip
+        sw.lazy_pending = True
+        self.flush_guest_state()
+        sw.snap_valid = True
+
     def guest_gpr(self, i: int) -> int:
         """Guest GPR ``i`` (QEMU order: rax rcx rdx rbx rsp rbp rsi rdi r8-r15).
 
