@@ -72,6 +72,8 @@ class MachineTarget:
         self.console = ""
         self.last: RunResult | None = None
         self.ended = False
+        #: resume() calls so far
+        self.resumes = 0
         self._breaks: dict[tuple[BreakpointType, int], int] = {}
         self._hit: tuple[BreakpointType, int] | None = None
         self._skip: int | None = None
@@ -230,6 +232,7 @@ class MachineTarget:
             time.sleep(_STOP_RETRY_S)
 
     def resume(self, step: bool) -> StopEvent:
+        self.resumes += 1
         try:
             if self.ended:
                 return self._ended_event()
