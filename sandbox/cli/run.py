@@ -15,8 +15,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..debug.gdbstub import GdbStubError, serve
-from ..debug.target import MachineTarget
 from ..hypervisor.hooks_loader import HooksError, load_hooks
 from ..hypervisor.loader import ImageError
 from ..hypervisor.machine import Machine, RunResult
@@ -32,6 +30,7 @@ from .errors import CliError
 from .experiment import add_parser as add_experiment_parser
 from .fuzz import add_parser, replay_case
 from .helpfmt import HelpFormatter
+from .workbench import ReplayFailed, Workbench, new_rng_seed, open_replay
 
 _CS = Cs(CS_ARCH_X86, CS_MODE_64)
 _CS32 = Cs(CS_ARCH_X86, CS_MODE_32)
@@ -154,6 +153,7 @@ def _machine(a: argparse.Namespace) -> Machine:
         raise CliError("--npt-page applies to nested paging; shadow paging backs guest RAM with 4 KiB pages")
     if (a.sev or a.sev_es or a.snp) and a.paging == "shadow":
         raise CliError("SEV needs nested paging: the hypervisor cannot read an encrypted guest's page tables")
+    a.user_exits = set()
     multiboot = is_multiboot(a.image)
     # a multiboot kernel (kvm-unit-tests) gets the PC platform and 256 MiB, as under QEMU's -m 256
     ram = a.ram if a.ram is not None else (256 if multiboot else 16)
@@ -188,10 +188,12 @@ def _machine(a: argparse.Namespace) -> Machine:
         if os.path.isdir(a.hooks):
             raise CliError(f"--hooks {a.hooks}: a directory; give one Python file of handlers, "
                            "e.g. --hooks hooks/cpuid_spoofer.py")
+        before = dict(m.handlers)
         try:
             load_hooks(m, a.hooks)
         except HooksError as e:
             raise CliError(str(e)) from None
+        a.user_exits = {c for c, h in m.handlers.items() if before.get(c) is not h}
     return m
 
 
@@ -222,7 +224,7 @@ def _launch_sev(m: Machine, a: argparse.Namespace, err: Console) -> None:
     # deferred: the SEV stack imports cryptography and numpy (about 0.5 s), which runs without SEV never need
     from .sev import launch_from_cli
     try:
-        note = launch_from_cli(m, es=a.sev_es, snp=a.snp)
+        note = launch_from_cli(m, es=a.sev_es, snp=a.snp, key_seed=a.rng_seed)
     except ValueError as e:
         raise CliError(str(e)) from None
     if not a.json and not a.quiet:
@@ -347,7 +349,7 @@ def ctrl_c_stops(m: Machine):
 #: ``sandbox run`` options that configure a machine; a saved .case brings its own
 _CASE_IGNORES = ("intercept", "ports", "msrs", "hooks", "max_insns", "max_exits", "timeout", "dram", "ram",
                  "append", "platform", "paging", "npt_page", "tlb", "sev", "sev_es", "snp",
-                 "dump_host_memory", "no_default_intercepts", "gdb")
+                 "dump_host_memory", "no_default_intercepts", "gdb", "record", "timeline")
 
 
 def _refuse_for_case(a: argparse.Namespace) -> None:
@@ -368,6 +370,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     m = _machine(a)
     dump = _open_dump(a.dump_host_memory)
+    replay = getattr(a, "replay", None)
+    a.rng_seed = replay.rng_seed if replay is not None else (new_rng_seed() if getattr(a, "record", None) else None)
     if a.sev or a.sev_es or a.snp:
         _launch_sev(m, a, err)
     pipe = {"closed": False}
@@ -380,11 +384,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not a.json:
         m.console_sink = console.write
     m.on_exit_record = _exit_printer(m, a, err, console, closed)
-    with ctrl_c_stops(m):
-        if a.gdb:
-            r = debug_run(m, a, err)
-        else:
-            r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
+    bench = Workbench(m, a, err, a.user_exits)
+    r = None
+    try:
+        with ctrl_c_stops(m):
+            r = bench.run()
+    finally:
+        verdict = bench.close(r)
     console.flush()
     if pipe["closed"] or console.closed:
         if dump is not None:
@@ -413,53 +419,21 @@ def cmd_run(a: argparse.Namespace) -> int:
         style = "green" if ok else "red"
         err.print(f"[{style}]run ended: {r.reason}[/{style}]" + (f" - {escape(r.detail)}" if r.detail else "")
                   + f"; {r.exits} exits")
+    if verdict:
+        err.print(f"[green]{escape(verdict)}[/green]")
+        return 130 if interrupted else 0          # a replay succeeds when it is the recorded run
     if interrupted:
         return 130
     return 0 if ok else 1
 
 
-def parse_gdb_address(spec: str) -> tuple[str, int]:
-    """``--gdb [HOST:]PORT``: loopback unless a host is given."""
-    host, _, port = spec.rpartition(":")
+def cmd_replay(a: argparse.Namespace) -> int:
+    _, ns = open_replay(a)
     try:
-        n = int(port, 10)
-    except ValueError:
-        raise CliError(f"--gdb {spec}: give [HOST:]PORT, e.g. --gdb 1234 or --gdb 127.0.0.1:1234") from None
-    if not 0 <= n <= 0xFFFF:
-        raise CliError(f"--gdb {spec}: port {n} is outside 0-65535")
-    return host.strip("[]") or "127.0.0.1", n
-
-
-def debug_run(m: Machine, a: argparse.Namespace, err: Console) -> RunResult:
-    """``--gdb``: wait for gdb before the first VMRUN, serve it, then finish the run
-    as gdb left it (detach: the guest runs on; kill: the run stops)."""
-    host, port = parse_gdb_address(a.gdb)
-    target = MachineTarget(m, max_exits=a.max_exits)
-
-    def listening(h: str, p: int) -> None:
-        err.print(f"gdb stub: waiting for gdb on {h}:{p} (gdb -ex 'target remote {h}:{p}')")
-
-    try:
-        session = serve(target, host, port, on_listening=listening)
-    except GdbStubError as e:
-        raise CliError(str(e)) from None
-    if not a.quiet and not a.json:
-        err.print(f"gdb stub: session {session.reason}")
-    if session.reason in ("detached", "disconnected") and not target.ended:
-        r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=max(0, a.max_exits - target.exits))
-        target.exits += r.exits
-        target.counts.update(r.counts)
-        target.console += r.console
-        target.last = r
-    result = target.result()
-    if result is None:                      # killed before the guest ran an instruction
-        v = m.guest.vmcb
-        result = RunResult(StopReason.STOPPED, "killed by gdb before the guest ran", None, 0, {},
-                           {} if m.sev is not None and m.sev.es is not None else m.regs.as_dict(),
-                           v.RIP, v.RFLAGS, "")
-    elif session.reason == "killed" and not target.ended:
-        result.reason, result.detail = StopReason.STOPPED, "killed by gdb"
-    return result
+        return cmd_run(ns)
+    except ReplayFailed as e:
+        print(f"sandbox: {e}", file=sys.stderr)
+        return 1
 
 
 def exits_table(r: RunResult) -> Table:
@@ -541,10 +515,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gdb", metavar="[HOST:]PORT",
                    help="wait for gdb ('target remote HOST:PORT') before the first VMRUN and let it debug the "
                         "guest; HOST defaults to 127.0.0.1 (see README, 'Debugging a guest')")
+    r.add_argument("--record", metavar="RUN.rec",
+                   help="record the run's nondeterministic inputs and its exits, console, final registers and "
+                        "DRAM hash for 'sandbox replay' (RDTSC/RDTSCP are intercepted while recording)")
+    r.add_argument("--timeline", metavar="FILE.json",
+                   help="write exits, handler times, injected events and TLB flushes as a Chrome trace-event "
+                        "timeline (open it in ui.perfetto.dev or chrome://tracing)")
     r.add_argument("--json", action="store_true", help="one JSON object per exit, then a final record")
     r.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
     r.add_argument("--audit", action="store_true", help="for a saved fuzz case (.case): run the soundness audit too")
     r.set_defaults(fn=cmd_run)
+    rp = sub.add_parser("replay", help="replay a recording (sandbox run --record) and check it",
+                        formatter_class=HelpFormatter,
+                        description="Rebuild the recorded machine, feed it the recorded inputs and check every "
+                                    "exit (code, RIP, EXITINFO), the console, the final registers and the DRAM "
+                                    "hash; the first difference is named. Exit status: 0 same run, 1 diverged, "
+                                    "2 a recording that cannot be used (another format version, another image, "
+                                    "corrupt or modified).")
+    rp.add_argument("recording", metavar="RUN.rec", help="a file written by sandbox run --record")
+    rp.add_argument("--image", metavar="PATH", help="the guest image, if not at the path it was recorded from")
+    rp.add_argument("--to-exit", type=int, metavar="N", default=None,
+                    help="stop before exit N (counted from 0) and wait for gdb there (needs --gdb)")
+    rp.add_argument("--gdb", metavar="[HOST:]PORT", help="debug the replay with gdb (see sandbox run --gdb)")
+    rp.add_argument("--timeline", metavar="FILE.json", help="a timeline of the replay (see sandbox run)")
+    rp.add_argument("--json", action="store_true", help="one JSON object per exit, then a final record")
+    rp.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
+    rp.set_defaults(fn=cmd_replay)
     add_parser(sub)
     add_experiment_parser(sub)
     return p
