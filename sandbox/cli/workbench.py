@@ -129,8 +129,7 @@ class Workbench:
         host, port = parse_gdb_address(a.gdb)
         t = self.target = MachineTarget(m, max_exits=a.max_exits)
         if prior is not None:
-            t.exits, t.console, t.last = prior.exits, prior.console, prior
-            t.counts.update(prior.counts)
+            t.absorb(prior)
 
         def listening(h: str, p: int) -> None:
             err.print(f"gdb stub: waiting for gdb on {h}:{p} (gdb -ex 'target remote {h}:{p}')")
@@ -142,11 +141,7 @@ class Workbench:
         if not a.quiet and not a.json:
             err.print(f"gdb stub: session {session.reason}")
         if session.reason in ("detached", "disconnected") and not t.ended:
-            r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=max(0, a.max_exits - t.exits))
-            t.exits += r.exits
-            t.counts.update(r.counts)
-            t.console += r.console
-            t.last = r
+            t.absorb(m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=max(0, a.max_exits - t.exits)))
         result = t.result()
         if result is None:                      # killed before the guest ran an instruction
             v = m.guest.vmcb

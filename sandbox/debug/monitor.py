@@ -138,13 +138,14 @@ def bind_monitor(t: "MachineTarget") -> MonitorRegistry:
         if not v.CR0 & (1 << 31):
             hpa, lines = nested(gva)
             return "\n".join([f"paging off: GVA {gva:#x} = GPA", *lines])
-        out = [f"2-D walk of GVA {gva:#x} (guest CR3 {v.CR3:#x}):"]
+        out = [f"2-D walk of GVA {gva:#x} (guest CR3 {v.CR3:#x}); each guest entry is a GPA, read "
+               f"through a nested walk:"]
         nested_refs[0] = 0
+        per_read: list[list[str]] = []
 
         def read_guest(gpa: int) -> int:
             hpa, lines = nested(gpa, "      ")
-            out.append(f"  guest table entry at GPA {gpa:#x}: nested walk")
-            out.extend(lines)
+            per_read.append(lines)
             if hpa is None:
                 raise LookupError(gpa)
             return read_host(hpa)
@@ -153,13 +154,16 @@ def bind_monitor(t: "MachineTarget") -> MonitorRegistry:
         try:
             r = walk(v.CR3, gva, Access.READ, False, rec, _no_write, set_ad=False)
         except LookupError:
+            for lines in per_read:
+                out.extend(lines)
             return "\n".join(out + ["-> the walk faults in the nested tables (VMEXIT_NPF)"])
-        for i, (gpa, val) in enumerate(rec.refs):
+        for i, ((gpa, val), lines) in enumerate(zip(rec.refs, per_read)):
             out.append(f"  {_LEVELS[4 - i]} @GPA {gpa:#x} = {val:#018x}")
+            out.extend(lines)
         if r.fault is not None:
             out.append(f"-> guest #PF (error code {r.fault:#x})")
             return "\n".join(out)
-        out.append(f"  final GPA {r.phys:#x}: nested walk")
+        out.append(f"  final GPA {r.phys:#x}:")
         hpa, lines = nested(r.phys, "      ")
         out.extend(lines)
         out.append(f"-> GVA {gva:#x} = GPA {r.phys:#x} = HPA {hpa:#x}" if hpa is not None else

@@ -69,6 +69,8 @@ class MachineTarget:
         self.max_exits = max_exits
         self.exits = 0
         self.counts: Counter[int] = Counter()
+        self.walk: Counter[str] = Counter()
+        self.tlb: Counter[str] = Counter()
         self.console = ""
         self.last: RunResult | None = None
         self.ended = False
@@ -255,10 +257,7 @@ class MachineTarget:
         finally:
             self._running.clear()
         self._skip = None
-        self.exits += r.exits
-        self.counts.update(r.counts)
-        self.console += r.console
-        self.last = r
+        self.absorb(r)
         if self._hit is not None:
             kind = StopKind.HW_BREAKPOINT if self._hit[0] is BreakpointType.HARDWARE else StopKind.BREAKPOINT
             return StopEvent(kind)
@@ -287,11 +286,21 @@ class MachineTarget:
     def monitor(self, command: str) -> str:
         return self.monitor_table.dispatch(command)
 
+    def absorb(self, r: RunResult) -> None:
+        """Add one :meth:`Machine.run` (a resume) to the debugged run's figures."""
+        self.exits += r.exits
+        self.counts.update(r.counts)
+        self.walk.update(r.walk)
+        self.tlb.update(r.tlb)
+        self.console += r.console
+        self.last = r
+
     def result(self) -> RunResult | None:
         """The debugged run as one :class:`RunResult` (figures summed over the resumes)."""
         r = self.last
         if r is None:
             return None
         r.exits, r.counts, r.console = self.exits, dict(self.counts), self.console
+        r.walk, r.tlb = dict(self.walk), dict(self.tlb)
         return r
 

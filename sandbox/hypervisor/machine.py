@@ -82,6 +82,7 @@ class _VmcbReg:
     def __init__(self, field_name: str) -> None:
         self.field = field_name
         self.read = operator.attrgetter(field_name)
+        self.__doc__ = f"guest {field_name} (the VMCB's state-save area); read and write"
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
         return self.read(regs.machine.guest.vmcb)
@@ -95,6 +96,7 @@ class _CpuReg:
 
     def __init__(self, index: int) -> None:
         self.index = index
+        self.__doc__ = f"guest {GPR_NAMES[index].upper()} (kept by the processor); read and write"
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
         return regs.machine.cpu.guest_gpr(self.index)
@@ -104,7 +106,9 @@ class _CpuReg:
 
 
 class GuestRegs:
-    """``m.regs``: guest registers as a hypervisor sees them after #VMEXIT.
+    """``m.regs``: guest registers as a hypervisor sees them after #VMEXIT:
+    ``rax rbx rcx rdx rsi rdi rbp rsp r8``-``r15 rip rflags`` (each an attribute,
+    read and write; :meth:`as_dict` gives the GPRs).
 
     RAX, RSP, RIP and RFLAGS live in the VMCB state-save area; the other
     GPRs stay in the processor (a real hypervisor saves them itself).  The
@@ -231,6 +235,8 @@ class Machine:
         self._last_fp: tuple | None = None
         self._same_fp = 0
         self._console_start = 0
+        #: CPUID answers that replace the default handler's: ``{(leaf, subleaf): (eax, ebx, ecx, edx)}``,
+        #: subleaf -1 for every subleaf of the leaf, e.g. ``m.cpuid_overrides[(1, -1)] = (0x00A00F11, 0, 0, 0)``
         self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self.timer_callback: Callable[["Machine"], None] | None = None
         #: decoded MMIO instructions by (RIP, instruction bytes)

@@ -91,6 +91,14 @@ class ExitRecord:
     def name(self) -> str:
         return exit_name(self.exitcode)
 
+    # the VMCB's own names (APM vol. 2 §15.6, Appendix C), as the README writes them: e.EXITCODE ...
+    EXITCODE = property(lambda self: self.exitcode, doc="EXITCODE (VMCB 070h)")
+    EXITINFO1 = property(lambda self: self.exitinfo1, doc="EXITINFO1 (VMCB 078h)")
+    EXITINFO2 = property(lambda self: self.exitinfo2, doc="EXITINFO2 (VMCB 080h)")
+    EXITINTINFO = property(lambda self: self.exitintinfo, doc="EXITINTINFO (VMCB 088h)")
+    NRIP = property(lambda self: self.nrip, doc="nRIP (VMCB 0C8h): the next sequential instruction pointer")
+    RIP = property(lambda self: self.rip, doc="the guest RIP at the #VMEXIT (VMCB 578h)")
+
 
 @dataclass(slots=True)
 class SwitchState:
