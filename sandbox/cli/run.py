@@ -386,8 +386,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     m.on_exit_record = _exit_printer(m, a, err, console, closed)
     bench = Workbench(m, a, err, a.user_exits)
     r = None
+    # under gdb, Ctrl-C here must also end the wait for a connection: the default KeyboardInterrupt
+    # does (gdb's own Ctrl-C reaches the guest through the remote protocol)
+    debugging = bool(a.gdb)
     try:
-        with ctrl_c_stops(m):
+        with contextlib.nullcontext() if debugging else ctrl_c_stops(m):
             r = bench.run()
     finally:
         verdict = bench.close(r)

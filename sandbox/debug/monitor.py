@@ -54,26 +54,38 @@ def exit_code_of(name: str) -> int:
         raise ValueError(f"unknown exit {name.strip()!r}") from None
 
 
-def bind_monitor(t: "MachineTarget") -> MonitorRegistry:
-    """The standard monitor commands, bound to ``t``'s machine."""
-    reg = MonitorRegistry()
-    m = t.m
+class MachineMonitor:
+    """The standard monitor commands over a :class:`~.target.MachineTarget`'s machine."""
 
-    def read_host(hpa: int) -> int:
-        if hpa + 8 > m.mem.size:
+    def __init__(self, t: "MachineTarget") -> None:
+        self.t, self.m = t, t.m
+        self._nested_refs = 0
+
+    def registry(self) -> MonitorRegistry:
+        reg = MonitorRegistry()
+        reg.bind("break-exit", self.break_exit,
+                 "break-exit NAME|CODE [off]  stop after a #VMEXIT of this kind is handled (APM name, e.g. "
+                 "CPUID, or code); 'break-exit' alone lists them")
+        reg.bind("vmcb", self.vmcb)
+        reg.bind("exits", self.exits)
+        reg.bind("npt", self.npt)
+        reg.bind("walk", self.walk)
+        return reg
+
+    # -- reading the machine ------------------------------------------------------------
+    def _read_host(self, hpa: int) -> int:
+        if hpa + 8 > self.m.mem.size:
             raise LookupError(hpa)
-        return int.from_bytes(m.mem.read(hpa, 8), "little")
+        return int.from_bytes(self.m.mem.read(hpa, 8), "little")
 
-    nested_refs = [0]
-
-    def nested(gpa: int, indent: str = "  ") -> tuple[int | None, list[str]]:
+    def _nested(self, gpa: int, indent: str = "  ") -> tuple[int | None, list[str]]:
         """GPA -> HPA through the NPT, with each entry read; (None, lines) on a fault."""
-        v = m.guest.vmcb
+        v = self.m.guest.vmcb
         if not v.NP_CONTROL & 1:
             return gpa, [f"{indent}nested paging off: HPA = GPA {gpa:#x}"]
-        rec = _Recorder(read_host)
+        rec = _Recorder(self._read_host)
         r = walk(v.N_CR3, gpa, Access.READ, True, rec, _no_write, set_ad=False)
-        nested_refs[0] += len(rec.refs)
+        self._nested_refs += len(rec.refs)
         lines = [f"{indent}N_CR3 {v.N_CR3:#x}"]
         for i, (addr, val) in enumerate(rec.refs):
             lines.append(f"{indent}{_LEVELS[4 - i]} @HPA {addr:#x} = {val:#018x}")
@@ -84,26 +96,24 @@ def bind_monitor(t: "MachineTarget") -> MonitorRegistry:
                      f"{'writable' if r.writable else 'read-only'}, {'exec' if r.executable else 'no-exec'})")
         return r.phys, lines
 
-    @reg.command("break-exit", "break-exit NAME|CODE [off]  stop after a #VMEXIT of this kind is handled "
-                               "(APM name, e.g. CPUID, or code); 'break-exit' alone lists them")
-    def break_exit(args: str) -> str:
+    # -- the commands ----------------------------------------------------------------------
+    def break_exit(self, args: str) -> str:
         words = args.split()
         if not words:
-            armed = sorted(t.break_exits)
+            armed = sorted(self.t.break_exits)
             return "stopping at: " + (", ".join(exit_name(c) for c in armed) if armed else "no exit")
         try:
             code = exit_code_of(words[0])
         except ValueError as e:
             raise MonitorError(str(e)) from None
         on = not (len(words) > 1 and words[1].lower() in ("off", "no", "0"))
-        t.break_on_exit(code, on)
+        self.t.break_on_exit(code, on)
         return (f"will stop at #VMEXIT {exit_name(code)} ({code:#x}), after its handler" if on
                 else f"no longer stopping at #VMEXIT {exit_name(code)}")
 
-    @reg.command("vmcb")
-    def vmcb(args: str) -> str:
-        v = m.guest.vmcb
-        lines = [f"VMCB at HPA {m.guest.vmcb_hpa:#x}", "control area:"]
+    def vmcb(self, args: str) -> str:
+        v = self.m.guest.vmcb
+        lines = [f"VMCB at HPA {self.m.guest.vmcb_hpa:#x}", "control area:"]
         lines += [f"  {n:<22}{getattr(v, n):#x}" for n in _VMCB_CONTROL]
         lines.append(f"  {'':<22}(last exit: {exit_name(v.EXITCODE)})")
         lines.append("state-save area:")
@@ -114,41 +124,39 @@ def bind_monitor(t: "MachineTarget") -> MonitorRegistry:
         lines += [f"  {n:<22}{getattr(v, n):#x}" for n in _VMCB_STATE]
         return "\n".join(lines)
 
-    @reg.command("exits")
-    def exits(args: str) -> str:
+    def exits(self, args: str) -> str:
+        t = self.t
         if not t.counts:
             return "no #VMEXITs yet"
         lines = [f"  {code:#06x} {exit_name(code):<16}{n}" for code, n in sorted(t.counts.items())]
         return "\n".join([f"{t.exits} #VMEXITs:"] + lines)
 
-    @reg.command("npt")
-    def npt(args: str) -> str:
-        gpa = parse_int(args) if args.strip() else None
-        if gpa is None:
+    def npt(self, args: str) -> str:
+        if not args.strip():
             raise MonitorError("needs a guest-physical address, e.g. monitor npt 0x100000")
-        _, lines = nested(gpa)
+        gpa = parse_int(args)
+        _, lines = self._nested(gpa)
         return "\n".join([f"nested walk of GPA {gpa:#x}:"] + lines)
 
-    @reg.command("walk")
-    def walk_cmd(args: str) -> str:
+    def walk(self, args: str) -> str:
         if not args.strip():
             raise MonitorError("needs a guest-virtual address, e.g. monitor walk 0x100000")
         gva = parse_int(args)
-        v = m.guest.vmcb
+        v = self.m.guest.vmcb
         if not v.CR0 & (1 << 31):
-            hpa, lines = nested(gva)
+            _, lines = self._nested(gva)
             return "\n".join([f"paging off: GVA {gva:#x} = GPA", *lines])
         out = [f"2-D walk of GVA {gva:#x} (guest CR3 {v.CR3:#x}); each guest entry is a GPA, read "
                f"through a nested walk:"]
-        nested_refs[0] = 0
+        self._nested_refs = 0
         per_read: list[list[str]] = []
 
         def read_guest(gpa: int) -> int:
-            hpa, lines = nested(gpa, "      ")
+            hpa, lines = self._nested(gpa, "      ")
             per_read.append(lines)
             if hpa is None:
                 raise LookupError(gpa)
-            return read_host(hpa)
+            return self._read_host(hpa)
 
         rec = _Recorder(read_guest)
         try:
@@ -161,15 +169,17 @@ def bind_monitor(t: "MachineTarget") -> MonitorRegistry:
             out.append(f"  {_LEVELS[4 - i]} @GPA {gpa:#x} = {val:#018x}")
             out.extend(lines)
         if r.fault is not None:
-            out.append(f"-> guest #PF (error code {r.fault:#x})")
-            return "\n".join(out)
+            return "\n".join(out + [f"-> guest #PF (error code {r.fault:#x})"])
         out.append(f"  final GPA {r.phys:#x}:")
-        hpa, lines = nested(r.phys, "      ")
+        hpa, lines = self._nested(r.phys, "      ")
         out.extend(lines)
         out.append(f"-> GVA {gva:#x} = GPA {r.phys:#x} = HPA {hpa:#x}" if hpa is not None else
                    f"-> GVA {gva:#x} = GPA {r.phys:#x}, not mapped in the NPT (VMEXIT_NPF)")
-        out.append(f"   {len(rec.refs)} guest entries + {nested_refs[0]} nested entries read "
-                   f"= {len(rec.refs) + nested_refs[0]} table references")
+        out.append(f"   {len(rec.refs)} guest entries + {self._nested_refs} nested entries read "
+                   f"= {len(rec.refs) + self._nested_refs} table references")
         return "\n".join(out)
 
-    return reg
+
+def bind_monitor(t: "MachineTarget") -> MonitorRegistry:
+    """The standard monitor commands, bound to ``t``'s machine."""
+    return MachineMonitor(t).registry()
