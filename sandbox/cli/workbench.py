@@ -45,7 +45,9 @@ def _file_sha(path: str) -> str:
 
 def recorded_config(a: argparse.Namespace) -> dict:
     cfg = run_config(a, RECORDED_ARGS)
+    cfg["image"] = os.path.abspath(a.image)          # a replay may run from another directory
     if a.hooks:
+        cfg["hooks"] = os.path.abspath(a.hooks)
         cfg["hooks_sha256"] = _file_sha(a.hooks)
     return cfg
 
