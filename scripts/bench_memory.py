@@ -45,6 +45,7 @@ from unicorn import x86_const as X  # noqa: E402
 from sandbox import Machine  # noqa: E402
 from sandbox.hypervisor.loader import LOAD_BASE, assemble  # noqa: E402
 from sandbox.memory.tlb import TlbMode  # noqa: E402
+from sandbox.progress import progress  # noqa: E402
 from sandbox.svm.stop import StopReason  # noqa: E402
 
 EXIT = "    xor eax, eax\n    xor edi, edi\n    .byte 0x0f, 0x01, 0xd9\n"
@@ -245,15 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     q = a.quick
     with tempfile.TemporaryDirectory(prefix="sandbox-bench-mem-") as d:
         tmp = Path(d)
-        res = {
-            "tlb_miss_nested": tlb_miss_cost(tmp, 256 if q else 2048, 1 if q else 3, "nested"),
-            "tlb_miss_shadow": tlb_miss_cost(tmp, 256 if q else 2048, 1 if q else 3, "shadow"),
-            "stream": stream_ratio(tmp, 4 if q else 40, 1 if q else 3),
-            "stride4096": stride_ratio(tmp, 4096, 20 if q else 200, 1 if q else 3),
-            "stride64": stride_ratio(tmp, 64, 2 if q else 10, 1 if q else 3),
-            "stride4096_64m": stride_ratio(tmp, 4096, 2 if q else 10, 1, size=64 << 20),
-            "world_switch": switch_cost(tmp, 200 if q else 5000),
+        steps = {
+            "tlb_miss_nested": lambda: tlb_miss_cost(tmp, 256 if q else 2048, 1 if q else 3, "nested"),
+            "tlb_miss_shadow": lambda: tlb_miss_cost(tmp, 256 if q else 2048, 1 if q else 3, "shadow"),
+            "stream": lambda: stream_ratio(tmp, 4 if q else 40, 1 if q else 3),
+            "stride4096": lambda: stride_ratio(tmp, 4096, 20 if q else 200, 1 if q else 3),
+            "stride64": lambda: stride_ratio(tmp, 64, 2 if q else 10, 1 if q else 3),
+            "stride4096_64m": lambda: stride_ratio(tmp, 4096, 2 if q else 10, 1, size=64 << 20),
+            "world_switch": lambda: switch_cost(tmp, 200 if q else 5000),
         }
+        res = {}
+        with progress("memory benchmark", total=len(steps)) as tick:
+            for name, step in steps.items():
+                tick(0, f"memory benchmark: {name}")
+                res[name] = step()
+                tick()
     t = Table(title="memory virtualization, one run")
     t.add_column("measure")
     t.add_column("result", justify="right")

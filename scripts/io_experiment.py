@@ -20,6 +20,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from sandbox.experiments.io_dirty import MODES, run_io_experiment  # noqa: E402
+from sandbox.progress import progress  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
                 "wall s"):
         t.add_column(col, justify="left" if col in ("mode", "by exit code") else "right")
     failed = False
-    for mode in modes:
-        try:
-            r = run_io_experiment(mode, a.reads, a.writes)
-        except ValueError as e:
-            print(f"io_experiment: {e}", file=sys.stderr)
-            return 2
+    with progress("I/O experiment", total=len(modes)) as tick:
+        results = []
+        for mode in modes:
+            tick(0, f"I/O experiment: {mode}")
+            try:
+                results.append((mode, run_io_experiment(mode, a.reads, a.writes)))
+            except ValueError as e:
+                print(f"io_experiment: {e}", file=sys.stderr)
+                return 2
+            tick()
+    for mode, r in results:
         failed |= r.reason != "ok"
         t.add_row(mode, f"{r.exits:,}", ", ".join(f"{k} {v:,}" for k, v in r.by_code.items()),
                   f"{r.commands:,}", f"{r.status_reads:,}", "" if r.guest_ms is None else f"{r.guest_ms:.1f}",

@@ -5,7 +5,7 @@ and every import in it -- at module level, under ``if TYPE_CHECKING:``, or
 inside a function -- is resolved to an absolute module name.  The layers,
 bottom to top::
 
-    arch  <  memory  <  svm  <  sev  <  hypervisor, fuzz, experiments  <  cli
+    arch  <  memory  <  svm  <  sev  <  hypervisor, fuzz, experiments  <  debug  <  cli
 
 A rule that is broken fails its test with each offending line named as
 ``file:line: importer -> imported``.  The checker is plain functions over a
@@ -175,6 +175,10 @@ LAYER_RULES = {
     "arch-at-the-bottom": _layer(
         "sandbox/arch.py imports nothing from the project",
         (f"{P}.arch",), (P,)),
+    "debug-above-the-machine": _layer(
+        "sandbox/debug/ (gdb stub, timeline, recordings) plugs in from above: no layer below cli imports it",
+        (f"{P}.arch", f"{P}.memory", f"{P}.svm", f"{P}.sev", f"{P}.hypervisor", f"{P}.fuzz",
+         f"{P}.experiments"), (f"{P}.debug",)),
 }
 
 
@@ -300,6 +304,9 @@ SYNTHETIC = {
     "sandbox/hypervisor/machine.py": "from ..cli.run import main\n",        # non-cli -> cli
     "sandbox/fuzz/__init__.py": "",
     "sandbox/fuzz/case.py": "def h(self):\n    import json\n    return self._x\n",  # function import
+    "sandbox/hypervisor/guest.py": "from ..debug import timeline\n",       # hypervisor -> debug
+    "sandbox/debug/__init__.py": "",
+    "sandbox/debug/timeline.py": "from ..hypervisor import machine\n",     # allowed: debug is above
     "sandbox/cli/__init__.py": "from .run import main\n",                   # allowed
     "sandbox/cli/run.py": "def main():\n    from rich.table import Table\n",
 }
@@ -323,6 +330,8 @@ def test_checker_reports_each_rule(tmp_path):
             "sandbox/hypervisor/machine.py:1: sandbox.hypervisor.machine -> sandbox.cli.run",
             "sandbox/sev/__init__.py:1: sandbox.sev -> sandbox.cli"],
         "arch-at-the-bottom": ["sandbox/arch.py:1: sandbox.arch -> sandbox.svm.cpu"],
+        "debug-above-the-machine": [
+            "sandbox/hypervisor/guest.py:1: sandbox.hypervisor.guest -> sandbox.debug.timeline"],
     }
     allowed = {("sandbox.cli.run", "rich"): "test"}
     assert [str(v) for v in function_import_violations(imps, allowed)] == [

@@ -31,6 +31,7 @@ from .experiment import add_parser as add_experiment_parser
 from .fuzz import add_parser, replay_case
 from .helpfmt import HelpFormatter
 from .trace import DEFAULT_TRACE_LIMIT, Disassembler, ExitTrace, color_of, json_exit
+from .workbench import ReplayFailed, Workbench, new_rng_seed, open_replay
 
 
 #: what Machine.default_intercepts arms (the --intercept help names them)
@@ -142,6 +143,7 @@ def _machine(a: argparse.Namespace) -> Machine:
         raise CliError("--npt-page applies to nested paging; shadow paging backs guest RAM with 4 KiB pages")
     if (a.sev or a.sev_es or a.snp) and a.paging == "shadow":
         raise CliError("SEV needs nested paging: the hypervisor cannot read an encrypted guest's page tables")
+    a.user_exits = set()
     multiboot = is_multiboot(a.image)
     # a multiboot kernel (kvm-unit-tests) gets the PC platform and 256 MiB, as under QEMU's -m 256
     ram = a.ram if a.ram is not None else (256 if multiboot else 16)
@@ -178,10 +180,12 @@ def _machine(a: argparse.Namespace) -> Machine:
         if os.path.isdir(a.hooks):
             raise CliError(f"--hooks {a.hooks}: a directory; give one Python file of handlers, "
                            "e.g. --hooks hooks/cpuid_spoofer.py")
+        before = dict(m.handlers)
         try:
             load_hooks(m, a.hooks)
         except HooksError as e:
             raise CliError(str(e)) from None
+        a.user_exits = {c for c, h in m.handlers.items() if before.get(c) is not h}
     return m
 
 
@@ -233,7 +237,7 @@ def _launch_sev(m: Machine, a: argparse.Namespace, err: Console) -> None:
     # deferred: the SEV stack imports cryptography and numpy (about 0.5 s), which runs without SEV never need
     from .sev import launch_from_cli
     try:
-        note = launch_from_cli(m, es=a.sev_es, snp=a.snp)
+        note = launch_from_cli(m, es=a.sev_es, snp=a.snp, key_seed=a.rng_seed)
     except ValueError as e:
         raise CliError(str(e)) from None
     if not a.json and not a.quiet:
@@ -354,7 +358,7 @@ def ctrl_c_stops(m: Machine):
 #: ``sandbox run`` options that configure a machine; a saved .case brings its own
 _CASE_IGNORES = ("intercept", "ports", "msrs", "max_insns", "max_exits", "timeout", "dram", "ram",
                  "append", "platform", "paging", "npt_page", "tlb", "sev", "sev_es", "snp", "mode",
-                 "dump_host_memory", "no_default_intercepts")
+                 "dump_host_memory", "no_default_intercepts", "gdb", "record", "timeline")
 
 
 def _refuse_for_case(a: argparse.Namespace) -> None:
@@ -375,6 +379,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     m = _machine(a)
     dump = _open_dump(a.dump_host_memory)
+    replay = getattr(a, "replay", None)
+    a.rng_seed = replay.rng_seed if replay is not None else (new_rng_seed() if getattr(a, "record", None) else None)
     if a.sev or a.sev_es or a.snp:
         _launch_sev(m, a, err)
     pipe = {"closed": False}
@@ -387,8 +393,16 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not a.json:
         m.console_sink = console.write
     m.on_exit_record, trace = _exit_printer(m, a, err, console, closed)
-    with ctrl_c_stops(m):
-        r = m.run(max_insns=a.max_insns, timeout=a.timeout, max_exits=a.max_exits)
+    bench = Workbench(m, a, err, a.user_exits)
+    r = None
+    # under gdb, Ctrl-C here must also end the wait for a connection: the default KeyboardInterrupt
+    # does (gdb's own Ctrl-C reaches the guest through the remote protocol)
+    debugging = bool(a.gdb)
+    try:
+        with contextlib.nullcontext() if debugging else ctrl_c_stops(m):
+            r = bench.run()
+    finally:
+        verdict = bench.close(r)
     console.flush()
     if trace is not None:
         try:
@@ -422,9 +436,21 @@ def cmd_run(a: argparse.Namespace) -> int:
         style = "green" if ok else "red"
         err.print(f"[{style}]run ended: {r.reason}[/{style}]" + (f" - {escape(r.detail)}" if r.detail else "")
                   + f"; {r.exits} exits")
+    if verdict:
+        err.print(f"[green]{escape(verdict)}[/green]")
+        return 130 if interrupted else 0          # a replay succeeds when it is the recorded run
     if interrupted:
         return 130
     return 0 if ok else 1
+
+
+def cmd_replay(a: argparse.Namespace) -> int:
+    _, ns = open_replay(a)
+    try:
+        return cmd_run(ns)
+    except ReplayFailed as e:
+        print(f"sandbox: {e}", file=sys.stderr)
+        return 1
 
 
 def exits_table(r: RunResult) -> Table:
@@ -508,6 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sev-es", action="store_true", help="SEV-ES: encrypted register state, #VC and the GHCB (implies --sev)")
     r.add_argument("--snp", action="store_true", help="SEV-SNP: reverse-map table integrity (implies --sev)")
     r.add_argument("--dump-host-memory", metavar="PATH", help="write the raw host DRAM image here when the run ends")
+    r.add_argument("--gdb", metavar="[HOST:]PORT",
+                   help="wait for gdb ('target remote HOST:PORT') before the first VMRUN and let it debug the "
+                        "guest; HOST defaults to 127.0.0.1 (see README, 'Debugging a guest')")
+    r.add_argument("--record", metavar="RUN.rec",
+                   help="record the run's nondeterministic inputs and its exits, console, final registers and "
+                        "DRAM hash for 'sandbox replay' (RDTSC/RDTSCP are intercepted while recording)")
+    r.add_argument("--timeline", metavar="FILE.json",
+                   help="write exits, handler times, injected events and TLB flushes as a Chrome trace-event "
+                        "timeline (open it in ui.perfetto.dev or chrome://tracing)")
     r.add_argument("--json", action="store_true", help="one JSON object per exit, then a final record")
     r.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
     r.add_argument("--trace-limit", type=int, default=DEFAULT_TRACE_LIMIT, metavar="N",
@@ -515,6 +550,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: every exit; the summary and --json are never cut)")
     r.add_argument("--audit", action="store_true", help="for a saved fuzz case (.case): run the soundness audit too")
     r.set_defaults(fn=cmd_run)
+    rp = sub.add_parser("replay", help="replay a recording (sandbox run --record) and check it",
+                        formatter_class=HelpFormatter,
+                        description="Rebuild the recorded machine, feed it the recorded inputs and check every "
+                                    "exit (code, RIP, EXITINFO), the console, the final registers and the DRAM "
+                                    "hash; the first difference is named. Exit status: 0 same run, 1 diverged, "
+                                    "2 a recording that cannot be used (another format version, another image, "
+                                    "corrupt or modified).")
+    rp.add_argument("recording", metavar="RUN.rec", help="a file written by sandbox run --record")
+    rp.add_argument("--image", metavar="PATH", help="the guest image, if not at the path it was recorded from")
+    rp.add_argument("--to-exit", type=int, metavar="N", default=None,
+                    help="stop before exit N (counted from 0) and wait for gdb there (needs --gdb)")
+    rp.add_argument("--gdb", metavar="[HOST:]PORT", help="debug the replay with gdb (see sandbox run --gdb)")
+    rp.add_argument("--timeline", metavar="FILE.json", help="a timeline of the replay (see sandbox run)")
+    rp.add_argument("--json", action="store_true", help="one JSON object per exit, then a final record")
+    rp.add_argument("--quiet", action="store_true", help="no per-exit lines, only the summary")
+    rp.set_defaults(fn=cmd_replay)
     add_parser(sub)
     add_experiment_parser(sub)
     return p

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 from ..hypervisor.machine import Machine
-from ..hypervisor.sev_launch import launch_sev, launch_sev_es, launch_snp
+from ..debug.rr import seeded_bytes
+from ..hypervisor.sev_launch import attach_sev, launch_sev, launch_sev_es, launch_snp
 from ..sev.firmware import SevError
 
 
-def launch_from_cli(m: Machine, *, es: bool = False, snp: bool = False) -> str:
+def launch_from_cli(m: Machine, *, es: bool = False, snp: bool = False, key_seed: int | None = None) -> str:
     """Launch the loaded guest encrypted; returns a one-line note for the user.
-    Raises ValueError with a one-line message when the launch fails."""
+    ``key_seed``: memory-encryption keys from a seeded generator (a recorded or
+    replayed run). Raises ValueError with a one-line message when the launch fails."""
+    if key_seed is not None:
+        attach_sev(m).sp.key_source = seeded_bytes(key_seed)
     try:
         if es:
             rep = launch_sev_es(m, snp=snp)

@@ -2,9 +2,9 @@
 
 This package sits above the processor and the hypervisor (it may use
 :mod:`sandbox.svm`, :mod:`sandbox.memory` and :mod:`sandbox.hypervisor`) and
-below the command line. Each module works against a small, explicit
-interface (a :class:`typing.Protocol`) that the :class:`~sandbox.Machine`
-implements, so it can be built and tested without the processor:
+below the command line. The protocol modules work against a small, explicit
+interface (a :class:`typing.Protocol`), so they can be built and tested
+without the processor:
 
 * :mod:`.rsp` -- the framing layer of gdb's Remote Serial Protocol:
   ``$data#xx`` packets, checksums, ``+``/``-`` acknowledgements, binary
@@ -22,4 +22,13 @@ implements, so it can be built and tested without the processor:
   nondeterministic inputs and reports the first divergence.
 * :mod:`.exits` -- :class:`~.exits.ExitLike`, what the timeline and the
   recordings need from a #VMEXIT record.
+
+Wired to a real :class:`~sandbox.Machine` (through its ``on_exit_record`` and
+``resume_hooks``, and public processor calls; nothing below imports this
+package):
+
+* :mod:`.target` -- :class:`~.target.MachineTarget`, the DebugTarget gdb drives;
+* :mod:`.monitor` -- ``monitor break-exit / vmcb / exits / npt / walk`` on it;
+* :mod:`.rr` -- recording and replaying a Machine's run;
+* :mod:`.observe` -- chaining exit observers, and the Machine's timeline.
 """

@@ -85,15 +85,16 @@ class TimelineWriter:
         self._tracks: dict[str, int] = {}
         self._last_ts: dict[Any, float] = {}
         self._span_end: dict[int, float] = {}
-        self._count = 0
         self._flush_every = flush_every
         self.closed = False
         header = {"displayTimeUnit": "ns",
                   "otherData": {"producer": "amdv-sandbox", **(other_data or {})}}
         head = json.dumps(header, separators=(",", ":"))
-        self._f.write(head[:-1] + ',"traceEvents":[\n')
-        self._first = True
-        self._emit({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": process_name}})
+        # the first event goes out with the header, so every later one is one write of
+        # ",\n" + event: no state between the separator and the event that a Ctrl-C could split
+        first = {"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": process_name}}
+        self._f.write(head[:-1] + ',"traceEvents":[\n' + json.dumps(first, separators=(",", ":")))
+        self._count = 1
 
     # -- time ---------------------------------------------------------------------
     def now(self) -> float:
@@ -150,9 +151,7 @@ class TimelineWriter:
         self._last_ts[key] = max(ts, last)
 
     def _emit(self, ev: dict) -> None:
-        text = json.dumps(ev, separators=(",", ":"))
-        self._f.write(text if self._first else ",\n" + text)
-        self._first = False
+        self._f.write(",\n" + json.dumps(ev, separators=(",", ":")))
         self._count += 1
         if self._count % self._flush_every == 0:
             self._f.flush()
@@ -219,13 +218,15 @@ class VcpuTimeline:
         return self.w.now() if ts is None else ts
 
     def _close_span(self, ts: float) -> None:
-        if self._open is not None:
-            track, name, start, cat, args = self._open
+        # state first, then the writes: a KeyboardInterrupt between them loses at most
+        # this span instead of writing it twice (which end() would then refuse)
+        span, self._open = self._open, None
+        held, self._held = self._held, []
+        if span is not None:
+            track, name, start, cat, args = span
             self.w.complete(track, name, start, max(0.0, ts - start), cat=cat, args=args)
-            self._open = None
-        for track, name, t, cat, args in self._held:
+        for track, name, t, cat, args in held:
             self.w.instant(track, name, t, cat=cat, args=args)
-        self._held.clear()
 
     def _open_span(self, track: str, name: str, ts: float, cat: str, args: dict) -> None:
         self._close_span(ts)

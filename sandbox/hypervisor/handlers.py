@@ -31,6 +31,7 @@ from ..svm.stop import StopReason
 from ..svm.vmcb import EventType, VIntr
 from .devices import MmioMode, MmioRegion, MsrFault
 from .mmio import MmioDecodeError, complete, decode_access, decode_form
+from .msr_table import CANONICAL_MSRS, NATIVE_MSRS
 from .string_io import STRING_IO_CHUNK, string_io
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ def _string_ioio(m: "Machine", e: ExitRecord, port: int, size: int) -> Action:
 
 # ------------------------------------------------------------------ MSRs
 def _rdmsr(m: "Machine", msr: int) -> int | None:
-    """The value RDMSR returns, or None for #GP."""
+    """The value RDMSR returns from the MSRs the hypervisor emulates, or None."""
     if msr == MSR_TSC:
         return (m.cpu.host_tsc() + m.guest.vmcb.TSC_OFFSET) & M64
     if msr == MSR_EFER:
@@ -189,19 +190,23 @@ def _rdmsr(m: "Machine", msr: int) -> int | None:
 
 
 def _wrmsr(m: "Machine", msr: int, value: int) -> bool:
-    """Perform WRMSR; False for #GP (an unknown MSR below C000_0000h, or an
+    """Perform WRMSR of an emulated MSR; False for #GP (an MSR not in the table, or an
     illegal value: the processor's own wrmsr_faults check, so nothing illegal
     reaches the VMCB)."""
     efer = m.guest.vmcb.EFER
     if wrmsr_faults(msr, value, m.guest.vmcb.CR0, efer):
         return False
-    if msr == MSR_EFER:
+    if msr == MSR_TSC:
+        # the guest sets its TSC: the offset moves so that RDTSC reads ``value`` now, as KVM's
+        # kvm_set_msr_common(MSR_IA32_TSC) -> kvm_synchronize_tsc / adjust_tsc_offset
+        m.guest.vmcb.TSC_OFFSET = (value - m.cpu.host_tsc()) & M64
+    elif msr == MSR_EFER:
         if value & EFER_SVME:
             return False                      # no nested SVM (CPUID says so): #GP, as KVM without nested
         m.guest.vmcb.EFER = (value & ~EFER_LMA) | (efer & EFER_LMA) | EFER_SVME     # LMA is read-only
     elif msr == MSR_TSC_AUX:
         m.msrs[msr] = value & M32                 # AMD ignores bits 63:32
-    elif msr in m.msrs or msr >= 0xC000_0000:
+    elif msr in m.msrs:
         m.msrs[msr] = value
     else:
         return False
@@ -209,30 +214,49 @@ def _wrmsr(m: "Machine", msr: int, value: int) -> bool:
 
 
 def handle_msr(m: "Machine", e: ExitRecord) -> Action:
-    """RDMSR/WRMSR (EXITINFO1 0/1) against a device that owns the MSR (the local
-    APIC's), then the emulated MSR file; unknown MSRs raise #GP."""
+    """RDMSR/WRMSR (EXITINFO1 0/1), by the MSR table KVM keeps:
+
+    1. an MSR a device owns (the local APIC's) goes to the device;
+    2. the MSRs the hypervisor emulates: IA32_TSC (0x10; a write moves TSC_OFFSET),
+       EFER, and :attr:`Machine.msrs` (TSC_AUX, APIC_BASE, PAT, the SNP RMP
+       range ...);
+    3. the architectural MSRs the processor implements
+       (:data:`~sandbox.hypervisor.platform.msrs.NATIVE_MSRS`: SYSCALL/SYSENTER,
+       FS/GS base, MTRRs ...) run on the processor, once, without the intercept,
+       after the canonical check of those holding an address;
+    4. every other MSR -- at or above C000_0000h too -- raises #GP(0), as on hardware.
+    """
     regs = m.regs
     msr = regs.rcx & M32
+    write = e.exitinfo1 == 1
+    value = (regs.rax & M32) | (regs.rdx & M32) << 32
     dev = m.bus.msr_owner(msr)
     if dev is not None:
         try:
-            if e.exitinfo1 == 0:
+            if not write:
                 v = dev.rdmsr(msr)
                 regs.rax, regs.rdx = v & M32, v >> 32
             else:
-                dev.wrmsr(msr, (regs.rax & M32) | (regs.rdx & M32) << 32)
+                dev.wrmsr(msr, value)
         except MsrFault:
             m.inject(Vec.GP, EventType.EXCEPTION, 0)
             return RESUME
         m.advance(e)
         return RESUME
-    if e.exitinfo1 == 0:
+    if msr not in (MSR_TSC, MSR_EFER) and msr not in m.msrs and msr in NATIVE_MSRS:
+        if write and (wrmsr_faults(msr, value, m.guest.vmcb.CR0, m.guest.vmcb.EFER)
+                      or msr in CANONICAL_MSRS and (value >> 47) not in (0, 0x1FFFF)):
+            m.inject(Vec.GP, EventType.EXCEPTION, 0)
+        else:
+            m.cpu.pass_once(e.rip)            # the processor executes it (RIP stays on it)
+        return RESUME
+    if not write:
         v = _rdmsr(m, msr)
         if v is None:
             m.inject(Vec.GP, EventType.EXCEPTION, 0)
             return RESUME
         regs.rax, regs.rdx = v & M32, v >> 32
-    elif not _wrmsr(m, msr, (regs.rax & M32) | (regs.rdx & M32) << 32):
+    elif not _wrmsr(m, msr, value):
         m.inject(Vec.GP, EventType.EXCEPTION, 0)
         return RESUME
     m.advance(e)

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 LIVELOCK_LIMIT = 1000
 #: asynchronous exits: the guest did not ask for them, so resuming one in place is no livelock
 _ASYNC_EXITS = frozenset({ExitCode.INTR, ExitCode.NMI, ExitCode.SMI, ExitCode.INIT, ExitCode.VINTR})
+#: stops from outside the guest, with no #VMEXIT: the guest state goes to the VMCB so run() can continue
+_RESUMABLE_STOPS = frozenset({StopReason.INSN_BUDGET, StopReason.TIMEOUT, StopReason.STOPPED})
 #: RunResult.counts keys: the ExitCode member (an IntEnum: equal to its int) where the code is known
 _EXIT_KEYS = {int(c): c for c in ExitCode}
 
@@ -83,6 +85,7 @@ class _VmcbReg:
     def __init__(self, field_name: str) -> None:
         self.field = field_name
         self.read = operator.attrgetter(field_name)
+        self.__doc__ = f"guest {field_name} (the VMCB's state-save area); read and write"
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
         return self.read(regs.machine.guest.vmcb)
@@ -119,6 +122,7 @@ class _CpuReg:
     def __init__(self, index: int) -> None:
         self.index = index
         self.offset = OFF_REGS + 8 * index
+        self.__doc__ = f"guest {GPR_NAMES[index].upper()} (kept by the processor); read and write"
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
         cpu = regs.machine.cpu
@@ -137,7 +141,9 @@ class _CpuReg:
 
 
 class GuestRegs:
-    """``m.regs``: guest registers as a hypervisor sees them after #VMEXIT.
+    """``m.regs``: guest registers as a hypervisor sees them after #VMEXIT:
+    ``rax rbx rcx rdx rsi rdi rbp rsp r8``-``r15 rip rflags`` (each an attribute,
+    read and write; :meth:`as_dict` gives the GPRs).
 
     RAX, RSP, RIP and RFLAGS live in the VMCB state-save area; the other
     GPRs stay in the processor (a real hypervisor saves them itself).  The
@@ -265,6 +271,8 @@ class Machine:
         self._last_fp: tuple | None = None
         self._same_fp = 0
         self._console_start = 0
+        #: CPUID answers that replace the default handler's: ``{(leaf, subleaf): (eax, ebx, ecx, edx)}``,
+        #: subleaf -1 for every subleaf of the leaf, e.g. ``m.cpuid_overrides[(1, -1)] = (0x00A00F11, 0, 0, 0)``
         self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self.timer_callback: Callable[["Machine"], None] | None = None
         #: decoded MMIO instructions by (RIP, instruction bytes)
@@ -577,6 +585,8 @@ class Machine:
                 stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
             except VmrunError as e:
                 stop = StopInfo(StopReason.ERROR, str(e))
+            if stop.reason in _RESUMABLE_STOPS and not (self.sev is not None and self.sev.es is not None):
+                self.cpu.save_stopped_state()      # a later run() continues where this one stopped
             # nested SVM: a world switch between L1 and L2 ends the processor's VMRUN; enter again
             if not (self._switch_pending and self._stop_reason is None and stop.reason == StopReason.EXIT):
                 break

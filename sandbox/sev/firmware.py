@@ -33,6 +33,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from enum import Enum, IntFlag
+from typing import Callable
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -180,6 +181,9 @@ class SecureProcessor:
         self.rmp: ReverseMapTable | None = None
         #: the memory controller, kept coherent with the firmware's own DRAM writes
         self.memctl: MemoryController | None = None
+        #: where LAUNCH_START's memory-encryption keys come from (``n -> n bytes``); a
+        #: recording swaps in a seeded source so that a replay encrypts to the same DRAM
+        self.key_source: Callable[[int], bytes] = os.urandom
 
     # ------------------------------------------------------------ platform
     def pdh_public(self) -> bytes:
@@ -238,9 +242,9 @@ class SecureProcessor:
         self._guests[handle] = _GuestContext(handle, asid, int(policy), GuestState.LUPDATE,
                                              _derive_tik(shared, nonce))
         self._by_asid[asid] = handle
-        key = os.urandom(32)
+        key = self.key_source(32)
         while key[:16] == key[16:]:
-            key = os.urandom(32)
+            key = self.key_source(32)
         self._keys[asid] = key
         self._engines[asid] = XexEngine(key)
         return handle

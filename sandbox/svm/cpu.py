@@ -155,6 +155,19 @@ class SvmCpu:
         self._ws.vmexit(code, info1, info2, rip=rip, nrip=nrip)
         self._ws.after_exit_in_hook(rip)
 
+    def save_stopped_state(self) -> None:
+        """After a run that stopped without a #VMEXIT (instruction budget,
+        timeout, :meth:`stop_guest`): the guest state goes into the VMCB, so
+        the next :meth:`vmrun` continues the guest where it stopped."""
+        if self._sw.exit is None and self.vmcb is not None:
+            self._ws.save_stopped_state()
+
+    def stop_guest(self) -> None:
+        """From a code hook of an outside tool (a debugger's breakpoint): end
+        the run before the instruction at the hook's address executes
+        (reason ``stopped``)."""
+        self.uc.emu_stop()
+
     def require_full_vmrun(self) -> None:
         """Make the next VMRUN take every check and reload the whole VMCB."""
         self._sw.fast_ok = False

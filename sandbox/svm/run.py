@@ -160,6 +160,8 @@ class RunLoop:
             if f is None:
                 sw.stop = StopInfo(StopReason.ERROR, f"emulation error: {e}")
                 return False
+            if budget and isinstance(f, CodeStore):
+                self._uncount_refused_store()
             self._memory_fault(f)
             if sw.stop is None and sw.exit is None:
                 sw.entry_rip = self._st.reg_read(_RIP)
@@ -197,6 +199,15 @@ class RunLoop:
                 self.guest_clock += n
                 if self.limits.max_insns:
                     self.insns = (self.insns or 0) + n
+
+    def _uncount_refused_store(self) -> None:
+        """A store refused because it hit a scanned code page did not retire: it
+        runs again, stepped (:mod:`.smc`). Unicorn counted it when it started;
+        take it back, so guest time and an instruction budget count it once --
+        else a budget of one instruction would never get past it."""
+        self.guest_clock = max(0, self.guest_clock - 1)
+        if self.limits.max_insns and self.insns:
+            self.insns -= 1
 
     # ------------------------------------------------------- memory faults
     def _memory_fault(self, f: Exception) -> None:

@@ -92,6 +92,14 @@ class ExitRecord:
     def name(self) -> str:
         return exit_name(self.exitcode)
 
+    # the VMCB's own names (APM vol. 2 §15.6, Appendix C), as the README writes them: e.EXITCODE ...
+    EXITCODE = property(lambda self: self.exitcode, doc="EXITCODE (VMCB 070h)")
+    EXITINFO1 = property(lambda self: self.exitinfo1, doc="EXITINFO1 (VMCB 078h)")
+    EXITINFO2 = property(lambda self: self.exitinfo2, doc="EXITINFO2 (VMCB 080h)")
+    EXITINTINFO = property(lambda self: self.exitintinfo, doc="EXITINTINFO (VMCB 088h)")
+    NRIP = property(lambda self: self.nrip, doc="nRIP (VMCB 0C8h): the next sequential instruction pointer")
+    RIP = property(lambda self: self.rip, doc="the guest RIP at the #VMEXIT (VMCB 578h)")
+
 
 @dataclass(slots=True)
 class SwitchState:
@@ -469,6 +477,24 @@ class WorldSwitch:
         _Q.pack_into(mv, b + OFF_CR2, st.cr(2))
         _Q.pack_into(mv, b + OFF_RFLAGS, st.reg_read(_RFLAGS))
         sw.loaded = self.snapshot_vmcb()
+
+    def save_stopped_state(self) -> None:
+        """A run stopped from outside (budget, watchdog, a debugger) with no
+        #VMEXIT pending: write the guest state the processor holds into the
+        VMCB's state-save area, as the #VMEXIT(INTR) of the host interrupt
+        that stops a real guest would (APM §15.6), but without an exit code,
+        so the next VMRUN resumes exactly where the guest stopped."""
+        sw = self.sw
+        st = self._st.load()
+        mv, b = self._view, self._ctl.vmcb_hpa
+        rip = st.reg_read(_RIP)
+        _Q.pack_into(mv, b + OFF_RIP, rip)
+        _Q.pack_into(mv, b + OFF_RSP, st.gpr(4))
+        _Q.pack_into(mv, b + OFF_RAX, st.gpr(0))
+        sw.entry_rip = rip
+        sw.lazy_pending = True
+        self.flush_guest_state()
+        sw.snap_valid = True
 
     def guest_gpr(self, i: int) -> int:
         """Guest GPR ``i`` (QEMU order: rax rcx rdx rbx rsp rbp rsi rdi r8-r15).

@@ -72,10 +72,17 @@ def test_size_limits_are_in_help():
 
 # 4. Ctrl-C
 @pytest.mark.parametrize("timeout", ["0", "30"])
-def test_ctrl_c_stops_a_spinning_guest_prints_summary_exits_130(timeout):
-    p = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "run", str(IMG / "spin.S"), "--timeout", timeout, "--max-insns", "0"],
+def test_ctrl_c_stops_a_spinning_guest_prints_summary_exits_130(timeout, tmp_path):
+    # the guest says "ready" on its console (PRINT hypercall), then spins without exiting: the
+    # line on stdout is the readiness signal, so the test does not guess how long start-up takes
+    spin = tmp_path / "ready_spin.S"
+    spin.write_text("lea rdi, [rip + msg]\nmov esi, 6\nmov eax, 1\n.byte 0x0f, 0x01, 0xd9\n"
+                    "spin:\n    jmp spin\nmsg:\n    .ascii \"ready\\n\"\n")
+    p = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "run", str(spin), "--timeout", timeout,
+                          "--max-insns", "0", "--quiet"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)                         # imports done, the guest spinning (2 shared cores: slow)
+    assert p.stdout.readline() == "ready\n"
+    time.sleep(0.2)                       # past the hypercall: the guest is in its loop
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=20)
@@ -87,8 +94,8 @@ def test_ctrl_c_stops_a_spinning_guest_prints_summary_exits_130(timeout):
 def test_ctrl_c_during_a_run_that_exits_is_no_internal_error():
     p = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "run", str(IMG / "popek_goldberg.S"),
                           "--intercept", "all", "--timeout", "0", "--max-exits", "100000000"],
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline()            # the guest's first console line: the run is under way
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=20)
     assert "internal error" not in err and "KeyboardInterrupt" not in err

@@ -40,7 +40,8 @@ from . import acpi
 from .apic import XAPIC_BASE, LocalApic
 from .debug_exit import IsaDebugExit
 from .fw_cfg import FwCfg
-from .msrs import CANONICAL_MSRS, MSR_TSC, NATIVE_MSRS, MachineCheckBanks
+from ..msr_table import CANONICAL_MSRS, NATIVE_MSRS
+from .msrs import MSR_TSC, MachineCheckBanks
 from .pic import LegacyPic
 from ...svm.cpu import TSC_HZ
 from ..devices import MmioMode
