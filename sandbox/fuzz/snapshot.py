@@ -1,12 +1,23 @@
 """A prepared machine that runs one case after another from a snapshot.
 
 The snapshot is taken once, after the guest's long-mode entry state is built:
-host DRAM (a copy) and Unicorn's CPU context.  After every case the harness
-finds the pages that changed by comparing each allocated page with the copy
-(one ``memcmp`` per page; measured at about 0.2 ms for the ~520 pages of a
-2 MiB guest, cheaper than a second tracking path and exact whatever wrote the
-page: guest stores, the processor's A/D-bit and event-frame writes, handlers)
-and writes back only those pages, then restores the CPU context.
+host DRAM (a copy outside the Python heap) and Unicorn's CPU context.  After
+every case the harness writes back the pages that differ from the copy, then
+restores the CPU context.
+
+Which pages to compare is tracked, writer by writer: guest stores can only go
+through soft-TLB entries a fill made writable (a fill observer), the
+processor model's own Python stores (event frames, VMSAVE) are reported by
+the processor (a write observer), the hypervisor writes through its
+``HostMemory`` (a subclass here records the pages), and the harness writes
+the code window and the configuration itself.  The processor's A/D-bit
+updates land in page-table pages, which are compared on every case with the
+VMCB, the nested tables and the IOPM/MSRPM.  Each candidate page is one
+``memcmp`` against the copy (no slices, no allocation).  Every
+``check_free_every`` cases (every case in audit mode) all of DRAM is
+compared instead -- 64 KiB chunks, then the pages of a chunk that differs --
+which restores and counts (:attr:`Harness.untracked`) anything the tracking
+missed.
 
 The same comparison is the isolation oracle: a changed page that is neither
 guest RAM, the VMCB nor a nested-table page means guest activity reached host
@@ -16,16 +27,19 @@ on one of its own pages (a fill observer on the processor).
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 
+from unicorn import UC_PROT_WRITE
 from unicorn import x86_const as X
 
 from ..hypervisor.machine import Machine, RunResult
-from ..memory.hostmem import PAGE_SIZE
+from ..hypervisor.image import GDT_BASE
+from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..svm.msrpm import msrpm_bit
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_INTERCEPTS, OFF_RAX, OFF_RIP
@@ -45,8 +59,19 @@ DEFAULT_MAX_EXITS = 64
 #: take about 0.5 s; a limit near that made a seeded campaign's results depend on the
 #: machine's load, so it sits an order of magnitude above.
 DEFAULT_TIMEOUT_S = 5.0
+#: the loader's area (GDT, page tables) below this guest-physical address: its
+#: non-zero pages are compared on every case (the processor sets A/D bits there)
+LOADER_AREA_END = 0x80000
 #: candidate hooks after which the machine is rebuilt
 MAX_HOOKS = 2000
+#: pages compared in one ``memcmp`` before the pages of a differing chunk are compared one by one
+CHUNK_PAGES = 16
+
+_libc = ctypes.CDLL(None)
+_memcmp = _libc.memcmp
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_memcmp.restype = ctypes.c_int
+_memmove = ctypes.memmove
 
 
 @dataclass
@@ -70,6 +95,8 @@ class Harness:
         #: compare the never-allocated pages every N cases (1: every case, as the audit does)
         self.check_free_every = 1 if audit else check_free_every
         self._restores = 0
+        #: pages the full comparison found changed that the tracking had missed
+        self.untracked = 0
         self._dram, self._ram, self._audit = dram, ram, audit
         self.rebuilds = 0
         self._watch = _Watchdog()
@@ -77,7 +104,9 @@ class Harness:
 
     def _build(self) -> None:
         """A new Machine, prepared and snapshotted."""
-        m = self.m = Machine(dram=self._dram, ram=self._ram)
+        self._written: set[int] = set()
+        mem = _TrackedMemory(self._dram, self._written)
+        m = self.m = Machine(dram=self._dram, ram=self._ram, mem=mem)
         g = m.guest
         g.setup_long_mode(CODE_BASE)
         self.cpu = cpu = m.cpu
@@ -97,7 +126,13 @@ class Harness:
         self._gpa_hpa = dict(g.ram)
         self._fills_outside: list[int] = []
         self._watch_fills()
-        self._base = bytes(self.mm)
+        self._base = _Snapshot(m.mem.address, m.mem.size)
+        self._alloc_runs = _ranges(self.pages)
+        loader = {g.ram[gpa] for gpa in range(GDT_BASE, LOADER_AREA_END, PAGE_SIZE)
+                  if gpa in g.ram and any(self.mm[g.ram[gpa]:g.ram[gpa] + PAGE_SIZE])}
+        #: compared on every case: all but guest RAM (VMCB, tables, IOPM/MSRPM) and the loader's tables
+        self._always = frozenset((allocated - self.guest_pages) | loader)
+        cpu.add_write_observer(self._written.add)
         self._ctx = self.uc.context_save()
         self._msrs = dict(m.msrs)
         self._cur_exits: list = []
@@ -109,9 +144,11 @@ class Harness:
 
     # -- isolation: every TLB fill must land on a guest page -------------------------
     def _watch_fills(self) -> None:
-        cpu, guest_pages, out = self.cpu, self.guest_pages, self._fills_outside
+        cpu, guest_pages, out, written = self.cpu, self.guest_pages, self._fills_outside, self._written
 
         def on_fill(gva: int, access: int, hpa: int, perms: int) -> None:
+            if perms & UC_PROT_WRITE:
+                written.add(hpa & ~0xFFF)          # guest stores can reach this page
             if cpu.nested_paging and hpa & ~0xFFF not in guest_pages:
                 out.append(hpa)
         cpu.add_fill_observer(on_fill)
@@ -142,6 +179,7 @@ class Harness:
             n = min(len(code) - at, PAGE_SIZE - (gpa & 0xFFF))
             hpa = self._gpa_hpa[gpa & ~0xFFF] + (gpa & 0xFFF)
             mm[hpa:hpa + n] = code[at:at + n]
+            self._written.add(hpa & ~0xFFF)
             at += n
         cfg = case.config
         v = self.vmcb_hpa
@@ -212,24 +250,25 @@ class Harness:
         return out
 
     def _dirty_free(self) -> list[int]:
-        """Changed pages among those the allocator never handed out (a whole-range
-        compare first: these are megabytes that almost never change)."""
-        mm, base, out = self.mm, self._base, []
-        for lo, hi in self.free_ranges:
-            if mm[lo:hi] != base[lo:hi]:
-                out += [p for p in range(lo, hi, PAGE_SIZE) if mm[p:p + PAGE_SIZE] != base[p:p + PAGE_SIZE]]
-        return out
+        """Changed pages among those the allocator never handed out (megabytes that
+        almost never change: one ``memcmp`` per chunk)."""
+        return self._base.changed(self.free_ranges)
 
     def restore(self) -> tuple[int, list[str]]:
         """Write back the pages that differ from the snapshot; restore the CPU context.
         Returns (pages restored, isolation findings)."""
-        mm, base = self.mm, self._base
-        dirty = [p for p in self.pages if mm[p:p + PAGE_SIZE] != base[p:p + PAGE_SIZE]]
+        base, size = self._base, self.m.mem.size
+        cand = self._always.union(p for p in self._written if p < size)
+        self._written.clear()
+        dirty = base.changed_pages(cand)
         self._restores += 1
         if self.check_free_every and self._restores % self.check_free_every == 0:
-            dirty += self._dirty_free()
+            full = base.changed(self._alloc_runs) + self._dirty_free()
+            self.untracked += len(set(full) - set(dirty))
+            dirty = full
         bad = []
         after = getattr(self, "_after_config", {})
+        mm = self.mm
         for p in dirty:
             if p in self.allowed:
                 continue
@@ -237,10 +276,67 @@ class Harness:
                 continue          # the hypervisor's own IOPM/MSRPM configuration for this case
             bad.append(f"host page {p:#x} outside the guest's memory, VMCB and tables changed")
         for p in dirty:
-            mm[p:p + PAGE_SIZE] = base[p:p + PAGE_SIZE]
+            base.put_back(p)
         self.uc.context_restore(self._ctx)
         self.cpu.st.dirty = False
         return len(dirty), bad
+
+
+class _TrackedMemory(HostMemory):
+    """Host DRAM that records the pages the hypervisor writes (into ``written``)."""
+
+    def __init__(self, size: int, written: set[int]) -> None:
+        super().__init__(size)
+        self._written = written
+
+    def _note(self, hpa: int, n: int) -> None:
+        self._written.update(range(hpa & ~0xFFF, hpa + max(n, 1), PAGE_SIZE))
+
+    def write(self, hpa: int, data) -> None:
+        super().write(hpa, data)
+        self._note(hpa, len(data))
+
+    def write_u64(self, hpa: int, value: int) -> None:
+        super().write_u64(hpa, value)
+        self._note(hpa, 8)
+
+    def write_u32(self, hpa: int, value: int) -> None:
+        super().write_u32(hpa, value)
+        self._note(hpa, 4)
+
+    def write_u8(self, hpa: int, value: int) -> None:
+        super().write_u8(hpa, value)
+        self._note(hpa, 1)
+
+
+class _Snapshot:
+    """A copy of DRAM outside the Python heap, compared and copied back with
+    ``memcmp``/``memmove`` on addresses (no slices, no allocations per case)."""
+
+    def __init__(self, address: int, size: int) -> None:
+        self._live = address
+        self._buf = ctypes.create_string_buffer(size)
+        self._copy = ctypes.addressof(self._buf)
+        _memmove(self._copy, address, size)
+
+    def changed(self, ranges: list[tuple[int, int]]) -> list[int]:
+        """The pages within ``ranges`` (page-aligned [lo, hi) pairs) that differ from the copy."""
+        live, copy, out = self._live, self._copy, []
+        step = CHUNK_PAGES * PAGE_SIZE
+        for lo, hi in ranges:
+            for c in range(lo, hi, step):
+                n = min(step, hi - c)
+                if _memcmp(live + c, copy + c, n):
+                    out += [p for p in range(c, c + n, PAGE_SIZE) if _memcmp(live + p, copy + p, PAGE_SIZE)]
+        return out
+
+    def changed_pages(self, pages) -> list[int]:
+        """Those of ``pages`` (page addresses) that differ from the copy, in order."""
+        live, copy = self._live, self._copy
+        return [p for p in sorted(pages) if _memcmp(live + p, copy + p, PAGE_SIZE)]
+
+    def put_back(self, page: int) -> None:
+        _memmove(self._live + page, self._copy + page, PAGE_SIZE)
 
 
 class _Watchdog:
