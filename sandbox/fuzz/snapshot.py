@@ -63,7 +63,7 @@ DEFAULT_TIMEOUT_S = 5.0
 #: non-zero pages are compared on every case (the processor sets A/D bits there)
 LOADER_AREA_END = 0x80000
 #: candidate hooks after which the machine is rebuilt
-MAX_HOOKS = 2000
+MAX_HOOKS = 300
 #: pages compared in one ``memcmp`` before the pages of a differing chunk are compared one by one
 CHUNK_PAGES = 16
 
