@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from unicorn import UC_PROT_WRITE
 from unicorn import x86_const as X
 
-from ..hypervisor.machine import Machine, RunResult
+from ..hypervisor.machine import PAGING_MODES, Machine, RunResult
 from ..hypervisor.image import GDT_BASE
 from ..memory.hostmem import PAGE_SIZE, HostMemory
+from ..svm.exitcodes import ExitCode
 from ..svm.msrpm import msrpm_bit
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_INTERCEPTS, OFF_RAX, OFF_RIP
@@ -59,6 +60,9 @@ DEFAULT_MAX_EXITS = 64
 #: take about 0.5 s; a limit near that made a seeded campaign's results depend on the
 #: machine's load, so it sits an order of magnitude above.
 DEFAULT_TIMEOUT_S = 5.0
+#: what the shadow MMU intercepts to keep its tables in step with the guest's
+#: (sandbox.hypervisor.shadow.ShadowPager): MOV from/to CR3, INVLPG, #PF
+SHADOW_INTERCEPTS = (ExitCode.CR3_READ, ExitCode.CR3_WRITE, ExitCode.INVLPG, ExitCode.EXCP_PF)
 #: the loader's area (GDT, page tables) below this guest-physical address: its
 #: non-zero pages are compared on every case (the processor sets A/D bits there)
 LOADER_AREA_END = 0x80000
@@ -90,7 +94,15 @@ class Harness:
     """One Machine, prepared once and restored per case."""
 
     def __init__(self, dram: int = 4 << 20, ram: int = 2 << 20, max_insns: int = DEFAULT_MAX_INSNS,
-                 max_exits: int = DEFAULT_MAX_EXITS, check_free_every: int = 16, audit: bool = False) -> None:
+                 max_exits: int = DEFAULT_MAX_EXITS, check_free_every: int = 16, audit: bool = False,
+                 paging: str = "nested") -> None:
+        """``paging``: how the hypervisor virtualizes guest memory, ``"nested"``
+        (the processor's nested paging) or ``"shadow"`` (the hypervisor's shadow
+        tables: every case starts on an empty shadow, and the CR3, INVLPG and
+        #PF intercepts the shadow MMU needs stay armed whatever the case arms)."""
+        if paging not in PAGING_MODES:
+            raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
+        self.paging = paging
         self.max_insns, self.max_exits = max_insns, max_exits
         #: compare the never-allocated pages every N cases (1: every case, as the audit does)
         self.check_free_every = 1 if audit else check_free_every
@@ -106,9 +118,15 @@ class Harness:
         """A new Machine, prepared and snapshotted."""
         self._written: set[int] = set()
         mem = _TrackedMemory(self._dram, self._written)
-        m = self.m = Machine(dram=self._dram, ram=self._ram, mem=mem)
+        m = self.m = Machine(dram=self._dram, ram=self._ram, mem=mem, paging=self.paging)
         g = m.guest
         g.setup_long_mode(CODE_BASE)
+        #: the guest's own CR3 (under shadow paging the VMCB holds the shadow root)
+        self._guest_cr3 = g.vmcb.CR3
+        if m.shadow is not None:
+            m.shadow.attach_cr3(self._guest_cr3)
+        #: intercepts the hypervisor itself needs (the shadow MMU's), or'ed into every case's
+        self._required = _words(SHADOW_INTERCEPTS if m.shadow is not None else ())
         self.cpu = cpu = m.cpu
         self.uc = cpu.uc
         self.mm = m.mem.raw
@@ -117,6 +135,7 @@ class Harness:
         fixed = {g.iopm.hpa + i * PAGE_SIZE for i in range(3)} | {g.msrpm.hpa + i * PAGE_SIZE for i in range(2)}
         fixed.add(cpu.vm_hsave_pa)
         allocated = set(m.mem.pages())
+        self._allocated = frozenset(allocated)
         # what is left of the allocation: the VMCB and the nested page tables
         self.npt_pages = frozenset(allocated - self.guest_pages - fixed - {self.vmcb_hpa})
         self.allowed = self.guest_pages | self.npt_pages | {self.vmcb_hpa}
@@ -141,6 +160,13 @@ class Harness:
         self.auditor = None
         if self._audit:
             self.auditor = Auditor(self)
+
+    def hypervisor_exits(self, case: Case) -> frozenset[int]:
+        """Exit codes the hypervisor arms for itself and ``case`` does not (the
+        shadow MMU's CR3, INVLPG and #PF intercepts): exits a reference that
+        runs the case's own intercepts never sees."""
+        return frozenset(32 * w + b for w in range(6) for b in range(32)
+                         if self._required[w] >> b & 1 and not case.config.intercepts[w] >> b & 1)
 
     # -- isolation: every TLB fill must land on a guest page -------------------------
     def _watch_fills(self) -> None:
@@ -183,7 +209,7 @@ class Harness:
             at += n
         cfg = case.config
         v = self.vmcb_hpa
-        _I6.pack_into(mm, v + OFF_INTERCEPTS, *cfg.intercepts)
+        _I6.pack_into(mm, v + OFF_INTERCEPTS, *(a | b for a, b in zip(cfg.intercepts, self._required)))
         g = m.guest
         io = g.iopm.hpa
         for p in cfg.iopm:
@@ -194,7 +220,7 @@ class Harness:
                 bit = msrpm_bit(msr, wr)
                 if on and bit is not None:
                     mm[ms + (bit >> 3)] |= 1 << (bit & 7)
-        for gpa, present, write, execute in cfg.npt:
+        for gpa, present, write, execute in cfg.npt if m.shadow is None else ():
             if gpa in self._gpa_hpa:
                 g.npt.protect(gpa, present=present, write=write, execute=execute)
         regs = case.regs
@@ -211,6 +237,8 @@ class Harness:
         # and the ASID-tagged TLB behind it: the previous case may have
         # rewritten guest page tables the snapshot restored since
         cpu.tlb.flush_all()
+        if m.shadow is not None:
+            m.shadow.attach_cr3(self._guest_cr3)      # an empty shadow: the previous case's tables are gone
         self._after_config = {p: self.mm[p:p + PAGE_SIZE] for p in self.config_pages}
 
     def run(self, case: Case) -> Outcome:
@@ -260,6 +288,14 @@ class Harness:
         base, size = self._base, self.m.mem.size
         cand = self._always.union(p for p in self._written if p < size)
         self._written.clear()
+        tables = frozenset()
+        if self.m.shadow is not None:
+            # the shadow tables the hypervisor allocated for this case (the processor
+            # sets A/D bits in them): compared, restored, and its own to write
+            mem = self.m.mem
+            tables = (frozenset(mem.pages()) - self._allocated) | mem.handed_out
+            mem.handed_out.clear()
+            cand |= tables
         dirty = base.changed_pages(cand)
         self._restores += 1
         if self.check_free_every and self._restores % self.check_free_every == 0:
@@ -270,7 +306,7 @@ class Harness:
         after = getattr(self, "_after_config", {})
         mm = self.mm
         for p in dirty:
-            if p in self.allowed:
+            if p in self.allowed or p in tables:
                 continue
             if p in after and mm[p:p + PAGE_SIZE] == after[p]:
                 continue          # the hypervisor's own IOPM/MSRPM configuration for this case
@@ -283,11 +319,19 @@ class Harness:
 
 
 class _TrackedMemory(HostMemory):
-    """Host DRAM that records the pages the hypervisor writes (into ``written``)."""
+    """Host DRAM that records the pages the hypervisor writes (into ``written``)
+    and the pages it allocates (into :attr:`handed_out`, until cleared)."""
 
     def __init__(self, size: int, written: set[int]) -> None:
         super().__init__(size)
         self._written = written
+        self.handed_out: set[int] = set()
+
+    def alloc_page(self, zero: bool = True) -> int:
+        hpa = super().alloc_page(zero)
+        self.handed_out.add(hpa)
+        self._written.add(hpa)
+        return hpa
 
     def _note(self, hpa: int, n: int) -> None:
         self._written.update(range(hpa & ~0xFFF, hpa + max(n, 1), PAGE_SIZE))
@@ -368,6 +412,14 @@ class _Watchdog:
                 if cpu is not None and time.monotonic() > self._deadline:
                     self._cpu = None
                     cpu.expire_timeout()     # as Machine.run's own timeout: flag, then emu_stop
+
+
+def _words(codes) -> tuple[int, ...]:
+    """The six intercept words with the bits of ``codes`` set."""
+    w = [0] * 6
+    for c in codes:
+        w[c >> 5] |= 1 << (c & 31)
+    return tuple(w)
 
 
 def _ranges(pages: list[int]) -> list[tuple[int, int]]:

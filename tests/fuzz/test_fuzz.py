@@ -89,11 +89,19 @@ def test_generators_fit_and_are_seeded():
     assert len(cfg.intercepts) == 6
 
 
+@pytest.fixture(scope="module")
+def shadow_harness():
+    return Harness(paging="shadow")
+
+
 @pytest.mark.parametrize("gen", [gen_smc, gen_grammar, gen_random_bytes])
-def test_snapshot_restores_every_byte(harness, gen):
+@pytest.mark.parametrize("paging", ["nested", "shadow"])
+def test_snapshot_restores_every_byte(request, gen, paging):
     """After cases that write data, stack, page tables (A/D bits) and their own
-    code, host DRAM equals the snapshot byte for byte (a full comparison here),
-    with the tracked restore alone: the periodic full comparison is off."""
+    code -- and, under shadow paging, the hypervisor's shadow tables -- host
+    DRAM equals the snapshot byte for byte (a full comparison here), with the
+    tracked restore alone: the periodic full comparison is off."""
+    harness = request.getfixturevalue("harness" if paging == "nested" else "shadow_harness")
     base = bytes(harness.mm)
     rng = random.Random(7)
     harness.check_free_every = 0
@@ -120,6 +128,19 @@ def test_full_comparison_restores_what_tracking_missed(harness):
         harness.check_free_every = 16
     assert harness.untracked == before + 1
     assert bytes(harness.mm) == base
+
+
+def test_shadow_campaign_keeps_the_shadow_mmu_armed(shadow_harness):
+    """Under shadow paging a case that arms nothing still runs on the shadow
+    MMU: its #PF exits are the hypervisor's (hidden from the differential), and
+    a CPUID it does not arm does not exit."""
+    c = Case(b"\x48\x89\x04\x25\x00\x00\x1c\x00" + CPUID + TERMINATOR, 0, VmcbConfig(words(0x81)))   # mov [0x1c0000], rax
+    out = shadow_harness.run(c)
+    codes = [e.exitcode for e in out.exits]
+    assert 0x4E in codes and 0x72 not in codes and codes[-1] == 0x81, codes     # APM Table C-1: #PF 4Eh
+    assert not findings(out)
+    assert shadow_harness.hypervisor_exits(c) >= {0x4E, 0x03, 0x13, 0x79}       # #PF, CR3 read/write, INVLPG
+    assert Harness().hypervisor_exits(c) == frozenset()
 
 
 def test_cpuid_case_exits_and_resumes(harness):
@@ -200,11 +221,13 @@ def test_minimizer_keeps_the_finding(auditing):
     assert len(small.code) < len(c.code) and small.config.iopm == [] and small.config.msrpm == []
 
 
-@pytest.mark.parametrize("bug,seed", [("popf-66", 2), ("iopm-2nd-byte", 1)])
-def test_seeded_campaign_finds_planted_bug(bug, seed):
-    """A short seeded audit campaign finds each planted decision bug (the
-    measured seeds find them within a few hundred cases: a few seconds)."""
-    opts = C.Options(seed=seed, cases=2000, audit=True, minimize=False, differential_every=0)
+@pytest.mark.parametrize("bug,seed,paging", [("popf-66", 2, "nested"), ("iopm-2nd-byte", 1, "nested"),
+                                              ("popf-66", 2, "shadow"), ("iopm-2nd-byte", 1, "shadow")])
+def test_seeded_campaign_finds_planted_bug(bug, seed, paging):
+    """A short seeded audit campaign finds each planted decision bug, under
+    nested and under shadow paging (the measured seeds find them within a few
+    hundred cases: a few seconds)."""
+    opts = C.Options(seed=seed, cases=2000, audit=True, minimize=False, differential_every=0, paging=paging)
     found = []
 
     class Stop(Exception):
