@@ -26,6 +26,7 @@ examples:
   sandbox fuzz --cases 20000 --jobs 2 --corpus corpus/ --crashes crashes/
   sandbox fuzz --seconds 30 --audit            # audit every case (slower)
   sandbox fuzz --seconds 60 --paging shadow     # the hypervisor's shadow tables instead of nested paging
+  sandbox fuzz --seconds 60 --sev               # an SEV guest (encrypted RAM)
   sandbox run crashes/missed-0123456789ab.case --audit   # replay a finding
 """
 
@@ -47,6 +48,8 @@ def add_parser(sub) -> None:
     f.add_argument("--insns", type=int, default=64, metavar="N", help="instructions per generated case (1-%d)" % (CODE_WINDOW // 16))
     f.add_argument("--paging", choices=PAGING_MODES, default="nested",
                    help="how the hypervisor virtualizes guest memory: nested paging or shadow tables (default nested)")
+    f.add_argument("--sev", action="store_true",
+                   help="launch the guest with SEV: its RAM encrypted in DRAM, its tables with the C-bit (nested paging)")
     f.add_argument("--no-minimize", action="store_true", help="save findings unminimized")
     f.add_argument("--stop-on-finding", action="store_true", help="end the campaign at the first finding")
     f.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -97,7 +100,7 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
     check_fuzz_numbers(a)
     opts = C.Options(seed=a.seed, seconds=a.seconds, cases=a.cases, jobs=a.jobs, corpus=a.corpus,
                      crashes=a.crashes, audit=a.audit, audit_every=a.audit_every,
-                     differential_every=a.differential_every, n_insns=a.insns, paging=a.paging,
+                     differential_every=a.differential_every, n_insns=a.insns, paging=a.paging, sev=a.sev,
                      minimize=not a.no_minimize, stop_on_finding=a.stop_on_finding)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
@@ -114,7 +117,7 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
         # directories, loading the corpus): nothing ran, nothing is lost
         stats, secs, interrupted = C.Stats(), 0.0, True
     summary = {
-        "seed": a.seed, "jobs": a.jobs, "paging": a.paging, "execs": stats.execs, "audited": stats.audited, "differential": stats.differential, "seconds": round(secs, 2),
+        "seed": a.seed, "jobs": a.jobs, "paging": a.paging, "sev": a.sev, "execs": stats.execs, "audited": stats.audited, "differential": stats.differential, "seconds": round(secs, 2),
         "execs_per_s": round(stats.execs / secs, 1) if secs else 0.0, "interrupted": interrupted,
         "coverage": len(stats.coverage), "corpus_added": stats.corpus,
         "exits": {exit_name(c): n for c, n in stats.exits.most_common()},
@@ -140,7 +143,7 @@ def replay_case(a: argparse.Namespace) -> int:
         case = Case.load(a.image)
     except CaseError as e:
         raise CliError(str(e)) from None
-    h = Harness(audit=a.audit, paging=getattr(a, "paging", "nested"))
+    h = Harness(audit=a.audit, paging=getattr(a, "paging", "nested"), sev=bool(getattr(a, "sev", False)))
     out = h.run(case)
     fs = findings(out)
     fs += [Finding("differential", d) for d in differential(case, out.exits)]

@@ -46,6 +46,7 @@ class Options:
     differential_every: int = 16    # compare one case in N with QEMU's SVM (0: never)
     n_insns: int = 64
     paging: str = "nested"          # the hypervisor's memory virtualization: nested | shadow
+    sev: bool = False               # the guest launched with SEV (encrypted RAM; nested paging)
     minimize: bool = True
     stop_on_finding: bool = False
 
@@ -79,6 +80,8 @@ def check_dirs(opts: Options) -> None:
     """Fail early, with one line, on unusable directories or corpus files."""
     if opts.jobs < 1:
         raise CampaignError("--jobs must be at least 1")
+    if opts.sev and opts.paging != "nested":
+        raise CampaignError("--sev needs nested paging: the hypervisor cannot read an encrypted guest's page tables")
     cores = os.cpu_count() or 1
     if opts.jobs > cores:
         raise CampaignError(f"--jobs {opts.jobs} is more than the {cores} cores of this machine")
@@ -114,8 +117,8 @@ class Worker:
             patch()
         self.opts, self.index = opts, index
         self.rng = random.Random(opts.seed * 1_000_003 + index)
-        self.fast = None if opts.audit else Harness(paging=opts.paging)
-        self.auditing = Harness(audit=True, paging=opts.paging) if opts.audit or opts.audit_every else None
+        self.fast = None if opts.audit else Harness(paging=opts.paging, sev=opts.sev)
+        self.auditing = Harness(audit=True, paging=opts.paging, sev=opts.sev) if opts.audit or opts.audit_every else None
         self.corpus: list[Case] = load_corpus(opts.corpus) if opts.corpus else []
         self._known_files = {p.name for p in opts.corpus.glob("*.case")} if opts.corpus else set()
         self.stats = Stats(corpus=0)
@@ -210,7 +213,8 @@ class Worker:
         base.with_suffix(".txt").write_text(
             f"{f.kind}: {f.message}\nseed {self.opts.seed} worker {self.index}\n"
             f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "")
-            + (f" --paging {self.opts.paging}" if self.opts.paging != "nested" else "") + "\n")
+            + (f" --paging {self.opts.paging}" if self.opts.paging != "nested" else "")
+            + (" --sev" if self.opts.sev else "") + "\n")
         return str(base.with_suffix(".case"))
 
 

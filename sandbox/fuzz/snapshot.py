@@ -38,6 +38,7 @@ from unicorn import UC_PROT_WRITE
 from unicorn import x86_const as X
 
 from ..hypervisor.machine import PAGING_MODES, Machine, RunResult
+from ..hypervisor.sev_launch import launch_sev
 from ..hypervisor.image import GDT_BASE
 from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..svm.exitcodes import ExitCode
@@ -95,14 +96,19 @@ class Harness:
 
     def __init__(self, dram: int = 4 << 20, ram: int = 2 << 20, max_insns: int = DEFAULT_MAX_INSNS,
                  max_exits: int = DEFAULT_MAX_EXITS, check_free_every: int = 16, audit: bool = False,
-                 paging: str = "nested") -> None:
+                 paging: str = "nested", sev: bool = False) -> None:
         """``paging``: how the hypervisor virtualizes guest memory, ``"nested"``
         (the processor's nested paging) or ``"shadow"`` (the hypervisor's shadow
         tables: every case starts on an empty shadow, and the CR3, INVLPG and
-        #PF intercepts the shadow MMU needs stay armed whatever the case arms)."""
+        #PF intercepts the shadow MMU needs stay armed whatever the case arms).
+        ``sev``: the guest is launched as an SEV guest (its RAM encrypted in
+        DRAM, its tables with the C-bit; nested paging only); each case's code
+        is written encrypted, as the guest's own stores would leave it."""
         if paging not in PAGING_MODES:
             raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
-        self.paging = paging
+        if sev and paging != "nested":
+            raise ValueError("SEV needs nested paging")
+        self.paging, self.sev = paging, sev
         self.max_insns, self.max_exits = max_insns, max_exits
         #: compare the never-allocated pages every N cases (1: every case, as the audit does)
         self.check_free_every = 1 if audit else check_free_every
@@ -125,6 +131,11 @@ class Harness:
         self._guest_cr3 = g.vmcb.CR3
         if m.shadow is not None:
             m.shadow.attach_cr3(self._guest_cr3)
+        self._engine = None
+        if self.sev:
+            rep = launch_sev(m)
+            self._engine = m.sev.sp.engine_for(rep.asid)
+            m.mem.sync = None
         #: intercepts the hypervisor itself needs (the shadow MMU's), or'ed into every case's
         self._required = _words(SHADOW_INTERCEPTS if m.shadow is not None else ())
         self.cpu = cpu = m.cpu
@@ -171,11 +182,14 @@ class Harness:
     # -- isolation: every TLB fill must land on a guest page -------------------------
     def _watch_fills(self) -> None:
         cpu, guest_pages, out, written = self.cpu, self.guest_pages, self._fills_outside, self._written
+        cache = self.m.mem.cache_base
 
         def on_fill(gva: int, access: int, hpa: int, perms: int) -> None:
             if perms & UC_PROT_WRITE:
                 written.add(hpa & ~0xFFF)          # guest stores can reach this page
-            if cpu.nested_paging and hpa & ~0xFFF not in guest_pages:
+            # an SEV-private page is reached through the processor's plaintext cache
+            page = (hpa if hpa < cache else hpa - cache) & ~0xFFF
+            if cpu.nested_paging and page not in guest_pages:
                 out.append(hpa)
         cpu.add_fill_observer(on_fill)
 
@@ -204,7 +218,10 @@ class Harness:
             gpa = entry + at
             n = min(len(code) - at, PAGE_SIZE - (gpa & 0xFFF))
             hpa = self._gpa_hpa[gpa & ~0xFFF] + (gpa & 0xFFF)
-            mm[hpa:hpa + n] = code[at:at + n]
+            if self._engine is None:
+                mm[hpa:hpa + n] = code[at:at + n]
+            else:
+                self._write_private(hpa, code[at:at + n])
             self._written.add(hpa & ~0xFFF)
             at += n
         cfg = case.config
@@ -240,6 +257,14 @@ class Harness:
         if m.shadow is not None:
             m.shadow.attach_cr3(self._guest_cr3)      # an empty shadow: the previous case's tables are gone
         self._after_config = {p: self.mm[p:p + PAGE_SIZE] for p in self.config_pages}
+
+    def _write_private(self, hpa: int, data: bytes) -> None:
+        """Store ``data`` (within one page) into SEV-private guest memory: DRAM
+        gets the page's ciphertext under the guest's key."""
+        page, o = hpa & ~0xFFF, hpa & 0xFFF
+        pt = bytearray(self._engine.decrypt_page(page, bytes(self.mm[page:page + PAGE_SIZE])))
+        pt[o:o + len(data)] = data
+        self.mm[page:page + PAGE_SIZE] = self._engine.encrypt_page(page, bytes(pt))
 
     def run(self, case: Case) -> Outcome:
         if self.cpu.candidate_hook_count > MAX_HOOKS:
@@ -286,7 +311,8 @@ class Harness:
         """Write back the pages that differ from the snapshot; restore the CPU context.
         Returns (pages restored, isolation findings)."""
         base, size = self._base, self.m.mem.size
-        cand = self._always.union(p for p in self._written if p < size)
+        # a page of the processor's plaintext cache (SEV) stands for its DRAM page
+        cand = self._always.union(p if p < size else p - size for p in self._written)
         self._written.clear()
         tables = frozenset()
         if self.m.shadow is not None:
@@ -313,6 +339,10 @@ class Harness:
             bad.append(f"host page {p:#x} outside the guest's memory, VMCB and tables changed")
         for p in dirty:
             base.put_back(p)
+        if self.sev:
+            memctl = self.m.sev.memctl
+            for p in memctl.cached_pages():        # plaintext of the case's pages: decrypted anew
+                memctl.invalidate(p)
         self.uc.context_restore(self._ctx)
         self.cpu.st.dirty = False
         return len(dirty), bad

@@ -94,22 +94,28 @@ def shadow_harness():
     return Harness(paging="shadow")
 
 
+@pytest.fixture(scope="module")
+def sev_harness():
+    return Harness(sev=True)
+
+
 @pytest.mark.parametrize("gen", [gen_smc, gen_grammar, gen_random_bytes])
-@pytest.mark.parametrize("paging", ["nested", "shadow"])
+@pytest.mark.parametrize("paging", ["nested", "shadow", "sev"])
 def test_snapshot_restores_every_byte(request, gen, paging):
     """After cases that write data, stack, page tables (A/D bits) and their own
     code -- and, under shadow paging, the hypervisor's shadow tables -- host
     DRAM equals the snapshot byte for byte (a full comparison here), with the
     tracked restore alone: the periodic full comparison is off."""
-    harness = request.getfixturevalue("harness" if paging == "nested" else "shadow_harness")
-    base = bytes(harness.mm)
+    harness = request.getfixturevalue({"nested": "harness", "shadow": "shadow_harness", "sev": "sev_harness"}[paging])
+    dram = harness.m.mem.size      # above DRAM: the processor's plaintext cache of SEV pages, not memory
+    base = bytes(harness.mm[:dram])
     rng = random.Random(7)
     harness.check_free_every = 0
     try:
         for _ in range(40):
             out = harness.run(gen(rng))
             assert out.dirty_pages > 0
-            assert bytes(harness.mm) == base
+            assert bytes(harness.mm[:dram]) == base
     finally:
         harness.check_free_every = 16
 
@@ -141,6 +147,21 @@ def test_shadow_campaign_keeps_the_shadow_mmu_armed(shadow_harness):
     assert not findings(out)
     assert shadow_harness.hypervisor_exits(c) >= {0x4E, 0x03, 0x13, 0x79}       # #PF, CR3 read/write, INVLPG
     assert Harness().hypervisor_exits(c) == frozenset()
+
+
+def test_sev_case_code_is_ciphertext_in_dram(sev_harness):
+    """An SEV case's code sits in DRAM encrypted (the bytes are not there in
+    the clear), yet the guest runs it: CPUID exits at its address."""
+    code = b"\x31\xc0" + CPUID + TERMINATOR
+    c = Case(code, 0, VmcbConfig(words(0x72, 0x81)))
+    sev_harness.apply(c)
+    hpa = sev_harness.m.guest.ram[CODE_BASE]
+    assert code not in bytes(sev_harness.mm[hpa:hpa + 0x1000])
+    sev_harness.restore()
+    out = sev_harness.run(c)
+    vmmcall = CODE_BASE + 4 + TERMINATOR.index(b"\x0f\x01\xd9")      # the terminator's hypercall
+    assert [(e.exitcode, e.rip) for e in out.exits] == [(0x72, CODE_BASE + 2), (0x81, vmmcall)]
+    assert not findings(out)
 
 
 def test_cpuid_case_exits_and_resumes(harness):
@@ -221,13 +242,14 @@ def test_minimizer_keeps_the_finding(auditing):
     assert len(small.code) < len(c.code) and small.config.iopm == [] and small.config.msrpm == []
 
 
-@pytest.mark.parametrize("bug,seed,paging", [("popf-66", 2, "nested"), ("iopm-2nd-byte", 1, "nested"),
-                                              ("popf-66", 2, "shadow"), ("iopm-2nd-byte", 1, "shadow")])
-def test_seeded_campaign_finds_planted_bug(bug, seed, paging):
+@pytest.mark.parametrize("bug,seed,paging,sev", [("popf-66", 2, "nested", False), ("iopm-2nd-byte", 1, "nested", False),
+                                                  ("popf-66", 2, "shadow", False), ("iopm-2nd-byte", 1, "shadow", False),
+                                                  ("popf-66", 2, "nested", True)])
+def test_seeded_campaign_finds_planted_bug(bug, seed, paging, sev):
     """A short seeded audit campaign finds each planted decision bug, under
-    nested and under shadow paging (the measured seeds find them within a few
-    hundred cases: a few seconds)."""
-    opts = C.Options(seed=seed, cases=2000, audit=True, minimize=False, differential_every=0, paging=paging)
+    nested and shadow paging and in an SEV guest (the measured seeds find them
+    within a few hundred cases: a few seconds)."""
+    opts = C.Options(seed=seed, cases=2000, audit=True, minimize=False, differential_every=0, paging=paging, sev=sev)
     found = []
 
     class Stop(Exception):
@@ -431,3 +453,8 @@ def test_reused_qemu_reference_matches_a_fresh_one():
         assert got == want and reused.last_event == fresh.last_event, c
         seen.add(want.exitcode if want else None)
     assert len(seen) > 3                  # the cases exit in different ways
+
+
+def test_cli_sev_needs_nested_paging():
+    rc, text = run_cli("fuzz", "--cases", "5", "--sev", "--paging", "shadow")
+    assert rc == 2 and "--sev needs nested paging" in text and "Traceback" not in text
