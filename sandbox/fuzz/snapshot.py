@@ -41,6 +41,7 @@ from ..hypervisor.machine import PAGING_MODES, Machine, RunResult
 from ..hypervisor.sev_launch import launch_sev
 from ..hypervisor.image import GDT_BASE
 from ..memory.hostmem import PAGE_SIZE, HostMemory
+from ..memory.paging import ADDR_MASK, PTE
 from ..svm.exitcodes import ExitCode
 from ..svm.msrpm import msrpm_bit
 from ..svm.stop import StopReason
@@ -131,6 +132,12 @@ class Harness:
         self._guest_cr3 = g.vmcb.CR3
         if m.shadow is not None:
             m.shadow.attach_cr3(self._guest_cr3)
+        if m.shadow is None and not self.sev:
+            # as if every page had been touched once: the walks of a case then
+            # write no Accessed/Dirty bit, so the tables stay as snapshotted and
+            # the TLB's entries stay good from one case to the next
+            _set_accessed_dirty(m.mem, g.ram[self._guest_cr3 & ~0xFFF], lambda gpa: g.ram.get(gpa & ~0xFFF))
+            _set_accessed_dirty(m.mem, g.npt.root, lambda hpa: hpa)
         self._engine = None
         if self.sev:
             rep = launch_sev(m)
@@ -162,6 +169,9 @@ class Harness:
                   if gpa in g.ram and any(self.mm[g.ram[gpa]:g.ram[gpa] + PAGE_SIZE])}
         #: compared on every case: all but guest RAM (VMCB, tables, IOPM/MSRPM) and the loader's tables
         self._always = frozenset((allocated - self.guest_pages) | loader)
+        #: pages whose change makes the TLB's translations stale: guest and nested tables
+        self._table_pages = frozenset(loader | self.npt_pages)
+        self._tlb_good = False
         cpu.add_write_observer(self._written.add)
         self._ctx = self.uc.context_save()
         self._msrs = dict(m.msrs)
@@ -251,9 +261,13 @@ class Harness:
         # anything else the guest ran may have changed under Unicorn
         cpu.reset_translation_caches()
         cpu.gif = True
-        # and the ASID-tagged TLB behind it: the previous case may have
-        # rewritten guest page tables the snapshot restored since
-        cpu.tlb.flush_all()
+        # and the ASID-tagged TLB behind it, unless it holds only what the
+        # snapshot's tables give: the previous case changed no table page,
+        # flushed nothing (no CR3/CR4/INVLPG/TLB_CONTROL) and this case edits no
+        # nested entry (see restore)
+        if not self._tlb_good or cfg.npt:
+            cpu.tlb.flush_all()
+        self._tlb_good = not cfg.npt
         if m.shadow is not None:
             m.shadow.attach_cr3(self._guest_cr3)      # an empty shadow: the previous case's tables are gone
         self._after_config = {p: self.mm[p:p + PAGE_SIZE] for p in self.config_pages}
@@ -339,6 +353,8 @@ class Harness:
             bad.append(f"host page {p:#x} outside the guest's memory, VMCB and tables changed")
         for p in dirty:
             base.put_back(p)
+        self._tlb_good = self._tlb_good and self.cpu.tlb.stats.flushes == 0 and \
+            self.m.shadow is None and not self.sev and self._table_pages.isdisjoint(dirty)
         if self.sev:
             memctl = self.m.sev.memctl
             for p in memctl.cached_pages():        # plaintext of the case's pages: decrypted anew
@@ -442,6 +458,24 @@ class _Watchdog:
                 if cpu is not None and time.monotonic() > self._deadline:
                     self._cpu = None
                     cpu.expire_timeout()     # as Machine.run's own timeout: flag, then emu_stop
+
+
+def _set_accessed_dirty(mem: HostMemory, root_hpa: int, to_hpa) -> None:
+    """Set A on every present entry of the 4-level tables at ``root_hpa``, and D
+    on every leaf; ``to_hpa(address)`` maps a table address to its host page."""
+    def visit(table: int, level: int) -> None:
+        for i in range(512):
+            a = table + 8 * i
+            e = mem.read_u64(a)
+            if not e & PTE.P:
+                continue
+            leaf = level == 1 or (level in (2, 3) and e & PTE.PS)
+            mem.write_u64(a, e | PTE.A | (PTE.D if leaf else 0))
+            if not leaf:
+                nxt = to_hpa(e & ADDR_MASK)
+                if nxt is not None:
+                    visit(nxt, level - 1)
+    visit(root_hpa, 4)
 
 
 def _words(codes) -> tuple[int, ...]:
