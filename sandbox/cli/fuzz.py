@@ -143,7 +143,7 @@ def replay_case(a: argparse.Namespace) -> int:
         case = Case.load(a.image)
     except CaseError as e:
         raise CliError(str(e)) from None
-    h = Harness(audit=a.audit, paging=getattr(a, "paging", "nested"), sev=bool(getattr(a, "sev", False)))
+    h = Harness(audit=a.audit, paging=case.paging, sev=case.sev)      # the machine the case ran on
     out = h.run(case)
     fs = findings(out)
     fs += [Finding("differential", d) for d in differential(case, out.exits)]

@@ -168,6 +168,7 @@ class Worker:
     def _save_corpus(self, case: Case) -> None:
         if self.opts.corpus is None:
             return
+        case.paging, case.sev = self.opts.paging, self.opts.sev
         name = f"w{self.index}-{self._saved:06d}.case"
         self._saved += 1
         case.save(self.opts.corpus / name)
@@ -209,12 +210,11 @@ class Worker:
         if base.with_suffix(".case").exists():
             return str(base.with_suffix(".case"))
         small.origin = f"{case.origin}, minimized" if small is not case else case.origin
+        small.paging, small.sev = self.opts.paging, self.opts.sev      # the machine it ran on
         small.save(base.with_suffix(".case"))
         base.with_suffix(".txt").write_text(
             f"{f.kind}: {f.message}\nseed {self.opts.seed} worker {self.index}\n"
-            f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "")
-            + (f" --paging {self.opts.paging}" if self.opts.paging != "nested" else "")
-            + (" --sev" if self.opts.sev else "") + "\n")
+            f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "") + "\n")
         return str(base.with_suffix(".case"))
 
 

@@ -63,6 +63,8 @@ def test_case_roundtrip(tmp_path):
     ('{"format": "sandbox-fuzz-case", "version": 1, "code": "zz", "intercepts": []}', "malformed"),
     ('{"format": "sandbox-fuzz-case", "version": 1, "code": "90", "offset": 9000, "intercepts": []}', "does not fit"),
     ('{"format": "sandbox-fuzz-case", "version": 1, "code": "90", "intercepts": ["0x1"]}', "six 32-bit"),
+    ('{"format": "sandbox-fuzz-case", "version": 1, "code": "90", "intercepts": ["0","0","0","0","0","0"], '
+     '"paging": "shadow", "sev": true}', "SEV with nested paging only"),
 ])
 def test_corrupt_case_files(tmp_path, text, msg):
     p = tmp_path / "bad.case"
@@ -134,6 +136,19 @@ def test_full_comparison_restores_what_tracking_missed(harness):
         harness.check_free_every = 16
     assert harness.untracked == before + 1
     assert bytes(harness.mm) == base
+
+
+def test_case_file_carries_its_machine(tmp_path):
+    """A case saved from a shadow-paging or SEV campaign replays on that machine."""
+    for paging, sev in (("shadow", False), ("nested", True)):
+        c = Case(b"\x31\xc0" + CPUID + TERMINATOR, 0, VmcbConfig(words(0x72, 0x81)), paging=paging, sev=sev)
+        p = tmp_path / f"{paging}-{sev}.case"
+        c.save(p)
+        assert Case.load(p) == c
+        rc, text = run_cli("run", str(p), "--audit", "--json")
+        assert rc == 0, text
+        exits = [json.loads(line)["exitcode"] for line in text.splitlines() if line.startswith('{"exitcode"')]
+        assert 0x72 in exits and (0x4E in exits) == (paging == "shadow"), exits    # the shadow MMU's #PF exits
 
 
 def test_shadow_campaign_keeps_the_shadow_mmu_armed(shadow_harness):
