@@ -234,6 +234,13 @@ class Harness:
                 self._write_private(hpa, code[at:at + n])
             self._written.add(hpa & ~0xFFF)
             at += n
+        if self.sev:
+            # the code went into DRAM behind the memory controller: any plaintext it
+            # cached since the restore (fills outside a run, e.g. Unicorn resolving
+            # the pages of hooks being shed) is stale
+            memctl = m.sev.memctl
+            for p in memctl.cached_pages():
+                memctl.invalidate(p)
         cfg = case.config
         v = self.vmcb_hpa
         _I6.pack_into(mm, v + OFF_INTERCEPTS, *(a | b for a, b in zip(cfg.intercepts, self._required)))

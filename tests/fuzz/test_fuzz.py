@@ -473,3 +473,19 @@ def test_reused_qemu_reference_matches_a_fresh_one():
 def test_cli_sev_needs_nested_paging():
     rc, text = run_cli("fuzz", "--cases", "5", "--sev", "--paging", "shadow")
     assert rc == 2 and "--sev needs nested paging" in text and "Traceback" not in text
+
+
+def test_sev_case_code_is_not_shadowed_by_stale_plaintext(sev_harness):
+    """Regression (seed 303 SEV campaign, 'first exit: sandbox 0x74, QEMU 0x7c'):
+    Unicorn resolves the pages of the hooks being shed through the TLB fill,
+    outside any run, so the memory controller could cache a code page's old
+    plaintext just before the next case's code was written to DRAM; the guest
+    then ran the old bytes and its WRMSR completed with no #VMEXIT."""
+    h = sev_harness
+    code = b"\x31\xc0" + CPUID + TERMINATOR
+    c = Case(code, 0, VmcbConfig(words(0x72, 0x81)))
+    h.run(Case(TERMINATOR, 0, VmcbConfig(words(0x81))))
+    page = h.m.guest.ram[CODE_BASE]
+    h.m.sev.memctl.cpu_paddr(page, True, False)        # as a fill outside a run caches it
+    out = h.run(c)
+    assert [e.exitcode for e in out.exits][:1] == [0x72], [hex(e.exitcode) for e in out.exits]
