@@ -205,8 +205,12 @@ class Harness:
 
     def _shed_hooks(self) -> None:
         """Delete the per-address candidate hooks cases left behind (every translated
-        block is checked against every hook, so thousands of them slow Unicorn down)."""
+        block is checked against every hook, so thousands of them slow Unicorn down).
+        Unicorn resolves the hooks' pages through the TLB fill as it deletes them,
+        outside any run and with the snapshot's (host) context loaded, so whatever
+        those fills put in the ASID-tagged TLB is dropped before the next case."""
         self.cpu.shed_candidate_hooks()
+        self._tlb_good = False
         self.rebuilds += 1
 
     def _record(self, rec) -> None:
