@@ -157,3 +157,28 @@ def test_monitorx_mwaitx_at_cpl3_exit(guest, insn, arm, code):
     assert r.reason == "captured", (r.reason, r.detail)
     at = user_code_addr("xor ecx, ecx\nxor eax, eax")
     assert rec[0].rip == at and rec[0].nrip == at + 3
+
+
+def test_shedding_hooks_survives_fills_that_add_hooks(monkeypatch):
+    """Regression (seed 304 SEV campaign: 'RuntimeError: dictionary changed size
+    during iteration'): deleting a hook makes Unicorn drop its page's translated
+    blocks, which it finds through the TLB fill, and a fill may scan the page and
+    add hooks while the others are being deleted."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from sandbox.svm import engine
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    hooks = engine.CodeHooks(uc, lambda *a: None)
+    for a in range(8):
+        hooks.add(0x1000 + a)
+    real = engine.uclib
+
+    class DelAndFill:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def uc_hook_del(self, h, hh):
+            hooks.add(0x9000 + len(hooks))           # what a scanning fill does
+            return real.uc_hook_del(h, hh)
+    monkeypatch.setattr(engine, "uclib", DelAndFill())
+    assert hooks.shed() == 8
+    assert len(hooks) == 8 and all(a >= 0x9000 for a in hooks.handles)   # the new hooks stay
