@@ -292,8 +292,14 @@ class Harness:
         self.mm[page:page + PAGE_SIZE] = self._engine.encrypt_page(page, bytes(pt))
 
     def run(self, case: Case) -> Outcome:
-        if self.cpu.candidate_hook_count > MAX_HOOKS:
-            self._shed_hooks()
+        try:
+            if self.cpu.candidate_hook_count > MAX_HOOKS:
+                self._shed_hooks()
+        except Exception as e:     # robustness: the processor failing here is a finding, not the end
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            self._tlb_good = False
+            return Outcome(None, crash=f"exception escaped shedding candidate hooks: {type(e).__name__}: {e} "
+                                      f"({tb.filename}:{tb.lineno})")
         self.cpu.decide = planted.decision()        # a planted bug, in processes that run one
         m = self.m
         self._cur_exits, self._cur_handlers = [], []
