@@ -135,7 +135,8 @@ TARGET_CPUID_FLOOR_RATIO = 2.0
 GOAL_CPUID_FLOOR_RATIO = 1.5
 TARGET_OUT_FLOOR_RATIO = 2.5
 TARGET_COLD_TOUCH_US = 15.0
-TARGET_FUZZ_EXECS = 500.0
+TARGET_FUZZ_EXECS = 1500.0          # the campaign loop, as `sandbox fuzz --seed 1 --jobs 1` runs it (goal 2,000)
+TARGET_FUZZ_AUDIT_EXECS = 600.0
 
 
 class BenchError(Exception):
@@ -498,13 +499,43 @@ def fuzz_rate(n: int, audit: bool, seed: int = 1) -> dict:
 
 
 def fuzz_loop_rate(n: int, seed: int = 1) -> dict:
+    """The campaign loop with the CLI's defaults (generation, corpus, one case in
+    8 audited, one in 16 compared with QEMU): what `sandbox fuzz --jobs 1` does."""
     from sandbox.fuzz import campaign as FC
-    w = FC.Worker(FC.Options(seed=seed, cases=n, audit_every=8, minimize=False))
-    t0 = time.perf_counter()
+    w = FC.Worker(FC.Options(seed=seed, cases=n, minimize=False))
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         w.step()
-    dt = time.perf_counter() - t0
-    return {"cases": n, "seconds": dt, "execs_per_s": n / dt, "coverage": len(w.stats.coverage)}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"cases": n, "seconds": dt, "execs_per_s": n / dt, "cpu_seconds": cpu, "execs_per_cpu_s": n / cpu,
+            "coverage": len(w.stats.coverage)}
+
+
+def fuzz_floor_rate(n: int, seed: int = 1, max_insns: int = 1024) -> dict:
+    """The floor beside the fuzz figures: bare Unicorn (no virtualization, no
+    hooks, no oracles) running the same pre-generated cases' code from the same
+    place, with its CPU context restored before each case."""
+    import random as _random
+    from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
+    from unicorn import x86_const as X
+    from sandbox.fuzz.case import CODE_BASE
+    from sandbox.fuzz.generate import gen_grammar
+    rng = _random.Random(seed)
+    cases = [gen_grammar(rng, 64) for _ in range(n)]
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 4 << 20, UC_PROT_ALL)
+    uc.reg_write(X.UC_X86_REG_RSP, 0x90000)
+    ctx = uc.context_save()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for c in cases:
+        uc.mem_write(c.entry, c.code)
+        uc.context_restore(ctx)
+        try:
+            uc.emu_start(c.entry, CODE_BASE + 0x2000, count=max_insns)
+        except UcError:
+            pass                                  # a fault ends the case, as a #VMEXIT or shutdown would
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"cases": n, "seconds": dt, "execs_per_s": n / dt, "execs_per_cpu_s": n / cpu}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -622,8 +653,14 @@ def run(a: argparse.Namespace, log) -> dict:
     log(f"fuzz: {nf:,} 64-instruction cases x {rounds} rounds (fast oracles), {max(1, nf // 4):,} audited")
     fast = max((fuzz_rate(nf, False) for _ in range(rounds)), key=lambda r: r["execs_per_s"])
     aud = max((fuzz_rate(max(1, nf // 4), True) for _ in range(rounds)), key=lambda r: r["execs_per_s"])
-    loop = fuzz_loop_rate(max(1, nf // 2))
-    log(f"  fast {fast['execs_per_s']:.0f}/s   audit {aud['execs_per_s']:.0f}/s   campaign loop {loop['execs_per_s']:.0f}/s")
+    loops, floors = [], []
+    for _ in range(rounds):                       # the campaign loop and its floor, interleaved
+        loops.append(fuzz_loop_rate(max(1, nf // 2)))
+        floors.append(fuzz_floor_rate(max(1, nf // 2)))
+    loop = max(loops, key=lambda r: r["execs_per_s"])
+    floor_f = max(floors, key=lambda r: r["execs_per_s"])
+    log(f"  fast {fast['execs_per_s']:.0f}/s   audit {aud['execs_per_s']:.0f}/s   campaign loop "
+        f"{loop['execs_per_s']:.0f}/s   bare-Unicorn floor {floor_f['execs_per_s']:.0f}/s")
 
     bare_best, sb_best = min(bare_t), min(sb_t)
     best = {k: min(v, key=lambda t: t.median) for k, v in runs.items()}
@@ -640,7 +677,7 @@ def run(a: argparse.Namespace, log) -> dict:
                    "fuzz_cases": nf},
         "environment": {"python": platform.python_version(), "unicorn": UNICORN_VERSION,
                         "sandbox": sandbox.__version__, "machine": platform.machine(),
-                        "cpus": os.cpu_count()},
+                        "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "hot_loop": {
             "bare_s": bare_best, "sandbox_s": sb_best,
             "bare_iters_per_s": n / bare_best, "sandbox_iters_per_s": n / sb_best,
@@ -667,11 +704,14 @@ def run(a: argparse.Namespace, log) -> dict:
                 "rounds": {"sandbox_median_us": [t.median for t in runs["out"]]}},
         "cold_touch": touch,
         "load_average": os.getloadavg(),
-        "fuzz": {"fast": fast, "audit": aud, "campaign_loop": loop},
+        "fuzz": {"fast": fast, "audit": aud, "campaign_loop": loop, "floor": floor_f,
+                 "ratio_to_floor": loop["execs_per_s"] / floor_f["execs_per_s"]},
         "sev": sev,
         "targets": {
-            "fuzz_execs_per_s": {"value": fast["execs_per_s"], "target": f">= {TARGET_FUZZ_EXECS:g}/s",
-                                 "met": fast["execs_per_s"] >= TARGET_FUZZ_EXECS},
+            "fuzz_execs_per_s": {"value": loop["execs_per_s"], "target": f">= {TARGET_FUZZ_EXECS:g}/s",
+                                 "met": loop["execs_per_s"] >= TARGET_FUZZ_EXECS},
+            "fuzz_audit_execs_per_s": {"value": aud["execs_per_s"], "target": f">= {TARGET_FUZZ_AUDIT_EXECS:g}/s",
+                                       "met": aud["execs_per_s"] >= TARGET_FUZZ_AUDIT_EXECS},
             "sev_ratio": sev["target"],
             "hot_loop_ratio": {"value": ratio, "target": f">= {TARGET_RATIO}", "met": ratio >= TARGET_RATIO},
             "cpuid_floor_ratio": {"value": cpuid_x,
@@ -766,14 +806,17 @@ def show(res: dict) -> None:
               ok(tg["cold_touch_us"]["met"]))
     f = res["fuzz"]
     t.add_section()
-    t.add_row("[bold]fuzz execs/s, 64-insn cases, fast oracles, one core[/]",
-              f"[bold]{f['fast']['execs_per_s']:.0f}/s[/]", f"{f['fast']['cases']:,} cases",
+    cl, fl = f["campaign_loop"], f["floor"]
+    t.add_row("[bold]fuzz campaign loop, one core (CLI defaults: 1 in 8 audited, 1 in 16 vs QEMU)[/]",
+              f"[bold]{cl['execs_per_s']:.0f}/s[/] ({cl['execs_per_cpu_s']:.0f}/s of CPU)",
+              f"bare Unicorn, same cases' code, context restore: {fl['execs_per_s']:.0f}/s "
+              f"({fl['execs_per_cpu_s']:.0f}/s of CPU); ratio {f['ratio_to_floor']:.3f}",
               tg["fuzz_execs_per_s"]["target"], ok(tg["fuzz_execs_per_s"]["met"]))
-    t.add_row("  pages restored per case (mean)", f"{f['fast']['mean_dirty_pages']:.1f}", "", "", "")
-    t.add_row("fuzz execs/s, soundness audit of every instruction", f"{f['audit']['execs_per_s']:.0f}/s",
-              f"{f['audit']['cases']:,} cases, {f['audit']['audited_insns_per_case']:.0f} insns each", "", "")
-    t.add_row("campaign loop (generation, corpus, 1 in 8 audited)", f"{f['campaign_loop']['execs_per_s']:.0f}/s",
-              f"{f['campaign_loop']['cases']:,} cases", "", "")
+    t.add_row("fuzz harness alone, fast oracles (pre-generated cases)", f"{f['fast']['execs_per_s']:.0f}/s",
+              f"{f['fast']['cases']:,} cases, {f['fast']['mean_dirty_pages']:.1f} pages restored each", "", "")
+    t.add_row("fuzz harness, soundness audit of every instruction", f"{f['audit']['execs_per_s']:.0f}/s",
+              f"{f['audit']['cases']:,} cases, {f['audit']['audited_insns_per_case']:.0f} insns each",
+              tg["fuzz_audit_execs_per_s"]["target"], ok(tg["fuzz_audit_execs_per_s"]["met"]))
     con = Console()
     if not con.is_terminal:
         con = Console(width=132)

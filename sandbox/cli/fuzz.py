@@ -17,6 +17,7 @@ from ..fuzz.case import CODE_WINDOW, Case, CaseError
 from ..fuzz.differential import differential
 from ..fuzz.oracle import Finding, findings
 from ..fuzz.snapshot import Harness
+from ..hypervisor.machine import PAGING_MODES
 from ..svm.exitcodes import exit_name
 from ..fuzz.arcs import ReportError, arc_count, html_report
 from ..fuzz.cluster import ray_module, run_ray
@@ -32,6 +33,8 @@ examples:
   sandbox fuzz --seconds 60 --seed 1
   sandbox fuzz --cases 20000 --jobs 2 --corpus corpus/ --crashes crashes/
   sandbox fuzz --seconds 30 --audit            # audit every case (slower)
+  sandbox fuzz --seconds 60 --paging shadow     # the hypervisor's shadow tables instead of nested paging
+  sandbox fuzz --seconds 60 --sev               # an SEV guest (encrypted RAM)
   sandbox run crashes/missed-0123456789ab.case --audit   # replay a finding
   sandbox fuzz --target vmrun --seconds 30 --crashes crashes/   # VMCB states at VMRUN's checks
   sandbox fuzz --seconds 60 --hooks hooks/buggy_handlers.py --crashes crashes/   # your handlers
@@ -54,6 +57,10 @@ def add_parser(sub) -> None:
     f.add_argument("--differential-every", type=int, default=16, metavar="N",
                    help="compare one case in N with Unicorn's bundled QEMU SVM (0: never; default 16)")
     f.add_argument("--insns", type=int, default=64, metavar="N", help="instructions per generated case (1-%d)" % (CODE_WINDOW // 16))
+    f.add_argument("--paging", choices=PAGING_MODES, default="nested",
+                   help="how the hypervisor virtualizes guest memory: nested paging or shadow tables (default nested)")
+    f.add_argument("--sev", action="store_true",
+                   help="launch the guest with SEV: its RAM encrypted in DRAM, its tables with the C-bit (nested paging)")
     f.add_argument("--no-minimize", action="store_true", help="save findings unminimized")
     f.add_argument("--stop-on-finding", action="store_true", help="end the campaign at the first finding")
     f.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -133,7 +140,7 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
             raise CliError(f"--hooks {e}") from None
     opts = C.Options(seed=a.seed, seconds=a.seconds, cases=a.cases, jobs=a.jobs, corpus=a.corpus,
                      crashes=a.crashes, audit=a.audit, audit_every=a.audit_every,
-                     differential_every=a.differential_every, n_insns=a.insns,
+                     differential_every=a.differential_every, n_insns=a.insns, paging=a.paging, sev=a.sev,
                      minimize=not a.no_minimize, stop_on_finding=a.stop_on_finding, hooks=a.hooks,
                      arcs=not a.no_arcs)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -158,7 +165,7 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
         # directories, loading the corpus): nothing ran, nothing is lost
         stats, secs, interrupted = C.Stats(), 0.0, True
     summary = {
-        "seed": a.seed, "jobs": a.jobs, "execs": stats.execs, "audited": stats.audited, "differential": stats.differential, "seconds": round(secs, 2),
+        "seed": a.seed, "jobs": a.jobs, "paging": a.paging, "sev": a.sev, "execs": stats.execs, "audited": stats.audited, "differential": stats.differential, "seconds": round(secs, 2),
         "execs_per_s": round(stats.execs / secs, 1) if secs else 0.0, "interrupted": interrupted,
         "coverage": len(stats.coverage), "arcs": arc_count(stats.coverage), "corpus_added": stats.corpus,
         "exits": {exit_name(c): n for c, n in stats.exits.most_common()},
@@ -200,7 +207,7 @@ def replay_case(a: argparse.Namespace) -> int:
         case = Case.load(a.image)
     except CaseError as e:
         raise CliError(str(e)) from None
-    h = Harness(audit=a.audit)
+    h = Harness(audit=a.audit, paging=case.paging, sev=case.sev)      # the machine the case ran on
     guard = None
     if getattr(a, "hooks", None):
         try:

@@ -366,11 +366,14 @@ class Auditor:
         self.pending: tuple[int, Expect] | None = None
         self.steps = 0
         self.enabled = False
+        self._pages: dict[int, int] = {}        # guest page -> host page of the code read (see _bytes)
+        self._pages_key: tuple | None = None
         harness.uc.hook_add(UC_HOOK_CODE, self._step, None, 1, 0)
         self._cpu = cpu
 
     def begin(self) -> None:
         self.findings, self.pending, self.steps, self.enabled = [], None, 0, True
+        self._pages_key = None
 
     def end(self) -> list[AuditFinding]:
         self.enabled = False
@@ -378,16 +381,28 @@ class Auditor:
         return self.findings
 
     def _bytes(self, rip: int) -> bytes:
-        w = self._cpu.walker()
+        """Up to 15 bytes at ``rip`` through the guest's translation.  Pages are
+        translated once while the processor's TLB is not flushed (a guest that
+        rewrites an entry without a flush runs on the old translation too) and
+        until the next exit."""
+        tlb = self._cpu.tlb
+        key = (id(tlb.stats), tlb.stats.flushes, self.state.cpl() == 3)
+        if key != self._pages_key:
+            self._pages_key, self._pages = key, {}
+        pages, w = self._pages, None
         out = b""
         a = rip
         while len(out) < 15:
-            try:
-                t = w.translate(a, Access.FETCH, self.state.cpl() == 3, set_ad=False)
-            except Exception:
-                break
+            hpa = pages.get(a >> 12)
+            if hpa is None:
+                try:
+                    w = w or self._cpu.walker()
+                    hpa = pages[a >> 12] = w.translate(a & ~0xFFF, Access.FETCH, key[2], set_ad=False).hpa
+                except Exception:
+                    break
             n = min(15 - len(out), 0x1000 - (a & 0xFFF))
-            out += bytes(self.h.mm[t.hpa:t.hpa + n])
+            h = hpa + (a & 0xFFF)
+            out += bytes(self.h.mm[h:h + n])
             a += n
         return out
 
@@ -420,6 +435,7 @@ class Auditor:
     def on_exit(self, rec) -> None:
         if not self.enabled:
             return
+        self._pages_key = None                    # the hypervisor may change the guest's mappings
         p = self.pending
         if p is None:
             return

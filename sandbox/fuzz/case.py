@@ -9,6 +9,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..hypervisor.machine import PAGING_MODES
+
 FORMAT = "sandbox-fuzz-case"
 VERSION = 1
 #: guest-physical (= guest-virtual, identity mapped) base of the code window
@@ -46,6 +48,9 @@ class Case:
     config: VmcbConfig = field(default_factory=VmcbConfig)
     regs: dict[str, int] = field(default_factory=dict)   # initial GPRs
     origin: str = ""                     # generator that made it
+    #: the machine it ran on: the hypervisor's paging mode, and whether the guest was SEV
+    paging: str = "nested"
+    sev: bool = False
 
     @property
     def entry(self) -> int:
@@ -57,7 +62,9 @@ class Case:
                 "offset": self.offset, "regs": {k: hex(v) for k, v in self.regs.items()},
                 "intercepts": [hex(w) for w in c["intercepts"]], "iopm": c["iopm"],
                 "msrpm": [[hex(m), r, w] for m, r, w in c["msrpm"]],
-                "npt": [[hex(g), p, w, x] for g, p, w, x in c["npt"]]}
+                "npt": [[hex(g), p, w, x] for g, p, w, x in c["npt"]],
+                **({"paging": self.paging} if self.paging != "nested" else {}),
+                **({"sev": True} if self.sev else {})}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1)
@@ -86,11 +93,15 @@ class Case:
                 raise CaseError(f"{where}: IOPM port outside 0-0x10002")
             msrpm = [(int(m, 0), bool(r), bool(w)) for m, r, w in d.get("msrpm", [])]
             npt = [(int(g, 0), bool(p), bool(w), bool(x)) for g, p, w, x in d.get("npt", [])]
+            paging, sev = d.get("paging", "nested"), d.get("sev", False)
+            if paging not in PAGING_MODES or not isinstance(sev, bool) or (sev and paging != "nested"):
+                raise CaseError(f"{where}: 'paging' must be one of {', '.join(PAGING_MODES)} and 'sev' "
+                                f"true or false (SEV with nested paging only)")
         except CaseError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CaseError(f"{where}: malformed case file ({type(e).__name__}: {e})") from None
-        return cls(code, offset, VmcbConfig(words, iopm, msrpm, npt), regs, str(d.get("origin", "")))
+        return cls(code, offset, VmcbConfig(words, iopm, msrpm, npt), regs, str(d.get("origin", "")), paging, sev)
 
     @classmethod
     def load(cls, path: str | Path) -> "Case":

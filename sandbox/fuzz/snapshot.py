@@ -1,12 +1,23 @@
 """A prepared machine that runs one case after another from a snapshot.
 
 The snapshot is taken once, after the guest's long-mode entry state is built:
-host DRAM (a copy) and Unicorn's CPU context.  After every case the harness
-finds the pages that changed by comparing each allocated page with the copy
-(one ``memcmp`` per page; measured at about 0.2 ms for the ~520 pages of a
-2 MiB guest, cheaper than a second tracking path and exact whatever wrote the
-page: guest stores, the processor's A/D-bit and event-frame writes, handlers)
-and writes back only those pages, then restores the CPU context.
+host DRAM (a copy outside the Python heap) and Unicorn's CPU context.  After
+every case the harness writes back the pages that differ from the copy, then
+restores the CPU context.
+
+Which pages to compare is tracked, writer by writer: guest stores can only go
+through soft-TLB entries a fill made writable (a fill observer), the
+processor model's own Python stores (event frames, VMSAVE) are reported by
+the processor (a write observer), the hypervisor writes through its
+``HostMemory`` (a subclass here records the pages), and the harness writes
+the code window and the configuration itself.  The processor's A/D-bit
+updates land in page-table pages, which are compared on every case with the
+VMCB, the nested tables and the IOPM/MSRPM.  Each candidate page is one
+``memcmp`` against the copy (no slices, no allocation).  Every
+``check_free_every`` cases (every case in audit mode) all of DRAM is
+compared instead -- 64 KiB chunks, then the pages of a chunk that differs --
+which restores and counts (:attr:`Harness.untracked`) anything the tracking
+missed.
 
 The same comparison is the isolation oracle: a changed page that is neither
 guest RAM, the VMCB nor a nested-table page means guest activity reached host
@@ -16,16 +27,22 @@ on one of its own pages (a fill observer on the processor).
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 
+from unicorn import UC_PROT_WRITE
 from unicorn import x86_const as X
 
-from ..hypervisor.machine import Machine, RunResult
-from ..memory.hostmem import PAGE_SIZE
+from ..hypervisor.machine import PAGING_MODES, Machine, RunResult
+from ..hypervisor.sev_launch import launch_sev
+from ..hypervisor.image import GDT_BASE
+from ..memory.hostmem import PAGE_SIZE, HostMemory
+from ..memory.paging import ADDR_MASK, PTE
+from ..svm.exitcodes import ExitCode
 from ..svm.msrpm import msrpm_bit
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_INTERCEPTS, OFF_RAX, OFF_RIP
@@ -45,8 +62,22 @@ DEFAULT_MAX_EXITS = 64
 #: take about 0.5 s; a limit near that made a seeded campaign's results depend on the
 #: machine's load, so it sits an order of magnitude above.
 DEFAULT_TIMEOUT_S = 5.0
+#: what the shadow MMU intercepts to keep its tables in step with the guest's
+#: (sandbox.hypervisor.shadow.ShadowPager): MOV from/to CR3, INVLPG, #PF
+SHADOW_INTERCEPTS = (ExitCode.CR3_READ, ExitCode.CR3_WRITE, ExitCode.INVLPG, ExitCode.EXCP_PF)
+#: the loader's area (GDT, page tables) below this guest-physical address: its
+#: non-zero pages are compared on every case (the processor sets A/D bits there)
+LOADER_AREA_END = 0x80000
 #: candidate hooks after which the machine is rebuilt
-MAX_HOOKS = 2000
+MAX_HOOKS = 300
+#: pages compared in one ``memcmp`` before the pages of a differing chunk are compared one by one
+CHUNK_PAGES = 16
+
+_libc = ctypes.CDLL(None)
+_memcmp = _libc.memcmp
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_memcmp.restype = ctypes.c_int
+_memmove = ctypes.memmove
 
 
 @dataclass
@@ -65,11 +96,26 @@ class Harness:
     """One Machine, prepared once and restored per case."""
 
     def __init__(self, dram: int = 4 << 20, ram: int = 2 << 20, max_insns: int = DEFAULT_MAX_INSNS,
-                 max_exits: int = DEFAULT_MAX_EXITS, check_free_every: int = 16, audit: bool = False) -> None:
+                 max_exits: int = DEFAULT_MAX_EXITS, check_free_every: int = 16, audit: bool = False,
+                 paging: str = "nested", sev: bool = False) -> None:
+        """``paging``: how the hypervisor virtualizes guest memory, ``"nested"``
+        (the processor's nested paging) or ``"shadow"`` (the hypervisor's shadow
+        tables: every case starts on an empty shadow, and the CR3, INVLPG and
+        #PF intercepts the shadow MMU needs stay armed whatever the case arms).
+        ``sev``: the guest is launched as an SEV guest (its RAM encrypted in
+        DRAM, its tables with the C-bit; nested paging only); each case's code
+        is written encrypted, as the guest's own stores would leave it."""
+        if paging not in PAGING_MODES:
+            raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
+        if sev and paging != "nested":
+            raise ValueError("SEV needs nested paging")
+        self.paging, self.sev = paging, sev
         self.max_insns, self.max_exits = max_insns, max_exits
         #: compare the never-allocated pages every N cases (1: every case, as the audit does)
         self.check_free_every = 1 if audit else check_free_every
         self._restores = 0
+        #: pages the full comparison found changed that the tracking had missed
+        self.untracked = 0
         self._dram, self._ram, self._audit = dram, ram, audit
         self.rebuilds = 0
         self._watch = _Watchdog()
@@ -77,9 +123,28 @@ class Harness:
 
     def _build(self) -> None:
         """A new Machine, prepared and snapshotted."""
-        m = self.m = Machine(dram=self._dram, ram=self._ram)
+        self._written: set[int] = set()
+        mem = _TrackedMemory(self._dram, self._written)
+        m = self.m = Machine(dram=self._dram, ram=self._ram, mem=mem, paging=self.paging)
         g = m.guest
         g.setup_long_mode(CODE_BASE)
+        #: the guest's own CR3 (under shadow paging the VMCB holds the shadow root)
+        self._guest_cr3 = g.vmcb.CR3
+        if m.shadow is not None:
+            m.shadow.attach_cr3(self._guest_cr3)
+        if m.shadow is None and not self.sev:
+            # as if every page had been touched once: the walks of a case then
+            # write no Accessed/Dirty bit, so the tables stay as snapshotted and
+            # the TLB's entries stay good from one case to the next
+            _set_accessed_dirty(m.mem, g.ram[self._guest_cr3 & ~0xFFF], lambda gpa: g.ram.get(gpa & ~0xFFF))
+            _set_accessed_dirty(m.mem, g.npt.root, lambda hpa: hpa)
+        self._engine = None
+        if self.sev:
+            rep = launch_sev(m)
+            self._engine = m.sev.sp.engine_for(rep.asid)
+            m.mem.sync = None
+        #: intercepts the hypervisor itself needs (the shadow MMU's), or'ed into every case's
+        self._required = _words(SHADOW_INTERCEPTS if m.shadow is not None else ())
         self.cpu = cpu = m.cpu
         self.uc = cpu.uc
         self.mm = m.mem.raw
@@ -88,6 +153,7 @@ class Harness:
         fixed = {g.iopm.hpa + i * PAGE_SIZE for i in range(3)} | {g.msrpm.hpa + i * PAGE_SIZE for i in range(2)}
         fixed.add(cpu.vm_hsave_pa)
         allocated = set(m.mem.pages())
+        self._allocated = frozenset(allocated)
         # what is left of the allocation: the VMCB and the nested page tables
         self.npt_pages = frozenset(allocated - self.guest_pages - fixed - {self.vmcb_hpa})
         self.allowed = self.guest_pages | self.npt_pages | {self.vmcb_hpa}
@@ -97,7 +163,16 @@ class Harness:
         self._gpa_hpa = dict(g.ram)
         self._fills_outside: list[int] = []
         self._watch_fills()
-        self._base = bytes(self.mm)
+        self._base = _Snapshot(m.mem.address, m.mem.size)
+        self._alloc_runs = _ranges(self.pages)
+        loader = {g.ram[gpa] for gpa in range(GDT_BASE, LOADER_AREA_END, PAGE_SIZE)
+                  if gpa in g.ram and any(self.mm[g.ram[gpa]:g.ram[gpa] + PAGE_SIZE])}
+        #: compared on every case: all but guest RAM (VMCB, tables, IOPM/MSRPM) and the loader's tables
+        self._always = frozenset((allocated - self.guest_pages) | loader)
+        #: pages whose change makes the TLB's translations stale: guest and nested tables
+        self._table_pages = frozenset(loader | self.npt_pages)
+        self._tlb_good = False
+        cpu.add_write_observer(self._written.add)
         self._ctx = self.uc.context_save()
         self._msrs = dict(m.msrs)
         self._cur_exits: list = []
@@ -107,19 +182,35 @@ class Harness:
         if self._audit:
             self.auditor = Auditor(self)
 
+    def hypervisor_exits(self, case: Case) -> frozenset[int]:
+        """Exit codes the hypervisor arms for itself and ``case`` does not (the
+        shadow MMU's CR3, INVLPG and #PF intercepts): exits a reference that
+        runs the case's own intercepts never sees."""
+        return frozenset(32 * w + b for w in range(6) for b in range(32)
+                         if self._required[w] >> b & 1 and not case.config.intercepts[w] >> b & 1)
+
     # -- isolation: every TLB fill must land on a guest page -------------------------
     def _watch_fills(self) -> None:
-        cpu, guest_pages, out = self.cpu, self.guest_pages, self._fills_outside
+        cpu, guest_pages, out, written = self.cpu, self.guest_pages, self._fills_outside, self._written
+        cache = self.m.mem.cache_base
 
         def on_fill(gva: int, access: int, hpa: int, perms: int) -> None:
-            if cpu.nested_paging and hpa & ~0xFFF not in guest_pages:
+            if perms & UC_PROT_WRITE:
+                written.add(hpa & ~0xFFF)          # guest stores can reach this page
+            # an SEV-private page is reached through the processor's plaintext cache
+            page = (hpa if hpa < cache else hpa - cache) & ~0xFFF
+            if cpu.nested_paging and page not in guest_pages:
                 out.append(hpa)
         cpu.add_fill_observer(on_fill)
 
     def _shed_hooks(self) -> None:
         """Delete the per-address candidate hooks cases left behind (every translated
-        block is checked against every hook, so thousands of them slow Unicorn down)."""
+        block is checked against every hook, so thousands of them slow Unicorn down).
+        Unicorn resolves the hooks' pages through the TLB fill as it deletes them,
+        outside any run and with the snapshot's (host) context loaded, so whatever
+        those fills put in the ASID-tagged TLB is dropped before the next case."""
         self.cpu.shed_candidate_hooks()
+        self._tlb_good = False
         self.rebuilds += 1
 
     def _record(self, rec) -> None:
@@ -141,11 +232,22 @@ class Harness:
             gpa = entry + at
             n = min(len(code) - at, PAGE_SIZE - (gpa & 0xFFF))
             hpa = self._gpa_hpa[gpa & ~0xFFF] + (gpa & 0xFFF)
-            mm[hpa:hpa + n] = code[at:at + n]
+            if self._engine is None:
+                mm[hpa:hpa + n] = code[at:at + n]
+            else:
+                self._write_private(hpa, code[at:at + n])
+            self._written.add(hpa & ~0xFFF)
             at += n
+        if self.sev:
+            # the code went into DRAM behind the memory controller: any plaintext it
+            # cached since the restore (fills outside a run, e.g. Unicorn resolving
+            # the pages of hooks being shed) is stale
+            memctl = m.sev.memctl
+            for p in memctl.cached_pages():
+                memctl.invalidate(p)
         cfg = case.config
         v = self.vmcb_hpa
-        _I6.pack_into(mm, v + OFF_INTERCEPTS, *cfg.intercepts)
+        _I6.pack_into(mm, v + OFF_INTERCEPTS, *(a | b for a, b in zip(cfg.intercepts, self._required)))
         g = m.guest
         io = g.iopm.hpa
         for p in cfg.iopm:
@@ -156,7 +258,7 @@ class Harness:
                 bit = msrpm_bit(msr, wr)
                 if on and bit is not None:
                     mm[ms + (bit >> 3)] |= 1 << (bit & 7)
-        for gpa, present, write, execute in cfg.npt:
+        for gpa, present, write, execute in cfg.npt if m.shadow is None else ():
             if gpa in self._gpa_hpa:
                 g.npt.protect(gpa, present=present, write=write, execute=execute)
         regs = case.regs
@@ -170,14 +272,34 @@ class Harness:
         # anything else the guest ran may have changed under Unicorn
         cpu.reset_translation_caches()
         cpu.gif = True
-        # and the ASID-tagged TLB behind it: the previous case may have
-        # rewritten guest page tables the snapshot restored since
-        cpu.tlb.flush_all()
+        # and the ASID-tagged TLB behind it, unless it holds only what the
+        # snapshot's tables give: the previous case changed no table page,
+        # flushed nothing (no CR3/CR4/INVLPG/TLB_CONTROL) and this case edits no
+        # nested entry (see restore)
+        if not self._tlb_good or cfg.npt:
+            cpu.tlb.flush_all()
+        self._tlb_good = not cfg.npt
+        if m.shadow is not None:
+            m.shadow.attach_cr3(self._guest_cr3)      # an empty shadow: the previous case's tables are gone
         self._after_config = {p: self.mm[p:p + PAGE_SIZE] for p in self.config_pages}
 
+    def _write_private(self, hpa: int, data: bytes) -> None:
+        """Store ``data`` (within one page) into SEV-private guest memory: DRAM
+        gets the page's ciphertext under the guest's key."""
+        page, o = hpa & ~0xFFF, hpa & 0xFFF
+        pt = bytearray(self._engine.decrypt_page(page, bytes(self.mm[page:page + PAGE_SIZE])))
+        pt[o:o + len(data)] = data
+        self.mm[page:page + PAGE_SIZE] = self._engine.encrypt_page(page, bytes(pt))
+
     def run(self, case: Case) -> Outcome:
-        if self.cpu.candidate_hook_count > MAX_HOOKS:
-            self._shed_hooks()
+        try:
+            if self.cpu.candidate_hook_count > MAX_HOOKS:
+                self._shed_hooks()
+        except Exception as e:     # robustness: the processor failing here is a finding, not the end
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            self._tlb_good = False
+            return Outcome(None, crash=f"exception escaped shedding candidate hooks: {type(e).__name__}: {e} "
+                                      f"({tb.filename}:{tb.lineno})")
         self.cpu.decide = planted.decision()        # a planted bug, in processes that run one
         m = self.m
         self._cur_exits, self._cur_handlers = [], []
@@ -212,35 +334,116 @@ class Harness:
         return out
 
     def _dirty_free(self) -> list[int]:
-        """Changed pages among those the allocator never handed out (a whole-range
-        compare first: these are megabytes that almost never change)."""
-        mm, base, out = self.mm, self._base, []
-        for lo, hi in self.free_ranges:
-            if mm[lo:hi] != base[lo:hi]:
-                out += [p for p in range(lo, hi, PAGE_SIZE) if mm[p:p + PAGE_SIZE] != base[p:p + PAGE_SIZE]]
-        return out
+        """Changed pages among those the allocator never handed out (megabytes that
+        almost never change: one ``memcmp`` per chunk)."""
+        return self._base.changed(self.free_ranges)
 
     def restore(self) -> tuple[int, list[str]]:
         """Write back the pages that differ from the snapshot; restore the CPU context.
         Returns (pages restored, isolation findings)."""
-        mm, base = self.mm, self._base
-        dirty = [p for p in self.pages if mm[p:p + PAGE_SIZE] != base[p:p + PAGE_SIZE]]
+        base, size = self._base, self.m.mem.size
+        # a page of the processor's plaintext cache (SEV) stands for its DRAM page
+        cand = self._always.union(p if p < size else p - size for p in self._written)
+        self._written.clear()
+        tables = frozenset()
+        if self.m.shadow is not None:
+            # the shadow tables the hypervisor allocated for this case (the processor
+            # sets A/D bits in them): compared, restored, and its own to write
+            mem = self.m.mem
+            tables = (frozenset(mem.pages()) - self._allocated) | mem.handed_out
+            mem.handed_out.clear()
+            cand |= tables
+        dirty = base.changed_pages(cand)
         self._restores += 1
         if self.check_free_every and self._restores % self.check_free_every == 0:
-            dirty += self._dirty_free()
+            full = base.changed(self._alloc_runs) + self._dirty_free()
+            self.untracked += len(set(full) - set(dirty))
+            dirty = full
         bad = []
         after = getattr(self, "_after_config", {})
+        mm = self.mm
         for p in dirty:
-            if p in self.allowed:
+            if p in self.allowed or p in tables:
                 continue
             if p in after and mm[p:p + PAGE_SIZE] == after[p]:
                 continue          # the hypervisor's own IOPM/MSRPM configuration for this case
             bad.append(f"host page {p:#x} outside the guest's memory, VMCB and tables changed")
         for p in dirty:
-            mm[p:p + PAGE_SIZE] = base[p:p + PAGE_SIZE]
+            base.put_back(p)
+        self._tlb_good = self._tlb_good and self.cpu.tlb.stats.flushes == 0 and \
+            self.m.shadow is None and not self.sev and self._table_pages.isdisjoint(dirty)
+        if self.sev:
+            memctl = self.m.sev.memctl
+            for p in memctl.cached_pages():        # plaintext of the case's pages: decrypted anew
+                memctl.invalidate(p)
         self.uc.context_restore(self._ctx)
         self.cpu.st.dirty = False
         return len(dirty), bad
+
+
+class _TrackedMemory(HostMemory):
+    """Host DRAM that records the pages the hypervisor writes (into ``written``)
+    and the pages it allocates (into :attr:`handed_out`, until cleared)."""
+
+    def __init__(self, size: int, written: set[int]) -> None:
+        super().__init__(size)
+        self._written = written
+        self.handed_out: set[int] = set()
+
+    def alloc_page(self, zero: bool = True) -> int:
+        hpa = super().alloc_page(zero)
+        self.handed_out.add(hpa)
+        self._written.add(hpa)
+        return hpa
+
+    def _note(self, hpa: int, n: int) -> None:
+        self._written.update(range(hpa & ~0xFFF, hpa + max(n, 1), PAGE_SIZE))
+
+    def write(self, hpa: int, data) -> None:
+        super().write(hpa, data)
+        self._note(hpa, len(data))
+
+    def write_u64(self, hpa: int, value: int) -> None:
+        super().write_u64(hpa, value)
+        self._note(hpa, 8)
+
+    def write_u32(self, hpa: int, value: int) -> None:
+        super().write_u32(hpa, value)
+        self._note(hpa, 4)
+
+    def write_u8(self, hpa: int, value: int) -> None:
+        super().write_u8(hpa, value)
+        self._note(hpa, 1)
+
+
+class _Snapshot:
+    """A copy of DRAM outside the Python heap, compared and copied back with
+    ``memcmp``/``memmove`` on addresses (no slices, no allocations per case)."""
+
+    def __init__(self, address: int, size: int) -> None:
+        self._live = address
+        self._buf = ctypes.create_string_buffer(size)
+        self._copy = ctypes.addressof(self._buf)
+        _memmove(self._copy, address, size)
+
+    def changed(self, ranges: list[tuple[int, int]]) -> list[int]:
+        """The pages within ``ranges`` (page-aligned [lo, hi) pairs) that differ from the copy."""
+        live, copy, out = self._live, self._copy, []
+        step = CHUNK_PAGES * PAGE_SIZE
+        for lo, hi in ranges:
+            for c in range(lo, hi, step):
+                n = min(step, hi - c)
+                if _memcmp(live + c, copy + c, n):
+                    out += [p for p in range(c, c + n, PAGE_SIZE) if _memcmp(live + p, copy + p, PAGE_SIZE)]
+        return out
+
+    def changed_pages(self, pages) -> list[int]:
+        """Those of ``pages`` (page addresses) that differ from the copy, in order."""
+        live, copy = self._live, self._copy
+        return [p for p in sorted(pages) if _memcmp(live + p, copy + p, PAGE_SIZE)]
+
+    def put_back(self, page: int) -> None:
+        _memmove(self._live + page, self._copy + page, PAGE_SIZE)
 
 
 class _Watchdog:
@@ -272,6 +475,32 @@ class _Watchdog:
                 if cpu is not None and time.monotonic() > self._deadline:
                     self._cpu = None
                     cpu.expire_timeout()     # as Machine.run's own timeout: flag, then emu_stop
+
+
+def _set_accessed_dirty(mem: HostMemory, root_hpa: int, to_hpa) -> None:
+    """Set A on every present entry of the 4-level tables at ``root_hpa``, and D
+    on every leaf; ``to_hpa(address)`` maps a table address to its host page."""
+    def visit(table: int, level: int) -> None:
+        for i in range(512):
+            a = table + 8 * i
+            e = mem.read_u64(a)
+            if not e & PTE.P:
+                continue
+            leaf = level == 1 or (level in (2, 3) and e & PTE.PS)
+            mem.write_u64(a, e | PTE.A | (PTE.D if leaf else 0))
+            if not leaf:
+                nxt = to_hpa(e & ADDR_MASK)
+                if nxt is not None:
+                    visit(nxt, level - 1)
+    visit(root_hpa, 4)
+
+
+def _words(codes) -> tuple[int, ...]:
+    """The six intercept words with the bits of ``codes`` set."""
+    w = [0] * 6
+    for c in codes:
+        w[c >> 5] |= 1 << (c & 31)
+    return tuple(w)
 
 
 def _ranges(pages: list[int]) -> list[tuple[int, int]]:

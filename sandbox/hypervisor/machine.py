@@ -241,10 +241,11 @@ class Machine:
 
     def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20, *, npt_page: int = PAGE_SIZE,
                  tlb_mode: TlbMode = TlbMode.TAGGED, paging: str = "nested",
-                 platform: str | None = None, nested: bool = False) -> None:
+                 platform: str | None = None, nested: bool = False, mem: HostMemory | None = None) -> None:
+        """``mem``: host DRAM to use (a HostMemory of ``dram`` bytes is made when None)."""
         if paging not in PAGING_MODES:
             raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
-        self.mem = HostMemory(dram)
+        self.mem = mem if mem is not None else HostMemory(dram)
         self.cpu = SvmCpu(self.mem)
         self.cpu.tlb.mode = tlb_mode
         # the hypervisor enables SVM: EFER.SVME and VM_HSAVE_PA (as KVM's svm_hardware_enable)

@@ -48,28 +48,64 @@ class _PageCache:
 def string_io(m: "Machine", info: int, port: int, size: int, count: int, amask: int, step: int) -> None:
     """INS/OUTS of ``count`` elements, one at a time; RCX counts down as each
     completes.  Raises the guest's fault (GuestPageFault, GuestGP) or a
-    NestedFault for the element that could not be moved."""
+    NestedFault for the element that could not be moved.
+
+    Memory is touched once per run of elements within one page: an INS's
+    elements are stored together before the run's page changes (or a fault is
+    raised, so every element before the faulting one is in memory), an OUTS
+    reads its run's page once.  The guest cannot run in between, so only the
+    device sees the per-element order, and it sees it unchanged."""
     is_in, rep = bool(info & IoioInfo.TYPE_IN), bool(info & IoioInfo.REP)
     cache = _PageCache(m, size)
     regs = m.regs
     rdi, rsi, rcx = regs.rdi, regs.rsi, regs.rcx
+    io, mem = m.bus.io, m.mem
+    run_at, run = -1, bytearray()          # INS: host address of the stored run, and its bytes
+    page_at, page = -1, b""                # OUTS: host page of the run being read, and its bytes
+
+    def store() -> None:
+        nonlocal run_at
+        if run:
+            mem.write(run_at, bytes(run) if step > 0 else bytes(run[::-1]))
+            run.clear()
+        run_at = -1
+
     try:
         for _ in range(count):
             if is_in:
-                v = m.bus.io(port, size, True).to_bytes(size, "little")
-                h = cache.hpa(rdi & amask, True)
+                v = io(port, size, True).to_bytes(size, "little")
+                try:
+                    h = cache.hpa(rdi & amask, True)
+                except Exception:
+                    store()
+                    raise
                 if h is None:
+                    store()
                     m.write_virt(rdi & amask, v)
+                elif step > 0 and run and h == run_at + len(run):
+                    run += v
+                elif step < 0 and run and h == run_at - size:
+                    run += v[::-1]
+                    run_at = h
                 else:
-                    m.mem.write(h, v)
+                    store()
+                    run_at, run[:] = h, (v if step > 0 else v[::-1])
                 rdi = (rdi + step) & amask
             else:
                 h = cache.hpa(rsi & amask, False)
-                data = m.read_virt(rsi & amask, size) if h is None else m.mem.read(h, size)
-                m.bus.io(port, size, False, int.from_bytes(data, "little"))
+                if h is None:
+                    data = m.read_virt(rsi & amask, size)
+                else:
+                    if h & ~0xFFF != page_at:
+                        page_at = h & ~0xFFF
+                        page = mem.read(page_at, PAGE_SIZE)
+                    o = h & 0xFFF
+                    data = page[o:o + size]
+                io(port, size, False, int.from_bytes(data, "little"))
                 rsi = (rsi + step) & amask
             if rep:
                 rcx = (rcx - 1) & amask
+        store()
     finally:
         if is_in:
             regs.rdi = rdi

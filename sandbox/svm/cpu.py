@@ -224,6 +224,13 @@ class SvmCpu:
         A processor with no observer pays nothing for the hook."""
         self._fill.add_observer(fn)
 
+    def add_write_observer(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn(hpa_page)`` for every store the processor model itself makes
+        into memory from Python (event frames, VMSAVE).  Guest stores show as
+        writable fills (:meth:`add_fill_observer`); the hypervisor writes
+        through its ``HostMemory``."""
+        self._smc.write_observers.append(fn)
+
     def reset_translation_caches(self) -> None:
         """Forget every code-page scan, cached decode and decision, pending
         cross-modifying-code commit, interrupt-window watch and one-shot

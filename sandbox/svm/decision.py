@@ -27,6 +27,9 @@ from .iopm import IoioInfo
 from .msrpm import msrpm_bit, UNINTERCEPTABLE
 
 CR_VALID = 1 << 63      # EXITINFO1[63]: decode assist valid for MOV CRx (APM §15.8.1)
+#: the control registers MOV CRn may name; any other is #UD (APM vol. 3 MOV CRn), and instruction
+#: intercepts are checked after such simple exceptions (APM vol. 2 §15.9), so it never exits
+MOVABLE_CRS = frozenset({0, 2, 3, 4, 8})
 CR0_TS, CR0_MP = 1 << 3, 1 << 1
 
 
@@ -130,14 +133,14 @@ def _descriptor_read(code_: int):
 
 
 def _mov_from_cr(i, v, rip):
-    if v.cpl:
+    if v.cpl or i.reg not in MOVABLE_CRS:
         return None
     code = 0x00 + i.reg
     return ExitInfo(code, CR_VALID | i.rm) if armed(v, code) else None
 
 
 def _mov_to_cr(i, v, rip):
-    if v.cpl:
+    if v.cpl or i.reg not in MOVABLE_CRS:
         return None
     code = 0x10 + i.reg
     if armed(v, code):

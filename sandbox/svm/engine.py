@@ -98,9 +98,12 @@ class CodeHooks:
 
     def shed(self) -> int:
         """Delete every hook; returns how many there were.  Translated blocks
-        compiled with them must be dropped by the caller."""
-        n = len(self.handles)
-        for hh in self.handles.values():
+        compiled with them must be dropped by the caller.
+
+        Deleting a hook makes Unicorn drop the translated blocks of its page,
+        which it finds through the TLB fill: a fill may scan and add hooks
+        meanwhile (they are kept; a hook on an address is always sound)."""
+        old, self.handles = self.handles, {}
+        for hh in old.values():
             uclib.uc_hook_del(self._h, hh)
-        self.handles.clear()
-        return n
+        return len(old)

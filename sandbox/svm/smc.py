@@ -23,7 +23,7 @@ on the fill or candidate hot paths while no code store is open.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from unicorn import UC_PROT_EXEC, UC_PROT_READ, Uc
 from unicorn import x86_const as X
@@ -60,6 +60,8 @@ class SmcStepper:
         self.open: set[int] = set()
         #: (guest RFLAGS.TF, DR6, RIP) while a store is stepped, else None
         self.step: tuple[int, int, int] | None = None
+        #: told the host page of every store the processor model makes from Python
+        self.write_observers: list[Callable[[int], None]] = []
 
     def connect(self, fill: "TlbFill", scanner: "Scanner", access: "GuestAccess") -> None:
         """Bind the fill (soft-TLB flush, fetched bytes, the probe fill), the
@@ -131,6 +133,8 @@ class SmcStepper:
         """The processor model itself stored into guest memory (an event frame,
         a VMSAVE): a code page it changed is rescanned and its blocks dropped."""
         page = hpa & ~0xFFF
+        for fn in self.write_observers:
+            fn(page)
         if page in self._scanner.code_hpa and page not in self.open:
             self.code_changed(page)
 

@@ -19,6 +19,8 @@ def test_bench_runs_and_reports(tmp_path):
     data = json.loads(out.read_text())
     text = json.dumps(data)
     assert "ratio" in text and "median" in text and data["fuzz"]["fast"]["execs_per_s"] > 0
+    f = data["fuzz"]
+    assert f["floor"]["execs_per_s"] > f["campaign_loop"]["execs_per_s"] > 0 and 0 < f["ratio_to_floor"] < 1
     sev = data["sev"]          # the SEV section ran and its checksums matched
     assert sev["exits"] > 1 and sev["plain_s"] > 0 and sev["sev_s"] > 0 and sev["aes"]["encrypt_MB_s"] > 0
     # issue 11's rows: each figure beside a floor measured in the same run
