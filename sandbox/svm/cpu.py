@@ -145,6 +145,12 @@ class SvmCpu:
         self._ws.vmexit(code, info1, info2, rip=rip, nrip=nrip)
         self._ws.after_exit_in_hook(rip)
 
+    def switch_vmcb(self, vmcb_hpa: int) -> None:
+        """From an exit handler: VMRUN the VMCB at ``vmcb_hpa`` when the handler
+        resumes, inside the same run (see :meth:`WorldSwitch.switch_vmcb`)."""
+        self._ws.switch_vmcb(vmcb_hpa)
+        self.vmcb = VMCB(self.mem, vmcb_hpa)
+
     def require_full_vmrun(self) -> None:
         """Make the next VMRUN take every check and reload the whole VMCB."""
         self._sw.fast_ok = False
