@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from ..arch import EFER_SVME, M64, MSR_EFER
+from ..arch import EFER_SVME, M64, MSR_EFER, RFLAGS_IF
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.npt import NestedPageTable
 from ..memory.paging import PFErr, walk
@@ -41,7 +41,7 @@ from ..svm.events import Vec
 from ..svm.exitcodes import ExitCode
 from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
-from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, NpControl, TlbControl, VIntr)
+from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, NpControl, TlbControl, VIntr)
 from ..svm.world_switch import get_seg, put_seg
 from .guest import Guest, GuestPhysicalMemory
 from .handlers import FIXED_LEAVES, RESUME, Action, handle_msr
@@ -243,7 +243,9 @@ class NestedSvm:
         mem.write(hpa02, bytes(PAGE_SIZE))
         mem.write(hpa02 + SAVE_AREA, mem.read(hpa12 + SAVE_AREA, SAVE_LEN))
         v02 = ctx.vmcb
-        w01 = struct.unpack("<6I", mem.read(self.l1.vmcb_hpa + OFF_INTERCEPTS, 24))
+        w01 = list(struct.unpack("<6I", mem.read(self.l1.vmcb_hpa + OFF_INTERCEPTS, 24)))
+        # L0's interrupt window for L1 (V_IRQ + VINTR in VMCB01) is L1's alone
+        w01[ExitCode.VINTR >> 5] &= ~(1 << (ExitCode.VINTR & 31))
         mem.write(hpa02 + OFF_INTERCEPTS, struct.pack("<6I", *(a | b for a, b in zip(w01, img.ivec))))
         # permission maps: L0's for L1 when L1 does not intercept the class; else all ones,
         # and the exit asks L1's map (read at the exit, as the processor reads it)
@@ -346,6 +348,36 @@ class NestedSvm:
                             execute=r.executable)
         return RESUME
 
+    # ------------------------------------------------------------------ physical interrupts
+    def holds_interrupt(self, nmi: bool = False) -> bool:
+        """A physical interrupt (``nmi``: an NMI) for L1 cannot be taken now.
+
+        While L1 runs: GIF is clear (APM §15.17: between L1's #VMEXIT and its
+        STGI every interrupt, NMI included, is held).  While L2 runs: GIF is
+        set (VMRUN set it); an INTR is masked by L1's RFLAGS.IF as of its
+        VMRUN when VMCB12 has V_INTR_MASKING, else by L2's RFLAGS.IF
+        (§15.21.1), as KVM's ``svm_interrupt_blocked`` reads it."""
+        if not self.guest_mode:
+            return not self.gif
+        if nmi:
+            return False
+        if VMCB(self.m.mem, self.vmcb12_hpa).V_INTR & VIntr.V_INTR_MASKING:
+            return not self.l1.vmcb.RFLAGS & RFLAGS_IF
+        return not self.ctx.vmcb.RFLAGS & RFLAGS_IF
+
+    def exit_on_interrupt(self, nmi: bool = False) -> bool:
+        """L2 runs and L1 intercepts the physical interrupt (INTR or NMI): the
+        interrupt becomes an emulated #VMEXIT to L1 and stays pending for L1,
+        which takes it once its GIF and RFLAGS.IF allow (§15.21.2).  True when done."""
+        if not self.guest_mode:
+            return False
+        code = ExitCode.NMI if nmi else ExitCode.INTR
+        if not VMCB(self.m.mem, self.vmcb12_hpa).intercept(code):
+            return False
+        v02 = self.ctx.vmcb
+        self.reflect(ExitRecord(int(code), 0, 0, 0, v02.RIP, 0))
+        return True
+
     def reflect(self, e: ExitRecord) -> Action:
         """The emulated #VMEXIT from L2 to L1 (APM §15.6): exit fields and L2's state into
         VMCB12, L1 on at the instruction after its VMRUN with GIF = 0."""
@@ -355,7 +387,10 @@ class NestedSvm:
         v02, v12 = ctx.vmcb, VMCB(mem, hpa12)
         mem.write(hpa12 + SAVE_AREA, mem.read(ctx.vmcb_hpa + SAVE_AREA, SAVE_LEN))
         v12.EXITCODE, v12.EXITINFO1, v12.EXITINFO2 = e.exitcode & M64, e.exitinfo1 & M64, e.exitinfo2 & M64
-        v12.EXITINTINFO = e.exitintinfo
+        # an event L1 injected that the processor has not delivered yet goes back in
+        # EXITINTINFO (APM §15.7.2), as an interrupted delivery would
+        pending = v02.EVENTINJ
+        v12.EXITINTINFO = e.exitintinfo or (pending if pending & Event.VALID else 0)
         v12.NRIP = e.nrip
         v12.EVENTINJ = 0
         v12.INTERRUPT_SHADOW = v02.INTERRUPT_SHADOW

@@ -241,8 +241,13 @@ class PcPlatform:
         return True
 
     # ------------------------------------------------------------- injection
+    def _window_vmcb(self):
+        """The VMCB of the guest the APIC belongs to (under nested SVM, L1's)."""
+        n = self.m.nested
+        return n.l1.vmcb if n is not None else self.m.guest.vmcb
+
     def _open_window(self) -> None:
-        v = self.m.guest.vmcb
+        v = self._window_vmcb()
         if not self.window:
             v.V_INTR = (v.V_INTR | VIntr.V_IRQ | VIntr.V_IGN_TPR)
             v.set_intercept(ExitCode.VINTR)
@@ -251,10 +256,34 @@ class PcPlatform:
 
     def _close_window(self) -> None:
         if self.window:
-            v = self.m.guest.vmcb
+            v = self._window_vmcb()
             v.V_INTR = v.V_INTR & ~(VIntr.V_IRQ | VIntr.V_IGN_TPR)
             v.set_intercept(ExitCode.VINTR, False)
             self.window = False
+
+    def _nested_route(self, n) -> bool:
+        """Nested SVM: True when the APIC's interrupt is not for the VMCB now
+        current -- held (GIF clear, or masked while L2 runs: the next exit looks
+        again) or turned into L1's #VMEXIT(INTR/NMI).  L0's interrupt window
+        belongs to L1's VMCB; while L2 runs none is opened."""
+        nmi = self.apic.nmi_pending and not self.nmi_in_service
+        if nmi:
+            if n.holds_interrupt(nmi=True):
+                return True
+            if n.exit_on_interrupt(nmi=True):
+                return True
+            return False
+        if self.apic.pending_vector() is None:
+            return False
+        if n.holds_interrupt():
+            if self.window and not n.guest_mode:
+                self._close_window()
+            return True
+        if n.exit_on_interrupt():
+            return True
+        if n.guest_mode and (self.m.guest.vmcb.INTERRUPT_SHADOW & 1 or not self.m.guest.vmcb.RFLAGS & RFLAGS_IF):
+            return True
+        return False
 
     def after_exit(self, m: "Machine", e) -> "Action | None":
         """Resume hook: end the run on a debug-exit write, else queue what the APIC presents."""
@@ -266,6 +295,9 @@ class PcPlatform:
         if not apic.irr and not apic.nmi_pending:
             if self.window:
                 self._close_window()
+            return None
+        n = m.nested
+        if n is not None and self._nested_route(n):
             return None
         v = m.guest.vmcb
         if v.EVENTINJ & (1 << 31):
