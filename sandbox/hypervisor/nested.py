@@ -346,6 +346,10 @@ class NestedSvm:
         # writable in the shadow only once L1's leaf is Dirty: L2's first write walks again and sets D
         self.ctx.shadow.map(l2gpa & ~0xFFF, hpa, write=r.writable and (access == 1 or r.dirty),
                             execute=r.executable)
+        if e.exitintinfo & Event.VALID:
+            # the NPF interrupted an event's delivery (e.g. L1's EVENTINJ through L2's IDT):
+            # L0 injects it again, from EXITINTINFO (APM §15.7.2)
+            self.ctx.vmcb.EVENTINJ = e.exitintinfo
         return RESUME
 
     # ------------------------------------------------------------------ physical interrupts

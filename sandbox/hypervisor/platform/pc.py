@@ -199,7 +199,14 @@ class PcPlatform:
         m.advance(e)
         if self.apic.nmi_pending:
             return RESUME
-        if m.guest.vmcb.RFLAGS & RFLAGS_IF:
+        n = m.nested
+        if n is not None and n.guest_mode:
+            # L2's HLT: an interrupt wakes it when it is not masked for L2 -- by L1's IF under
+            # V_INTR_MASKING (APM §15.21.1) -- and then either exits to L1 or reaches L2
+            wakes = not n.holds_interrupt()
+        else:
+            wakes = bool(m.guest.vmcb.RFLAGS & RFLAGS_IF)
+        if wakes:
             if self.apic.pending_vector() is not None:
                 return RESUME
             d = self.apic.deadline_ns
