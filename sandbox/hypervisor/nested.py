@@ -369,6 +369,14 @@ class NestedSvm:
             return not self.l1.vmcb.RFLAGS & RFLAGS_IF
         return not self.ctx.vmcb.RFLAGS & RFLAGS_IF
 
+    def l1_leaves_virq_to_l0(self) -> bool:
+        """L2 runs and VMCB12 has neither V_IRQ nor the VINTR intercept nor V_INTR_MASKING:
+        L0 may use VMCB02's V_IRQ for an interrupt window of its own."""
+        if not self.guest_mode:
+            return False
+        v12 = VMCB(self.m.mem, self.vmcb12_hpa)
+        return not v12.V_INTR & (VIntr.V_IRQ | VIntr.V_INTR_MASKING) and not v12.intercept(ExitCode.VINTR)
+
     def exit_on_interrupt(self, nmi: bool = False) -> bool:
         """L2 runs and L1 intercepts the physical interrupt (INTR or NMI): the
         interrupt becomes an emulated #VMEXIT to L1 and stays pending for L1,
@@ -398,7 +406,9 @@ class NestedSvm:
         v12.NRIP = e.nrip
         v12.EVENTINJ = 0
         v12.INTERRUPT_SHADOW = v02.INTERRUPT_SHADOW
-        keep = VIntr.V_IRQ | 0xF                # V_IRQ and V_TPR go back to L1
+        # V_TPR goes back to L1, and V_IRQ (cleared once the virtual interrupt was taken) when
+        # L1 had set it -- a V_IRQ L0 set in VMCB02 for its own window stays L0's
+        keep = (VIntr.V_IRQ if v12.V_INTR & VIntr.V_IRQ else 0) | 0xF
         v12.V_INTR = (v12.V_INTR & ~keep) | (v02.V_INTR & keep)
         self.guest_mode = False
         self.gif = False                        # #VMEXIT clears GIF (APM §15.17)

@@ -219,8 +219,28 @@ class PcPlatform:
 
     def _handle_vintr(self, m: "Machine", e) -> "Action":
         """The interrupt window opened: drop the request; after_exit injects."""
+        n = m.nested
+        if n is not None and n.guest_mode:
+            v = m.guest.vmcb                  # L0's window in VMCB02 (see _open_l2_window)
+            v.V_INTR = v.V_INTR & ~(VIntr.V_IRQ | VIntr.V_IGN_TPR)
+            v.set_intercept(ExitCode.VINTR, False)
+            return RESUME
         self._close_window()
         return RESUME
+
+    def _open_l2_window(self, n) -> None:
+        """L2 masks the interrupt with its own RFLAGS.IF (no V_INTR_MASKING): ask the
+        processor for L2's interrupt window in VMCB02 -- V_IRQ with V_IGN_TPR and the
+        VINTR intercept (APM §15.21.4) -- unless L1 uses V_IRQ or VINTR for L2 itself.
+        VMCB02 is rebuilt at every VMRUN and its V_IRQ goes back to VMCB12 only when L1
+        had set it, so the window never reaches L1."""
+        if not n.l1_leaves_virq_to_l0():
+            return
+        v = self.m.guest.vmcb
+        if not v.V_INTR & VIntr.V_IRQ:
+            v.V_INTR = v.V_INTR | VIntr.V_IRQ | VIntr.V_IGN_TPR
+            v.set_intercept(ExitCode.VINTR)
+            self.injected["windows"] += 1
 
     def _handle_iret(self, m: "Machine", e) -> "Action":
         """IRET of an NMI handler: NMIs are unblocked once it completes.  A
@@ -285,6 +305,8 @@ class PcPlatform:
         if n.holds_interrupt():
             if self.window and not n.guest_mode:
                 self._close_window()
+            if n.guest_mode:
+                self._open_l2_window(n)
             return True
         if n.exit_on_interrupt():
             return True
