@@ -394,8 +394,6 @@ def main(argv: list[str] | None = None) -> int:
             progress.stop()
     if a.json:
         print(json.dumps([asdict(r) for r in results], indent=1))
-    elif a.subtests:
-        print_subtests(results, with_qemu)
     else:
         out = Console(width=None if sys.stdout.isatty() else 200)
         out.print(table(results, with_qemu))
@@ -408,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 why[k] = why.get(k, 0) + 1
         out.print(f"{len(ran)} run, {ok} passed under the sandbox; {len(results) - len(ran)} skipped: "
                   + ", ".join(f"{n} {k}" for k, n in sorted(why.items())))
+        if a.subtests:
+            print_subtests(results, with_qemu)
     return 0
 
 
