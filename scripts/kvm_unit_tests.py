@@ -224,7 +224,7 @@ def run_sandbox(path: str, args: str, timeout: float) -> Outcome:
         cmd += ["--append", args]
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60, cwd=REPO,
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 240, cwd=REPO,
                            env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
     except subprocess.TimeoutExpired:
         o.seconds, o.ended, o.verdict = time.monotonic() - t0, "killed (timeout)", "ERROR"
