@@ -44,7 +44,8 @@ from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
 from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, NpControl, TlbControl, VIntr)
 from ..svm.world_switch import get_seg, put_seg
 from .guest import Guest, GuestPhysicalMemory
-from .handlers import FIXED_LEAVES, RESUME, Action, handle_msr
+from .handlers import FIXED_LEAVES, RESUME, Action, handle_mmio, handle_msr
+from .devices import MmioMode
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -340,6 +341,12 @@ class NestedSvm:
             info1 = fault | (err & (PFErr.FINAL | PFErr.PT_WALK))
             return self.reflect(ExitRecord(int(ExitCode.NPF), info1, l2gpa, e.exitintinfo, e.rip, 0, e.insn))
         hpa = npt01.lookup(r.phys & ~0xFFF)
+        region = m.bus.region(r.phys) if hpa is None else None
+        if region is not None and region.mode is MmioMode.TRAP:
+            # L1's NPT maps the L2 page onto one of L1's device windows (the APIC): the
+            # access is L1's device access, emulated at the L1 address like L1's own
+            return handle_mmio(m, ExitRecord(int(ExitCode.NPF), e.exitinfo1, r.phys, e.exitintinfo, e.rip,
+                                             e.nrip, e.insn), region)
         if hpa is None:
             return m.stop("npf", f"L2 GPA {l2gpa:#x} -> L1 GPA {r.phys:#x} is not L1 RAM (MMIO under L2 "
                                  "is not emulated)")
