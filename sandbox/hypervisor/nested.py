@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from ..arch import EFER_SVME, M64, MSR_EFER, RFLAGS_IF
+from ..arch import EFER_NXE, EFER_SVME, M64, MSR_EFER, RFLAGS_IF
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.npt import NestedPageTable
 from ..memory.paging import PFErr, walk
@@ -332,7 +332,10 @@ class NestedSvm:
         def wr(a: int, v: int) -> None:
             m.mem.write(npt01.lookup(a), _Q.pack(v))
         try:
-            r = walk(self.n_cr3_12, l2gpa, access, True, rd, wr, wp=True, nxe=True)
+            # L1's NPT is walked as L1's processor would: its NX bit is reserved while L1's
+            # EFER.NXE is clear (APM §15.25.2, the host's NXE applies to nested tables)
+            nxe = bool(self.l1.vmcb.EFER & EFER_NXE)
+            r = walk(self.n_cr3_12, l2gpa, access, True, rd, wr, wp=True, nxe=nxe)
         except LookupError:
             r = None
         self.ctx.record_walked(pages)
