@@ -17,6 +17,11 @@ test also runs under QEMU TCG the way the suite's BUILD.md does
 entry's own QEMU parameters), and the table gets the same columns for it.
 
     python scripts/kvm_unit_tests.py [--dir DIR] [--only GLOB] [--timeout S] [--qemu auto|yes|no] [--json]
+                                     [--smp-on-one-cpu] [--subtests] [--append ARGS]
+
+The sandbox runs every binary with ``--nested`` (the guest sees SVM, as QEMU's
+``+svm`` CPU offers it).  ``--subtests`` lists each test's report lines side
+by side, with the subtest an engine was in when its run was cut off.
 """
 from __future__ import annotations
 
@@ -79,6 +84,8 @@ class Outcome:
     seconds: float = 0.0
     summary: str = ""
     last_line: str = ""            # the test's last output line (vmexit.flat and sieve.flat print no report lines)
+    reports: list[str] = field(default_factory=list)   # the report lines, e.g. "FAIL: asid_zero"
+    running: str = ""              # the subtest that had started last ("SVM test: NAME") when the run ended
     verdict: str = ""              # PASS / FAIL / SKIP / ERROR, as kvm-unit-tests' runner says it
 
 
@@ -183,7 +190,11 @@ def skip_reason(e: Entry, xdir: str) -> str:
 
 
 def parse_output(text: str, o: Outcome) -> None:
-    kinds = REPORT.findall(text.replace("\r", ""))
+    text = text.replace("\r", "")
+    o.reports = [m.group(0) for m in re.finditer(r"^(?:PASS|FAIL|SKIP|XFAIL|XPASS): .*$", text, re.M)]
+    started = re.findall(r"^SVM test: (.*)$", text, re.M)
+    o.running = started[-1] if started else ""
+    kinds = REPORT.findall(text)
     o.passed = kinds.count("PASS") + kinds.count("XFAIL")
     o.failed = kinds.count("FAIL") + kinds.count("XPASS")
     o.skipped = kinds.count("SKIP")
@@ -207,12 +218,13 @@ def verdict(o: Outcome) -> str:
 
 def run_sandbox(path: str, args: str, timeout: float) -> Outcome:
     o = Outcome()
-    cmd = [sys.executable, "-m", "sandbox.cli", "run", path, "--json", "--quiet", "--timeout", str(timeout)]
+    # --nested: the guest sees SVM, as QEMU's -cpu max,+svm offers it (the svm*.flat tests are L1 hypervisors)
+    cmd = [sys.executable, "-m", "sandbox.cli", "run", path, "--json", "--quiet", "--nested", "--timeout", str(timeout)]
     if args:
         cmd += ["--append", args]
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60, cwd=REPO,
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 240, cwd=REPO,
                            env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
     except subprocess.TimeoutExpired:
         o.seconds, o.ended, o.verdict = time.monotonic() - t0, "killed (timeout)", "ERROR"
@@ -288,6 +300,38 @@ def table(results: list[Result], with_qemu: bool):
     return t
 
 
+def subtest_rows(r: Result) -> list[tuple[str, str, str]]:
+    """(report text, sandbox verdict, QEMU verdict) per report line, in the order the
+    test printed them; a subtest an engine never reached is "-", the one it was in when
+    it stopped "stalled"."""
+    names: list[str] = []
+    got: dict[str, dict[str, str]] = {}
+    for who, o in (("sandbox", r.sandbox), ("qemu", r.qemu)):
+        if o is None:
+            continue
+        for line in o.reports:
+            kind, _, text = line.partition(": ")
+            if text not in got:
+                names.append(text)
+                got[text] = {}
+            got[text].setdefault(who, kind)
+        if o.running and o.running not in got and o.verdict == "ERROR":
+            names.append(o.running)
+            got[o.running] = {}
+        if o.running and o.verdict == "ERROR":
+            got[o.running].setdefault(who, "stalled")
+    return [(n, got[n].get("sandbox", "-"), got[n].get("qemu", "-")) for n in names]
+
+
+def print_subtests(results: list[Result], with_qemu: bool) -> None:
+    for r in results:
+        if r.sandbox is None or not (r.sandbox.reports or (r.qemu and r.qemu.reports)):
+            continue
+        print(f"\n{r.name} ({r.file} {r.args})")
+        for text, sb, q in subtest_rows(r):
+            print(f"  {sb:8} {q if with_qemu else '':8} {text}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default=DEFAULT_DIR, help="kvm-unit-tests build (with x86/unittests.cfg)")
@@ -299,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--smp-on-one-cpu", action="store_true",
                     help="run entries that ask for several CPUs on one anyway (as BUILD.md's reference run of svm.flat)")
+    ap.add_argument("--subtests", action="store_true",
+                    help="after the table, each test's report lines side by side (sandbox | QEMU)")
+    ap.add_argument("--append", metavar="ARGS", default=None,
+                    help="replace every entry's command line (e.g. svm.flat's subtest filters)")
     a = ap.parse_args(argv)
     xdir = os.path.join(a.dir, "x86")
     cfg = os.path.join(xdir, "unittests.cfg")
@@ -325,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("kvm-unit-tests", total=len(entries))
     try:
         for e in entries:
-            args = command_line(e)
+            args = command_line(e) if a.append is None else a.append
             if a.smp_on_one_cpu:
                 e.smp = 1
             r = Result(e.name, e.file, args, skip_reason(e, xdir))
@@ -358,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 why[k] = why.get(k, 0) + 1
         out.print(f"{len(ran)} run, {ok} passed under the sandbox; {len(results) - len(ran)} skipped: "
                   + ", ".join(f"{n} {k}" for k, n in sorted(why.items())))
+        if a.subtests:
+            print_subtests(results, with_qemu)
     return 0
 
 

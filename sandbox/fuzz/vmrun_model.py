@@ -92,6 +92,11 @@ def verdict(s: VmrunState, dram: int, sev_supported: bool = False) -> Verdict:
         bad("CR0[63:32] are not zero")
     if long_mode and s.cr3 & CR3_LONG_MBZ:
         bad("an MBZ bit of CR3 (long mode, 63:52) is set")
+    elif s.cr0 & CR0_PG and s.cr3 >> PHYS_BITS:
+        # bits 51:MAXPHYADDR (long mode) or 63:MAXPHYADDR (legacy paging): the figures call
+        # them reserved, not MBZ; KVM (kvm_vcpu_is_legal_cr3) and kvm-unit-tests' svm_pae /
+        # svm_pse tests expect VMEXIT_INVALID, the APM's §15.5.1 list does not say
+        v.unspecified.append("CR3 sets bits at or beyond MAXPHYADDR in a paging mode")
     if s.cr4 & CR4_MBZ:
         bad("an MBZ bit of CR4 is set")
     if s.cr4 & CR4_FEATURE:

@@ -287,8 +287,6 @@ class Machine:
         self.shadow: ShadowPager | None = ShadowPager(self) if paging == "shadow" else None
         #: devices and interrupt plumbing beyond COM1 (``platform="pc"``: see sandbox.hypervisor.platform)
         self.platform: PcPlatform | None = install_platform(self, platform) if platform is not None else None
-        #: a world switch to another VMCB asked for by a handler (nested SVM), taken by :meth:`run`
-        self._switch_pending = False
         #: nested SVM for the guest (opt-in, as KVM's ``nested=1``): see :mod:`sandbox.hypervisor.nested`
         if nested and paging != "nested":
             raise ValueError("nested SVM needs nested paging for its guest (as KVM's nested=1 with npt=1)")
@@ -317,11 +315,11 @@ class Machine:
         self.guest = guest
 
     def switch_to(self, guest: Guest) -> Action:
-        """From a handler: end this VMRUN and enter ``guest`` next (the
-        processor takes the other VMCB at once, inside the same :meth:`run`)."""
+        """From a handler: resume into ``guest`` instead (the processor takes
+        the other VMCB at once, inside the same run and the same hook)."""
         self.use(guest)
-        self._switch_pending = True
-        return STOP
+        self.cpu.switch_vmcb(guest.vmcb_hpa)
+        return RESUME
 
     # -- devices ---------------------------------------------------------------
     def map_mmio(self, gpa: int, size: int, device: object, mode: MmioMode = MmioMode.TRAP) -> MmioRegion:
@@ -580,17 +578,12 @@ class Machine:
         # the processor stops when it takes exit number max_exits + 1 of this run, undispatched
         limits = RunLimits(max_insns=max_insns, timeout_s=timeout,
                            max_exits=self.cpu.exit_count + max_exits + 1)
-        while True:
-            self._switch_pending = False
-            try:
-                stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
-            except VmrunError as e:
-                stop = StopInfo(StopReason.ERROR, str(e))
-            if stop.reason in _RESUMABLE_STOPS and not (self.sev is not None and self.sev.es is not None):
-                self.cpu.save_stopped_state()      # a later run() continues where this one stopped
-            # nested SVM: a world switch between L1 and L2 ends the processor's VMRUN; enter again
-            if not (self._switch_pending and self._stop_reason is None and stop.reason == StopReason.EXIT):
-                break
+        try:
+            stop = self.cpu.vmrun(self.guest.vmcb_hpa, self._dispatch, limits)
+        except VmrunError as e:
+            stop = StopInfo(StopReason.ERROR, str(e))
+        if stop.reason in _RESUMABLE_STOPS and not (self.sev is not None and self.sev.es is not None):
+            self.cpu.save_stopped_state()          # a later run() continues where this one stopped
         if self._stop_reason is not None and stop.reason == StopReason.EXIT:
             reason, detail = self._stop_reason
         else:

@@ -30,21 +30,22 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from ..arch import EFER_SVME, M64, MSR_EFER
+from ..arch import EFER_NXE, EFER_SVME, M64, MSR_EFER, RFLAGS_IF
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.npt import NestedPageTable
 from ..memory.paging import PFErr, walk
-from ..svm.consistency import IOPM_SIZE, MSRPM_SIZE, VmcbImage, consistency
+from ..svm.consistency import VmcbImage, consistency
 from ..svm.cpu import ExitRecord
 from ..svm.cpustate import R_FS, R_GS
 from ..svm.events import Vec
 from ..svm.exitcodes import ExitCode
 from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
-from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, NpControl, TlbControl, VIntr)
+from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, NpControl, TlbControl, VIntr)
 from ..svm.world_switch import get_seg, put_seg
 from .guest import Guest, GuestPhysicalMemory
-from .handlers import FIXED_LEAVES, RESUME, Action, handle_msr
+from .handlers import FIXED_LEAVES, RESUME, Action, handle_mmio, handle_msr
+from .devices import MmioMode
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -79,22 +80,41 @@ class NestedContext(GuestPhysicalMemory):
         self.mem, self.l1, self.ram_size, self.npt_page = mem, l1, l1.ram_size, PAGE_SIZE
         self.vmcb_hpa = mem.alloc_page()
         self.vmcb = VMCB(mem, self.vmcb_hpa)
+        #: all ones: while L1 intercepts IOIO (MSR), every L2 port (MSR) access exits to L0,
+        #: which reads L1's own map at the exit -- L1 may change its map while L2 runs
         self.iopm = IOPM(mem, mem.alloc_contiguous(IOPM_PAGES))
         self.msrpm = MSRPM(mem, mem.alloc_contiguous(MSRPM_PAGES))
+        self.iopm.set_all(True)
+        self.msrpm.set_all(True)
         self.shadow = NestedPageTable(mem)
         self.npt: NestedPageTable = l1.npt
         self.asid = asid
         self.ram = l1.ram
-
+        #: the L1 pages of L1's NPT the shadow was built from: L1 GPA -> (HPA, bytes when last walked)
+        self.walked: dict[int, tuple[int, bytes]] = {}
 
     def reset_shadow(self) -> None:
-        """Forget every shadow mapping (a new VMRUN may come with a changed L1 NPT)."""
+        """Forget every shadow mapping (L1's NPT changed, or another N_CR3)."""
         sh, mem = self.shadow, self.mem
         for t in sh.tables - {sh.root}:
             mem.free_page(t)
         mem.write(sh.root, bytes(PAGE_SIZE))
         sh.tables = {sh.root}
         sh.leaves = {}
+        self.walked = {}
+
+    def shadow_current(self) -> bool:
+        """Every L1 NPT page the shadow was built from still holds what was walked."""
+        view = self.mem.view
+        return all(view[h:h + PAGE_SIZE] == b for h, b in self.walked.values())
+
+    def record_walked(self, gpas: set[int]) -> None:
+        """Remember the L1 NPT pages a walk read (after its A/D updates)."""
+        view = self.mem.view
+        for g in gpas:
+            h = self.l1.npt.lookup(g)
+            if h is not None:
+                self.walked[g] = (h, bytes(view[h:h + PAGE_SIZE]))
 
 
 class NestedSvm:
@@ -117,6 +137,8 @@ class NestedSvm:
         self.vmcb12_gpa = 0
         self.np12 = False
         self.n_cr3_12 = 0
+        #: the ASID VMCB12 gave L2 at the last VMRUN
+        self.asid12 = -1
         self.nested_runs = 0
         m.cpuid_overrides.setdefault((0x8000_0001, -1), self._cpuid_ext())
         m.cpuid_overrides.setdefault((0x8000_000A, -1), SVM_FEATURES)
@@ -225,39 +247,36 @@ class NestedSvm:
         mem.write(hpa02, bytes(PAGE_SIZE))
         mem.write(hpa02 + SAVE_AREA, mem.read(hpa12 + SAVE_AREA, SAVE_LEN))
         v02 = ctx.vmcb
-        w01 = struct.unpack("<6I", mem.read(self.l1.vmcb_hpa + OFF_INTERCEPTS, 24))
+        w01 = list(struct.unpack("<6I", mem.read(self.l1.vmcb_hpa + OFF_INTERCEPTS, 24)))
+        # L0's interrupt window for L1 (V_IRQ + VINTR in VMCB01) is L1's alone
+        w01[ExitCode.VINTR >> 5] &= ~(1 << (ExitCode.VINTR & 31))
         mem.write(hpa02 + OFF_INTERCEPTS, struct.pack("<6I", *(a | b for a, b in zip(w01, img.ivec))))
-        # permission maps: a bit set in L0's or (when L1 intercepts the class) in L1's
-        self._merge(ctx.iopm.hpa, self.l1.iopm.hpa, img.iopm if img.intercepted(ExitCode.IOIO) else None, IOPM_SIZE)
-        self._merge(ctx.msrpm.hpa, self.l1.msrpm.hpa, img.msrpm if img.intercepted(ExitCode.MSR) else None,
-                    MSRPM_SIZE)
-        v02.IOPM_BASE_PA, v02.MSRPM_BASE_PA = ctx.iopm.hpa, ctx.msrpm.hpa
+        # permission maps: L0's for L1 when L1 does not intercept the class; else all ones,
+        # and the exit asks L1's map (read at the exit, as the processor reads it)
+        v02.IOPM_BASE_PA = ctx.iopm.hpa if img.intercepted(ExitCode.IOIO) else self.l1.iopm.hpa
+        v02.MSRPM_BASE_PA = ctx.msrpm.hpa if img.intercepted(ExitCode.MSR) else self.l1.msrpm.hpa
         v02.TSC_OFFSET = (v01.TSC_OFFSET + img.tsc_offset) & M64
         v02.GUEST_ASID = ctx.asid
-        v02.TLB_CONTROL = TlbControl.FLUSH_ASID
         v02.V_INTR = v12.V_INTR
         v02.INTERRUPT_SHADOW = v12.INTERRUPT_SHADOW
         v02.EVENTINJ = img.eventinj
         v02.NP_CONTROL = NpControl.NP_ENABLE
-        self.np12 = bool(img.np_control & NpControl.NP_ENABLE)
-        if self.np12:                          # L2 GPA -> L1's NPT -> L1 GPA -> L0's NPT: a shadow NPT
+        np12 = bool(img.np_control & NpControl.NP_ENABLE)
+        # L0 runs every L2 on one ASID of its own: L1's TLB_CONTROL, another L1 ASID, another
+        # NPT, or an L1 NPT that changed since the shadow was built flush it (APM §15.16)
+        flush = bool(img.tlb_control) or img.asid != self.asid12 or np12 != self.np12
+        if np12:                               # L2 GPA -> L1's NPT -> L1 GPA -> L0's NPT: a shadow NPT
+            if img.n_cr3 != self.n_cr3_12 or not self.np12 or not ctx.shadow_current():
+                ctx.reset_shadow()
+                flush = True
             self.n_cr3_12 = img.n_cr3
-            ctx.reset_shadow()
             ctx.npt = ctx.shadow
         else:                                  # L2 physical = L1 physical
             ctx.npt = self.l1.npt
+        self.np12, self.asid12 = np12, img.asid
+        v02.TLB_CONTROL = TlbControl.FLUSH_ASID if flush else TlbControl.DO_NOTHING
         v02.N_CR3 = ctx.npt.n_cr3
         v02.set_intercept(ExitCode.NPF)
-
-    def _merge(self, dst: int, l0: int, l1_gpa: int | None, size: int) -> None:
-        mem = self.m.mem
-        bits = int.from_bytes(mem.read(l0, size), "little")
-        if l1_gpa is not None:
-            try:
-                bits |= int.from_bytes(self.l1.read_phys(l1_gpa, size), "little")
-            except KeyError:
-                bits = (1 << (8 * size)) - 1   # outside L1's memory: everything exits
-        mem.write(dst, bits.to_bytes(size, "little"))
 
     # ------------------------------------------------------------------ L2 exits
     def handler_for(self, rec: ExitRecord, h):
@@ -304,28 +323,85 @@ class NestedSvm:
         access = 1 if err & PFErr.W else (2 if err & PFErr.ID else 0)
         npt01 = self.l1.npt
 
+        pages: set[int] = set()
+
         def rd(a: int) -> int:
             hpa = npt01.lookup(a)
             if hpa is None:
                 raise LookupError(a)
+            pages.add(a & ~0xFFF)
             return _Q.unpack_from(m.mem.view, hpa)[0]
 
         def wr(a: int, v: int) -> None:
             m.mem.write(npt01.lookup(a), _Q.pack(v))
         try:
-            r = walk(self.n_cr3_12, l2gpa, access, True, rd, wr, wp=True, nxe=True)
+            # L1's NPT is walked as L1's processor would: its NX bit is reserved while L1's
+            # EFER.NXE is clear (APM §15.25.2, the host's NXE applies to nested tables)
+            nxe = bool(self.l1.vmcb.EFER & EFER_NXE)
+            r = walk(self.n_cr3_12, l2gpa, access, True, rd, wr, wp=True, nxe=nxe)
         except LookupError:
             r = None
+        self.ctx.record_walked(pages)
         if r is None or r.fault is not None:
             fault = (r.fault if r is not None else int(PFErr.P | PFErr.RSVD))
             info1 = fault | (err & (PFErr.FINAL | PFErr.PT_WALK))
             return self.reflect(ExitRecord(int(ExitCode.NPF), info1, l2gpa, e.exitintinfo, e.rip, 0, e.insn))
         hpa = npt01.lookup(r.phys & ~0xFFF)
+        region = m.bus.region(r.phys) if hpa is None else None
+        if region is not None and region.mode is MmioMode.TRAP:
+            # L1's NPT maps the L2 page onto one of L1's device windows (the APIC): the
+            # access is L1's device access, emulated at the L1 address like L1's own
+            return handle_mmio(m, ExitRecord(int(ExitCode.NPF), e.exitinfo1, r.phys, e.exitintinfo, e.rip,
+                                             e.nrip, e.insn), region)
         if hpa is None:
             return m.stop("npf", f"L2 GPA {l2gpa:#x} -> L1 GPA {r.phys:#x} is not L1 RAM (MMIO under L2 "
                                  "is not emulated)")
-        self.ctx.shadow.map(l2gpa & ~0xFFF, hpa, write=r.writable, execute=r.executable)
+        # writable in the shadow only once L1's leaf is Dirty: L2's first write walks again and sets D
+        self.ctx.shadow.map(l2gpa & ~0xFFF, hpa, write=r.writable and (access == 1 or r.dirty),
+                            execute=r.executable)
+        if e.exitintinfo & Event.VALID:
+            # the NPF interrupted an event's delivery (e.g. L1's EVENTINJ through L2's IDT):
+            # L0 injects it again, from EXITINTINFO (APM §15.7.2)
+            self.ctx.vmcb.EVENTINJ = e.exitintinfo
         return RESUME
+
+    # ------------------------------------------------------------------ physical interrupts
+    def holds_interrupt(self, nmi: bool = False) -> bool:
+        """A physical interrupt (``nmi``: an NMI) for L1 cannot be taken now.
+
+        While L1 runs: GIF is clear (APM §15.17: between L1's #VMEXIT and its
+        STGI every interrupt, NMI included, is held).  While L2 runs: GIF is
+        set (VMRUN set it); an INTR is masked by L1's RFLAGS.IF as of its
+        VMRUN when VMCB12 has V_INTR_MASKING, else by L2's RFLAGS.IF
+        (§15.21.1), as KVM's ``svm_interrupt_blocked`` reads it."""
+        if not self.guest_mode:
+            return not self.gif
+        if nmi:
+            return False
+        if VMCB(self.m.mem, self.vmcb12_hpa).V_INTR & VIntr.V_INTR_MASKING:
+            return not self.l1.vmcb.RFLAGS & RFLAGS_IF
+        return not self.ctx.vmcb.RFLAGS & RFLAGS_IF
+
+    def l1_leaves_virq_to_l0(self) -> bool:
+        """L2 runs and VMCB12 has neither V_IRQ nor the VINTR intercept nor V_INTR_MASKING:
+        L0 may use VMCB02's V_IRQ for an interrupt window of its own."""
+        if not self.guest_mode:
+            return False
+        v12 = VMCB(self.m.mem, self.vmcb12_hpa)
+        return not v12.V_INTR & (VIntr.V_IRQ | VIntr.V_INTR_MASKING) and not v12.intercept(ExitCode.VINTR)
+
+    def exit_on_interrupt(self, nmi: bool = False) -> bool:
+        """L2 runs and L1 intercepts the physical interrupt (INTR or NMI): the
+        interrupt becomes an emulated #VMEXIT to L1 and stays pending for L1,
+        which takes it once its GIF and RFLAGS.IF allow (§15.21.2).  True when done."""
+        if not self.guest_mode:
+            return False
+        code = ExitCode.NMI if nmi else ExitCode.INTR
+        if not VMCB(self.m.mem, self.vmcb12_hpa).intercept(code):
+            return False
+        v02 = self.ctx.vmcb
+        self.reflect(ExitRecord(int(code), 0, 0, 0, v02.RIP, 0))
+        return True
 
     def reflect(self, e: ExitRecord) -> Action:
         """The emulated #VMEXIT from L2 to L1 (APM §15.6): exit fields and L2's state into
@@ -336,11 +412,16 @@ class NestedSvm:
         v02, v12 = ctx.vmcb, VMCB(mem, hpa12)
         mem.write(hpa12 + SAVE_AREA, mem.read(ctx.vmcb_hpa + SAVE_AREA, SAVE_LEN))
         v12.EXITCODE, v12.EXITINFO1, v12.EXITINFO2 = e.exitcode & M64, e.exitinfo1 & M64, e.exitinfo2 & M64
-        v12.EXITINTINFO = e.exitintinfo
+        # an event L1 injected that the processor has not delivered yet goes back in
+        # EXITINTINFO (APM §15.7.2), as an interrupted delivery would
+        pending = v02.EVENTINJ
+        v12.EXITINTINFO = e.exitintinfo or (pending if pending & Event.VALID else 0)
         v12.NRIP = e.nrip
         v12.EVENTINJ = 0
         v12.INTERRUPT_SHADOW = v02.INTERRUPT_SHADOW
-        keep = VIntr.V_IRQ | 0xF                # V_IRQ and V_TPR go back to L1
+        # V_TPR goes back to L1, and V_IRQ (cleared once the virtual interrupt was taken) when
+        # L1 had set it -- a V_IRQ L0 set in VMCB02 for its own window stays L0's
+        keep = (VIntr.V_IRQ if v12.V_INTR & VIntr.V_IRQ else 0) | 0xF
         v12.V_INTR = (v12.V_INTR & ~keep) | (v02.V_INTR & keep)
         self.guest_mode = False
         self.gif = False                        # #VMEXIT clears GIF (APM §15.17)

@@ -64,6 +64,8 @@ class Tlb:
         self.stats = TlbStats()
         #: FIFO order; OrderedDict's popitem(last=False) evicts in O(1)
         self._e: OrderedDict[tuple[int, bool, int], TlbEntry] = OrderedDict()
+        #: the keys of each ASID, so flushing one ASID costs its own entries only
+        self._by_asid: dict[int, set[tuple[int, bool, int]]] = {}
 
     def __len__(self) -> int:
         return len(self._e)
@@ -74,29 +76,47 @@ class Tlb:
     def insert(self, asid: int, user: bool, gva_page: int, entry: TlbEntry) -> None:
         key = (asid, user, gva_page)
         e = self._e
-        e.pop(key, None)
-        if len(e) >= self.capacity:
-            e.popitem(last=False)         # oldest first
+        if e.pop(key, None) is None and len(e) >= self.capacity:
+            old, _ = e.popitem(last=False)         # oldest first
+            self._by_asid[old[0]].discard(old)
             self.stats.evictions += 1
         e[key] = entry
+        keys = self._by_asid.get(asid)
+        if keys is None:
+            keys = self._by_asid[asid] = set()
+        keys.add(key)
 
     # -- invalidation (each is one architectural operation) --------------------
     def flush_all(self) -> None:
         """TLB_CONTROL = 1: every entry of every ASID."""
         self.stats.flushes += 1
         self._e.clear()
+        self._by_asid.clear()
 
     def flush_asid(self, asid: int, *, keep_global: bool = False) -> None:
         """TLB_CONTROL = 3 (all of ``asid``) or 7 (its non-global entries);
         ``keep_global`` is also what a guest MOV CR3 does to its own ASID."""
         self.stats.flushes += 1
-        self._e = OrderedDict((k, v) for k, v in self._e.items() if k[0] != asid or (keep_global and v.global_))
+        keys = self._by_asid.get(asid)
+        if not keys:
+            return
+        e = self._e
+        kept = set()
+        for k in keys:
+            if keep_global and e[k].global_:
+                kept.add(k)
+            else:
+                del e[k]
+        self._by_asid[asid] = kept
 
     def flush_page(self, asid: int, gva_page: int) -> None:
         """INVLPG (in ``asid``) / INVLPGA(rAX = page, ECX = ``asid``): global entries too."""
         self.stats.flushes += 1
+        keys = self._by_asid.get(asid)
         for user in (False, True):
-            self._e.pop((asid, user, gva_page), None)
+            k = (asid, user, gva_page)
+            if self._e.pop(k, None) is not None:
+                keys.discard(k)
 
     def entries(self, asid: int | None = None) -> list[tuple[int, int, TlbEntry]]:
         """(ASID, GVA page, entry) for inspection."""

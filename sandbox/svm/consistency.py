@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..arch import (CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR0_RESERVED, CR3_LONG_MBZ, CR4_PAE, CR4_RESERVED,
+from ..arch import (CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR0_RESERVED, CR3_LONG_MBZ, CR3_LONG_RESERVED, CR4_PAE, CR4_RESERVED,
                     DR6_RESERVED, DR7_RESERVED, EFER_LMA, EFER_LME, EFER_RESERVED, EFER_SVME)
 from ..memory.hostmem import PAGE_SIZE
 from .exitcodes import ExitCode
@@ -105,6 +105,10 @@ def _check_save_area(v: VmcbImage) -> str:
         return "CR0[63:32] is not zero"
     if v.cr3 & CR3_LONG_MBZ and efer & EFER_LME and cr0 & CR0_PG:
         return "CR3 MBZ bits set"          # long mode is EFER.LME with CR0.PG (LMA follows them)
+    if v.cr3 & CR3_LONG_RESERVED and cr0 & CR0_PG:
+        # bits 63:MAXPHYADDR of a paging guest's CR3 are MBZ in legacy PAE and 32-bit paging
+        # too (APM §15.5.1 "any MBZ bit of CR3"; kvm-unit-tests svm_pae_test, svm_pse_test)
+        return "CR3 bits beyond MAXPHYADDR set"
     if v.cr4 & CR4_RESERVED:
         return "CR4 MBZ bits set"
     if v.dr6 & DR6_RESERVED:

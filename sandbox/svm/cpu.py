@@ -168,6 +168,12 @@ class SvmCpu:
         (reason ``stopped``)."""
         self.uc.emu_stop()
 
+    def switch_vmcb(self, vmcb_hpa: int) -> None:
+        """From an exit handler: VMRUN the VMCB at ``vmcb_hpa`` when the handler
+        resumes, inside the same run (see :meth:`WorldSwitch.switch_vmcb`)."""
+        self._ws.switch_vmcb(vmcb_hpa)
+        self.vmcb = VMCB(self.mem, vmcb_hpa)
+
     def require_full_vmrun(self) -> None:
         """Make the next VMRUN take every check and reload the whole VMCB."""
         self._sw.fast_ok = False

@@ -450,11 +450,12 @@ def mov_to_dr_faults(reg: int, value: int, cr4: int) -> bool:
     return False
 
 
-def mov_to_cr_faults(reg: int, value: int, cr0: int, long_mode: bool = True) -> bool:
+def mov_to_cr_faults(reg: int, value: int, cr0: int, long_mode: bool = True, cs64: bool = True) -> bool:
     """#GP(0) from MOV to CRn for an illegal value, in 64-bit mode (APM vol. 2 §3.1.1-3.1.3, §3.7.1,
     "MOV CRn" in vol. 3): reserved bits of CR0 (63:32), CR3 (63:52 and 51:MAXPHYADDR), CR4
     (reserved, or a feature this processor lacks: LA57, PCIDE, SMAP, PKE, CET, PKS) or CR8
-    (63:4); CR0.NW = 1 with CD = 0; clearing CR0.PG or CR0.PE in long mode; clearing CR4.PAE
+    (63:4); CR0.NW = 1 with CD = 0; clearing CR0.PG in 64-bit mode (``cs64``: in compatibility
+    mode it is how long mode is left, APM vol. 2 §14.7), CR0.PE with PG set; clearing CR4.PAE
     in long mode. Outside long mode (EFER.LMA = 0, e.g. a multiboot kernel before it enables
     paging) only CR0.NW without CD, CR0.PG without PE and the reserved or unimplemented CR4
     bits fault."""
@@ -465,8 +466,9 @@ def mov_to_cr_faults(reg: int, value: int, cr0: int, long_mode: bool = True) -> 
             return bool(value & (CR4_RESERVED | CR4_UNIMPLEMENTED))
         return False
     if reg == 0:
+        pg = value & (1 << 31)
         return bool(value >> 32 or (value & (1 << 29) and not value & (1 << 30))
-                    or not value & (1 << 31) or not value & 1)
+                    or (not pg and cs64) or (pg and not value & 1))
     if reg == 3:
         return bool(value & CR3_LONG_RESERVED)
     if reg == 4:

@@ -213,7 +213,8 @@ class NativeInsns:
             self._raise(Vec.GP, 0, address)
 
     def _mov_to_cr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
-        if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0), bool(st.efer & EFER_LMA)):
+        if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0), bool(st.efer & EFER_LMA),
+                                              bool(st.hflags & HF_CS64)):
             self._raise(Vec.GP, 0, address)        # Unicorn would load the illegal value
         else:
             self.observe_cr_write(insn.reg)

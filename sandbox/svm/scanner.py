@@ -52,6 +52,8 @@ TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
 IO_KINDS = frozenset({D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS})
 _Q = struct.Struct("<Q")
 _TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
+#: decode caches kept for distinct intercept vectors before they are all dropped
+_DECODE_CACHES = 8
 
 
 def straddling(page: bytes) -> list[int]:
@@ -88,6 +90,8 @@ class Scanner:
         self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None]] = {}
         #: port I/O decisions at CPL 0: address -> (decoded entry, key, decision); see _io_decision
         self.io_decided: dict[int, tuple[tuple, tuple, ExitInfo | None]] = {}
+        #: the decode caches of the intercept vectors armed so far (``decoded`` is the current one)
+        self._decoded_by_key: dict[tuple, dict[int, tuple[bytes, D.Insn | None, ExitInfo | None]]] = {}
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
         self.irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
         self.pass_once_rip: int | None = None
@@ -119,17 +123,29 @@ class Scanner:
         if key == self._armed_key:
             return
         self._armed_key = key
-        self.decoded.clear()           # cached decisions depend on the vectors
         bits = {b for b in range(6 * 32) if ctl.ivec[b >> 5] >> (b & 31) & 1}
         kinds = frozenset(kinds_for_bits(bits) | ALWAYS | TLB_OBSERVED | (IRQ_WINDOW if virq else frozenset()))
-        if kinds != self.scan_kinds:
-            self.scan_kinds = kinds
-            self._one, self._two = D.opcode_starts(set(kinds))
+        if not kinds <= self.scan_kinds:
+            # Hooks are only ever added: the scan set grows to the union of every
+            # set armed so far, so VMCBs that alternate (nested SVM's L1 and L2)
+            # rescan and retranslate once, not at every world switch.  A hook on
+            # an instruction the current vectors do not intercept is a decision
+            # that says "no exit" -- sound, as any over-approximation.
+            self.scan_kinds = kinds | self.scan_kinds
+            self._one, self._two = D.opcode_starts(set(self.scan_kinds))
             self.code_pages.clear()
             self.code_hpa.clear()
-            self.decoded.clear()
+            self._decoded_by_key.clear()
             self._uc.ctl_flush_tb()
             self._flush_soft_tlb()
+        # cached decisions depend on the vectors: one cache per armed key (each
+        # entry is checked against the bytes at the address when it is used)
+        dec = self._decoded_by_key.get(key)
+        if dec is None:
+            if len(self._decoded_by_key) >= _DECODE_CACHES:
+                self._decoded_by_key.clear()
+            dec = self._decoded_by_key[key] = {}
+        self.decoded = dec
 
     def scan(self, gva: int, hpa: int) -> None:
         """A fetch fill of page ``gva`` (at ``hpa``): hook every candidate on it."""
@@ -241,7 +257,7 @@ class Scanner:
         """Use ``fn`` for intercept decisions from now on (cached ones are dropped)."""
         if fn is not self.decide:
             self.decide = fn
-            self.decoded.clear()
+            self._drop_decodes()
 
     def rescan_changed(self, hpa: int) -> tuple[int, int] | None:
         """Self-modifying code: rescan every executable alias of code page
@@ -282,9 +298,19 @@ class Scanner:
                 self.code_pages.pop(g, None)
                 self.xmod_pages.add(g)
 
+    def forget_page(self, hpa: int) -> bool:
+        """Code page ``hpa`` is no longer code (see :meth:`SmcStepper.demote`);
+        True when it was.  The next fetch from it scans it again."""
+        gvas = self.code_hpa.pop(hpa, None)
+        if not gvas:
+            return False
+        for g in gvas:
+            self.code_pages.pop(g, None)
+        return True
+
     def xmod_commit(self) -> None:
         """At VMRUN, after any TLB flush: drop what the hypervisor's writes made stale."""
-        self.decoded.clear()
+        self._drop_decodes()
         self._flush_soft_tlb()
         for g in self.xmod_pages:
             # drops the translated blocks of that page (Unicorn walks it through
@@ -293,13 +319,19 @@ class Scanner:
         self.xmod_pages.clear()
 
     # ---------------------------------------------------------------- resets
+    def _drop_decodes(self) -> None:
+        """Empty every decode cache (the current one and those of other vectors)."""
+        for d in self._decoded_by_key.values():
+            d.clear()
+        self.decoded.clear()
+
     def reset(self) -> None:
         """Forget every scan, decode and pending watch; drop the translated
         blocks and Unicorn's soft TLB, so every page is fetched and scanned anew."""
         self._uc.ctl_flush_tb()
         self.code_pages.clear()
         self.code_hpa.clear()
-        self.decoded.clear()
+        self._drop_decodes()
         self.io_decided.clear()
         self.xmod_pages.clear()
         self.irq_window.clear()

@@ -29,6 +29,7 @@ from unicorn import UC_PROT_EXEC, UC_PROT_READ, Uc
 from unicorn import x86_const as X
 
 from . import decode as D
+from ..memory.hostmem import PAGE_SIZE
 from .cpustate import CpuState
 from .events import Vec
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from .scanner import Scanner
 
 RFLAGS_TF = 1 << 8
+#: stepped stores after which a code page is demoted to data (:meth:`SmcStepper.demote`)
+DEMOTE_AFTER = 64
 #: a non-canonical address for resolving host pages in Unicorn (:meth:`SmcStepper.invalidate_code`)
 TB_PROBE_VA = 0x5A5A_0000_0000_0000
 _RFLAGS, _DR6, _RSP = X.UC_X86_REG_RFLAGS, X.UC_X86_REG_DR6, X.UC_X86_REG_RSP
@@ -62,6 +65,8 @@ class SmcStepper:
         self.step: tuple[int, int, int] | None = None
         #: told the host page of every store the processor model makes from Python
         self.write_observers: list[Callable[[int], None]] = []
+        #: stepped stores per code page since it was last made code
+        self.stores: dict[int, int] = {}
 
     def connect(self, fill: "TlbFill", scanner: "Scanner", access: "GuestAccess") -> None:
         """Bind the fill (soft-TLB flush, fetched bytes, the probe fill), the
@@ -103,6 +108,20 @@ class SmcStepper:
         self._fill.flush_soft_tlb()
         for hpa in opened:
             self.code_changed(hpa)
+            n = self.stores.get(hpa, 0) + 1
+            if n >= DEMOTE_AFTER:
+                self.demote(hpa)
+            else:
+                self.stores[hpa] = n
+
+    def demote(self, hpa: int) -> None:
+        """A code page the guest keeps storing to (code and data sharing a page,
+        e.g. boot code in a data section) stops being code: its scans and
+        translated blocks go, so its stores run at full speed.  Executing it again
+        is a fetch fill, which scans it before any of its instructions runs."""
+        self.stores.pop(hpa, None)
+        if self._scanner.forget_page(hpa):
+            self.invalidate_code(hpa, hpa + PAGE_SIZE)
 
     def trap(self, intno: int) -> bool:
         """An exception while a store is stepped: end the step.  True when it is
@@ -171,3 +190,4 @@ class SmcStepper:
         """Forget an open store (the translation caches are being reset)."""
         self.open.clear()
         self.step = None
+        self.stores.clear()

@@ -269,6 +269,19 @@ class WorldSwitch:
         sw.entry_rip = rip
         return True
 
+    def switch_vmcb(self, vmcb_hpa: int) -> None:
+        """From a handler: the dispatch loop's next VMRUN takes the VMCB at
+        ``vmcb_hpa`` (a hypervisor that emulates VMRUN and #VMEXIT for its own
+        guest moves between two VMCBs).  The current VMCB gets the lazily saved
+        state first; the next entry is a full one (checks, load, events).  The
+        GPRs other than RAX and RSP stay in the processor, as on hardware."""
+        sw = self.sw
+        self.flush_guest_state()
+        self._ctl.vmcb_hpa = vmcb_hpa
+        sw.fast_ok = False
+        sw.loaded = None
+        sw.vmcb_written = True
+
     def _enter_full(self, in_hook: bool) -> bool:
         """VMRUN through every check: §15.5.1, the controls, the guest state, the entry events."""
         sw = self.sw

@@ -201,3 +201,67 @@ def test_tsc_offsets_stack(tmp_path):
     t_l2, t_l1 = struct.unpack("<QQ", m.guest.read_phys(0x1C0200, 16))
     assert t0 + d1 + d2 <= t_l2 <= t1 + d1 + d2
     assert t0 + d1 <= t_l1 <= t1 + d1
+
+
+def test_ioio_l1_map_written_while_l2_runs(tmp_path):
+    """The processor reads the IOPM at each IN/OUT (APM §15.10.1), so a bit L1's map
+    gains while L2 runs counts: here L2 itself sets port 80h's bit (as svm.flat's ioio
+    test does) and its OUT must reach L1 as IOIO -- L0's own map leaves the port alone."""
+    l1 = L1_ENABLE + f"""
+    mov rdi, {VMCB12 + 0x40:#x}
+    mov qword ptr [rdi], 0x1C0000
+    """ + L1_VMRUN + L1_EXIT_WITH_EXITCODE
+    l2 = "mov rdi, 0x1C0010\nmov byte ptr [rdi], 1\nmov al, 0x5a\nout 0x80, al\nhlt\n"
+    m, v = machine(tmp_path, l1, l2, ("vmrun", "ioio", "hlt"))
+    m.guest.iopm.set(0x80, False)
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.IOIO, r.detail
+    assert v.EXITINFO1 >> 16 == 0x80
+
+
+def test_shadow_npt_follows_l1_npt_changes_between_vmruns(tmp_path):
+    """L1 remaps one L2 page in its NPT between two VMRUNs: the second run must read
+    the new L1 page (L0's shadow of L1's NPT may outlive a VMRUN only while the L1
+    pages it was built from are unchanged)."""
+    page, a, b = 0x180000, 0x1C1000, 0x1C2000
+    pte = NPT12 + 3 * 0x1000 + ((page >> 12) & 0x1FF) * 8     # root, PDPT, PD, then the first PT
+    flags = 0x7                                                # P, RW, US (TableBuilder's leaf)
+    l2 = f"mov rdi, {page:#x}\nmov rax, [rdi]\nmov rdi, 0x1C0300\nmov [rdi], rax\n{db(OP['vmmcall'])}\n"
+    l1 = L1_ENABLE + L1_VMRUN + f"""
+    mov rdi, 0x1C0300
+    mov rax, [rdi]
+    mov rdi, 0x1C0308
+    mov [rdi], rax
+    mov rdi, {pte:#x}
+    mov rax, [rdi]
+    and rax, 0xfff
+    mov rcx, {b:#x}
+    or rax, rcx
+    mov [rdi], rax
+    mov rdi, {VMCB12 + 0x578:#x}
+    mov qword ptr [rdi], {L2_CODE:#x}
+    """ + L1_VMRUN + L1_EXIT_WITH_EXITCODE          # VMCB12.RIP at 578h (APM Table B-2): L2 from its start
+    m, v = machine(tmp_path, l1, l2, ("vmrun", "vmmcall"), np=True)
+    g = m.guest
+    e = struct.unpack("<Q", g.read_phys(pte, 8))[0]
+    assert e & ~0xFFF & 0x000F_FFFF_FFFF_F000 == page and e & flags == flags   # the leaf is where we think
+    g.write_phys(a, struct.pack("<Q", 0xAAAA))
+    g.write_phys(b, struct.pack("<Q", 0xBBBB))
+    g.write_phys(pte, struct.pack("<Q", a | (e & 0xFFF)))
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.VMMCALL, r.detail
+    second, first = struct.unpack("<QQ", g.read_phys(0x1C0300, 16))
+    assert (first, second) == (0xAAAA, 0xBBBB)
+
+
+def test_gif_holds_l1_interrupts_until_stgi(tmp_path):
+    """#VMEXIT clears GIF and only STGI sets it (APM §15.17): until then every
+    interrupt for L1, NMI included, is held."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, "hlt\n", ("vmrun", "hlt"))
+    assert m.run(timeout=20).exit_code == ExitCode.HLT
+    n = m.nested
+    assert not n.gif and n.holds_interrupt() and n.holds_interrupt(nmi=True)
+    m2, _ = machine(tmp_path, L1_ENABLE + L1_VMRUN + db(OP["stgi"]) + "\n" + L1_EXIT_WITH_EXITCODE, "hlt\n",
+                    ("vmrun", "hlt"))
+    assert m2.run(timeout=20).exit_code == ExitCode.HLT
+    assert m2.nested.gif and not m2.nested.holds_interrupt()

@@ -65,6 +65,8 @@ ILLEGAL = {
     "cr0-bit63": _set("CR0", lambda x: x | (1 << 63)),
     "cr3-bit52-long-mode": _set("CR3", lambda x: x | (1 << 52)),
     "cr3-bit63-long-mode": _set("CR3", lambda x: x | (1 << 63)),
+    # bits 51:MAXPHYADDR (48) are beyond the physical address width (KUT svm_pae/pse_test)
+    "cr3-bit48-beyond-maxphyaddr": _set("CR3", lambda x: x | (1 << 48)),
     "cr4-bit13": _set("CR4", lambda x: x | (1 << 13)),
     "cr4-bit15": _set("CR4", lambda x: x | (1 << 15)),
     "cr4-bit19": _set("CR4", lambda x: x | (1 << 19)),

@@ -200,7 +200,14 @@ class PcPlatform:
         m.advance(e)
         if self.apic.nmi_pending:
             return RESUME
-        if m.guest.vmcb.RFLAGS & RFLAGS_IF:
+        n = m.nested
+        if n is not None and n.guest_mode:
+            # L2's HLT: an interrupt wakes it when it is not masked for L2 -- by L1's IF under
+            # V_INTR_MASKING (APM §15.21.1) -- and then either exits to L1 or reaches L2
+            wakes = not n.holds_interrupt()
+        else:
+            wakes = bool(m.guest.vmcb.RFLAGS & RFLAGS_IF)
+        if wakes:
             if self.apic.pending_vector() is not None:
                 return RESUME
             d = self.apic.deadline_ns
@@ -213,8 +220,28 @@ class PcPlatform:
 
     def _handle_vintr(self, m: "Machine", e) -> "Action":
         """The interrupt window opened: drop the request; after_exit injects."""
+        n = m.nested
+        if n is not None and n.guest_mode:
+            v = m.guest.vmcb                  # L0's window in VMCB02 (see _open_l2_window)
+            v.V_INTR = v.V_INTR & ~(VIntr.V_IRQ | VIntr.V_IGN_TPR)
+            v.set_intercept(ExitCode.VINTR, False)
+            return RESUME
         self._close_window()
         return RESUME
+
+    def _open_l2_window(self, n) -> None:
+        """L2 masks the interrupt with its own RFLAGS.IF (no V_INTR_MASKING): ask the
+        processor for L2's interrupt window in VMCB02 -- V_IRQ with V_IGN_TPR and the
+        VINTR intercept (APM §15.21.4) -- unless L1 uses V_IRQ or VINTR for L2 itself.
+        VMCB02 is rebuilt at every VMRUN and its V_IRQ goes back to VMCB12 only when L1
+        had set it, so the window never reaches L1."""
+        if not n.l1_leaves_virq_to_l0():
+            return
+        v = self.m.guest.vmcb
+        if not v.V_INTR & VIntr.V_IRQ:
+            v.V_INTR = v.V_INTR | VIntr.V_IRQ | VIntr.V_IGN_TPR
+            v.set_intercept(ExitCode.VINTR)
+            self.injected["windows"] += 1
 
     def _handle_iret(self, m: "Machine", e) -> "Action":
         """IRET of an NMI handler: NMIs are unblocked once it completes.  A
@@ -242,8 +269,13 @@ class PcPlatform:
         return True
 
     # ------------------------------------------------------------- injection
+    def _window_vmcb(self):
+        """The VMCB of the guest the APIC belongs to (under nested SVM, L1's)."""
+        n = self.m.nested
+        return n.l1.vmcb if n is not None else self.m.guest.vmcb
+
     def _open_window(self) -> None:
-        v = self.m.guest.vmcb
+        v = self._window_vmcb()
         if not self.window:
             v.V_INTR = (v.V_INTR | VIntr.V_IRQ | VIntr.V_IGN_TPR)
             v.set_intercept(ExitCode.VINTR)
@@ -252,10 +284,36 @@ class PcPlatform:
 
     def _close_window(self) -> None:
         if self.window:
-            v = self.m.guest.vmcb
+            v = self._window_vmcb()
             v.V_INTR = v.V_INTR & ~(VIntr.V_IRQ | VIntr.V_IGN_TPR)
             v.set_intercept(ExitCode.VINTR, False)
             self.window = False
+
+    def _nested_route(self, n) -> bool:
+        """Nested SVM: True when the APIC's interrupt is not for the VMCB now
+        current -- held (GIF clear, or masked while L2 runs: the next exit looks
+        again) or turned into L1's #VMEXIT(INTR/NMI).  L0's interrupt window
+        belongs to L1's VMCB; while L2 runs none is opened."""
+        nmi = self.apic.nmi_pending and not self.nmi_in_service
+        if nmi:
+            if n.holds_interrupt(nmi=True):
+                return True
+            if n.exit_on_interrupt(nmi=True):
+                return True
+            return False
+        if self.apic.pending_vector() is None:
+            return False
+        if n.holds_interrupt():
+            if self.window and not n.guest_mode:
+                self._close_window()
+            if n.guest_mode:
+                self._open_l2_window(n)
+            return True
+        if n.exit_on_interrupt():
+            return True
+        if n.guest_mode and (self.m.guest.vmcb.INTERRUPT_SHADOW & 1 or not self.m.guest.vmcb.RFLAGS & RFLAGS_IF):
+            return True
+        return False
 
     def after_exit(self, m: "Machine", e) -> "Action | None":
         """Resume hook: end the run on a debug-exit write, else queue what the APIC presents."""
@@ -267,6 +325,9 @@ class PcPlatform:
         if not apic.irr and not apic.nmi_pending:
             if self.window:
                 self._close_window()
+            return None
+        n = m.nested
+        if n is not None and self._nested_route(n):
             return None
         v = m.guest.vmcb
         if v.EVENTINJ & (1 << 31):
