@@ -22,7 +22,8 @@
 # The same guest runs under a pre-2008 feature set and a modern one; the
 # host checks that the console bytes and the checksum are the same.
 #
-# Parameters (qwords at guest-physical 0xF0000; 0 = the default):
+# Parameters (qwords at guest-physical 0xF0000; 0 = the default; the ACPI
+# RSDP the PC platform leaves there means "no parameters"):
 #   [0xF0000] rounds R                          (default 100)
 #   [0xF0008] system calls per round S          (default 32)
 #   [0xF0010] work iterations per call W        (default 50)
@@ -63,6 +64,16 @@
 
 start:
     mov rsi, PARAMS
+    mov rax, 0x2052545020445352         # "RSD PTR ": the PC platform's ACPI RSDP sits here
+    cmp qword ptr [rsi], rax            # unless the host wrote parameters over it
+    jne params_given
+    xor eax, eax                        # then every parameter takes its default
+    mov ecx, 9
+clear_params:
+    mov qword ptr [rsi + rcx * 8 - 8], rax
+    dec ecx
+    jnz clear_params
+params_given:
     mov rax, qword ptr [rsi]
     test rax, rax
     jnz have_r
