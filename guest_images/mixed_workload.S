@@ -8,12 +8,22 @@
 #              between two page-table roots that map the same memory).
 #   I/O phase: B bytes of console output, through the 16550 UART (poll the
 #              line status register, write the byte) or through a virtio
-#              console (one buffer of B bytes and one QueueNotify).
+#              console (one buffer of B bytes and one QueueNotify); then,
+#              with I > 0, the round waits (spinning with IF set) until the
+#              device's interrupts of this round -- I of them -- are handled.
+#
+# Interrupts (I > 0; needs the PC platform's local APIC at 0xFEE00000): the
+# guest maps the APIC page (uncached, 2 MiB) into its tables, installs an
+# IDT gate for the vector, enables the APIC (TPR = 0, SVR), sets IF and
+# starts the device (a read of port 0xE0; with no device the read floats to
+# 0xFF and the guest takes no interrupts).  The device raises the vector
+# R x I times; the handler counts it and writes EOI.
 #
 # The same guest runs under a pre-2008 feature set and a modern one; the
 # host checks that the console bytes and the checksum are the same.
 #
-# Parameters (qwords at guest-physical 0xF0000; 0 = the default):
+# Parameters (qwords at guest-physical 0xF0000; 0 = the default; the ACPI
+# RSDP the PC platform leaves there means "no parameters"):
 #   [0xF0000] rounds R                          (default 100)
 #   [0xF0008] system calls per round S          (default 32)
 #   [0xF0010] work iterations per call W        (default 50)
@@ -21,14 +31,20 @@
 #   [0xF0020] console: 0 or 1 = UART, 2 = virtio (default UART)
 #   [0xF0028] GPA of the virtio-mmio registers  (default 0x1F0000)
 #   [0xF0030] pages in the working set P, <= 64 (default 16)
+#   [0xF0038] device interrupts per round I     (default 0: none)
+#   [0xF0040] their vector, 32..255             (default 0x41)
 # Results (qwords at 0xF0800): checksum, console bytes sent, rounds done,
-# QueueNotify writes.  Exit codes: 0 done; 1 bad parameter; 2 no virtio
-# console; 3 features refused; 4 queue unusable; 5 buffer not returned.
+# QueueNotify writes, interrupts handled, EOIs written.  Exit codes: 0 done;
+# 1 bad parameter; 2 no virtio console; 3 features refused; 4 queue
+# unusable; 5 buffer not returned.  The end is the EXIT hypercall; where
+# VMMCALL returns (the PC platform's KVM ABI) the code goes to isa-debug-exit
+# (port 0xF4).
 #
 # The console payload is the LCG stream of virtio_console.S
 # (x = x * 1103515245 + 12345, byte = 0x30 + ((x >> 16) & 0x3F), from
 # x = 0x12345678), generated up front at 0x240000 (R x B <= 1 MiB).
-# Working set at 0x380000; second PML4 at 0x1B0000; virtqueue at 0x1C0000
+# Working set at 0x380000; second PML4 at 0x1B0000; virtqueue at 0x1C0000;
+# the APIC's page directory at 0x1A0000, the IDT at 0x1A1000
 # (64 entries, as in virtio_console.S).  Needs 4 MiB of guest RAM.
 # Entry state: the loader's (see README "Guest images").
 
@@ -40,9 +56,24 @@
     .equ VQ, 0x1C0000
     .equ QSZ, 64
     .equ MSR_TSC_AUX, 0xC0000103
+    .equ APIC, 0xFEE00000
+    .equ APIC_PD, 0x1A0000
+    .equ IDT, 0x1A1000
+    .equ HANDLED, RESULTS + 0x20
+    .equ EOIS, RESULTS + 0x28
 
 start:
     mov rsi, PARAMS
+    mov rax, 0x2052545020445352         # "RSD PTR ": the PC platform's ACPI RSDP sits here
+    cmp qword ptr [rsi], rax            # unless the host wrote parameters over it
+    jne params_given
+    xor eax, eax                        # then every parameter takes its default
+    mov ecx, 9
+clear_params:
+    mov qword ptr [rsi + rcx * 8 - 8], rax
+    dec ecx
+    jnz clear_params
+params_given:
     mov rax, qword ptr [rsi]
     test rax, rax
     jnz have_r
@@ -81,6 +112,16 @@ have_p:
     cmp rax, 64
     ja bad_param
     mov qword ptr [rsi + 0x30], rax
+    mov rax, qword ptr [rsi + 0x40]
+    test rax, rax
+    jnz have_vec
+    mov rax, 0x41
+have_vec:
+    cmp rax, 32
+    jb bad_param
+    cmp rax, 255
+    ja bad_param
+    mov qword ptr [rsi + 0x40], rax
     mov rax, qword ptr [rsi]            # R x B <= 1 MiB
     imul rax, qword ptr [rsi + 0x18]
     cmp rax, 0x100000
@@ -124,6 +165,14 @@ copy_pml4:
     jne console_ready
     call virtio_init
 console_ready:
+    mov rsi, RESULTS
+    mov qword ptr [rsi + 0x20], 0       # interrupts handled
+    mov qword ptr [rsi + 0x28], 0       # EOIs written
+    mov rsi, PARAMS
+    cmp qword ptr [rsi + 0x38], 0
+    je irq_ready
+    call irq_init
+irq_ready:
 
     xor r15, r15                        # checksum
     xor r14, r14                        # rounds done
@@ -206,6 +255,18 @@ io_virtio:
     test eax, eax
     jnz incomplete
 round_done:
+    # this round's device interrupts: wait until (round + 1) x I are handled
+    mov rsi, PARAMS
+    mov rax, r14
+    inc rax
+    imul rax, qword ptr [rsi + 0x38]
+    mov rsi, HANDLED
+irq_wait:
+    cmp qword ptr [rsi], rax
+    jae irq_done
+    pause
+    jmp irq_wait
+irq_done:
     inc r14
     mov rsi, PARAMS
     cmp r14, qword ptr [rsi]
@@ -219,8 +280,72 @@ round_done:
     mov qword ptr [rsi + 8], rax
     mov qword ptr [rsi + 16], r14
     mov qword ptr [rsi + 24], r12
+    cli
     xor edi, edi
     jmp hc_exit
+
+# ------------------------------------------------------------- interrupts
+irq_init:
+    mov rdi, APIC_PD                    # map 0xFEE00000: PDPT[3] -> a PD with a 2 MiB page, PCD | PWT
+    xor eax, eax
+    mov ecx, 512
+clear_apic_pd:
+    mov qword ptr [rdi], rax
+    add rdi, 8
+    dec ecx
+    jnz clear_apic_pd
+    mov rax, APIC | 0x9B                # P, RW, PWT, PCD, PS
+    mov qword ptr [APIC_PD + 0x1F7 * 8], rax
+    mov rax, r8                         # the PDPT both address spaces share
+    mov rax, qword ptr [rax]
+    and rax, -4096
+    mov qword ptr [rax + 3 * 8], APIC_PD + 3
+    mov rax, cr3
+    mov cr3, rax
+    mov rdi, IDT                        # IDT: one 64-bit interrupt gate
+    xor eax, eax
+    mov ecx, 512
+clear_idt:
+    mov qword ptr [rdi], rax
+    add rdi, 8
+    dec ecx
+    jnz clear_idt
+    lea rax, [rip + irq_handler]
+    mov rsi, PARAMS
+    mov rdi, qword ptr [rsi + 0x40]
+    shl rdi, 4
+    add rdi, IDT
+    mov word ptr [rdi], ax              # offset 15:0
+    mov word ptr [rdi + 2], 0x08        # selector
+    mov word ptr [rdi + 4], 0x8E00      # present, DPL 0, interrupt gate
+    shr rax, 16
+    mov word ptr [rdi + 6], ax          # offset 31:16
+    shr rax, 16
+    mov dword ptr [rdi + 8], eax        # offset 63:32
+    sub rsp, 16
+    mov word ptr [rsp], 4095
+    mov qword ptr [rsp + 2], IDT
+    lidt [rsp]
+    add rsp, 16
+    mov eax, APIC
+    mov dword ptr [rax + 0x80], 0       # TPR = 0
+    mov dword ptr [rax + 0xF0], 0x1FF   # SVR: software-enabled, spurious vector 0xFF
+    sti
+    in al, 0xE0                         # start the device
+    cmp al, 0xFF
+    jne irq_started
+    mov qword ptr [rsi + 0x38], 0       # no device on the port: no interrupts to wait for
+irq_started:
+    ret
+
+irq_handler:
+    push rax
+    inc qword ptr [HANDLED]
+    mov eax, APIC
+    mov dword ptr [rax + 0xB0], 0       # EOI
+    inc qword ptr [EOIS]
+    pop rax
+    iretq
 
 # ---------------------------------------------------------------- virtio
 # (the driver of virtio_console.S: OASIS virtio 1.1 §3.1.1, §4.2.3)
@@ -319,4 +444,7 @@ bad_param:
     mov edi, 1
 hc_exit:
     xor eax, eax
-    .byte 0x0f, 0x01, 0xd9
+    .byte 0x0f, 0x01, 0xd9              # VMMCALL: EXIT, RDI = the code
+    mov eax, edi                        # it returned: the PC platform's isa-debug-exit
+    out 0xF4, al
+    hlt

@@ -31,9 +31,9 @@ trapped SVR write that enables the APIC, APM Table 15-22).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..hypervisor.avic import enable_avic
+from ..hypervisor.avic import AvicApic, enable_avic
 from ..hypervisor.platform.apic import EOI as EOI_OFFSET
 from ..hypervisor.platform.apic import XAPIC_BASE
 from ..svm.exitcodes import ExitCode
@@ -41,6 +41,9 @@ from ..svm.stop import StopReason
 from .base import Comparison, Context, Experiment, Outcome, fmt
 from .common import machine, results, run
 from .plotting import AFTER, BEFORE, pyplot, save, subtitle
+
+if TYPE_CHECKING:
+    from ..hypervisor.machine import Machine
 
 IMAGE = "avic_irq.S"
 MODES = ("injection", "avic")
@@ -86,21 +89,35 @@ class IrqDevice:
         self.raise_irq()
 
 
-def measure(mode: str, n: int) -> dict[str, Any]:
-    m = machine(IMAGE, [n, VECTOR], ram=4 << 20, platform="pc")
+def connect(m: "Machine", mode: str, vector: int, count: int, period_ns: int = PERIOD_NS
+            ) -> tuple[IrqDevice, AvicApic | None]:
+    """Attach an :class:`IrqDevice` raising ``vector`` to ``m`` (PC platform,
+    after ``m.load``), delivered as ``mode`` says: ``"injection"`` (the APIC
+    model's IRR and an IPI, #VMEXIT(INTR); the platform injects) or ``"avic"``
+    (the backing page's IRR and a doorbell).  Returns the device and the AVIC
+    state (None for injection)."""
+    if mode not in MODES:
+        raise ValueError(f"interrupt delivery must be one of {', '.join(MODES)}, not {mode!r}")
     m.intercept("intr")
+    av = None
     if mode == "avic":
         av = enable_avic(m)
-        raise_irq = lambda: av.post(VECTOR)           # noqa: E731  IRR + doorbell
+        raise_irq = lambda: av.post(vector)           # noqa: E731  IRR + doorbell
     else:
         apic = m.platform.apic
 
         def raise_irq() -> None:
-            apic.set_irr(VECTOR)                      # the hypervisor's APIC model
+            apic.set_irr(vector)                      # the hypervisor's APIC model
             m.cpu.kick()                              # an IPI to the vCPU's processor: #VMEXIT(INTR)
-    dev = IrqDevice(m, n, raise_irq)
+    dev = IrqDevice(m, count, raise_irq, period_ns)
     m.bus.attach(dev)
     m.guest.iopm.set(DEVICE_PORT, True)
+    return dev, av
+
+
+def measure(mode: str, n: int) -> dict[str, Any]:
+    m = machine(IMAGE, [n, VECTOR], ram=4 << 20, platform="pc")
+    dev, av = connect(m, mode, VECTOR, n)
     eoi = [0]
 
     def count(rec) -> None:

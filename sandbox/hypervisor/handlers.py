@@ -308,9 +308,10 @@ def handle_npf(m: "Machine", e: ExitRecord) -> Action:
                                   f"from RIP {e.rip:#x}")
 
 
-def handle_mmio(m: "Machine", e: ExitRecord, region: MmioRegion) -> Action:
-    """A guest access to a device window (NPF with EXITINFO2 = the GPA)."""
-    gpa = e.exitinfo2
+def handle_mmio(m: "Machine", e: ExitRecord, region: MmioRegion, gpa: int | None = None) -> Action:
+    """A guest access to a device window: an NPF (EXITINFO2 = the GPA), or a
+    shadow-paging #PF whose guest walk ended at ``gpa``."""
+    gpa = e.exitinfo2 if gpa is None else gpa
     if region.mode is MmioMode.GRANT:
         page = gpa & ~(PAGE_SIZE - 1)
         hpa = region.backing.get(page)

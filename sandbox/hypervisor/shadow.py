@@ -15,6 +15,13 @@ built lazily from the guest's own tables (GVA -> GPA) and its RAM map
 * **MOV to CR3** / **MOV from CR3**: the guest's CR3 is virtual; a write
   switches (and resynchronizes) the shadow, a read returns the guest's value.
 * **INVLPG**: the guest drops one translation; so does the shadow.
+* **MMIO**: a guest page that maps a device window (:meth:`Machine.map_mmio`,
+  ``TRAP`` mode) never gets a shadow entry, so every access to it is a #PF
+  exit; the hypervisor finds the GPA by the guest walk and emulates the
+  instruction against the device, as the shadow MMUs of 2007 did (KVM's
+  ``kvm_mmu_page_fault`` handing a fault on a GFN outside every memory slot to
+  its instruction emulator, Xen's ``sh_page_fault`` to ``handle_mmio``).
+  There is no #PF-free way to reach a device without nested paging.
 * **writes to guest page-table pages**: every page the walker has seen used
   as a guest table is mapped read-only in the shadow.  A write to one faults;
   the hypervisor then drops the shadow (it was derived from that table) and
@@ -37,7 +44,8 @@ from ..svm.events import Vec
 from ..svm.exitcodes import ExitCode
 from ..svm.stop import StopReason
 from ..svm.vmcb import EventType, NpControl, TlbControl
-from .handlers import Action
+from .devices import MmioMode
+from .handlers import Action, handle_mmio
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -55,6 +63,7 @@ class ShadowStats:
     invlpg: int = 0
     zaps: int = 0                 # whole-shadow rebuilds
     guest_entries: int = 0        # guest page-table entries the hypervisor read
+    mmio_faults: int = 0          # #PF exits that were device (MMIO) accesses, emulated
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -177,10 +186,11 @@ class ShadowPager:
             self.stats.guest_faults += 1
             return self._reflect(e, r.fault)
         gpa = r.phys & ~(PAGE_SIZE - 1)
-        if gpa not in self.guest.ram:
-            return m.stop(StopReason.SHADOW_ERROR, f"GVA {gva:#x} maps GPA {gpa:#x}, which is not guest RAM")
         fresh = [t for t in self._seen if t not in self.protected]
         self.protected.update(self._seen)
+        region = m.bus.region(r.phys) if m.bus.regions else None
+        if region is not None or gpa not in self.guest.ram:
+            return self._mmio(m, e, gva, r.phys, region)
         if access == Access.WRITE and gpa in self.protected:
             # a write to a guest page table: the shadow derived from it goes,
             # and the table is writable until the guest resynchronizes
@@ -194,6 +204,18 @@ class ShadowPager:
         self._install(gva, gpa, r)
         self._reinject(e)
         return None
+
+    def _mmio(self, m: "Machine", e: ExitRecord, gva: int, gpa: int, region) -> Action | None:
+        """A #PF on a page that maps a device: emulate the access, leave the page unshadowed."""
+        if region is None:
+            return m.stop(StopReason.SHADOW_ERROR, f"GVA {gva:#x} maps GPA {gpa:#x}, which is not guest RAM")
+        if region.mode is not MmioMode.TRAP:
+            return m.stop(StopReason.SHADOW_ERROR, f"GVA {gva:#x} maps GPA {gpa:#x}, a GRANT-mode device window: "
+                                                   f"granting a page needs nested paging")
+        if e.exitintinfo & (1 << 31):
+            return m.stop(StopReason.SHADOW_ERROR, f"event delivery touched the device window at GPA {gpa:#x}")
+        self.stats.mmio_faults += 1
+        return handle_mmio(m, e, region, gpa)
 
     def _install(self, gva: int, gpa: int, r) -> None:
         writable = r.writable and r.dirty and (gpa not in self.protected or gpa in self._unsynced)

@@ -124,3 +124,55 @@ def test_shadow_rejects_large_nested_backing():
 def test_unknown_paging_mode():
     with pytest.raises(ValueError, match="paging must be"):
         Machine(paging="magic")
+
+
+class _Recorder:
+    """A device window that logs every access and answers reads with 0x40 + offset."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        self.log.append(("r", offset, size))
+        return 0x40 + offset
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        self.log.append(("w", offset, size, value))
+
+
+MMIO_GPA = 0x1F0000
+MMIO_GUEST = f"""
+    mov rbx, {MMIO_GPA:#x}
+    mov dword ptr [rbx + 0x10], 0x1234
+    mov eax, dword ptr [rbx + 0x8]
+    mov r12, rax
+    mov dword ptr [rbx + 0x10], 0x5678
+    movzx ecx, byte ptr [rbx + 0x4]
+    mov r13, rcx
+""" + hc_exit(0)
+
+
+def test_device_window_is_emulated_from_the_page_fault(tmp_path):
+    """A device window inside the guest's mappings: nested paging exits with
+    NPF on each access; shadow paging never shadows the page, so each access
+    is a #PF exit that the hypervisor emulates the same way.  Four accesses
+    in the guest's code, four exits and the same device traffic both ways."""
+    p = tmp_path / "mmio.S"
+    p.write_text(MMIO_GUEST)
+    devs = {}
+
+    def load(m):
+        m.load(str(p))
+        devs[m.shadow is not None] = dev = _Recorder()
+        m.map_mmio(MMIO_GPA, 0x1000, dev)
+    res = run_both(load)
+    want = [("w", 0x10, 4, 0x1234), ("r", 0x8, 4), ("w", 0x10, 4, 0x5678), ("r", 0x4, 1)]
+    assert devs[False].log == devs[True].log == want
+    for paging, (m, r) in res.items():
+        assert r.reason == "guest-exit", (paging, r.detail)
+        assert (r.regs["r12"], r.regs["r13"]) == (0x48, 0x44), paging
+    (_, rn), (ms, rs) = res["nested"], res["shadow"]
+    assert rn.counts.get(0x400, 0) == 4 and 0x400 not in rs.counts          # VMEXIT_NPF
+    assert ms.shadow.stats.mmio_faults == 4
+    assert rs.counts[0x4E] == ms.shadow.stats.shadow_faults + ms.shadow.stats.guest_faults + \
+        ms.shadow.stats.pt_write_faults + 4
