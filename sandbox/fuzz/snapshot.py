@@ -164,6 +164,7 @@ class Harness:
         self._fills_outside: list[int] = []
         self._watch_fills()
         self._base = _Snapshot(m.mem.address, m.mem.size)
+        self._written.clear()      # what setup wrote is in the snapshot: not a case's writes
         self._alloc_runs = _ranges(self.pages)
         loader = {g.ram[gpa] for gpa in range(GDT_BASE, LOADER_AREA_END, PAGE_SIZE)
                   if gpa in g.ram and any(self.mm[g.ram[gpa]:g.ram[gpa] + PAGE_SIZE])}

@@ -299,6 +299,7 @@ DECIDE: dict[Kind, Callable] = {
     Kind.INTN: _intn,
     Kind.INT3: _int3,
     Kind.INTO: _into,
+    Kind.VEX_LEGACY: lambda i, v, rip: None,      # #UD, a simple exception: before any intercept (§15.9)
     Kind.ICEBP: _simple(ExitCode.ICEBP),
     Kind.SGDT: _descriptor_read(ExitCode.GDTR_READ),
     Kind.SIDT: _descriptor_read(ExitCode.IDTR_READ),
@@ -389,7 +390,7 @@ class VectorsOnly:
 
 #: kinds whose decision reads nothing but the intercept vectors (cacheable per address)
 STATE_FREE = frozenset({Kind.STI, Kind.CPUID, Kind.PUSHF, Kind.POPF, Kind.IRET, Kind.PAUSE, Kind.VMMCALL, Kind.ICEBP,
-                        Kind.INTN, Kind.INT3, Kind.INTO, Kind.RSM, Kind.RDPRU})
+                        Kind.INTN, Kind.INT3, Kind.INTO, Kind.RSM, Kind.RDPRU, Kind.VEX_LEGACY})
 
 #: decoded while a virtual interrupt waits for RFLAGS.IF: the instructions that can set it
 IRQ_WINDOW = frozenset({Kind.STI, Kind.POPF, Kind.IRET})
@@ -405,7 +406,9 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
           # the processor must refuse with #GP
           Kind.MOV_TO_CR, Kind.MOV_TO_DR, Kind.WRMSR, Kind.XSETBV,
           # LGDT/LIDT/IRET/WRFSBASE/WRGSBASE: Unicorn loads a non-canonical base or RIP
-          Kind.LGDT, Kind.LIDT, Kind.IRET, Kind.WRFSBASE, Kind.WRGSBASE}
+          Kind.LGDT, Kind.LIDT, Kind.IRET, Kind.WRFSBASE, Kind.WRGSBASE,
+          # a VEX prefix on a sensitive legacy opcode: Unicorn runs the legacy instruction
+          Kind.VEX_LEGACY}
 
 
 

@@ -80,6 +80,10 @@ class Kind(Enum):
     STI = "sti"
     WRFSBASE = "wrfsbase"
     WRGSBASE = "wrgsbase"
+    #: a sensitive legacy 0F-map opcode behind a VEX prefix (C4/C5): no VEX instruction
+    #: has that opcode, so it is #UD (APM vol. 3 §1.2.7 and §1.8; SDM vol. 2 §2.3.2),
+    #: never the legacy instruction -- which Unicorn would execute (RDTSC, CPUID, MOV CRn ...)
+    VEX_LEGACY = "vex_legacy"
 
 
 @dataclass(slots=True)
@@ -215,9 +219,49 @@ def decode(code: bytes) -> Insn | None:
     p = _prefixes(code)
     if p is None:
         return None
-    if code[p.at] == 0x0F:
+    op = code[p.at]
+    if op == 0x0F:
         return _decode_0f(code, p)
+    if op in VEX_PREFIXES:
+        return _decode_vex(code, p)
     return _decode_one_byte(code, p)
+
+
+#: the VEX prefixes (in 64-bit mode always VEX; elsewhere VEX when the next byte's
+#: top two bits are set, else LES/LDS -- the processor checks the mode)
+VEX_PREFIXES = (0xC4, 0xC5)
+#: second bytes after 0F of the sensitive legacy instructions; with ModRM where they have one
+_VEX_SENSITIVE_0F = frozenset(_0F_SIMPLE) | {0x00, 0x01, 0x20, 0x21, 0x22, 0x23, 0xAE}
+_VEX_MODRM = frozenset({0x00, 0x01, 0x20, 0x21, 0x22, 0x23, 0xAE})
+
+
+def vex_opcode(code: bytes, at: int) -> tuple[int, int, int] | None:
+    """(opcode map, opcode, offset after the opcode) of the VEX instruction at
+    ``code[at]`` (C5: map 1, the 0F map; C4: the map in its mmmmm field), or
+    None when truncated."""
+    if code[at] == 0xC5:
+        return (1, code[at + 2], at + 3) if at + 2 < len(code) else None
+    return (code[at + 1] & 0x1F, code[at + 3], at + 4) if at + 3 < len(code) else None
+
+
+def _decode_vex(code: bytes, p: _Prefixes) -> Insn | None:
+    """A VEX prefix on a sensitive legacy opcode (map 0F, or INVPCID's 0F 38 82)."""
+    v = vex_opcode(code, p.at)
+    if v is None:
+        return None
+    vmap, op, after = v
+    if vmap == 1 and op in _VEX_SENSITIVE_0F:
+        if op == 0xAE:
+            # VEX.0F AE /2 /3 with a memory operand are VLDMXCSR / VSTMXCSR; only
+            # the register forms (WRFSBASE/WRGSBASE's) are #UD
+            if after >= len(code) or code[after] >> 6 != 3 or (code[after] >> 3) & 7 not in (2, 3):
+                return None
+        ml = _modrm_len(code, after, p.addrsize) if op in _VEX_MODRM else 0
+    elif vmap == 2 and op == 0x82:
+        ml = _modrm_len(code, after, p.addrsize)
+    else:
+        return None
+    return p.mk(Kind.VEX_LEGACY, after + (ml or 0))
 
 
 def _decode_one_byte(code: bytes, p: _Prefixes) -> Insn | None:
@@ -355,7 +399,22 @@ def scan(window: bytes, limit: int, one: frozenset[int], two: frozenset[int]) ->
             elif j + 1 >= n:
                 _add_with_prefixes(window, j, limit, hits)   # opcode byte beyond the window: be safe
             j = find(b"\x0f", j + 1)
+    _scan_vex(window, limit, hits)
     return sorted(hits)
+
+
+def _scan_vex(window: bytes, limit: int, hits: set[int]) -> None:
+    """Candidates for a VEX prefix on a sensitive legacy 0F opcode, armed or not:
+    Unicorn would run it as the legacy instruction, which must be #UD instead
+    (an escape when its intercept is armed, a wrong result when it is not)."""
+    find = window.find
+    for vex in VEX_PREFIXES:
+        j = find(bytes((vex,)))
+        while j != -1:
+            v = vex_opcode(window, j)
+            if v is None or (v[0] == 1 and v[1] in _VEX_SENSITIVE_0F) or (v[0] == 2 and v[1] == 0x82):
+                _add_with_prefixes(window, j, limit, hits)
+            j = find(bytes((vex,)), j + 1)
 
 
 def _add_with_prefixes(window: bytes, j: int, limit: int, hits: set[int]) -> None:

@@ -135,7 +135,8 @@ class NativeInsns:
                             D.Kind.LGDT: self._load_table_base, D.Kind.LIDT: self._load_table_base,
                             D.Kind.WRFSBASE: self._wrfsgsbase, D.Kind.WRGSBASE: self._wrfsgsbase,
                             D.Kind.IRET: self._iret,
-                            D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into})
+                            D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into,
+                            D.Kind.VEX_LEGACY: self._vex_legacy})
         self._table.update({k: self._umip for k in UMIP_KINDS})
 
     def install_hooks(self) -> None:
@@ -205,6 +206,14 @@ class NativeInsns:
 
     def _into(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
         self._raise(Vec.UD, None, address)          # INTO is invalid in 64-bit mode
+
+    def _vex_legacy(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """A VEX prefix on a legacy opcode is #UD; Unicorn would execute the legacy
+        instruction.  Outside 64-bit mode C4/C5 whose next byte has ModRM.mod != 11
+        are LES/LDS, which run natively."""
+        if not st.hflags & HF_CS64 and code[insn.opcode_off + 1] >> 6 != 3:
+            return
+        self._raise(Vec.UD, None, address)
 
     def _umip(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
         """SGDT/SIDT/SLDT/STR/SMSW at CPL > 0 with CR4.UMIP: #GP (APM vol. 2 §3.1.3);
