@@ -19,11 +19,12 @@ from ..hypervisor.machine import Machine, RunResult
 from ..svm.stop import StopReason
 from ..version import __version__
 from .errors import CliError
+from .trace import DEFAULT_TRACE_LIMIT
 
 #: the ``sandbox run`` arguments that make the machine; a recording keeps them and a replay rebuilds from them
 RECORDED_ARGS = ("image", "intercept", "no_default_intercepts", "ports", "msrs", "hooks", "max_insns",
                  "max_exits", "timeout", "dram", "ram", "append", "platform", "nested", "paging", "npt_page",
-                 "tlb", "sev", "sev_es", "snp")
+                 "tlb", "sev", "sev_es", "snp", "mode")
 
 
 def parse_gdb_address(spec: str) -> tuple[str, int]:
@@ -73,6 +74,8 @@ def open_replay(a: argparse.Namespace) -> tuple[Recording, argparse.Namespace]:
     ns.record = None
     ns.replay, ns.to_exit = rec, a.to_exit
     ns.gdb, ns.timeline, ns.json, ns.quiet = a.gdb, a.timeline, a.json, a.quiet
+    ns.mode = ns.mode or "svm"                              # recordings made before --mode existed
+    ns.trace_limit = DEFAULT_TRACE_LIMIT
     if not rec.final.complete:
         ns.max_exits = sum(1 for _ in rec.exits())             # the recorded run was cut short there
     if a.to_exit is not None and not 0 <= a.to_exit:

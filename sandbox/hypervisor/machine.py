@@ -100,8 +100,9 @@ class _EagerReg:
     world switch needs no notice of an access: read and written in place,
     with no per-field round trip through the VMCB accessor."""
 
-    def __init__(self, offset: int) -> None:
+    def __init__(self, offset: int, name: str) -> None:
         self.offset = offset
+        self.__doc__ = f"guest {name} (the VMCB's state-save area, current at every exit); read and write"
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
         m = regs.machine
@@ -151,7 +152,8 @@ class GuestRegs:
     """
 
     __slots__ = ("machine",)
-    rax, rsp, rip, rflags = _EagerReg(OFF_RAX), _EagerReg(OFF_RSP), _EagerReg(OFF_RIP), _VmcbReg("RFLAGS")
+    rax, rsp, rip = _EagerReg(OFF_RAX, "RAX"), _EagerReg(OFF_RSP, "RSP"), _EagerReg(OFF_RIP, "RIP")
+    rflags = _VmcbReg("RFLAGS")
     rcx, rdx, rbx, rbp, rsi, rdi = (_CpuReg(GPR_NAMES.index(n)) for n in ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi"))
     r8, r9, r10, r11, r12, r13, r14, r15 = (_CpuReg(GPR_NAMES.index(f"r{i}")) for i in range(8, 16))
 
