@@ -20,6 +20,8 @@ import io
 import os
 import pickle
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from elftools.common.exceptions import ELFError
@@ -56,9 +58,25 @@ def _keystone(text: str, base: int) -> bytes:
 
 
 def _keystone_isolated(text: str, base: int) -> tuple[str, bytes | str]:
-    """Keystone in a forked child: some inputs (a high-byte register next to a
+    """Keystone in a child process: some inputs (a high-byte register next to a
     REX prefix, ``mov dh, [r12]``) make LLVM inside keystone abort the whole
-    process, which a loader must turn into an error, not a crash."""
+    process, which a loader must turn into an error, not a crash.  The child is
+    forked when this process has a single thread; a process with others (Ray's
+    gRPC threads, a host application's) could leave a lock held in a forked
+    child forever, so there a fresh interpreter does it."""
+    if _single_threaded():
+        return _keystone_forked(text, base)
+    return _keystone_spawned(text, base)
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _keystone_forked(text: str, base: int) -> tuple[str, bytes | str]:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                    # child: assemble, report, leave at once
@@ -81,6 +99,29 @@ def _keystone_isolated(text: str, base: int) -> tuple[str, bytes | str]:
         why = f"signal {signal.Signals(sig).name}" if sig else f"status {os.waitstatus_to_exitcode(status)}"
         return ("crash", why)
     return pickle.loads(data)
+
+
+_CHILD = """\
+import pickle, sys
+from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
+text, base = pickle.load(sys.stdin.buffer)
+try:
+    enc, _ = Ks(KS_ARCH_X86, KS_MODE_64).asm(text, base)
+    out = ("ok", bytes(enc or b""))
+except KsError as e:
+    out = ("error", str(e))
+pickle.dump(out, sys.stdout.buffer)
+"""
+
+
+def _keystone_spawned(text: str, base: int) -> tuple[str, bytes | str]:
+    p = subprocess.run([sys.executable, "-c", _CHILD], input=pickle.dumps((text, base)),
+                       capture_output=True, check=False)
+    if p.returncode != 0 or not p.stdout:
+        why = (f"signal {signal.Signals(-p.returncode).name}" if p.returncode < 0
+               else f"status {p.returncode}")
+        return ("crash", why)
+    return pickle.loads(p.stdout)
 
 
 def assemble(source: str, base: int = LOAD_BASE, name: str = "<asm>") -> bytes:

@@ -3,6 +3,7 @@ with a message that names the file and the problem; a hand-built ELF64
 (System V gABI / x86-64 psABI layout, built with struct) loads and runs."""
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -229,3 +230,28 @@ def test_keystone_crash_is_a_clear_error(tmp_path):
     p.write_text("mov dh, byte ptr [r12]\n")
     with pytest.raises(ImageError, match="keystone crashed"):
         load_image(p, 2 << 20)
+
+
+def test_assembly_in_a_threaded_process_does_not_fork(tmp_path):
+    """A process with other threads (Ray's gRPC threads, a host application's) must
+    not fork: a lock held by another thread stays held in the child forever.  With a
+    thread running, the loader assembles in a fresh interpreter -- same bytes, and a
+    keystone abort is still a clear error."""
+    import threading
+    from sandbox.hypervisor.loader import ImageError, assemble
+    quiet = assemble("cpuid\nmov rax, 0x1234\nvmmcall\n")
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, daemon=True)
+    t.start()
+    forks = []
+    real_fork = os.fork
+    os.fork = lambda: forks.append(1) or real_fork()      # noqa: E731
+    try:
+        assert assemble("cpuid\nmov rax, 0x1234\nvmmcall\n") == quiet
+        with pytest.raises(ImageError, match="keystone crashed"):
+            assemble("mov dh, byte ptr [r12]\n")
+    finally:
+        os.fork = real_fork
+        stop.set()
+        t.join()
+    assert forks == []
