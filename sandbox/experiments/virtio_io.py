@@ -121,7 +121,7 @@ def run_experiment(ctx: Context) -> Outcome:
         checks=checks,
         notes=["Exits counted are the I/O exits (IOIO for the UART, NPF for the virtio-mmio registers); each run "
                "also ends with one EXIT hypercall.",
-               "The virtio device raises no interrupt (the sandbox has no interrupt controller yet): the driver "
+               "The virtio device raises no interrupt (it is not wired to the PC platform's APIC): the driver "
                "polls the used ring, which costs no exit."])
 
 
