@@ -76,6 +76,7 @@ class Scanner:
         #: the controls the last full VMRUN latched (read, never written, here)
         self.ctl = ctl
         self.view = mem.view
+        self._mm = mem.raw
         self.hooks = CodeHooks(uc, self.on_candidate)
         self.ext: ProcessorExtension = NO_EXTENSION
         #: the decision function (see :data:`Decide`); replaceable, e.g. by a fuzzer's planted bug
@@ -85,7 +86,8 @@ class Scanner:
         self._armed_key: tuple | None = None
         self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
-        self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None]] = {}
+        #: address -> (bytes, the decode or None, the cached decision or None, port I/O?)
+        self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool]] = {}
         #: port I/O decisions at CPL 0: address -> (decoded entry, key, decision); see _io_decision
         self.io_decided: dict[int, tuple[tuple, tuple, ExitInfo | None]] = {}
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
@@ -100,6 +102,7 @@ class Scanner:
         emulation of instructions that do not exit, the interrupt window."""
         self._cpu = cpu
         self._insn_bytes = fill.insn_bytes
+        self._fetch_map = fill.fetch_map
         self._flush_soft_tlb = fill.flush_soft_tlb
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
@@ -159,54 +162,63 @@ class Scanner:
 
     # -------------------------------------------------------- candidate hook
     def on_candidate(self, handle, address: int, size: int, user_data) -> None:
-        """The C callback of every candidate hook."""
+        """The C callback of every candidate hook: an instruction that may exit
+        is about to execute at ``address``.
+
+        This is the first step of every intercepted instruction's round trip,
+        so the common case is written out here (the fetched bytes, the
+        snapshot) rather than spread over helper calls."""
         try:
-            self.candidate(address)
+            if self._sw.stop is not None:
+                return
+            irq = self.irq_window
+            if irq and address in irq:
+                irq.discard(address)
+                if self._window_open():
+                    return
+            hpa = self._fetch_map.get(address & ~0xFFF)
+            off = address & 0xFFF
+            if hpa is not None and off <= PAGE_SIZE - D.MAX_INSN:
+                code = self._mm[hpa + off:hpa + off + D.MAX_INSN]      # as insn_bytes, inline
+            else:
+                code = self._insn_bytes(address)
+            ent = self.decoded.get(address)
+            if ent is None or ent[0] != code:
+                ent = self._decode(address, code)
+            insn = ent[1]
+            if insn is None:
+                return
+            st = self._st
+            if st.dirty:
+                st.store()
+            st.save_raw()                               # st.load(), inline
+            if 0x40 <= code[0] <= 0x4F and not st.hflags & HF_CS64:
+                return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
+            view = None
+            self.pass_used = None
+            if self.pass_once_rip == address:
+                self.pass_once_rip = None
+                self.pass_used = address
+                info = None
+            elif ent[2] is not None:
+                info = ent[2] if ent[2] is not NO_EXIT else None
+            elif ent[3] and self.decide is default_decide and not st.hflags & HF_CPL_MASK:
+                info = self._io_decision(ent, insn, st, address, code)
+            else:
+                view = DecisionView(self, st)
+                info = self.decide(insn, view, address, code)
+            if info is not None:
+                ext = self.ext
+                if ext is not NO_EXTENSION and ext.intercept(self._cpu, info.exitcode, address, insn.length):
+                    return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
+                self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address,
+                             nrip=address + insn.length, fresh=True)
+                self._after_exit(address)
+                return
+            # not intercepted: the model handles what Unicorn cannot do natively
+            self._native(address, insn, st, view or DecisionView(self, st), code)
         except BaseException as e:          # never let an exception unwind through C
             self._fail(f"internal error at guest RIP {address:#x}: {type(e).__name__}: {e}", e)
-
-    def candidate(self, address: int) -> None:
-        """An instruction that may exit is about to execute at ``address``."""
-        if self._sw.stop is not None:
-            return
-        irq = self.irq_window
-        if irq and address in irq:
-            irq.discard(address)
-            if self._window_open():
-                return
-        code = self._insn_bytes(address)
-        ent = self.decoded.get(address)
-        if ent is None or ent[0] != code:
-            ent = self._decode(address, code)
-        insn = ent[1]
-        if insn is None:
-            return
-        st = self._st.load()
-        if 0x40 <= code[0] <= 0x4F and not st.hflags & HF_CS64:
-            return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
-        view = None
-        self.pass_used = None
-        if self.pass_once_rip == address:
-            self.pass_once_rip = None
-            self.pass_used = address
-            info = None
-        elif ent[2] is not None:
-            info = ent[2] if ent[2] is not NO_EXIT else None
-        elif insn.kind in IO_KINDS and self.decide is default_decide and not st.hflags & HF_CPL_MASK:
-            info = self._io_decision(ent, insn, st, address, code)
-        else:
-            view = DecisionView(self, st)
-            info = self.decide(insn, view, address, code)
-        if info is not None:
-            ext = self.ext
-            if ext is not NO_EXTENSION and ext.intercept(self._cpu, info.exitcode, address, insn.length):
-                return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
-            self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=address + insn.length,
-                         fresh=True)
-            self._after_exit(address)
-            return
-        # not intercepted: the model handles what Unicorn cannot do natively
-        self._native(address, insn, st, view or DecisionView(self, st), code)
 
     def _io_decision(self, ent: tuple, insn: D.Insn, st: CpuState, address: int, code: bytes) -> ExitInfo | None:
         """Port I/O at CPL 0, decided once per instruction and remembered.
@@ -226,7 +238,7 @@ class Scanner:
         self.io_decided[address] = (ent, key, info)
         return info
 
-    def _decode(self, address: int, code: bytes) -> tuple[bytes, D.Insn | None, ExitInfo | None]:
+    def _decode(self, address: int, code: bytes) -> tuple[bytes, D.Insn | None, ExitInfo | None, bool]:
         insn = D.decode(code)
         if insn is not None and insn.kind not in self.scan_kinds:
             insn = None
@@ -234,7 +246,7 @@ class Scanner:
         if insn is not None and insn.kind in STATE_FREE:
             # the decision depends on the intercept vectors alone: cache it
             fast = self.decide(insn, VectorsOnly(self.ctl.ivec), address, code) or NO_EXIT
-        ent = self.decoded[address] = (code, insn, fast)
+        ent = self.decoded[address] = (code, insn, fast, insn is not None and insn.kind in IO_KINDS)
         return ent
 
     def set_decide(self, fn: Decide) -> None:

@@ -60,6 +60,10 @@ _EAGER_QWORDS = frozenset({OFF_RIP, OFF_RSP, OFF_RAX})
 _LOADED_RANGES = ((SEGMENTS["ES"], SEGMENTS["TR"] + SEG_RECORD_SIZE), (OFF_CPL, OFF_EFER + 8),
                   (OFF_CR4, OFF_RFLAGS), (OFF_CR2, OFF_CR2 + 8))
 _SEGMENT_REGS = ("ES", "CS", "SS", "DS")
+# qword indices into the VMCB (HostMemory.qwords[(vmcb_hpa >> 3) + i]) for the exit path
+_QRIP, _QRSP, _QRAX, _QNRIP, _QEVENTINJ = (o >> 3 for o in (OFF_RIP, OFF_RSP, OFF_RAX, OFF_NRIP, OFF_EVENTINJ))
+_QEXITCODE = OFF_EXITCODE >> 3         # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO: four qwords
+_FLUSH_ON_SWITCH = TlbMode.FLUSH_ON_SWITCH
 
 
 def put_seg(mv, at: int, seg: tuple[int, int, int, int]) -> None:
@@ -183,6 +187,7 @@ class WorldSwitch:
                  sw: SwitchState) -> None:
         self._uc, self._st, self._mem, self._tlb, self._ctl, self.sw = uc, st, mem, tlb, ctl, sw
         self._view = mem.view
+        self._q = mem.qwords
         self.ext: ProcessorExtension = NO_EXTENSION
         self.exit_count = 0
         self.max_exits = 0
@@ -235,39 +240,41 @@ class WorldSwitch:
         sw = self.sw
         if not (in_hook and sw.fast_ok and not sw.vmcb_written):
             return self._enter_full(in_hook)
-        # Re-entry after an exit whose handler touched only RAX/RSP/RIP
-        # (never-cached fields, APM §15.15.3): everything else was checked and
-        # loaded at the last VMRUN and is still what the processor holds.
-        mv = self._view
-        b = self._ctl.vmcb_hpa
-        rip = _Q.unpack_from(mv, b + OFF_RIP)[0]
-        rsp = _Q.unpack_from(mv, b + OFF_RSP)[0]
-        rax = _Q.unpack_from(mv, b + OFF_RAX)[0]
+        if not sw.snap_valid:
+            self._st.load()
+            sw.snap_valid = True
+        self._reenter(self._q, self._ctl.vmcb_hpa >> 3)
+        return True
+
+    def _reenter(self, q, b: int) -> None:
+        """VMRUN after an exit whose handler touched only RAX/RSP/RIP (never-cached
+        fields, APM §15.15.3) and the GPRs in the processor's snapshot (valid):
+        everything else was checked and loaded at the last VMRUN and is still
+        what the processor holds (what the VMCB clean bits let hardware skip).
+        ``q``/``b``: the DRAM qwords and the VMCB's qword index."""
+        sw = self.sw
+        rip, rax = q[b + _QRIP], q[b + _QRAX]
         o_rax, o_rsp = sw.saved_regs
         st = self._st
-        if sw.snap_valid and (st.dirty or rax != o_rax or rsp != o_rsp):
-            if rax != o_rax:              # the snapshot is current: patch and store once
-                _Q.pack_into(st.data, OFF_REGS, rax)
-            if rsp != o_rsp:
-                _Q.pack_into(st.data, OFF_REGS + 32, rsp)
-            st.store()
-        else:
-            if st.dirty:
-                st.store()
-            if rax != o_rax:
-                st.reg_write(_RAX, rax)
-            if rsp != o_rsp:
-                st.reg_write(_RSP, rsp)
+        if rax != o_rax:              # the snapshot is current: patch it and store it once
+            st.q[0] = rax
+            st.dirty = True
+        rsp = q[b + _QRSP]
+        if rsp != o_rsp:
+            st.q[4] = rsp
+            st.dirty = True
+        if st.dirty:
+            st.restore_raw()
+            st.dirty = False
         sw.snap_valid = False
-        tlb_ctl = mv[b + OFF_TLB_CONTROL]
-        if tlb_ctl or self._tlb.mode is TlbMode.FLUSH_ON_SWITCH:
+        tlb_ctl = self._view[(b << 3) + OFF_TLB_CONTROL]
+        if tlb_ctl or self._tlb.mode is _FLUSH_ON_SWITCH:
             self.tlb_control(tlb_ctl)      # TLB_CONTROL acts on every VMRUN
         if self._xmod_pages:
             self._xmod_commit()      # after the flush: it refills through current translations
         self._drop_walker()
         sw.gif = True
         sw.entry_rip = rip
-        return True
 
     def _enter_full(self, in_hook: bool) -> bool:
         """VMRUN through every check: §15.5.1, the controls, the guest state, the entry events."""
@@ -407,29 +414,36 @@ class WorldSwitch:
         if self._smc.step is not None:
             self._smc.end()                  # the exit's RFLAGS must not carry the model's TF
             fresh = False
-        st = self._st if fresh else self._st.load()
+        st = self._st
+        if not fresh:
+            st.load()
         cpu = self._cpu
         ext = self.ext
         if ext is not NO_EXTENSION:
             ext.at_vmexit(cpu)               # SEV: DRAM holds ciphertext before the hypervisor runs
-        mv = self._view
-        b = self._ctl.vmcb_hpa
-        rax, rsp = _RAX_RSP.unpack_from(st.data, OFF_REGS)
-        _Q.pack_into(mv, b + OFF_RIP, rip)
-        _Q.pack_into(mv, b + OFF_RSP, rsp)
-        _Q.pack_into(mv, b + OFF_RAX, rax)
+        q = self._q
+        b = self._ctl.vmcb_hpa >> 3          # a VMCB is 4 KiB aligned (VMRUN checks it)
+        gq = st.q
+        rax, rsp = gq[0], gq[4]              # QEMU order: rax rcx rdx rbx rsp
+        q[b + _QRIP] = rip
+        q[b + _QRSP] = rsp
+        q[b + _QRAX] = rax
         sw = self.sw
         sw.saved_regs = (rax, rsp)
         sw.snap_valid = True
         sw.lazy_pending = True
         sw.vmcb_written = False
         self._mem.sync = self._sync
-        _EXIT4.pack_into(mv, b + OFF_EXITCODE, code & M64, info1 & M64, info2 & M64, exitintinfo)
-        _Q.pack_into(mv, b + OFF_NRIP, nrip)
-        _Q.pack_into(mv, b + OFF_EVENTINJ, 0)          # EVENTINJ consumed
-        mv[b + OFF_GUEST_INSN_LEN] = len(insn) & 0xF
+        q[b + _QEXITCODE] = code & M64
+        q[b + _QEXITCODE + 1] = info1 & M64
+        q[b + _QEXITCODE + 2] = info2 & M64
+        q[b + _QEXITCODE + 3] = exitintinfo
+        q[b + _QNRIP] = nrip
+        q[b + _QEVENTINJ] = 0                # EVENTINJ consumed
+        mv = self._view
+        mv[(b << 3) + OFF_GUEST_INSN_LEN] = len(insn) & 0xF
         if insn:
-            mv[b + GUEST_INSN_BYTES:b + GUEST_INSN_BYTES + len(insn)] = insn
+            mv[(b << 3) + GUEST_INSN_BYTES:(b << 3) + GUEST_INSN_BYTES + len(insn)] = insn
         self.exit_count += 1
         rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
         sw.exit = rec
@@ -533,7 +547,13 @@ class WorldSwitch:
         if sw.defer_dispatch:
             return                    # inside VMRUN itself: the caller dispatches
         if self.dispatch_loop():
-            self._st.reg_write(_RIP, sw.entry_rip)
+            st = self._st
+            if st.dirty:
+                st.store()
+            st.rip_cell.value = sw.entry_rip
+            err = st.write_rip_raw()
+            if err:
+                raise UcError(err)
             return
         try:
             self._uc.emu_stop()
@@ -544,7 +564,11 @@ class WorldSwitch:
 
     def dispatch_loop(self) -> bool:
         """The hypervisor loop: hand the pending exit to the handler and VMRUN again
-        while it resumes.  True when the guest continues at ``sw.entry_rip``."""
+        while it resumes.  True when the guest continues at ``sw.entry_rip``.
+
+        The VMRUN after a handler that touched only RAX/RSP/RIP and the GPRs the
+        processor keeps is the fast re-entry (:meth:`enter`), written out here:
+        it is on every intercepted instruction's round trip."""
         sw = self.sw
         while True:
             rec = sw.exit
@@ -561,6 +585,9 @@ class WorldSwitch:
                 sw.stop = StopInfo(StopReason.EXIT)
                 return False
             sw.exit = None
+            if sw.fast_ok and sw.snap_valid and not sw.vmcb_written and self.ext is NO_EXTENSION:
+                self._reenter(self._q, self._ctl.vmcb_hpa >> 3)
+                return True
             sw.defer_dispatch = True
             try:
                 self.enter(in_hook=True)
