@@ -104,12 +104,10 @@ class _EagerReg:
         self.offset = offset
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
-        m = regs.machine
-        return _Q.unpack_from(m.mem.raw, m.guest.vmcb_hpa + self.offset)[0]
+        return regs._dram[(regs.machine.guest.vmcb_hpa + self.offset) >> 3]
 
     def __set__(self, regs: "GuestRegs", value: int) -> None:
-        m = regs.machine
-        _Q.pack_into(m.mem.raw, m.guest.vmcb_hpa + self.offset, value & M64)
+        regs._dram[(regs.machine.guest.vmcb_hpa + self.offset) >> 3] = value & M64
 
 
 class _CpuReg:
@@ -125,19 +123,17 @@ class _CpuReg:
         self.__doc__ = f"guest {GPR_NAMES[index].upper()} (kept by the processor); read and write"
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
-        cpu = regs.machine.cpu
-        if cpu.switch.snap_valid:
-            return _Q.unpack_from(cpu.st.data, self.offset)[0]
-        return cpu.guest_gpr(self.index)
+        if regs._sw.snap_valid:
+            return regs._st.q[self.index]
+        return regs.machine.cpu.guest_gpr(self.index)
 
     def __set__(self, regs: "GuestRegs", value: int) -> None:
-        cpu = regs.machine.cpu
-        if cpu.switch.snap_valid:
-            st = cpu.st
-            _Q.pack_into(st.data, self.offset, value & M64)
+        if regs._sw.snap_valid:
+            st = regs._st
+            st.q[self.index] = value & M64
             st.dirty = True
         else:
-            cpu.set_guest_gpr(self.index, value)
+            regs.machine.cpu.set_guest_gpr(self.index, value)
 
 
 class GuestRegs:
@@ -150,13 +146,17 @@ class GuestRegs:
     view also decides how an exit completes (:meth:`complete`, :meth:`inject`).
     """
 
-    __slots__ = ("machine",)
+    __slots__ = ("machine", "_dram", "_sw", "_st")
     rax, rsp, rip, rflags = _EagerReg(OFF_RAX), _EagerReg(OFF_RSP), _EagerReg(OFF_RIP), _VmcbReg("RFLAGS")
     rcx, rdx, rbx, rbp, rsi, rdi = (_CpuReg(GPR_NAMES.index(n)) for n in ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi"))
     r8, r9, r10, r11, r12, r13, r14, r15 = (_CpuReg(GPR_NAMES.index(f"r{i}")) for i in range(8, 16))
 
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
+        # what every access needs, bound once: DRAM as qwords, the world switch's flags, the snapshot
+        self._dram = machine.mem.qwords
+        self._sw = machine.cpu.switch
+        self._st = machine.cpu.st
 
     def as_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in GPR_NAMES}
@@ -168,8 +168,7 @@ class GuestRegs:
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
-        m = self.machine
-        _Q.pack_into(m.mem.raw, m.guest.vmcb_hpa + OFF_RIP, next_rip & M64)
+        self._dram[(self.machine.guest.vmcb_hpa + OFF_RIP) >> 3] = next_rip & M64
 
     def inject(self, event: Event) -> None:
         """Deliver ``event`` at the next VMRUN (EVENTINJ)."""
@@ -494,7 +493,7 @@ class Machine:
             act = h(self, rec)
             if act is None or act is RESUME:
                 # the livelock check's common case inline: the handler moved RIP
-                if _Q.unpack_from(self.mem.raw, self.guest.vmcb_hpa + OFF_RIP)[0] != rec.rip:
+                if self.mem.qwords[(self.guest.vmcb_hpa + OFF_RIP) >> 3] != rec.rip:
                     if self._last_fp is not None:
                         self._last_fp, self._same_fp = None, 0
                 elif self._livelocked(rec):

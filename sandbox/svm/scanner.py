@@ -104,8 +104,7 @@ class Scanner:
         self._insn_bytes = fill.insn_bytes
         self._fetch_map = fill.fetch_map
         self._flush_soft_tlb = fill.flush_soft_tlb
-        self._vmexit = ws.vmexit
-        self._after_exit = ws.after_exit_in_hook
+        self._exit_in_hook = ws.exit_in_hook
         self._native = native.handle
         self._window_open = interrupts.window_open
         self.guest_access: GuestAccess = interrupts.access
@@ -211,9 +210,7 @@ class Scanner:
                 ext = self.ext
                 if ext is not NO_EXTENSION and ext.intercept(self._cpu, info.exitcode, address, insn.length):
                     return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
-                self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address,
-                             nrip=address + insn.length, fresh=True)
-                self._after_exit(address)
+                self._exit_in_hook(info.exitcode, info.exitinfo1, info.exitinfo2, address, address + insn.length)
                 return
             # not intercepted: the model handles what Unicorn cannot do natively
             self._native(address, insn, st, view or DecisionView(self, st), code)

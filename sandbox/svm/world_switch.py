@@ -540,35 +540,128 @@ class WorldSwitch:
         st.dirty = True
 
     # ---------------------------------------------------- the dispatch loop
+    def exit_in_hook(self, code: int, info1: int, info2: int, rip: int, nrip: int) -> None:
+        """An intercepted instruction's whole round trip, from its code hook with
+        the state snapshot just taken: #VMEXIT, the hypervisor's handler, and
+        the VMRUN back -- :meth:`vmexit` then :meth:`after_exit_in_hook`.
+
+        The common case is written out in one frame: no step of a code store
+        in progress, no processor extension, a handler that resumes having
+        written only RAX/RSP/RIP and the snapshot's GPRs (the fast re-entry of
+        :meth:`_reenter`).  Anything else takes the general functions."""
+        sw = self.sw
+        if self._smc.step is not None or self.ext is not NO_EXTENSION or sw.defer_dispatch:
+            self.vmexit(code, info1, info2, rip=rip, nrip=nrip, fresh=True)
+            self.after_exit_in_hook(rip)
+            return
+        # #VMEXIT (as vmexit, fresh): RIP/RSP/RAX and the exit fields at once, the rest lazily
+        st = self._st
+        gq = st.q
+        q = self._q
+        b = self._ctl.vmcb_hpa >> 3
+        rax = gq[0]
+        rsp = gq[4]
+        q[b + _QRIP] = rip
+        q[b + _QRSP] = rsp
+        q[b + _QRAX] = rax
+        q[b + _QEXITCODE] = code = int(code)
+        q[b + _QEXITCODE + 1] = info1 = info1 & M64
+        q[b + _QEXITCODE + 2] = info2 = info2 & M64
+        q[b + _QEXITCODE + 3] = 0
+        q[b + _QNRIP] = nrip
+        q[b + _QEVENTINJ] = 0                # EVENTINJ consumed
+        self._view[(b << 3) + OFF_GUEST_INSN_LEN] = 0
+        sw.saved_regs = (rax, rsp)
+        sw.snap_valid = sw.lazy_pending = True
+        sw.vmcb_written = sw.gif = False     # #VMEXIT clears GIF
+        self._mem.sync = self._sync
+        self.exit_count = n = self.exit_count + 1
+        sw.exit = rec = ExitRecord(code, info1, info2, 0, rip, nrip, b"", n)
+        # the hypervisor (as after_exit_in_hook and dispatch_loop)
+        sw.exit_resumable = True
+        sw.last_exit_rip = rip
+        on_exit = self.on_exit
+        if n >= self.max_exits:
+            sw.stop = StopInfo(StopReason.EXIT_BUDGET, f"{n} exits")
+            self._leave_hook(False, rip)
+            return
+        if on_exit is None or not on_exit(rec) or sw.stop is not None:
+            if sw.stop is None:
+                sw.stop = StopInfo(StopReason.EXIT)
+            self._leave_hook(False, rip)
+            return
+        sw.exit = None
+        if not (sw.fast_ok and sw.snap_valid) or sw.vmcb_written:
+            self._leave_hook(self._enter_in_hook(), rip)
+            return
+        # VMRUN: the fast re-entry (as _reenter)
+        rip = q[b + _QRIP]
+        v = q[b + _QRAX]
+        if v != rax:
+            gq[0] = v
+            st.dirty = True
+        v = q[b + _QRSP]
+        if v != rsp:
+            gq[4] = v
+            st.dirty = True
+        if st.dirty:
+            st.restore_raw()
+            st.dirty = False
+        sw.snap_valid = False
+        tlb_ctl = self._view[(b << 3) + OFF_TLB_CONTROL]
+        if tlb_ctl or self._tlb.mode is _FLUSH_ON_SWITCH:
+            self.tlb_control(tlb_ctl)
+        if self._xmod_pages:
+            self._xmod_commit()
+        self._drop_walker()
+        sw.gif = True
+        sw.entry_rip = rip
+        st.rip_cell.value = rip
+        err = st.write_rip_raw()
+        if err:
+            raise UcError(err)
+
     def after_exit_in_hook(self, rip: int, resumable: bool = True) -> None:
         """Hand the exit to the hypervisor; resume in place or stop the run."""
         sw = self.sw
         sw.exit_resumable = resumable
         if sw.defer_dispatch:
             return                    # inside VMRUN itself: the caller dispatches
-        if self.dispatch_loop():
-            st = self._st
-            if st.dirty:
-                st.store()
-            st.rip_cell.value = sw.entry_rip
-            err = st.write_rip_raw()
-            if err:
-                raise UcError(err)
+        self._leave_hook(self.dispatch_loop(), rip)
+
+    def _leave_hook(self, resumed: bool, rip: int) -> None:
+        """After the hypervisor ran inside a hook: the guest continues at
+        ``sw.entry_rip``, or the run stops with the intercepted instruction
+        not executed (RIP on the last exit's instruction)."""
+        sw = self.sw
+        if resumed:
+            self._st.reg_write(_RIP, sw.entry_rip)
             return
         try:
             self._uc.emu_stop()
         except UcError:
             pass
-        # the intercepted instruction must not execute; RIP is the last exit's
         self._st.reg_write(_RIP, sw.last_exit_rip if sw.last_exit_rip is not None else rip)
+
+    def _enter_in_hook(self) -> bool:
+        """VMRUN from the dispatch loop (exits it raises are dispatched in turn);
+        True when the guest continues at ``sw.entry_rip``."""
+        sw = self.sw
+        sw.defer_dispatch = True
+        try:
+            self.enter(in_hook=True)
+        finally:
+            sw.defer_dispatch = False
+        if sw.stop is not None:
+            return False
+        return sw.exit is None or self.dispatch_loop()
 
     def dispatch_loop(self) -> bool:
         """The hypervisor loop: hand the pending exit to the handler and VMRUN again
         while it resumes.  True when the guest continues at ``sw.entry_rip``.
 
         The VMRUN after a handler that touched only RAX/RSP/RIP and the GPRs the
-        processor keeps is the fast re-entry (:meth:`enter`), written out here:
-        it is on every intercepted instruction's round trip."""
+        processor keeps is the fast re-entry (:meth:`_reenter`)."""
         sw = self.sw
         while True:
             rec = sw.exit
