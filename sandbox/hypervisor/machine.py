@@ -474,8 +474,11 @@ class Machine:
             self.guest.vmcb.TLB_CONTROL = TlbControl.DO_NOTHING
         code = rec.exitcode
         counts = self.counts
-        key = _EXIT_KEYS.get(code, code)
-        counts[key] = counts.get(key, 0) + 1
+        n = counts.get(code)          # an int finds the ExitCode key it equals: the key stays the member
+        if n is None:
+            counts[_EXIT_KEYS.get(code, code)] = 1
+        else:
+            counts[code] = n + 1
         nested = self.nested
         nested_l2 = nested is not None and nested.guest_mode
         if nested_l2:

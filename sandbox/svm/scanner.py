@@ -27,7 +27,7 @@ from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import HF_CPL_MASK, HF_CS64, OFF_REGS, CpuState
+from .cpustate import HF_CPL_MASK, HF_CS64, OFF_HFLAGS, OFF_REGS, CpuState
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
 from .engine import CodeHooks
@@ -51,7 +51,11 @@ NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
 IO_KINDS = frozenset({D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS})
 _Q = struct.Struct("<Q")
-_TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
+_TSS_IOMAP_BASE = 0x66
+_MAX_INSN = D.MAX_INSN
+_QHFLAGS = OFF_HFLAGS >> 3             # CpuState.q index of the qword holding hflags
+assert OFF_HFLAGS % 8 == 0 and OFF_REGS == 0
+_LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in the page          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
 
 
 def straddling(page: bytes) -> list[int]:
@@ -86,8 +90,9 @@ class Scanner:
         self._armed_key: tuple | None = None
         self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
-        #: address -> (bytes, the decode or None, the cached decision or None, port I/O?)
-        self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool]] = {}
+        #: address -> (bytes, the decode or None, the cached decision or None, port I/O?,
+        #: first byte 40-4F: a REX prefix only in 64-bit mode?)
+        self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]] = {}
         #: port I/O decisions at CPL 0: address -> (decoded entry, key, decision); see _io_decision
         self.io_decided: dict[int, tuple[tuple, tuple, ExitInfo | None]] = {}
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
@@ -177,8 +182,8 @@ class Scanner:
                     return
             hpa = self._fetch_map.get(address & ~0xFFF)
             off = address & 0xFFF
-            if hpa is not None and off <= PAGE_SIZE - D.MAX_INSN:
-                code = self._mm[hpa + off:hpa + off + D.MAX_INSN]      # as insn_bytes, inline
+            if hpa is not None and off <= _LAST_WHOLE:
+                code = self._mm[hpa + off:hpa + off + _MAX_INSN]      # as insn_bytes, inline
             else:
                 code = self._insn_bytes(address)
             ent = self.decoded.get(address)
@@ -191,17 +196,19 @@ class Scanner:
             if st.dirty:
                 st.store()
             st.save_raw()                               # st.load(), inline
-            if 0x40 <= code[0] <= 0x4F and not st.hflags & HF_CS64:
+            hflags = st.q[_QHFLAGS]             # low half: hflags (the high half is hflags2)
+            if ent[4] and not hflags & HF_CS64:
                 return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
             view = None
             self.pass_used = None
+            fast = ent[2]
             if self.pass_once_rip == address:
                 self.pass_once_rip = None
                 self.pass_used = address
                 info = None
-            elif ent[2] is not None:
-                info = ent[2] if ent[2] is not NO_EXIT else None
-            elif ent[3] and self.decide is default_decide and not st.hflags & HF_CPL_MASK:
+            elif fast is not None:
+                info = fast if fast is not NO_EXIT else None
+            elif ent[3] and self.decide is default_decide and not hflags & HF_CPL_MASK:
                 info = self._io_decision(ent, insn, st, address, code)
             else:
                 view = DecisionView(self, st)
@@ -224,7 +231,9 @@ class Scanner:
         depends only on the instruction (``ent``: a new decode or a rescan
         makes a new entry), its port, the intercept vectors and the IOPM's
         bits for the port -- the cache key, read afresh on every execution."""
-        port = insn.imm if insn.imm is not None else _Q.unpack_from(st.data, OFF_REGS + 16)[0] & 0xFFFF
+        port = insn.imm
+        if port is None:
+            port = st.q[2] & 0xFFFF          # DX (QEMU order: rax rcx rdx)
         ctl, view = self.ctl, self.view
         a = ctl.iopm_hpa + (port >> 3)
         key = (port, ctl.ivec, a, view[a], view[a + 1])     # an access of <= 4 ports spans <= 2 bytes
@@ -235,7 +244,7 @@ class Scanner:
         self.io_decided[address] = (ent, key, info)
         return info
 
-    def _decode(self, address: int, code: bytes) -> tuple[bytes, D.Insn | None, ExitInfo | None, bool]:
+    def _decode(self, address: int, code: bytes) -> tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]:
         insn = D.decode(code)
         if insn is not None and insn.kind not in self.scan_kinds:
             insn = None
@@ -243,7 +252,8 @@ class Scanner:
         if insn is not None and insn.kind in STATE_FREE:
             # the decision depends on the intercept vectors alone: cache it
             fast = self.decide(insn, VectorsOnly(self.ctl.ivec), address, code) or NO_EXIT
-        ent = self.decoded[address] = (code, insn, fast, insn is not None and insn.kind in IO_KINDS)
+        ent = self.decoded[address] = (code, insn, fast, insn is not None and insn.kind in IO_KINDS,
+                                       bool(code) and 0x40 <= code[0] <= 0x4F)
         return ent
 
     def set_decide(self, fn: Decide) -> None:
