@@ -104,10 +104,10 @@ class _EagerReg:
         self.offset = offset
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
-        return regs._dram[(regs.machine.guest.vmcb_hpa + self.offset) >> 3]
+        return regs.dram_q[(regs.machine.guest.vmcb_hpa + self.offset) >> 3]
 
     def __set__(self, regs: "GuestRegs", value: int) -> None:
-        regs._dram[(regs.machine.guest.vmcb_hpa + self.offset) >> 3] = value & M64
+        regs.dram_q[(regs.machine.guest.vmcb_hpa + self.offset) >> 3] = value & M64
 
 
 class _CpuReg:
@@ -123,13 +123,13 @@ class _CpuReg:
         self.__doc__ = f"guest {GPR_NAMES[index].upper()} (kept by the processor); read and write"
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
-        if regs._sw.snap_valid:
-            return regs._st.q[self.index]
+        if regs.cpu_switch.snap_valid:
+            return regs.cpu_state.q[self.index]
         return regs.machine.cpu.guest_gpr(self.index)
 
     def __set__(self, regs: "GuestRegs", value: int) -> None:
-        if regs._sw.snap_valid:
-            st = regs._st
+        if regs.cpu_switch.snap_valid:
+            st = regs.cpu_state
             st.q[self.index] = value & M64
             st.dirty = True
         else:
@@ -146,7 +146,7 @@ class GuestRegs:
     view also decides how an exit completes (:meth:`complete`, :meth:`inject`).
     """
 
-    __slots__ = ("machine", "_dram", "_sw", "_st")
+    __slots__ = ("machine", "dram_q", "cpu_switch", "cpu_state")
     rax, rsp, rip, rflags = _EagerReg(OFF_RAX), _EagerReg(OFF_RSP), _EagerReg(OFF_RIP), _VmcbReg("RFLAGS")
     rcx, rdx, rbx, rbp, rsi, rdi = (_CpuReg(GPR_NAMES.index(n)) for n in ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi"))
     r8, r9, r10, r11, r12, r13, r14, r15 = (_CpuReg(GPR_NAMES.index(f"r{i}")) for i in range(8, 16))
@@ -154,9 +154,9 @@ class GuestRegs:
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
         # what every access needs, bound once: DRAM as qwords, the world switch's flags, the snapshot
-        self._dram = machine.mem.qwords
-        self._sw = machine.cpu.switch
-        self._st = machine.cpu.st
+        self.dram_q = machine.mem.qwords
+        self.cpu_switch = machine.cpu.switch
+        self.cpu_state = machine.cpu.st
 
     def as_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in GPR_NAMES}
@@ -168,7 +168,7 @@ class GuestRegs:
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
-        self._dram[(self.machine.guest.vmcb_hpa + OFF_RIP) >> 3] = next_rip & M64
+        self.dram_q[(self.machine.guest.vmcb_hpa + OFF_RIP) >> 3] = next_rip & M64
 
     def inject(self, event: Event) -> None:
         """Deliver ``event`` at the next VMRUN (EVENTINJ)."""
