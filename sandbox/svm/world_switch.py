@@ -594,29 +594,8 @@ class WorldSwitch:
         if not (sw.fast_ok and sw.snap_valid) or sw.vmcb_written:
             self._leave_hook(self._enter_in_hook(), rip)
             return
-        # VMRUN: the fast re-entry (as _reenter)
-        rip = q[b + _QRIP]
-        v = q[b + _QRAX]
-        if v != rax:
-            gq[0] = v
-            st.dirty = True
-        v = q[b + _QRSP]
-        if v != rsp:
-            gq[4] = v
-            st.dirty = True
-        if st.dirty:
-            st.restore_raw()
-            st.dirty = False
-        sw.snap_valid = False
-        tlb_ctl = self._view[(b << 3) + OFF_TLB_CONTROL]
-        if tlb_ctl or self._tlb.mode is _FLUSH_ON_SWITCH:
-            self.tlb_control(tlb_ctl)
-        if self._xmod_pages:
-            self._xmod_commit()
-        self._drop_walker()
-        sw.gif = True
-        sw.entry_rip = rip
-        st.rip_cell.value = rip
+        self._reenter(q, b)                  # VMRUN: the fast re-entry
+        st.rip_cell.value = sw.entry_rip
         err = st.write_rip_raw()
         if err:
             raise UcError(err)
@@ -678,9 +657,6 @@ class WorldSwitch:
                 sw.stop = StopInfo(StopReason.EXIT)
                 return False
             sw.exit = None
-            if sw.fast_ok and sw.snap_valid and not sw.vmcb_written and self.ext is NO_EXTENSION:
-                self._reenter(self._q, self._ctl.vmcb_hpa >> 3)
-                return True
             sw.defer_dispatch = True
             try:
                 self.enter(in_hook=True)
