@@ -45,9 +45,7 @@ if TYPE_CHECKING:
     from .smc import SmcStepper
 
 _Q = struct.Struct("<Q")
-_EXIT4 = struct.Struct("<QQQQ")     # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
 _EXIT3 = struct.Struct("<QQQ")
-_RAX_RSP = struct.Struct("<Q24xQ")     # GPRs 0 and 4 of the state snapshot (QEMU order: rax rcx rdx rbx rsp)
 _SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
 _CR4_TO_DR6 = struct.Struct("<5Q")    # CR4, CR3, CR0, DR7, DR6
 _N_CR3_ADDR = 0x000F_FFFF_FFFF_F000
@@ -564,11 +562,12 @@ class WorldSwitch:
         q[b + _QRIP] = rip
         q[b + _QRSP] = rsp
         q[b + _QRAX] = rax
-        q[b + _QEXITCODE] = code = int(code)
+        code = int(code)
+        q[b + _QEXITCODE] = code & M64
         q[b + _QEXITCODE + 1] = info1 = info1 & M64
         q[b + _QEXITCODE + 2] = info2 = info2 & M64
         q[b + _QEXITCODE + 3] = 0
-        q[b + _QNRIP] = nrip
+        q[b + _QNRIP] = nrip & M64
         q[b + _QEVENTINJ] = 0                # EVENTINJ consumed
         self._view[(b << 3) + OFF_GUEST_INSN_LEN] = 0
         sw.saved_regs = (rax, rsp)
