@@ -107,8 +107,11 @@ def _cpuid_leaf(m: "Machine", leaf: int, sub: int) -> tuple[int, int, int, int]:
 def handle_cpuid(m: "Machine", e: ExitRecord) -> Action:
     """CPUID: virtualized leaves, hypervisor-present bit, vendor leaf 0x40000000."""
     regs = m.regs
-    regs.rax, regs.rbx, regs.rcx, regs.rdx = _cpuid_leaf(m, regs.rax & M32, regs.rcx & M32)
-    regs.complete(e.nrip)                     # m.advance(e), one call fewer on the hottest exit
+    leaf = regs.rax & M32
+    # the fixed leaves without a call: this is the hottest exit
+    out = (not m.cpuid_overrides and FIXED_LEAVES.get(leaf)) or _cpuid_leaf(m, leaf, regs.rcx & M32)
+    regs.rax, regs.rbx, regs.rcx, regs.rdx = out
+    regs.complete(e.nrip)                     # m.advance(e), one call fewer
     return RESUME
 
 
@@ -132,23 +135,24 @@ def handle_rdpmc(m: "Machine", e: ExitRecord) -> Action:
 
 
 # ------------------------------------------------------------------ port I/O
-def _ioio_size(info: int) -> int:
-    return 1 if info & IoioInfo.SZ8 else (2 if info & IoioInfo.SZ16 else 4)
+# plain ints: an IntFlag operand costs a call on the exit path
+_SZ8, _SZ16, _STR, _TYPE_IN = int(IoioInfo.SZ8), int(IoioInfo.SZ16), int(IoioInfo.STR), int(IoioInfo.TYPE_IN)
 
 
 def handle_ioio(m: "Machine", e: ExitRecord) -> Action:
     """IN/OUT/INS/OUTS against the port bus (APM §15.10.2 EXITINFO1)."""
     info = e.exitinfo1
-    port, size = info >> 16 & 0xFFFF, _ioio_size(info)
-    if info & IoioInfo.STR:
+    port, size = info >> 16 & 0xFFFF, (1 if info & _SZ8 else (2 if info & _SZ16 else 4))
+    if info & _STR:
         return _string_ioio(m, e, port, size)
     mask = (1 << (8 * size)) - 1
-    if info & IoioInfo.TYPE_IN:
+    regs = m.regs
+    if info & _TYPE_IN:
         v = m.bus.io(port, size, True)
-        m.regs.rax = v if size == 4 else (m.regs.rax & ~mask) | v      # 32-bit results zero-extend
+        regs.rax = v if size == 4 else (regs.rax & ~mask) | v      # 32-bit results zero-extend
     else:
-        m.bus.io(port, size, False, m.regs.rax & mask)
-    m.advance(e, e.exitinfo2)                 # EXITINFO2 = the next RIP
+        m.bus.io(port, size, False, regs.rax & mask)
+    regs.complete(e.exitinfo2)                # m.advance(e, EXITINFO2): EXITINFO2 = the next RIP
     return RESUME
 
 

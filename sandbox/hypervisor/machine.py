@@ -105,12 +105,10 @@ class _EagerReg:
         self.__doc__ = f"guest {name} (the VMCB's state-save area, current at every exit); read and write"
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
-        m = regs.machine
-        return _Q.unpack_from(m.mem.raw, m.guest.vmcb_hpa + self.offset)[0]
+        return regs.dram_q[(regs.machine.guest.vmcb_hpa + self.offset) >> 3]
 
     def __set__(self, regs: "GuestRegs", value: int) -> None:
-        m = regs.machine
-        _Q.pack_into(m.mem.raw, m.guest.vmcb_hpa + self.offset, value & M64)
+        regs.dram_q[(regs.machine.guest.vmcb_hpa + self.offset) >> 3] = value & M64
 
 
 class _CpuReg:
@@ -126,19 +124,17 @@ class _CpuReg:
         self.__doc__ = f"guest {GPR_NAMES[index].upper()} (kept by the processor); read and write"
 
     def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
-        cpu = regs.machine.cpu
-        if cpu.switch.snap_valid:
-            return _Q.unpack_from(cpu.st.data, self.offset)[0]
-        return cpu.guest_gpr(self.index)
+        if regs.cpu_switch.snap_valid:
+            return regs.cpu_state.q[self.index]
+        return regs.machine.cpu.guest_gpr(self.index)
 
     def __set__(self, regs: "GuestRegs", value: int) -> None:
-        cpu = regs.machine.cpu
-        if cpu.switch.snap_valid:
-            st = cpu.st
-            _Q.pack_into(st.data, self.offset, value & M64)
+        if regs.cpu_switch.snap_valid:
+            st = regs.cpu_state
+            st.q[self.index] = value & M64
             st.dirty = True
         else:
-            cpu.set_guest_gpr(self.index, value)
+            regs.machine.cpu.set_guest_gpr(self.index, value)
 
 
 class GuestRegs:
@@ -151,7 +147,7 @@ class GuestRegs:
     view also decides how an exit completes (:meth:`complete`, :meth:`inject`).
     """
 
-    __slots__ = ("machine",)
+    __slots__ = ("machine", "dram_q", "cpu_switch", "cpu_state")
     rax, rsp, rip = _EagerReg(OFF_RAX, "RAX"), _EagerReg(OFF_RSP, "RSP"), _EagerReg(OFF_RIP, "RIP")
     rflags = _VmcbReg("RFLAGS")
     rcx, rdx, rbx, rbp, rsi, rdi = (_CpuReg(GPR_NAMES.index(n)) for n in ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi"))
@@ -159,6 +155,10 @@ class GuestRegs:
 
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
+        # what every access needs, bound once: DRAM as qwords, the world switch's flags, the snapshot
+        self.dram_q = machine.mem.qwords
+        self.cpu_switch = machine.cpu.switch
+        self.cpu_state = machine.cpu.st
 
     def as_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in GPR_NAMES}
@@ -170,8 +170,7 @@ class GuestRegs:
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
-        m = self.machine
-        _Q.pack_into(m.mem.raw, m.guest.vmcb_hpa + OFF_RIP, next_rip & M64)
+        self.dram_q[(self.machine.guest.vmcb_hpa + OFF_RIP) >> 3] = next_rip & M64
 
     def inject(self, event: Event) -> None:
         """Deliver ``event`` at the next VMRUN (EVENTINJ)."""
@@ -476,8 +475,11 @@ class Machine:
             self.guest.vmcb.TLB_CONTROL = TlbControl.DO_NOTHING
         code = rec.exitcode
         counts = self.counts
-        key = _EXIT_KEYS.get(code, code)
-        counts[key] = counts.get(key, 0) + 1
+        n = counts.get(code)          # an int finds the ExitCode key it equals: the key stays the member
+        if n is None:
+            counts[_EXIT_KEYS.get(code, code)] = 1
+        else:
+            counts[code] = n + 1
         nested = self.nested
         nested_l2 = nested is not None and nested.guest_mode
         if nested_l2:
@@ -495,7 +497,7 @@ class Machine:
             act = h(self, rec)
             if act is None or act is RESUME:
                 # the livelock check's common case inline: the handler moved RIP
-                if _Q.unpack_from(self.mem.raw, self.guest.vmcb_hpa + OFF_RIP)[0] != rec.rip:
+                if self.mem.qwords[(self.guest.vmcb_hpa + OFF_RIP) >> 3] != rec.rip:
                     if self._last_fp is not None:
                         self._last_fp, self._same_fp = None, 0
                 elif self._livelocked(rec):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
+import sys
 from typing import Iterable
 
 PAGE_SIZE = 4096
@@ -23,6 +24,10 @@ PAGE_MASK = ~(PAGE_SIZE - 1)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
+
+
+if sys.byteorder != "little":          # ``qwords`` and Unicorn's CPU context use the host's order
+    raise ImportError("the sandbox needs a little-endian host (x86 byte order)")
 
 
 class HostMemoryError(Exception):
@@ -55,6 +60,10 @@ class HostMemory:
         self._cbuf = (ctypes.c_char * (2 * size)).from_buffer(self.raw)
         #: raw view for the CPU model; hypervisor code uses the methods below
         self.view = memoryview(self.raw)
+        #: the same memory as 64-bit words (index = hpa >> 3), for the processor
+        #: model's hot paths: an item access costs no call, unlike ``struct``
+        #: (x86 byte order: the host is little-endian, checked at import)
+        self.qwords = self.view.cast("Q")
         self._free: list[int] = list(range(size // PAGE_SIZE - 1, 0, -1))
         self._allocated: set[int] = set()
         #: called as ``sync(hpa, n, write)`` before every hypervisor access, so

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from functools import partial
 from typing import Callable
 from dataclasses import dataclass
 
@@ -100,6 +101,8 @@ class CpuState:
         addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         size = self._ctx.size - CONTEXT_DATA
         self.data = memoryview((ctypes.c_char * size).from_address(addr + CONTEXT_DATA)).cast("B")
+        #: the snapshot as 64-bit words: GPR ``i`` (QEMU order) is ``q[i]`` (hot paths: no call per access)
+        self.q = self.data[:size & ~7].cast("Q")
         self._save = uclib.uc_context_save
         self._restore = uclib.uc_context_restore
         self._rr = uclib.uc_reg_read
@@ -107,6 +110,16 @@ class CpuState:
         self.dirty = False         # snapshot holds writes not yet stored
         self._val = ctypes.c_uint64()
         self._pval = ctypes.byref(self._val)
+        # hot-path transfers that run no Python frame (the caller keeps ``dirty`` right):
+        #: ``save_raw()``: uc_context_save into :attr:`data` (:meth:`load` without the dirty check)
+        self.save_raw: Callable[[], int] = partial(self._save, self._h, self._cptr)
+        #: ``restore_raw()``: uc_context_restore from :attr:`data` (:meth:`store` without clearing ``dirty``)
+        self.restore_raw: Callable[[], int] = partial(self._restore, self._h, self._cptr)
+        #: ``write_rip_raw()``: uc_reg_write of RIP from :attr:`rip_cell` -- how a hook moves RIP
+        #: (Unicorn then restarts translation there); returns Unicorn's error code
+        self.rip_cell = ctypes.c_uint64()
+        self.write_rip_raw: Callable[[], int] = partial(self._rw, self._h, X.UC_X86_REG_RIP,
+                                                        ctypes.byref(self.rip_cell))
 
     # -- whole-context transfer ------------------------------------------------
     def load(self) -> "CpuState":

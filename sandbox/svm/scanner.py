@@ -27,7 +27,7 @@ from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import HF_CPL_MASK, HF_CS64, OFF_REGS, CpuState
+from .cpustate import HF_CPL_MASK, HF_CS64, OFF_HFLAGS, OFF_REGS, CpuState
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
 from .engine import CodeHooks
@@ -54,6 +54,10 @@ _Q = struct.Struct("<Q")
 _TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
 #: decode caches kept for distinct intercept vectors before they are all dropped
 _DECODE_CACHES = 8
+_MAX_INSN = D.MAX_INSN
+_QHFLAGS = OFF_HFLAGS >> 3             # CpuState.q index of the qword holding hflags
+assert OFF_HFLAGS % 8 == 0 and OFF_REGS == 0
+_LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in the page
 
 
 def straddling(page: bytes) -> list[int]:
@@ -78,6 +82,7 @@ class Scanner:
         #: the controls the last full VMRUN latched (read, never written, here)
         self.ctl = ctl
         self.view = mem.view
+        self._mm = mem.raw
         self.hooks = CodeHooks(uc, self.on_candidate)
         self.ext: ProcessorExtension = NO_EXTENSION
         #: the decision function (see :data:`Decide`); replaceable, e.g. by a fuzzer's planted bug
@@ -87,11 +92,13 @@ class Scanner:
         self._armed_key: tuple | None = None
         self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
-        self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None]] = {}
+        #: address -> (bytes, the decode or None, the cached decision or None, port I/O?,
+        #: first byte 40-4F: a REX prefix only in 64-bit mode?)
+        self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]] = {}
         #: port I/O decisions at CPL 0: address -> (decoded entry, key, decision); see _io_decision
         self.io_decided: dict[int, tuple[tuple, tuple, ExitInfo | None]] = {}
         #: the decode caches of the intercept vectors armed so far (``decoded`` is the current one)
-        self._decoded_by_key: dict[tuple, dict[int, tuple[bytes, D.Insn | None, ExitInfo | None]]] = {}
+        self._decoded_by_key: dict[tuple, dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]]] = {}
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
         self.irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
         self.pass_once_rip: int | None = None
@@ -104,9 +111,9 @@ class Scanner:
         emulation of instructions that do not exit, the interrupt window."""
         self._cpu = cpu
         self._insn_bytes = fill.insn_bytes
+        self._fetch_map = fill.fetch_map
         self._flush_soft_tlb = fill.flush_soft_tlb
-        self._vmexit = ws.vmexit
-        self._after_exit = ws.after_exit_in_hook
+        self._exit_in_hook = ws.exit_in_hook
         self._native = native.handle
         self._window_open = interrupts.window_open
         self.guest_access: GuestAccess = interrupts.access
@@ -175,54 +182,63 @@ class Scanner:
 
     # -------------------------------------------------------- candidate hook
     def on_candidate(self, handle, address: int, size: int, user_data) -> None:
-        """The C callback of every candidate hook."""
+        """The C callback of every candidate hook: an instruction that may exit
+        is about to execute at ``address``.
+
+        This is the first step of every intercepted instruction's round trip,
+        so the common case is written out here (the fetched bytes, the
+        snapshot) rather than spread over helper calls."""
         try:
-            self.candidate(address)
+            if self._sw.stop is not None:
+                return
+            irq = self.irq_window
+            if irq and address in irq:
+                irq.discard(address)
+                if self._window_open():
+                    return
+            hpa = self._fetch_map.get(address & ~0xFFF)
+            off = address & 0xFFF
+            if hpa is not None and off <= _LAST_WHOLE:
+                code = self._mm[hpa + off:hpa + off + _MAX_INSN]      # as insn_bytes, inline
+            else:
+                code = self._insn_bytes(address)
+            ent = self.decoded.get(address)
+            if ent is None or ent[0] != code:
+                ent = self._decode(address, code)
+            insn = ent[1]
+            if insn is None:
+                return
+            st = self._st
+            if st.dirty:
+                st.store()
+            st.save_raw()                               # st.load(), inline
+            hflags = st.q[_QHFLAGS]             # low half: hflags (the high half is hflags2)
+            if ent[4] and not hflags & HF_CS64:
+                return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
+            view = None
+            self.pass_used = None
+            fast = ent[2]
+            if self.pass_once_rip == address:
+                self.pass_once_rip = None
+                self.pass_used = address
+                info = None
+            elif fast is not None:
+                info = fast if fast is not NO_EXIT else None
+            elif ent[3] and self.decide is default_decide and not hflags & HF_CPL_MASK:
+                info = self._io_decision(ent, insn, st, address, code)
+            else:
+                view = DecisionView(self, st)
+                info = self.decide(insn, view, address, code)
+            if info is not None:
+                ext = self.ext
+                if ext is not NO_EXTENSION and ext.intercept(self._cpu, info.exitcode, address, insn.length):
+                    return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
+                self._exit_in_hook(info.exitcode, info.exitinfo1, info.exitinfo2, address, address + insn.length)
+                return
+            # not intercepted: the model handles what Unicorn cannot do natively
+            self._native(address, insn, st, view or DecisionView(self, st), code)
         except BaseException as e:          # never let an exception unwind through C
             self._fail(f"internal error at guest RIP {address:#x}: {type(e).__name__}: {e}", e)
-
-    def candidate(self, address: int) -> None:
-        """An instruction that may exit is about to execute at ``address``."""
-        if self._sw.stop is not None:
-            return
-        irq = self.irq_window
-        if irq and address in irq:
-            irq.discard(address)
-            if self._window_open():
-                return
-        code = self._insn_bytes(address)
-        ent = self.decoded.get(address)
-        if ent is None or ent[0] != code:
-            ent = self._decode(address, code)
-        insn = ent[1]
-        if insn is None:
-            return
-        st = self._st.load()
-        if 0x40 <= code[0] <= 0x4F and not st.hflags & HF_CS64:
-            return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
-        view = None
-        self.pass_used = None
-        if self.pass_once_rip == address:
-            self.pass_once_rip = None
-            self.pass_used = address
-            info = None
-        elif ent[2] is not None:
-            info = ent[2] if ent[2] is not NO_EXIT else None
-        elif insn.kind in IO_KINDS and self.decide is default_decide and not st.hflags & HF_CPL_MASK:
-            info = self._io_decision(ent, insn, st, address, code)
-        else:
-            view = DecisionView(self, st)
-            info = self.decide(insn, view, address, code)
-        if info is not None:
-            ext = self.ext
-            if ext is not NO_EXTENSION and ext.intercept(self._cpu, info.exitcode, address, insn.length):
-                return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
-            self._vmexit(info.exitcode, info.exitinfo1, info.exitinfo2, rip=address, nrip=address + insn.length,
-                         fresh=True)
-            self._after_exit(address)
-            return
-        # not intercepted: the model handles what Unicorn cannot do natively
-        self._native(address, insn, st, view or DecisionView(self, st), code)
 
     def _io_decision(self, ent: tuple, insn: D.Insn, st: CpuState, address: int, code: bytes) -> ExitInfo | None:
         """Port I/O at CPL 0, decided once per instruction and remembered.
@@ -231,7 +247,9 @@ class Scanner:
         depends only on the instruction (``ent``: a new decode or a rescan
         makes a new entry), its port, the intercept vectors and the IOPM's
         bits for the port -- the cache key, read afresh on every execution."""
-        port = insn.imm if insn.imm is not None else _Q.unpack_from(st.data, OFF_REGS + 16)[0] & 0xFFFF
+        port = insn.imm
+        if port is None:
+            port = st.q[2] & 0xFFFF          # DX (QEMU order: rax rcx rdx)
         ctl, view = self.ctl, self.view
         a = ctl.iopm_hpa + (port >> 3)
         key = (port, ctl.ivec, a, view[a], view[a + 1])     # an access of <= 4 ports spans <= 2 bytes
@@ -242,7 +260,7 @@ class Scanner:
         self.io_decided[address] = (ent, key, info)
         return info
 
-    def _decode(self, address: int, code: bytes) -> tuple[bytes, D.Insn | None, ExitInfo | None]:
+    def _decode(self, address: int, code: bytes) -> tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]:
         insn = D.decode(code)
         if insn is not None and insn.kind not in self.scan_kinds:
             insn = None
@@ -250,7 +268,8 @@ class Scanner:
         if insn is not None and insn.kind in STATE_FREE:
             # the decision depends on the intercept vectors alone: cache it
             fast = self.decide(insn, VectorsOnly(self.ctl.ivec), address, code) or NO_EXIT
-        ent = self.decoded[address] = (code, insn, fast)
+        ent = self.decoded[address] = (code, insn, fast, insn is not None and insn.kind in IO_KINDS,
+                                       bool(code) and 0x40 <= code[0] <= 0x4F)
         return ent
 
     def set_decide(self, fn: Decide) -> None:

@@ -45,9 +45,7 @@ if TYPE_CHECKING:
     from .smc import SmcStepper
 
 _Q = struct.Struct("<Q")
-_EXIT4 = struct.Struct("<QQQQ")     # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
 _EXIT3 = struct.Struct("<QQQ")
-_RAX_RSP = struct.Struct("<Q24xQ")     # GPRs 0 and 4 of the state snapshot (QEMU order: rax rcx rdx rbx rsp)
 _SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
 _CR4_TO_DR6 = struct.Struct("<5Q")    # CR4, CR3, CR0, DR7, DR6
 _N_CR3_ADDR = 0x000F_FFFF_FFFF_F000
@@ -60,6 +58,10 @@ _EAGER_QWORDS = frozenset({OFF_RIP, OFF_RSP, OFF_RAX})
 _LOADED_RANGES = ((SEGMENTS["ES"], SEGMENTS["TR"] + SEG_RECORD_SIZE), (OFF_CPL, OFF_EFER + 8),
                   (OFF_CR4, OFF_RFLAGS), (OFF_CR2, OFF_CR2 + 8))
 _SEGMENT_REGS = ("ES", "CS", "SS", "DS")
+# qword indices into the VMCB (HostMemory.qwords[(vmcb_hpa >> 3) + i]) for the exit path
+_QRIP, _QRSP, _QRAX, _QNRIP, _QEVENTINJ = (o >> 3 for o in (OFF_RIP, OFF_RSP, OFF_RAX, OFF_NRIP, OFF_EVENTINJ))
+_QEXITCODE = OFF_EXITCODE >> 3         # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO: four qwords
+_FLUSH_ON_SWITCH = TlbMode.FLUSH_ON_SWITCH
 
 
 def put_seg(mv, at: int, seg: tuple[int, int, int, int]) -> None:
@@ -183,6 +185,7 @@ class WorldSwitch:
                  sw: SwitchState) -> None:
         self._uc, self._st, self._mem, self._tlb, self._ctl, self.sw = uc, st, mem, tlb, ctl, sw
         self._view = mem.view
+        self._q = mem.qwords
         self.ext: ProcessorExtension = NO_EXTENSION
         self.exit_count = 0
         self.max_exits = 0
@@ -235,39 +238,41 @@ class WorldSwitch:
         sw = self.sw
         if not (in_hook and sw.fast_ok and not sw.vmcb_written):
             return self._enter_full(in_hook)
-        # Re-entry after an exit whose handler touched only RAX/RSP/RIP
-        # (never-cached fields, APM §15.15.3): everything else was checked and
-        # loaded at the last VMRUN and is still what the processor holds.
-        mv = self._view
-        b = self._ctl.vmcb_hpa
-        rip = _Q.unpack_from(mv, b + OFF_RIP)[0]
-        rsp = _Q.unpack_from(mv, b + OFF_RSP)[0]
-        rax = _Q.unpack_from(mv, b + OFF_RAX)[0]
+        if not sw.snap_valid:
+            self._st.load()
+            sw.snap_valid = True
+        self._reenter(self._q, self._ctl.vmcb_hpa >> 3)
+        return True
+
+    def _reenter(self, q, b: int) -> None:
+        """VMRUN after an exit whose handler touched only RAX/RSP/RIP (never-cached
+        fields, APM §15.15.3) and the GPRs in the processor's snapshot (valid):
+        everything else was checked and loaded at the last VMRUN and is still
+        what the processor holds (what the VMCB clean bits let hardware skip).
+        ``q``/``b``: the DRAM qwords and the VMCB's qword index."""
+        sw = self.sw
+        rip, rax = q[b + _QRIP], q[b + _QRAX]
         o_rax, o_rsp = sw.saved_regs
         st = self._st
-        if sw.snap_valid and (st.dirty or rax != o_rax or rsp != o_rsp):
-            if rax != o_rax:              # the snapshot is current: patch and store once
-                _Q.pack_into(st.data, OFF_REGS, rax)
-            if rsp != o_rsp:
-                _Q.pack_into(st.data, OFF_REGS + 32, rsp)
-            st.store()
-        else:
-            if st.dirty:
-                st.store()
-            if rax != o_rax:
-                st.reg_write(_RAX, rax)
-            if rsp != o_rsp:
-                st.reg_write(_RSP, rsp)
+        if rax != o_rax:              # the snapshot is current: patch it and store it once
+            st.q[0] = rax
+            st.dirty = True
+        rsp = q[b + _QRSP]
+        if rsp != o_rsp:
+            st.q[4] = rsp
+            st.dirty = True
+        if st.dirty:
+            st.restore_raw()
+            st.dirty = False
         sw.snap_valid = False
-        tlb_ctl = mv[b + OFF_TLB_CONTROL]
-        if tlb_ctl or self._tlb.mode is TlbMode.FLUSH_ON_SWITCH:
+        tlb_ctl = self._view[(b << 3) + OFF_TLB_CONTROL]
+        if tlb_ctl or self._tlb.mode is _FLUSH_ON_SWITCH:
             self.tlb_control(tlb_ctl)      # TLB_CONTROL acts on every VMRUN
         if self._xmod_pages:
             self._xmod_commit()      # after the flush: it refills through current translations
         self._drop_walker()
         sw.gif = True
         sw.entry_rip = rip
-        return True
 
     def switch_vmcb(self, vmcb_hpa: int) -> None:
         """From a handler: the dispatch loop's next VMRUN takes the VMCB at
@@ -420,29 +425,36 @@ class WorldSwitch:
         if self._smc.step is not None:
             self._smc.end()                  # the exit's RFLAGS must not carry the model's TF
             fresh = False
-        st = self._st if fresh else self._st.load()
+        st = self._st
+        if not fresh:
+            st.load()
         cpu = self._cpu
         ext = self.ext
         if ext is not NO_EXTENSION:
             ext.at_vmexit(cpu)               # SEV: DRAM holds ciphertext before the hypervisor runs
-        mv = self._view
-        b = self._ctl.vmcb_hpa
-        rax, rsp = _RAX_RSP.unpack_from(st.data, OFF_REGS)
-        _Q.pack_into(mv, b + OFF_RIP, rip)
-        _Q.pack_into(mv, b + OFF_RSP, rsp)
-        _Q.pack_into(mv, b + OFF_RAX, rax)
+        q = self._q
+        b = self._ctl.vmcb_hpa >> 3          # a VMCB is 4 KiB aligned (VMRUN checks it)
+        gq = st.q
+        rax, rsp = gq[0], gq[4]              # QEMU order: rax rcx rdx rbx rsp
+        q[b + _QRIP] = rip
+        q[b + _QRSP] = rsp
+        q[b + _QRAX] = rax
         sw = self.sw
         sw.saved_regs = (rax, rsp)
         sw.snap_valid = True
         sw.lazy_pending = True
         sw.vmcb_written = False
         self._mem.sync = self._sync
-        _EXIT4.pack_into(mv, b + OFF_EXITCODE, code & M64, info1 & M64, info2 & M64, exitintinfo)
-        _Q.pack_into(mv, b + OFF_NRIP, nrip)
-        _Q.pack_into(mv, b + OFF_EVENTINJ, 0)          # EVENTINJ consumed
-        mv[b + OFF_GUEST_INSN_LEN] = len(insn) & 0xF
+        q[b + _QEXITCODE] = code & M64
+        q[b + _QEXITCODE + 1] = info1 & M64
+        q[b + _QEXITCODE + 2] = info2 & M64
+        q[b + _QEXITCODE + 3] = exitintinfo
+        q[b + _QNRIP] = nrip
+        q[b + _QEVENTINJ] = 0                # EVENTINJ consumed
+        mv = self._view
+        mv[(b << 3) + OFF_GUEST_INSN_LEN] = len(insn) & 0xF
         if insn:
-            mv[b + GUEST_INSN_BYTES:b + GUEST_INSN_BYTES + len(insn)] = insn
+            mv[(b << 3) + GUEST_INSN_BYTES:(b << 3) + GUEST_INSN_BYTES + len(insn)] = insn
         self.exit_count += 1
         rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
         sw.exit = rec
@@ -539,25 +551,108 @@ class WorldSwitch:
         st.dirty = True
 
     # ---------------------------------------------------- the dispatch loop
+    def exit_in_hook(self, code: int, info1: int, info2: int, rip: int, nrip: int) -> None:
+        """An intercepted instruction's whole round trip, from its code hook with
+        the state snapshot just taken: #VMEXIT, the hypervisor's handler, and
+        the VMRUN back -- :meth:`vmexit` then :meth:`after_exit_in_hook`.
+
+        The common case is written out in one frame: no step of a code store
+        in progress, no processor extension, a handler that resumes having
+        written only RAX/RSP/RIP and the snapshot's GPRs (the fast re-entry of
+        :meth:`_reenter`).  Anything else takes the general functions."""
+        sw = self.sw
+        if self._smc.step is not None or self.ext is not NO_EXTENSION or sw.defer_dispatch:
+            self.vmexit(code, info1, info2, rip=rip, nrip=nrip, fresh=True)
+            self.after_exit_in_hook(rip)
+            return
+        # #VMEXIT (as vmexit, fresh): RIP/RSP/RAX and the exit fields at once, the rest lazily
+        st = self._st
+        gq = st.q
+        q = self._q
+        b = self._ctl.vmcb_hpa >> 3
+        rax = gq[0]
+        rsp = gq[4]
+        q[b + _QRIP] = rip
+        q[b + _QRSP] = rsp
+        q[b + _QRAX] = rax
+        code = int(code)
+        q[b + _QEXITCODE] = code & M64
+        q[b + _QEXITCODE + 1] = info1 = info1 & M64
+        q[b + _QEXITCODE + 2] = info2 = info2 & M64
+        q[b + _QEXITCODE + 3] = 0
+        q[b + _QNRIP] = nrip & M64
+        q[b + _QEVENTINJ] = 0                # EVENTINJ consumed
+        self._view[(b << 3) + OFF_GUEST_INSN_LEN] = 0
+        sw.saved_regs = (rax, rsp)
+        sw.snap_valid = sw.lazy_pending = True
+        sw.vmcb_written = sw.gif = False     # #VMEXIT clears GIF
+        self._mem.sync = self._sync
+        self.exit_count = n = self.exit_count + 1
+        sw.exit = rec = ExitRecord(code, info1, info2, 0, rip, nrip, b"", n)
+        # the hypervisor (as after_exit_in_hook and dispatch_loop)
+        sw.exit_resumable = True
+        sw.last_exit_rip = rip
+        on_exit = self.on_exit
+        if n >= self.max_exits:
+            sw.stop = StopInfo(StopReason.EXIT_BUDGET, f"{n} exits")
+            self._leave_hook(False, rip)
+            return
+        if on_exit is None or not on_exit(rec) or sw.stop is not None:
+            if sw.stop is None:
+                sw.stop = StopInfo(StopReason.EXIT)
+            self._leave_hook(False, rip)
+            return
+        sw.exit = None
+        if not (sw.fast_ok and sw.snap_valid) or sw.vmcb_written:
+            self._leave_hook(self._enter_in_hook(), rip)
+            return
+        self._reenter(q, b)                  # VMRUN: the fast re-entry
+        st.rip_cell.value = sw.entry_rip
+        err = st.write_rip_raw()
+        if err:
+            raise UcError(err)
+
     def after_exit_in_hook(self, rip: int, resumable: bool = True) -> None:
         """Hand the exit to the hypervisor; resume in place or stop the run."""
         sw = self.sw
         sw.exit_resumable = resumable
         if sw.defer_dispatch:
             return                    # inside VMRUN itself: the caller dispatches
-        if self.dispatch_loop():
+        self._leave_hook(self.dispatch_loop(), rip)
+
+    def _leave_hook(self, resumed: bool, rip: int) -> None:
+        """After the hypervisor ran inside a hook: the guest continues at
+        ``sw.entry_rip``, or the run stops with the intercepted instruction
+        not executed (RIP on the last exit's instruction)."""
+        sw = self.sw
+        if resumed:
             self._st.reg_write(_RIP, sw.entry_rip)
             return
         try:
             self._uc.emu_stop()
         except UcError:
             pass
-        # the intercepted instruction must not execute; RIP is the last exit's
         self._st.reg_write(_RIP, sw.last_exit_rip if sw.last_exit_rip is not None else rip)
+
+    def _enter_in_hook(self) -> bool:
+        """VMRUN from the dispatch loop (exits it raises are dispatched in turn);
+        True when the guest continues at ``sw.entry_rip``."""
+        sw = self.sw
+        sw.defer_dispatch = True
+        try:
+            self.enter(in_hook=True)
+        finally:
+            sw.defer_dispatch = False
+        if sw.stop is not None:
+            return False
+        return sw.exit is None or self.dispatch_loop()
 
     def dispatch_loop(self) -> bool:
         """The hypervisor loop: hand the pending exit to the handler and VMRUN again
-        while it resumes.  True when the guest continues at ``sw.entry_rip``."""
+        while it resumes.  True when the guest continues at ``sw.entry_rip``.
+
+        The VMRUN after a handler that touched only RAX/RSP/RIP and the GPRs the
+        processor keeps is the fast re-entry (:meth:`_reenter`)."""
         sw = self.sw
         while True:
             rec = sw.exit
