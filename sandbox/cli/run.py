@@ -322,37 +322,43 @@ def ctrl_c_stops(m: Machine):
     """While the guest runs, Ctrl-C asks the processor to stop (Machine.request_stop).
 
     Python runs signal handlers only between bytecodes, and a guest that never
-    exits keeps the main thread inside Unicorn's C loop; so on Unix SIGINT is
-    blocked in this thread and a helper thread takes it with sigwait.  A second
-    Ctrl-C while stopping is the same request again."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        old = signal.signal(signal.SIGINT, lambda *_: m.request_stop()) \
-            if threading.current_thread() is threading.main_thread() else None
-        try:
-            yield
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
+    exits keeps the main thread inside Unicorn's C loop.  The kernel may also
+    hand SIGINT to any thread that does not block it -- native threads too (a
+    BLAS pool started at import), so blocking it in this thread is not enough.
+    Python's C-level handler, in whichever thread takes the signal, writes the
+    signal number to the wakeup fd; a helper thread reads it and asks for the
+    stop.  A second Ctrl-C while stopping is the same request again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    old_handler = signal.signal(signal.SIGINT, lambda *_: m.request_stop())
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     done = threading.Event()
 
     def waiter() -> None:
         while True:
-            signal.sigwait({signal.SIGINT})
-            if done.is_set():
+            try:
+                data = os.read(r, 64)
+            except OSError:
                 return
-            m.request_stop()
+            if not data or done.is_set():
+                return
+            if signal.SIGINT in data:
+                m.request_stop()
 
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     t = threading.Thread(target=waiter, name="sandbox-sigint", daemon=True)
     t.start()
     try:
         yield
     finally:
         done.set()
-        signal.pthread_kill(t.ident, signal.SIGINT)
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old_handler)
+        os.close(w)                       # the waiter reads end-of-file and leaves
         t.join(1.0)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(r)
 
 
 #: ``sandbox run`` options that configure a machine; a saved .case brings its own
