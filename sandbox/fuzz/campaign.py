@@ -263,7 +263,7 @@ def _quota(opts: Options, index: int) -> int | None:
     return q + (1 if index < r else 0)
 
 
-class _Interrupt:
+class SigintFlag:
     """SIGINT sets a flag the loop polls.  A KeyboardInterrupt raised inside a
     Unicorn hook would be caught by the processor model as an internal error of
     the case being run, so the campaign never lets one be raised."""
@@ -272,7 +272,7 @@ class _Interrupt:
         self.hit = False
         self._old = None
 
-    def __enter__(self) -> "_Interrupt":
+    def __enter__(self) -> "SigintFlag":
         try:
             self._old = signal.signal(signal.SIGINT, self._on)
         except ValueError:           # not the main thread: no handler, no Ctrl-C
@@ -292,7 +292,7 @@ def run_inline(opts: Options, on_status: Callable[[Stats, float], None] | None =
     """One worker in this process.  Returns (stats, seconds, interrupted).
     Ctrl-C is caught from the start, so one that lands while the worker is
     still being built (and writing its first corpus files) stops cleanly too."""
-    with _Interrupt() as intr:
+    with SigintFlag() as intr:
         w = Worker(opts, 0, patch)
         t0 = time.monotonic()
         last = t0
@@ -345,7 +345,7 @@ def run_parallel(opts: Options, on_status: Callable[[Stats, float], None] | None
     errors: list[str] = []
     t0 = time.monotonic()
     last = t0
-    with _Interrupt() as intr:           # before the workers start: no window for a stray KeyboardInterrupt
+    with SigintFlag() as intr:           # before the workers start: no window for a stray KeyboardInterrupt
         for p in procs:
             p.start()
         while len(done) < len(procs):

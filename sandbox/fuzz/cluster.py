@@ -23,13 +23,12 @@ bounded TCP probe.  Ray is an optional extra: ``pip install -e '.[cluster]'``.
 from __future__ import annotations
 
 import collections
-import signal
 import socket
 import time
 from pathlib import Path
 from typing import Callable
 
-from .campaign import CampaignError, Options, Stats, Worker, load_corpus
+from .campaign import CampaignError, Options, SigintFlag, Stats, Worker, load_corpus
 from .case import Case
 from .oracle import Finding
 from .planted import plant
@@ -110,25 +109,6 @@ def save_finding(d: Path, f: Finding, case: dict, opts: Options, index: int) -> 
     return str(base.with_suffix(".case"))
 
 
-class _Sigint:
-    def __init__(self) -> None:
-        self.hit, self._old = False, None
-
-    def __enter__(self) -> "_Sigint":
-        try:
-            self._old = signal.signal(signal.SIGINT, self._on)
-        except ValueError:
-            self._old = None
-        return self
-
-    def _on(self, signum, frame) -> None:
-        self.hit = True
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 def run_ray(opts: Options, address: str | None, on_status: Callable[[Stats, float], None] | None = None,
             bug: str | None = None) -> tuple[Stats, float, bool, dict]:
     """The campaign on Ray.  Returns (stats, seconds, interrupted, info) where info has
@@ -139,7 +119,7 @@ def run_ray(opts: Options, address: str | None, on_status: Callable[[Stats, floa
     if opts.crashes is not None:
         opts.crashes.mkdir(parents=True, exist_ok=True)
     wopts = Options(**{**opts.__dict__, "crashes": None, "corpus": None, "jobs": 1})
-    with _Sigint() as intr:
+    with SigintFlag() as intr:
         if address:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         else:

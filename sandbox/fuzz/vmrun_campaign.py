@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import collections
 import random
-import signal
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 from ..svm.exitcodes import exit_name
+from .campaign import SigintFlag
 from .oracle import Finding
 from .vmrun_nested import NestedVmrunHarness
 from .vmrun_qemu import compare
@@ -146,34 +146,12 @@ def replay(s: VmrunState, qemu: bool = True) -> tuple[VmrunOutcome, list[Finding
     return w.check(s, qemu)
 
 
-class _Sigint:
-    """SIGINT sets a flag the loop polls (a KeyboardInterrupt inside a Unicorn hook
-    would be taken for an internal error of the state being run)."""
-
-    def __init__(self) -> None:
-        self.hit, self._old = False, None
-
-    def __enter__(self) -> "_Sigint":
-        try:
-            self._old = signal.signal(signal.SIGINT, self._on)
-        except ValueError:
-            self._old = None
-        return self
-
-    def _on(self, signum, frame) -> None:
-        self.hit = True
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 def run(opts: VmrunOptions, on_status: Callable[[VmrunStats, float], None] | None = None,
         patch: Callable[[], None] | None = None) -> tuple[VmrunStats, float, bool]:
     """The campaign in this process.  Returns (stats, seconds, interrupted)."""
     if opts.crashes is not None:
         opts.crashes.mkdir(parents=True, exist_ok=True)
-    with _Sigint() as intr:
+    with SigintFlag() as intr:
         w = VmrunWorker(opts, patch)
         t0 = last = time.monotonic()
         while not intr.hit:
