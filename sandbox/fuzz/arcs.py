@@ -34,7 +34,8 @@ class ArcTracer:
     def __init__(self, m: Machine, extra_files: Iterable[str] = ()) -> None:
         self.files = {str(Path(default_handlers.__file__).resolve())}
         self.files |= {str(Path(f).resolve()) for f in extra_files}
-        self._files = set()                       # co_filename spellings seen to be handler files
+        self._files: set[str] = set()             # co_filename spellings seen to be handler files
+        self._others: set[str] = set()            # ... and seen not to be (resolving a path costs ~50 us)
         self.arcs: set[Arc] = set()
         for code, fn in list(m.handlers.items()):
             m.handlers[code] = self._wrap(fn)
@@ -42,15 +43,18 @@ class ArcTracer:
     def _is_handler_file(self, fname: str) -> bool:
         if fname in self._files:
             return True
+        if fname in self._others:
+            return False
         if str(Path(fname).resolve()) in self.files:
             self._files.add(fname)
             return True
+        self._others.add(fname)
         return False
 
     def _trace(self, frame, event, arg):
         code = frame.f_code
         fname = code.co_filename
-        if fname not in self._files and not self._is_handler_file(fname):
+        if fname in self._others or (fname not in self._files and not self._is_handler_file(fname)):
             return None
         arcs, first = self.arcs, -code.co_firstlineno
         prev = [first]
