@@ -3,7 +3,8 @@
 The IOIO handler (:func:`sandbox.hypervisor.handlers.handle_ioio`) moves at
 most :data:`STRING_IO_CHUNK` elements per exit, as KVM bounds one emulation
 step; a REP instruction with more to do re-executes.  RCX, RSI and RDI show
-the progress made even when an element faults.
+the progress made even when an element faults.  With a port no device
+serves, the elements of a page move at once (:func:`_string_io_unowned`).
 """
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def string_io(m: "Machine", info: int, port: int, size: int, count: int, amask: 
     reads its run's page once.  The guest cannot run in between, so only the
     device sees the per-element order, and it sees it unchanged."""
     is_in, rep = bool(info & IoioInfo.TYPE_IN), bool(info & IoioInfo.REP)
+    if m.bus.port_owner(port) is None:
+        _string_io_unowned(m, is_in, rep, size, count, amask, step)
+        return
     cache = _PageCache(m, size)
     regs = m.regs
     rdi, rsi, rcx = regs.rdi, regs.rsi, regs.rcx
@@ -113,3 +117,45 @@ def string_io(m: "Machine", info: int, port: int, size: int, count: int, amask: 
             regs.rsi = rsi
         if rep:
             regs.rcx = rcx
+
+
+def _string_io_unowned(m: "Machine", is_in: bool, rep: bool, size: int, count: int, amask: int, step: int) -> None:
+    """INS/OUTS with a port no device serves: every INS element reads all ones and
+    an OUTS element goes nowhere, so the elements of one page move together --
+    one translation and one store per page.  The architectural result is that of
+    :func:`string_io`'s element loop: the same bytes, the same fault at the same
+    element (the first of the page that cannot be translated), the same RCX/RSI/RDI."""
+    regs = m.regs
+    cache = _PageCache(m, size)
+    ptr = (regs.rdi if is_in else regs.rsi) & amask
+    left = count
+    try:
+        while left:
+            off = ptr & 0xFFF
+            if off + size > PAGE_SIZE:
+                n = 0                                     # this element straddles two pages
+            elif step > 0:
+                n = min(left, (PAGE_SIZE - off) // size)
+            else:
+                n = min(left, off // size + 1)
+            if n == 0:
+                if is_in:
+                    m.write_virt(ptr, b"\xff" * size)
+                else:
+                    m.read_virt(ptr, size)
+                n = 1
+            else:
+                h = cache.hpa(ptr, is_in)                 # raises the fault of the page's first element
+                if is_in:
+                    m.mem.write(h if step > 0 else h - (n - 1) * size, b"\xff" * (n * size))
+            ptr = (ptr + n * step) & amask
+            left -= n
+    finally:
+        done = count - left
+        if done:
+            if is_in:
+                regs.rdi = ptr
+            else:
+                regs.rsi = ptr
+            if rep:
+                regs.rcx = (regs.rcx - done) & amask
