@@ -16,6 +16,8 @@ cross-modifying code (:meth:`Scanner.hypervisor_wrote`, APM vol. 2 §7.6.1).
 """
 from __future__ import annotations
 
+import functools
+
 import struct
 from typing import TYPE_CHECKING, Callable
 
@@ -74,6 +76,14 @@ def straddling(page: bytes) -> list[int]:
     return hits
 
 
+
+@functools.lru_cache(maxsize=4096)
+def _scan_kinds(ivec: tuple[int, ...], virq: bool) -> frozenset:
+    """The instruction kinds to hook under intercept vectors ``ivec`` (a fuzz
+    campaign arms new vectors at every case: decided once per vectors)."""
+    bits = {b for b in range(6 * 32) if ivec[b >> 5] >> (b & 31) & 1}
+    return frozenset(kinds_for_bits(bits) | ALWAYS | TLB_OBSERVED | (IRQ_WINDOW if virq else frozenset()))
+
 class Scanner:
     """Code-page scans, candidate hooks, the decode cache and cross-modifying code."""
 
@@ -130,8 +140,7 @@ class Scanner:
         if key == self._armed_key:
             return
         self._armed_key = key
-        bits = {b for b in range(6 * 32) if ctl.ivec[b >> 5] >> (b & 31) & 1}
-        kinds = frozenset(kinds_for_bits(bits) | ALWAYS | TLB_OBSERVED | (IRQ_WINDOW if virq else frozenset()))
+        kinds = _scan_kinds(tuple(ctl.ivec), virq)
         if not kinds <= self.scan_kinds:
             # Hooks are only ever added: the scan set grows to the union of every
             # set armed so far, so VMCBs that alternate (nested SVM's L1 and L2)
