@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone import x86_const as C
-from unicorn import UC_HOOK_CODE
+from unicorn import UC_HOOK_CODE, Uc
 from unicorn import x86_const as X
 
 from ..arch import MAXPHYADDR
 from ..memory.paging import Access
+from ..svm.engine import RegReader
 
 # APM vol. 2 Table C-1
 CPUID, RDTSC, RDTSCP, RDPMC, HLT, PAUSE = 0x72, 0x6E, 0x87, 0x6F, 0x78, 0x77
@@ -86,16 +87,18 @@ class GuestState:
     def __init__(self, uc, mm, vmcb_hpa: int, iopm_hpa: int, msrpm_hpa: int) -> None:
         self.uc, self.mm = uc, mm
         self.vmcb, self.iopm, self.msrpm = vmcb_hpa, iopm_hpa, msrpm_hpa
+        # Unicorn's own register state, through its C API when ``uc`` is an engine
+        self._read = RegReader(uc).read if isinstance(uc, Uc) else uc.reg_read
 
     def armed(self, code: int) -> bool:
         w = int.from_bytes(self.mm[self.vmcb + 4 * (code >> 5):self.vmcb + 4 * (code >> 5) + 4], "little")
         return bool(w >> (code & 31) & 1)
 
     def reg(self, r: int) -> int:
-        return self.uc.reg_read(r)
+        return self._read(r)
 
     def cpl(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_CS) & 3
+        return self._read(X.UC_X86_REG_CS) & 3
 
     def svme(self) -> bool:
         return bool(int.from_bytes(self.mm[self.vmcb + 0x4D0:self.vmcb + 0x4D8], "little") >> 12 & 1)
