@@ -73,7 +73,9 @@ class Interrupts:
         """UC_HOOK_INTR: an exception (or INT n) Unicorn raised."""
         try:
             if self._smc.step is not None and self._smc.trap(intno):
-                self._st.load().clear_old_exception()
+                st = self._st.load()
+                st.clear_old_exception()
+                st.store()                  # now: the guest runs on from here (a late store would rewind it)
                 return                      # the model's own trap after a stepped code store
             rip = self._st.reg_read(_RIP)
             st = self._st.load()

@@ -41,9 +41,16 @@ if TYPE_CHECKING:
 RFLAGS_TF = 1 << 8
 #: stepped stores after which a code page is demoted to data (:meth:`SmcStepper.demote`)
 DEMOTE_AFTER = 64
+#: stepped stores to one code page after which the instructions that follow a
+#: stepped store are stepped too (:meth:`SmcStepper.trap`)
+HOT_AFTER = 16
+#: instructions stepped past the last code store before stepping stops
+HOT_RUN = 8
 #: a non-canonical address for resolving host pages in Unicorn (:meth:`SmcStepper.invalidate_code`)
 TB_PROBE_VA = 0x5A5A_0000_0000_0000
-_RFLAGS, _DR6, _RSP = X.UC_X86_REG_RFLAGS, X.UC_X86_REG_DR6, X.UC_X86_REG_RSP
+_RFLAGS, _DR6, _RSP, _RIP = X.UC_X86_REG_RFLAGS, X.UC_X86_REG_DR6, X.UC_X86_REG_RSP, X.UC_X86_REG_RIP
+#: legacy and REX prefixes (APM vol. 3 §1.2)
+_PREFIXES = frozenset({0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
 
 
 class CodeStore(Exception):
@@ -67,6 +74,8 @@ class SmcStepper:
         self.write_observers: list[Callable[[int], None]] = []
         #: stepped stores per code page since it was last made code
         self.stores: dict[int, int] = {}
+        #: instructions still to step after the last stepped store to a hot page
+        self._hot_left = 0
 
     def connect(self, fill: "TlbFill", scanner: "Scanner", access: "GuestAccess") -> None:
         """Bind the fill (soft-TLB flush, fetched bytes, the probe fill), the
@@ -95,20 +104,28 @@ class SmcStepper:
         if sc.pass_used == rip:
             sc.pass_once(rip)          # the hypervisor's one unintercepted execution is still due
 
-    def end(self) -> None:
+    def end(self, trapped: bool = False) -> None:
         """The stepped store completed or faulted: guest TF back, the writable
-        soft-TLB entries gone, and each page it may have written re-examined."""
+        soft-TLB entries gone, and each page it may have written re-examined.
+        ``trapped``: ended by the model's own trap after the instruction (a
+        store to a hot page keeps the stepping going, see :meth:`trap`)."""
         guest_tf = self.step[0]
         self.step = None
         st = self._st
         if not guest_tf:
             st.reg_write(_RFLAGS, st.reg_read(_RFLAGS) & ~RFLAGS_TF)
+        if not trapped:
+            self._hot_left = 0
         opened = list(self.open)
+        if not opened:
+            return                          # a step past a store that stored nowhere: nothing to revoke
         self.open.clear()                   # in place: the fill holds this set
         self._fill.flush_soft_tlb()
         for hpa in opened:
             self.code_changed(hpa)
             n = self.stores.get(hpa, 0) + 1
+            if trapped and n >= HOT_AFTER:
+                self._hot_left = HOT_RUN
             if n >= DEMOTE_AFTER:
                 self.demote(hpa)
             else:
@@ -126,16 +143,55 @@ class SmcStepper:
     def trap(self, intno: int) -> bool:
         """An exception while a store is stepped: end the step.  True when it is
         the model's own #DB after the store, which the guest must not see (a
-        breakpoint that matched as well is still delivered)."""
+        breakpoint that matched as well is still delivered).
+
+        A guest that keeps storing into the code page it runs from (a loop
+        patching itself) would otherwise have its next translated block -- up
+        to 512 instructions, all translated again after every store -- thrown
+        away one instruction later by the next store.  Once a page has taken
+        :data:`HOT_AFTER` stepped stores, the instructions after a stepped store
+        are stepped too (one-instruction blocks), until :data:`HOT_RUN` of them
+        in a row store to no code page."""
         guest_tf, dr6, step_rip = self.step
-        self.end()
+        stored = bool(self.open)
+        self.end(trapped=intno == Vec.DB and not guest_tf)
         if intno != Vec.DB or guest_tf:
             return False
         self._unstep_pushf(step_rip)
         st = self._st
         hit = st.reg_read(_DR6) & ~dr6 & 0xF
         st.reg_write(_DR6, dr6 | hit)
-        return not hit
+        if hit:
+            self._hot_left = 0
+            return False
+        if self._hot_left:
+            if not stored:
+                self._hot_left -= 1
+            if self._hot_left and not self._loads_tf(st.reg_read(_RIP)):
+                self._step_next()
+            else:
+                self._hot_left = 0
+        return True
+
+    def _loads_tf(self, rip: int) -> bool:
+        """Whether the instruction at ``rip`` may load RFLAGS.TF from the guest
+        (POPF, IRET, SYSRET, RSM) -- or cannot be read: it is not stepped, so a TF
+        the guest sets is never taken for the model's own."""
+        code = self._fill.insn_bytes(rip)
+        k = 0
+        while k < len(code) and code[k] in _PREFIXES:
+            k += 1
+        if k >= len(code):
+            return True
+        op = code[k]
+        return op in (0x9D, 0xCF) or (op == 0x0F and code[k + 1:k + 2] in (b"\x07", b"\xaa"))
+
+    def _step_next(self) -> None:
+        """Step the next instruction too (the guest's TF is clear: see :meth:`trap`)."""
+        st = self._st
+        rflags = st.reg_read(_RFLAGS)
+        self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), st.reg_read(_RIP))
+        st.reg_write(_RFLAGS, rflags | RFLAGS_TF)
 
     def _unstep_pushf(self, rip: int) -> None:
         """A stepped PUSHF pushed the model's RFLAGS.TF: the guest's image has TF clear."""
@@ -191,3 +247,4 @@ class SmcStepper:
         self.open.clear()
         self.step = None
         self.stores.clear()
+        self._hot_left = 0
