@@ -57,13 +57,16 @@ def string_io(m: "Machine", info: int, port: int, size: int, count: int, amask: 
     reads its run's page once.  The guest cannot run in between, so only the
     device sees the per-element order, and it sees it unchanged."""
     is_in, rep = bool(info & IoioInfo.TYPE_IN), bool(info & IoioInfo.REP)
-    if m.bus.port_owner(port) is None:
+    dev = m.bus.port_owner(port)
+    if dev is None:
         _string_io_unowned(m, is_in, rep, size, count, amask, step)
         return
     cache = _PageCache(m, size)
     regs = m.regs
     rdi, rsi, rcx = regs.rdi, regs.rsi, regs.rcx
-    io, mem = m.bus.io, m.mem
+    mem = m.mem
+    # the port's device, resolved once (as DeviceBus.io would for every element)
+    read, write, mask = dev.read, dev.write, (1 << (8 * size)) - 1
     run_at, run = -1, bytearray()          # INS: host address of the stored run, and its bytes
     page_at, page = -1, b""                # OUTS: host page of the run being read, and its bytes
 
@@ -77,7 +80,7 @@ def string_io(m: "Machine", info: int, port: int, size: int, count: int, amask: 
     try:
         for _ in range(count):
             if is_in:
-                v = io(port, size, True).to_bytes(size, "little")
+                v = (read(port, size) & mask).to_bytes(size, "little")
                 try:
                     h = cache.hpa(rdi & amask, True)
                 except Exception:
@@ -105,7 +108,7 @@ def string_io(m: "Machine", info: int, port: int, size: int, count: int, amask: 
                         page = mem.read(page_at, PAGE_SIZE)
                     o = h & 0xFFF
                     data = page[o:o + size]
-                io(port, size, False, int.from_bytes(data, "little"))
+                write(port, size, int.from_bytes(data, "little"))
                 rsi = (rsi + step) & amask
             if rep:
                 rcx = (rcx - 1) & amask
