@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from ..arch import EFER_NXE, EFER_SVME, M64, MSR_EFER, RFLAGS_IF
+from ..arch import CR4_SMEP, EFER_NXE, EFER_SVME, M64, MSR_EFER, RFLAGS_IF
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.npt import NestedPageTable
 from ..memory.paging import PFErr, walk
@@ -336,9 +336,13 @@ class NestedSvm:
             m.mem.write(npt01.lookup(a), _Q.pack(v))
         try:
             # L1's NPT is walked as L1's processor would: its NX bit is reserved while L1's
-            # EFER.NXE is clear (APM §15.25.2, the host's NXE applies to nested tables)
+            # EFER.NXE is clear (APM §15.25.2, the host's NXE applies to nested tables), and a
+            # fetch's fault reports I/D only with the host's EFER.NXE or CR4.SMEP set (APM vol. 2
+            # §8.4.2, as KVM's walk_addr_generic: "is_efer_nx || is_cr4_smep"); nested accesses
+            # are user accesses, so SMEP itself never faults here
             nxe = bool(self.l1.vmcb.EFER & EFER_NXE)
-            r = walk(self.n_cr3_12, l2gpa, access, True, rd, wr, wp=True, nxe=nxe)
+            smep = bool(self.l1.vmcb.CR4 & CR4_SMEP)
+            r = walk(self.n_cr3_12, l2gpa, access, True, rd, wr, wp=True, nxe=nxe, smep=smep)
         except LookupError:
             r = None
         self.ctx.record_walked(pages)

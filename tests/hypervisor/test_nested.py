@@ -265,3 +265,46 @@ def test_gif_holds_l1_interrupts_until_stgi(tmp_path):
                     ("vmrun", "hlt"))
     assert m2.run(timeout=20).exit_code == ExitCode.HLT
     assert m2.nested.gif and not m2.nested.holds_interrupt()
+
+
+# L1's NPT as TableBuilder lays it out: root, PDPT, PD, then the PT of the first 2 MiB
+NPT12_PML4E = NPT12
+NPT12_L2_CODE_PTE = NPT12 + 3 * 0x1000 + ((L2_CODE >> 12) & 0x1FF) * 8
+
+
+def _l1_efer(nxe: bool) -> str:
+    return L1_ENABLE + ("" if nxe else "mov ecx, 0xC0000080\nrdmsr\nand eax, 0xFFFFF7FF\nwrmsr\n")
+
+
+@pytest.mark.parametrize("nxe,smep", [(False, False), (True, False), (False, True), (True, True)])
+def test_l1_npt_fetch_fault_reports_id_with_l1_nxe_or_smep(tmp_path, nxe, smep):
+    """L2's fetch through a leaf of L1's NPT with a reserved address bit is L1's NPF with
+    P|U|RSV|final (APM §15.25.6); I/D is reported only with the host's (L1's) EFER.NXE or
+    CR4.SMEP set (APM vol. 2 §8.4.2; kvm-unit-tests svm_npt_rsvd_bits_test wants
+    0x10000001d for NX or SMEP, 0x10000000d for neither)."""
+    m, v = machine(tmp_path, _l1_efer(nxe) + L1_VMRUN + L1_EXIT_WITH_EXITCODE, "nop\nhlt\n",
+                   ("vmrun", "hlt"), np=True)
+    g = m.guest
+    if smep:        # L1's own pages are supervisor leaves: SMEP does not stop L1 itself
+        g.vmcb.CR4 |= 1 << 20
+    e = struct.unpack("<Q", g.read_phys(NPT12_L2_CODE_PTE, 8))[0]
+    assert e & 0x000F_FFFF_FFFF_F000 == L2_CODE          # the leaf is where we think
+    g.write_phys(NPT12_L2_CODE_PTE, struct.pack("<Q", e | (1 << 50)))   # above MAXPHYADDR (48)
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.NPF, r.detail
+    want = 0x10000000D | (0x10 if nxe or smep else 0)
+    assert (v.EXITINFO1, v.EXITINFO2) == (want, L2_CODE)
+
+
+def test_l1_npt_pml4e_bit_8_is_reserved(tmp_path):
+    """Bit 8 of a PML4E is MBZ on AMD (APM vol. 2 Figure 5-18; KVM reserves it for AMD
+    guests): L2's first walk of its own page tables through it is L1's NPF with
+    P|W|U|RSV and the guest-page-table bit 33 (kvm-unit-tests wants 0x20000000f)."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, "nop\nhlt\n",
+                   ("vmrun", "hlt"), np=True)
+    g = m.guest
+    e = struct.unpack("<Q", g.read_phys(NPT12_PML4E, 8))[0]
+    g.write_phys(NPT12_PML4E, struct.pack("<Q", e | (1 << 8)))
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.NPF, r.detail
+    assert v.EXITINFO1 == 0x20000000F and v.EXITINFO2 & ~0xFFF == PT_BASE
