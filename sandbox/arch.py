@@ -18,7 +18,7 @@ CR3_LONG_MBZ = 0xFFF0_0000_0000_0000
 #: setting one is #GP(0) as well (§3.1.2; KVM's kvm_vcpu_is_legal_cr3)
 CR3_LONG_RESERVED = CR3_LONG_MBZ | (((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1))
 # CR4 (§3.7.1); the reserved mask is kvm-unit-tests' SVM_CR4_RESERVED_MASK
-CR4_TSD, CR4_DE, CR4_PAE, CR4_PGE, CR4_PCE = 1 << 2, 1 << 3, 1 << 5, 1 << 7, 1 << 8
+CR4_TSD, CR4_DE, CR4_PSE, CR4_PAE, CR4_PGE, CR4_PCE = 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 7, 1 << 8
 CR4_UMIP, CR4_OSXSAVE, CR4_SMEP = 1 << 11, 1 << 18, 1 << 20
 CR4_RESERVED = 0xFFFF_FFFF_FE08_E000
 CR4_LA57, CR4_FSGSBASE, CR4_PCIDE = 1 << 12, 1 << 16, 1 << 17
