@@ -32,6 +32,10 @@ CR4_UNIMPLEMENTED = CR4_LA57 | CR4_PCIDE | CR4_SMAP | CR4_PKE | CR4_CET | CR4_PK
 # (vol. 3 "MOV DRn"), and VMRUN refuses a VMCB holding one (§15.5.1)
 DR6_RESERVED = 0xFFFF_FFFF_0000_0000
 DR7_RESERVED = 0xFFFF_FFFF_0000_0000
+#: DR6.BS: the #DB was a single step (RFLAGS.TF)
+DR6_BS = 1 << 14
+#: DR7 with every breakpoint disabled (bit 10 reads as one)
+DR7_RESET = 0x400
 # EFER (§3.1.7)
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE, EFER_SVME = 1 << 0, 1 << 8, 1 << 10, 1 << 11, 1 << 12
 #: 63:16, 15 and 9 must be zero: what VMRUN checks (§15.5.1, "any MBZ bit of EFER").
@@ -44,7 +48,7 @@ EFER_RESERVED = 0xFFFF_FFFF_FFFF_8200
 #: read-only: the value written there is ignored
 EFER_WRITABLE = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE | EFER_SVME
 # RFLAGS
-RFLAGS_IF = 1 << 9
+RFLAGS_TF, RFLAGS_IF, RFLAGS_RF = 1 << 8, 1 << 9, 1 << 16
 # XCR0 (§11.5.2): x87 must stay enabled; YMM (AVX) needs SSE
 XCR0_X87, XCR0_SSE, XCR0_YMM = 1 << 0, 1 << 1, 1 << 2
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from ..arch import CR4_SMEP, EFER_NXE, EFER_SVME, M64, MSR_EFER, RFLAGS_IF
+from ..arch import CR4_SMEP, DR6_BS, DR7_RESET, EFER_NXE, EFER_SVME, M64, MSR_EFER, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.npt import NestedPageTable
 from ..memory.paging import PFErr, walk
@@ -41,7 +41,8 @@ from ..svm.events import Vec
 from ..svm.exitcodes import ExitCode
 from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
-from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, NpControl, TlbControl, VIntr)
+from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, EventType, NpControl, TlbControl,
+                        VIntr)
 from ..svm.world_switch import get_seg, put_seg
 from .guest import Guest, GuestPhysicalMemory
 from .handlers import FIXED_LEAVES, RESUME, Action, handle_mmio, handle_msr
@@ -234,7 +235,11 @@ class NestedSvm:
             m.advance(e, nrip)
             return RESUME
         self.vmcb12_hpa, self.vmcb12_gpa = hpa12, gpa
-        self.l1.vmcb.RIP = nrip               # where L1 resumes at the #VMEXIT that ends L2
+        v01 = self.l1.vmcb
+        v01.RIP = nrip                        # where L1 resumes at the #VMEXIT that ends L2
+        # the VMRUN completes: it clears L1's RFLAGS.RF (which let it past an instruction
+        # breakpoint on itself); a single step (TF) is taken after the #VMEXIT (see reflect)
+        v01.RFLAGS &= ~RFLAGS_RF
         self._build_vmcb02(m, v12, img)
         self.guest_mode = True
         self.gif = True                        # VMRUN sets GIF
@@ -429,6 +434,17 @@ class NestedSvm:
         v12.V_INTR = (v12.V_INTR & ~keep) | (v02.V_INTR & keep)
         self.guest_mode = False
         self.gif = False                        # #VMEXIT clears GIF (APM §15.17)
+        v01 = self.l1.vmcb
+        # the #VMEXIT disables L1's breakpoints: DR7 = 400h (APM §15.6; KVM's nested_svm_vmexit
+        # sets L1's DR7 to DR7_FIXED_1), so an instruction breakpoint L1 armed on its VMRUN
+        # does not fire again at the next one
+        v01.DR7 = DR7_RESET
+        if v01.RFLAGS & RFLAGS_TF:
+            # L1 single-stepped its VMRUN: the #DB trap comes after the #VMEXIT, before L1's
+            # next instruction, on the host side (APM vol. 2 §15.5.1 on host RFLAGS.TF; KVM's
+            # nested_svm_vmexit queues it the same way). GIF does not hold exceptions.
+            v01.DR6 |= DR6_BS
+            v01.inject(Event(Vec.DB, EventType.EXCEPTION))
         return m.switch_to(self.l1)
 
     # ------------------------------------------------------------------ the other SVM instructions

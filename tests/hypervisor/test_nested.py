@@ -308,3 +308,113 @@ def test_l1_npt_pml4e_bit_8_is_reserved(tmp_path):
     r = m.run(timeout=20)
     assert r.exit_code == ExitCode.NPF, r.detail
     assert v.EXITINFO1 == 0x20000000F and v.EXITINFO2 & ~0xFFF == PT_BASE
+
+
+def test_l1_single_step_over_vmrun_traps_after_the_vmexit(tmp_path):
+    """L1 sets RFLAGS.TF just before VMRUN: the #DB trap is taken in L1 after the #VMEXIT,
+    at the instruction after VMRUN, before it runs (kvm-unit-tests host_rflags, quoting the
+    APM: "Setting host EFLAGS.TF causes a #DB trap after the VMRUN completes on the host
+    side"; KVM's nested_svm_vmexit queues it), once, with DR6.BS (§13.1.1.3)."""
+    from tests.conftest import asm_set_gate
+    rec = 0x1C0400
+    l1 = f"""
+    {asm_set_gate(0x60000, 1, "db_handler")}
+    mov rax, 0x60000
+    push rax
+    mov ax, 0xfff
+    push ax
+    lidt [rsp]
+    add rsp, 10
+    {L1_ENABLE}
+    mov rax, {VMCB12:#x}
+    pushfq
+    or qword ptr [rsp], 0x100
+    popfq
+    {db(OP['vmrun'])}
+after:
+    nop
+    nop
+    xor edi, edi
+    xor eax, eax
+    {db(OP['vmmcall'])}
+db_handler:
+    mov rdi, {rec:#x}
+    mov rax, [rsp]
+    mov [rdi], rax
+    mov rax, dr6
+    mov [rdi + 8], rax
+    inc qword ptr [rdi + 16]
+    and qword ptr [rsp + 16], -0x101
+    iretq
+    """
+    m, v = machine(tmp_path, l1, db(OP["vmmcall"]) + "\n", ("vmrun", "vmmcall"))
+    r = m.run(timeout=20)
+    assert r.exit_code == 0, r.detail
+    assert v.EXITCODE == ExitCode.VMMCALL
+    rip, dr6, count = struct.unpack("<3Q", m.guest.read_phys(rec, 24))
+    after = next(e.rip for e in m.trace if e.exitcode == ExitCode.VMRUN) + 3
+    assert (rip, count) == (after, 1)
+    assert dr6 & (1 << 14)
+
+
+def test_l1_breakpoint_on_vmrun_rf_and_dr7_after_vmexit(tmp_path):
+    """L1 arms an instruction breakpoint on its VMRUN (DR0, DR7 = 403h): the #DB fault comes
+    once; its handler sets RF, which lets VMRUN run, and VMRUN clears RF (kvm-unit-tests
+    host_rflags, quoting the APM: "completion of the VMRUN instruction clears the host
+    EFLAGS.RF bit"). The #VMEXIT disables L1's breakpoints (DR7 = 400h, APM §15.6; KVM's
+    nested_svm_vmexit), so the second VMRUN at the same address runs without a #DB."""
+    from tests.conftest import asm_set_gate
+    rec = 0x1C0400
+    again = f"mov rdi, {VMCB12 + 0x578:#x}\nmov rax, {L2_CODE:#x}\nmov [rdi], rax\n"   # VMCB12.RIP
+    l1 = f"""
+    {asm_set_gate(0x60000, 1, "db_handler")}
+    mov rax, 0x60000
+    push rax
+    mov ax, 0xfff
+    push ax
+    lidt [rsp]
+    add rsp, 10
+    {L1_ENABLE}
+    mov rax, target
+    mov dr0, rax
+    mov rax, 0x403
+    mov dr7, rax
+    xor ebx, ebx
+run:
+    mov rax, {VMCB12:#x}
+target:
+    {db(OP['vmrun'])}
+    pushfq
+    pop rax
+    mov rdi, {rec:#x}
+    mov [rdi + 24 + rbx * 8], rax
+    mov rax, dr7
+    mov [rdi + 40 + rbx * 8], rax
+    {again}
+    inc ebx
+    cmp ebx, 2
+    jb run
+    xor edi, edi
+    xor eax, eax
+    {db(OP['vmmcall'])}
+db_handler:
+    push rax
+    push rdi
+    mov rdi, {rec:#x}
+    mov rax, [rsp + 16]
+    mov [rdi], rax
+    inc qword ptr [rdi + 16]
+    or qword ptr [rsp + 32], 0x10000
+    pop rdi
+    pop rax
+    iretq
+    """
+    m, v = machine(tmp_path, l1, db(OP["vmmcall"]) + "\n", ("vmrun", "vmmcall"))
+    r = m.run(timeout=20)
+    assert r.exit_code == 0, r.detail
+    rip, _, count, fl1, fl2, dr7_1, dr7_2 = struct.unpack("<7Q", m.guest.read_phys(rec, 56))
+    vmruns = [e.rip for e in m.trace if e.exitcode == ExitCode.VMRUN]
+    assert len(vmruns) == 2 and rip == vmruns[0] and count == 1
+    assert not fl1 & (1 << 16) and not fl2 & (1 << 16)          # RF cleared by each VMRUN
+    assert dr7_1 == dr7_2 == 0x400
+
