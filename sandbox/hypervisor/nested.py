@@ -41,8 +41,8 @@ from ..svm.events import Vec
 from ..svm.exitcodes import ExitCode
 from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
-from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, EventType, NpControl, TlbControl,
-                        VIntr)
+from ..svm.vmcb import (INTERRUPT_SHADOW_ACTIVE, OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, EventType,
+                        NpControl, TlbControl, VIntr)
 from ..svm.world_switch import get_seg, put_seg
 from .guest import Guest, GuestPhysicalMemory
 from .handlers import FIXED_LEAVES, RESUME, Action, handle_mmio, handle_msr
@@ -138,6 +138,8 @@ class NestedSvm:
         self.vmcb12_gpa = 0
         self.np12 = False
         self.n_cr3_12 = 0
+        #: L2's RIP at the last VMRUN (its interrupt shadow covers the instruction there)
+        self.entry_rip = -1
         #: the ASID VMCB12 gave L2 at the last VMRUN
         self.asid12 = -1
         self.nested_runs = 0
@@ -264,6 +266,7 @@ class NestedSvm:
         v02.GUEST_ASID = ctx.asid
         v02.V_INTR = v12.V_INTR
         v02.INTERRUPT_SHADOW = v12.INTERRUPT_SHADOW
+        self.entry_rip = img.rip                # where the shadow VMRUN loaded applies
         v02.EVENTINJ = img.eventinj
         v02.NP_CONTROL = NpControl.NP_ENABLE
         np12 = bool(img.np_control & NpControl.NP_ENABLE)
@@ -427,7 +430,12 @@ class NestedSvm:
         v12.EXITINTINFO = e.exitintinfo or (pending if pending & Event.VALID else 0)
         v12.NRIP = e.nrip
         v12.EVENTINJ = 0
-        v12.INTERRUPT_SHADOW = v02.INTERRUPT_SHADOW
+        # the shadow VMRUN loaded covers L2's first instruction only (APM §15.21.5): once L2
+        # has moved on, the #VMEXIT reports it over (the processor model does not write it back)
+        shadow = v02.INTERRUPT_SHADOW
+        if e.rip != self.entry_rip:
+            shadow &= ~INTERRUPT_SHADOW_ACTIVE
+        v12.INTERRUPT_SHADOW = shadow
         # V_TPR goes back to L1, and V_IRQ (cleared once the virtual interrupt was taken) when
         # L1 had set it -- a V_IRQ L0 set in VMCB02 for its own window stays L0's
         keep = (VIntr.V_IRQ if v12.V_INTR & VIntr.V_IRQ else 0) | 0xF

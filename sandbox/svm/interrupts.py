@@ -278,6 +278,17 @@ class Interrupts:
                 return
             st.reg_write(_RIP, rip)
             self.inject_virq()
+        elif self.virq_deliverable(rflags):
+            # held only by the interrupt shadow VMRUN loaded (INTERRUPT_SHADOW, §15.21.5), which
+            # covers one instruction: the V_IRQ is taken after it (kvm-unit-tests
+            # virq_inject_within_shadow), so that address is watched as after an STI
+            try:
+                n = D.length_of(self.access.read(rip, D.MAX_INSN))
+            except (GuestPageFault, NestedFault, GuestGP):
+                n = None
+            if n is not None:
+                self._watch(rip + n)
+            return
         elif self._avic.deliverable(rflags) is not None:
             st.reg_write(_RIP, rip)          # AVIC: the virtual IRR, evaluated at VMRUN (§15.29.2)
             self._avic.deliver_pending()

@@ -418,3 +418,28 @@ db_handler:
     assert not fl1 & (1 << 16) and not fl2 & (1 << 16)          # RF cleared by each VMRUN
     assert dr7_1 == dr7_2 == 0x400
 
+
+def test_l1_virq_waits_out_the_interrupt_shadow_of_vmrun(tmp_path):
+    """VMCB12 queues a V_IRQ (highest priority, V_INTR_MASKING) with INTERRUPT_SHADOW set and
+    L2's RFLAGS.IF set: the shadow holds the interrupt for one instruction (APM §15.21.5), so
+    L2 takes it after its first NOP, with RIP = the second one on the handler's stack
+    (kvm-unit-tests virq_inject_within_shadow); V_IRQ is cleared as it is taken (§15.21.4)."""
+    from sandbox.svm.vmcb import VIntr
+    rec, idt, vector = 0x1C0400, 0x61000, 0xF1
+    handler = L2_CODE + 0x100
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE,
+                   f"nop\nnop\n{db(OP['vmmcall'])}\n", ("vmrun", "vmmcall"))
+    g = m.guest
+    g.write_phys(handler, assemble(f"mov rdi, {rec:#x}\nmov rax, [rsp]\nmov [rdi], rax\niretq\n", handler))
+    gate = (handler & 0xFFFF) | (CS_SEL << 16) | (0x8E << 40) | ((handler >> 16 & 0xFFFF) << 48)
+    g.write_phys(idt + vector * 16, struct.pack("<QQ", gate, handler >> 32))
+    v.set_seg("IDTR", Segment(0, 0, 0xFFF, idt))
+    v.V_INTR = VIntr.V_IRQ | VIntr.V_INTR_MASKING | (0xF << 16)
+    v.V_INTR_VECTOR = vector
+    v.INTERRUPT_SHADOW = 1
+    v.RFLAGS = 0x202
+    g.write_phys(rec, struct.pack("<Q", M64))
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.VMMCALL, r.detail
+    assert struct.unpack("<Q", g.read_phys(rec, 8))[0] == L2_CODE + 1
+    assert not v.V_INTR & VIntr.V_IRQ and not v.INTERRUPT_SHADOW & 1
