@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from ..arch import CR4_SMEP, DR6_BS, DR7_RESET, EFER_NXE, EFER_SVME, M64, MSR_EFER, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF
+from ..arch import (CR0_PG, CR4_SMEP, DR6_BS, DR7_RESET, EFER_LME, EFER_NXE, EFER_SVME, M64, MAXPHYADDR, MSR_EFER,
+                    MSR_KERNEL_GS_BASE, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF)
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.npt import NestedPageTable
 from ..memory.paging import PFErr, walk
-from ..svm.consistency import VmcbImage, consistency
+from ..svm.consistency import MSRPM_SIZE, VmcbImage, consistency
 from ..svm.cpu import ExitRecord
 from ..svm.cpustate import R_FS, R_GS
 from ..svm.events import Vec
@@ -65,6 +66,23 @@ _VMSAVE_MSRS = ((OFF_STAR + 0x00, 0xC000_0081), (OFF_STAR + 0x08, 0xC000_0082), 
                 (OFF_STAR + 0x30, 0x175), (OFF_STAR + 0x38, 0x176))
 #: Fn8000_000A: revision 1, 16 ASIDs, EDX: NP (0), NRIPS (3), VMCB clean bits (5)
 SVM_FEATURES = (1, 16, 0, (1 << 0) | (1 << 3) | (1 << 5))
+
+
+#: the segments whose base 64-bit mode ignores, and a base's offset in a VMCB segment record
+_FLAT_IN_64 = ("ES", "CS", "SS", "DS")
+_SEG_BASE = 8
+_ATTR_L = 1 << 9                      # CS.L in the VMCB's attribute format (APM Table B-2)
+
+
+def _canonical(va: int) -> int:
+    """``va`` sign-extended from bit 47 (48-bit linear addresses)."""
+    va &= (1 << 48) - 1
+    return va | (M64 & ~((1 << 48) - 1)) if va >> 47 else va
+
+
+def _canonical_base(seg: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    sel, base, limit, flags = seg
+    return sel, _canonical(base), limit, flags
 
 
 class NestedContext(GuestPhysicalMemory):
@@ -138,6 +156,8 @@ class NestedSvm:
         self.vmcb12_gpa = 0
         self.np12 = False
         self.n_cr3_12 = 0
+        #: VMCB12's ES/CS/SS/DS bases L2 runs without in 64-bit mode (offset -> raw bytes)
+        self.ignored_bases: dict[int, bytes] = {}
         #: L2's RIP at the last VMRUN (its interrupt shadow covers the instruction there)
         self.entry_rip = -1
         #: the ASID VMCB12 gave L2 at the last VMRUN
@@ -225,7 +245,13 @@ class NestedSvm:
         hpa12 = self.l1.gpa_to_hpa(gpa)
         nrip = e.nrip or e.rip + 3
         img = VmcbImage.read(m.mem.view, hpa12)
-        why = consistency(img, self.l1.ram_size)
+        # the permission maps may lie anywhere below L1's MAXPHYADDR (APM §15.5.1: "extends to a
+        # physical address >= the maximum supported"); an exit reads them where they are
+        why = consistency(img, 1 << MAXPHYADDR)
+        if not why and img.intercepted(ExitCode.MSR) and img.msrpm + MSRPM_SIZE > self.l1.ram_size:
+            # L1's MSRPM is read for the L2 exits it governs; one outside L1's memory fails the
+            # VMRUN, as under KVM, which merges it at VMRUN (kvm-unit-tests "Test MSRPM address")
+            why = "MSRPM outside L1's memory"
         if not why and img.np_control & (NpControl.SEV_ENABLE | NpControl.SEV_ES_ENABLE):
             # L1's processor offers no SEV (CPUID Fn8000_001F is not L1's): §15.34.3
             why = "SEV enable set in VMCB12, but L1's processor has no SEV"
@@ -266,6 +292,15 @@ class NestedSvm:
         v02.GUEST_ASID = ctx.asid
         v02.V_INTR = v12.V_INTR
         v02.INTERRUPT_SHADOW = v12.INTERRUPT_SHADOW
+        # in 64-bit mode the ES, CS, SS and DS bases are ignored (APM vol. 2 §4.12): L2 runs
+        # with them zero, and VMCB12 keeps its own values (kvm-unit-tests test_canonicalization:
+        # VMRUN succeeds with a non-canonical CS.base and does not rewrite it)
+        self.ignored_bases = {}
+        if img.efer & EFER_LME and img.cr0 & CR0_PG and img.cs_attr & _ATTR_L:     # long mode, 64-bit CS
+            for name in _FLAT_IN_64:
+                at = SEGMENTS[name] + _SEG_BASE
+                self.ignored_bases[at] = mem.read(hpa12 + at, 8)
+                mem.write(hpa02 + at, bytes(8))
         self.entry_rip = img.rip                # where the shadow VMRUN loaded applies
         v02.EVENTINJ = img.eventinj
         v02.NP_CONTROL = NpControl.NP_ENABLE
@@ -423,6 +458,8 @@ class NestedSvm:
         mem, hpa12 = m.mem, self.vmcb12_hpa
         v02, v12 = ctx.vmcb, VMCB(mem, hpa12)
         mem.write(hpa12 + SAVE_AREA, mem.read(ctx.vmcb_hpa + SAVE_AREA, SAVE_LEN))
+        for at, raw in self.ignored_bases.items():
+            mem.write(hpa12 + at, raw)
         v12.EXITCODE, v12.EXITINFO1, v12.EXITINFO2 = e.exitcode & M64, e.exitinfo1 & M64, e.exitinfo2 & M64
         # an event L1 injected that the processor has not delivered yet goes back in
         # EXITINTINFO (APM §15.7.2), as an interrupted delivery would
@@ -464,13 +501,17 @@ class NestedSvm:
         hpa, cpu = self.l1.gpa_to_hpa(m.regs.rax), m.cpu
         cpu.guest_gpr(0)                         # the processor's snapshot is current
         st, mv = cpu.st, m.mem.view
-        st.set_seg(R_FS, *get_seg(mv, hpa + SEGMENTS["FS"]))
-        st.set_seg(R_GS, *get_seg(mv, hpa + SEGMENTS["GS"]))
+        # the loaded segment bases and KERNEL_GS_BASE are canonical whatever VMCB12 holds: a
+        # VMSAVE after the VMLOAD stores them sign-extended from bit 47 (kvm-unit-tests
+        # test_canonicalization, "Test FS.base for canonical form")
+        st.set_seg(R_FS, *_canonical_base(get_seg(mv, hpa + SEGMENTS["FS"])))
+        st.set_seg(R_GS, *_canonical_base(get_seg(mv, hpa + SEGMENTS["GS"])))
         for name in ("TR", "LDTR"):
-            st.set_system_seg(name, *get_seg(mv, hpa + SEGMENTS[name]))
+            st.set_system_seg(name, *_canonical_base(get_seg(mv, hpa + SEGMENTS[name])))
         st.store()
         for off, msr in _VMSAVE_MSRS:
-            cpu.uc.reg_write(X.UC_X86_REG_MSR, (msr, _Q.unpack_from(mv, hpa + off)[0]))
+            value = _Q.unpack_from(mv, hpa + off)[0]
+            cpu.uc.reg_write(X.UC_X86_REG_MSR, (msr, _canonical(value) if msr == MSR_KERNEL_GS_BASE else value))
         m.advance(e)
         return RESUME
 

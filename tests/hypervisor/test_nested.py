@@ -443,3 +443,43 @@ def test_l1_virq_waits_out_the_interrupt_shadow_of_vmrun(tmp_path):
     assert r.exit_code == ExitCode.VMMCALL, r.detail
     assert struct.unpack("<Q", g.read_phys(rec, 8))[0] == L2_CODE + 1
     assert not v.V_INTR & VIntr.V_IRQ and not v.INTERRUPT_SHADOW & 1
+
+
+@pytest.mark.parametrize("iopm, ok", [((1 << 48) - 3 * 4096, True), ((1 << 48) - 2 * 4096, False)])
+def test_vmcb12_iopm_is_checked_against_maxphyaddr_not_l1_memory(tmp_path, iopm, ok):
+    """The IOPM (12 KiB) may lie anywhere below MAXPHYADDR (48): VMRUN fails only when it
+    extends to 2^48 or beyond (APM §15.5.1; kvm-unit-tests "Test IOPM address")."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, db(OP["vmmcall"]) + "\n",
+                   ("vmrun", "vmmcall", "ioio"))
+    v.IOPM_BASE_PA = iopm
+    r = m.run(timeout=20)
+    assert v.EXITCODE == (ExitCode.VMMCALL if ok else M64), r.detail
+
+
+def test_l1_vmload_makes_segment_bases_canonical(tmp_path):
+    """VMLOAD of a non-canonical FS/GS/TR/LDTR base or KERNEL_GS_BASE, then VMSAVE: the saved
+    values are canonical, sign-extended from bit 47 (kvm-unit-tests test_canonicalization)."""
+    bad = 0xAAAA_0000_0123_4000
+    l1 = L1_ENABLE + f"mov rax, {VMCB12:#x}\n{db(OP['vmload'])}\n{db(OP['vmsave'])}\n" + L1_EXIT_WITH_EXITCODE
+    m, v = machine(tmp_path, l1, "hlt\n")
+    for name in ("FS", "GS", "TR", "LDTR"):
+        s = v.seg(name)
+        v.set_seg(name, Segment(s.selector, s.attrib, s.limit, bad))
+    v.KERNEL_GS_BASE = bad
+    m.run(timeout=20)
+    want = 0x0000_0000_0123_4000                  # bit 47 of 0xAAAA_0000_0123_4000 is 0
+    assert [v.seg(n).base for n in ("FS", "GS", "TR", "LDTR")] == [want] * 4 and v.KERNEL_GS_BASE == want
+
+
+def test_l2_in_64_bit_mode_ignores_a_noncanonical_cs_base(tmp_path):
+    """In 64-bit mode the CS (ES, SS, DS) base is ignored (APM vol. 2 §4.12): VMRUN with a
+    non-canonical CS.base runs L2 to its VMMCALL, and VMCB12 keeps the value it had
+    (kvm-unit-tests "Successful VMRUN with noncanonical CS.base")."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, db(OP["vmmcall"]) + "\n",
+                   ("vmrun", "vmmcall"))
+    s = v.seg("CS")
+    bad = 0xAAAA_0000_0000_0000
+    v.set_seg("CS", Segment(s.selector, s.attrib, s.limit, bad))
+    r = m.run(timeout=20)
+    assert v.EXITCODE == ExitCode.VMMCALL, r.detail
+    assert v.seg("CS").base == bad
