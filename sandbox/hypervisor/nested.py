@@ -494,8 +494,8 @@ class NestedSvm:
 
     # ------------------------------------------------------------------ the other SVM instructions
     def vmload(self, m: "Machine", e: ExitRecord) -> Action | None:
-        if self.guest_mode:
-            return self.reflect(e)
+        """L1's VMLOAD, or L2's when L1 does not intercept it (``handler_for`` reflects the
+        intercepted ones): it runs on the current state, rAX an L1 physical address, as KVM does."""
         if self._svm_insn_faults(m, e, rax_page=True):
             return RESUME
         hpa, cpu = self.l1.gpa_to_hpa(m.regs.rax), m.cpu
@@ -516,8 +516,8 @@ class NestedSvm:
         return RESUME
 
     def vmsave(self, m: "Machine", e: ExitRecord) -> Action | None:
-        if self.guest_mode:
-            return self.reflect(e)
+        """L1's VMSAVE, or L2's when L1 does not intercept it (``handler_for`` reflects the
+        intercepted ones): it runs on the current state, rAX an L1 physical address, as KVM does."""
         if self._svm_insn_faults(m, e, rax_page=True):
             return RESUME
         hpa, cpu = self.l1.gpa_to_hpa(m.regs.rax), m.cpu

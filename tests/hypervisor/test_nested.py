@@ -483,3 +483,14 @@ def test_l2_in_64_bit_mode_ignores_a_noncanonical_cs_base(tmp_path):
     r = m.run(timeout=20)
     assert v.EXITCODE == ExitCode.VMMCALL, r.detail
     assert v.seg("CS").base == bad
+
+
+@pytest.mark.parametrize("intercepted", [False, True])
+def test_l2_vmload_runs_in_l2_unless_l1_intercepts_it(tmp_path, intercepted):
+    """L2's VMLOAD/VMSAVE exits to L1 only when VMCB12 intercepts it (APM §15.9); otherwise it
+    completes and L2 goes on to its VMMCALL (kvm-unit-tests svm_vmload_vmsave)."""
+    l2 = f"mov rax, {VMCB12:#x}\n{db(OP['vmload'])}\n{db(OP['vmsave'])}\n{db(OP['vmmcall'])}\n"
+    names = ("vmrun", "vmmcall") + (("vmload",) if intercepted else ())
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, l2, names)
+    r = m.run(timeout=20)
+    assert v.EXITCODE == (ExitCode.VMLOAD if intercepted else ExitCode.VMMCALL), r.detail
