@@ -18,7 +18,7 @@ CR3_LONG_MBZ = 0xFFF0_0000_0000_0000
 #: setting one is #GP(0) as well (§3.1.2; KVM's kvm_vcpu_is_legal_cr3)
 CR3_LONG_RESERVED = CR3_LONG_MBZ | (((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1))
 # CR4 (§3.7.1); the reserved mask is kvm-unit-tests' SVM_CR4_RESERVED_MASK
-CR4_TSD, CR4_DE, CR4_PAE, CR4_PGE, CR4_PCE = 1 << 2, 1 << 3, 1 << 5, 1 << 7, 1 << 8
+CR4_TSD, CR4_DE, CR4_PSE, CR4_PAE, CR4_PGE, CR4_PCE = 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 7, 1 << 8
 CR4_UMIP, CR4_OSXSAVE, CR4_SMEP = 1 << 11, 1 << 18, 1 << 20
 CR4_RESERVED = 0xFFFF_FFFF_FE08_E000
 CR4_LA57, CR4_FSGSBASE, CR4_PCIDE = 1 << 12, 1 << 16, 1 << 17
@@ -32,6 +32,10 @@ CR4_UNIMPLEMENTED = CR4_LA57 | CR4_PCIDE | CR4_SMAP | CR4_PKE | CR4_CET | CR4_PK
 # (vol. 3 "MOV DRn"), and VMRUN refuses a VMCB holding one (§15.5.1)
 DR6_RESERVED = 0xFFFF_FFFF_0000_0000
 DR7_RESERVED = 0xFFFF_FFFF_0000_0000
+#: DR6.BS: the #DB was a single step (RFLAGS.TF)
+DR6_BS = 1 << 14
+#: DR7 with every breakpoint disabled (bit 10 reads as one)
+DR7_RESET = 0x400
 # EFER (§3.1.7)
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE, EFER_SVME = 1 << 0, 1 << 8, 1 << 10, 1 << 11, 1 << 12
 #: 63:16, 15 and 9 must be zero: what VMRUN checks (§15.5.1, "any MBZ bit of EFER").
@@ -44,7 +48,7 @@ EFER_RESERVED = 0xFFFF_FFFF_FFFF_8200
 #: read-only: the value written there is ignored
 EFER_WRITABLE = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE | EFER_SVME
 # RFLAGS
-RFLAGS_IF = 1 << 9
+RFLAGS_TF, RFLAGS_IF, RFLAGS_RF = 1 << 8, 1 << 9, 1 << 16
 # XCR0 (§11.5.2): x87 must stay enabled; YMM (AVX) needs SSE
 XCR0_X87, XCR0_SSE, XCR0_YMM = 1 << 0, 1 << 1, 1 << 2
 

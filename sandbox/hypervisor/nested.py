@@ -30,18 +30,20 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from ..arch import EFER_NXE, EFER_SVME, M64, MSR_EFER, RFLAGS_IF
+from ..arch import (CR0_PG, CR4_SMEP, DR6_BS, DR7_RESET, EFER_LME, EFER_NXE, EFER_SVME, M64, MAXPHYADDR, MSR_EFER,
+                    MSR_KERNEL_GS_BASE, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF)
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.npt import NestedPageTable
 from ..memory.paging import PFErr, walk
-from ..svm.consistency import VmcbImage, consistency
+from ..svm.consistency import MSRPM_SIZE, VmcbImage, consistency
 from ..svm.cpu import ExitRecord
 from ..svm.cpustate import R_FS, R_GS
 from ..svm.events import Vec
 from ..svm.exitcodes import ExitCode
 from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
-from ..svm.vmcb import (OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, NpControl, TlbControl, VIntr)
+from ..svm.vmcb import (INTERRUPT_SHADOW_ACTIVE, OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, EventType,
+                        NpControl, TlbControl, VIntr)
 from ..svm.world_switch import get_seg, put_seg
 from .guest import Guest, GuestPhysicalMemory
 from .handlers import FIXED_LEAVES, RESUME, Action, handle_mmio, handle_msr
@@ -64,6 +66,23 @@ _VMSAVE_MSRS = ((OFF_STAR + 0x00, 0xC000_0081), (OFF_STAR + 0x08, 0xC000_0082), 
                 (OFF_STAR + 0x30, 0x175), (OFF_STAR + 0x38, 0x176))
 #: Fn8000_000A: revision 1, 16 ASIDs, EDX: NP (0), NRIPS (3), VMCB clean bits (5)
 SVM_FEATURES = (1, 16, 0, (1 << 0) | (1 << 3) | (1 << 5))
+
+
+#: the segments whose base 64-bit mode ignores, and a base's offset in a VMCB segment record
+_FLAT_IN_64 = ("ES", "CS", "SS", "DS")
+_SEG_BASE = 8
+_ATTR_L = 1 << 9                      # CS.L in the VMCB's attribute format (APM Table B-2)
+
+
+def _canonical(va: int) -> int:
+    """``va`` sign-extended from bit 47 (48-bit linear addresses)."""
+    va &= (1 << 48) - 1
+    return va | (M64 & ~((1 << 48) - 1)) if va >> 47 else va
+
+
+def _canonical_base(seg: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    sel, base, limit, flags = seg
+    return sel, _canonical(base), limit, flags
 
 
 class NestedContext(GuestPhysicalMemory):
@@ -137,6 +156,10 @@ class NestedSvm:
         self.vmcb12_gpa = 0
         self.np12 = False
         self.n_cr3_12 = 0
+        #: VMCB12's ES/CS/SS/DS bases L2 runs without in 64-bit mode (offset -> raw bytes)
+        self.ignored_bases: dict[int, bytes] = {}
+        #: L2's RIP at the last VMRUN (its interrupt shadow covers the instruction there)
+        self.entry_rip = -1
         #: the ASID VMCB12 gave L2 at the last VMRUN
         self.asid12 = -1
         self.nested_runs = 0
@@ -222,7 +245,13 @@ class NestedSvm:
         hpa12 = self.l1.gpa_to_hpa(gpa)
         nrip = e.nrip or e.rip + 3
         img = VmcbImage.read(m.mem.view, hpa12)
-        why = consistency(img, self.l1.ram_size)
+        # the permission maps may lie anywhere below L1's MAXPHYADDR (APM §15.5.1: "extends to a
+        # physical address >= the maximum supported"); an exit reads them where they are
+        why = consistency(img, 1 << MAXPHYADDR)
+        if not why and img.intercepted(ExitCode.MSR) and img.msrpm + MSRPM_SIZE > self.l1.ram_size:
+            # L1's MSRPM is read for the L2 exits it governs; one outside L1's memory fails the
+            # VMRUN, as under KVM, which merges it at VMRUN (kvm-unit-tests "Test MSRPM address")
+            why = "MSRPM outside L1's memory"
         if not why and img.np_control & (NpControl.SEV_ENABLE | NpControl.SEV_ES_ENABLE):
             # L1's processor offers no SEV (CPUID Fn8000_001F is not L1's): §15.34.3
             why = "SEV enable set in VMCB12, but L1's processor has no SEV"
@@ -234,7 +263,11 @@ class NestedSvm:
             m.advance(e, nrip)
             return RESUME
         self.vmcb12_hpa, self.vmcb12_gpa = hpa12, gpa
-        self.l1.vmcb.RIP = nrip               # where L1 resumes at the #VMEXIT that ends L2
+        v01 = self.l1.vmcb
+        v01.RIP = nrip                        # where L1 resumes at the #VMEXIT that ends L2
+        # the VMRUN completes: it clears L1's RFLAGS.RF (which let it past an instruction
+        # breakpoint on itself); a single step (TF) is taken after the #VMEXIT (see reflect)
+        v01.RFLAGS &= ~RFLAGS_RF
         self._build_vmcb02(m, v12, img)
         self.guest_mode = True
         self.gif = True                        # VMRUN sets GIF
@@ -259,6 +292,16 @@ class NestedSvm:
         v02.GUEST_ASID = ctx.asid
         v02.V_INTR = v12.V_INTR
         v02.INTERRUPT_SHADOW = v12.INTERRUPT_SHADOW
+        # in 64-bit mode the ES, CS, SS and DS bases are ignored (APM vol. 2 §4.12): L2 runs
+        # with them zero, and VMCB12 keeps its own values (kvm-unit-tests test_canonicalization:
+        # VMRUN succeeds with a non-canonical CS.base and does not rewrite it)
+        self.ignored_bases = {}
+        if img.efer & EFER_LME and img.cr0 & CR0_PG and img.cs_attr & _ATTR_L:     # long mode, 64-bit CS
+            for name in _FLAT_IN_64:
+                at = SEGMENTS[name] + _SEG_BASE
+                self.ignored_bases[at] = mem.read(hpa12 + at, 8)
+                mem.write(hpa02 + at, bytes(8))
+        self.entry_rip = img.rip                # where the shadow VMRUN loaded applies
         v02.EVENTINJ = img.eventinj
         v02.NP_CONTROL = NpControl.NP_ENABLE
         np12 = bool(img.np_control & NpControl.NP_ENABLE)
@@ -336,9 +379,13 @@ class NestedSvm:
             m.mem.write(npt01.lookup(a), _Q.pack(v))
         try:
             # L1's NPT is walked as L1's processor would: its NX bit is reserved while L1's
-            # EFER.NXE is clear (APM §15.25.2, the host's NXE applies to nested tables)
+            # EFER.NXE is clear (APM §15.25.2, the host's NXE applies to nested tables), and a
+            # fetch's fault reports I/D only with the host's EFER.NXE or CR4.SMEP set (APM vol. 2
+            # §8.4.2, as KVM's walk_addr_generic: "is_efer_nx || is_cr4_smep"); nested accesses
+            # are user accesses, so SMEP itself never faults here
             nxe = bool(self.l1.vmcb.EFER & EFER_NXE)
-            r = walk(self.n_cr3_12, l2gpa, access, True, rd, wr, wp=True, nxe=nxe)
+            smep = bool(self.l1.vmcb.CR4 & CR4_SMEP)
+            r = walk(self.n_cr3_12, l2gpa, access, True, rd, wr, wp=True, nxe=nxe, smep=smep)
         except LookupError:
             r = None
         self.ctx.record_walked(pages)
@@ -411,6 +458,8 @@ class NestedSvm:
         mem, hpa12 = m.mem, self.vmcb12_hpa
         v02, v12 = ctx.vmcb, VMCB(mem, hpa12)
         mem.write(hpa12 + SAVE_AREA, mem.read(ctx.vmcb_hpa + SAVE_AREA, SAVE_LEN))
+        for at, raw in self.ignored_bases.items():
+            mem.write(hpa12 + at, raw)
         v12.EXITCODE, v12.EXITINFO1, v12.EXITINFO2 = e.exitcode & M64, e.exitinfo1 & M64, e.exitinfo2 & M64
         # an event L1 injected that the processor has not delivered yet goes back in
         # EXITINTINFO (APM §15.7.2), as an interrupted delivery would
@@ -418,37 +467,57 @@ class NestedSvm:
         v12.EXITINTINFO = e.exitintinfo or (pending if pending & Event.VALID else 0)
         v12.NRIP = e.nrip
         v12.EVENTINJ = 0
-        v12.INTERRUPT_SHADOW = v02.INTERRUPT_SHADOW
+        # the shadow VMRUN loaded covers L2's first instruction only (APM §15.21.5): once L2
+        # has moved on, the #VMEXIT reports it over (the processor model does not write it back)
+        shadow = v02.INTERRUPT_SHADOW
+        if e.rip != self.entry_rip:
+            shadow &= ~INTERRUPT_SHADOW_ACTIVE
+        v12.INTERRUPT_SHADOW = shadow
         # V_TPR goes back to L1, and V_IRQ (cleared once the virtual interrupt was taken) when
         # L1 had set it -- a V_IRQ L0 set in VMCB02 for its own window stays L0's
         keep = (VIntr.V_IRQ if v12.V_INTR & VIntr.V_IRQ else 0) | 0xF
         v12.V_INTR = (v12.V_INTR & ~keep) | (v02.V_INTR & keep)
         self.guest_mode = False
         self.gif = False                        # #VMEXIT clears GIF (APM §15.17)
+        v01 = self.l1.vmcb
+        # the #VMEXIT disables L1's breakpoints: DR7 = 400h (APM §15.6; KVM's nested_svm_vmexit
+        # sets L1's DR7 to DR7_FIXED_1), so an instruction breakpoint L1 armed on its VMRUN
+        # does not fire again at the next one
+        v01.DR7 = DR7_RESET
+        if v01.RFLAGS & RFLAGS_TF:
+            # L1 single-stepped its VMRUN: the #DB trap comes after the #VMEXIT, before L1's
+            # next instruction, on the host side (APM vol. 2 §15.5.1 on host RFLAGS.TF; KVM's
+            # nested_svm_vmexit queues it the same way). GIF does not hold exceptions.
+            v01.DR6 |= DR6_BS
+            v01.inject(Event(Vec.DB, EventType.EXCEPTION))
         return m.switch_to(self.l1)
 
     # ------------------------------------------------------------------ the other SVM instructions
     def vmload(self, m: "Machine", e: ExitRecord) -> Action | None:
-        if self.guest_mode:
-            return self.reflect(e)
+        """L1's VMLOAD, or L2's when L1 does not intercept it (``handler_for`` reflects the
+        intercepted ones): it runs on the current state, rAX an L1 physical address, as KVM does."""
         if self._svm_insn_faults(m, e, rax_page=True):
             return RESUME
         hpa, cpu = self.l1.gpa_to_hpa(m.regs.rax), m.cpu
         cpu.guest_gpr(0)                         # the processor's snapshot is current
         st, mv = cpu.st, m.mem.view
-        st.set_seg(R_FS, *get_seg(mv, hpa + SEGMENTS["FS"]))
-        st.set_seg(R_GS, *get_seg(mv, hpa + SEGMENTS["GS"]))
+        # the loaded segment bases and KERNEL_GS_BASE are canonical whatever VMCB12 holds: a
+        # VMSAVE after the VMLOAD stores them sign-extended from bit 47 (kvm-unit-tests
+        # test_canonicalization, "Test FS.base for canonical form")
+        st.set_seg(R_FS, *_canonical_base(get_seg(mv, hpa + SEGMENTS["FS"])))
+        st.set_seg(R_GS, *_canonical_base(get_seg(mv, hpa + SEGMENTS["GS"])))
         for name in ("TR", "LDTR"):
-            st.set_system_seg(name, *get_seg(mv, hpa + SEGMENTS[name]))
+            st.set_system_seg(name, *_canonical_base(get_seg(mv, hpa + SEGMENTS[name])))
         st.store()
         for off, msr in _VMSAVE_MSRS:
-            cpu.uc.reg_write(X.UC_X86_REG_MSR, (msr, _Q.unpack_from(mv, hpa + off)[0]))
+            value = _Q.unpack_from(mv, hpa + off)[0]
+            cpu.uc.reg_write(X.UC_X86_REG_MSR, (msr, _canonical(value) if msr == MSR_KERNEL_GS_BASE else value))
         m.advance(e)
         return RESUME
 
     def vmsave(self, m: "Machine", e: ExitRecord) -> Action | None:
-        if self.guest_mode:
-            return self.reflect(e)
+        """L1's VMSAVE, or L2's when L1 does not intercept it (``handler_for`` reflects the
+        intercepted ones): it runs on the current state, rAX an L1 physical address, as KVM does."""
         if self._svm_insn_faults(m, e, rax_page=True):
             return RESUME
         hpa, cpu = self.l1.gpa_to_hpa(m.regs.rax), m.cpu

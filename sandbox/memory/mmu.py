@@ -20,6 +20,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..arch import CR4_PAE, CR4_PSE, EFER_LMA
+from .legacy_paging import walk_legacy
 from .paging import ADDR_MASK, Access, PFErr, WalkResult, canonical, walk
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from .hostmem import HostMemory
 
 _Q = struct.Struct("<Q")
+_L = struct.Struct("<L")
 
 
 @dataclass
@@ -147,6 +150,9 @@ class GuestLayer:
         self.nxe = bool(efer & (1 << 11))
         self.smep = bool(cr4 & (1 << 20))
         self.pge = bool(cr4 & (1 << 7))
+        self.long_mode = bool(efer & EFER_LMA)
+        self.pae = bool(cr4 & CR4_PAE)
+        self.pse = bool(cr4 & CR4_PSE)
         self._mem = nested.mem
         self._view = nested.mem.view
         self._last: tuple[int, int] | None = None
@@ -154,7 +160,15 @@ class GuestLayer:
         self._pt_pages: dict[int, tuple[int, int]] = {}
 
     def _read(self, gpa: int) -> int:
-        """One guest page-table entry, read through the nested layer.
+        """One 8-byte guest page-table entry, read through the nested layer (:meth:`_entry_addr`)."""
+        return _Q.unpack_from(self._view, self._entry_addr(gpa))[0]
+
+    def _read4(self, gpa: int) -> int:
+        """One 4-byte entry of 32-bit paging."""
+        return _L.unpack_from(self._view, self._entry_addr(gpa))[0]
+
+    def _entry_addr(self, gpa: int) -> int:
+        """The host address of the guest page-table entry at ``gpa``.
 
         A guest page-table read is a user write at the nested level (APM
         §15.25.6).  The nested translation of each table page is remembered
@@ -175,21 +189,33 @@ class GuestLayer:
             self.stats.nested_entries += hit[1]
         self.stats.guest_entries += 1
         self._last = (gpa, phys)
-        a = phys if self.enc is None else self.enc.pt_paddr(phys, gpa)   # SEV: PT walks are private
-        return _Q.unpack_from(self._view, a)[0]
+        return phys if self.enc is None else self.enc.pt_paddr(phys, gpa)   # SEV: PT walks are private
 
-    def _write(self, gpa: int, v: int) -> None:
+    def _written_addr(self, gpa: int) -> int:
         # setting A/D is a locked update of the entry just read: same host address, no new walk
         gpa &= self._nocbit
         last = self._last
         phys = last[1] if last is not None and last[0] == gpa else \
             self.nested.translate(gpa, Access.WRITE, final=False).phys
-        a = phys if self.enc is None else self.enc.pt_paddr(phys, gpa)
-        _Q.pack_into(self._view, a, v)
+        return phys if self.enc is None else self.enc.pt_paddr(phys, gpa)
+
+    def _write(self, gpa: int, v: int) -> None:
+        _Q.pack_into(self._view, self._written_addr(gpa), v)
+
+    def _write4(self, gpa: int, v: int) -> None:
+        _L.pack_into(self._view, self._written_addr(gpa), v)
 
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> WalkResult:
         if not self.paging:
             return WalkResult(phys=gva & 0xFFFF_FFFF_FFFF, writable=True, user=True, executable=True, dirty=True)
+        if not self.long_mode:
+            # legacy paging (APM vol. 2 §5.2-5.3): PAE with 8-byte entries, else 32-bit
+            r = walk_legacy(self.cr3, gva, access, user, self._read if self.pae else self._read4,
+                            self._write if self.pae else self._write4, pae=self.pae, wp=self.wp,
+                            nxe=self.nxe, pse=self.pse, smep=self.smep, set_ad=set_ad)
+            if r.fault is not None:
+                raise GuestPageFault(r.fault, gva & 0xFFFF_FFFF)
+            return r
         if not canonical(gva):
             raise GuestGP(gva)
         r = walk(self.cr3, gva, access, user, self._read, self._write, wp=self.wp, nxe=self.nxe,

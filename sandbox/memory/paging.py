@@ -70,6 +70,7 @@ class WalkResult:
 
 _P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.G, PTE.NX))
 _W, _U, _RSVD, _ID = int(PFErr.W), int(PFErr.U), int(PFErr.RSVD), int(PFErr.ID)
+_PML4_MBZ = _PS | _G
 _SHIFT = LEVEL_SHIFT
 _SIZE = {3: 1 << 30, 2: 1 << 21, 1: 1 << 12}
 _Q = struct.Struct("<Q")
@@ -116,7 +117,9 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
         if not e & 1:
             return WalkResult(fault=err_base, entries=entries)
         ps = e & _PS and level != 1
-        if e & RSVD_HIGH or e & rsvd_nx or (level == 4 and e & _PS) or \
+        # a PML4E's bits 8:7 are MBZ on AMD (APM vol. 2 §5.4.1, Figure 5-18 "PML4E--Long
+        # Mode"; KVM's __reset_rsvds_bits_mask reserves non-leaf bit 8 "on AMD CPUs only")
+        if e & RSVD_HIGH or e & rsvd_nx or (level == 4 and e & _PML4_MBZ) or \
                 (ps and (e & ADDR_MASK) & (_SIZE[level] - 1) & ~0x1000):
             # large page: bits 20:13 (2 MiB) / 29:13 (1 GiB) of the address field must be 0
             return WalkResult(fault=err_base | _P | _RSVD, entries=entries)

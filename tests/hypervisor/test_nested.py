@@ -265,3 +265,232 @@ def test_gif_holds_l1_interrupts_until_stgi(tmp_path):
                     ("vmrun", "hlt"))
     assert m2.run(timeout=20).exit_code == ExitCode.HLT
     assert m2.nested.gif and not m2.nested.holds_interrupt()
+
+
+# L1's NPT as TableBuilder lays it out: root, PDPT, PD, then the PT of the first 2 MiB
+NPT12_PML4E = NPT12
+NPT12_L2_CODE_PTE = NPT12 + 3 * 0x1000 + ((L2_CODE >> 12) & 0x1FF) * 8
+
+
+def _l1_efer(nxe: bool) -> str:
+    return L1_ENABLE + ("" if nxe else "mov ecx, 0xC0000080\nrdmsr\nand eax, 0xFFFFF7FF\nwrmsr\n")
+
+
+@pytest.mark.parametrize("nxe,smep", [(False, False), (True, False), (False, True), (True, True)])
+def test_l1_npt_fetch_fault_reports_id_with_l1_nxe_or_smep(tmp_path, nxe, smep):
+    """L2's fetch through a leaf of L1's NPT with a reserved address bit is L1's NPF with
+    P|U|RSV|final (APM §15.25.6); I/D is reported only with the host's (L1's) EFER.NXE or
+    CR4.SMEP set (APM vol. 2 §8.4.2; kvm-unit-tests svm_npt_rsvd_bits_test wants
+    0x10000001d for NX or SMEP, 0x10000000d for neither)."""
+    m, v = machine(tmp_path, _l1_efer(nxe) + L1_VMRUN + L1_EXIT_WITH_EXITCODE, "nop\nhlt\n",
+                   ("vmrun", "hlt"), np=True)
+    g = m.guest
+    if smep:        # L1's own pages are supervisor leaves: SMEP does not stop L1 itself
+        g.vmcb.CR4 |= 1 << 20
+    e = struct.unpack("<Q", g.read_phys(NPT12_L2_CODE_PTE, 8))[0]
+    assert e & 0x000F_FFFF_FFFF_F000 == L2_CODE          # the leaf is where we think
+    g.write_phys(NPT12_L2_CODE_PTE, struct.pack("<Q", e | (1 << 50)))   # above MAXPHYADDR (48)
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.NPF, r.detail
+    want = 0x10000000D | (0x10 if nxe or smep else 0)
+    assert (v.EXITINFO1, v.EXITINFO2) == (want, L2_CODE)
+
+
+def test_l1_npt_pml4e_bit_8_is_reserved(tmp_path):
+    """Bit 8 of a PML4E is MBZ on AMD (APM vol. 2 Figure 5-18; KVM reserves it for AMD
+    guests): L2's first walk of its own page tables through it is L1's NPF with
+    P|W|U|RSV and the guest-page-table bit 33 (kvm-unit-tests wants 0x20000000f)."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, "nop\nhlt\n",
+                   ("vmrun", "hlt"), np=True)
+    g = m.guest
+    e = struct.unpack("<Q", g.read_phys(NPT12_PML4E, 8))[0]
+    g.write_phys(NPT12_PML4E, struct.pack("<Q", e | (1 << 8)))
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.NPF, r.detail
+    assert v.EXITINFO1 == 0x20000000F and v.EXITINFO2 & ~0xFFF == PT_BASE
+
+
+def test_l1_single_step_over_vmrun_traps_after_the_vmexit(tmp_path):
+    """L1 sets RFLAGS.TF just before VMRUN: the #DB trap is taken in L1 after the #VMEXIT,
+    at the instruction after VMRUN, before it runs (kvm-unit-tests host_rflags, quoting the
+    APM: "Setting host EFLAGS.TF causes a #DB trap after the VMRUN completes on the host
+    side"; KVM's nested_svm_vmexit queues it), once, with DR6.BS (§13.1.1.3)."""
+    from tests.conftest import asm_set_gate
+    rec = 0x1C0400
+    l1 = f"""
+    {asm_set_gate(0x60000, 1, "db_handler")}
+    mov rax, 0x60000
+    push rax
+    mov ax, 0xfff
+    push ax
+    lidt [rsp]
+    add rsp, 10
+    {L1_ENABLE}
+    mov rax, {VMCB12:#x}
+    pushfq
+    or qword ptr [rsp], 0x100
+    popfq
+    {db(OP['vmrun'])}
+after:
+    nop
+    nop
+    xor edi, edi
+    xor eax, eax
+    {db(OP['vmmcall'])}
+db_handler:
+    mov rdi, {rec:#x}
+    mov rax, [rsp]
+    mov [rdi], rax
+    mov rax, dr6
+    mov [rdi + 8], rax
+    inc qword ptr [rdi + 16]
+    and qword ptr [rsp + 16], -0x101
+    iretq
+    """
+    m, v = machine(tmp_path, l1, db(OP["vmmcall"]) + "\n", ("vmrun", "vmmcall"))
+    r = m.run(timeout=20)
+    assert r.exit_code == 0, r.detail
+    assert v.EXITCODE == ExitCode.VMMCALL
+    rip, dr6, count = struct.unpack("<3Q", m.guest.read_phys(rec, 24))
+    after = next(e.rip for e in m.trace if e.exitcode == ExitCode.VMRUN) + 3
+    assert (rip, count) == (after, 1)
+    assert dr6 & (1 << 14)
+
+
+def test_l1_breakpoint_on_vmrun_rf_and_dr7_after_vmexit(tmp_path):
+    """L1 arms an instruction breakpoint on its VMRUN (DR0, DR7 = 403h): the #DB fault comes
+    once; its handler sets RF, which lets VMRUN run, and VMRUN clears RF (kvm-unit-tests
+    host_rflags, quoting the APM: "completion of the VMRUN instruction clears the host
+    EFLAGS.RF bit"). The #VMEXIT disables L1's breakpoints (DR7 = 400h, APM §15.6; KVM's
+    nested_svm_vmexit), so the second VMRUN at the same address runs without a #DB."""
+    from tests.conftest import asm_set_gate
+    rec = 0x1C0400
+    again = f"mov rdi, {VMCB12 + 0x578:#x}\nmov rax, {L2_CODE:#x}\nmov [rdi], rax\n"   # VMCB12.RIP
+    l1 = f"""
+    {asm_set_gate(0x60000, 1, "db_handler")}
+    mov rax, 0x60000
+    push rax
+    mov ax, 0xfff
+    push ax
+    lidt [rsp]
+    add rsp, 10
+    {L1_ENABLE}
+    mov rax, target
+    mov dr0, rax
+    mov rax, 0x403
+    mov dr7, rax
+    xor ebx, ebx
+run:
+    mov rax, {VMCB12:#x}
+target:
+    {db(OP['vmrun'])}
+    pushfq
+    pop rax
+    mov rdi, {rec:#x}
+    mov [rdi + 24 + rbx * 8], rax
+    mov rax, dr7
+    mov [rdi + 40 + rbx * 8], rax
+    {again}
+    inc ebx
+    cmp ebx, 2
+    jb run
+    xor edi, edi
+    xor eax, eax
+    {db(OP['vmmcall'])}
+db_handler:
+    push rax
+    push rdi
+    mov rdi, {rec:#x}
+    mov rax, [rsp + 16]
+    mov [rdi], rax
+    inc qword ptr [rdi + 16]
+    or qword ptr [rsp + 32], 0x10000
+    pop rdi
+    pop rax
+    iretq
+    """
+    m, v = machine(tmp_path, l1, db(OP["vmmcall"]) + "\n", ("vmrun", "vmmcall"))
+    r = m.run(timeout=20)
+    assert r.exit_code == 0, r.detail
+    rip, _, count, fl1, fl2, dr7_1, dr7_2 = struct.unpack("<7Q", m.guest.read_phys(rec, 56))
+    vmruns = [e.rip for e in m.trace if e.exitcode == ExitCode.VMRUN]
+    assert len(vmruns) == 2 and rip == vmruns[0] and count == 1
+    assert not fl1 & (1 << 16) and not fl2 & (1 << 16)          # RF cleared by each VMRUN
+    assert dr7_1 == dr7_2 == 0x400
+
+
+def test_l1_virq_waits_out_the_interrupt_shadow_of_vmrun(tmp_path):
+    """VMCB12 queues a V_IRQ (highest priority, V_INTR_MASKING) with INTERRUPT_SHADOW set and
+    L2's RFLAGS.IF set: the shadow holds the interrupt for one instruction (APM §15.21.5), so
+    L2 takes it after its first NOP, with RIP = the second one on the handler's stack
+    (kvm-unit-tests virq_inject_within_shadow); V_IRQ is cleared as it is taken (§15.21.4)."""
+    from sandbox.svm.vmcb import VIntr
+    rec, idt, vector = 0x1C0400, 0x61000, 0xF1
+    handler = L2_CODE + 0x100
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE,
+                   f"nop\nnop\n{db(OP['vmmcall'])}\n", ("vmrun", "vmmcall"))
+    g = m.guest
+    g.write_phys(handler, assemble(f"mov rdi, {rec:#x}\nmov rax, [rsp]\nmov [rdi], rax\niretq\n", handler))
+    gate = (handler & 0xFFFF) | (CS_SEL << 16) | (0x8E << 40) | ((handler >> 16 & 0xFFFF) << 48)
+    g.write_phys(idt + vector * 16, struct.pack("<QQ", gate, handler >> 32))
+    v.set_seg("IDTR", Segment(0, 0, 0xFFF, idt))
+    v.V_INTR = VIntr.V_IRQ | VIntr.V_INTR_MASKING | (0xF << 16)
+    v.V_INTR_VECTOR = vector
+    v.INTERRUPT_SHADOW = 1
+    v.RFLAGS = 0x202
+    g.write_phys(rec, struct.pack("<Q", M64))
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.VMMCALL, r.detail
+    assert struct.unpack("<Q", g.read_phys(rec, 8))[0] == L2_CODE + 1
+    assert not v.V_INTR & VIntr.V_IRQ and not v.INTERRUPT_SHADOW & 1
+
+
+@pytest.mark.parametrize("iopm, ok", [((1 << 48) - 3 * 4096, True), ((1 << 48) - 2 * 4096, False)])
+def test_vmcb12_iopm_is_checked_against_maxphyaddr_not_l1_memory(tmp_path, iopm, ok):
+    """The IOPM (12 KiB) may lie anywhere below MAXPHYADDR (48): VMRUN fails only when it
+    extends to 2^48 or beyond (APM §15.5.1; kvm-unit-tests "Test IOPM address")."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, db(OP["vmmcall"]) + "\n",
+                   ("vmrun", "vmmcall", "ioio"))
+    v.IOPM_BASE_PA = iopm
+    r = m.run(timeout=20)
+    assert v.EXITCODE == (ExitCode.VMMCALL if ok else M64), r.detail
+
+
+def test_l1_vmload_makes_segment_bases_canonical(tmp_path):
+    """VMLOAD of a non-canonical FS/GS/TR/LDTR base or KERNEL_GS_BASE, then VMSAVE: the saved
+    values are canonical, sign-extended from bit 47 (kvm-unit-tests test_canonicalization)."""
+    bad = 0xAAAA_0000_0123_4000
+    l1 = L1_ENABLE + f"mov rax, {VMCB12:#x}\n{db(OP['vmload'])}\n{db(OP['vmsave'])}\n" + L1_EXIT_WITH_EXITCODE
+    m, v = machine(tmp_path, l1, "hlt\n")
+    for name in ("FS", "GS", "TR", "LDTR"):
+        s = v.seg(name)
+        v.set_seg(name, Segment(s.selector, s.attrib, s.limit, bad))
+    v.KERNEL_GS_BASE = bad
+    m.run(timeout=20)
+    want = 0x0000_0000_0123_4000                  # bit 47 of 0xAAAA_0000_0123_4000 is 0
+    assert [v.seg(n).base for n in ("FS", "GS", "TR", "LDTR")] == [want] * 4 and v.KERNEL_GS_BASE == want
+
+
+def test_l2_in_64_bit_mode_ignores_a_noncanonical_cs_base(tmp_path):
+    """In 64-bit mode the CS (ES, SS, DS) base is ignored (APM vol. 2 §4.12): VMRUN with a
+    non-canonical CS.base runs L2 to its VMMCALL, and VMCB12 keeps the value it had
+    (kvm-unit-tests "Successful VMRUN with noncanonical CS.base")."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, db(OP["vmmcall"]) + "\n",
+                   ("vmrun", "vmmcall"))
+    s = v.seg("CS")
+    bad = 0xAAAA_0000_0000_0000
+    v.set_seg("CS", Segment(s.selector, s.attrib, s.limit, bad))
+    r = m.run(timeout=20)
+    assert v.EXITCODE == ExitCode.VMMCALL, r.detail
+    assert v.seg("CS").base == bad
+
+
+@pytest.mark.parametrize("intercepted", [False, True])
+def test_l2_vmload_runs_in_l2_unless_l1_intercepts_it(tmp_path, intercepted):
+    """L2's VMLOAD/VMSAVE exits to L1 only when VMCB12 intercepts it (APM §15.9); otherwise it
+    completes and L2 goes on to its VMMCALL (kvm-unit-tests svm_vmload_vmsave)."""
+    l2 = f"mov rax, {VMCB12:#x}\n{db(OP['vmload'])}\n{db(OP['vmsave'])}\n{db(OP['vmmcall'])}\n"
+    names = ("vmrun", "vmmcall") + (("vmload",) if intercepted else ())
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, l2, names)
+    r = m.run(timeout=20)
+    assert v.EXITCODE == (ExitCode.VMLOAD if intercepted else ExitCode.VMMCALL), r.detail

@@ -475,6 +475,30 @@ def test_walk_ps_in_pml4e_is_reserved():
     assert do_walk(m).fault == P | RSV
 
 
+def test_walk_bit_8_in_pml4e_is_reserved():
+    """A PML4E's bits 8:7 are MBZ on AMD (APM vol. 2 Figure 5-18; KVM reserves non-leaf
+    bit 8 on AMD, kvm-unit-tests svm_npt_rsvd_bits_test wants an NPF for it)."""
+    m = four_level()
+    m.write(ROOT + 0x0F1 * 8, m.read(ROOT + 0x0F1 * 8) | (1 << 8))
+    assert do_walk(m, access=Access.WRITE, user=True).fault == P | RW | US | RSV
+
+
+def test_walk_bit_8_of_a_leaf_is_global_not_reserved():
+    m = four_level(leaf_flags=P | RW | US | PTE.G)
+    r = do_walk(m)
+    assert r.fault is None and r.global_
+
+
+@pytest.mark.parametrize("nxe,smep,id_bit", [(False, False, 0), (True, False, ID), (False, True, ID),
+                                             (True, True, ID)])
+def test_walk_fetch_fault_id_bit_with_nxe_or_smep(nxe, smep, id_bit):
+    """I/D is reported for a fetch only when EFER.NXE or CR4.SMEP is set (APM vol. 2 §8.4.2;
+    kvm-unit-tests svm_npt_rsvd_bits_test: "PFEC.FETCH=1 if NX=1 *or* SMEP=1")."""
+    m = four_level()
+    m.write(L1 + 0x0C4 * 8, m.read(L1 + 0x0C4 * 8) | (1 << 50))      # a reserved address bit
+    assert do_walk(m, access=Access.FETCH, user=True, nxe=nxe, smep=smep).fault == P | US | RSV | id_bit
+
+
 def test_walk_sets_accessed_and_dirty():
     m = four_level()
     addrs = [ROOT + 0x0F1 * 8, L3 + 0x0A2 * 8, L2 + 0x1B3 * 8, L1 + 0x0C4 * 8]
