@@ -25,7 +25,7 @@ from ..memory.paging import Access
 from ..memory.tlb import TlbMode, TlbStats
 from ..svm import intercepts as I
 from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
-from ..svm.cpustate import GPR_IDS, GPR_NAMES, OFF_REGS
+from ..svm.cpustate import GPR_IDS, GPR_NAMES
 from ..svm.exitcodes import ExitCode, exit_name
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
@@ -284,8 +284,7 @@ class Machine:
         self.counts: dict[int, int] = {}
         self.trace: collections.deque[ExitRecord] = collections.deque(maxlen=10_000)
         self.on_exit_record: Callable[[ExitRecord], None] | None = None
-        self.console_sink: Callable[[bytes], None] | None = None
-        self.serial.sink = self._console
+        self._console_sink: Callable[[bytes], None] | None = None
         self.guest_exit_code: int | None = None
         self._stop_reason: tuple[str, str] | None = None
         self._interrupted = False
@@ -482,8 +481,19 @@ class Machine:
         self._console(data)
 
     def _console(self, b: bytes) -> None:
-        if self.console_sink:
-            self.console_sink(b)
+        if self._console_sink:
+            self._console_sink(b)
+
+    @property
+    def console_sink(self) -> Callable[[bytes], None] | None:
+        """``fn(data)`` called with the guest's console output as it is written (None: kept only)."""
+        return self._console_sink
+
+    @console_sink.setter
+    def console_sink(self, fn: Callable[[bytes], None] | None) -> None:
+        # the UART calls the sink itself: no call per byte while there is none
+        self._console_sink = fn
+        self.serial.sink = fn
 
     # -- the hypervisor loop ---------------------------------------------------
     def _dispatch(self, rec: ExitRecord) -> bool:
