@@ -57,10 +57,9 @@ class Serial16550:
     def write(self, port: int, size: int, value: int) -> None:
         off = port - self.base
         if off == 0 and not self._lcr & 0x80:
-            b = bytes([value & 0xFF])
-            self.output += b
+            self.output.append(value & 0xFF)
             if self.sink:
-                self.sink(b)
+                self.sink(bytes((value & 0xFF,)))
         elif off == 3:
             self._lcr = value & 0xFF
         else:

@@ -168,6 +168,11 @@ class GhcbRegs:
     def as_dict(self) -> dict[str, int]:
         return dict(self.values)
 
+    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
+        """RAX, RBX, RCX, RDX = ``values`` (each written back to the GHCB, marked valid)."""
+        for name, v in zip(("rax", "rbx", "rcx", "rdx"), values):
+            self.__setattr__(name, v)
+
     def complete(self, next_rip: int) -> None:
         """Nothing: the guest's #VC handler skips the instruction that raised #VC."""
 

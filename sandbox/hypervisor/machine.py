@@ -25,7 +25,7 @@ from ..memory.paging import Access
 from ..memory.tlb import TlbMode, TlbStats
 from ..svm import intercepts as I
 from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
-from ..svm.cpustate import GPR_IDS, GPR_NAMES, OFF_REGS
+from ..svm.cpustate import GPR_IDS, GPR_NAMES
 from ..svm.exitcodes import ExitCode, exit_name
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
@@ -72,6 +72,9 @@ class RegisterView(Protocol):
 
     def as_dict(self) -> dict[str, int]: ...
 
+    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
+        """RAX, RBX, RCX, RDX = ``values`` at once (a CPUID result, in CPUID's order)."""
+
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done; the guest goes on at ``next_rip``."""
 
@@ -79,62 +82,57 @@ class RegisterView(Protocol):
         """Raise ``event`` in the guest."""
 
 
-class _VmcbReg:
-    """A guest register kept in the current guest's VMCB state-save area."""
+def _vmcb_reg(field_name: str) -> property:
+    """A guest register kept in the current guest's VMCB state-save area (through the VMCB accessor)."""
+    read = operator.attrgetter(field_name)
 
-    def __init__(self, field_name: str) -> None:
-        self.field = field_name
-        self.read = operator.attrgetter(field_name)
-        self.__doc__ = f"guest {field_name} (the VMCB's state-save area); read and write"
+    def get(regs: "GuestRegs") -> int:
+        return read(regs.machine.guest.vmcb)
 
-    def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
-        return self.read(regs.machine.guest.vmcb)
-
-    def __set__(self, regs: "GuestRegs", value: int) -> None:
-        setattr(regs.machine.guest.vmcb, self.field, value)
+    def put(regs: "GuestRegs", value: int) -> None:
+        setattr(regs.machine.guest.vmcb, field_name, value)
+    return property(get, put, doc=f"guest {field_name} (the VMCB's state-save area); read and write")
 
 
-class _EagerReg:
+def _eager_reg(offset: int, name: str) -> property:
     """RAX, RSP or RIP: a never-cached VMCB field (APM §15.15.3) that #VMEXIT
     writes at once, so it is always current in the VMCB page and the
     world switch needs no notice of an access: read and written in place,
-    with no per-field round trip through the VMCB accessor."""
+    with no per-field round trip through the VMCB accessor.
 
-    def __init__(self, offset: int, name: str) -> None:
-        self.offset = offset
-        self.__doc__ = f"guest {name} (the VMCB's state-save area, current at every exit); read and write"
+    A ``property`` (not a descriptor class): CPython calls a property's
+    getter without the generic descriptor protocol's extra frame, which
+    halves the cost of a register access on the exit path."""
+    def get(regs: "GuestRegs") -> int:
+        return regs.dram_q[(regs.machine.guest.vmcb_hpa + offset) >> 3]
 
-    def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
-        return regs.dram_q[(regs.machine.guest.vmcb_hpa + self.offset) >> 3]
-
-    def __set__(self, regs: "GuestRegs", value: int) -> None:
-        regs.dram_q[(regs.machine.guest.vmcb_hpa + self.offset) >> 3] = value & M64
+    def put(regs: "GuestRegs", value: int) -> None:
+        regs.dram_q[(regs.machine.guest.vmcb_hpa + offset) >> 3] = value & M64
+    return property(get, put, doc=f"guest {name} (the VMCB's state-save area, current at every exit); read and write")
 
 
-class _CpuReg:
+def _cpu_reg(index: int) -> property:
     """A guest GPR the processor keeps (a real hypervisor saves these itself).
 
     While the hypervisor runs after a #VMEXIT, the processor's state snapshot
     holds the guest's registers: they are read and patched there directly
     (stored at the next VMRUN); otherwise through the processor's accessors."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.offset = OFF_REGS + 8 * index
-        self.__doc__ = f"guest {GPR_NAMES[index].upper()} (kept by the processor); read and write"
-
-    def __get__(self, regs: "GuestRegs", owner: type | None = None) -> int:
+    def get(regs: "GuestRegs") -> int:
         if regs.cpu_switch.snap_valid:
-            return regs.cpu_state.q[self.index]
-        return regs.machine.cpu.guest_gpr(self.index)
+            return regs.cpu_state.q[index]
+        return regs.machine.cpu.guest_gpr(index)
 
-    def __set__(self, regs: "GuestRegs", value: int) -> None:
+    def put(regs: "GuestRegs", value: int) -> None:
         if regs.cpu_switch.snap_valid:
             st = regs.cpu_state
-            st.q[self.index] = value & M64
+            st.q[index] = value & M64
             st.dirty = True
         else:
-            regs.machine.cpu.set_guest_gpr(self.index, value)
+            regs.machine.cpu.set_guest_gpr(index, value)
+    return property(get, put, doc=f"guest {GPR_NAMES[index].upper()} (kept by the processor); read and write")
+
+
+_RBX_I, _RCX_I, _RDX_I = (GPR_NAMES.index(n) for n in ("rbx", "rcx", "rdx"))
 
 
 class GuestRegs:
@@ -148,10 +146,10 @@ class GuestRegs:
     """
 
     __slots__ = ("machine", "dram_q", "cpu_switch", "cpu_state")
-    rax, rsp, rip = _EagerReg(OFF_RAX, "RAX"), _EagerReg(OFF_RSP, "RSP"), _EagerReg(OFF_RIP, "RIP")
-    rflags = _VmcbReg("RFLAGS")
-    rcx, rdx, rbx, rbp, rsi, rdi = (_CpuReg(GPR_NAMES.index(n)) for n in ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi"))
-    r8, r9, r10, r11, r12, r13, r14, r15 = (_CpuReg(GPR_NAMES.index(f"r{i}")) for i in range(8, 16))
+    rax, rsp, rip = _eager_reg(OFF_RAX, "RAX"), _eager_reg(OFF_RSP, "RSP"), _eager_reg(OFF_RIP, "RIP")
+    rflags = _vmcb_reg("RFLAGS")
+    rcx, rdx, rbx, rbp, rsi, rdi = (_cpu_reg(GPR_NAMES.index(n)) for n in ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi"))
+    r8, r9, r10, r11, r12, r13, r14, r15 = (_cpu_reg(GPR_NAMES.index(f"r{i}")) for i in range(8, 16))
 
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
@@ -162,6 +160,24 @@ class GuestRegs:
 
     def as_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in GPR_NAMES}
+
+    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
+        """RAX, RBX, RCX, RDX = ``values`` in one call: RAX into the VMCB page,
+        the others into the processor's snapshot (what four attribute writes do)."""
+        a, b, c, d = values
+        self.dram_q[(self.machine.guest.vmcb_hpa + OFF_RAX) >> 3] = a & M64
+        if self.cpu_switch.snap_valid:
+            st = self.cpu_state
+            q = st.q
+            q[_RBX_I] = b & M64
+            q[_RCX_I] = c & M64
+            q[_RDX_I] = d & M64
+            st.dirty = True
+        else:
+            cpu = self.machine.cpu
+            cpu.set_guest_gpr(_RBX_I, b)
+            cpu.set_guest_gpr(_RCX_I, c)
+            cpu.set_guest_gpr(_RDX_I, d)
 
     def __getattr__(self, name: str) -> int:
         """A register by name (``regs.__getattr__("r12")``, as the old register
@@ -199,6 +215,9 @@ class SealedRegs:
 
     def as_dict(self) -> dict[str, int]:
         raise SevEsRegisterError("the guest's registers are in the encrypted VMSA (SEV-ES)")
+
+    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
+        raise SevEsRegisterError("guest registers rax..rdx are in the encrypted VMSA (SEV-ES); use the GHCB")
 
     def complete(self, next_rip: int) -> None:
         """Nothing: RIP is in the VMSA (KVM's svm_skip_emulated_instruction skips SEV-ES guests)."""
@@ -265,8 +284,7 @@ class Machine:
         self.counts: dict[int, int] = {}
         self.trace: collections.deque[ExitRecord] = collections.deque(maxlen=10_000)
         self.on_exit_record: Callable[[ExitRecord], None] | None = None
-        self.console_sink: Callable[[bytes], None] | None = None
-        self.serial.sink = self._console
+        self._console_sink: Callable[[bytes], None] | None = None
         self.guest_exit_code: int | None = None
         self._stop_reason: tuple[str, str] | None = None
         self._interrupted = False
@@ -463,8 +481,19 @@ class Machine:
         self._console(data)
 
     def _console(self, b: bytes) -> None:
-        if self.console_sink:
-            self.console_sink(b)
+        if self._console_sink:
+            self._console_sink(b)
+
+    @property
+    def console_sink(self) -> Callable[[bytes], None] | None:
+        """``fn(data)`` called with the guest's console output as it is written (None: kept only)."""
+        return self._console_sink
+
+    @console_sink.setter
+    def console_sink(self, fn: Callable[[bytes], None] | None) -> None:
+        # the UART calls the sink itself: no call per byte while there is none
+        self._console_sink = fn
+        self.serial.sink = fn
 
     # -- the hypervisor loop ---------------------------------------------------
     def _dispatch(self, rec: ExitRecord) -> bool:

@@ -218,8 +218,14 @@ class GuestLayer:
             return r
         if not canonical(gva):
             raise GuestGP(gva)
-        r = walk(self.cr3, gva, access, user, self._read, self._write, wp=self.wp, nxe=self.nxe,
-                 set_ad=set_ad, smep=self.smep)
+        if self.enc is None:
+            # the table pages whose nested translation is known are read in place (see walk)
+            r = walk(self.cr3, gva, access, user, self._read, self._write, wp=self.wp, nxe=self.nxe,
+                     set_ad=set_ad, smep=self.smep, table_mem=self._view, table_pages=self._pt_pages,
+                     stats=self.stats)
+        else:
+            r = walk(self.cr3, gva, access, user, self._read, self._write, wp=self.wp, nxe=self.nxe,
+                     set_ad=set_ad, smep=self.smep)
         if r.fault is not None:
             raise GuestPageFault(r.fault, gva)
         return r

@@ -86,7 +86,8 @@ def canonical(va: int) -> bool:
 def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int], int] | None,
          write_entry: Callable[[int, int], None] | None, *, wp: bool = True, nxe: bool = True,
          set_ad: bool = True, smep: bool = False, table_mem: memoryview | None = None,
-         table_limit: int = 0) -> WalkResult:
+         table_limit: int = 0, table_pages: dict[int, tuple[int, int]] | None = None,
+         stats=None) -> WalkResult:
     """Walk a 4-level table rooted at ``root`` for ``va``.
 
     ``read_entry(addr)`` returns the 8-byte entry at table address ``addr``
@@ -94,7 +95,13 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
     from it aborts the walk (the caller's layer records why).  Tables that sit
     directly in a buffer (the nested ones, in host DRAM) are read from
     ``table_mem`` instead, with no call per entry: an entry at or beyond
-    ``table_limit`` aborts the walk as a ``LookupError`` would.  Accessed bits
+    ``table_limit`` aborts the walk as a ``LookupError`` would.  A walk through
+    ``read_entry`` may also be given ``table_pages`` (table page address ->
+    (its host address in ``table_mem``, the nested references one read of it
+    counts), which ``read_entry`` keeps) and ``stats``: an entry in a page found
+    there is read and written in ``table_mem`` directly, its references counted
+    in ``stats`` (``guest_entries``, ``nested_entries``) as ``read_entry`` would
+    count them, with no call.  Accessed bits
     are set on every level walked and Dirty on the final entry of a write,
     as the hardware does (APM §5.4.2).
     """
@@ -107,7 +114,17 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
     entries = 0
     for level, shift in _LEVELS:
         ea = table + ((va >> shift) & 0x1FF) * 8
-        if table_mem is None:
+        hp = -1                          # the entry's host address when it is read in place
+        if table_pages is not None:
+            hit = table_pages.get(ea & ~0xFFF)
+            if hit is None:
+                e = read_entry(ea)
+            else:
+                hp = hit[0] | (ea & 0xFFF)
+                e = _Q.unpack_from(table_mem, hp)[0]
+                stats.guest_entries += 1
+                stats.nested_entries += hit[1]
+        elif table_mem is None:
             e = read_entry(ea)
         elif ea + 8 > table_limit:
             raise LookupError(ea)
@@ -137,17 +154,17 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
             if set_ad:
                 ne = e | _A | (_D if access == 1 else 0)
                 if ne != e:
-                    if table_mem is None:
+                    if table_mem is None or (table_pages is not None and hp < 0):
                         write_entry(ea, ne)
                     else:
-                        _Q.pack_into(table_mem, ea, ne)
+                        _Q.pack_into(table_mem, ea if hp < 0 else hp, ne)
             return WalkResult(((e & ADDR_MASK) & ~(size - 1)) | (va & (size - 1)), writable or (not user and not wp),
                               user_ok, executable, size, bool(e & _D) or access == 1, None, entries, bool(e & _G))
         if set_ad and not e & _A:
-            if table_mem is None:
+            if table_mem is None or (table_pages is not None and hp < 0):
                 write_entry(ea, e | _A)
             else:
-                _Q.pack_into(table_mem, ea, e | _A)
+                _Q.pack_into(table_mem, ea if hp < 0 else hp, e | _A)
         table = e & ADDR_MASK
     raise AssertionError("unreachable")
 

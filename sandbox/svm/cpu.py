@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from unicorn import UC_HOOK_INTR, UC_HOOK_TLB_FILL
+from unicorn import UC_HOOK_INTR
 from unicorn import unicorn_const as UCC
 
 from ..arch import EFER_LMA, EFER_LME, EFER_NXE
@@ -33,7 +33,7 @@ from ..memory.tlb import Tlb
 from .consistency import VmrunError, check_vmrun
 from .controls import GuestControls
 from .cpustate import CpuState
-from .engine import new_engine
+from .engine import add_raw_tlb_fill_hook, new_engine
 from .extension import NO_EXTENSION, ProcessorExtension
 from .fill import FillObserver, TlbFill
 from .avic import Avic
@@ -99,7 +99,7 @@ class SvmCpu:
         run.connect(fill, ws, interrupts, smc, avic)
         avic.connect(ws.vmexit, ws.after_exit_in_hook, interrupts.deliver, fill.insn_bytes)
         smc.connect(fill, scanner, interrupts.access)
-        uc.hook_add(UC_HOOK_TLB_FILL, fill.on_tlb_fill)
+        self._fill_hook = add_raw_tlb_fill_hook(uc, fill.on_tlb_fill)     # kept alive with the processor
         uc.hook_add(UC_HOOK_INTR, interrupts.on_intr)
         uc.hook_add(UCC.UC_HOOK_INSN_INVALID, interrupts.on_invalid)
         native.install_hooks()

@@ -15,11 +15,11 @@ from __future__ import annotations
 import ctypes
 from typing import Callable
 
-from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc,
-                     UcError)
+from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL,
+                     UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn import unicorn_const as UCC
 from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
-from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uc_hook_h, uclib
+from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, HOOK_TLB_FILL_CFUNC, uc_hook_h, uclib
 
 from ..memory.hostmem import HostMemory
 
@@ -80,6 +80,22 @@ class RegReader:
         if err:
             raise UcError(err)
         return buf.value
+
+
+def add_raw_tlb_fill_hook(uc: Uc, fn: Callable[[object, int, int, object, object], bool]) -> object:
+    """UC_HOOK_TLB_FILL straight from C: ``fn(handle, vaddr, access, entry, user_data)``
+    with ``entry`` a pointer to the ``uc_tlb_entry`` to fill (``entry[0].paddr``,
+    ``entry[0].perms``); it returns True when the page is mapped and must not
+    raise.  The binding's own hook runs two Python frames (an exception guard
+    taking ``*args, **kwargs`` and an adapter) before the callback on every
+    soft-TLB miss.  Keep the returned object alive as long as the hook."""
+    ccb = HOOK_TLB_FILL_CFUNC(fn)
+    hh = uc_hook_h()
+    err = uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), UC_HOOK_TLB_FILL, ccb, None, ctypes.c_uint64(1),
+                            ctypes.c_uint64(0))
+    if err:
+        raise UcError(err)
+    return ccb
 
 
 class CodeHooks:

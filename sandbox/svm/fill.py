@@ -88,10 +88,11 @@ class TlbFill:
         self._fail = fail
 
     # ------------------------------------------------------------ the hook
-    def on_tlb_fill(self, uc, vaddr: int, access: int, entry, ud) -> bool:
-        """Unicorn's UC_HOOK_TLB_FILL callback."""
+    def on_tlb_fill(self, handle, vaddr: int, access: int, entry, ud) -> bool:
+        """Unicorn's UC_HOOK_TLB_FILL callback, called from C (see
+        :func:`~sandbox.svm.engine.add_raw_tlb_fill_hook`): ``entry`` points to the entry to fill."""
         try:
-            return self.fill(vaddr, access, entry)
+            return self.fill(vaddr, access, entry[0])
         except BaseException as e:           # never let an exception unwind through C
             self._fail(f"internal error in the TLB fill for {vaddr:#x}: {type(e).__name__}: {e}", e)
             return False

@@ -584,19 +584,18 @@ class WorldSwitch:
         q[b + _QEVENTINJ] = 0                # EVENTINJ consumed
         self._view[(b << 3) + OFF_GUEST_INSN_LEN] = 0
         sw.saved_regs = (rax, rsp)
-        sw.snap_valid = sw.lazy_pending = True
+        sw.snap_valid = sw.lazy_pending = sw.exit_resumable = True
         sw.vmcb_written = sw.gif = False     # #VMEXIT clears GIF
         self._mem.sync = self._sync
         self.exit_count = n = self.exit_count + 1
         sw.exit = rec = ExitRecord(code, info1, info2, 0, rip, nrip, b"", n)
         # the hypervisor (as after_exit_in_hook and dispatch_loop)
-        sw.exit_resumable = True
         sw.last_exit_rip = rip
-        on_exit = self.on_exit
         if n >= self.max_exits:
             sw.stop = StopInfo(StopReason.EXIT_BUDGET, f"{n} exits")
             self._leave_hook(False, rip)
             return
+        on_exit = self.on_exit
         if on_exit is None or not on_exit(rec) or sw.stop is not None:
             if sw.stop is None:
                 sw.stop = StopInfo(StopReason.EXIT)
@@ -606,8 +605,27 @@ class WorldSwitch:
         if not (sw.fast_ok and sw.snap_valid) or sw.vmcb_written:
             self._leave_hook(self._enter_in_hook(), rip)
             return
-        self._reenter(q, b)                  # VMRUN: the fast re-entry
-        st.rip_cell.value = sw.entry_rip
+        # VMRUN: the fast re-entry, :meth:`_reenter` written out (this is every round trip's last step)
+        rip = q[b + _QRIP]
+        if q[b + _QRAX] != rax:              # the snapshot is current: patch it and store it once
+            gq[0] = q[b + _QRAX]
+            st.dirty = True
+        if q[b + _QRSP] != rsp:
+            gq[4] = q[b + _QRSP]
+            st.dirty = True
+        if st.dirty:
+            st.restore_raw()
+            st.dirty = False
+        sw.snap_valid = False
+        tlb_ctl = self._view[(b << 3) + OFF_TLB_CONTROL]
+        if tlb_ctl or self._tlb.mode is _FLUSH_ON_SWITCH:
+            self.tlb_control(tlb_ctl)      # TLB_CONTROL acts on every VMRUN
+        if self._xmod_pages:
+            self._xmod_commit()      # after the flush: it refills through current translations
+        self._drop_walker()
+        sw.gif = True
+        sw.entry_rip = rip
+        st.rip_cell.value = rip
         err = st.write_rip_raw()
         if err:
             raise UcError(err)
