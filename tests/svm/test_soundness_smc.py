@@ -18,11 +18,10 @@ shows that the guest ran the new bytes, not a stale translation.
 """
 from __future__ import annotations
 
-import struct
 
 import pytest
 
-from conftest import (BASE, DATA, STUBS, assemble, capture, db, hc_exit, idt_gate, insn_length,
+from conftest import (BASE, DATA, STUBS, assemble, capture, db, hc_exit, insn_length,
                       install_reporting_idt)
 
 SMSW_R12 = bytes.fromhex("41 0f 01 e4")
