@@ -437,6 +437,26 @@ def test_differential_allows_qemu_intercepting_sev_status(harness):
     assert differential(c, out.exits) == []
 
 
+def test_differential_allows_cpuid_values_of_another_cpu_model(harness):
+    """Seed 107's finding: CPUID (not intercepted) with EAX = FFFFFFFFh left a
+    model-specific ECX, which RDMSR then used as the MSR number -- one processor's
+    value fell in the MSRPM's ranges, the EPYC reference's did not (allow-list
+    'cpuid-model').  With CPUID armed both stop on it, and it is compared."""
+    from sandbox.fuzz.differential import QemuSvm, differential
+    code = bytes.fromhex("e5488b15faffffff0fa20f320f31eb")          # in eax,48h; mov edx,[rip-6]; cpuid; rdmsr; rdtsc
+    npt = [(0x101000, True, False, False)]
+    msrpm = [(0xC000_0081, False, True), (0xC000_0101, True, True)]
+    regs = {"rax": 1, "rcx": 0xC000_0103, "rdx": 0xFBC7_24DE_1A71_2919}
+    c = Case(code, 4026, VmcbConfig(words(0x6E, 0x7C, 0x80), msrpm=msrpm, npt=npt), regs)
+    s, q = harness.run(c).exits[0], QemuSvm().first_exit(c)
+    assert (s.exitcode, q.exitcode) == (0x6E, 0x7C)           # the two models did diverge after CPUID
+    assert differential(c, harness.run(c).exits) == []
+    armed = Case(code, 4026, VmcbConfig(words(0x72, 0x6E, 0x7C, 0x80), msrpm=msrpm, npt=npt), regs)
+    out = harness.run(armed)
+    assert out.exits[0].exitcode == 0x72 and QemuSvm().first_exit(armed).exitcode == 0x72
+    assert differential(armed, out.exits) == []
+
+
 def test_cases_do_not_inherit_translations():
     """A case that rewrites a guest PTE leaves translations in the ASID-tagged
     TLB; the snapshot restores the PTE, so the next case must walk again and
