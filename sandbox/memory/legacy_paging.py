@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..arch import MAXPHYADDR
-from .paging import PFErr, PTE, WalkResult
+from .paging import PFErr, PTE, WalkResult, denied
 
 _P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.G, PTE.NX))
 _W, _U, _RSVD, _ID = int(PFErr.W), int(PFErr.U), int(PFErr.RSVD), int(PFErr.ID)
@@ -75,8 +75,7 @@ def walk_legacy(cr3: int, va: int, access: int, user: bool, read_entry: Callable
         if pae and nxe and e & _NX:
             executable = False
         if level == 1 or large:
-            if (user and not user_ok) or (access == 1 and not writable and (user or wp)) or \
-                    (access == 2 and (not executable or (smep and not user and user_ok))):
+            if denied(access, user, user_ok, writable, executable, wp, smep):
                 return WalkResult(fault=err_base | _P, entries=entries)
             if set_ad:
                 ne = e | _A | (_D if access == 1 else 0)

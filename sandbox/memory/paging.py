@@ -83,6 +83,16 @@ def canonical(va: int) -> bool:
     return top == 0 or top == 0x1FFFF
 
 
+def denied(access: int, user: bool, user_ok: bool, writable: bool, executable: bool, wp: bool,
+           smep: bool) -> bool:
+    """The leaf's protection check, on the rights of every level walked (APM vol. 2
+    §5.6): a user access to a supervisor page, a write to a read-only page by a
+    user or with CR0.WP, a fetch from a no-execute page or (SMEP) a supervisor
+    fetch from a user page.  A denied access is a #PF with P = 1."""
+    return (user and not user_ok) or (access == 1 and not writable and (user or wp)) or \
+        (access == 2 and (not executable or (smep and not user and user_ok)))
+
+
 def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int], int] | None,
          write_entry: Callable[[int, int], None] | None, *, wp: bool = True, nxe: bool = True,
          set_ad: bool = True, smep: bool = False, table_mem: memoryview | None = None,
@@ -148,8 +158,7 @@ def walk(root: int, va: int, access: int, user: bool, read_entry: Callable[[int]
             executable = False
         if level == 1 or ps:
             size = _SIZE[level]
-            if (user and not user_ok) or (access == 1 and not writable and (user or wp)) or \
-                    (access == 2 and (not executable or (smep and not user and user_ok))):
+            if denied(access, user, user_ok, writable, executable, wp, smep):
                 return WalkResult(fault=err_base | _P, entries=entries)
             if set_ad:
                 ne = e | _A | (_D if access == 1 else 0)
