@@ -310,21 +310,26 @@ def test_l1_npt_pml4e_bit_8_is_reserved(tmp_path):
     assert v.EXITINFO1 == 0x20000000F and v.EXITINFO2 & ~0xFFF == PT_BASE
 
 
-def test_l1_single_step_over_vmrun_traps_after_the_vmexit(tmp_path):
-    """L1 sets RFLAGS.TF just before VMRUN: the #DB trap is taken in L1 after the #VMEXIT,
-    at the instruction after VMRUN, before it runs (kvm-unit-tests host_rflags, quoting the
-    APM: "Setting host EFLAGS.TF causes a #DB trap after the VMRUN completes on the host
-    side"; KVM's nested_svm_vmexit queues it), once, with DR6.BS (§13.1.1.3)."""
+def _db_idt() -> str:
+    """L1's IDT at 0x60000 with its #DB gate on ``db_handler``, loaded."""
     from tests.conftest import asm_set_gate
-    rec = 0x1C0400
-    l1 = f"""
-    {asm_set_gate(0x60000, 1, "db_handler")}
+    return f"""{asm_set_gate(0x60000, 1, "db_handler")}
     mov rax, 0x60000
     push rax
     mov ax, 0xfff
     push ax
     lidt [rsp]
-    add rsp, 10
+    add rsp, 10"""
+
+
+def test_l1_single_step_over_vmrun_traps_after_the_vmexit(tmp_path):
+    """L1 sets RFLAGS.TF just before VMRUN: the #DB trap is taken in L1 after the #VMEXIT,
+    at the instruction after VMRUN, before it runs (kvm-unit-tests host_rflags, quoting the
+    APM: "Setting host EFLAGS.TF causes a #DB trap after the VMRUN completes on the host
+    side"; KVM's nested_svm_vmexit queues it), once, with DR6.BS (§13.1.1.3)."""
+    rec = 0x1C0400
+    l1 = f"""
+    {_db_idt()}
     {L1_ENABLE}
     mov rax, {VMCB12:#x}
     pushfq
@@ -363,17 +368,10 @@ def test_l1_breakpoint_on_vmrun_rf_and_dr7_after_vmexit(tmp_path):
     host_rflags, quoting the APM: "completion of the VMRUN instruction clears the host
     EFLAGS.RF bit"). The #VMEXIT disables L1's breakpoints (DR7 = 400h, APM §15.6; KVM's
     nested_svm_vmexit), so the second VMRUN at the same address runs without a #DB."""
-    from tests.conftest import asm_set_gate
     rec = 0x1C0400
     again = f"mov rdi, {VMCB12 + 0x578:#x}\nmov rax, {L2_CODE:#x}\nmov [rdi], rax\n"   # VMCB12.RIP
     l1 = f"""
-    {asm_set_gate(0x60000, 1, "db_handler")}
-    mov rax, 0x60000
-    push rax
-    mov ax, 0xfff
-    push ax
-    lidt [rsp]
-    add rsp, 10
+    {_db_idt()}
     {L1_ENABLE}
     mov rax, target
     mov dr0, rax
