@@ -44,6 +44,23 @@ FLOORS = {
 }
 
 
+def _run_under_nested_svm(name: str, append: str, timeout: float):
+    """Run ``name`` as an L1 hypervisor on the PC platform with nested SVM, to its
+    SUMMARY line: (machine, result, console, PASS count, FAIL lines)."""
+    path = X86 / name
+    if not path.exists():
+        pytest.skip(f"{name} not built")
+    m = Machine(dram=96 << 20, ram=64 << 20, platform="pc", nested=True)
+    m.load(str(path), append=append or None)
+    r = m.run(timeout=timeout)
+    out = r.console.replace("\r", "")
+    passed = len(re.findall(r"^PASS:", out, re.M))
+    failed = re.findall(r"^FAIL:.*$", out, re.M)
+    assert r.reason == StopReason.GUEST_EXIT, f"{r.reason}: {r.detail}\n{out[-2000:]}"
+    assert re.search(r"^SUMMARY: ", out, re.M), out[-2000:]
+    return m, r, out, passed, failed
+
+
 @pytest.mark.skipif(X86 is None, reason="kvm-unit-tests build not found (../shared/kvm-unit-tests)")
 @pytest.mark.parametrize("binary", sorted(FLOORS))
 def test_binary_reaches_summary_with_floor(binary):
@@ -78,17 +95,7 @@ SVM_FAST_FLOOR = 136
 @pytest.mark.skipif(X86 is None, reason="kvm-unit-tests build not found (../shared/kvm-unit-tests)")
 def test_svm_flat_fast_subtests_under_nested_svm():
     """svm.flat is an L1 hypervisor: with nested SVM every one of these subtests passes."""
-    path = X86 / "svm.flat"
-    if not path.exists():
-        pytest.skip("svm.flat not built")
-    m = Machine(dram=96 << 20, ram=64 << 20, platform="pc", nested=True)
-    m.load(str(path), append=SVM_FAST)
-    r = m.run(timeout=600)
-    out = r.console.replace("\r", "")
-    passed = len(re.findall(r"^PASS:", out, re.M))
-    failed = re.findall(r"^FAIL:.*$", out, re.M)
-    assert r.reason == StopReason.GUEST_EXIT, f"{r.reason}: {r.detail}\n{out[-2000:]}"
-    assert re.search(r"^SUMMARY: ", out, re.M), out[-2000:]
+    m, r, out, passed, failed = _run_under_nested_svm("svm.flat", SVM_FAST, timeout=600)
     assert passed >= SVM_FAST_FLOOR and not failed, out[-2000:]
 
 
@@ -101,16 +108,6 @@ SVM_NPT_FLOOR = 135
 def test_svm_npt_flat_under_nested_svm():
     """svm_npt.flat is an L1 hypervisor using nested paging for its L2: NPFs reflected from
     L1's own NPT, reserved bits at every level, the fetch bit's rule (APM §15.25.6)."""
-    path = X86 / "svm_npt.flat"
-    if not path.exists():
-        pytest.skip("svm_npt.flat not built")
-    m = Machine(dram=96 << 20, ram=64 << 20, platform="pc", nested=True)
-    m.load(str(path))
-    r = m.run(timeout=300)
-    out = r.console.replace("\r", "")
-    passed = len(re.findall(r"^PASS:", out, re.M))
-    failed = re.findall(r"^FAIL:.*$", out, re.M)
-    assert r.reason == StopReason.GUEST_EXIT, f"{r.reason}: {r.detail}\n{out[-2000:]}"
-    assert re.search(r"^SUMMARY: ", out, re.M), out[-2000:]
+    m, r, out, passed, failed = _run_under_nested_svm("svm_npt.flat", "", timeout=300)
     assert passed >= SVM_NPT_FLOOR and not failed, "\n".join(failed[:10]) or out[-2000:]
     assert r.exit_code == 0 and m.platform.debug_exit.status == 1
