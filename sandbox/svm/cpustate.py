@@ -30,6 +30,8 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, UC
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
+from .engine import RegReader
+
 # -- QEMU CPUX86State layout (x86_64 target) ---------------------------------
 OFF_REGS = 0
 OFF_EIP = 128
@@ -105,7 +107,7 @@ class CpuState:
         self.q = self.data[:size & ~7].cast("Q")
         self._save = uclib.uc_context_save
         self._restore = uclib.uc_context_restore
-        self._rr = uclib.uc_reg_read
+        self._read = RegReader(uc).read        # uc_reg_read into a buffer zeroed first (narrow registers)
         self._rw = uclib.uc_reg_write
         self.dirty = False         # snapshot holds writes not yet stored
         self._val = ctypes.c_uint64()
@@ -136,8 +138,7 @@ class CpuState:
     def reg_read(self, reg: int) -> int:
         if self.dirty:
             self.store()
-        self._rr(self._h, reg, self._pval)
-        return self._val.value
+        return self._read(reg)
 
     def reg_write(self, reg: int, value: int) -> None:
         if self.dirty:

@@ -63,9 +63,9 @@ def add_raw_insn_hook(uc: Uc, fn: Callable[[], int], insn: int) -> object:
 
 class RegReader:
     """Integer register reads (up to 64 bits) through Unicorn's C ``uc_reg_read``
-    with one reused buffer: about a fifth of the binding's ``reg_read``, for
-    observers outside the processor model that read many registers (the
-    fuzzer's soundness audit)."""
+    with one reused buffer: about a fifth of the binding's ``reg_read``.  The
+    processor's :class:`~sandbox.svm.cpustate.CpuState` reads through one, and so
+    do observers outside the processor model (the fuzzer's soundness audit)."""
 
     def __init__(self, uc: Uc) -> None:
         self._h = raw_handle(uc)
