@@ -49,8 +49,6 @@ HOT_RUN = 8
 #: a non-canonical address for resolving host pages in Unicorn (:meth:`SmcStepper.invalidate_code`)
 TB_PROBE_VA = 0x5A5A_0000_0000_0000
 _RFLAGS, _DR6, _RSP, _RIP = X.UC_X86_REG_RFLAGS, X.UC_X86_REG_DR6, X.UC_X86_REG_RSP, X.UC_X86_REG_RIP
-#: legacy and REX prefixes (APM vol. 3 §1.2)
-_PREFIXES = frozenset({0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
 
 
 class CodeStore(Exception):
@@ -179,7 +177,7 @@ class SmcStepper:
         the guest sets is never taken for the model's own."""
         code = self._fill.insn_bytes(rip)
         k = 0
-        while k < len(code) and code[k] in _PREFIXES:
+        while k < len(code) and code[k] in D.PREFIX_BYTES:
             k += 1
         if k >= len(code):
             return True
