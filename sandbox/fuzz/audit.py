@@ -10,7 +10,10 @@ Appendix C, Table C-1.
 :class:`Auditor` runs a case instruction by instruction (a code hook over
 every address, installed before any of the processor's own hooks so it sees
 each instruction first), and compares each expectation with the exits the
-sandbox raised:
+sandbox raised.  Each instruction's bytes are read where the processor
+fetched them, and :func:`may_exit` -- a look at the opcode after the
+prefixes -- settles the common instruction that no model can expect an exit
+from, before any decode:
 
 * an armed intercept whose instruction completed with no #VMEXIT (``missed``);
 * a #VMEXIT for an instruction whose intercept is clear (``spurious``);
@@ -22,12 +25,12 @@ from dataclasses import dataclass
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone import x86_const as C
-from unicorn import UC_HOOK_CODE, Uc
+from unicorn import UC_MEM_FETCH, Uc
 from unicorn import x86_const as X
 
 from ..arch import MAXPHYADDR
 from ..memory.paging import Access
-from ..svm.engine import RegReader
+from ..svm.engine import RegReader, add_raw_code_hook
 
 # APM vol. 2 Table C-1
 CPUID, RDTSC, RDTSCP, RDPMC, HLT, PAUSE = 0x72, 0x6E, 0x87, 0x6F, 0x78, 0x77
@@ -68,6 +71,43 @@ _IO = {C.X86_INS_IN: (True, False), C.X86_INS_OUT: (False, False), C.X86_INS_INS
        C.X86_INS_INSW: (True, True), C.X86_INS_INSD: (True, True), C.X86_INS_OUTSB: (False, True),
        C.X86_INS_OUTSW: (False, True), C.X86_INS_OUTSD: (False, True)}
 _PREFIX_BYTES = frozenset({0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
+
+
+#: APM vol. 3 Appendix A, one-byte opcode map: the opcodes of the instructions a
+#: model below can expect an exit from -- INS/OUTS (6C-6F), PUSHF/POPF (9C, 9D),
+#: INT3, INT n, IRET (CC, CD, CF), IN/OUT (E4-E7, EC-EF), INT1 (F1), HLT (F4) --
+#: and PAUSE (F3 90, :data:`_NOP`)
+_ONE_BYTE = frozenset({0x6C, 0x6D, 0x6E, 0x6F, 0x9C, 0x9D, 0xCC, 0xCD, 0xCF, 0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED,
+                       0xEE, 0xEF, 0xF1, 0xF4})
+_NOP = 0x90
+#: the two-byte map (0F xx): groups 6 and 7 (0F 00: SLDT, STR, LLDT, LTR; 0F 01: SGDT, SIDT,
+#: LGDT, LIDT, SMSW, LMSW, INVLPG, MONITOR(X), MWAIT(X), XSETBV, RDTSCP and the SVM
+#: instructions), CLTS (06), INVD (08), WBINVD/WBNOINVD (09), MOV CRn/DRn (20-23),
+#: WRMSR, RDTSC, RDMSR, RDPMC (30-33), the 0F 38 map (INVPCID is 66 0F 38 82),
+#: CPUID (A2), RSM (AA)
+_TWO_BYTE = frozenset({0x00, 0x01, 0x06, 0x08, 0x09, 0x20, 0x21, 0x22, 0x23, 0x30, 0x31, 0x32, 0x33, 0x38, 0xA2,
+                       0xAA})
+
+
+def may_exit(code: bytes) -> bool:
+    """False when no model below can expect an exit from the instruction at the
+    start of ``code``, whatever the guest's state: its opcode, after any
+    prefixes, is none of the intercepted instructions' (True when unsure, e.g.
+    ``code`` ends inside the prefixes).  ``tests/fuzz/test_audit_model.py``
+    checks it against the full model over the opcode maps."""
+    try:
+        k = 0
+        c = code[0]
+        while c in _PREFIX_BYTES:
+            k += 1
+            c = code[k]
+        if c == 0x0F:
+            return code[k + 1] in _TWO_BYTE
+        if c == _NOP:
+            return 0xF3 in code[:k]              # PAUSE is F3 90
+        return c in _ONE_BYTE
+    except IndexError:
+        return True
 
 
 @dataclass(frozen=True)
@@ -128,14 +168,15 @@ def _msrpm_bit(msr: int, write: bool) -> int | None:
     return None
 
 
-def _linear(ins, g: GuestState) -> int | None:
-    """Linear address of the memory operand (INVLPG's EXITINFO1, APM §15.8.2)."""
+def _linear(ins, g: GuestState, nrip: int) -> int | None:
+    """Linear address of the memory operand (INVLPG's EXITINFO1, APM §15.8.2);
+    ``nrip``: the next instruction's RIP, the base of a RIP-relative operand."""
     for op in ins.operands:
         if op.type == C.X86_OP_MEM:
             m = op.mem
             a = m.disp
             if m.base == C.X86_REG_RIP:
-                a += ins.address + ins.size
+                a += nrip
             elif m.base:
                 if m.base not in _UC_OF_CS:
                     return None
@@ -202,19 +243,26 @@ MODELLED = frozenset({*_FIXED, *_CPL0, *_UMIP, *_SVM, *_IO, *_LOCK_UD, C.X86_INS
                       C.X86_INS_RDPMC, C.X86_INS_XSETBV, C.X86_INS_INT, C.X86_INS_INT3, C.X86_INS_SMSW,
                       C.X86_INS_LMSW, C.X86_INS_CLTS, C.X86_INS_MOV, C.X86_INS_RDMSR, C.X86_INS_WRMSR,
                       C.X86_INS_INVLPG})
-#: (rip, bytes) -> (instruction, opcode offset, text, the expectation when it is not modelled)
-_decoded: dict[tuple[int, bytes], tuple] = {}
+#: an instruction's own bytes -> (the instruction decoded at address 0, opcode offset,
+#: text, the expectation when it is not modelled).  x86 encodings are prefix-free:
+#: bytes that decode as a whole instruction of length n decode the same whatever
+#: follows them, so an entry serves every window that starts with those bytes, in
+#: any case.  The address enters the model only through nRIP and RIP-relative
+#: operands, both computed from the instruction's RIP.
+_decoded: dict[bytes, tuple] = {}
+_decoded_lengths: tuple[int, ...] = ()
 _DECODED_MAX = 1 << 13
 
 
-def _decode_at(code: bytes, rip: int) -> tuple | None:
-    """The instruction at ``rip`` (decoded once per address and bytes: loops and
-    REP iterations step the same instruction many times)."""
-    key = (rip, code)
-    hit = _decoded.get(key)
-    if hit is not None:
-        return hit
-    ins = decode(code, rip)
+def _decode_at(code: bytes) -> tuple | None:
+    """The instruction at the start of ``code`` (decoded once per encoding: loops,
+    REP iterations and the cases of a campaign step the same encodings many times)."""
+    global _decoded_lengths
+    for n in _decoded_lengths:
+        hit = _decoded.get(code[:n])
+        if hit is not None:
+            return hit
+    ins = decode(code, 0)
     if ins is None:
         return None
     k = 0
@@ -223,7 +271,10 @@ def _decode_at(code: bytes, rip: int) -> tuple | None:
     name = f"{ins.mnemonic} {ins.op_str}".strip()
     if len(_decoded) >= _DECODED_MAX:
         _decoded.clear()
-    hit = _decoded[key] = (ins, k, name, None if ins.id in MODELLED else Expect(None, what=name))
+        _decoded_lengths = ()
+    hit = _decoded[code[:ins.size]] = (ins, k, name, None if ins.id in MODELLED else Expect(None, what=name))
+    if ins.size not in _decoded_lengths:
+        _decoded_lengths = tuple(sorted((*_decoded_lengths, ins.size)))
     return hit
 
 
@@ -231,7 +282,7 @@ def expected_exit(code: bytes, rip: int, g: GuestState, shortcut: bool = True) -
     """The APM's #VMEXIT for the instruction at ``rip``; None when the model does
     not cover it.  ``shortcut=False`` asks every model even for an instruction
     outside :data:`MODELLED` (the tests' check of that set)."""
-    d = _decode_at(code, rip)
+    d = _decode_at(code)
     if d is None:
         return None
     ins, k, name, unmodelled = d
@@ -363,7 +414,7 @@ def _invlpg_svm(x: _At):
     """INVLPG, and the SVM instructions' #UD/#GP checks before their intercepts (APM §15.5)."""
     ins, g = x.ins, x.g
     if ins.id == C.X86_INS_INVLPG:
-        return x.none if x.cpl else x.exit_if(INVLPG, _linear(ins, g))
+        return x.none if x.cpl else x.exit_if(INVLPG, _linear(ins, g, x.nrip))
     if ins.id not in _SVM:
         return _OTHER
     if not g.svme():
@@ -399,13 +450,21 @@ class Auditor:
         g = harness.m.guest
         self.state = GuestState(harness.uc, harness.mm, g.vmcb_hpa, g.iopm.hpa, g.msrpm.hpa)
         self.findings: list[AuditFinding] = []
-        self.pending: tuple[int, Expect] | None = None
+        #: the instruction stepped last and its expectation: (rip, Expect or None, bytes); an
+        #: Expect of None is "no exit" from :func:`may_exit` (decoded only for a finding)
+        self.pending: tuple[int, Expect | None, bytes] | None = None
         self.steps = 0
         self.enabled = False
-        self._pages: dict[int, int] = {}        # guest page -> host page of the code read (see _bytes)
+        self._mm = harness.mm
+        #: guest page -> host page of the processor's last fetch fill for it: where
+        #: the instructions Unicorn runs from that page are read
+        self._fetched: dict[int, int] = {}
+        self._pages: dict[int, int] = {}        # guest page -> host page translated here (see _bytes_walked)
         self._pages_key: tuple | None = None
-        harness.uc.hook_add(UC_HOOK_CODE, self._step, None, 1, 0)
+        self._raised: BaseException | None = None
         self._cpu = cpu
+        cpu.add_fill_observer(self._on_fill)
+        self._hook = add_raw_code_hook(harness.uc, self._step)
 
     def begin(self) -> None:
         self.findings, self.pending, self.steps, self.enabled = [], None, 0, True
@@ -414,56 +473,85 @@ class Auditor:
     def end(self) -> list[AuditFinding]:
         self.enabled = False
         self.pending = None
+        if self._raised is not None:         # Ctrl-C in the hook: raised once Unicorn has stopped
+            e, self._raised = self._raised, None
+            raise e
         return self.findings
 
+    def _on_fill(self, gva: int, access: int, hpa: int, perms: int) -> None:
+        if access == UC_MEM_FETCH:
+            self._fetched[gva & ~0xFFF] = hpa & ~0xFFF
+
     def _bytes(self, rip: int) -> bytes:
-        """Up to 15 bytes at ``rip`` through the guest's translation.  Pages are
-        translated once while the processor's TLB is not flushed (a guest that
-        rewrites an entry without a flush runs on the old translation too) and
-        until the next exit."""
+        """Up to 15 bytes at ``rip`` from the host page the processor fetched
+        them from: every page Unicorn runs code from is filled for a fetch
+        first, and a refill (a flush, an eviction, a new mapping) observed."""
+        off = rip & 0xFFF
+        if off <= 0x1000 - 15:
+            hpa = self._fetched.get(rip - off)
+            if hpa is not None:
+                h = hpa + off
+                return self._mm[h:h + 15]
+        return self._bytes_walked(rip)
+
+    def _bytes_walked(self, rip: int) -> bytes:
+        """:meth:`_bytes` across a page boundary, or for a page with no fetch fill
+        seen: such a page is translated here, once while the processor's TLB
+        is not flushed (a guest that rewrites an entry without a flush runs on
+        the old translation too) and until the next exit."""
         tlb = self._cpu.tlb
         key = (id(tlb.stats), tlb.stats.flushes, self.state.cpl() == 3)
         if key != self._pages_key:
             self._pages_key, self._pages = key, {}
-        pages, w = self._pages, None
+        pages, fetched, w = self._pages, self._fetched, None
         out = b""
         a = rip
         while len(out) < 15:
-            hpa = pages.get(a >> 12)
+            page = a & ~0xFFF
+            hpa = fetched.get(page)
+            if hpa is None:
+                hpa = pages.get(page)
             if hpa is None:
                 try:
                     w = w or self._cpu.walker()
-                    hpa = pages[a >> 12] = w.translate(a & ~0xFFF, Access.FETCH, key[2], set_ad=False).hpa
+                    hpa = pages[page] = w.translate(page, Access.FETCH, key[2], set_ad=False).hpa
                 except Exception:
                     break
             n = min(15 - len(out), 0x1000 - (a & 0xFFF))
             h = hpa + (a & 0xFFF)
-            out += bytes(self.h.mm[h:h + n])
+            out += self._mm[h:h + n]
             a += n
         return out
 
-    def _step(self, uc, address, size, ud) -> None:
+    def _step(self, handle, address: int, size: int, user_data) -> None:
+        """The code hook (called from C: must not raise)."""
         if not self.enabled:
             return
         try:
-            self._settle_missed(address)
+            if self.pending is not None:
+                self._settle_missed()
             self.steps += 1
             if self._cpu.pass_once_rip == address:
-                self.pending = None              # the hypervisor re-executes it unintercepted
+                return                           # the hypervisor re-executes it unintercepted
+            code = self._bytes(address)
+            if not may_exit(code):
+                self.pending = (address, None, code)
                 return
-            exp = expected_exit(self._bytes(address), address, self.state)
-            self.pending = (address, exp) if exp is not None else None
+            exp = expected_exit(code, address, self.state)
+            if exp is not None:
+                self.pending = (address, exp, code)
         except Exception as e:                   # the audit must never break the run it watches
             self.findings.append(AuditFinding("audit-error", address, "?", f"{type(e).__name__}: {e}"))
             self.pending = None
+        except BaseException as e:               # Ctrl-C: stop the run, raise it from end()
+            self._raised = e
+            self.h.uc.emu_stop()
 
-    def _settle_missed(self, address: int) -> None:
-        p = self.pending
-        if p is None:
-            return
-        rip, exp = p
+    def _settle_missed(self) -> None:
+        """The next instruction began: the pending one completed without a #VMEXIT."""
+        rip, exp, _ = self.pending
         self.pending = None
-        if exp.code is not None:
+        if exp is not None and exp.code is not None:
             self.findings.append(AuditFinding("missed", rip, exp.what,
                                               f"intercept {exp.code:#x} is armed but the instruction completed "
                                               f"with no #VMEXIT"))
@@ -475,10 +563,15 @@ class Auditor:
         p = self.pending
         if p is None:
             return
-        rip, exp = p
+        rip, exp, code = p
         if rec.rip != rip:
             return
         self.pending = None
+        if exp is None:
+            if rec.exitcode in INSN_CODES:
+                self.findings.append(AuditFinding("spurious", rip, _text(code, rip),
+                                                  f"#VMEXIT {rec.exitcode:#x} but the APM gives no intercept here"))
+            return
         if rec.exitcode in INSN_CODES or rec.exitcode == EXCP_BP and exp.code == EXCP_BP:
             if exp.code is None:
                 self.findings.append(AuditFinding("spurious", rip, exp.what,
@@ -500,6 +593,12 @@ class Auditor:
                                               f"#VMEXIT {rec.exitcode:#x} came before the armed intercept "
                                               f"{exp.code:#x} (instruction intercepts precede memory exceptions, "
                                               f"APM §15.7)"))
+
+
+def _text(code: bytes, rip: int) -> str:
+    """The instruction's text, for a finding."""
+    ins = decode(code, rip)
+    return f"{ins.mnemonic} {ins.op_str}".strip() if ins is not None else code.hex()
 
 
 def _fetch_fault(rec) -> bool:

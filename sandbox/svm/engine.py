@@ -82,6 +82,21 @@ class RegReader:
         return buf.value
 
 
+def add_raw_code_hook(uc: Uc, fn: Callable[[object, int, int, object], None], begin: int = 1,
+                      end: int = 0) -> object:
+    """UC_HOOK_CODE over [``begin``, ``end``] (every address when ``begin > end``)
+    straight from C: ``fn(handle, address, size, user_data)``, which must not
+    raise.  The binding's own hook runs two Python frames before the callback.
+    Keep the returned object alive as long as the hook."""
+    cb = HOOK_CODE_CFUNC(fn)
+    hh = uc_hook_h()
+    err = uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), UC_HOOK_CODE, cb, None, ctypes.c_uint64(begin),
+                            ctypes.c_uint64(end))
+    if err:
+        raise UcError(err)
+    return cb
+
+
 def add_raw_tlb_fill_hook(uc: Uc, fn: Callable[[object, int, int, object, object], bool]) -> object:
     """UC_HOOK_TLB_FILL straight from C: ``fn(handle, vaddr, access, entry, user_data)``
     with ``entry`` a pointer to the ``uc_tlb_entry`` to fill (``entry[0].paddr``,
