@@ -208,22 +208,15 @@ _LOCK_UD = frozenset({C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC, C.X86_
                       C.X86_INS_XSETBV})
 
 
-@dataclass
 class _At:
     """One decoded instruction and the guest state the model reads for it."""
-    ins: object
-    code: bytes
-    g: GuestState
-    nrip: int
-    cpl: int
-    lock: bool
-    name: str
-    k: int                  # offset of the opcode, after the prefixes
-    cr4: int
+    __slots__ = ("ins", "code", "g", "nrip", "cpl", "lock", "name", "k", "cr4", "none")
 
-    @property
-    def none(self) -> Expect:
-        return Expect(None, what=self.name)
+    def __init__(self, ins, code: bytes, g: GuestState, nrip: int, cpl: int, lock: bool, name: str, k: int,
+                 none: Expect) -> None:
+        self.ins, self.code, self.g, self.nrip, self.cpl, self.lock = ins, code, g, nrip, cpl, lock
+        self.name, self.k, self.none = name, k, none      # k: offset of the opcode, after the prefixes
+        self.cr4 = 0
 
     def exit_if(self, c: int, info1: int | None = 0, info2: int | None = 0, n: int | None = None) -> Expect:
         if not self.g.armed(c):
@@ -244,12 +237,14 @@ MODELLED = frozenset({*_FIXED, *_CPL0, *_UMIP, *_SVM, *_IO, *_LOCK_UD, C.X86_INS
                       C.X86_INS_LMSW, C.X86_INS_CLTS, C.X86_INS_MOV, C.X86_INS_RDMSR, C.X86_INS_WRMSR,
                       C.X86_INS_INVLPG})
 #: an instruction's own bytes -> (the instruction decoded at address 0, opcode offset,
-#: text, the expectation when it is not modelled).  x86 encodings are prefix-free:
+#: text, its "no exit" expectation, whether a model looks at it).  x86 encodings are prefix-free:
 #: bytes that decode as a whole instruction of length n decode the same whatever
 #: follows them, so an entry serves every window that starts with those bytes, in
 #: any case.  The address enters the model only through nRIP and RIP-relative
 #: operands, both computed from the instruction's RIP.
 _decoded: dict[bytes, tuple] = {}
+#: the same entries by the whole 15-byte window they were found for (one lookup in a loop)
+_windows: dict[bytes, tuple] = {}
 _decoded_lengths: tuple[int, ...] = ()
 _DECODED_MAX = 1 << 13
 
@@ -258,9 +253,13 @@ def _decode_at(code: bytes) -> tuple | None:
     """The instruction at the start of ``code`` (decoded once per encoding: loops,
     REP iterations and the cases of a campaign step the same encodings many times)."""
     global _decoded_lengths
+    hit = _windows.get(code)
+    if hit is not None:
+        return hit
     for n in _decoded_lengths:
         hit = _decoded.get(code[:n])
         if hit is not None:
+            _windows[code] = hit
             return hit
     ins = decode(code, 0)
     if ins is None:
@@ -269,10 +268,12 @@ def _decode_at(code: bytes) -> tuple | None:
     while k < ins.size and code[k] in _PREFIX_BYTES:
         k += 1
     name = f"{ins.mnemonic} {ins.op_str}".strip()
-    if len(_decoded) >= _DECODED_MAX:
+    if len(_windows) >= _DECODED_MAX:
+        _windows.clear()
         _decoded.clear()
         _decoded_lengths = ()
-    hit = _decoded[code[:ins.size]] = (ins, k, name, None if ins.id in MODELLED else Expect(None, what=name))
+    none = Expect(None, what=name)
+    hit = _decoded[code[:ins.size]] = _windows[code] = (ins, k, name, none, ins.id in MODELLED)
     if ins.size not in _decoded_lengths:
         _decoded_lengths = tuple(sorted((*_decoded_lengths, ins.size)))
     return hit
@@ -285,10 +286,10 @@ def expected_exit(code: bytes, rip: int, g: GuestState, shortcut: bool = True) -
     d = _decode_at(code)
     if d is None:
         return None
-    ins, k, name, unmodelled = d
-    if unmodelled is not None and shortcut:
-        return unmodelled
-    x = _At(ins, code, g, rip + ins.size, g.cpl(), ins.prefix[0] == 0xF0, name, k, 0)
+    ins, k, name, none, modelled = d
+    if shortcut and not modelled:
+        return none
+    x = _At(ins, code, g, rip + ins.size, g.cpl(), ins.prefix[0] == 0xF0, name, k, none)
     iid = ins.id
     if x.lock and not x.is_mov_crdr and (iid in _FIXED or iid in _CPL0 or iid in _UMIP or iid in _SVM
                                          or iid in _IO or iid in _LOCK_UD):
