@@ -242,6 +242,25 @@ def test_audit_catches_planted_popf_bug(auditing):
     assert not auditing.run(c).audit          # the real decision is right
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_audit_reads_an_instruction_across_a_page_boundary(auditing, split):
+    """A 16-bit POPF (push word 2; 66 9D) whose bytes straddle the code window's
+    page boundary, after `split` of its bytes: with POPF-66h planted the audit
+    still names the missed intercept at its first byte."""
+    popf = b"\x66\x66\x9d"                       # a redundant 66h keeps it a 16-bit POPF
+    pre = b"\x66\x6a\x02"
+    offset = 0x1000 - len(pre) - split
+    c = Case(pre + popf + TERMINATOR, offset, VmcbConfig(words(0x71, 0x81)))
+    plant("popf-66")()
+    try:
+        out = auditing.run(c)
+    finally:
+        unplant()
+    assert [a.kind for a in out.audit] == ["missed"], [str(a) for a in out.audit]
+    assert out.audit[0].rip == CODE_BASE + 0x1000 - split and "popf" in out.audit[0].insn
+    assert not auditing.run(c).audit
+
+
 def test_minimizer_keeps_the_finding(auditing):
     pre = b"\x90" * 6 + b"\x48\xc7\xc0\x01\x00\x00\x00" * 4 + b"\x0f\xa2"      # NOPs, mov rax, 1, CPUID
     c = Case(pre + b"\x66\x6a\x02" + POPF16 + TERMINATOR, 0,
