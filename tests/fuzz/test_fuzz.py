@@ -261,6 +261,25 @@ def test_audit_reads_an_instruction_across_a_page_boundary(auditing, split):
     assert not auditing.run(c).audit
 
 
+def test_audit_reports_a_spurious_exit_on_an_opcode_no_intercept_names(auditing, monkeypatch):
+    """A decision that (wrongly) exits with CPUID's EXITCODE on INTO (CE, #UD in
+    64-bit mode, named by no instruction intercept): the audit, which settles
+    that opcode without a decode, still calls the exit spurious."""
+    from sandbox.fuzz import planted
+    from sandbox.svm.decision import ExitInfo, decide
+    from sandbox.svm.decode import Kind
+
+    def wrong(insn, v, rip, code):
+        return ExitInfo(0x72) if insn.kind == Kind.INTO else decide(insn, v, rip, code)
+    monkeypatch.setattr(planted, "decision", lambda: wrong)
+    c = Case(b"\x90\xce" + TERMINATOR, 0, VmcbConfig(words(0x72, 0x81)))
+    out = auditing.run(c)
+    assert [(a.kind, a.rip) for a in out.audit] == [("spurious", CODE_BASE + 1)], [str(a) for a in out.audit]
+    assert "0x72" in out.audit[0].detail
+    monkeypatch.undo()
+    assert not auditing.run(c).audit
+
+
 def test_minimizer_keeps_the_finding(auditing):
     pre = b"\x90" * 6 + b"\x48\xc7\xc0\x01\x00\x00\x00" * 4 + b"\x0f\xa2"      # NOPs, mov rax, 1, CPUID
     c = Case(pre + b"\x66\x6a\x02" + POPF16 + TERMINATOR, 0,
