@@ -77,12 +77,35 @@ def straddling(page: bytes) -> list[int]:
 
 
 
+#: the instruction kinds each intercept-vector bit makes interesting (bit 32*w + b)
+_BIT_KINDS = tuple(frozenset(kinds_for_bits({b})) for b in range(6 * 32))
+#: (byte index, byte value) -> the union of its bits' kinds, filled as vectors are seen
+_BYTE_KINDS: dict[tuple[int, int], frozenset] = {}
+_BASE_KINDS = frozenset(ALWAYS | TLB_OBSERVED)
+
+
+def _byte_kinds(j: int, v: int) -> frozenset:
+    k = _BYTE_KINDS.get((j, v))
+    if k is None:
+        k = _BYTE_KINDS[(j, v)] = frozenset().union(*(_BIT_KINDS[8 * j + i] for i in range(8) if v >> i & 1))
+    return k
+
+
 @functools.lru_cache(maxsize=4096)
-def _scan_kinds(ivec: tuple[int, ...], virq: bool) -> frozenset:
-    """The instruction kinds to hook under intercept vectors ``ivec`` (a fuzz
-    campaign arms new vectors at every case: decided once per vectors)."""
-    bits = {b for b in range(6 * 32) if ivec[b >> 5] >> (b & 31) & 1}
-    return frozenset(kinds_for_bits(bits) | ALWAYS | TLB_OBSERVED | (IRQ_WINDOW if virq else frozenset()))
+def kinds_to_scan(ivec: tuple[int, ...], virq: bool) -> frozenset:
+    """The instruction kinds to hook under intercept vectors ``ivec``: the union
+    of what each set bit asks for (:func:`~.decision.kinds_for_bits`), taken a
+    byte at a time (a fuzz campaign arms new vectors at every case)."""
+    parts = [_BASE_KINDS, IRQ_WINDOW] if virq else [_BASE_KINDS]
+    for w, word in enumerate(ivec):
+        j = 4 * w
+        while word:
+            v = word & 0xFF
+            if v:
+                parts.append(_byte_kinds(j, v))
+            word >>= 8
+            j += 1
+    return frozenset().union(*parts)
 
 class Scanner:
     """Code-page scans, candidate hooks, the decode cache and cross-modifying code."""
@@ -140,7 +163,7 @@ class Scanner:
         if key == self._armed_key:
             return
         self._armed_key = key
-        kinds = _scan_kinds(tuple(ctl.ivec), virq)
+        kinds = kinds_to_scan(tuple(ctl.ivec), virq)
         if not kinds <= self.scan_kinds:
             # Hooks are only ever added: the scan set grows to the union of every
             # set armed so far, so VMCBs that alternate (nested SVM's L1 and L2)
