@@ -72,8 +72,9 @@ class RegisterView(Protocol):
 
     def as_dict(self) -> dict[str, int]: ...
 
-    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
-        """RAX, RBX, RCX, RDX = ``values`` at once (a CPUID result, in CPUID's order)."""
+    def set_abcd(self, values: tuple[int, int, int, int], next_rip: int | None = None) -> None:
+        """RAX, RBX, RCX, RDX = ``values`` at once (a CPUID result, in CPUID's order);
+        with ``next_rip``, then :meth:`complete` (``next_rip``)."""
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done; the guest goes on at ``next_rip``."""
@@ -161,11 +162,16 @@ class GuestRegs:
     def as_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in GPR_NAMES}
 
-    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
+    def set_abcd(self, values: tuple[int, int, int, int], next_rip: int | None = None) -> None:
         """RAX, RBX, RCX, RDX = ``values`` in one call: RAX into the VMCB page,
-        the others into the processor's snapshot (what four attribute writes do)."""
+        the others into the processor's snapshot (what four attribute writes do);
+        with ``next_rip``, :meth:`complete` too."""
         a, b, c, d = values
-        self.dram_q[(self.machine.guest.vmcb_hpa + OFF_RAX) >> 3] = a & M64
+        dq = self.dram_q
+        base = self.machine.guest.vmcb_hpa
+        dq[(base + OFF_RAX) >> 3] = a & M64
+        if next_rip is not None:
+            dq[(base + OFF_RIP) >> 3] = next_rip & M64
         if self.cpu_switch.snap_valid:
             st = self.cpu_state
             q = st.q
@@ -179,10 +185,10 @@ class GuestRegs:
             cpu.set_guest_gpr(_RCX_I, c)
             cpu.set_guest_gpr(_RDX_I, d)
 
-    def __getattr__(self, name: str) -> int:
-        """A register by name (``regs.__getattr__("r12")``, as the old register
-        view allowed); an unknown name is an AttributeError."""
-        return object.__getattribute__(self, name)
+    # No ``__getattr__`` here: a class that defines one has every attribute
+    # lookup go through CPython's slower hook (and unspecialized), which the
+    # exit path pays a dozen times per exit.  ``getattr(regs, name)`` reads a
+    # register by name.
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
@@ -216,7 +222,7 @@ class SealedRegs:
     def as_dict(self) -> dict[str, int]:
         raise SevEsRegisterError("the guest's registers are in the encrypted VMSA (SEV-ES)")
 
-    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
+    def set_abcd(self, values: tuple[int, int, int, int], next_rip: int | None = None) -> None:
         raise SevEsRegisterError("guest registers rax..rdx are in the encrypted VMSA (SEV-ES); use the GHCB")
 
     def complete(self, next_rip: int) -> None:
