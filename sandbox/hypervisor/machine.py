@@ -503,10 +503,9 @@ class Machine:
 
     # -- the hypervisor loop ---------------------------------------------------
     def _dispatch(self, rec: ExitRecord) -> bool:
-        cpu = self.cpu
-        if cpu.tlb_control_done:
+        if self.cpu.tlb_control_done:
             # the flush requested through TLB_CONTROL happened at the last VMRUN
-            cpu.tlb_control_done = False
+            self.cpu.tlb_control_done = False
             self.guest.vmcb.TLB_CONTROL = TlbControl.DO_NOTHING
         code = rec.exitcode
         counts = self.counts
@@ -516,8 +515,7 @@ class Machine:
         else:
             counts[code] = n + 1
         nested = self.nested
-        nested_l2 = nested is not None and nested.guest_mode
-        if nested_l2:
+        if nested_l2 := nested is not None and nested.guest_mode:
             rec.level = "L2"
         self.trace.append(rec)
         if self.on_exit_record is not None:

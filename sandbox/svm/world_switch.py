@@ -583,7 +583,6 @@ class WorldSwitch:
         q[b + _QNRIP] = nrip
         q[b + _QEVENTINJ] = 0                # EVENTINJ consumed
         mv[a + OFF_GUEST_INSN_LEN] = 0
-        sw.saved_regs = (rax, rsp)
         sw.snap_valid = sw.lazy_pending = sw.exit_resumable = True
         sw.vmcb_written = sw.gif = False     # #VMEXIT clears GIF
         self._mem.sync = self._sync
@@ -604,6 +603,7 @@ class WorldSwitch:
         sw.exit = None
         if sw.vmcb_written or not (sw.fast_ok and sw.snap_valid) or mv[a + OFF_TLB_CONTROL] \
                 or self._tlb.mode is _FLUSH_ON_SWITCH or self._xmod_pages:
+            sw.saved_regs = (rax, rsp)       # what _reenter compares with (only it reads them)
             self._leave_hook(self._enter_in_hook(), rip)
             return
         # VMRUN: the fast re-entry (:meth:`_reenter` with no TLB_CONTROL and no
