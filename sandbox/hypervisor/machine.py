@@ -25,7 +25,7 @@ from ..memory.paging import Access
 from ..memory.tlb import TlbMode, TlbStats
 from ..svm import intercepts as I
 from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
-from ..svm.cpustate import GPR_IDS, GPR_NAMES
+from ..svm.cpustate import GPR_IDS, GPR_NAMES, OFF_REGS
 from ..svm.exitcodes import ExitCode, exit_name
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
@@ -134,6 +134,9 @@ def _cpu_reg(index: int) -> property:
 
 
 _RBX_I, _RCX_I, _RDX_I = (GPR_NAMES.index(n) for n in ("rbx", "rcx", "rdx"))
+#: RCX, RDX, RBX: adjacent in the processor's snapshot (QEMU order rax rcx rdx rbx), one pack
+_RCX_RDX_RBX = struct.Struct("<3Q")
+assert (_RDX_I, _RBX_I) == (_RCX_I + 1, _RCX_I + 2)
 
 
 class GuestRegs:
@@ -174,10 +177,7 @@ class GuestRegs:
             dq[(base + OFF_RIP) >> 3] = next_rip & M64
         if self.cpu_switch.snap_valid:
             st = self.cpu_state
-            q = st.q
-            q[_RBX_I] = b & M64
-            q[_RCX_I] = c & M64
-            q[_RDX_I] = d & M64
+            _RCX_RDX_RBX.pack_into(st.data, OFF_REGS + 8 * _RCX_I, c & M64, d & M64, b & M64)
             st.dirty = True
         else:
             cpu = self.machine.cpu
