@@ -129,13 +129,17 @@ class DeviceBus:
         return None
 
     def io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
-        d = self.port_owner(port)
-        if d is None:
-            return ((1 << (8 * size)) - 1) if is_in else 0
-        if is_in:
-            return d.read(port, size) & ((1 << (8 * size)) - 1)
-        d.write(port, size, value)
-        return 0
+        """A port access: the owner's ``read`` (masked to ``size`` bytes) or
+        ``write``; an unclaimed port reads all-ones.  (:meth:`port_owner`
+        written out: this runs on every IOIO exit.)"""
+        for d in self.devices:
+            owns = getattr(d, "owns", None)
+            if owns is not None and owns(port):
+                if is_in:
+                    return d.read(port, size) & ((1 << (8 * size)) - 1)
+                d.write(port, size, value)
+                return 0
+        return ((1 << (8 * size)) - 1) if is_in else 0
 
     def mmio(self, gpa: int, size: int, is_write: bool, value: int = 0) -> int:
         r = self.region(gpa)

@@ -168,8 +168,9 @@ class GhcbRegs:
     def as_dict(self) -> dict[str, int]:
         return dict(self.values)
 
-    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
-        """RAX, RBX, RCX, RDX = ``values`` (each written back to the GHCB, marked valid)."""
+    def set_abcd(self, values: tuple[int, int, int, int], next_rip: int | None = None) -> None:
+        """RAX, RBX, RCX, RDX = ``values`` (each written back to the GHCB, marked
+        valid); ``next_rip`` as :meth:`complete` (nothing to do)."""
         for name, v in zip(("rax", "rbx", "rcx", "rdx"), values):
             self.__setattr__(name, v)
 

@@ -110,8 +110,7 @@ def handle_cpuid(m: "Machine", e: ExitRecord) -> Action:
     leaf = regs.rax & M32
     # the fixed leaves without a call: this is the hottest exit
     out = (not m.cpuid_overrides and FIXED_LEAVES.get(leaf)) or _cpuid_leaf(m, leaf, regs.rcx & M32)
-    regs.set_abcd(out)                        # one call, not four register writes
-    regs.complete(e.nrip)                     # m.advance(e), one call fewer
+    regs.set_abcd(out, e.nrip)                # one call: four register writes and m.advance(e)
     return RESUME
 
 

@@ -25,7 +25,7 @@ from ..memory.paging import Access
 from ..memory.tlb import TlbMode, TlbStats
 from ..svm import intercepts as I
 from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
-from ..svm.cpustate import GPR_IDS, GPR_NAMES
+from ..svm.cpustate import GPR_IDS, GPR_NAMES, OFF_REGS
 from ..svm.exitcodes import ExitCode, exit_name
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
@@ -72,8 +72,9 @@ class RegisterView(Protocol):
 
     def as_dict(self) -> dict[str, int]: ...
 
-    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
-        """RAX, RBX, RCX, RDX = ``values`` at once (a CPUID result, in CPUID's order)."""
+    def set_abcd(self, values: tuple[int, int, int, int], next_rip: int | None = None) -> None:
+        """RAX, RBX, RCX, RDX = ``values`` at once (a CPUID result, in CPUID's order);
+        with ``next_rip``, then :meth:`complete` (``next_rip``)."""
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done; the guest goes on at ``next_rip``."""
@@ -133,6 +134,9 @@ def _cpu_reg(index: int) -> property:
 
 
 _RBX_I, _RCX_I, _RDX_I = (GPR_NAMES.index(n) for n in ("rbx", "rcx", "rdx"))
+#: RCX, RDX, RBX: adjacent in the processor's snapshot (QEMU order rax rcx rdx rbx), one pack
+_RCX_RDX_RBX = struct.Struct("<3Q")
+assert (_RDX_I, _RBX_I) == (_RCX_I + 1, _RCX_I + 2)
 
 
 class GuestRegs:
@@ -161,17 +165,19 @@ class GuestRegs:
     def as_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in GPR_NAMES}
 
-    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
+    def set_abcd(self, values: tuple[int, int, int, int], next_rip: int | None = None) -> None:
         """RAX, RBX, RCX, RDX = ``values`` in one call: RAX into the VMCB page,
-        the others into the processor's snapshot (what four attribute writes do)."""
+        the others into the processor's snapshot (what four attribute writes do);
+        with ``next_rip``, :meth:`complete` too."""
         a, b, c, d = values
-        self.dram_q[(self.machine.guest.vmcb_hpa + OFF_RAX) >> 3] = a & M64
+        dq = self.dram_q
+        base = self.machine.guest.vmcb_hpa
+        dq[(base + OFF_RAX) >> 3] = a & M64
+        if next_rip is not None:
+            dq[(base + OFF_RIP) >> 3] = next_rip & M64
         if self.cpu_switch.snap_valid:
             st = self.cpu_state
-            q = st.q
-            q[_RBX_I] = b & M64
-            q[_RCX_I] = c & M64
-            q[_RDX_I] = d & M64
+            _RCX_RDX_RBX.pack_into(st.data, OFF_REGS + 8 * _RCX_I, c & M64, d & M64, b & M64)
             st.dirty = True
         else:
             cpu = self.machine.cpu
@@ -179,10 +185,10 @@ class GuestRegs:
             cpu.set_guest_gpr(_RCX_I, c)
             cpu.set_guest_gpr(_RDX_I, d)
 
-    def __getattr__(self, name: str) -> int:
-        """A register by name (``regs.__getattr__("r12")``, as the old register
-        view allowed); an unknown name is an AttributeError."""
-        return object.__getattribute__(self, name)
+    # No ``__getattr__`` here: a class that defines one has every attribute
+    # lookup go through CPython's slower hook (and unspecialized), which the
+    # exit path pays a dozen times per exit.  ``getattr(regs, name)`` reads a
+    # register by name.
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
@@ -216,7 +222,7 @@ class SealedRegs:
     def as_dict(self) -> dict[str, int]:
         raise SevEsRegisterError("the guest's registers are in the encrypted VMSA (SEV-ES)")
 
-    def set_abcd(self, values: tuple[int, int, int, int]) -> None:
+    def set_abcd(self, values: tuple[int, int, int, int], next_rip: int | None = None) -> None:
         raise SevEsRegisterError("guest registers rax..rdx are in the encrypted VMSA (SEV-ES); use the GHCB")
 
     def complete(self, next_rip: int) -> None:
@@ -497,10 +503,9 @@ class Machine:
 
     # -- the hypervisor loop ---------------------------------------------------
     def _dispatch(self, rec: ExitRecord) -> bool:
-        cpu = self.cpu
-        if cpu.tlb_control_done:
+        if self.cpu.tlb_control_done:
             # the flush requested through TLB_CONTROL happened at the last VMRUN
-            cpu.tlb_control_done = False
+            self.cpu.tlb_control_done = False
             self.guest.vmcb.TLB_CONTROL = TlbControl.DO_NOTHING
         code = rec.exitcode
         counts = self.counts
@@ -510,8 +515,7 @@ class Machine:
         else:
             counts[code] = n + 1
         nested = self.nested
-        nested_l2 = nested is not None and nested.guest_mode
-        if nested_l2:
+        if nested_l2 := nested is not None and nested.guest_mode:
             rec.level = "L2"
         self.trace.append(rec)
         if self.on_exit_record is not None:

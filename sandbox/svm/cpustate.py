@@ -30,7 +30,7 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, UC
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
-from .engine import RegReader
+from .engine import RegReader, in_hook_fn
 
 # -- QEMU CPUX86State layout (x86_64 target) ---------------------------------
 OFF_REGS = 0
@@ -105,8 +105,9 @@ class CpuState:
         self.data = memoryview((ctypes.c_char * size).from_address(addr + CONTEXT_DATA)).cast("B")
         #: the snapshot as 64-bit words: GPR ``i`` (QEMU order) is ``q[i]`` (hot paths: no call per access)
         self.q = self.data[:size & ~7].cast("Q")
-        self._save = uclib.uc_context_save
-        self._restore = uclib.uc_context_restore
+        # context copies: GIL kept, no argument conversion (see in_hook_fn)
+        self._save = in_hook_fn("uc_context_save")
+        self._restore = in_hook_fn("uc_context_restore")
         self._read = RegReader(uc).read        # uc_reg_read into a buffer zeroed first (narrow registers)
         self._rw = uclib.uc_reg_write
         self.dirty = False         # snapshot holds writes not yet stored
@@ -120,7 +121,7 @@ class CpuState:
         #: ``write_rip_raw()``: uc_reg_write of RIP from :attr:`rip_cell` -- how a hook moves RIP
         #: (Unicorn then restarts translation there); returns Unicorn's error code
         self.rip_cell = ctypes.c_uint64()
-        self.write_rip_raw: Callable[[], int] = partial(self._rw, self._h, X.UC_X86_REG_RIP,
+        self.write_rip_raw: Callable[[], int] = partial(in_hook_fn("uc_reg_write"), self._h, X.UC_X86_REG_RIP,
                                                         ctypes.byref(self.rip_cell))
 
     # -- whole-context transfer ------------------------------------------------

@@ -43,6 +43,20 @@ def raw_handle(uc: Uc) -> ctypes.c_void_p:
     return uc._uch
 
 
+def in_hook_fn(name: str) -> Callable[..., int]:
+    """Unicorn's C function ``name`` for calls made from inside a hook: a
+    foreign function that keeps the GIL (the hook already holds it, and these
+    calls never block or call back into Python) and has no ``argtypes``, so
+    ctypes converts nothing through ``from_param``.  Its arguments must be
+    ctypes objects of the C types (the engine handle, a ``c_void_p``, a
+    ``byref``) or C ``int`` values (register ids); it returns the ``uc_err``.
+
+    The binding's functions release and retake the GIL and convert every
+    argument: about half the cost of a call as short as a context copy."""
+    addr = ctypes.cast(getattr(uclib, name), ctypes.c_void_p).value
+    return ctypes.PYFUNCTYPE(ctypes.c_int)(addr)
+
+
 def flush_soft_tlb(uc: Uc) -> None:
     """Empty Unicorn's soft TLB (there is no Python wrapper for this control)."""
     uc.ctl(UCC.UC_CTL_TLB_FLUSH, UCC.UC_CTL_IO_WRITE)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import Uc
 from unicorn import x86_const as X
 
-from ..arch import EFER_SVME
+from ..arch import EFER_SVME, M64
 from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from . import decode as D
@@ -106,6 +106,13 @@ def kinds_to_scan(ivec: tuple[int, ...], virq: bool) -> frozenset:
             word >>= 8
             j += 1
     return frozenset().union(*parts)
+
+def _plain(info: ExitInfo | None) -> ExitInfo | None:
+    """``info`` as the world switch takes it: a plain int EXITCODE, EXITINFO1/2 in 64 bits."""
+    if info is None:
+        return None
+    return ExitInfo(int(info.exitcode), info.exitinfo1 & M64, info.exitinfo2 & M64)
+
 
 class Scanner:
     """Code-page scans, candidate hooks, the decode cache and cross-modifying code."""
@@ -249,23 +256,26 @@ class Scanner:
                 return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
             view = None
             self.pass_used = None
-            fast = ent[2]
             if self.pass_once_rip == address:
                 self.pass_once_rip = None
                 self.pass_used = address
                 info = None
-            elif fast is not None:
-                info = fast if fast is not NO_EXIT else None
-            elif ent[3] and self.decide is default_decide and not hflags & HF_CPL_MASK:
-                info = self._io_decision(ent, insn, st, address, code)
             else:
-                view = DecisionView(self, st)
-                info = self.decide(insn, view, address, code)
+                info = ent[2]
+                if info is NO_EXIT:
+                    info = None
+                elif info is None:
+                    if ent[3] and self.decide is default_decide and not hflags & HF_CPL_MASK:
+                        info = self._io_decision(ent, insn, st, address, code)
+                    else:
+                        view = DecisionView(self, st)
+                        info = _plain(self.decide(insn, view, address, code))
             if info is not None:
                 ext = self.ext
                 if ext is not NO_EXTENSION and ext.intercept(self._cpu, info.exitcode, address, insn.length):
                     return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit
-                self._exit_in_hook(info.exitcode, info.exitinfo1, info.exitinfo2, address, address + insn.length)
+                self._exit_in_hook(info.exitcode, info.exitinfo1, info.exitinfo2, address,
+                                   (address + insn.length) & M64)
                 return
             # not intercepted: the model handles what Unicorn cannot do natively
             self._native(address, insn, st, view or DecisionView(self, st), code)
@@ -288,7 +298,7 @@ class Scanner:
         hit = self.io_decided.get(address)
         if hit is not None and hit[0] is ent and hit[1] == key:
             return hit[2]
-        info = self.decide(insn, DecisionView(self, st), address, code)
+        info = _plain(self.decide(insn, DecisionView(self, st), address, code))
         self.io_decided[address] = (ent, key, info)
         return info
 
@@ -299,7 +309,7 @@ class Scanner:
         fast = None
         if insn is not None and insn.kind in STATE_FREE:
             # the decision depends on the intercept vectors alone: cache it
-            fast = self.decide(insn, VectorsOnly(self.ctl.ivec), address, code) or NO_EXIT
+            fast = _plain(self.decide(insn, VectorsOnly(self.ctl.ivec), address, code)) or NO_EXIT
         ent = self.decoded[address] = (code, insn, fast, insn is not None and insn.kind in IO_KINDS,
                                        bool(code) and 0x40 <= code[0] <= 0x4F)
         return ent

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 _Q = struct.Struct("<Q")
 _EXIT3 = struct.Struct("<QQQ")
+_EXIT4 = struct.Struct("<4Q")        # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
 _SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
 _CR4_TO_DR6 = struct.Struct("<5Q")    # CR4, CR3, CR0, DR7, DR6
 _N_CR3_ADDR = 0x000F_FFFF_FFFF_F000
@@ -559,7 +560,8 @@ class WorldSwitch:
         The common case is written out in one frame: no step of a code store
         in progress, no processor extension, a handler that resumes having
         written only RAX/RSP/RIP and the snapshot's GPRs (the fast re-entry of
-        :meth:`_reenter`).  Anything else takes the general functions."""
+        :meth:`_reenter`).  Anything else takes the general functions.
+        ``code``, ``info1``, ``info2`` are in range (0 <= x < 2**64)."""
         sw = self.sw
         if self._smc.step is not None or self.ext is not NO_EXTENSION or sw.defer_dispatch:
             self.vmexit(code, info1, info2, rip=rip, nrip=nrip, fresh=True)
@@ -569,21 +571,18 @@ class WorldSwitch:
         st = self._st
         gq = st.q
         q = self._q
-        b = self._ctl.vmcb_hpa >> 3
+        a = self._ctl.vmcb_hpa
+        b = a >> 3
         rax = gq[0]
         rsp = gq[4]
         q[b + _QRIP] = rip
         q[b + _QRSP] = rsp
         q[b + _QRAX] = rax
-        code = int(code)
-        q[b + _QEXITCODE] = code & M64
-        q[b + _QEXITCODE + 1] = info1 = info1 & M64
-        q[b + _QEXITCODE + 2] = info2 = info2 & M64
-        q[b + _QEXITCODE + 3] = 0
-        q[b + _QNRIP] = nrip & M64
+        mv = self._view
+        _EXIT4.pack_into(mv, a + OFF_EXITCODE, code, info1, info2, 0)
+        q[b + _QNRIP] = nrip
         q[b + _QEVENTINJ] = 0                # EVENTINJ consumed
-        self._view[(b << 3) + OFF_GUEST_INSN_LEN] = 0
-        sw.saved_regs = (rax, rsp)
+        mv[a + OFF_GUEST_INSN_LEN] = 0
         sw.snap_valid = sw.lazy_pending = sw.exit_resumable = True
         sw.vmcb_written = sw.gif = False     # #VMEXIT clears GIF
         self._mem.sync = self._sync
@@ -602,10 +601,13 @@ class WorldSwitch:
             self._leave_hook(False, rip)
             return
         sw.exit = None
-        if not (sw.fast_ok and sw.snap_valid) or sw.vmcb_written:
+        if sw.vmcb_written or not (sw.fast_ok and sw.snap_valid) or mv[a + OFF_TLB_CONTROL] \
+                or self._tlb.mode is _FLUSH_ON_SWITCH or self._xmod_pages:
+            sw.saved_regs = (rax, rsp)       # what _reenter compares with (only it reads them)
             self._leave_hook(self._enter_in_hook(), rip)
             return
-        # VMRUN: the fast re-entry, :meth:`_reenter` written out (this is every round trip's last step)
+        # VMRUN: the fast re-entry (:meth:`_reenter` with no TLB_CONTROL and no
+        # cross-modifying code), written out: this is every round trip's last step
         rip = q[b + _QRIP]
         if q[b + _QRAX] != rax:              # the snapshot is current: patch it and store it once
             gq[0] = q[b + _QRAX]
@@ -616,16 +618,10 @@ class WorldSwitch:
         if st.dirty:
             st.restore_raw()
             st.dirty = False
-        sw.snap_valid = False
-        tlb_ctl = self._view[(b << 3) + OFF_TLB_CONTROL]
-        if tlb_ctl or self._tlb.mode is _FLUSH_ON_SWITCH:
-            self.tlb_control(tlb_ctl)      # TLB_CONTROL acts on every VMRUN
-        if self._xmod_pages:
-            self._xmod_commit()      # after the flush: it refills through current translations
         self._drop_walker()
+        sw.snap_valid = False
         sw.gif = True
-        sw.entry_rip = rip
-        st.rip_cell.value = rip
+        sw.entry_rip = st.rip_cell.value = rip
         err = st.write_rip_raw()
         if err:
             raise UcError(err)

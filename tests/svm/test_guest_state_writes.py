@@ -49,7 +49,7 @@ def vmcb(field: str, value: int) -> Callable:
 
 def reg(name: str, value: int) -> Callable:
     def check(m):
-        got = m.regs.__getattr__(name)
+        got = getattr(m.regs, name)
         assert got == value, f"{name} = {got:#x}, want {value:#x}"
     return check
 
