@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
+from typing import Callable, NamedTuple
 
 #: entries the model holds before it evicts the oldest: 2**18 pages (1 GiB
 #: of 4 KiB pages), so a large working set does not cost a 2-D walk per access
@@ -34,14 +36,22 @@ class TlbMode(Enum):
     FLUSH_ON_SWITCH = "flush"
 
 
-@dataclass(slots=True)
-class TlbEntry:
+class TlbEntry(NamedTuple):
+    """One translation, immutable.  A tuple of plain values is one the garbage
+    collector stops tracking: a TLB of a large working set adds nothing to
+    the collector's full passes (a tracked object per entry cost microseconds
+    per miss in them)."""
     hpa: int                 # host-physical page
     writable: bool
     executable: bool
     dirty: bool              # both levels' D bits were set when the entry was made
     global_: bool
     user_page: bool = True   # the guest leaf allows user access (for SMEP)
+
+
+#: ``make_entry((hpa, writable, executable, dirty, global_, user_page))``: a
+#: :class:`TlbEntry` from a tuple in field order, with no Python frame (hot paths)
+make_entry: Callable[[tuple], TlbEntry] = partial(tuple.__new__, TlbEntry)
 
 
 @dataclass

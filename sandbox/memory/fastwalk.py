@@ -1,0 +1,264 @@
+"""The common 2-D walk in one function: the TLB fill's fast path.
+
+A soft-TLB miss of a long-mode guest under nested paging is almost always
+the same walk: four guest levels whose table pages' nested translations
+the walker already knows (:attr:`GuestLayer.table_pages`), then four nested
+levels for the final GPA, no fault.  :func:`fast_translator` builds, once
+per walker (at most one VMRUN), a function doing exactly that walk with
+everything it needs bound as locals, reading entries as 64-bit words of
+host memory.
+
+It makes the same architectural walk as :class:`~.mmu.TwoDimWalker`: the
+same entries read, the same Accessed/Dirty updates in the same order (APM
+vol. 2 §5.4.2, §15.25.4), the same references counted in the walker's
+:class:`~.mmu.WalkStats` (24 for 4 KiB pages at both levels, APM §15.25.5).
+Whatever is unusual it does not decide: an entry not present, a reserved
+bit, a denied access, a table page whose nested translation is not known
+yet, an address outside DRAM.  It then returns None *before counting
+anything*, and the caller walks again with the general walker, which
+raises the fault or fills the caches.  What it wrote before giving up is
+only Accessed bits of levels the general walk also crosses (it sets them
+at the same points, after the entry's checks), and the guest leaf's A/D
+when the nested walk of the final GPA gives up: the general walk repeats
+the same path, finds those bits set, and ends in the same state.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .mmu import IdentityNested, TwoDimWalker
+from .paging import ADDR_MASK, PTE, RSVD_HIGH
+
+#: ``fast(gva, access, user)`` -> (HPA page, writable, executable, dirty,
+#: global, user page) for the TLB, or None: use the general walker
+FastTranslate = Callable[[int, int, bool], "tuple[int, bool, bool, bool, bool, bool] | None"]
+
+_P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.G, PTE.NX))
+_1G, _2M = (1 << 30) - 1, (1 << 21) - 1
+
+
+#: the upper-level caches are emptied when they reach this many 2 MiB regions
+CACHE_LIMIT = 1 << 14
+
+
+def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
+    """The fast path for ``walker``'s guest context, or None when that
+    context is not the common case (paging off, legacy paging, encrypted
+    memory): every walk then takes the general walker.
+
+    For each 2 MiB region it walked with 4 KiB leaves at a level, it keeps
+    the host addresses and the values of the entries above the leaf (and
+    what they allow).  A later walk in the region still reads every one of
+    those entries; when each holds the value kept, their checks, their
+    Accessed bits and the address of the leaf's table are what they were,
+    and only the leaf is decided anew.  The guest's cache is only as good as
+    the walker's :attr:`~.mmu.GuestLayer.table_pages`, so it lives and dies
+    with the walker (at most one VMRUN)."""
+    guest, nested, stats = walker.guest, walker.nested, walker.stats
+    if walker.encryption is not None or guest.enc is not None or not guest.paging or not guest.long_mode:
+        return None
+    mem = nested.mem
+    q = mem.qwords
+    size = mem.size
+    table_page = guest.table_pages.get
+    cr3 = guest.cr3 & ADDR_MASK
+    wp, nxe, smep, pge = guest.wp, guest.nxe, guest.smep, guest.pge
+    identity = isinstance(nested, IdentityNested)
+    n_root = nested.n_cr3
+    # entries with one of these set fault with RSVD (paging.walk): bits above
+    # MAXPHYADDR, NX without EFER.NXE, a PML4E's PS or bit 8 (AMD: MBZ); with
+    # P added, ``(e ^ P) & mask`` is nonzero for an entry not present too
+    g_bad = _P | RSVD_HIGH | (0 if nxe else _NX)
+    g_bad4 = g_bad | _PS | _G
+    n_bad = _P | RSVD_HIGH                   # nested walks run with NXE (APM §15.25.5)
+    n_bad4 = n_bad | _PS | _G
+    g_upper: dict[int, tuple] = {}
+    n_upper: dict[int, tuple] = {}
+    g_cached, n_cached = g_upper.get, n_upper.get
+
+    def g_walk(gva: int) -> tuple | None:
+        """The guest levels above the leaf, walked; and the leaf read and checked."""
+        hit = table_page(cr3)
+        if hit is None:
+            return None
+        a4 = (hit[0] | ((gva >> 36) & 0xFF8)) >> 3
+        e = q[a4]
+        if (e ^ _P) & g_bad4:
+            return None
+        if not e & _A:
+            e |= _A
+            q[a4] = e
+        v4 = e
+        nrefs = hit[1]
+        hit = table_page(e & ADDR_MASK)
+        if hit is None:
+            return None
+        a3 = (hit[0] | ((gva >> 27) & 0xFF8)) >> 3
+        e = q[a3]
+        if (e ^ _P) & g_bad:
+            return None
+        nrefs += hit[1]
+        if e & _PS:                                        # a 1 GiB page
+            if e & ADDR_MASK & _1G & ~0x1000:
+                return None
+            return a3, e, 2, _1G, nrefs, v4, v4
+        if not e & _A:
+            e |= _A
+            q[a3] = e
+        v3 = e
+        hit = table_page(e & ADDR_MASK)
+        if hit is None:
+            return None
+        a2 = (hit[0] | ((gva >> 18) & 0xFF8)) >> 3
+        e = q[a2]
+        if (e ^ _P) & g_bad:
+            return None
+        nrefs += hit[1]
+        if e & _PS:                                        # a 2 MiB page
+            if e & ADDR_MASK & _2M & ~0x1000:
+                return None
+            return a2, e, 3, _2M, nrefs, v4 & v3, v4 | v3
+        if not e & _A:
+            e |= _A
+            q[a2] = e
+        hit = table_page(e & ADDR_MASK)
+        if hit is None:
+            return None
+        nrefs += hit[1]
+        if len(g_upper) >= CACHE_LIMIT:
+            g_upper.clear()
+        g_upper[gva >> 21] = c = (a4, v4, a3, v3, a2, e, hit[0] >> 3, nrefs, v4 & v3 & e, v4 | v3 | e)
+        at = c[6] | ((gva >> 12) & 0x1FF)
+        e = q[at]
+        if (e ^ _P) & g_bad:
+            return None
+        return at, e, 4, 0xFFF, nrefs, c[8], c[9]
+
+    def n_walk(gpa: int) -> tuple | None:
+        """The nested levels above the leaf for the final GPA; and the leaf read and checked."""
+        a4 = n_root | ((gpa >> 36) & 0xFF8)
+        if a4 + 8 > size:
+            return None
+        a4 >>= 3
+        e = q[a4]
+        if (e ^ _P) & n_bad4:
+            return None
+        if not e & _A:
+            e |= _A
+            q[a4] = e
+        v4 = e
+        a3 = (e & ADDR_MASK) | ((gpa >> 27) & 0xFF8)
+        if a3 + 8 > size:
+            return None
+        a3 >>= 3
+        e = q[a3]
+        if (e ^ _P) & n_bad:
+            return None
+        if e & _PS:
+            if e & ADDR_MASK & _1G & ~0x1000:
+                return None
+            return a3, e, 2, _1G, v4, v4
+        if not e & _A:
+            e |= _A
+            q[a3] = e
+        v3 = e
+        a2 = (e & ADDR_MASK) | ((gpa >> 18) & 0xFF8)
+        if a2 + 8 > size:
+            return None
+        a2 >>= 3
+        e = q[a2]
+        if (e ^ _P) & n_bad:
+            return None
+        if e & _PS:
+            if e & ADDR_MASK & _2M & ~0x1000:
+                return None
+            return a2, e, 3, _2M, v4 & v3, v4 | v3
+        if not e & _A:
+            e |= _A
+            q[a2] = e
+        pt = e & ADDR_MASK
+        if pt + 0x1000 > size:
+            return None
+        if len(n_upper) >= CACHE_LIMIT:
+            n_upper.clear()
+        n_upper[gpa >> 21] = c = (a4, v4, a3, v3, a2, e, pt >> 3, v4 & v3 & e, v4 | v3 | e)
+        at = c[6] | ((gpa >> 12) & 0x1FF)
+        e = q[at]
+        if (e ^ _P) & n_bad:
+            return None
+        return at, e, 4, 0xFFF, c[7], c[8]
+
+    def fast(gva: int, access: int, user: bool) -> tuple[int, bool, bool, bool, bool, bool] | None:
+        top = gva >> 47
+        if top and top != 0x1FFFF:
+            return None                                   # non-canonical: #GP
+        # ---- the guest's levels, each read in its table page's known host page
+        c = g_cached(gva >> 21)
+        if c is not None and q[c[0]] == c[1] and q[c[2]] == c[3] and q[c[4]] == c[5]:
+            at = c[6] | ((gva >> 12) & 0x1FF)
+            e = q[at]
+            if (e ^ _P) & g_bad:
+                return None
+            levels, mask, nrefs, acc_and, acc_or = 4, 0xFFF, c[7], c[8] & e, c[9] | e
+        else:
+            r = g_walk(gva)
+            if r is None:
+                return None
+            at, e, levels, mask, nrefs, acc_and, acc_or = r
+            acc_and &= e
+            acc_or |= e
+        # ---- the guest leaf's protection check (paging.denied, APM vol. 2 §5.6)
+        writable = bool(acc_and & _RW)
+        user_ok = bool(acc_and & _US)
+        executable = not (nxe and acc_or & _NX)
+        if (user and not user_ok) or (access == 1 and not writable and (user or wp)) or \
+                (access == 2 and (not executable or (smep and not user and user_ok))):
+            return None
+        ne = e | _A | (_D if access == 1 else 0)
+        if ne != e:
+            q[at] = ne
+        gpa = (e & ADDR_MASK & ~mask) | (gva & mask)
+        dirty = bool(e & _D) or access == 1
+        global_ = bool(e & _G) and pge
+        if not user and not wp:
+            writable = True
+        # ---- the nested walk of the final GPA (a user access, APM §15.25.5)
+        if identity:
+            if gpa + 1 > size:
+                return None
+            hpa, n_levels = gpa, 0
+        else:
+            c = n_cached(gpa >> 21)
+            if c is not None and q[c[0]] == c[1] and q[c[2]] == c[3] and q[c[4]] == c[5]:
+                at = c[6] | ((gpa >> 12) & 0x1FF)
+                e = q[at]
+                if (e ^ _P) & n_bad:
+                    return None
+                n_levels, mask, n_and, n_or = 4, 0xFFF, c[7] & e, c[8] | e
+            else:
+                r = n_walk(gpa)
+                if r is None:
+                    return None
+                at, e, n_levels, mask, n_and, n_or = r
+                n_and &= e
+                n_or |= e
+            if not n_and & _US or (access == 1 and not n_and & _RW) or (access == 2 and n_or & _NX):
+                return None
+            hpa = (e & ADDR_MASK & ~mask) | (gpa & mask)
+            if hpa + 1 > size:
+                return None
+            ne = e | _A | (_D if access == 1 else 0)
+            if ne != e:
+                q[at] = ne
+            if not n_and & _RW:
+                writable = False
+            if n_or & _NX:
+                executable = False
+            if not (e & _D or access == 1):
+                dirty = False
+        stats.walks += 1
+        stats.guest_entries += levels
+        stats.nested_entries += nrefs + n_levels
+        stats.data_refs += 1
+        return hpa & ~0xFFF, writable, executable, dirty, global_, user_ok
+    return fast
