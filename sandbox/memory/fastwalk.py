@@ -188,77 +188,99 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
             return None
         return at, e, 4, 0xFFF, c[7], c[8]
 
+    # what each (access, user) needs, indexed by access * 2 + user: the guest
+    # rights that must all be granted (U/S for a user, R/W for a write by a user
+    # or with CR0.WP), the bits that must not be set anywhere (NX on a fetch
+    # with EFER.NXE), a right whose grant denies (U/S on a supervisor fetch with
+    # SMEP) -- paging.denied, APM vol. 2 §5.6 --; the same for the nested walk
+    # (a user access with NXE, APM §15.25.5); the A/D bits the leaves get; and
+    # whether the guest page counts as writable whatever its R/W (CR0.WP clear)
+    rules = []
+    for access in (0, 1, 2):
+        for user in (False, True):
+            write, fetch = access == 1, access == 2
+            rules.append(((_US if user else 0) | (_RW if write and (user or wp) else 0),
+                          _NX if fetch and nxe else 0,
+                          _US if fetch and smep and not user else 0,
+                          _US | (_RW if write else 0), _NX if fetch else 0,
+                          _A | (_D if write else 0), not user and not wp))
+    rule = tuple(rules)
+    g_nx = _NX if nxe else 0
+    g_global = _G if pge else 0
+    all_rights = _RW | _US
+
     def fast(gva: int, access: int, user: bool) -> tuple[int, bool, bool, bool, bool, bool] | None:
         top = gva >> 47
         if top and top != 0x1FFFF:
             return None                                   # non-canonical: #GP
+        g_need, g_forbid, g_deny, n_need, n_forbid, set_ad, wp_off = rule[access * 2 + user]
         # ---- the guest's levels, each read in its table page's known host page
         c = g_cached(gva >> 21)
-        if c is not None and q[c[0]] == c[1] and q[c[2]] == c[3] and q[c[4]] == c[5]:
-            at = c[6] | ((gva >> 12) & 0x1FF)
-            e = q[at]
-            if (e ^ _P) & g_bad:
-                return None
-            levels, mask, nrefs, acc_and, acc_or = 4, 0xFFF, c[7], c[8] & e, c[9] | e
-        else:
+        if c is not None:
+            a4, v4, a3, v3, a2, v2, pt, nrefs, g_and, g_or = c
+            if q[a4] != v4 or q[a3] != v3 or q[a2] != v2:
+                c = None
+            else:
+                at = pt | ((gva >> 12) & 0x1FF)
+                e = q[at]
+                if (e ^ _P) & g_bad:
+                    return None
+                gpa = (e & ADDR_MASK) | (gva & 0xFFF)
+                levels = 4
+                g_and &= e
+                g_or |= e
+        if c is None:
             r = g_walk(gva)
             if r is None:
                 return None
-            at, e, levels, mask, nrefs, acc_and, acc_or = r
-            acc_and &= e
-            acc_or |= e
-        # ---- the guest leaf's protection check (paging.denied, APM vol. 2 §5.6)
-        writable = bool(acc_and & _RW)
-        user_ok = bool(acc_and & _US)
-        executable = not (nxe and acc_or & _NX)
-        if (user and not user_ok) or (access == 1 and not writable and (user or wp)) or \
-                (access == 2 and (not executable or (smep and not user and user_ok))):
+            at, e, levels, mask, nrefs, g_and, g_or = r
+            g_and &= e
+            g_or |= e
+            gpa = (e & ADDR_MASK & ~mask) | (gva & mask)
+        # the leaf's protection check, on the rights of every level
+        if g_and & g_need != g_need or g_or & g_forbid or g_and & g_deny:
             return None
-        ne = e | _A | (_D if access == 1 else 0)
+        ne = e | set_ad
         if ne != e:
             q[at] = ne
-        gpa = (e & ADDR_MASK & ~mask) | (gva & mask)
-        dirty = bool(e & _D) or access == 1
-        global_ = bool(e & _G) and pge
-        if not user and not wp:
-            writable = True
-        # ---- the nested walk of the final GPA (a user access, APM §15.25.5)
+        # ---- the nested walk of the final GPA
         if identity:
-            if gpa + 1 > size:
+            if gpa >= size:
                 return None
-            hpa, n_levels = gpa, 0
+            hpa, n_levels, n_and, n_or, f = gpa, 0, all_rights, 0, _D
         else:
             c = n_cached(gpa >> 21)
-            if c is not None and q[c[0]] == c[1] and q[c[2]] == c[3] and q[c[4]] == c[5]:
-                at = c[6] | ((gpa >> 12) & 0x1FF)
-                e = q[at]
-                if (e ^ _P) & n_bad:
-                    return None
-                n_levels, mask, n_and, n_or = 4, 0xFFF, c[7] & e, c[8] | e
-            else:
+            if c is not None:
+                a4, v4, a3, v3, a2, v2, pt, n_and, n_or = c
+                if q[a4] != v4 or q[a3] != v3 or q[a2] != v2:
+                    c = None
+                else:
+                    at = pt | ((gpa >> 12) & 0x1FF)
+                    f = q[at]
+                    if (f ^ _P) & n_bad:
+                        return None
+                    hpa = (f & ADDR_MASK) | (gpa & 0xFFF)
+                    n_levels = 4
+                    n_and &= f
+                    n_or |= f
+            if c is None:
                 r = n_walk(gpa)
                 if r is None:
                     return None
-                at, e, n_levels, mask, n_and, n_or = r
-                n_and &= e
-                n_or |= e
-            if not n_and & _US or (access == 1 and not n_and & _RW) or (access == 2 and n_or & _NX):
+                at, f, n_levels, mask, n_and, n_or = r
+                n_and &= f
+                n_or |= f
+                hpa = (f & ADDR_MASK & ~mask) | (gpa & mask)
+            if n_and & n_need != n_need or n_or & n_forbid or hpa >= size:
                 return None
-            hpa = (e & ADDR_MASK & ~mask) | (gpa & mask)
-            if hpa + 1 > size:
-                return None
-            ne = e | _A | (_D if access == 1 else 0)
-            if ne != e:
-                q[at] = ne
-            if not n_and & _RW:
-                writable = False
-            if n_or & _NX:
-                executable = False
-            if not (e & _D or access == 1):
-                dirty = False
+            nf = f | set_ad
+            if nf != f:
+                q[at] = nf
         stats.walks += 1
         stats.guest_entries += levels
         stats.nested_entries += nrefs + n_levels
         stats.data_refs += 1
-        return hpa & ~0xFFF, writable, executable, dirty, global_, user_ok
+        return (hpa & ~0xFFF, n_and & _RW != 0 and (wp_off or g_and & _RW != 0),
+                g_or & g_nx == 0 and n_or & _NX == 0, set_ad & _D != 0 or e & f & _D != 0, e & g_global != 0,
+                g_and & _US != 0)
     return fast
