@@ -28,10 +28,11 @@ from typing import Callable
 
 from .mmu import IdentityNested, TwoDimWalker
 from .paging import ADDR_MASK, PTE, RSVD_HIGH
+from .tlb import RawEntry
 
-#: ``fast(gva, access, user)`` -> (HPA page, writable, executable, dirty,
-#: global, user page) for the TLB, or None: use the general walker
-FastTranslate = Callable[[int, int, bool], "tuple[int, bool, bool, bool, bool, bool] | None"]
+#: ``fast(gva, access, user)`` -> the TLB entry, a :data:`~.tlb.RawEntry` (HPA
+#: page, writable, executable, dirty, global, user page), or None: use the general walker
+FastTranslate = Callable[[int, int, bool], "RawEntry | None"]
 
 _P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.G, PTE.NX))
 _1G, _2M = (1 << 30) - 1, (1 << 21) - 1
@@ -209,7 +210,7 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
     g_global = _G if pge else 0
     all_rights = _RW | _US
 
-    def fast(gva: int, access: int, user: bool) -> tuple[int, bool, bool, bool, bool, bool] | None:
+    def fast(gva: int, access: int, user: bool) -> RawEntry | None:
         top = gva >> 47
         if top and top != 0x1FFFF:
             return None                                   # non-canonical: #GP

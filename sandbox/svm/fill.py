@@ -25,7 +25,7 @@ from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import (GuestException, GuestGP, GuestLayer, GuestPageFault, IdentityNested, NestedFault,
                           NestedLayer, TwoDimWalker, WalkStats)
 from ..memory.paging import Access
-from ..memory.tlb import Tlb, TlbEntry, make_entry
+from ..memory.tlb import DIRTY, EXECUTABLE, HPA, USER_PAGE, WRITABLE, Tlb
 from .controls import GuestControls
 from .cpustate import HF_CPL_MASK, OFF_CR, OFF_EFER, OFF_HFLAGS, CpuState
 from .decode import MAX_INSN
@@ -123,11 +123,11 @@ class TlbFill:
         acc = _FETCH if access == UC_MEM_FETCH else (_WRITE if access == UC_MEM_WRITE else _READ)
         gva = vaddr & ~0xFFF
         tlb = self._tlb
-        asid = self._ctl.asid
-        e = tlb.lookup(asid, user, gva)
+        key = (self._ctl.asid, user, gva)
+        e = tlb.find(key)
         if e is not None and (
-                (acc == _WRITE and not (e.writable and e.dirty))
-                or (acc == _FETCH and (not e.executable or (e.user_page and not user and q[_Q_CR4] & CR4_SMEP)))):
+                (acc == _WRITE and not (e[WRITABLE] and e[DIRTY]))
+                or (acc == _FETCH and (not e[EXECUTABLE] or (e[USER_PAGE] and not user and q[_Q_CR4] & CR4_SMEP)))):
             # Not enough for this access: the processor walks again before it
             # faults, and a first write walks to set the Dirty bits (§5.4.2).
             e = None
@@ -136,10 +136,8 @@ class TlbFill:
             if self._walker is None or q[_Q_EFER] != self._walker_efer:
                 self.guest_walker()
             fast = self._fast
-            t = fast(vaddr, acc, user) if fast is not None else None
-            if t is not None:
-                e = make_entry(t)
-            else:
+            e = fast(vaddr, acc, user) if fast is not None else None
+            if e is None:
                 # anything unusual, a fault included: the general walker decides
                 try:
                     w = self.guest_walker().translate(vaddr, acc, user)
@@ -147,13 +145,13 @@ class TlbFill:
                     self.pending_fault = f
                     self.fault_page = gva
                     return False
-                e = TlbEntry(w.hpa & ~0xFFF, w.writable, w.executable, w.dirty, w.global_, w.user)
-            tlb.insert(asid, user, gva, e)
+                e = (w.hpa & ~0xFFF, w.writable, w.executable, w.dirty, w.global_, w.user)
+            tlb.insert_key(key, e)
         else:
             tlb.stats.hits += 1
-        hpa = e.hpa
+        hpa = e[HPA]
         perms = UC_PROT_READ
-        if acc == Access.FETCH:
+        if acc == _FETCH:
             if hpa in self.wgrant and hpa not in self._code_hpa:
                 # the page becomes code while a soft-TLB entry (this or another
                 # GVA) may still write it unobserved: drop those entries
@@ -163,7 +161,7 @@ class TlbFill:
             perms |= UC_PROT_EXEC
         else:
             is_code = hpa in self._code_hpa
-            if acc == Access.WRITE:
+            if acc == _WRITE:
                 if is_code and hpa not in self._smc_open:
                     # A store to a scanned code page: refused and single-stepped
                     # (Unicorn's own self-modifying-code check does not hold for
@@ -173,7 +171,7 @@ class TlbFill:
                     return False
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
-            elif e.writable and e.dirty and not is_code:
+            elif e[WRITABLE] and e[DIRTY] and not is_code:
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
         entry.paddr = hpa
