@@ -211,9 +211,6 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
     all_rights = _RW | _US
 
     def fast(gva: int, access: int, user: bool) -> RawEntry | None:
-        top = gva >> 47
-        if top and top != 0x1FFFF:
-            return None                                   # non-canonical: #GP
         g_need, g_forbid, g_deny, n_need, n_forbid, set_ad, wp_off = rule[access * 2 + user]
         # ---- the guest's levels, each read in its table page's known host page
         c = g_cached(gva >> 21)
@@ -231,6 +228,10 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
                 g_and &= e
                 g_or |= e
         if c is None:
+            # (a cached region's key holds bits 63:21, so a hit was canonical)
+            top = gva >> 47
+            if top and top != 0x1FFFF:
+                return None                               # non-canonical: #GP
             r = g_walk(gva)
             if r is None:
                 return None
