@@ -42,40 +42,41 @@ _1G, _2M = (1 << 30) - 1, (1 << 21) - 1
 CACHE_LIMIT = 1 << 14
 
 
-def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
-    """The fast path for ``walker``'s guest context, or None when that
-    context is not the common case (paging off, legacy paging, encrypted
-    memory): every walk then takes the general walker.
+_RULES: dict[tuple[bool, bool, bool], tuple[tuple, ...]] = {}
 
-    For each 2 MiB region it walked with 4 KiB leaves at a level, it keeps
-    the host addresses and the values of the entries above the leaf (and
-    what they allow).  A later walk in the region still reads every one of
-    those entries; when each holds the value kept, their checks, their
-    Accessed bits and the address of the leaf's table are what they were,
-    and only the leaf is decided anew.  The guest's cache is only as good as
-    the walker's :attr:`~.mmu.GuestLayer.table_pages`, so it lives and dies
-    with the walker (at most one VMRUN)."""
-    guest, nested, stats = walker.guest, walker.nested, walker.stats
-    if walker.encryption is not None or guest.enc is not None or not guest.paging or not guest.long_mode:
-        return None
-    mem = nested.mem
-    q = mem.qwords
-    size = mem.size
-    table_page = guest.table_pages.get
-    cr3 = guest.cr3 & ADDR_MASK
-    wp, nxe, smep, pge = guest.wp, guest.nxe, guest.smep, guest.pge
-    identity = isinstance(nested, IdentityNested)
-    n_root = nested.n_cr3
-    # entries with one of these set fault with RSVD (paging.walk): bits above
-    # MAXPHYADDR, NX without EFER.NXE, a PML4E's PS or bit 8 (AMD: MBZ); with
-    # P added, ``(e ^ P) & mask`` is nonzero for an entry not present too
-    g_bad = _P | RSVD_HIGH | (0 if nxe else _NX)
-    g_bad4 = g_bad | _PS | _G
-    n_bad = _P | RSVD_HIGH                   # nested walks run with NXE (APM §15.25.5)
-    n_bad4 = n_bad | _PS | _G
-    g_upper: dict[int, tuple] = {}
-    n_upper: dict[int, tuple] = {}
-    g_cached, n_cached = g_upper.get, n_upper.get
+
+def _rules(wp: bool, nxe: bool, smep: bool) -> tuple[tuple, ...]:
+    """What each (access, user) needs, indexed by ``access * 2 + user``: the
+    guest rights that must all be granted (U/S for a user, R/W for a write by
+    a user or with CR0.WP), the bits that must not be set at any level (NX on
+    a fetch with EFER.NXE), a right whose grant denies (U/S on a supervisor
+    fetch with SMEP) -- :func:`~.paging.denied`, APM vol. 2 §5.6 --; the same
+    for the nested walk (a user access with NXE, APM §15.25.5); the A/D bits
+    the leaves get; and whether the guest page counts as writable whatever
+    its R/W (a supervisor access with CR0.WP clear).  Made once per setting."""
+    key = (wp, nxe, smep)
+    r = _RULES.get(key)
+    if r is None:
+        rules = []
+        for access in (0, 1, 2):
+            for user in (False, True):
+                write, fetch = access == 1, access == 2
+                rules.append(((_US if user else 0) | (_RW if write and (user or wp) else 0),
+                              _NX if fetch and nxe else 0,
+                              _US if fetch and smep and not user else 0,
+                              _US | (_RW if write else 0), _NX if fetch else 0,
+                              _A | (_D if write else 0), not user and not wp))
+        r = _RULES[key] = tuple(rules)
+    return r
+
+
+def _guest_walker(q: memoryview, table_page: Callable, cr3: int, g_bad: int, g_bad4: int,
+                  cache: dict[int, tuple]) -> Callable[[int], tuple | None]:
+    """``g_walk(gva)``: the guest's levels above the leaf walked in full (their
+    Accessed bits set), the region's entries kept in ``cache`` when the leaf is
+    a 4 KiB one, and the leaf read and checked: (leaf word index, leaf, levels
+    read, page mask, nested references, AND and OR of the levels above the
+    leaf), or None."""
 
     def g_walk(gva: int) -> tuple | None:
         """The guest levels above the leaf, walked; and the leaf read and checked."""
@@ -126,14 +127,22 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
         if hit is None:
             return None
         nrefs += hit[1]
-        if len(g_upper) >= CACHE_LIMIT:
-            g_upper.clear()
-        g_upper[gva >> 21] = c = (a4, v4, a3, v3, a2, e, hit[0] >> 3, nrefs, v4 & v3 & e, v4 | v3 | e)
+        if len(cache) >= CACHE_LIMIT:
+            cache.clear()
+        cache[gva >> 21] = c = (a4, v4, a3, v3, a2, e, hit[0] >> 3, nrefs, v4 & v3 & e, v4 | v3 | e)
         at = c[6] | ((gva >> 12) & 0x1FF)
         e = q[at]
         if (e ^ _P) & g_bad:
             return None
         return at, e, 4, 0xFFF, nrefs, c[8], c[9]
+    return g_walk
+
+
+def _nested_walker(q: memoryview, size: int, n_root: int, n_bad: int, n_bad4: int,
+                   cache: dict[int, tuple]) -> Callable[[int], tuple | None]:
+    """``n_walk(gpa)``: the same for the nested levels of a final GPA, in host
+    memory: (leaf word index, leaf, levels read, page mask, AND and OR of the
+    levels above the leaf), or None."""
 
     def n_walk(gpa: int) -> tuple | None:
         """The nested levels above the leaf for the final GPA; and the leaf read and checked."""
@@ -180,32 +189,56 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
         pt = e & ADDR_MASK
         if pt + 0x1000 > size:
             return None
-        if len(n_upper) >= CACHE_LIMIT:
-            n_upper.clear()
-        n_upper[gpa >> 21] = c = (a4, v4, a3, v3, a2, e, pt >> 3, v4 & v3 & e, v4 | v3 | e)
+        if len(cache) >= CACHE_LIMIT:
+            cache.clear()
+        cache[gpa >> 21] = c = (a4, v4, a3, v3, a2, e, pt >> 3, v4 & v3 & e, v4 | v3 | e)
         at = c[6] | ((gpa >> 12) & 0x1FF)
         e = q[at]
         if (e ^ _P) & n_bad:
             return None
         return at, e, 4, 0xFFF, c[7], c[8]
+    return n_walk
 
-    # what each (access, user) needs, indexed by access * 2 + user: the guest
-    # rights that must all be granted (U/S for a user, R/W for a write by a user
-    # or with CR0.WP), the bits that must not be set anywhere (NX on a fetch
-    # with EFER.NXE), a right whose grant denies (U/S on a supervisor fetch with
-    # SMEP) -- paging.denied, APM vol. 2 §5.6 --; the same for the nested walk
-    # (a user access with NXE, APM §15.25.5); the A/D bits the leaves get; and
-    # whether the guest page counts as writable whatever its R/W (CR0.WP clear)
-    rules = []
-    for access in (0, 1, 2):
-        for user in (False, True):
-            write, fetch = access == 1, access == 2
-            rules.append(((_US if user else 0) | (_RW if write and (user or wp) else 0),
-                          _NX if fetch and nxe else 0,
-                          _US if fetch and smep and not user else 0,
-                          _US | (_RW if write else 0), _NX if fetch else 0,
-                          _A | (_D if write else 0), not user and not wp))
-    rule = tuple(rules)
+
+def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
+    """The fast path for ``walker``'s guest context, or None when that
+    context is not the common case (paging off, legacy paging, encrypted
+    memory): every walk then takes the general walker.
+
+    For each 2 MiB region it walked with 4 KiB leaves at a level, it keeps
+    the host addresses and the values of the entries above the leaf (and
+    what they allow).  A later walk in the region still reads every one of
+    those entries; when each holds the value kept, their checks, their
+    Accessed bits and the address of the leaf's table are what they were,
+    and only the leaf is decided anew.  The guest's cache is only as good as
+    the walker's :attr:`~.mmu.GuestLayer.table_pages`, so it lives and dies
+    with the walker (at most one VMRUN)."""
+    guest, nested, stats = walker.guest, walker.nested, walker.stats
+    if walker.encryption is not None or guest.enc is not None or not guest.paging or not guest.long_mode:
+        return None
+    mem = nested.mem
+    q = mem.qwords
+    size = mem.size
+    table_page = guest.table_pages.get
+    cr3 = guest.cr3 & ADDR_MASK
+    wp, nxe, smep, pge = guest.wp, guest.nxe, guest.smep, guest.pge
+    identity = isinstance(nested, IdentityNested)
+    n_root = nested.n_cr3
+    # entries with one of these set fault with RSVD (paging.walk): bits above
+    # MAXPHYADDR, NX without EFER.NXE, a PML4E's PS or bit 8 (AMD: MBZ); with
+    # P added, ``(e ^ P) & mask`` is nonzero for an entry not present too
+    g_bad = _P | RSVD_HIGH | (0 if nxe else _NX)
+    g_bad4 = g_bad | _PS | _G
+    n_bad = _P | RSVD_HIGH                   # nested walks run with NXE (APM §15.25.5)
+    n_bad4 = n_bad | _PS | _G
+    g_upper: dict[int, tuple] = {}
+    n_upper: dict[int, tuple] = {}
+    g_cached, n_cached = g_upper.get, n_upper.get
+
+    g_walk = _guest_walker(q, table_page, cr3, g_bad, g_bad4, g_upper)
+    n_walk = _nested_walker(q, size, n_root, n_bad, n_bad4, n_upper)
+
+    rule = _rules(wp, nxe, smep)
     g_nx = _NX if nxe else 0
     g_global = _G if pge else 0
     all_rights = _RW | _US
