@@ -156,8 +156,9 @@ class GuestLayer:
         self._mem = nested.mem
         self._view = nested.mem.view
         self._last: tuple[int, int] | None = None
-        #: guest table page (GPA) -> (HPA page, nested entries its walk read); see :meth:`_read`
-        self._pt_pages: dict[int, tuple[int, int]] = {}
+        #: guest table page (GPA) -> (HPA page, nested entries its walk read), filled by
+        #: :meth:`_entry_addr` (see there) and read in place by the walks that find a page here
+        self.table_pages: dict[int, tuple[int, int]] = {}
 
     def _read(self, gpa: int) -> int:
         """One 8-byte guest page-table entry, read through the nested layer (:meth:`_entry_addr`)."""
@@ -179,11 +180,11 @@ class GuestLayer:
         and the nested A/D bits were set by the walk that filled the entry."""
         gpa &= self._nocbit
         page = gpa & ~0xFFF
-        hit = self._pt_pages.get(page)
+        hit = self.table_pages.get(page)
         if hit is None:
             r = self.nested.translate(gpa, Access.WRITE, final=False)
             phys = r.phys
-            self._pt_pages[page] = (phys & ~0xFFF, r.entries)
+            self.table_pages[page] = (phys & ~0xFFF, r.entries)
         else:
             phys = hit[0] | (gpa & 0xFFF)
             self.stats.nested_entries += hit[1]
@@ -221,7 +222,7 @@ class GuestLayer:
         if self.enc is None:
             # the table pages whose nested translation is known are read in place (see walk)
             r = walk(self.cr3, gva, access, user, self._read, self._write, wp=self.wp, nxe=self.nxe,
-                     set_ad=set_ad, smep=self.smep, table_mem=self._view, table_pages=self._pt_pages,
+                     set_ad=set_ad, smep=self.smep, table_mem=self._view, table_pages=self.table_pages,
                      stats=self.stats)
         else:
             r = walk(self.cr3, gva, access, user, self._read, self._write, wp=self.wp, nxe=self.nxe,

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable, NamedTuple
 
 #: entries the model holds before it evicts the oldest: 2**18 pages (1 GiB
 #: of 4 KiB pages), so a large working set does not cost a 2-D walk per access
@@ -34,14 +35,24 @@ class TlbMode(Enum):
     FLUSH_ON_SWITCH = "flush"
 
 
-@dataclass(slots=True)
-class TlbEntry:
+class TlbEntry(NamedTuple):
+    """One translation, as :meth:`Tlb.lookup` and :meth:`Tlb.entries` show it."""
     hpa: int                 # host-physical page
     writable: bool
     executable: bool
     dirty: bool              # both levels' D bits were set when the entry was made
     global_: bool
     user_page: bool = True   # the guest leaf allows user access (for SMEP)
+
+
+#: The TLB holds each entry as a plain tuple in :class:`TlbEntry`'s field
+#: order, indexed by these: the garbage collector stops tracking a plain
+#: tuple of ints at its first pass, so a TLB of a large working set adds
+#: nothing to the collector's full passes (a tracked object per entry made
+#: them, and so the misses that trigger them, several microseconds dearer).
+HPA, WRITABLE, EXECUTABLE, DIRTY, GLOBAL, USER_PAGE = range(6)
+#: an entry as stored: ``(hpa, writable, executable, dirty, global_, user_page)``
+RawEntry = tuple[int, bool, bool, bool, bool, bool]
 
 
 @dataclass
@@ -63,27 +74,35 @@ class Tlb:
         self.mode = mode
         self.stats = TlbStats()
         #: FIFO order; OrderedDict's popitem(last=False) evicts in O(1)
-        self._e: OrderedDict[tuple[int, bool, int], TlbEntry] = OrderedDict()
+        self._e: OrderedDict[tuple[int, bool, int], RawEntry] = OrderedDict()
         #: the keys of each ASID, so flushing one ASID costs its own entries only
         self._by_asid: dict[int, set[tuple[int, bool, int]]] = {}
+        #: ``find((asid, user, gva_page))``: the stored entry (a :data:`RawEntry`) or
+        #: None, with no Python frame (the TLB fill's hot path)
+        self.find: Callable[[tuple[int, bool, int]], RawEntry | None] = self._e.get
 
     def __len__(self) -> int:
         return len(self._e)
 
     def lookup(self, asid: int, user: bool, gva_page: int) -> TlbEntry | None:
-        return self._e.get((asid, user, gva_page))
+        e = self._e.get((asid, user, gva_page))
+        return None if e is None else TlbEntry(*e)
 
-    def insert(self, asid: int, user: bool, gva_page: int, entry: TlbEntry) -> None:
-        key = (asid, user, gva_page)
+    def insert(self, asid: int, user: bool, gva_page: int, entry: TlbEntry | RawEntry) -> None:
+        self.insert_key((asid, user, gva_page), tuple(entry))
+
+    def insert_key(self, key: tuple[int, bool, int], entry: RawEntry) -> None:
+        """:meth:`insert` with the key (ASID, user, GVA page) built as :attr:`find`
+        takes it, and the entry a plain tuple (:data:`RawEntry`)."""
         e = self._e
         if e.pop(key, None) is None and len(e) >= self.capacity:
             old, _ = e.popitem(last=False)         # oldest first
             self._by_asid[old[0]].discard(old)
             self.stats.evictions += 1
         e[key] = entry
-        keys = self._by_asid.get(asid)
+        keys = self._by_asid.get(key[0])
         if keys is None:
-            keys = self._by_asid[asid] = set()
+            keys = self._by_asid[key[0]] = set()
         keys.add(key)
 
     # -- invalidation (each is one architectural operation) --------------------
@@ -103,7 +122,7 @@ class Tlb:
         e = self._e
         kept = set()
         for k in keys:
-            if keep_global and e[k].global_:
+            if keep_global and e[k][GLOBAL]:
                 kept.add(k)
             else:
                 del e[k]
@@ -120,4 +139,4 @@ class Tlb:
 
     def entries(self, asid: int | None = None) -> list[tuple[int, int, TlbEntry]]:
         """(ASID, GVA page, entry) for inspection."""
-        return [(k[0], k[2], v) for k, v in self._e.items() if asid is None or k[0] == asid]
+        return [(k[0], k[2], TlbEntry(*v)) for k, v in self._e.items() if asid is None or k[0] == asid]

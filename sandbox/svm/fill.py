@@ -20,13 +20,14 @@ from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_EXEC, UC_PROT_READ, UC_P
 
 from ..arch import CR4_SMEP
 from ..memory.encryption import EncryptionLayer
+from ..memory.fastwalk import FastTranslate, fast_translator
 from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import (GuestException, GuestGP, GuestLayer, GuestPageFault, IdentityNested, NestedFault,
                           NestedLayer, TwoDimWalker, WalkStats)
 from ..memory.paging import Access
-from ..memory.tlb import Tlb, TlbEntry
+from ..memory.tlb import DIRTY, EXECUTABLE, HPA, USER_PAGE, WRITABLE, Tlb
 from .controls import GuestControls
-from .cpustate import CpuState
+from .cpustate import HF_CPL_MASK, OFF_CR, OFF_EFER, OFF_HFLAGS, CpuState
 from .decode import MAX_INSN
 from .engine import flush_soft_tlb
 from .extension import NO_EXTENSION, ProcessorExtension
@@ -48,6 +49,11 @@ SOFT_TLB_GROW_PERCENT = 72
 #: asked for, ``hpa`` and ``perms`` (UC_PROT_*) what the fill granted
 FillObserver = Callable[[int, int, int, int], None]
 
+_READ, _WRITE, _FETCH = Access.READ, Access.WRITE, Access.FETCH
+#: where the fill reads the CPL (hflags), CR4 and EFER in the CPU snapshot's 64-bit words
+_Q_HFLAGS, _Q_CR4, _Q_EFER = OFF_HFLAGS // 8, OFF_CR // 8 + 4, OFF_EFER // 8
+assert OFF_HFLAGS % 8 == 0 and OFF_CR % 8 == 0 and OFF_EFER % 8 == 0
+
 
 class TlbFill:
     """Answers Unicorn's TLB misses from the tagged TLB or a 2-D walk."""
@@ -67,6 +73,10 @@ class TlbFill:
         self.fault_page = 0
         self._walker: TwoDimWalker | None = None
         self._walker_efer = 0
+        #: the walker's fast path for the common walk (None: the general walker only)
+        self._fast: FastTranslate | None = None
+        self._save_state = st.save_raw
+        self._q = st.q
         self._observers: list[FillObserver] = []
         #: hpa pages Unicorn's soft TLB may hold writable (emptied with it)
         self.wgrant: set[int] = set()
@@ -104,34 +114,44 @@ class TlbFill:
         if self.soft_fills > self._grow_at:
             self.flush_soft_tlb()        # QEMU grows the soft TLB at this flush (the page refills)
             self.soft_fills = 1
-        st = self._st.load()
-        user = st.cpl == 3
-        acc = Access.FETCH if access == UC_MEM_FETCH else (Access.WRITE if access == UC_MEM_WRITE else Access.READ)
+        st = self._st
+        if st.dirty:
+            st.store()
+        self._save_state()               # the CPL, CR4 and EFER as they are at this access
+        q = self._q
+        user = q[_Q_HFLAGS] & HF_CPL_MASK == 3
+        acc = _FETCH if access == UC_MEM_FETCH else (_WRITE if access == UC_MEM_WRITE else _READ)
         gva = vaddr & ~0xFFF
         tlb = self._tlb
-        asid = self._ctl.asid
-        e = tlb.lookup(asid, user, gva)
+        key = (self._ctl.asid, user, gva)
+        e = tlb.find(key)
         if e is not None and (
-                (acc == Access.WRITE and not (e.writable and e.dirty))
-                or (acc == Access.FETCH and (not e.executable or (e.user_page and not user and st.cr(4) & CR4_SMEP)))):
+                (acc == _WRITE and not (e[WRITABLE] and e[DIRTY]))
+                or (acc == _FETCH and (not e[EXECUTABLE] or (e[USER_PAGE] and not user and q[_Q_CR4] & CR4_SMEP)))):
             # Not enough for this access: the processor walks again before it
             # faults, and a first write walks to set the Dirty bits (§5.4.2).
             e = None
         if e is None:
             tlb.stats.misses += 1
-            try:
-                t = self.guest_walker().translate(vaddr, acc, user)
-            except (GuestPageFault, NestedFault, GuestGP, GuestException) as f:
-                self.pending_fault = f
-                self.fault_page = gva
-                return False
-            e = TlbEntry(t.hpa & ~0xFFF, t.writable, t.executable, t.dirty, t.global_, t.user)
-            tlb.insert(asid, user, gva, e)
+            if self._walker is None or q[_Q_EFER] != self._walker_efer:
+                self.guest_walker()
+            fast = self._fast
+            e = fast(vaddr, acc, user) if fast is not None else None
+            if e is None:
+                # anything unusual, a fault included: the general walker decides
+                try:
+                    w = self.guest_walker().translate(vaddr, acc, user)
+                except (GuestPageFault, NestedFault, GuestGP, GuestException) as f:
+                    self.pending_fault = f
+                    self.fault_page = gva
+                    return False
+                e = (w.hpa & ~0xFFF, w.writable, w.executable, w.dirty, w.global_, w.user)
+            tlb.insert_key(key, e)
         else:
             tlb.stats.hits += 1
-        hpa = e.hpa
+        hpa = e[HPA]
         perms = UC_PROT_READ
-        if acc == Access.FETCH:
+        if acc == _FETCH:
             if hpa in self.wgrant and hpa not in self._code_hpa:
                 # the page becomes code while a soft-TLB entry (this or another
                 # GVA) may still write it unobserved: drop those entries
@@ -141,7 +161,7 @@ class TlbFill:
             perms |= UC_PROT_EXEC
         else:
             is_code = hpa in self._code_hpa
-            if acc == Access.WRITE:
+            if acc == _WRITE:
                 if is_code and hpa not in self._smc_open:
                     # A store to a scanned code page: refused and single-stepped
                     # (Unicorn's own self-modifying-code check does not hold for
@@ -151,7 +171,7 @@ class TlbFill:
                     return False
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
-            elif e.writable and e.dirty and not is_code:
+            elif e[WRITABLE] and e[DIRTY] and not is_code:
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
         entry.paddr = hpa
@@ -194,6 +214,7 @@ class TlbFill:
         if w is None or efer != self._walker_efer:
             w = self._walker = self.build_walker(self.stats)
             self._walker_efer = efer
+            self._fast = fast_translator(w)
         return w
 
     def drop_walker(self) -> None:

@@ -47,3 +47,18 @@ def test_eviction_stays_cheap_under_churn():
     # machine's load cancels.
     small, large = _churn_cost(1 << 8), _churn_cost(1 << 16)
     assert large < 4 * small, (small, large)
+
+
+def test_entries_and_keys_leave_the_garbage_collector_alone():
+    """A large TLB must not lengthen the collector's full passes: the entries it
+    stores are plain tuples of plain values, untracked after one collection."""
+    import gc
+    t = Tlb()
+    t.insert(1, False, 0x1000, _e(1))
+    t.insert_key((1, True, 0x2000), (0x5000, True, False, True, False, True))
+    gc.collect()
+    for key in ((1, False, 0x1000), (1, True, 0x2000)):
+        stored = t.find(key)
+        assert stored is not None and not gc.is_tracked(stored)
+    assert t.lookup(1, True, 0x2000) == TlbEntry(0x5000, True, False, True, False, True)
+    assert t.lookup(1, True, 0x2000).dirty and not t.lookup(1, True, 0x2000).executable
