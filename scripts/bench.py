@@ -295,7 +295,7 @@ def sandbox_out(g: Guest, n: int, timeout: float) -> Trips:
     return Trips.of(stamps, total, n)
 
 
-def bare_world_switch(g: Guest, n: int) -> Trips | None:
+def bare_world_switch(g: Guest, n: int, keep_gil: bool = False) -> Trips | None:
     """The floor of a Python world switch (issue 11): a raw ctypes code hook
     that saves the CPU context into a preallocated one (``uc_context_save``),
     patches RAX/RBX/RCX/RDX in it, restores it (``uc_context_restore``) and
@@ -306,6 +306,12 @@ def bare_world_switch(g: Guest, n: int) -> Trips | None:
         from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uc_hook_h, uclib
         from sandbox.svm.cpustate import CONTEXT_DATA, OFF_REGS
         save, restore, write = uclib.uc_context_save, uclib.uc_context_restore, uclib.uc_reg_write
+        if keep_gil:
+            # the stricter floor: the three calls as the processor makes them from
+            # its hooks (GIL kept, no argument conversion: engine.in_hook_fn)
+            from sandbox.svm.engine import in_hook_fn
+            save, restore, write = (in_hook_fn(f) for f in ("uc_context_save", "uc_context_restore",
+                                                           "uc_reg_write"))
     except (ImportError, AttributeError):
         return None
     import struct
@@ -629,7 +635,7 @@ def run(a: argparse.Namespace, log) -> dict:
         sandbox_out(outw, nw, a.timeout)
         bare_cpuid_hook(warm, nw)
         have_raw = bare_cpuid_raw(warm, nw) is not None and bare_world_switch(warm, nw) is not None
-        sides = ("sandbox", "out", "api", "raw", "switch") if have_raw else ("sandbox", "out", "api")
+        sides = ("sandbox", "out", "api", "raw", "switch", "switch_gil") if have_raw else ("sandbox", "out", "api")
         runs: dict[str, list[Trips]] = {k: [] for k in sides}
         native: list[float] = []
         for i in range(rounds):
@@ -642,8 +648,10 @@ def run(a: argparse.Namespace, log) -> dict:
                     runs[side].append(bare_cpuid_hook(cp, nc))
                 elif side == "raw":
                     runs[side].append(bare_cpuid_raw(cp, nc))
-                else:
+                elif side == "switch":
                     runs[side].append(bare_world_switch(cp, nc))
+                else:
+                    runs[side].append(bare_world_switch(cp, nc, keep_gil=True))
             native.append(bare_cpuid_native(cp, nc))
             log(f"  round {i + 1}: median sandbox CPUID {runs['sandbox'][-1].median:6.2f} us   "
                 f"OUT {runs['out'][-1].median:6.2f} us   bare+API hook {runs['api'][-1].median:6.2f} us"
@@ -675,7 +683,17 @@ def run(a: argparse.Namespace, log) -> dict:
     floor = best.get("raw") or best["api"]
     # the issue's floor: a raw hook doing what a world switch must (save, patch, restore, RIP)
     switch = best.get("switch") or floor
-    cpuid_x, out_x = sb.median / switch.median, out.median / switch.median
+    # the ratios are paired: each round's sandbox median over the floor median of the
+    # same round, then the median over rounds.  This machine's floor is bimodal from
+    # one process phase to the next, so best-against-best would pair a fast-phase
+    # sandbox round with a slow-phase floor round
+    floor_runs = runs.get("switch") or runs.get("raw") or runs["api"]
+    paired = lambda xs: statistics.median(t.median / f.median for t, f in zip(xs, floor_runs))  # noqa: E731
+    cpuid_x, out_x = paired(runs["sandbox"]), paired(runs["out"])
+    best_x = (sb.median / switch.median, out.median / switch.median)
+    strict = runs.get("switch_gil") or floor_runs
+    strict_x = tuple(statistics.median(t.median / f.median for t, f in zip(runs[k], strict))
+                     for k in ("sandbox", "out"))
     ratio = bare_best / sb_best            # = (sandbox iterations/s) / (bare iterations/s)
     trip = lambda t: {k: v for k, v in asdict(t).items() if k != "deltas"}   # noqa: E731
     return {
@@ -700,13 +718,17 @@ def run(a: argparse.Namespace, log) -> dict:
             "world_switch_overhead_us": sb.median - floor.median,
             "bare_world_switch": trip(best["switch"]) if have_raw else None,
             "floor_ratio": cpuid_x,
+            "floor_ratio_best_of_rounds": best_x[0],
+            "strict_floor_ratio": strict_x[0],
+            "bare_world_switch_gil_kept_median_us": [t.median for t in runs.get("switch_gil", [])],
             "rounds": {"sandbox_median_us": [t.median for t in runs["sandbox"]],
                        "bare_world_switch_median_us": [t.median for t in runs.get("switch", [])],
                        "bare_api_hook_median_us": [t.median for t in runs["api"]],
                        "bare_raw_hook_median_us": [t.median for t in runs.get("raw", [])],
                        "bare_no_hook_ns_per_iter": native},
         },
-        "out": {"sandbox": trip(out), "floor_ratio": out_x,
+        "out": {"sandbox": trip(out), "floor_ratio": out_x, "floor_ratio_best_of_rounds": best_x[1],
+                "strict_floor_ratio": strict_x[1],
                 "rounds": {"sandbox_median_us": [t.median for t in runs["out"]]}},
         "cold_touch": touch,
         "load_average": os.getloadavg(),
@@ -768,14 +790,14 @@ def show(res: dict) -> None:
                   f"[bold]{w['median']:.2f} us[/]", us(c["rounds"]["bare_world_switch_median_us"]), "", "")
     t.add_row("[bold]intercepted CPUID round trip, default handler, median[/]", f"[bold]{s['median']:.2f} us[/]",
               us(c["rounds"]["sandbox_median_us"]), "", "")
-    t.add_row("[bold]  CPUID / floor[/]", f"[bold]{c['floor_ratio']:.2f}x[/]", "",
+    t.add_row("[bold]  CPUID / floor, median of paired rounds[/]", f"[bold]{c['floor_ratio']:.2f}x[/]", f"best/best {c['floor_ratio_best_of_rounds']:.2f}x; vs GIL-kept floor {c['strict_floor_ratio']:.2f}x",
               tg["cpuid_floor_ratio"]["target"], ok(tg["cpuid_floor_ratio"]["met"]))
     t.add_row("  p90 / p99", f"{s['p90']:.2f} / {s['p99']:.2f} us", "", "", "")
     t.add_row("  mean = run time / exits", f"{s['mean']:.2f} us", "", "", "")
     o = res["out"]
     t.add_row("[bold]intercepted OUT to COM1, default handler, median[/]", f"[bold]{o['sandbox']['median']:.2f} us[/]",
               us(o["rounds"]["sandbox_median_us"]), "", "")
-    t.add_row("[bold]  OUT / floor[/]", f"[bold]{o['floor_ratio']:.2f}x[/]", "",
+    t.add_row("[bold]  OUT / floor, median of paired rounds[/]", f"[bold]{o['floor_ratio']:.2f}x[/]", f"best/best {o['floor_ratio_best_of_rounds']:.2f}x; vs GIL-kept floor {o['strict_floor_ratio']:.2f}x",
               tg["out_floor_ratio"]["target"], ok(tg["out_floor_ratio"]["met"]))
     t.add_section()
     k = c["bare_api_hook"]
