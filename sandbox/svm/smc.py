@@ -96,7 +96,7 @@ class SmcStepper:
         st = self._st
         if self.step is None:
             rflags = st.reg_read(_RFLAGS)
-            self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), rip)
+            self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), self._pushf_bytes(rip))
             st.reg_write(_RFLAGS, rflags | RFLAGS_TF)
         sc = self._scanner
         if sc.pass_used == rip:
@@ -150,12 +150,13 @@ class SmcStepper:
         :data:`HOT_AFTER` stepped stores, the instructions after a stepped store
         are stepped too (one-instruction blocks), until :data:`HOT_RUN` of them
         in a row store to no code page."""
-        guest_tf, dr6, step_rip = self.step
+        guest_tf, dr6, pushf = self.step
         stored = bool(self.open)
         self.end(trapped=intno == Vec.DB and not guest_tf)
         if intno != Vec.DB or guest_tf:
             return False
-        self._unstep_pushf(step_rip)
+        if pushf:
+            self._unstep_pushf(pushf)
         st = self._st
         hit = st.reg_read(_DR6) & ~dr6 & 0xF
         st.reg_write(_DR6, dr6 | hit)
@@ -188,15 +189,18 @@ class SmcStepper:
         """Step the next instruction too (the guest's TF is clear: see :meth:`trap`)."""
         st = self._st
         rflags = st.reg_read(_RFLAGS)
-        self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), st.reg_read(_RIP))
+        self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), self._pushf_bytes(st.reg_read(_RIP)))
         st.reg_write(_RFLAGS, rflags | RFLAGS_TF)
 
-    def _unstep_pushf(self, rip: int) -> None:
-        """A stepped PUSHF pushed the model's RFLAGS.TF: the guest's image has TF clear."""
+    def _pushf_bytes(self, rip: int) -> int:
+        """The bytes a PUSHF at ``rip`` pushes, or 0 when it is not a PUSHF -- decided
+        before the stepped instruction runs: a store may rewrite its own bytes
+        (a MOV whose new bytes read as PUSHF did not push anything)."""
         insn = D.decode(self._fill.insn_bytes(rip))
-        if insn is None or insn.kind != D.Kind.PUSHF:
-            return
-        n = insn.opsize // 8
+        return insn.opsize // 8 if insn is not None and insn.kind == D.Kind.PUSHF else 0
+
+    def _unstep_pushf(self, n: int) -> None:
+        """A stepped PUSHF pushed the model's RFLAGS.TF (``n`` bytes): the guest's image has TF clear."""
         rsp = self._st.reg_read(_RSP)
         v = int.from_bytes(self._access.read(rsp, n), "little")
         self._access.write(rsp, (v & ~RFLAGS_TF).to_bytes(n, "little"))

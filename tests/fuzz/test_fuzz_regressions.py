@@ -312,3 +312,41 @@ def test_mov_to_or_from_a_missing_cr_is_ud_not_an_exit(insn, code):
     w[4] |= 0b11                      # VMRUN, VMMCALL
     out = Harness().run(Case(bytes.fromhex(insn) + TERMINATOR, 0, VmcbConfig(w)))
     assert [e.exitcode for e in out.exits][:1] == [0x46], [hex(e.exitcode) for e in out.exits]
+
+
+SELF_OVERWRITE = bytes.fromhex("488915f5ffffff")          # mov [rip - 11], rdx: 8 bytes from 2 before itself
+PUSHF_RDX = 0xC5CBCD9CA89F284B                           # its byte 4 (9C, PUSHF) lands on the MOV's first byte
+
+
+def test_a_store_rewriting_itself_into_pushf_is_not_taken_for_a_pushf(guest):
+    """A MOV that stores into its own code page is stepped (smc.py); after the
+    step the model clears its own TF from a stepped PUSHF's image.  Whether the
+    stepped instruction was a PUSHF must be decided from the bytes it ran as,
+    not from memory after it: this MOV rewrites its own first byte into 9C.  The
+    model took it for a PUSHF and cleared bit 8 of the guest's word at [RSP]
+    (under shadow paging, where RSP was unmapped, the read crashed the run).
+    Found by `sandbox fuzz --paging shadow --seed 204`."""
+    word = 0x1234_5F00                                    # bit 8 (TF's position) set
+    src = f"""
+    mov rax, {word:#x}
+    push rax
+    mov rdx, {PUSHF_RDX:#x}
+    nop
+    nop
+    mov qword ptr [rip - 11], rdx
+    pop rsi
+    """ + hc_exit(0x55)
+    assert SELF_OVERWRITE in assemble(src)
+    m = guest(src)
+    r = m.run(timeout=10)
+    assert r.reason == "guest-exit", (r.reason, r.detail)
+    assert r.regs["rsi"] == word                          # the guest's stack word, untouched
+
+
+def test_the_shadow_paging_finding_replays_without_a_crash():
+    from sandbox.fuzz.case import Case, VmcbConfig
+    from sandbox.fuzz.snapshot import Harness
+    case = Case(bytes.fromhex("ff07") + SELF_OVERWRITE, 2502, VmcbConfig([0, 0, 0, 0, 1, 0]), {"rdx": PUSHF_RDX})
+    out = Harness(paging="shadow").run(case)
+    assert not out.crash, out.crash
+    assert out.result is not None and out.result.reason != "error"
