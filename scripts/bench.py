@@ -8,13 +8,16 @@
     python scripts/bench.py --strict        # exit 1 when a target is missed
 
 What is measured (the machine is noisy, so every comparison is taken in the
-same process, interleaved, and the best round of each side is kept):
+same process, interleaved; ratios are medians of per-round pairs, with the best
+round of each side shown beside them):
 
 1. Hot loop throughput.  One ALU loop (``add/xor/dec/jnz``, --iters
    iterations) on bare Unicorn -- ``Uc(UC_ARCH_X86, UC_MODE_64)``, mem_map,
    emu_start to the end of the loop, no hooks -- and in the sandbox with every
    intercept armed (``Machine(); load(); intercept("all"); run()``).  Both
-   runs must compute the same RAX/RDX.  Target: sandbox/bare >= 0.5.
+   runs must compute the same RAX/RDX.  The ratio is the median over rounds
+   of each round's bare time over its sandbox time.  Target: sandbox/bare >=
+   0.9 (issue 11's no-regression bar; the first target was 0.5).
 2. Intercepted CPUID round trip.  A guest loop of --cpuids CPUIDs with the
    CPUID intercept armed and the default handler, wrapped to time-stamp each
    handler entry: one round trip (exit, Python handler, VMRUN, guest
@@ -128,7 +131,7 @@ again:
 # CPUID leaf 0 as the default handler answers it: max leaf 0xD, "AuthenticAMD"
 LEAF0 = {"rax": 0xD, "rbx": 0x68747541, "rdx": 0x69746E65, "rcx": 0x444D4163}   # Auth enti cAMD
 
-TARGET_RATIO = 0.5
+TARGET_RATIO = 0.9
 #: issue 11: an intercepted CPUID (default handler) at most 2x the raw-hook world switch (goal 1.5x),
 #: an intercepted OUT to a device port at most 2.5x, a cold first touch at most 15 us
 TARGET_CPUID_FLOOR_RATIO = 2.0
@@ -694,7 +697,11 @@ def run(a: argparse.Namespace, log) -> dict:
     strict = runs.get("switch_gil") or floor_runs
     strict_x = tuple(statistics.median(t.median / f.median for t, f in zip(runs[k], strict))
                      for k in ("sandbox", "out"))
-    ratio = bare_best / sb_best            # = (sandbox iterations/s) / (bare iterations/s)
+    # paired like the exit ratios: each round's bare time over the same round's sandbox
+    # time (= sandbox iterations/s over bare iterations/s), then the median over rounds;
+    # best-against-best let one unusually fast bare round (89 ms among 105-116) read 0.80
+    ratio = statistics.median(b / s for b, s in zip(bare_t, sb_t))
+    ratio_best = bare_best / sb_best
     trip = lambda t: {k: v for k, v in asdict(t).items() if k != "deltas"}   # noqa: E731
     return {
         "config": {"iters": n, "cpuids": nc, "rounds": rounds, "quick": a.quick, "timeout_s": a.timeout,
@@ -707,6 +714,7 @@ def run(a: argparse.Namespace, log) -> dict:
             "bare_iters_per_s": n / bare_best, "sandbox_iters_per_s": n / sb_best,
             "bare_mips": 4 * n / bare_best / 1e6, "sandbox_mips": 4 * n / sb_best / 1e6,
             "ratio": ratio,
+            "ratio_best_of_rounds": ratio_best,
             "sandbox_fixed_cost_s": min(fixed_t),
             "rounds": {"bare_s": bare_t, "sandbox_s": sb_t, "sandbox_fixed_cost_s": fixed_t},
         },
@@ -780,7 +788,8 @@ def show(res: dict) -> None:
     t.add_row("  sandbox fixed cost per run (1-iteration loop)",
               f"{h['sandbox_fixed_cost_s'] * 1e3:.1f} ms",
               " / ".join(f"{x * 1e3:.1f}" for x in h["rounds"]["sandbox_fixed_cost_s"]) + " ms", "", "")
-    t.add_row("[bold]ratio sandbox / bare[/]", f"[bold]{h['ratio']:.2f}[/]", "",
+    t.add_row("[bold]ratio sandbox / bare, median of paired rounds[/]", f"[bold]{h['ratio']:.2f}[/]",
+              f"best/best {h['ratio_best_of_rounds']:.2f}",
               tg["hot_loop_ratio"]["target"], ok(tg["hot_loop_ratio"]["met"]))
     t.add_section()
     s = c["sandbox"]
