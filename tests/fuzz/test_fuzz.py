@@ -330,6 +330,27 @@ def test_audit_catches_planted_popf_bug(auditing):
     assert not auditing.run(c).audit          # the real decision is right
 
 
+def test_audit_checks_every_iteration_of_a_rep_string_io(auditing):
+    """REP OUTSB/OUTSW to port 80h with the IOIO intercept armed: with only port
+    81h's IOPM bit set, the byte form runs its 3 iterations with no exit and the
+    audit is clean; with the IOPM check planted to ignore a word access's second
+    byte, the word form exits on none of its 3 iterations although each touches
+    port 81h (APM §15.10.2), and the audit names each of them."""
+    regs = {"rsi": DATA_BASE, "rcx": 3, "rdx": 0x80}
+    cfg = VmcbConfig(words(0x7B, 0x81), [0x81])
+    clean = auditing.run(Case(b"\xf3\x6e" + TERMINATOR, 0, cfg, dict(regs)))
+    assert not clean.audit and not clean.exits[:-1], [str(a) for a in clean.audit]
+    assert auditing.auditor.steps >= 3 + 3                         # 3 iterations, then the terminator
+    plant("iopm-2nd-byte")()
+    try:
+        out = auditing.run(Case(b"\x66\xf3\x6f" + TERMINATOR, 0, cfg, dict(regs)))
+    finally:
+        unplant()
+    # (Unicorn steps a REP instruction once more with rCX = 0, and the audit counts that step too)
+    assert len(out.audit) >= 3 and {(a.kind, a.rip) for a in out.audit} == {("missed", CODE_BASE)}, \
+        [str(a) for a in out.audit]
+
+
 @pytest.mark.parametrize("split", [1, 2])
 def test_audit_reads_an_instruction_across_a_page_boundary(auditing, split):
     """A 16-bit POPF (push word 2; 66 9D) whose bytes straddle the code window's
