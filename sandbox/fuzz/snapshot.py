@@ -351,7 +351,8 @@ class Harness:
         window = self._window
         out.dirty_pages, bad = self._restore(full)
         missed = self._missed
-        if missed and len(window) > 1 and not self._replaying:
+        if missed and len(window) > 1 and not self._replaying and not set(missed).isdisjoint(bad):
+            # (a missed change to the guest's own memory is counted, not blamed: no replay for it)
             bad, out.earlier = self._localize(window, bad, missed)
         out.isolation += [_outside(p) if isinstance(p, int) else p for p in bad]
         return out

@@ -208,6 +208,27 @@ def test_replay_that_does_not_reproduce_names_the_window(harness):
     assert bytes(harness.mm) == base
 
 
+def test_a_missed_write_to_guest_memory_is_counted_not_replayed(harness, monkeypatch):
+    """A missed write into the guest's own RAM is no isolation finding: the full
+    comparison restores and counts it, and replays nothing (there is no one to blame)."""
+    base = bytes(harness.mm)
+    undo = _missed_write(harness, harness.m.guest.ram[0x1F0000] + 9, CODE_BASE + 0x40)
+    runs = []
+    real = harness.run
+    try:
+        harness.run(_cpuid_at(0), full=True)
+        harness.check_free_every = 3
+        before = harness.untracked
+        monkeypatch.setattr(harness, "run", lambda c, full=None: runs.append(c) or real(c, full))
+        outs = [harness.run(_cpuid_at(o)) for o in (0x40, 0, 8)]
+    finally:
+        monkeypatch.undo()
+        undo()
+        harness.check_free_every = 16
+    assert len(runs) == 3 and all(not o.isolation and not o.earlier for o in outs)
+    assert harness.untracked == before + 1 and bytes(harness.mm) == base
+
+
 def test_campaign_saves_the_replayed_culprit(tmp_path, monkeypatch):
     """The campaign saves a finding the replay pinned on an earlier case with
     that case as its reproducer (minimized with a full comparison per run)."""
