@@ -118,6 +118,10 @@ class Expect:
     info2: int | None = None
     nrip: int | None = None
     what: str = ""
+    #: the expectation holds for the instruction's next iteration too: a REP string
+    #: I/O instruction, which changes none of what the model read for it (DX, CPL,
+    #: IOPL; the IOPM and the intercepts change only at a #VMEXIT)
+    repeats: bool = False
 
 
 class GuestState:
@@ -209,14 +213,26 @@ _LOCK_UD = frozenset({C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC, C.X86_
 
 
 class _At:
-    """One decoded instruction and the guest state the model reads for it."""
-    __slots__ = ("ins", "code", "g", "nrip", "cpl", "lock", "name", "k", "cr4", "none")
+    """One decoded instruction and the guest state the model reads for it (each
+    register read when a model first asks for it: a read is a call into Unicorn)."""
+    __slots__ = ("ins", "code", "g", "nrip", "_cpl", "lock", "name", "k", "none")
 
-    def __init__(self, ins, code: bytes, g: GuestState, nrip: int, cpl: int, lock: bool, name: str, k: int,
+    def __init__(self, ins, code: bytes, g: GuestState, nrip: int, lock: bool, name: str, k: int,
                  none: Expect) -> None:
-        self.ins, self.code, self.g, self.nrip, self.cpl, self.lock = ins, code, g, nrip, cpl, lock
+        self.ins, self.code, self.g, self.nrip, self.lock = ins, code, g, nrip, lock
         self.name, self.k, self.none = name, k, none      # k: offset of the opcode, after the prefixes
-        self.cr4 = 0
+        self._cpl: int | None = None
+
+    @property
+    def cpl(self) -> int:
+        c = self._cpl
+        if c is None:
+            c = self._cpl = self.g.cpl()
+        return c
+
+    @property
+    def cr4(self) -> int:
+        return self.g.reg(X.UC_X86_REG_CR4)
 
     def exit_if(self, c: int, info1: int | None = 0, info2: int | None = 0, n: int | None = None) -> Expect:
         if not self.g.armed(c):
@@ -229,6 +245,11 @@ class _At:
         return self.ins.id == C.X86_INS_MOV and code[k] == 0x0F and code[k + 1] in (0x20, 0x21, 0x22, 0x23)
 
 
+#: the instructions :func:`_plain` answers for
+_PLAIN = frozenset({*_FIXED, *_CPL0, *_UMIP, C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC, C.X86_INS_XSETBV,
+                    C.X86_INS_INT, C.X86_INS_INT3, C.X86_INS_SMSW, C.X86_INS_LMSW, C.X86_INS_CLTS})
+#: the instructions a LOCK prefix makes #UD (MOV CRn aside: AMD's LOCK MOV CR0 is CR8)
+_LOCK_UD_ALL = frozenset({*_FIXED, *_CPL0, *_UMIP, *_SVM, *_IO, *_LOCK_UD})
 #: every instruction some model below looks at: any other instruction's
 #: expectation is "no intercept" whatever the guest's state
 #: (``tests/fuzz/test_audit_model.py`` checks that the models answer so)
@@ -272,29 +293,50 @@ def _decode_at(code: bytes) -> tuple | None:
         _windows.clear()
         _decoded.clear()
         _decoded_lengths = ()
-    none = Expect(None, what=name)
-    hit = _decoded[code[:ins.size]] = _windows[code] = (ins, k, name, none, ins.id in MODELLED)
+    iid = ins.id
+    # a REP string I/O instruction that runs with no exit does so on each iteration
+    none = Expect(None, what=name, repeats=iid in _IO and _IO[iid][1])
+    lock = ins.prefix[0] == 0xF0
+    model = _model_of(iid, code, k)
+    if lock and iid in _LOCK_UD_ALL and model is not _mov_crdr:
+        model = None                        # LOCK on a non-lockable instruction: #UD first
+    hit = _decoded[code[:ins.size]] = _windows[code] = (ins, k, name, none, model, lock)
     if ins.size not in _decoded_lengths:
         _decoded_lengths = tuple(sorted((*_decoded_lengths, ins.size)))
     return hit
 
 
+def _model_of(iid: int, code: bytes, k: int):
+    """The one model below that answers for the instruction (None: none does, so
+    it runs with no intercept): the first of :func:`expected_exit`'s chain that
+    does not answer ``_OTHER``, picked once per encoding."""
+    if iid in _PLAIN:
+        return _plain
+    if iid == C.X86_INS_MOV and code[k] == 0x0F and code[k + 1] in (0x20, 0x21, 0x22, 0x23):
+        return _mov_crdr
+    if iid in _IO:
+        return _ioio
+    if iid in (C.X86_INS_RDMSR, C.X86_INS_WRMSR):
+        return _msr
+    if iid == C.X86_INS_INVLPG or iid in _SVM:
+        return _invlpg_svm
+    return None
+
+
 def expected_exit(code: bytes, rip: int, g: GuestState, shortcut: bool = True) -> Expect | None:
     """The APM's #VMEXIT for the instruction at ``rip``; None when the model does
-    not cover it.  ``shortcut=False`` asks every model even for an instruction
-    outside :data:`MODELLED` (the tests' check of that set)."""
+    not cover it.  ``shortcut=False`` asks every model in turn, even for an
+    instruction outside :data:`MODELLED` (the tests' check of that set and of
+    the model picked per encoding)."""
     d = _decode_at(code)
     if d is None:
         return None
-    ins, k, name, none, modelled = d
-    if shortcut and not modelled:
-        return none
-    x = _At(ins, code, g, rip + ins.size, g.cpl(), ins.prefix[0] == 0xF0, name, k, none)
-    iid = ins.id
-    if x.lock and not x.is_mov_crdr and (iid in _FIXED or iid in _CPL0 or iid in _UMIP or iid in _SVM
-                                         or iid in _IO or iid in _LOCK_UD):
+    ins, k, name, none, model, lock = d
+    if shortcut:
+        return none if model is None else model(_At(ins, code, g, rip + ins.size, lock, name, k, none))
+    x = _At(ins, code, g, rip + ins.size, lock, name, k, none)
+    if x.lock and not x.is_mov_crdr and ins.id in _LOCK_UD_ALL:
         return x.none                       # LOCK on a non-lockable instruction: #UD first
-    x.cr4 = g.reg(X.UC_X86_REG_CR4)
     for handler in (_plain, _mov_crdr, _ioio, _msr, _invlpg_svm):
         r = handler(x)
         if r is not _OTHER:
@@ -304,9 +346,11 @@ def expected_exit(code: bytes, rip: int, g: GuestState, shortcut: bool = True) -
 
 def _plain(x: _At):
     """Instructions whose exit depends on the intercept bit, CPL and CR4 alone."""
-    iid, cpl, cr4 = x.ins.id, x.cpl, x.cr4
+    iid = x.ins.id
     if iid in _FIXED:
         return x.exit_if(_FIXED[iid])
+    cpl = x.cpl
+    cr4 = x.cr4 if cpl or iid == C.X86_INS_XSETBV else 0     # CR4 matters at CPL 3 only (XSETBV: always)
     if iid in (C.X86_INS_RDTSC, C.X86_INS_RDTSCP):
         if cpl and cr4 & CR4_TSD:
             return x.none                   # #GP first
@@ -391,7 +435,7 @@ def _ioio(x: _At):
             info |= 1 << 3
         seg = 0 if is_in else {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}.get(ins.prefix[1], 3)
         info |= seg << 10
-    return Expect(IOIO, info, x.nrip, x.nrip, x.name)
+    return Expect(IOIO, info, x.nrip, x.nrip, x.name, repeats=string)
 
 
 def _msr(x: _At):
@@ -529,12 +573,17 @@ class Auditor:
         if not self.enabled:
             return
         try:
-            if self.pending is not None:
+            last = self.pending
+            if last is not None:
                 self._settle_missed()
             self.steps += 1
             if self._cpu.pass_once_rip == address:
                 return                           # the hypervisor re-executes it unintercepted
             code = self._bytes(address)
+            if last is not None and last[0] == address and last[1] is not None and last[1].repeats \
+                    and last[2] == code:
+                self.pending = last              # the next iteration of a REP string I/O, with no exit between
+                return
             if not may_exit(code):
                 self.pending = (address, None, code)
                 return

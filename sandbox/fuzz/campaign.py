@@ -178,15 +178,22 @@ class Worker:
             st.corpus += 1
             self._save_corpus(case)
         fs = self._judge(h, out)
+        fresh = []
+        for c, msgs in out.earlier:        # an earlier case's, pinned on it by the harness's replay
+            fresh += self._keep(st, [Finding("isolation", m) for m in msgs], c, h)
         if self.qemu is not None and n % o.differential_every == o.differential_every - 1:
             st.differential += 1
             fs += [Finding("differential", d) for d in self._differential(case, out)]
-        fresh = [f for f in fs if f.signature not in st.findings]
-        for f in fresh:
-            path = self._save_finding(f, case, h)
-            st.findings[f.signature] = (f, path)
+        fresh += self._keep(st, fs, case, h)
         if n % SYNC_EVERY == SYNC_EVERY - 1:
             self._sync()
+        return fresh
+
+    def _keep(self, st: Stats, fs: list[Finding], case: Case, h: Harness) -> list[Finding]:
+        """Save the findings not seen before, with ``case`` as their reproducer."""
+        fresh = [f for f in fs if f.signature not in st.findings]
+        for f in fresh:
+            st.findings[f.signature] = (f, self._save_finding(f, case, h))
         return fresh
 
     # -- corpus / crashes on disk -------------------------------------------------------
@@ -224,7 +231,7 @@ class Worker:
             return lambda c: any(m == f.message or Finding(f.kind, m).signature == f.signature
                                  for m in self._differential(c, h.run(c)))
         def still(c: Case) -> bool:
-            out = h.run(c)
+            out = h.run(c, full=f.kind == "isolation")     # a missed write shows only in a full comparison
             self._arcs(h)                   # a minimizing run's arcs are not the next case's
             return any(g.signature == f.signature for g in self._judge(h, out))
         return still

@@ -14,10 +14,13 @@ the code window and the configuration itself.  The processor's A/D-bit
 updates land in page-table pages, which are compared on every case with the
 VMCB, the nested tables and the IOPM/MSRPM.  Each candidate page is one
 ``memcmp`` against the copy (no slices, no allocation).  Every
-``check_free_every`` cases (every case in audit mode) all of DRAM is
-compared instead -- 64 KiB chunks, then the pages of a chunk that differs --
-which restores and counts (:attr:`Harness.untracked`) anything the tracking
-missed.
+``check_free_every`` cases all of DRAM is compared instead -- 64 KiB chunks,
+then the pages of a chunk that differs -- which restores and counts
+(:attr:`Harness.untracked`) anything the tracking missed.  A change the
+tracking missed may have been made by any case since the last full
+comparison, so those cases are replayed from the snapshot one by one, each
+followed by a full comparison, and the change is blamed on the case whose
+replay makes it (cases are deterministic from the snapshot).
 
 The same comparison is the isolation oracle: a changed page that is neither
 guest RAM, the VMCB nor a nested-table page means guest activity reached host
@@ -90,6 +93,9 @@ class Outcome:
     isolation: list[str] = field(default_factory=list)
     audit: list = field(default_factory=list)          # AuditFindings (audit mode)
     dirty_pages: int = 0
+    #: isolation findings of earlier cases, found by this case's full comparison and
+    #: pinned on them by replaying the cases since the previous one: (case, messages)
+    earlier: list = field(default_factory=list)
 
 
 class Harness:
@@ -111,11 +117,17 @@ class Harness:
             raise ValueError("SEV needs nested paging")
         self.paging, self.sev = paging, sev
         self.max_insns, self.max_exits = max_insns, max_exits
-        #: compare the never-allocated pages every N cases (1: every case, as the audit does)
-        self.check_free_every = 1 if audit else check_free_every
-        self._restores = 0
+        #: compare all of DRAM every N cases (0: never; :meth:`run` can ask for it on a case)
+        self.check_free_every = check_free_every
+        self._since_full = 0
+        #: the cases run since the last full comparison (what a change it finds is blamed on)
+        self._window: list[Case] = []
+        self._replaying = False
+        #: cases run (replays not counted): names the cases a finding could not be pinned on
+        self.cases_run = 0
         #: pages the full comparison found changed that the tracking had missed
         self.untracked = 0
+        self._missed: list[int] = []
         self._dram, self._ram, self._audit = dram, ram, audit
         self.rebuilds = 0
         self._watch = _Watchdog()
@@ -292,7 +304,10 @@ class Harness:
         pt[o:o + len(data)] = data
         self.mm[page:page + PAGE_SIZE] = self._engine.encrypt_page(page, bytes(pt))
 
-    def run(self, case: Case) -> Outcome:
+    def run(self, case: Case, full: bool | None = None) -> Outcome:
+        """Run ``case`` from the snapshot and restore it.  ``full``: compare all of
+        DRAM afterwards (None: every :attr:`check_free_every` cases); a replayed
+        saved case asks for it, so its isolation check is exact."""
         try:
             if self.cpu.candidate_hook_count > MAX_HOOKS:
                 self._shed_hooks()
@@ -330,18 +345,67 @@ class Harness:
             out.audit = self.auditor.end()
         for a in self._fills_outside:
             out.isolation.append(f"guest TLB fill reached host page {a & ~0xFFF:#x} outside its nested mappings")
-        out.dirty_pages, bad = self.restore()
-        out.isolation += bad
+        if not self._replaying:
+            self.cases_run += 1
+            self._window.append(case)
+        window = self._window
+        out.dirty_pages, bad = self._restore(full)
+        missed = self._missed
+        if missed and len(window) > 1 and not self._replaying and not set(missed).isdisjoint(bad):
+            # (a missed change to the guest's own memory is counted, not blamed: no replay for it)
+            bad, out.earlier = self._localize(window, bad, missed)
+        out.isolation += [_outside(p) if isinstance(p, int) else p for p in bad]
         return out
+
+    def _localize(self, window: list[Case], bad: list[int], missed: list[int]) -> tuple[list, list]:
+        """The full comparison after the last of ``window`` found ``missed``: pages
+        the tracking missed, which any of those cases may have changed (a missed
+        page is not restored until a full comparison sees it).  DRAM is back at
+        the snapshot now; each case is replayed alone from it with a full
+        comparison after it, and a missed page outside the guest's memory is
+        blamed on the cases whose replay changes it.  Returns the last case's
+        own ``bad`` (pages, or a message naming the window for a page no replay
+        changed) and the earlier cases' isolation messages, (case, messages)."""
+        missed_bad = set(missed).intersection(bad)
+        own = [p for p in bad if p not in missed_bad]
+        counted = self.untracked
+        self._replaying = True
+        blamed: set[int] = set()
+        earlier = []
+        try:
+            for i, c in enumerate(window):
+                self.run(c, full=True)
+                mine = sorted(missed_bad.intersection(self._missed))
+                blamed.update(mine)
+                if i == len(window) - 1:
+                    own += mine
+                elif mine:
+                    earlier.append((c, [_outside(p) for p in mine]))
+        finally:
+            self._replaying = False
+            self.untracked = counted          # the replays found again what was counted once
+            self._missed = []
+        first = self.cases_run - len(window) + 1
+        own += [f"{_outside(p)} during one of cases {first}-{self.cases_run} of this machine (replaying each "
+                f"alone from the snapshot did not change it)" for p in sorted(missed_bad - blamed)]
+        return own, earlier
 
     def _dirty_free(self) -> list[int]:
         """Changed pages among those the allocator never handed out (megabytes that
         almost never change: one ``memcmp`` per chunk)."""
         return self._base.changed(self.free_ranges)
 
-    def restore(self) -> tuple[int, list[str]]:
+    def restore(self, full: bool | None = None) -> tuple[int, list[str]]:
         """Write back the pages that differ from the snapshot; restore the CPU context.
-        Returns (pages restored, isolation findings)."""
+        ``full``: compare all of DRAM (None: when :attr:`check_free_every` cases
+        have passed since the last time).  Returns (pages restored, isolation
+        findings)."""
+        n, bad = self._restore(full)
+        return n, [_outside(p) for p in bad]
+
+    def _restore(self, full: bool | None) -> tuple[int, list[int]]:
+        """:meth:`restore`, with the isolation findings as page addresses; the pages
+        a full comparison found that the tracking missed are left in :attr:`_missed`."""
         base, size = self._base, self.m.mem.size
         # a page of the processor's plaintext cache (SEV) stands for its DRAM page
         cand = self._always.union(p if p < size else p - size for p in self._written)
@@ -355,11 +419,17 @@ class Harness:
             mem.handed_out.clear()
             cand |= tables
         dirty = base.changed_pages(cand)
-        self._restores += 1
-        if self.check_free_every and self._restores % self.check_free_every == 0:
-            full = base.changed(self._alloc_runs) + self._dirty_free()
-            self.untracked += len(set(full) - set(dirty))
-            dirty = full
+        self._since_full += 1
+        if full is None:
+            full = bool(self.check_free_every) and self._since_full >= self.check_free_every
+        self._missed = []
+        if full:
+            every = base.changed(self._alloc_runs) + self._dirty_free()
+            self._missed = sorted(set(every) - set(dirty))
+            self.untracked += len(self._missed)
+            dirty = every
+            self._since_full = 0
+            self._window = []
         bad = []
         after = getattr(self, "_after_config", {})
         mm = self.mm
@@ -368,7 +438,7 @@ class Harness:
                 continue
             if p in after and mm[p:p + PAGE_SIZE] == after[p]:
                 continue          # the hypervisor's own IOPM/MSRPM configuration for this case
-            bad.append(f"host page {p:#x} outside the guest's memory, VMCB and tables changed")
+            bad.append(p)
         for p in dirty:
             base.put_back(p)
         self._tlb_good = self._tlb_good and self.cpu.tlb.stats.flushes == 0 and \
@@ -505,6 +575,11 @@ def _set_accessed_dirty(mem: HostMemory, root_hpa: int, to_hpa) -> None:
                 if nxt is not None:
                     visit(nxt, level - 1)
     visit(root_hpa, 4)
+
+
+def _outside(page: int) -> str:
+    """The isolation finding for a changed host page the guest may not write."""
+    return f"host page {page:#x} outside the guest's memory, VMCB and tables changed"
 
 
 def _words(codes) -> tuple[int, ...]:

@@ -138,6 +138,115 @@ def test_full_comparison_restores_what_tracking_missed(harness):
     assert bytes(harness.mm) == base
 
 
+def _missed_write(h: Harness, victim: int, at: int, times: int = 1 << 30):
+    """Make the CPUID handler store straight into DRAM (no tracked path sees it)
+    at ``victim`` when the CPUID is at ``at`` -- up to ``times`` times.  Returns
+    a function that takes the handler back."""
+    old = h.m.handlers[0x72]
+    left = [times]
+
+    def leaky(m, e):
+        if e.rip == at and left[0] > 0:
+            left[0] -= 1
+            h.mm[victim] = 0x5A
+        return old(m, e)
+    h.m.handlers[0x72] = leaky
+    return lambda: h.m.handlers.__setitem__(0x72, old)
+
+
+def _cpuid_at(offset: int) -> Case:
+    return Case(CPUID + TERMINATOR, offset, VmcbConfig(words(0x72, 0x81)))
+
+
+@pytest.mark.parametrize("culprit", [1, 3])
+def test_replay_pins_a_missed_write_on_its_case(harness, culprit):
+    """With the full comparison every 4th case, a write no tracked path reports,
+    made by the 2nd (or the 4th) case of the window into a page the guest does
+    not own, is found at the 4th case and pinned on the case that made it by
+    replaying the window one case at a time: exact blame, DRAM restored."""
+    base = bytes(harness.mm)
+    victim = harness.free_ranges[0][0] + 0x123
+    cases = [_cpuid_at(0x40 if i == culprit else 8 * i) for i in range(4)]
+    undo = _missed_write(harness, victim, CODE_BASE + 0x40)
+    try:
+        harness.run(cases[0], full=True)              # an empty window to start from
+        harness.check_free_every = 4
+        before = harness.untracked
+        outs = [harness.run(c) for c in cases]
+    finally:
+        undo()
+        harness.check_free_every = 16
+    assert all(not o.isolation and not o.earlier for o in outs[:3]), [o.isolation for o in outs]
+    if culprit == 3:
+        assert outs[3].earlier == [] and outs[3].isolation == [f"host page {victim & ~0xFFF:#x} outside the guest's "
+                                                               "memory, VMCB and tables changed"]
+    else:
+        assert outs[3].isolation == []
+        assert [(c, [m[:len("host page 0x")] for m in ms]) for c, ms in outs[3].earlier] == [(cases[1], ["host page 0x"])]
+        assert f"{victim & ~0xFFF:#x}" in outs[3].earlier[0][1][0]
+    assert harness.untracked == before + 1
+    assert bytes(harness.mm) == base
+
+
+def test_replay_that_does_not_reproduce_names_the_window(harness):
+    """A missed write the replay does not make again (here: made once only) is
+    still reported, on the case whose comparison found it, naming the cases."""
+    base = bytes(harness.mm)
+    victim = harness.free_ranges[0][0] + 0x321
+    undo = _missed_write(harness, victim, CODE_BASE + 0x40, times=1)
+    try:
+        harness.run(_cpuid_at(0), full=True)
+        harness.check_free_every = 3
+        first = harness.cases_run + 1
+        outs = [harness.run(_cpuid_at(o)) for o in (0x40, 0, 8)]
+    finally:
+        undo()
+        harness.check_free_every = 16
+    assert [o.isolation for o in outs[:2]] == [[], []] and outs[2].earlier == []
+    msg, = outs[2].isolation
+    assert f"{victim & ~0xFFF:#x}" in msg and f"cases {first}-{first + 2}" in msg and "did not change it" in msg
+    assert bytes(harness.mm) == base
+
+
+def test_a_missed_write_to_guest_memory_is_counted_not_replayed(harness, monkeypatch):
+    """A missed write into the guest's own RAM is no isolation finding: the full
+    comparison restores and counts it, and replays nothing (there is no one to blame)."""
+    base = bytes(harness.mm)
+    undo = _missed_write(harness, harness.m.guest.ram[0x1F0000] + 9, CODE_BASE + 0x40)
+    runs = []
+    real = harness.run
+    try:
+        harness.run(_cpuid_at(0), full=True)
+        harness.check_free_every = 3
+        before = harness.untracked
+        monkeypatch.setattr(harness, "run", lambda c, full=None: runs.append(c) or real(c, full))
+        outs = [harness.run(_cpuid_at(o)) for o in (0x40, 0, 8)]
+    finally:
+        monkeypatch.undo()
+        undo()
+        harness.check_free_every = 16
+    assert len(runs) == 3 and all(not o.isolation and not o.earlier for o in outs)
+    assert harness.untracked == before + 1 and bytes(harness.mm) == base
+
+
+def test_campaign_saves_the_replayed_culprit(tmp_path, monkeypatch):
+    """The campaign saves a finding the replay pinned on an earlier case with
+    that case as its reproducer (minimized with a full comparison per run)."""
+    cases = iter([_cpuid_at(0), _cpuid_at(0x40), _cpuid_at(8), _cpuid_at(16)])
+    monkeypatch.setattr(C, "next_case", lambda rng, corpus, n: next(cases))
+    w = C.Worker(C.Options(seed=1, cases=4, audit=True, differential_every=0, crashes=tmp_path, arcs=False))
+    h = w.auditing
+    h.check_free_every = 4
+    undo = _missed_write(h, h.free_ranges[0][0] + 7, CODE_BASE + 0x40)
+    try:
+        fresh = [f for _ in range(4) for f in w.step()]
+    finally:
+        undo()
+    assert [f.kind for f in fresh] == ["isolation"]
+    saved, = tmp_path.glob("isolation-*.case")
+    assert Case.load(saved).offset == 0x40 and Case.load(saved).code.startswith(CPUID)
+
+
 def test_case_file_carries_its_machine(tmp_path):
     """A case saved from a shadow-paging or SEV campaign replays on that machine."""
     for paging, sev in (("shadow", False), ("nested", True)):
@@ -240,6 +349,27 @@ def test_audit_catches_planted_popf_bug(auditing):
     assert [a.kind for a in out.audit] == ["missed"]
     assert "popf" in out.audit[0].insn and out.audit[0].rip == CODE_BASE + 3
     assert not auditing.run(c).audit          # the real decision is right
+
+
+def test_audit_checks_every_iteration_of_a_rep_string_io(auditing):
+    """REP OUTSB/OUTSW to port 80h with the IOIO intercept armed: with only port
+    81h's IOPM bit set, the byte form runs its 3 iterations with no exit and the
+    audit is clean; with the IOPM check planted to ignore a word access's second
+    byte, the word form exits on none of its 3 iterations although each touches
+    port 81h (APM §15.10.2), and the audit names each of them."""
+    regs = {"rsi": DATA_BASE, "rcx": 3, "rdx": 0x80}
+    cfg = VmcbConfig(words(0x7B, 0x81), [0x81])
+    clean = auditing.run(Case(b"\xf3\x6e" + TERMINATOR, 0, cfg, dict(regs)))
+    assert not clean.audit and not clean.exits[:-1], [str(a) for a in clean.audit]
+    assert auditing.auditor.steps >= 3 + 3                         # 3 iterations, then the terminator
+    plant("iopm-2nd-byte")()
+    try:
+        out = auditing.run(Case(b"\x66\xf3\x6f" + TERMINATOR, 0, cfg, dict(regs)))
+    finally:
+        unplant()
+    # (Unicorn steps a REP instruction once more with rCX = 0, and the audit counts that step too)
+    assert len(out.audit) >= 3 and {(a.kind, a.rip) for a in out.audit} == {("missed", CODE_BASE)}, \
+        [str(a) for a in out.audit]
 
 
 @pytest.mark.parametrize("split", [1, 2])
