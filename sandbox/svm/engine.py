@@ -62,6 +62,39 @@ def flush_soft_tlb(uc: Uc) -> None:
     uc.ctl(UCC.UC_CTL_TLB_FLUSH, UCC.UC_CTL_IO_WRITE)
 
 
+class TbInvalidator:
+    """Drops Unicorn's translated blocks on given host-physical pages, with no
+    virtual-to-physical translation.
+
+    ``ctl_remove_cache`` takes a virtual address and resolves it through the
+    soft TLB, which under ``UC_TLB_VIRTUAL`` means a TLB-fill hook (a Python
+    2-D walk, and a fetch fill that rescans the page) whenever the entry is not
+    cached, and the translation of the moment, not the one a block was built
+    under.  QEMU's own ``tb_invalidate_phys_range`` takes the RAM address, which
+    is the host-physical address here (:func:`new_engine` maps all of it as one
+    RAM block at 0, the engine's only one).  libunicorn exports it under its
+    per-target name; when a build does not, :attr:`available` is False and the
+    caller flushes every block instead (``ctl_flush_tb``)."""
+
+    _SYMBOL = "tb_invalidate_phys_range_x86_64"
+
+    def __init__(self, uc: Uc) -> None:
+        fn = getattr(uclib, self._SYMBOL, None)
+        self.available = fn is not None
+        if fn is not None:
+            addr = ctypes.cast(fn, ctypes.c_void_p).value
+            # void tb_invalidate_phys_range(struct uc_struct *uc, ram_addr_t start, ram_addr_t end);
+            # GIL kept: it never calls back into Python (no TLB fill, no hook)
+            self._fn = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)(addr)
+            self._h = raw_handle(uc)
+
+    def pages(self, pages) -> None:
+        """Drop every translated block that has a byte on one of ``pages`` (page-aligned)."""
+        fn, h = self._fn, self._h
+        for p in pages:
+            fn(h, p, p + 0x1000)
+
+
 def add_raw_insn_hook(uc: Uc, fn: Callable[[], int], insn: int) -> object:
     """A UC_HOOK_INSN for RDTSC/RDTSCP, which the binding does not wrap
     (they share CPUID's callback type).  ``fn()`` returns 1 to skip the

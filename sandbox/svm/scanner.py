@@ -32,7 +32,7 @@ from .controls import GuestControls
 from .cpustate import HF_CPL_MASK, HF_CS64, OFF_HFLAGS, OFF_REGS, CpuState
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
-from .engine import CodeHooks
+from .engine import CodeHooks, TbInvalidator
 from .events import GuestAccess
 from .extension import NO_EXTENSION, ProcessorExtension
 from .vmcb import OFF_EFER, OFF_V_INTR, VIntr
@@ -60,6 +60,11 @@ _MAX_INSN = D.MAX_INSN
 _QHFLAGS = OFF_HFLAGS >> 3             # CpuState.q index of the qword holding hflags
 assert OFF_HFLAGS % 8 == 0 and OFF_REGS == 0
 _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in the page
+#: a reset drops the blocks of at most this many code pages one page at a time;
+#: past it (or every _FLUSH_EVERY resets, so Unicorn's code buffer is reused from
+#: its start rather than filled page after page) it flushes every block
+_TB_PAGES_MAX = 64
+_FLUSH_EVERY = 32
 
 
 def straddling(page: bytes) -> list[int]:
@@ -132,6 +137,11 @@ class Scanner:
         self._armed_key: tuple | None = None
         self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
+        #: hpa pages fetched since every translated block was last flushed: every
+        #: block lies on these (Unicorn grants execute only to a fetch fill, which scans)
+        self.tb_pages: set[int] = set()
+        self._tb_inv = TbInvalidator(uc)
+        self._resets = 0
         #: address -> (bytes, the decode or None, the cached decision or None, port I/O?,
         #: first byte 40-4F: a REX prefix only in 64-bit mode?)
         self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]] = {}
@@ -182,7 +192,7 @@ class Scanner:
             self.code_pages.clear()
             self.code_hpa.clear()
             self._decoded_by_key.clear()
-            self._uc.ctl_flush_tb()
+            self._flush_tb()
             self._flush_soft_tlb()
         # cached decisions depend on the vectors: one cache per armed key (each
         # entry is checked against the bytes at the address when it is used)
@@ -195,6 +205,7 @@ class Scanner:
 
     def scan(self, gva: int, hpa: int) -> None:
         """A fetch fill of page ``gva`` (at ``hpa``): hook every candidate on it."""
+        self.tb_pages.add(hpa)
         cur = self.code_pages.get(gva)
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
         if cur is not None and cur[0] == hpa and cur[1] == page:
@@ -386,10 +397,27 @@ class Scanner:
             d.clear()
         self.decoded.clear()
 
+    def _flush_tb(self) -> None:
+        """Drop every translated block."""
+        self._uc.ctl_flush_tb()
+        self.tb_pages.clear()
+        self._resets = 0
+
+    def drop_translations(self) -> None:
+        """Drop every translated block: by page when few pages held code since
+        the last flush (QEMU's full flush resets its whole block hash table, about
+        ten times the cost of dropping a few pages' blocks), else all at once."""
+        self._resets += 1
+        if self._tb_inv.available and len(self.tb_pages) <= _TB_PAGES_MAX and self._resets < _FLUSH_EVERY:
+            self._tb_inv.pages(self.tb_pages)
+            self.tb_pages.clear()
+        else:
+            self._flush_tb()
+
     def reset(self) -> None:
         """Forget every scan, decode and pending watch; drop the translated
         blocks and Unicorn's soft TLB, so every page is fetched and scanned anew."""
-        self._uc.ctl_flush_tb()
+        self.drop_translations()
         self.code_pages.clear()
         self.code_hpa.clear()
         self._drop_decodes()
