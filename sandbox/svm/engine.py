@@ -173,10 +173,14 @@ class CodeHooks:
         """``callback(handle, address, size, user_data)`` is called from C: it
         must not raise."""
         self._h = raw_handle(uc)
-        self._add = uclib.uc_hook_add
+        # uc_hook_add only allocates and links the hook (no TLB fill, no callback):
+        # called keeping the GIL, with no argument conversion (see in_hook_fn)
+        self._add = in_hook_fn("uc_hook_add")
         self._cb = HOOK_CODE_CFUNC(callback)
-        #: address -> hook handle
-        self.handles: dict[int, uc_hook_h] = {}
+        self._hh = uc_hook_h()
+        self._hh_ref = ctypes.byref(self._hh)
+        #: address -> hook handle (the ``uc_hook`` value)
+        self.handles: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -186,14 +190,21 @@ class CodeHooks:
 
     def add(self, addr: int) -> None:
         """Hook the instruction that may begin at ``addr`` (once)."""
-        if addr in self.handles:
-            return
-        hh = uc_hook_h()
-        err = self._add(self._h, ctypes.byref(hh), UC_HOOK_CODE, self._cb, None,
-                        ctypes.c_uint64(addr), ctypes.c_uint64(addr))
-        if err:
-            raise UcError(err)
-        self.handles[addr] = hh
+        if addr not in self.handles:
+            self.add_new((addr,))
+
+    def add_new(self, addrs) -> None:
+        """Hook each of ``addrs`` that is not hooked yet."""
+        handles, add, h, ref, hh, cb, u64 = self.handles, self._add, self._h, self._hh_ref, self._hh, self._cb, \
+            ctypes.c_uint64
+        for addr in addrs:
+            if addr in handles:
+                continue
+            a = u64(addr)
+            err = add(h, ref, UC_HOOK_CODE, cb, None, a, a)
+            if err:
+                raise UcError(err)
+            handles[addr] = hh.value
 
     def shed(self) -> int:
         """Delete every hook; returns how many there were.  Translated blocks
@@ -204,5 +215,5 @@ class CodeHooks:
         meanwhile (they are kept; a hook on an address is always sound)."""
         old, self.handles = self.handles, {}
         for hh in old.values():
-            uclib.uc_hook_del(self._h, hh)
+            uclib.uc_hook_del(self._h, uc_hook_h(hh))
         return len(old)

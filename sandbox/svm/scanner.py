@@ -211,9 +211,7 @@ class Scanner:
         if cur is not None and cur[0] == hpa and cur[1] == page:
             return
         hits = D.scan(page, PAGE_SIZE, self._one, self._two) + straddling(page)
-        add = self.hooks.add
-        for off in hits:
-            add(gva + off)
+        self.hooks.add_new([gva + off for off in hits])
         self.code_pages[gva] = (hpa, page)
         self.code_hpa.setdefault(hpa, set()).add(gva)
         # drop stale decodes for this page
@@ -340,7 +338,7 @@ class Scanner:
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
         new = int.from_bytes(page, "little")
         first, last = PAGE_SIZE, 0
-        add = self.hooks.add
+        add_new = self.hooks.add_new
         for g in list(self.code_hpa.get(hpa, ())):
             cur = self.code_pages.get(g)
             if cur is None or cur[0] != hpa or cur[1] == page:
@@ -351,8 +349,7 @@ class Scanner:
             hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
             if hi > PAGE_SIZE - D.MAX_INSN:
                 hits += straddling(page)
-            for off in hits:
-                add(g + off)
+            add_new([g + off for off in hits])
             self.code_pages[g] = (hpa, page)
             first, last = min(first, lo), max(last, hi)
         return (first, last) if last else None
