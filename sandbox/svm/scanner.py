@@ -53,6 +53,7 @@ NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
 IO_KINDS = frozenset({D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS})
 _Q = struct.Struct("<Q")
+_VIRQ_OR_AVIC = int(VIntr.V_IRQ | VIntr.AVIC_ENABLE)
 _TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
 #: decode caches kept for distinct intercept vectors before they are all dropped
 _DECODE_CACHES = 8
@@ -135,6 +136,9 @@ class Scanner:
         self.scan_kinds: frozenset = frozenset()
         self._one = self._two = frozenset()
         self._armed_key: tuple | None = None
+        #: every intercept-vector bit, and whether a pending V_IRQ, armed so far (None: nothing yet)
+        self._armed_bits: tuple[int, ...] | None = None
+        self._armed_virq = False
         self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
         #: hpa pages fetched since every translated block was last flushed: every
@@ -175,12 +179,31 @@ class Scanner:
         ctl = self.ctl
         # a pending V_IRQ, or AVIC (whose virtual IRR may be pending at any time), makes
         # the instructions that set RFLAGS.IF interesting
-        virq = bool(_Q.unpack_from(self.view, ctl.vmcb_hpa + OFF_V_INTR)[0] & (VIntr.V_IRQ | VIntr.AVIC_ENABLE))
-        key = (ctl.ivec, virq)
+        virq = bool(_Q.unpack_from(self.view, ctl.vmcb_hpa + OFF_V_INTR)[0] & _VIRQ_OR_AVIC)
+        ivec = ctl.ivec
+        key = (ivec, virq)
         if key == self._armed_key:
             return
         self._armed_key = key
-        kinds = kinds_to_scan(tuple(ctl.ivec), virq)
+        # the kinds are a union over the set bits, so vectors within the bits
+        # armed so far ask for nothing the scan set lacks (a campaign arms new
+        # vectors at every case, nearly always within those)
+        seen = self._armed_bits
+        if seen is None or (virq and not self._armed_virq) or any(w & ~s for w, s in zip(ivec, seen)):
+            self._armed_bits = tuple(w | s for w, s in zip(ivec, seen or (0,) * 6))
+            self._armed_virq = self._armed_virq or virq
+            self._grow_scan(kinds_to_scan(tuple(ivec), virq))
+        # cached decisions depend on the vectors: one cache per armed key (each
+        # entry is checked against the bytes at the address when it is used)
+        dec = self._decoded_by_key.get(key)
+        if dec is None:
+            if len(self._decoded_by_key) >= _DECODE_CACHES:
+                self._decoded_by_key.clear()
+            dec = self._decoded_by_key[key] = {}
+        self.decoded = dec
+
+    def _grow_scan(self, kinds: frozenset) -> None:
+        """Scan for ``kinds`` too from now on (every page is scanned anew)."""
         if not kinds <= self.scan_kinds:
             # Hooks are only ever added: the scan set grows to the union of every
             # set armed so far, so VMCBs that alternate (nested SVM's L1 and L2)
@@ -194,14 +217,6 @@ class Scanner:
             self._decoded_by_key.clear()
             self._flush_tb()
             self._flush_soft_tlb()
-        # cached decisions depend on the vectors: one cache per armed key (each
-        # entry is checked against the bytes at the address when it is used)
-        dec = self._decoded_by_key.get(key)
-        if dec is None:
-            if len(self._decoded_by_key) >= _DECODE_CACHES:
-                self._decoded_by_key.clear()
-            dec = self._decoded_by_key[key] = {}
-        self.decoded = dec
 
     def scan(self, gva: int, hpa: int) -> None:
         """A fetch fill of page ``gva`` (at ``hpa``): hook every candidate on it."""

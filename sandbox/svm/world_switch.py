@@ -45,6 +45,10 @@ if TYPE_CHECKING:
     from .smc import SmcStepper
 
 _Q = struct.Struct("<Q")
+#: the VMCB bits VMRUN tests on every entry, as plain ints (an IntFlag operation costs a microsecond)
+_EVENT_VALID = int(Event.VALID)
+_VIRQ_OR_AVIC = int(VIntr.V_IRQ | VIntr.AVIC_ENABLE)
+_NP_ENABLE = int(NpControl.NP_ENABLE)
 _EXIT3 = struct.Struct("<QQQ")
 _EXIT4 = struct.Struct("<4Q")        # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
 _SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
@@ -324,7 +328,7 @@ class WorldSwitch:
         self._drop_walker()
         self._arm_scanner()
         # event injection (APM §15.20)
-        if not v.eventinj & Event.VALID and not _Q.unpack_from(mv, b + OFF_V_INTR)[0] & (VIntr.V_IRQ | VIntr.AVIC_ENABLE):
+        if not v.eventinj & _EVENT_VALID and not _Q.unpack_from(mv, b + OFF_V_INTR)[0] & _VIRQ_OR_AVIC:
             sw.fast_ok = True
         defer, sw.defer_dispatch = sw.defer_dispatch, True
         try:
@@ -346,7 +350,7 @@ class WorldSwitch:
         ctl = self._ctl
         ctl.ivec = v.ivec
         ctl.iopm_hpa, ctl.msrpm_hpa = v.iopm, v.msrpm
-        np_on = bool(v.np_control & NpControl.NP_ENABLE)
+        np_on = bool(v.np_control & _NP_ENABLE)
         # Unicorn's soft TLB is untagged: empty it whenever the translation
         # context changes; the ASID-tagged model behind it keeps its entries.
         flush = v.asid != ctl.asid or np_on != ctl.np or (np_on and v.n_cr3 != ctl.n_cr3)
