@@ -18,6 +18,7 @@ from typing import Callable
 from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL,
                      UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn import unicorn_const as UCC
+from unicorn.x86_const import UC_X86_REG_MSR
 from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, HOOK_TLB_FILL_CFUNC, uc_hook_h, uclib
 
@@ -127,6 +128,31 @@ class RegReader:
         if err:
             raise UcError(err)
         return buf.value
+
+
+class _MsrValue(ctypes.Structure):
+    """Unicorn's ``uc_x86_msr``: the argument of a UC_X86_REG_MSR access."""
+    _fields_ = (("rid", ctypes.c_uint32), ("value", ctypes.c_uint64))
+
+
+class MsrWriter:
+    """WRMSR as the binding's ``reg_write(UC_X86_REG_MSR, (msr, value))`` does
+    it, through Unicorn's C ``uc_reg_write`` with one reused buffer (the
+    binding builds the structure and picks its class on every call).  The
+    write only updates QEMU's state (no TLB fill, no hook): the GIL is kept."""
+
+    def __init__(self, uc: Uc) -> None:
+        self._h = raw_handle(uc)
+        self._buf = _MsrValue()
+        self._ref = ctypes.byref(self._buf)
+        self._write = in_hook_fn("uc_reg_write")
+
+    def write(self, msr: int, value: int) -> None:
+        buf = self._buf
+        buf.rid, buf.value = msr, value & 0xFFFF_FFFF_FFFF_FFFF
+        err = self._write(self._h, UC_X86_REG_MSR, self._ref)
+        if err:
+            raise UcError(err)
 
 
 def add_raw_code_hook(uc: Uc, fn: Callable[[object, int, int, object], None], begin: int = 1,

@@ -29,6 +29,7 @@ from ..memory.tlb import Tlb, TlbMode
 from .consistency import VmcbImage, consistency
 from .controls import GuestControls
 from .cpustate import DESC_L, OFF_REGS, R_CS, SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
+from .engine import MsrWriter
 from .exitcodes import ExitCode, exit_name
 from .extension import NO_EXTENSION, ProcessorExtension
 from .stop import StopInfo, StopReason
@@ -189,6 +190,7 @@ class WorldSwitch:
     def __init__(self, uc: Uc, st: CpuState, mem: HostMemory, tlb: Tlb, ctl: GuestControls,
                  sw: SwitchState) -> None:
         self._uc, self._st, self._mem, self._tlb, self._ctl, self.sw = uc, st, mem, tlb, ctl, sw
+        self._msr = MsrWriter(uc)
         self._view = mem.view
         self._q = mem.qwords
         self.ext: ProcessorExtension = NO_EXTENSION
@@ -377,7 +379,7 @@ class WorldSwitch:
             return False
         st.reg_write(X.UC_X86_REG_CR0, v.cr0)
         st.reg_write(X.UC_X86_REG_CR4, v.cr4)
-        self._uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, v.efer & ~EFER_SVME))
+        self._msr.write(MSR_EFER, v.efer & ~EFER_SVME)
         st.reg_write(X.UC_X86_REG_CR3, v.cr3)
         st.reg_write(X.UC_X86_REG_CR2, v.cr2)
         st.reg_write(X.UC_X86_REG_DR6, v.dr6)
