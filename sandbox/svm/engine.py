@@ -202,6 +202,9 @@ class CodeHooks:
         # uc_hook_add only allocates and links the hook (no TLB fill, no callback):
         # called keeping the GIL, with no argument conversion (see in_hook_fn)
         self._add = in_hook_fn("uc_hook_add")
+        # uc_hook_del may resolve the hook's translated blocks through the TLB
+        # fill (Python, re-entered with the GIL this thread holds)
+        self._del = in_hook_fn("uc_hook_del")
         self._cb = HOOK_CODE_CFUNC(callback)
         self._hh = uc_hook_h()
         self._hh_ref = ctypes.byref(self._hh)
@@ -240,6 +243,7 @@ class CodeHooks:
         which it finds through the TLB fill: a fill may scan and add hooks
         meanwhile (they are kept; a hook on an address is always sound)."""
         old, self.handles = self.handles, {}
+        delete, h = self._del, self._h
         for hh in old.values():
-            uclib.uc_hook_del(self._h, uc_hook_h(hh))
+            delete(h, uc_hook_h(hh))
         return len(old)
