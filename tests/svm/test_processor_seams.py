@@ -154,3 +154,34 @@ def test_reset_drops_blocks_of_code_rewritten_behind_the_processor(guest, monkey
     m.guest.vmcb.RIP = BASE
     r = m.run(timeout=5, max_insns=1000)
     assert r.reason == "guest-exit" and r.regs["rbx"] == 2
+
+
+def test_flush_soft_tlb_makes_the_next_access_fill_again():
+    """engine.flush_soft_tlb empties Unicorn's soft TLB: the next fetch of a page it
+    held comes back to the TLB-fill hook (and without the flush, it does not)."""
+    import ctypes
+    import mmap
+
+    from unicorn import UC_ARCH_X86, UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc
+
+    from sandbox.svm import engine
+    buf = mmap.mmap(-1, 0x4000)
+    buf[0x1000:0x1001] = b"\xf4"                     # hlt: ends emu_start
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map_ptr(0, 0x4000, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+    uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+    fills = []
+
+    def fill(uc, vaddr, access, entry, ud):
+        fills.append(vaddr)
+        entry.paddr, entry.perms = vaddr, UC_PROT_ALL
+        return True
+    uc.hook_add(UC_HOOK_TLB_FILL, fill)
+    uc.emu_start(0x1000, 0x2000)
+    n = len(fills)
+    assert n >= 1
+    uc.emu_start(0x1000, 0x2000)
+    assert len(fills) == n                           # still in the soft TLB
+    engine.flush_soft_tlb(uc)
+    uc.emu_start(0x1000, 0x2000)
+    assert len(fills) > n
