@@ -7,7 +7,8 @@ shared C callback.
 
 This is the one module of the processor that reaches into the Unicorn
 binding's internals: the engine handle ``uc._uch`` and the ctypes hook API
-(``uclib``, ``uc_hook_h``, the callback types).  :mod:`sandbox.svm.cpustate`
+(``uclib``, ``uc_hook_h``, the callback types), and into one QEMU function
+libunicorn exports (:class:`TbInvalidator`).  :mod:`sandbox.svm.cpustate`
 reads the same handle for its context transfers, on its own.
 """
 from __future__ import annotations
@@ -47,7 +48,9 @@ def raw_handle(uc: Uc) -> ctypes.c_void_p:
 def in_hook_fn(name: str) -> Callable[..., int]:
     """Unicorn's C function ``name`` for calls made from inside a hook: a
     foreign function that keeps the GIL (the hook already holds it, and these
-    calls never block or call back into Python) and has no ``argtypes``, so
+    calls never block; one that calls back into Python, as ``uc_hook_del``
+    may through the TLB fill, re-enters with the GIL this thread holds, as
+    ctypes callbacks take it re-entrantly) and has no ``argtypes``, so
     ctypes converts nothing through ``from_param``.  Its arguments must be
     ctypes objects of the C types (the engine handle, a ``c_void_p``, a
     ``byref``) or C ``int`` values (register ids); it returns the ``uc_err``.
