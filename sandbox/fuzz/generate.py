@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from .case import CODE_BASE, CODE_WINDOW, DATA_BASE, Case, VmcbConfig
-from .table import LEGACY, TABLE, Template, filler
+from .table import LEGACY, TABLE, Template, below, filler, pick
 
 #: the EXIT hypercall (xor eax, eax; xor edi, edi; VMMCALL) that ends a well-formed case
 TERMINATOR = b"\x31\xc0\x31\xff\x0f\x01\xd9"
@@ -25,10 +25,10 @@ NPT_TARGETS = (DATA_BASE, CODE_BASE, CODE_BASE + PAGE, 0x8F000, 0x2000)
 
 
 def random_regs(rng: random.Random) -> dict[str, int]:
-    regs = {n: DATA_BASE + rng.randrange(0, 0x800, 8) for n in ("rbx", "rsi", "rdi", "rbp")}
-    regs["rax"] = rng.choice((0, 1, 7, 0x8000_0000, 0x4000_0000, DATA_BASE, rng.getrandbits(64)))
-    regs["rcx"] = rng.choice(MSR_VALUES + (0, 1, 3, 0x10000, rng.getrandbits(32)))
-    regs["rdx"] = rng.choice(INTERESTING_PORTS + (rng.getrandbits(16), rng.getrandbits(64)))
+    regs = {n: DATA_BASE + 8 * below(rng, 0x100) for n in ("rbx", "rsi", "rdi", "rbp")}
+    regs["rax"] = pick(rng, (0, 1, 7, 0x8000_0000, 0x4000_0000, DATA_BASE, rng.getrandbits(64)))
+    regs["rcx"] = pick(rng, MSR_VALUES + (0, 1, 3, 0x10000, rng.getrandbits(32)))
+    regs["rdx"] = pick(rng, INTERESTING_PORTS + (rng.getrandbits(16), rng.getrandbits(64)))
     return regs
 
 
@@ -78,14 +78,14 @@ def random_config(rng: random.Random) -> VmcbConfig:
 
 
 def with_prefixes(rng: random.Random, t: Template, body: bytes) -> bytes:
-    pre = bytes(rng.choice(t.prefixes) for _ in range(rng.choice((0, 0, 0, 1, 1, 2, 3)))) if t.prefixes else b""
+    pre = bytes(pick(rng, t.prefixes) for _ in range(pick(rng, (0, 0, 0, 1, 1, 2, 3)))) if t.prefixes else b""
     if t.rex and rng.random() < 0.25:
-        pre += bytes([0x40 | rng.randrange(16)])
+        pre += bytes([0x40 | below(rng, 16)])
     return pre + body
 
 
 def sensitive(rng: random.Random) -> bytes:
-    t = rng.choice(TABLE)
+    t = pick(rng, TABLE)
     return with_prefixes(rng, t, t.build(rng))
 
 

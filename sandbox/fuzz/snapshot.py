@@ -277,10 +277,10 @@ class Harness:
         regs = case.regs
         _Q.pack_into(mm, v + OFF_RIP, entry)
         _Q.pack_into(mm, v + OFF_RAX, regs.get("rax", 0))
-        uc = self.uc
+        st = cpu.st
         for n, val in regs.items():
             if n not in ("rax", "rsp"):
-                uc.reg_write(_GPR_IDS[n], val)
+                st.reg_write(_GPR_IDS[n], val)        # through C, no binding conversion
         # stale translations of the previous case's code: the code window and
         # anything else the guest ran may have changed under Unicorn
         cpu.reset_translation_caches()

@@ -374,57 +374,65 @@ def opcode_starts(kinds: set[Kind]) -> tuple[frozenset[int], frozenset[int]]:
     return frozenset(one), frozenset(two)
 
 
+def _starts_table(one: frozenset[int]) -> bytes:
+    """A ``bytes.translate`` table marking (01) the bytes that may begin a
+    candidate: the single-byte opcodes of ``one``, 0F and the VEX prefixes."""
+    t = _STARTS.get(one)
+    if t is None:
+        if len(_STARTS) >= 64:
+            _STARTS.clear()
+        marks = one | {0x0F} | set(VEX_PREFIXES)
+        t = _STARTS[one] = bytes(1 if b in marks else 0 for b in range(256))
+    return t
+
+
+_STARTS: dict[frozenset[int], bytes] = {}
+
+
 def scan(window: bytes, limit: int, one: frozenset[int], two: frozenset[int]) -> list[int]:
     """Offsets ``< limit`` in ``window`` where an armed instruction may start.
 
     ``window`` may extend past ``limit`` (the next page's first bytes) so an
     instruction straddling the boundary is seen.  Every run of prefix bytes
     immediately before an opcode match also yields a candidate per byte.
+    Candidates for a VEX prefix on a sensitive legacy 0F opcode are included,
+    armed or not: Unicorn would run it as the legacy instruction, which must be
+    #UD instead (an escape when its intercept is armed, a wrong result when it
+    is not).  One ``translate`` marks every byte that may begin a candidate and
+    ``find`` goes from one mark to the next (the page is mostly zeros).
     """
     hits: set[int] = set()
     n = len(window)
-    find = window.find
-    for op in one:
-        j = find(bytes((op,)))
-        while j != -1:
-            _add_with_prefixes(window, j, limit, hits)
-            j = find(bytes((op,)), j + 1)
-    if two:
-        j = find(b"\x0f")
-        while j != -1:
-            # 0F AE is a candidate only in its WRFSBASE/WRGSBASE register forms (not the fences)
-            if j + 1 < n and window[j + 1] in two and (window[j + 1] != 0xAE or j + 2 >= n
-                                                       or 0xD0 <= window[j + 2] <= 0xDF):
-                _add_with_prefixes(window, j, limit, hits)
-            elif j + 1 >= n:
-                _add_with_prefixes(window, j, limit, hits)   # opcode byte beyond the window: be safe
-            j = find(b"\x0f", j + 1)
-    _scan_vex(window, limit, hits)
-    return sorted(hits)
-
-
-def _scan_vex(window: bytes, limit: int, hits: set[int]) -> None:
-    """Candidates for a VEX prefix on a sensitive legacy 0F opcode, armed or not:
-    Unicorn would run it as the legacy instruction, which must be #UD instead
-    (an escape when its intercept is armed, a wrong result when it is not)."""
-    find = window.find
-    for vex in VEX_PREFIXES:
-        j = find(bytes((vex,)))
-        while j != -1:
+    marked = window.translate(_starts_table(one))
+    # 90 is in ``one`` for PAUSE alone, which is F3 90: a bare 90 (NOP) is never
+    # one, and only the prefix bytes with an F3 at or after them in the run are
+    pause_only = 0x90 not in _ONE_BYTE
+    j = marked.find(1)
+    while j != -1:
+        b = window[j]
+        if b in one:
+            hit = True
+        elif b == 0x0F:
+            # 0F AE is a candidate only in its WRFSBASE/WRGSBASE register forms (not the fences);
+            # an opcode byte beyond the window: be safe
+            hit = bool(two) and (j + 1 >= n or (window[j + 1] in two and (
+                window[j + 1] != 0xAE or j + 2 >= n or 0xD0 <= window[j + 2] <= 0xDF)))
+        else:
             v = vex_opcode(window, j)
-            if v is None or (v[0] == 1 and v[1] in _VEX_SENSITIVE_0F) or (v[0] == 2 and v[1] == 0x82):
-                _add_with_prefixes(window, j, limit, hits)
-            j = find(bytes((vex,)), j + 1)
-
-
-def _add_with_prefixes(window: bytes, j: int, limit: int, hits: set[int]) -> None:
-    if j < limit:
-        hits.add(j)
-    k = j - 1
-    while k >= 0 and j - k < MAX_INSN and window[k] in PREFIX_BYTES:
-        if k < limit:
-            hits.add(k)
-        k -= 1
+            hit = v is None or (v[0] == 1 and v[1] in _VEX_SENSITIVE_0F) or (v[0] == 2 and v[1] == 0x82)
+        if hit:
+            pause = b == 0x90 and pause_only
+            if j < limit and not pause:
+                hits.add(j)
+            f3 = not pause
+            k = j - 1
+            while k >= 0 and j - k < MAX_INSN and window[k] in PREFIX_BYTES:
+                f3 = f3 or window[k] == 0xF3
+                if f3 and k < limit:
+                    hits.add(k)
+                k -= 1
+        j = marked.find(1, j + 1)
+    return sorted(hits)
 
 
 #: capstone, for the length of an instruction the decoder does not model

@@ -7,7 +7,8 @@ shared C callback.
 
 This is the one module of the processor that reaches into the Unicorn
 binding's internals: the engine handle ``uc._uch`` and the ctypes hook API
-(``uclib``, ``uc_hook_h``, the callback types).  :mod:`sandbox.svm.cpustate`
+(``uclib``, ``uc_hook_h``, the callback types), and into one QEMU function
+libunicorn exports (:class:`TbInvalidator`).  :mod:`sandbox.svm.cpustate`
 reads the same handle for its context transfers, on its own.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL,
                      UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn import unicorn_const as UCC
+from unicorn.x86_const import UC_X86_REG_MSR
 from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, HOOK_TLB_FILL_CFUNC, uc_hook_h, uclib
 
@@ -46,7 +48,9 @@ def raw_handle(uc: Uc) -> ctypes.c_void_p:
 def in_hook_fn(name: str) -> Callable[..., int]:
     """Unicorn's C function ``name`` for calls made from inside a hook: a
     foreign function that keeps the GIL (the hook already holds it, and these
-    calls never block or call back into Python) and has no ``argtypes``, so
+    calls never block; one that calls back into Python, as ``uc_hook_del``
+    may through the TLB fill, re-enters with the GIL this thread holds, as
+    ctypes callbacks take it re-entrantly) and has no ``argtypes``, so
     ctypes converts nothing through ``from_param``.  Its arguments must be
     ctypes objects of the C types (the engine handle, a ``c_void_p``, a
     ``byref``) or C ``int`` values (register ids); it returns the ``uc_err``.
@@ -57,9 +61,54 @@ def in_hook_fn(name: str) -> Callable[..., int]:
     return ctypes.PYFUNCTYPE(ctypes.c_int)(addr)
 
 
+#: ``uc_ctl``'s control word for a write with no arguments (``UC_CTL_WRITE(type, 0)`` in unicorn.h)
+_CTL_TLB_FLUSH = UCC.UC_CTL_IO_WRITE << 30 | UCC.UC_CTL_TLB_FLUSH
+_uc_ctl: Callable[..., int] | None = None
+
+
 def flush_soft_tlb(uc: Uc) -> None:
-    """Empty Unicorn's soft TLB (there is no Python wrapper for this control)."""
-    uc.ctl(UCC.UC_CTL_TLB_FLUSH, UCC.UC_CTL_IO_WRITE)
+    """Empty Unicorn's soft TLB (there is no Python wrapper for this control).
+    A flush only resets QEMU's tables (no fill, no hook): called keeping the
+    GIL, as :func:`in_hook_fn` describes (a fuzz case flushes about three times)."""
+    global _uc_ctl
+    if _uc_ctl is None:
+        _uc_ctl = in_hook_fn("uc_ctl")
+    err = _uc_ctl(uc._uch, _CTL_TLB_FLUSH)
+    if err:
+        raise UcError(err)
+
+
+class TbInvalidator:
+    """Drops Unicorn's translated blocks on given host-physical pages, with no
+    virtual-to-physical translation.
+
+    ``ctl_remove_cache`` takes a virtual address and resolves it through the
+    soft TLB, which under ``UC_TLB_VIRTUAL`` means a TLB-fill hook (a Python
+    2-D walk, and a fetch fill that rescans the page) whenever the entry is not
+    cached, and the translation of the moment, not the one a block was built
+    under.  QEMU's own ``tb_invalidate_phys_range`` takes the RAM address, which
+    is the host-physical address here (:func:`new_engine` maps all of it as one
+    RAM block at 0, the engine's only one).  libunicorn exports it under its
+    per-target name; when a build does not, :attr:`available` is False and the
+    caller flushes every block instead (``ctl_flush_tb``)."""
+
+    _SYMBOL = "tb_invalidate_phys_range_x86_64"
+
+    def __init__(self, uc: Uc) -> None:
+        fn = getattr(uclib, self._SYMBOL, None)
+        self.available = fn is not None
+        if fn is not None:
+            addr = ctypes.cast(fn, ctypes.c_void_p).value
+            # void tb_invalidate_phys_range(struct uc_struct *uc, ram_addr_t start, ram_addr_t end);
+            # GIL kept: it never calls back into Python (no TLB fill, no hook)
+            self._fn = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)(addr)
+            self._h = raw_handle(uc)
+
+    def pages(self, pages) -> None:
+        """Drop every translated block that has a byte on one of ``pages`` (page-aligned)."""
+        fn, h = self._fn, self._h
+        for p in pages:
+            fn(h, p, p + 0x1000)
 
 
 def add_raw_insn_hook(uc: Uc, fn: Callable[[], int], insn: int) -> object:
@@ -94,6 +143,31 @@ class RegReader:
         if err:
             raise UcError(err)
         return buf.value
+
+
+class _MsrValue(ctypes.Structure):
+    """Unicorn's ``uc_x86_msr``: the argument of a UC_X86_REG_MSR access."""
+    _fields_ = (("rid", ctypes.c_uint32), ("value", ctypes.c_uint64))
+
+
+class MsrWriter:
+    """WRMSR as the binding's ``reg_write(UC_X86_REG_MSR, (msr, value))`` does
+    it, through Unicorn's C ``uc_reg_write`` with one reused buffer (the
+    binding builds the structure and picks its class on every call).  The
+    write only updates QEMU's state (no TLB fill, no hook): the GIL is kept."""
+
+    def __init__(self, uc: Uc) -> None:
+        self._h = raw_handle(uc)
+        self._buf = _MsrValue()
+        self._ref = ctypes.byref(self._buf)
+        self._write = in_hook_fn("uc_reg_write")
+
+    def write(self, msr: int, value: int) -> None:
+        buf = self._buf
+        buf.rid, buf.value = msr, value & 0xFFFF_FFFF_FFFF_FFFF
+        err = self._write(self._h, UC_X86_REG_MSR, self._ref)
+        if err:
+            raise UcError(err)
 
 
 def add_raw_code_hook(uc: Uc, fn: Callable[[object, int, int, object], None], begin: int = 1,
@@ -140,10 +214,17 @@ class CodeHooks:
         """``callback(handle, address, size, user_data)`` is called from C: it
         must not raise."""
         self._h = raw_handle(uc)
-        self._add = uclib.uc_hook_add
+        # uc_hook_add only allocates and links the hook (no TLB fill, no callback):
+        # called keeping the GIL, with no argument conversion (see in_hook_fn)
+        self._add = in_hook_fn("uc_hook_add")
+        # uc_hook_del may resolve the hook's translated blocks through the TLB
+        # fill (Python, re-entered with the GIL this thread holds)
+        self._del = in_hook_fn("uc_hook_del")
         self._cb = HOOK_CODE_CFUNC(callback)
-        #: address -> hook handle
-        self.handles: dict[int, uc_hook_h] = {}
+        self._hh = uc_hook_h()
+        self._hh_ref = ctypes.byref(self._hh)
+        #: address -> hook handle (the ``uc_hook`` value)
+        self.handles: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -153,14 +234,21 @@ class CodeHooks:
 
     def add(self, addr: int) -> None:
         """Hook the instruction that may begin at ``addr`` (once)."""
-        if addr in self.handles:
-            return
-        hh = uc_hook_h()
-        err = self._add(self._h, ctypes.byref(hh), UC_HOOK_CODE, self._cb, None,
-                        ctypes.c_uint64(addr), ctypes.c_uint64(addr))
-        if err:
-            raise UcError(err)
-        self.handles[addr] = hh
+        if addr not in self.handles:
+            self.add_new((addr,))
+
+    def add_new(self, addrs) -> None:
+        """Hook each of ``addrs`` that is not hooked yet."""
+        handles, add, h, ref, hh, cb, u64 = self.handles, self._add, self._h, self._hh_ref, self._hh, self._cb, \
+            ctypes.c_uint64
+        for addr in addrs:
+            if addr in handles:
+                continue
+            a = u64(addr)
+            err = add(h, ref, UC_HOOK_CODE, cb, None, a, a)
+            if err:
+                raise UcError(err)
+            handles[addr] = hh.value
 
     def shed(self) -> int:
         """Delete every hook; returns how many there were.  Translated blocks
@@ -170,6 +258,7 @@ class CodeHooks:
         which it finds through the TLB fill: a fill may scan and add hooks
         meanwhile (they are kept; a hook on an address is always sound)."""
         old, self.handles = self.handles, {}
+        delete, h = self._del, self._h
         for hh in old.values():
-            uclib.uc_hook_del(self._h, hh)
+            delete(h, uc_hook_h(hh))
         return len(old)

@@ -178,8 +178,11 @@ class NativeInsns:
     def _io_permission(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
         """Port I/O not intercepted: only the I/O-permission #GP is the model's
         to raise (Unicorn does not check IOPL or the TSS bitmap)."""
+        cpl = view.cpl
+        if not cpl:
+            return                  # CPL 0 is never above IOPL: no RFLAGS read
         port = insn.imm if insn.imm is not None else st.gpr(2) & 0xFFFF
-        if view.cpl > (view.rflags() >> 12) & 3 and not view.io_allowed_by_tss(port, insn.opsize // 8):
+        if cpl > (view.rflags() >> 12) & 3 and not view.io_allowed_by_tss(port, insn.opsize // 8):
             self._raise(Vec.GP, 0, address)
 
     def _hlt(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:

@@ -32,7 +32,7 @@ from .controls import GuestControls
 from .cpustate import HF_CPL_MASK, HF_CS64, OFF_HFLAGS, OFF_REGS, CpuState
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
-from .engine import CodeHooks
+from .engine import CodeHooks, TbInvalidator
 from .events import GuestAccess
 from .extension import NO_EXTENSION, ProcessorExtension
 from .vmcb import OFF_EFER, OFF_V_INTR, VIntr
@@ -53,6 +53,7 @@ NO_EXIT = ExitInfo(-1)          # cached "this instruction does not exit"
 TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
 IO_KINDS = frozenset({D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS})
 _Q = struct.Struct("<Q")
+_VIRQ_OR_AVIC = int(VIntr.V_IRQ | VIntr.AVIC_ENABLE)
 _TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
 #: decode caches kept for distinct intercept vectors before they are all dropped
 _DECODE_CACHES = 8
@@ -60,6 +61,11 @@ _MAX_INSN = D.MAX_INSN
 _QHFLAGS = OFF_HFLAGS >> 3             # CpuState.q index of the qword holding hflags
 assert OFF_HFLAGS % 8 == 0 and OFF_REGS == 0
 _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in the page
+#: a reset drops the blocks of at most this many code pages one page at a time;
+#: past it (or every _FLUSH_EVERY resets, so Unicorn's code buffer is reused from
+#: its start rather than filled page after page) it flushes every block
+_TB_PAGES_MAX = 64
+_FLUSH_EVERY = 32
 
 
 def straddling(page: bytes) -> list[int]:
@@ -130,8 +136,16 @@ class Scanner:
         self.scan_kinds: frozenset = frozenset()
         self._one = self._two = frozenset()
         self._armed_key: tuple | None = None
+        #: every intercept-vector bit, and whether a pending V_IRQ, armed so far (None: nothing yet)
+        self._armed_bits: tuple[int, ...] | None = None
+        self._armed_virq = False
         self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
+        #: hpa pages fetched since every translated block was last flushed: every
+        #: block lies on these (Unicorn grants execute only to a fetch fill, which scans)
+        self.tb_pages: set[int] = set()
+        self._tb_inv = TbInvalidator(uc)
+        self._resets = 0
         #: address -> (bytes, the decode or None, the cached decision or None, port I/O?,
         #: first byte 40-4F: a REX prefix only in 64-bit mode?)
         self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]] = {}
@@ -165,12 +179,31 @@ class Scanner:
         ctl = self.ctl
         # a pending V_IRQ, or AVIC (whose virtual IRR may be pending at any time), makes
         # the instructions that set RFLAGS.IF interesting
-        virq = bool(_Q.unpack_from(self.view, ctl.vmcb_hpa + OFF_V_INTR)[0] & (VIntr.V_IRQ | VIntr.AVIC_ENABLE))
-        key = (ctl.ivec, virq)
+        virq = bool(_Q.unpack_from(self.view, ctl.vmcb_hpa + OFF_V_INTR)[0] & _VIRQ_OR_AVIC)
+        ivec = ctl.ivec
+        key = (ivec, virq)
         if key == self._armed_key:
             return
         self._armed_key = key
-        kinds = kinds_to_scan(tuple(ctl.ivec), virq)
+        # the kinds are a union over the set bits, so vectors within the bits
+        # armed so far ask for nothing the scan set lacks (a campaign arms new
+        # vectors at every case, nearly always within those)
+        seen = self._armed_bits
+        if seen is None or (virq and not self._armed_virq) or any(w & ~s for w, s in zip(ivec, seen)):
+            self._armed_bits = tuple(w | s for w, s in zip(ivec, seen or (0,) * 6))
+            self._armed_virq = self._armed_virq or virq
+            self._grow_scan(kinds_to_scan(tuple(ivec), virq))
+        # cached decisions depend on the vectors: one cache per armed key (each
+        # entry is checked against the bytes at the address when it is used)
+        dec = self._decoded_by_key.get(key)
+        if dec is None:
+            if len(self._decoded_by_key) >= _DECODE_CACHES:
+                self._decoded_by_key.clear()
+            dec = self._decoded_by_key[key] = {}
+        self.decoded = dec
+
+    def _grow_scan(self, kinds: frozenset) -> None:
+        """Scan for ``kinds`` too from now on (every page is scanned anew)."""
         if not kinds <= self.scan_kinds:
             # Hooks are only ever added: the scan set grows to the union of every
             # set armed so far, so VMCBs that alternate (nested SVM's L1 and L2)
@@ -182,27 +215,18 @@ class Scanner:
             self.code_pages.clear()
             self.code_hpa.clear()
             self._decoded_by_key.clear()
-            self._uc.ctl_flush_tb()
+            self._flush_tb()
             self._flush_soft_tlb()
-        # cached decisions depend on the vectors: one cache per armed key (each
-        # entry is checked against the bytes at the address when it is used)
-        dec = self._decoded_by_key.get(key)
-        if dec is None:
-            if len(self._decoded_by_key) >= _DECODE_CACHES:
-                self._decoded_by_key.clear()
-            dec = self._decoded_by_key[key] = {}
-        self.decoded = dec
 
     def scan(self, gva: int, hpa: int) -> None:
         """A fetch fill of page ``gva`` (at ``hpa``): hook every candidate on it."""
+        self.tb_pages.add(hpa)
         cur = self.code_pages.get(gva)
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
         if cur is not None and cur[0] == hpa and cur[1] == page:
             return
         hits = D.scan(page, PAGE_SIZE, self._one, self._two) + straddling(page)
-        add = self.hooks.add
-        for off in hits:
-            add(gva + off)
+        self.hooks.add_new([gva + off for off in hits])
         self.code_pages[gva] = (hpa, page)
         self.code_hpa.setdefault(hpa, set()).add(gva)
         # drop stale decodes for this page
@@ -329,7 +353,7 @@ class Scanner:
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
         new = int.from_bytes(page, "little")
         first, last = PAGE_SIZE, 0
-        add = self.hooks.add
+        add_new = self.hooks.add_new
         for g in list(self.code_hpa.get(hpa, ())):
             cur = self.code_pages.get(g)
             if cur is None or cur[0] != hpa or cur[1] == page:
@@ -340,8 +364,7 @@ class Scanner:
             hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
             if hi > PAGE_SIZE - D.MAX_INSN:
                 hits += straddling(page)
-            for off in hits:
-                add(g + off)
+            add_new([g + off for off in hits])
             self.code_pages[g] = (hpa, page)
             first, last = min(first, lo), max(last, hi)
         return (first, last) if last else None
@@ -386,10 +409,27 @@ class Scanner:
             d.clear()
         self.decoded.clear()
 
+    def _flush_tb(self) -> None:
+        """Drop every translated block."""
+        self._uc.ctl_flush_tb()
+        self.tb_pages.clear()
+        self._resets = 0
+
+    def drop_translations(self) -> None:
+        """Drop every translated block: by page when few pages held code since
+        the last flush (QEMU's full flush resets its whole block hash table, about
+        ten times the cost of dropping a few pages' blocks), else all at once."""
+        self._resets += 1
+        if self._tb_inv.available and len(self.tb_pages) <= _TB_PAGES_MAX and self._resets < _FLUSH_EVERY:
+            self._tb_inv.pages(self.tb_pages)
+            self.tb_pages.clear()
+        else:
+            self._flush_tb()
+
     def reset(self) -> None:
         """Forget every scan, decode and pending watch; drop the translated
         blocks and Unicorn's soft TLB, so every page is fetched and scanned anew."""
-        self._uc.ctl_flush_tb()
+        self.drop_translations()
         self.code_pages.clear()
         self.code_hpa.clear()
         self._drop_decodes()

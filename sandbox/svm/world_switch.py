@@ -29,6 +29,7 @@ from ..memory.tlb import Tlb, TlbMode
 from .consistency import VmcbImage, consistency
 from .controls import GuestControls
 from .cpustate import DESC_L, OFF_REGS, R_CS, SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
+from .engine import MsrWriter
 from .exitcodes import ExitCode, exit_name
 from .extension import NO_EXTENSION, ProcessorExtension
 from .stop import StopInfo, StopReason
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
     from .smc import SmcStepper
 
 _Q = struct.Struct("<Q")
+#: the VMCB bits VMRUN tests on every entry, as plain ints (an IntFlag operation costs a microsecond)
+_EVENT_VALID = int(Event.VALID)
+_VIRQ_OR_AVIC = int(VIntr.V_IRQ | VIntr.AVIC_ENABLE)
+_NP_ENABLE = int(NpControl.NP_ENABLE)
 _EXIT3 = struct.Struct("<QQQ")
 _EXIT4 = struct.Struct("<4Q")        # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
 _SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
@@ -185,6 +190,7 @@ class WorldSwitch:
     def __init__(self, uc: Uc, st: CpuState, mem: HostMemory, tlb: Tlb, ctl: GuestControls,
                  sw: SwitchState) -> None:
         self._uc, self._st, self._mem, self._tlb, self._ctl, self.sw = uc, st, mem, tlb, ctl, sw
+        self._msr = MsrWriter(uc)
         self._view = mem.view
         self._q = mem.qwords
         self.ext: ProcessorExtension = NO_EXTENSION
@@ -324,7 +330,7 @@ class WorldSwitch:
         self._drop_walker()
         self._arm_scanner()
         # event injection (APM §15.20)
-        if not v.eventinj & Event.VALID and not _Q.unpack_from(mv, b + OFF_V_INTR)[0] & (VIntr.V_IRQ | VIntr.AVIC_ENABLE):
+        if not v.eventinj & _EVENT_VALID and not _Q.unpack_from(mv, b + OFF_V_INTR)[0] & _VIRQ_OR_AVIC:
             sw.fast_ok = True
         defer, sw.defer_dispatch = sw.defer_dispatch, True
         try:
@@ -346,7 +352,7 @@ class WorldSwitch:
         ctl = self._ctl
         ctl.ivec = v.ivec
         ctl.iopm_hpa, ctl.msrpm_hpa = v.iopm, v.msrpm
-        np_on = bool(v.np_control & NpControl.NP_ENABLE)
+        np_on = bool(v.np_control & _NP_ENABLE)
         # Unicorn's soft TLB is untagged: empty it whenever the translation
         # context changes; the ASID-tagged model behind it keeps its entries.
         flush = v.asid != ctl.asid or np_on != ctl.np or (np_on and v.n_cr3 != ctl.n_cr3)
@@ -373,7 +379,7 @@ class WorldSwitch:
             return False
         st.reg_write(X.UC_X86_REG_CR0, v.cr0)
         st.reg_write(X.UC_X86_REG_CR4, v.cr4)
-        self._uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, v.efer & ~EFER_SVME))
+        self._msr.write(MSR_EFER, v.efer & ~EFER_SVME)
         st.reg_write(X.UC_X86_REG_CR3, v.cr3)
         st.reg_write(X.UC_X86_REG_CR2, v.cr2)
         st.reg_write(X.UC_X86_REG_DR6, v.dr6)

@@ -218,16 +218,12 @@ def test_shedding_hooks_survives_fills_that_add_hooks(monkeypatch):
     hooks = engine.CodeHooks(uc, lambda *a: None)
     for a in range(8):
         hooks.add(0x1000 + a)
-    real = engine.uclib
+    real = hooks._del
 
-    class DelAndFill:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def uc_hook_del(self, h, hh):
-            hooks.add(0x9000 + len(hooks))           # what a scanning fill does
-            return real.uc_hook_del(h, hh)
-    monkeypatch.setattr(engine, "uclib", DelAndFill())
+    def del_and_fill(h, hh):
+        hooks.add(0x9000 + len(hooks))           # what a scanning fill does
+        return real(h, hh)
+    monkeypatch.setattr(hooks, "_del", del_and_fill)
     assert hooks.shed() == 8
     assert len(hooks) == 8 and all(a >= 0x9000 for a in hooks.handles)   # the new hooks stay
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from unicorn import UC_MEM_FETCH, UC_PROT_EXEC
 
 from sandbox.svm.exitcodes import ExitCode
 from sandbox.svm.stop import StopReason
 
-from conftest import BASE, DATA, hc_exit, install_reporting_idt, leaf_pte
+from conftest import BASE, DATA, assemble, hc_exit, install_reporting_idt, leaf_pte
 
 DONE = 0x77
 NEW_TABLES = 0x1D0000        # four free guest pages for a second paging hierarchy
@@ -121,3 +123,65 @@ def test_wrmsr_efer_nxe_reaches_the_walk(guest):
     r = m.run(timeout=5)
     assert r.reason == "guest-exit" and r.exit_code == 0x100 + 14, (r.reason, r.detail, r.exit_code)
     assert r.regs["rsi"] & 0x8 and r.regs["r8"] == DATA       # error code RSVD; CR2
+
+
+@pytest.mark.parametrize("by_page", [True, False], ids=["by-page", "full-flush"])
+def test_reset_drops_blocks_of_code_rewritten_behind_the_processor(guest, monkeypatch, by_page):
+    """A tool that rewrites guest code straight into DRAM (the fuzzer's snapshot
+    harness does, for every case) and resets the translation caches runs the new
+    code: the reset drops the translated blocks of every page fetched since the
+    last flush (QEMU's tb_invalidate_phys_range on host-physical pages), or
+    flushes them all."""
+    from sandbox.svm import scanner
+    if not by_page:
+        monkeypatch.setattr(scanner, "_TB_PAGES_MAX", -1)
+    m = guest("mov ebx, 1\n" + hc_exit(DONE))
+    # every run with an instruction budget, as the fuzzer's: Unicorn flushes every
+    # block itself when a run without a budget follows one with a budget
+    for _ in range(2):      # the first entry's blocks are built under other flags than a re-entry's
+        m.guest.vmcb.RIP = BASE
+        r = m.run(timeout=5, max_insns=1000)
+        assert r.reason == "guest-exit" and r.regs["rbx"] == 1
+    hpa = m.guest.ram[BASE & ~0xFFF] + (BASE & 0xFFF)
+    new = assemble("mov ebx, 2\n")
+    assert len(new) == len(assemble("mov ebx, 1\n"))
+    m.mem.raw[hpa:hpa + len(new)] = new
+    m.guest.vmcb.RIP = BASE
+    # without a reset, the old block still runs (else this test would prove nothing)
+    r = m.run(timeout=5, max_insns=1000)
+    assert r.reason == "guest-exit" and r.regs["rbx"] == 1
+    m.cpu.reset_translation_caches()
+    m.guest.vmcb.RIP = BASE
+    r = m.run(timeout=5, max_insns=1000)
+    assert r.reason == "guest-exit" and r.regs["rbx"] == 2
+
+
+def test_flush_soft_tlb_makes_the_next_access_fill_again():
+    """engine.flush_soft_tlb empties Unicorn's soft TLB: the next fetch of a page it
+    held comes back to the TLB-fill hook (and without the flush, it does not)."""
+    import ctypes
+    import mmap
+
+    from unicorn import UC_ARCH_X86, UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc
+
+    from sandbox.svm import engine
+    buf = mmap.mmap(-1, 0x4000)
+    buf[0x1000:0x1001] = b"\xf4"                     # hlt: ends emu_start
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map_ptr(0, 0x4000, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+    uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+    fills = []
+
+    def fill(uc, vaddr, access, entry, ud):
+        fills.append(vaddr)
+        entry.paddr, entry.perms = vaddr, UC_PROT_ALL
+        return True
+    uc.hook_add(UC_HOOK_TLB_FILL, fill)
+    uc.emu_start(0x1000, 0x2000)
+    n = len(fills)
+    assert n >= 1
+    uc.emu_start(0x1000, 0x2000)
+    assert len(fills) == n                           # still in the soft TLB
+    engine.flush_soft_tlb(uc)
+    uc.emu_start(0x1000, 0x2000)
+    assert len(fills) > n

@@ -34,3 +34,41 @@ def test_single_intercepts_name_their_instructions():
     assert D.Kind.MOV_TO_CR in kinds_to_scan.__wrapped__(vec(0x18), False)
     assert IRQ_WINDOW <= kinds_to_scan.__wrapped__((0,) * 6, True)
     assert ExitCode.CPUID == 0x72 and ExitCode.IOIO == 0x7B
+
+
+def _capstone_pause_offsets(window: bytes) -> set[int]:
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    cs = Cs(CS_ARCH_X86, CS_MODE_64)
+    return {o for o in range(len(window)) for i in cs.disasm(window[o:o + 15], 0, 1) if i.mnemonic == "pause"}
+
+
+def test_page_scan_hooks_pause_not_bare_nops():
+    """PAUSE is F3 90 (APM vol. 3, PAUSE), legacy prefixes allowed around the F3: a bare
+    90 (NOP) or one behind prefixes without an F3 is no candidate; capstone is the reference."""
+    one, two = D.opcode_starts({D.Kind.PAUSE})
+    window = bytes.fromhex("9090f390 66f390 f36690 6690 2ef390 f32e90 90") + bytes(32)
+    hits = set(D.scan(window, len(window), one, two))
+    assert _capstone_pause_offsets(window) == {2, 5, 12, 13, 15} <= hits
+    # prefix order is free (APM vol. 3 §1.2): 66 F3 90 and F3 66 90 may be PAUSE too
+    assert hits == {2, 4, 5, 7, 12, 13, 15}
+
+
+def test_page_scan_finds_every_instruction_start():
+    """Over random windows dense in prefixes and sensitive opcodes, every offset where an
+    instruction of the scanned kinds begins is a candidate, for random kind sets; and every
+    PAUSE capstone finds is one."""
+    rng = random.Random(3)
+    kinds = list(D.Kind)
+    alphabet = [0x90, 0xF3, 0xF2, 0x66, 0x67, 0x2E, 0x41, 0x48, 0x0F, 0x01, 0xD9, 0xA2, 0x31, 0xC4, 0xC5,
+                0xE4, 0xEC, 0x6C, 0xF4, 0x9C, 0xCD, 0x20, 0x22, 0xAE, 0xD8, 0x00]
+    for _ in range(60):
+        ks = set(rng.sample(kinds, rng.randrange(1, len(kinds) + 1)))
+        one, two = D.opcode_starts(ks)
+        window = bytes(rng.choice(alphabet) if rng.random() < 0.8 else rng.randrange(256) for _ in range(400))
+        hits = set(D.scan(window, len(window), one, two))
+        for o in range(len(window)):
+            insn = D.decode(window[o:o + 15])
+            if insn is not None and insn.kind in ks:
+                assert o in hits, (window[o:o + 15].hex(), insn.kind)
+        if D.Kind.PAUSE in ks:
+            assert _capstone_pause_offsets(window) <= hits
