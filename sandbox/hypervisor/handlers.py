@@ -107,9 +107,10 @@ def _cpuid_leaf(m: "Machine", leaf: int, sub: int) -> tuple[int, int, int, int]:
 def handle_cpuid(m: "Machine", e: ExitRecord) -> Action:
     """CPUID: virtualized leaves, hypervisor-present bit, vendor leaf 0x40000000."""
     regs = m.regs
-    leaf = regs.rax & M32
-    # the fixed leaves without a call: this is the hottest exit
-    out = (not m.cpuid_overrides and FIXED_LEAVES.get(leaf)) or _cpuid_leaf(m, leaf, regs.rcx & M32)
+    rax = regs.rax
+    # the fixed leaves without a call or a mask (a RAX above 32 bits matches none of
+    # them and takes the general lookup): this is the hottest exit
+    out = (not m.cpuid_overrides and FIXED_LEAVES.get(rax)) or _cpuid_leaf(m, rax & M32, regs.rcx & M32)
     regs.set_abcd(out, e.nrip)                # one call: four register writes and m.advance(e)
     return RESUME
 

@@ -110,7 +110,10 @@ def _eager_reg(offset: int, name: str) -> property:
         return regs.machine.guest.vmcb_q[i]
 
     def put(regs: "GuestRegs", value: int) -> None:
-        regs.machine.guest.vmcb_q[i] = value & M64
+        try:
+            regs.machine.guest.vmcb_q[i] = value
+        except (ValueError, TypeError):       # outside 0..2**64-1: kept modulo 2**64, as a register holds it
+            regs.machine.guest.vmcb_q[i] = value & M64
     return property(get, put, doc=f"guest {name} (the VMCB's state-save area, current at every exit); read and write")
 
 
@@ -175,12 +178,22 @@ class GuestRegs:
         with ``next_rip``, :meth:`complete` too."""
         a, b, c, d = values
         vq = self.machine.guest.vmcb_q
-        vq[_QRAX] = a & M64
-        if next_rip is not None:
-            vq[_QRIP] = next_rip & M64
+        # values in 0..2**64-1 are stored as they are; others modulo 2**64 (the masks cost
+        # an allocation each, so only the rare value outside the range pays them)
+        try:
+            vq[_QRAX] = a
+            if next_rip is not None:
+                vq[_QRIP] = next_rip
+        except (ValueError, TypeError):
+            vq[_QRAX] = a & M64
+            if next_rip is not None:
+                vq[_QRIP] = next_rip & M64
         if self.cpu_switch.snap_valid:
             st = self.cpu_state
-            _RCX_RDX_RBX.pack_into(st.data, _OFF_RCX, c & M64, d & M64, b & M64)
+            try:
+                _RCX_RDX_RBX.pack_into(st.data, _OFF_RCX, c, d, b)
+            except struct.error:
+                _RCX_RDX_RBX.pack_into(st.data, _OFF_RCX, c & M64, d & M64, b & M64)
             st.dirty = True
         else:
             cpu = self.machine.cpu
@@ -195,7 +208,10 @@ class GuestRegs:
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
-        self.machine.guest.vmcb_q[_QRIP] = next_rip & M64
+        try:
+            self.machine.guest.vmcb_q[_QRIP] = next_rip
+        except (ValueError, TypeError):       # outside 0..2**64-1: modulo 2**64
+            self.machine.guest.vmcb_q[_QRIP] = next_rip & M64
 
     def inject(self, event: Event) -> None:
         """Deliver ``event`` at the next VMRUN (EVENTINJ)."""

@@ -124,6 +124,12 @@ class CpuState:
         self.write_rip_raw: Callable[[], int] = partial(in_hook_fn("uc_reg_write"), self._h, X.UC_X86_REG_RIP,
                                                         ctypes.byref(self.rip_cell))
 
+    def rip_writer(self, address: int) -> Callable[[], int]:
+        """``fn()``: uc_reg_write of RIP from the qword at process address ``address``
+        (e.g. a VMCB's RIP field in DRAM) -- :attr:`write_rip_raw` without the copy
+        into :attr:`rip_cell`.  Returns Unicorn's error code."""
+        return partial(in_hook_fn("uc_reg_write"), self._h, X.UC_X86_REG_RIP, ctypes.c_void_p(address))
+
     # -- whole-context transfer ------------------------------------------------
     def load(self) -> "CpuState":
         if self.dirty:

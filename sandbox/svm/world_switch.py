@@ -193,6 +193,8 @@ class WorldSwitch:
         #: ``ctl.vmcb_hpa`` by :meth:`_use_vmcb`: the exit path indexes it with constants
         self._vb: memoryview = memoryview(bytearray(VMCB_SIZE))
         self._vq: memoryview = self._vb.cast("Q")
+        #: ``fn()``: the processor's RIP := the current VMCB's RIP field (uc_reg_write from DRAM)
+        self._write_rip: Callable[[], int] = st.write_rip_raw
         self.ext: ProcessorExtension = NO_EXTENSION
         self.exit_count = 0
         self.max_exits = 0
@@ -286,8 +288,10 @@ class WorldSwitch:
         self._ctl.vmcb_hpa = vmcb_hpa
         if 0 <= vmcb_hpa and vmcb_hpa + VMCB_SIZE <= len(self._view):
             self._vb = self._view[vmcb_hpa:vmcb_hpa + VMCB_SIZE]
+            self._write_rip = self._st.rip_writer(self._mem.address + vmcb_hpa + OFF_RIP)
         else:           # VMRUN's checks refuse the address before an exit can use the views
             self._vb = memoryview(bytearray(VMCB_SIZE))
+            self._write_rip = self._st.write_rip_raw
         self._vq = self._vb.cast("Q")
 
     def switch_vmcb(self, vmcb_hpa: int) -> None:
@@ -644,8 +648,8 @@ class WorldSwitch:
         self._drop_walker()
         sw.snap_valid = False
         sw.gif = True
-        sw.entry_rip = st.rip_cell.value = vq[_QRIP]
-        err = st.write_rip_raw()
+        sw.entry_rip = vq[_QRIP]
+        err = self._write_rip()              # RIP straight from the VMCB's RIP field
         if err:
             raise UcError(err)
 
