@@ -195,6 +195,7 @@ class WorldSwitch:
         self._vq: memoryview = self._vb.cast("Q")
         #: ``fn()``: the processor's RIP := the current VMCB's RIP field (uc_reg_write from DRAM)
         self._write_rip: Callable[[], int] = st.write_rip_raw
+        self._views_at = -1                  # the VMCB address the views are of (-1: none)
         self.ext: ProcessorExtension = NO_EXTENSION
         self.exit_count = 0
         self.max_exits = 0
@@ -286,12 +287,16 @@ class WorldSwitch:
     def _use_vmcb(self, vmcb_hpa: int) -> None:
         """The VMCB at ``vmcb_hpa`` is the current one (``ctl.vmcb_hpa`` and the page views)."""
         self._ctl.vmcb_hpa = vmcb_hpa
+        if vmcb_hpa == self._views_at:
+            return                           # the same VMCB as before (every case of a fuzz campaign)
         if 0 <= vmcb_hpa and vmcb_hpa + VMCB_SIZE <= len(self._view):
             self._vb = self._view[vmcb_hpa:vmcb_hpa + VMCB_SIZE]
             self._write_rip = self._st.rip_writer(self._mem.address + vmcb_hpa + OFF_RIP)
+            self._views_at = vmcb_hpa
         else:           # VMRUN's checks refuse the address before an exit can use the views
             self._vb = memoryview(bytearray(VMCB_SIZE))
             self._write_rip = self._st.write_rip_raw
+            self._views_at = -1
         self._vq = self._vb.cast("Q")
 
     def switch_vmcb(self, vmcb_hpa: int) -> None:
