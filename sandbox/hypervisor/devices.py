@@ -133,7 +133,10 @@ class DeviceBus:
         ``write``; an unclaimed port reads all-ones.  (:meth:`port_owner`
         written out: this runs on every IOIO exit.)"""
         for d in self.devices:
-            owns = getattr(d, "owns", None)
+            try:
+                owns = d.owns               # not every device has ports (getattr's default costs a call)
+            except AttributeError:
+                continue
             if owns is not None and owns(port):
                 if is_in:
                     return d.read(port, size) & ((1 << (8 * size)) - 1)

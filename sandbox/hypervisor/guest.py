@@ -27,6 +27,17 @@ class GuestPhysicalMemory:
     SPACE = "GPA"
     mem: HostMemory
     npt: NestedPageTable
+    vmcb_hpa: int
+    vmcb: VMCB
+    #: the VMCB page as qwords (``vmcb_q[OFF_RAX >> 3]`` is the guest's RAX): for the exit path,
+    #: which reads the never-cached fields RAX/RSP/RIP in place (no HostMemory round trip)
+    vmcb_q: memoryview
+
+    def alloc_vmcb(self) -> None:
+        """Give this context its VMCB: a zeroed host page, its accessor and its qword view."""
+        self.vmcb_hpa = self.mem.alloc_page()
+        self.vmcb = VMCB(self.mem, self.vmcb_hpa)
+        self.vmcb_q = self.mem.qwords[self.vmcb_hpa >> 3:(self.vmcb_hpa + PAGE_SIZE) >> 3]
 
     def gpa_to_hpa(self, gpa: int) -> int:
         hpa = self.npt.lookup(gpa)
@@ -66,8 +77,7 @@ class Guest(GuestPhysicalMemory):
             raise ValueError(f"guest RAM ({ram_size:#x}) is not a multiple of the nested page size {npt_page:#x}")
         self.mem, self.ram_size, self.npt_page = mem, ram_size, npt_page
         self.migrations = 0
-        self.vmcb_hpa = mem.alloc_page()
-        self.vmcb = VMCB(mem, self.vmcb_hpa)
+        self.alloc_vmcb()
         self.iopm = IOPM(mem, mem.alloc_contiguous(IOPM_PAGES))
         self.msrpm = MSRPM(mem, mem.alloc_contiguous(MSRPM_PAGES))
         self.npt = NestedPageTable(mem, on_change=self._npt_changed)

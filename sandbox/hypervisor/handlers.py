@@ -107,9 +107,10 @@ def _cpuid_leaf(m: "Machine", leaf: int, sub: int) -> tuple[int, int, int, int]:
 def handle_cpuid(m: "Machine", e: ExitRecord) -> Action:
     """CPUID: virtualized leaves, hypervisor-present bit, vendor leaf 0x40000000."""
     regs = m.regs
-    leaf = regs.rax & M32
-    # the fixed leaves without a call: this is the hottest exit
-    out = (not m.cpuid_overrides and FIXED_LEAVES.get(leaf)) or _cpuid_leaf(m, leaf, regs.rcx & M32)
+    rax = regs.rax
+    # the fixed leaves without a call or a mask (a RAX above 32 bits matches none of
+    # them and takes the general lookup): this is the hottest exit
+    out = (not m.cpuid_overrides and FIXED_LEAVES.get(rax)) or _cpuid_leaf(m, rax & M32, regs.rcx & M32)
     regs.set_abcd(out, e.nrip)                # one call: four register writes and m.advance(e)
     return RESUME
 
@@ -136,15 +137,18 @@ def handle_rdpmc(m: "Machine", e: ExitRecord) -> Action:
 # ------------------------------------------------------------------ port I/O
 # plain ints: an IntFlag operand costs a call on the exit path
 _SZ8, _SZ16, _STR, _TYPE_IN = int(IoioInfo.SZ8), int(IoioInfo.SZ16), int(IoioInfo.STR), int(IoioInfo.TYPE_IN)
+_SZ_SHIFT = (_SZ8 & -_SZ8).bit_length() - 1
+#: (size, mask) by EXITINFO1's SZ8/SZ16/SZ32 bits: SZ8 wins, then SZ16, else 4 bytes
+_IO_SIZES = tuple((1, 0xFF) if b & 1 else ((2, 0xFFFF) if b & 2 else (4, 0xFFFF_FFFF)) for b in range(8))
 
 
 def handle_ioio(m: "Machine", e: ExitRecord) -> Action:
     """IN/OUT/INS/OUTS against the port bus (APM §15.10.2 EXITINFO1)."""
     info = e.exitinfo1
-    port, size = info >> 16 & 0xFFFF, (1 if info & _SZ8 else (2 if info & _SZ16 else 4))
+    size, mask = _IO_SIZES[info >> _SZ_SHIFT & 7]
+    port = info >> 16 & 0xFFFF
     if info & _STR:
         return _string_ioio(m, e, port, size)
-    mask = (1 << (8 * size)) - 1
     regs = m.regs
     if info & _TYPE_IN:
         v = m.bus.io(port, size, True)

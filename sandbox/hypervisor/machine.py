@@ -104,11 +104,16 @@ def _eager_reg(offset: int, name: str) -> property:
     A ``property`` (not a descriptor class): CPython calls a property's
     getter without the generic descriptor protocol's extra frame, which
     halves the cost of a register access on the exit path."""
+    i = offset >> 3
+
     def get(regs: "GuestRegs") -> int:
-        return regs.dram_q[(regs.machine.guest.vmcb_hpa + offset) >> 3]
+        return regs.machine.guest.vmcb_q[i]
 
     def put(regs: "GuestRegs", value: int) -> None:
-        regs.dram_q[(regs.machine.guest.vmcb_hpa + offset) >> 3] = value & M64
+        try:
+            regs.machine.guest.vmcb_q[i] = value
+        except (ValueError, TypeError):       # outside 0..2**64-1: kept modulo 2**64, as a register holds it
+            regs.machine.guest.vmcb_q[i] = value & M64
     return property(get, put, doc=f"guest {name} (the VMCB's state-save area, current at every exit); read and write")
 
 
@@ -136,6 +141,9 @@ def _cpu_reg(index: int) -> property:
 _RBX_I, _RCX_I, _RDX_I = (GPR_NAMES.index(n) for n in ("rbx", "rcx", "rdx"))
 #: RCX, RDX, RBX: adjacent in the processor's snapshot (QEMU order rax rcx rdx rbx), one pack
 _RCX_RDX_RBX = struct.Struct("<3Q")
+_OFF_RCX = OFF_REGS + 8 * _RCX_I
+#: qword indices of the never-cached fields in the VMCB page (``Guest.vmcb_q``)
+_QRAX, _QRIP = OFF_RAX >> 3, OFF_RIP >> 3
 assert (_RDX_I, _RBX_I) == (_RCX_I + 1, _RCX_I + 2)
 
 
@@ -149,7 +157,7 @@ class GuestRegs:
     view also decides how an exit completes (:meth:`complete`, :meth:`inject`).
     """
 
-    __slots__ = ("machine", "dram_q", "cpu_switch", "cpu_state")
+    __slots__ = ("machine", "cpu_switch", "cpu_state")
     rax, rsp, rip = _eager_reg(OFF_RAX, "RAX"), _eager_reg(OFF_RSP, "RSP"), _eager_reg(OFF_RIP, "RIP")
     rflags = _vmcb_reg("RFLAGS")
     rcx, rdx, rbx, rbp, rsi, rdi = (_cpu_reg(GPR_NAMES.index(n)) for n in ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi"))
@@ -157,8 +165,7 @@ class GuestRegs:
 
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
-        # what every access needs, bound once: DRAM as qwords, the world switch's flags, the snapshot
-        self.dram_q = machine.mem.qwords
+        # what every access needs, bound once: the world switch's flags, the snapshot
         self.cpu_switch = machine.cpu.switch
         self.cpu_state = machine.cpu.st
 
@@ -170,14 +177,23 @@ class GuestRegs:
         the others into the processor's snapshot (what four attribute writes do);
         with ``next_rip``, :meth:`complete` too."""
         a, b, c, d = values
-        dq = self.dram_q
-        base = self.machine.guest.vmcb_hpa
-        dq[(base + OFF_RAX) >> 3] = a & M64
-        if next_rip is not None:
-            dq[(base + OFF_RIP) >> 3] = next_rip & M64
+        vq = self.machine.guest.vmcb_q
+        # values in 0..2**64-1 are stored as they are; others modulo 2**64 (the masks cost
+        # an allocation each, so only the rare value outside the range pays them)
+        try:
+            vq[_QRAX] = a
+            if next_rip is not None:
+                vq[_QRIP] = next_rip
+        except (ValueError, TypeError):
+            vq[_QRAX] = a & M64
+            if next_rip is not None:
+                vq[_QRIP] = next_rip & M64
         if self.cpu_switch.snap_valid:
             st = self.cpu_state
-            _RCX_RDX_RBX.pack_into(st.data, OFF_REGS + 8 * _RCX_I, c & M64, d & M64, b & M64)
+            try:
+                _RCX_RDX_RBX.pack_into(st.data, _OFF_RCX, c, d, b)
+            except struct.error:
+                _RCX_RDX_RBX.pack_into(st.data, _OFF_RCX, c & M64, d & M64, b & M64)
             st.dirty = True
         else:
             cpu = self.machine.cpu
@@ -192,7 +208,10 @@ class GuestRegs:
 
     def complete(self, next_rip: int) -> None:
         """The intercepted instruction is done: the guest resumes at ``next_rip``."""
-        self.dram_q[(self.machine.guest.vmcb_hpa + OFF_RIP) >> 3] = next_rip & M64
+        try:
+            self.machine.guest.vmcb_q[_QRIP] = next_rip
+        except (ValueError, TypeError):       # outside 0..2**64-1: modulo 2**64
+            self.machine.guest.vmcb_q[_QRIP] = next_rip & M64
 
     def inject(self, event: Event) -> None:
         """Deliver ``event`` at the next VMRUN (EVENTINJ)."""
@@ -530,7 +549,7 @@ class Machine:
             act = h(self, rec)
             if act is None or act is RESUME:
                 # the livelock check's common case inline: the handler moved RIP
-                if self.mem.qwords[(self.guest.vmcb_hpa + OFF_RIP) >> 3] != rec.rip:
+                if self.guest.vmcb_q[_QRIP] != rec.rip:
                     if self._last_fp is not None:
                         self._last_fp, self._same_fp = None, 0
                 elif self._livelocked(rec):

@@ -97,8 +97,7 @@ class NestedContext(GuestPhysicalMemory):
     def __init__(self, l1: "Guest", asid: int) -> None:
         mem = l1.mem
         self.mem, self.l1, self.ram_size, self.npt_page = mem, l1, l1.ram_size, PAGE_SIZE
-        self.vmcb_hpa = mem.alloc_page()
-        self.vmcb = VMCB(mem, self.vmcb_hpa)
+        self.alloc_vmcb()
         #: all ones: while L1 intercepts IOIO (MSR), every L2 port (MSR) access exits to L0,
         #: which reads L1's own map at the exit -- L1 may change its map while L2 runs
         self.iopm = IOPM(mem, mem.alloc_contiguous(IOPM_PAGES))

@@ -86,6 +86,15 @@ def attrib_to_flags(attrib: int) -> int:
     return ((attrib & 0xFF) << 8) | ((attrib & 0xF00) << 12)
 
 
+def _pointer_arg(address: int) -> object:
+    """A prepared C pointer argument with the value ``address``, for the foreign
+    functions of :func:`~sandbox.svm.engine.in_hook_fn`: a ``byref`` of a ctypes
+    object placed at that address (nothing is read there).  ctypes passes such an
+    argument as it is, where a ``c_void_p`` costs a search of its format table on
+    every call."""
+    return ctypes.byref(ctypes.c_char.from_address(address))
+
+
 class CpuState:
     """Raw view of one Unicorn x86-64 CPU's state.
 
@@ -99,7 +108,6 @@ class CpuState:
         self.uc = uc
         self._h = uc._uch
         self._ctx = uc.context_save()
-        self._cptr = self._ctx.context          # the binding's property costs a call per access
         addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         size = self._ctx.size - CONTEXT_DATA
         self.data = memoryview((ctypes.c_char * size).from_address(addr + CONTEXT_DATA)).cast("B")
@@ -113,26 +121,35 @@ class CpuState:
         self.dirty = False         # snapshot holds writes not yet stored
         self._val = ctypes.c_uint64()
         self._pval = ctypes.byref(self._val)
-        # hot-path transfers that run no Python frame (the caller keeps ``dirty`` right):
+        # hot-path transfers that run no Python frame (the caller keeps ``dirty`` right), their
+        # pointer arguments prepared once (see _pointer_arg):
+        h, cp = _pointer_arg(self._h.value), _pointer_arg(addr)
+        self._write_reg = in_hook_fn("uc_reg_write")
         #: ``save_raw()``: uc_context_save into :attr:`data` (:meth:`load` without the dirty check)
-        self.save_raw: Callable[[], int] = partial(self._save, self._h, self._cptr)
+        self.save_raw: Callable[[], int] = partial(self._save, h, cp)
         #: ``restore_raw()``: uc_context_restore from :attr:`data` (:meth:`store` without clearing ``dirty``)
-        self.restore_raw: Callable[[], int] = partial(self._restore, self._h, self._cptr)
+        self.restore_raw: Callable[[], int] = partial(self._restore, h, cp)
         #: ``write_rip_raw()``: uc_reg_write of RIP from :attr:`rip_cell` -- how a hook moves RIP
         #: (Unicorn then restarts translation there); returns Unicorn's error code
         self.rip_cell = ctypes.c_uint64()
-        self.write_rip_raw: Callable[[], int] = partial(in_hook_fn("uc_reg_write"), self._h, X.UC_X86_REG_RIP,
+        self.write_rip_raw: Callable[[], int] = partial(self._write_reg, h, X.UC_X86_REG_RIP,
                                                         ctypes.byref(self.rip_cell))
+
+    def rip_writer(self, address: int) -> Callable[[], int]:
+        """``fn()``: uc_reg_write of RIP from the qword at process address ``address``
+        (e.g. a VMCB's RIP field in DRAM) -- :attr:`write_rip_raw` without the copy
+        into :attr:`rip_cell`.  Returns Unicorn's error code."""
+        return partial(self._write_reg, _pointer_arg(self._h.value), X.UC_X86_REG_RIP, _pointer_arg(address))
 
     # -- whole-context transfer ------------------------------------------------
     def load(self) -> "CpuState":
         if self.dirty:
             self.store()
-        self._save(self._h, self._cptr)
+        self.save_raw()
         return self
 
     def store(self) -> None:
-        self._restore(self._h, self._cptr)
+        self.restore_raw()
         self.dirty = False
 
     # -- direct register access through Unicorn (side effects honoured) --------

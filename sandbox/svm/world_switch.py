@@ -68,6 +68,8 @@ _SEGMENT_REGS = ("ES", "CS", "SS", "DS")
 _QRIP, _QRSP, _QRAX, _QNRIP, _QEVENTINJ = (o >> 3 for o in (OFF_RIP, OFF_RSP, OFF_RAX, OFF_NRIP, OFF_EVENTINJ))
 _QEXITCODE = OFF_EXITCODE >> 3         # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO: four qwords
 _FLUSH_ON_SWITCH = TlbMode.FLUSH_ON_SWITCH
+#: a record without its generated ``__init__`` (the exit path stores every field itself)
+_new_record = object.__new__
 
 
 def put_seg(mv, at: int, seg: tuple[int, int, int, int]) -> None:
@@ -193,6 +195,13 @@ class WorldSwitch:
         self._msr = MsrWriter(uc)
         self._view = mem.view
         self._q = mem.qwords
+        #: the current VMCB's page as bytes and as qwords (``_vq[off >> 3]``), kept with
+        #: ``ctl.vmcb_hpa`` by :meth:`_use_vmcb`: the exit path indexes it with constants
+        self._vb: memoryview = memoryview(bytearray(VMCB_SIZE))
+        self._vq: memoryview = self._vb.cast("Q")
+        #: ``fn()``: the processor's RIP := the current VMCB's RIP field (uc_reg_write from DRAM)
+        self._write_rip: Callable[[], int] = st.write_rip_raw
+        self._views_at = -1                  # the VMCB address the views are of (-1: none)
         self.ext: ProcessorExtension = NO_EXTENSION
         self.exit_count = 0
         self.max_exits = 0
@@ -221,7 +230,7 @@ class WorldSwitch:
         """A VMRUN from the hypervisor: load the guest (dispatching the exits
         its entry raised).  True when the guest is to run from ``sw.entry_rip``."""
         sw = self.sw
-        self._ctl.vmcb_hpa = vmcb_hpa
+        self._use_vmcb(vmcb_hpa)
         self.on_exit, self.max_exits = on_exit, max_exits
         self._mem.sync = self._sync
         sw.fast_ok = False
@@ -281,6 +290,21 @@ class WorldSwitch:
         sw.gif = True
         sw.entry_rip = rip
 
+    def _use_vmcb(self, vmcb_hpa: int) -> None:
+        """The VMCB at ``vmcb_hpa`` is the current one (``ctl.vmcb_hpa`` and the page views)."""
+        self._ctl.vmcb_hpa = vmcb_hpa
+        if vmcb_hpa == self._views_at:
+            return                           # the same VMCB as before (every case of a fuzz campaign)
+        if 0 <= vmcb_hpa and vmcb_hpa + VMCB_SIZE <= len(self._view):
+            self._vb = self._view[vmcb_hpa:vmcb_hpa + VMCB_SIZE]
+            self._write_rip = self._st.rip_writer(self._mem.address + vmcb_hpa + OFF_RIP)
+            self._views_at = vmcb_hpa
+        else:           # VMRUN's checks refuse the address before an exit can use the views
+            self._vb = memoryview(bytearray(VMCB_SIZE))
+            self._write_rip = self._st.write_rip_raw
+            self._views_at = -1
+        self._vq = self._vb.cast("Q")
+
     def switch_vmcb(self, vmcb_hpa: int) -> None:
         """From a handler: the dispatch loop's next VMRUN takes the VMCB at
         ``vmcb_hpa`` (a hypervisor that emulates VMRUN and #VMEXIT for its own
@@ -289,7 +313,7 @@ class WorldSwitch:
         GPRs other than RAX and RSP stay in the processor, as on hardware."""
         sw = self.sw
         self.flush_guest_state()
-        self._ctl.vmcb_hpa = vmcb_hpa
+        self._use_vmcb(vmcb_hpa)
         sw.fast_ok = False
         sw.loaded = None
         sw.vmcb_written = True
@@ -576,26 +600,33 @@ class WorldSwitch:
         # #VMEXIT (as vmexit, fresh): RIP/RSP/RAX and the exit fields at once, the rest lazily
         st = self._st
         gq = st.q
-        q = self._q
-        a = self._ctl.vmcb_hpa
-        b = a >> 3
+        vq = self._vq                        # the VMCB page as qwords
         rax = gq[0]
         rsp = gq[4]
-        q[b + _QRIP] = rip
-        q[b + _QRSP] = rsp
-        q[b + _QRAX] = rax
-        mv = self._view
-        _EXIT4.pack_into(mv, a + OFF_EXITCODE, code, info1, info2, 0)
-        q[b + _QNRIP] = nrip
-        q[b + _QEVENTINJ] = 0                # EVENTINJ consumed
-        mv[a + OFF_GUEST_INSN_LEN] = 0
+        vq[_QRIP] = rip
+        vq[_QRSP] = rsp
+        vq[_QRAX] = rax
+        vb = self._vb
+        _EXIT4.pack_into(vb, OFF_EXITCODE, code, info1, info2, 0)
+        vq[_QNRIP] = nrip
+        vq[_QEVENTINJ] = 0                   # EVENTINJ consumed
+        vb[OFF_GUEST_INSN_LEN] = 0
         sw.snap_valid = sw.lazy_pending = sw.exit_resumable = True
         sw.vmcb_written = sw.gif = False     # #VMEXIT clears GIF
         self._mem.sync = self._sync
         self.exit_count = n = self.exit_count + 1
-        sw.exit = rec = ExitRecord(code, info1, info2, 0, rip, nrip, b"", n)
-        # the hypervisor (as after_exit_in_hook and dispatch_loop)
-        sw.last_exit_rip = rip
+        # ExitRecord(code, info1, info2, 0, rip, nrip, b"", n), without the call of its __init__
+        rec = _new_record(ExitRecord)
+        rec.exitcode = code
+        rec.exitinfo1 = info1
+        rec.exitinfo2 = info2
+        rec.exitintinfo = 0
+        rec.rip = sw.last_exit_rip = rip     # the hypervisor (as after_exit_in_hook and dispatch_loop)
+        rec.nrip = nrip
+        rec.insn = b""
+        rec.index = n
+        rec.level = "L1"
+        sw.exit = rec
         if n >= self.max_exits:
             sw.stop = StopInfo(StopReason.EXIT_BUDGET, f"{n} exits")
             self._leave_hook(False, rip)
@@ -607,19 +638,20 @@ class WorldSwitch:
             self._leave_hook(False, rip)
             return
         sw.exit = None
-        if sw.vmcb_written or not (sw.fast_ok and sw.snap_valid) or mv[a + OFF_TLB_CONTROL] \
+        if sw.vmcb_written or not (sw.fast_ok and sw.snap_valid) or vb[OFF_TLB_CONTROL] \
                 or self._tlb.mode is _FLUSH_ON_SWITCH or self._xmod_pages:
             sw.saved_regs = (rax, rsp)       # what _reenter compares with (only it reads them)
             self._leave_hook(self._enter_in_hook(), rip)
             return
         # VMRUN: the fast re-entry (:meth:`_reenter` with no TLB_CONTROL and no
         # cross-modifying code), written out: this is every round trip's last step
-        rip = q[b + _QRIP]
-        if q[b + _QRAX] != rax:              # the snapshot is current: patch it and store it once
-            gq[0] = q[b + _QRAX]
+        v = vq[_QRAX]
+        if v != rax:                         # the snapshot is current: patch it and store it once
+            gq[0] = v
             st.dirty = True
-        if q[b + _QRSP] != rsp:
-            gq[4] = q[b + _QRSP]
+        v = vq[_QRSP]
+        if v != rsp:
+            gq[4] = v
             st.dirty = True
         if st.dirty:
             st.restore_raw()
@@ -627,8 +659,8 @@ class WorldSwitch:
         self._drop_walker()
         sw.snap_valid = False
         sw.gif = True
-        sw.entry_rip = st.rip_cell.value = rip
-        err = st.write_rip_raw()
+        sw.entry_rip = vq[_QRIP]
+        err = self._write_rip()              # RIP straight from the VMCB's RIP field
         if err:
             raise UcError(err)
 
