@@ -43,10 +43,13 @@ round of each side shown beside them):
 6. Fuzzing (``sandbox fuzz``).  --fuzz-cases grammar cases of 64 instructions
    (seeded, generated up front) run on one core from the snapshot harness:
    restore of the changed pages + CPU context, the case, and the fast oracles
-   (robustness, isolation) with coverage keys -- execs/s, target >= 500/s.
-   The same for the soundness-audit mode (every instruction checked against
-   the independent APM model), and the whole campaign loop (generation,
-   corpus, one case in 8 audited) for scale.
+   (robustness, isolation) with coverage keys -- execs/s; the same cases
+   with the soundness audit (every instruction checked against the
+   independent APM model).  Then the whole campaign loop as ``sandbox fuzz
+   --jobs 1`` runs it (generation, corpus, one case in 8 audited, one in 16
+   compared with QEMU), target >= 1,500/s, and as ``sandbox fuzz --audit``
+   runs it (every case audited), target >= 600/s, beside bare Unicorn
+   running the same cases' code.
 
 Exit status: 0 when every run succeeded (targets are reported, not enforced,
 unless --strict: then 1 when a target is missed); 2 when a run failed or the
@@ -513,11 +516,12 @@ def fuzz_rate(n: int, audit: bool, seed: int = 1) -> dict:
     return r
 
 
-def fuzz_loop_rate(n: int, seed: int = 1) -> dict:
+def fuzz_loop_rate(n: int, seed: int = 1, audit: bool = False) -> dict:
     """The campaign loop with the CLI's defaults (generation, corpus, one case in
-    8 audited, one in 16 compared with QEMU): what `sandbox fuzz --jobs 1` does."""
+    8 audited, one in 16 compared with QEMU): what `sandbox fuzz --jobs 1` does;
+    with ``audit``, every case audited: what `sandbox fuzz --audit` does."""
     from sandbox.fuzz import campaign as FC
-    w = FC.Worker(FC.Options(seed=seed, cases=n, minimize=False))
+    w = FC.Worker(FC.Options(seed=seed, cases=n, minimize=False, audit=audit))
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         w.step()
@@ -667,17 +671,27 @@ def run(a: argparse.Namespace, log) -> dict:
     touch = cold_touch(1024 if a.quick else 2048, rounds, log)
     # -- 5. fuzzing: the snapshot harness, fast and audit modes, best of the rounds
     nf = a.fuzz_cases
-    log(f"fuzz: {nf:,} 64-instruction cases x {rounds} rounds (fast oracles), {max(1, nf // 4):,} audited")
-    fast = max((fuzz_rate(nf, False) for _ in range(rounds)), key=lambda r: r["execs_per_s"])
-    aud = max((fuzz_rate(max(1, nf // 4), True) for _ in range(rounds)), key=lambda r: r["execs_per_s"])
-    loops, floors = [], []
-    for _ in range(rounds):                       # the campaign loop and its floor, interleaved
-        loops.append(fuzz_loop_rate(max(1, nf // 2)))
-        floors.append(fuzz_floor_rate(max(1, nf // 2)))
+    log(f"fuzz: {nf:,} 64-instruction cases x {rounds} rounds, fast oracles and audited (interleaved)")
+    # the same cases in both modes: the harness's cost per case grows with the candidate
+    # hooks it has collected (shed at 300), so runs of different lengths do not compare
+    fasts, auds = [], []
+    for _ in range(rounds):
+        fasts.append(fuzz_rate(nf, False))
+        auds.append(fuzz_rate(nf, True))
+    fast = max(fasts, key=lambda r: r["execs_per_s"])
+    aud = max(auds, key=lambda r: r["execs_per_s"])
+    loops, aloops, floors = [], [], []
+    nl = max(1, nf // 2)
+    for _ in range(rounds):                       # the campaign loops and their floor, interleaved
+        loops.append(fuzz_loop_rate(nl))
+        aloops.append(fuzz_loop_rate(nl, audit=True))
+        floors.append(fuzz_floor_rate(nl))
     loop = max(loops, key=lambda r: r["execs_per_s"])
+    aloop = max(aloops, key=lambda r: r["execs_per_s"])
     floor_f = max(floors, key=lambda r: r["execs_per_s"])
-    log(f"  fast {fast['execs_per_s']:.0f}/s   audit {aud['execs_per_s']:.0f}/s   campaign loop "
-        f"{loop['execs_per_s']:.0f}/s   bare-Unicorn floor {floor_f['execs_per_s']:.0f}/s")
+    log(f"  harness: fast {fast['execs_per_s']:.0f}/s   audit {aud['execs_per_s']:.0f}/s   campaign loop "
+        f"{loop['execs_per_s']:.0f}/s   --audit {aloop['execs_per_s']:.0f}/s   "
+        f"bare-Unicorn floor {floor_f['execs_per_s']:.0f}/s")
 
     bare_best, sb_best = min(bare_t), min(sb_t)
     best = {k: min(v, key=lambda t: t.median) for k, v in runs.items()}
@@ -740,14 +754,15 @@ def run(a: argparse.Namespace, log) -> dict:
                 "rounds": {"sandbox_median_us": [t.median for t in runs["out"]]}},
         "cold_touch": touch,
         "load_average": os.getloadavg(),
-        "fuzz": {"fast": fast, "audit": aud, "campaign_loop": loop, "floor": floor_f,
+        "fuzz": {"fast": fast, "audit": aud, "campaign_loop": loop, "campaign_loop_audit": aloop, "floor": floor_f,
                  "ratio_to_floor": loop["execs_per_s"] / floor_f["execs_per_s"]},
         "sev": sev,
         "targets": {
             "fuzz_execs_per_s": {"value": loop["execs_per_s"], "target": f">= {TARGET_FUZZ_EXECS:g}/s",
                                  "met": loop["execs_per_s"] >= TARGET_FUZZ_EXECS},
-            "fuzz_audit_execs_per_s": {"value": aud["execs_per_s"], "target": f">= {TARGET_FUZZ_AUDIT_EXECS:g}/s",
-                                       "met": aud["execs_per_s"] >= TARGET_FUZZ_AUDIT_EXECS},
+            # "audit mode": `sandbox fuzz --audit`, the whole loop with every case audited
+            "fuzz_audit_execs_per_s": {"value": aloop["execs_per_s"], "target": f">= {TARGET_FUZZ_AUDIT_EXECS:g}/s",
+                                       "met": aloop["execs_per_s"] >= TARGET_FUZZ_AUDIT_EXECS},
             "sev_ratio": sev["target"],
             "hot_loop_ratio": {"value": ratio, "target": f">= {TARGET_RATIO}", "met": ratio >= TARGET_RATIO},
             "cpuid_floor_ratio": {"value": cpuid_x,
@@ -852,8 +867,12 @@ def show(res: dict) -> None:
     t.add_row("fuzz harness alone, fast oracles (pre-generated cases)", f"{f['fast']['execs_per_s']:.0f}/s",
               f"{f['fast']['cases']:,} cases, {f['fast']['mean_dirty_pages']:.1f} pages restored each", "", "")
     t.add_row("fuzz harness, soundness audit of every instruction", f"{f['audit']['execs_per_s']:.0f}/s",
-              f"{f['audit']['cases']:,} cases, {f['audit']['audited_insns_per_case']:.0f} insns each",
-              tg["fuzz_audit_execs_per_s"]["target"], ok(tg["fuzz_audit_execs_per_s"]["met"]))
+              f"the same {f['audit']['cases']:,} cases, {f['audit']['audited_insns_per_case']:.0f} insns each",
+              "", "")
+    al = f["campaign_loop_audit"]
+    t.add_row("[bold]fuzz campaign loop, every case audited (`sandbox fuzz --audit`)[/]",
+              f"[bold]{al['execs_per_s']:.0f}/s[/] ({al['execs_per_cpu_s']:.0f}/s of CPU)",
+              "the same floor", tg["fuzz_audit_execs_per_s"]["target"], ok(tg["fuzz_audit_execs_per_s"]["met"]))
     con = Console()
     if not con.is_terminal:
         con = Console(width=132)
