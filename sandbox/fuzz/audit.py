@@ -30,7 +30,7 @@ from unicorn import x86_const as X
 
 from ..arch import MAXPHYADDR
 from ..memory.paging import Access
-from ..svm.engine import RegReader, add_raw_code_hook
+from ..svm.engine import RawCodeHook, RegReader
 
 # APM vol. 2 Table C-1
 CPUID, RDTSC, RDTSCP, RDPMC, HLT, PAUSE = 0x72, 0x6E, 0x87, 0x6F, 0x78, 0x77
@@ -509,11 +509,28 @@ class Auditor:
         self._raised: BaseException | None = None
         self._cpu = cpu
         cpu.add_fill_observer(self._on_fill)
-        self._hook = add_raw_code_hook(harness.uc, self._step)
+        #: the per-instruction hook, on only while cases are audited: a harness that
+        #: audits one case in N runs the others with no Python call per instruction
+        self._hook = RawCodeHook(harness.uc, self._step)
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the per-instruction hook is on."""
+        return self._hook.active
 
     def begin(self) -> None:
+        """Audit the next case: called after the harness's per-case reset, so no
+        block translated while the hook was off is left (and :meth:`RawCodeHook.on`
+        drops every block when it switches the hook on)."""
+        self._hook.on()
         self.findings, self.pending, self.steps, self.enabled = [], None, 0, True
         self._pages_key = None
+
+    def rest(self) -> None:
+        """The next case is not audited: the per-instruction hook goes off (its
+        blocks still call it until the harness's per-case reset drops them; the
+        hook returns at once while the audit is not enabled)."""
+        self._hook.off()
 
     def end(self) -> list[AuditFinding]:
         self.enabled = False

@@ -121,8 +121,11 @@ class Worker:
             patch()
         self.opts, self.index = opts, index
         self.rng = random.Random(opts.seed * 1_000_003 + index)
-        self.fast = None if opts.audit else Harness(paging=opts.paging, sev=opts.sev)
         self.auditing = Harness(audit=True, paging=opts.paging, sev=opts.sev) if opts.audit or opts.audit_every else None
+        # one machine runs the audited and the other cases alike (the audit switched on per
+        # case): two machines taking turns, each with its own DRAM, translated code, hooks
+        # and TLB, ran the campaign at about the rate of auditing every case
+        self.fast = None if opts.audit else self.auditing or Harness(paging=opts.paging, sev=opts.sev)
         self.corpus: list[Case] = load_corpus(opts.corpus) if opts.corpus else []
         self._known_files = {p.name for p in opts.corpus.glob("*.case")} if opts.corpus else set()
         self.stats = Stats(corpus=0)
@@ -134,11 +137,10 @@ class Worker:
         if opts.differential_every:
             self.qemu = QemuSvm()
         #: the user's handlers, guarded, on each harness's machine (--hooks)
-        self.guards = {id(h): HookGuard(h.m, str(opts.hooks)) for h in (self.fast, self.auditing)
-                       if h is not None} if opts.hooks is not None else {}
+        harnesses = {id(h): h for h in (self.fast, self.auditing) if h is not None}.values()
+        self.guards = {id(h): HookGuard(h.m, str(opts.hooks)) for h in harnesses} if opts.hooks is not None else {}
         extra = [str(opts.hooks)] if opts.hooks is not None else []
-        self.tracers = {id(h): ArcTracer(h.m, extra) for h in (self.fast, self.auditing)
-                        if h is not None} if opts.arcs else {}
+        self.tracers = {id(h): ArcTracer(h.m, extra) for h in harnesses} if opts.arcs else {}
 
         # the machines, tables and caches built above live as long as the worker:
         # out of the collector's way, so each collection walks only per-case garbage
@@ -161,7 +163,7 @@ class Worker:
         n = self.stats.execs
         audit_now = o.audit or (o.audit_every and n % o.audit_every == 0)
         h = self.auditing if audit_now else self.fast
-        out = h.run(case)
+        out = h.run(case, audit=bool(audit_now))
         st = self.stats
         st.execs += 1
         st.audited += bool(audit_now)

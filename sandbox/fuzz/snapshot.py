@@ -304,12 +304,18 @@ class Harness:
         pt[o:o + len(data)] = data
         self.mm[page:page + PAGE_SIZE] = self._engine.encrypt_page(page, bytes(pt))
 
-    def run(self, case: Case, full: bool | None = None) -> Outcome:
+    def run(self, case: Case, full: bool | None = None, audit: bool = True) -> Outcome:
         """Run ``case`` from the snapshot and restore it.  ``full``: compare all of
         DRAM afterwards (None: every :attr:`check_free_every` cases); a replayed
-        saved case asks for it, so its isolation check is exact."""
+        saved case asks for it, so its isolation check is exact.  ``audit``: an
+        audit harness audits this case (False: it runs as a fast harness would,
+        its per-instruction hook returning at once)."""
         try:
-            if self.cpu.candidate_hook_count > MAX_HOOKS:
+            if self.cpu.candidate_hook_count > MAX_HOOKS or \
+                    (audit and self.auditor is not None and not self.auditor.hooked):
+                # the audit's hook must run before any candidate hook of an instruction
+                # (Unicorn calls code hooks in the order they were added): switching it
+                # on after cases that ran unaudited sheds the candidate hooks first
                 self._shed_hooks()
         except Exception as e:     # robustness: the processor failing here is a finding, not the end
             tb = traceback.extract_tb(e.__traceback__)[-1]
@@ -329,7 +335,10 @@ class Harness:
         try:
             self.apply(case)
             if self.auditor is not None:
-                self.auditor.begin()
+                if audit:
+                    self.auditor.begin()
+                else:
+                    self.auditor.rest()
             self._watch.arm(self.cpu, DEFAULT_TIMEOUT_S)
             try:
                 out.result = m.run(max_insns=self.max_insns, timeout=0, max_exits=self.max_exits)
@@ -341,7 +350,7 @@ class Harness:
             tb = traceback.extract_tb(e.__traceback__)[-1]
             out.crash = f"exception escaped Machine.run: {type(e).__name__}: {e} ({tb.filename}:{tb.lineno})"
         out.exits, out.handlers = self._cur_exits, self._cur_handlers
-        if self.auditor is not None:
+        if self.auditor is not None and self.auditor.enabled:
             out.audit = self.auditor.end()
         for a in self._fills_outside:
             out.isolation.append(f"guest TLB fill reached host page {a & ~0xFFF:#x} outside its nested mappings")

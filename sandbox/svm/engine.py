@@ -170,19 +170,44 @@ class MsrWriter:
             raise UcError(err)
 
 
-def add_raw_code_hook(uc: Uc, fn: Callable[[object, int, int, object], None], begin: int = 1,
-                      end: int = 0) -> object:
-    """UC_HOOK_CODE over [``begin``, ``end``] (every address when ``begin > end``)
-    straight from C: ``fn(handle, address, size, user_data)``, which must not
-    raise.  The binding's own hook runs two Python frames before the callback.
-    Keep the returned object alive as long as the hook."""
-    cb = HOOK_CODE_CFUNC(fn)
-    hh = uc_hook_h()
-    err = uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), UC_HOOK_CODE, cb, None, ctypes.c_uint64(begin),
-                            ctypes.c_uint64(end))
-    if err:
-        raise UcError(err)
-    return cb
+class RawCodeHook:
+    """A UC_HOOK_CODE on every address straight from C, ``fn(handle, address,
+    size, user_data)`` (which must not raise), switched on and off.  The
+    binding's own hook runs two Python frames before the callback.
+
+    Unicorn decides at translation whether a block calls code hooks, so a
+    block translated while the hook was off never calls it: :meth:`on` drops
+    every translated block.  Blocks translated while it was on call it after
+    :meth:`off` until they are dropped (the callback must tolerate that)."""
+
+    def __init__(self, uc: Uc, fn: Callable[[object, int, int, object], None]) -> None:
+        self._uc = uc
+        self._h = raw_handle(uc)
+        self._cb = HOOK_CODE_CFUNC(fn)
+        self._hh: uc_hook_h | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._hh is not None
+
+    def on(self) -> None:
+        if self._hh is not None:
+            return
+        hh = uc_hook_h()
+        err = uclib.uc_hook_add(self._h, ctypes.byref(hh), UC_HOOK_CODE, self._cb, None, ctypes.c_uint64(1),
+                                ctypes.c_uint64(0))
+        if err:
+            raise UcError(err)
+        self._hh = hh
+        self._uc.ctl_flush_tb()
+
+    def off(self) -> None:
+        if self._hh is None:
+            return
+        hh, self._hh = self._hh, None
+        err = uclib.uc_hook_del(self._h, hh)
+        if err:
+            raise UcError(err)
 
 
 def add_raw_tlb_fill_hook(uc: Uc, fn: Callable[[object, int, int, object, object], bool]) -> object:
