@@ -44,7 +44,7 @@ from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
 from ..svm.vmcb import (INTERRUPT_SHADOW_ACTIVE, OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, EventType,
                         NpControl, TlbControl, VIntr)
-from ..svm.world_switch import get_seg, put_seg
+from ..svm.state_save import get_seg, put_seg
 from .guest import Guest, GuestPhysicalMemory
 from .handlers import FIXED_LEAVES, RESUME, Action, handle_mmio, handle_msr
 from .devices import MmioMode

@@ -36,7 +36,7 @@ from .exitcodes import ExitCode
 from .stop import StopReason
 from .vmcb import (OFF_CSTAR, OFF_KERNEL_GS_BASE, OFF_LSTAR, OFF_SFMASK, OFF_STAR, OFF_SYSENTER_CS,
                    OFF_SYSENTER_EIP, OFF_SYSENTER_ESP, OFF_V_INTR, OFF_VIRT_EXT, SEGMENTS, VIntr, VirtExt)
-from .world_switch import get_seg, put_seg
+from .state_save import get_seg, put_seg
 
 if TYPE_CHECKING:
     from .avic import Avic

@@ -28,15 +28,15 @@ from ..memory.hostmem import HostMemory
 from ..memory.tlb import Tlb, TlbMode
 from .consistency import VmcbImage, consistency
 from .controls import GuestControls
-from .cpustate import DESC_L, OFF_REGS, R_CS, SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
+from .cpustate import SEG_INDEX, CpuState
 from .engine import MsrWriter
 from .exitcodes import ExitCode, exit_name
 from .extension import NO_EXTENSION, ProcessorExtension
+from .state_save import SEGMENT_REGS, StateSaveArea, get_seg
 from .stop import StopInfo, StopReason
-from .vmcb import (EXIT_INFO_END, GUEST_INSN_BYTES, OFF_CPL, OFF_CR2, OFF_CR4, OFF_EFER, OFF_EVENTINJ,
-                   OFF_EXITCODE, OFF_GUEST_INSN_LEN, OFF_NRIP, OFF_RAX, OFF_RFLAGS, OFF_RIP, OFF_RSP,
-                   OFF_TLB_CONTROL, OFF_V_INTR, SAVE_AREA, SEG_RECORD_SIZE, SEGMENTS, VMCB_SIZE, Event, NpControl,
-                   TlbControl, VIntr)
+from .vmcb import (EXIT_INFO_END, GUEST_INSN_BYTES, OFF_CPL, OFF_EVENTINJ, OFF_EXITCODE, OFF_GUEST_INSN_LEN,
+                   OFF_NRIP, OFF_RAX, OFF_RIP, OFF_RSP, OFF_TLB_CONTROL, OFF_V_INTR, SAVE_AREA, SEGMENTS,
+                   VMCB_SIZE, Event, NpControl, TlbControl, VIntr)
 
 if TYPE_CHECKING:
     from .cpu import SvmCpu
@@ -52,36 +52,17 @@ _VIRQ_OR_AVIC = int(VIntr.V_IRQ | VIntr.AVIC_ENABLE)
 _NP_ENABLE = int(NpControl.NP_ENABLE)
 _EXIT3 = struct.Struct("<QQQ")
 _EXIT4 = struct.Struct("<4Q")        # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
-_SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
-_CR4_TO_DR6 = struct.Struct("<5Q")    # CR4, CR3, CR0, DR7, DR6
 _N_CR3_ADDR = 0x000F_FFFF_FFFF_F000
 _RIP, _RSP, _RAX, _RFLAGS = X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RAX, X.UC_X86_REG_RFLAGS
 #: the never-cached fields #VMEXIT writes at once (APM §15.15.3): RIP, RSP, RAX
 _EAGER = tuple((off, off + 8) for off in (OFF_RIP, OFF_RSP, OFF_RAX))
 _EAGER_QWORDS = frozenset({OFF_RIP, OFF_RSP, OFF_RAX})
-#: the state-save fields a full VMRUN loads into the processor besides RIP/RSP/RAX/RFLAGS:
-#: ES..TR, CPL..EFER, CR4..DR6, CR2; a change in them since the last load means "load again"
-_LOADED_RANGES = ((SEGMENTS["ES"], SEGMENTS["TR"] + SEG_RECORD_SIZE), (OFF_CPL, OFF_EFER + 8),
-                  (OFF_CR4, OFF_RFLAGS), (OFF_CR2, OFF_CR2 + 8))
-_SEGMENT_REGS = ("ES", "CS", "SS", "DS")
 # qword indices into the VMCB (HostMemory.qwords[(vmcb_hpa >> 3) + i]) for the exit path
 _QRIP, _QRSP, _QRAX, _QNRIP, _QEVENTINJ = (o >> 3 for o in (OFF_RIP, OFF_RSP, OFF_RAX, OFF_NRIP, OFF_EVENTINJ))
 _QEXITCODE = OFF_EXITCODE >> 3         # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO: four qwords
 _FLUSH_ON_SWITCH = TlbMode.FLUSH_ON_SWITCH
 #: a record without its generated ``__init__`` (the exit path stores every field itself)
 _new_record = object.__new__
-
-
-def put_seg(mv, at: int, seg: tuple[int, int, int, int]) -> None:
-    """Store a (selector, base, limit, QEMU flags) segment as a VMCB record at ``at``."""
-    sel, base, limit, flags = seg
-    _SEGREC.pack_into(mv, at, sel, flags_to_attrib(flags), limit, base)
-
-
-def get_seg(mv, at: int) -> tuple[int, int, int, int]:
-    """The VMCB segment record at ``at`` as (selector, base, limit, QEMU flags)."""
-    sel, attr, limit, base = _SEGREC.unpack_from(mv, at)
-    return sel, base, limit, attrib_to_flags(attr)
 
 
 @dataclass(slots=True)
@@ -150,7 +131,7 @@ class SwitchState:
         information since the last #VMEXIT: the next VMRUN is a full one.
         Set by ``host_access``; cleared by #VMEXIT.
     ``loaded``
-        The bytes of the state-save fields (``_LOADED_RANGES``) as last loaded
+        The bytes of the state-save fields (``state_save.LOADED_RANGES``) as last loaded
         into, or written back from, the processor; a full VMRUN reloads them
         only when the VMCB differs.  Set by a full load and by
         ``flush_guest_state``; cleared (None) by a top-level VMRUN.
@@ -209,6 +190,14 @@ class WorldSwitch:
         #: why the last VMRUN failed with VMEXIT_INVALID
         self.invalid_reason = ""
         self._sync = self.host_access
+        #: the VMCB's state-save area between #VMEXIT and VMRUN, and the guest GPRs
+        area = self.state = StateSaveArea(st, sw, self._view, ctl)
+        self.snapshot_vmcb = area.snapshot_vmcb
+        self.flush_guest_state = area.flush_guest_state
+        self.save_stopped_state = area.save_stopped_state
+        self.guest_gpr = area.guest_gpr
+        self.guest_cs_long = area.guest_cs_long
+        self.set_guest_gpr = area.set_guest_gpr
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts",
                 smc: "SmcStepper") -> None:
@@ -411,7 +400,7 @@ class WorldSwitch:
         st.load()
         if bool(st.efer & EFER_LMA) != bool(v.efer & EFER_LMA):
             st.set_lma(bool(v.efer & EFER_LMA))      # e.g. a legacy-mode guest after a long-mode one
-        for name in _SEGMENT_REGS:
+        for name in SEGMENT_REGS:
             st.set_seg(SEG_INDEX[name], *get_seg(mv, b + SEGMENTS[name]))
         for name in ("GDTR", "IDTR"):
             _, base, limit, _ = get_seg(mv, b + SEGMENTS[name])
@@ -420,11 +409,6 @@ class WorldSwitch:
         st.store()
         sw.loaded = snap
         return True
-
-    def snapshot_vmcb(self) -> bytes:
-        """The state-save fields a full load takes, as bytes (see ``SwitchState.loaded``)."""
-        b, mv = self._ctl.vmcb_hpa, self._view
-        return b"".join(bytes(mv[b + lo:b + hi]) for lo, hi in _LOADED_RANGES)
 
     def tlb_control(self, tlb_ctl: int) -> None:
         """VMRUN carries out TLB_CONTROL (APM §15.16.2, Table 15-11); in
@@ -513,73 +497,6 @@ class WorldSwitch:
             self.sw.vmcb_written = True      # anything but the exit fields: reload at VMRUN
         if off + n > SAVE_AREA:
             self.flush_guest_state()
-
-    def flush_guest_state(self) -> None:
-        """Write the lazily saved part of the guest state into the VMCB."""
-        sw = self.sw
-        if not sw.lazy_pending:
-            return
-        sw.lazy_pending = False
-        st = self._st.load()
-        mv = self._view
-        b = self._ctl.vmcb_hpa
-        for name in _SEGMENT_REGS:
-            put_seg(mv, b + SEGMENTS[name], st.seg(SEG_INDEX[name]))
-        for name, (base, limit) in (("GDTR", st.gdt()), ("IDTR", st.idt())):
-            put_seg(mv, b + SEGMENTS[name], (0, base, limit, 0))
-        mv[b + OFF_CPL] = st.cpl
-        _Q.pack_into(mv, b + OFF_EFER, st.efer | EFER_SVME)
-        _CR4_TO_DR6.pack_into(mv, b + OFF_CR4, st.cr(4), st.cr(3), st.cr(0), st.dr(7), st.dr(6))
-        _Q.pack_into(mv, b + OFF_CR2, st.cr(2))
-        _Q.pack_into(mv, b + OFF_RFLAGS, st.reg_read(_RFLAGS))
-        sw.loaded = self.snapshot_vmcb()
-
-    def save_stopped_state(self) -> None:
-        """A run stopped from outside (budget, watchdog, a debugger) with no
-        #VMEXIT pending: write the guest state the processor holds into the
-        VMCB's state-save area, as the #VMEXIT(INTR) of the host interrupt
-        that stops a real guest would (APM §15.6), but without an exit code,
-        so the next VMRUN resumes exactly where the guest stopped."""
-        sw = self.sw
-        st = self._st.load()
-        mv, b = self._view, self._ctl.vmcb_hpa
-        rip = st.reg_read(_RIP)
-        _Q.pack_into(mv, b + OFF_RIP, rip)
-        _Q.pack_into(mv, b + OFF_RSP, st.gpr(4))
-        _Q.pack_into(mv, b + OFF_RAX, st.gpr(0))
-        sw.entry_rip = rip
-        sw.lazy_pending = True
-        self.flush_guest_state()
-        sw.snap_valid = True
-
-    def guest_gpr(self, i: int) -> int:
-        """Guest GPR ``i`` (QEMU order: rax rcx rdx rbx rsp rbp rsi rdi r8-r15).
-
-        The state snapshot taken at #VMEXIT is current while the hypervisor
-        runs; writes patch it and are stored at the next VMRUN."""
-        st = self._st
-        if not self.sw.snap_valid:
-            st.load()
-            self.sw.snap_valid = True
-        return _Q.unpack_from(st.data, OFF_REGS + 8 * i)[0]
-
-    def guest_cs_long(self) -> bool:
-        """CS.L of the guest as the processor holds it: the VMCB's CS.attrib
-        bit 9, without the state-save write-back a VMCB read of it costs."""
-        st = self._st
-        if not self.sw.snap_valid:
-            st.load()
-            self.sw.snap_valid = True
-        return bool(st.seg(R_CS)[3] & DESC_L)
-
-    def set_guest_gpr(self, i: int, v: int) -> None:
-        """Patch guest GPR ``i`` in the state snapshot (stored at the next VMRUN)."""
-        st = self._st
-        if not self.sw.snap_valid:
-            st.load()
-            self.sw.snap_valid = True
-        _Q.pack_into(st.data, OFF_REGS + 8 * i, v & M64)
-        st.dirty = True
 
     # ---------------------------------------------------- the dispatch loop
     def exit_in_hook(self, code: int, info1: int, info2: int, rip: int, nrip: int) -> None:

@@ -1,0 +1,130 @@
+"""The VMCB's state-save area as the hypervisor sees it between a #VMEXIT and
+the next VMRUN (APM §15.5.1, §15.6).
+
+#VMEXIT writes RIP, RSP, RAX and the exit fields at once; the rest of the
+guest state (segments, descriptor tables, CPL, EFER, control and debug
+registers, RFLAGS) stays in the processor's state snapshot and is written into
+the VMCB only when something may read it (:meth:`StateSaveArea.flush_guest_state`,
+called through ``HostMemory``'s sync hook).  The guest's other GPRs are not in
+the VMCB at all: the hypervisor reads and patches them in the snapshot, which
+the next VMRUN stores into the processor.
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from unicorn import x86_const as X
+
+from ..arch import EFER_SVME, M64
+from .cpustate import DESC_L, OFF_REGS, R_CS, SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
+from .controls import GuestControls
+from .vmcb import (OFF_CPL, OFF_CR2, OFF_CR4, OFF_EFER, OFF_RAX, OFF_RFLAGS, OFF_RIP, OFF_RSP,
+                   SEG_RECORD_SIZE, SEGMENTS)
+
+if TYPE_CHECKING:
+    from .world_switch import SwitchState
+
+_Q = struct.Struct("<Q")
+_SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
+_CR4_TO_DR6 = struct.Struct("<5Q")    # CR4, CR3, CR0, DR7, DR6
+_RIP, _RFLAGS = X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS
+
+#: the state-save fields a full VMRUN loads into the processor besides RIP/RSP/RAX/RFLAGS:
+#: ES..TR, CPL..EFER, CR4..DR6, CR2; a change in them since the last load means "load again"
+LOADED_RANGES = ((SEGMENTS["ES"], SEGMENTS["TR"] + SEG_RECORD_SIZE), (OFF_CPL, OFF_EFER + 8),
+                 (OFF_CR4, OFF_RFLAGS), (OFF_CR2, OFF_CR2 + 8))
+#: the data segments VMRUN loads and #VMEXIT saves (FS, GS, TR, LDTR are VMLOAD/VMSAVE's)
+SEGMENT_REGS = ("ES", "CS", "SS", "DS")
+
+
+def put_seg(mv, at: int, seg: tuple[int, int, int, int]) -> None:
+    """Store a (selector, base, limit, QEMU flags) segment as a VMCB record at ``at``."""
+    sel, base, limit, flags = seg
+    _SEGREC.pack_into(mv, at, sel, flags_to_attrib(flags), limit, base)
+
+
+def get_seg(mv, at: int) -> tuple[int, int, int, int]:
+    """The VMCB segment record at ``at`` as (selector, base, limit, QEMU flags)."""
+    sel, attr, limit, base = _SEGREC.unpack_from(mv, at)
+    return sel, base, limit, attrib_to_flags(attr)
+
+
+class StateSaveArea:
+    """The lazily written part of the current VMCB's state-save area, and the
+    guest GPRs in the processor's state snapshot."""
+
+    def __init__(self, st: CpuState, sw: "SwitchState", view: memoryview, ctl: GuestControls) -> None:
+        self._st, self.sw, self._view, self._ctl = st, sw, view, ctl
+
+    def snapshot_vmcb(self) -> bytes:
+        """The state-save fields a full load takes, as bytes (see ``SwitchState.loaded``)."""
+        b, mv = self._ctl.vmcb_hpa, self._view
+        return b"".join(bytes(mv[b + lo:b + hi]) for lo, hi in LOADED_RANGES)
+
+    def flush_guest_state(self) -> None:
+        """Write the lazily saved part of the guest state into the VMCB."""
+        sw = self.sw
+        if not sw.lazy_pending:
+            return
+        sw.lazy_pending = False
+        st = self._st.load()
+        mv = self._view
+        b = self._ctl.vmcb_hpa
+        for name in SEGMENT_REGS:
+            put_seg(mv, b + SEGMENTS[name], st.seg(SEG_INDEX[name]))
+        for name, (base, limit) in (("GDTR", st.gdt()), ("IDTR", st.idt())):
+            put_seg(mv, b + SEGMENTS[name], (0, base, limit, 0))
+        mv[b + OFF_CPL] = st.cpl
+        _Q.pack_into(mv, b + OFF_EFER, st.efer | EFER_SVME)
+        _CR4_TO_DR6.pack_into(mv, b + OFF_CR4, st.cr(4), st.cr(3), st.cr(0), st.dr(7), st.dr(6))
+        _Q.pack_into(mv, b + OFF_CR2, st.cr(2))
+        _Q.pack_into(mv, b + OFF_RFLAGS, st.reg_read(_RFLAGS))
+        sw.loaded = self.snapshot_vmcb()
+
+    def save_stopped_state(self) -> None:
+        """A run stopped from outside (budget, watchdog, a debugger) with no
+        #VMEXIT pending: write the guest state the processor holds into the
+        VMCB's state-save area, as the #VMEXIT(INTR) of the host interrupt
+        that stops a real guest would (APM §15.6), but without an exit code,
+        so the next VMRUN resumes exactly where the guest stopped."""
+        sw = self.sw
+        st = self._st.load()
+        mv, b = self._view, self._ctl.vmcb_hpa
+        rip = st.reg_read(_RIP)
+        _Q.pack_into(mv, b + OFF_RIP, rip)
+        _Q.pack_into(mv, b + OFF_RSP, st.gpr(4))
+        _Q.pack_into(mv, b + OFF_RAX, st.gpr(0))
+        sw.entry_rip = rip
+        sw.lazy_pending = True
+        self.flush_guest_state()
+        sw.snap_valid = True
+
+    def guest_gpr(self, i: int) -> int:
+        """Guest GPR ``i`` (QEMU order: rax rcx rdx rbx rsp rbp rsi rdi r8-r15).
+
+        The state snapshot taken at #VMEXIT is current while the hypervisor
+        runs; writes patch it and are stored at the next VMRUN."""
+        st = self._st
+        if not self.sw.snap_valid:
+            st.load()
+            self.sw.snap_valid = True
+        return _Q.unpack_from(st.data, OFF_REGS + 8 * i)[0]
+
+    def guest_cs_long(self) -> bool:
+        """CS.L of the guest as the processor holds it: the VMCB's CS.attrib
+        bit 9, without the state-save write-back a VMCB read of it costs."""
+        st = self._st
+        if not self.sw.snap_valid:
+            st.load()
+            self.sw.snap_valid = True
+        return bool(st.seg(R_CS)[3] & DESC_L)
+
+    def set_guest_gpr(self, i: int, v: int) -> None:
+        """Patch guest GPR ``i`` in the state snapshot (stored at the next VMRUN)."""
+        st = self._st
+        if not self.sw.snap_valid:
+            st.load()
+            self.sw.snap_valid = True
+        _Q.pack_into(st.data, OFF_REGS + 8 * i, v & M64)
+        st.dirty = True
