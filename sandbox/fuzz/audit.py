@@ -527,9 +527,10 @@ class Auditor:
         self._pages_key = None
 
     def rest(self) -> None:
-        """The next case is not audited: the per-instruction hook goes off (its
-        blocks still call it until the harness's per-case reset drops them; the
-        hook returns at once while the audit is not enabled)."""
+        """The next case is not audited: the per-instruction hook goes off.
+        Called after the harness's per-case reset, so no block translated with
+        the hook is left to call it (one that did would find the audit not
+        enabled and return at once)."""
         self._hook.off()
 
     def end(self) -> list[AuditFinding]:

@@ -309,7 +309,7 @@ class Harness:
         DRAM afterwards (None: every :attr:`check_free_every` cases); a replayed
         saved case asks for it, so its isolation check is exact.  ``audit``: an
         audit harness audits this case (False: it runs as a fast harness would,
-        its per-instruction hook returning at once)."""
+        with the audit's per-instruction hook off)."""
         try:
             if self.cpu.candidate_hook_count > MAX_HOOKS or \
                     (audit and self.auditor is not None and not self.auditor.hooked):

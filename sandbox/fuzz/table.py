@@ -30,13 +30,8 @@ def below(rng: random.Random, n: int) -> int:
 
 
 def pick(rng: random.Random, seq):
-    """``rng.choice(seq)`` for a non-empty ``seq``, drawn as :func:`below` does."""
-    n = len(seq)
-    k = n.bit_length()
-    r = rng.getrandbits(k)
-    while r >= n:
-        r = rng.getrandbits(k)
-    return seq[r]
+    """``rng.choice(seq)`` for a non-empty ``seq``, drawn as :func:`below` draws."""
+    return seq[below(rng, len(seq))]
 
 
 def modrm_mem(rng: random.Random, reg: int) -> bytes:

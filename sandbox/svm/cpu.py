@@ -105,11 +105,11 @@ class SvmCpu:
         native.install_hooks()
         # -- the per-exit entry points, bound to their part ---------------------
         #: guest GPR ``i`` while the hypervisor runs (QEMU order: rax rcx rdx rbx rsp ...)
-        self.guest_gpr: Callable[[int], int] = ws.guest_gpr
+        self.guest_gpr: Callable[[int], int] = ws.save_area.guest_gpr
         #: set guest GPR ``i``; stored at the next VMRUN
-        self.set_guest_gpr: Callable[[int, int], None] = ws.set_guest_gpr
+        self.set_guest_gpr: Callable[[int, int], None] = ws.save_area.set_guest_gpr
         #: write the lazily saved part of the guest state into the VMCB
-        self.flush_guest_state: Callable[[], None] = ws.flush_guest_state
+        self.flush_guest_state: Callable[[], None] = ws.save_area.flush_guest_state
         #: ``host_access(hpa, n, write)``: the hypervisor touches host memory (``HostMemory.sync``)
         self.host_access: Callable[..., None] = ws.host_access
         #: ``raise_exception(vector, err, rip, cr2=None)``: intercept it or deliver it to the guest
@@ -117,7 +117,7 @@ class SvmCpu:
         #: up to 15 bytes of guest code at an address, as the processor fetched them
         self.insn_bytes: Callable[[int], bytes] = fill.insn_bytes
         #: whether the guest's CS is a 64-bit code segment (CS.L), read without a VMCB write-back
-        self.guest_cs_long: Callable[[], bool] = ws.guest_cs_long
+        self.guest_cs_long: Callable[[], bool] = ws.save_area.guest_cs_long
         #: ``fetched_bytes(addr)``: guest code at ``addr`` as fetched, without a walk (None if no longer mapped)
         self.fetched_bytes: Callable[[int], bytes | None] = fill.fetched_bytes
         #: empty Unicorn's soft TLB, the untagged cache in front of :attr:`tlb`
@@ -143,7 +143,7 @@ class SvmCpu:
         if self._smc.step is not None:
             self._smc.end()                  # the run stopped inside a stepped code store
         self._ext.at_stop(self)
-        self._ws.flush_guest_state()
+        self._ws.save_area.flush_guest_state()
         if self.st.dirty:
             self.st.store()
         return self._sw.stop
@@ -160,7 +160,7 @@ class SvmCpu:
         timeout, :meth:`stop_guest`): the guest state goes into the VMCB, so
         the next :meth:`vmrun` continues the guest where it stopped."""
         if self._sw.exit is None and self.vmcb is not None:
-            self._ws.save_stopped_state()
+            self._ws.save_area.save_stopped_state()
 
     def stop_guest(self) -> None:
         """From a code hook of an outside tool (a debugger's breakpoint): end

@@ -63,16 +63,13 @@ def in_hook_fn(name: str) -> Callable[..., int]:
 
 #: ``uc_ctl``'s control word for a write with no arguments (``UC_CTL_WRITE(type, 0)`` in unicorn.h)
 _CTL_TLB_FLUSH = UCC.UC_CTL_IO_WRITE << 30 | UCC.UC_CTL_TLB_FLUSH
-_uc_ctl: Callable[..., int] | None = None
+_uc_ctl = in_hook_fn("uc_ctl")
 
 
 def flush_soft_tlb(uc: Uc) -> None:
     """Empty Unicorn's soft TLB (there is no Python wrapper for this control).
     A flush only resets QEMU's tables (no fill, no hook): called keeping the
     GIL, as :func:`in_hook_fn` describes (a fuzz case flushes about three times)."""
-    global _uc_ctl
-    if _uc_ctl is None:
-        _uc_ctl = in_hook_fn("uc_ctl")
     err = _uc_ctl(uc._uch, _CTL_TLB_FLUSH)
     if err:
         raise UcError(err)

@@ -191,13 +191,10 @@ class WorldSwitch:
         self.invalid_reason = ""
         self._sync = self.host_access
         #: the VMCB's state-save area between #VMEXIT and VMRUN, and the guest GPRs
-        area = self.state = StateSaveArea(st, sw, self._view, ctl)
+        self.save_area = area = StateSaveArea(st, sw, self._view, ctl)
+        # the two the switch calls itself (the guest-state load; host_access, switch_vmcb)
         self.snapshot_vmcb = area.snapshot_vmcb
         self.flush_guest_state = area.flush_guest_state
-        self.save_stopped_state = area.save_stopped_state
-        self.guest_gpr = area.guest_gpr
-        self.guest_cs_long = area.guest_cs_long
-        self.set_guest_gpr = area.set_guest_gpr
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts",
                 smc: "SmcStepper") -> None:
