@@ -25,7 +25,7 @@ from ..memory.paging import Access
 from ..memory.tlb import TlbMode, TlbStats
 from ..svm import intercepts as I
 from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
-from ..svm.cpustate import GPR_IDS, GPR_NAMES, OFF_REGS
+from ..svm.cpustate import GPR_NAMES, OFF_REGS
 from ..svm.exitcodes import ExitCode, exit_name
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
@@ -665,8 +665,10 @@ class Machine:
             # hypervisor's result has none of them (regs empty, RIP/RFLAGS 0)
             regs, rip, rflags = {}, 0, 0
         else:
-            regs = {n: st.reg_read(GPR_IDS[i]) for i, n in enumerate(GPR_NAMES)}
-            rip, rflags = st.reg_read(X.UC_X86_REG_RIP), st.reg_read(X.UC_X86_REG_RFLAGS)
+            # the GPRs and RIP from one copy of the processor's context (RFLAGS is computed: read it)
+            st.load()
+            regs = dict(zip(GPR_NAMES, st.gprs()))
+            rip, rflags = st.rip, st.reg_read(X.UC_X86_REG_RFLAGS)
         return RunResult(reason=reason, detail=detail, exit_code=self.guest_exit_code, insns=self.cpu.insns,
                          exits=sum(self.counts.values()), counts=dict(self.counts), regs=regs,
                          rip=rip, rflags=rflags,

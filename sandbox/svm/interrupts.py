@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import Uc
 from unicorn import x86_const as X
 
-from ..arch import RFLAGS_IF, RFLAGS_RF, RFLAGS_TF
+from ..arch import M64, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF
 from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import Access
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import CpuState
+from .cpustate import OFF_CR, CpuState
 from .events import HAS_ERROR_CODE, DeliveryFault, GuestAccess, Vec, combine, deliver
 from .exitcodes import ExitCode, excp
 from .extension import NO_EXTENSION, ProcessorExtension
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 _Q = struct.Struct("<Q")
 _RIP, _RSP, _RFLAGS = X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS
 _DELIVERY_FAULTS = (DeliveryFault, GuestPageFault, GuestGP)
+#: CR2's qword in the processor's state copy (``CpuState.q``)
+_Q_CR2 = (OFF_CR >> 3) + 2
 _DR_ADDR = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3)
 
 
@@ -164,33 +166,37 @@ class Interrupts:
             etype = (EventType.INTR if external else
                      EventType.SOFT_INT if software and vector not in (1, 3) else EventType.EXCEPTION)
         vec, ec, soft, ty, ret_rip = vector, err, software, int(etype), rip_after
+        # one copy of the processor's state for every attempt: a failed attempt changes
+        # none of it (the frame's segments are committed last), and CR2 is written into
+        # the copy and the processor alike (_delivery_fault)
+        st = self._st.load()
+        rflags = st.reg_read(_RFLAGS)
+        rsp = st.q[4]
+        access = self.access
         for _ in range(3):
             try:
-                self._push_frame(vec, ec, soft, ret_rip, external)
-                return
+                new_rip, new_rsp, new_flags = deliver(st, access, vec, ec, software=soft, rip=ret_rip,
+                                                      rflags=rflags, rsp=rsp, external=external)
             except _DELIVERY_FAULTS as f:
                 nxt = self._delivery_fault(f, vec, ec, ty, fault_rip)
                 if nxt is None:
                     return
                 vec, ec = nxt
                 soft, ret_rip, ty, external = False, fault_rip, EventType.EXCEPTION, False
+                continue
             except NestedFault as f:
                 self._vmexit(ExitCode.NPF, f.exitinfo1, f.gpa, rip=fault_rip, nrip=0,
                              exitintinfo=_intinfo(vec, ty, ec))
                 self._after_exit(fault_rip)
                 return
+            # commit: the segments and RSP with one context store, then RFLAGS and RIP
+            # through Unicorn (their writes have side effects: lazy flags, a new block)
+            st.q[4] = new_rsp & M64
+            st.store()
+            st.reg_write(_RFLAGS, new_flags)
+            st.reg_write(_RIP, new_rip)
+            return
         self.shutdown(fault_rip)
-
-    def _push_frame(self, vec: int, err: int | None, software: bool, ret_rip: int, external: bool) -> None:
-        """One delivery attempt: the frame on the handler's stack, then CS:RIP, RSP, RFLAGS."""
-        st = self._st.load()
-        rflags = st.reg_read(_RFLAGS)
-        new_rip, new_rsp, new_flags = deliver(st, self.access, vec, err, software=software, rip=ret_rip,
-                                              rflags=rflags, rsp=st.gpr(4), external=external)
-        st.store()
-        st.reg_write(_RSP, new_rsp)
-        st.reg_write(_RFLAGS, new_flags)
-        st.reg_write(_RIP, new_rip)
 
     def _delivery_fault(self, f: Exception, vec: int, err: int | None, ty: int,
                         fault_rip: int) -> tuple[int, int] | None:
@@ -214,7 +220,9 @@ class Interrupts:
             self._after_exit(fault_rip)
             return None
         if nxt == Vec.PF:
-            self._st.reg_write(X.UC_X86_REG_CR2, f.address)
+            st = self._st
+            st.reg_write(X.UC_X86_REG_CR2, f.address)
+            st.q[_Q_CR2] = f.address & M64   # and in the copy deliver() works from (not dirty)
         return nxt, nerr
 
     def shutdown(self, rip: int) -> None:

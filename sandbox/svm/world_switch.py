@@ -28,7 +28,7 @@ from ..memory.hostmem import HostMemory
 from ..memory.tlb import Tlb, TlbMode
 from .consistency import VmcbImage, consistency
 from .controls import GuestControls
-from .cpustate import SEG_INDEX, CpuState
+from .cpustate import OFF_EIP, SEG_INDEX, CpuState
 from .engine import MsrWriter
 from .exitcodes import ExitCode, exit_name
 from .extension import NO_EXTENSION, ProcessorExtension
@@ -61,6 +61,8 @@ _EAGER_QWORDS = frozenset({OFF_RIP, OFF_RSP, OFF_RAX})
 _QRIP, _QRSP, _QRAX, _QNRIP, _QEVENTINJ = (o >> 3 for o in (OFF_RIP, OFF_RSP, OFF_RAX, OFF_NRIP, OFF_EVENTINJ))
 _QEXITCODE = OFF_EXITCODE >> 3         # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO: four qwords
 _FLUSH_ON_SWITCH = TlbMode.FLUSH_ON_SWITCH
+#: where the processor's state after the GPRs begins (``CpuState.data``): RIP, flags, segments ...
+_MEMO_FROM = OFF_EIP
 #: a record without its generated ``__init__`` (the exit path stores every field itself)
 _new_record = object.__new__
 
@@ -195,6 +197,9 @@ class WorldSwitch:
         # the two the switch calls itself (the guest-state load; host_access, switch_vmcb)
         self.snapshot_vmcb = area.snapshot_vmcb
         self.flush_guest_state = area.flush_guest_state
+        #: the last full guest-state load: (the VMCB's loaded fields, RFLAGS, the processor's
+        #: state from RIP on before it, and after it); see :meth:`_load_guest_state`
+        self._memo: tuple[bytes, int, bytes, bytes] | None = None
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts",
                 smc: "SmcStepper") -> None:
@@ -323,11 +328,8 @@ class WorldSwitch:
         # host state goes to VM_HSAVE_PA (format is implementation-specific)
         sw.gif = True
         flush = self._latch_controls(v)
-        if self._load_guest_state(v):
+        if self._load_guest_state(v):        # with RAX, RSP and RFLAGS
             flush = True
-        st.reg_write(_RAX, v.rax)
-        st.reg_write(_RSP, v.rsp)
-        st.reg_write(_RFLAGS, v.rflags)
         sw.entry_rip = v.rip
         if not in_hook:
             st.reg_write(_RIP, v.rip)
@@ -342,6 +344,7 @@ class WorldSwitch:
         # event injection (APM §15.20)
         if not v.eventinj & _EVENT_VALID and not _Q.unpack_from(mv, b + OFF_V_INTR)[0] & _VIRQ_OR_AVIC:
             sw.fast_ok = True
+            return sw.exit is None and sw.stop is None     # no event, no V_IRQ, no AVIC: nothing to take
         defer, sw.defer_dispatch = sw.defer_dispatch, True
         try:
             self._entry_events(v.eventinj, v.rip, v.rflags)
@@ -381,12 +384,56 @@ class WorldSwitch:
             st.store()
 
     def _load_guest_state(self, v: VmcbImage) -> bool:
-        """Full load of control and segment state, when the VMCB's differs from
-        what the processor holds (the first run, or the hypervisor changed it)."""
-        sw, st, mv, b = self.sw, self._st, self._view, self._ctl.vmcb_hpa
+        """Load RAX, RSP, RFLAGS and, when the VMCB's differs from what the processor
+        holds (the first run, or the hypervisor changed it), the control and segment
+        state; True after a full load.
+
+        A full load is a function of the VMCB's fields and the processor's state
+        outside the GPRs, and touches only the processor's state (its TLB flushes
+        are repeated by the caller's): the last one is kept (:attr:`_memo`), and a
+        load of the same fields onto the same state -- every fuzz case's VMRUN from
+        the restored host context -- is one context copy."""
+        sw, st = self.sw, self._st
         snap = self.snapshot_vmcb()
         if snap == sw.loaded:
+            st.reg_write(_RAX, v.rax)
+            st.reg_write(_RSP, v.rsp)
+            st.reg_write(_RFLAGS, v.rflags)
             return False
+        if st.dirty:
+            st.store()
+        st.save_raw()
+        data = st.data
+        pre = data[_MEMO_FROM:].tobytes()
+        memo = self._memo
+        if memo is not None and memo[0] == snap and memo[1] == v.rflags and memo[2] == pre:
+            data[_MEMO_FROM:] = memo[3]
+            q = st.q
+            q[0] = v.rax
+            q[4] = v.rsp
+            st.restore_raw()
+            sw.loaded = snap
+            return True
+        gprs = data[:_MEMO_FROM].tobytes()
+        self._full_load(v)
+        st.reg_write(_RAX, v.rax)
+        st.reg_write(_RSP, v.rsp)
+        st.reg_write(_RFLAGS, v.rflags)
+        sw.loaded = snap
+        # keep it when it left the other GPRs and RIP as they were (always, short of a
+        # CR0 write leaving long mode, which truncates RIP)
+        st.save_raw()
+        q = st.q
+        if q[0] == v.rax & M64 and q[4] == v.rsp & M64 and data[8:32] == gprs[8:32] \
+                and data[40:_MEMO_FROM] == gprs[40:]:
+            self._memo = (snap, v.rflags, pre, data[_MEMO_FROM:].tobytes())
+        return True
+
+    def _full_load(self, v: VmcbImage) -> None:
+        """The control registers, EFER, DR6/DR7, segments, descriptor tables and CPL
+        from the VMCB into the processor (through Unicorn where its writes have side
+        effects: hidden flags, TLB flushes)."""
+        st, mv, b = self._st, self._view, self._ctl.vmcb_hpa
         st.reg_write(X.UC_X86_REG_CR0, v.cr0)
         st.reg_write(X.UC_X86_REG_CR4, v.cr4)
         self._msr.write(MSR_EFER, v.efer & ~EFER_SVME)
@@ -404,8 +451,6 @@ class WorldSwitch:
             st.set_dtable(name, base, limit)
         st.set_cpl(mv[b + OFF_CPL] if v.cr0 & 1 else 0)
         st.store()
-        sw.loaded = snap
-        return True
 
     def tlb_control(self, tlb_ctl: int) -> None:
         """VMRUN carries out TLB_CONTROL (APM §15.16.2, Table 15-11); in
