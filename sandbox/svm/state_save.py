@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from unicorn import x86_const as X
 
 from ..arch import EFER_SVME, M64
-from .cpustate import DESC_L, OFF_REGS, R_CS, SEG_INDEX, CpuState, attrib_to_flags, flags_to_attrib
+from .cpustate import (DESC_L, OFF_CR, OFF_DR, OFF_EFER as CTX_EFER, OFF_REGS, OFF_SEGS, R_CS, R_ES, SEG_SIZE,
+                       CpuState, attrib_to_flags, flags_to_attrib)
 from .controls import GuestControls
 from .vmcb import (OFF_CPL, OFF_CR2, OFF_CR4, OFF_EFER, OFF_RAX, OFF_RFLAGS, OFF_RIP, OFF_RSP,
                    SEG_RECORD_SIZE, SEGMENTS)
@@ -29,6 +30,14 @@ _Q = struct.Struct("<Q")
 _SEGREC = struct.Struct("<HHIQ")     # VMCB segment record: selector, attrib, limit, base
 _CR4_TO_DR6 = struct.Struct("<5Q")    # CR4, CR3, CR0, DR7, DR6
 _RIP, _RFLAGS = X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS
+#: ES, CS, SS, DS as the processor's context holds them (selector, base, limit, flags each) ...
+_CTX_DATA_SEGS = struct.Struct("<" + "I4xQII" * 4)
+#: ... and as the VMCB does (selector, attrib, limit, base each; contiguous from ES)
+_VMCB_DATA_SEGS = struct.Struct("<" + "HHIQ" * 4)
+#: qword indices into the context (``CpuState.q``): cr[0], dr[0], EFER
+_Q_CR, _Q_DR, _Q_EFER = OFF_CR >> 3, OFF_DR >> 3, CTX_EFER >> 3
+if (OFF_CR | OFF_DR | CTX_EFER) & 7:
+    raise ImportError("unicorn: CR, DR or EFER is not 8-byte aligned in the CPU context")
 
 #: the state-save fields a full VMRUN loads into the processor besides RIP/RSP/RAX/RFLAGS:
 #: ES..TR, CPL..EFER, CR4..DR6, CR2; a change in them since the last load means "load again"
@@ -69,16 +78,24 @@ class StateSaveArea:
             return
         sw.lazy_pending = False
         st = self._st.load()
+        q = st.q
         mv = self._view
         b = self._ctl.vmcb_hpa
-        for name in SEGMENT_REGS:
-            put_seg(mv, b + SEGMENTS[name], st.seg(SEG_INDEX[name]))
+        # ES, CS, SS, DS: four context records into four VMCB records, in one unpack and one pack
+        s = _CTX_DATA_SEGS.unpack_from(st.data, OFF_SEGS + SEG_SIZE * R_ES)
+        f0, f1, f2, f3 = s[3], s[7], s[11], s[15]
+        _VMCB_DATA_SEGS.pack_into(
+            mv, b + SEGMENTS["ES"],
+            s[0], ((f0 >> 8) & 0xFF) | ((f0 >> 12) & 0xF00), s[2], s[1],
+            s[4], ((f1 >> 8) & 0xFF) | ((f1 >> 12) & 0xF00), s[6], s[5],
+            s[8], ((f2 >> 8) & 0xFF) | ((f2 >> 12) & 0xF00), s[10], s[9],
+            s[12], ((f3 >> 8) & 0xFF) | ((f3 >> 12) & 0xF00), s[14], s[13])
         for name, (base, limit) in (("GDTR", st.gdt()), ("IDTR", st.idt())):
-            put_seg(mv, b + SEGMENTS[name], (0, base, limit, 0))
+            _SEGREC.pack_into(mv, b + SEGMENTS[name], 0, 0, limit, base)
         mv[b + OFF_CPL] = st.cpl
-        _Q.pack_into(mv, b + OFF_EFER, st.efer | EFER_SVME)
-        _CR4_TO_DR6.pack_into(mv, b + OFF_CR4, st.cr(4), st.cr(3), st.cr(0), st.dr(7), st.dr(6))
-        _Q.pack_into(mv, b + OFF_CR2, st.cr(2))
+        _Q.pack_into(mv, b + OFF_EFER, q[_Q_EFER] | EFER_SVME)
+        _CR4_TO_DR6.pack_into(mv, b + OFF_CR4, q[_Q_CR + 4], q[_Q_CR + 3], q[_Q_CR], q[_Q_DR + 7], q[_Q_DR + 6])
+        _Q.pack_into(mv, b + OFF_CR2, q[_Q_CR + 2])
         _Q.pack_into(mv, b + OFF_RFLAGS, st.reg_read(_RFLAGS))
         sw.loaded = self.snapshot_vmcb()
 

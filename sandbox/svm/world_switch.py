@@ -328,7 +328,7 @@ class WorldSwitch:
         # host state goes to VM_HSAVE_PA (format is implementation-specific)
         sw.gif = True
         flush = self._latch_controls(v)
-        if self._load_guest_state(v):        # with RAX, RSP and RFLAGS
+        if self._load_guest_state(v, not in_hook):        # with RAX, RSP and RFLAGS
             flush = True
         sw.entry_rip = v.rip
         if not in_hook:
@@ -383,16 +383,17 @@ class WorldSwitch:
             st.tsc_offset = self._ctl.tsc_offset
             st.store()
 
-    def _load_guest_state(self, v: VmcbImage) -> bool:
+    def _load_guest_state(self, v: VmcbImage, remember: bool) -> bool:
         """Load RAX, RSP, RFLAGS and, when the VMCB's differs from what the processor
         holds (the first run, or the hypervisor changed it), the control and segment
         state; True after a full load.
 
         A full load is a function of the VMCB's fields and the processor's state
         outside the GPRs, and touches only the processor's state (its TLB flushes
-        are repeated by the caller's): the last one is kept (:attr:`_memo`), and a
-        load of the same fields onto the same state -- every fuzz case's VMRUN from
-        the restored host context -- is one context copy."""
+        are repeated by the caller's): the last one from the hypervisor's VMRUN
+        (``remember``) is kept (:attr:`_memo`), and a load of the same fields onto
+        the same state -- every fuzz case's VMRUN from the restored host context --
+        is one context copy."""
         sw, st = self.sw, self._st
         snap = self.snapshot_vmcb()
         if snap == sw.loaded:
@@ -420,6 +421,8 @@ class WorldSwitch:
         st.reg_write(_RSP, v.rsp)
         st.reg_write(_RFLAGS, v.rflags)
         sw.loaded = snap
+        if not remember:
+            return True
         # keep it when it left the other GPRs and RIP as they were (always, short of a
         # CR0 write leaving long mode, which truncates RIP)
         st.save_raw()
