@@ -19,15 +19,42 @@ from .vmcb import (INTERCEPT_WORDS, OFF_CR2, OFF_CR4, OFF_EFER, OFF_EVENTINJ, OF
                    OFF_IOPM_BASE_PA, OFF_MSRPM_BASE_PA, OFF_N_CR3, OFF_NP_CONTROL, OFF_RAX, OFF_RSP,
                    OFF_TLB_CONTROL, OFF_TSC_OFFSET, SEG_ATTRIB, SEGMENTS, Event, EventType, NpControl)
 
-_Q = struct.Struct("<Q")
-_I = struct.Struct("<I")
-_H = struct.Struct("<H")
-_IVEC = struct.Struct(f"<{INTERCEPT_WORDS}I")
-_CR4_TO_RIP = struct.Struct("<7Q")    # CR4, CR3, CR0, DR7, DR6, RFLAGS, RIP
+_CR4_TO_RIP = "7Q"    # CR4, CR3, CR0, DR7, DR6, RFLAGS, RIP
 _ATTR_L, _ATTR_DB = 1 << 9, 1 << 10  # segment attrib: long mode, default operand size
 #: the MSRPM is 8 KiB and the IOPM 12 KiB (APM §15.10-15.11)
 MSRPM_SIZE, IOPM_SIZE = 0x2000, 0x3000
 _N_CR3_MBZ = 0xFFF0_0000_0000_0000
+#: the flag bits the checks test, as plain ints (an IntFlag operation costs a microsecond)
+_NP_ENABLE = int(NpControl.NP_ENABLE)
+_EVENT_VALID = int(Event.VALID)
+_LEGAL_EVENT_TYPES = frozenset(int(t) for t in (EventType.INTR, EventType.NMI, EventType.EXCEPTION,
+                                                EventType.SOFT_INT))
+_VMRUN_WORD, _VMRUN_BIT = int(ExitCode.VMRUN) >> 5, 1 << (int(ExitCode.VMRUN) & 31)
+
+
+def _fields(base: int, fields: list[tuple[int, str]]) -> struct.Struct:
+    """One little-endian struct for ``(offset, format)`` fields in ascending order from
+    ``base``, padded between them: the fields VMRUN reads, in one unpack."""
+    fmt, at = "<", base
+    for off, f in fields:
+        if off < at:
+            raise ValueError(f"VMCB field at {off:#x} overlaps or precedes the one before it")
+        if off > at:
+            fmt += f"{off - at}x"
+        fmt += f
+        at = off + struct.calcsize("<" + f)
+    return struct.Struct(fmt)
+
+
+#: the control-area fields a full VMRUN reads, in offset order (checked below)
+_CONTROLS = _fields(OFF_INTERCEPTS, [(OFF_INTERCEPTS, f"{INTERCEPT_WORDS}I"), (OFF_IOPM_BASE_PA, "Q"),
+                                     (OFF_MSRPM_BASE_PA, "Q"), (OFF_TSC_OFFSET, "Q"), (OFF_GUEST_ASID, "I"),
+                                     (OFF_TLB_CONTROL, "B"), (OFF_NP_CONTROL, "Q"), (OFF_EVENTINJ, "Q"),
+                                     (OFF_N_CR3, "Q")])
+#: ... and the state-save fields: CS.attrib, EFER, CR4..RIP, RSP, RAX, CR2
+_SAVE_FROM = SEGMENTS["CS"] + SEG_ATTRIB
+_SAVED = _fields(_SAVE_FROM, [(_SAVE_FROM, "H"), (OFF_EFER, "Q"), (OFF_CR4, _CR4_TO_RIP), (OFF_RSP, "Q"),
+                              (OFF_RAX, "Q"), (OFF_CR2, "Q")])
 
 
 class VmrunError(Exception):
@@ -72,18 +99,12 @@ class VmcbImage:
     @classmethod
     def read(cls, mv, b: int) -> "VmcbImage":
         """The fields of the VMCB at ``b`` in ``mv`` (host DRAM)."""
-        cr4, cr3, cr0, dr7, dr6, rflags, rip = _CR4_TO_RIP.unpack_from(mv, b + OFF_CR4)
-        return cls(ivec=_IVEC.unpack_from(mv, b + OFF_INTERCEPTS), cr4=cr4, cr3=cr3, cr0=cr0, dr7=dr7, dr6=dr6,
-                   rflags=rflags, rip=rip, efer=_Q.unpack_from(mv, b + OFF_EFER)[0],
-                   rsp=_Q.unpack_from(mv, b + OFF_RSP)[0], rax=_Q.unpack_from(mv, b + OFF_RAX)[0],
-                   cr2=_Q.unpack_from(mv, b + OFF_CR2)[0], asid=_I.unpack_from(mv, b + OFF_GUEST_ASID)[0],
-                   tlb_control=mv[b + OFF_TLB_CONTROL], np_control=_Q.unpack_from(mv, b + OFF_NP_CONTROL)[0],
-                   n_cr3=_Q.unpack_from(mv, b + OFF_N_CR3)[0],
-                   iopm=_Q.unpack_from(mv, b + OFF_IOPM_BASE_PA)[0] & ~0xFFF,
-                   msrpm=_Q.unpack_from(mv, b + OFF_MSRPM_BASE_PA)[0] & ~0xFFF,
-                   eventinj=_Q.unpack_from(mv, b + OFF_EVENTINJ)[0],
-                   cs_attr=_H.unpack_from(mv, b + SEGMENTS["CS"] + SEG_ATTRIB)[0],
-                   tsc_offset=_Q.unpack_from(mv, b + OFF_TSC_OFFSET)[0])
+        c = _CONTROLS.unpack_from(mv, b + OFF_INTERCEPTS)
+        cs_attr, efer, cr4, cr3, cr0, dr7, dr6, rflags, rip, rsp, rax, cr2 = _SAVED.unpack_from(mv, b + _SAVE_FROM)
+        w = INTERCEPT_WORDS
+        iopm, msrpm, tsc_offset, asid, tlb_control, np_control, eventinj, n_cr3 = c[w:]
+        return cls(c[:w], cr4, cr3, cr0, dr7, dr6, rflags, rip, efer, rsp, rax, cr2, asid, tlb_control,
+                   np_control, n_cr3, iopm & ~0xFFF, msrpm & ~0xFFF, eventinj, cs_attr, tsc_offset)
 
     def intercepted(self, code: int) -> bool:
         return bool(self.ivec[code >> 5] >> (code & 31) & 1)
@@ -129,7 +150,7 @@ def _check_save_area(v: VmcbImage) -> str:
 
 def _check_controls(v: VmcbImage, dram_size: int) -> str:
     """The control area: the VMRUN intercept, the ASID, the permission maps, N_CR3."""
-    if not v.intercepted(ExitCode.VMRUN):
+    if not v.ivec[_VMRUN_WORD] & _VMRUN_BIT:
         return "the VMRUN intercept bit is clear"
     if v.asid == 0:
         return "ASID is zero"
@@ -138,7 +159,7 @@ def _check_controls(v: VmcbImage, dram_size: int) -> str:
         return "MSRPM extends past the end of physical memory"
     if v.iopm + IOPM_SIZE > dram_size:
         return "IOPM extends past the end of physical memory"
-    if v.np_control & NpControl.NP_ENABLE and v.n_cr3 & _N_CR3_MBZ:
+    if v.np_control & _NP_ENABLE and v.n_cr3 & _N_CR3_MBZ:
         return "N_CR3 MBZ bits set"
     return ""
 
@@ -146,11 +167,11 @@ def _check_controls(v: VmcbImage, dram_size: int) -> str:
 def _check_eventinj(v: VmcbImage) -> str:
     """EVENTINJ: a legal TYPE, and a vector that TYPE may carry (APM §15.20)."""
     ev = v.eventinj
-    if not ev & Event.VALID:
+    if not ev & _EVENT_VALID:
         return ""
     ty = (ev >> 8) & 7
     vec = ev & 0xFF
-    if ty not in (EventType.INTR, EventType.NMI, EventType.EXCEPTION, EventType.SOFT_INT):
+    if ty not in _LEGAL_EVENT_TYPES:
         return "EVENTINJ TYPE is reserved"
     if ty == EventType.EXCEPTION and (vec == 2 or vec > 31):
         return "EVENTINJ injects a non-exception vector as an exception"

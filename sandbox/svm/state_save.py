@@ -43,6 +43,7 @@ if (OFF_CR | OFF_DR | CTX_EFER) & 7:
 #: ES..TR, CPL..EFER, CR4..DR6, CR2; a change in them since the last load means "load again"
 LOADED_RANGES = ((SEGMENTS["ES"], SEGMENTS["TR"] + SEG_RECORD_SIZE), (OFF_CPL, OFF_EFER + 8),
                  (OFF_CR4, OFF_RFLAGS), (OFF_CR2, OFF_CR2 + 8))
+(_LO0, _HI0), (_LO1, _HI1), (_LO2, _HI2), (_LO3, _HI3) = LOADED_RANGES
 #: the data segments VMRUN loads and #VMEXIT saves (FS, GS, TR, LDTR are VMLOAD/VMSAVE's)
 SEGMENT_REGS = ("ES", "CS", "SS", "DS")
 
@@ -69,7 +70,8 @@ class StateSaveArea:
     def snapshot_vmcb(self) -> bytes:
         """The state-save fields a full load takes, as bytes (see ``SwitchState.loaded``)."""
         b, mv = self._ctl.vmcb_hpa, self._view
-        return b"".join(bytes(mv[b + lo:b + hi]) for lo, hi in LOADED_RANGES)
+        return (mv[b + _LO0:b + _HI0].tobytes() + mv[b + _LO1:b + _HI1].tobytes() + mv[b + _LO2:b + _HI2].tobytes()
+                + mv[b + _LO3:b + _HI3].tobytes())
 
     def flush_guest_state(self) -> None:
         """Write the lazily saved part of the guest state into the VMCB."""

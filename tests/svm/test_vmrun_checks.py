@@ -169,3 +169,29 @@ def test_vmexit_invalid_from_a_resumed_exit(guest):
     assert r.reason == "invalid-vmcb"
     assert m.guest.vmcb.EXITCODE == INVALID
     assert m.guest.read_phys(DATA, 1) == b"\x00"
+
+
+def test_vmcb_image_reads_the_apm_offsets():
+    """VmcbImage.read takes each field from its offset in APM vol. 2 Appendix B
+    (Tables B-1 and B-2), with IOPM_BASE_PA/MSRPM_BASE_PA bits 11:0 ignored."""
+    import struct
+    from sandbox.svm.consistency import VmcbImage
+    base = 0x1000
+    buf = bytearray(0x3000)
+    fields = {       # APM offset: (struct format, value); every value distinct
+        0x000: ("<6I", tuple(0x1111_0000 + i for i in range(6))),
+        0x040: ("<Q", 0x0012_3FFF), 0x048: ("<Q", 0x0045_6ABC), 0x050: ("<Q", 0xFEDC_BA98_7654_3210),
+        0x058: ("<I", 0x0000_0007), 0x05C: ("<B", 0x03), 0x090: ("<Q", 0x5), 0x0A8: ("<Q", 0x8000_0B0E),
+        0x0B0: ("<Q", 0x0000_0000_0ABC_D000), 0x412: ("<H", 0x0A9B), 0x4D0: ("<Q", 0x1D01),
+        0x548: ("<Q", 0x20), 0x550: ("<Q", 0x0000_1000), 0x558: ("<Q", 0x8000_0011), 0x560: ("<Q", 0x400),
+        0x568: ("<Q", 0xFFFF_0FF0), 0x570: ("<Q", 0x202), 0x578: ("<Q", 0x40_1000), 0x5D8: ("<Q", 0x7FF0),
+        0x5F8: ("<Q", 0xAAAA_BBBB_CCCC_DDDD), 0x640: ("<Q", 0xDEAD_B000),
+    }
+    for off, (fmt, val) in fields.items():
+        struct.pack_into(fmt, buf, base + off, *(val if isinstance(val, tuple) else (val,)))
+    v = VmcbImage.read(memoryview(buf), base)
+    want = dict(ivec=fields[0x000][1], iopm=0x0012_3000, msrpm=0x0045_6000, tsc_offset=0xFEDC_BA98_7654_3210,
+                asid=7, tlb_control=3, np_control=5, eventinj=0x8000_0B0E, n_cr3=0x0ABC_D000, cs_attr=0x0A9B,
+                efer=0x1D01, cr4=0x20, cr3=0x1000, cr0=0x8000_0011, dr7=0x400, dr6=0xFFFF_0FF0, rflags=0x202,
+                rip=0x40_1000, rsp=0x7FF0, rax=0xAAAA_BBBB_CCCC_DDDD, cr2=0xDEAD_B000)
+    assert {k: getattr(v, k) for k in want} == want
