@@ -137,7 +137,8 @@ class SvmCpu:
         check_vmrun(self.host_efer, self.vm_hsave_pa, vmcb_hpa, self.mem.size)
         limits = limits or RunLimits()
         self._run.limits = limits
-        self.vmcb = VMCB(self.mem, vmcb_hpa)
+        if self.vmcb is None or self.vmcb.hpa != vmcb_hpa:
+            self.vmcb = VMCB(self.mem, vmcb_hpa)
         if self._ws.launch(vmcb_hpa, on_exit, limits.max_exits):
             self._run.run()
         if self._smc.step is not None:

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 _Q = struct.Struct("<Q")
 _RIP, _RSP, _RFLAGS = X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS
 _DELIVERY_FAULTS = (DeliveryFault, GuestPageFault, GuestGP)
+#: EVENTINJ's bits and TYPEs as plain ints (an IntEnum/IntFlag operation is a Python call)
+_EVENT_VALID, _EVENT_EV = int(Event.VALID), int(Event.EV)
+_TYPE_INTR, _TYPE_NMI, _TYPE_SOFT_INT = int(EventType.INTR), int(EventType.NMI), int(EventType.SOFT_INT)
 #: CR2's qword in the processor's state copy (``CpuState.q``)
 _Q_CR2 = (OFF_CR >> 3) + 2
 _DR_ADDR = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3)
@@ -82,11 +85,11 @@ class Interrupts:
                 st.clear_old_exception()
                 st.store()                  # now: the guest runs on from here (a late store would rewind it)
                 return                      # the model's own trap after a stepped code store
-            rip = self._st.reg_read(_RIP)
+            st = self._st.load()
+            rip = st.rip                    # the context's RIP is what a register read returns
             if intno == Vec.DB and self._stale_breakpoint(rip):
                 self._st.load().clear_old_exception()
                 return
-            st = self._st.load()
             err = st.error_code if intno in HAS_ERROR_CODE else None
             st.clear_old_exception()        # the model delivers it: nothing stays "in flight" for QEMU
             if intno >= 32:
@@ -272,14 +275,16 @@ class Interrupts:
         """EVENTINJ (APM §15.20) and a pending virtual interrupt (§15.21.4) at VMRUN.
         An exit raised while delivering them is left pending for VMRUN's caller."""
         mv, b, st, sw = self._view, self._ctl.vmcb_hpa, self._st, self._sw
-        if eventinj & Event.VALID:
-            ev = Event.decode(eventinj)
-            _Q.pack_into(mv, b + OFF_EVENTINJ, eventinj & ~Event.VALID)
+        if eventinj & _EVENT_VALID:
+            # EVENTINJ's fields (APM §15.20, Fig. 15-5): VECTOR 7:0, TYPE 10:8, EV 11, ERRORCODE 63:32
+            ty = (eventinj >> 8) & 7
+            err = eventinj >> 32 if eventinj & _EVENT_EV else None
+            _Q.pack_into(mv, b + OFF_EVENTINJ, eventinj & ~_EVENT_VALID)
             st.reg_write(_RIP, rip)
             # §15.20: for TYPE 2 (NMI) the VECTOR field is ignored; an NMI is vector 2
-            vector = 2 if ev.type == EventType.NMI else ev.vector
-            self.deliver(vector, ev.error_code, software=(ev.type == EventType.SOFT_INT), rip_after=rip,
-                         fault_rip=rip, external=(ev.type == EventType.INTR), etype=int(ev.type))
+            vector = 2 if ty == _TYPE_NMI else eventinj & 0xFF
+            self.deliver(vector, err, software=(ty == _TYPE_SOFT_INT), rip_after=rip,
+                         fault_rip=rip, external=(ty == _TYPE_INTR), etype=ty)
         elif self.virq_deliverable(rflags) and not _Q.unpack_from(mv, b + OFF_INTERRUPT_SHADOW)[0] \
                 & INTERRUPT_SHADOW_ACTIVE:
             if self._ctl.intercepted(ExitCode.VINTR):

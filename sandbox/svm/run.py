@@ -212,8 +212,9 @@ class RunLoop:
     # ------------------------------------------------------- memory faults
     def _memory_fault(self, f: Exception) -> None:
         """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
-        self._st.load().clear_old_exception()
-        rip = self._st.reg_read(_RIP)
+        st = self._st.load()
+        st.clear_old_exception()           # stored by the next register access or load
+        rip = st.rip
         smc = self._smc
         if isinstance(f, CodeStore):
             smc.begin(f.hpa, rip)          # a store to a code page: step it
