@@ -376,7 +376,8 @@ class WorldSwitch:
 
     def apply_tsc_offset(self) -> None:
         """Put the latched TSC_OFFSET where Unicorn's RDTSC/RDTSCP add it
-        (``env->tsc_offset``), so the ones not intercepted run natively."""
+        (``env->tsc_offset``), so the ones not intercepted run natively.
+        Leaves the state copy current (loaded, or stored after the patch)."""
         st = self._st
         st.load()
         if st.tsc_offset != self._ctl.tsc_offset & M64:
@@ -386,7 +387,8 @@ class WorldSwitch:
     def _load_guest_state(self, v: VmcbImage, remember: bool) -> bool:
         """Load RAX, RSP, RFLAGS and, when the VMCB's differs from what the processor
         holds (the first run, or the hypervisor changed it), the control and segment
-        state; True after a full load.
+        state; True after a full load.  Called right after :meth:`_latch_controls`,
+        which leaves the processor's state copy current.
 
         A full load is a function of the VMCB's fields and the processor's state
         outside the GPRs, and touches only the processor's state (its TLB flushes
@@ -401,10 +403,7 @@ class WorldSwitch:
             st.reg_write(_RSP, v.rsp)
             st.reg_write(_RFLAGS, v.rflags)
             return False
-        if st.dirty:
-            st.store()
-        st.save_raw()
-        data = st.data
+        data = st.data              # current: _latch_controls has just loaded (or stored) it
         pre = data[_MEMO_FROM:].tobytes()
         memo = self._memo
         if memo is not None and memo[0] == snap and memo[1] == v.rflags and memo[2] == pre:
