@@ -28,7 +28,7 @@ from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
 from ..svm.cpustate import GPR_NAMES, OFF_REGS
 from ..svm.exitcodes import ExitCode, exit_name
 from ..svm.stop import StopReason
-from ..svm.vmcb import OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
+from ..svm.vmcb import OFF_EVENTINJ, OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
 from .devices import COM1, DeviceBus, MmioMode, MmioRegion, Serial16550
 from .guest import Guest
 from .handlers import DEFAULT_HANDLERS, RESUME, STOP, Action, Handler
@@ -143,7 +143,7 @@ _RBX_I, _RCX_I, _RDX_I = (GPR_NAMES.index(n) for n in ("rbx", "rcx", "rdx"))
 _RCX_RDX_RBX = struct.Struct("<3Q")
 _OFF_RCX = OFF_REGS + 8 * _RCX_I
 #: qword indices of the never-cached fields in the VMCB page (``Guest.vmcb_q``)
-_QRAX, _QRIP = OFF_RAX >> 3, OFF_RIP >> 3
+_QRAX, _QRIP, _QEVENTINJ = OFF_RAX >> 3, OFF_RIP >> 3, OFF_EVENTINJ >> 3
 assert (_RDX_I, _RBX_I) == (_RCX_I + 1, _RCX_I + 2)
 
 
@@ -589,9 +589,9 @@ class Machine:
         if rec.exitcode in _ASYNC_EXITS or (self.sev is not None and self.sev.es is not None):
             self._last_fp, self._same_fp = None, 0
             return False
-        v = self.guest.vmcb
+        vq = self.guest.vmcb_q        # EVENTINJ (control area) and RAX (never cached): current in place
         cpu = self.cpu
-        fp = (rec.exitcode, rec.rip, rec.exitinfo1, rec.exitinfo2, v.EVENTINJ, v.RAX,
+        fp = (rec.exitcode, rec.rip, rec.exitinfo1, rec.exitinfo2, vq[_QEVENTINJ], vq[_QRAX],
               cpu.guest_gpr(1), cpu.guest_gpr(2), cpu.guest_gpr(3))
         if fp != self._last_fp:
             self._last_fp, self._same_fp = fp, 1

@@ -354,5 +354,9 @@ class Interrupts:
 
 
 def _intinfo(vec: int, ty: int, err: int | None) -> int:
-    """EXITINTINFO for the event that was being delivered (APM §15.7.2)."""
-    return Event(vec, EventType(ty), err if vec in HAS_ERROR_CODE else None).encode()
+    """EXITINTINFO for the event that was being delivered (APM §15.7.2; the EVENTINJ
+    layout, Fig. 15-5): VECTOR, TYPE, EV with ERRORCODE for a vector that pushes one, V."""
+    v = (vec & 0xFF) | ((ty & 7) << 8) | _EVENT_VALID
+    if err is not None and vec in HAS_ERROR_CODE:
+        v |= _EVENT_EV | ((err & 0xFFFF_FFFF) << 32)
+    return v
