@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from unicorn import x86_const as X
 
 from ..arch import EFER_SVME, M64
-from .cpustate import (DESC_L, OFF_CR, OFF_DR, OFF_EFER as CTX_EFER, OFF_REGS, OFF_SEGS, R_CS, R_ES, SEG_SIZE,
+from .cpustate import (DESC_L, HF_CPL_MASK, OFF_CR, OFF_DR, OFF_EFER as CTX_EFER, OFF_GDT, OFF_HFLAGS, OFF_IDT,
+                       OFF_REGS, OFF_SEGS, R_CS, R_ES, SEG_SIZE,
                        CpuState, attrib_to_flags, flags_to_attrib)
 from .controls import GuestControls
 from .vmcb import (OFF_CPL, OFF_CR2, OFF_CR4, OFF_EFER, OFF_RAX, OFF_RFLAGS, OFF_RIP, OFF_RSP,
@@ -34,10 +35,13 @@ _RIP, _RFLAGS = X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS
 _CTX_DATA_SEGS = struct.Struct("<" + "I4xQII" * 4)
 #: ... and as the VMCB does (selector, attrib, limit, base each; contiguous from ES)
 _VMCB_DATA_SEGS = struct.Struct("<" + "HHIQ" * 4)
+#: GDTR and IDTR in the context: adjacent segment caches, base and limit of each
+_CTX_DTABLES = struct.Struct("<8xQI4x8xQI4x")
+_VMCB_GDTR, _VMCB_IDTR = SEGMENTS["GDTR"], SEGMENTS["IDTR"]
 #: qword indices into the context (``CpuState.q``): cr[0], dr[0], EFER
 _Q_CR, _Q_DR, _Q_EFER = OFF_CR >> 3, OFF_DR >> 3, CTX_EFER >> 3
-if (OFF_CR | OFF_DR | CTX_EFER) & 7:
-    raise ImportError("unicorn: CR, DR or EFER is not 8-byte aligned in the CPU context")
+if (OFF_CR | OFF_DR | CTX_EFER) & 7 or OFF_IDT != OFF_GDT + _CTX_DTABLES.size // 2:
+    raise ImportError("unicorn: CR, DR or EFER is not 8-byte aligned, or IDT does not follow GDT, in the CPU context")
 
 #: the state-save fields a full VMRUN loads into the processor besides RIP/RSP/RAX/RFLAGS:
 #: ES..TR, CPL..EFER, CR4..DR6, CR2; a change in them since the last load means "load again"
@@ -92,9 +96,10 @@ class StateSaveArea:
             s[4], ((f1 >> 8) & 0xFF) | ((f1 >> 12) & 0xF00), s[6], s[5],
             s[8], ((f2 >> 8) & 0xFF) | ((f2 >> 12) & 0xF00), s[10], s[9],
             s[12], ((f3 >> 8) & 0xFF) | ((f3 >> 12) & 0xF00), s[14], s[13])
-        for name, (base, limit) in (("GDTR", st.gdt()), ("IDTR", st.idt())):
-            _SEGREC.pack_into(mv, b + SEGMENTS[name], 0, 0, limit, base)
-        mv[b + OFF_CPL] = st.cpl
+        gdt_base, gdt_limit, idt_base, idt_limit = _CTX_DTABLES.unpack_from(st.data, OFF_GDT)
+        _SEGREC.pack_into(mv, b + _VMCB_GDTR, 0, 0, gdt_limit, gdt_base)
+        _SEGREC.pack_into(mv, b + _VMCB_IDTR, 0, 0, idt_limit, idt_base)
+        mv[b + OFF_CPL] = st.data[OFF_HFLAGS] & HF_CPL_MASK      # hflags' low byte (little-endian)
         _Q.pack_into(mv, b + OFF_EFER, q[_Q_EFER] | EFER_SVME)
         _CR4_TO_DR6.pack_into(mv, b + OFF_CR4, q[_Q_CR + 4], q[_Q_CR + 3], q[_Q_CR], q[_Q_DR + 7], q[_Q_DR + 6])
         _Q.pack_into(mv, b + OFF_CR2, q[_Q_CR + 2])
