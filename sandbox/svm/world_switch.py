@@ -422,8 +422,8 @@ class WorldSwitch:
         sw.loaded = snap
         if not remember:
             return True
-        # keep it when it left the other GPRs and RIP as they were (always, short of a
-        # CR0 write leaving long mode, which truncates RIP)
+        # keep it when it changed no GPR but RAX and RSP (the MSR write borrows and restores
+        # RCX/RAX/RDX): a reuse copies only the state from RIP on, and patches RAX and RSP
         st.save_raw()
         q = st.q
         if q[0] == v.rax & M64 and q[4] == v.rsp & M64 and data[8:32] == gprs[8:32] \
@@ -514,8 +514,18 @@ class WorldSwitch:
         mv[(b << 3) + OFF_GUEST_INSN_LEN] = len(insn) & 0xF
         if insn:
             mv[(b << 3) + GUEST_INSN_BYTES:(b << 3) + GUEST_INSN_BYTES + len(insn)] = insn
-        self.exit_count += 1
-        rec = ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, self.exit_count)
+        self.exit_count = n = self.exit_count + 1
+        # ExitRecord(int(code), info1, info2, exitintinfo, rip, nrip, insn, n), without its __init__ call
+        rec = _new_record(ExitRecord)
+        rec.exitcode = int(code)
+        rec.exitinfo1 = info1
+        rec.exitinfo2 = info2
+        rec.exitintinfo = exitintinfo
+        rec.rip = rip
+        rec.nrip = nrip
+        rec.insn = insn
+        rec.index = n
+        rec.level = "L1"
         sw.exit = rec
         sw.gif = False        # #VMEXIT clears GIF
         if ext is not NO_EXTENSION:
