@@ -140,6 +140,10 @@ class Scanner:
         self._armed_bits: tuple[int, ...] | None = None
         self._armed_virq = False
         self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
+        #: gva page -> (hpa page, bytes) of its last scan, every candidate of which is
+        #: still hooked: kept across resets (hooks outlive them) and dropped with the
+        #: hooks, so a page fetched again after a reset is scanned only where it changed
+        self._hooked_scan: dict[int, tuple[int, bytes]] = {}
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
         #: hpa pages fetched since every translated block was last flushed: every
         #: block lies on these (Unicorn grants execute only to a fetch fill, which scans)
@@ -214,19 +218,33 @@ class Scanner:
             self._one, self._two = D.opcode_starts(set(self.scan_kinds))
             self.code_pages.clear()
             self.code_hpa.clear()
+            self._hooked_scan.clear()
             self._decoded_by_key.clear()
             self._flush_tb()
             self._flush_soft_tlb()
 
     def scan(self, gva: int, hpa: int) -> None:
-        """A fetch fill of page ``gva`` (at ``hpa``): hook every candidate on it."""
+        """A fetch fill of page ``gva`` (at ``hpa``): hook every candidate on it.
+
+        When the page's last scan at this address is still hooked (no shed
+        since; a reset keeps hooks), only the bytes that differ from it are
+        scanned again: the candidates elsewhere are unchanged and hooked.  A
+        fuzz case rewrites a few hundred bytes of a code page each time."""
         self.tb_pages.add(hpa)
         cur = self.code_pages.get(gva)
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
         if cur is not None and cur[0] == hpa and cur[1] == page:
             return
-        hits = D.scan(page, PAGE_SIZE, self._one, self._two) + straddling(page)
-        self.hooks.add_new([gva + off for off in hits])
+        last = self._hooked_scan.get(gva)
+        if last is None or last[0] != hpa:
+            hits = D.scan(page, PAGE_SIZE, self._one, self._two) + straddling(page)
+        elif last[1] != page:
+            hits = self._changed_hits(last[1], page)[2]
+        else:
+            hits = ()
+        if hits:
+            self.hooks.add_new([gva + off for off in hits])
+        self._hooked_scan[gva] = (hpa, page)
         self.code_pages[gva] = (hpa, page)
         self.code_hpa.setdefault(hpa, set()).add(gva)
         # drop stale decodes for this page
@@ -344,6 +362,21 @@ class Scanner:
             self.decide = fn
             self._drop_decodes()
 
+    def _changed_hits(self, old: bytes, page: bytes) -> tuple[int, int, list[int]]:
+        """``(lo, hi, hits)``: the byte range [lo, hi) where ``page`` differs
+        from ``old`` (they differ), and the candidates of ``page`` that a scan
+        of ``old`` may lack.  An instruction that uses a changed byte begins
+        at most ``MAX_INSN - 1`` bytes before it: only offsets from
+        ``lo - MAX_INSN`` to ``hi`` are scanned, with the bytes after ``hi``
+        that their opcodes may reach."""
+        x = int.from_bytes(old, "little") ^ int.from_bytes(page, "little")
+        lo, hi = ((x & -x).bit_length() - 1) >> 3, (x.bit_length() + 7) >> 3
+        ws = max(0, lo - D.MAX_INSN)
+        hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
+        if hi > PAGE_SIZE - D.MAX_INSN:
+            hits += straddling(page)
+        return lo, hi, hits
+
     def rescan_changed(self, hpa: int) -> tuple[int, int] | None:
         """Self-modifying code: rescan every executable alias of code page
         ``hpa`` whose bytes differ from its last scan.  Only an instruction
@@ -351,21 +384,15 @@ class Scanner:
         candidate: that window is scanned.  Returns the changed byte range
         [first, last) within the page, or None when nothing changed."""
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
-        new = int.from_bytes(page, "little")
         first, last = PAGE_SIZE, 0
         add_new = self.hooks.add_new
         for g in list(self.code_hpa.get(hpa, ())):
             cur = self.code_pages.get(g)
             if cur is None or cur[0] != hpa or cur[1] == page:
                 continue
-            x = int.from_bytes(cur[1], "little") ^ new
-            lo, hi = ((x & -x).bit_length() - 1) >> 3, (x.bit_length() + 7) >> 3
-            ws = max(0, lo - D.MAX_INSN)
-            hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
-            if hi > PAGE_SIZE - D.MAX_INSN:
-                hits += straddling(page)
+            lo, hi, hits = self._changed_hits(cur[1], page)
             add_new([g + off for off in hits])
-            self.code_pages[g] = (hpa, page)
+            self.code_pages[g] = self._hooked_scan[g] = (hpa, page)
             first, last = min(first, lo), max(last, hi)
         return (first, last) if last else None
 
@@ -443,6 +470,7 @@ class Scanner:
     def shed_hooks(self) -> int:
         """Delete every candidate hook and :meth:`reset`; returns how many were deleted."""
         n = self.hooks.shed()
+        self._hooked_scan.clear()
         self.reset()
         return n
 
