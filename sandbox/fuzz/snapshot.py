@@ -312,10 +312,11 @@ class Harness:
         with the audit's per-instruction hook off)."""
         try:
             if self.cpu.candidate_hook_count > MAX_HOOKS or \
-                    (audit and self.auditor is not None and not self.auditor.hooked):
+                    (audit and self.auditor is not None and not self.auditor.placed):
                 # the audit's hook must run before any candidate hook of an instruction
-                # (Unicorn calls code hooks in the order they were added): switching it
-                # on after cases that ran unaudited sheds the candidate hooks first
+                # (Unicorn calls code hooks in the order they were added): placing it
+                # after cases that ran unaudited sheds the candidate hooks first (off, it
+                # is parked in its place)
                 self._shed_hooks()
         except Exception as e:     # robustness: the processor failing here is a finding, not the end
             tb = traceback.extract_tb(e.__traceback__)[-1]
