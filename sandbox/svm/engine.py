@@ -131,7 +131,9 @@ class RegReader:
         self._h = raw_handle(uc)
         self._buf = ctypes.c_uint64()
         self._ref = ctypes.byref(self._buf)
-        self._read = uclib.uc_reg_read
+        # a register read only copies QEMU's state (no TLB fill, no hook): the
+        # GIL is kept and no argument converted (see in_hook_fn)
+        self._read = in_hook_fn("uc_reg_read")
 
     def read(self, reg: int) -> int:
         buf = self._buf

@@ -17,7 +17,7 @@ cross-modifying code (:meth:`Scanner.hypervisor_wrote`, APM vol. 2 §7.6.1).
 from __future__ import annotations
 
 import functools
-
+import re
 import struct
 from typing import TYPE_CHECKING, Callable
 
@@ -66,6 +66,8 @@ _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in t
 #: its start rather than filled page after page) it flushes every block
 _TB_PAGES_MAX = 64
 _FLUSH_EVERY = 32
+#: runs of nonzero bytes (of two pages' XOR), those at most 2 * MAX_INSN apart merged
+_CHANGED_RUNS = re.compile(rb"[^\x00](?:\x00{0,%d}[^\x00])*" % (2 * D.MAX_INSN))
 
 
 def straddling(page: bytes) -> list[int]:
@@ -366,13 +368,19 @@ class Scanner:
         """``(lo, hi, hits)``: the byte range [lo, hi) where ``page`` differs
         from ``old`` (they differ), and the candidates of ``page`` that a scan
         of ``old`` may lack.  An instruction that uses a changed byte begins
-        at most ``MAX_INSN - 1`` bytes before it: only offsets from
-        ``lo - MAX_INSN`` to ``hi`` are scanned, with the bytes after ``hi``
-        that their opcodes may reach."""
-        x = int.from_bytes(old, "little") ^ int.from_bytes(page, "little")
-        lo, hi = ((x & -x).bit_length() - 1) >> 3, (x.bit_length() + 7) >> 3
-        ws = max(0, lo - D.MAX_INSN)
-        hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
+        at most ``MAX_INSN - 1`` bytes before it: only offsets from ``MAX_INSN``
+        before a run of changed bytes to its end are scanned, with the bytes
+        after it that their opcodes may reach."""
+        diff = (int.from_bytes(old, "little") ^ int.from_bytes(page, "little")).to_bytes(PAGE_SIZE, "little")
+        hits: list[int] = []
+        one, two, lo, hi = self._one, self._two, PAGE_SIZE, 0
+        # each run of changed bytes (runs a few bytes apart taken as one: a fuzz
+        # case's code and the previous case's, restored, are two runs)
+        for m in _CHANGED_RUNS.finditer(diff):
+            a, b = m.span()
+            ws = max(0, a - D.MAX_INSN)
+            hits += [ws + o for o in D.scan(page[ws:b + D.MAX_INSN + 1], b - ws, one, two)]
+            lo, hi = min(lo, a), b
         if hi > PAGE_SIZE - D.MAX_INSN:
             hits += straddling(page)
         return lo, hi, hits

@@ -104,11 +104,20 @@ def test_rescanning_only_the_changed_bytes_keeps_every_candidate():
             for i in range(max(0, at - 14), at):
                 old[i] = new[i] = rng.choice((0xF3, 0x66, 0x2E, 0x41, 0x48))
             new[at] = old[at] ^ 0x0F if old[at] != 0x0F else 0xA2
+        if trial % 4 < 2:
+            # and a second run (the previous case's code restored), with prefixes before it
+            b = rng.randrange(14, PAGE_SIZE - 20)
+            for i in range(b - 14, b):
+                old[i] = new[i] = rng.choice((0xF3, 0x66, 0x2E, 0x41, 0x48))
+            for i in range(b, b + rng.randrange(1, 20)):
+                new[i] = rng.choice(alphabet)
+            new[b] = old[b] ^ 0x0F if old[b] != 0x0F else 0xA2
         old, new = bytes(old), bytes(new)
         if old == new:
             continue
         lo, hi, added = Scanner._changed_hits(sc, old, new)
         assert old[:lo] == new[:lo] and old[hi:] == new[hi:] and old[lo] != new[lo] and old[hi - 1] != new[hi - 1]
+        changed = [i for i in range(PAGE_SIZE) if old[i] != new[i]]
         have = set(D.scan(old, PAGE_SIZE, one, two) + straddling(old)) | set(added)
         for o in range(PAGE_SIZE):
             insn = D.decode(new[o:o + 15])
@@ -117,4 +126,5 @@ def test_rescanning_only_the_changed_bytes_keeps_every_candidate():
         assert set(straddling(new)) <= have
         # a full scan of the new bytes finds nothing more in the window that was rescanned
         full = set(D.scan(new, PAGE_SIZE, one, two) + straddling(new))
-        assert {o for o in full if o >= lo - D.MAX_INSN} <= have
+        near = {o for i in changed for o in range(i - D.MAX_INSN, i + 1)}
+        assert {o for o in full if o in near} <= have
