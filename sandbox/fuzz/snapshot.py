@@ -71,8 +71,10 @@ SHADOW_INTERCEPTS = (ExitCode.CR3_READ, ExitCode.CR3_WRITE, ExitCode.INVLPG, Exi
 #: the loader's area (GDT, page tables) below this guest-physical address: its
 #: non-zero pages are compared on every case (the processor sets A/D bits there)
 LOADER_AREA_END = 0x80000
-#: candidate hooks after which the machine is rebuilt
-MAX_HOOKS = 300
+#: candidate hooks after which they are shed: Unicorn checks every code hook, parked
+#: ones included, on each instruction a run with an instruction budget executes, and
+#: a shed only parks them (about 26 new ones a case)
+MAX_HOOKS = 100
 #: pages compared in one ``memcmp`` before the pages of a differing chunk are compared one by one
 CHUNK_PAGES = 16
 
