@@ -518,6 +518,12 @@ class Auditor:
         """Whether the per-instruction hook is on."""
         return self._hook.active
 
+    @property
+    def placed(self) -> bool:
+        """Whether the per-instruction hook is in place (on, or parked while cases
+        are not audited), ahead of every candidate hook placed since."""
+        return self._hook.placed
+
     def begin(self) -> None:
         """Audit the next case: called after the harness's per-case reset, so no
         block translated while the hook was off is left (and :meth:`RawCodeHook.on`

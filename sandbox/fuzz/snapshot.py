@@ -71,8 +71,10 @@ SHADOW_INTERCEPTS = (ExitCode.CR3_READ, ExitCode.CR3_WRITE, ExitCode.INVLPG, Exi
 #: the loader's area (GDT, page tables) below this guest-physical address: its
 #: non-zero pages are compared on every case (the processor sets A/D bits there)
 LOADER_AREA_END = 0x80000
-#: candidate hooks after which the machine is rebuilt
-MAX_HOOKS = 300
+#: candidate hooks after which they are shed: Unicorn checks every code hook, parked
+#: ones included, on each instruction a run with an instruction budget executes, and
+#: a shed only parks them (about 26 new ones a case)
+MAX_HOOKS = 100
 #: pages compared in one ``memcmp`` before the pages of a differing chunk are compared one by one
 CHUNK_PAGES = 16
 
@@ -312,10 +314,11 @@ class Harness:
         with the audit's per-instruction hook off)."""
         try:
             if self.cpu.candidate_hook_count > MAX_HOOKS or \
-                    (audit and self.auditor is not None and not self.auditor.hooked):
+                    (audit and self.auditor is not None and not self.auditor.placed):
                 # the audit's hook must run before any candidate hook of an instruction
-                # (Unicorn calls code hooks in the order they were added): switching it
-                # on after cases that ran unaudited sheds the candidate hooks first
+                # (Unicorn calls code hooks in the order they were added): placing it
+                # after cases that ran unaudited sheds the candidate hooks first (off, it
+                # is parked in its place)
                 self._shed_hooks()
         except Exception as e:     # robustness: the processor failing here is a finding, not the end
             tb = traceback.extract_tb(e.__traceback__)[-1]

@@ -131,7 +131,9 @@ class RegReader:
         self._h = raw_handle(uc)
         self._buf = ctypes.c_uint64()
         self._ref = ctypes.byref(self._buf)
-        self._read = uclib.uc_reg_read
+        # a register read only copies QEMU's state (no TLB fill, no hook): the
+        # GIL is kept and no argument converted (see in_hook_fn)
+        self._read = in_hook_fn("uc_reg_read")
 
     def read(self, reg: int) -> int:
         buf = self._buf
@@ -167,6 +169,41 @@ class MsrWriter:
             raise UcError(err)
 
 
+#: ``struct hook``'s ``uint64_t begin, end`` (uc_priv.h): a code hook fires where
+#: ``begin <= address <= end`` (``begin > end``: everywhere), checked when it is
+#: called.  Writing them moves a hook to another address, or parks it, in place.
+#: Deleting one instead costs a search of the hook list in ``uc_hook_del``, a drop
+#: of the blocks compiled starting at its address (each resolved through the TLB
+#: fill), and another search to unlink it at the end of the next ``emu_start``.
+_RANGE = ctypes.c_uint64 * 2
+#: the range of a parked hook: one non-canonical address, where no instruction is fetched
+PARKED = 0x8000_0000_0000_0000
+
+
+def _locate_hook_range() -> int | None:
+    """The offset of ``begin, end`` in Unicorn's ``struct hook`` (the handle
+    points to it), found with a distinctive range; None when not found."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    begin, end = 0x5EC0_DE00_0000_1357, 0x5EC0_DE00_0000_2468
+    hh = uc_hook_h()
+    cb = HOOK_CODE_CFUNC(lambda *a: None)
+    if uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), UC_HOOK_CODE, cb, None, ctypes.c_uint64(begin),
+                         ctypes.c_uint64(end)):
+        return None
+    raw = ctypes.string_at(hh.value, 128)
+    hits = [o for o in range(0, 120, 8) if int.from_bytes(raw[o:o + 8], "little") == begin
+            and int.from_bytes(raw[o + 8:o + 16], "little") == end]
+    uclib.uc_hook_del(raw_handle(uc), hh)
+    return hits[0] if len(hits) == 1 else None
+
+
+_HOOK_RANGE_AT = _locate_hook_range()
+
+#: engine handle -> code hooks added that must run ahead of every candidate hook
+#: placed after them (Unicorn calls code hooks in list order); see :class:`CodeHooks`
+_ORDERED_ADDS: dict[int, int] = {}
+
+
 class RawCodeHook:
     """A UC_HOOK_CODE on every address straight from C, ``fn(handle, address,
     size, user_data)`` (which must not raise), switched on and off.  The
@@ -175,31 +212,56 @@ class RawCodeHook:
     Unicorn decides at translation whether a block calls code hooks, so a
     block translated while the hook was off never calls it: :meth:`on` drops
     every translated block.  Blocks translated while it was on call it after
-    :meth:`off` until they are dropped (the callback must tolerate that)."""
+    :meth:`off` until they are dropped (the callback must tolerate that).
+
+    Switched off, the hook is parked (its range moved where nothing runs), not
+    deleted: switched on again it keeps its place in Unicorn's hook list, ahead
+    of every candidate hook (:class:`CodeHooks`) placed since it was added."""
 
     def __init__(self, uc: Uc, fn: Callable[[object, int, int, object], None]) -> None:
         self._uc = uc
         self._h = raw_handle(uc)
         self._cb = HOOK_CODE_CFUNC(fn)
         self._hh: uc_hook_h | None = None
+        self._range: ctypes.Array | None = None     # begin, end of the parked or active hook
+        self._on = False
 
     @property
     def active(self) -> bool:
-        return self._hh is not None
+        """Whether the hook is on."""
+        return self._on
+
+    @property
+    def placed(self) -> bool:
+        """Whether the hook is in Unicorn's hook list, on or parked: then it
+        runs ahead of every :class:`CodeHooks` hook placed since it was added."""
+        return self._on or self._range is not None
 
     def on(self) -> None:
-        if self._hh is not None:
+        if self._on:
             return
-        hh = uc_hook_h()
-        err = uclib.uc_hook_add(self._h, ctypes.byref(hh), UC_HOOK_CODE, self._cb, None, ctypes.c_uint64(1),
-                                ctypes.c_uint64(0))
-        if err:
-            raise UcError(err)
-        self._hh = hh
+        if self._range is not None:
+            self._range[0], self._range[1] = 1, 0         # every address
+        else:
+            hh = uc_hook_h()
+            err = uclib.uc_hook_add(self._h, ctypes.byref(hh), UC_HOOK_CODE, self._cb, None, ctypes.c_uint64(1),
+                                    ctypes.c_uint64(0))
+            if err:
+                raise UcError(err)
+            self._hh = hh
+            key = self._h.value
+            _ORDERED_ADDS[key] = _ORDERED_ADDS.get(key, 0) + 1
+            if _HOOK_RANGE_AT is not None:
+                self._range = _RANGE.from_address(hh.value + _HOOK_RANGE_AT)
+        self._on = True
         self._uc.ctl_flush_tb()
 
     def off(self) -> None:
-        if self._hh is None:
+        if not self._on:
+            return
+        self._on = False
+        if self._range is not None:
+            self._range[0] = self._range[1] = PARKED
             return
         hh, self._hh = self._hh, None
         err = uclib.uc_hook_del(self._h, hh)
@@ -228,9 +290,19 @@ class CodeHooks:
 
     A hook on an address where no instruction begins never fires, and one
     whose address is never executed is free; but every translated block is
-    checked against every hook, and ``uc_hook_del`` is O(n), so a long-lived
-    processor sheds them now and then (:meth:`shed`).
+    checked against every hook, so a long-lived processor sheds them now and
+    then (:meth:`shed`).
+
+    A shed parks the hooks (see :data:`PARKED`) and later additions take their
+    range back, where deleting them is O(n) each in ``uc_hook_del``.  Parked
+    hooks are deleted for good every :attr:`DELETE_EVERY` sheds (a hook keeps
+    a record of each block compiled starting at its address until it is
+    deleted), and before one is reused behind a hook that must run ahead of
+    the candidates (:class:`RawCodeHook`, added after it).
     """
+
+    #: sheds between two that delete every hook (parking the others)
+    DELETE_EVERY = 64
 
     def __init__(self, uc: Uc, callback: Callable[[object, int, int, object], None]) -> None:
         """``callback(handle, address, size, user_data)`` is called from C: it
@@ -247,12 +319,24 @@ class CodeHooks:
         self._hh_ref = ctypes.byref(self._hh)
         #: address -> hook handle (the ``uc_hook`` value)
         self.handles: dict[int, int] = {}
+        #: hook handle -> its range (None: hooks are deleted, never parked)
+        self._ranges: dict[int, ctypes.Array] | None = {} if _HOOK_RANGE_AT is not None else None
+        self._parked: list[int] = []    # parked hooks, reused by add_new
+        self._stale: list[int] = []     # parked hooks never to be reused, deleted at the next shed
+        self._sheds = 0
+        self._key = self._h.value
+        self._ordered = _ORDERED_ADDS.get(self._key, 0)
 
     def __len__(self) -> int:
         return len(self.handles)
 
     def __contains__(self, addr: int) -> bool:
         return addr in self.handles
+
+    @property
+    def parked(self) -> int:
+        """Hooks parked, for reuse or deletion."""
+        return len(self._parked) + len(self._stale)
 
     def add(self, addr: int) -> None:
         """Hook the instruction that may begin at ``addr`` (once)."""
@@ -261,26 +345,57 @@ class CodeHooks:
 
     def add_new(self, addrs) -> None:
         """Hook each of ``addrs`` that is not hooked yet."""
-        handles, add, h, ref, hh, cb, u64 = self.handles, self._add, self._h, self._hh_ref, self._hh, self._cb, \
-            ctypes.c_uint64
+        if _ORDERED_ADDS.get(self._key, 0) != self._ordered:
+            # the parked hooks sit ahead of a hook that must run first: never reused,
+            # deleted at the next shed (not here: this may run inside a TLB fill)
+            self._ordered = _ORDERED_ADDS.get(self._key, 0)
+            self._stale += self._parked
+            self._parked = []
+        handles, parked, ranges = self.handles, self._parked, self._ranges
+        add, h, ref, hh, cb, u64 = self._add, self._h, self._hh_ref, self._hh, self._cb, ctypes.c_uint64
         for addr in addrs:
             if addr in handles:
+                continue
+            if parked:
+                k = parked.pop()
+                r = ranges[k]
+                r[0] = r[1] = addr
+                handles[addr] = k
                 continue
             a = u64(addr)
             err = add(h, ref, UC_HOOK_CODE, cb, None, a, a)
             if err:
                 raise UcError(err)
-            handles[addr] = hh.value
+            k = handles[addr] = hh.value
+            if ranges is not None:
+                ranges[k] = _RANGE.from_address(k + _HOOK_RANGE_AT)
 
     def shed(self) -> int:
-        """Delete every hook; returns how many there were.  Translated blocks
-        compiled with them must be dropped by the caller.
+        """Take every hook off its address; returns how many there were.
+        Translated blocks compiled with them must be dropped by the caller.
 
         Deleting a hook makes Unicorn drop the translated blocks of its page,
         which it finds through the TLB fill: a fill may scan and add hooks
         meanwhile (they are kept; a hook on an address is always sound)."""
         old, self.handles = self.handles, {}
-        delete, h = self._del, self._h
-        for hh in old.values():
-            delete(h, uc_hook_h(hh))
+        self._sheds += 1
+        ranges = self._ranges
+        stale, self._stale = self._stale, []
+        self._delete(stale)
+        if ranges is None or self._sheds % self.DELETE_EVERY == 0:
+            parked, self._parked = self._parked, []
+            self._delete(parked)
+            self._delete(old.values())
+        else:
+            for k in old.values():
+                r = ranges[k]
+                r[0] = r[1] = PARKED
+            self._parked += old.values()
         return len(old)
+
+    def _delete(self, hooks) -> None:
+        delete, h, ranges = self._del, self._h, self._ranges
+        for k in list(hooks):
+            if ranges is not None:
+                del ranges[k]
+            delete(h, uc_hook_h(k))

@@ -17,7 +17,6 @@ cross-modifying code (:meth:`Scanner.hypervisor_wrote`, APM vol. 2 §7.6.1).
 from __future__ import annotations
 
 import functools
-
 import struct
 from typing import TYPE_CHECKING, Callable
 
@@ -66,6 +65,9 @@ _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in t
 #: its start rather than filled page after page) it flushes every block
 _TB_PAGES_MAX = 64
 _FLUSH_EVERY = 32
+#: the unit in which two versions of a page are compared for changed runs
+_CHUNK = 128
+assert PAGE_SIZE % _CHUNK == 0
 
 
 def straddling(page: bytes) -> list[int]:
@@ -140,6 +142,10 @@ class Scanner:
         self._armed_bits: tuple[int, ...] | None = None
         self._armed_virq = False
         self.code_pages: dict[int, tuple[int, bytes]] = {}   # gva page -> (hpa page, bytes scanned)
+        #: gva page -> (hpa page, bytes) of its last scan, every candidate of which is
+        #: still hooked: kept across resets (hooks outlive them) and dropped with the
+        #: hooks, so a page fetched again after a reset is scanned only where it changed
+        self._hooked_scan: dict[int, tuple[int, bytes]] = {}
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
         #: hpa pages fetched since every translated block was last flushed: every
         #: block lies on these (Unicorn grants execute only to a fetch fill, which scans)
@@ -214,19 +220,33 @@ class Scanner:
             self._one, self._two = D.opcode_starts(set(self.scan_kinds))
             self.code_pages.clear()
             self.code_hpa.clear()
+            self._hooked_scan.clear()
             self._decoded_by_key.clear()
             self._flush_tb()
             self._flush_soft_tlb()
 
     def scan(self, gva: int, hpa: int) -> None:
-        """A fetch fill of page ``gva`` (at ``hpa``): hook every candidate on it."""
+        """A fetch fill of page ``gva`` (at ``hpa``): hook every candidate on it.
+
+        When the page's last scan at this address is still hooked (no shed
+        since; a reset keeps hooks), only the bytes that differ from it are
+        scanned again: the candidates elsewhere are unchanged and hooked.  A
+        fuzz case rewrites a few hundred bytes of a code page each time."""
         self.tb_pages.add(hpa)
         cur = self.code_pages.get(gva)
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
         if cur is not None and cur[0] == hpa and cur[1] == page:
             return
-        hits = D.scan(page, PAGE_SIZE, self._one, self._two) + straddling(page)
-        self.hooks.add_new([gva + off for off in hits])
+        last = self._hooked_scan.get(gva)
+        if last is None or last[0] != hpa:
+            hits = D.scan(page, PAGE_SIZE, self._one, self._two) + straddling(page)
+        elif last[1] != page:
+            hits = self._changed_hits(last[1], page)[2]
+        else:
+            hits = ()
+        if hits:
+            self.hooks.add_new([gva + off for off in hits])
+        self._hooked_scan[gva] = (hpa, page)
         self.code_pages[gva] = (hpa, page)
         self.code_hpa.setdefault(hpa, set()).add(gva)
         # drop stale decodes for this page
@@ -344,6 +364,40 @@ class Scanner:
             self.decide = fn
             self._drop_decodes()
 
+    def _changed_hits(self, old: bytes, page: bytes) -> tuple[int, int, list[int]]:
+        """``(lo, hi, hits)``: the byte range [lo, hi) where ``page`` differs
+        from ``old`` (they differ), and the candidates of ``page`` that a scan
+        of ``old`` may lack.  An instruction that uses a changed byte begins
+        at most ``MAX_INSN - 1`` bytes before it: only offsets from ``MAX_INSN``
+        before a run of changed bytes to its end are scanned, with the bytes
+        after it that their opcodes may reach (runs found by comparing
+        :data:`_CHUNK`-byte slices, cheaper than locating each changed byte)."""
+        hits: list[int] = []
+        one, two, lo, hi = self._one, self._two, PAGE_SIZE, 0
+        # each run of changed chunks (a fuzz case's code and the previous case's,
+        # restored, are two runs), narrowed to its first and last changed byte
+        runs, a = [], -1
+        for c in range(0, PAGE_SIZE, _CHUNK):
+            if old[c:c + _CHUNK] != page[c:c + _CHUNK]:
+                if a < 0:
+                    a = c
+            elif a >= 0:
+                runs.append((a, c))
+                a = -1
+        if a >= 0:
+            runs.append((a, PAGE_SIZE))
+        for a, b in runs:
+            x = int.from_bytes(old[a:a + _CHUNK], "little") ^ int.from_bytes(page[a:a + _CHUNK], "little")
+            a += ((x & -x).bit_length() - 1) >> 3
+            x = int.from_bytes(old[b - _CHUNK:b], "little") ^ int.from_bytes(page[b - _CHUNK:b], "little")
+            b += ((x.bit_length() + 7) >> 3) - _CHUNK
+            ws = max(0, a - D.MAX_INSN)
+            hits += [ws + o for o in D.scan(page[ws:b + D.MAX_INSN + 1], b - ws, one, two)]
+            lo, hi = min(lo, a), b
+        if hi > PAGE_SIZE - D.MAX_INSN:
+            hits += straddling(page)
+        return lo, hi, hits
+
     def rescan_changed(self, hpa: int) -> tuple[int, int] | None:
         """Self-modifying code: rescan every executable alias of code page
         ``hpa`` whose bytes differ from its last scan.  Only an instruction
@@ -351,21 +405,15 @@ class Scanner:
         candidate: that window is scanned.  Returns the changed byte range
         [first, last) within the page, or None when nothing changed."""
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
-        new = int.from_bytes(page, "little")
         first, last = PAGE_SIZE, 0
         add_new = self.hooks.add_new
         for g in list(self.code_hpa.get(hpa, ())):
             cur = self.code_pages.get(g)
             if cur is None or cur[0] != hpa or cur[1] == page:
                 continue
-            x = int.from_bytes(cur[1], "little") ^ new
-            lo, hi = ((x & -x).bit_length() - 1) >> 3, (x.bit_length() + 7) >> 3
-            ws = max(0, lo - D.MAX_INSN)
-            hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
-            if hi > PAGE_SIZE - D.MAX_INSN:
-                hits += straddling(page)
+            lo, hi, hits = self._changed_hits(cur[1], page)
             add_new([g + off for off in hits])
-            self.code_pages[g] = (hpa, page)
+            self.code_pages[g] = self._hooked_scan[g] = (hpa, page)
             first, last = min(first, lo), max(last, hi)
         return (first, last) if last else None
 
@@ -443,6 +491,7 @@ class Scanner:
     def shed_hooks(self) -> int:
         """Delete every candidate hook and :meth:`reset`; returns how many were deleted."""
         n = self.hooks.shed()
+        self._hooked_scan.clear()
         self.reset()
         return n
 

@@ -72,3 +72,59 @@ def test_page_scan_finds_every_instruction_start():
                 assert o in hits, (window[o:o + 15].hex(), insn.kind)
         if D.Kind.PAUSE in ks:
             assert _capstone_pause_offsets(window) <= hits
+
+
+def test_rescanning_only_the_changed_bytes_keeps_every_candidate():
+    """A page fetched again after a reset is scanned only where it differs from its last
+    (still hooked) scan: the old candidates plus the new window's must cover every offset
+    where an armed instruction of the new bytes begins (decoded with the page's end
+    treated as unknown), and every prefix run that may straddle into the next page."""
+    from types import SimpleNamespace
+
+    from sandbox.memory.hostmem import PAGE_SIZE
+    from sandbox.svm.scanner import Scanner, straddling
+    rng = random.Random(5)
+    kinds = list(D.Kind)
+    alphabet = [0x90, 0xF3, 0x66, 0x2E, 0x41, 0x48, 0x0F, 0x01, 0xD9, 0xA2, 0x31, 0xC4, 0xC5, 0xE4, 0xEC,
+                0xF4, 0xCD, 0x22, 0xAE, 0x00]
+    for trial in range(40):
+        ks = set(rng.sample(kinds, rng.randrange(1, len(kinds) + 1)))
+        one, two = D.opcode_starts(ks)
+        sc = SimpleNamespace(_one=one, _two=two)
+        old = bytearray(rng.choice(alphabet) if rng.random() < 0.7 else rng.randrange(256) for _ in range(PAGE_SIZE))
+        new = bytearray(old)
+        # a rewritten run, at the page's start, its end, or anywhere (a fuzz case's code)
+        n = rng.randrange(1, 300)
+        at = (0, PAGE_SIZE - n, rng.randrange(PAGE_SIZE - n))[trial % 3]
+        for i in range(at, at + n):
+            new[i] = rng.choice(alphabet)
+        if trial % 2:
+            # unchanged prefix bytes in front of the rewrite: a new opcode at its start
+            # makes candidates of the 14 bytes before it
+            for i in range(max(0, at - 14), at):
+                old[i] = new[i] = rng.choice((0xF3, 0x66, 0x2E, 0x41, 0x48))
+            new[at] = old[at] ^ 0x0F if old[at] != 0x0F else 0xA2
+        if trial % 4 < 2:
+            # and a second run (the previous case's code restored), with prefixes before it
+            b = rng.randrange(14, PAGE_SIZE - 20)
+            for i in range(b - 14, b):
+                old[i] = new[i] = rng.choice((0xF3, 0x66, 0x2E, 0x41, 0x48))
+            for i in range(b, b + rng.randrange(1, 20)):
+                new[i] = rng.choice(alphabet)
+            new[b] = old[b] ^ 0x0F if old[b] != 0x0F else 0xA2
+        old, new = bytes(old), bytes(new)
+        if old == new:
+            continue
+        lo, hi, added = Scanner._changed_hits(sc, old, new)
+        assert old[:lo] == new[:lo] and old[hi:] == new[hi:] and old[lo] != new[lo] and old[hi - 1] != new[hi - 1]
+        changed = [i for i in range(PAGE_SIZE) if old[i] != new[i]]
+        have = set(D.scan(old, PAGE_SIZE, one, two) + straddling(old)) | set(added)
+        for o in range(PAGE_SIZE):
+            insn = D.decode(new[o:o + 15])
+            if insn is not None and insn.kind in ks:
+                assert o in have, (trial, o, new[o:o + 15].hex(), insn.kind)
+        assert set(straddling(new)) <= have
+        # a full scan of the new bytes finds nothing more in the window that was rescanned
+        full = set(D.scan(new, PAGE_SIZE, one, two) + straddling(new))
+        near = {o for i in changed for o in range(i - D.MAX_INSN, i + 1)}
+        assert {o for o in full if o in near} <= have
