@@ -213,7 +213,7 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
     and only the leaf is decided anew.  The guest's cache is only as good as
     the walker's :attr:`~.mmu.GuestLayer.table_pages`, so it lives and dies
     with the walker (at most one VMRUN)."""
-    guest, nested, stats = walker.guest, walker.nested, walker.stats
+    guest, nested = walker.guest, walker.nested
     if walker.encryption is not None or guest.enc is not None or not guest.paging or not guest.long_mode:
         return None
     mem = nested.mem
@@ -311,6 +311,7 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
             nf = f | set_ad
             if nf != f:
                 q[at] = nf
+        stats = walker.stats                 # (the walker's, as :meth:`TwoDimWalker.count_into` sets it)
         stats.walks += 1
         stats.guest_entries += levels
         stats.nested_entries += nrefs + n_levels

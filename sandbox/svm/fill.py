@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc
 
-from ..arch import CR4_SMEP
+from ..arch import CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, CR4_SMEP, EFER_LMA, EFER_NXE
 from ..memory.encryption import EncryptionLayer
 from ..memory.fastwalk import FastTranslate, fast_translator
 from ..memory.hostmem import PAGE_SIZE, HostMemory
@@ -45,11 +45,16 @@ SOFT_TLB_MAX = 1 << 22
 #: (tlb_mmu_resize_locked); a little margin over that for the count's slack
 SOFT_TLB_GROW_PERCENT = 72
 
+#: guest contexts whose walkers are kept (all are dropped when one more comes)
+WALKERS_KEPT = 4
+
 #: ``fn(gva, access, hpa, perms)``: ``access`` is the UC_MEM_* type Unicorn
 #: asked for, ``hpa`` and ``perms`` (UC_PROT_*) what the fill granted
 FillObserver = Callable[[int, int, int, int], None]
 
 _READ, _WRITE, _FETCH = Access.READ, Access.WRITE, Access.FETCH
+#: the control bits a walker depends on (:class:`~sandbox.memory.mmu.GuestLayer`)
+_CR0_WALK, _CR4_WALK, _EFER_WALK = CR0_PG | CR0_WP, CR4_PAE | CR4_PSE | CR4_SMEP | CR4_PGE, EFER_LMA | EFER_NXE
 #: where the fill reads the CPL (hflags), CR4 and EFER in the CPU snapshot's 64-bit words
 _Q_HFLAGS, _Q_CR4, _Q_EFER = OFF_HFLAGS // 8, OFF_CR // 8 + 4, OFF_EFER // 8
 assert OFF_HFLAGS % 8 == 0 and OFF_CR % 8 == 0 and OFF_EFER % 8 == 0
@@ -72,6 +77,12 @@ class TlbFill:
         self.pending_fault: Exception | None = None
         self.fault_page = 0
         self._walker: TwoDimWalker | None = None
+        #: the walkers of the last few guest contexts (:meth:`_walker_context`), with their
+        #: fast paths, the current one among them: a context comes back (the host's, for
+        #: fills outside a run, between two of the guest's; a guest's two CR3s)
+        self._walkers: dict[tuple, tuple[TwoDimWalker, FastTranslate | None]] = {}
+        #: the walker must be checked against the guest context before its next use
+        self._walker_stale = True
         self._walker_efer = 0
         #: the walker's fast path for the common walk (None: the general walker only)
         self._fast: FastTranslate | None = None
@@ -133,7 +144,7 @@ class TlbFill:
             e = None
         if e is None:
             tlb.stats.misses += 1
-            if self._walker is None or q[_Q_EFER] != self._walker_efer:
+            if self._walker_stale or q[_Q_EFER] != self._walker_efer:
                 self.guest_walker()
             fast = self._fast
             e = fast(vaddr, acc, user) if fast is not None else None
@@ -202,28 +213,55 @@ class TlbFill:
         return TwoDimWalker(guest, nested, stats,
                             EncryptionLayer(enc, guest, nested, stats) if enc is not None else None)
 
+    def _walker_context(self, efer: int) -> tuple:
+        """What a walker is built from (:meth:`build_walker`): the guest's paging
+        controls, the latched nested-paging controls and the memory encryption."""
+        st, ctl = self._st, self._ctl
+        enc = self.ext.encryption()
+        return (st.cr(0) & _CR0_WALK, st.cr(3), st.cr(4) & _CR4_WALK, efer & _EFER_WALK, ctl.np,
+                ctl.n_cr3 if ctl.np else 0, enc, 0 if enc is None else enc.cbit_mask)
+
     def guest_walker(self) -> TwoDimWalker:
-        """The processor's own walker, built at most once per VMRUN.
+        """The processor's own walker, for the guest context as it is now.
 
         The world switch drops it at every guest entry, the MOV-to-CR observer
-        when the guest rewrites CR0/CR3/CR4.  A WRMSR to EFER (NXE) is not
-        observed when the MSR intercept is off, so EFER is compared here.
+        when the guest rewrites CR0/CR3/CR4; a WRMSR to EFER (NXE) is not
+        observed when the MSR intercept is off, so EFER is compared at every
+        fill.  A dropped walker is kept when the context it was built for is
+        the current one and the nested entries its caches rest on are
+        unchanged (:meth:`~sandbox.memory.mmu.GuestLayer.tables_current`):
+        it then walks exactly as a new one would, with its caches of the
+        guest's table pages warm (a fuzz case's fills would otherwise start
+        every VMRUN with a walk through the general walker).
         """
         w = self._walker
         efer = self._st.efer
-        if w is None or efer != self._walker_efer:
-            w = self._walker = self.build_walker(self.stats)
+        if self._walker_stale or efer != self._walker_efer:
+            ctx = self._walker_context(efer)
+            kept = self._walkers.get(ctx)
+            if kept is not None and kept[0].guest.tables_current():
+                w, self._fast = kept
+            else:
+                w = self.build_walker(self.stats)
+                self._fast = fast_translator(w)
+                if len(self._walkers) >= WALKERS_KEPT:
+                    self._walkers.clear()
+                self._walkers[ctx] = (w, self._fast)
+            self._walker = w
             self._walker_efer = efer
-            self._fast = fast_translator(w)
+            self._walker_stale = False
         return w
 
     def drop_walker(self) -> None:
-        """The guest's paging controls, the nested root or the statistics changed."""
-        self._walker = None
+        """The guest's paging controls or the nested tables may have changed: the
+        walker is checked (and rebuilt if need be) before its next use."""
+        self._walker_stale = True
 
     def set_stats(self, stats: WalkStats) -> None:
+        """The processor's walks count into ``stats`` from now on (the walkers' caches stay)."""
         self.stats = stats
-        self._walker = None
+        for w, _ in self._walkers.values():      # (the current walker is one of them)
+            w.count_into(stats)
 
     # ------------------------------------------------------------ fetches
     def insn_bytes(self, addr: int) -> bytes:
