@@ -53,6 +53,8 @@ WALKERS_KEPT = 4
 FillObserver = Callable[[int, int, int, int], None]
 
 _READ, _WRITE, _FETCH = Access.READ, Access.WRITE, Access.FETCH
+#: what a walk raises for a fault the guest takes
+_FAULTS = (GuestPageFault, NestedFault, GuestGP, GuestException)
 #: the control bits a walker depends on (:class:`~sandbox.memory.mmu.GuestLayer`)
 _CR0_WALK, _CR4_WALK, _EFER_WALK = CR0_PG | CR0_WP, CR4_PAE | CR4_PSE | CR4_SMEP | CR4_PGE, EFER_LMA | EFER_NXE
 #: where the fill reads the CPL (hflags), CR4 and EFER in the CPU snapshot's 64-bit words
@@ -271,9 +273,8 @@ class TlbFill:
         if hpa is None:
             # a soft-TLB flush emptied the map while a translated block of this
             # page still runs: the bytes are where a fetch finds them now
-            try:
-                hpa = self.guest_walker().translate(gva, Access.FETCH, self._st.cpl == 3, set_ad=False).hpa & ~0xFFF
-            except (GuestPageFault, NestedFault, GuestGP, GuestException):
+            hpa = self._fetch_page(gva)
+            if hpa is None:
                 return b""
         off = addr & 0xFFF
         if off <= PAGE_SIZE - MAX_INSN:
@@ -282,15 +283,27 @@ class TlbFill:
         if len(b) < MAX_INSN:
             nxt = self.fetch_map.get(gva + PAGE_SIZE)
             if nxt is None:
-                try:
-                    t = self.guest_walker().translate(gva + PAGE_SIZE, Access.FETCH, self._st.cpl == 3,
-                                                      set_ad=False)
-                    nxt = t.hpa & ~0xFFF
-                except (GuestPageFault, NestedFault, GuestGP):
-                    nxt = None
+                # (the instruction may end before it: a page whose fetch faults only has no bytes here)
+                nxt = self._fetch_page(gva + PAGE_SIZE)
             if nxt is not None:
                 b += bytes(self._view[nxt:nxt + MAX_INSN - len(b)])
         return b
+
+    def _fetch_page(self, gva: int) -> int | None:
+        """The host page a fetch from page ``gva`` reaches now, walked as the
+        processor's own walk but with no Accessed or Dirty bit set (the fast
+        path when it decides, else the general walker); None when the fetch
+        would fault (an SEV-SNP #VC included)."""
+        user = self._st.cpl == 3
+        w = self.guest_walker()
+        fast = self._fast
+        e = fast(gva, _FETCH, user, False) if fast is not None else None
+        if e is not None:
+            return e[HPA]
+        try:
+            return w.translate(gva, _FETCH, user, set_ad=False).hpa & ~0xFFF
+        except _FAULTS:
+            return None
 
     def fetched_bytes(self, addr: int) -> bytes | None:
         """Up to 15 bytes of guest code at ``addr`` through the translations the
