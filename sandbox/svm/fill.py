@@ -58,7 +58,8 @@ _FAULTS = (GuestPageFault, NestedFault, GuestGP, GuestException)
 #: the control bits a walker depends on (:class:`~sandbox.memory.mmu.GuestLayer`)
 _CR0_WALK, _CR4_WALK, _EFER_WALK = CR0_PG | CR0_WP, CR4_PAE | CR4_PSE | CR4_SMEP | CR4_PGE, EFER_LMA | EFER_NXE
 #: where the fill reads the CPL (hflags), CR4 and EFER in the CPU snapshot's 64-bit words
-_Q_HFLAGS, _Q_CR4, _Q_EFER = OFF_HFLAGS // 8, OFF_CR // 8 + 4, OFF_EFER // 8
+_Q_HFLAGS, _Q_CR0, _Q_EFER = OFF_HFLAGS // 8, OFF_CR // 8, OFF_EFER // 8
+_Q_CR3, _Q_CR4 = _Q_CR0 + 3, _Q_CR0 + 4
 assert OFF_HFLAGS % 8 == 0 and OFF_CR % 8 == 0 and OFF_EFER % 8 == 0
 
 
@@ -215,12 +216,13 @@ class TlbFill:
         return TwoDimWalker(guest, nested, stats,
                             EncryptionLayer(enc, guest, nested, stats) if enc is not None else None)
 
-    def _walker_context(self, efer: int) -> tuple:
+    def _walker_context(self) -> tuple:
         """What a walker is built from (:meth:`build_walker`): the guest's paging
-        controls, the latched nested-paging controls and the memory encryption."""
-        st, ctl = self._st, self._ctl
-        enc = self.ext.encryption()
-        return (st.cr(0) & _CR0_WALK, st.cr(3), st.cr(4) & _CR4_WALK, efer & _EFER_WALK, ctl.np,
+        controls in the CPU snapshot, the latched nested-paging controls and the
+        memory encryption."""
+        q, ctl = self._q, self._ctl
+        enc = None if self.ext is NO_EXTENSION else self.ext.encryption()
+        return (q[_Q_CR0] & _CR0_WALK, q[_Q_CR3], q[_Q_CR4] & _CR4_WALK, q[_Q_EFER] & _EFER_WALK, ctl.np,
                 ctl.n_cr3 if ctl.np else 0, enc, 0 if enc is None else enc.cbit_mask)
 
     def guest_walker(self) -> TwoDimWalker:
@@ -237,9 +239,9 @@ class TlbFill:
         every VMRUN with a walk through the general walker).
         """
         w = self._walker
-        efer = self._st.efer
+        efer = self._q[_Q_EFER]
         if self._walker_stale or efer != self._walker_efer:
-            ctx = self._walker_context(efer)
+            ctx = self._walker_context()
             kept = self._walkers.get(ctx)
             if kept is not None and kept[0].guest.tables_current():
                 w, self._fast = kept
