@@ -11,13 +11,13 @@ a walker built anew on the same memory.
 """
 from __future__ import annotations
 
+import pytest
+
 from sandbox.memory.hostmem import HostMemory
 from sandbox.memory.mmu import GuestLayer, GuestPageFault, IdentityNested, NestedFault, NestedLayer, TwoDimWalker, \
     WalkStats
 from sandbox.memory.npt import NestedPageTable
-from sandbox.memory.paging import PTE, Access, TableBuilder
-
-import pytest
+from sandbox.memory.paging import ADDR_MASK, PTE, Access, TableBuilder
 
 RAM = 4 << 20              # guest-physical RAM, at HPA RAM + GPA
 TABLES = 0x10_0000         # the guest's table pages
@@ -52,15 +52,16 @@ class World:
         guest = GuestLayer(nested, cr0=0x8001_0001, cr3=self.root, cr4=0x20, efer=0xD00, stats=stats)
         return TwoDimWalker(guest, nested, stats)
 
-    def table_page_entry(self, level: int) -> int:
-        """HPA of the nested leaf entry mapping the guest table page of ``level`` (4: the PML4)."""
+    def table_gpa(self, level: int) -> int:
+        """GPA of the guest table page of ``level`` on GVA's path (4: the PML4)."""
         table = self.root
-        for lv in (4, 3, 2, 1):
-            if lv == level:
-                return self.npt.entry_addr(table)
-            table = self.mem.read_u64(table + self.off + ((GVA >> (12 + 9 * (lv - 1))) & 0x1FF) * 8) & ~0xFFF & \
-                ((1 << 52) - 1)
-        raise AssertionError(level)
+        for lv in range(4, level, -1):
+            table = self.mem.read_u64(table + self.off + ((GVA >> (3 + 9 * lv)) & 0x1FF) * 8) & ADDR_MASK
+        return table
+
+    def table_page_entry(self, level: int) -> int:
+        """HPA of the nested leaf entry mapping the guest table page of ``level``."""
+        return self.npt.entry_addr(self.table_gpa(level))
 
 
 def _outcome(w: TwoDimWalker, gva: int = GVA):
@@ -109,18 +110,10 @@ def test_a_write_protected_table_page_refuses_the_cache():
     world = World()
     w = world.walker()
     _outcome(w)
-    world.npt.protect(_leaf_table_gpa(world), write=False)
+    world.npt.protect(world.table_gpa(1), write=False)
     assert not w.guest.tables_current()
     f, _ = _outcome(world.walker())
     assert isinstance(f, NestedFault) and f.exitinfo1 == (1 << 33) | 0b111
-
-
-def _leaf_table_gpa(world: World) -> int:
-    table = world.root
-    for lv in (4, 3, 2):
-        table = world.mem.read_u64(table + world.off + ((GVA >> (12 + 9 * (lv - 1))) & 0x1FF) * 8) & \
-            0x000F_FFFF_FFFF_F000
-    return table
 
 
 @pytest.mark.parametrize("bit", [PTE.A, PTE.D])

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import struct
 
-import pytest
-
 from sandbox.memory.mmu import GuestLayer
-from sandbox.memory.paging import PTE
 from sandbox.svm.exitcodes import ExitCode
 from sandbox.svm.fill import TlbFill
 
