@@ -4,9 +4,9 @@ A soft-TLB miss of a long-mode guest under nested paging is almost always
 the same walk: four guest levels whose table pages' nested translations
 the walker already knows (:attr:`GuestLayer.table_pages`), then four nested
 levels for the final GPA, no fault.  :func:`fast_translator` builds, once
-per walker (at most one VMRUN), a function doing exactly that walk with
-everything it needs bound as locals, reading entries as 64-bit words of
-host memory.
+per walker (kept while :meth:`~.mmu.GuestLayer.tables_current` holds), a
+function doing exactly that walk with everything it needs bound as locals,
+reading entries as 64-bit words of host memory.
 
 It makes the same architectural walk as :class:`~.mmu.TwoDimWalker`: the
 same entries read, the same Accessed/Dirty updates in the same order (APM
@@ -30,9 +30,11 @@ from .mmu import IdentityNested, TwoDimWalker
 from .paging import ADDR_MASK, PTE, RSVD_HIGH
 from .tlb import RawEntry
 
-#: ``fast(gva, access, user)`` -> the TLB entry, a :data:`~.tlb.RawEntry` (HPA
-#: page, writable, executable, dirty, global, user page), or None: use the general walker
-FastTranslate = Callable[[int, int, bool], "RawEntry | None"]
+#: ``fast(gva, access, user[, ad])`` -> the TLB entry, a :data:`~.tlb.RawEntry` (HPA
+#: page, writable, executable, dirty, global, user page), or None: use the general
+#: walker.  ``ad=False`` is the general walker's ``set_ad=False``: no Accessed or
+#: Dirty bit written (it gives up where one is clear above the leaf)
+FastTranslate = Callable[..., "RawEntry | None"]
 
 _P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.G, PTE.NX))
 _1G, _2M = (1 << 30) - 1, (1 << 21) - 1
@@ -72,13 +74,13 @@ def _rules(wp: bool, nxe: bool, smep: bool) -> tuple[tuple, ...]:
 
 def _guest_walker(q: memoryview, table_page: Callable, cr3: int, g_bad: int, g_bad4: int,
                   cache: dict[int, tuple]) -> Callable[[int], tuple | None]:
-    """``g_walk(gva)``: the guest's levels above the leaf walked in full (their
-    Accessed bits set), the region's entries kept in ``cache`` when the leaf is
-    a 4 KiB one, and the leaf read and checked: (leaf word index, leaf, levels
-    read, page mask, nested references, AND and OR of the levels above the
-    leaf), or None."""
+    """``g_walk(gva, ad)``: the guest's levels above the leaf walked in full (their
+    Accessed bits set; without ``ad``, an entry whose bit is clear gives up),
+    the region's entries kept in ``cache`` when the leaf is a 4 KiB one, and
+    the leaf read and checked: (leaf word index, leaf, levels read, page mask,
+    nested references, AND and OR of the levels above the leaf), or None."""
 
-    def g_walk(gva: int) -> tuple | None:
+    def g_walk(gva: int, ad: bool) -> tuple | None:
         """The guest levels above the leaf, walked; and the leaf read and checked."""
         hit = table_page(cr3)
         if hit is None:
@@ -88,6 +90,8 @@ def _guest_walker(q: memoryview, table_page: Callable, cr3: int, g_bad: int, g_b
         if (e ^ _P) & g_bad4:
             return None
         if not e & _A:
+            if not ad:
+                return None
             e |= _A
             q[a4] = e
         v4 = e
@@ -105,6 +109,8 @@ def _guest_walker(q: memoryview, table_page: Callable, cr3: int, g_bad: int, g_b
                 return None
             return a3, e, 2, _1G, nrefs, v4, v4
         if not e & _A:
+            if not ad:
+                return None
             e |= _A
             q[a3] = e
         v3 = e
@@ -121,6 +127,8 @@ def _guest_walker(q: memoryview, table_page: Callable, cr3: int, g_bad: int, g_b
                 return None
             return a2, e, 3, _2M, nrefs, v4 & v3, v4 | v3
         if not e & _A:
+            if not ad:
+                return None
             e |= _A
             q[a2] = e
         hit = table_page(e & ADDR_MASK)
@@ -140,11 +148,11 @@ def _guest_walker(q: memoryview, table_page: Callable, cr3: int, g_bad: int, g_b
 
 def _nested_walker(q: memoryview, size: int, n_root: int, n_bad: int, n_bad4: int,
                    cache: dict[int, tuple]) -> Callable[[int], tuple | None]:
-    """``n_walk(gpa)``: the same for the nested levels of a final GPA, in host
+    """``n_walk(gpa, ad)``: the same for the nested levels of a final GPA, in host
     memory: (leaf word index, leaf, levels read, page mask, AND and OR of the
     levels above the leaf), or None."""
 
-    def n_walk(gpa: int) -> tuple | None:
+    def n_walk(gpa: int, ad: bool) -> tuple | None:
         """The nested levels above the leaf for the final GPA; and the leaf read and checked."""
         a4 = n_root | ((gpa >> 36) & 0xFF8)
         if a4 + 8 > size:
@@ -154,6 +162,8 @@ def _nested_walker(q: memoryview, size: int, n_root: int, n_bad: int, n_bad4: in
         if (e ^ _P) & n_bad4:
             return None
         if not e & _A:
+            if not ad:
+                return None
             e |= _A
             q[a4] = e
         v4 = e
@@ -169,6 +179,8 @@ def _nested_walker(q: memoryview, size: int, n_root: int, n_bad: int, n_bad4: in
                 return None
             return a3, e, 2, _1G, v4, v4
         if not e & _A:
+            if not ad:
+                return None
             e |= _A
             q[a3] = e
         v3 = e
@@ -184,6 +196,8 @@ def _nested_walker(q: memoryview, size: int, n_root: int, n_bad: int, n_bad4: in
                 return None
             return a2, e, 3, _2M, v4 & v3, v4 | v3
         if not e & _A:
+            if not ad:
+                return None
             e |= _A
             q[a2] = e
         pt = e & ADDR_MASK
@@ -212,8 +226,8 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
     Accessed bits and the address of the leaf's table are what they were,
     and only the leaf is decided anew.  The guest's cache is only as good as
     the walker's :attr:`~.mmu.GuestLayer.table_pages`, so it lives and dies
-    with the walker (at most one VMRUN)."""
-    guest, nested, stats = walker.guest, walker.nested, walker.stats
+    with the walker."""
+    guest, nested = walker.guest, walker.nested
     if walker.encryption is not None or guest.enc is not None or not guest.paging or not guest.long_mode:
         return None
     mem = nested.mem
@@ -243,7 +257,7 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
     g_global = _G if pge else 0
     all_rights = _RW | _US
 
-    def fast(gva: int, access: int, user: bool) -> RawEntry | None:
+    def fast(gva: int, access: int, user: bool, ad: bool = True) -> RawEntry | None:
         g_need, g_forbid, g_deny, n_need, n_forbid, set_ad, wp_off = rule[access * 2 + user]
         # ---- the guest's levels, each read in its table page's known host page
         c = g_cached(gva >> 21)
@@ -265,7 +279,7 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
             top = gva >> 47
             if top and top != 0x1FFFF:
                 return None                               # non-canonical: #GP
-            r = g_walk(gva)
+            r = g_walk(gva, ad)
             if r is None:
                 return None
             at, e, levels, mask, nrefs, g_and, g_or = r
@@ -276,7 +290,7 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
         if g_and & g_need != g_need or g_or & g_forbid or g_and & g_deny:
             return None
         ne = e | set_ad
-        if ne != e:
+        if ne != e and ad:
             q[at] = ne
         # ---- the nested walk of the final GPA
         if identity:
@@ -299,7 +313,7 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
                     n_and &= f
                     n_or |= f
             if c is None:
-                r = n_walk(gpa)
+                r = n_walk(gpa, ad)
                 if r is None:
                     return None
                 at, f, n_levels, mask, n_and, n_or = r
@@ -309,8 +323,9 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
             if n_and & n_need != n_need or n_or & n_forbid or hpa >= size:
                 return None
             nf = f | set_ad
-            if nf != f:
+            if nf != f and ad:
                 q[at] = nf
+        stats = walker.stats                 # (the walker's, as :meth:`TwoDimWalker.count_into` sets it)
         stats.walks += 1
         stats.guest_entries += levels
         stats.nested_entries += nrefs + n_levels

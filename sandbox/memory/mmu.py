@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from operator import itemgetter
+from typing import TYPE_CHECKING, Callable
 
 from ..arch import CR4_PAE, CR4_PSE, EFER_LMA
 from .legacy_paging import walk_legacy
@@ -122,6 +123,18 @@ class NestedLayer:
             raise NestedFault(int(PFErr.P | PFErr.RSVD | PFErr.U | (PFErr.FINAL if final else PFErr.PT_WALK)), gpa)
         return r
 
+    def path(self, gpa: int, levels: int) -> list[tuple[int, int]]:
+        """The first ``levels`` entries a walk for ``gpa`` reads, as (host address,
+        value) pairs, read with no side effect: after a walk that succeeded, what
+        its result rests on (the same entries give the same walk)."""
+        out = []
+        table = self.n_cr3
+        for shift in (39, 30, 21, 12)[:levels]:
+            a = table | ((gpa >> shift) & 0x1FF) << 3
+            e = self._read(a)
+            out.append((a, e))
+            table = e & ADDR_MASK
+        return out
 
 
 class IdentityNested(NestedLayer):
@@ -134,6 +147,13 @@ class IdentityNested(NestedLayer):
         if gpa + 1 > self._size:
             raise NestedFault(int(PFErr.U | (PFErr.FINAL if final else PFErr.PT_WALK)), gpa)
         return WalkResult(phys=gpa, writable=True, user=True, executable=True, dirty=True)
+
+    def path(self, gpa: int, levels: int) -> list[tuple[int, int]]:
+        return []
+
+def _always() -> bool:
+    return True
+
 
 class GuestLayer:
     """GVA -> GPA through the guest's own page tables, reading them via ``nested``."""
@@ -159,6 +179,13 @@ class GuestLayer:
         #: guest table page (GPA) -> (HPA page, nested entries its walk read), filled by
         #: :meth:`_entry_addr` (see there) and read in place by the walks that find a page here
         self.table_pages: dict[int, tuple[int, int]] = {}
+        #: what :attr:`table_pages` rests on: the nested entries their walks read, as
+        #: DRAM word index -> value (see :meth:`tables_current`)
+        self.table_deps: dict[int, int] = {}
+        #: False once two walks read one nested entry with different values: a
+        #: cache made of both is no walk's, and :meth:`tables_current` never holds
+        self._deps_consistent = True
+        self._deps_check: Callable[[], bool] | None = None
 
     def _read(self, gpa: int) -> int:
         """One 8-byte guest page-table entry, read through the nested layer (:meth:`_entry_addr`)."""
@@ -173,11 +200,12 @@ class GuestLayer:
 
         A guest page-table read is a user write at the nested level (APM
         §15.25.6).  The nested translation of each table page is remembered
-        for this walker's life (at most one VMRUN: the hypervisor, the only
-        one who changes the nested tables, runs only between them), as the
-        processor's nested TLB would; the references are counted all the
-        same -- they are the architectural walk's, not the model's work --
-        and the nested A/D bits were set by the walk that filled the entry."""
+        for this walker's life, as the processor's nested TLB would: within a
+        VMRUN (the hypervisor, the only one who changes the nested tables, runs
+        only between them), and past one only while :meth:`tables_current`
+        holds; the references are counted all the same -- they are the
+        architectural walk's, not the model's work -- and the nested A/D bits
+        were set by the walk that filled the entry."""
         gpa &= self._nocbit
         page = gpa & ~0xFFF
         hit = self.table_pages.get(page)
@@ -185,12 +213,43 @@ class GuestLayer:
             r = self.nested.translate(gpa, Access.WRITE, final=False)
             phys = r.phys
             self.table_pages[page] = (phys & ~0xFFF, r.entries)
+            deps = self.table_deps
+            for a, v in self.nested.path(gpa, r.entries):
+                if deps.setdefault(a >> 3, v) != v:
+                    self._deps_consistent = False
+            self._deps_check = None
         else:
             phys = hit[0] | (gpa & 0xFFF)
             self.stats.nested_entries += hit[1]
         self.stats.guest_entries += 1
         self._last = (gpa, phys)
         return phys if self.enc is None else self.enc.pt_paddr(phys, gpa)   # SEV: PT walks are private
+
+    def tables_current(self) -> bool:
+        """Whether :attr:`table_pages` is what a new walker would make: every
+        nested entry the walks that filled it read still holds the value they
+        left (their Accessed and Dirty bits included).  The same entries give
+        the same nested walk -- the same host page, the same references
+        counted, no bit to set -- so a walker whose guest controls are unchanged
+        can be kept past a VMRUN, or from one fuzz case to the next, exactly as
+        if it were built anew: a restored or edited nested table, a remapped
+        table page, a cleared A/D bit all fail this check."""
+        check = self._deps_check
+        if check is None:
+            if not self._deps_consistent:
+                return False
+            deps = self.table_deps
+            if not deps:
+                check = _always
+            else:
+                # one C call reads every entry: itemgetter over the DRAM's 64-bit words
+                q, keys, vals = self._mem.qwords, tuple(deps), tuple(deps.values())
+                get = itemgetter(*keys) if len(keys) > 1 else itemgetter(keys[0], keys[0])
+                if len(keys) == 1:
+                    vals = vals * 2
+                check = lambda: get(q) == vals      # noqa: E731
+            self._deps_check = check
+        return check()
 
     def _written_addr(self, gpa: int) -> int:
         # setting A/D is a locked update of the entry just read: same host address, no new walk
@@ -259,6 +318,12 @@ class TwoDimWalker:
     stats: WalkStats = field(default_factory=WalkStats)
     #: the final step when guest memory is encrypted (``final(gva, g, access, set_ad)``)
     encryption: "EncryptionLayer | None" = None
+
+    def count_into(self, stats: WalkStats) -> None:
+        """Count this walker's memory references into ``stats`` from now on (every layer's)."""
+        self.stats = self.guest.stats = self.nested.stats = stats
+        if self.encryption is not None:
+            self.encryption.stats = stats
 
     def translate(self, gva: int, access: int, user: bool, set_ad: bool = True) -> Translation:
         self.stats.walks += 1

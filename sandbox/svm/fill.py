@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc
 
-from ..arch import CR4_SMEP
+from ..arch import CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, CR4_SMEP, EFER_LMA, EFER_NXE
 from ..memory.encryption import EncryptionLayer
 from ..memory.fastwalk import FastTranslate, fast_translator
 from ..memory.hostmem import PAGE_SIZE, HostMemory
@@ -45,13 +45,21 @@ SOFT_TLB_MAX = 1 << 22
 #: (tlb_mmu_resize_locked); a little margin over that for the count's slack
 SOFT_TLB_GROW_PERCENT = 72
 
+#: guest contexts whose walkers are kept (all are dropped when one more comes)
+WALKERS_KEPT = 4
+
 #: ``fn(gva, access, hpa, perms)``: ``access`` is the UC_MEM_* type Unicorn
 #: asked for, ``hpa`` and ``perms`` (UC_PROT_*) what the fill granted
 FillObserver = Callable[[int, int, int, int], None]
 
 _READ, _WRITE, _FETCH = Access.READ, Access.WRITE, Access.FETCH
+#: what a walk raises for a fault the guest takes
+_FAULTS = (GuestPageFault, NestedFault, GuestGP, GuestException)
+#: the control bits a walker depends on (:class:`~sandbox.memory.mmu.GuestLayer`)
+_CR0_WALK, _CR4_WALK, _EFER_WALK = CR0_PG | CR0_WP, CR4_PAE | CR4_PSE | CR4_SMEP | CR4_PGE, EFER_LMA | EFER_NXE
 #: where the fill reads the CPL (hflags), CR4 and EFER in the CPU snapshot's 64-bit words
-_Q_HFLAGS, _Q_CR4, _Q_EFER = OFF_HFLAGS // 8, OFF_CR // 8 + 4, OFF_EFER // 8
+_Q_HFLAGS, _Q_CR0, _Q_EFER = OFF_HFLAGS // 8, OFF_CR // 8, OFF_EFER // 8
+_Q_CR3, _Q_CR4 = _Q_CR0 + 3, _Q_CR0 + 4
 assert OFF_HFLAGS % 8 == 0 and OFF_CR % 8 == 0 and OFF_EFER % 8 == 0
 
 
@@ -72,6 +80,12 @@ class TlbFill:
         self.pending_fault: Exception | None = None
         self.fault_page = 0
         self._walker: TwoDimWalker | None = None
+        #: the walkers of the last few guest contexts (:meth:`_walker_context`), with their
+        #: fast paths, the current one among them: a context comes back (the host's, for
+        #: fills outside a run, between two of the guest's; a guest's two CR3s)
+        self._walkers: dict[tuple, tuple[TwoDimWalker, FastTranslate | None]] = {}
+        #: the walker must be checked against the guest context before its next use
+        self._walker_stale = True
         self._walker_efer = 0
         #: the walker's fast path for the common walk (None: the general walker only)
         self._fast: FastTranslate | None = None
@@ -133,7 +147,7 @@ class TlbFill:
             e = None
         if e is None:
             tlb.stats.misses += 1
-            if self._walker is None or q[_Q_EFER] != self._walker_efer:
+            if self._walker_stale or q[_Q_EFER] != self._walker_efer:
                 self.guest_walker()
             fast = self._fast
             e = fast(vaddr, acc, user) if fast is not None else None
@@ -202,28 +216,56 @@ class TlbFill:
         return TwoDimWalker(guest, nested, stats,
                             EncryptionLayer(enc, guest, nested, stats) if enc is not None else None)
 
+    def _walker_context(self) -> tuple:
+        """What a walker is built from (:meth:`build_walker`): the guest's paging
+        controls in the CPU snapshot, the latched nested-paging controls and the
+        memory encryption."""
+        q, ctl = self._q, self._ctl
+        enc = None if self.ext is NO_EXTENSION else self.ext.encryption()
+        return (q[_Q_CR0] & _CR0_WALK, q[_Q_CR3], q[_Q_CR4] & _CR4_WALK, q[_Q_EFER] & _EFER_WALK, ctl.np,
+                ctl.n_cr3 if ctl.np else 0, enc, 0 if enc is None else enc.cbit_mask)
+
     def guest_walker(self) -> TwoDimWalker:
-        """The processor's own walker, built at most once per VMRUN.
+        """The processor's own walker, for the guest context as it is now.
 
         The world switch drops it at every guest entry, the MOV-to-CR observer
-        when the guest rewrites CR0/CR3/CR4.  A WRMSR to EFER (NXE) is not
-        observed when the MSR intercept is off, so EFER is compared here.
+        when the guest rewrites CR0/CR3/CR4; a WRMSR to EFER (NXE) is not
+        observed when the MSR intercept is off, so EFER is compared at every
+        fill.  A dropped walker is kept when the context it was built for is
+        the current one and the nested entries its caches rest on are
+        unchanged (:meth:`~sandbox.memory.mmu.GuestLayer.tables_current`):
+        it then walks exactly as a new one would, with its caches of the
+        guest's table pages warm (a fuzz case's fills would otherwise start
+        every VMRUN with a walk through the general walker).
         """
         w = self._walker
-        efer = self._st.efer
-        if w is None or efer != self._walker_efer:
-            w = self._walker = self.build_walker(self.stats)
+        efer = self._q[_Q_EFER]
+        if self._walker_stale or efer != self._walker_efer:
+            ctx = self._walker_context()
+            kept = self._walkers.get(ctx)
+            if kept is not None and kept[0].guest.tables_current():
+                w, self._fast = kept
+            else:
+                w = self.build_walker(self.stats)
+                self._fast = fast_translator(w)
+                if len(self._walkers) >= WALKERS_KEPT:
+                    self._walkers.clear()
+                self._walkers[ctx] = (w, self._fast)
+            self._walker = w
             self._walker_efer = efer
-            self._fast = fast_translator(w)
+            self._walker_stale = False
         return w
 
     def drop_walker(self) -> None:
-        """The guest's paging controls, the nested root or the statistics changed."""
-        self._walker = None
+        """The guest's paging controls or the nested tables may have changed: the
+        walker is checked (and rebuilt if need be) before its next use."""
+        self._walker_stale = True
 
     def set_stats(self, stats: WalkStats) -> None:
+        """The processor's walks count into ``stats`` from now on (the walkers' caches stay)."""
         self.stats = stats
-        self._walker = None
+        for w, _ in self._walkers.values():      # (the current walker is one of them)
+            w.count_into(stats)
 
     # ------------------------------------------------------------ fetches
     def insn_bytes(self, addr: int) -> bytes:
@@ -233,9 +275,8 @@ class TlbFill:
         if hpa is None:
             # a soft-TLB flush emptied the map while a translated block of this
             # page still runs: the bytes are where a fetch finds them now
-            try:
-                hpa = self.guest_walker().translate(gva, Access.FETCH, self._st.cpl == 3, set_ad=False).hpa & ~0xFFF
-            except (GuestPageFault, NestedFault, GuestGP, GuestException):
+            hpa = self._fetch_page(gva)
+            if hpa is None:
                 return b""
         off = addr & 0xFFF
         if off <= PAGE_SIZE - MAX_INSN:
@@ -244,15 +285,27 @@ class TlbFill:
         if len(b) < MAX_INSN:
             nxt = self.fetch_map.get(gva + PAGE_SIZE)
             if nxt is None:
-                try:
-                    t = self.guest_walker().translate(gva + PAGE_SIZE, Access.FETCH, self._st.cpl == 3,
-                                                      set_ad=False)
-                    nxt = t.hpa & ~0xFFF
-                except (GuestPageFault, NestedFault, GuestGP):
-                    nxt = None
+                # (the instruction may end before it: a page whose fetch faults only has no bytes here)
+                nxt = self._fetch_page(gva + PAGE_SIZE)
             if nxt is not None:
                 b += bytes(self._view[nxt:nxt + MAX_INSN - len(b)])
         return b
+
+    def _fetch_page(self, gva: int) -> int | None:
+        """The host page a fetch from page ``gva`` reaches now, walked as the
+        processor's own walk but with no Accessed or Dirty bit set (the fast
+        path when it decides, else the general walker); None when the fetch
+        would fault (an SEV-SNP #VC included)."""
+        user = self._st.cpl == 3
+        w = self.guest_walker()
+        fast = self._fast
+        e = fast(gva, _FETCH, user, False) if fast is not None else None
+        if e is not None:
+            return e[HPA]
+        try:
+            return w.translate(gva, _FETCH, user, set_ad=False).hpa & ~0xFFF
+        except _FAULTS:
+            return None
 
     def fetched_bytes(self, addr: int) -> bytes | None:
         """Up to 15 bytes of guest code at ``addr`` through the translations the
