@@ -122,7 +122,7 @@ class _Port:
         self.port, self.size, self.dev = port, size, dev
         self.writes = dev is not None
         if dev is None:
-            self.read = self._floating
+            self.read, self.write = self._floating, self._nowhere
             return
         self._read_string = getattr(dev, "read_string", None)
         self._write_string = getattr(dev, "write_string", None)
@@ -133,6 +133,9 @@ class _Port:
 
     def _floating(self, n: int) -> bytes:
         return b"\xff" * (n * self.size)
+
+    def _nowhere(self, data: bytes) -> None:
+        pass
 
     def read(self, n: int) -> bytes:
         return self._read_string(self.port, self.size, n)
