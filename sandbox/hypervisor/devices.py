@@ -1,6 +1,7 @@
 """Devices the hypervisor emulates, on one bus: port I/O and MMIO.
 
-A device answers port reads/writes (``owns(port)``, ``read``, ``write``),
+A device answers port reads/writes (``owns(port)``, ``read``, ``write``;
+optionally ``read_string``/``write_string`` for a run of INS/OUTS elements),
 accesses to a memory-mapped register window (``mmio_read(offset,
 size)``, ``mmio_write(offset, size, value)``) and/or MSRs (``owns_msr(msr)``,
 ``rdmsr(msr)``, ``wrmsr(msr, value)``, raising :class:`MsrFault` for #GP).  :class:`DeviceBus` routes
@@ -15,6 +16,7 @@ from typing import Callable
 
 COM1 = 0x3F8
 PAGE = 4096
+_UNRESOLVED = object()           # a port the bus has not looked up yet
 
 
 class MmioMode(Enum):
@@ -65,6 +67,30 @@ class Serial16550:
         else:
             self._regs[off] = value & 0xFF
 
+    def write_string(self, port: int, size: int, data: bytes) -> None:
+        """``len(data) // size`` writes of ``size`` bytes each (little-endian, in
+        order), as :meth:`write` would take them: THR with LCR.DLAB (bit 7) clear
+        sends each element's low byte, the sink getting them in one call; any
+        other register keeps the last element's low byte (a write to LCR cannot
+        come between, so DLAB is the same for the whole run)."""
+        if not data:
+            return
+        off = port - self.base
+        if off == 0 and not self._lcr & 0x80:
+            out = data if size == 1 else data[::size]
+            self.output += out
+            if self.sink:
+                self.sink(bytes(out))
+        elif off == 3:
+            self._lcr = data[-size]
+        else:
+            self._regs[off] = data[-size]
+
+    def read_string(self, port: int, size: int, count: int) -> bytes:
+        """``count`` reads of ``size`` bytes, concatenated: a read has no side
+        effect here, so every element is the same value."""
+        return (self.read(port, size) & ((1 << (8 * size)) - 1)).to_bytes(size, "little") * count
+
     @property
     def text(self) -> str:
         return self.output.decode("utf-8", "replace")
@@ -90,9 +116,13 @@ class DeviceBus:
     def __init__(self) -> None:
         self.devices: list = []
         self.regions: list[MmioRegion] = []
+        #: port -> its device (None: unclaimed), filled as ports are used; a device's
+        #: ports are fixed once attached, and attaching empties it
+        self._owners: dict[int, object] = {}
 
     def attach(self, dev) -> None:
         self.devices.append(dev)
+        self._owners.clear()
 
     def attach_mmio(self, gpa: int, size: int, dev, mode: MmioMode | None = None) -> MmioRegion:
         if gpa % PAGE or size <= 0 or size % PAGE:
@@ -104,6 +134,7 @@ class DeviceBus:
         self.regions.append(r)
         if dev not in self.devices:
             self.devices.append(dev)
+            self._owners.clear()
         return r
 
     def msr_owner(self, msr: int):
@@ -121,28 +152,34 @@ class DeviceBus:
         return None
 
     def port_owner(self, port: int):
-        """The device that serves port ``port``, or None (reads float high, writes are dropped)."""
+        """The device that serves port ``port``, or None (reads float high, writes are dropped).
+        The first attached device that ``owns`` it, looked up once per port."""
+        try:
+            return self._owners[port]
+        except KeyError:
+            pass
+        owner = None
         for d in self.devices:
             owns = getattr(d, "owns", None)
             if owns is not None and owns(port):
-                return d
-        return None
+                owner = d
+                break
+        self._owners[port] = owner
+        return owner
 
     def io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """A port access: the owner's ``read`` (masked to ``size`` bytes) or
-        ``write``; an unclaimed port reads all-ones.  (:meth:`port_owner`
-        written out: this runs on every IOIO exit.)"""
-        for d in self.devices:
-            try:
-                owns = d.owns               # not every device has ports (getattr's default costs a call)
-            except AttributeError:
-                continue
-            if owns is not None and owns(port):
-                if is_in:
-                    return d.read(port, size) & ((1 << (8 * size)) - 1)
-                d.write(port, size, value)
-                return 0
-        return ((1 << (8 * size)) - 1) if is_in else 0
+        ``write``; an unclaimed port reads all-ones.  This runs on every IOIO
+        exit and every pass-through IN/OUT: the owner comes from the per-port cache."""
+        d = self._owners.get(port, _UNRESOLVED)
+        if d is _UNRESOLVED:
+            d = self.port_owner(port)
+        if d is None:
+            return ((1 << (8 * size)) - 1) if is_in else 0
+        if is_in:
+            return d.read(port, size) & ((1 << (8 * size)) - 1)
+        d.write(port, size, value)
+        return 0
 
     def mmio(self, gpa: int, size: int, is_write: bool, value: int = 0) -> int:
         r = self.region(gpa)

@@ -3,11 +3,13 @@
 The IOIO handler (:func:`sandbox.hypervisor.handlers.handle_ioio`) moves at
 most :data:`STRING_IO_CHUNK` elements per exit, as KVM bounds one emulation
 step; a REP instruction with more to do re-executes.  RCX, RSI and RDI show
-the progress made even when an element faults.  With a port no device
-serves, the elements of a page move at once (:func:`_string_io_unowned`).
+the progress made even when an element faults.  The elements of one page
+move at once: one translation, one slice of memory, and one call to the
+port's device when it takes a run (``read_string`` / ``write_string``).
 """
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING
 
 from ..memory.hostmem import PAGE_SIZE
@@ -47,89 +49,23 @@ class _PageCache:
 
 
 def string_io(m: "Machine", info: int, port: int, size: int, count: int, amask: int, step: int) -> None:
-    """INS/OUTS of ``count`` elements, one at a time; RCX counts down as each
-    completes.  Raises the guest's fault (GuestPageFault, GuestGP) or a
-    NestedFault for the element that could not be moved.
+    """INS/OUTS of ``count`` elements; RCX counts down as each completes.
+    Raises the guest's fault (GuestPageFault, GuestGP) or a NestedFault for the
+    element that could not be moved, with RCX/RSI/RDI showing every element
+    before it done.
 
-    Memory is touched once per run of elements within one page: an INS's
-    elements are stored together before the run's page changes (or a fault is
-    raised, so every element before the faulting one is in memory), an OUTS
-    reads its run's page once.  The guest cannot run in between, so only the
-    device sees the per-element order, and it sees it unchanged."""
+    The elements move a page run at a time: the run's page is translated once
+    (a fault there is its first element's; an element straddling two pages
+    goes alone, through the general path), its bytes are one slice, and the
+    port's device gets the run in one call (:class:`_Port`).  The guest cannot
+    run in between, so only the device sees the per-element order, and it sees
+    it unchanged: with DF=1 the run's elements reach it (OUTS) or memory (INS)
+    highest address first."""
     is_in, rep = bool(info & IoioInfo.TYPE_IN), bool(info & IoioInfo.REP)
-    dev = m.bus.port_owner(port)
-    if dev is None:
-        _string_io_unowned(m, is_in, rep, size, count, amask, step)
-        return
-    cache = _PageCache(m, size)
+    dev = _Port(m.bus.port_owner(port), port, size)
     regs = m.regs
-    rdi, rsi, rcx = regs.rdi, regs.rsi, regs.rcx
+    cache = _PageCache(m, size)
     mem = m.mem
-    # the port's device, resolved once (as DeviceBus.io would for every element)
-    read, write, mask = dev.read, dev.write, (1 << (8 * size)) - 1
-    run_at, run = -1, bytearray()          # INS: host address of the stored run, and its bytes
-    page_at, page = -1, b""                # OUTS: host page of the run being read, and its bytes
-
-    def store() -> None:
-        nonlocal run_at
-        if run:
-            mem.write(run_at, bytes(run) if step > 0 else bytes(run[::-1]))
-            run.clear()
-        run_at = -1
-
-    try:
-        for _ in range(count):
-            if is_in:
-                v = (read(port, size) & mask).to_bytes(size, "little")
-                try:
-                    h = cache.hpa(rdi & amask, True)
-                except Exception:
-                    store()
-                    raise
-                if h is None:
-                    store()
-                    m.write_virt(rdi & amask, v)
-                elif step > 0 and run and h == run_at + len(run):
-                    run += v
-                elif step < 0 and run and h == run_at - size:
-                    run += v[::-1]
-                    run_at = h
-                else:
-                    store()
-                    run_at, run[:] = h, (v if step > 0 else v[::-1])
-                rdi = (rdi + step) & amask
-            else:
-                h = cache.hpa(rsi & amask, False)
-                if h is None:
-                    data = m.read_virt(rsi & amask, size)
-                else:
-                    if h & ~0xFFF != page_at:
-                        page_at = h & ~0xFFF
-                        page = mem.read(page_at, PAGE_SIZE)
-                    o = h & 0xFFF
-                    data = page[o:o + size]
-                write(port, size, int.from_bytes(data, "little"))
-                rsi = (rsi + step) & amask
-            if rep:
-                rcx = (rcx - 1) & amask
-        store()
-    finally:
-        if is_in:
-            regs.rdi = rdi
-        else:
-            regs.rsi = rsi
-        if rep:
-            regs.rcx = rcx
-
-
-def _string_io_unowned(m: "Machine", is_in: bool, rep: bool, size: int, count: int, amask: int, step: int) -> None:
-    """INS/OUTS with a port no device serves: every INS element reads all ones and
-    an OUTS element goes nowhere, so the elements of one page move together --
-    one translation and one store per page.  The architectural result is that of
-    :func:`string_io`'s element loop: the same bytes, the same fault at the same
-    element (the first of the page that cannot be translated), the same RCX/RSI/RDI."""
-    regs = m.regs
-    cache = _PageCache(m, size)
     ptr = (regs.rdi if is_in else regs.rsi) & amask
     left = count
     try:
@@ -143,14 +79,23 @@ def _string_io_unowned(m: "Machine", is_in: bool, rep: bool, size: int, count: i
                 n = min(left, off // size + 1)
             if n == 0:
                 if is_in:
-                    m.write_virt(ptr, b"\xff" * size)
+                    m.write_virt(ptr, dev.read(1))
                 else:
-                    m.read_virt(ptr, size)
+                    dev.write(m.read_virt(ptr, size))
                 n = 1
+            elif is_in:
+                try:
+                    h = cache.hpa(ptr, True)              # the fault of the run's first element
+                except Exception:
+                    dev.read(1)                           # whose port read came first
+                    raise
+                data = dev.read(n)
+                mem.write(h if step > 0 else h - (n - 1) * size, data if step > 0 else _reversed(data, size))
             else:
-                h = cache.hpa(ptr, is_in)                 # raises the fault of the page's first element
-                if is_in:
-                    m.mem.write(h if step > 0 else h - (n - 1) * size, b"\xff" * (n * size))
+                h = cache.hpa(ptr, False)
+                if dev.writes:
+                    data = mem.read(h if step > 0 else h - (n - 1) * size, n * size)
+                    dev.write(data if step > 0 else _reversed(data, size))
             ptr = (ptr + n * step) & amask
             left -= n
     finally:
@@ -162,3 +107,67 @@ def _string_io_unowned(m: "Machine", is_in: bool, rep: bool, size: int, count: i
                 regs.rsi = ptr
             if rep:
                 regs.rcx = (regs.rcx - done) & amask
+
+
+class _Port:
+    """One port's device as string I/O uses it: ``read(n)`` is ``n`` elements
+    read in order (little-endian bytes, concatenated), ``write(data)`` the
+    elements of ``data`` written in order.  A device with ``read_string`` /
+    ``write_string`` takes a run in one call; any other gets one ``read`` /
+    ``write`` per element.  With no device the port floats: reads are all
+    ones, writes go nowhere (:attr:`writes` is False: there is nothing to read
+    from memory for them)."""
+
+    def __init__(self, dev, port: int, size: int) -> None:
+        self.port, self.size, self.dev = port, size, dev
+        self.writes = dev is not None
+        if dev is None:
+            self.read, self.write = self._floating, self._nowhere
+            return
+        self._read_string = getattr(dev, "read_string", None)
+        self._write_string = getattr(dev, "write_string", None)
+        if self._read_string is None:
+            self.read = self._read_each
+        if self._write_string is None:
+            self.write = self._write_each
+
+    def _floating(self, n: int) -> bytes:
+        return b"\xff" * (n * self.size)
+
+    def _nowhere(self, data: bytes) -> None:
+        pass
+
+    def read(self, n: int) -> bytes:
+        return self._read_string(self.port, self.size, n)
+
+    def write(self, data: bytes) -> None:
+        self._write_string(self.port, self.size, data)
+
+    def _read_each(self, n: int) -> bytes:
+        read, port, size = self.dev.read, self.port, self.size
+        mask = (1 << (8 * size)) - 1
+        if size == 1:
+            return bytes([read(port, 1) & mask for _ in range(n)])
+        return b"".join([(read(port, size) & mask).to_bytes(size, "little") for _ in range(n)])
+
+    def _write_each(self, data: bytes) -> None:
+        write, port, size = self.dev.write, self.port, self.size
+        if size == 1:
+            for v in data:
+                write(port, 1, v)
+        else:
+            for i in range(0, len(data), size):
+                write(port, size, int.from_bytes(data[i:i + size], "little"))
+
+
+#: an element's array type code by size (native order: reversing elements keeps each one's bytes)
+_ELEMENT = {1: "B", 2: "H", 4: "I" if array("I").itemsize == 4 else "L"}
+
+
+def _reversed(data: bytes, size: int) -> bytes:
+    """``data``'s ``size``-byte elements in the opposite order (each element's bytes kept)."""
+    if size == 1:
+        return data[::-1]
+    a = array(_ELEMENT[size], data)
+    a.reverse()
+    return a.tobytes()

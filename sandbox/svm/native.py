@@ -18,7 +18,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Callable
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
+from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
 from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_UMIP, EFER_LMA, MSR_TSC_AUX
@@ -33,6 +33,7 @@ from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_d
                        wrmsr_faults, xsetbv_faults)
 from .events import Vec
 from .exitcodes import ExitCode
+from .port_hooks import PortIoHooks
 from .stop import StopReason
 from .vmcb import (OFF_CSTAR, OFF_KERNEL_GS_BASE, OFF_LSTAR, OFF_SFMASK, OFF_STAR, OFF_SYSENTER_CS,
                    OFF_SYSENTER_EIP, OFF_SYSENTER_ESP, OFF_V_INTR, OFF_VIRT_EXT, SEGMENTS, VIntr, VirtExt)
@@ -140,12 +141,11 @@ class NativeInsns:
         self._table.update({k: self._umip for k in UMIP_KINDS})
 
     def install_hooks(self) -> None:
-        """Unicorn's instruction hooks for IN/OUT.  RDTSC/RDTSCP need none: the
-        scanner catches intercepted ones, and Unicorn adds TSC_OFFSET (in
-        ``env->tsc_offset``, written at VMRUN) to the others at native speed."""
-        uc = self._uc
-        uc.hook_add(UC_HOOK_INSN, self._insn_in, None, 1, 0, X.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._insn_out, None, 1, 0, X.UC_X86_INS_OUT)
+        """Unicorn's instruction hooks for IN/OUT, raw (:class:`PortIoHooks`).
+        RDTSC/RDTSCP need none: the scanner catches intercepted ones, and
+        Unicorn adds TSC_OFFSET (in ``env->tsc_offset``, written at VMRUN) to
+        the others at native speed."""
+        self._port_hooks = PortIoHooks(self._uc, self._insn_in, self._insn_out)
 
     def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop",
                 smc: "SmcStepper", avic: "Avic") -> None:
@@ -160,6 +160,7 @@ class NativeInsns:
         self._interrupts = interrupts
         self._avic = avic
         self._halt = run.halt
+        self._fail = run.fail
         self._access = interrupts.access
         self._watch_irq_window = interrupts.watch_irq_window
         for k in IRQ_WINDOW - {D.Kind.IRET}:          # IRET: _iret checks its RIP first
@@ -401,11 +402,22 @@ class NativeInsns:
         """The host's time-stamp counter (:func:`host_tsc`)."""
         return host_tsc()
 
-    def _insn_in(self, uc, port: int, size: int, ud) -> int:
-        if self.io_passthrough is None:
-            return (1 << (8 * size)) - 1
-        return self.io_passthrough(port, size, True, 0)
+    def _insn_in(self, handle, port: int, size: int, ud) -> int:
+        """IN (or an INS element) that did not exit: the platform's port, or all ones."""
+        try:
+            io = self.io_passthrough
+            if io is None:
+                return (1 << (8 * size)) - 1
+            return io(port, size, True, 0)
+        except BaseException as e:          # never let an exception unwind through C
+            self._fail(f"internal error in IN from port {port:#x}: {type(e).__name__}: {e}", e)
+            return 0
 
-    def _insn_out(self, uc, port: int, size: int, value: int, ud) -> None:
-        if self.io_passthrough is not None:
-            self.io_passthrough(port, size, False, value)
+    def _insn_out(self, handle, port: int, size: int, value: int, ud) -> None:
+        """OUT (or an OUTS element) that did not exit: the platform's port, or nowhere."""
+        try:
+            io = self.io_passthrough
+            if io is not None:
+                io(port, size, False, value)
+        except BaseException as e:
+            self._fail(f"internal error in OUT to port {port:#x}: {type(e).__name__}: {e}", e)

@@ -321,8 +321,9 @@ class Scanner:
                 self._exit_in_hook(info.exitcode, info.exitinfo1, info.exitinfo2, address,
                                    (address + insn.length) & M64)
                 return
-            # not intercepted: the model handles what Unicorn cannot do natively
-            self._native(address, insn, st, view or DecisionView(self, st), code)
+            # not intercepted: the model handles what Unicorn cannot do natively (port I/O at CPL 0: nothing)
+            if not ent[3] or hflags & HF_CPL_MASK:
+                self._native(address, insn, st, view or DecisionView(self, st), code)
         except BaseException as e:          # never let an exception unwind through C
             self._fail(f"internal error at guest RIP {address:#x}: {type(e).__name__}: {e}", e)
 

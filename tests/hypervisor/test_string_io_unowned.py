@@ -1,9 +1,10 @@
 """REP INS/OUTS with a port no device serves move a page of elements at a time.
 
-The reference is the element-by-element emulation: the same guest runs once
-with the port unclaimed (the per-page path) and once with a device that claims
-it and behaves as an unclaimed port does -- reads all ones, drops writes --
-which takes the per-element path.  Every architectural result must agree:
+The reference is the device path: the same guest runs once with the port
+unclaimed (no device call at all) and once with a device that claims it and
+behaves as an unclaimed port does -- reads all ones, drops writes -- and is
+called once per element (it has no run methods; test_string_io_runs checks
+the page runs themselves against an element loop).  Every architectural result must agree:
 the bytes stored, RCX/RSI/RDI, where the run stopped, and the fault (a
 nested-page fault at the end of guest RAM, with the progress up to it)."""
 from __future__ import annotations
@@ -17,7 +18,7 @@ PORT = 0x2F0
 
 class FloatingPort:
     """A device on PORT that reads all ones and ignores writes: an unclaimed port's
-    behaviour, behind a device (so the handler takes its per-element path)."""
+    behaviour, behind a device (so the handler calls it for every element)."""
 
     def __init__(self) -> None:
         self.reads = self.writes = 0
