@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from .case import CODE_BASE, CODE_WINDOW, DATA_BASE, Case, VmcbConfig
-from .table import LEGACY, TABLE, Bits, Uniform, _filler, below, filler, pick
+from .table import LEGACY, TABLE, Bits, Uniform, draw_filler, below, filler, pick
 
 #: the EXIT hypercall (xor eax, eax; xor edi, edi; VMMCALL) that ends a well-formed case
 TERMINATOR = b"\x31\xc0\x31\xff\x0f\x01\xd9"
@@ -170,7 +170,7 @@ def gen_grammar(rng: random.Random, n: int = 64) -> Case:
                 straddle = sum(map(len, parts)) + 1
             parts.append(_sensitive(bits, r))
         else:
-            parts.append(_filler(bits, r))
+            parts.append(draw_filler(bits, r))
     code = b"".join(parts) + TERMINATOR
     return Case(code, _place(rng, code, straddle), random_config(rng), random_regs(rng), "grammar")
 

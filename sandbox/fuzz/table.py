@@ -213,10 +213,11 @@ _F_MOV_DX = tuple(bytes([0x66, 0xBA, *p.to_bytes(2, "little")]) for p in (0x80, 
 
 #: benign filler: register moves, arithmetic, stack, data-page stores, short forward jumps
 def filler(rng: random.Random) -> bytes:
-    return _filler(rng.getrandbits, rng.random)
+    return draw_filler(rng.getrandbits, rng.random)
 
 
-def _filler(bits: Bits, rand: Uniform) -> bytes:
+def draw_filler(bits: Bits, rand: Uniform) -> bytes:
+    """:func:`filler` from the generator's bound ``getrandbits`` and ``random``."""
     r = bits(4)                                        # below(9)
     while r >= 9:
         r = bits(4)
