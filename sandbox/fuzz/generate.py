@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from .case import CODE_BASE, CODE_WINDOW, DATA_BASE, Case, VmcbConfig
-from .table import LEGACY, TABLE, Template, below, filler, pick
+from .table import LEGACY, TABLE, Bits, Uniform, draw_filler, below, filler, pick
 
 #: the EXIT hypercall (xor eax, eax; xor edi, edi; VMMCALL) that ends a well-formed case
 TERMINATOR = b"\x31\xc0\x31\xff\x0f\x01\xd9"
@@ -24,69 +24,122 @@ MSR_VALUES = INTERESTING_MSRS + (0x2000, 0x4000_0000, 0xC000_2000, 0xC001_2000, 
 NPT_TARGETS = (DATA_BASE, CODE_BASE, CODE_BASE + PAGE, 0x8F000, 0x2000)
 
 
+#: ``random_regs``'s candidates before the values drawn for each case
+_RAX = (0, 1, 7, 0x8000_0000, 0x4000_0000, DATA_BASE)
+_RCX = MSR_VALUES + (0, 1, 3, 0x10000)
+#: data-page pointers for ``below(0x100)``
+_DATA_PTRS = tuple(DATA_BASE + 8 * i for i in range(0x100))
+
+
 def random_regs(rng: random.Random) -> dict[str, int]:
-    regs = {n: DATA_BASE + 8 * below(rng, 0x100) for n in ("rbx", "rsi", "rdi", "rbp")}
-    regs["rax"] = pick(rng, (0, 1, 7, 0x8000_0000, 0x4000_0000, DATA_BASE, rng.getrandbits(64)))
-    regs["rcx"] = pick(rng, MSR_VALUES + (0, 1, 3, 0x10000, rng.getrandbits(32)))
-    regs["rdx"] = pick(rng, INTERESTING_PORTS + (rng.getrandbits(16), rng.getrandbits(64)))
+    bits = rng.getrandbits
+    regs = {}
+    for n in ("rbx", "rsi", "rdi", "rbp"):
+        i = bits(9)                                  # below(0x100)
+        while i >= 0x100:
+            i = bits(9)
+        regs[n] = _DATA_PTRS[i]
+    v = bits(64)
+    i = bits(3)                                      # pick of _RAX and v
+    while i >= 7:
+        i = bits(3)
+    regs["rax"] = _RAX[i] if i < 6 else v
+    v = bits(32)
+    i = bits(5)                                      # pick of _RCX and v
+    while i >= 28:
+        i = bits(5)
+    regs["rcx"] = _RCX[i] if i < 27 else v
+    v16, v64 = bits(16), bits(64)
+    i = bits(5)                                      # pick of the ports, v16 and v64
+    while i >= 20:
+        i = bits(5)
+    regs["rdx"] = INTERESTING_PORTS[i] if i < 18 else (v16 if i == 18 else v64)
     return regs
+
+
+#: the intercept bits ``random_config`` draws, each with its probability, in draw order
+_CR_BITS = tuple(1 << (base + n) for n in (0, 3, 4, 8) for base in (0, 16))          # CR reads and writes
+_DR_BITS = tuple(1 << (base + n) for n in range(8) for base in (0, 16))              # DR reads and writes
+_EXCP_BITS = tuple(1 << v for v in range(32))                                        # exception bitmap
+_MISC1_BITS = tuple(1 << b for b in range(5, 31))      # misc1 (external events 0-4 left clear)
+_MISC2_BITS = tuple(1 << b for b in range(1, 15))
 
 
 def random_config(rng: random.Random) -> VmcbConfig:
     """Random intercept vectors, IOPM/MSRPM bits, exception bitmap, nested permissions."""
+    r = rng.random
     w = [0] * 6
-    for n in (0, 3, 4, 8):                           # CR reads and writes
-        for base in (0, 16):
-            if rng.random() < 0.3:
-                w[0] |= 1 << (base + n)
-    for n in range(8):                               # DR reads and writes
-        for base in (0, 16):
-            if rng.random() < 0.15:
-                w[1] |= 1 << (base + n)
-    for v in range(32):                              # exception bitmap
-        if rng.random() < 0.12:
-            w[2] |= 1 << v
-    for b in range(5, 31):                           # misc1 (external events 0-4 left clear)
-        if rng.random() < 0.45:
-            w[3] |= 1 << b
-    if rng.random() < 0.9:
+    w[0] = sum([m for m in _CR_BITS if r() < 0.3])
+    w[1] = sum([m for m in _DR_BITS if r() < 0.15])
+    w[2] = sum([m for m in _EXCP_BITS if r() < 0.12])
+    w[3] = sum([m for m in _MISC1_BITS if r() < 0.45])
+    if r() < 0.9:
         w[3] |= 1 << 31                              # SHUTDOWN
-    for b in range(1, 15):                           # misc2
-        if rng.random() < 0.45:
-            w[4] |= 1 << b
-    if rng.random() < 0.98:
+    w[4] = sum([m for m in _MISC2_BITS if r() < 0.45])
+    if r() < 0.98:
         w[4] |= 1                                    # VMRUN (clear: VMEXIT_INVALID, APM §15.5.1)
-    if rng.random() < 0.7:
+    if r() < 0.7:
         w[4] |= 1 << 1                               # VMMCALL: the terminator's exit
-    if rng.random() < 0.5:
+    if r() < 0.5:
         w[5] |= 1 << 2                               # INVPCID
     ports: set[int] = set()
-    for _ in range(rng.randrange(0, 8)):
-        p = rng.choice(INTERESTING_PORTS + (rng.randrange(0x10000),))
-        ports.add(min(0x10002, p + rng.choice((0, 0, 1, 2, 3))))
-    if rng.random() < 0.1:
+    for _ in range(below(rng, 8)):
+        p = pick(rng, INTERESTING_PORTS + (below(rng, 0x10000),))
+        ports.add(min(0x10002, p + pick(rng, (0, 0, 1, 2, 3))))
+    if r() < 0.1:
         ports.update(range(0x10000, 0x10003))
     msrs = []
-    for _ in range(rng.randrange(0, 6)):
-        m = rng.choice(INTERESTING_MSRS)
-        msrs.append((m, rng.random() < 0.6, rng.random() < 0.6))
+    for _ in range(below(rng, 6)):
+        m = pick(rng, INTERESTING_MSRS)
+        msrs.append((m, r() < 0.6, r() < 0.6))
     npt = []
-    if rng.random() < 0.12:
-        g = rng.choice(NPT_TARGETS)
-        npt.append((g, rng.random() < 0.8, rng.random() < 0.5, rng.random() < 0.7))
+    if r() < 0.12:
+        g = pick(rng, NPT_TARGETS)
+        npt.append((g, r() < 0.8, r() < 0.5, r() < 0.7))
     return VmcbConfig(w, sorted(ports), msrs, npt)
 
 
-def with_prefixes(rng: random.Random, t: Template, body: bytes) -> bytes:
-    pre = bytes(pick(rng, t.prefixes) for _ in range(pick(rng, (0, 0, 0, 1, 1, 2, 3)))) if t.prefixes else b""
-    if t.rex and rng.random() < 0.25:
-        pre += bytes([0x40 | below(rng, 16)])
-    return pre + body
+#: per template: its fixed bytes (None: drawn by its ``draw``), its prefixes as one-byte
+#: strings with ``below(len)``'s bit count, and whether a REX prefix may precede it
+_SENSITIVE = tuple((t.draw if isinstance(t.draw, bytes) else None, t.draw, tuple(bytes([p]) for p in t.prefixes),
+                    len(t.prefixes), len(t.prefixes).bit_length(), t.rex) for t in TABLE)
+_N_TABLE, _K_TABLE = len(TABLE), len(TABLE).bit_length()
+_PREFIX_COUNT = (0, 0, 0, 1, 1, 2, 3)
+_REX = tuple(bytes([0x40 | i]) for i in range(16))
 
 
 def sensitive(rng: random.Random) -> bytes:
-    t = pick(rng, TABLE)
-    return with_prefixes(rng, t, t.build(rng))
+    """A table instruction with its prefixes."""
+    return _sensitive(rng.getrandbits, rng.random)
+
+
+def _sensitive(bits: Bits, rand: Uniform) -> bytes:
+    """:func:`sensitive` from the generator's bound methods.  The draws: the
+    template (``pick(TABLE)``), its encoding, then up to three of its legacy
+    prefixes (how many: ``pick((0, 0, 0, 1, 1, 2, 3))``) and, where REX is
+    legal, one REX prefix a quarter of the time (``below(16)``)."""
+    i = bits(_K_TABLE)
+    while i >= _N_TABLE:
+        i = bits(_K_TABLE)
+    body, draw, prefixes, n, k, rex = _SENSITIVE[i]
+    if body is None:
+        body = draw(bits, rand)
+    pre = b""
+    if n:
+        c = bits(3)                                  # pick(_PREFIX_COUNT)
+        while c == 7:
+            c = bits(3)
+        for _ in range(_PREFIX_COUNT[c]):
+            j = bits(k)                              # pick(t.prefixes)
+            while j >= n:
+                j = bits(k)
+            pre += prefixes[j]
+    if rex and rand() < 0.25:
+        j = bits(5)                                  # below(16)
+        while j >= 16:
+            j = bits(5)
+        pre += _REX[j]
+    return pre + body if pre else body
 
 
 def _place(rng: random.Random, code: bytes, straddle_at: int | None = None) -> int:
@@ -110,13 +163,14 @@ def gen_random_bytes(rng: random.Random, n: int = 64) -> Case:
 def gen_grammar(rng: random.Random, n: int = 64) -> Case:
     parts: list[bytes] = []
     straddle = None
+    bits, r = rng.getrandbits, rng.random
     for i in range(n):
-        if rng.random() < 0.3:
-            if straddle is None and rng.random() < 0.2:
+        if r() < 0.3:
+            if straddle is None and r() < 0.2:
                 straddle = sum(map(len, parts)) + 1
-            parts.append(sensitive(rng))
+            parts.append(_sensitive(bits, r))
         else:
-            parts.append(filler(rng))
+            parts.append(draw_filler(bits, r))
     code = b"".join(parts) + TERMINATOR
     return Case(code, _place(rng, code, straddle), random_config(rng), random_regs(rng), "grammar")
 

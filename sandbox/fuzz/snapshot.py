@@ -265,14 +265,19 @@ class Harness:
         _I6.pack_into(mm, v + OFF_INTERCEPTS, *(a | b for a, b in zip(cfg.intercepts, self._required)))
         g = m.guest
         io = g.iopm.hpa
+        configured = set()                    # the IOPM/MSRPM pages this case's configuration writes
         for p in cfg.iopm:
-            mm[io + (p >> 3)] |= 1 << (p & 7)
+            a = io + (p >> 3)
+            mm[a] |= 1 << (p & 7)
+            configured.add(a & ~0xFFF)
         ms = g.msrpm.hpa
         for msr, r, w in cfg.msrpm:
             for on, wr in ((r, False), (w, True)):
                 bit = msrpm_bit(msr, wr)
                 if on and bit is not None:
-                    mm[ms + (bit >> 3)] |= 1 << (bit & 7)
+                    a = ms + (bit >> 3)
+                    mm[a] |= 1 << (bit & 7)
+                    configured.add(a & ~0xFFF)
         for gpa, present, write, execute in cfg.npt if m.shadow is None else ():
             if gpa in self._gpa_hpa:
                 g.npt.protect(gpa, present=present, write=write, execute=execute)
@@ -296,7 +301,9 @@ class Harness:
         self._tlb_good = not cfg.npt
         if m.shadow is not None:
             m.shadow.attach_cr3(self._guest_cr3)      # an empty shadow: the previous case's tables are gone
-        self._after_config = {p: self.mm[p:p + PAGE_SIZE] for p in self.config_pages}
+        # the configured pages as the case starts (a configuration page it did not write
+        # starts as snapshotted: a change to it is the guest's, whatever restore compares)
+        self._after_config = {p: mm[p:p + PAGE_SIZE] for p in configured}
 
     def _write_private(self, hpa: int, data: bytes) -> None:
         """Store ``data`` (within one page) into SEV-private guest memory: DRAM
