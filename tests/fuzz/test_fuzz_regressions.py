@@ -224,6 +224,7 @@ def test_shedding_hooks_survives_fills_that_add_hooks(monkeypatch):
         hooks.add(0x9000 + len(hooks))           # what a scanning fill does
         return real(h, hh)
     monkeypatch.setattr(hooks, "_del", del_and_fill)
+    monkeypatch.setattr(hooks, "DELETE_EVERY", 1)   # a shed that deletes (the others only park)
     assert hooks.shed() == 8
     assert len(hooks) == 8 and all(a >= 0x9000 for a in hooks.handles)   # the new hooks stay
 
