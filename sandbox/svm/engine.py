@@ -5,11 +5,12 @@ page walk is replaced by the TLB-fill hook (``UC_TLB_VIRTUAL``), and the
 per-address code hooks the scanner places go through Unicorn's C API with one
 shared C callback.
 
-This is the one module of the processor that reaches into the Unicorn
-binding's internals: the engine handle ``uc._uch`` and the ctypes hook API
-(``uclib``, ``uc_hook_h``, the callback types), and into one QEMU function
-libunicorn exports (:class:`TbInvalidator`).  :mod:`sandbox.svm.cpustate`
-reads the same handle for its context transfers, on its own.
+This module reaches into the Unicorn binding's internals: the engine handle
+``uc._uch`` and the ctypes hook API (``uclib``, ``uc_hook_h``, the callback
+types), and into one QEMU function libunicorn exports (:class:`TbInvalidator`).
+Two more do, each for one job: :mod:`sandbox.svm.cpustate` reads the same
+handle for its context transfers, and :mod:`sandbox.svm.port_hooks` installs
+the IN/OUT instruction hooks through the same C API.
 """
 from __future__ import annotations
 
