@@ -133,16 +133,20 @@ def test_cleared_accessed_or_dirty_refuses_the_cache(bit):
     assert world.mem.read_u64(slot) == e               # the new walk set it again
 
 
+def _top_nested_entry(world) -> tuple[int, int]:
+    """The nested PML4 entry above the guest's table pages: its host address and value."""
+    slot = world.npt.n_cr3 + ((TABLES >> 39) & 0x1FF) * 8
+    return slot, world.mem.read_u64(slot)
+
+
 def test_an_upper_nested_entry_refuses_the_cache():
     world = World()
     w = world.walker()
     _outcome(w)
-    root = world.npt.n_cr3
-    idx = (TABLES >> 39) & 0x1FF
-    e = world.mem.read_u64(root + idx * 8)
-    world.mem.write_u64(root + idx * 8, e | int(PTE.PWT))
+    slot, e = _top_nested_entry(world)
+    world.mem.write_u64(slot, e | int(PTE.PWT))
     assert not w.guest.tables_current()
-    world.mem.write_u64(root + idx * 8, e)
+    world.mem.write_u64(slot, e)
     assert w.guest.tables_current()
 
 
@@ -165,15 +169,13 @@ def test_one_entry_read_with_two_values_never_holds():
     world = World()
     w = world.walker()
     _outcome(w)
-    root = world.npt.n_cr3
-    idx = (TABLES >> 39) & 0x1FF
-    e = world.mem.read_u64(root + idx * 8)
-    world.mem.write_u64(root + idx * 8, e | int(PTE.PWT))
+    slot, e = _top_nested_entry(world)
+    world.mem.write_u64(slot, e | int(PTE.PWT))
     # a mapping with table pages of its own, walked with the entry changed
     far = 0x0000_1230_0000_0000
     world.tb.map(far, DATA_GPA)
     _outcome(w, far)
-    world.mem.write_u64(root + idx * 8, e)            # the value the first walk read
+    world.mem.write_u64(slot, e)            # the value the first walk read
     assert not w.guest.tables_current()
 
 
