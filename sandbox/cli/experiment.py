@@ -18,12 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..experiments.common import STOP, ExperimentError, Interrupted
 from ..experiments.registry import EXPERIMENTS, Report, execute
+from .console import Console
 from .errors import CliError
 
 EPILOG = """\

@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
@@ -24,6 +23,7 @@ from ..fuzz.cluster import ray_module, run_ray
 from ..fuzz.hooks_fuzz import HookGuard, check_hooks
 from ..fuzz.vmrun_state import is_state_file
 from ..hypervisor.hooks_loader import HooksError
+from .console import Console
 from .errors import CliError
 from .fuzz_vmrun import check_target, cmd_fuzz_vmrun, replay_state
 from .helpfmt import HelpFormatter

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from ..fuzz import vmrun_campaign as V
 from ..fuzz.vmrun_state import StateError, VmrunState
 from ..svm.exitcodes import exit_name
+from .console import Console
 from .errors import CliError
 
 TARGETS = ("intercepts", "vmrun", "vmrun-nested")

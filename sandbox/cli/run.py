@@ -10,7 +10,6 @@ import sys
 import threading
 from typing import BinaryIO, Callable, TextIO
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -26,6 +25,7 @@ from ..svm.exitcodes import exit_name
 from ..svm.intercepts import UnknownIntercept
 from ..svm.msrpm import msrpm_bit
 from ..svm.stop import StopReason
+from .console import Console
 from .errors import CliError
 from .experiment import add_parser as add_experiment_parser
 from .fuzz import add_parser, replay_case

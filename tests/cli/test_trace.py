@@ -1,4 +1,6 @@
 """Issue 11 section 6: the human-readable exit trace is elided past a limit, the summary is not."""
+import errno
+import io
 import re
 import subprocess
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import Machine
+from sandbox.cli import main as cli_main
 from sandbox.cli.trace import DEFAULT_TRACE_LIMIT, ExitTrace
 from sandbox.svm.exitcodes import ExitCode
 
@@ -125,11 +128,48 @@ def test_default_trace_of_cpuid_loop_is_elided_and_the_run_completes():
     assert summary_count(p.stderr, "CPUID") == 100_000
 
 
-def test_trace_reader_going_away_ends_the_run_quietly(loop):
-    """``sandbox run ... 2>&1 >/dev/null | head -1``: the run stops, no traceback, SIGPIPE's status."""
-    p = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "run", str(loop), "--trace-limit", "0"],
+def test_trace_reader_going_away_ends_the_run_quietly(tmp_path):
+    """``sandbox run ... 2>&1 >/dev/null | head -1``: the run stops, no traceback, SIGPIPE's status.
+    3,000 traced exits are far more than a pipe holds (64 KiB), so the run
+    cannot finish before the reader goes away, however fast the machine."""
+    big = tmp_path / "big.S"
+    big.write_text(LOOP.replace(f"mov r12, {CPUIDS}", "mov r12, 3000"))
+    p = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "run", str(big), "--trace-limit", "0"],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = p.stderr.readline()
     p.stderr.close()
     assert p.wait(timeout=120) == 141
     assert TRACE_LINE.match(first.decode())
+
+
+class ClosingReader(io.StringIO):
+    """stderr whose reader goes away after ``keep`` characters: every later write is EPIPE."""
+
+    def __init__(self, keep: int) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def write(self, text: str) -> int:
+        room = self.keep - self.tell()
+        if room < len(text):
+            super().write(text[:max(room, 0)])
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        return super().write(text)
+
+
+def test_reader_going_away_at_any_point_of_the_output_is_sigpipes_status(loop, monkeypatch):
+    """Wherever the pipe closes -- in a trace line, the elision line, the exits
+    table or the last line -- the run ends with 141 and no traceback (rich's
+    own reaction to a closed pipe is ``SystemExit(1)`` from inside a print)."""
+    full = ClosingReader(1 << 30)
+    monkeypatch.setattr(sys, "stderr", full)
+    assert cli_main(["run", str(loop), "--trace-limit", "3"]) == 0
+    text = full.getvalue()
+    assert "run ended: guest-exit" in text
+    cuts = sorted({0, 1, len(text) - 1, *range(0, len(text), max(1, len(text) // 24)),
+                   text.index("exits by code"), text.index("run ended")})
+    for keep in cuts:
+        closing = ClosingReader(keep)
+        monkeypatch.setattr(sys, "stderr", closing)
+        assert cli_main(["run", str(loop), "--trace-limit", "3"]) == 141, keep
+        assert closing.getvalue() == text[:keep]
