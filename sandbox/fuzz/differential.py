@@ -42,11 +42,12 @@ import ctypes
 import struct
 from dataclasses import dataclass
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
+from unicorn import UC_HOOK_INTR, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from ..svm.cpustate import CpuState
+from ..svm.engine import x86_64_engine
 from ..svm.exitcodes import EXCP_END, EXCP_FIRST, ExitCode, is_excp
 from ..svm.msrpm import msrpm_bit
 from ..svm.vmcb import (OFF_CPL, OFF_CR4, OFF_EFER, OFF_GUEST_ASID, OFF_INTERCEPTS, OFF_IOPM_BASE_PA, OFF_RAX,
@@ -152,7 +153,7 @@ class QemuSvm:
         self._got: list[QemuExit] = []
 
     def _build(self) -> None:
-        uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc = self.uc = x86_64_engine()
         uc.ctl_set_cpu_model(X.UC_CPU_X86_EPYC)
         self._mem = ctypes.create_string_buffer(MEM)
         self._addr = ctypes.addressof(self._mem)

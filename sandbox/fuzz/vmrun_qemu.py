@@ -40,10 +40,11 @@ import struct
 from dataclasses import dataclass
 
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
-from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
+from unicorn import UC_HOOK_INTR, UC_PROT_ALL, UcError
 from unicorn import x86_const as X
 
 from ..hypervisor.image import GDT, GDT_BASE
+from ..svm.engine import x86_64_engine
 from ..svm.vmcb import (OFF_CPL, OFF_CR4, OFF_EFER, OFF_EVENTINJ, OFF_GUEST_ASID, OFF_INTERCEPTS,
                         OFF_IOPM_BASE_PA, OFF_RAX, OFF_RSP, OFF_V_INTR, SEGMENTS)
 from .oracle import Finding
@@ -129,7 +130,7 @@ def qemu_first(s: VmrunState) -> QemuFirst | None:
     global _STUB
     if _STUB is None:
         _STUB = _stub()
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = x86_64_engine()
     uc.ctl_set_cpu_model(X.UC_CPU_X86_EPYC)
     uc.mem_map(0, MEM, UC_PROT_ALL)
     uc.mem_write(PML4, struct.pack("<Q", PDPT | 7))

@@ -25,12 +25,11 @@ from typing import Callable
 from dataclasses import dataclass
 
 import unicorn
-from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL,
-                     UC_TLB_VIRTUAL, Uc, UcError)
+from unicorn import UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
-from .engine import RegReader, in_hook_fn
+from .engine import TCG_BUFFER_SMALL, RegReader, in_hook_fn, x86_64_engine
 
 # -- QEMU CPUX86State layout (x86_64 target) ---------------------------------
 OFF_REGS = 0
@@ -372,7 +371,7 @@ def _engine_bytes(uc: Uc, size: int = 2048) -> bytes:
 
 
 def _scratch(code: bytes = b"", at: int = 0x1000) -> Uc:
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = x86_64_engine(TCG_BUFFER_SMALL)
     uc.mem_map(0, 0x10000, UC_PROT_ALL)
     uc.mem_write(at, code)
     return uc
@@ -469,7 +468,7 @@ _DR_IDS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR
 
 def _locate_dr() -> int:
     """``env->dr[8]``: the one place holding distinct markers written to DR0-DR3."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = x86_64_engine(TCG_BUFFER_SMALL)
     marks = [0x0D0D_0000_1111_0000 + i for i in range(4)]
     for reg, mark in zip(_DR_IDS, marks):
         uc.reg_write(reg, mark)
@@ -564,7 +563,7 @@ Check = Callable[[str, bool], None]
 def _verify_api_state(at: Internals, check: Check, bad: list[str]) -> None:
     """The state Unicorn's register API writes: GPRs, RIP, segments, tables, CRs, EFER, DRs, hflags."""
     # state written through Unicorn's register API
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = x86_64_engine(TCG_BUFFER_SMALL)
     gprs = [0x1111_0000_0000_0000 + i * 0x101 for i in range(16)]
     for rid, v in zip(GPR_IDS, gprs):
         uc.reg_write(rid, v)

@@ -27,10 +27,32 @@ from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, HOOK_TLB_FILL_CFUNC, uc
 from ..memory.hostmem import HostMemory
 
 
+#: Bytes of QEMU's translation buffer for an engine that runs guests (Unicorn's
+#: default is 1 GiB).  Generated x86-64 code calls a helper with a rel32 call
+#: only when the helper lies within 2 GiB of it; farther, each call loads the
+#: helper's address from the block's constant pool, and QEMU keeps that pool
+#: sorted by insertion (``new_pool_insert``): quadratic in the calls of a block,
+#: and an instruction-budget or code hook makes one call per guest instruction.
+#: A few 1 GiB buffers in one process (the machine's, the fuzzer's reference
+#: engine, a clock probe) put all but the first out of reach of libunicorn;
+#: buffers this size stay near it.  A full buffer is flushed by QEMU and refilled.
+TCG_BUFFER = 128 << 20
+#: ... for an engine that translates a handful of blocks (QEMU's minimum is 1 MiB)
+TCG_BUFFER_SMALL = 1 << 20
+
+
+def x86_64_engine(tcg_buffer: int = TCG_BUFFER) -> Uc:
+    """A 64-bit x86 Unicorn whose translation buffer is ``tcg_buffer`` bytes
+    (set before anything makes Unicorn allocate it)."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_set_tcg_buffer_size(tcg_buffer)
+    return uc
+
+
 def new_engine(mem: HostMemory) -> Uc:
     """A 64-bit x86 Unicorn over ``mem``: DRAM and, above it, the plaintext
     cache of SEV pages (``HostMemory.cache_base``), with a virtual TLB."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = x86_64_engine()
     uc.mem_map_ptr(0, 2 * mem.size, UC_PROT_ALL, mem.address)
     uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
     # No exit address: with an ``until`` address Unicorn probes that page
@@ -184,7 +206,7 @@ PARKED = 0x8000_0000_0000_0000
 def _locate_hook_range() -> int | None:
     """The offset of ``begin, end`` in Unicorn's ``struct hook`` (the handle
     points to it), found with a distinctive range; None when not found."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = x86_64_engine(TCG_BUFFER_SMALL)
     begin, end = 0x5EC0_DE00_0000_1357, 0x5EC0_DE00_0000_2468
     hh = uc_hook_h()
     cb = HOOK_CODE_CFUNC(lambda *a: None)

@@ -18,7 +18,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Callable
 
-from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
+from unicorn import UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
 from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_UMIP, EFER_LMA, MSR_TSC_AUX
@@ -28,6 +28,7 @@ from ..memory.paging import Access, canonical
 from ..memory.tlb import Tlb
 from . import decode as D
 from .controls import GuestControls
+from .engine import TCG_BUFFER_SMALL, x86_64_engine
 from .cpustate import HF_CS64, R_FS, R_GS, CpuState
 from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults,
                        wrmsr_faults, xsetbv_faults)
@@ -61,7 +62,7 @@ class _TscClock:
     REANCHOR_NS = 500_000_000
 
     def __init__(self, gap_s: float = 0.01) -> None:
-        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc = x86_64_engine(TCG_BUFFER_SMALL)
         uc.mem_map(0, 0x2000, UC_PROT_ALL)
         uc.mem_write(0x1000, b"\x0f\x31")                      # rdtsc
         uc.emu_start(0x1000, 0x1002)                            # translated once
