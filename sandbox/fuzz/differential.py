@@ -1,9 +1,14 @@
 """Differential reference: the same case under Unicorn's bundled QEMU SVM.
 
 A second, independent Unicorn instance (CPU model EPYC) runs a tiny host
-stub: WRMSR EFER.SVME and VM_HSAVE_PA, a CR0 rewrite so QEMU refreshes its
-hflags, then VMRUN on a VMCB holding the case's intercept vectors and the
-same guest entry state (identity-mapped long mode, nested paging off).
+stub: WRMSR EFER.SVME and VM_HSAVE_PA, CR4.PAE on, a CR0 rewrite so QEMU
+refreshes its hflags, then VMRUN on a VMCB holding the case's intercept
+vectors and the same guest entry state (identity-mapped long mode, nested
+paging off).  The host's CR4.PAE matters: QEMU's VMRUN loads the guest's CR0
+before its CR4, and ``cpu_x86_update_cr0`` ignores a CR0 that turns paging on
+with EFER.LME set while CR4.PAE is clear -- Unicorn's host runs long mode
+without paging (CR0 = 11h, CR4 = 0), so without it the guest kept the host's
+CR0 and ran in protected mode without paging.
 QEMU then checks the intercepts itself; each #VMEXIT surfaces as
 ``UC_HOOK_INTR`` with ``intno = 0x100 + EXITCODE`` at the guest instruction,
 and QEMU leaves EXITINFO1 in ``env->error_code`` (``cpu_vmexit``).  QEMU's
@@ -122,6 +127,9 @@ def _stub(case: Case) -> bytes:
     mov eax, {HSAVE:#x}
     xor edx, edx
     wrmsr
+    mov rax, cr4
+    or eax, 0x20
+    mov cr4, rax
     mov rax, cr0
     mov cr0, rax
     jmp go

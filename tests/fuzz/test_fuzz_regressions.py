@@ -347,3 +347,20 @@ def test_the_shadow_paging_finding_replays_without_a_crash():
     out = Harness(paging="shadow").run(case)
     assert not out.crash, out.crash
     assert out.result is not None and out.result.reason != "error"
+
+
+def test_reference_guest_runs_with_the_vmcb_cr0():
+    """The differential reference's guest must run with the VMCB's CR0 (paging on,
+    long mode).  QEMU's VMRUN loads CR0 before CR4 and ignores a CR0 that turns
+    paging on under EFER.LME while CR4.PAE is clear; the reference host had
+    CR4.PAE clear, so its guests ran with the host's CR0 (11h).  Found as a
+    differential finding: SMSW ECX; WRMSR under MSR_PROT.  SMSW r32 stores
+    CR0[31:0] (APM vol. 3, SMSW); an MSR outside the MSRPM's ranges is always
+    intercepted under MSR_PROT (APM vol. 2 §15.11), with EXITINFO1 = 1 for WRMSR."""
+    from sandbox.fuzz.case import Case, VmcbConfig
+    from sandbox.fuzz.differential import QemuSvm
+    code = bytes.fromhex("0f01e1" "66baff65" "0f30" "0f01d9")      # smsw ecx; mov dx, 65ffh; wrmsr; vmmcall
+    case = Case(code=code, offset=0x1AE4, config=VmcbConfig(intercepts=[0, 0, 0, 1 << 28, 3, 0]))
+    q = QemuSvm().first_exit(case)
+    assert q is not None and q.ecx == 0x8001_0033                   # the CR0 the reference's VMCB holds
+    assert (q.exitcode, q.rip, q.exitinfo1) == (0x7C, case.entry + 7, 1)
