@@ -249,9 +249,9 @@ class Scanner:
         self._hooked_scan[gva] = (hpa, page)
         self.code_pages[gva] = (hpa, page)
         self.code_hpa.setdefault(hpa, set()).add(gva)
-        # drop stale decodes for this page
-        for a in [a for a in self.decoded if gva - D.MAX_INSN <= a < gva + PAGE_SIZE]:
-            del self.decoded[a]
+        # the page's cached decodes stay: each is checked against the 15 bytes at
+        # its address when used (on_candidate), so a fuzz case that rewrites the
+        # page decodes only the instructions that changed
 
     def watch(self, addr: int) -> None:
         """A one-shot interrupt-window check at ``addr`` (see :mod:`.interrupts`)."""
