@@ -102,11 +102,21 @@ def string_io(m: "Machine", info: int, port: int, size: int, count: int, amask: 
         done = count - left
         if done:
             if is_in:
-                regs.rdi = ptr
+                regs.rdi = address_register(regs.rdi, ptr, amask)
             else:
-                regs.rsi = ptr
+                regs.rsi = address_register(regs.rsi, ptr, amask)
             if rep:
-                regs.rcx = (regs.rcx - done) & amask
+                regs.rcx = address_register(regs.rcx, regs.rcx - done, amask)
+
+
+def address_register(old: int, new: int, amask: int) -> int:
+    """rSI/rDI/rCX after a string instruction of address size ``amask`` moved it
+    to ``new``: with 16-bit addressing only SI/DI/CX change (bits 16-63 stay);
+    a 32-bit result is written as a 32-bit register is (zero-extended in
+    64-bit mode, as QEMU does in every mode); a 64-bit one whole."""
+    if amask == 0xFFFF:
+        return (old & ~0xFFFF) | (new & 0xFFFF)
+    return new & amask
 
 
 class _Port:

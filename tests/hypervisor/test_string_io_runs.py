@@ -108,20 +108,25 @@ class ModelMachine:
 
 
 def reference(m: ModelMachine, dev, is_in: bool, rep: bool, size: int, count: int, amask: int, step: int) -> None:
-    """The instruction, element by element."""
+    """The instruction, element by element.  With 16-bit addressing it uses and
+    updates SI, DI and CX: the upper bits of RSI, RDI and RCX stay (APM vol. 3,
+    INS/OUTS and REP; "the address-size attribute determines ... rCX")."""
     regs, mask = m.regs, (1 << 8 * size) - 1
+
+    def upd(old: int, new: int) -> int:
+        return (old & ~0xFFFF) | (new & 0xFFFF) if amask == 0xFFFF else new & amask
     for _ in range(count):
         if is_in:
             v = dev.read(PORT, size) & mask if dev is not None else mask
             m.write_virt(regs.rdi & amask, v.to_bytes(size, "little"))
-            regs.rdi = (regs.rdi + step) & amask
+            regs.rdi = upd(regs.rdi, regs.rdi + step)
         else:
             v = int.from_bytes(m.read_virt(regs.rsi & amask, size), "little")
             if dev is not None:
                 dev.write(PORT, size, v)
-            regs.rsi = (regs.rsi + step) & amask
+            regs.rsi = upd(regs.rsi, regs.rsi + step)
         if rep:
-            regs.rcx = (regs.rcx - 1) & amask
+            regs.rcx = upd(regs.rcx, regs.rcx - 1)
 
 
 def _case(rng: random.Random) -> dict:
@@ -196,6 +201,15 @@ def test_page_runs_match_the_element_loop(i):
     # one device call per page run: a chunk of at most 4 KiB is at most two runs and an
     # element straddling them, and a faulting INS reads one more element
     assert runs.calls <= 4
+
+
+def test_16_bit_addressing_keeps_the_upper_bits():
+    """REP OUTSB with a 67h-less 16-bit address size: SI and CX move, bits 16-63 of
+    RSI and RCX stay; the wrap at 64 KiB stays inside SI."""
+    c = _edge(1, 16, 0xFFFE, 4, 1, set(), False)
+    fault, regs, _, _ = _run(c, ElementDevice(), _impl)
+    assert fault is None
+    assert regs["rsi"] == 0xABCD_0000_0000_0002 and regs["rcx"] == 0xABCD_0000_0000_0000
 
 
 def test_the_cases_cover_the_edges():
