@@ -41,11 +41,16 @@ Arc = tuple[str, str, int, int]
 _PREV, _ADD = "_sandbox_arc_prev", "_sandbox_arc_add"
 
 
+def _first_line(st: ast.stmt) -> int:
+    """Where a statement starts: its first decorator's line, if any (a function's co_firstlineno)."""
+    return min([st.lineno] + [d.lineno for d in getattr(st, "decorator_list", ())])
+
+
 class _Instrument(ast.NodeTransformer):
     """Puts ``add((prev, L)); prev = L`` before every statement of every function."""
 
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef):
-        first = min([node.lineno] + [d.lineno for d in node.decorator_list])    # co_firstlineno
+        first = _first_line(node)
         body = node.body
         doc = body[:1] if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
             and isinstance(body[0].value.value, str) else []
@@ -68,8 +73,7 @@ class _Instrument(ast.NodeTransformer):
     def _stmts(self, stmts: list[ast.stmt], loop: int | None) -> list[ast.stmt]:
         out: list[ast.stmt] = []
         for st in stmts:
-            line = min([st.lineno] + [d.lineno for d in getattr(st, "decorator_list", ())])
-            out += self._record(line)
+            out += self._record(_first_line(st))
             if isinstance(st, ast.Continue) and loop is not None:
                 out += self._record(loop)          # the jump back to the loop's header
             out.append(self._inner(st, loop))
@@ -106,17 +110,19 @@ def _codes(code: types.CodeType):
 
 class _Rebuilt:
     """The module-level functions of one handler file, rebuilt from its
-    instrumented source over a copy of the module's namespace."""
+    instrumented source over a copy of the module's namespace, and the
+    (from, to) line pairs they record."""
 
-    def __init__(self, module_globals: dict, fname: str, arcs: set) -> None:
+    def __init__(self, module_globals: dict, fname: str) -> None:
         with open(fname, encoding="utf-8") as f:
             tree = ast.parse(f.read(), fname)
         if any(isinstance(n, (ast.Global, ast.Nonlocal)) for n in ast.walk(tree)):
             raise ValueError("rebinds names outside its frames")      # a namespace copy would not see them
         tree = ast.fix_missing_locations(_Instrument().visit(tree))
         by_key = {(c.co_qualname, c.co_firstlineno): c for c in _codes(compile(tree, fname, "exec"))}
-        self.ns = ns = dict(module_globals)
-        ns[_ADD] = arcs.add
+        self.pairs: set[tuple[int, int]] = set()
+        ns = dict(module_globals)
+        ns[_ADD] = self.pairs.add
         self.funcs: dict[types.FunctionType, types.FunctionType] = {}
         for name, fn in module_globals.items():
             if not isinstance(fn, types.FunctionType) or fn.__code__.co_filename != fname or fn.__closure__:
@@ -140,9 +146,8 @@ class ArcTracer:
         self._files: set[str] = set()             # co_filename spellings seen to be handler files
         self._others: set[str] = set()            # ... and seen not to be (resolving a path costs ~50 us)
         self.arcs: set[Arc] = set()               # what the settrace fallback records
-        #: co_filename -> its rebuilt functions, and the (from, to) pairs they record
+        #: co_filename -> its rebuilt functions (None: the file cannot be rebuilt)
         self._rebuilt: dict[str, _Rebuilt | None] = {}
-        self._pairs: dict[str, set[tuple[int, int]]] = {}
         for code, fn in list(m.handlers.items()):
             m.handlers[code] = self._instrumented(fn) or self._wrap(fn)
 
@@ -154,10 +159,8 @@ class ArcTracer:
         if not self._is_handler_file(fname):
             return None
         if fname not in self._rebuilt:
-            pairs: set[tuple[int, int]] = set()
             try:
-                self._rebuilt[fname] = _Rebuilt(fn.__globals__, fname, pairs)
-                self._pairs[fname] = pairs
+                self._rebuilt[fname] = _Rebuilt(fn.__globals__, fname)
             except (OSError, SyntaxError, ValueError):
                 self._rebuilt[fname] = None
         r = self._rebuilt[fname]
@@ -210,10 +213,10 @@ class ArcTracer:
         """The arcs of the case just run."""
         out = set(self.arcs)
         self.arcs.clear()
-        for fname, pairs in self._pairs.items():
-            if pairs:
-                out.update(("arc", fname, a, b) for a, b in pairs)
-                pairs.clear()
+        for fname, r in self._rebuilt.items():
+            if r is not None and r.pairs:
+                out.update(("arc", fname, a, b) for a, b in r.pairs)
+                r.pairs.clear()
         return frozenset(out)
 
 
