@@ -130,6 +130,10 @@ class TbInvalidator:
         for p in pages:
             fn(h, p, p + 0x1000)
 
+    def span(self, start: int, end: int) -> None:
+        """Drop every translated block that has a byte in host-physical [start, end)."""
+        self._fn(self._h, start, end)
+
 
 def add_raw_insn_hook(uc: Uc, fn: Callable[[], int], insn: int) -> object:
     """A UC_HOOK_INSN for RDTSC/RDTSCP, which the binding does not wrap

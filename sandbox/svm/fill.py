@@ -101,6 +101,10 @@ class TlbFill:
         #: QEMU double it (it resizes only at a flush)
         self.soft_tlb_size = SOFT_TLB_INITIAL
         self.soft_fills = 0
+        #: no fill reached Unicorn since the soft TLB was last flushed: it is empty, and so
+        #: is QEMU's jump cache (an entry there comes from a block lookup, which resolves
+        #: the block's page through the TLB: a fill), so another flush would change nothing
+        self._soft_empty = False
         self._grow_at = SOFT_TLB_INITIAL * SOFT_TLB_GROW_PERCENT // 100 + 1
 
     def connect(self, scanner: "Scanner", smc: "SmcStepper", fail: Callable[[str, BaseException | None], None]) -> None:
@@ -116,8 +120,11 @@ class TlbFill:
         """Unicorn's UC_HOOK_TLB_FILL callback, called from C (see
         :func:`~sandbox.svm.engine.add_raw_tlb_fill_hook`): ``entry`` points to the entry to fill."""
         try:
-            return self.fill(vaddr, access, entry[0])
+            ok = self.fill(vaddr, access, entry[0])
+            self._soft_empty = False         # after the fill: it may flush before it fills the entry
+            return ok
         except BaseException as e:           # never let an exception unwind through C
+            self._soft_empty = False
             self._fail(f"internal error in the TLB fill for {vaddr:#x}: {type(e).__name__}: {e}", e)
             return False
 
@@ -328,8 +335,13 @@ class TlbFill:
 
         QEMU resizes it at every flush: it doubles when the fills since the
         last flush filled more than 70% of it, so a guest whose working set
-        outgrows it does not refill through Python on every access."""
+        outgrows it does not refill through Python on every access.  A flush
+        with no fill since the last one is skipped (a VMRUN right after a
+        reset of the translation caches asks for one, for instance)."""
+        if self._soft_empty:
+            return
         flush_soft_tlb(self._uc)
+        self._soft_empty = True
         self.fetch_map.clear()
         if self.soft_fills > self._grow_at and self.soft_tlb_size < SOFT_TLB_MAX:
             self.soft_tlb_size *= 2

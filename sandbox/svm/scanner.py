@@ -65,9 +65,6 @@ _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in t
 #: its start rather than filled page after page) it flushes every block
 _TB_PAGES_MAX = 64
 _FLUSH_EVERY = 32
-#: the unit in which two versions of a page are compared for changed runs
-_CHUNK = 128
-assert PAGE_SIZE % _CHUNK == 0
 
 
 def straddling(page: bytes) -> list[int]:
@@ -366,35 +363,22 @@ class Scanner:
             self._drop_decodes()
 
     def _changed_hits(self, old: bytes, page: bytes) -> tuple[int, int, list[int]]:
-        """``(lo, hi, hits)``: the byte range [lo, hi) where ``page`` differs
-        from ``old`` (they differ), and the candidates of ``page`` that a scan
-        of ``old`` may lack.  An instruction that uses a changed byte begins
-        at most ``MAX_INSN - 1`` bytes before it: only offsets from ``MAX_INSN``
-        before a run of changed bytes to its end are scanned, with the bytes
-        after it that their opcodes may reach (runs found by comparing
-        :data:`_CHUNK`-byte slices, cheaper than locating each changed byte)."""
-        hits: list[int] = []
-        one, two, lo, hi = self._one, self._two, PAGE_SIZE, 0
-        # each run of changed chunks (a fuzz case's code and the previous case's,
-        # restored, are two runs), narrowed to its first and last changed byte
-        runs, a = [], -1
-        for c in range(0, PAGE_SIZE, _CHUNK):
-            if old[c:c + _CHUNK] != page[c:c + _CHUNK]:
-                if a < 0:
-                    a = c
-            elif a >= 0:
-                runs.append((a, c))
-                a = -1
-        if a >= 0:
-            runs.append((a, PAGE_SIZE))
-        for a, b in runs:
-            x = int.from_bytes(old[a:a + _CHUNK], "little") ^ int.from_bytes(page[a:a + _CHUNK], "little")
-            a += ((x & -x).bit_length() - 1) >> 3
-            x = int.from_bytes(old[b - _CHUNK:b], "little") ^ int.from_bytes(page[b - _CHUNK:b], "little")
-            b += ((x.bit_length() + 7) >> 3) - _CHUNK
-            ws = max(0, a - D.MAX_INSN)
-            hits += [ws + o for o in D.scan(page[ws:b + D.MAX_INSN + 1], b - ws, one, two)]
-            lo, hi = min(lo, a), b
+        """``(lo, hi, hits)``: the byte range [lo, hi) from the first to the last
+        byte where ``page`` differs from ``old`` (they differ), and the
+        candidates of ``page`` that a scan of ``old`` may lack.  An instruction
+        that uses a changed byte begins at most ``MAX_INSN - 1`` bytes before
+        it: only offsets from ``MAX_INSN`` before ``lo`` to ``hi`` are scanned,
+        with the bytes after it that their opcodes may reach.  The two ends come
+        from one XOR of the pages as integers (C, no Python loop over the page);
+        between two changed runs (a fuzz case's code and the previous case's,
+        restored) the unchanged bytes are scanned too, which finds only
+        candidates already hooked, and costs little: the scan's work is per
+        opcode byte, and the bytes between are mostly zeros."""
+        x = int.from_bytes(old, "little") ^ int.from_bytes(page, "little")
+        lo = ((x & -x).bit_length() - 1) >> 3
+        hi = (x.bit_length() + 7) >> 3
+        ws = max(0, lo - D.MAX_INSN)
+        hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
         if hi > PAGE_SIZE - D.MAX_INSN:
             hits += straddling(page)
         return lo, hi, hits

@@ -31,6 +31,7 @@ from unicorn import x86_const as X
 from . import decode as D
 from ..memory.hostmem import PAGE_SIZE
 from .cpustate import CpuState
+from .engine import TbInvalidator
 from .events import Vec
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class SmcStepper:
 
     def __init__(self, uc: Uc, st: CpuState) -> None:
         self._uc, self._st = uc, st
+        self._tb_inv = TbInvalidator(uc)
         #: code pages (hpa) the single-stepped store may write
         self.open: set[int] = set()
         #: (guest RFLAGS.TF, DR6, RIP) while a store is stepped, else None
@@ -225,9 +227,14 @@ class SmcStepper:
 
     def invalidate_code(self, start: int, end: int) -> None:
         """Drop Unicorn's translated blocks holding host bytes [start, end) (one
-        page).  Unicorn invalidates by virtual address and resolves it with a
-        fetch through the TLB: the probe address is non-canonical, so no guest
-        access can share its entry, and the fill answers it with the host page."""
+        page): by host-physical range where libunicorn exports QEMU's
+        ``tb_invalidate_phys_range`` (:class:`~.engine.TbInvalidator`).  Otherwise
+        through ``ctl_remove_cache``, which takes a virtual address and resolves
+        it with a fetch through the TLB: the probe address is non-canonical, so no
+        guest access can share its entry, and the fill answers it with the host page."""
+        if self._tb_inv.available:
+            self._tb_inv.span(start, end)
+            return
         page = start & ~0xFFF
 
         def probe_fill(vaddr: int, access: int, entry) -> bool:
