@@ -32,6 +32,7 @@ from .decode import MAX_INSN
 from .engine import flush_soft_tlb
 from .extension import NO_EXTENSION, ProcessorExtension
 from .smc import CodeStore
+from .soft_tlb import page_flusher
 
 if TYPE_CHECKING:
     from .scanner import Scanner
@@ -44,6 +45,9 @@ SOFT_TLB_MAX = 1 << 22
 #: QEMU doubles the soft TLB at a flush when more than 70% of it was used
 #: (tlb_mmu_resize_locked); a little margin over that for the count's slack
 SOFT_TLB_GROW_PERCENT = 72
+
+#: code pages' entries flushed one by one (:meth:`TlbFill.revoke_code_writes`); more: all of them
+_PAGE_FLUSHES_MAX = 8
 
 #: guest contexts whose walkers are kept (all are dropped when one more comes)
 WALKERS_KEPT = 4
@@ -94,6 +98,11 @@ class TlbFill:
         self._observers: list[FillObserver] = []
         #: hpa pages Unicorn's soft TLB may hold writable (emptied with it)
         self.wgrant: set[int] = set()
+        #: GVA pages whose soft-TLB entry was made writable on a code page opened to a
+        #: stepped store (:mod:`.smc`): what :meth:`revoke_code_writes` takes back
+        self.code_writes: set[int] = set()
+        #: ``flush(gva)`` of one soft-TLB page, or None (:mod:`.soft_tlb`)
+        self._flush_page = page_flusher(uc)
         #: the fill in use: :meth:`_fill`, or the observed one once an observer is registered
         self.fill = self._fill
         #: what Unicorn's soft TLB has grown to (an estimate), and the fills
@@ -192,6 +201,8 @@ class TlbFill:
                     return False
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
+                if is_code:
+                    self.code_writes.add(gva)
             elif e[WRITABLE] and e[DIRTY] and not is_code:
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
@@ -349,4 +360,21 @@ class TlbFill:
                              if self.soft_tlb_size < SOFT_TLB_MAX else 1 << 62)
         self.soft_fills = 0
         self.wgrant.clear()
+        self.code_writes.clear()
+
+    def revoke_code_writes(self) -> None:
+        """Take back the write permission the soft TLB was given on code pages
+        opened to a stepped store (:mod:`.smc`): those pages' entries alone
+        where QEMU's per-page flush is at hand (:mod:`.soft_tlb`) -- the guest's
+        other pages stay filled -- else the whole soft TLB."""
+        gvas = self.code_writes
+        if not gvas:
+            return
+        if self._flush_page is None or len(gvas) > _PAGE_FLUSHES_MAX:
+            self.flush_soft_tlb()
+            return
+        for g in gvas:
+            self._flush_page(g)
+            self.fetch_map.pop(g, None)
+        gvas.clear()
 

@@ -13,8 +13,9 @@ pending fault) and the store is single-stepped:
   opened for writing and RFLAGS.TF set, so Unicorn translates the storing
   instruction as a one-instruction block and traps after it;
 - :meth:`SmcStepper.end` (the trap, an exit, an event delivered, a fault, or
-  the end of the run): the guest's TF back, the soft TLB flushed (W revoked),
-  and each opened page rescanned where its bytes changed, with the stale
+  the end of the run): the guest's TF back, W revoked (the soft-TLB entries
+  the store was granted dropped, :meth:`TlbFill.revoke_code_writes`), and
+  each opened page rescanned where its bytes changed, with the stale
   translated blocks dropped (:meth:`SmcStepper.code_changed`).
 
 The processor's own stores into guest memory (event frames, a virtual
@@ -106,7 +107,8 @@ class SmcStepper:
 
     def end(self, trapped: bool = False) -> None:
         """The stepped store completed or faulted: guest TF back, the writable
-        soft-TLB entries gone, and each page it may have written re-examined.
+        soft-TLB entries of the opened pages gone, and each page it may have
+        written re-examined.
         ``trapped``: ended by the model's own trap after the instruction (a
         store to a hot page keeps the stepping going, see :meth:`trap`)."""
         guest_tf = self.step[0]
@@ -120,7 +122,7 @@ class SmcStepper:
         if not opened:
             return                          # a step past a store that stored nowhere: nothing to revoke
         self.open.clear()                   # in place: the fill holds this set
-        self._fill.flush_soft_tlb()
+        self._fill.revoke_code_writes()
         for hpa in opened:
             self.code_changed(hpa)
             n = self.stores.get(hpa, 0) + 1
