@@ -37,7 +37,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from unicorn import UC_PROT_WRITE
+from unicorn import UC_PROT_WRITE, UcError
 from unicorn import x86_const as X
 
 from ..hypervisor.machine import PAGING_MODES, Machine, RunResult
@@ -83,6 +83,11 @@ _memcmp = _libc.memcmp
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _memcmp.restype = ctypes.c_int
 _memmove = ctypes.memmove
+# the per-page calls of every case: no argument conversion (the pointers are prepared
+# once per page, the size is a c_size_t), the GIL kept (they copy or compare 4 KiB)
+_page_memcmp = ctypes.PYFUNCTYPE(ctypes.c_int)(ctypes.cast(_libc.memcmp, ctypes.c_void_p).value)
+_page_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p)(ctypes.cast(_libc.memmove, ctypes.c_void_p).value)
+_PAGE_BYTES = ctypes.c_size_t(PAGE_SIZE)
 
 
 @dataclass
@@ -189,6 +194,9 @@ class Harness:
         self._tlb_good = False
         cpu.add_write_observer(self._written.add)
         self._ctx = self.uc.context_save()
+        self._restore_ctx = cpu.st.context_restorer(self._ctx)
+        #: (msr, write) -> its MSRPM bit or None (msrpm_bit, remembered)
+        self._msr_bits: dict[tuple[int, bool], int | None] = {}
         self._msrs = dict(m.msrs)
         self._cur_exits: list = []
         self._cur_handlers: list[str] = []
@@ -262,7 +270,9 @@ class Harness:
                 memctl.invalidate(p)
         cfg = case.config
         v = self.vmcb_hpa
-        _I6.pack_into(mm, v + OFF_INTERCEPTS, *(a | b for a, b in zip(cfg.intercepts, self._required)))
+        req = self._required
+        _I6.pack_into(mm, v + OFF_INTERCEPTS, *(cfg.intercepts if not any(req) else
+                                                (a | b for a, b in zip(cfg.intercepts, req))))
         g = m.guest
         io = g.iopm.hpa
         configured = set()                    # the IOPM/MSRPM pages this case's configuration writes
@@ -271,10 +281,17 @@ class Harness:
             mm[a] |= 1 << (p & 7)
             configured.add(a & ~0xFFF)
         ms = g.msrpm.hpa
+        bits = self._msr_bits
         for msr, r, w in cfg.msrpm:
             for on, wr in ((r, False), (w, True)):
-                bit = msrpm_bit(msr, wr)
-                if on and bit is not None:
+                if not on:
+                    continue
+                bit = bits.get((msr, wr), -1)
+                if bit == -1:
+                    if len(bits) >= 4096:           # hand-edited cases may name any MSR
+                        bits.clear()
+                    bit = bits[msr, wr] = msrpm_bit(msr, wr)
+                if bit is not None:
                     a = ms + (bit >> 3)
                     mm[a] |= 1 << (bit & 7)
                     configured.add(a & ~0xFFF)
@@ -466,7 +483,9 @@ class Harness:
             memctl = self.m.sev.memctl
             for p in memctl.cached_pages():        # plaintext of the case's pages: decrypted anew
                 memctl.invalidate(p)
-        self.uc.context_restore(self._ctx)
+        err = self._restore_ctx()
+        if err:
+            raise UcError(err)
         self.cpu.st.dirty = False
         return len(dirty), bad
 
@@ -525,6 +544,8 @@ class _Snapshot:
             nz.append(nz[-1] + (ctypes.string_at(self._copy + p, PAGE_SIZE).count(0) != PAGE_SIZE))
         #: non-zero pages of the copy below page i: ``nonzero_below[i]``
         self._nonzero_below = nz
+        #: page -> its prepared pointer arguments (:meth:`_args`)
+        self._page_args: dict[int, tuple[object, object]] = {}
 
     def changed(self, ranges: list[tuple[int, int]]) -> list[int]:
         """The pages within ``ranges`` (page-aligned [lo, hi) pairs) that differ from the copy."""
@@ -538,13 +559,27 @@ class _Snapshot:
                     out += [p for p in range(c, c + n, PAGE_SIZE) if _memcmp(live + p, copy + p, PAGE_SIZE)]
         return out
 
+    def _args(self, page: int) -> tuple[object, object]:
+        """The prepared pointer arguments of ``page`` in DRAM and in the copy."""
+        a = self._page_args.get(page)
+        if a is None:
+            a = self._page_args[page] = (ctypes.byref(ctypes.c_char.from_address(self._live + page)),
+                                         ctypes.byref(ctypes.c_char.from_address(self._copy + page)))
+        return a
+
     def changed_pages(self, pages) -> list[int]:
         """Those of ``pages`` (page addresses) that differ from the copy, in order."""
-        live, copy = self._live, self._copy
-        return [p for p in sorted(pages) if _memcmp(live + p, copy + p, PAGE_SIZE)]
+        args, cmp, n = self._page_args, _page_memcmp, _PAGE_BYTES
+        out = []
+        for p in sorted(pages):
+            a = args.get(p) or self._args(p)
+            if cmp(a[0], a[1], n):
+                out.append(p)
+        return out
 
     def put_back(self, page: int) -> None:
-        _memmove(self._live + page, self._copy + page, PAGE_SIZE)
+        a = self._page_args.get(page) or self._args(page)
+        _page_memmove(a[0], a[1], _PAGE_BYTES)
 
 
 class _Watchdog:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import unicorn
 from unicorn import UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc, UcError
 from unicorn import x86_const as X
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_py3.unicorn import UcContext
 
 from .engine import TCG_BUFFER_SMALL, RegReader, in_hook_fn, x86_64_engine
 
@@ -116,13 +116,13 @@ class CpuState:
         self._save = in_hook_fn("uc_context_save")
         self._restore = in_hook_fn("uc_context_restore")
         self._read = RegReader(uc).read        # uc_reg_read into a buffer zeroed first (narrow registers)
-        self._rw = uclib.uc_reg_write
         self.dirty = False         # snapshot holds writes not yet stored
         self._val = ctypes.c_uint64()
         self._pval = ctypes.byref(self._val)
         # hot-path transfers that run no Python frame (the caller keeps ``dirty`` right), their
         # pointer arguments prepared once (see _pointer_arg):
         h, cp = _pointer_arg(self._h.value), _pointer_arg(addr)
+        self._h_arg = h
         self._write_reg = in_hook_fn("uc_reg_write")
         #: ``save_raw()``: uc_context_save into :attr:`data` (:meth:`load` without the dirty check)
         self.save_raw: Callable[[], int] = partial(self._save, h, cp)
@@ -133,6 +133,15 @@ class CpuState:
         self.rip_cell = ctypes.c_uint64()
         self.write_rip_raw: Callable[[], int] = partial(self._write_reg, h, X.UC_X86_REG_RIP,
                                                         ctypes.byref(self.rip_cell))
+
+    def context_restorer(self, ctx: UcContext) -> Callable[[], int]:
+        """``fn()``: ``uc_context_restore`` of the binding context ``ctx`` (one
+        :meth:`Uc.context_save` took) into this CPU -- the binding's
+        ``context_restore`` without its argument conversion.  Returns
+        Unicorn's error code; the caller clears :attr:`dirty` (the snapshot
+        no longer matches the CPU: :meth:`load` first)."""
+        at = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        return partial(self._restore, _pointer_arg(self._h.value), _pointer_arg(at))
 
     def rip_writer(self, address: int) -> Callable[[], int]:
         """``fn()``: uc_reg_write of RIP from the qword at process address ``address``
@@ -161,7 +170,7 @@ class CpuState:
         if self.dirty:
             self.store()
         self._val.value = value & 0xFFFFFFFFFFFFFFFF
-        err = self._rw(self._h, reg, self._pval)
+        err = self._write_reg(self._h_arg, reg, self._pval)     # no argument conversion, GIL kept
         if err:
             raise UcError(err)
 
