@@ -525,10 +525,12 @@ class Auditor:
         return self._hook.placed
 
     def begin(self) -> None:
-        """Audit the next case: called after the harness's per-case reset, so no
-        block translated while the hook was off is left (and :meth:`RawCodeHook.on`
-        drops every block when it switches the hook on)."""
-        self._hook.on()
+        """Audit the next case: called after the harness's per-case reset, which
+        dropped every translated block (each lies on a page fetched since the
+        last drop, and those pages' blocks went: SvmCpu.reset_translation_caches),
+        so every block from now on is translated with the hook on -- without the
+        full flush :meth:`RawCodeHook.on` would otherwise repeat."""
+        self._hook.on(drop_blocks=False)
         self.findings, self.pending, self.steps, self.enabled = [], None, 0, True
         self._pages_key = None
 

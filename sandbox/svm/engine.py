@@ -264,7 +264,10 @@ class RawCodeHook:
         runs ahead of every :class:`CodeHooks` hook placed since it was added."""
         return self._on or self._range is not None
 
-    def on(self) -> None:
+    def on(self, drop_blocks: bool = True) -> None:
+        """Switch the hook on, dropping every translated block (translated
+        without the hook, they would not call it).  ``drop_blocks=False``: the
+        caller has just dropped them all itself."""
         if self._on:
             return
         if self._range is not None:
@@ -281,7 +284,8 @@ class RawCodeHook:
             if _HOOK_RANGE_AT is not None:
                 self._range = _RANGE.from_address(hh.value + _HOOK_RANGE_AT)
         self._on = True
-        self._uc.ctl_flush_tb()
+        if drop_blocks:
+            self._uc.ctl_flush_tb()
 
     def off(self) -> None:
         if not self._on:
