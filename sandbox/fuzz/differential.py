@@ -52,7 +52,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from ..svm.cpustate import CpuState
-from ..svm.engine import x86_64_engine
+from ..svm.engine import TbInvalidator, x86_64_engine
 from ..svm.exitcodes import EXCP_END, EXCP_FIRST, ExitCode, is_excp
 from ..svm.msrpm import msrpm_bit
 from ..svm.vmcb import (OFF_CPL, OFF_CR4, OFF_EFER, OFF_GUEST_ASID, OFF_INTERCEPTS, OFF_IOPM_BASE_PA, OFF_RAX,
@@ -169,9 +169,10 @@ class QemuSvm:
 
     One Unicorn serves every case: after each, the 64 KiB chunks of its memory
     that differ from the pristine image are copied back, the CPU context saved
-    before the first case is restored, and the translated blocks and soft TLB
-    are dropped, so each case starts from the same machine (as a new Unicorn
-    would, at a fraction of the cost)."""
+    before the first case is restored, and the blocks translated from those
+    chunks and the soft TLB are dropped, so each case starts from the same
+    machine (as a new Unicorn would, at a fraction of the cost); the blocks of
+    unchanged memory (the host stub's) are kept."""
 
     CHUNK = 1 << 16
 
@@ -196,6 +197,8 @@ class QemuSvm:
         ctypes.memmove(self._paddr, self._addr, MEM)
         self._ctx = uc.context_save()
         self._st = CpuState(uc)
+        # memory is one RAM block at 0: a guest-physical range is its RAM range
+        self._tb_inv = TbInvalidator(uc)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
 
     def _on_intr(self, uc: Uc, intno: int, ud) -> None:
@@ -213,11 +216,15 @@ class QemuSvm:
             self._build()
             return self.uc
         uc, live, clean, n = self.uc, self._addr, self._paddr, self.CHUNK
+        inv = self._tb_inv
         for at in range(0, MEM, n):
             if _memcmp(live + at, clean + at, n):
                 ctypes.memmove(live + at, clean + at, n)
+                if inv.available:
+                    inv.span(at, at + n)      # the blocks translated from what the case left there
         uc.context_restore(self._ctx)
-        uc.ctl_flush_tb()
+        if not inv.available:
+            uc.ctl_flush_tb()
         uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         return uc
 
