@@ -38,8 +38,8 @@ import traceback
 from dataclasses import dataclass, field
 
 from unicorn import UC_PROT_WRITE, UcError
-from unicorn import x86_const as X
 
+from ..arch import M64
 from ..hypervisor.machine import PAGING_MODES, Machine, RunResult
 from ..hypervisor.sev_launch import launch_sev
 from ..hypervisor.image import GDT_BASE
@@ -55,7 +55,8 @@ from .case import CODE_BASE, GPRS, Case
 
 _I6 = struct.Struct("<6I")
 _Q = struct.Struct("<Q")
-_GPR_IDS = {n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in GPRS}
+#: a case's GPRs set through the processor's state copy (RAX and RSP go in the VMCB)
+_GPR_INDEX = {n: i for i, n in enumerate(GPRS) if n not in ("rax", "rsp")}
 
 #: instruction budget per case: enough for a 64-instruction stream with its handler round trips
 DEFAULT_MAX_INSNS = 1024
@@ -301,10 +302,17 @@ class Harness:
         regs = case.regs
         _Q.pack_into(mm, v + OFF_RIP, entry)
         _Q.pack_into(mm, v + OFF_RAX, regs.get("rax", 0))
+        # the other GPRs into the processor's state copy (GPR i in QEMU order is q[i]),
+        # stored with the rest of the context at VMRUN (a dirty copy is stored before
+        # anything reads the processor)
         st = cpu.st
+        st.load()
+        q = st.q
         for n, val in regs.items():
-            if n not in ("rax", "rsp"):
-                st.reg_write(_GPR_IDS[n], val)        # through C, no binding conversion
+            i = _GPR_INDEX.get(n)
+            if i is not None:
+                q[i] = val & M64
+        st.dirty = True
         # stale translations of the previous case's code: the code window and
         # anything else the guest ran may have changed under Unicorn
         cpu.reset_translation_caches()
