@@ -45,6 +45,7 @@ from ..hypervisor.sev_launch import launch_sev
 from ..hypervisor.image import GDT_BASE
 from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.paging import ADDR_MASK, PTE
+from ..svm.engine import pointer_arg
 from ..svm.exitcodes import ExitCode
 from ..svm.msrpm import msrpm_bit
 from ..svm.stop import StopReason
@@ -84,8 +85,8 @@ _memcmp = _libc.memcmp
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _memcmp.restype = ctypes.c_int
 _memmove = ctypes.memmove
-# the per-page calls of every case: no argument conversion (the pointers are prepared
-# once per page, the size is a c_size_t), the GIL kept (they copy or compare 4 KiB)
+# the per-page calls of every case: no argument conversion (the pointers prepared once
+# per page with engine.pointer_arg, the size a c_size_t), the GIL kept (they copy or compare 4 KiB)
 _page_memcmp = ctypes.PYFUNCTYPE(ctypes.c_int)(ctypes.cast(_libc.memcmp, ctypes.c_void_p).value)
 _page_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p)(ctypes.cast(_libc.memmove, ctypes.c_void_p).value)
 _PAGE_BYTES = ctypes.c_size_t(PAGE_SIZE)
@@ -571,8 +572,7 @@ class _Snapshot:
         """The prepared pointer arguments of ``page`` in DRAM and in the copy."""
         a = self._page_args.get(page)
         if a is None:
-            a = self._page_args[page] = (ctypes.byref(ctypes.c_char.from_address(self._live + page)),
-                                         ctypes.byref(ctypes.c_char.from_address(self._copy + page)))
+            a = self._page_args[page] = (pointer_arg(self._live + page), pointer_arg(self._copy + page))
         return a
 
     def changed_pages(self, pages) -> list[int]:

@@ -29,7 +29,7 @@ from unicorn import UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_PROT_ALL, UC_TLB_VIRTUAL,
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import UcContext
 
-from .engine import TCG_BUFFER_SMALL, RegReader, in_hook_fn, x86_64_engine
+from .engine import TCG_BUFFER_SMALL, RegReader, in_hook_fn, pointer_arg, x86_64_engine
 
 # -- QEMU CPUX86State layout (x86_64 target) ---------------------------------
 OFF_REGS = 0
@@ -85,15 +85,6 @@ def attrib_to_flags(attrib: int) -> int:
     return ((attrib & 0xFF) << 8) | ((attrib & 0xF00) << 12)
 
 
-def _pointer_arg(address: int) -> object:
-    """A prepared C pointer argument with the value ``address``, for the foreign
-    functions of :func:`~sandbox.svm.engine.in_hook_fn`: a ``byref`` of a ctypes
-    object placed at that address (nothing is read there).  ctypes passes such an
-    argument as it is, where a ``c_void_p`` costs a search of its format table on
-    every call."""
-    return ctypes.byref(ctypes.c_char.from_address(address))
-
-
 class CpuState:
     """Raw view of one Unicorn x86-64 CPU's state.
 
@@ -120,8 +111,8 @@ class CpuState:
         self._val = ctypes.c_uint64()
         self._pval = ctypes.byref(self._val)
         # hot-path transfers that run no Python frame (the caller keeps ``dirty`` right), their
-        # pointer arguments prepared once (see _pointer_arg):
-        h, cp = _pointer_arg(self._h.value), _pointer_arg(addr)
+        # pointer arguments prepared once (see pointer_arg):
+        h, cp = pointer_arg(self._h.value), pointer_arg(addr)
         self._h_arg = h
         self._write_reg = in_hook_fn("uc_reg_write")
         #: ``save_raw()``: uc_context_save into :attr:`data` (:meth:`load` without the dirty check)
@@ -141,13 +132,13 @@ class CpuState:
         Unicorn's error code; the caller clears :attr:`dirty` (the snapshot
         no longer matches the CPU: :meth:`load` first)."""
         at = ctypes.cast(ctx.context, ctypes.c_void_p).value
-        return partial(self._restore, _pointer_arg(self._h.value), _pointer_arg(at))
+        return partial(self._restore, pointer_arg(self._h.value), pointer_arg(at))
 
     def rip_writer(self, address: int) -> Callable[[], int]:
         """``fn()``: uc_reg_write of RIP from the qword at process address ``address``
         (e.g. a VMCB's RIP field in DRAM) -- :attr:`write_rip_raw` without the copy
         into :attr:`rip_cell`.  Returns Unicorn's error code."""
-        return partial(self._write_reg, _pointer_arg(self._h.value), X.UC_X86_REG_RIP, _pointer_arg(address))
+        return partial(self._write_reg, pointer_arg(self._h.value), X.UC_X86_REG_RIP, pointer_arg(address))
 
     # -- whole-context transfer ------------------------------------------------
     def load(self) -> "CpuState":

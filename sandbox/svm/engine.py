@@ -98,6 +98,15 @@ def flush_soft_tlb(uc: Uc) -> None:
         raise UcError(err)
 
 
+def pointer_arg(address: int) -> object:
+    """A prepared C pointer argument with the value ``address``, for the foreign
+    functions of :func:`in_hook_fn`: a ``byref`` of a ctypes
+    object placed at that address (nothing is read there).  ctypes passes such an
+    argument as it is, where a ``c_void_p`` costs a search of its format table on
+    every call."""
+    return ctypes.byref(ctypes.c_char.from_address(address))
+
+
 class TbInvalidator:
     """Drops Unicorn's translated blocks on given host-physical pages, with no
     virtual-to-physical translation.
