@@ -31,8 +31,9 @@ _FLUSH_ALL = "tcg_flush_softmmu_tlb_x86_64"     # void (struct uc_struct *uc): t
 _FLUSH_PAGE = "tlb_flush_page_x86_64"           # void (CPUState *cpu, target_ulong addr)
 _LOAD_CPU = re.compile(r"rdi, qword ptr \[rdi \+ (0x[0-9a-f]+)\]$")
 
-#: the self-test's verdict, once taken (None: not yet)
-_checked: bool | None = None
+#: ``offsetof(struct uc_struct, cpu)`` once the self-test has passed (None: not yet taken;
+#: -1: this libunicorn cannot flush one page as checked)
+_cpu_at: int | None = None
 
 
 def _cpu_offset() -> int | None:
@@ -48,10 +49,9 @@ def _cpu_offset() -> int | None:
     return int(m.group(1), 16) if m else None
 
 
-def _raw_flusher(uc: Uc) -> Callable[[int], None] | None:
-    off = _cpu_offset()
+def _raw_flusher(uc: Uc, off: int) -> Callable[[int], None] | None:
     fn = getattr(uclib, _FLUSH_PAGE, None)
-    if off is None or fn is None:
+    if fn is None:
         return None
     cpu = ctypes.c_uint64.from_address(raw_handle(uc).value + off).value
     if not cpu:
@@ -62,11 +62,11 @@ def _raw_flusher(uc: Uc) -> Callable[[int], None] | None:
     return lambda gva: flush(ptr, gva)
 
 
-def _self_test() -> bool:
+def _self_test() -> int | None:
     """On a scratch engine with a virtual TLB: code reading two data pages
     runs three times; between the second and the third run the first data
     page is flushed.  The fills must be: all three pages, then none, then
-    that page alone."""
+    that page alone.  Returns the CPU's offset in ``uc_struct`` when they are."""
     uc = x86_64_engine(TCG_BUFFER_SMALL)
     uc.mem_map(0, 0x3000)
     uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -81,9 +81,10 @@ def _self_test() -> bool:
     keep = add_raw_tlb_fill_hook(uc, fill)
     code = bytes.fromhex("488b042500100000" "488b1c2500200000")     # mov rax, [0x1000]; mov rbx, [0x2000]
     uc.mem_write(0, code)
-    flush = _raw_flusher(uc)
+    off = _cpu_offset()
+    flush = _raw_flusher(uc, off) if off is not None else None
     if flush is None:
-        return False
+        return None
     runs = []
     for i in range(3):
         if i == 2:
@@ -92,17 +93,18 @@ def _self_test() -> bool:
         uc.emu_start(0, len(code))
         runs.append(sorted(fills[n:]))
     del keep
-    return runs == [[0, 0x1000, 0x2000], [], [0x1000]]
+    return off if runs == [[0, 0x1000, 0x2000], [], [0x1000]] else None
 
 
 def page_flusher(uc: Uc) -> Callable[[int], None] | None:
     """``flush(gva)``: drop the soft-TLB entries of the page at ``gva`` on
     ``uc`` (which must have its CPU, i.e. memory mapped); None where this
     libunicorn cannot do it as checked."""
-    global _checked
-    if _checked is None:
+    global _cpu_at
+    if _cpu_at is None:
         try:
-            _checked = _self_test()
+            off = _self_test()
         except Exception:
-            _checked = False
-    return _raw_flusher(uc) if _checked else None
+            off = None
+        _cpu_at = -1 if off is None else off
+    return _raw_flusher(uc, _cpu_at) if _cpu_at >= 0 else None
