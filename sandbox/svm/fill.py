@@ -129,13 +129,12 @@ class TlbFill:
         """Unicorn's UC_HOOK_TLB_FILL callback, called from C (see
         :func:`~sandbox.svm.engine.add_raw_tlb_fill_hook`): ``entry`` points to the entry to fill."""
         try:
-            ok = self.fill(vaddr, access, entry[0])
-            self._soft_empty = False         # after the fill: it may flush before it fills the entry
-            return ok
+            return self.fill(vaddr, access, entry[0])
         except BaseException as e:           # never let an exception unwind through C
-            self._soft_empty = False
             self._fail(f"internal error in the TLB fill for {vaddr:#x}: {type(e).__name__}: {e}", e)
             return False
+        finally:
+            self._soft_empty = False         # after the fill: it may flush before it fills the entry
 
     def _fill(self, vaddr: int, access: int, entry) -> bool:
         """One miss in Unicorn's soft TLB: answered by the ASID-tagged TLB
