@@ -67,6 +67,36 @@ _TB_PAGES_MAX = 64
 _FLUSH_EVERY = 32
 
 
+#: :func:`changed_span` halves the range until it is this short, then XORs it
+_SPAN_WINDOW = 256
+
+
+def changed_span(old: bytes, new: bytes) -> tuple[int, int]:
+    """``(lo, hi)``: the first byte where two equal-length byte strings differ and
+    one past the last (they differ).  Each end is found by halving the range with
+    slice comparisons (``memcmp``, no Python loop over the bytes) down to
+    :data:`_SPAN_WINDOW` bytes, which one XOR of them as integers resolves: about
+    a third of the cost of converting whole pages to integers."""
+    lo, hi = 0, len(old)
+    while hi - lo > _SPAN_WINDOW:
+        mid = (lo + hi) >> 1
+        if old[lo:mid] == new[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    x = int.from_bytes(old[lo:hi], "little") ^ int.from_bytes(new[lo:hi], "little")
+    first = lo + (((x & -x).bit_length() - 1) >> 3)
+    lo, hi = first, len(old)
+    while hi - lo > _SPAN_WINDOW:
+        mid = (lo + hi) >> 1
+        if old[mid:hi] == new[mid:hi]:
+            hi = mid
+        else:
+            lo = mid
+    x = int.from_bytes(old[lo:hi], "little") ^ int.from_bytes(new[lo:hi], "little")
+    return first, lo + ((x.bit_length() + 7) >> 3)
+
+
 def straddling(page: bytes) -> list[int]:
     """Offsets where an instruction straddling into the next page may begin:
     any run of prefix bytes (or a lone 0F) reaching the end of the page."""
@@ -368,15 +398,12 @@ class Scanner:
         candidates of ``page`` that a scan of ``old`` may lack.  An instruction
         that uses a changed byte begins at most ``MAX_INSN - 1`` bytes before
         it: only offsets from ``MAX_INSN`` before ``lo`` to ``hi`` are scanned,
-        with the bytes after it that their opcodes may reach.  The two ends come
-        from one XOR of the pages as integers (C, no Python loop over the page);
-        between two changed runs (a fuzz case's code and the previous case's,
+        with the bytes after it that their opcodes may reach (the two ends:
+        :func:`changed_span`); between two changed runs (a fuzz case's code and the previous case's,
         restored) the unchanged bytes are scanned too, which finds only
         candidates already hooked, and costs little: the scan's work is per
         opcode byte, and the bytes between are mostly zeros."""
-        x = int.from_bytes(old, "little") ^ int.from_bytes(page, "little")
-        lo = ((x & -x).bit_length() - 1) >> 3
-        hi = (x.bit_length() + 7) >> 3
+        lo, hi = changed_span(old, page)
         ws = max(0, lo - D.MAX_INSN)
         hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
         if hi > PAGE_SIZE - D.MAX_INSN:

@@ -128,3 +128,21 @@ def test_rescanning_only_the_changed_bytes_keeps_every_candidate():
         full = set(D.scan(new, PAGE_SIZE, one, two) + straddling(new))
         near = {o for i in changed for o in range(i - D.MAX_INSN, i + 1)}
         assert {o for o in full if o in near} <= have
+
+
+def test_changed_span_is_the_first_and_last_differing_byte():
+    """changed_span against a byte-by-byte comparison: pages of zeros or noise,
+    one to a few changed bytes anywhere (both ends of the page included)."""
+    from sandbox.svm.scanner import changed_span
+    rng = random.Random(7)
+    size = 4096
+    for trial in range(3000):
+        old = bytearray(rng.randbytes(size) if trial % 2 else bytes(size))
+        new = bytearray(old)
+        spots = [rng.choice((0, size - 1, 255, 256, 257, rng.randrange(size))) for _ in range(rng.randrange(1, 4))]
+        for i in spots:
+            new[i] ^= 1 << rng.randrange(8)
+        if old == new:
+            continue
+        diff = [i for i in range(size) if old[i] != new[i]]
+        assert changed_span(bytes(old), bytes(new)) == (diff[0], diff[-1] + 1), (trial, spots)
