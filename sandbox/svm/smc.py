@@ -99,7 +99,7 @@ class SmcStepper:
         st = self._st
         if self.step is None:
             rflags = st.reg_read(_RFLAGS)
-            self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), self._pushf_bytes(rip))
+            self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), _pushf_bytes(self._fill.insn_bytes(rip)))
             st.reg_write(_RFLAGS, rflags | RFLAGS_TF)
         sc = self._scanner
         if sc.pass_used == rip:
@@ -170,38 +170,21 @@ class SmcStepper:
         if self._hot_left:
             if not stored:
                 self._hot_left -= 1
-            if self._hot_left and not self._loads_tf(st.reg_read(_RIP)):
-                self._step_next()
-            else:
-                self._hot_left = 0
+            if self._hot_left:
+                code = self._fill.insn_bytes(st.reg_read(_RIP))     # read once: TF check and PUSHF
+                if not _loads_tf(code):
+                    self._step_next(code)
+                    return True
+            self._hot_left = 0
         return True
 
-    def _loads_tf(self, rip: int) -> bool:
-        """Whether the instruction at ``rip`` may load RFLAGS.TF from the guest
-        (POPF, IRET, SYSRET, RSM) -- or cannot be read: it is not stepped, so a TF
-        the guest sets is never taken for the model's own."""
-        code = self._fill.insn_bytes(rip)
-        k = 0
-        while k < len(code) and code[k] in D.PREFIX_BYTES:
-            k += 1
-        if k >= len(code):
-            return True
-        op = code[k]
-        return op in (0x9D, 0xCF) or (op == 0x0F and code[k + 1:k + 2] in (b"\x07", b"\xaa"))
-
-    def _step_next(self) -> None:
-        """Step the next instruction too (the guest's TF is clear: see :meth:`trap`)."""
+    def _step_next(self, code: bytes) -> None:
+        """Step the next instruction too, whose bytes are ``code`` (the guest's
+        TF is clear: see :meth:`trap`)."""
         st = self._st
         rflags = st.reg_read(_RFLAGS)
-        self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), self._pushf_bytes(st.reg_read(_RIP)))
+        self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), _pushf_bytes(code))
         st.reg_write(_RFLAGS, rflags | RFLAGS_TF)
-
-    def _pushf_bytes(self, rip: int) -> int:
-        """The bytes a PUSHF at ``rip`` pushes, or 0 when it is not a PUSHF -- decided
-        before the stepped instruction runs: a store may rewrite its own bytes
-        (a MOV whose new bytes read as PUSHF did not push anything)."""
-        insn = D.decode(self._fill.insn_bytes(rip))
-        return insn.opsize // 8 if insn is not None and insn.kind == D.Kind.PUSHF else 0
 
     def _unstep_pushf(self, n: int) -> None:
         """A stepped PUSHF pushed the model's RFLAGS.TF (``n`` bytes): the guest's image has TF clear."""
@@ -259,3 +242,24 @@ class SmcStepper:
         self.step = None
         self.stores.clear()
         self._hot_left = 0
+
+
+def _loads_tf(code: bytes) -> bool:
+    """Whether the instruction ``code`` may load RFLAGS.TF from the guest (POPF,
+    IRET, SYSRET, RSM) -- or could not be read (empty): it is not stepped, so a
+    TF the guest sets is never taken for the model's own."""
+    k = 0
+    while k < len(code) and code[k] in D.PREFIX_BYTES:
+        k += 1
+    if k >= len(code):
+        return True
+    op = code[k]
+    return op in (0x9D, 0xCF) or (op == 0x0F and code[k + 1:k + 2] in (b"\x07", b"\xaa"))
+
+
+def _pushf_bytes(code: bytes) -> int:
+    """The bytes a PUSHF whose bytes are ``code`` pushes, or 0 when it is not a
+    PUSHF -- decided before the stepped instruction runs: a store may rewrite its
+    own bytes (a MOV whose new bytes read as PUSHF did not push anything)."""
+    insn = D.decode(code)
+    return insn.opsize // 8 if insn is not None and insn.kind == D.Kind.PUSHF else 0
