@@ -79,6 +79,10 @@ LOADER_AREA_END = 0x80000
 MAX_HOOKS = 100
 #: pages compared in one ``memcmp`` before the pages of a differing chunk are compared one by one
 CHUNK_PAGES = 16
+#: a case's virtual host TSC (:meth:`Harness._case_tsc`): its value when the case
+#: begins (above 32 bits, so EDX is not zero) and its ticks per ns of guest time (2 GHz)
+CASE_TSC_BASE = 0x1_2345_6789_0000
+CASE_TSC_PER_NS = 2
 
 _libc = ctypes.CDLL(None)
 _memcmp = _libc.memcmp
@@ -206,6 +210,17 @@ class Harness:
         self.auditor = None
         if self._audit:
             self.auditor = Auditor(self)
+        self._tsc_t0 = 0
+        cpu.virtualize_tsc(self._case_tsc)
+
+    def _case_tsc(self) -> int:
+        """The host time-stamp counter a case reads (a RDTSC it does not intercept,
+        or the hypervisor's handler for one it does): :data:`CASE_TSC_BASE` plus
+        :data:`CASE_TSC_PER_NS` ticks per nanosecond of guest time since the case
+        began, guest time being counted in retired instructions.  A function of
+        the case alone, so a seeded campaign, a minimization and a saved case's
+        replay see the same values (the host's clock would differ every run)."""
+        return CASE_TSC_BASE + (self.cpu.guest_time_ns - self._tsc_t0) * CASE_TSC_PER_NS
 
     def hypervisor_exits(self, case: Case) -> frozenset[int]:
         """Exit codes the hypervisor arms for itself and ``case`` does not (the
@@ -318,6 +333,7 @@ class Harness:
         # anything else the guest ran may have changed under Unicorn
         cpu.reset_translation_caches()
         cpu.gif = True
+        self._tsc_t0 = cpu.guest_time_ns         # the case's TSC starts at CASE_TSC_BASE
         # and the ASID-tagged TLB behind it, unless it holds only what the
         # snapshot's tables give: the previous case changed no table page,
         # flushed nothing (no CR3/CR4/INVLPG/TLB_CONTROL) and this case edits no

@@ -31,6 +31,7 @@ from ..memory.hostmem import HostMemory
 from ..memory.mmu import TwoDimWalker, WalkStats
 from ..memory.tlb import Tlb
 from .consistency import VmrunError, check_vmrun
+from .decode import Kind
 from .controls import GuestControls
 from .cpustate import CpuState
 from .engine import add_raw_tlb_fill_hook, new_engine
@@ -200,8 +201,22 @@ class SvmCpu:
         return self._scanner.pass_once_rip
 
     def host_tsc(self) -> int:
-        """The host's time-stamp counter."""
+        """The host's time-stamp counter (the virtual one after :meth:`virtualize_tsc`)."""
         return self._native.host_tsc()
+
+    def virtualize_tsc(self, clock: Callable[[], int] | None) -> None:
+        """Make the host's time-stamp counter ``clock()`` (None: the real one again).
+
+        Every RDTSC/RDTSCP is then hooked: one the VMCB intercepts exits as
+        before, one it does not reads ``clock() + TSC_OFFSET`` (see
+        :meth:`NativeInsns._rdtsc`), and :meth:`host_tsc` -- what handlers
+        read -- is ``clock()`` too.  A run whose guest reads the time then
+        depends on nothing but its input: the fuzzer's cases do (a native
+        RDTSC reads the host's clock, so a seeded campaign would not
+        reproduce).  The hooks stay after ``None`` (they decide as before)."""
+        self._native.tsc_clock = clock
+        if clock is not None:
+            self._scanner.hook_kinds(frozenset({Kind.RDTSC, Kind.RDTSCP}))
 
     def arm_timer(self, period_ns: int) -> None:
         """A periodic physical interrupt in guest time (0 disarms it); see :meth:`RunLoop.arm_timer`."""

@@ -10,7 +10,9 @@ instructions (STGI/CLGI, INVLPGA, virtualized VMLOAD/VMSAVE).
 It also owns the instruction hooks Unicorn offers for IN/OUT that reach
 pass-through devices.  RDTSC/RDTSCP the VMCB does not intercept run natively
 in Unicorn, which adds ``env->tsc_offset`` (written at VMRUN) to the host's
-TSC; :func:`host_tsc` is that same clock, calibrated at import.
+TSC; :func:`host_tsc` is that same clock, calibrated at import.  A processor
+given a virtual time-stamp counter (:attr:`NativeInsns.tsc_clock`, for
+reproducible runs) reads that clock instead, here, for every RDTSC/RDTSCP.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
-from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_UMIP, EFER_LMA, MSR_TSC_AUX
+from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_TSD, CR4_UMIP, EFER_LMA, MSR_TSC_AUX, RFLAGS_TF
 from ..memory.hostmem import HostMemory
 from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault, NestedLayer
 from ..memory.paging import Access, canonical
@@ -128,6 +130,9 @@ class NativeInsns:
         self._view = mem.view
         #: ``fn(port, size, is_in, value) -> value``: not-intercepted port I/O reaches the platform
         self.io_passthrough: Callable[[int, int, bool, int], int] | None = None
+        #: the host TSC when it is virtual (None: the host's own, read natively by Unicorn);
+        #: set through :meth:`SvmCpu.virtualize_tsc`, which also hooks every RDTSC/RDTSCP
+        self.tsc_clock: Callable[[], int] | None = None
         self._table: dict[D.Kind, Handler] = {k: self._io_permission for k in _IO}
         self._table.update({k: self._svm_insn for k in _SVM})
         self._table.update({D.Kind.HLT: self._hlt, D.Kind.INTN: self._soft_int, D.Kind.INT3: self._soft_int,
@@ -138,7 +143,8 @@ class NativeInsns:
                             D.Kind.WRFSBASE: self._wrfsgsbase, D.Kind.WRGSBASE: self._wrfsgsbase,
                             D.Kind.IRET: self._iret,
                             D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into,
-                            D.Kind.VEX_LEGACY: self._vex_legacy})
+                            D.Kind.VEX_LEGACY: self._vex_legacy,
+                            D.Kind.RDTSC: self._rdtsc, D.Kind.RDTSCP: self._rdtsc})
         self._table.update({k: self._umip for k in UMIP_KINDS})
 
     def install_hooks(self) -> None:
@@ -400,8 +406,32 @@ class NativeInsns:
 
     # ----------------------------------------------------- TSC and port I/O
     def host_tsc(self) -> int:
-        """The host's time-stamp counter (:func:`host_tsc`)."""
-        return host_tsc()
+        """The host's time-stamp counter: :attr:`tsc_clock` when it is virtual, else :func:`host_tsc`."""
+        clock = self.tsc_clock
+        return clock() if clock is not None else host_tsc()
+
+    def _rdtsc(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """RDTSC/RDTSCP not intercepted, on a virtual TSC: EDX:EAX = the virtual
+        host TSC + TSC_OFFSET (APM §15.30.5), RDTSCP's ECX = TSC_AUX[31:0], and RIP
+        past it.  Whatever else the instruction may do is left to Unicorn: the #GP
+        of CR4.TSD above CPL 0, a LOCK prefix, a single step's #DB (the guest's TF
+        or the model's own, :mod:`.smc`) -- those run natively.  Without a virtual
+        TSC nothing is done here (the scanner hooks these only for an intercept)."""
+        clock = self.tsc_clock
+        if clock is None or (view.cpl and st.cr(4) & CR4_TSD):
+            return
+        if 0xF0 in code[:insn.length] or st.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_TF:
+            return
+        tsc = (clock() + self._ctl.tsc_offset) & 0xFFFF_FFFF_FFFF_FFFF
+        aux = self._uc.reg_read(X.UC_X86_REG_MSR, MSR_TSC_AUX) & 0xFFFF_FFFF if insn.kind == D.Kind.RDTSCP else None
+        st.load()
+        q = st.q
+        q[0] = tsc & 0xFFFF_FFFF                     # RAX, RDX zero-extended (QEMU order: rax rcx rdx)
+        q[2] = tsc >> 32
+        if aux is not None:
+            q[1] = aux                               # RCX
+        st.dirty = True
+        self._set_rip(address + insn.length)
 
     def _insn_in(self, handle, port: int, size: int, ud) -> int:
         """IN (or an INS element) that did not exit: the platform's port, or all ones."""

@@ -235,6 +235,12 @@ class Scanner:
             dec = self._decoded_by_key[key] = {}
         self.decoded = dec
 
+    def hook_kinds(self, kinds: frozenset) -> None:
+        """Hook ``kinds`` from now on whatever the intercept vectors (the scan set
+        only grows: see :meth:`_grow_scan`); each hook's decision still follows
+        the vectors, and one that does not exit goes to the native handlers."""
+        self._grow_scan(frozenset(kinds))
+
     def _grow_scan(self, kinds: frozenset) -> None:
         """Scan for ``kinds`` too from now on (every page is scanned anew)."""
         if not kinds <= self.scan_kinds:

@@ -697,3 +697,30 @@ def test_sampled_audit_runs_on_the_campaign_machine_with_its_hook_off_between():
     steps = h.auditor.steps
     out = h.run(Case(TERMINATOR), audit=False)
     assert out.audit == [] and not h.auditor.hooked and h.auditor.steps == steps
+
+
+# rdtsc; mov r8, rax; mov r9, rdx; 10 x nop; rdtsc; mov r10, rax; mov r11, rdx; rdtscp; mov r12, rcx
+_TSC_READS = (b"\x0f\x31\x49\x89\xc0\x49\x89\xd1" + b"\x90" * 10 + b"\x0f\x31\x49\x89\xc2\x49\x89\xd3"
+              + b"\x0f\x01\xf9\x49\x89\xcc" + TERMINATOR)
+
+
+@pytest.mark.parametrize("intercepts", [(), (0x6E, 0x87)])
+def test_a_case_reads_a_tsc_of_its_own(harness, intercepts):
+    """A case's time-stamp counter is a function of the case (a native RDTSC would
+    read the host's clock, and a seeded campaign would not reproduce): the same
+    in every run, intercepted or not, starting at CASE_TSC_BASE and advancing
+    CASE_TSC_PER_NS ticks per ns of guest time, which is 1e9 / GUEST_IPS ns an
+    instruction -- 13 instructions from one RDTSC to the next."""
+    from sandbox.fuzz.snapshot import CASE_TSC_BASE, CASE_TSC_PER_NS
+    from sandbox.svm.run import GUEST_IPS
+    cfg = VmcbConfig(words(0x7F, 0x81, *intercepts), [], [], [])
+    seen = []
+    for _ in range(2):
+        r = harness.run(Case(_TSC_READS, 0x10, cfg, {}, "t")).result
+        assert r.reason == "guest-exit", r.detail
+        seen.append((r.regs["r9"] << 32 | r.regs["r8"], r.regs["r11"] << 32 | r.regs["r10"], r.regs["r12"]))
+    assert seen[0] == seen[1]
+    first, second, aux = seen[0]
+    assert CASE_TSC_BASE <= first < CASE_TSC_BASE + 100 * CASE_TSC_PER_NS * 1_000_000_000 // GUEST_IPS
+    assert second - first == 13 * CASE_TSC_PER_NS * 1_000_000_000 // GUEST_IPS
+    assert aux == 0

@@ -827,3 +827,39 @@ def test_mov_cr_gp_at_cpl3_hits_the_gp_intercept(guest):
     rec = capture(m, 0x4D)
     r = m.run(timeout=5)
     assert r.reason == "captured" and rec[0].rip == user_code_addr() and rec[0].info1 == 0
+
+
+@pytest.mark.parametrize("intercepted", [False, True])
+def test_a_virtual_tsc_is_what_rdtsc_and_rdtscp_read(guest, intercepted):
+    """SvmCpu.virtualize_tsc: a RDTSC/RDTSCP the VMCB does not intercept reads the
+    clock given plus TSC_OFFSET (the scanner hooks them; Unicorn would read the
+    host's clock), RDTSCP's ECX is TSC_AUX; an intercepted one's default handler
+    reads the same clock. One clock read per instruction."""
+    m = guest("mov ecx, 0xC0000103\nmov eax, 0x4321\nxor edx, edx\nwrmsr\n"
+              "rdtsc\n" + _READ_TSC + "mov r12, rax\n"
+              "rdtscp\n" + _READ_TSC + "mov r13, rax\nmov r14, rcx\n"
+              "mov eax, 5\n" + VMMCALL + "\n" + hc_exit(DONE))
+    m.set_msrs([])
+    m.guest.vmcb.TSC_OFFSET = 3 << 60
+    ticks = iter(range(1000, 100_000, 1000))
+    m.cpu.virtualize_tsc(lambda: next(ticks))
+    if intercepted:
+        m.intercept("rdtsc,rdtscp")
+    seen = {}
+    default = m.handlers[0x81]
+
+    @m.on(0x81)
+    def h(m, e):
+        if m.regs.rax == 5:
+            seen.update(a=m.regs.r12, b=m.regs.r13, aux=m.regs.r14)
+            m.advance(e)
+            return None
+        return default(m, e)
+    r = m.run(timeout=5)
+    assert r.exit_code == DONE, r.detail
+    assert (seen["a"], seen["b"]) == ((3 << 60) + 1000, (3 << 60) + 2000)
+    assert r.counts.get(0x6E, 0) == r.counts.get(0x87, 0) == (1 if intercepted else 0)
+    if not intercepted:
+        assert seen["aux"] == 0x4321
+    m.cpu.virtualize_tsc(None)
+    assert m.cpu.host_tsc() != next(ticks)          # the host's clock again
