@@ -634,6 +634,21 @@ def test_tsc_offset_applies_to_rdtsc(guest, intercepted):
 _READ_TSC = "shl rdx, 32\nor rax, rdx\n"
 
 
+def _r12_to_r14_at_hypercall_5(m) -> dict[str, int]:
+    """R12-R14 as the guest's VMMCALL with EAX = 5 leaves them (filled by the run)."""
+    seen: dict[str, int] = {}
+    default = m.handlers[0x81]
+
+    @m.on(0x81)
+    def h(m, e):
+        if m.regs.rax == 5:
+            seen.update(r12=m.regs.r12, r13=m.regs.r13, r14=m.regs.r14)
+            m.advance(e)
+            return None
+        return default(m, e)
+    return seen
+
+
 def test_native_and_intercepted_tsc_reads_are_one_clock(guest):
     """A native RDTSC (Unicorn adds env->tsc_offset), an intercepted RDTSCP (the
     handler adds TSC_OFFSET to the model's host TSC, calibrated to the same
@@ -644,19 +659,10 @@ def test_native_and_intercepted_tsc_reads_are_one_clock(guest):
               "mov eax, 5\n" + VMMCALL + "\n" + hc_exit(DONE))
     m.guest.vmcb.TSC_OFFSET = 3 << 60
     m.intercept("rdtscp")
-    seen = {}
-    default = m.handlers[0x81]
-
-    @m.on(0x81)
-    def h(m, e):
-        if m.regs.rax == 5:
-            seen.update(a=m.regs.r12, b=m.regs.r13, c=m.regs.r14)
-            m.advance(e)
-            return None
-        return default(m, e)
+    seen = _r12_to_r14_at_hypercall_5(m)
     r = m.run(timeout=5)
     assert r.exit_code == DONE, r.detail
-    a, b, c = seen["a"], seen["b"], seen["c"]
+    a, b, c = seen["r12"], seen["r13"], seen["r14"]
     assert a >> 60 == b >> 60 == c >> 60 == 3
     assert a < b < c and c - a < 1 << 40
 
@@ -845,21 +851,12 @@ def test_a_virtual_tsc_is_what_rdtsc_and_rdtscp_read(guest, intercepted):
     m.cpu.virtualize_tsc(lambda: next(ticks))
     if intercepted:
         m.intercept("rdtsc,rdtscp")
-    seen = {}
-    default = m.handlers[0x81]
-
-    @m.on(0x81)
-    def h(m, e):
-        if m.regs.rax == 5:
-            seen.update(a=m.regs.r12, b=m.regs.r13, aux=m.regs.r14)
-            m.advance(e)
-            return None
-        return default(m, e)
+    seen = _r12_to_r14_at_hypercall_5(m)
     r = m.run(timeout=5)
     assert r.exit_code == DONE, r.detail
-    assert (seen["a"], seen["b"]) == ((3 << 60) + 1000, (3 << 60) + 2000)
+    assert (seen["r12"], seen["r13"]) == ((3 << 60) + 1000, (3 << 60) + 2000)
     assert r.counts.get(0x6E, 0) == r.counts.get(0x87, 0) == (1 if intercepted else 0)
     if not intercepted:
-        assert seen["aux"] == 0x4321
+        assert seen["r14"] == 0x4321
     m.cpu.virtualize_tsc(None)
     assert m.cpu.host_tsc() != next(ticks)          # the host's clock again
