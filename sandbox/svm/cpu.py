@@ -31,9 +31,9 @@ from ..memory.hostmem import HostMemory
 from ..memory.mmu import TwoDimWalker, WalkStats
 from ..memory.tlb import Tlb
 from .consistency import VmrunError, check_vmrun
-from .decode import Kind
 from .controls import GuestControls
 from .cpustate import CpuState
+from .decode import Kind
 from .engine import add_raw_tlb_fill_hook, new_engine
 from .extension import NO_EXTENSION, ProcessorExtension
 from .fill import FillObserver, TlbFill

@@ -405,10 +405,10 @@ class Scanner:
         that uses a changed byte begins at most ``MAX_INSN - 1`` bytes before
         it: only offsets from ``MAX_INSN`` before ``lo`` to ``hi`` are scanned,
         with the bytes after it that their opcodes may reach (the two ends:
-        :func:`changed_span`); between two changed runs (a fuzz case's code and the previous case's,
-        restored) the unchanged bytes are scanned too, which finds only
-        candidates already hooked, and costs little: the scan's work is per
-        opcode byte, and the bytes between are mostly zeros."""
+        :func:`changed_span`); between two changed runs (a fuzz case's code
+        and the previous case's, restored) the unchanged bytes are scanned too,
+        which finds only candidates already hooked, and costs little: the
+        scan's work is per opcode byte, and the bytes between are mostly zeros."""
         lo, hi = changed_span(old, page)
         ws = max(0, lo - D.MAX_INSN)
         hits = [ws + o for o in D.scan(page[ws:hi + D.MAX_INSN + 1], hi - ws, self._one, self._two)]
