@@ -258,9 +258,22 @@ def _exit_printer(m: Machine, a: argparse.Namespace, err: Console, console: "Con
             except BrokenPipeError:
                 closed()
         return show, None
-    trace = ExitTrace(m, err.file, limit=a.trace_limit, color=color_of(err), before_line=console.flush,
+    # On two destinations the console's partial line goes out before each trace line, so
+    # each stream keeps its order; on one (a terminal, 2>&1) that would put the trace line
+    # behind it on the same line, so a console line is written only once it is whole.
+    before = None if _same_destination(sys.stdout, err.file) else console.flush
+    trace = ExitTrace(m, err.file, limit=a.trace_limit, color=color_of(err), before_line=before,
                       on_closed=closed)
     return trace, trace
+
+
+def _same_destination(a: TextIO, b: TextIO) -> bool:
+    """Whether two streams reach the same terminal, pipe or file."""
+    try:
+        x, y = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
 
 
 def _open_dump(path: str | None) -> BinaryIO | None:
@@ -274,8 +287,8 @@ def _open_dump(path: str | None) -> BinaryIO | None:
 
 class ConsoleLines:
     """The guest console on stdout, a line at a time: a partial line is kept
-    until its newline, or until the exit trace (on stderr) is about to print
-    a line, so the two streams never interleave inside a line."""
+    until its newline, or until the exit trace (on stderr, when that is another
+    destination) is about to print a line, so the two never share a line."""
 
     def __init__(self, out: TextIO, on_closed: Callable[[], None]) -> None:
         self.out, self.on_closed = out, on_closed

@@ -52,6 +52,17 @@ def test_console_partial_line_waits_for_newline_or_trace(tmp_path):
     assert out == ["abc\n", "d"]
 
 
+def test_console_lines_stay_whole_when_console_and_trace_share_a_stream():
+    """stdout and stderr on one destination (a terminal, 2>&1): each console line
+    is written whole, not broken up by the trace lines of the exits that wrote it."""
+    p = subprocess.run([sys.executable, "-m", "sandbox.cli", "run", str(IMG / "hello.S")], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stdout[-500:]
+    lines = p.stdout.splitlines()
+    assert "Hello from the guest!" in lines and "hypercall print works" in lines
+    assert any(" IOIO " in ln for ln in lines)
+
+
 # 2. rich markup in the disassembly is escaped
 def test_trace_shows_brackets_of_memory_operands():
     p = run_cli("run", IMG / "popek_goldberg.S", "--intercept", "gdtr_read", "--ports", "0x80")
