@@ -204,7 +204,7 @@ class QemuSvm:
     def _on_intr(self, uc: Uc, intno: int, ud) -> None:
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         if intno >= EXCP_VMEXIT and not self._got:
-            self._got.append(QemuExit(intno - EXCP_VMEXIT, rip, self._st.load().error_code, bytes(uc.mem_read(rip, 15)),
+            self._got.append(QemuExit(intno - EXCP_VMEXIT, rip, self._st.error_code, bytes(uc.mem_read(rip, 15)),
                                       uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFF_FFFF))
         elif self.last_event is None:
             self.last_event = (intno, rip)        # an exception QEMU raised in the guest

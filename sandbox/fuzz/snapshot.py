@@ -56,7 +56,7 @@ from .case import CODE_BASE, GPRS, Case
 
 _I6 = struct.Struct("<6I")
 _Q = struct.Struct("<Q")
-#: a case's GPRs set through the processor's state copy (RAX and RSP go in the VMCB)
+#: a case's GPRs set in the processor's state (RAX and RSP go in the VMCB)
 _GPR_INDEX = {n: i for i, n in enumerate(GPRS) if n not in ("rax", "rsp")}
 
 #: instruction budget per case: enough for a 64-instruction stream with its handler round trips
@@ -318,17 +318,12 @@ class Harness:
         regs = case.regs
         _Q.pack_into(mm, v + OFF_RIP, entry)
         _Q.pack_into(mm, v + OFF_RAX, regs.get("rax", 0))
-        # the other GPRs into the processor's state copy (GPR i in QEMU order is q[i]),
-        # stored with the rest of the context at VMRUN (a dirty copy is stored before
-        # anything reads the processor)
-        st = cpu.st
-        st.load()
-        q = st.q
+        # the other GPRs into the processor (GPR i in QEMU order is q[i]), where VMRUN finds them
+        q = cpu.st.q
         for n, val in regs.items():
             i = _GPR_INDEX.get(n)
             if i is not None:
                 q[i] = val & M64
-        st.dirty = True
         # stale translations of the previous case's code: the code window and
         # anything else the guest ran may have changed under Unicorn
         cpu.reset_translation_caches()
@@ -511,7 +506,6 @@ class Harness:
         err = self._restore_ctx()
         if err:
             raise UcError(err)
-        self.cpu.st.dirty = False
         return len(dirty), bad
 
 

@@ -160,7 +160,6 @@ class VmrunHarness:
                     bad.append(f"host page {p:#x} outside the guest's memory, VMCB and tables changed")
                 mm[p:p + PAGE_SIZE] = base[p:p + PAGE_SIZE]
         self.cpu.uc.context_restore(self._ctx)
-        self.cpu.st.dirty = False
         return bad
 
 

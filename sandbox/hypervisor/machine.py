@@ -118,28 +118,21 @@ def _eager_reg(offset: int, name: str) -> property:
 
 
 def _cpu_reg(index: int) -> property:
-    """A guest GPR the processor keeps (a real hypervisor saves these itself).
-
-    While the hypervisor runs after a #VMEXIT, the processor's state snapshot
-    holds the guest's registers: they are read and patched there directly
-    (stored at the next VMRUN); otherwise through the processor's accessors."""
+    """A guest GPR the processor keeps (a real hypervisor saves these itself):
+    read and written in the processor's state directly."""
     def get(regs: "GuestRegs") -> int:
-        if regs.cpu_switch.snap_valid:
-            return regs.cpu_state.q[index]
-        return regs.machine.cpu.guest_gpr(index)
+        return regs.cpu_state.q[index]
 
     def put(regs: "GuestRegs", value: int) -> None:
-        if regs.cpu_switch.snap_valid:
-            st = regs.cpu_state
-            st.q[index] = value & M64
-            st.dirty = True
-        else:
-            regs.machine.cpu.set_guest_gpr(index, value)
+        try:
+            regs.cpu_state.q[index] = value
+        except (ValueError, TypeError):       # outside 0..2**64-1: modulo 2**64
+            regs.cpu_state.q[index] = value & M64
     return property(get, put, doc=f"guest {GPR_NAMES[index].upper()} (kept by the processor); read and write")
 
 
 _RBX_I, _RCX_I, _RDX_I = (GPR_NAMES.index(n) for n in ("rbx", "rcx", "rdx"))
-#: RCX, RDX, RBX: adjacent in the processor's snapshot (QEMU order rax rcx rdx rbx), one pack
+#: RCX, RDX, RBX: adjacent in the processor's state (QEMU order rax rcx rdx rbx), one pack
 _RCX_RDX_RBX = struct.Struct("<3Q")
 _OFF_RCX = OFF_REGS + 8 * _RCX_I
 #: qword indices of the never-cached fields in the VMCB page (``Guest.vmcb_q``)
@@ -157,7 +150,7 @@ class GuestRegs:
     view also decides how an exit completes (:meth:`complete`, :meth:`inject`).
     """
 
-    __slots__ = ("machine", "cpu_switch", "cpu_state")
+    __slots__ = ("machine", "cpu_state")
     rax, rsp, rip = _eager_reg(OFF_RAX, "RAX"), _eager_reg(OFF_RSP, "RSP"), _eager_reg(OFF_RIP, "RIP")
     rflags = _vmcb_reg("RFLAGS")
     rcx, rdx, rbx, rbp, rsi, rdi = (_cpu_reg(GPR_NAMES.index(n)) for n in ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi"))
@@ -165,8 +158,7 @@ class GuestRegs:
 
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
-        # what every access needs, bound once: the world switch's flags, the snapshot
-        self.cpu_switch = machine.cpu.switch
+        # what every access needs, bound once: the processor's state
         self.cpu_state = machine.cpu.st
 
     def as_dict(self) -> dict[str, int]:
@@ -174,7 +166,7 @@ class GuestRegs:
 
     def set_abcd(self, values: tuple[int, int, int, int], next_rip: int | None = None) -> None:
         """RAX, RBX, RCX, RDX = ``values`` in one call: RAX into the VMCB page,
-        the others into the processor's snapshot (what four attribute writes do);
+        the others into the processor (what four attribute writes do);
         with ``next_rip``, :meth:`complete` too."""
         a, b, c, d = values
         vq = self.machine.guest.vmcb_q
@@ -188,18 +180,11 @@ class GuestRegs:
             vq[_QRAX] = a & M64
             if next_rip is not None:
                 vq[_QRIP] = next_rip & M64
-        if self.cpu_switch.snap_valid:
-            st = self.cpu_state
-            try:
-                _RCX_RDX_RBX.pack_into(st.data, _OFF_RCX, c, d, b)
-            except struct.error:
-                _RCX_RDX_RBX.pack_into(st.data, _OFF_RCX, c & M64, d & M64, b & M64)
-            st.dirty = True
-        else:
-            cpu = self.machine.cpu
-            cpu.set_guest_gpr(_RBX_I, b)
-            cpu.set_guest_gpr(_RCX_I, c)
-            cpu.set_guest_gpr(_RDX_I, d)
+        data = self.cpu_state.data
+        try:
+            _RCX_RDX_RBX.pack_into(data, _OFF_RCX, c, d, b)
+        except struct.error:
+            _RCX_RDX_RBX.pack_into(data, _OFF_RCX, c & M64, d & M64, b & M64)
 
     # No ``__getattr__`` here: a class that defines one has every attribute
     # lookup go through CPython's slower hook (and unspecialized), which the
@@ -665,8 +650,7 @@ class Machine:
             # hypervisor's result has none of them (regs empty, RIP/RFLAGS 0)
             regs, rip, rflags = {}, 0, 0
         else:
-            # the GPRs and RIP from one copy of the processor's context (RFLAGS is computed: read it)
-            st.load()
+            # the GPRs and RIP from the processor's state (RFLAGS is computed: read it)
             regs = dict(zip(GPR_NAMES, st.gprs()))
             rip, rflags = st.rip, st.reg_read(X.UC_X86_REG_RFLAGS)
         return RunResult(reason=reason, detail=detail, exit_code=self.guest_exit_code, insns=self.cpu.insns,

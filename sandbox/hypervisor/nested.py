@@ -498,7 +498,6 @@ class NestedSvm:
         if self._svm_insn_faults(m, e, rax_page=True):
             return RESUME
         hpa, cpu = self.l1.gpa_to_hpa(m.regs.rax), m.cpu
-        cpu.guest_gpr(0)                         # the processor's snapshot is current
         st, mv = cpu.st, m.mem.view
         # the loaded segment bases and KERNEL_GS_BASE are canonical whatever VMCB12 holds: a
         # VMSAVE after the VMLOAD stores them sign-extended from bit 47 (kvm-unit-tests
@@ -507,7 +506,6 @@ class NestedSvm:
         st.set_seg(R_GS, *_canonical_base(get_seg(mv, hpa + SEGMENTS["GS"])))
         for name in ("TR", "LDTR"):
             st.set_system_seg(name, *_canonical_base(get_seg(mv, hpa + SEGMENTS[name])))
-        st.store()
         for off, msr in _VMSAVE_MSRS:
             value = _Q.unpack_from(mv, hpa + off)[0]
             cpu.uc.reg_write(X.UC_X86_REG_MSR, (msr, _canonical(value) if msr == MSR_KERNEL_GS_BASE else value))
@@ -520,7 +518,6 @@ class NestedSvm:
         if self._svm_insn_faults(m, e, rax_page=True):
             return RESUME
         hpa, cpu = self.l1.gpa_to_hpa(m.regs.rax), m.cpu
-        cpu.guest_gpr(0)
         st, mv = cpu.st, m.mem.view
         put_seg(mv, hpa + SEGMENTS["FS"], st.seg(R_FS))
         put_seg(mv, hpa + SEGMENTS["GS"], st.seg(R_GS))

@@ -81,8 +81,7 @@ class SvmCpu:
         self._ext: ProcessorExtension = NO_EXTENSION
         self._ctl = ctl = GuestControls()
         self._sw = sw = SwitchState()
-        #: the world switch's flags (read-only outside the processor): ``switch.snap_valid`` says
-        #: that :attr:`st` holds the guest's registers while the hypervisor runs
+        #: the world switch's flags (read-only outside the processor)
         self.switch: SwitchState = sw
         self._fill = fill = TlbFill(uc, st, mem, tlb, ctl, WalkStats())
         self._scanner = scanner = Scanner(uc, st, mem, ctl, sw)
@@ -146,8 +145,6 @@ class SvmCpu:
             self._smc.end()                  # the run stopped inside a stepped code store
         self._ext.at_stop(self)
         self._ws.save_area.flush_guest_state()
-        if self.st.dirty:
-            self.st.store()
         return self._sw.stop
 
     def take_vmexit(self, code: int, info1: int, info2: int, *, rip: int, nrip: int) -> None:

@@ -3,22 +3,26 @@
 Unicorn's register API exposes only segment *selectors*, and each call from
 Python costs about a microsecond.  A VMRUN must load, and a #VMEXIT must
 save, the hidden part of CS/SS/DS/ES (base, limit, attributes) and the CPL
-(APM vol. 2 §15.5.1), so this module reads Unicorn's CPU context -- QEMU's
-``CPUX86State`` -- directly: one ``uc_context_save`` copies it into a
-buffer we can unpack with ``struct``, and ``uc_context_restore`` writes it
-back.
+(APM vol. 2 §15.5.1), so this module reads and writes Unicorn's CPU state --
+QEMU's ``CPUX86State`` -- directly, in place: Unicorn exports it only as
+copies (``uc_context_save``/``uc_context_restore``, 5.5 KB each way), so
+the state's address is found through the engine struct's ``cpu`` pointer.
 
 The layout is QEMU 5.0's, as bundled by Unicorn 2.1; a few values (the debug
-registers, the pending exception's error code, and in Unicorn's own engine
-struct the instruction counter and the failed-fill address) are found by
-calibration.  Every Unicorn internal used here is then verified at import by
-:func:`verify_internals` against values written through Unicorn's own API or
-produced by the instruction semantics, so a Unicorn with another layout fails
-loudly -- an ImportError naming the value -- instead of silently.
+registers, the pending exception's error code, the TSC offset, and in
+Unicorn's own engine struct the instruction counter, the failed-fill address
+and the CPU pointer) are found by calibration.  Every Unicorn internal used
+here is then verified at import by :func:`verify_internals` against values
+written through Unicorn's own API or produced by the instruction semantics,
+so a Unicorn with another layout fails loudly -- an ImportError naming the
+value -- instead of silently.  Pointers not yet verified are followed only
+through ``/proc/self/mem`` (:func:`read_process`), which fails where a plain
+read would crash.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 from functools import partial
 from typing import Callable
@@ -86,39 +90,33 @@ def attrib_to_flags(attrib: int) -> int:
 
 
 class CpuState:
-    """Raw view of one Unicorn x86-64 CPU's state.
+    """Raw view of one Unicorn x86-64 CPU's state: QEMU's ``CPUX86State`` itself.
 
-    :meth:`load` snapshots the CPU into :attr:`data`; getters read the
-    snapshot; setters patch it; :meth:`store` writes it back.  Register
-    accessors that have side effects inside QEMU (CR0/CR3/CR4/EFER, RIP,
-    RFLAGS) go through Unicorn's API instead, via :meth:`reg_write`.
+    :attr:`data` (and :attr:`q`, its 64-bit words) is the CPU's own memory,
+    located at import (:func:`live_env`): getters read what the CPU holds now,
+    setters change it at once, inside a hook as between runs -- what a
+    ``uc_context_save``, a patch and a ``uc_context_restore`` would do, with
+    no copy to fall out of date.  Register accessors that have side effects
+    inside QEMU (CR0/CR3/CR4/EFER, RIP, RFLAGS) go through Unicorn's API
+    instead, via :meth:`reg_write`.
     """
 
     def __init__(self, uc: Uc) -> None:
-        self.uc = uc
+        self.uc = uc                 # (kept: the CPU's memory lives as long as the engine)
         self._h = uc._uch
-        self._ctx = uc.context_save()
-        addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
-        size = self._ctx.size - CONTEXT_DATA
-        self.data = memoryview((ctypes.c_char * size).from_address(addr + CONTEXT_DATA)).cast("B")
-        #: the snapshot as 64-bit words: GPR ``i`` (QEMU order) is ``q[i]`` (hot paths: no call per access)
+        size = len(_context_bytes(uc)) - CONTEXT_DATA
+        self.data = memoryview((ctypes.c_char * size).from_address(live_env(uc))).cast("B")
+        #: the state as 64-bit words: GPR ``i`` (QEMU order) is ``q[i]`` (hot paths: no call per access)
         self.q = self.data[:size & ~7].cast("Q")
-        # context copies: GIL kept, no argument conversion (see in_hook_fn)
-        self._save = in_hook_fn("uc_context_save")
-        self._restore = in_hook_fn("uc_context_restore")
         self._read = RegReader(uc).read        # uc_reg_read into a buffer zeroed first (narrow registers)
-        self.dirty = False         # snapshot holds writes not yet stored
         self._val = ctypes.c_uint64()
         self._pval = ctypes.byref(self._val)
-        # hot-path transfers that run no Python frame (the caller keeps ``dirty`` right), their
-        # pointer arguments prepared once (see pointer_arg):
-        h, cp = pointer_arg(self._h.value), pointer_arg(addr)
+        # hot-path calls that run no Python frame, GIL kept, no argument conversion (see
+        # in_hook_fn), their pointer arguments prepared once (see pointer_arg):
+        h = pointer_arg(self._h.value)
         self._h_arg = h
         self._write_reg = in_hook_fn("uc_reg_write")
-        #: ``save_raw()``: uc_context_save into :attr:`data` (:meth:`load` without the dirty check)
-        self.save_raw: Callable[[], int] = partial(self._save, h, cp)
-        #: ``restore_raw()``: uc_context_restore from :attr:`data` (:meth:`store` without clearing ``dirty``)
-        self.restore_raw: Callable[[], int] = partial(self._restore, h, cp)
+        self._restore = in_hook_fn("uc_context_restore")
         #: ``write_rip_raw()``: uc_reg_write of RIP from :attr:`rip_cell` -- how a hook moves RIP
         #: (Unicorn then restarts translation there); returns Unicorn's error code
         self.rip_cell = ctypes.c_uint64()
@@ -129,8 +127,7 @@ class CpuState:
         """``fn()``: ``uc_context_restore`` of the binding context ``ctx`` (one
         :meth:`Uc.context_save` took) into this CPU -- the binding's
         ``context_restore`` without its argument conversion.  Returns
-        Unicorn's error code; the caller clears :attr:`dirty` (the snapshot
-        no longer matches the CPU: :meth:`load` first)."""
+        Unicorn's error code."""
         at = ctypes.cast(ctx.context, ctypes.c_void_p).value
         return partial(self._restore, pointer_arg(self._h.value), pointer_arg(at))
 
@@ -140,32 +137,17 @@ class CpuState:
         into :attr:`rip_cell`.  Returns Unicorn's error code."""
         return partial(self._write_reg, pointer_arg(self._h.value), X.UC_X86_REG_RIP, pointer_arg(address))
 
-    # -- whole-context transfer ------------------------------------------------
-    def load(self) -> "CpuState":
-        if self.dirty:
-            self.store()
-        self.save_raw()
-        return self
-
-    def store(self) -> None:
-        self.restore_raw()
-        self.dirty = False
-
     # -- direct register access through Unicorn (side effects honoured) --------
     def reg_read(self, reg: int) -> int:
-        if self.dirty:
-            self.store()
         return self._read(reg)
 
     def reg_write(self, reg: int, value: int) -> None:
-        if self.dirty:
-            self.store()
         self._val.value = value & 0xFFFFFFFFFFFFFFFF
         err = self._write_reg(self._h_arg, reg, self._pval)     # no argument conversion, GIL kept
         if err:
             raise UcError(err)
 
-    # -- snapshot accessors ------------------------------------------------------
+    # -- state accessors ------------------------------------------------------
     def gprs(self) -> tuple[int, ...]:
         return _REGS.unpack_from(self.data, OFF_REGS)
 
@@ -173,9 +155,7 @@ class CpuState:
         return _Q.unpack_from(self.data, OFF_REGS + 8 * i)[0]
 
     def set_gpr(self, i: int, v: int) -> None:
-        """Patch a GPR in the snapshot; written back by the next load() or store()."""
         _Q.pack_into(self.data, OFF_REGS + 8 * i, v & 0xFFFFFFFFFFFFFFFF)
-        self.dirty = True
 
     @property
     def rip(self) -> int:
@@ -206,7 +186,6 @@ class CpuState:
         event itself; here the model delivers, so a later fault would otherwise
         be combined with a stale one into #DF (check_exception)."""
         _I.pack_into(self.data, OFF_OLD_EXCEPTION, 0xFFFFFFFF)
-        self.dirty = True
 
     @property
     def tsc_offset(self) -> int:
@@ -216,7 +195,6 @@ class CpuState:
     @tsc_offset.setter
     def tsc_offset(self, v: int) -> None:
         _Q.pack_into(self.data, OFF_TSC_OFFSET, v & 0xFFFFFFFFFFFFFFFF)
-        self.dirty = True
 
     @property
     def cpl(self) -> int:
@@ -230,13 +208,12 @@ class CpuState:
         return _Q.unpack_from(self.data, OFF_EFER)[0]
 
     def set_lma(self, on: bool) -> None:
-        """Patch EFER.LMA and hflags.LMA in the snapshot.  QEMU changes LMA only
+        """Set EFER.LMA and hflags.LMA.  QEMU changes LMA only
         on a CR0.PG transition, so a world switch that loads EFER must set it."""
         lma = 1 << 10
         efer = self.efer
         _Q.pack_into(self.data, OFF_EFER, (efer | lma) if on else (efer & ~lma))
         self.hflags = (self.hflags | HF_LMA) if on else (self.hflags & ~(HF_LMA | HF_CS64))
-        self.dirty = True
 
     def seg(self, idx: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, qemu_flags) of segment register ``idx``."""
@@ -307,11 +284,14 @@ UNICORN_EXPECTED = "unicorn 2.1.4"
 class Internals:
     """Byte offsets of every Unicorn internal the model reads or writes.
 
-    ``context_data`` is in Unicorn's ``struct uc_context``; ``emu_counter``
-    and ``invalid_addr`` are in its ``struct uc_struct`` (the engine behind
-    ``Uc._uch``); the rest are in QEMU's ``CPUX86State``.  The first group is
-    QEMU 5.0's layout as Unicorn 2.1 bundles it; ``dr``, ``error_code``,
-    ``emu_counter`` and ``invalid_addr`` are found by calibration.
+    ``context_data`` is in Unicorn's ``struct uc_context``; ``emu_counter``,
+    ``invalid_addr`` and ``engine_cpu`` (the ``CPUState *cpu`` pointer) are
+    in its ``struct uc_struct`` (the engine behind ``Uc._uch``); ``cpu_env``
+    is where the CPU state lies in QEMU's ``X86CPU`` that pointer points to;
+    the rest are in QEMU's ``CPUX86State``.  The first group is QEMU 5.0's
+    layout as Unicorn 2.1 bundles it; ``dr``, ``error_code``,
+    ``old_exception``, ``tsc_offset``, ``emu_counter``, ``invalid_addr``,
+    ``engine_cpu`` and ``cpu_env`` are found by calibration.
     """
     context_data: int
     regs: int
@@ -331,6 +311,8 @@ class Internals:
     tsc_offset: int
     emu_counter: int
     invalid_addr: int
+    engine_cpu: int
+    cpu_env: int
 
 
 #: how an error message names each value
@@ -342,6 +324,7 @@ NAMES = {
     "dr": "CPUX86State dr", "error_code": "exception error_code",
     "old_exception": "exception old_exception", "tsc_offset": "CPUX86State tsc_offset",
     "emu_counter": "emu_counter", "invalid_addr": "invalid_addr",
+    "engine_cpu": "uc_struct cpu", "cpu_env": "X86CPU env",
 }
 HANDLE = "Uc._uch engine handle"
 
@@ -527,6 +510,106 @@ def _locate_invalid_addr() -> int:
     return hits[0]
 
 
+def read_process(address: int, n: int) -> bytes | None:
+    """``n`` bytes of this process's memory at ``address``, or None where any
+    of them is unmapped: read through ``/proc/self/mem``, which fails with an
+    error where a plain read would crash the process (the calibration follows
+    pointers it has not verified yet)."""
+    if not 0 < address < 1 << 63:
+        return None
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        b = os.pread(fd, n, address)
+    except (OSError, OverflowError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return b if len(b) == n else None
+
+
+#: how far past ``uc->cpu`` the calibration looks for the CPU state (QEMU's
+#: CPUState, with its 32 KiB jump cache, comes first in X86CPU)
+_ENV_WINDOW = 0x20000
+
+
+def _env_marks(uc: Uc, seed: int) -> bytes:
+    """Distinct values written into the GPRs of ``uc`` through Unicorn's API:
+    the first 128 bytes of its CPU state (``regs``)."""
+    marks = [(0x5EED_0000_0000_0000 | seed << 40) + i * 0x0101_0101 for i in range(16)]
+    for rid, v in zip(GPR_IDS, marks):
+        uc.reg_write(rid, v)
+    return _REGS.pack(*marks)
+
+
+def _env_at(uc: Uc, engine_cpu: int, cpu_env: int) -> int | None:
+    """The address of the CPU state of ``uc`` by the two offsets, or None when
+    the pointer they follow is not readable."""
+    raw = read_process(_handle(uc) + engine_cpu, 8) if engine_cpu % 8 == 0 and engine_cpu >= 0 else None
+    return None if raw is None else _Q.unpack(raw)[0] + cpu_env
+
+
+def _is_live_env(uc: Uc, env: int) -> bool:
+    """``env`` holds the CPU state of ``uc`` itself, not a copy: it reads as
+    Unicorn's context copy does, and follows a register written through the API."""
+    size = len(_context_bytes(uc)) - CONTEXT_DATA
+    if read_process(env, size) != _context_bytes(uc)[CONTEXT_DATA:]:
+        return False
+    old = uc.reg_read(X.UC_X86_REG_RAX)
+    uc.reg_write(X.UC_X86_REG_RAX, old ^ 0xA5A5_0000_0000_5A5A)
+    moved = read_process(env, 8) == _Q.pack(old ^ 0xA5A5_0000_0000_5A5A)
+    uc.reg_write(X.UC_X86_REG_RAX, old)
+    return moved
+
+
+def _locate_env() -> tuple[int, int]:
+    """``uc->cpu`` and ``env`` in the ``X86CPU`` it points to: the live CPU
+    state, which Unicorn exports only as copies (``uc_context_save``).  Every
+    pointer in the engine struct is followed (through :func:`read_process`)
+    to the registers' distinct values written just before; a match that
+    follows the next register write is the CPU itself, and the same two
+    offsets must find it in another engine."""
+    uc = x86_64_engine(TCG_BUFFER_SMALL)
+    want = _env_marks(uc, 1)
+    raw = _engine_bytes(uc)
+    found: list[tuple[int, int]] = []
+    for off in range(0, len(raw), 8):
+        p = _Q.unpack_from(raw, off)[0]
+        window = read_process(p, _ENV_WINDOW)
+        if window is None:
+            window = b""
+            for page in range(0, _ENV_WINDOW, 0x1000):      # the window may end unmapped
+                chunk = read_process(p + page, 0x1000)
+                if chunk is None:
+                    break
+                window += chunk
+        k = window.find(want)
+        while k >= 0:
+            if _is_live_env(uc, p + k):
+                found.append((off, k))
+                break
+            k = window.find(want, k + 1)
+    other = x86_64_engine(TCG_BUFFER_SMALL)
+    _env_marks(other, 2)
+    for off, k in found:
+        env = _env_at(other, off, k)
+        if env is not None and _is_live_env(other, env):
+            return off, k
+    raise missing(NAMES["engine_cpu"])
+
+
+def live_env(uc: Uc) -> int:
+    """The address of the CPU state (``CPUX86State``) of ``uc``, checked
+    (:func:`_is_live_env`): where Unicorn's register API and its context
+    copies read and write it."""
+    env = _env_at(uc, INTERNALS.engine_cpu, INTERNALS.cpu_env)
+    if env is None or not _is_live_env(uc, env):
+        raise missing(NAMES["engine_cpu"], NAMES["cpu_env"])
+    return env
+
+
 def locate_internals() -> Internals:
     """The fixed QEMU 5.0 layout plus the calibrated offsets; ImportError
     naming the first value that cannot be found."""
@@ -535,7 +618,8 @@ def locate_internals() -> Internals:
         hflags2=OFF_HFLAGS2, segs=OFF_SEGS, ldt=OFF_LDT, tr=OFF_TR, gdt=OFF_GDT, idt=OFF_IDT,
         cr=OFF_CR, efer=OFF_EFER, dr=_locate_dr(), error_code=(err := _locate_error_code()),
         old_exception=(old := _locate_old_exception(err)), tsc_offset=_locate_tsc_offset(old),
-        emu_counter=_locate_emu_counter(), invalid_addr=_locate_invalid_addr())
+        emu_counter=_locate_emu_counter(), invalid_addr=_locate_invalid_addr(),
+        **dict(zip(("engine_cpu", "cpu_env"), _locate_env())))
 
 
 def verify_internals(at: Internals) -> None:
@@ -553,6 +637,7 @@ def verify_internals(at: Internals) -> None:
         _verify_cpl(at, check)
     _verify_exception_state(at, check)
     _verify_engine_counters(at, check)
+    _verify_live_env(at, check)
     if bad:
         raise missing(*bad)
 
@@ -671,6 +756,23 @@ def _verify_engine_counters(at: Internals, check: Check) -> None:
     raw = _engine_bytes(uc)
     check(NAMES["invalid_addr"], 0 <= at.invalid_addr <= len(raw) - 8
           and _Q.unpack_from(raw, at.invalid_addr)[0] == 0x6EA8)
+
+
+def _verify_live_env(at: Internals, check: Check) -> None:
+    """The live CPU state: in a fresh engine, the two offsets lead to memory
+    that reads as Unicorn's context copy, follows a register written through
+    the API, and is what the API reads after a write there."""
+    uc = x86_64_engine(TCG_BUFFER_SMALL)
+    _env_marks(uc, 3)
+    env = _env_at(uc, at.engine_cpu, at.cpu_env)
+    ok = env is not None and _is_live_env(uc, env)
+    if ok:
+        cell = ctypes.c_uint64.from_address(env + at.regs + 8 * 3)    # RBX (verified memory)
+        cell.value = 0x0BAD_CAFE_0000_0003
+        ok = uc.reg_read(X.UC_X86_REG_RBX) == 0x0BAD_CAFE_0000_0003
+    if not ok:
+        for name in ("engine_cpu", "cpu_env"):
+            check(NAMES[name], False)
 
 
 INTERNALS = locate_internals()

@@ -61,7 +61,7 @@ _READ, _WRITE, _FETCH = Access.READ, Access.WRITE, Access.FETCH
 _FAULTS = (GuestPageFault, NestedFault, GuestGP, GuestException)
 #: the control bits a walker depends on (:class:`~sandbox.memory.mmu.GuestLayer`)
 _CR0_WALK, _CR4_WALK, _EFER_WALK = CR0_PG | CR0_WP, CR4_PAE | CR4_PSE | CR4_SMEP | CR4_PGE, EFER_LMA | EFER_NXE
-#: where the fill reads the CPL (hflags), CR4 and EFER in the CPU snapshot's 64-bit words
+#: where the fill reads the CPL (hflags), CR4 and EFER in the CPU state's 64-bit words
 _Q_HFLAGS, _Q_CR0, _Q_EFER = OFF_HFLAGS // 8, OFF_CR // 8, OFF_EFER // 8
 _Q_CR3, _Q_CR4 = _Q_CR0 + 3, _Q_CR0 + 4
 assert OFF_HFLAGS % 8 == 0 and OFF_CR % 8 == 0 and OFF_EFER % 8 == 0
@@ -93,7 +93,6 @@ class TlbFill:
         self._walker_efer = 0
         #: the walker's fast path for the common walk (None: the general walker only)
         self._fast: FastTranslate | None = None
-        self._save_state = st.save_raw
         self._q = st.q
         self._observers: list[FillObserver] = []
         #: hpa pages Unicorn's soft TLB may hold writable (emptied with it)
@@ -143,11 +142,7 @@ class TlbFill:
         if self.soft_fills > self._grow_at:
             self.flush_soft_tlb()        # QEMU grows the soft TLB at this flush (the page refills)
             self.soft_fills = 1
-        st = self._st
-        if st.dirty:
-            st.store()
-        self._save_state()               # the CPL, CR4 and EFER as they are at this access
-        q = self._q
+        q = self._q                      # the CPL, CR4 and EFER as they are at this access
         user = q[_Q_HFLAGS] & HF_CPL_MASK == 3
         acc = _FETCH if access == UC_MEM_FETCH else (_WRITE if access == UC_MEM_WRITE else _READ)
         gva = vaddr & ~0xFFF
@@ -235,7 +230,7 @@ class TlbFill:
 
     def _walker_context(self) -> tuple:
         """What a walker is built from (:meth:`build_walker`): the guest's paging
-        controls in the CPU snapshot, the latched nested-paging controls and the
+        controls in the CPU state, the latched nested-paging controls and the
         memory encryption."""
         q, ctl = self._q, self._ctl
         enc = None if self.ext is NO_EXTENSION else self.ext.encryption()

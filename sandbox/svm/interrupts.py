@@ -21,7 +21,7 @@ from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import Access
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import OFF_CR, CpuState
+from .cpustate import CpuState
 from .events import HAS_ERROR_CODE, DeliveryFault, GuestAccess, Vec, combine, deliver
 from .exitcodes import ExitCode, excp
 from .extension import NO_EXTENSION, ProcessorExtension
@@ -44,8 +44,6 @@ _DELIVERY_FAULTS = (DeliveryFault, GuestPageFault, GuestGP)
 #: EVENTINJ's bits and TYPEs as plain ints (an IntEnum/IntFlag operation is a Python call)
 _EVENT_VALID, _EVENT_EV = int(Event.VALID), int(Event.EV)
 _TYPE_INTR, _TYPE_NMI, _TYPE_SOFT_INT = int(EventType.INTR), int(EventType.NMI), int(EventType.SOFT_INT)
-#: CR2's qword in the processor's state copy (``CpuState.q``)
-_Q_CR2 = (OFF_CR >> 3) + 2
 _DR_ADDR = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3)
 
 
@@ -81,14 +79,12 @@ class Interrupts:
         """UC_HOOK_INTR: an exception (or INT n) Unicorn raised."""
         try:
             if self._smc.step is not None and self._smc.trap(intno):
-                st = self._st.load()
-                st.clear_old_exception()
-                st.store()                  # now: the guest runs on from here (a late store would rewind it)
+                self._st.clear_old_exception()
                 return                      # the model's own trap after a stepped code store
-            st = self._st.load()
-            rip = st.rip                    # the context's RIP is what a register read returns
+            st = self._st
+            rip = st.rip                    # the state's RIP is what a register read returns
             if intno == Vec.DB and self._stale_breakpoint(rip):
-                self._st.load().clear_old_exception()
+                st.clear_old_exception()
                 return
             err = st.error_code if intno in HAS_ERROR_CODE else None
             st.clear_old_exception()        # the model delivers it: nothing stays "in flight" for QEMU
@@ -169,10 +165,9 @@ class Interrupts:
             etype = (EventType.INTR if external else
                      EventType.SOFT_INT if software and vector not in (1, 3) else EventType.EXCEPTION)
         vec, ec, soft, ty, ret_rip = vector, err, software, int(etype), rip_after
-        # one copy of the processor's state for every attempt: a failed attempt changes
-        # none of it (the frame's segments are committed last), and CR2 is written into
-        # the copy and the processor alike (_delivery_fault)
-        st = self._st.load()
+        # a failed attempt changes none of the processor's state (the frame's segments
+        # are committed last)
+        st = self._st
         rflags = st.reg_read(_RFLAGS)
         rsp = st.q[4]
         access = self.access
@@ -192,10 +187,9 @@ class Interrupts:
                              exitintinfo=_intinfo(vec, ty, ec))
                 self._after_exit(fault_rip)
                 return
-            # commit: the segments and RSP with one context store, then RFLAGS and RIP
-            # through Unicorn (their writes have side effects: lazy flags, a new block)
+            # commit: the segments and RSP, then RFLAGS and RIP through Unicorn
+            # (their writes have side effects: lazy flags, a new block)
             st.q[4] = new_rsp & M64
-            st.store()
             st.reg_write(_RFLAGS, new_flags)
             st.reg_write(_RIP, new_rip)
             return
@@ -223,9 +217,7 @@ class Interrupts:
             self._after_exit(fault_rip)
             return None
         if nxt == Vec.PF:
-            st = self._st
-            st.reg_write(X.UC_X86_REG_CR2, f.address)
-            st.q[_Q_CR2] = f.address & M64   # and in the copy deliver() works from (not dirty)
+            self._st.reg_write(X.UC_X86_REG_CR2, f.address)
         return nxt, nerr
 
     def shutdown(self, rip: int) -> None:

@@ -400,7 +400,6 @@ class NativeInsns:
         st.set_seg(R_GS, *get_seg(mv, hpa + SEGMENTS["GS"]))
         for name in ("TR", "LDTR"):
             st.set_system_seg(name, *get_seg(mv, hpa + SEGMENTS[name]))
-        st.store()
         for off, msr in _VMSAVE_MSRS:
             uc.reg_write(X.UC_X86_REG_MSR, (msr, _Q.unpack_from(mv, hpa + off)[0]))
 
@@ -424,13 +423,11 @@ class NativeInsns:
             return
         tsc = (clock() + self._ctl.tsc_offset) & 0xFFFF_FFFF_FFFF_FFFF
         aux = self._uc.reg_read(X.UC_X86_REG_MSR, MSR_TSC_AUX) & 0xFFFF_FFFF if insn.kind == D.Kind.RDTSCP else None
-        st.load()
         q = st.q
         q[0] = tsc & 0xFFFF_FFFF                     # RAX, RDX zero-extended (QEMU order: rax rcx rdx)
         q[2] = tsc >> 32
         if aux is not None:
             q[1] = aux                               # RCX
-        st.dirty = True
         self._set_rip(address + insn.length)
 
     def _insn_in(self, handle, port: int, size: int, ud) -> int:

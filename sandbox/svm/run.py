@@ -212,8 +212,8 @@ class RunLoop:
     # ------------------------------------------------------- memory faults
     def _memory_fault(self, f: Exception) -> None:
         """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
-        st = self._st.load()
-        st.clear_old_exception()           # stored by the next register access or load
+        st = self._st
+        st.clear_old_exception()
         rip = st.rip
         smc = self._smc
         if isinstance(f, CodeStore):

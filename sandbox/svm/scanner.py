@@ -303,7 +303,7 @@ class Scanner:
 
         This is the first step of every intercepted instruction's round trip,
         so the common case is written out here (the fetched bytes, the
-        snapshot) rather than spread over helper calls."""
+        state) rather than spread over helper calls."""
         try:
             if self._sw.stop is not None:
                 return
@@ -325,9 +325,6 @@ class Scanner:
             if insn is None:
                 return
             st = self._st
-            if st.dirty:
-                st.store()
-            st.save_raw()                               # st.load(), inline
             hflags = st.q[_QHFLAGS]             # low half: hflags (the high half is hflags2)
             if ent[4] and not hflags & HF_CS64:
                 return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)

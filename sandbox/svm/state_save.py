@@ -3,11 +3,11 @@ the next VMRUN (APM §15.5.1, §15.6).
 
 #VMEXIT writes RIP, RSP, RAX and the exit fields at once; the rest of the
 guest state (segments, descriptor tables, CPL, EFER, control and debug
-registers, RFLAGS) stays in the processor's state snapshot and is written into
-the VMCB only when something may read it (:meth:`StateSaveArea.flush_guest_state`,
-called through ``HostMemory``'s sync hook).  The guest's other GPRs are not in
-the VMCB at all: the hypervisor reads and patches them in the snapshot, which
-the next VMRUN stores into the processor.
+registers, RFLAGS) stays in the processor and is written into the VMCB only
+when something may read it (:meth:`StateSaveArea.flush_guest_state`, called
+through ``HostMemory``'s sync hook).  The guest's other GPRs are not in the
+VMCB at all: the hypervisor reads and writes them in the processor, where the
+next VMRUN finds them (as on hardware).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from unicorn import x86_const as X
 
 from ..arch import EFER_SVME, M64
 from .cpustate import (DESC_L, HF_CPL_MASK, OFF_CR, OFF_DR, OFF_EFER as CTX_EFER, OFF_GDT, OFF_HFLAGS, OFF_IDT,
-                       OFF_REGS, OFF_SEGS, R_CS, R_ES, SEG_SIZE,
+                       OFF_SEGS, R_CS, R_ES, SEG_SIZE,
                        CpuState, attrib_to_flags, flags_to_attrib)
 from .controls import GuestControls
 from .vmcb import (OFF_CPL, OFF_CR2, OFF_CR4, OFF_EFER, OFF_RAX, OFF_RFLAGS, OFF_RIP, OFF_RSP,
@@ -66,7 +66,7 @@ def get_seg(mv, at: int) -> tuple[int, int, int, int]:
 
 class StateSaveArea:
     """The lazily written part of the current VMCB's state-save area, and the
-    guest GPRs in the processor's state snapshot."""
+    guest GPRs the processor keeps."""
 
     def __init__(self, st: CpuState, sw: "SwitchState", view: memoryview, ctl: GuestControls) -> None:
         self._st, self.sw, self._view, self._ctl = st, sw, view, ctl
@@ -83,7 +83,7 @@ class StateSaveArea:
         if not sw.lazy_pending:
             return
         sw.lazy_pending = False
-        st = self._st.load()
+        st = self._st
         q = st.q
         mv = self._view
         b = self._ctl.vmcb_hpa
@@ -113,7 +113,7 @@ class StateSaveArea:
         that stops a real guest would (APM §15.6), but without an exit code,
         so the next VMRUN resumes exactly where the guest stopped."""
         sw = self.sw
-        st = self._st.load()
+        st = self._st
         mv, b = self._view, self._ctl.vmcb_hpa
         rip = st.reg_read(_RIP)
         _Q.pack_into(mv, b + OFF_RIP, rip)
@@ -122,33 +122,17 @@ class StateSaveArea:
         sw.entry_rip = rip
         sw.lazy_pending = True
         self.flush_guest_state()
-        sw.snap_valid = True
 
     def guest_gpr(self, i: int) -> int:
-        """Guest GPR ``i`` (QEMU order: rax rcx rdx rbx rsp rbp rsi rdi r8-r15).
-
-        The state snapshot taken at #VMEXIT is current while the hypervisor
-        runs; writes patch it and are stored at the next VMRUN."""
-        st = self._st
-        if not self.sw.snap_valid:
-            st.load()
-            self.sw.snap_valid = True
-        return _Q.unpack_from(st.data, OFF_REGS + 8 * i)[0]
+        """Guest GPR ``i`` (QEMU order: rax rcx rdx rbx rsp rbp rsi rdi r8-r15),
+        as the processor holds it while the hypervisor runs."""
+        return self._st.q[i]
 
     def guest_cs_long(self) -> bool:
         """CS.L of the guest as the processor holds it: the VMCB's CS.attrib
         bit 9, without the state-save write-back a VMCB read of it costs."""
-        st = self._st
-        if not self.sw.snap_valid:
-            st.load()
-            self.sw.snap_valid = True
-        return bool(st.seg(R_CS)[3] & DESC_L)
+        return bool(self._st.seg(R_CS)[3] & DESC_L)
 
     def set_guest_gpr(self, i: int, v: int) -> None:
-        """Patch guest GPR ``i`` in the state snapshot (stored at the next VMRUN)."""
-        st = self._st
-        if not self.sw.snap_valid:
-            st.load()
-            self.sw.snap_valid = True
-        _Q.pack_into(st.data, OFF_REGS + 8 * i, v & M64)
-        st.dirty = True
+        """Guest GPR ``i`` = ``v`` in the processor (the next VMRUN finds it there)."""
+        self._st.q[i] = v & M64

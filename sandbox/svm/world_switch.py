@@ -137,11 +137,6 @@ class SwitchState:
         into, or written back from, the processor; a full VMRUN reloads them
         only when the VMCB differs.  Set by a full load and by
         ``flush_guest_state``; cleared (None) by a top-level VMRUN.
-    ``snap_valid``
-        The CpuState snapshot holds the guest's current registers, so the
-        hypervisor's GPR reads and writes use it (writes are stored at the
-        next VMRUN).  Set by #VMEXIT and by the first GPR access of a
-        handler; cleared by every VMRUN.
     ``lazy_pending``
         The state-save area beyond RIP/RSP/RAX has not been written back since
         the last #VMEXIT.  Set by #VMEXIT; cleared by ``flush_guest_state``
@@ -163,7 +158,6 @@ class SwitchState:
     fast_ok: bool = False
     vmcb_written: bool = False
     loaded: bytes | None = None
-    snap_valid: bool = False
     lazy_pending: bool = False
     saved_regs: tuple[int, int] = (0, 0)
     gif: bool = True
@@ -226,7 +220,6 @@ class WorldSwitch:
         self._mem.sync = self._sync
         sw.fast_ok = False
         sw.stop = sw.exit = None
-        sw.snap_valid = False
         sw.loaded = None
         sw.last_exit_rip = None
         sw.defer_dispatch = True
@@ -245,33 +238,24 @@ class WorldSwitch:
         sw = self.sw
         if not (in_hook and sw.fast_ok and not sw.vmcb_written):
             return self._enter_full(in_hook)
-        if not sw.snap_valid:
-            self._st.load()
-            sw.snap_valid = True
         self._reenter(self._q, self._ctl.vmcb_hpa >> 3)
         return True
 
     def _reenter(self, q, b: int) -> None:
         """VMRUN after an exit whose handler touched only RAX/RSP/RIP (never-cached
-        fields, APM §15.15.3) and the GPRs in the processor's snapshot (valid):
+        fields, APM §15.15.3) and the GPRs the processor keeps:
         everything else was checked and loaded at the last VMRUN and is still
         what the processor holds (what the VMCB clean bits let hardware skip).
         ``q``/``b``: the DRAM qwords and the VMCB's qword index."""
         sw = self.sw
         rip, rax = q[b + _QRIP], q[b + _QRAX]
         o_rax, o_rsp = sw.saved_regs
-        st = self._st
-        if rax != o_rax:              # the snapshot is current: patch it and store it once
-            st.q[0] = rax
-            st.dirty = True
+        gq = self._st.q
+        if rax != o_rax:
+            gq[0] = rax
         rsp = q[b + _QRSP]
         if rsp != o_rsp:
-            st.q[4] = rsp
-            st.dirty = True
-        if st.dirty:
-            st.restore_raw()
-            st.dirty = False
-        sw.snap_valid = False
+            gq[4] = rsp
         tlb_ctl = self._view[(b << 3) + OFF_TLB_CONTROL]
         if tlb_ctl or self._tlb.mode is _FLUSH_ON_SWITCH:
             self.tlb_control(tlb_ctl)      # TLB_CONTROL acts on every VMRUN
@@ -314,10 +298,6 @@ class WorldSwitch:
         sw = self.sw
         sw.fast_ok = False
         self.flush_guest_state()
-        st = self._st
-        if st.dirty:
-            st.store()
-        sw.snap_valid = False
         mv, b = self._view, self._ctl.vmcb_hpa
         v = VmcbImage.read(mv, b)
         # SEV first: an SEV-ES guest's state comes from its VMSA (APM §15.35.8)
@@ -332,7 +312,7 @@ class WorldSwitch:
             flush = True
         sw.entry_rip = v.rip
         if not in_hook:
-            st.reg_write(_RIP, v.rip)
+            self._st.reg_write(_RIP, v.rip)
         if v.tlb_control or self._tlb.mode is TlbMode.FLUSH_ON_SWITCH:
             self.tlb_control(v.tlb_control)
         elif flush:
@@ -376,26 +356,20 @@ class WorldSwitch:
 
     def apply_tsc_offset(self) -> None:
         """Put the latched TSC_OFFSET where Unicorn's RDTSC/RDTSCP add it
-        (``env->tsc_offset``), so the ones not intercepted run natively.
-        Leaves the state copy current (loaded, or stored after the patch)."""
-        st = self._st
-        st.load()
-        if st.tsc_offset != self._ctl.tsc_offset & M64:
-            st.tsc_offset = self._ctl.tsc_offset
-            st.store()
+        (``env->tsc_offset``), so the ones not intercepted run natively."""
+        self._st.tsc_offset = self._ctl.tsc_offset
 
     def _load_guest_state(self, v: VmcbImage, remember: bool) -> bool:
         """Load RAX, RSP, RFLAGS and, when the VMCB's differs from what the processor
         holds (the first run, or the hypervisor changed it), the control and segment
-        state; True after a full load.  Called right after :meth:`_latch_controls`,
-        which leaves the processor's state copy current.
+        state; True after a full load.  Called right after :meth:`_latch_controls`.
 
         A full load is a function of the VMCB's fields and the processor's state
         outside the GPRs, and touches only the processor's state (its TLB flushes
         are repeated by the caller's): the last one from the hypervisor's VMRUN
         (``remember``) is kept (:attr:`_memo`), and a load of the same fields onto
         the same state -- every fuzz case's VMRUN from the restored host context --
-        is one context copy."""
+        is one copy into the CPU state."""
         sw, st = self.sw, self._st
         snap = self.snapshot_vmcb()
         if snap == sw.loaded:
@@ -403,7 +377,7 @@ class WorldSwitch:
             st.reg_write(_RSP, v.rsp)
             st.reg_write(_RFLAGS, v.rflags)
             return False
-        data = st.data              # current: _latch_controls has just loaded (or stored) it
+        data = st.data
         pre = data[_MEMO_FROM:].tobytes()
         memo = self._memo
         if memo is not None and memo[0] == snap and memo[1] == v.rflags and memo[2] == pre:
@@ -411,7 +385,6 @@ class WorldSwitch:
             q = st.q
             q[0] = v.rax
             q[4] = v.rsp
-            st.restore_raw()
             sw.loaded = snap
             return True
         gprs = data[:_MEMO_FROM].tobytes()
@@ -424,7 +397,6 @@ class WorldSwitch:
             return True
         # keep it when it changed no GPR but RAX and RSP (the MSR write borrows and restores
         # RCX/RAX/RDX): a reuse copies only the state from RIP on, and patches RAX and RSP
-        st.save_raw()
         q = st.q
         if q[0] == v.rax & M64 and q[4] == v.rsp & M64 and data[8:32] == gprs[8:32] \
                 and data[40:_MEMO_FROM] == gprs[40:]:
@@ -443,7 +415,6 @@ class WorldSwitch:
         st.reg_write(X.UC_X86_REG_CR2, v.cr2)
         st.reg_write(X.UC_X86_REG_DR6, v.dr6)
         st.reg_write(X.UC_X86_REG_DR7, v.dr7)
-        st.load()
         if bool(st.efer & EFER_LMA) != bool(v.efer & EFER_LMA):
             st.set_lma(bool(v.efer & EFER_LMA))      # e.g. a legacy-mode guest after a long-mode one
         for name in SEGMENT_REGS:
@@ -452,7 +423,6 @@ class WorldSwitch:
             _, base, limit, _ = get_seg(mv, b + SEGMENTS[name])
             st.set_dtable(name, base, limit)
         st.set_cpl(mv[b + OFF_CPL] if v.cr0 & 1 else 0)
-        st.store()
 
     def tlb_control(self, tlb_ctl: int) -> None:
         """VMRUN carries out TLB_CONTROL (APM §15.16.2, Table 15-11); in
@@ -471,7 +441,7 @@ class WorldSwitch:
 
     # ------------------------------------------------------------ #VMEXIT
     def vmexit(self, code: int, info1: int, info2: int, *, rip: int, nrip: int, insn: bytes = b"",
-               exitintinfo: int = 0, fresh: bool = False) -> ExitRecord:
+               exitintinfo: int = 0) -> ExitRecord:
         """#VMEXIT (APM §15.6): save guest state and the exit information into the VMCB.
 
         RIP, RSP and RAX -- the fields a handler touches on nearly every exit --
@@ -483,10 +453,7 @@ class WorldSwitch:
         """
         if self._smc.step is not None:
             self._smc.end()                  # the exit's RFLAGS must not carry the model's TF
-            fresh = False
         st = self._st
-        if not fresh:
-            st.load()
         cpu = self._cpu
         ext = self.ext
         if ext is not NO_EXTENSION:
@@ -500,7 +467,6 @@ class WorldSwitch:
         q[b + _QRAX] = rax
         sw = self.sw
         sw.saved_regs = (rax, rsp)
-        sw.snap_valid = True
         sw.lazy_pending = True
         sw.vmcb_written = False
         self._mem.sync = self._sync
@@ -554,23 +520,22 @@ class WorldSwitch:
 
     # ---------------------------------------------------- the dispatch loop
     def exit_in_hook(self, code: int, info1: int, info2: int, rip: int, nrip: int) -> None:
-        """An intercepted instruction's whole round trip, from its code hook with
-        the state snapshot just taken: #VMEXIT, the hypervisor's handler, and
+        """An intercepted instruction's whole round trip, from its code hook:
+        #VMEXIT, the hypervisor's handler, and
         the VMRUN back -- :meth:`vmexit` then :meth:`after_exit_in_hook`.
 
         The common case is written out in one frame: no step of a code store
         in progress, no processor extension, a handler that resumes having
-        written only RAX/RSP/RIP and the snapshot's GPRs (the fast re-entry of
+        written only RAX/RSP/RIP and the GPRs the processor keeps (the fast re-entry of
         :meth:`_reenter`).  Anything else takes the general functions.
         ``code``, ``info1``, ``info2`` are in range (0 <= x < 2**64)."""
         sw = self.sw
         if self._smc.step is not None or self.ext is not NO_EXTENSION or sw.defer_dispatch:
-            self.vmexit(code, info1, info2, rip=rip, nrip=nrip, fresh=True)
+            self.vmexit(code, info1, info2, rip=rip, nrip=nrip)
             self.after_exit_in_hook(rip)
             return
-        # #VMEXIT (as vmexit, fresh): RIP/RSP/RAX and the exit fields at once, the rest lazily
-        st = self._st
-        gq = st.q
+        # #VMEXIT (as vmexit): RIP/RSP/RAX and the exit fields at once, the rest lazily
+        gq = self._st.q
         vq = self._vq                        # the VMCB page as qwords
         rax = gq[0]
         rsp = gq[4]
@@ -582,7 +547,7 @@ class WorldSwitch:
         vq[_QNRIP] = nrip
         vq[_QEVENTINJ] = 0                   # EVENTINJ consumed
         vb[OFF_GUEST_INSN_LEN] = 0
-        sw.snap_valid = sw.lazy_pending = sw.exit_resumable = True
+        sw.lazy_pending = sw.exit_resumable = True
         sw.vmcb_written = sw.gif = False     # #VMEXIT clears GIF
         self._mem.sync = self._sync
         self.exit_count = n = self.exit_count + 1
@@ -609,7 +574,7 @@ class WorldSwitch:
             self._leave_hook(False, rip)
             return
         sw.exit = None
-        if sw.vmcb_written or not (sw.fast_ok and sw.snap_valid) or vb[OFF_TLB_CONTROL] \
+        if sw.vmcb_written or not sw.fast_ok or vb[OFF_TLB_CONTROL] \
                 or self._tlb.mode is _FLUSH_ON_SWITCH or self._xmod_pages:
             sw.saved_regs = (rax, rsp)       # what _reenter compares with (only it reads them)
             self._leave_hook(self._enter_in_hook(), rip)
@@ -617,18 +582,12 @@ class WorldSwitch:
         # VMRUN: the fast re-entry (:meth:`_reenter` with no TLB_CONTROL and no
         # cross-modifying code), written out: this is every round trip's last step
         v = vq[_QRAX]
-        if v != rax:                         # the snapshot is current: patch it and store it once
+        if v != rax:
             gq[0] = v
-            st.dirty = True
         v = vq[_QRSP]
         if v != rsp:
             gq[4] = v
-            st.dirty = True
-        if st.dirty:
-            st.restore_raw()
-            st.dirty = False
         self._drop_walker()
-        sw.snap_valid = False
         sw.gif = True
         sw.entry_rip = vq[_QRIP]
         err = self._write_rip()              # RIP straight from the VMCB's RIP field

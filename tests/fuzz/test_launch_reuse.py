@@ -29,7 +29,6 @@ def _end_state(h: Harness, case: Case) -> tuple:
     """The run's result and the processor's whole context when it ended."""
     out = h.run(case)
     st = h.cpu.st
-    st.load()
     r = out.result
     return (str(r.reason), r.regs, r.rip, r.rflags, [(e.exitcode, e.rip) for e in out.exits],
             st.data.tobytes())

@@ -8,6 +8,7 @@ and opcodes come from keystone, never from cpustate's own helpers.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import struct
 import subprocess
@@ -98,7 +99,7 @@ def interrupts(uc: Uc) -> list[tuple[int, int]]:
     seen: list[tuple[int, int]] = []
 
     def hook(u, intno, ud):
-        seen.append((intno, CpuState(u).load().error_code))
+        seen.append((intno, CpuState(u).error_code))
         u.emu_stop()
     uc.hook_add(UC_HOOK_INTR, hook)
     return seen
@@ -111,7 +112,7 @@ def test_gprs_and_rip_read_what_unicorn_wrote():
     for rid, v in zip(UC_GPR, values):
         uc.reg_write(rid, v)
     uc.reg_write(X.UC_X86_REG_RIP, 0x7FFF_1234_5678)
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     assert list(st.gprs()) == values
     assert [st.gpr(i) for i in range(16)] == values
     assert st.rip == 0x7FFF_1234_5678
@@ -121,7 +122,7 @@ def test_gprs_read_what_the_guest_computed():
     src = "\n".join(f"mov {n}, {0x1000 + 7 * i:#x}" for i, n in enumerate(GPRS))
     uc = cpu()
     run(uc, asm(src))
-    assert CpuState(uc).load().gprs() == tuple(0x1000 + 7 * i for i in range(16))
+    assert CpuState(uc).gprs() == tuple(0x1000 + 7 * i for i in range(16))
 
 
 def test_control_registers_and_efer():
@@ -129,7 +130,7 @@ def test_control_registers_and_efer():
     uc.reg_write(X.UC_X86_REG_CR2, 0xFFFF_8000_DEAD_B000)
     uc.reg_write(X.UC_X86_REG_CR3, 0x0000_0012_3456_7000)
     uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER) | 1 << 11))
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     for n, rid in ((0, X.UC_X86_REG_CR0), (2, X.UC_X86_REG_CR2), (3, X.UC_X86_REG_CR3),
                    (4, X.UC_X86_REG_CR4)):
         assert st.cr(n) == uc.reg_read(rid), f"CR{n}"
@@ -142,7 +143,7 @@ def test_guest_writes_to_cr_and_dr_registers():
     uc = cpu()
     run(uc, asm("mov rax, 0x5000; mov cr3, rax; mov rax, 0x1111; mov dr0, rax;"
                 "mov rax, 0x2222; mov dr3, rax; mov rax, 0x401; mov dr7, rax"))
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     assert st.cr(3) == 0x5000
     assert (st.dr(0), st.dr(3), st.dr(7)) == (0x1111, 0x2222, 0x401)
 
@@ -155,7 +156,7 @@ def test_debug_registers_read_what_unicorn_wrote():
            6: X.UC_X86_REG_DR6, 7: X.UC_X86_REG_DR7}
     for n, v in values.items():
         uc.reg_write(ids[n], v)
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     assert {n: st.dr(n) for n in values} == {n: uc.reg_read(ids[n]) for n in values} == values
 
 
@@ -184,7 +185,7 @@ def _loaded_cpu() -> tuple[Uc, CpuState]:
         """) + b"\x48\xcb"                      # retfq: CS from the GDT
     uc.reg_write(X.UC_X86_REG_RSP, 0xF000)
     run(uc, code)
-    return uc, CpuState(uc).load()
+    return uc, CpuState(uc)
 
 
 def test_descriptor_tables_loaded_by_the_guest():
@@ -239,7 +240,7 @@ def test_cpl_and_segments_after_iretq_to_user_mode():
     uc.reg_write(X.UC_X86_REG_RSP, 0xF000)
     uc.mem_write(CODE, code)
     uc.emu_start(CODE, user + 1)
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     assert st.cpl == 3
     assert st.seg(R_CS)[0] == UCODE[0] | 3 and C.flags_to_attrib(st.seg(R_CS)[3]) == UCODE[3]
     assert st.seg(R_SS)[0] == UDATA[0] | 3 and C.flags_to_attrib(st.seg(R_SS)[3]) == UDATA[3]
@@ -247,7 +248,7 @@ def test_cpl_and_segments_after_iretq_to_user_mode():
 
 
 def test_fresh_cpu_is_at_cpl0_with_gif_set():
-    st = CpuState(cpu()).load()
+    st = CpuState(cpu())
     assert st.cpl == 0
     assert st.hflags2 & C.HF2_GIF               # QEMU's reset value (x86_cpu_reset)
 
@@ -264,34 +265,48 @@ def test_error_code_of_gp_on_a_bad_selector(selector):
     assert seen == [(13, selector & 0xFFFC)]
 
 
+# -- the live state: Unicorn's own CPUX86State, no copy ----------------------------------
+def test_the_state_is_the_cpu_itself_not_a_copy():
+    """A register written through Unicorn's API is in the state at once, and one
+    written into the state is what the API and the guest read: no save or
+    restore between (a copy of the context would hold the old values)."""
+    uc = cpu()
+    st = CpuState(uc)
+    uc.reg_write(X.UC_X86_REG_R9, 0x1111_2222_3333_4444)
+    assert st.q[9] == st.gpr(9) == 0x1111_2222_3333_4444
+    st.q[3] = 0x0123_4567_89AB_CDEF
+    assert uc.reg_read(X.UC_X86_REG_RBX) == 0x0123_4567_89AB_CDEF
+    run(uc, asm("mov rax, rbx; add rax, r9"))
+    assert st.q[0] == uc.reg_read(X.UC_X86_REG_RAX) == (0x0123_4567_89AB_CDEF + 0x1111_2222_3333_4444) % 2**64
+
+
+def test_each_engine_has_its_own_state():
+    a, b = cpu(), cpu()
+    sa, sb = CpuState(a), CpuState(b)
+    a.reg_write(X.UC_X86_REG_RAX, 0xAAAA)
+    b.reg_write(X.UC_X86_REG_RAX, 0xBBBB)
+    assert (sa.q[0], sb.q[0]) == (0xAAAA, 0xBBBB)
+    assert C.live_env(a) != C.live_env(b)
+
+
+def test_read_process_reads_mapped_memory_and_refuses_unmapped():
+    buf = ctypes.create_string_buffer(b"live state", 16)
+    assert C.read_process(ctypes.addressof(buf), 10) == b"live state"
+    for address in (0, 8, 1 << 63, -4096):
+        assert C.read_process(address, 8) is None
+
+
 # -- store: cpustate's writes as Unicorn and the guest see them --------------------------
 def test_set_gpr_reaches_unicorn_and_the_guest():
     uc = cpu()
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     values = [0xA5A5_0000_0000_0000 + 0x1_0001 * i for i in range(16)]
     for i, v in enumerate(values):
         st.set_gpr(i, v)
-    assert st.dirty
-    st.store()
-    assert not st.dirty
     assert [uc.reg_read(r) for r in UC_GPR] == values
     run(uc, asm("add rax, rbx; add r15, r8"))
     assert uc.reg_read(X.UC_X86_REG_RAX) == (values[0] + values[3]) % 2**64
     assert uc.reg_read(X.UC_X86_REG_R15) == (values[15] + values[8]) % 2**64
-
-
-def test_pending_writes_are_stored_before_reg_access_and_reload():
-    uc = cpu()
-    st = CpuState(uc).load()
-    st.set_gpr(2, 0x1234)
-    assert st.reg_read(X.UC_X86_REG_RDX) == 0x1234      # reg_read stores first
-    st.set_gpr(3, 0x5678)
-    st.reg_write(X.UC_X86_REG_RSI, 0x9ABC)               # reg_write stores first
-    st.load()                                            # (the snapshot predates reg_write)
-    st.set_gpr(7, 0xDEF0)
-    st.load()                                            # load stores first
-    assert [uc.reg_read(r) for r in (X.UC_X86_REG_RBX, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI)] \
-        == [0x5678, 0x9ABC, 0xDEF0]
 
 
 def test_reg_write_goes_through_unicorn():
@@ -300,15 +315,14 @@ def test_reg_write_goes_through_unicorn():
     st.reg_write(X.UC_X86_REG_CR3, 0x7000)
     st.reg_write(X.UC_X86_REG_RIP, 0x1234)
     assert uc.reg_read(X.UC_X86_REG_CR3) == st.reg_read(X.UC_X86_REG_CR3) == 0x7000
-    assert st.load().rip == 0x1234 and st.cr(3) == 0x7000
+    assert st.rip == 0x1234 and st.cr(3) == 0x7000
 
 
 def test_set_dtable_seen_by_unicorn_and_sgdt_sidt():
     uc = cpu()
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     st.set_dtable("GDTR", 0xFFFF_8000_0012_3000, 0x7F)
     st.set_dtable("IDTR", 0x0000_0000_0045_6000, 0xFFF)
-    st.store()
     assert uc.reg_read(X.UC_X86_REG_GDTR)[1:3] == (0xFFFF_8000_0012_3000, 0x7F)
     assert uc.reg_read(X.UC_X86_REG_IDTR)[1:3] == (0x0000_0000_0045_6000, 0xFFF)
     run(uc, asm(f"sgdt [{DATA:#x}]; sidt [{DATA + 0x10:#x}]"))
@@ -320,10 +334,9 @@ def test_set_dtable_seen_by_unicorn_and_sgdt_sidt():
                                               ("LDTR", X.UC_X86_REG_LDTR, "sldt")])
 def test_set_system_seg_seen_by_unicorn_and_str_sldt(which, reg, insn):
     uc = cpu()
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     value = (0x58, 0xFFFF_8000_0000_9000, 0x2067, C.attrib_to_flags(attrib(0xB, s=0)))
     st.set_system_seg(which, *value)
-    st.store()
     assert uc.reg_read(reg) == value
     run(uc, asm(f"{insn} ax"))
     assert uc.reg_read(X.UC_X86_REG_AX) == 0x58
@@ -332,16 +345,15 @@ def test_set_system_seg_seen_by_unicorn_and_str_sldt(which, reg, insn):
 def test_set_seg_fs_base_used_by_fs_relative_loads():
     uc = cpu()
     uc.mem_write(0x9010, struct.pack("<Q", 0x0BAD_F00D_CAFE_BEEF))
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     st.set_seg(R_FS, 0x48, 0x9000, 0xFFFF, C.attrib_to_flags(attrib(0x3, db=1)))
     st.set_seg(R_GS, 0, 0x1234_5678_9000, 0, 0)
-    st.store()
     assert uc.reg_read(X.UC_X86_REG_FS_BASE) == 0x9000
     assert uc.reg_read(X.UC_X86_REG_GS_BASE) == 0x1234_5678_9000
     assert uc.reg_read(X.UC_X86_REG_FS) == 0x48
     run(uc, asm("mov rax, qword ptr fs:[0x10]"))
     assert uc.reg_read(X.UC_X86_REG_RAX) == 0x0BAD_F00D_CAFE_BEEF
-    assert st.load().seg(R_FS) == (0x48, 0x9000, 0xFFFF, C.attrib_to_flags(attrib(0x3, db=1)))
+    assert st.seg(R_FS) == (0x48, 0x9000, 0xFFFF, C.attrib_to_flags(attrib(0x3, db=1)))
 
 
 @pytest.mark.parametrize("l, expect_rax", [(1, 0x1_0000_0006), (0, 0x5)])
@@ -350,9 +362,8 @@ def test_set_seg_cs_mode_decides_decoding(l, expect_rax):
     CS.D = 1) it is DEC EAX; INC EAX, which also clears RAX[63:32]."""
     uc = cpu()
     uc.reg_write(X.UC_X86_REG_RAX, 0x1_0000_0005)
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     st.set_seg(R_CS, 0x08, 0, 0xFFFFFFFF, C.attrib_to_flags(attrib(0xB, l=l, db=1 - l, g=1)))
-    st.store()
     run(uc, bytes.fromhex("48ffc0"))
     assert uc.reg_read(X.UC_X86_REG_RAX) == expect_rax
 
@@ -365,26 +376,23 @@ def test_cpl_written_rules_privileged_instructions(how, cpl):
     cpu_x86_load_seg_cache takes it."""
     uc = cpu()
     seen = interrupts(uc)
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     if how == "set_cpl":
         st.set_cpl(cpl)
     else:
         st.set_seg(R_SS, 0x20 | cpl, 0, 0xFFFFFFFF, C.attrib_to_flags(attrib(0x3, dpl=cpl, db=1, g=1)))
-    st.store()
-    assert st.load().cpl == cpl
+    assert st.cpl == cpl
     run(uc, asm("mov rax, cr0"))
     assert seen == ([(13, 0)] if cpl == 3 else [])
 
 
 def test_set_gif_round_trip():
     uc = cpu()
-    st = CpuState(uc).load()
+    st = CpuState(uc)
     st.set_gif(False)
-    st.store()
-    assert not CpuState(uc).load().hflags2 & C.HF2_GIF
-    st.load().set_gif(True)
-    st.store()
-    assert CpuState(uc).load().hflags2 & C.HF2_GIF
+    assert not CpuState(uc).hflags2 & C.HF2_GIF
+    st.set_gif(True)
+    assert CpuState(uc).hflags2 & C.HF2_GIF
 
 
 # -- the values in Unicorn's engine struct ----------------------------------------------
@@ -468,6 +476,7 @@ def test_error_message():
     (C._locate_error_code, "_context_bytes", "error_code"),
     (C._locate_emu_counter, "_engine_bytes", "emu_counter"),
     (C._locate_invalid_addr, "_engine_bytes", "invalid_addr"),
+    (C._locate_env, "_engine_bytes", "engine_cpu"),
 ])
 def test_a_calibration_that_finds_nothing_is_named(monkeypatch, locate, reads, name):
     """As if Unicorn had moved the value: the state the calibration scans is zeros."""
@@ -501,18 +510,16 @@ def test_the_import_itself_fails(tmp_path):
 
 
 # -- TSC_OFFSET: where Unicorn's RDTSC adds it -----------------------------------------
-def test_tsc_offset_written_in_the_snapshot_is_added_by_rdtsc():
+def test_tsc_offset_written_in_the_state_is_added_by_rdtsc():
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x10000, UC_PROT_ALL)
     uc.mem_write(0x1000, b"\x0f\x31\x0f\x31")        # rdtsc ; rdtsc
-    st = C.CpuState(uc).load()
+    st = C.CpuState(uc)
     assert st.tsc_offset == 0
     uc.emu_start(0x1000, 0x1002)
     before = uc.reg_read(X.UC_X86_REG_RDX) << 32 | uc.reg_read(X.UC_X86_REG_RAX)
-    st.load()
     st.tsc_offset = 7 << 60
-    st.store()
     uc.emu_start(0x1002, 0x1004)
     after = uc.reg_read(X.UC_X86_REG_RDX) << 32 | uc.reg_read(X.UC_X86_REG_RAX)
     assert 0 <= ((after - before) & (2**64 - 1)) - (7 << 60) < 1 << 40
-    assert C.CpuState(uc).load().tsc_offset == 7 << 60
+    assert C.CpuState(uc).tsc_offset == 7 << 60
