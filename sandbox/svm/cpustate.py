@@ -785,6 +785,13 @@ OFF_EMU_COUNTER = INTERNALS.emu_counter
 OFF_INVALID_ADDR = INTERNALS.invalid_addr
 
 
+def engine_cell(uc: Uc, offset: int) -> ctypes.c_uint64:
+    """The qword at ``offset`` (:data:`OFF_EMU_COUNTER`, :data:`OFF_INVALID_ADDR`)
+    in the engine struct of ``uc``, in place: ``.value`` reads it as it is now
+    (no call into ctypes per read, for hot paths)."""
+    return ctypes.c_uint64.from_address(_handle(uc) + offset)
+
+
 def emu_counter(uc: Uc) -> int:
     """Instructions Unicorn counted in the last ``emu_start(count=...)``: those
     executed, plus the one it stopped at when the count ran out."""

@@ -18,7 +18,7 @@ from unicorn import x86_const as X
 from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import PFErr
 from .controls import GuestControls
-from .cpustate import CpuState, emu_counter, invalid_addr
+from .cpustate import OFF_EMU_COUNTER, OFF_INVALID_ADDR, CpuState, engine_cell
 from .events import Vec
 from .exitcodes import ExitCode
 from .smc import CodeStore
@@ -48,6 +48,9 @@ class RunLoop:
 
     def __init__(self, uc: Uc, st: CpuState, ctl: GuestControls, sw: "SwitchState") -> None:
         self._uc, self._st, self._ctl, self._sw = uc, st, ctl, sw
+        #: Unicorn's instruction counter and the address of its last failed fill, in place
+        self._counter = engine_cell(uc, OFF_EMU_COUNTER)
+        self._invalid = engine_cell(uc, OFF_INVALID_ADDR)
         self.limits = RunLimits()
         #: instructions started in the last run (counted only with an instruction budget)
         self.insns: int | None = None
@@ -193,12 +196,10 @@ class RunLoop:
 
     def _count_slice(self, budget: int) -> None:
         if budget:
-            n = emu_counter(self._uc)
-            if n is not None:
-                n = min(n, budget)
-                self.guest_clock += n
-                if self.limits.max_insns:
-                    self.insns = (self.insns or 0) + n
+            n = min(self._counter.value, budget)
+            self.guest_clock += n
+            if self.limits.max_insns:
+                self.insns = (self.insns or 0) + n
 
     def _uncount_refused_store(self) -> None:
         """A store refused because it hit a scanned code page did not retire: it
@@ -220,7 +221,7 @@ class RunLoop:
             smc.begin(f.hpa, rip)          # a store to a code page: step it
             return
         # the fill saw only the page; Unicorn kept the exact faulting address
-        exact = invalid_addr(self._uc)
+        exact = self._invalid.value
         off = exact & 0xFFF if exact is not None and exact & ~0xFFF == self._fill.fault_page else 0
         if smc.step is not None:
             smc.end()                      # the stepped store faulted
@@ -272,7 +273,7 @@ class RunLoop:
     def _clock_now(self) -> int:
         """Guest time in instructions, including the running slice's progress."""
         if self._in_emu and self._slice_budget:
-            return self.guest_clock + min(emu_counter(self._uc), self._slice_budget)
+            return self.guest_clock + min(self._counter.value, self._slice_budget)
         return self.guest_clock
 
     def idle_until(self, time_ns: int) -> None:

@@ -414,6 +414,17 @@ def test_emu_counter_when_the_code_ends_first(k):
     assert C.emu_counter(uc) == k
 
 
+def test_the_engine_cell_follows_every_run():
+    """One cell made before any run reads each later run's count (the cell is
+    the engine's memory, not a copy)."""
+    code = asm("nop\n" * 9)
+    uc = cpu(code)
+    cell = C.engine_cell(uc, C.OFF_EMU_COUNTER)
+    for count, counted in ((3, 4), (20, 9)):      # the budget runs out (one more: the stop), the code ends
+        uc.emu_start(CODE, CODE + 9, count=count)
+        assert cell.value == counted == C.emu_counter(uc)
+
+
 def _refusing(code: bytes, refused_page: int) -> Uc:
     uc = cpu(code)
     uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
