@@ -7,9 +7,9 @@ write permission a stepped code store was granted (:mod:`.smc`) -- QEMU's
 ``tlb_flush_page`` drops just that page (every MMU index, its victim-TLB
 entries and its jump-cache entries).  libunicorn exports it under its
 per-target name; it takes the ``CPUState *``, which the engine keeps in
-``struct uc_struct``: the offset is read off libunicorn's own
-``tcg_flush_softmmu_tlb`` (``mov rdi, [rdi + offset]; jmp tlb_flush``), and
-the whole mechanism is checked once on a scratch engine before it is used.
+``struct uc_struct`` at the offset :mod:`.cpustate` calibrates and verifies
+at import (``engine_cpu``), and the whole mechanism is checked once on a
+scratch engine before it is used.
 Where any of it is missing or behaves otherwise, :func:`page_flusher`
 returns None and callers flush everything, as before.
 
@@ -18,35 +18,19 @@ Like :mod:`.engine`, this module reaches into libunicorn's internals.
 from __future__ import annotations
 
 import ctypes
-import re
 from typing import Callable
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from unicorn import UC_PROT_ALL, UC_TLB_VIRTUAL, Uc
 from unicorn.unicorn_py3.unicorn import uclib
 
+from .cpustate import INTERNALS
 from .engine import TCG_BUFFER_SMALL, add_raw_tlb_fill_hook, raw_handle, x86_64_engine
 
-_FLUSH_ALL = "tcg_flush_softmmu_tlb_x86_64"     # void (struct uc_struct *uc): tlb_flush(uc->cpu)
 _FLUSH_PAGE = "tlb_flush_page_x86_64"           # void (CPUState *cpu, target_ulong addr)
-_LOAD_CPU = re.compile(r"rdi, qword ptr \[rdi \+ (0x[0-9a-f]+)\]$")
 
 #: ``offsetof(struct uc_struct, cpu)`` once the self-test has passed (None: not yet taken;
 #: -1: this libunicorn cannot flush one page as checked)
 _cpu_at: int | None = None
-
-
-def _cpu_offset() -> int | None:
-    """``offsetof(struct uc_struct, cpu)`` as libunicorn's ``tcg_flush_softmmu_tlb`` loads it."""
-    fn = getattr(uclib, _FLUSH_ALL, None)
-    if fn is None:
-        return None
-    at = ctypes.cast(fn, ctypes.c_void_p).value
-    insns = list(Cs(CS_ARCH_X86, CS_MODE_64).disasm(ctypes.string_at(at, 16), at, 2))
-    if len(insns) != 2 or insns[0].mnemonic != "mov" or insns[1].mnemonic != "jmp":
-        return None
-    m = _LOAD_CPU.match(insns[0].op_str)
-    return int(m.group(1), 16) if m else None
 
 
 def _raw_flusher(uc: Uc, off: int) -> Callable[[int], None] | None:
@@ -81,8 +65,8 @@ def _self_test() -> int | None:
     keep = add_raw_tlb_fill_hook(uc, fill)
     code = bytes.fromhex("488b042500100000" "488b1c2500200000")     # mov rax, [0x1000]; mov rbx, [0x2000]
     uc.mem_write(0, code)
-    off = _cpu_offset()
-    flush = _raw_flusher(uc, off) if off is not None else None
+    off = INTERNALS.engine_cpu
+    flush = _raw_flusher(uc, off)
     if flush is None:
         return None
     runs = []
