@@ -47,7 +47,8 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
 PRIVATE_ALLOWED: dict[tuple[str, str], str] = {
     ("sandbox.svm.cpustate", "_uch"):
         "Unicorn's engine handle (Uc._uch): uc_context_save/restore and uc_reg_read/write "
-        "are called on it directly, and emu_counter/invalid_addr are read from its struct",
+        "are called on it directly, emu_counter/invalid_addr are read from its struct, and its "
+        "cpu pointer leads to the CPU state, read and written in place",
     ("sandbox.svm.engine", "_uch"):
         "Unicorn's engine handle (Uc._uch): the processor adds and deletes its raw hooks with "
         "uclib.uc_hook_add / uc_hook_del in this one module",

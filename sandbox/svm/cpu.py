@@ -106,7 +106,7 @@ class SvmCpu:
         # -- the per-exit entry points, bound to their part ---------------------
         #: guest GPR ``i`` while the hypervisor runs (QEMU order: rax rcx rdx rbx rsp ...)
         self.guest_gpr: Callable[[int], int] = ws.save_area.guest_gpr
-        #: set guest GPR ``i``; stored at the next VMRUN
+        #: set guest GPR ``i`` in the processor (the next VMRUN finds it there)
         self.set_guest_gpr: Callable[[int, int], None] = ws.save_area.set_guest_gpr
         #: write the lazily saved part of the guest state into the VMCB
         self.flush_guest_state: Callable[[], None] = ws.save_area.flush_guest_state

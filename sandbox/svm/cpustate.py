@@ -89,6 +89,22 @@ def attrib_to_flags(attrib: int) -> int:
     return ((attrib & 0xFF) << 8) | ((attrib & 0xF00) << 12)
 
 
+class _EngineMemory:
+    """ctypes arrays over memory an engine owns, each holding the engine: a view of
+    one (its buffer export keeps the array) keeps the engine, and so the memory, alive."""
+
+    _types: dict[int, type] = {}
+
+    @classmethod
+    def over(cls, uc: Uc, address: int, size: int) -> ctypes.Array:
+        t = cls._types.get(size)
+        if t is None:
+            t = cls._types[size] = type("EngineBytes", (ctypes.c_char * size,), {})
+        arr = t.from_address(address)
+        arr.engine = uc
+        return arr
+
+
 class CpuState:
     """Raw view of one Unicorn x86-64 CPU's state: QEMU's ``CPUX86State`` itself.
 
@@ -105,7 +121,8 @@ class CpuState:
         self.uc = uc                 # (kept: the CPU's memory lives as long as the engine)
         self._h = uc._uch
         size = len(_context_bytes(uc)) - CONTEXT_DATA
-        self.data = memoryview((ctypes.c_char * size).from_address(live_env(uc))).cast("B")
+        env = _EngineMemory.over(uc, live_env(uc), size)
+        self.data = memoryview(env).cast("B")
         #: the state as 64-bit words: GPR ``i`` (QEMU order) is ``q[i]`` (hot paths: no call per access)
         self.q = self.data[:size & ~7].cast("Q")
         self._read = RegReader(uc).read        # uc_reg_read into a buffer zeroed first (narrow registers)
@@ -530,6 +547,10 @@ def read_process(address: int, n: int) -> bytes | None:
     return b if len(b) == n else None
 
 
+#: the import error where this process cannot read itself through /proc/self/mem
+PROC_MEM_MISSING = ("sandbox: cannot read /proc/self/mem, which the sandbox needs to find Unicorn's "
+                    "CPU state (it runs on Linux, with /proc mounted)")
+
 #: how far past ``uc->cpu`` the calibration looks for the CPU state (QEMU's
 #: CPUState, with its 32 KiB jump cache, comes first in X86CPU)
 _ENV_WINDOW = 0x20000
@@ -571,6 +592,9 @@ def _locate_env() -> tuple[int, int]:
     to the registers' distinct values written just before; a match that
     follows the next register write is the CPU itself, and the same two
     offsets must find it in another engine."""
+    probe = ctypes.create_string_buffer(b"sandbox", 8)
+    if read_process(ctypes.addressof(probe), 8) != probe.raw:
+        raise ImportError(PROC_MEM_MISSING)
     uc = x86_64_engine(TCG_BUFFER_SMALL)
     want = _env_marks(uc, 1)
     raw = _engine_bytes(uc)
@@ -604,6 +628,7 @@ def live_env(uc: Uc) -> int:
     """The address of the CPU state (``CPUX86State``) of ``uc``, checked
     (:func:`_is_live_env`): where Unicorn's register API and its context
     copies read and write it."""
+    _context_bytes(uc)                  # (any API call creates the engine's CPU)
     env = _env_at(uc, INTERNALS.engine_cpu, INTERNALS.cpu_env)
     if env is None or not _is_live_env(uc, env):
         raise missing(NAMES["engine_cpu"], NAMES["cpu_env"])

@@ -96,7 +96,7 @@ def descriptor_attrib(desc: int) -> int:
 def deliver(st, mem: GuestAccess, vector: int, error_code: int | None, *, software: bool,
             rip: int, rflags: int, rsp: int, external: bool = False) -> tuple[int, int, int]:
     """Deliver one event; returns the new (RIP, RSP, RFLAGS) and updates segment
-    state in ``st`` (a loaded :class:`~sandbox.svm.cpustate.CpuState`).
+    state in ``st`` (the processor's :class:`~sandbox.svm.cpustate.CpuState`).
 
     Raises :class:`DeliveryFault` for a fault during delivery.
     """

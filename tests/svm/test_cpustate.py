@@ -289,6 +289,26 @@ def test_each_engine_has_its_own_state():
     assert C.live_env(a) != C.live_env(b)
 
 
+def test_the_state_keeps_its_engine_alive():
+    """A view of the state outlives every other reference to its engine (else
+    it would read freed memory, or the next engine's)."""
+    import gc
+    uc = cpu()
+    uc.reg_write(X.UC_X86_REG_RDI, 0x5AFE_0000_0000_0007)
+    q = CpuState(uc).q
+    del uc
+    gc.collect()
+    other = cpu()
+    other.reg_write(X.UC_X86_REG_RDI, 0xBAD)
+    assert q[7] == 0x5AFE_0000_0000_0007
+
+
+def test_no_proc_mem_is_one_clear_import_error(monkeypatch):
+    monkeypatch.setattr(C, "read_process", lambda address, n: None)
+    with pytest.raises(ImportError, match="cannot read /proc/self/mem"):
+        C._locate_env()
+
+
 def test_read_process_reads_mapped_memory_and_refuses_unmapped():
     buf = ctypes.create_string_buffer(b"live state", 16)
     assert C.read_process(ctypes.addressof(buf), 10) == b"live state"
@@ -296,7 +316,7 @@ def test_read_process_reads_mapped_memory_and_refuses_unmapped():
         assert C.read_process(address, 8) is None
 
 
-# -- store: cpustate's writes as Unicorn and the guest see them --------------------------
+# -- writes: cpustate's writes as Unicorn and the guest see them -------------------------
 def test_set_gpr_reaches_unicorn_and_the_guest():
     uc = cpu()
     st = CpuState(uc)
