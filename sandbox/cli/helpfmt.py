@@ -1,7 +1,17 @@
-"""The ``--help`` layout shared by the command-line front ends."""
+"""The ``--help`` layout and the argument errors shared by the command-line front ends."""
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error on stderr, exit status 2: ``sandbox run:
+    error: MESSAGE (see 'sandbox run --help')`` instead of the usage block and
+    the message.  Subcommand parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

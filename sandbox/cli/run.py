@@ -29,7 +29,7 @@ from .console import Console
 from .errors import CliError
 from .experiment import add_parser as add_experiment_parser
 from .fuzz import add_parser, replay_case
-from .helpfmt import HelpFormatter
+from .helpfmt import HelpFormatter, Parser
 from .trace import DEFAULT_TRACE_LIMIT, Disassembler, ExitTrace, color_of, json_exit
 from .workbench import ReplayFailed, Workbench, new_rng_seed, open_replay
 
@@ -506,9 +506,9 @@ def memory_table(paging: str, r: RunResult, m: Machine) -> Table:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sandbox", description="AMD-V (SVM) hypervisor sandbox",
+    p = Parser(prog="sandbox", description="AMD-V (SVM) hypervisor sandbox",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="run a guest image", epilog=EPILOG, formatter_class=HelpFormatter)
     r.add_argument("image", help="guest image: .S/.asm (keystone), .bin (flat), a static non-PIE ELF64, an ELF32 "
                                  "multiboot kernel (kvm-unit-tests .flat), or a saved fuzz case (.case: only "

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "guest_images" / "hello.S"
 
@@ -54,6 +56,21 @@ def test_unknown_intercept_is_a_clear_error():
     assert p.returncode == 2
     assert "unknown intercept name 'cpuidd'" in p.stderr and "cpuid" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (("run", "--bogus", "HELLO"), "sandbox: error: unrecognized arguments: --bogus (see 'sandbox --help')"),
+    ((), "sandbox: error: the following arguments are required: COMMAND (see 'sandbox --help')"),
+    (("run",), "sandbox run: error: the following arguments are required: image (see 'sandbox run --help')"),
+    (("run", "HELLO", "--tlb", "nope"), "sandbox run: error: argument --tlb: invalid choice: 'nope'"),
+    (("fuzz", "--jobs", "x"), "sandbox fuzz: error: argument --jobs: invalid int value: 'x'"),
+])
+def test_a_bad_flag_is_one_line_with_status_2(args, says):
+    """argparse's own errors too: one line naming the command and its --help, no usage block."""
+    p = run_cli(*(str(HELLO) if a == "HELLO" else a for a in args))
+    assert p.returncode == 2
+    assert p.stderr.startswith(says) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stdout == ""
 
 
 def test_bad_ports_and_missing_image_are_clear_errors(tmp_path):
