@@ -81,6 +81,7 @@ from unicorn import __version__ as UNICORN_VERSION  # noqa: E402
 from unicorn import x86_const as X  # noqa: E402
 
 import sandbox  # noqa: E402
+from sandbox.cli.helpfmt import Parser  # noqa: E402
 from sandbox import ExitCode, Machine  # noqa: E402
 from sandbox.svm.cpu import VmrunError  # noqa: E402
 from sandbox.hypervisor.machine import handle_cpuid  # noqa: E402
@@ -561,7 +562,7 @@ def fuzz_floor_rate(n: int, seed: int = 1, max_insns: int = 1024) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="bench.py", description=__doc__,
+    ap = Parser(prog="bench.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=None, help="hot-loop iterations (default 20,000,000; quick 2,000,000)")
     ap.add_argument("--cpuids", type=int, default=None, help="CPUIDs per CPUID run (default 30,000; quick 10,000)")

@@ -43,6 +43,7 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_PROT_READ, UC_PROT_
 from unicorn import x86_const as X  # noqa: E402
 
 from sandbox import Machine  # noqa: E402
+from sandbox.cli.helpfmt import Parser  # noqa: E402
 from sandbox.hypervisor.loader import LOAD_BASE, assemble  # noqa: E402
 from sandbox.memory.tlb import TlbMode  # noqa: E402
 from sandbox.progress import progress  # noqa: E402
@@ -239,7 +240,7 @@ def switch_cost(tmp: Path, n: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     a = ap.parse_args(argv)

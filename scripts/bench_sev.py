@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sandbox import Machine  # noqa: E402
+from sandbox.cli.helpfmt import Parser  # noqa: E402
 from sandbox.hypervisor.sev_launch import launch_sev  # noqa: E402
 from sandbox.sev.memctl import XexEngine  # noqa: E402
 from sandbox.svm.stop import StopReason  # noqa: E402
@@ -148,7 +149,7 @@ def run_sev(exits: int, rounds: int, timeout: float, log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exits", type=int, default=2000, help="exits of the memory loop (2,000)")
     ap.add_argument("--rounds", type=int, default=3, help="plain/SEV pairs, interleaved (3)")
     ap.add_argument("--timeout", type=float, default=120.0, help="wall-clock limit of one run, s (120)")

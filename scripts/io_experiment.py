@@ -19,12 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from sandbox.cli.helpfmt import Parser  # noqa: E402
 from sandbox.experiments.io_dirty import MODES, run_io_experiment  # noqa: E402
 from sandbox.progress import progress  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reads", type=int, default=1_000_000, help="status-register reads (1,000,000)")
     ap.add_argument("--writes", type=int, default=30_000, help="control commands (30,000)")
     ap.add_argument("--modes", default="port,mmio-poll", help=f"comma list of {', '.join(MODES)}, or 'all'")

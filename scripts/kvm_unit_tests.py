@@ -25,7 +25,6 @@ by side, with the subtest an engine was in when its run was cut off.
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import os
@@ -38,6 +37,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, REPO)
+
+from sandbox.cli.helpfmt import Parser  # noqa: E402
+
+
 def default_dir() -> str:
     """$KVM_UNIT_TESTS_DIR, else ``../shared/kvm-unit-tests`` next to the repository
     (or one level further up, for a git worktree kept in a subfolder)."""
@@ -333,7 +337,7 @@ def print_subtests(results: list[Result], with_qemu: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default=DEFAULT_DIR, help="kvm-unit-tests build (with x86/unittests.cfg)")
     ap.add_argument("--only", metavar="GLOB", action="append", help="run only entries matching (repeatable)")
     ap.add_argument("--timeout", type=float, default=None,

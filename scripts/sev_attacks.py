@@ -13,7 +13,6 @@ nested page fault with the RMP bit instead of succeeding silently.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sandbox import RESUME, ExitCode, Machine, handlers                  # noqa: E402
+from sandbox.cli.helpfmt import Parser                                    # noqa: E402
 from sandbox.hypervisor.sev_launch import launch_sev, launch_snp          # noqa: E402
 from sandbox.sev.rmp import VC_PAGE_NOT_VALIDATED                         # noqa: E402
 from sandbox.svm.stop import StopReason                                   # noqa: E402
@@ -79,7 +79,7 @@ def outcome(r, seen, idx: int) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--snp", action="store_true", help="run the guests as SEV-SNP guests")
     snp = ap.parse_args().snp
     print(f"guest wrote A = {show(SECRET_A)}, B = {show(SECRET_B)}\n")

@@ -11,13 +11,13 @@ guest put in its GHCB.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sandbox import ExitCode, Machine, exit_name                                  # noqa: E402
+from sandbox.cli.helpfmt import Parser                                            # noqa: E402
 from sandbox.hypervisor.ghcb import handle_vmgexit                                # noqa: E402
 from sandbox.hypervisor.machine import SevEsRegisterError                         # noqa: E402
 from sandbox.hypervisor.sev_launch import launch_sev, launch_sev_es               # noqa: E402
@@ -67,7 +67,7 @@ def trace(es: bool, limit: int) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--exits", type=int, default=8, help="at most this many exits per run (8)")
     a = ap.parse_args()
     print("SEV (registers and VMCB save area visible to the hypervisor):")
