@@ -56,7 +56,12 @@ def test_local_two_worker_cluster_shares_corpus_and_dedups_findings(tmp_path):
     leaves: each worker reports that finding, the driver keeps and saves it once; and
     each worker takes in corpus cases the other found."""
     pytest.importorskip("ray")
-    opts = C.Options(seed=2, seconds=20, jobs=2, audit_every=0, minimize=False, differential_every=0,
+    # seed 8: each worker's own stream reaches a raising CPUID leaf within its first dozen
+    # cases (its first chunk, before any corpus is exchanged), so both report the finding;
+    # a case quota, not a time limit, so a loaded machine takes longer instead of cutting
+    # the campaign short (20 s once ended before seed 2's worker 0 got to its 211th case,
+    # and with both cores busy before any corpus crossed)
+    opts = C.Options(seed=8, seconds=None, cases=3000, jobs=2, audit_every=0, minimize=False, differential_every=0,
                      crashes=tmp_path / "crashes", hooks=ROOT / "hooks" / "buggy_handlers.py")
     stats, secs, interrupted, info = run_ray(opts, None)
     assert info["workers"] == 2 and not interrupted
