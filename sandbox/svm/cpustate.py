@@ -89,20 +89,20 @@ def attrib_to_flags(attrib: int) -> int:
     return ((attrib & 0xFF) << 8) | ((attrib & 0xF00) << 12)
 
 
-class _EngineMemory:
-    """ctypes arrays over memory an engine owns, each holding the engine: a view of
-    one (its buffer export keeps the array) keeps the engine, and so the memory, alive."""
+#: ctypes type -> its subclass that can hold an engine (:func:`engine_memory`)
+_ENGINE_TYPES: dict[type, type] = {}
 
-    _types: dict[int, type] = {}
 
-    @classmethod
-    def over(cls, uc: Uc, address: int, size: int) -> ctypes.Array:
-        t = cls._types.get(size)
-        if t is None:
-            t = cls._types[size] = type("EngineBytes", (ctypes.c_char * size,), {})
-        arr = t.from_address(address)
-        arr.engine = uc
-        return arr
+def engine_memory(uc: Uc, address: int, ctype: type):
+    """A ``ctype`` object in place at ``address``, in memory the engine ``uc`` owns
+    (its CPU state, a field of its struct), holding ``uc``: the object, and a
+    memoryview of it, keep the engine and so the memory alive."""
+    t = _ENGINE_TYPES.get(ctype)
+    if t is None:
+        t = _ENGINE_TYPES[ctype] = type(f"Engine_{ctype.__name__}", (ctype,), {})
+    obj = t.from_address(address)
+    obj.engine = uc
+    return obj
 
 
 class CpuState:
@@ -121,7 +121,7 @@ class CpuState:
         self.uc = uc                 # (kept: the CPU's memory lives as long as the engine)
         self._h = uc._uch
         size = len(_context_bytes(uc)) - CONTEXT_DATA
-        env = _EngineMemory.over(uc, live_env(uc), size)
+        env = engine_memory(uc, live_env(uc), ctypes.c_char * size)
         self.data = memoryview(env).cast("B")
         #: the state as 64-bit words: GPR ``i`` (QEMU order) is ``q[i]`` (hot paths: no call per access)
         self.q = self.data[:size & ~7].cast("Q")
@@ -811,18 +811,19 @@ OFF_INVALID_ADDR = INTERNALS.invalid_addr
 
 
 def engine_cell(uc: Uc, offset: int) -> ctypes.c_uint64:
-    """The qword at ``offset`` (:data:`OFF_EMU_COUNTER`, :data:`OFF_INVALID_ADDR`)
-    in the engine struct of ``uc``, in place: ``.value`` reads it as it is now
-    (no call into ctypes per read, for hot paths)."""
-    return ctypes.c_uint64.from_address(_handle(uc) + offset)
+    """The qword at ``offset`` (:data:`OFF_EMU_COUNTER`, :data:`OFF_INVALID_ADDR`,
+    ``INTERNALS.engine_cpu``) in the engine struct of ``uc``, in place (see
+    :func:`engine_memory`): ``.value`` reads it as it is now (no call into
+    ctypes per read, for hot paths)."""
+    return engine_memory(uc, _handle(uc) + offset, ctypes.c_uint64)
 
 
 def emu_counter(uc: Uc) -> int:
     """Instructions Unicorn counted in the last ``emu_start(count=...)``: those
     executed, plus the one it stopped at when the count ran out."""
-    return _Q.unpack_from(ctypes.string_at(uc._uch.value + OFF_EMU_COUNTER, 8))[0]
+    return engine_cell(uc, OFF_EMU_COUNTER).value
 
 
 def invalid_addr(uc: Uc) -> int:
     """The exact address of the last failed TLB fill."""
-    return _Q.unpack_from(ctypes.string_at(uc._uch.value + OFF_INVALID_ADDR, 8))[0]
+    return engine_cell(uc, OFF_INVALID_ADDR).value

@@ -23,21 +23,21 @@ from typing import Callable
 from unicorn import UC_PROT_ALL, UC_TLB_VIRTUAL, Uc
 from unicorn.unicorn_py3.unicorn import uclib
 
-from .cpustate import INTERNALS
-from .engine import TCG_BUFFER_SMALL, add_raw_tlb_fill_hook, raw_handle, x86_64_engine
+from .cpustate import INTERNALS, engine_cell
+from .engine import TCG_BUFFER_SMALL, add_raw_tlb_fill_hook, x86_64_engine
 
 _FLUSH_PAGE = "tlb_flush_page_x86_64"           # void (CPUState *cpu, target_ulong addr)
 
-#: ``offsetof(struct uc_struct, cpu)`` once the self-test has passed (None: not yet taken;
-#: -1: this libunicorn cannot flush one page as checked)
-_cpu_at: int | None = None
+#: the self-test's verdict (None: not yet taken; False: this libunicorn cannot flush
+#: one page as checked)
+_checked: bool | None = None
 
 
-def _raw_flusher(uc: Uc, off: int) -> Callable[[int], None] | None:
+def _raw_flusher(uc: Uc) -> Callable[[int], None] | None:
     fn = getattr(uclib, _FLUSH_PAGE, None)
     if fn is None:
         return None
-    cpu = ctypes.c_uint64.from_address(raw_handle(uc).value + off).value
+    cpu = engine_cell(uc, INTERNALS.engine_cpu).value
     if not cpu:
         return None                     # the engine's CPU is not created yet
     # no callback into Python and nothing that blocks: the GIL is kept (see engine.in_hook_fn)
@@ -46,11 +46,11 @@ def _raw_flusher(uc: Uc, off: int) -> Callable[[int], None] | None:
     return lambda gva: flush(ptr, gva)
 
 
-def _self_test() -> int | None:
+def _self_test() -> bool:
     """On a scratch engine with a virtual TLB: code reading two data pages
     runs three times; between the second and the third run the first data
     page is flushed.  The fills must be: all three pages, then none, then
-    that page alone.  Returns the CPU's offset in ``uc_struct`` when they are."""
+    that page alone."""
     uc = x86_64_engine(TCG_BUFFER_SMALL)
     uc.mem_map(0, 0x3000)
     uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -65,10 +65,9 @@ def _self_test() -> int | None:
     keep = add_raw_tlb_fill_hook(uc, fill)
     code = bytes.fromhex("488b042500100000" "488b1c2500200000")     # mov rax, [0x1000]; mov rbx, [0x2000]
     uc.mem_write(0, code)
-    off = INTERNALS.engine_cpu
-    flush = _raw_flusher(uc, off)
+    flush = _raw_flusher(uc)
     if flush is None:
-        return None
+        return False
     runs = []
     for i in range(3):
         if i == 2:
@@ -77,18 +76,17 @@ def _self_test() -> int | None:
         uc.emu_start(0, len(code))
         runs.append(sorted(fills[n:]))
     del keep
-    return off if runs == [[0, 0x1000, 0x2000], [], [0x1000]] else None
+    return runs == [[0, 0x1000, 0x2000], [], [0x1000]]
 
 
 def page_flusher(uc: Uc) -> Callable[[int], None] | None:
     """``flush(gva)``: drop the soft-TLB entries of the page at ``gva`` on
     ``uc`` (which must have its CPU, i.e. memory mapped); None where this
     libunicorn cannot do it as checked."""
-    global _cpu_at
-    if _cpu_at is None:
+    global _checked
+    if _checked is None:
         try:
-            off = _self_test()
+            _checked = _self_test()
         except Exception:
-            off = None
-        _cpu_at = -1 if off is None else off
-    return _raw_flusher(uc, _cpu_at) if _cpu_at >= 0 else None
+            _checked = False
+    return _raw_flusher(uc) if _checked else None
