@@ -575,8 +575,8 @@ def _env_at(uc: Uc, engine_cpu: int, cpu_env: int) -> int | None:
 def _is_live_env(uc: Uc, env: int) -> bool:
     """``env`` holds the CPU state of ``uc`` itself, not a copy: it reads as
     Unicorn's context copy does, and follows a register written through the API."""
-    size = len(_context_bytes(uc)) - CONTEXT_DATA
-    if read_process(env, size) != _context_bytes(uc)[CONTEXT_DATA:]:
+    state = _context_bytes(uc)[CONTEXT_DATA:]
+    if read_process(env, len(state)) != state:
         return False
     old = uc.reg_read(X.UC_X86_REG_RAX)
     uc.reg_write(X.UC_X86_REG_RAX, old ^ 0xA5A5_0000_0000_5A5A)

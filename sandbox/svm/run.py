@@ -222,7 +222,7 @@ class RunLoop:
             return
         # the fill saw only the page; Unicorn kept the exact faulting address
         exact = self._invalid.value
-        off = exact & 0xFFF if exact is not None and exact & ~0xFFF == self._fill.fault_page else 0
+        off = exact & 0xFFF if exact & ~0xFFF == self._fill.fault_page else 0
         if smc.step is not None:
             smc.end()                      # the stepped store faulted
         if isinstance(f, NestedFault):
