@@ -469,6 +469,9 @@ class Machine:
         hypervisor emulates for the guest), never the processor's counters."""
         if self.shadow is not None:
             return self.shadow.translate(gva, access, set_ad)
+        page = self.cpu.hypervisor_page(gva, access, set_ad)
+        if page is not None:
+            return page | (gva & 0xFFF)
         t = self.cpu.walker(WalkStats()).translate(gva, access, False, set_ad=set_ad)
         return t.hpa if t.dram is None else t.dram          # SEV: the DRAM page, i.e. ciphertext
 

@@ -30,10 +30,12 @@ from .mmu import IdentityNested, TwoDimWalker
 from .paging import ADDR_MASK, PTE, RSVD_HIGH
 from .tlb import RawEntry
 
-#: ``fast(gva, access, user[, ad])`` -> the TLB entry, a :data:`~.tlb.RawEntry` (HPA
-#: page, writable, executable, dirty, global, user page), or None: use the general
+#: ``fast(gva, access, user[, ad[, counted]])`` -> the TLB entry, a :data:`~.tlb.RawEntry`
+#: (HPA page, writable, executable, dirty, global, user page), or None: use the general
 #: walker.  ``ad=False`` is the general walker's ``set_ad=False``: no Accessed or
-#: Dirty bit written (it gives up where one is clear above the leaf)
+#: Dirty bit written (it gives up where one is clear above the leaf).
+#: ``counted=False``: a walk made on the hypervisor's behalf, not a memory
+#: reference of the processor's, so the walker's counters are left alone
 FastTranslate = Callable[..., "RawEntry | None"]
 
 _P, _RW, _US, _A, _D, _PS, _G, _NX = (int(f) for f in (PTE.P, PTE.RW, PTE.US, PTE.A, PTE.D, PTE.PS, PTE.G, PTE.NX))
@@ -257,7 +259,7 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
     g_global = _G if pge else 0
     all_rights = _RW | _US
 
-    def fast(gva: int, access: int, user: bool, ad: bool = True) -> RawEntry | None:
+    def fast(gva: int, access: int, user: bool, ad: bool = True, counted: bool = True) -> RawEntry | None:
         g_need, g_forbid, g_deny, n_need, n_forbid, set_ad, wp_off = rule[access * 2 + user]
         # ---- the guest's levels, each read in its table page's known host page
         c = g_cached(gva >> 21)
@@ -325,11 +327,12 @@ def fast_translator(walker: TwoDimWalker) -> FastTranslate | None:
             nf = f | set_ad
             if nf != f and ad:
                 q[at] = nf
-        stats = walker.stats                 # (the walker's, as :meth:`TwoDimWalker.count_into` sets it)
-        stats.walks += 1
-        stats.guest_entries += levels
-        stats.nested_entries += nrefs + n_levels
-        stats.data_refs += 1
+        if counted:
+            stats = walker.stats             # (the walker's, as :meth:`TwoDimWalker.count_into` sets it)
+            stats.walks += 1
+            stats.guest_entries += levels
+            stats.nested_entries += nrefs + n_levels
+            stats.data_refs += 1
         return (hpa & ~0xFFF, n_and & _RW != 0 and (wp_off or g_and & _RW != 0),
                 g_or & g_nx == 0 and n_or & _NX == 0, set_ad & _D != 0 or e & f & _D != 0, e & g_global != 0,
                 g_and & _US != 0)

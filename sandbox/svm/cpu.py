@@ -188,6 +188,13 @@ class SvmCpu:
         hypervisor's behalf, which are not guest memory references."""
         return self._fill.build_walker(self._fill.stats if stats is None else stats)
 
+    def hypervisor_page(self, gva: int, access: int, set_ad: bool = False) -> int | None:
+        """The host page of guest-virtual ``gva`` for a supervisor ``access``
+        the hypervisor makes on the guest's behalf, by the processor's fast
+        walk (nothing counted; A/D bits only with ``set_ad``), or None when
+        only the general :meth:`walker` can decide (a fault included)."""
+        return self._fill.hypervisor_page(gva, access, set_ad)
+
     def pass_once(self, rip: int) -> None:
         """Execute the instruction at ``rip`` once without the intercept check."""
         self._scanner.pass_once(rip)

@@ -303,6 +303,24 @@ class TlbFill:
                 b += bytes(self._view[nxt:nxt + MAX_INSN - len(b)])
         return b
 
+    def hypervisor_page(self, gva: int, access: int, set_ad: bool) -> int | None:
+        """The host page a supervisor ``access`` to ``gva`` reaches, for the
+        hypervisor acting on the guest's behalf (an emulated string I/O, a
+        handler reading guest memory): the fast path of the processor's own
+        walker, with Accessed/Dirty bits only when ``set_ad`` and nothing
+        counted, since it is no memory reference of the processor's.  None when
+        the fast path does not decide (a fault, paging off, encrypted memory):
+        the caller takes the general walker."""
+        if self._walker_stale or self._q[_Q_EFER] != self._walker_efer:
+            self.guest_walker()
+        fast = self._fast
+        # (a handler may have just remapped a guest table page in the nested
+        # tables: the walker's cache of where those pages are must still hold)
+        if fast is None or not self._walker.guest.tables_current():
+            return None
+        e = fast(gva, access, False, set_ad, False)
+        return None if e is None else e[HPA]
+
     def _fetch_page(self, gva: int) -> int | None:
         """The host page a fetch from page ``gva`` reaches now, walked as the
         processor's own walk but with no Accessed or Dirty bit set (the fast
