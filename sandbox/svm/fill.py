@@ -311,12 +311,11 @@ class TlbFill:
         counted, since it is no memory reference of the processor's.  None when
         the fast path does not decide (a fault, paging off, encrypted memory):
         the caller takes the general walker."""
-        if self._walker_stale or self._q[_Q_EFER] != self._walker_efer:
-            self.guest_walker()
+        w = self.guest_walker()
         fast = self._fast
         # (a handler may have just remapped a guest table page in the nested
         # tables: the walker's cache of where those pages are must still hold)
-        if fast is None or not self._walker.guest.tables_current():
+        if fast is None or not w.guest.tables_current():
             return None
         e = fast(gva, access, False, set_ad, False)
         return None if e is None else e[HPA]
