@@ -800,10 +800,11 @@ def show(res: dict) -> None:
     ms = lambda xs: " / ".join(f"{x * 1e3:.0f}" for x in xs) + " ms"   # noqa: E731
     us = lambda xs: " / ".join(f"{x:.2f}" for x in xs) + " us"         # noqa: E731
     la = res["load_average"]
-    t = Table(title=f"sandbox vs bare Unicorn, one run: best of {cfg['rounds']} interleaved rounds",
+    t = Table(title=f"sandbox vs bare Unicorn, one run: interleaved rounds (ratios paired over "
+                    f"{cfg['paired_rounds']} / {cfg['exit_rounds']}, best of {cfg['rounds']} elsewhere)",
               caption=f"load average at the end {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}; "
                       f"Python {env['python']}, Unicorn {env['unicorn']}, {env['cpus']} CPUs; "
-                      f"{cfg['iters']:,} loop iterations, {cfg.get('paired_rounds', cfg['rounds'])} rounds; "
+                      f"{cfg['iters']:,} loop iterations, {cfg['paired_rounds']} rounds; "
                       f"{cfg['cpuids']:,} CPUIDs per round, {cfg['exit_rounds']} rounds")
     t.add_column("measure")
     t.add_column("best", justify="right")

@@ -4,8 +4,9 @@
    exits every ~10,000 instructions: an inner loop of 1,666 iterations x 6
    instructions (load, add, store, advance, dec, jnz) walking a 65 KiB buffer
    (17 pages) with a 40-byte stride, then an intercepted CPUID.  Both runs
-   must leave the same checksum of the buffer in RBX.  Target: SEV time
-   within 1.5x of the plain run.
+   must leave the same checksum of the buffer in RBX.  The ratio is the
+   median of each interleaved round's SEV time over its plain time.  Target:
+   SEV time within 1.5x of the plain run.
 2. Cost per #VMEXIT of keeping DRAM encrypted: (SEV run - plain run) / exits,
    and the memory controller's own pages encrypted per exit.
 3. AES throughput of the memory controller model: XEX-AES-128 page
