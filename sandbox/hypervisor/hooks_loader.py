@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..svm.exitcodes import ExitCode
+from ..svm.exitcodes import ExitCode, exit_name
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -41,14 +41,21 @@ def load_hooks(machine: "Machine", path: str) -> None:
         except Exception as e:
             raise HooksError(f"{p}: setup() failed: {type(e).__name__}: {e}") from None
         found = True
-    for key, fn in getattr(mod, "HANDLERS", {}).items():
+    handlers = getattr(mod, "HANDLERS", {})
+    if not isinstance(handlers, dict):
+        raise HooksError(f"{p}: HANDLERS must be a dict of exit name or code -> handler, "
+                         f"not {type(handlers).__name__}")
+    for key, fn in handlers.items():
         if isinstance(key, str):
             try:
                 key = ExitCode[key.upper()]
             except KeyError:
                 raise HooksError(f"{p}: HANDLERS names unknown exit {key!r}") from None
+        elif not isinstance(key, int) or isinstance(key, bool):
+            raise HooksError(f"{p}: HANDLERS key {key!r} is neither an exit name nor an exit code")
         if not callable(fn):
-            raise HooksError(f"{p}: handler for {key} is not callable")
+            name = key.name if isinstance(key, ExitCode) else exit_name(int(key))
+            raise HooksError(f"{p}: handler for {name} is not callable")
         machine.handlers[int(key)] = fn
         found = True
     if not found:

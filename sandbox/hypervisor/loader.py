@@ -189,14 +189,18 @@ def _load_elf(p: Path, data: bytes, ram_size: int) -> Image:
             if seg["p_type"] != "PT_LOAD":
                 continue
             addr = seg["p_paddr"] or seg["p_vaddr"]
-            body = seg.data() + bytes(max(0, seg["p_memsz"] - seg["p_filesz"]))
-            if addr < 0x10000 or addr + len(body) > ram_size:
-                raise ImageError(f"{p}: PT_LOAD at {addr:#x}+{len(body):#x} is outside guest RAM "
+            size = max(seg["p_memsz"], seg["p_filesz"])
+            if addr < 0x10000 or addr + size > ram_size:          # before any of it is allocated
+                raise ImageError(f"{p}: PT_LOAD at {addr:#x}+{size:#x} is outside guest RAM "
                                  f"[0x10000, {ram_size:#x})")
+            if seg["p_offset"] + seg["p_filesz"] > len(data):
+                raise ImageError(f"{p}: PT_LOAD at {addr:#x} needs file bytes {seg['p_offset']:#x}+"
+                                 f"{seg['p_filesz']:#x}, past the end of the {len(data)}-byte file (truncated?)")
+            body = seg.data() + bytes(max(0, seg["p_memsz"] - seg["p_filesz"]))
             segs.append((addr, body))
         if not segs:
             raise ImageError(f"{p}: ELF file has no PT_LOAD segments")
         entry = elf["e_entry"]
     except (ELFError, ValueError, KeyError, IndexError) as e:
-        raise ImageError(f"{p}: malformed ELF file: {e}") from None
+        raise ImageError(f"{p}: malformed or truncated ELF file ({e})") from None
     return Image(str(p), segs, entry, "elf")

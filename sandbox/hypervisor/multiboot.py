@@ -131,7 +131,7 @@ def load_multiboot(p: Path, data: bytes, ram_size: int) -> Image:
             raise ImageError(f"{p}: ELF file has no PT_LOAD segments")
         entry = elf["e_entry"]
     except (ELFError, ValueError, KeyError, IndexError, struct.error) as e:
-        raise ImageError(f"{p}: malformed ELF file: {e}") from None
+        raise ImageError(f"{p}: malformed or truncated ELF file ({e})") from None
     if not any(a <= entry < a + len(b) for a, b in segs):
         raise ImageError(f"{p}: entry point {entry:#x} is outside the loaded segments")
     return Image(str(p), segs, entry, "multiboot")
