@@ -3,7 +3,12 @@ under a Python model of the SVM processor and a scriptable hypervisor.
 
 ``handlers`` is the module of the default exit handlers (``handlers.handle_cpuid``
 ...), for user handlers that do their own work and then the default one.
+
+The names below are imported when first used (PEP 562), so that ``import
+sandbox.cli`` is quick and the command line can answer a Ctrl-C during its own
+imports with one line instead of a traceback.
 """
+import importlib as _importlib
 import os as _os
 
 # numpy (imported by the SEV memory controller for its XOR of AES tweaks) would
@@ -13,13 +18,40 @@ import os as _os
 for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     _os.environ.setdefault(_v, "1")
 
-from .hypervisor import handlers
-from .hypervisor.guest import Guest
-from .hypervisor.handlers import DEFAULT_HANDLERS, RESUME, STOP, Action
-from .hypervisor.machine import Machine, RunResult
 from .version import __version__
-from .svm.exitcodes import ExitCode, exit_name
-from .svm.vmcb import VMCB, Event, EventType, Segment
+
+#: public name -> (module, attribute; None: the module itself)
+_LAZY = {
+    "handlers": (".hypervisor.handlers", None),
+    "Guest": (".hypervisor.guest", "Guest"),
+    "DEFAULT_HANDLERS": (".hypervisor.handlers", "DEFAULT_HANDLERS"),
+    "RESUME": (".hypervisor.handlers", "RESUME"),
+    "STOP": (".hypervisor.handlers", "STOP"),
+    "Action": (".hypervisor.handlers", "Action"),
+    "Machine": (".hypervisor.machine", "Machine"),
+    "RunResult": (".hypervisor.machine", "RunResult"),
+    "ExitCode": (".svm.exitcodes", "ExitCode"),
+    "exit_name": (".svm.exitcodes", "exit_name"),
+    "VMCB": (".svm.vmcb", "VMCB"),
+    "Event": (".svm.vmcb", "Event"),
+    "EventType": (".svm.vmcb", "EventType"),
+    "Segment": (".svm.vmcb", "Segment"),
+}
 
 __all__ = ["Machine", "Guest", "RunResult", "Action", "RESUME", "STOP", "ExitCode", "exit_name",
-           "VMCB", "Event", "EventType", "Segment", "handlers", "DEFAULT_HANDLERS"]
+           "VMCB", "Event", "EventType", "Segment", "handlers", "DEFAULT_HANDLERS", "__version__"]
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'sandbox' has no attribute {name!r}") from None
+    mod = _importlib.import_module(module, __name__)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -38,6 +38,9 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
         "Ray is an optional extra (import ~1 s), needed only by 'sandbox fuzz --ray'",
     ("sandbox.fuzz.arcs", "coverage"):
         "coverage.py is an optional extra, needed only to write --coverage-report's HTML at a campaign's end",
+    ("sandbox.cli", "sandbox.cli.run"):
+        "the command's modules (about a second to import) load inside main(), so a Ctrl-C while they "
+        "do is one line and exit status 130 rather than a traceback",
 }
 
 #: Private attributes of objects the project does not own that a module may

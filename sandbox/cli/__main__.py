@@ -1,6 +1,6 @@
 """``python -m sandbox.cli``: the same as the ``sandbox`` command."""
 import sys
 
-from .run import main
+from . import main
 
 sys.exit(main())
