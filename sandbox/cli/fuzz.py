@@ -189,6 +189,8 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
                   + (f"; corpus kept in {a.corpus}" if a.corpus else ""))
         for f in summary["findings"]:
             err.print(f"  [red]{f['kind']}[/red] {f['message']}" + (f"\n    saved: {f['file']}" if f["file"] else ""))
+    if interrupted:
+        return 130                 # as `sandbox run`: Ctrl-C (the summary and what was found are kept)
     return 1 if stats.findings else 0
 
 

@@ -75,6 +75,8 @@ def cmd_fuzz_vmrun(a: argparse.Namespace, patch=None) -> int:
                   f"({summary['execs_per_s']}/s), {len(st.findings)} finding(s)")
         for f in summary["findings"]:
             err.print(f"  [red]{f['kind']}[/red] {f['message']}" + (f"\n    saved: {f['file']}" if f["file"] else ""))
+    if interrupted:
+        return 130
     return 1 if st.findings else 0
 
 

@@ -145,10 +145,19 @@ def _drive(ray, opts: Options, wopts: Options, on_status, bug, intr) -> tuple[St
     t0 = time.monotonic()
     last = t0
 
+    asked: dict[int, int] = {}                     # cases asked of each worker's chunk in flight
+
     def submit(i: int):
+        """Worker ``i``'s next chunk (None: --cases is used up, counting the chunks in flight)."""
+        n = CHUNK
+        if quota is not None:
+            n = min(n, quota - sum(s.execs for s in latest.values()) - sum(asked.values()))
+            if n <= 0:
+                return None
+        asked[i] = n
         incoming = [c for k, c in enumerate(corpus[seen[i]:], seen[i]) if k not in mine[i]]
         seen[i] = len(corpus)
-        return actors[i].chunk.remote(incoming, CHUNK)
+        return actors[i].chunk.remote(incoming, n)
 
     def done() -> bool:
         if intr.hit:
@@ -158,13 +167,18 @@ def _drive(ray, opts: Options, wopts: Options, on_status, bug, intr) -> tuple[St
         total = sum(s.execs for s in latest.values())
         return quota is not None and total >= quota
 
-    pending = {submit(i): i for i in range(len(actors))}
+    pending = {}
+    for i in range(len(actors)):
+        ref = submit(i)
+        if ref is not None:
+            pending[ref] = i
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
         for ref in ready:
             i = pending.pop(ref)
             stats, new, found = ray.get(ref)
             latest[i] = stats
+            asked.pop(i, None)
             for c in new:
                 mine[i].add(len(corpus))
                 corpus.append(c)
@@ -178,7 +192,9 @@ def _drive(ray, opts: Options, wopts: Options, on_status, bug, intr) -> tuple[St
                     findings[f.signature] = (f, path)
             stop_on = opts.stop_on_finding and findings
             if not done() and not stop_on:
-                pending[submit(i)] = i
+                ref = submit(i)
+                if ref is not None:
+                    pending[ref] = i
         now = time.monotonic()
         if on_status is not None and now - last >= 0.5:
             last = now

@@ -65,6 +65,7 @@ def test_local_two_worker_cluster_shares_corpus_and_dedups_findings(tmp_path):
                      crashes=tmp_path / "crashes", hooks=ROOT / "hooks" / "buggy_handlers.py")
     stats, secs, interrupted, info = run_ray(opts, None)
     assert info["workers"] == 2 and not interrupted
+    assert stats.execs == 3000                                   # --cases over all workers, not whole chunks
     assert all(n > 0 for n in info["received"]), info          # the corpus crossed between workers
     assert info["corpus"] == stats.corpus > 0
     raised = [f for f, _ in stats.findings.values() if f.kind == "hook-raised"]
