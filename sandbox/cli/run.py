@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 from typing import BinaryIO, Callable, TextIO
@@ -13,6 +14,7 @@ from typing import BinaryIO, Callable, TextIO
 from rich.markup import escape
 from rich.table import Table
 
+from ..debug.recording import RecordingError
 from ..hypervisor.classic import ClassicMonitor
 from ..hypervisor.hooks_loader import HooksError, load_hooks
 from ..hypervisor.loader import ImageError
@@ -81,14 +83,52 @@ def check_sizes(ram: int, dram: int) -> None:
                        f"(guest RAM + {RAM_OVERHEAD} MiB for the hypervisor), got {dram}")
 
 
+#: the largest instruction budget: Unicorn's count is 64 bits wide, and a larger number
+#: given to it wraps around (2**64 would be 0, i.e. uncounted)
+MAX_INSNS_LIMIT = (1 << 63) - 1
+#: the outputs ``sandbox run`` and ``sandbox replay`` write, by argument name
+_OUTPUTS = (("record", "--record"), ("timeline", "--timeline"), ("dump_host_memory", "--dump-host-memory"))
+#: a run still going this long after its wall-clock limit has a handler that does not return
+STUCK_GRACE_S = 2.0
+
+
+class HandlerStuck(Exception):
+    """Raised into a handler still running :data:`STUCK_GRACE_S` after the run's
+    wall-clock limit (the processor stopped, but Python code never returned to it)."""
+
+
+def _same_file(p: str, q: str) -> bool:
+    """Whether two paths name one regular file (or, for a path not there yet, one place)."""
+    try:
+        return os.path.samefile(p, q) and stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        return os.path.realpath(p) == os.path.realpath(q)
+
+
+def check_outputs(a: argparse.Namespace, inputs: list[tuple[str, str | None]]) -> None:
+    """Refuse an output path that is empty, or names an input (``(what, path)``)
+    or another output: opening it for writing would destroy what is there."""
+    seen = [(what, path) for what, path in inputs if path]
+    for attr, flag in _OUTPUTS:
+        path = getattr(a, attr, None)
+        if path is None:
+            continue
+        if not path:
+            raise CliError(f"{flag}: empty file name")
+        for what, other in seen:
+            if _same_file(path, other):
+                raise CliError(f"{flag} {path} is {what}: writing it would destroy it")
+        seen.append((f"the {flag} file", path))
+
+
 def check_limits(a: argparse.Namespace) -> None:
     """The run's budgets: finite, not negative."""
     if not (a.timeout >= 0) or a.timeout == float("inf"):
         raise CliError(f"--timeout {a.timeout:g}: give a number of seconds >= 0 (0: no wall-clock limit)")
     if a.max_exits < 0:
         raise CliError(f"--max-exits {a.max_exits}: must be >= 0")
-    if a.max_insns < 0:
-        raise CliError(f"--max-insns {a.max_insns}: must be >= 0")
+    if not 0 <= a.max_insns <= MAX_INSNS_LIMIT:
+        raise CliError(f"--max-insns {a.max_insns}: must be 0-{MAX_INSNS_LIMIT}")
     if getattr(a, "trace_limit", 0) < 0:
         raise CliError(f"--trace-limit {a.trace_limit}: must be >= 0 (0: every exit)")
 
@@ -294,6 +334,8 @@ class ConsoleLines:
         self.out, self.on_closed = out, on_closed
         self.partial = b""
         self.closed = False
+        #: why stdout could not be written (not a closed pipe), or None
+        self.error: str | None = None
 
     def write(self, b: bytes) -> None:
         data = self.partial + b
@@ -316,6 +358,11 @@ class ConsoleLines:
         except BrokenPipeError:
             self.closed = True
             self.on_closed()
+        except (OSError, ValueError, AttributeError) as e:   # a full disk, a closed or missing stdout
+            self.closed = True
+            why = getattr(e, "strerror", None) or ("stdout is closed" if self.out is None else str(e))
+            self.error = f"cannot write the guest's console to stdout: {why}"
+            self.on_closed()
 
 
 def quiet_broken_pipe() -> int:
@@ -331,7 +378,7 @@ def quiet_broken_pipe() -> int:
 
 
 @contextlib.contextmanager
-def ctrl_c_stops(m: Machine):
+def ctrl_c_stops(m: Machine, timeout: float = 0.0):
     """While the guest runs, Ctrl-C asks the processor to stop (Machine.request_stop).
 
     Python runs signal handlers only between bytecodes, and a guest that never
@@ -340,13 +387,35 @@ def ctrl_c_stops(m: Machine):
     BLAS pool started at import), so blocking it in this thread is not enough.
     Python's C-level handler, in whichever thread takes the signal, writes the
     signal number to the wakeup fd; a helper thread reads it and asks for the
-    stop.  A second Ctrl-C while stopping is the same request again."""
+    stop.
+
+    Python code that never returns to the processor (a user's handler in a
+    loop) runs on through both: a second Ctrl-C raises KeyboardInterrupt in it,
+    which stops the run as interrupted, and with a wall-clock limit an alarm
+    :data:`STUCK_GRACE_S` after it raises :class:`HandlerStuck` there."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     r, w = os.pipe()
     os.set_blocking(w, False)
-    old_handler = signal.signal(signal.SIGINT, lambda *_: m.request_stop())
+    state = {"presses": 0, "running": True}
+
+    def on_sigint(*_) -> None:
+        state["presses"] += 1
+        m.request_stop()
+        if state["presses"] > 1 and state["running"]:
+            raise KeyboardInterrupt
+
+    def on_alarm(*_) -> None:
+        if state["running"]:
+            raise HandlerStuck(f"still running {STUCK_GRACE_S:g} s after the wall-clock limit of {timeout:g} s "
+                               "(a handler that does not return?)")
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    old_alarm = None
+    if timeout and hasattr(signal, "setitimer"):
+        old_alarm = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout + STUCK_GRACE_S)
     old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     done = threading.Event()
 
@@ -366,6 +435,10 @@ def ctrl_c_stops(m: Machine):
     try:
         yield
     finally:
+        state["running"] = False
+        if old_alarm is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_alarm)
         done.set()
         signal.set_wakeup_fd(old_fd)
         signal.signal(signal.SIGINT, old_handler)
@@ -377,7 +450,8 @@ def ctrl_c_stops(m: Machine):
 #: ``sandbox run`` options that configure a machine; a saved .case brings its own
 _CASE_IGNORES = ("intercept", "ports", "msrs", "max_insns", "max_exits", "timeout", "dram", "ram",
                  "append", "platform", "paging", "npt_page", "tlb", "sev", "sev_es", "snp", "mode",
-                 "dump_host_memory", "no_default_intercepts", "gdb", "record", "timeline")
+                 "dump_host_memory", "no_default_intercepts", "gdb", "record", "timeline", "nested",
+                 "trace_limit")
 
 
 def _refuse_for_case(a: argparse.Namespace) -> None:
@@ -395,6 +469,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         return replay_case(a)
     if a.audit:
         raise CliError("--audit applies to a saved fuzz case (.case) only")
+    check_outputs(a, [("the guest image", a.image), ("the --hooks file", a.hooks),
+                      ("the recording", getattr(a, "recording", None))])
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     m = _machine(a)
     dump = _open_dump(a.dump_host_memory)
@@ -418,43 +494,49 @@ def cmd_run(a: argparse.Namespace) -> int:
     # does (gdb's own Ctrl-C reaches the guest through the remote protocol)
     debugging = bool(a.gdb)
     try:
-        with contextlib.nullcontext() if debugging else ctrl_c_stops(m):
+        with contextlib.nullcontext() if debugging else ctrl_c_stops(m, a.timeout):
             r = bench.run()
     finally:
         verdict = bench.close(r)
+    write_errors = list(bench.write_errors)
     console.flush()
+    if console.error:
+        write_errors.insert(0, console.error)
     if trace is not None:
         try:
             trace.finish()                # "... N more exits", before the summary
         except BrokenPipeError:
             pass
-    if pipe["closed"] or console.closed:
+    if (pipe["closed"] or console.closed) and not console.error:
         if dump is not None:
             dump.close()
         return quiet_broken_pipe()
     if dump is not None:
-        with dump:
-            dump.write(m.mem.dump())          # raw DRAM: what the hypervisor (or a probe) could read
+        try:
+            with dump:
+                dump.write(m.mem.dump())          # raw DRAM: what the hypervisor (or a probe) could read
+        except OSError as e:
+            write_errors.append(f"cannot write --dump-host-memory file: {e.strerror}: {a.dump_host_memory}")
     interrupted = r.reason == StopReason.STOPPED and r.detail == "interrupted"
     ok = r.reason in (StopReason.GUEST_EXIT, StopReason.HALT) and not r.exit_code
     dbg = getattr(getattr(m.platform, "debug_exit", None), "status", None)
-    if a.json:
-        print(json.dumps({
-            "final": True, "reason": r.reason, "detail": r.detail, "guest_exit_code": r.exit_code,
-            "debug_exit_status": dbg,
-            "ok": ok, "regs": r.regs or None,         # SEV-ES: none, they are in the encrypted VMSA
-            "rip": r.rip, "rflags": r.rflags,
-            "exits": r.exits, "counts": {exit_name(k): v for k, v in sorted(r.counts.items())},
-            "insns": r.insns, "console": r.console, "paging": a.paging,
-            "walks": r.walk, "tlb": r.tlb,
-            "shadow": m.shadow.stats.snapshot() if m.shadow is not None else None,
-        }), flush=True)
+    if a.json and not console.error:
+        try:
+            _print_json_result(a, r, m, ok, dbg)
+        except BrokenPipeError:
+            return quiet_broken_pipe()
+        except (OSError, ValueError, AttributeError) as e:
+            write_errors.append(f"cannot write the JSON result to stdout: {getattr(e, 'strerror', None) or e}")
     else:
         err.print(exits_table(r))
         err.print(memory_table(a.paging, r, m))
         style = "green" if ok else "red"
         err.print(f"[{style}]run ended: {r.reason}[/{style}]" + (f" - {escape(r.detail)}" if r.detail else "")
                   + f"; {r.exits} exits")
+    if write_errors:
+        for e in write_errors:
+            print(f"sandbox: error: {e}", file=sys.stderr)
+        return 2
     if verdict:
         err.print(f"[green]{escape(verdict)}[/green]")
         return 130 if interrupted else 0          # a replay succeeds when it is the recorded run
@@ -463,7 +545,22 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _print_json_result(a: argparse.Namespace, r: RunResult, m: Machine, ok: bool, dbg) -> None:
+    """``--json``: the run's final record on stdout."""
+    print(json.dumps({
+        "final": True, "reason": r.reason, "detail": r.detail, "guest_exit_code": r.exit_code,
+        "debug_exit_status": dbg,
+        "ok": ok, "regs": r.regs or None,         # SEV-ES: none, they are in the encrypted VMSA
+        "rip": r.rip, "rflags": r.rflags,
+        "exits": r.exits, "counts": {exit_name(k): v for k, v in sorted(r.counts.items())},
+        "insns": r.insns, "console": r.console, "paging": a.paging,
+        "walks": r.walk, "tlb": r.tlb,
+        "shadow": m.shadow.stats.snapshot() if m.shadow is not None else None,
+    }), flush=True)
+
+
 def cmd_replay(a: argparse.Namespace) -> int:
+    check_outputs(a, [("the recording", a.recording), ("the guest image", a.image)])
     _, ns = open_replay(a)
     try:
         return cmd_run(ns)
@@ -512,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a guest image", epilog=EPILOG, formatter_class=HelpFormatter)
     r.add_argument("image", help="guest image: .S/.asm (keystone), .bin (flat), a static non-PIE ELF64, an ELF32 "
                                  "multiboot kernel (kvm-unit-tests .flat), or a saved fuzz case (.case: only "
-                                 "--audit, --json and --quiet apply)")
+                                 "--audit, --hooks, --json and --quiet apply)")
     r.add_argument("--intercept", metavar="NAMES",
                    help="comma-separated intercepts to arm (APM names, 'all', 'sensitive'); a leading '-' disarms "
                         f"one (--intercept=-cpuid,rdtsc). Armed by default: {DEFAULT_INTERCEPTS}")
@@ -593,9 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    if sys.stdout is None:             # started with stdout closed (>&-): results would vanish
+        print("sandbox: error: stdout is closed; redirect it to a file or /dev/null instead", file=sys.stderr)
+        return 2
     try:
         return a.fn(a)
-    except CliError as e:
+    except (CliError, RecordingError) as e:      # a recording found corrupt while it is replayed
         print(f"sandbox: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:

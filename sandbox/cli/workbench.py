@@ -27,6 +27,32 @@ RECORDED_ARGS = ("image", "intercept", "no_default_intercepts", "ports", "msrs",
                  "tlb", "sev", "sev_es", "snp", "mode")
 
 
+#: what each recorded argument must be (None is allowed for all but the booleans and the budgets)
+_RECORDED_TYPES = {"no_default_intercepts": bool, "nested": bool, "sev": bool, "sev_es": bool, "snp": bool,
+                   "max_insns": int, "max_exits": int, "timeout": (int, float), "dram": int, "ram": int}
+#: the recorded arguments that take one of a few values
+_RECORDED_CHOICES = {"platform": (None, "none", "pc"), "paging": (None, "nested", "shadow"),
+                     "npt_page": (None, "4k", "2m", "1g"), "tlb": (None, "tagged", "flush"),
+                     "mode": (None, "svm", "classic")}
+
+
+def _check_recorded(path: str, cfg: dict) -> None:
+    """The recorded ``sandbox run`` arguments have the types and values the command line gives them."""
+    for k in RECORDED_ARGS:
+        v = cfg.get(k)
+        want = _RECORDED_TYPES.get(k, str)
+        if k in _RECORDED_CHOICES:
+            ok = v in _RECORDED_CHOICES[k]
+        elif want is bool:
+            ok = v is None or isinstance(v, bool)
+        else:
+            ok = v is None or (isinstance(v, want) and not isinstance(v, bool))
+        if ok and k in ("max_insns", "max_exits", "timeout") and v is not None:
+            ok = v >= 0 and v == v and v != float("inf")
+        if not ok:
+            raise CliError(f"{path}: its recorded {k} is {v!r}, which sandbox run would not accept")
+
+
 def parse_gdb_address(spec: str) -> tuple[str, int]:
     """``--gdb [HOST:]PORT``: loopback unless a host is given."""
     host, _, port = spec.rpartition(":")
@@ -57,7 +83,10 @@ def open_replay(a: argparse.Namespace) -> tuple[Recording, argparse.Namespace]:
     """``sandbox replay``: the checked recording, and the ``sandbox run`` arguments it was made with."""
     try:
         probe = read_recording(a.recording)
+        if not isinstance(probe.config, dict):
+            raise CliError(f"{a.recording}: its header holds no run configuration (a {type(probe.config).__name__})")
         cfg = dict(probe.config)
+        _check_recorded(a.recording, cfg)
         image = a.image or cfg.get("image")
         if not image or not os.path.isfile(image):
             raise CliError(f"{a.recording}: its guest image {image!r} is not here; give it with --image PATH")
@@ -94,6 +123,8 @@ class Workbench:
         self.replayer: MachineReplayer | None = None
         self.timeline: MachineTimeline | None = None
         self.target: MachineTarget | None = None
+        #: output files that could not be written at the end (see :meth:`close`)
+        self.write_errors: list[str] = []
         replay = getattr(a, "replay", None)
         if replay is not None:
             self.replayer = MachineReplayer(m, replay, user_exits)
@@ -159,17 +190,24 @@ class Workbench:
 
     def close(self, r: RunResult | None) -> str | None:
         """End the timeline and the recording; check a replay. Returns a replay's
-        verdict line (or raises CliError naming the first divergence)."""
+        verdict line (or raises CliError naming the first divergence).  A file
+        that cannot be written (a full disk) is named in :attr:`write_errors`,
+        so the run's console and summary are still shown."""
         if self.timeline is not None:
             try:
                 self.timeline.end(r)
             except TimelineError as e:
                 raise CliError(f"--timeline: {e}") from None
+            except OSError as e:
+                self.write_errors.append(f"cannot write --timeline file: {e.strerror}: {self.a.timeline}")
         if self.recorder is not None:
-            if r is None:
-                self.recorder.w.close()          # an incomplete recording
-            else:
-                self.recorder.finish(r)
+            try:
+                if r is None:
+                    self.recorder.w.close()          # an incomplete recording
+                else:
+                    self.recorder.finish(r)
+            except OSError as e:
+                self.write_errors.append(f"cannot write --record file: {e.strerror}: {self.a.record}")
         if self.replayer is not None and r is not None:
             cut = self.target is not None and not self.target.ended
             try:

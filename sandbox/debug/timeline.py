@@ -87,6 +87,8 @@ class TimelineWriter:
         self._span_end: dict[int, float] = {}
         self._flush_every = flush_every
         self.closed = False
+        #: the first failed write (a full disk): later events are dropped, and close() raises it
+        self.error: OSError | None = None
         header = {"displayTimeUnit": "ns",
                   "otherData": {"producer": "amdv-sandbox", **(other_data or {})}}
         head = json.dumps(header, separators=(",", ":"))
@@ -151,10 +153,15 @@ class TimelineWriter:
         self._last_ts[key] = max(ts, last)
 
     def _emit(self, ev: dict) -> None:
-        self._f.write(",\n" + json.dumps(ev, separators=(",", ":")))
-        self._count += 1
-        if self._count % self._flush_every == 0:
-            self._f.flush()
+        if self.error is not None:
+            return
+        try:
+            self._f.write(",\n" + json.dumps(ev, separators=(",", ":")))
+            self._count += 1
+            if self._count % self._flush_every == 0:
+                self._f.flush()
+        except OSError as e:            # not the traced program's failure: reported at close()
+            self.error = e
 
     @property
     def events_written(self) -> int:
@@ -165,10 +172,20 @@ class TimelineWriter:
         if self.closed:
             return
         self.closed = True
-        self._f.write("\n]}\n")
-        self._f.flush()
-        if self._owns:
-            self._f.close()
+        try:
+            if self.error is None:
+                self._f.write("\n]}\n")
+                self._f.flush()
+        except OSError as e:
+            self.error = e
+        finally:
+            if self._owns:
+                try:
+                    self._f.close()
+                except OSError as e:
+                    self.error = self.error or e
+        if self.error is not None:
+            raise self.error
 
     def __enter__(self) -> "TimelineWriter":
         return self

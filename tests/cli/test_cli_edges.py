@@ -181,7 +181,7 @@ def test_pie_elf_says_only_static_non_pie(tmp_path):
 
 # 10. a saved case refuses the machine flags it would ignore (--hooks replays a handler finding)
 @pytest.mark.parametrize("flag", [("--intercept", "cpuid"), ("--ports", "0x80"), ("--msrs", "r:0x10"),
-                                  ("--timeout", "3"), ("--sev",)])
+                                  ("--timeout", "3"), ("--sev",), ("--nested",), ("--trace-limit", "1")])
 def test_case_replay_refuses_machine_flags(tmp_path, flag):
     case = tmp_path / "x.case"
     case.write_text("{}")
