@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.test_cli_edges import one_line_error
+
 ROOT = Path(__file__).resolve().parents[2]
 IMG = ROOT / "guest_images"
 FULL = Path("/dev/full")
@@ -20,14 +22,6 @@ FULL = Path("/dev/full")
 def run_cli(*args, timeout=120, **kw):
     return subprocess.run([sys.executable, "-m", "sandbox.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout, **kw)
-
-
-def one_line_error(p):
-    assert p.returncode == 2, (p.returncode, p.stderr[-800:])
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sandbox: error: "), p.stderr[-800:]
-    assert "Traceback" not in p.stderr
-    return lines[0]
 
 
 @pytest.fixture
