@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
     f.add_argument("--corpus", type=Path, metavar="DIR", help="corpus directory (read at start, new coverage written)")
     f.add_argument("--crashes", type=Path, metavar="DIR", help="where findings are saved as minimized .case files")
     f.add_argument("--audit", action="store_true", help="soundness-audit every case (slow)")
-    f.add_argument("--audit-every", type=int, default=8, metavar="N",
+    f.add_argument("--audit-every", type=int, default=None, metavar="N",
                    help="in fast mode, audit one case in N (0: never; default 8)")
     f.add_argument("--differential-every", type=int, default=16, metavar="N",
                    help="compare one case in N with Unicorn's bundled QEMU SVM (0: never; default 16)")
@@ -112,6 +112,10 @@ def check_fuzz_numbers(a: argparse.Namespace) -> None:
         raise CliError(f"--seed {a.seed}: must be >= 0")
     if a.jobs < 1:
         raise CliError(f"--jobs {a.jobs}: must be >= 1")
+    if a.audit and a.audit_every is not None:
+        raise CliError("--audit audits every case; --audit-every N (one case in N) applies without it")
+    if a.audit_every is None:
+        a.audit_every = 8
     if a.audit_every < 0 or a.differential_every < 0:
         raise CliError("--audit-every and --differential-every must be >= 0 (0: never)")
     if not 1 <= a.insns <= MAX_INSNS:

@@ -188,6 +188,9 @@ def _machine(a: argparse.Namespace) -> Machine:
     # a multiboot kernel (kvm-unit-tests) gets the PC platform and 256 MiB, as under QEMU's -m 256
     ram = a.ram if a.ram is not None else (256 if multiboot else 16)
     dram = a.dram if a.dram is not None else max(64, ram + 32)
+    if a.dram is None and a.ram is not None and not DRAM_MIN <= dram <= DRAM_MAX:
+        raise CliError(f"--ram {a.ram}: the host DRAM it needs ({dram} MiB: guest RAM + 32) is above "
+                       f"{DRAM_MAX} MiB")
     check_sizes(ram, dram)
     platform = a.platform if a.platform is not None else ("pc" if multiboot else "none")
     try:
@@ -208,7 +211,7 @@ def _machine(a: argparse.Namespace) -> Machine:
     if a.no_default_intercepts:
         clear_intercepts(m)
     try:
-        if a.intercept:
+        if a.intercept is not None:
             apply_intercepts(m, a.intercept)
     except UnknownIntercept as e:
         raise CliError(str(e)) from None
@@ -261,6 +264,8 @@ def clear_intercepts(m: Machine) -> None:
 
 def apply_intercepts(m: Machine, spec: str) -> None:
     """``--intercept a,b,-c``: arm each name; a leading '-' disarms it."""
+    if any(not n.strip().lstrip("-") for n in spec.split(",")):
+        raise CliError(f"--intercept {spec!r}: an empty name (give names separated by commas, e.g. cpuid,hlt)")
     arm = [n.strip() for n in spec.split(",") if n.strip() and not n.strip().startswith("-")]
     disarm = [n.strip()[1:] for n in spec.split(",") if n.strip().startswith("-")]
     if arm:

@@ -400,6 +400,9 @@ def read_recording(path: str | os.PathLike, *, image: bytes | str | os.PathLike 
         raise RecordingError(f"{path}: cannot read the recording: {e.strerror or e}") from None
     with f:
         first = f.readline(64)
+        if not first:
+            raise RecordingError(f"{path} is empty: a recording cut off before its header was written "
+                                 "(the recording process was killed?)")
         parts = first.rstrip(b"\n").split(b" ")
         if not first.endswith(b"\n") or len(parts) != 2 or parts[0] != MAGIC:
             raise RecordingError(f"{path} is not a sandbox recording (no '{MAGIC.decode()}' line at its start)")

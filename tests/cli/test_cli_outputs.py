@@ -256,3 +256,25 @@ def test_package_root_names_load_on_first_use():
 @pytest.mark.parametrize("n", [str(1 << 63), str(1 << 64), str((1 << 64) + 1)])
 def test_instruction_budget_beyond_63_bits_is_refused(guest, n):
     assert "must be 0-9223372036854775807" in one_line_error(run_cli("run", guest, "--quiet", "--max-insns", n))
+
+
+# -- smaller edges -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [",", "", "cpuid,,hlt", "-"])
+def test_empty_intercept_name_is_refused(guest, spec):
+    assert "an empty name" in one_line_error(run_cli("run", guest, "--quiet", f"--intercept={spec}"))
+
+
+def test_ram_too_big_for_the_derived_dram_names_ram(guest):
+    msg = one_line_error(run_cli("run", guest, "--quiet", "--ram", "16384"))
+    assert msg.startswith("sandbox: error: --ram 16384:") and "--dram" not in msg
+
+
+def test_fuzz_audit_with_audit_every_is_refused():
+    assert "--audit audits every case" in one_line_error(
+        run_cli("fuzz", "--cases", "5", "--audit", "--audit-every", "4"))
+
+
+def test_empty_recording_says_it_was_cut_off(tmp_path):
+    rec = tmp_path / "killed.rec"
+    rec.write_bytes(b"")
+    assert "is empty: a recording cut off before its header" in one_line_error(run_cli("replay", rec))

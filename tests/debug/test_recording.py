@@ -134,7 +134,7 @@ def test_not_a_recording(tmp_path):
     p.write_bytes(b"PK\x03\x04 something else\n")
     assert "is not a sandbox recording" in refused(p)
     p.write_bytes(b"")
-    assert "is not a sandbox recording" in refused(p)
+    assert "is empty: a recording cut off before its header" in refused(p)     # a killed recorder's file
     assert "cannot read the recording" in refused(tmp_path / "missing.rec")
 
 
