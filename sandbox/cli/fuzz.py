@@ -213,6 +213,10 @@ def replay_case(a: argparse.Namespace) -> int:
         case = Case.load(a.image)
     except CaseError as e:
         raise CliError(str(e)) from None
+    if case.hooks and not getattr(a, "hooks", None):
+        # never loaded from the case itself: a case file must not be a way to run code
+        raise CliError(f"{a.image} was found by a campaign with --hooks {case.hooks}: replay it with "
+                       f"--hooks {case.hooks} (its findings come from those handlers)")
     h = Harness(audit=a.audit, paging=case.paging, sev=case.sev)      # the machine the case ran on
     guard = None
     if getattr(a, "hooks", None):

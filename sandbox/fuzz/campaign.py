@@ -251,6 +251,7 @@ class Worker:
             return str(base.with_suffix(".case"))
         small.origin = f"{case.origin}, minimized" if small is not case else case.origin
         small.paging, small.sev = self.opts.paging, self.opts.sev      # the machine it ran on
+        small.hooks = str(self.opts.hooks) if self.opts.hooks is not None else ""
         small.save(base.with_suffix(".case"))
         base.with_suffix(".txt").write_text(
             f"{f.kind}: {f.message}\nseed {self.opts.seed} worker {self.index}\n"

@@ -51,6 +51,8 @@ class Case:
     #: the machine it ran on: the hypervisor's paging mode, and whether the guest was SEV
     paging: str = "nested"
     sev: bool = False
+    #: the --hooks file of the campaign that found it ("" for none): a replay needs it too
+    hooks: str = ""
 
     @property
     def entry(self) -> int:
@@ -64,7 +66,8 @@ class Case:
                 "msrpm": [[hex(m), r, w] for m, r, w in c["msrpm"]],
                 "npt": [[hex(g), p, w, x] for g, p, w, x in c["npt"]],
                 **({"paging": self.paging} if self.paging != "nested" else {}),
-                **({"sev": True} if self.sev else {})}
+                **({"sev": True} if self.sev else {}),
+                **({"hooks": self.hooks} if self.hooks else {})}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1)
@@ -93,6 +96,9 @@ class Case:
                 raise CaseError(f"{where}: IOPM port outside 0-0x10002")
             msrpm = [(int(m, 0), bool(r), bool(w)) for m, r, w in d.get("msrpm", [])]
             npt = [(int(g, 0), bool(p), bool(w), bool(x)) for g, p, w, x in d.get("npt", [])]
+            hooks = d.get("hooks", "")
+            if not isinstance(hooks, str):
+                raise CaseError(f"{where}: 'hooks' must be the path of a hooks file")
             paging, sev = d.get("paging", "nested"), d.get("sev", False)
             if paging not in PAGING_MODES or not isinstance(sev, bool) or (sev and paging != "nested"):
                 raise CaseError(f"{where}: 'paging' must be one of {', '.join(PAGING_MODES)} and 'sev' "
@@ -101,7 +107,8 @@ class Case:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CaseError(f"{where}: malformed case file ({type(e).__name__}: {e})") from None
-        return cls(code, offset, VmcbConfig(words, iopm, msrpm, npt), regs, str(d.get("origin", "")), paging, sev)
+        return cls(code, offset, VmcbConfig(words, iopm, msrpm, npt), regs, str(d.get("origin", "")), paging, sev,
+                   hooks)
 
     @classmethod
     def load(cls, path: str | Path) -> "Case":

@@ -6,6 +6,7 @@ and to stay quiet on the well-behaved example handlers.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -178,3 +179,27 @@ def test_cli_replay_with_unloadable_hooks_file(tmp_path):
     assert r.returncode == 2 and "boom" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = cli("fuzz", "--cases", "5", "--target", "vmrun", "--hooks", str(BUGGY))
     assert r.returncode == 2 and "--hooks applies to --target intercepts" in r.stderr
+
+
+def test_a_hooks_finding_names_its_hooks_file_and_will_not_replay_without_it(tmp_path):
+    """A finding saved by a --hooks campaign records the hooks file; replayed
+    without --hooks it is refused with that name (it used to say 'no oracle
+    findings', exit 0), and the case file never loads the handlers itself."""
+    (tmp_path / "crashes").mkdir()
+    w = C.Worker(C.Options(seed=1, audit_every=0, differential_every=0, minimize=False, hooks=BUGGY,
+                           crashes=tmp_path / "crashes"))
+    for _ in range(1500):
+        if any(f.kind == "hook-raised" for f in w.step()):
+            break
+    saved = sorted((tmp_path / "crashes").glob("hook-raised-*.case"))
+    assert saved
+    d = json.loads(saved[0].read_text())
+    assert d["hooks"] == str(BUGGY) and Case.load(saved[0]).hooks == str(BUGGY)
+    r = cli("run", str(saved[0]), "--quiet")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-500:]
+    assert f"replay it with --hooks {BUGGY}" in r.stderr
+    r = cli("run", str(saved[0]), "--hooks", str(BUGGY), "--quiet")
+    assert r.returncode == 1 and "hook-raised" in r.stderr
+    plain = tmp_path / "plain.case"
+    cpuid_case(rax=5).save(plain)
+    assert "hooks" not in json.loads(plain.read_text())          # a case from no --hooks campaign: as before
