@@ -38,8 +38,7 @@ _LAZY = {
     "Segment": (".svm.vmcb", "Segment"),
 }
 
-__all__ = ["Machine", "Guest", "RunResult", "Action", "RESUME", "STOP", "ExitCode", "exit_name",
-           "VMCB", "Event", "EventType", "Segment", "handlers", "DEFAULT_HANDLERS", "__version__"]
+__all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str):

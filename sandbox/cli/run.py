@@ -72,9 +72,12 @@ DRAM_MIN, DRAM_MAX = 4, 16384
 RAM_MIN, RAM_OVERHEAD = 2, 8
 
 
-def check_sizes(ram: int, dram: int) -> None:
-    """One line on guest RAM / host DRAM sizes the machine cannot have."""
+def check_sizes(ram: int, dram: int, dram_given: bool = True) -> None:
+    """One line on guest RAM / host DRAM sizes the machine cannot have
+    (``dram_given``: False when ``dram`` was derived from ``ram``)."""
     if not DRAM_MIN <= dram <= DRAM_MAX:
+        if not dram_given:
+            raise CliError(f"--ram {ram}: the host DRAM it needs ({dram} MiB) is above {DRAM_MAX} MiB")
         raise CliError(f"--dram {dram}: host DRAM must be {DRAM_MIN}-{DRAM_MAX} MiB")
     if ram < RAM_MIN:
         raise CliError(f"--ram {ram}: guest RAM must be at least {RAM_MIN} MiB")
@@ -188,10 +191,7 @@ def _machine(a: argparse.Namespace) -> Machine:
     # a multiboot kernel (kvm-unit-tests) gets the PC platform and 256 MiB, as under QEMU's -m 256
     ram = a.ram if a.ram is not None else (256 if multiboot else 16)
     dram = a.dram if a.dram is not None else max(64, ram + 32)
-    if a.dram is None and a.ram is not None and not DRAM_MIN <= dram <= DRAM_MAX:
-        raise CliError(f"--ram {a.ram}: the host DRAM it needs ({dram} MiB: guest RAM + 32) is above "
-                       f"{DRAM_MAX} MiB")
-    check_sizes(ram, dram)
+    check_sizes(ram, dram, dram_given=a.dram is not None)
     platform = a.platform if a.platform is not None else ("pc" if multiboot else "none")
     try:
         m = Machine(dram=dram << 20, ram=ram << 20, npt_page=npt_page, paging=a.paging,
@@ -363,10 +363,9 @@ class ConsoleLines:
         except BrokenPipeError:
             self.closed = True
             self.on_closed()
-        except (OSError, ValueError, AttributeError) as e:   # a full disk, a closed or missing stdout
+        except (OSError, ValueError) as e:   # a full disk, a closed stdout (main() refuses a missing one)
             self.closed = True
-            why = getattr(e, "strerror", None) or ("stdout is closed" if self.out is None else str(e))
-            self.error = f"cannot write the guest's console to stdout: {why}"
+            self.error = f"cannot write the guest's console to stdout: {getattr(e, 'strerror', None) or e}"
             self.on_closed()
 
 
@@ -530,7 +529,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             _print_json_result(a, r, m, ok, dbg)
         except BrokenPipeError:
             return quiet_broken_pipe()
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError) as e:
             write_errors.append(f"cannot write the JSON result to stdout: {getattr(e, 'strerror', None) or e}")
     else:
         err.print(exits_table(r))

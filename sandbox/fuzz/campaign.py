@@ -80,6 +80,14 @@ class Stats:
             self.findings.setdefault(k, v)
 
 
+def stamp_machine(case: Case, opts: Options) -> Case:
+    """Record on a finding's case the machine the campaign ran it on -- paging mode,
+    SEV, the --hooks file -- so its replay runs it there (or asks for the hooks)."""
+    case.paging, case.sev = opts.paging, opts.sev
+    case.hooks = str(opts.hooks) if opts.hooks is not None else ""
+    return case
+
+
 def check_dirs(opts: Options) -> None:
     """Fail early, with one line, on unusable directories or corpus files."""
     if opts.jobs < 1:
@@ -250,9 +258,7 @@ class Worker:
         if base.with_suffix(".case").exists():
             return str(base.with_suffix(".case"))
         small.origin = f"{case.origin}, minimized" if small is not case else case.origin
-        small.paging, small.sev = self.opts.paging, self.opts.sev      # the machine it ran on
-        small.hooks = str(self.opts.hooks) if self.opts.hooks is not None else ""
-        small.save(base.with_suffix(".case"))
+        stamp_machine(small, self.opts).save(base.with_suffix(".case"))
         base.with_suffix(".txt").write_text(
             f"{f.kind}: {f.message}\nseed {self.opts.seed} worker {self.index}\n"
             f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "")

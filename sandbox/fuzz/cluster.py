@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .campaign import CampaignError, Options, SigintFlag, Stats, Worker, load_corpus
+from .campaign import CampaignError, Options, SigintFlag, Stats, Worker, load_corpus, stamp_machine
 from .case import Case
 from .oracle import Finding
 from .planted import plant
@@ -100,10 +100,7 @@ def save_finding(d: Path, f: Finding, case: dict, opts: Options, index: int) -> 
     """The driver's copy of a worker's finding, as a local campaign would save it."""
     base = d / f"{f.kind}-{f.digest}"
     if not base.with_suffix(".case").exists():
-        c = Case.from_json(case)
-        c.paging, c.sev = opts.paging, opts.sev                      # the machine it ran on
-        c.hooks = str(opts.hooks) if opts.hooks is not None else ""
-        c.save(base.with_suffix(".case"))
+        stamp_machine(Case.from_json(case), opts).save(base.with_suffix(".case"))
         base.with_suffix(".txt").write_text(
             f"{f.kind}: {f.message}\nseed {opts.seed} worker {index} (Ray)\n"
             f"replay: sandbox run {base.with_suffix('.case')}"
