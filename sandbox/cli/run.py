@@ -33,7 +33,7 @@ from .experiment import add_parser as add_experiment_parser
 from .fuzz import add_parser, replay_case
 from .helpfmt import HelpFormatter, Parser
 from .trace import DEFAULT_TRACE_LIMIT, Disassembler, ExitTrace, color_of, json_exit
-from .workbench import ReplayFailed, Workbench, new_rng_seed, open_replay
+from .workbench import RUN_CHOICES, ReplayFailed, Workbench, new_rng_seed, open_replay
 
 
 #: what Machine.default_intercepts arms (the --intercept help names them)
@@ -634,21 +634,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ram", type=int, default=None, metavar="MIB",
                    help=f"guest RAM size, at least {RAM_MIN} MiB; default: 16, or 256 for a multiboot kernel")
     r.add_argument("--append", metavar="ARGS", help="command line of a multiboot kernel (kvm-unit-tests' test_args)")
-    r.add_argument("--platform", choices=("none", "pc"), default=None,
+    r.add_argument("--platform", choices=RUN_CHOICES["platform"], default=None,
                    help="devices beyond COM1: 'pc' (debug-exit, fw_cfg, PIC, local APIC); default: pc for a "
                         "multiboot kernel, else none")
     r.add_argument("--nested", action="store_true",
                    help="nested SVM: the guest may run its own guests (VMRUN emulated by this hypervisor)")
-    r.add_argument("--mode", choices=("svm", "classic"), default="svm",
+    r.add_argument("--mode", choices=RUN_CHOICES["mode"], default="svm",
                    help="svm: the guest in non-root mode at its own CPL; classic: trap-and-emulate -- the kernel "
                         "deprivileged to ring 3 with no SVM intercepts, privileged instructions emulated from their "
                         "#GP/#UD, memory on shadow paging")
-    r.add_argument("--paging", choices=("nested", "shadow"), default=None,
+    r.add_argument("--paging", choices=RUN_CHOICES["paging"], default=None,
                    help="memory virtualization: the processor's nested paging, or hypervisor shadow tables "
                         "(default: nested); --mode classic runs on shadow tables only")
-    r.add_argument("--npt-page", choices=("4k", "2m", "1g"), default="4k",
+    r.add_argument("--npt-page", choices=RUN_CHOICES["npt_page"], default="4k",
                    help="leaf size of the nested page table backing guest RAM")
-    r.add_argument("--tlb", choices=("tagged", "flush"), default="tagged",
+    r.add_argument("--tlb", choices=RUN_CHOICES["tlb"], default="tagged",
                    help="TLB tagged by ASID, or flushed on every world switch (pre-ASID hardware)")
     r.add_argument("--sev", action="store_true", help="launch the guest encrypted (SEV): measured, C-bit set")
     r.add_argument("--sev-es", action="store_true", help="SEV-ES: encrypted register state, #VC and the GHCB (implies --sev)")

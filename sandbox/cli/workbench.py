@@ -15,7 +15,7 @@ from ..debug.recording import Recording, RecordingError, RecordingWriter, Replay
 from ..debug.rr import MachineRecorder, MachineReplayer, run_config
 from ..debug.target import MachineTarget
 from ..debug.timeline import TimelineError
-from ..hypervisor.machine import Machine, RunResult
+from ..hypervisor.machine import PAGING_MODES, Machine, RunResult
 from ..svm.stop import StopReason
 from ..version import __version__
 from .errors import CliError
@@ -30,10 +30,10 @@ RECORDED_ARGS = ("image", "intercept", "no_default_intercepts", "ports", "msrs",
 #: what each recorded argument must be (None is allowed for all but the booleans and the budgets)
 _RECORDED_TYPES = {"no_default_intercepts": bool, "nested": bool, "sev": bool, "sev_es": bool, "snp": bool,
                    "max_insns": int, "max_exits": int, "timeout": (int, float), "dram": int, "ram": int}
-#: the recorded arguments that take one of a few values
-_RECORDED_CHOICES = {"platform": (None, "none", "pc"), "paging": (None, "nested", "shadow"),
-                     "npt_page": (None, "4k", "2m", "1g"), "tlb": (None, "tagged", "flush"),
-                     "mode": (None, "svm", "classic")}
+#: the ``sandbox run`` arguments that take one of a few values: the run parser's
+#: ``choices`` and what a recording's arguments are checked against
+RUN_CHOICES = {"platform": ("none", "pc"), "paging": PAGING_MODES, "npt_page": ("4k", "2m", "1g"),
+               "tlb": ("tagged", "flush"), "mode": ("svm", "classic")}
 
 
 def _check_recorded(path: str, cfg: dict) -> None:
@@ -41,8 +41,8 @@ def _check_recorded(path: str, cfg: dict) -> None:
     for k in RECORDED_ARGS:
         v = cfg.get(k)
         want = _RECORDED_TYPES.get(k, str)
-        if k in _RECORDED_CHOICES:
-            ok = v in _RECORDED_CHOICES[k]
+        if k in RUN_CHOICES:
+            ok = v is None or v in RUN_CHOICES[k]
         elif want is bool:
             ok = v is None or isinstance(v, bool)
         else:

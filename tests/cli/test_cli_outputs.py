@@ -278,3 +278,18 @@ def test_empty_recording_says_it_was_cut_off(tmp_path):
     rec = tmp_path / "killed.rec"
     rec.write_bytes(b"")
     assert "is empty: a recording cut off before its header" in one_line_error(run_cli("replay", rec))
+
+
+def test_every_recorded_choice_argument_is_checked_against_the_parsers_choices():
+    """A recording's arguments are checked against the values ``sandbox run``'s
+    parser offers: every recorded argument that takes one of a few values is
+    in RUN_CHOICES, with the parser's very choices."""
+    import argparse
+    from sandbox.cli.run import build_parser
+    from sandbox.cli.workbench import RECORDED_ARGS, RUN_CHOICES
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    run = sub.choices["run"]
+    with_choices = {a.dest: tuple(a.choices) for a in run._actions if a.choices is not None}
+    recorded = {k: v for k, v in with_choices.items() if k in RECORDED_ARGS}
+    assert set(recorded) == {"platform", "paging", "npt_page", "tlb", "mode"}
+    assert recorded == {k: tuple(v) for k, v in RUN_CHOICES.items()}
