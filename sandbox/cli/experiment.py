@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     e = sub.add_parser("experiment", help="run the seeds' experiments: seed vs measured tables, plots, raw data",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("name", nargs="?", help="an experiment (see --list), or 'all'")
-    e.add_argument("--list", action="store_true", help="list the experiments, one per line")
+    e.add_argument("--list", action="store_true", help="list the experiments, one per line (with --json, one JSON object per line)")
     e.add_argument("--quick", action="store_true", help="a scaled-down run that finishes in seconds (for CI)")
     e.add_argument("--out", type=Path, metavar="DIR",
                    help="where NAME.png and NAME.json go (default results/NAME/; with 'all', DIR/NAME/)")
@@ -91,8 +91,11 @@ def _render(rep: Report, con: Console) -> None:
 
 def cmd_experiment(a: argparse.Namespace) -> int:
     if a.list:
+        extra = [f for f, given in (("an experiment name", a.name), ("--quick", a.quick), ("--out", a.out)) if given]
+        if extra:
+            raise CliError(f"--list lists the experiments and runs none: drop {' and '.join(extra)}")
         for n, e in EXPERIMENTS.items():
-            print(f"{n:<18} {e.title}")
+            print(json.dumps({"name": n, "title": e.title, "source": e.source}) if a.json else f"{n:<18} {e.title}")
         return 0
     if not a.name:
         raise CliError("give an experiment name, 'all', or --list")

@@ -28,6 +28,22 @@ def test_list_one_line_each():
     assert {"msr-bitmap", "virtio", "io-dirty", "walk-refs", "asid-flush", "exit-model"} <= set(EXPERIMENTS)
 
 
+def test_list_as_json_lines():
+    p = cli("--list", "--json")
+    assert p.returncode == 0, p.stderr
+    docs = [json.loads(ln) for ln in p.stdout.splitlines()]
+    assert [d["name"] for d in docs] == list(EXPERIMENTS)
+    assert all(d["title"] and d["source"] for d in docs)
+
+
+def test_list_with_a_name_or_run_options_is_refused():
+    for extra, what in ((("msr-bitmap",), "an experiment name"), (("--quick",), "--quick"),
+                        (("--out", "somewhere"), "--out")):
+        p = cli("--list", *extra)
+        assert p.returncode == 2 and p.stdout == ""
+        assert p.stderr.count("\n") == 1 and what in p.stderr and "runs none" in p.stderr
+
+
 def test_unknown_experiment_is_a_one_line_error():
     p = cli("no-such-experiment", "--quick")
     assert p.returncode == 2
