@@ -105,10 +105,15 @@ def open_replay(a: argparse.Namespace) -> tuple[Recording, argparse.Namespace]:
     ns.gdb, ns.timeline, ns.json, ns.quiet = a.gdb, a.timeline, a.json, a.quiet
     ns.mode = ns.mode or "svm"                              # recordings made before --mode existed
     ns.trace_limit = DEFAULT_TRACE_LIMIT
+    recorded_exits = sum(1 for _ in rec.exits())
     if not rec.final.complete:
-        ns.max_exits = sum(1 for _ in rec.exits())             # the recorded run was cut short there
+        ns.max_exits = recorded_exits                           # the recorded run was cut short there
     if a.to_exit is not None and not 0 <= a.to_exit:
         raise CliError(f"--to-exit {a.to_exit}: must be >= 0")
+    if a.to_exit is not None and a.to_exit >= recorded_exits:
+        # refused before the replay runs to its end only to find the exit missing
+        raise CliError(f"--to-exit {a.to_exit}: {a.recording} holds {recorded_exits} exit(s), numbered from 0"
+                       + (f" to {recorded_exits - 1}" if recorded_exits else ""))
     if a.to_exit is not None and not a.gdb:
         raise CliError("--to-exit stops the replay for a debugger: give --gdb PORT too")
     return rec, ns

@@ -131,3 +131,12 @@ def test_replay_to_exit_under_gdb(tmp_path):
     assert "[Inferior 1 (Remote target) exited normally]" in g.stdout
     assert p.returncode == 0, err
     assert "replay matches the recording: 109 exits" in err
+
+
+def test_to_exit_past_the_recording_is_refused_before_the_replay_runs(tmp_path):
+    rec, p = record(tmp_path, "hello.S")
+    n = exits_of(p.stderr)                      # the count the recording run printed
+    q = sandbox("replay", str(rec), "--to-exit", str(n), "--gdb", "127.0.0.1:0", "--quiet", timeout=60)
+    assert q.returncode == 2 and q.stdout == "" and q.stderr.count("\n") == 1
+    assert f"holds {n} exit(s), numbered from 0 to {n - 1}" in q.stderr
+    assert "waiting for gdb" not in q.stderr
