@@ -218,6 +218,10 @@ def replay_case(a: argparse.Namespace) -> int:
         raise CliError(f"{a.image} was found by a campaign with --hooks {case.hooks}: replay it with "
                        f"--hooks {case.hooks} (its findings come from those handlers)")
     h = Harness(audit=a.audit, paging=case.paging, sev=case.sev)      # the machine the case ran on
+    outside = h.unmapped_edits(case)
+    if outside:
+        raise CliError(f"{a.image}: its 'npt' edit of {outside[0]:#x} is outside the guest's "
+                       f"{h.ram_size >> 20} MiB of RAM (no nested mapping there to edit)")
     guard = None
     if getattr(a, "hooks", None):
         try:

@@ -28,6 +28,13 @@ class CaseError(ValueError):
     """A case file that cannot be used."""
 
 
+def _flag(v: object) -> bool:
+    """A case file's true/false (JSON booleans, or 0 and 1)."""
+    if v in (True, False):
+        return bool(v)
+    raise ValueError(f"expected true or false, got {v!r}")
+
+
 @dataclass
 class VmcbConfig:
     """What the hypervisor arms for one case (APM §15.9-15.13, §15.25)."""
@@ -80,7 +87,9 @@ class Case:
             if d.get("version") != VERSION:
                 raise CaseError(f"{where}: unsupported case version {d.get('version')!r}")
             code = bytes.fromhex(d["code"])
-            offset = int(d.get("offset", 0))
+            offset = d.get("offset", 0)
+            if not isinstance(offset, int) or isinstance(offset, bool):
+                raise CaseError(f"{where}: 'offset' must be a whole number of bytes, not {offset!r}")
             if not code or offset < 0 or offset + len(code) > CODE_WINDOW:
                 raise CaseError(f"{where}: code of {len(code)} bytes at offset {offset} does not fit "
                                 f"the {CODE_WINDOW:#x}-byte code window")
@@ -94,8 +103,15 @@ class Case:
             iopm = [int(p) for p in d.get("iopm", [])]
             if any(not 0 <= p <= 0x10002 for p in iopm):
                 raise CaseError(f"{where}: IOPM port outside 0-0x10002")
-            msrpm = [(int(m, 0), bool(r), bool(w)) for m, r, w in d.get("msrpm", [])]
-            npt = [(int(g, 0), bool(p), bool(w), bool(x)) for g, p, w, x in d.get("npt", [])]
+            msrpm = [(int(m, 0), _flag(r), _flag(w)) for m, r, w in d.get("msrpm", [])]
+            if any(not 0 <= m < 2**32 for m, _, _ in msrpm):
+                raise CaseError(f"{where}: an MSRPM entry names an MSR outside 0-0xffffffff")
+            npt = [(int(g, 0), _flag(p), _flag(w), _flag(x)) for g, p, w, x in d.get("npt", [])]
+            if any(not 0 <= g < 2**52 or g & 0xFFF for g, *_ in npt):
+                raise CaseError(f"{where}: an 'npt' edit names a guest-physical address that is not a "
+                                f"4 KiB page below 2^52")
+            if not isinstance(d.get("origin", ""), str):
+                raise CaseError(f"{where}: 'origin' must be a string")
             hooks = d.get("hooks", "")
             if not isinstance(hooks, str):
                 raise CaseError(f"{where}: 'hooks' must be the path of a hooks file")

@@ -142,6 +142,8 @@ class Harness:
         self.untracked = 0
         self._missed: list[int] = []
         self._dram, self._ram, self._audit = dram, ram, audit
+        #: the guest's RAM in bytes (guest-physical 0 up)
+        self.ram_size = ram
         self.rebuilds = 0
         self._watch = _Watchdog()
         self._build()
@@ -349,6 +351,11 @@ class Harness:
         pt = bytearray(self._engine.decrypt_page(page, bytes(self.mm[page:page + PAGE_SIZE])))
         pt[o:o + len(data)] = data
         self.mm[page:page + PAGE_SIZE] = self._engine.encrypt_page(page, bytes(pt))
+
+    def unmapped_edits(self, case: Case) -> list[int]:
+        """The guest-physical pages ``case``'s nested-page edits name that are not
+        guest RAM (no nested mapping to edit: :meth:`apply` passes them by)."""
+        return [gpa for gpa, *_ in case.config.npt if gpa not in self._gpa_hpa]
 
     def run(self, case: Case, full: bool | None = None, audit: bool = True) -> Outcome:
         """Run ``case`` from the snapshot and restore it.  ``full``: compare all of

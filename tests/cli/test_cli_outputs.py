@@ -293,3 +293,14 @@ def test_every_recorded_choice_argument_is_checked_against_the_parsers_choices()
     recorded = {k: v for k, v in with_choices.items() if k in RECORDED_ARGS}
     assert set(recorded) == {"platform", "paging", "npt_page", "tlb", "mode"}
     assert recorded == {k: tuple(v) for k, v in RUN_CHOICES.items()}
+
+
+def test_case_editing_a_page_outside_guest_ram_is_refused(tmp_path):
+    """A hand-edited case whose nested-page edit names no page of the guest's RAM
+    would run with nothing edited: refused, naming the address."""
+    p = tmp_path / "far.case"
+    p.write_text('{"format": "sandbox-fuzz-case", "version": 1, "code": "31c031ff0f01d9", '
+                 '"intercepts": ["0","0","0","0x80000000","0x3","0"], "npt": [["0x7fffffff000", true, true, true]]}')
+    assert "edit of 0x7fffffff000 is outside the guest's 2 MiB of RAM" in one_line_error(run_cli("run", p, "--quiet"))
+    p.write_text(p.read_text().replace("0x7fffffff000", "0x1c0000"))
+    assert run_cli("run", p, "--quiet").returncode == 0

@@ -57,6 +57,17 @@ def test_case_roundtrip(tmp_path):
     assert d == c
 
 
+#: a well-formed case with one field added (``%s``)
+_CASE = '{"format": "sandbox-fuzz-case", "version": 1, "code": "90", "intercepts": ["0","0","0","0","0","0"], %s}'
+
+
+def test_the_case_template_itself_loads(tmp_path):
+    p = tmp_path / "ok.case"
+    p.write_text(_CASE % '"npt": [["0x1c0000", true, false, true]], "msrpm": [["0xc0000080", 1, 0]]')
+    c = Case.load(p)
+    assert c.config.npt == [(0x1C0000, True, False, True)] and c.config.msrpm == [(0xC0000080, True, False)]
+
+
 @pytest.mark.parametrize("text,msg", [
     ("not json", "not JSON"),
     ('{"format": "other"}', "not a sandbox-fuzz-case"),
@@ -65,6 +76,15 @@ def test_case_roundtrip(tmp_path):
     ('{"format": "sandbox-fuzz-case", "version": 1, "code": "90", "intercepts": ["0x1"]}', "six 32-bit"),
     ('{"format": "sandbox-fuzz-case", "version": 1, "code": "90", "intercepts": ["0","0","0","0","0","0"], '
      '"paging": "shadow", "sev": true}', "SEV with nested paging only"),
+    (_CASE % '"offset": 1.5', "whole number of bytes"),
+    (_CASE % '"offset": true', "whole number of bytes"),
+    (_CASE % '"msrpm": [["-1", true, true]]', "MSR outside 0-0xffffffff"),
+    (_CASE % '"msrpm": [["0x100000000", true, false]]', "MSR outside 0-0xffffffff"),
+    (_CASE % '"msrpm": [["0x10", "yes", false]]', "expected true or false"),
+    (_CASE % '"npt": [["0x100123", true, true, true]]', "not a 4 KiB page"),
+    (_CASE % '"npt": [["-0x1000", true, true, true]]', "not a 4 KiB page"),
+    (_CASE % '"npt": [["0x10000000000000", true, true, true]]', "not a 4 KiB page"),
+    (_CASE % '"origin": ["grammar"]', "'origin' must be a string"),
 ])
 def test_corrupt_case_files(tmp_path, text, msg):
     p = tmp_path / "bad.case"
