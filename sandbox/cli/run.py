@@ -24,6 +24,7 @@ from ..memory.hostmem import HostMemoryError
 from ..memory.tlb import TlbMode
 from ..svm.cpu import ExitRecord
 from ..svm.exitcodes import exit_name
+from ..svm.features import FEATURES, FeatureError, parse_without
 from ..svm.intercepts import UnknownIntercept
 from ..svm.msrpm import msrpm_bit
 from ..svm.stop import StopReason
@@ -194,9 +195,13 @@ def _machine(a: argparse.Namespace) -> Machine:
     check_sizes(ram, dram, dram_given=a.dram is not None)
     platform = a.platform if a.platform is not None else ("pc" if multiboot else "none")
     try:
+        without = parse_without(a.without)
+    except FeatureError as e:
+        raise CliError(f"--without {a.without}: {e}") from None
+    try:
         m = Machine(dram=dram << 20, ram=ram << 20, npt_page=npt_page, paging=a.paging,
                     tlb_mode=TlbMode(a.tlb), platform=None if platform == "none" else platform,
-                    nested=a.nested)
+                    nested=a.nested, without=without)
     except (ValueError, HostMemoryError) as e:
         raise CliError(str(e)) from None
     except (OSError, MemoryError) as e:
@@ -648,6 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: nested); --mode classic runs on shadow tables only")
     r.add_argument("--npt-page", choices=RUN_CHOICES["npt_page"], default="4k",
                    help="leaf size of the nested page table backing guest RAM")
+    r.add_argument("--without", metavar="FEATURES",
+                   help="a processor without these features, by QEMU's names (as -cpu max,-rdtscp,...): "
+                        f"{', '.join(FEATURES)}; their instructions #UD before any intercept, and CPUID "
+                        "stops reporting them")
     r.add_argument("--tlb", choices=RUN_CHOICES["tlb"], default="tagged",
                    help="TLB tagged by ASID, or flushed on every world switch (pre-ASID hardware)")
     r.add_argument("--sev", action="store_true", help="launch the guest encrypted (SEV): measured, C-bit set")

@@ -24,7 +24,7 @@ from .trace import DEFAULT_TRACE_LIMIT
 #: the ``sandbox run`` arguments that make the machine; a recording keeps them and a replay rebuilds from them
 RECORDED_ARGS = ("image", "intercept", "no_default_intercepts", "ports", "msrs", "hooks", "max_insns",
                  "max_exits", "timeout", "dram", "ram", "append", "platform", "nested", "paging", "npt_page",
-                 "tlb", "sev", "sev_es", "snp", "mode")
+                 "tlb", "sev", "sev_es", "snp", "mode", "without")
 
 
 #: what each recorded argument must be (None is allowed for all but the booleans and the budgets)

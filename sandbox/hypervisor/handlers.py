@@ -111,6 +111,10 @@ def handle_cpuid(m: "Machine", e: ExitRecord) -> Action:
     # the fixed leaves without a call or a mask (a RAX above 32 bits matches none of
     # them and takes the general lookup): this is the hottest exit
     out = (not m.cpuid_overrides and FIXED_LEAVES.get(rax)) or _cpuid_leaf(m, rax & M32, regs.rcx & M32)
+    if m.cpuid_masks:
+        mask = m.cpuid_masks.get(rax & M32)
+        if mask is not None:                  # features the processor was built without
+            out = tuple(v & k for v, k in zip(out, mask))
     regs.set_abcd(out, e.nrip)                # one call: four register writes and m.advance(e)
     return RESUME
 

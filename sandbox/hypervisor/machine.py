@@ -27,6 +27,7 @@ from ..svm import intercepts as I
 from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
 from ..svm.cpustate import GPR_NAMES, OFF_REGS
 from ..svm.exitcodes import ExitCode, exit_name
+from ..svm.features import cpuid_masks, parse_without
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_EVENTINJ, OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
 from .devices import COM1, DeviceBus, MmioMode, MmioRegion, Serial16550
@@ -271,12 +272,20 @@ class Machine:
 
     def __init__(self, dram: int = 64 << 20, ram: int = 16 << 20, *, npt_page: int = PAGE_SIZE,
                  tlb_mode: TlbMode = TlbMode.TAGGED, paging: str = "nested",
-                 platform: str | None = None, nested: bool = False, mem: HostMemory | None = None) -> None:
-        """``mem``: host DRAM to use (a HostMemory of ``dram`` bytes is made when None)."""
+                 platform: str | None = None, nested: bool = False, mem: HostMemory | None = None,
+                 without: Iterable[str] = ()) -> None:
+        """``mem``: host DRAM to use (a HostMemory of ``dram`` bytes is made when None).
+        ``without``: processor features to take away, by QEMU's names (``"rdtscp"``,
+        ``"xsave"`` ...: :mod:`sandbox.svm.features`); CPUID stops reporting them."""
         if paging not in PAGING_MODES:
             raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
+        removed = parse_without(",".join(without))
         self.mem = mem if mem is not None else HostMemory(dram)
         self.cpu = SvmCpu(self.mem)
+        if removed:
+            self.cpu.remove_features(removed)
+        #: leaf -> AND masks of EAX..EDX for every CPUID answer: the features taken away
+        self.cpuid_masks: dict[int, tuple[int, int, int, int]] = cpuid_masks(removed)
         self.cpu.tlb.mode = tlb_mode
         # the hypervisor enables SVM: EFER.SVME and VM_HSAVE_PA (as KVM's svm_hardware_enable)
         self.cpu.host_efer |= EFER_SVME

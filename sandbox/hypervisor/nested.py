@@ -64,8 +64,9 @@ _Q = struct.Struct("<Q")
 _VMSAVE_MSRS = ((OFF_STAR + 0x00, 0xC000_0081), (OFF_STAR + 0x08, 0xC000_0082), (OFF_STAR + 0x10, 0xC000_0083),
                 (OFF_STAR + 0x18, 0xC000_0084), (OFF_STAR + 0x20, 0xC000_0102), (OFF_STAR + 0x28, 0x174),
                 (OFF_STAR + 0x30, 0x175), (OFF_STAR + 0x38, 0x176))
-#: Fn8000_000A: revision 1, 16 ASIDs, EDX: NP (0), NRIPS (3), VMCB clean bits (5)
-SVM_FEATURES = (1, 16, 0, (1 << 0) | (1 << 3) | (1 << 5))
+#: Fn8000_000A: revision 1, 16 ASIDs, EDX: NP (0), NRIPS (3), VMCB clean bits (5),
+#: PauseFilter (10), PauseFilterThreshold (12)
+SVM_FEATURES = (1, 16, 0, (1 << 0) | (1 << 3) | (1 << 5) | (1 << 10) | (1 << 12))
 
 
 #: the segments whose base 64-bit mode ignores, and a base's offset in a VMCB segment record
@@ -288,6 +289,7 @@ class NestedSvm:
         v02.IOPM_BASE_PA = ctx.iopm.hpa if img.intercepted(ExitCode.IOIO) else self.l1.iopm.hpa
         v02.MSRPM_BASE_PA = ctx.msrpm.hpa if img.intercepted(ExitCode.MSR) else self.l1.msrpm.hpa
         v02.TSC_OFFSET = (v01.TSC_OFFSET + img.tsc_offset) & M64
+        self._pause_filter(v01, v12, img)
         v02.GUEST_ASID = ctx.asid
         v02.V_INTR = v12.V_INTR
         v02.INTERRUPT_SHADOW = v12.INTERRUPT_SHADOW
@@ -319,6 +321,21 @@ class NestedSvm:
         v02.TLB_CONTROL = TlbControl.FLUSH_ASID if flush else TlbControl.DO_NOTHING
         v02.N_CR3 = ctx.npt.n_cr3
         v02.set_intercept(ExitCode.NPF)
+
+    def _pause_filter(self, v01: VMCB, v12: VMCB, img: VmcbImage) -> None:
+        """VMCB02's PAUSE filter, as KVM's nested.c sets it: L1's count and threshold
+        when L0 does not intercept PAUSE; else L0's, with a zero L1 asks for (it
+        intercepts PAUSE) kept, so L1 sees every PAUSE it filters nothing of."""
+        v02 = self.ctx.vmcb
+        if not v01.intercept(ExitCode.PAUSE):
+            v02.PAUSE_FILTER_COUNT, v02.PAUSE_FILTER_THRESHOLD = v12.PAUSE_FILTER_COUNT, v12.PAUSE_FILTER_THRESHOLD
+            return
+        v02.PAUSE_FILTER_COUNT, v02.PAUSE_FILTER_THRESHOLD = v01.PAUSE_FILTER_COUNT, v01.PAUSE_FILTER_THRESHOLD
+        if img.intercepted(ExitCode.PAUSE):
+            if not v12.PAUSE_FILTER_COUNT:
+                v02.PAUSE_FILTER_COUNT = 0
+            if not v12.PAUSE_FILTER_THRESHOLD:
+                v02.PAUSE_FILTER_THRESHOLD = 0
 
     # ------------------------------------------------------------------ L2 exits
     def handler_for(self, rec: ExitRecord, h):

@@ -25,6 +25,9 @@ class GuestControls:
     n_cr3: int = 0
     #: added to the TSC for RDTSC/RDTSCP, intercepted or not (APM §15.30.4)
     tsc_offset: int = 0
+    #: PAUSE_FILTER_COUNT and PAUSE_FILTER_THRESHOLD, zero unless PAUSE is intercepted (:mod:`.pause_filter`)
+    pause_filter_count: int = 0
+    pause_filter_threshold: int = 0
 
     def intercepted(self, code: int) -> bool:
         """The intercept bit of exit code ``code`` is set."""

@@ -40,6 +40,8 @@ from .fill import FillObserver, TlbFill
 from .avic import Avic
 from .interrupts import Interrupts
 from .native import TSC_HZ, NativeInsns
+from .features import reserved_cr4, undefined_kinds
+from .pause_filter import PauseFilter
 from .run import GUEST_IPS, RunLimits, RunLoop
 from .scanner import Decide, Scanner
 from .smc import SmcStepper
@@ -79,6 +81,8 @@ class SvmCpu:
         #: set when a VMRUN carried out a TLB_CONTROL flush request; the hypervisor clears it
         self.tlb_control_done = False
         self._ext: ProcessorExtension = NO_EXTENSION
+        #: the features this processor was built without (:meth:`remove_features`)
+        self.features_removed: frozenset[str] = frozenset()
         self._ctl = ctl = GuestControls()
         self._sw = sw = SwitchState()
         #: the world switch's flags (read-only outside the processor)
@@ -91,11 +95,12 @@ class SvmCpu:
         self._run = run = RunLoop(uc, st, ctl, sw)
         self._smc = smc = SmcStepper(uc, st)
         self._avic = avic = Avic(mem.view, st, sw, lambda: ctl.vmcb_hpa)
+        pause = PauseFilter(run.clock_now, run.keep_clock)
         fill.connect(scanner, smc, run.fail)
-        scanner.connect(self, fill, ws, native, interrupts, run.fail)
+        scanner.connect(self, fill, ws, native, interrupts, pause, run.fail)
         native.connect(fill, ws, interrupts, run, smc, avic)
         interrupts.connect(self, fill, scanner, ws, run, smc, avic)
-        ws.connect(self, fill, scanner, interrupts, smc)
+        ws.connect(self, fill, scanner, interrupts, smc, pause)
         run.connect(fill, ws, interrupts, smc, avic)
         avic.connect(ws.vmexit, ws.after_exit_in_hook, interrupts.deliver, fill.insn_bytes)
         smc.connect(fill, scanner, interrupts.access)
@@ -176,6 +181,13 @@ class SvmCpu:
     def require_full_vmrun(self) -> None:
         """Make the next VMRUN take every check and reload the whole VMCB."""
         self._sw.fast_ok = False
+
+    def remove_features(self, names: frozenset[str]) -> None:
+        """Become a processor without the features ``names`` (:mod:`.features`): their
+        instructions #UD before any intercept check, their CR4 bits #GP to set."""
+        self._scanner.undefine(undefined_kinds(names))
+        self._native.cr4_absent |= reserved_cr4(names)
+        self.features_removed = self.features_removed | names
 
     def invlpga(self, va: int, asid: int) -> None:
         """INVLPGA: rAX = the virtual page, ECX = the ASID whose translation

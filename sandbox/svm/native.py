@@ -133,6 +133,8 @@ class NativeInsns:
         #: the host TSC when it is virtual (None: the host's own, read natively by Unicorn);
         #: set through :meth:`SvmCpu.virtualize_tsc`, which also hooks every RDTSC/RDTSCP
         self.tsc_clock: Callable[[], int] | None = None
+        #: CR4 bits of features the processor was built without (:mod:`.features`): reserved, #GP to set
+        self.cr4_absent = 0
         self._table: dict[D.Kind, Handler] = {k: self._io_permission for k in _IO}
         self._table.update({k: self._svm_insn for k in _SVM})
         self._table.update({D.Kind.HLT: self._hlt, D.Kind.INTN: self._soft_int, D.Kind.INT3: self._soft_int,
@@ -233,8 +235,9 @@ class NativeInsns:
             self._raise(Vec.GP, 0, address)
 
     def _mov_to_cr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
-        if view.cpl == 0 and mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0), bool(st.efer & EFER_LMA),
-                                              bool(st.hflags & HF_CS64)):
+        if view.cpl == 0 and (mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0), bool(st.efer & EFER_LMA),
+                                               bool(st.hflags & HF_CS64))
+                              or insn.reg == 4 and st.gpr(insn.rm) & self.cr4_absent):
             self._raise(Vec.GP, 0, address)        # Unicorn would load the illegal value
         else:
             self.observe_cr_write(insn.reg)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 #: the guest clock's nominal rate: one retired instruction is 10 ns of guest time
 GUEST_IPS = 100_000_000
+#: the budget of a slice counted only to keep guest time (never reached)
+_CLOCK_ONLY = 1 << 62
 _RIP = X.UC_X86_REG_RIP
 
 
@@ -142,6 +144,8 @@ class RunLoop:
             if self.remote_period:
                 due = max(1, self.remote_next - self.guest_clock)
                 budget = min(budget, due) if budget else due
+            if not budget and self._ctl.pause_filter_threshold:
+                budget = _CLOCK_ONLY           # the PAUSE filter's threshold measures guest time
             if not self._slice(budget):
                 break
 
@@ -251,6 +255,13 @@ class RunLoop:
         if self._sw.stop is None:
             self._sw.entry_rip = self._st.reg_read(_RIP)
 
+    def keep_clock(self) -> None:
+        """Guest time must be counted from here on (a PAUSE filter threshold came into
+        force): a slice that is not counting ends, and the next one counts."""
+        if self._in_emu and not self._slice_budget:
+            self._rearm = True
+            self._uc.emu_stop()
+
     # -------------------------------------------------------- virtual timer
     def arm_timer(self, period_ns: int) -> None:
         """A periodic physical interrupt in guest time (0 disarms it).
@@ -263,14 +274,14 @@ class RunLoop:
         if period_ns < 0:
             raise ValueError("timer period must be positive")
         self.timer_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns else 0
-        self.timer_next = self._clock_now() + self.timer_period
+        self.timer_next = self.clock_now() + self.timer_period
         if self._in_emu:
             # armed by a hypervisor handling an exit inside the run: end this
             # slice, so the next one is bounded by the new deadline
             self._rearm = True
             self._uc.emu_stop()
 
-    def _clock_now(self) -> int:
+    def clock_now(self) -> int:
         """Guest time in instructions, including the running slice's progress."""
         if self._in_emu and self._slice_budget:
             return self.guest_clock + min(self._counter.value, self._slice_budget)
@@ -284,7 +295,7 @@ class RunLoop:
 
     @property
     def guest_time_ns(self) -> int:
-        return self._clock_now() * 1_000_000_000 // GUEST_IPS
+        return self.clock_now() * 1_000_000_000 // GUEST_IPS
 
     # ------------------------------------------------------ remote events
     def schedule_remote(self, period_ns: int, fn: Callable[[], None] | None) -> None:
@@ -298,7 +309,7 @@ class RunLoop:
             raise ValueError("remote event period must be positive")
         self.remote_fn = fn if period_ns else None
         self.remote_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns and fn else 0
-        self.remote_next = self._clock_now() + self.remote_period
+        self.remote_next = self.clock_now() + self.remote_period
         if self._in_emu:
             self._rearm = True
             self._uc.emu_stop()

@@ -32,7 +32,8 @@ from .cpustate import HF_CPL_MASK, HF_CS64, OFF_HFLAGS, OFF_REGS, CpuState
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
 from .engine import CodeHooks, TbInvalidator
-from .events import GuestAccess
+from .events import GuestAccess, Vec
+from .exitcodes import ExitCode
 from .extension import NO_EXTENSION, ProcessorExtension
 from .vmcb import OFF_EFER, OFF_V_INTR, VIntr
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .fill import TlbFill
     from .interrupts import Interrupts
     from .native import NativeInsns
+    from .pause_filter import PauseFilter
     from .world_switch import SwitchState, WorldSwitch
 
 #: ``decide(insn, view, rip, code)``: the #VMEXIT an instruction causes, or None
@@ -53,6 +55,7 @@ TLB_OBSERVED = frozenset({D.Kind.MOV_TO_CR, D.Kind.INVLPG})
 IO_KINDS = frozenset({D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS})
 _Q = struct.Struct("<Q")
 _VIRQ_OR_AVIC = int(VIntr.V_IRQ | VIntr.AVIC_ENABLE)
+_PAUSE = int(ExitCode.PAUSE)
 _TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 §12.2.5)
 #: decode caches kept for distinct intercept vectors before they are all dropped
 _DECODE_CACHES = 8
@@ -163,6 +166,8 @@ class Scanner:
         #: the decision function (see :data:`Decide`); replaceable, e.g. by a fuzzer's planted bug
         self.decide: Decide = default_decide
         self.scan_kinds: frozenset = frozenset()
+        #: instruction kinds of features the processor was built without: #UD before any intercept
+        self.undefined: frozenset = frozenset()
         self._one = self._two = frozenset()
         self._armed_key: tuple | None = None
         #: every intercept-vector bit, and whether a pending V_IRQ, armed so far (None: nothing yet)
@@ -193,16 +198,20 @@ class Scanner:
         self.pass_used: int | None = None
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", ws: "WorldSwitch", native: "NativeInsns",
-                interrupts: "Interrupts", fail: Callable[[str, BaseException | None], None]) -> None:
+                interrupts: "Interrupts", pause: "PauseFilter",
+                fail: Callable[[str, BaseException | None], None]) -> None:
         """Bind what a candidate calls: fetched bytes, the #VMEXIT, the
-        emulation of instructions that do not exit, the interrupt window."""
+        emulation of instructions that do not exit, the interrupt window,
+        the PAUSE filter."""
         self._cpu = cpu
+        self._pause_exits = pause.exits
         self._insn_bytes = fill.insn_bytes
         self._fetch_map = fill.fetch_map
         self._flush_soft_tlb = fill.flush_soft_tlb
         self._exit_in_hook = ws.exit_in_hook
         self._native = native.handle
         self._window_open = interrupts.window_open
+        self._raise = interrupts.raise_exception
         self.guest_access: GuestAccess = interrupts.access
         self._fail = fail
 
@@ -234,6 +243,13 @@ class Scanner:
                 self._decoded_by_key.clear()
             dec = self._decoded_by_key[key] = {}
         self.decoded = dec
+
+    def undefine(self, kinds: frozenset) -> None:
+        """Instructions of ``kinds`` are #UD from now on, whatever the intercepts
+        (a processor without their feature: :mod:`.features`)."""
+        self.undefined = self.undefined | kinds
+        self._drop_decodes()
+        self._grow_scan(frozenset(kinds))
 
     def hook_kinds(self, kinds: frozenset) -> None:
         """Hook ``kinds`` from now on whatever the intercept vectors (the scan set
@@ -328,6 +344,9 @@ class Scanner:
             hflags = st.q[_QHFLAGS]             # low half: hflags (the high half is hflags2)
             if ent[4] and not hflags & HF_CS64:
                 return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
+            if self.undefined and insn.kind in self.undefined:
+                self._raise(Vec.UD, None, address)      # no such instruction here: nothing to intercept
+                return
             view = None
             self.pass_used = None
             if self.pass_once_rip == address:
@@ -345,6 +364,8 @@ class Scanner:
                         view = DecisionView(self, st)
                         info = _plain(self.decide(insn, view, address, code))
             if info is not None:
+                if info.exitcode == _PAUSE and self.ctl.pause_filter_count and not self._pause_exits(self.ctl):
+                    return                      # the PAUSE filter lets this one run (APM §15.14.4)
                 ext = self.ext
                 if ext is not NO_EXTENSION and ext.intercept(self._cpu, info.exitcode, address, insn.length):
                     return                      # SEV-ES: GHCB MSR, VMGEXIT, or #VC for a non-automatic exit

@@ -32,6 +32,7 @@ from .cpustate import OFF_EIP, SEG_INDEX, CpuState
 from .engine import MsrWriter
 from .exitcodes import ExitCode, exit_name
 from .extension import NO_EXTENSION, ProcessorExtension
+from .pause_filter import PauseFilter
 from .state_save import SEGMENT_REGS, StateSaveArea, get_seg
 from .stop import StopInfo, StopReason
 from .vmcb import (EXIT_INFO_END, GUEST_INSN_BYTES, OFF_CPL, OFF_EVENTINJ, OFF_EXITCODE, OFF_GUEST_INSN_LEN,
@@ -196,10 +197,12 @@ class WorldSwitch:
         self._memo: tuple[bytes, int, bytes, bytes] | None = None
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts",
-                smc: "SmcStepper") -> None:
+                smc: "SmcStepper", pause: "PauseFilter") -> None:
         """Bind what the switch drives: soft-TLB flushes and the walker, the
-        scanner's arming and cross-modifying code, the entry events."""
+        scanner's arming and cross-modifying code, the entry events, the PAUSE
+        filter's counter (loaded at every VMRUN)."""
         self._cpu = cpu
+        self._pause = pause
         self._smc = smc
         self._flush_soft_tlb = fill.flush_soft_tlb
         self._drop_walker = fill.drop_walker
@@ -262,6 +265,8 @@ class WorldSwitch:
         if self._xmod_pages:
             self._xmod_commit()      # after the flush: it refills through current translations
         self._drop_walker()
+        if self._ctl.pause_filter_count:
+            self._pause.load(self._ctl)      # the counter starts again at every VMRUN
         sw.gif = True
         sw.entry_rip = rip
 
@@ -308,6 +313,8 @@ class WorldSwitch:
         # host state goes to VM_HSAVE_PA (format is implementation-specific)
         sw.gif = True
         flush = self._latch_controls(v)
+        PauseFilter.latch(self._ctl, mv, b)
+        self._pause.load(self._ctl)
         if self._load_guest_state(v, not in_hook):        # with RAX, RSP and RFLAGS
             flush = True
         sw.entry_rip = v.rip
@@ -588,6 +595,8 @@ class WorldSwitch:
         if v != rsp:
             gq[4] = v
         self._drop_walker()
+        if self._ctl.pause_filter_count:
+            self._pause.load(self._ctl)      # the PAUSE filter's counter starts again
         sw.gif = True
         sw.entry_rip = vq[_QRIP]
         err = self._write_rip()              # RIP straight from the VMCB's RIP field

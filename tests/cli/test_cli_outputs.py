@@ -304,3 +304,18 @@ def test_case_editing_a_page_outside_guest_ram_is_refused(tmp_path):
     assert "edit of 0x7fffffff000 is outside the guest's 2 MiB of RAM" in one_line_error(run_cli("run", p, "--quiet"))
     p.write_text(p.read_text().replace("0x7fffffff000", "0x1c0000"))
     assert run_cli("run", p, "--quiet").returncode == 0
+
+
+def test_without_an_unknown_feature_is_one_line(guest):
+    assert "--without avx9: unknown CPU feature 'avx9'" in one_line_error(run_cli("run", guest, "--without", "avx9"))
+
+
+def test_without_is_recorded_and_replayed(guest, tmp_path):
+    """The recording keeps --without and the replay rebuilds that processor (a recorded
+    feature name the replay cannot build is one line, not a traceback)."""
+    rec = tmp_path / "w.rec"
+    assert run_cli("run", guest, "--quiet", "--without", "rdtscp,-xsave", "--record", rec).returncode == 0
+    q = run_cli("replay", rec, "--quiet")
+    assert q.returncode == 0, q.stderr
+    bad = _forge(rec, tmp_path / "bad.rec", without="avx9")
+    assert "unknown CPU feature 'avx9'" in one_line_error(run_cli("replay", bad, "--quiet"))
