@@ -221,8 +221,9 @@ class NestedSvm:
 
     # ------------------------------------------------------------------ checks
     def _svm_insn_faults(self, m: "Machine", e: ExitRecord, *, rax_page: bool) -> bool:
-        """#UD without L1's EFER.SVME, #GP for a VMCB address outside L1's memory; True when raised."""
-        if not self.svme:
+        """#UD without EFER.SVME (L1's virtual one, or L2's own while L2 runs), #GP at
+        CPL > 0 or for a VMCB address outside L1's memory; True when raised."""
+        if not (m.guest.vmcb.EFER & EFER_SVME if self.guest_mode else self.svme):
             m.inject(Vec.UD)
             return True
         if m.guest.vmcb.CPL:
@@ -437,8 +438,10 @@ class NestedSvm:
         set (VMRUN set it); an INTR is masked by L1's RFLAGS.IF as of its
         VMRUN when VMCB12 has V_INTR_MASKING, else by L2's RFLAGS.IF
         (§15.21.1), as KVM's ``svm_interrupt_blocked`` reads it."""
+        if not self.gif:
+            return True                         # L1 between its #VMEXIT and STGI, or L2 after its own CLGI
         if not self.guest_mode:
-            return not self.gif
+            return False
         if nmi:
             return False
         if VMCB(self.m.mem, self.vmcb12_hpa).V_INTR & VIntr.V_INTR_MASKING:
@@ -453,13 +456,13 @@ class NestedSvm:
         v12 = VMCB(self.m.mem, self.vmcb12_hpa)
         return not v12.V_INTR & (VIntr.V_IRQ | VIntr.V_INTR_MASKING) and not v12.intercept(ExitCode.VINTR)
 
-    def exit_on_interrupt(self, nmi: bool = False) -> bool:
-        """L2 runs and L1 intercepts the physical interrupt (INTR or NMI): the
+    def exit_on_interrupt(self, nmi: bool = False, smi: bool = False) -> bool:
+        """L2 runs and L1 intercepts the physical interrupt (INTR, NMI or SMI): the
         interrupt becomes an emulated #VMEXIT to L1 and stays pending for L1,
         which takes it once its GIF and RFLAGS.IF allow (§15.21.2).  True when done."""
         if not self.guest_mode:
             return False
-        code = ExitCode.NMI if nmi else ExitCode.INTR
+        code = ExitCode.SMI if smi else (ExitCode.NMI if nmi else ExitCode.INTR)
         if not VMCB(self.m.mem, self.vmcb12_hpa).intercept(code):
             return False
         v02 = self.ctx.vmcb
@@ -546,8 +549,10 @@ class NestedSvm:
         return RESUME
 
     def stgi(self, m: "Machine", e: ExitRecord) -> Action | None:
-        if self.guest_mode:
-            return self.reflect(e)
+        """STGI from L1, or from L2 when L1 does not intercept it (an intercepted one
+        was reflected before this): the GIF of the level that runs.  An interrupt it
+        held is then taken -- by L2's INTR intercept in L1, kvm-unit-tests'
+        svm_intr_intercept_mix_gif -- at the resume that follows."""
         if self._svm_insn_faults(m, e, rax_page=False):
             return RESUME
         self.gif = True
@@ -555,8 +560,8 @@ class NestedSvm:
         return RESUME
 
     def clgi(self, m: "Machine", e: ExitRecord) -> Action | None:
-        if self.guest_mode:
-            return self.reflect(e)
+        """CLGI from L1, or from L2 when L1 does not intercept it: GIF = 0 holds every
+        physical interrupt and NMI (APM §15.17) until STGI or a #VMEXIT to L1."""
         if self._svm_insn_faults(m, e, rax_page=False):
             return RESUME
         self.gif = False

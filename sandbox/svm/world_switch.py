@@ -109,8 +109,9 @@ class SwitchState:
         run loop (budget, watchdog, emulation error) and by halts and internal
         errors; cleared only by a new top-level VMRUN.
     ``exit_resumable``
-        The pending exit may resume (False for #VMEXIT(SHUTDOWN)).  Set with
-        every exit handed to the dispatch loop, and by VMEXIT_INVALID.
+        The pending exit may resume (False for #VMEXIT(SHUTDOWN), until a
+        handler switches to another VMCB).  Set with every exit handed to the
+        dispatch loop, by VMEXIT_INVALID and by :meth:`WorldSwitch.switch_vmcb`.
     ``defer_dispatch``
         Exits raised while VMRUN itself runs (EVENTINJ, V_IRQ delivery) are
         left pending for VMRUN's caller instead of being dispatched where they
@@ -297,6 +298,9 @@ class WorldSwitch:
         sw.fast_ok = False
         sw.loaded = None
         sw.vmcb_written = True
+        # a #VMEXIT(SHUTDOWN) left its guest's state undefined, not the next guest's:
+        # VMRUN of another VMCB goes on (nested SVM reflects an L2 shutdown to L1)
+        sw.exit_resumable = True
 
     def _enter_full(self, in_hook: bool) -> bool:
         """VMRUN through every check: §15.5.1, the controls, the guest state, the entry events."""

@@ -318,6 +318,25 @@ def test_nmi_ipi_is_injected_as_nmi(tmp_path):
     assert r.counts.get(ExitCode.IRET) == 1          # the NMI handler's IRET ends NMI blocking
 
 
+def test_smi_ipi_is_taken_without_a_trace_in_the_guest(tmp_path):
+    """An SMI to self (ICR delivery mode 010b): the processor takes it -- SMM, which
+    the model does not enter, as a firmware handler that returns at once -- and the
+    guest goes on; nothing is injected into it (no vector, no NMI)."""
+    body = X2APIC_ON + """
+        mov ecx, 0x830
+        mov eax, 0x40200
+        xor edx, edx
+        wrmsr
+        nop
+        mov r12, 5
+    """
+    m = lm_guest(tmp_path, body, "inc r12", vector=2)
+    r = m.run()
+    assert r.exit_code == 5, r.detail
+    assert m.platform.injected["smi"] == 1 and m.platform.injected["nmi"] == 0
+    assert not m.platform.apic.smi_pending and r.counts.get(ExitCode.IRET) is None
+
+
 def test_xapic_one_shot_timer_wakes_hlt(tmp_path):
     """The one-shot timer through the xAPIC MMIO window (VMEXIT_NPF, emulated):
     HLT with IF = 1 lets guest time run to the deadline."""

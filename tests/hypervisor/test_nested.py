@@ -492,3 +492,50 @@ def test_l2_vmload_runs_in_l2_unless_l1_intercepts_it(tmp_path, intercepted):
     m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, l2, names)
     r = m.run(timeout=20)
     assert v.EXITCODE == (ExitCode.VMLOAD if intercepted else ExitCode.VMMCALL), r.detail
+
+
+def test_l2_clgi_stgi_not_intercepted_by_l1_act_on_l2s_gif(tmp_path):
+    """CLGI/STGI in L2 that L1 does not intercept are not L1's business: L0 runs them
+    for L2 (APM §15.17: GIF = 0 holds every interrupt and NMI), as KVM does --
+    kvm-unit-tests' svm_intr_intercept_mix_gif.  Seen from L0's CPUID handler, which
+    L2 reaches between them."""
+    seen = []
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE,
+                   f"{db(OP['clgi'])}\ncpuid\n{db(OP['stgi'])}\ncpuid\nhlt\n", ("vmrun", "hlt"))
+    l0_cpuid = m.handlers[ExitCode.CPUID]
+
+    def cpuid(m, e):
+        n = m.nested
+        seen.append((n.guest_mode, n.gif, n.holds_interrupt(), n.holds_interrupt(nmi=True)))
+        return l0_cpuid(m, e)
+    m.handlers[ExitCode.CPUID] = cpuid
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.HLT, r.detail           # neither CLGI nor STGI reached L1
+    # after STGI an NMI is no longer held; an INTR still is, by L2's RFLAGS.IF = 0 (no V_INTR_MASKING)
+    assert seen == [(True, False, True, True), (True, True, True, False)]
+    assert [e.level for e in m.trace if e.exitcode in (ExitCode.CLGI, ExitCode.STGI)] == ["L2", "L2"]
+
+
+def test_l2_clgi_intercepted_by_l1_is_reflected(tmp_path):
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, f"nop\n{db(OP['clgi'])}\nhlt\n",
+                   ("vmrun", "clgi", "hlt"))
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.CLGI and v.RIP == L2_CODE + 1 and v.NRIP == L2_CODE + 4
+
+
+def test_l2_shutdown_intercepted_by_l1_is_reflected_and_l1_goes_on(tmp_path):
+    """L2 triple-faults (an IDT limit of 0: #UD, then #GP delivering it, then #DF, then
+    shutdown) with L1 intercepting SHUTDOWN: #VMEXIT(SHUTDOWN) goes to L1, which
+    continues after its VMRUN (kvm-unit-tests' svm_shutdown_intercept_test)."""
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, "ud2\n", ("vmrun", "shutdown"))
+    v.set_seg("IDTR", Segment(0, 0, 0, 0))
+    r = m.run(timeout=20)
+    assert r.reason == "guest-exit" and r.exit_code == ExitCode.SHUTDOWN, (r.reason, r.detail)
+    assert [(e.level, e.exitcode) for e in m.trace][-2:] == [("L2", ExitCode.SHUTDOWN), ("L1", ExitCode.VMMCALL)]
+
+
+def test_l2_shutdown_not_intercepted_by_l1_stops_the_machine(tmp_path):
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, "ud2\n", ("vmrun",))
+    v.set_seg("IDTR", Segment(0, 0, 0, 0))
+    r = m.run(timeout=20)
+    assert r.reason == "shutdown", (r.reason, r.detail)

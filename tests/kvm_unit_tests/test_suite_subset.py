@@ -133,3 +133,16 @@ def test_svm_unsupported_instructions_without_their_features():
         without=("rdtscp", "xsave", "invpcid", "skinit", "rdpru"))
     assert passed == 9, out[-2000:]
     assert failed == ["FAIL: L1 should not intercept SKINIT when instruction is not advertised in guest CPUID"]
+
+
+#: svm.flat's interrupt-mix and shutdown subtests: GIF in L2 (CLGI/STGI that L1 does not
+#: intercept), INTR/NMI/SMI intercepts, and an L2 triple fault reflected to L1
+SVM_MIX = ("svm_intr_intercept_mix_if svm_intr_intercept_mix_gif svm_intr_intercept_mix_gif2 "
+           "svm_intr_intercept_mix_nmi svm_intr_intercept_mix_smi svm_shutdown_intercept_test")
+
+
+@pytest.mark.skipif(X86 is None, reason="kvm-unit-tests build not found (../shared/kvm-unit-tests)")
+def test_svm_interrupt_mix_and_shutdown_under_nested_svm():
+    m, r, out, passed, failed = _run_under_nested_svm("svm.flat", SVM_MIX, timeout=300)
+    assert passed == 26 and not failed, "\n".join(failed) or out[-2000:]
+    assert r.exit_code == 0 and m.platform.debug_exit.status == 1

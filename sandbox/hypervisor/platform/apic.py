@@ -76,6 +76,8 @@ class LocalApic:
         self.on_timer_change = on_timer_change
         self.base = XAPIC_BASE | BASE_BSP | BASE_EN
         self.nmi_pending = False
+        #: an SMI sent through the ICR (delivery mode 010b) that the processor has not taken
+        self.smi_pending = False
         self.deadline_ns: int | None = None
         self.reset()
 
@@ -170,7 +172,9 @@ class LocalApic:
             self.set_irr(vector, level=bool(low & (1 << 15)))
         elif dm == DM_NMI:
             self.nmi_pending = True
-        # INIT and STARTUP address other processors (none here); SMI is not modelled
+        elif dm == DM_SMI:
+            self.smi_pending = True
+        # INIT and STARTUP address other processors (none here)
 
     def _is_dest(self, dest: int, logical: bool) -> bool:
         x2 = self.mode == "x2apic"

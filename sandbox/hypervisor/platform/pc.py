@@ -111,7 +111,7 @@ class PcPlatform:
         m.resume_hooks.append(self.after_exit)
         self.window = False              # an interrupt window is requested (V_IRQ + VINTR)
         self.nmi_in_service = False      # an injected NMI's handler has not executed IRET yet
-        self.injected = {"intr": 0, "nmi": 0, "windows": 0}
+        self.injected = {"intr": 0, "nmi": 0, "smi": 0, "windows": 0}
 
     def set_cmdline(self, cmdline: str) -> None:
         self.fw_cfg.set_cmdline(cmdline.encode("utf-8"))
@@ -294,6 +294,13 @@ class PcPlatform:
         current -- held (GIF clear, or masked while L2 runs: the next exit looks
         again) or turned into L1's #VMEXIT(INTR/NMI).  L0's interrupt window
         belongs to L1's VMCB; while L2 runs none is opened."""
+        if self.apic.smi_pending:
+            if n.holds_interrupt(nmi=True):
+                return True                     # GIF = 0 holds an SMI too (APM §15.17)
+            if n.exit_on_interrupt(smi=True):
+                self.apic.smi_pending = False
+                self.injected["smi"] += 1
+                return True
         nmi = self.apic.nmi_pending and not self.nmi_in_service
         if nmi:
             if n.holds_interrupt(nmi=True):
@@ -306,7 +313,9 @@ class PcPlatform:
         if n.holds_interrupt():
             if self.window and not n.guest_mode:
                 self._close_window()
-            if n.guest_mode:
+            if n.guest_mode and n.gif:
+                # masked by L2's RFLAGS.IF: a window finds when it sets it; held by L2's
+                # own CLGI, only its STGI (an exit to L0) can release it -- no window
                 self._open_l2_window(n)
             return True
         if n.exit_on_interrupt():
@@ -322,13 +331,22 @@ class PcPlatform:
             return m.stop(StopReason.GUEST_EXIT, f"isa-debug-exit: the guest wrote {self.debug_exit.value:#x} "
                                                  f"(QEMU exit status {self.debug_exit.status})")
         apic = self.apic
-        if not apic.irr and not apic.nmi_pending:
+        if not apic.irr and not apic.nmi_pending and not apic.smi_pending:
             if self.window:
                 self._close_window()
             return None
         n = m.nested
         if n is not None and self._nested_route(n):
             return None
+        if apic.smi_pending:
+            # taken by the processor: with the SMI intercept the #VMEXIT(SMI) comes to
+            # this hypervisor, which (as KVM's smi_interception) does nothing more; without
+            # it the processor enters SMM, which is not modelled -- as a firmware SMI
+            # handler that returns at once.  Either way the guest sees nothing.
+            apic.smi_pending = False
+            self.injected["smi"] += 1
+            if not apic.irr and not apic.nmi_pending:
+                return None
         v = m.guest.vmcb
         if v.EVENTINJ & (1 << 31):
             # an event is already queued (a reflected exception): the interrupt waits
