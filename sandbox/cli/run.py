@@ -249,7 +249,8 @@ def check_mode(a: argparse.Namespace) -> None:
     refused = [flag for flag, on in (
         ("--sev", a.sev), ("--sev-es", a.sev_es), ("--snp", a.snp), ("--nested", a.nested),
         ("--platform pc", a.platform == "pc"), ("--intercept", bool(a.intercept)),
-        ("--no-default-intercepts", a.no_default_intercepts), ("--npt-page", a.npt_page != "4k")) if on]
+        ("--no-default-intercepts", a.no_default_intercepts), ("--npt-page", a.npt_page != "4k"),
+        ("--without", bool(a.without))) if on]
     if refused:
         raise CliError(f"--mode classic cannot be combined with {', '.join(refused)}: the classic monitor "
                        "deprivileges a plain 64-bit guest and traps privileged instructions without SVM intercepts")
@@ -460,7 +461,7 @@ def ctrl_c_stops(m: Machine, timeout: float = 0.0):
 _CASE_IGNORES = ("intercept", "ports", "msrs", "max_insns", "max_exits", "timeout", "dram", "ram",
                  "append", "platform", "paging", "npt_page", "tlb", "sev", "sev_es", "snp", "mode",
                  "dump_host_memory", "no_default_intercepts", "gdb", "record", "timeline", "nested",
-                 "trace_limit")
+                 "trace_limit", "without")
 
 
 def _refuse_for_case(a: argparse.Namespace) -> None:

@@ -61,7 +61,7 @@ def _plant_vmrun(name: str) -> Callable[[], None]:
     hide = VMRUN_BUGS[name][1]
 
     def patch() -> None:
-        world_switch.consistency = lambda v, dram_size: _real_consistency(hide(v), dram_size)
+        world_switch.consistency = lambda v, dram_size, **kw: _real_consistency(hide(v), dram_size, **kw)
     return patch
 
 

@@ -275,11 +275,11 @@ class Machine:
                  platform: str | None = None, nested: bool = False, mem: HostMemory | None = None,
                  without: Iterable[str] = ()) -> None:
         """``mem``: host DRAM to use (a HostMemory of ``dram`` bytes is made when None).
-        ``without``: processor features to take away, by QEMU's names (``"rdtscp"``,
-        ``"xsave"`` ...: :mod:`sandbox.svm.features`); CPUID stops reporting them."""
+        ``without``: processor features to take away, by QEMU's names (``["rdtscp", "xsave"]``
+        or ``"rdtscp,xsave"``: :mod:`sandbox.svm.features`); CPUID stops reporting them."""
         if paging not in PAGING_MODES:
             raise ValueError(f"paging must be one of {', '.join(PAGING_MODES)}, not {paging!r}")
-        removed = parse_without(",".join(without))
+        removed = parse_without(without if isinstance(without, str) else ",".join(without))
         self.mem = mem if mem is not None else HostMemory(dram)
         self.cpu = SvmCpu(self.mem)
         if removed:

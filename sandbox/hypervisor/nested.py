@@ -248,7 +248,7 @@ class NestedSvm:
         img = VmcbImage.read(m.mem.view, hpa12)
         # the permission maps may lie anywhere below L1's MAXPHYADDR (APM §15.5.1: "extends to a
         # physical address >= the maximum supported"); an exit reads them where they are
-        why = consistency(img, 1 << MAXPHYADDR)
+        why = consistency(img, 1 << MAXPHYADDR, cr4_mbz=m.cpu.cr4_reserved)
         if not why and img.intercepted(ExitCode.MSR) and img.msrpm + MSRPM_SIZE > self.l1.ram_size:
             # L1's MSRPM is read for the L2 exits it governs; one outside L1's memory fails the
             # VMRUN, as under KVM, which merges it at VMRUN (kvm-unit-tests "Test MSRPM address")

@@ -110,12 +110,14 @@ class VmcbImage:
         return bool(self.ivec[code >> 5] >> (code & 31) & 1)
 
 
-def consistency(v: VmcbImage, dram_size: int) -> str:
-    """APM §15.5.1 "Canonicalization and Consistency Checks"; '' when legal."""
-    return _check_save_area(v) or _check_controls(v, dram_size) or _check_eventinj(v)
+def consistency(v: VmcbImage, dram_size: int, cr4_mbz: int = 0) -> str:
+    """APM §15.5.1 "Canonicalization and Consistency Checks"; '' when legal.
+    ``cr4_mbz``: CR4 bits that are MBZ on this processor besides the architectural
+    ones (those of features it was built without: :mod:`.features`)."""
+    return _check_save_area(v, cr4_mbz) or _check_controls(v, dram_size) or _check_eventinj(v)
 
 
-def _check_save_area(v: VmcbImage) -> str:
+def _check_save_area(v: VmcbImage, cr4_mbz: int = 0) -> str:
     """The guest state: EFER, CR0, CR3, CR4, DR6, DR7 and the long-mode combination."""
     cr0, efer = v.cr0, v.efer
     if not efer & EFER_SVME:
@@ -130,7 +132,7 @@ def _check_save_area(v: VmcbImage) -> str:
         # bits 63:MAXPHYADDR of a paging guest's CR3 are MBZ in legacy PAE and 32-bit paging
         # too (APM §15.5.1 "any MBZ bit of CR3"; kvm-unit-tests svm_pae_test, svm_pse_test)
         return "CR3 bits beyond MAXPHYADDR set"
-    if v.cr4 & CR4_RESERVED:
+    if v.cr4 & (CR4_RESERVED | cr4_mbz):
         return "CR4 MBZ bits set"
     if v.dr6 & DR6_RESERVED:
         return "DR6[63:32] is not zero"

@@ -40,7 +40,7 @@ from .fill import FillObserver, TlbFill
 from .avic import Avic
 from .interrupts import Interrupts
 from .native import TSC_HZ, NativeInsns
-from .features import reserved_cr4, undefined_kinds
+from .features import FEATURES, reserved_cr4, undefined_kinds
 from .pause_filter import PauseFilter
 from .run import GUEST_IPS, RunLimits, RunLoop
 from .scanner import Decide, Scanner
@@ -83,6 +83,9 @@ class SvmCpu:
         self._ext: ProcessorExtension = NO_EXTENSION
         #: the features this processor was built without (:meth:`remove_features`)
         self.features_removed: frozenset[str] = frozenset()
+        #: CR4 bits reserved (MBZ) on this processor beyond the architectural ones: those
+        #: of the features it lacks (MOV to CR4 #GP, VMRUN VMEXIT_INVALID)
+        self.cr4_reserved = 0
         self._ctl = ctl = GuestControls()
         self._sw = sw = SwitchState()
         #: the world switch's flags (read-only outside the processor)
@@ -186,7 +189,12 @@ class SvmCpu:
         """Become a processor without the features ``names`` (:mod:`.features`): their
         instructions #UD before any intercept check, their CR4 bits #GP to set."""
         self._scanner.undefine(undefined_kinds(names))
-        self._native.cr4_absent |= reserved_cr4(names)
+        self.cr4_reserved |= reserved_cr4(names)
+        self._native.cr4_absent = self.cr4_reserved
+        for n in names:                      # the CPU's own CPUID and decoder too
+            f = FEATURES[n]
+            self.st.clear_cpuid_feature(f.leaf, f.reg, f.bit)
+        self.uc.ctl_flush_tb()
         self.features_removed = self.features_removed | names
 
     def invlpga(self, va: int, asid: int) -> None:

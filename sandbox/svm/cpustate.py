@@ -29,7 +29,7 @@ from typing import Callable
 from dataclasses import dataclass
 
 import unicorn
-from unicorn import UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc, UcError
+from unicorn import UC_ERR_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import UcContext
 
@@ -121,7 +121,10 @@ class CpuState:
         self.uc = uc                 # (kept: the CPU's memory lives as long as the engine)
         self._h = uc._uch
         size = len(_context_bytes(uc)) - CONTEXT_DATA
-        env = engine_memory(uc, live_env(uc), ctypes.c_char * size)
+        at = live_env(uc)
+        env = engine_memory(uc, at, ctypes.c_char * size)
+        #: QEMU's feature words (:data:`FEATURE_WORDS`), past the part the context copies
+        self._features = engine_memory(uc, at + OFF_FEATURES, ctypes.c_uint64 * (max(FEATURE_WORDS.values()) + 1))
         self.data = memoryview(env).cast("B")
         #: the state as 64-bit words: GPR ``i`` (QEMU order) is ``q[i]`` (hot paths: no call per access)
         self.q = self.data[:size & ~7].cast("Q")
@@ -157,6 +160,13 @@ class CpuState:
     # -- direct register access through Unicorn (side effects honoured) --------
     def reg_read(self, reg: int) -> int:
         return self._read(reg)
+
+    def clear_cpuid_feature(self, leaf: int, reg: int, bit: int) -> None:
+        """Take a feature away from the CPU itself: CPUID ``leaf`` stops reporting bit
+        ``bit`` of register ``reg`` (0-3: EAX..EDX) and QEMU's translator, which decodes
+        the feature's instructions only with the bit set, makes them #UD.  Blocks
+        translated before keep the old decoding: drop them (``ctl_flush_tb``)."""
+        self._features[FEATURE_WORDS[(leaf, reg)]] &= ~(1 << bit)
 
     def reg_write(self, reg: int, value: int) -> None:
         self._val.value = value & 0xFFFFFFFFFFFFFFFF
@@ -308,7 +318,7 @@ class Internals:
     the rest are in QEMU's ``CPUX86State``.  The first group is QEMU 5.0's
     layout as Unicorn 2.1 bundles it; ``dr``, ``error_code``,
     ``old_exception``, ``tsc_offset``, ``emu_counter``, ``invalid_addr``,
-    ``engine_cpu`` and ``cpu_env`` are found by calibration.
+    ``engine_cpu``, ``cpu_env`` and ``features`` are found by calibration.
     """
     context_data: int
     regs: int
@@ -330,6 +340,7 @@ class Internals:
     invalid_addr: int
     engine_cpu: int
     cpu_env: int
+    features: int
 
 
 #: how an error message names each value
@@ -341,7 +352,7 @@ NAMES = {
     "dr": "CPUX86State dr", "error_code": "exception error_code",
     "old_exception": "exception old_exception", "tsc_offset": "CPUX86State tsc_offset",
     "emu_counter": "emu_counter", "invalid_addr": "invalid_addr",
-    "engine_cpu": "uc_struct cpu", "cpu_env": "X86CPU env",
+    "engine_cpu": "uc_struct cpu", "cpu_env": "X86CPU env", "features": "CPUX86State features",
 }
 HANDLE = "Uc._uch engine handle"
 
@@ -635,6 +646,50 @@ def live_env(uc: Uc) -> int:
     return env
 
 
+#: QEMU's feature words (``FeatureWordArray features``, QEMU 5.0 ``enum FeatureWord``): the
+#: CPUID (leaf, register) each holds, register 0-3 = EAX EBX ECX EDX.  CPUID answers these
+#: leaves from them, and the translator decodes an instruction only when its bit is set.
+FEATURE_WORDS = {(1, 3): 0, (1, 2): 1, (7, 1): 2, (7, 2): 3, (7, 3): 4,
+                 (0x8000_0001, 3): 6, (0x8000_0001, 2): 7, (0x8000_0008, 1): 9}
+_CPUID_AT = 0x1000
+
+
+def _cpuid_run(leaf: int, uc: Uc | None = None) -> tuple[int, int, int, int]:
+    """EAX..EDX of CPUID ``leaf`` (subleaf 0) in a fresh scratch CPU (or ``uc``, code at 0x1000)."""
+    if uc is None:
+        uc = _scratch(bytes.fromhex("0fa2"), _CPUID_AT)
+    uc.reg_write(X.UC_X86_REG_RAX, leaf)
+    uc.reg_write(X.UC_X86_REG_RCX, 0)
+    uc.emu_start(_CPUID_AT, _CPUID_AT + 2)
+    return tuple(uc.reg_read(r) & 0xFFFF_FFFF for r in
+                 (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX))  # type: ignore
+
+
+#: CPUID leaf 1 ECX[27]: OSXSAVE, which CPUID adds from CR4 (not a feature word bit)
+_OSXSAVE_BIT = 1 << 27
+#: how far past the start of the CPU state the feature words are looked for (they lie
+#: beyond the part ``uc_context_save`` copies)
+_FEATURES_WINDOW = 0x4000
+
+
+def _locate_features(engine_cpu: int, cpu_env: int) -> int:
+    """``env->features``: the qwords of :data:`FEATURE_WORDS` read as CPUID answers
+    them in a scratch CPU, in its live state (leaf 1 ECX without OSXSAVE)."""
+    answers = {leaf: _cpuid_run(leaf) for leaf in {leaf for leaf, _ in FEATURE_WORDS}}
+    want = {w: answers[leaf][reg] & ~(_OSXSAVE_BIT if (leaf, reg) == (1, 2) else 0)
+            for (leaf, reg), w in FEATURE_WORDS.items()}
+    uc = _scratch()
+    _env_marks(uc, 5)
+    env = _env_at(uc, engine_cpu, cpu_env)
+    state = read_process(env, _FEATURES_WINDOW) if env is not None and _is_live_env(uc, env) else None
+    if state is not None:
+        last = max(want) * 8 + 8
+        for off in range(OFF_EFER, len(state) - last, 8):
+            if all(_Q.unpack_from(state, off + 8 * w)[0] == v for w, v in want.items()):
+                return off
+    raise missing(NAMES["features"])
+
+
 def locate_internals() -> Internals:
     """The fixed QEMU 5.0 layout plus the calibrated offsets; ImportError
     naming the first value that cannot be found."""
@@ -644,7 +699,7 @@ def locate_internals() -> Internals:
         cr=OFF_CR, efer=OFF_EFER, dr=_locate_dr(), error_code=(err := _locate_error_code()),
         old_exception=(old := _locate_old_exception(err)), tsc_offset=_locate_tsc_offset(old),
         emu_counter=_locate_emu_counter(), invalid_addr=_locate_invalid_addr(),
-        **dict(zip(("engine_cpu", "cpu_env"), _locate_env())))
+        engine_cpu=(env := _locate_env())[0], cpu_env=env[1], features=_locate_features(*env))
 
 
 def verify_internals(at: Internals) -> None:
@@ -663,6 +718,8 @@ def verify_internals(at: Internals) -> None:
     _verify_exception_state(at, check)
     _verify_engine_counters(at, check)
     _verify_live_env(at, check)
+    if not bad:
+        _verify_features(at, check)
     if bad:
         raise missing(*bad)
 
@@ -800,6 +857,31 @@ def _verify_live_env(at: Internals, check: Check) -> None:
             check(NAMES[name], False)
 
 
+def _verify_features(at: Internals, check: Check) -> None:
+    """``features``: in a fresh CPU, clearing RDTSCP's bit in the live feature word
+    makes CPUID 8000_0001h stop reporting it and RDTSCP #UD (QEMU's translator)."""
+    uc = _scratch(bytes.fromhex("0fa2"), _CPUID_AT)
+    uc.mem_write(0x2000, bytes.fromhex("0f01f9"))              # rdtscp
+    _env_marks(uc, 4)
+    env = _env_at(uc, at.engine_cpu, at.cpu_env)
+    if env is None or not _is_live_env(uc, env):
+        check(NAMES["features"], False)
+        return
+    before = _cpuid_run(0x8000_0001, uc)[3]
+    cell = ctypes.c_uint64.from_address(env + at.features + 8 * FEATURE_WORDS[(0x8000_0001, 3)])
+    ok = bool(before >> 27 & 1) and cell.value == before
+    if ok:
+        cell.value = before & ~(1 << 27)
+        uc.ctl_flush_tb()
+        try:
+            uc.emu_start(0x2000, 0x2003)
+            ud = False
+        except UcError as e:                   # Unicorn reports #UD as an invalid instruction
+            ud = e.errno == UC_ERR_INSN_INVALID
+        ok = not _cpuid_run(0x8000_0001, uc)[3] >> 27 & 1 and ud
+    check(NAMES["features"], ok)
+
+
 INTERNALS = locate_internals()
 verify_internals(INTERNALS)
 OFF_DR = INTERNALS.dr
@@ -808,6 +890,7 @@ OFF_OLD_EXCEPTION = INTERNALS.old_exception
 OFF_TSC_OFFSET = INTERNALS.tsc_offset
 OFF_EMU_COUNTER = INTERNALS.emu_counter
 OFF_INVALID_ADDR = INTERNALS.invalid_addr
+OFF_FEATURES = INTERNALS.features
 
 
 def engine_cell(uc: Uc, offset: int) -> ctypes.c_uint64:

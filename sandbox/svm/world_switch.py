@@ -310,7 +310,8 @@ class WorldSwitch:
         mv, b = self._view, self._ctl.vmcb_hpa
         v = VmcbImage.read(mv, b)
         # SEV first: an SEV-ES guest's state comes from its VMSA (APM §15.35.8)
-        why = self.ext.vmrun_check(self._cpu, v.asid, v.np_control) or consistency(v, self._mem.size)
+        why = self.ext.vmrun_check(self._cpu, v.asid, v.np_control) or consistency(v, self._mem.size,
+                                                                                    cr4_mbz=self._cpu.cr4_reserved)
         if why:
             self._vmexit_invalid(why, v.rip)
             return False

@@ -310,12 +310,19 @@ def test_without_an_unknown_feature_is_one_line(guest):
     assert "--without avx9: unknown CPU feature 'avx9'" in one_line_error(run_cli("run", guest, "--without", "avx9"))
 
 
-def test_without_is_recorded_and_replayed(guest, tmp_path):
-    """The recording keeps --without and the replay rebuilds that processor (a recorded
-    feature name the replay cannot build is one line, not a traceback)."""
+def test_without_is_recorded_and_replayed(tmp_path):
+    """The recording keeps --without and the replay rebuilds that processor: a guest whose
+    exit code is CPUID's RDTSCP bit replays to the same end, and the recording with the
+    list taken out does not (a recorded name the replay cannot build is one line)."""
+    g = tmp_path / "rdtscp_bit.S"
+    g.write_text("mov eax, 0x80000001\ncpuid\nshr edx, 27\nand edx, 1\nmov edi, edx\nxor eax, eax\n"
+                 ".byte 0x0f, 0x01, 0xd9\n")
     rec = tmp_path / "w.rec"
-    assert run_cli("run", guest, "--quiet", "--without", "rdtscp,-xsave", "--record", rec).returncode == 0
+    p = run_cli("run", g, "--quiet", "--without", "rdtscp,-xsave", "--record", rec)
+    assert p.returncode == 0 and "EXIT hypercall with code 0" in p.stderr, p.stderr
     q = run_cli("replay", rec, "--quiet")
     assert q.returncode == 0, q.stderr
+    full = _forge(rec, tmp_path / "full.rec", without=None)
+    assert run_cli("replay", full, "--quiet").returncode != 0       # that processor reports RDTSCP
     bad = _forge(rec, tmp_path / "bad.rec", without="avx9")
     assert "unknown CPU feature 'avx9'" in one_line_error(run_cli("replay", bad, "--quiet"))

@@ -35,13 +35,14 @@ def built(tmp_path):
     """``built(src, without, arm)`` -> (machine, first captured exit, run result)."""
     n = [0]
 
-    def make(src: str, without=(), arm=(), stop_at=(RDTSCP, INVPCID, RDPRU, EXCP_UD, EXCP_GP)):
+    def make(src: str, without=(), arm=(), stop_at=(RDTSCP, INVPCID, RDPRU, EXCP_UD, EXCP_GP), disarm=()):
         n[0] += 1
         p = tmp_path / f"f{n[0]}.S"
         p.write_text(src)
         m = Machine(dram=32 << 20, ram=8 << 20, without=without)
         m.load(str(p))
         m.intercept(list(arm))
+        m.intercept(list(disarm), on=False)
         exits = capture(m, *stop_at)
         r = m.run(timeout=30)
         return m, (exits[0] if exits else None), r
@@ -59,7 +60,8 @@ def test_without_a_feature_its_instruction_is_ud_before_its_intercept(built, nam
     assert e is not None and e.code == code               # the processor has it: the intercept fires
     m, e, _ = built(src, without=[name], arm=[arm, "excp6"])
     assert e is not None and e.code == EXCP_UD            # it does not: #UD, and the #UD intercept takes it
-    assert getattr(m.regs, reg) >> bit & 1 == 0           # and CPUID says so
+    assert getattr(m.regs, reg) >> bit & 1 == 0           # and CPUID says so (as it always did for
+                                                          # INVPCID and RDPRU: the #UD is what changed)
 
 
 def test_rdtscp_bit_reads_one_on_the_full_processor(built):
@@ -85,8 +87,23 @@ def test_without_xsave_xsetbv_is_ud_with_its_intercept_armed(built):
     assert e is not None and e.code == EXCP_UD
 
 
-def test_skinit_goes_from_cpuid_only(built):
-    """With EFER.SVME = 1 SKINIT stays an SVM instruction (APM vol. 3 SKINIT): its intercept fires."""
+@pytest.mark.parametrize("name,leaf,reg,bit", [("rdtscp", 0x8000_0001, "r15", 27), ("xsave", 1, "r14", 26)])
+def test_without_a_feature_the_processors_own_cpuid_drops_it(built, name, leaf, reg, bit):
+    """CPUID not intercepted is answered by the processor itself (Unicorn's CPU model
+    reports RDTSCP and XSAVE): taking the feature away clears it there too."""
+    src = cpuid_then(leaf, "nop")
+    m, _, r = built(src, disarm=["cpuid"])
+    assert r.exit_code == DONE and CPUID not in r.counts
+    assert getattr(m.regs, reg) >> bit & 1 == 1
+    m, _, r = built(src, without=[name], disarm=["cpuid"])
+    assert r.exit_code == DONE and CPUID not in r.counts
+    assert getattr(m.regs, reg) >> bit & 1 == 0
+
+
+def test_skinit_is_accepted_and_stays_an_svm_instruction(built):
+    """``skinit`` is accepted for QEMU's -cpu syntax; it changes nothing this processor shows
+    (its CPUID never reports SKINIT), and with EFER.SVME = 1 SKINIT stays an SVM instruction
+    whatever the bit says (APM vol. 3 SKINIT): its intercept fires."""
     m, e, _ = built(cpuid_then(0x8000_0001, "mov eax, 0x100000\n    " + db(b"\x0f\x01\xde")), without=["skinit"],
                     arm=["skinit", "excp6"], stop_at=(0x86, EXCP_UD))
     assert e is not None and e.code == 0x86
@@ -96,3 +113,22 @@ def test_skinit_goes_from_cpuid_only(built):
 def test_unknown_feature_is_refused():
     with pytest.raises(ValueError, match="unknown CPU feature 'avx9'"):
         Machine(dram=32 << 20, ram=8 << 20, without=["avx9"])
+
+
+@pytest.mark.parametrize("without,invalid", [((), False), (("xsave",), True)])
+def test_vmrun_refuses_cr4_osxsave_on_a_processor_without_xsave(tmp_path, without, invalid):
+    """CR4.OSXSAVE is MBZ on a processor without XSAVE: a VMCB with it set is
+    VMEXIT_INVALID (APM §15.5.1, "any MBZ bit of CR4 is set")."""
+    p = tmp_path / "g.S"
+    p.write_text(hc_exit(DONE))
+    m = Machine(dram=32 << 20, ram=8 << 20, without=without)
+    m.load(str(p))
+    m.guest.vmcb.CR4 |= 1 << 18
+    r = m.run(timeout=10)
+    assert (r.reason == "invalid-vmcb") is invalid, (r.reason, r.detail)
+    if invalid:
+        assert m.guest.vmcb.EXITCODE == (1 << 64) - 1 and "CR4" in r.detail
+
+
+def test_features_given_as_one_string():
+    assert Machine(dram=32 << 20, ram=8 << 20, without="rdtscp,xsave").cpu.features_removed == {"rdtscp", "xsave"}
