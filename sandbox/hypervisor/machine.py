@@ -27,7 +27,7 @@ from ..svm import intercepts as I
 from ..svm.cpu import ExitRecord, RunLimits, StopInfo, SvmCpu, VmrunError
 from ..svm.cpustate import GPR_NAMES, OFF_REGS
 from ..svm.exitcodes import ExitCode, exit_name
-from ..svm.features import cpuid_masks, parse_without
+from ..svm.features import absent_msrs, cpuid_masks, parse_without
 from ..svm.stop import StopReason
 from ..svm.vmcb import OFF_EVENTINJ, OFF_RAX, OFF_RIP, OFF_RSP, Event, EventType, TlbControl
 from .devices import COM1, DeviceBus, MmioMode, MmioRegion, Serial16550
@@ -299,6 +299,8 @@ class Machine:
         self.bus.attach(self.serial)
         self.cpu.io_passthrough = self.bus.io
         self.msrs: dict[int, int] = {0xC000_0103: 0, 0x1B: 0xFEE0_0900, 0x277: 0x0007040600070406}
+        for msr in absent_msrs(removed):       # the MSR of a feature taken away: #GP, as on that processor
+            self.msrs.pop(msr, None)
         self.handlers: dict[int, Handler] = dict(DEFAULT_HANDLERS)
         self.counts: dict[int, int] = {}
         self.trace: collections.deque[ExitRecord] = collections.deque(maxlen=10_000)

@@ -40,7 +40,7 @@ from .fill import FillObserver, TlbFill
 from .avic import Avic
 from .interrupts import Interrupts
 from .native import TSC_HZ, NativeInsns
-from .features import FEATURES, reserved_cr4, undefined_kinds
+from .features import FEATURES, absent_msrs, reserved_cr4, undefined_kinds
 from .pause_filter import PauseFilter
 from .run import GUEST_IPS, RunLimits, RunLoop
 from .scanner import Decide, Scanner
@@ -191,6 +191,10 @@ class SvmCpu:
         self._scanner.undefine(undefined_kinds(names))
         self.cr4_reserved |= reserved_cr4(names)
         self._native.cr4_absent = self.cr4_reserved
+        msrs = absent_msrs(names)
+        if msrs:                             # RDMSR/WRMSR looked at even when not intercepted
+            self._native.msr_absent |= msrs
+            self._scanner.hook_kinds(frozenset({Kind.RDMSR, Kind.WRMSR}))
         for n in names:                      # the CPU's own CPUID and decoder too
             f = FEATURES[n]
             self.st.clear_cpuid_feature(f.leaf, f.reg, f.bit)

@@ -5,7 +5,8 @@ A processor without a feature does not know its instructions: they raise #UD,
 and an intercept armed for them never fires (APM vol. 3: each instruction's
 "#UD: instruction not supported, as indicated by CPUID"; the intercept check
 comes after decode).  Control bits that enable the feature become reserved:
-setting them is #GP (APM vol. 2 §3.1.3, CR4).  The hypervisor's CPUID model
+setting them is #GP (APM vol. 2 §3.1.3, CR4), and so is RDMSR/WRMSR of an MSR
+that belongs to the feature (TSC_AUX to RDTSCP).  The hypervisor's CPUID model
 clears the feature's bit, so the guest is told what the processor now does.
 
 SKINIT is the exception QEMU shares: with EFER.SVME = 1 it is an SVM
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..arch import CR4_OSXSAVE
+from ..arch import CR4_OSXSAVE, MSR_TSC_AUX
 from .decode import Kind
 
 #: the CPUID output registers, in the order a leaf returns them
@@ -33,10 +34,13 @@ class Feature:
     bit: int
     undefined: frozenset = frozenset()
     cr4: int = 0
+    #: MSRs that exist only with the feature: RDMSR/WRMSR of them is #GP without it
+    msrs: frozenset = frozenset()
 
 
 FEATURES: dict[str, Feature] = {f.name: f for f in (
-    Feature("rdtscp", 0x8000_0001, EDX, 27, frozenset({Kind.RDTSCP})),
+    # TSC_AUX exists with RDTSCP or RDPID (APM vol. 2 §13.2.4); this processor has no RDPID
+    Feature("rdtscp", 0x8000_0001, EDX, 27, frozenset({Kind.RDTSCP}), msrs=frozenset({MSR_TSC_AUX})),
     # XSAVE's instructions need CR4.OSXSAVE, which can no longer be set (XGETBV, XSAVE and
     # XRSTOR are #UD without it in Unicorn too); XSETBV is hooked so an armed intercept never fires
     Feature("xsave", 0x0000_0001, ECX, 26, frozenset({Kind.XSETBV}), CR4_OSXSAVE),
@@ -76,6 +80,11 @@ def cpuid_masks(names: frozenset[str]) -> dict[int, tuple[int, int, int, int]]:
 def undefined_kinds(names: frozenset[str]) -> frozenset:
     """The instruction kinds that #UD once ``names`` are gone."""
     return frozenset().union(*(FEATURES[n].undefined for n in names))
+
+
+def absent_msrs(names: frozenset[str]) -> frozenset:
+    """The MSRs that no longer exist once ``names`` are gone."""
+    return frozenset().union(*(FEATURES[n].msrs for n in names))
 
 
 def reserved_cr4(names: frozenset[str]) -> int:

@@ -135,11 +135,14 @@ class NativeInsns:
         self.tsc_clock: Callable[[], int] | None = None
         #: CR4 bits of features the processor was built without (:mod:`.features`): reserved, #GP to set
         self.cr4_absent = 0
+        #: MSRs of features the processor was built without: RDMSR/WRMSR of them is #GP
+        self.msr_absent: frozenset = frozenset()
         self._table: dict[D.Kind, Handler] = {k: self._io_permission for k in _IO}
         self._table.update({k: self._svm_insn for k in _SVM})
         self._table.update({D.Kind.HLT: self._hlt, D.Kind.INTN: self._soft_int, D.Kind.INT3: self._soft_int,
                             D.Kind.ICEBP: self._soft_int, D.Kind.MOV_TO_CR: self._mov_to_cr,
                             D.Kind.MOV_TO_DR: self._mov_to_dr, D.Kind.WRMSR: self._wrmsr,
+                            D.Kind.RDMSR: self._rdmsr,
                             D.Kind.XSETBV: self._xsetbv,
                             D.Kind.LGDT: self._load_table_base, D.Kind.LIDT: self._load_table_base,
                             D.Kind.WRFSBASE: self._wrfsgsbase, D.Kind.WRGSBASE: self._wrfsgsbase,
@@ -252,12 +255,17 @@ class NativeInsns:
             return
         msr = st.gpr(1) & 0xFFFFFFFF
         value = (st.gpr(0) & 0xFFFFFFFF) | (st.gpr(2) & 0xFFFFFFFF) << 32
-        if wrmsr_faults(msr, value, st.cr(0), st.efer):
+        if msr in self.msr_absent or wrmsr_faults(msr, value, st.cr(0), st.efer):
             self._raise(Vec.GP, 0, address)
         elif msr == MSR_TSC_AUX and value >> 32:
             # AMD processors ignore TSC_AUX[63:32] (reads return zero); Unicorn would keep them
             self._uc.reg_write(X.UC_X86_REG_MSR, (msr, value & 0xFFFFFFFF))
             self._set_rip(address + insn.length)
+
+    def _rdmsr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """An MSR of a feature the processor lacks (Unicorn would read it): #GP(0)."""
+        if not view.cpl and st.gpr(1) & 0xFFFFFFFF in self.msr_absent:
+            self._raise(Vec.GP, 0, address)
 
     def _xsetbv(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
         """Unicorn accepts XCR0.YMM without SSE; at CPL > 0 or without CR4.OSXSAVE

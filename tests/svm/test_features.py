@@ -132,3 +132,20 @@ def test_vmrun_refuses_cr4_osxsave_on_a_processor_without_xsave(tmp_path, withou
 
 def test_features_given_as_one_string():
     assert Machine(dram=32 << 20, ram=8 << 20, without="rdtscp,xsave").cpu.features_removed == {"rdtscp", "xsave"}
+
+
+@pytest.mark.parametrize("insn", ["rdmsr", "wrmsr"])
+@pytest.mark.parametrize("intercepted", [False, True])
+def test_without_rdtscp_tsc_aux_is_gone(built, insn, intercepted):
+    """TSC_AUX (C000_0103h) exists with RDTSCP or RDPID (APM vol. 2 §13.2.4; this processor
+    has no RDPID): without RDTSCP, RDMSR and WRMSR of it are #GP(0) -- on the processor when
+    the MSR is not intercepted, and from the hypervisor's MSR handler when it is (as KVM)."""
+    src = f"mov ecx, 0xc0000103\n    mov eax, 0x1234\n    xor edx, edx\n    {insn}\n" + hc_exit(DONE)
+    arm = ["excp13"] + (["msr"] if intercepted else [])
+    m, e, r = built(src, arm=arm, stop_at=(EXCP_GP,))
+    assert e is None and r.exit_code == DONE, (r.reason, r.detail)     # the full processor has it
+    m, e, r = built(src, without=["rdtscp"], arm=arm, stop_at=(EXCP_GP,))
+    assert e is not None and e.code == EXCP_GP and e.info1 == 0 and e.rip == 0x10000C
+    # intercepted: the MSR exit first, then the #GP(0) the hypervisor injected, taken by the
+    # #GP intercept; not intercepted: the processor's own #GP(0) at the instruction
+    assert r.counts.get(0x7C, 0) == (1 if intercepted else 0)
