@@ -488,7 +488,11 @@ class Machine:
 
     def inject(self, vector: int, type: EventType = EventType.EXCEPTION, error_code: int | None = None) -> None:
         """Raise an event in the guest (EVENTINJ; for a request served through
-        the GHCB, the GHCB's exception report)."""
+        the GHCB, the GHCB's exception report).  While a nested guest (L2) runs, an
+        exception its hypervisor (L1) intercepts becomes L1's #VMEXIT instead."""
+        if self.nested is not None and type == EventType.EXCEPTION \
+                and self.nested.exception_for_l1(vector, error_code):
+            return
         self.regs.inject(Event(vector, type, error_code))
 
     def advance(self, exit: ExitRecord, next_rip: int | None = None) -> None:

@@ -30,16 +30,17 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from ..arch import (CR0_PG, CR4_SMEP, DR6_BS, DR7_RESET, EFER_LME, EFER_NXE, EFER_SVME, M64, MAXPHYADDR, MSR_EFER,
-                    MSR_KERNEL_GS_BASE, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF)
+from ..arch import (CR0_PG, CR4_SMEP, DR6_BS, DR7_RESET, EFER_LMA, EFER_LME, EFER_NXE, EFER_SVME, M64, MAXPHYADDR,
+                    MSR_EFER, MSR_KERNEL_GS_BASE, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF)
 from ..memory.hostmem import PAGE_SIZE
 from ..memory.npt import NestedPageTable
 from ..memory.paging import PFErr, walk
 from ..svm.consistency import MSRPM_SIZE, VmcbImage, consistency
 from ..svm.cpu import ExitRecord
+from ..svm.decision import wrmsr_faults
 from ..svm.cpustate import R_FS, R_GS
 from ..svm.events import Vec
-from ..svm.exitcodes import ExitCode
+from ..svm.exitcodes import ExitCode, excp
 from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
 from ..svm.vmcb import (INTERRUPT_SHADOW_ACTIVE, OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, EventType,
@@ -147,6 +148,8 @@ class NestedSvm:
         m.guests.append(self.ctx)             # type: ignore[arg-type]  (Guest-like)
         #: L1's view: EFER.SVME, VM_HSAVE_PA, VM_CR, the virtual GIF
         self.svme = False
+        #: L2's own EFER.SVME as L2 sees it (VMCB02 keeps SVME set, as a VMRUN must)
+        self.l2_svme = True
         self.hsave_pa = 0
         self.vm_cr = 0
         self.gif = True
@@ -185,12 +188,15 @@ class NestedSvm:
 
     # ------------------------------------------------------------------ L1's MSRs
     def msr(self, m: "Machine", e: ExitRecord) -> Action | None:
-        """EFER (SVME is L1's virtual bit), VM_HSAVE_PA and VM_CR; the rest to L0's MSR handler."""
-        if self.guest_mode:
-            return self._l0_msr(m, e)
+        """EFER (SVME is L1's virtual bit), VM_HSAVE_PA and VM_CR; the rest to L0's MSR handler.
+        While L2 runs, L2's EFER (an access L1 does not intercept): its SVME as VMCB12 gave it."""
         regs = m.regs
         msr, write = regs.rcx & M32, e.exitinfo1 == 1
         value = (regs.rax & M32) | (regs.rdx & M32) << 32
+        if self.guest_mode:
+            if msr != MSR_EFER:
+                return self._l0_msr(m, e)
+            return self._l2_efer(m, e, write, value)
         if msr == MSR_EFER:
             if not write:
                 v = (m.guest.vmcb.EFER & ~EFER_SVME) | (EFER_SVME if self.svme else 0)
@@ -219,11 +225,28 @@ class NestedSvm:
         m.advance(e)
         return RESUME
 
+    def _l2_efer(self, m: "Machine", e: ExitRecord, write: bool, value: int) -> Action:
+        """RDMSR/WRMSR of EFER by L2 that L1 does not intercept: L2's SVME is its own
+        (it may clear it, and then its SVM instructions are #UD); VMCB02 keeps SVME set."""
+        v02, regs = m.guest.vmcb, m.regs
+        efer = v02.EFER
+        if not write:
+            v = (efer & ~EFER_SVME) | (EFER_SVME if self.l2_svme else 0)
+            regs.rax, regs.rdx = v & M32, v >> 32
+        elif wrmsr_faults(MSR_EFER, value, v02.CR0, efer):
+            m.inject(Vec.GP, error_code=0)
+            return RESUME
+        else:
+            self.l2_svme = bool(value & EFER_SVME)
+            v02.EFER = (value & ~EFER_LMA) | (efer & EFER_LMA) | EFER_SVME      # LMA is read-only
+        m.advance(e)
+        return RESUME
+
     # ------------------------------------------------------------------ checks
     def _svm_insn_faults(self, m: "Machine", e: ExitRecord, *, rax_page: bool) -> bool:
         """#UD without EFER.SVME (L1's virtual one, or L2's own while L2 runs), #GP at
         CPL > 0 or for a VMCB address outside L1's memory; True when raised."""
-        if not (m.guest.vmcb.EFER & EFER_SVME if self.guest_mode else self.svme):
+        if not (self.l2_svme if self.guest_mode else self.svme):
             m.inject(Vec.UD)
             return True
         if m.guest.vmcb.CPL:
@@ -270,6 +293,7 @@ class NestedSvm:
         # breakpoint on itself); a single step (TF) is taken after the #VMEXIT (see reflect)
         v01.RFLAGS &= ~RFLAGS_RF
         self._build_vmcb02(m, v12, img)
+        self.l2_svme = bool(img.efer & EFER_SVME)   # set: VMRUN's checks refuse a VMCB12 without it
         self.guest_mode = True
         self.gif = True                        # VMRUN sets GIF
         self.nested_runs += 1
@@ -469,6 +493,15 @@ class NestedSvm:
         self.reflect(ExitRecord(int(code), 0, 0, 0, v02.RIP, 0))
         return True
 
+    def exception_for_l1(self, vector: int, error_code: int | None) -> bool:
+        """L0 raises an exception in L2 (an instruction it emulates faults): when L1
+        intercepts that exception it gets the #VMEXIT, with L2 at the faulting
+        instruction, as KVM's nested_svm_inject_exception_vmexit; True when done."""
+        if not self.guest_mode or not VMCB(self.m.mem, self.vmcb12_hpa).intercept(excp(vector)):
+            return False
+        self.reflect(ExitRecord(excp(vector), error_code or 0, 0, 0, self.ctx.vmcb.RIP, 0))
+        return True
+
     def reflect(self, e: ExitRecord) -> Action:
         """The emulated #VMEXIT from L2 to L1 (APM §15.6): exit fields and L2's state into
         VMCB12, L1 on at the instruction after its VMRUN with GIF = 0."""
@@ -477,6 +510,9 @@ class NestedSvm:
         mem, hpa12 = m.mem, self.vmcb12_hpa
         v02, v12 = ctx.vmcb, VMCB(mem, hpa12)
         mem.write(hpa12 + SAVE_AREA, mem.read(ctx.vmcb_hpa + SAVE_AREA, SAVE_LEN))
+        if not self.l2_svme:                    # L2 cleared its EFER.SVME: VMCB12 shows it so
+            v12e = VMCB(mem, hpa12)
+            v12e.EFER = v12e.EFER & ~EFER_SVME
         for at, raw in self.ignored_bases.items():
             mem.write(hpa12 + at, raw)
         v12.EXITCODE, v12.EXITINFO1, v12.EXITINFO2 = e.exitcode & M64, e.exitinfo1 & M64, e.exitinfo2 & M64

@@ -44,8 +44,8 @@ L1_EXIT_WITH_EXITCODE = f"mov rdi, {EXITCODE:#x}\nmov rdi, [rdi]\nxor eax, eax\n
 
 
 def machine(tmp_path, l1_src: str, l2_src: str, intercepts=("vmrun",), np: bool = False,
-            nested: bool = True) -> tuple[Machine, VMCB]:
-    m = Machine(dram=16 << 20, ram=2 << 20, nested=nested)
+            nested: bool = True, platform: str | None = None) -> tuple[Machine, VMCB]:
+    m = Machine(dram=16 << 20, ram=2 << 20, nested=nested, platform=platform)
     p = tmp_path / "l1.S"
     p.write_text(l1_src)
     m.load(str(p))
@@ -539,3 +539,77 @@ def test_l2_shutdown_not_intercepted_by_l1_stops_the_machine(tmp_path):
     v.set_seg("IDTR", Segment(0, 0, 0, 0))
     r = m.run(timeout=20)
     assert r.reason == "shutdown", (r.reason, r.detail)
+
+
+
+# -- the PC platform's interrupts around L2's GIF ---------------------------------------------------
+L1_EXIT_TO_DEBUG_PORT = f"mov rdi, {EXITCODE:#x}\nmov eax, [rdi]\nout 0xf4, eax\nhlt\n"
+
+
+def _before(m, code, fn):
+    """Run ``fn(m, e)`` before L0's handler of exit ``code``."""
+    orig = m.handlers[code]
+
+    def h(m, e):
+        fn(m, e)
+        return orig(m, e)
+    m.handlers[code] = h
+
+
+@pytest.mark.parametrize("with_intr", [False, True])
+def test_smi_nobody_intercepts_is_taken_at_once_even_with_a_masked_intr(tmp_path, with_intr):
+    """An SMI arriving while L2 runs with GIF = 1 and L1 not intercepting SMI is taken then
+    (SMM, a firmware handler that returns): RFLAGS.IF does not hold an SMI, so an INTR that
+    L2's IF = 0 masks must not keep it pending -- L1 re-entering L2 with the SMI intercept set
+    later gets L2's HLT, not an SMI exit for the earlier SMI."""
+    from sandbox.hypervisor.platform.apic import SVR_ENABLE
+    l1 = L1_ENABLE + L1_VMRUN + f"mov rdi, {VMCB12 + 0xC:#x}\nor dword ptr [rdi], 4\n" + L1_VMRUN \
+        + L1_EXIT_TO_DEBUG_PORT
+    m, v = machine(tmp_path, l1, "cpuid\ncpuid\nhlt\n", ("vmrun", "hlt"), platform="pc")
+    apic = m.platform.apic
+    apic.svr |= SVR_ENABLE
+    pending = []
+
+    def fire(m, e):
+        if not pending:
+            apic.smi_pending = True
+            if with_intr:
+                apic.set_irr(0x40)
+        pending.append(apic.smi_pending)
+    _before(m, ExitCode.CPUID, fire)
+    m.run(timeout=20)
+    assert pending == [True, False] and v.EXITCODE == ExitCode.HLT
+    assert m.platform.injected["smi"] == 1
+
+
+def test_nmi_held_by_l2s_gif_does_not_wake_its_hlt(tmp_path):
+    """GIF = 0 (L2's own CLGI) holds an NMI: it cannot be taken, so it does not wake L2's HLT
+    (the processor stays halted; here the run ends as a halt) -- KVM's nmi_allowed is false."""
+    l2 = f"{db(OP['clgi'])}\ncpuid\nhlt\nmov r10, 0x99\n{db(OP['stgi'])}\nnop\nhlt\n"
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_TO_DEBUG_PORT, l2, ("vmrun", "nmi"), platform="pc")
+    _before(m, ExitCode.CPUID, lambda m, e: setattr(m.platform.apic, "nmi_pending", True))
+    r = m.run(timeout=20)
+    assert r.reason == "halt" and m.regs.r10 == 0, (r.reason, r.detail)
+
+
+def test_l2_that_cleared_efer_svme_gets_ud_for_clgi_and_l1_intercepting_ud_sees_it(tmp_path):
+    """L2's EFER.SVME is its own (L1 does not intercept EFER): it reads as VMCB12 set it,
+    L2 may clear it, and then its CLGI is #UD (APM vol. 3 CLGI) -- which L1, intercepting #UD,
+    gets as its #VMEXIT (an exception L0 raises in L2 that L1 intercepts is L1's, as KVM)."""
+    l2 = f"""
+    mov ecx, 0xC0000080
+    rdmsr
+    mov r8, rax
+    and eax, 0xffffefff
+    wrmsr
+    rdmsr
+    mov r9, rax
+    {db(OP['clgi'])}
+    mov r10, 1
+    hlt
+    """
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, l2, ("vmrun", "hlt", "excp6"))
+    r = m.run(timeout=20)
+    assert m.regs.r8 >> 12 & 1 == 1 and m.regs.r9 >> 12 & 1 == 0
+    assert r.exit_code == v.EXITCODE == ExitCode.EXCP_UD and m.regs.r10 == 0
+    assert v.EFER >> 12 & 1 == 0               # VMCB12 shows L2's EFER as L2 left it

@@ -198,9 +198,9 @@ class PcPlatform:
 
     def _handle_hlt(self, m: "Machine", e) -> "Action":
         m.advance(e)
-        if self.apic.nmi_pending:
-            return RESUME
         n = m.nested
+        if self.apic.nmi_pending and not self.nmi_in_service and not (n is not None and n.holds_interrupt(nmi=True)):
+            return RESUME                       # an NMI that can be taken (GIF = 0 holds it) wakes HLT
         if n is not None and n.guest_mode:
             # L2's HLT: an interrupt wakes it when it is not masked for L2 -- by L1's IF under
             # V_INTR_MASKING (APM §15.21.1) -- and then either exits to L1 or reaches L2
@@ -297,10 +297,12 @@ class PcPlatform:
         if self.apic.smi_pending:
             if n.holds_interrupt(nmi=True):
                 return True                     # GIF = 0 holds an SMI too (APM §15.17)
+            self.apic.smi_pending = False
+            self.injected["smi"] += 1
             if n.exit_on_interrupt(smi=True):
-                self.apic.smi_pending = False
-                self.injected["smi"] += 1
                 return True
+            # taken by the processor, nobody intercepting it: SMM (see after_exit); RFLAGS.IF
+            # does not hold an SMI, so a masked INTR below must not keep it pending
         nmi = self.apic.nmi_pending and not self.nmi_in_service
         if nmi:
             if n.holds_interrupt(nmi=True):
