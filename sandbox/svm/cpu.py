@@ -40,6 +40,7 @@ from .fill import FillObserver, TlbFill
 from .avic import Avic
 from .interrupts import Interrupts
 from .native import TSC_HZ, NativeInsns
+from .alignment import AlignmentCheck
 from .features import FEATURES, absent_msrs, reserved_cr4, undefined_kinds
 from .pause_filter import PauseFilter
 from .run import GUEST_IPS, RunLimits, RunLoop
@@ -99,11 +100,14 @@ class SvmCpu:
         self._smc = smc = SmcStepper(uc, st)
         self._avic = avic = Avic(mem.view, st, sw, lambda: ctl.vmcb_hpa)
         pause = PauseFilter(run.clock_now, run.keep_clock)
+        align = AlignmentCheck(uc, st)
+        align.connect(fill.insn_bytes, interrupts.raise_exception, run.restart_slice, run.fail)
+        run.before_slice = align.apply
         fill.connect(scanner, smc, run.fail)
         scanner.connect(self, fill, ws, native, interrupts, pause, run.fail)
-        native.connect(fill, ws, interrupts, run, smc, avic)
+        native.connect(fill, ws, interrupts, run, smc, avic, align)
         interrupts.connect(self, fill, scanner, ws, run, smc, avic)
-        ws.connect(self, fill, scanner, interrupts, smc, pause)
+        ws.connect(self, fill, scanner, interrupts, smc, pause, align)
         run.connect(fill, ws, interrupts, smc, avic)
         avic.connect(ws.vmexit, ws.after_exit_in_hook, interrupts.deliver, fill.insn_bytes)
         smc.connect(fill, scanner, interrupts.access)

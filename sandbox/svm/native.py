@@ -43,6 +43,7 @@ from .vmcb import (OFF_CSTAR, OFF_KERNEL_GS_BASE, OFF_LSTAR, OFF_SFMASK, OFF_STA
 from .state_save import get_seg, put_seg
 
 if TYPE_CHECKING:
+    from .alignment import AlignmentCheck
     from .avic import Avic
     from .fill import TlbFill
     from .interrupts import Interrupts
@@ -160,10 +161,11 @@ class NativeInsns:
         self._port_hooks = PortIoHooks(self._uc, self._insn_in, self._insn_out)
 
     def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop",
-                smc: "SmcStepper", avic: "Avic") -> None:
+                smc: "SmcStepper", avic: "Avic", alignment: "AlignmentCheck") -> None:
         """Bind what the emulation calls: soft-TLB flushes and the walker's
         statistics, the #VMEXIT, event delivery, and stopping the run."""
         self._fill = fill
+        self._align_cr0 = alignment.cr0
         self._processor_wrote = smc.processor_wrote
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
@@ -243,6 +245,8 @@ class NativeInsns:
                               or insn.reg == 4 and st.gpr(insn.rm) & self.cr4_absent):
             self._raise(Vec.GP, 0, address)        # Unicorn would load the illegal value
         else:
+            if insn.reg == 0 and view.cpl == 0:
+                self._align_cr0(st.gpr(insn.rm))     # CR0.AM switches the alignment check
             self.observe_cr_write(insn.reg)
 
     def _mov_to_dr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:

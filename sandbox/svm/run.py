@@ -64,6 +64,8 @@ class RunLoop:
         self._slice_budget = 0            # instructions the running emu_start may count (0: not counting)
         self._in_emu = False
         self._rearm = False               # the timer was re-armed while a slice ran
+        #: called before every slice's emu_start (the alignment check switches its hook there)
+        self.before_slice: Callable[[], None] | None = None
         # work another processor does at set points of guest time (see schedule_remote)
         self.remote_period = self.remote_next = 0
         self.remote_fn: Callable[[], None] | None = None
@@ -153,6 +155,8 @@ class RunLoop:
         """One ``emu_start``; False when the run ends."""
         sw, limits = self._sw, self.limits
         self._fill.pending_fault = None
+        if self.before_slice is not None:
+            self.before_slice()
         self._slice_budget, self._in_emu, self._rearm = budget, True, False
         try:
             try:
@@ -254,6 +258,15 @@ class RunLoop:
         self._after_exit(rip)
         if self._sw.stop is None:
             self._sw.entry_rip = self._st.reg_read(_RIP)
+
+    def restart_slice(self) -> bool:
+        """End the running slice, so the next one starts after a change that needs the
+        translated blocks dropped (:attr:`before_slice` makes it); False when no slice runs."""
+        if not self._in_emu:
+            return False
+        self._rearm = True
+        self._uc.emu_stop()
+        return True
 
     def keep_clock(self) -> None:
         """Guest time must be counted from here on (a PAUSE filter threshold came into

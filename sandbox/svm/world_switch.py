@@ -40,6 +40,7 @@ from .vmcb import (EXIT_INFO_END, GUEST_INSN_BYTES, OFF_CPL, OFF_EVENTINJ, OFF_E
                    VMCB_SIZE, Event, NpControl, TlbControl, VIntr)
 
 if TYPE_CHECKING:
+    from .alignment import AlignmentCheck
     from .cpu import SvmCpu
     from .fill import TlbFill
     from .interrupts import Interrupts
@@ -198,12 +199,13 @@ class WorldSwitch:
         self._memo: tuple[bytes, int, bytes, bytes] | None = None
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts",
-                smc: "SmcStepper", pause: "PauseFilter") -> None:
+                smc: "SmcStepper", pause: "PauseFilter", alignment: "AlignmentCheck") -> None:
         """Bind what the switch drives: soft-TLB flushes and the walker, the
         scanner's arming and cross-modifying code, the entry events, the PAUSE
         filter's counter (loaded at every VMRUN)."""
         self._cpu = cpu
         self._pause = pause
+        self._align_cr0 = alignment.cr0
         self._smc = smc
         self._flush_soft_tlb = fill.flush_soft_tlb
         self._drop_walker = fill.drop_walker
@@ -322,6 +324,7 @@ class WorldSwitch:
         self._pause.load(self._ctl)
         if self._load_guest_state(v, not in_hook):        # with RAX, RSP and RFLAGS
             flush = True
+        self._align_cr0(v.cr0)
         sw.entry_rip = v.rip
         if not in_hook:
             self._st.reg_write(_RIP, v.rip)
