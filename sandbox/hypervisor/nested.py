@@ -314,7 +314,7 @@ class NestedSvm:
         v02.IOPM_BASE_PA = ctx.iopm.hpa if img.intercepted(ExitCode.IOIO) else self.l1.iopm.hpa
         v02.MSRPM_BASE_PA = ctx.msrpm.hpa if img.intercepted(ExitCode.MSR) else self.l1.msrpm.hpa
         v02.TSC_OFFSET = (v01.TSC_OFFSET + img.tsc_offset) & M64
-        self._pause_filter(v01, v12, img)
+        self._pause_filter(v01, img)
         v02.GUEST_ASID = ctx.asid
         v02.V_INTR = v12.V_INTR
         v02.INTERRUPT_SHADOW = v12.INTERRUPT_SHADOW
@@ -347,19 +347,19 @@ class NestedSvm:
         v02.N_CR3 = ctx.npt.n_cr3
         v02.set_intercept(ExitCode.NPF)
 
-    def _pause_filter(self, v01: VMCB, v12: VMCB, img: VmcbImage) -> None:
+    def _pause_filter(self, v01: VMCB, img: VmcbImage) -> None:
         """VMCB02's PAUSE filter, as KVM's nested.c sets it: L1's count and threshold
         when L0 does not intercept PAUSE; else L0's, with a zero L1 asks for (it
         intercepts PAUSE) kept, so L1 sees every PAUSE it filters nothing of."""
         v02 = self.ctx.vmcb
         if not v01.intercept(ExitCode.PAUSE):
-            v02.PAUSE_FILTER_COUNT, v02.PAUSE_FILTER_THRESHOLD = v12.PAUSE_FILTER_COUNT, v12.PAUSE_FILTER_THRESHOLD
+            v02.PAUSE_FILTER_COUNT, v02.PAUSE_FILTER_THRESHOLD = img.pause_filter_count, img.pause_filter_threshold
             return
         v02.PAUSE_FILTER_COUNT, v02.PAUSE_FILTER_THRESHOLD = v01.PAUSE_FILTER_COUNT, v01.PAUSE_FILTER_THRESHOLD
         if img.intercepted(ExitCode.PAUSE):
-            if not v12.PAUSE_FILTER_COUNT:
+            if not img.pause_filter_count:
                 v02.PAUSE_FILTER_COUNT = 0
-            if not v12.PAUSE_FILTER_THRESHOLD:
+            if not img.pause_filter_threshold:
                 v02.PAUSE_FILTER_THRESHOLD = 0
 
     # ------------------------------------------------------------------ L2 exits
@@ -484,22 +484,20 @@ class NestedSvm:
         """L2 runs and L1 intercepts the physical interrupt (INTR, NMI or SMI): the
         interrupt becomes an emulated #VMEXIT to L1 and stays pending for L1,
         which takes it once its GIF and RFLAGS.IF allow (§15.21.2).  True when done."""
-        if not self.guest_mode:
-            return False
-        code = ExitCode.SMI if smi else (ExitCode.NMI if nmi else ExitCode.INTR)
-        if not VMCB(self.m.mem, self.vmcb12_hpa).intercept(code):
-            return False
-        v02 = self.ctx.vmcb
-        self.reflect(ExitRecord(int(code), 0, 0, 0, v02.RIP, 0))
-        return True
+        return self._reflect_if_l1_intercepts(ExitCode.SMI if smi else (ExitCode.NMI if nmi else ExitCode.INTR))
 
     def exception_for_l1(self, vector: int, error_code: int | None) -> bool:
         """L0 raises an exception in L2 (an instruction it emulates faults): when L1
         intercepts that exception it gets the #VMEXIT, with L2 at the faulting
         instruction, as KVM's nested_svm_inject_exception_vmexit; True when done."""
-        if not self.guest_mode or not VMCB(self.m.mem, self.vmcb12_hpa).intercept(excp(vector)):
+        return self._reflect_if_l1_intercepts(excp(vector), error_code or 0)
+
+    def _reflect_if_l1_intercepts(self, code: int, exitinfo1: int = 0) -> bool:
+        """While L2 runs, an event that is not an instruction's (an interrupt, an exception
+        L0 raises): L1's #VMEXIT ``code`` at L2's RIP when VMCB12 intercepts it; True then."""
+        if not self.guest_mode or not VMCB(self.m.mem, self.vmcb12_hpa).intercept(code):
             return False
-        self.reflect(ExitRecord(excp(vector), error_code or 0, 0, 0, self.ctx.vmcb.RIP, 0))
+        self.reflect(ExitRecord(int(code), exitinfo1, 0, 0, self.ctx.vmcb.RIP, 0))
         return True
 
     def reflect(self, e: ExitRecord) -> Action:
@@ -511,8 +509,7 @@ class NestedSvm:
         v02, v12 = ctx.vmcb, VMCB(mem, hpa12)
         mem.write(hpa12 + SAVE_AREA, mem.read(ctx.vmcb_hpa + SAVE_AREA, SAVE_LEN))
         if not self.l2_svme:                    # L2 cleared its EFER.SVME: VMCB12 shows it so
-            v12e = VMCB(mem, hpa12)
-            v12e.EFER = v12e.EFER & ~EFER_SVME
+            v12.EFER = v12.EFER & ~EFER_SVME
         for at, raw in self.ignored_bases.items():
             mem.write(hpa12 + at, raw)
         v12.EXITCODE, v12.EXITINFO1, v12.EXITINFO2 = e.exitcode & M64, e.exitinfo1 & M64, e.exitinfo2 & M64

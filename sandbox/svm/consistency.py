@@ -16,7 +16,8 @@ from ..arch import (CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR0_RESERVED, CR3_LONG_MBZ, 
 from ..memory.hostmem import PAGE_SIZE
 from .exitcodes import ExitCode
 from .vmcb import (INTERCEPT_WORDS, OFF_CR2, OFF_CR4, OFF_EFER, OFF_EVENTINJ, OFF_GUEST_ASID, OFF_INTERCEPTS,
-                   OFF_IOPM_BASE_PA, OFF_MSRPM_BASE_PA, OFF_N_CR3, OFF_NP_CONTROL, OFF_RAX, OFF_RSP,
+                   OFF_IOPM_BASE_PA, OFF_MSRPM_BASE_PA, OFF_N_CR3, OFF_NP_CONTROL, OFF_PAUSE_FILTER_COUNT,
+                   OFF_PAUSE_FILTER_THRESHOLD, OFF_RAX, OFF_RSP,
                    OFF_TLB_CONTROL, OFF_TSC_OFFSET, SEG_ATTRIB, SEGMENTS, Event, EventType, NpControl)
 
 _CR4_TO_RIP = "7Q"    # CR4, CR3, CR0, DR7, DR6, RFLAGS, RIP
@@ -47,7 +48,8 @@ def _fields(base: int, fields: list[tuple[int, str]]) -> struct.Struct:
 
 
 #: the control-area fields a full VMRUN reads, in offset order (checked below)
-_CONTROLS = _fields(OFF_INTERCEPTS, [(OFF_INTERCEPTS, f"{INTERCEPT_WORDS}I"), (OFF_IOPM_BASE_PA, "Q"),
+_CONTROLS = _fields(OFF_INTERCEPTS, [(OFF_INTERCEPTS, f"{INTERCEPT_WORDS}I"), (OFF_PAUSE_FILTER_THRESHOLD, "H"),
+                                     (OFF_PAUSE_FILTER_COUNT, "H"), (OFF_IOPM_BASE_PA, "Q"),
                                      (OFF_MSRPM_BASE_PA, "Q"), (OFF_TSC_OFFSET, "Q"), (OFF_GUEST_ASID, "I"),
                                      (OFF_TLB_CONTROL, "B"), (OFF_NP_CONTROL, "Q"), (OFF_EVENTINJ, "Q"),
                                      (OFF_N_CR3, "Q")])
@@ -95,6 +97,8 @@ class VmcbImage:
     eventinj: int
     cs_attr: int
     tsc_offset: int
+    pause_filter_threshold: int
+    pause_filter_count: int
 
     @classmethod
     def read(cls, mv, b: int) -> "VmcbImage":
@@ -102,9 +106,10 @@ class VmcbImage:
         c = _CONTROLS.unpack_from(mv, b + OFF_INTERCEPTS)
         cs_attr, efer, cr4, cr3, cr0, dr7, dr6, rflags, rip, rsp, rax, cr2 = _SAVED.unpack_from(mv, b + _SAVE_FROM)
         w = INTERCEPT_WORDS
-        iopm, msrpm, tsc_offset, asid, tlb_control, np_control, eventinj, n_cr3 = c[w:]
+        pause_threshold, pause_count, iopm, msrpm, tsc_offset, asid, tlb_control, np_control, eventinj, n_cr3 = c[w:]
         return cls(c[:w], cr4, cr3, cr0, dr7, dr6, rflags, rip, efer, rsp, rax, cr2, asid, tlb_control,
-                   np_control, n_cr3, iopm & ~0xFFF, msrpm & ~0xFFF, eventinj, cs_attr, tsc_offset)
+                   np_control, n_cr3, iopm & ~0xFFF, msrpm & ~0xFFF, eventinj, cs_attr, tsc_offset,
+                   pause_threshold, pause_count)
 
     def intercepted(self, code: int) -> bool:
         return bool(self.ivec[code >> 5] >> (code & 31) & 1)

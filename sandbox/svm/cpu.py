@@ -84,9 +84,6 @@ class SvmCpu:
         self._ext: ProcessorExtension = NO_EXTENSION
         #: the features this processor was built without (:meth:`remove_features`)
         self.features_removed: frozenset[str] = frozenset()
-        #: CR4 bits reserved (MBZ) on this processor beyond the architectural ones: those
-        #: of the features it lacks (MOV to CR4 #GP, VMRUN VMEXIT_INVALID)
-        self.cr4_reserved = 0
         self._ctl = ctl = GuestControls()
         self._sw = sw = SwitchState()
         #: the world switch's flags (read-only outside the processor)
@@ -193,8 +190,7 @@ class SvmCpu:
         """Become a processor without the features ``names`` (:mod:`.features`): their
         instructions #UD before any intercept check, their CR4 bits #GP to set."""
         self._scanner.undefine(undefined_kinds(names))
-        self.cr4_reserved |= reserved_cr4(names)
-        self._native.cr4_absent = self.cr4_reserved
+        self._native.cr4_absent |= reserved_cr4(names)
         msrs = absent_msrs(names)
         if msrs:                             # RDMSR/WRMSR looked at even when not intercepted
             self._native.msr_absent |= msrs
@@ -204,6 +200,12 @@ class SvmCpu:
             self.st.clear_cpuid_feature(f.leaf, f.reg, f.bit)
         self.uc.ctl_flush_tb()
         self.features_removed = self.features_removed | names
+
+    @property
+    def cr4_reserved(self) -> int:
+        """CR4 bits reserved (MBZ) on this processor beyond the architectural ones: those
+        of the features it lacks (MOV to CR4 #GP, VMRUN VMEXIT_INVALID)."""
+        return self._native.cr4_absent
 
     def invlpga(self, va: int, asid: int) -> None:
         """INVLPGA: rAX = the virtual page, ECX = the ASID whose translation

@@ -18,16 +18,9 @@ The sandbox's cycles are guest time: one per retired instruction (the clock of
 """
 from __future__ import annotations
 
-import struct
 from typing import Callable
 
 from .controls import GuestControls
-from .exitcodes import ExitCode
-from .vmcb import OFF_PAUSE_FILTER_COUNT, OFF_PAUSE_FILTER_THRESHOLD
-
-_PAUSE = int(ExitCode.PAUSE)
-_THRESHOLD_AND_COUNT = struct.Struct("<HH")
-assert OFF_PAUSE_FILTER_COUNT == OFF_PAUSE_FILTER_THRESHOLD + 2
 
 
 class PauseFilter:
@@ -41,18 +34,9 @@ class PauseFilter:
         self.counter = 0
         self.last = 0
 
-    @staticmethod
-    def latch(ctl: GuestControls, vmcb, base: int) -> None:
-        """A full VMRUN: take the count and the threshold from the VMCB at ``base``
-        into the latched controls (zero unless PAUSE is intercepted)."""
-        if ctl.intercepted(_PAUSE):
-            ctl.pause_filter_threshold, ctl.pause_filter_count = \
-                _THRESHOLD_AND_COUNT.unpack_from(vmcb, base + OFF_PAUSE_FILTER_THRESHOLD)
-        else:
-            ctl.pause_filter_threshold = ctl.pause_filter_count = 0
-
     def load(self, ctl: GuestControls) -> None:
-        """Every VMRUN: the counter starts from the latched count."""
+        """Every VMRUN: the counter starts from the count VMRUN latched (zero unless
+        PAUSE is intercepted: ``WorldSwitch._latch_controls``)."""
         self.counter = ctl.pause_filter_count
         if ctl.pause_filter_threshold:
             self._keep_clock()

@@ -260,8 +260,9 @@ class RunLoop:
             self._sw.entry_rip = self._st.reg_read(_RIP)
 
     def restart_slice(self) -> bool:
-        """End the running slice, so the next one starts after a change that needs the
-        translated blocks dropped (:attr:`before_slice` makes it); False when no slice runs."""
+        """End the running slice, so the next one starts with what changed (a timer or
+        remote deadline, guest-time counting, the translated blocks :attr:`before_slice`
+        drops); False when no slice runs."""
         if not self._in_emu:
             return False
         self._rearm = True
@@ -271,9 +272,8 @@ class RunLoop:
     def keep_clock(self) -> None:
         """Guest time must be counted from here on (a PAUSE filter threshold came into
         force): a slice that is not counting ends, and the next one counts."""
-        if self._in_emu and not self._slice_budget:
-            self._rearm = True
-            self._uc.emu_stop()
+        if not self._slice_budget:
+            self.restart_slice()
 
     # -------------------------------------------------------- virtual timer
     def arm_timer(self, period_ns: int) -> None:
@@ -288,11 +288,9 @@ class RunLoop:
             raise ValueError("timer period must be positive")
         self.timer_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns else 0
         self.timer_next = self.clock_now() + self.timer_period
-        if self._in_emu:
-            # armed by a hypervisor handling an exit inside the run: end this
-            # slice, so the next one is bounded by the new deadline
-            self._rearm = True
-            self._uc.emu_stop()
+        # armed by a hypervisor handling an exit inside the run: end this
+        # slice, so the next one is bounded by the new deadline
+        self.restart_slice()
 
     def clock_now(self) -> int:
         """Guest time in instructions, including the running slice's progress."""
@@ -323,9 +321,7 @@ class RunLoop:
         self.remote_fn = fn if period_ns else None
         self.remote_period = max(1, period_ns * GUEST_IPS // 1_000_000_000) if period_ns and fn else 0
         self.remote_next = self.clock_now() + self.remote_period
-        if self._in_emu:
-            self._rearm = True
-            self._uc.emu_stop()
+        self.restart_slice()
 
     def kick(self) -> None:
         """A physical interrupt (an IPI from another processor) arrives: taken

@@ -32,7 +32,6 @@ from .cpustate import OFF_EIP, SEG_INDEX, CpuState
 from .engine import MsrWriter
 from .exitcodes import ExitCode, exit_name
 from .extension import NO_EXTENSION, ProcessorExtension
-from .pause_filter import PauseFilter
 from .state_save import SEGMENT_REGS, StateSaveArea, get_seg
 from .stop import StopInfo, StopReason
 from .vmcb import (EXIT_INFO_END, GUEST_INSN_BYTES, OFF_CPL, OFF_EVENTINJ, OFF_EXITCODE, OFF_GUEST_INSN_LEN,
@@ -41,6 +40,7 @@ from .vmcb import (EXIT_INFO_END, GUEST_INSN_BYTES, OFF_CPL, OFF_EVENTINJ, OFF_E
 
 if TYPE_CHECKING:
     from .alignment import AlignmentCheck
+    from .pause_filter import PauseFilter
     from .cpu import SvmCpu
     from .fill import TlbFill
     from .interrupts import Interrupts
@@ -52,6 +52,7 @@ _Q = struct.Struct("<Q")
 _EVENT_VALID = int(Event.VALID)
 _VIRQ_OR_AVIC = int(VIntr.V_IRQ | VIntr.AVIC_ENABLE)
 _NP_ENABLE = int(NpControl.NP_ENABLE)
+_PAUSE = int(ExitCode.PAUSE)
 _EXIT3 = struct.Struct("<QQQ")
 _EXIT4 = struct.Struct("<4Q")        # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
 _N_CR3_ADDR = 0x000F_FFFF_FFFF_F000
@@ -320,7 +321,6 @@ class WorldSwitch:
         # host state goes to VM_HSAVE_PA (format is implementation-specific)
         sw.gif = True
         flush = self._latch_controls(v)
-        PauseFilter.latch(self._ctl, mv, b)
         self._pause.load(self._ctl)
         if self._load_guest_state(v, not in_hook):        # with RAX, RSP and RFLAGS
             flush = True
@@ -366,6 +366,10 @@ class WorldSwitch:
         flush = v.asid != ctl.asid or np_on != ctl.np or (np_on and v.n_cr3 != ctl.n_cr3)
         ctl.np, ctl.n_cr3, ctl.asid = np_on, v.n_cr3 & _N_CR3_ADDR, v.asid
         ctl.tsc_offset = v.tsc_offset
+        if v.intercepted(_PAUSE):
+            ctl.pause_filter_threshold, ctl.pause_filter_count = v.pause_filter_threshold, v.pause_filter_count
+        else:
+            ctl.pause_filter_threshold = ctl.pause_filter_count = 0
         self.apply_tsc_offset()
         return flush
 

@@ -289,20 +289,24 @@ class PcPlatform:
             v.set_intercept(ExitCode.VINTR, False)
             self.window = False
 
+    def _route_smi(self, n) -> bool:
+        """The APIC's SMI: held while GIF = 0 (APM §15.17; True), L1's #VMEXIT(SMI) when L2
+        runs and L1 intercepts it (True), else taken by the processor -- with L0's SMI
+        intercept the #VMEXIT(SMI) comes to this hypervisor, which (as KVM's
+        smi_interception) does nothing more; without it the processor enters SMM, not
+        modelled, as a firmware SMI handler that returns at once: the guest sees nothing,
+        and what else is pending goes on (RFLAGS.IF does not hold an SMI; False)."""
+        if n is not None and n.holds_interrupt(nmi=True):
+            return True
+        self.apic.smi_pending = False
+        self.injected["smi"] += 1
+        return n is not None and n.exit_on_interrupt(smi=True)
+
     def _nested_route(self, n) -> bool:
         """Nested SVM: True when the APIC's interrupt is not for the VMCB now
         current -- held (GIF clear, or masked while L2 runs: the next exit looks
         again) or turned into L1's #VMEXIT(INTR/NMI).  L0's interrupt window
         belongs to L1's VMCB; while L2 runs none is opened."""
-        if self.apic.smi_pending:
-            if n.holds_interrupt(nmi=True):
-                return True                     # GIF = 0 holds an SMI too (APM §15.17)
-            self.apic.smi_pending = False
-            self.injected["smi"] += 1
-            if n.exit_on_interrupt(smi=True):
-                return True
-            # taken by the processor, nobody intercepting it: SMM (see after_exit); RFLAGS.IF
-            # does not hold an SMI, so a masked INTR below must not keep it pending
         nmi = self.apic.nmi_pending and not self.nmi_in_service
         if nmi:
             if n.holds_interrupt(nmi=True):
@@ -332,23 +336,15 @@ class PcPlatform:
             m.guest_exit_code = self.debug_exit.value
             return m.stop(StopReason.GUEST_EXIT, f"isa-debug-exit: the guest wrote {self.debug_exit.value:#x} "
                                                  f"(QEMU exit status {self.debug_exit.status})")
-        apic = self.apic
-        if not apic.irr and not apic.nmi_pending and not apic.smi_pending:
+        apic, n = self.apic, m.nested
+        if apic.smi_pending and self._route_smi(n):
+            return None
+        if not apic.irr and not apic.nmi_pending:
             if self.window:
                 self._close_window()
             return None
-        n = m.nested
         if n is not None and self._nested_route(n):
             return None
-        if apic.smi_pending:
-            # taken by the processor: with the SMI intercept the #VMEXIT(SMI) comes to
-            # this hypervisor, which (as KVM's smi_interception) does nothing more; without
-            # it the processor enters SMM, which is not modelled -- as a firmware SMI
-            # handler that returns at once.  Either way the guest sees nothing.
-            apic.smi_pending = False
-            self.injected["smi"] += 1
-            if not apic.irr and not apic.nmi_pending:
-                return None
         v = m.guest.vmcb
         if v.EVENTINJ & (1 << 31):
             # an event is already queued (a reflected exception): the interrupt waits
