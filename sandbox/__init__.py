@@ -20,23 +20,17 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 
 from .version import __version__
 
-#: public name -> (module, attribute; None: the module itself)
-_LAZY = {
-    "handlers": (".hypervisor.handlers", None),
-    "Guest": (".hypervisor.guest", "Guest"),
-    "DEFAULT_HANDLERS": (".hypervisor.handlers", "DEFAULT_HANDLERS"),
-    "RESUME": (".hypervisor.handlers", "RESUME"),
-    "STOP": (".hypervisor.handlers", "STOP"),
-    "Action": (".hypervisor.handlers", "Action"),
-    "Machine": (".hypervisor.machine", "Machine"),
-    "RunResult": (".hypervisor.machine", "RunResult"),
-    "ExitCode": (".svm.exitcodes", "ExitCode"),
-    "exit_name": (".svm.exitcodes", "exit_name"),
-    "VMCB": (".svm.vmcb", "VMCB"),
-    "Event": (".svm.vmcb", "Event"),
-    "EventType": (".svm.vmcb", "EventType"),
-    "Segment": (".svm.vmcb", "Segment"),
+#: module -> the public names it gives the package (each its attribute of that name)
+_FROM = {
+    ".hypervisor.guest": ("Guest",),
+    ".hypervisor.handlers": ("DEFAULT_HANDLERS", "RESUME", "STOP", "Action"),
+    ".hypervisor.machine": ("Machine", "RunResult"),
+    ".svm.exitcodes": ("ExitCode", "exit_name"),
+    ".svm.vmcb": ("VMCB", "Event", "EventType", "Segment"),
 }
+#: public name -> (module, attribute; None: the module itself)
+_LAZY = {"handlers": (".hypervisor.handlers", None),
+         **{name: (module, name) for module, names in _FROM.items() for name in names}}
 
 __all__ = [*_LAZY, "__version__"]
 
