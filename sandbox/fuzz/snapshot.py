@@ -330,6 +330,8 @@ class Harness:
         # anything else the guest ran may have changed under Unicorn
         cpu.reset_translation_caches()
         cpu.gif = True
+        if not cpu.branch_records.clear:
+            cpu.branch_records.reset()           # DebugCtl and the records as snapshotted (zero)
         self._tsc_t0 = cpu.guest_time_ns         # the case's TSC starts at CASE_TSC_BASE
         # and the ASID-tagged TLB behind it, unless it holds only what the
         # snapshot's tables give: the previous case changed no table page,

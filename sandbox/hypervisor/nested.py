@@ -44,7 +44,7 @@ from ..svm.exitcodes import ExitCode, excp
 from ..svm.iopm import IOPM, IOPM_PAGES, IoioInfo
 from ..svm.msrpm import MSRPM, MSRPM_PAGES, msrpm_bit
 from ..svm.vmcb import (INTERRUPT_SHADOW_ACTIVE, OFF_INTERCEPTS, OFF_STAR, SAVE_AREA, SEGMENTS, VMCB, Event, EventType,
-                        NpControl, TlbControl, VIntr)
+                        NpControl, TlbControl, VIntr, VirtExt)
 from ..svm.state_save import get_seg, put_seg
 from .guest import Guest, GuestPhysicalMemory
 from .handlers import FIXED_LEAVES, RESUME, Action, handle_mmio, handle_msr
@@ -65,9 +65,9 @@ _Q = struct.Struct("<Q")
 _VMSAVE_MSRS = ((OFF_STAR + 0x00, 0xC000_0081), (OFF_STAR + 0x08, 0xC000_0082), (OFF_STAR + 0x10, 0xC000_0083),
                 (OFF_STAR + 0x18, 0xC000_0084), (OFF_STAR + 0x20, 0xC000_0102), (OFF_STAR + 0x28, 0x174),
                 (OFF_STAR + 0x30, 0x175), (OFF_STAR + 0x38, 0x176))
-#: Fn8000_000A: revision 1, 16 ASIDs, EDX: NP (0), NRIPS (3), VMCB clean bits (5),
+#: Fn8000_000A: revision 1, 16 ASIDs, EDX: NP (0), LbrVirt (1), NRIPS (3), VMCB clean bits (5),
 #: PauseFilter (10), PauseFilterThreshold (12)
-SVM_FEATURES = (1, 16, 0, (1 << 0) | (1 << 3) | (1 << 5) | (1 << 10) | (1 << 12))
+SVM_FEATURES = (1, 16, 0, (1 << 0) | (1 << 1) | (1 << 3) | (1 << 5) | (1 << 10) | (1 << 12))
 
 
 #: the segments whose base 64-bit mode ignores, and a base's offset in a VMCB segment record
@@ -316,6 +316,10 @@ class NestedSvm:
         v02.TSC_OFFSET = (v01.TSC_OFFSET + img.tsc_offset) & M64
         self._pause_filter(v01, img)
         v02.GUEST_ASID = ctx.asid
+        # LBR virtualization as L1 asks (VMCB02's DBGCTL ... LASTEXCPTO are VMCB12's, copied
+        # with the save area and back at the #VMEXIT); without it L2 records into the
+        # registers L1 has, as on hardware (KVM's nested_vmcb02_prepare_save)
+        v02.VIRT_EXT = v12.VIRT_EXT & VirtExt.LBR_VIRTUALIZATION
         v02.V_INTR = v12.V_INTR
         v02.INTERRUPT_SHADOW = v12.INTERRUPT_SHADOW
         # in 64-bit mode the ES, CS, SS and DS bases are ignored (APM vol. 2 §4.12): L2 runs

@@ -41,6 +41,7 @@ from .avic import Avic
 from .interrupts import Interrupts
 from .native import TSC_HZ, NativeInsns
 from .alignment import AlignmentCheck
+from .lbr import BranchRecords
 from .features import FEATURES, absent_msrs, reserved_cr4, undefined_kinds
 from .pause_filter import PauseFilter
 from .run import GUEST_IPS, RunLimits, RunLoop
@@ -99,12 +100,20 @@ class SvmCpu:
         pause = PauseFilter(run.clock_now, run.keep_clock)
         align = AlignmentCheck(uc, st)
         align.connect(fill.insn_bytes, interrupts.raise_exception, run.restart_slice, run.fail)
-        run.before_slice = align.apply
+        #: DebugCtl and the last-branch records (APM §13.1.1.9), LBR virtualization (§15.23)
+        self.branch_records = lbr = BranchRecords(uc, st)
+        lbr.connect(fill.insn_bytes, run.restart_slice, run.fail,
+                    lambda: scanner.hook_kinds(frozenset({Kind.RDMSR})))
+
+        def before_slice() -> None:        # the per-instruction hooks switch between slices
+            align.apply()
+            lbr.apply()
+        run.before_slice = before_slice
         fill.connect(scanner, smc, run.fail)
         scanner.connect(self, fill, ws, native, interrupts, pause, run.fail)
-        native.connect(fill, ws, interrupts, run, smc, avic, align)
-        interrupts.connect(self, fill, scanner, ws, run, smc, avic)
-        ws.connect(self, fill, scanner, interrupts, smc, pause, align)
+        native.connect(fill, ws, interrupts, run, smc, avic, align, lbr)
+        interrupts.connect(self, fill, scanner, ws, run, smc, avic, lbr)
+        ws.connect(self, fill, scanner, interrupts, smc, pause, align, lbr)
         run.connect(fill, ws, interrupts, smc, avic)
         avic.connect(ws.vmexit, ws.after_exit_in_hook, interrupts.deliver, fill.insn_bytes)
         smc.connect(fill, scanner, interrupts.access)

@@ -32,6 +32,7 @@ from .vmcb import (OFF_EVENTINJ, OFF_INTERRUPT_SHADOW, OFF_V_INTR, OFF_V_INTR_VE
 if TYPE_CHECKING:
     from .avic import Avic
     from .cpu import SvmCpu
+    from .lbr import BranchRecords
     from .fill import TlbFill
     from .run import RunLoop
     from .scanner import DecisionView, Scanner
@@ -60,10 +61,12 @@ class Interrupts:
         self.access = GuestAccess(self._read, self._write)
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", ws: "WorldSwitch", run: "RunLoop",
-                smc: "SmcStepper", avic: "Avic") -> None:
+                smc: "SmcStepper", avic: "Avic", lbr: "BranchRecords") -> None:
         """Bind what delivery calls: the walker, the scanner's watch, the #VMEXIT,
-        stopping the run, and the stepping of a store to a code page."""
+        stopping the run, the stepping of a store to a code page, and the
+        last-branch records (an event is recorded)."""
         self._cpu = cpu
+        self._lbr = lbr
         self._smc = smc
         self._avic = avic
         self._walker = fill.guest_walker
@@ -192,6 +195,9 @@ class Interrupts:
             st.q[4] = new_rsp & M64
             st.reg_write(_RFLAGS, new_flags)
             st.reg_write(_RIP, new_rip)
+            if self._lbr.engaged:
+                # an exception raised by the instruction at fault_rip, or an event taken there
+                self._lbr.event(vec, fault_rip, new_rip, fault=not (external or soft))
             return
         self.shutdown(fault_rip)
 

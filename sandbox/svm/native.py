@@ -35,6 +35,7 @@ from .cpustate import HF_CS64, R_FS, R_GS, CpuState
 from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults,
                        wrmsr_faults, xsetbv_faults)
 from .events import Vec
+from .lbr import LBR_MSRS
 from .exitcodes import ExitCode
 from .port_hooks import PortIoHooks
 from .stop import StopReason
@@ -44,6 +45,7 @@ from .state_save import get_seg, put_seg
 
 if TYPE_CHECKING:
     from .alignment import AlignmentCheck
+    from .lbr import BranchRecords
     from .avic import Avic
     from .fill import TlbFill
     from .interrupts import Interrupts
@@ -161,11 +163,12 @@ class NativeInsns:
         self._port_hooks = PortIoHooks(self._uc, self._insn_in, self._insn_out)
 
     def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop",
-                smc: "SmcStepper", avic: "Avic", alignment: "AlignmentCheck") -> None:
+                smc: "SmcStepper", avic: "Avic", alignment: "AlignmentCheck", lbr: "BranchRecords") -> None:
         """Bind what the emulation calls: soft-TLB flushes and the walker's
         statistics, the #VMEXIT, event delivery, and stopping the run."""
         self._fill = fill
         self._align_cr0 = alignment.cr0
+        self._lbr = lbr
         self._processor_wrote = smc.processor_wrote
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
@@ -261,15 +264,30 @@ class NativeInsns:
         value = (st.gpr(0) & 0xFFFFFFFF) | (st.gpr(2) & 0xFFFFFFFF) << 32
         if msr in self.msr_absent or wrmsr_faults(msr, value, st.cr(0), st.efer):
             self._raise(Vec.GP, 0, address)
+        elif msr in LBR_MSRS:
+            # Unicorn drops the write: the model keeps DebugCtl (the records are read-only)
+            if self._lbr.wrmsr(msr, value):
+                self._set_rip(address + insn.length)
+            else:
+                self._raise(Vec.GP, 0, address)
         elif msr == MSR_TSC_AUX and value >> 32:
             # AMD processors ignore TSC_AUX[63:32] (reads return zero); Unicorn would keep them
             self._uc.reg_write(X.UC_X86_REG_MSR, (msr, value & 0xFFFFFFFF))
             self._set_rip(address + insn.length)
 
     def _rdmsr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
-        """An MSR of a feature the processor lacks (Unicorn would read it): #GP(0)."""
-        if not view.cpl and st.gpr(1) & 0xFFFFFFFF in self.msr_absent:
+        """An MSR of a feature the processor lacks (Unicorn would read it): #GP(0).
+        DebugCtl and the branch records are the model's (Unicorn reads them as 0)."""
+        if view.cpl:
+            return                                   # Unicorn raises the #GP itself
+        msr = st.gpr(1) & 0xFFFFFFFF
+        if msr in self.msr_absent:
             self._raise(Vec.GP, 0, address)
+        elif msr in LBR_MSRS:
+            v = self._lbr.rdmsr(msr)
+            st.set_gpr(0, v & 0xFFFFFFFF)
+            st.set_gpr(2, v >> 32)
+            self._set_rip(address + insn.length)
 
     def _xsetbv(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
         """Unicorn accepts XCR0.YMM without SSE; at CPL > 0 or without CR4.OSXSAVE

@@ -169,6 +169,7 @@ OFF_SYSENTER_CS = _at("SYSENTER_CS")
 OFF_SYSENTER_ESP = _at("SYSENTER_ESP")
 OFF_SYSENTER_EIP = _at("SYSENTER_EIP")
 OFF_CR2 = _at("CR2")
+OFF_DBGCTL = _at("DBGCTL")                    # DBGCTL, BR_FROM, BR_TO, LASTEXCPFROM, LASTEXCPTO follow
 #: end of the exit-information fields (EXITCODE ... EXITINTINFO)
 EXIT_INFO_END = OFF_EXITINTINFO + FIELDS["EXITINTINFO"].size
 #: a segment record is selector (u16), attrib (u16), limit (u32), base (u64)

@@ -35,11 +35,12 @@ from .extension import NO_EXTENSION, ProcessorExtension
 from .state_save import SEGMENT_REGS, StateSaveArea, get_seg
 from .stop import StopInfo, StopReason
 from .vmcb import (EXIT_INFO_END, GUEST_INSN_BYTES, OFF_CPL, OFF_EVENTINJ, OFF_EXITCODE, OFF_GUEST_INSN_LEN,
-                   OFF_NRIP, OFF_RAX, OFF_RIP, OFF_RSP, OFF_TLB_CONTROL, OFF_V_INTR, SAVE_AREA, SEGMENTS,
-                   VMCB_SIZE, Event, NpControl, TlbControl, VIntr)
+                   OFF_NRIP, OFF_RAX, OFF_RIP, OFF_RSP, OFF_TLB_CONTROL, OFF_V_INTR, OFF_VIRT_EXT, SAVE_AREA,
+                   SEGMENTS, VMCB_SIZE, Event, NpControl, TlbControl, VIntr, VirtExt)
 
 if TYPE_CHECKING:
     from .alignment import AlignmentCheck
+    from .lbr import BranchRecords
     from .pause_filter import PauseFilter
     from .cpu import SvmCpu
     from .fill import TlbFill
@@ -53,6 +54,7 @@ _EVENT_VALID = int(Event.VALID)
 _VIRQ_OR_AVIC = int(VIntr.V_IRQ | VIntr.AVIC_ENABLE)
 _NP_ENABLE = int(NpControl.NP_ENABLE)
 _PAUSE = int(ExitCode.PAUSE)
+_LBRV = int(VirtExt.LBR_VIRTUALIZATION)
 _EXIT3 = struct.Struct("<QQQ")
 _EXIT4 = struct.Struct("<4Q")        # EXITCODE, EXITINFO1, EXITINFO2, EXITINTINFO
 _N_CR3_ADDR = 0x000F_FFFF_FFFF_F000
@@ -200,11 +202,13 @@ class WorldSwitch:
         self._memo: tuple[bytes, int, bytes, bytes] | None = None
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts",
-                smc: "SmcStepper", pause: "PauseFilter", alignment: "AlignmentCheck") -> None:
+                smc: "SmcStepper", pause: "PauseFilter", alignment: "AlignmentCheck", lbr: "BranchRecords") -> None:
         """Bind what the switch drives: soft-TLB flushes and the walker, the
         scanner's arming and cross-modifying code, the entry events, the PAUSE
-        filter's counter (loaded at every VMRUN)."""
+        filter's counter (loaded at every VMRUN), the last-branch records
+        (LBR virtualization swaps them)."""
         self._cpu = cpu
+        self._lbr = lbr
         self._pause = pause
         self._align_cr0 = alignment.cr0
         self._smc = smc
@@ -271,6 +275,8 @@ class WorldSwitch:
         self._drop_walker()
         if self._ctl.pause_filter_count:
             self._pause.load(self._ctl)      # the counter starts again at every VMRUN
+        if self._lbr.reload:
+            self._lbr.vmrun(self._view, b << 3)     # the guest's records again (LBR virtualization)
         sw.gif = True
         sw.entry_rip = rip
 
@@ -325,6 +331,9 @@ class WorldSwitch:
         if self._load_guest_state(v, not in_hook):        # with RAX, RSP and RFLAGS
             flush = True
         self._align_cr0(v.cr0)
+        lbr = self._lbr
+        if mv[b + OFF_VIRT_EXT] & _LBRV or lbr.engaged or lbr.latched:
+            lbr.vmrun(mv, b)                # LBR virtualization (APM §15.23)
         sw.entry_rip = v.rip
         if not in_hook:
             self._st.reg_write(_RIP, v.rip)
@@ -513,6 +522,8 @@ class WorldSwitch:
         rec.level = "L1"
         sw.exit = rec
         sw.gif = False        # #VMEXIT clears GIF
+        if self._lbr.engaged:
+            self._lbr.vmexit(mv, b << 3, rip)     # before SEV-ES moves the state-save area
         if ext is not NO_EXTENSION:
             ext.after_vmexit(cpu, rec)       # SEV-ES: state into the encrypted VMSA
         return rec
@@ -549,7 +560,7 @@ class WorldSwitch:
         :meth:`_reenter`).  Anything else takes the general functions.
         ``code``, ``info1``, ``info2`` are in range (0 <= x < 2**64)."""
         sw = self.sw
-        if self._smc.step is not None or self.ext is not NO_EXTENSION or sw.defer_dispatch:
+        if self._smc.step is not None or self.ext is not NO_EXTENSION or sw.defer_dispatch or self._lbr.engaged:
             self.vmexit(code, info1, info2, rip=rip, nrip=nrip)
             self.after_exit_in_hook(rip)
             return

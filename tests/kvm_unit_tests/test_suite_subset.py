@@ -146,3 +146,19 @@ def test_svm_interrupt_mix_and_shutdown_under_nested_svm():
     m, r, out, passed, failed = _run_under_nested_svm("svm.flat", SVM_MIX, timeout=300)
     assert passed == 26 and not failed, "\n".join(failed) or out[-2000:]
     assert r.exit_code == 0 and m.platform.debug_exit.status == 1
+
+
+SVM_LBRV = ("svm_lbrv_test0 svm_lbrv_test1 svm_lbrv_test2 svm_lbrv_test3 "
+            "svm_lbrv_nested_test1 svm_lbrv_nested_test2 svm_lbrv_nested_test3")
+
+
+@pytest.mark.skipif(X86 is None, reason="kvm-unit-tests build not found (../shared/kvm-unit-tests)")
+def test_svm_lbr_virtualization_under_nested_svm():
+    """Last-branch recording in L1 and L2, with and without LBR virtualization in
+    VMCB12.  These subtests count their TEST_EXPECT_EQ checks without printing a
+    PASS line: the suite's own SUMMARY gives 51, and any FAIL is printed."""
+    m, r, out, passed, failed = _run_under_nested_svm("svm.flat", SVM_LBRV, timeout=300)
+    assert not failed, "\n".join(failed)
+    assert re.search(r"^SUMMARY: 51 tests$", out, re.M), out[-2000:]
+    assert "skipped" not in out.split("SUMMARY:")[-1]
+    assert r.exit_code == 0 and m.platform.debug_exit.status == 1

@@ -1,0 +1,205 @@
+"""Control-transfer recording (APM vol. 2 §13.1.1.9) and LBR virtualization (§15.23).
+
+While DebugCtl (MSR 1D9h) bit 0 is set the processor keeps the source and target of
+the last taken branch in LastBranchFromIP/ToIP (1DBh/1DCh); an exception or
+interrupt moves that record to LastExceptionFromIP/ToIP (1DDh/1DEh) and records
+itself; a #DB clears DebugCtl.LBR and is not recorded.  With VMCB 0B8h bit 0 the
+guest's five registers come from and go back to the VMCB (DBGCTL 670h ...
+LASTEXCPTO 690h) and the host's are kept apart.  QEMU's TCG records nothing.
+
+Every expected address is a label of the guest's own code, located by assembling
+the same source (keystone), so the expectations follow from the rule above."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import BASE, assemble, hc_exit, install_reporting_idt, user_guest
+
+DEBUGCTL, FROM, TO, EX_FROM, EX_TO = 0x1D9, 0x1DB, 0x1DC, 0x1DD, 0x1DE
+DONE = 0x55
+
+
+def wrmsr(msr: int, value: int) -> str:
+    return f"mov ecx, {msr:#x}\nmov eax, {value & 0xFFFFFFFF:#x}\nmov edx, {value >> 32:#x}\nwrmsr\n"
+
+
+def read_records() -> str:
+    """LBR off, then R8..R12 = DebugCtl, LastBranchFrom/To, LastExceptionFrom/To."""
+    return (wrmsr(DEBUGCTL, 0) + "".join(f"mov ecx, {m:#x}\nrdmsr\nshl rdx, 32\nor rax, rdx\nmov {r}, rax\n"
+                                         for m, r in ((DEBUGCTL, "r8"), (FROM, "r9"), (TO, "r10"),
+                                                      (EX_FROM, "r11"), (EX_TO, "r12"))))
+
+
+def label(src: str, name: str) -> int:
+    """The address of ``name:`` in ``src`` assembled at BASE (the assembler's own
+    value of the symbol, emitted after the code)."""
+    return int.from_bytes(assemble(f"{src}\n.quad {name}\n")[-8:], "little")
+
+
+def run(guest, body: str, intercept_msrs: bool):
+    src = body + read_records() + hc_exit(DONE)
+    m = guest(src)
+    if intercept_msrs:
+        m.intercept("msr")          # the hypervisor's handler passes these MSRs to the processor
+    r = m.run(timeout=20)
+    assert r.reason == "guest-exit" and r.exit_code == DONE, (r.reason, r.detail, r.exit_code)
+    g = m.regs
+    return src, (g.r8, g.r9, g.r10, g.r11, g.r12), m
+
+
+BOTH = pytest.mark.parametrize("intercept_msrs", [False, True], ids=["native", "intercepted"])
+
+
+@BOTH
+def test_a_jump_is_recorded(guest, intercept_msrs):
+    body = wrmsr(DEBUGCTL, 1) + "\nsrc:\njmp dst\nnop\nnop\ndst:\nnop\n"
+    src, (dbg, frm, to, _, _), _ = run(guest, body, intercept_msrs)
+    assert dbg == 0                               # read after clearing it
+    assert (frm, to) == (label(src, "src"), label(src, "dst"))
+
+
+@BOTH
+def test_nothing_recorded_without_lbr(guest, intercept_msrs):
+    _, regs, m = run(guest, "jmp skip\nnop\nskip:\nnop\n", intercept_msrs)
+    assert regs == (0, 0, 0, 0, 0)
+    assert m.cpu.branch_records.clear
+
+
+def test_a_jcc_not_taken_leaves_the_last_taken_branch(guest):
+    body = wrmsr(DEBUGCTL, 1) + "\nsrc:\njmp dst\nnop\ndst:\nxor eax, eax\njnz away\nnop\naway:\nnop\n"
+    src, (_, frm, to, _, _), _ = run(guest, body, False)
+    assert (frm, to) == (label(src, "src"), label(src, "dst"))
+
+
+@pytest.mark.parametrize("zf,taken", [(1, True), (0, False)])
+def test_a_jcc_to_the_next_instruction_is_recorded_when_taken(guest, zf, taken):
+    # target == fall-through: only the condition tells a taken branch from one not taken
+    setz = "xor eax, eax" if zf else "mov eax, 1\ntest eax, eax"
+    body = wrmsr(DEBUGCTL, 1) + f"\nsrc:\njmp dst\ndst:\n{setz}\njcc:\nje next\nnext:\nnop\n"
+    src, (_, frm, to, _, _), _ = run(guest, body, False)
+    if taken:
+        assert (frm, to) == (label(src, "jcc"), label(src, "next"))
+    else:
+        assert (frm, to) == (label(src, "src"), label(src, "dst"))
+
+
+def test_loop_records_its_last_taken_iteration(guest):
+    # RCX = 3: LOOP is taken twice (RCX 2, 1) and falls through at 0
+    body = "mov ecx, 3\nmov r15, rcx\n" + wrmsr(DEBUGCTL, 1) + "mov rcx, r15\ntop:\nnop\nlp:\nloop top\nnop\n"
+    src, (_, frm, to, _, _), _ = run(guest, body, False)
+    assert (frm, to) == (label(src, "lp"), label(src, "top"))
+
+
+def test_call_then_ret_records_the_return(guest):
+    # CALL f, f RETs, the JMP skips over f: the JMP is the last branch, the RET the one before
+    body = wrmsr(DEBUGCTL, 1) + "call f\nback:\nnop\nj:\njmp over\nf:\nnop\nr:\nret\nover:\nnop\n"
+    src, (_, frm, to, _, _), _ = run(guest, body, False)
+    assert (frm, to) == (label(src, "j"), label(src, "over"))
+    body = wrmsr(DEBUGCTL, 1) + "call f\nback:\n" + wrmsr(DEBUGCTL, 0) + "jmp over\nf:\nnop\nr:\nret\nover:\nnop\n"
+    src, (_, frm, to, _, _), _ = run(guest, body, False)
+    # the RET is the last branch: from the RET to the instruction after the CALL
+    assert (frm, to) == (label(src, "r"), label(src, "back"))
+
+
+def test_exception_moves_the_branch_record_and_records_itself(guest):
+    body = wrmsr(DEBUGCTL, 1) + "src:\njmp dst\nnop\ndst:\nbp:\nint3\n"
+    m = guest(body + hc_exit(DONE))
+    install_reporting_idt(m)
+    r = m.run(timeout=20)
+    assert r.exit_code == 0x100 + 3, (r.reason, r.detail, r.exit_code)
+    lbr = m.cpu.branch_records
+    src = body
+    from conftest import STUBS, STUB_SIZE
+    assert (lbr.ex_from, lbr.ex_to) == (label(src, "src"), label(src, "dst"))   # the branch before it
+    assert (lbr.br_from, lbr.br_to) == (label(src, "bp"), STUBS + 3 * STUB_SIZE)  # INT3 to its handler
+    assert lbr.dbgctl == 1
+
+
+def test_debug_exception_clears_lbr_and_is_not_recorded(guest):
+    # POPF sets TF: the #DB after the next instruction clears DebugCtl.LBR (and BTF)
+    body = (wrmsr(DEBUGCTL, 3) + "src:\njmp dst\nnop\ndst:\npushfq\nor qword ptr [rsp], 0x100\npopfq\nnop\n")
+    m = guest(body + hc_exit(DONE))
+    install_reporting_idt(m)
+    r = m.run(timeout=20)
+    assert r.exit_code == 0x100 + 1, (r.reason, r.detail, r.exit_code)
+    lbr = m.cpu.branch_records
+    assert lbr.dbgctl == 0
+    assert (lbr.br_from, lbr.br_to) == (label(body, "src"), label(body, "dst"))
+    assert (lbr.ex_from, lbr.ex_to) == (0, 0)
+
+
+@pytest.mark.parametrize("msr,value", [(DEBUGCTL, 1 << 6), (DEBUGCTL, 1 << 63), (FROM, 0), (EX_TO, 5)])
+def test_reserved_debugctl_bits_and_record_writes_are_gp(guest, msr, value):
+    body = wrmsr(msr, value)
+    m = guest(body + hc_exit(DONE))
+    install_reporting_idt(m)
+    r = m.run(timeout=20)
+    assert r.exit_code == 0x100 + 13, (r.reason, r.detail, r.exit_code)
+    assert m.regs.rdx == BASE + len(assemble(body)) - 2              # #GP at the WRMSR
+    assert m.cpu.branch_records.dbgctl == 0
+
+
+def test_debugctl_keeps_its_other_defined_bits(guest):
+    body = wrmsr(DEBUGCTL, 0x3C) + f"mov ecx, {DEBUGCTL:#x}\nrdmsr\nmov r13, rax\n"
+    src, _, m = run(guest, body, True)
+    assert m.regs.r13 == 0x3C
+
+
+def test_rdmsr_of_the_records_at_cpl3_is_gp(guest):
+    m = user_guest(guest, f"mov ecx, {FROM:#x}\nrdmsr")
+    assert m.run(timeout=20).exit_code == 0x100 + 13
+
+
+# -- LBR virtualization -------------------------------------------------------------
+def test_lbr_virtualization_loads_and_saves_the_guests_records(guest):
+    body = (f"mov ecx, {DEBUGCTL:#x}\nrdmsr\nmov r13, rax\nmov ecx, {FROM:#x}\nrdmsr\nmov r14, rax\n"
+            "src:\njmp dst\nnop\ndst:\nnop\n")
+    m = guest(body + hc_exit(DONE))
+    v = m.guest.vmcb
+    v.VIRT_EXT = 1
+    v.DBGCTL, v.BR_FROM, v.BR_TO, v.LASTEXCPFROM, v.LASTEXCPTO = 1, 0x1234, 0x5678, 0x9A, 0xBC
+    r = m.run(timeout=20)
+    assert r.exit_code == DONE
+    assert (m.regs.r13, m.regs.r14) == (1, 0x1234)           # VMRUN loaded them from the VMCB
+    v = m.guest.vmcb
+    assert (v.DBGCTL, v.BR_FROM, v.BR_TO) == (1, label(body, "src"), label(body, "dst"))
+    assert (v.LASTEXCPFROM, v.LASTEXCPTO) == (0x9A, 0xBC)
+    lbr = m.cpu.branch_records                                # #VMEXIT put the host's back
+    assert (lbr.dbgctl, lbr.br_from, lbr.br_to, lbr.ex_from, lbr.ex_to) == (0, 0, 0, 0, 0)
+
+
+def test_lbr_virtualization_survives_exits_the_hypervisor_handles(guest):
+    # CPUID exits between the branch and the read: each #VMEXIT saves the guest's
+    # records, each VMRUN loads them again
+    body = (wrmsr(DEBUGCTL, 1) + "src:\njmp dst\nnop\ndst:\nxor eax, eax\ncpuid\nxor eax, eax\ncpuid\n")
+    src = body + read_records() + hc_exit(DONE)
+    m = guest(src)
+    m.intercept("cpuid")
+    m.guest.vmcb.VIRT_EXT = 1
+    r = m.run(timeout=20)
+    assert r.exit_code == DONE
+    assert (m.regs.r9, m.regs.r10) == (label(src, "src"), label(src, "dst"))
+    assert m.cpu.branch_records.br_from == 0
+
+
+def test_without_virtualization_the_guest_records_into_the_processors_registers(guest):
+    body = wrmsr(DEBUGCTL, 1) + "src:\njmp dst\nnop\ndst:\nnop\n"
+    m = guest(body + hc_exit(DONE))
+    m.guest.vmcb.DBGCTL = 0              # not loaded: VIRT_EXT.LBR is clear
+    assert m.run(timeout=20).exit_code == DONE
+    lbr = m.cpu.branch_records
+    assert (lbr.dbgctl, lbr.br_from, lbr.br_to) == (1, label(body, "src"), label(body, "dst"))
+    assert m.guest.vmcb.BR_FROM == 0     # and the VMCB's fields are not touched
+
+
+def test_a_fuzz_case_does_not_leave_its_records_to_the_next():
+    from sandbox.fuzz.case import Case, VmcbConfig
+    from sandbox.fuzz.snapshot import Harness
+    h = Harness()
+    vmrun_vmmcall = VmcbConfig(intercepts=[0, 0, 0, 0, 0b11, 0])      # misc2: VMRUN, VMMCALL
+    code = assemble(wrmsr(DEBUGCTL, 1) + "jmp skip\nnop\nskip:\n" + hc_exit(0), 0x100000)
+    out = h.run(Case(code=code, config=vmrun_vmmcall))
+    assert out.result.reason == "guest-exit", out.result
+    assert not h.cpu.branch_records.clear          # the case enabled LBR and branched
+    h.run(Case(code=assemble(hc_exit(0), 0x100000), config=vmrun_vmmcall))
+    assert h.cpu.branch_records.clear
