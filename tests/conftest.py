@@ -186,13 +186,13 @@ def leaf_pte(m: Machine, va: int) -> int:
     return table + ((va >> 12) & 0x1FF) * 8
 
 
-def user_guest(guest, body: str, rflags: int = 0x2, done: int = 0x55) -> Machine:
-    """A guest that loads TR, then IRETQs to ``body`` at CPL 3 (CS 0x1B, SS 0x23,
-    RSP 0x70000).  GDT: the loader's three entries, 64-bit code and data at DPL 3,
+def user_guest(guest, body: str, rflags: int = 0x2, done: int = 0x55, prelude: str = "") -> Machine:
+    """A guest that runs ``prelude`` at CPL 0, loads TR, then IRETQs to ``body`` at CPL 3
+    (CS 0x1B, SS 0x23, RSP 0x70000).  GDT: the loader's three entries, 64-bit code and data at DPL 3,
     and a 64-bit TSS (RSP0 = 0x80000, no I/O bitmap: its offset is past the limit).
     The code, user-stack and DATA pages get U/S = 1.  Every vector has a
     reporting stub (install_reporting_idt)."""
-    src = (f"mov ax, {TSS_SEL:#x}\nltr ax\npush {USER_SS:#x}\npush {USER_STACK:#x}\npush {rflags:#x}\n"
+    src = (f"{prelude}\nmov ax, {TSS_SEL:#x}\nltr ax\npush {USER_SS:#x}\npush {USER_STACK:#x}\npush {rflags:#x}\n"
            f"push {USER_CS:#x}\nmov rax, user_code\npush rax\niretq\nuser_code:\n{body}\n" + hc_exit(done))
     m = guest(src)
     gdt = [0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00AFFB000000FFFF, 0x00CFF3000000FFFF]

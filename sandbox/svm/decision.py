@@ -229,7 +229,7 @@ def _int3(i, v, rip):
 
 
 def _into(i, v, rip):
-    return None       # INTO is #UD in 64-bit mode
+    return None       # INTO: its #UD (64-bit mode) or #OF (RFLAGS.OF) is the native handler's
 
 
 def _invlpg_check(i, v, rip, code: bytes = b""):

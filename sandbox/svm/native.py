@@ -31,16 +31,18 @@ from ..memory.tlb import Tlb
 from . import decode as D
 from .controls import GuestControls
 from .engine import TCG_BUFFER_SMALL, x86_64_engine
-from .cpustate import HF_CS64, R_FS, R_GS, CpuState
+from .cpustate import HF_CS64, HF_LMA, R_FS, R_GS, CpuState
 from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults,
                        wrmsr_faults, xsetbv_faults)
 from .events import Vec
 from .lbr import LBR_MSRS
-from .exitcodes import ExitCode
+from .null_selector import iret_to_outer_succeeds, null_for_outer
+from .exitcodes import ExitCode, excp
 from .port_hooks import PortIoHooks
 from .stop import StopReason
 from .vmcb import (OFF_CSTAR, OFF_KERNEL_GS_BASE, OFF_LSTAR, OFF_SFMASK, OFF_STAR, OFF_SYSENTER_CS,
-                   OFF_SYSENTER_EIP, OFF_SYSENTER_ESP, OFF_V_INTR, OFF_VIRT_EXT, SEGMENTS, VIntr, VirtExt)
+                   OFF_SYSENTER_EIP, OFF_SYSENTER_ESP, OFF_V_INTR, OFF_VIRT_EXT, SEGMENTS, EventType, VIntr,
+                   VirtExt)
 from .state_save import get_seg, put_seg
 
 if TYPE_CHECKING:
@@ -117,6 +119,7 @@ _IO = frozenset({D.Kind.IN, D.Kind.OUT, D.Kind.INS, D.Kind.OUTS})
 _SVM = frozenset({D.Kind.VMLOAD, D.Kind.VMSAVE, D.Kind.SKINIT, D.Kind.VMRUN, D.Kind.STGI, D.Kind.CLGI,
                   D.Kind.INVLPGA, D.Kind.VMMCALL})
 _SOFT_INT_VECTOR = {D.Kind.INT3: int(Vec.BP), D.Kind.ICEBP: int(Vec.DB)}
+RFLAGS_OF = 1 << 11
 
 Handler = Callable[[int, D.Insn, CpuState, "DecisionView", bytes], None]
 
@@ -226,7 +229,21 @@ class NativeInsns:
                       rip_after=address + insn.length, fault_rip=address)
 
     def _into(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
-        self._raise(Vec.UD, None, address)          # INTO is invalid in 64-bit mode
+        """INTO (APM vol. 3 "INTO"): #UD in 64-bit mode; elsewhere, with RFLAGS.OF set,
+        an #OF trap through the guest IDT (the gate's DPL checked, as for INT n), or
+        the #OF intercept's #VMEXIT at the INTO (as INT3's #BP, §15.12).  With OF
+        clear it does nothing, and Unicorn runs it as such."""
+        if st.hflags & HF_CS64:
+            self._raise(Vec.UD, None, address)
+            return
+        if not st.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_OF:
+            return
+        nrip = address + insn.length
+        if self._ctl.ivec[2] >> Vec.OF & 1:
+            self._vmexit(excp(Vec.OF), 0, 0, rip=address, nrip=nrip)
+            self._after_exit(address)
+            return
+        self._deliver(Vec.OF, None, software=True, rip_after=nrip, fault_rip=address, etype=EventType.EXCEPTION)
 
     def _vex_legacy(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
         """A VEX prefix on a legacy opcode is #UD; Unicorn would execute the legacy
@@ -300,10 +317,20 @@ class NativeInsns:
         """IRETQ to a non-canonical RIP is #GP(0) at the IRET, before any state is
         loaded (APM vol. 3 "IRET"); Unicorn would load it all and fault at the fetch.
         Otherwise IRET may open an interrupt window."""
-        if insn.opsize == 64 and not canonical(self._peek(st.gpr(4), 8, canonical=0)):
-            self._raise(Vec.GP, 0, address)
-            return
+        if insn.opsize == 64:
+            rsp = st.gpr(4)
+            if not canonical(self._peek(rsp, 8, canonical=0)):
+                self._raise(Vec.GP, 0, address)
+                return
+            if st.hflags & HF_LMA and view.cpl < 3:
+                # to an outer level: FS and GS keep their bases where IRET nulls them (AMD)
+                new_cpl = iret_to_outer_succeeds(st, self._peek_or_none, rsp)
+                if new_cpl is not None:
+                    null_for_outer(st, new_cpl)
         self._watch_irq_window(address, insn, st, view, code)
+
+    def _peek_or_none(self, gva: int, n: int) -> int | None:
+        return self._peek(gva, n, canonical=None)
 
     def _load_table_base(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView",
                          code: bytes) -> None:
