@@ -136,6 +136,8 @@ class SvmCpu:
         self.insn_bytes: Callable[[int], bytes] = fill.insn_bytes
         #: whether the guest's CS is a 64-bit code segment (CS.L), read without a VMCB write-back
         self.guest_cs_long: Callable[[], bool] = ws.save_area.guest_cs_long
+        #: the guest's CPL while the hypervisor handles its exit, read without a VMCB write-back
+        self.guest_cpl: Callable[[], int] = ws.save_area.guest_cpl
         #: ``fetched_bytes(addr)``: guest code at ``addr`` as fetched, without a walk (None if no longer mapped)
         self.fetched_bytes: Callable[[int], bytes | None] = fill.fetched_bytes
         #: empty Unicorn's soft TLB, the untagged cache in front of :attr:`tlb`

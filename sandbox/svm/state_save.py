@@ -133,6 +133,11 @@ class StateSaveArea:
         bit 9, without the state-save write-back a VMCB read of it costs."""
         return bool(self._st.seg(R_CS)[3] & DESC_L)
 
+    def guest_cpl(self) -> int:
+        """The guest's CPL as the processor holds it (the VMCB's CPL field), without
+        the state-save write-back a VMCB read of it costs."""
+        return self._st.hflags & HF_CPL_MASK
+
     def set_guest_gpr(self, i: int, v: int) -> None:
         """Guest GPR ``i`` = ``v`` in the processor (the next VMRUN finds it there)."""
         self._st.q[i] = v & M64

@@ -185,6 +185,8 @@ class WorldSwitch:
         #: ``fn()``: the processor's RIP := the current VMCB's RIP field (uc_reg_write from DRAM)
         self._write_rip: Callable[[], int] = st.write_rip_raw
         self._views_at = -1                  # the VMCB address the views are of (-1: none)
+        #: VMCB address -> its (bytes view, qwords view, RIP writer), for VMCBs used before
+        self._views_of: dict[int, tuple[memoryview, memoryview, Callable[[], int]]] = {}
         self.ext: ProcessorExtension = NO_EXTENSION
         self.exit_count = 0
         self.max_exits = 0
@@ -285,6 +287,11 @@ class WorldSwitch:
         self._ctl.vmcb_hpa = vmcb_hpa
         if vmcb_hpa == self._views_at:
             return                           # the same VMCB as before (every case of a fuzz campaign)
+        views = self._views_of.get(vmcb_hpa)
+        if views is not None:                # one of the few a hypervisor alternates (nested SVM's two)
+            self._vb, self._vq, self._write_rip = views
+            self._views_at = vmcb_hpa
+            return
         if 0 <= vmcb_hpa and vmcb_hpa + VMCB_SIZE <= len(self._view):
             self._vb = self._view[vmcb_hpa:vmcb_hpa + VMCB_SIZE]
             self._write_rip = self._st.rip_writer(self._mem.address + vmcb_hpa + OFF_RIP)
@@ -294,6 +301,10 @@ class WorldSwitch:
             self._write_rip = self._st.write_rip_raw
             self._views_at = -1
         self._vq = self._vb.cast("Q")
+        if self._views_at != -1:
+            if len(self._views_of) >= 8:
+                self._views_of.clear()
+            self._views_of[vmcb_hpa] = (self._vb, self._vq, self._write_rip)
 
     def switch_vmcb(self, vmcb_hpa: int) -> None:
         """From a handler: the dispatch loop's next VMRUN takes the VMCB at
@@ -532,11 +543,16 @@ class WorldSwitch:
         """The hypervisor reads or writes host memory (``HostMemory.sync``):
         the VMCB must hold the guest state first, and a write to a page the
         guest executed is cross-modifying code."""
-        self.ext.host_access(hpa, n, write)
+        ext = self.ext
+        if ext is not NO_EXTENSION:
+            ext.host_access(hpa, n, write)
         off = hpa - self._ctl.vmcb_hpa
         if off + n <= 0 or off >= VMCB_SIZE:
-            if write and self._code_hpa:
-                self._hypervisor_wrote(hpa, n)
+            if write:
+                code = self._code_hpa
+                # (a write within one page that held no code needs nothing: the common case)
+                if code and ((hpa & ~0xFFF) in code or (hpa + n - 1) >> 12 != hpa >> 12):
+                    self._hypervisor_wrote(hpa, n)
             return
         if n == 8 and off in _EAGER_QWORDS:
             return
