@@ -180,6 +180,9 @@ class SvmCpu:
         the next :meth:`vmrun` continues the guest where it stopped."""
         if self._sw.exit is None and self.vmcb is not None:
             self._ws.save_area.save_stopped_state()
+            lbr = self.branch_records
+            if lbr.engaged:                  # LBR virtualization: the guest's records into the VMCB too
+                lbr.vmexit(self.mem.view, self.vmcb.hpa, self.st.rip)
 
     def stop_guest(self) -> None:
         """From a code hook of an outside tool (a debugger's breakpoint): end

@@ -197,7 +197,7 @@ class Interrupts:
             st.reg_write(_RIP, new_rip)
             if self._lbr.engaged:
                 # an exception raised by the instruction at fault_rip, or an event taken there
-                self._lbr.event(vec, fault_rip, new_rip, fault=not (external or soft))
+                self._lbr.event(vec, fault_rip, new_rip)
             return
         self.shutdown(fault_rip)
 

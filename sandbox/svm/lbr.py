@@ -38,14 +38,14 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from capstone import x86_const as CX
 from unicorn import Uc
 from unicorn import x86_const as X
 
 from ..arch import (M64, MSR_DEBUGCTL, MSR_LAST_BRANCH_FROM_IP, MSR_LAST_BRANCH_TO_IP, MSR_LAST_EXCEPTION_FROM_IP,
                     MSR_LAST_EXCEPTION_TO_IP)
-from .cpustate import CpuState
+from .cpustate import HF_CS32, HF_CS64, OFF_HFLAGS, CpuState
 from .engine import RawCodeHook
 from .events import Vec
 from .vmcb import OFF_DBGCTL, OFF_VIRT_EXT, VirtExt
@@ -60,6 +60,7 @@ LBR_MSRS = frozenset({MSR_DEBUGCTL, *RECORD_MSRS})
 _STATE = struct.Struct("<5Q")
 _LBRV = int(VirtExt.LBR_VIRTUALIZATION)
 _RFLAGS = X.UC_X86_REG_RFLAGS
+_QHFLAGS = OFF_HFLAGS >> 3
 
 # what an instruction is, as far as recording goes: (kind, condition code, count mask)
 _NOT, _ALWAYS, _JCC, _LOOPNE, _LOOPE, _LOOP, _JRCXZ = range(7)
@@ -67,16 +68,20 @@ _NOT_BRANCH = (_NOT, 0, 0)
 _UNCONDITIONAL = frozenset({
     CX.X86_INS_JMP, CX.X86_INS_LJMP, CX.X86_INS_CALL, CX.X86_INS_LCALL, CX.X86_INS_RET, CX.X86_INS_RETF,
     CX.X86_INS_RETFQ, CX.X86_INS_IRET, CX.X86_INS_IRETD, CX.X86_INS_IRETQ, CX.X86_INS_SYSCALL,
-    CX.X86_INS_SYSRET, CX.X86_INS_SYSENTER, CX.X86_INS_SYSEXIT})
-_cs = Cs(CS_ARCH_X86, CS_MODE_64)
-_cs.detail = True
+    CX.X86_INS_SYSRET, CX.X86_INS_SYSRETQ, CX.X86_INS_SYSENTER, CX.X86_INS_SYSEXIT, CX.X86_INS_SYSEXITQ})
+#: decoders by code-segment size: 64-bit, 32-bit (CS.D), 16-bit
+_DECODERS = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32), 16: Cs(CS_ARCH_X86, CS_MODE_16)}
+for _d in _DECODERS.values():
+    _d.detail = True
 
 
-def classify(code: bytes) -> tuple[int, int, int]:
-    """What recording needs of the instruction at the start of ``code``:
-    ``(kind, condition code, mask of the count register)``.  INT n, INT3 and
-    INTO are not branches here: the model delivers them, as events."""
-    ins = next(_cs.disasm(code, 0, 1), None)
+def classify(code: bytes, bits: int = 64) -> tuple[int, int, int]:
+    """What recording needs of the instruction at the start of ``code`` in a
+    ``bits``-bit code segment: ``(kind, condition code, mask of the count
+    register)``.  INT n, INT3 and INTO are not branches here: the model delivers
+    them, as events.  (Direct far JMP/CALL exist outside 64-bit mode only; LOOP
+    and JrCXZ count with the address size: RCX, ECX or CX.)"""
+    ins = next(_DECODERS[bits].disasm(code, 0, 1), None)
     if ins is None:
         return _NOT_BRANCH
     if ins.id in _UNCONDITIONAL:
@@ -87,7 +92,7 @@ def classify(code: bytes) -> tuple[int, int, int]:
     if op[0] == 0x0F and 0x80 <= op[1] <= 0x8F:
         return (_JCC, op[1] & 0xF, 0)
     if 0xE0 <= op[0] <= 0xE3:           # LOOPNE LOOPE LOOP JrCXZ: RCX, or ECX with 67h
-        return (_LOOPNE + op[0] - 0xE0, 0, M64 if ins.addr_size == 8 else 0xFFFF_FFFF)
+        return (_LOOPNE + op[0] - 0xE0, 0, (1 << (8 * ins.addr_size)) - 1)
     return _NOT_BRANCH
 
 
@@ -115,12 +120,12 @@ class BranchRecords:
         self.latched = False
         #: the last #VMEXIT put the host's registers back: the next VMRUN must load the guest's
         self.reload = False
-        #: anything to do at a world switch or an event: DebugCtl is not zero, or a guest
-        #: with LBR virtualization holds registers that differ from the host's
+        #: anything to do at a world switch or an event: DebugCtl is not zero, or the
+        #: current VMCB has LBR virtualization (its #VMEXIT stores the guest's registers)
         self.engaged = False
         #: RDMSR is hooked (with nothing recorded yet, Unicorn's RDMSR already reads the MSRs as 0)
         self._rdmsr_hooked = False
-        self._classes: dict[bytes, tuple[int, int, int]] = {}
+        self._classes: dict[tuple[bytes, int], tuple[int, int, int]] = {}
 
     def connect(self, insn_bytes: Callable[[int], bytes], restart_slice: Callable[[], bool],
                 fail: Callable[[str, BaseException | None], None], hook_rdmsr: Callable[[], None]) -> None:
@@ -167,17 +172,15 @@ class BranchRecords:
                 self._host = self._regs()
             dbgctl, self.br_from, self.br_to, self.ex_from, self.ex_to = _STATE.unpack_from(view, vmcb_hpa + OFF_DBGCTL)
             self.dbgctl = dbgctl & DEBUGCTL_VALID
-        else:
-            self._host = None       # a guest that left them as the host had them (see vmexit)
         self._changed()
 
     def vmexit(self, view, vmcb_hpa: int, rip: int) -> None:
         """#VMEXIT at guest ``rip``: a branch that reached ``rip`` is recorded
         first; with LBR virtualization the guest's registers go to the VMCB and
         the host's come back.  (The world switch calls this only while
-        :attr:`engaged`: a guest whose registers still equal the host's needs
-        neither, the VMCB holding what VMRUN loaded.)"""
-        self._settle(rip, fault=True)
+        :attr:`engaged`; a run that stops without a #VMEXIT calls it too, so the
+        next VMRUN loads what the guest had.)"""
+        self._settle(rip)
         if self._host is not None:
             _STATE.pack_into(view, vmcb_hpa + OFF_DBGCTL, *self._regs())
             self.dbgctl, self.br_from, self.br_to, self.ex_from, self.ex_to = self._host
@@ -189,10 +192,10 @@ class BranchRecords:
         return self.dbgctl, self.br_from, self.br_to, self.ex_from, self.ex_to
 
     # ----------------------------------------------------------------- events
-    def event(self, vector: int, from_rip: int, to_rip: int, fault: bool) -> None:
-        """An exception or interrupt was delivered: raised by (``fault``) or
-        taken at the instruction at ``from_rip``, its handler at ``to_rip``."""
-        self._settle(from_rip, fault)
+    def event(self, vector: int, from_rip: int, to_rip: int) -> None:
+        """An exception or interrupt was delivered: raised by or taken at the
+        instruction at ``from_rip``, its handler at ``to_rip``."""
+        self._settle(from_rip)
         if vector == Vec.DB:
             if self.dbgctl & (DEBUGCTL_LBR | DEBUGCTL_BTF):
                 self.dbgctl &= ~(DEBUGCTL_LBR | DEBUGCTL_BTF)
@@ -202,13 +205,14 @@ class BranchRecords:
             self.ex_from, self.ex_to = self.br_from, self.br_to
             self.br_from, self.br_to = from_rip & M64, to_rip & M64
 
-    def _settle(self, rip: int, fault: bool) -> None:
-        """The pending branch reached ``rip`` (recorded), unless ``fault`` says the
-        branch itself faulted there and did not complete."""
+    def _settle(self, rip: int) -> None:
+        """The pending branch reached ``rip`` (recorded), unless ``rip`` is the branch
+        itself: it faulted there, or an event was taken before it ran (a branch to
+        itself was recorded when the hook saw it again)."""
         p = self._pending
         if p is not None:
             self._pending = None
-            if not (fault and p == rip):
+            if p != rip:
                 self.br_from, self.br_to = p, rip & M64
 
     # --------------------------------------------------------------- the hook
@@ -218,7 +222,7 @@ class BranchRecords:
         recording = bool(self.dbgctl & DEBUGCTL_LBR)
         if not recording:
             self._pending = None
-        self.engaged = bool(self.dbgctl) or (self._host is not None and self._host != self._regs())
+        self.engaged = bool(self.dbgctl) or self.latched or self._host is not None
         if (recording != self._hook.active or (self.engaged and not self._rdmsr_hooked)) \
                 and not self._restart_slice():
             self.apply()
@@ -243,12 +247,14 @@ class BranchRecords:
             if p is not None:                     # the last instruction branched here
                 self._pending = None
                 self.br_from, self.br_to = p, address
-            code = self._insn_bytes(address)[:size]
-            c = self._classes.get(code)
+            hf = self._st.q[_QHFLAGS] & 0xFFFF_FFFF
+            bits = 64 if hf & HF_CS64 else (32 if hf & HF_CS32 else 16)
+            key = (self._insn_bytes(address)[:size], bits)
+            c = self._classes.get(key)
             if c is None:
                 if len(self._classes) > 4096:
                     self._classes.clear()
-                c = self._classes[code] = classify(code)
+                c = self._classes[key] = classify(*key)
             kind = c[0]
             if kind == _NOT:
                 return

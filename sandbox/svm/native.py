@@ -324,7 +324,7 @@ class NativeInsns:
                 return
             if st.hflags & HF_LMA and view.cpl < 3:
                 # to an outer level: FS and GS keep their bases where IRET nulls them (AMD)
-                new_cpl = iret_to_outer_succeeds(st, self._peek_or_none, rsp)
+                new_cpl = iret_to_outer_succeeds(st, self._peek_or_none, rsp, st.reg_read(X.UC_X86_REG_RFLAGS))
                 if new_cpl is not None:
                     null_for_outer(st, new_cpl)
         self._watch_irq_window(address, insn, st, view, code)

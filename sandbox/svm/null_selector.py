@@ -26,9 +26,10 @@ from typing import Callable
 from .cpustate import DESC_DPL_SHIFT, R_FS, R_GS, CpuState
 
 DESC_W, DESC_C, DESC_CS, DESC_S, DESC_P = 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 15
+RFLAGS_NT = 1 << 14
 
 
-def _descriptor(st: CpuState, read: Callable[[int, int], int], selector: int) -> int | None:
+def _descriptor(st: CpuState, read: Callable[[int, int], int | None], selector: int) -> int | None:
     """The high dword of ``selector``'s descriptor (QEMU's ``e2``, its flags), or
     None when it lies beyond its table's limit or cannot be read."""
     if selector & 4:
@@ -41,11 +42,14 @@ def _descriptor(st: CpuState, read: Callable[[int, int], int], selector: int) ->
     return read(base + index + 4, 4)
 
 
-def iret_to_outer_succeeds(st: CpuState, read: Callable[[int, int], int], rsp: int) -> int | None:
+def iret_to_outer_succeeds(st: CpuState, read: Callable[[int, int], int | None], rsp: int,
+                           rflags: int) -> int | None:
     """The CPL an IRETQ at CPL ``st``'s returns to, when it returns to an outer
-    (less privileged) level and every check on its frame (at ``rsp``), its CS and
-    its SS passes (APM vol. 3 "IRET"); else None.  ``read(address, n)`` reads
-    guest memory as the IRET would, and returns None when that faults."""
+    (less privileged) level and every check on RFLAGS.NT, its frame (at ``rsp``),
+    its CS and its SS passes (APM vol. 3 "IRET"); else None.  ``read(address, n)``
+    reads guest memory as the IRET would, and returns None when that faults."""
+    if rflags & RFLAGS_NT:
+        return None                       # a task return: #GP(0) in long mode
     cs = read(rsp + 8, 8)                                    # the frame: RIP CS RFLAGS RSP SS
     if cs is None:
         return None

@@ -54,11 +54,14 @@ def test_a_segment_the_new_cpl_may_use_is_not_nulled(guest):
     assert (g.r14, g.r15) == (0x1111, 0x2222)
 
 
-@pytest.mark.parametrize("bad_cs", [0x0, 0x38 | 3, 0x10 | 3], ids=["null", "beyond-gdt", "data-segment"])
-def test_an_iret_that_faults_leaves_fs_and_gs_alone(guest, bad_cs):
-    # the frame's CS is not a usable code segment: #GP at the IRETQ, no segment changes
-    pre = load_fs_gs(DS_SEL) + (f"push {USER_SS:#x}\npush 0x70000\npush 0x2\npush {bad_cs:#x}\n"
-                                "mov rax, 0x100000\npush rax\n")
+@pytest.mark.parametrize("bad_cs,nt", [(0x0, False), (0x38 | 3, False), (0x10 | 3, False), (0x18 | 3, True)],
+                         ids=["null", "beyond-gdt", "data-segment", "nt-set"])
+def test_an_iret_that_faults_leaves_fs_and_gs_alone(guest, bad_cs, nt):
+    # the frame's CS is not a usable code segment, or RFLAGS.NT asks for a task return
+    # (#GP(0) in long mode): #GP at the IRETQ, no segment changes
+    set_nt = "pushfq\nor qword ptr [rsp], 0x4000\npopfq\n" if nt else ""
+    pre = load_fs_gs(DS_SEL) + set_nt + (f"push {USER_SS:#x}\npush 0x70000\npush 0x2\npush {bad_cs:#x}\n"
+                                         "mov rax, 0x100000\npush rax\n")
     src = pre + "iretq\n" + hc_exit(0x55)
     m = guest(src)
     install_reporting_idt(m)

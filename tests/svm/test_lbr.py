@@ -11,9 +11,13 @@ Every expected address is a label of the guest's own code, located by assembling
 the same source (keystone), so the expectations follow from the rule above."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 
-from conftest import BASE, assemble, hc_exit, install_reporting_idt, user_guest
+from conftest import BASE, STUB_SIZE, STUBS, VMMCALL, assemble, hc_exit, install_reporting_idt, user_guest
+
+from sandbox import Segment
 
 DEBUGCTL, FROM, TO, EX_FROM, EX_TO = 0x1D9, 0x1DB, 0x1DC, 0x1DD, 0x1DE
 DONE = 0x55
@@ -109,10 +113,82 @@ def test_exception_moves_the_branch_record_and_records_itself(guest):
     assert r.exit_code == 0x100 + 3, (r.reason, r.detail, r.exit_code)
     lbr = m.cpu.branch_records
     src = body
-    from conftest import STUBS, STUB_SIZE
     assert (lbr.ex_from, lbr.ex_to) == (label(src, "src"), label(src, "dst"))   # the branch before it
     assert (lbr.br_from, lbr.br_to) == (label(src, "bp"), STUBS + 3 * STUB_SIZE)  # INT3 to its handler
     assert lbr.dbgctl == 1
+
+
+def test_an_interrupt_taken_at_a_branch_does_not_record_it(guest):
+    # STI's shadow ends at the NOP; the pending virtual interrupt is taken at the JMP
+    # after it, which has not run: LastException* keeps the branch before, and the
+    # interrupt is recorded from the JMP to its handler
+    body = wrmsr(DEBUGCTL, 1) + "src:\njmp dst\nnop\ndst:\nsti\nnop\njx:\njmp after\nnop\nafter:\nnop\n"
+    m = guest(body + hc_exit(DONE))
+    install_reporting_idt(m)
+    v = m.guest.vmcb
+    v.V_INTR = (1 << 8) | (1 << 24) | (0xF << 16)          # V_IRQ, V_INTR_MASKING, priority 15
+    v.V_INTR_VECTOR = 0x40
+    r = m.run(timeout=20)
+    assert r.exit_code == 0x140, (r.reason, r.detail, r.exit_code)
+    lbr = m.cpu.branch_records
+    assert (lbr.ex_from, lbr.ex_to) == (label(body, "src"), label(body, "dst"))
+    assert (lbr.br_from, lbr.br_to) == (label(body, "jx"), STUBS + 0x40 * STUB_SIZE)
+
+
+def test_sysretq_is_recorded(guest):
+    # SYSRETQ (REX.W 0F 07) from CPL 0 to the CPL-3 code after it (STAR[63:48] = 0x08:
+    # CS = 0x18 | 3, SS = 0x10 | 3 in user_guest's GDT)
+    prelude = ("mov ecx, 0xC0000081\nxor eax, eax\nmov edx, 0x00080008\nwrmsr\n" + wrmsr(DEBUGCTL, 1) +
+               "lea rcx, [rip + user]\nmov r11, 2\nsr:\n.byte 0x48,0x0f,0x07\nuser:\nnop\n"
+               "mov edi, 0x77\nxor eax, eax\n" + VMMCALL + "\n")
+    m = user_guest(guest, "nop", prelude=prelude)
+    m.guest.vmcb.EFER |= 1                                  # EFER.SCE
+    r = m.run(timeout=20)
+    assert r.exit_code == 0x77, (r.reason, r.detail, r.exit_code)
+    lbr = m.cpu.branch_records
+    assert (lbr.br_from, lbr.br_to) == (label(prelude, "sr"), label(prelude, "user"))
+
+
+GDT_COMPAT = struct.pack("<4Q", 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CF9B000000FFFF)
+
+
+def compat_run(guest, compat_code: str, before: str = ""):
+    """Far-return to a 32-bit code segment (0x18) that runs ``compat_code`` (encodings that
+    read the same in 32-bit mode), then far-jumps back to 64-bit code and exits."""
+    head = (wrmsr(DEBUGCTL, 1) + before + "push 0x18\nmov rax, compat\npush rax\nrf:\nretfq\ncompat:\n"
+            f"{compat_code}\nfj:\n.byte 0xea\n.long back\n.word 0x08\nback:\n")
+    src = head + wrmsr(DEBUGCTL, 0) + hc_exit(DONE)
+    m = guest(src)
+    m.guest.write_phys(0x1000, GDT_COMPAT)
+    m.guest.vmcb.set_seg("GDTR", Segment(0, 0, len(GDT_COMPAT) - 1, 0x1000))
+    install_reporting_idt(m)
+    r = m.run(timeout=20)
+    assert r.exit_code == DONE, (r.reason, r.detail, r.exit_code)
+    return src, m.cpu.branch_records
+
+
+def test_a_direct_far_jump_in_compatibility_mode_is_recorded(guest):
+    src, lbr = compat_run(guest, "nop")
+    assert (lbr.br_from, lbr.br_to) == (label(src, "fj"), label(src, "back"))
+    assert (lbr.ex_from, lbr.ex_to) == (0, 0)
+
+
+@pytest.mark.parametrize("rcx,loop", [(0x1_0000_0001, ".byte 0xe2, 0x00"),        # LOOP: ECX 1 -> 0
+                                      (0x1_0001, ".byte 0x67, 0xe2, 0x00")],       # 67h: CX 1 -> 0
+                         ids=["ecx", "cx"])
+def test_loop_counts_with_the_address_size_outside_64_bit_mode(guest, rcx, loop):
+    # a LOOP to the next instruction in 32-bit code: recorded only if taken, and it is not
+    # (the count reaches 0 in ECX or CX; RCX would not); the RETFQ stays the last branch
+    head = (f"mov rcx, {rcx:#x}\n" + wrmsr(DEBUGCTL, 1) + f"mov rcx, {rcx:#x}\n"
+            "push 0x18\nmov rax, compat\npush rax\nrf:\nretfq\ncompat:\n")
+    src = head + f"{loop}\n" + hc_exit(DONE)           # VMMCALL's encodings read the same in 32-bit code
+    m = guest(src)
+    m.guest.write_phys(0x1000, GDT_COMPAT)
+    m.guest.vmcb.set_seg("GDTR", Segment(0, 0, len(GDT_COMPAT) - 1, 0x1000))
+    r = m.run(timeout=20)
+    assert r.exit_code == DONE, (r.reason, r.detail, r.exit_code)
+    lbr = m.cpu.branch_records
+    assert (lbr.br_from, lbr.br_to) == (label(src, "rf"), label(src, "compat"))
 
 
 def test_debug_exception_clears_lbr_and_is_not_recorded(guest):
@@ -190,6 +266,42 @@ def test_without_virtualization_the_guest_records_into_the_processors_registers(
     lbr = m.cpu.branch_records
     assert (lbr.dbgctl, lbr.br_from, lbr.br_to) == (1, label(body, "src"), label(body, "dst"))
     assert m.guest.vmcb.BR_FROM == 0     # and the VMCB's fields are not touched
+
+
+def test_lbr_virtualization_stores_a_debugctl_the_guest_cleared(guest):
+    # VMRUN loads DBGCTL = 1; the guest clears it and exits on CPUID; the handler writes
+    # a save-area field, so the VMRUN back is a full one: it must load the 0 the #VMEXIT
+    # stored, not the 1 VMRUN first loaded (§15.23)
+    from sandbox.hypervisor.handlers import Action
+    body = wrmsr(DEBUGCTL, 0) + f"xor eax, eax\ncpuid\nmov ecx, {DEBUGCTL:#x}\nrdmsr\nmov r13, rax\n"
+    m = guest(body + hc_exit(DONE))
+    m.intercept("cpuid")
+
+    @m.on(0x72)
+    def on_cpuid(m, e):
+        m.guest.vmcb.CR2 = 0x1234
+        m.advance(e)
+        return Action.RESUME
+    m.guest.vmcb.VIRT_EXT = 1
+    m.guest.vmcb.DBGCTL = 1
+    r = m.run(timeout=20)
+    assert r.exit_code == DONE, (r.reason, r.detail)
+    assert m.regs.r13 == 0
+    assert m.guest.vmcb.DBGCTL == 0
+
+
+def test_lbr_virtualization_survives_a_run_that_stops_without_an_exit(guest):
+    # an instruction budget ends the first run inside the guest; the next run goes on
+    # where it stopped, with the guest's records
+    body = (wrmsr(DEBUGCTL, 1) + "src:\njmp dst\nnop\ndst:\n" + "nop\n" * 200 +
+            f"mov ecx, {FROM:#x}\nrdmsr\nmov r13, rax\nmov ecx, {DEBUGCTL:#x}\nrdmsr\nmov r14, rax\n")
+    m = guest(body + hc_exit(DONE))
+    m.guest.vmcb.VIRT_EXT = 1
+    assert m.run(max_insns=60, timeout=20).reason == "insn-budget"
+    assert m.guest.vmcb.BR_FROM == label(body, "src")       # stored when the run stopped
+    r = m.run(timeout=20)
+    assert r.exit_code == DONE, (r.reason, r.detail)
+    assert (m.regs.r13, m.regs.r14) == (label(body, "src"), 1)
 
 
 def test_a_fuzz_case_does_not_leave_its_records_to_the_next():
