@@ -200,13 +200,14 @@ class NestedSvm:
     # ------------------------------------------------------------------ L1's MSRs
     def msr(self, m: "Machine", e: ExitRecord) -> Action | None:
         """EFER (SVME is L1's virtual bit), VM_HSAVE_PA and VM_CR; the rest to L0's MSR handler.
-        While L2 runs, L2's EFER (an access L1 does not intercept): its SVME as VMCB12 gave it."""
+        While L2 runs (an access L1 does not intercept): L2's EFER, its SVME as VMCB12 gave
+        it; VM_HSAVE_PA and VM_CR are the processor's one register each, L1's (as KVM's
+        svm_get_msr/svm_set_msr, whatever the guest mode -- kvm-unit-tests'
+        msr_intercept_check has L2 read what L1 reads)."""
         regs = m.regs
         msr, write = regs.rcx & M32, e.exitinfo1 == 1
         value = (regs.rax & M32) | (regs.rdx & M32) << 32
-        if self.guest_mode:
-            if msr != MSR_EFER:
-                return self._l0_msr(m, e)
+        if self.guest_mode and msr == MSR_EFER:
             return self._l2_efer(m, e, write, value)
         if msr == MSR_EFER:
             if not write:

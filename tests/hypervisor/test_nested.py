@@ -613,3 +613,17 @@ def test_l2_that_cleared_efer_svme_gets_ud_for_clgi_and_l1_intercepting_ud_sees_
     assert m.regs.r8 >> 12 & 1 == 1 and m.regs.r9 >> 12 & 1 == 0
     assert r.exit_code == v.EXITCODE == ExitCode.EXCP_UD and m.regs.r10 == 0
     assert v.EFER >> 12 & 1 == 0               # VMCB12 shows L2's EFER as L2 left it
+
+
+def test_l2_reads_l1s_vm_hsave_pa_and_vm_cr_when_l1_does_not_intercept_them(tmp_path):
+    """VM_HSAVE_PA and VM_CR are one register each on the processor L1 and L2 share: an
+    RDMSR by L2 that L1 does not intercept (VMCB12 has no MSR intercept) reads what L1
+    wrote (L1_ENABLE: HSAVE), as kvm-unit-tests' msr_intercept_check expects of L1 and L2."""
+    l2 = ("mov ecx, 0xC0010117\nrdmsr\nmov rdi, 0x1C0200\nmov [rdi], eax\nmov [rdi + 4], edx\n"
+          "mov ecx, 0xC0010114\nrdmsr\nmov [rdi + 8], eax\nhlt\n")
+    m, v = machine(tmp_path, L1_ENABLE + L1_VMRUN + L1_EXIT_WITH_EXITCODE, l2, ("vmrun", "hlt"))
+    r = m.run(timeout=20)
+    assert r.exit_code == ExitCode.HLT, r.detail
+    hsave, vm_cr = struct.unpack("<QI", m.guest.read_phys(0x1C0200, 12))
+    assert hsave == HSAVE
+    assert vm_cr == 0                 # L1 left VM_CR as reset (SVMDIS clear)
