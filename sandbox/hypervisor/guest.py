@@ -46,18 +46,25 @@ class GuestPhysicalMemory:
         return hpa
 
     def read_phys(self, gpa: int, n: int) -> bytes:
-        out = b""
+        """``n`` bytes from guest-physical ``gpa``, page by page through the nested mappings."""
+        if n <= PAGE_SIZE - (gpa & 0xFFF):
+            return self.mem.read(self.gpa_to_hpa(gpa), n) if n > 0 else b""
+        parts = []
         while n > 0:
             chunk = min(n, PAGE_SIZE - (gpa & 0xFFF))
-            out += self.mem.read(self.gpa_to_hpa(gpa), chunk)
+            parts.append(self.mem.read(self.gpa_to_hpa(gpa), chunk))
             gpa, n = gpa + chunk, n - chunk
-        return out
+        return b"".join(parts)
 
     def write_phys(self, gpa: int, data: bytes) -> None:
-        while data:
-            chunk = min(len(data), PAGE_SIZE - (gpa & 0xFFF))
-            self.mem.write(self.gpa_to_hpa(gpa), data[:chunk])
-            gpa, data = gpa + chunk, data[chunk:]
+        """Write ``data`` at guest-physical ``gpa``, page by page (a view of it: a
+        kernel image of megabytes is not copied once per page)."""
+        view = memoryview(data).cast("B")
+        at, n = 0, len(view)
+        while at < n:
+            chunk = min(n - at, PAGE_SIZE - (gpa & 0xFFF))
+            self.mem.write(self.gpa_to_hpa(gpa), view[at:at + chunk])
+            gpa, at = gpa + chunk, at + chunk
 
 
 class Guest(GuestPhysicalMemory):

@@ -461,18 +461,20 @@ class Machine:
     # -- guest access for handlers ---------------------------------------------
     def read_virt(self, gva: int, n: int) -> bytes:
         """Read guest-virtual memory through the guest's page tables (no A/D side effects)."""
-        out = b""
+        parts = []
         while n > 0:
             chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
-            out += self.mem.read(self.virt_to_host(gva, Access.READ), chunk)
+            parts.append(self.mem.read(self.virt_to_host(gva, Access.READ), chunk))
             gva, n = gva + chunk, n - chunk
-        return out
+        return b"".join(parts)
 
     def write_virt(self, gva: int, data: bytes) -> None:
-        while data:
-            chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
-            self.mem.write(self.virt_to_host(gva, Access.WRITE, set_ad=True), data[:chunk])
-            gva, data = gva + chunk, data[chunk:]
+        view = memoryview(data).cast("B")
+        at, n = 0, len(view)
+        while at < n:
+            chunk = min(n - at, PAGE_SIZE - (gva & 0xFFF))
+            self.mem.write(self.virt_to_host(gva, Access.WRITE, set_ad=True), view[at:at + chunk])
+            gva, at = gva + chunk, at + chunk
 
     def virt_to_host(self, gva: int, access: int, set_ad: bool = False) -> int:
         """GVA -> HPA through the guest's own tables (and the NPT or the RAM
