@@ -57,6 +57,11 @@ MSR_VM_CR = 0xC001_0114
 MSR_VM_HSAVE_PA = 0xC001_0117
 #: VM_CR.SVMDIS (bit 4): SVM disabled; L1 may not set it while EFER.SVME is 1
 VM_CR_SVMDIS = 1 << 4
+#: VM_CR.LOCK (bit 3): with SVMDIS set, LOCK and SVMDIS no longer change
+VM_CR_LOCK = 1 << 3
+#: VM_CR's defined bits (DPD, R_INIT, DIS_A20M, LOCK, SVMDIS; APM §15.30.1): the rest are
+#: reserved, and a WRMSR setting one is #GP(0), as KVM's svm_set_vm_cr
+VM_CR_VALID = 0x1F
 M32 = 0xFFFF_FFFF
 #: the state-save area VMRUN loads and #VMEXIT saves (segments ES .. the last MSR field)
 SAVE_LEN = 0x700 - SAVE_AREA
@@ -220,7 +225,8 @@ class NestedSvm:
                 self.svme = bool(value & EFER_SVME)
                 m.guest.vmcb.EFER = value | EFER_SVME
         elif msr == MSR_VM_HSAVE_PA:
-            if write and value & 0xFFF:
+            # a page-aligned physical address below MAXPHYADDR (APM §15.30.4)
+            if write and (value & 0xFFF or value >> MAXPHYADDR):
                 m.inject(Vec.GP, error_code=0)
                 return RESUME
             if write:
@@ -229,7 +235,15 @@ class NestedSvm:
                 regs.rax, regs.rdx = self.hsave_pa & M32, self.hsave_pa >> 32
         elif msr == MSR_VM_CR:
             if write:
-                self.vm_cr = value & VM_CR_SVMDIS
+                # reserved bits, and SVMDIS while the writer's EFER.SVME is set, are #GP(0)
+                # (APM §15.30.1); once SVMDIS is set, LOCK and SVMDIS stay
+                keep = VM_CR_LOCK | VM_CR_SVMDIS if self.vm_cr & VM_CR_SVMDIS else 0
+                new = (self.vm_cr & keep) | (value & VM_CR_VALID & ~keep)
+                svme = self.l2_svme if self.guest_mode else self.svme
+                if value & ~VM_CR_VALID or (new & VM_CR_SVMDIS and svme):
+                    m.inject(Vec.GP, error_code=0)
+                    return RESUME
+                self.vm_cr = new
             else:
                 regs.rax, regs.rdx = self.vm_cr & M32, self.vm_cr >> 32
         else:

@@ -627,3 +627,18 @@ def test_l2_reads_l1s_vm_hsave_pa_and_vm_cr_when_l1_does_not_intercept_them(tmp_
     hsave, vm_cr = struct.unpack("<QI", m.guest.read_phys(0x1C0200, 12))
     assert hsave == HSAVE
     assert vm_cr == 0                 # L1 left VM_CR as reset (SVMDIS clear)
+
+
+@pytest.mark.parametrize("body,gp", [
+    ("mov ecx, 0xC0010114\nmov eax, 0x20\nxor edx, edx\nwrmsr\n", True),              # VM_CR bit 5: reserved
+    ("mov ecx, 0xC0010114\nmov eax, 0x10\nxor edx, edx\nwrmsr\n", True),              # SVMDIS with EFER.SVME
+    ("mov ecx, 0xC0010114\nmov eax, 0x1\nxor edx, edx\nwrmsr\n", False),              # DPD: defined
+    ("mov ecx, 0xC0010117\nxor eax, eax\nmov edx, 0x10000\nwrmsr\n", True),           # HSAVE_PA >= 2^48
+    ("mov ecx, 0xC0010117\nmov eax, 0x1A2000\nxor edx, edx\nwrmsr\n", False),
+])
+def test_l1_vm_cr_and_vm_hsave_pa_writes_follow_their_gp_rules(tmp_path, body, gp):
+    """APM §15.30.1: VM_CR's bits above 4 are reserved and SVMDIS may not be set while
+    EFER.SVME is 1 (#GP(0)); §15.30.4: VM_HSAVE_PA is a page-aligned address below
+    MAXPHYADDR (48 on this processor)."""
+    m, _ = machine(tmp_path, _gp_probe(L1_ENABLE + body), "hlt\n")
+    assert m.run(timeout=20).exit_code == (13 if gp else 0)
