@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
-from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_TSD, CR4_UMIP, EFER_LMA, MSR_TSC_AUX, RFLAGS_TF
+from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_TSD, CR4_UMIP, DR6_BS, EFER_LMA, MSR_TSC_AUX, RFLAGS_TF
 from ..memory.hostmem import HostMemory
 from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault, NestedLayer
 from ..memory.paging import Access, canonical
@@ -172,6 +172,7 @@ class NativeInsns:
         self._fill = fill
         self._align_cr0 = alignment.cr0
         self._lbr = lbr
+        self._smc = smc
         self._processor_wrote = smc.processor_wrote
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
@@ -284,13 +285,24 @@ class NativeInsns:
         elif msr in LBR_MSRS:
             # Unicorn drops the write: the model keeps DebugCtl (the records are read-only)
             if self._lbr.wrmsr(msr, value):
-                self._set_rip(address + insn.length)
+                self._completed(address + insn.length)
             else:
                 self._raise(Vec.GP, 0, address)
         elif msr == MSR_TSC_AUX and value >> 32:
             # AMD processors ignore TSC_AUX[63:32] (reads return zero); Unicorn would keep them
             self._uc.reg_write(X.UC_X86_REG_MSR, (msr, value & 0xFFFFFFFF))
-            self._set_rip(address + insn.length)
+            self._completed(address + insn.length)
+
+    def _completed(self, next_rip: int) -> None:
+        """The model carried out the instruction itself: RIP past it, and the guest's
+        single step (RFLAGS.TF) traps after it, #DB with DR6.BS (APM vol. 2 §13.1.1.3),
+        as Unicorn would have trapped after running it."""
+        st = self._st
+        stepping = st.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_TF and self._smc.step is None
+        self._set_rip(next_rip)
+        if stepping:
+            st.reg_write(X.UC_X86_REG_DR6, st.reg_read(X.UC_X86_REG_DR6) | DR6_BS)
+            self._raise(Vec.DB, None, next_rip)
 
     def _rdmsr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
         """An MSR of a feature the processor lacks (Unicorn would read it): #GP(0).
@@ -304,7 +316,7 @@ class NativeInsns:
             v = self._lbr.rdmsr(msr)
             st.set_gpr(0, v & 0xFFFFFFFF)
             st.set_gpr(2, v >> 32)
-            self._set_rip(address + insn.length)
+            self._completed(address + insn.length)
 
     def _xsetbv(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
         """Unicorn accepts XCR0.YMM without SSE; at CPL > 0 or without CR4.OSXSAVE

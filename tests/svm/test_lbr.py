@@ -17,6 +17,8 @@ import pytest
 
 from conftest import BASE, STUB_SIZE, STUBS, VMMCALL, assemble, hc_exit, install_reporting_idt, user_guest
 
+from unicorn.x86_const import UC_X86_REG_DR6
+
 from sandbox import Segment
 
 DEBUGCTL, FROM, TO, EX_FROM, EX_TO = 0x1D9, 0x1DB, 0x1DC, 0x1DD, 0x1DE
@@ -315,3 +317,19 @@ def test_a_fuzz_case_does_not_leave_its_records_to_the_next():
     assert not h.cpu.branch_records.clear          # the case enabled LBR and branched
     h.run(Case(code=assemble(hc_exit(0), 0x100000), config=vmrun_vmmcall))
     assert h.cpu.branch_records.clear
+
+
+@pytest.mark.parametrize("msr,write", [(FROM, False), (DEBUGCTL, False), (DEBUGCTL, True)])
+def test_a_single_step_traps_after_an_msr_the_model_carries_out(guest, msr, write):
+    # TF set by POPF: the next instruction is the RDMSR/WRMSR, and the #DB trap after it
+    # reports the RIP past it with DR6.BS (the model runs these MSRs itself, not Unicorn)
+    op = (wrmsr(msr, 0) if write else f"mov ecx, {msr:#x}\nrdmsr\n").rstrip("\n").split("\n")
+    head = wrmsr(DEBUGCTL, 1) + "src:\njmp dst\ndst:\n" + "\n".join(op[:-1]) + "\n"
+    body = head + "pushfq\nor qword ptr [rsp], 0x100\npopfq\nop:\n" + op[-1] + "\nafter:\nnop\n"
+    m = guest(body + hc_exit(DONE))
+    install_reporting_idt(m)
+    r = m.run(timeout=20)
+    assert r.exit_code == 0x100 + 1, (r.reason, r.detail, r.exit_code)
+    assert m.regs.rsi == label(body, "after")                  # the frame's RIP: after the MSR access
+    assert m.cpu.st.reg_read(UC_X86_REG_DR6) & (1 << 14)                # DR6.BS
+    assert m.cpu.branch_records.dbgctl == 0                                # and the #DB cleared LBR
