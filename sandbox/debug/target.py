@@ -38,7 +38,7 @@ from unicorn import UC_HOOK_CODE
 
 from ..hypervisor.handlers import STOP
 from ..hypervisor.machine import Machine, RunResult
-from ..memory.hostmem import PAGE_SIZE
+from ..memory.hostmem import page_spans
 from ..memory.encryption import EncryptionLayer
 from ..memory.mmu import GuestLayer, IdentityNested, NestedLayer, TwoDimWalker, WalkStats
 from ..memory.paging import Access
@@ -156,24 +156,13 @@ class MachineTarget:
                             EncryptionLayer(enc, guest, nested, stats) if enc is not None else None)
 
     def read_memory(self, addr: int, size: int) -> bytes:
-        out = bytearray()
-        while size > 0:
-            n = min(size, PAGE_SIZE - (addr & 0xFFF))
-            out += self.m.mem.read(self._page(addr, False), n)
-            addr, size = addr + n, size - n
-        return bytes(out)
+        return b"".join(self.m.mem.read(self._page(a, False), n) for a, _, n in page_spans(addr, size))
 
     def write_memory(self, addr: int, data: bytes) -> None:
-        pages = []
-        a, left = addr, len(data)
-        while left > 0:                         # all or nothing: translate every page first
-            n = min(left, PAGE_SIZE - (a & 0xFFF))
-            pages.append((self._page(a, True), n))
-            a, left = a + n, left - n
-        off = 0
-        for hpa, n in pages:
+        # all or nothing: translate every page first
+        pages = [(self._page(a, True), off, n) for a, off, n in page_spans(addr, len(data))]
+        for hpa, off, n in pages:
             self.m.mem.write(hpa, data[off:off + n])   # the processor drops a changed code page's scan
-            off += n
 
     # -- breakpoints ------------------------------------------------------------------
     def add_breakpoint(self, type: BreakpointType, addr: int, length: int) -> bool:

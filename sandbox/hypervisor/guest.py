@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import struct
 
-from ..memory.hostmem import PAGE_SIZE, HostMemory, HostMemoryError
+from ..memory.hostmem import PAGE_SIZE, HostMemory, HostMemoryError, page_spans
 from ..memory.npt import NestedPageTable
 from ..memory.paging import TableBuilder
 from ..svm.exitcodes import ExitCode
@@ -49,22 +49,14 @@ class GuestPhysicalMemory:
         """``n`` bytes from guest-physical ``gpa``, page by page through the nested mappings."""
         if n <= PAGE_SIZE - (gpa & 0xFFF):
             return self.mem.read(self.gpa_to_hpa(gpa), n) if n > 0 else b""
-        parts = []
-        while n > 0:
-            chunk = min(n, PAGE_SIZE - (gpa & 0xFFF))
-            parts.append(self.mem.read(self.gpa_to_hpa(gpa), chunk))
-            gpa, n = gpa + chunk, n - chunk
-        return b"".join(parts)
+        return b"".join(self.mem.read(self.gpa_to_hpa(a), c) for a, _, c in page_spans(gpa, n))
 
     def write_phys(self, gpa: int, data: bytes) -> None:
         """Write ``data`` at guest-physical ``gpa``, page by page (a view of it: a
         kernel image of megabytes is not copied once per page)."""
         view = memoryview(data).cast("B")
-        at, n = 0, len(view)
-        while at < n:
-            chunk = min(n - at, PAGE_SIZE - (gpa & 0xFFF))
-            self.mem.write(self.gpa_to_hpa(gpa), view[at:at + chunk])
-            gpa, at = gpa + chunk, at + chunk
+        for a, at, c in page_spans(gpa, len(view)):
+            self.mem.write(self.gpa_to_hpa(a), view[at:at + c])
 
 
 class Guest(GuestPhysicalMemory):

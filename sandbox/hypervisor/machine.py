@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 from unicorn import x86_const as X
 
 from ..arch import EFER_SVME, M64
-from ..memory.hostmem import PAGE_SIZE, HostMemory
+from ..memory.hostmem import PAGE_SIZE, HostMemory, page_spans
 from ..memory.mmu import WalkStats
 from ..memory.paging import Access
 from ..memory.tlb import TlbMode, TlbStats
@@ -461,20 +461,12 @@ class Machine:
     # -- guest access for handlers ---------------------------------------------
     def read_virt(self, gva: int, n: int) -> bytes:
         """Read guest-virtual memory through the guest's page tables (no A/D side effects)."""
-        parts = []
-        while n > 0:
-            chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
-            parts.append(self.mem.read(self.virt_to_host(gva, Access.READ), chunk))
-            gva, n = gva + chunk, n - chunk
-        return b"".join(parts)
+        return b"".join(self.mem.read(self.virt_to_host(a, Access.READ), c) for a, _, c in page_spans(gva, n))
 
     def write_virt(self, gva: int, data: bytes) -> None:
         view = memoryview(data).cast("B")
-        at, n = 0, len(view)
-        while at < n:
-            chunk = min(n - at, PAGE_SIZE - (gva & 0xFFF))
-            self.mem.write(self.virt_to_host(gva, Access.WRITE, set_ad=True), view[at:at + chunk])
-            gva, at = gva + chunk, at + chunk
+        for a, at, c in page_spans(gva, len(view)):
+            self.mem.write(self.virt_to_host(a, Access.WRITE, set_ad=True), view[at:at + c])
 
     def virt_to_host(self, gva: int, access: int, set_ad: bool = False) -> int:
         """GVA -> HPA through the guest's own tables (and the NPT or the RAM

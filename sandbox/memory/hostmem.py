@@ -15,11 +15,24 @@ import ctypes
 import mmap
 import struct
 import sys
-from typing import Iterable
+from typing import Iterable, Iterator
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 PAGE_MASK = ~(PAGE_SIZE - 1)
+
+
+
+def page_spans(addr: int, n: int) -> Iterator[tuple[int, int, int]]:
+    """``(address, offset, length)`` of each piece of the ``n`` bytes at ``addr``
+    that lies within one 4 KiB page, in order (nothing for ``n <= 0``): how a
+    copy through a page-by-page translation is cut."""
+    at = 0
+    while at < n:
+        chunk = min(n - at, PAGE_SIZE - (addr & 0xFFF))
+        yield addr, at, chunk
+        addr, at = addr + chunk, at + chunk
+
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")

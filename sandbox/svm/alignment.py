@@ -109,10 +109,7 @@ class AlignmentCheck:
 
     def apply(self) -> None:
         """Put the hook in the state :attr:`wanted` asks for (outside ``emu_start``)."""
-        if self.wanted and not self._hook.active:
-            self._hook.on()
-        elif not self.wanted and self._hook.active:
-            self._hook.off()
+        self._hook.switch(self.wanted)
 
     def _step(self, handle, address: int, size: int, user_data) -> None:
         """The per-instruction hook (called from C: must not raise)."""

@@ -296,6 +296,13 @@ class RawCodeHook:
         if drop_blocks:
             self._uc.ctl_flush_tb()
 
+    def switch(self, on: bool) -> None:
+        """On or off, as ``on`` says (:meth:`on` drops every translated block)."""
+        if on:
+            self.on()
+        else:
+            self.off()
+
     def off(self) -> None:
         if not self._on:
             return

@@ -16,7 +16,7 @@ from unicorn import Uc
 from unicorn import x86_const as X
 
 from ..arch import M64, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF
-from ..memory.hostmem import PAGE_SIZE, HostMemory
+from ..memory.hostmem import HostMemory, page_spans
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import Access
 from . import decode as D
@@ -237,20 +237,16 @@ class Interrupts:
     # ------------------------------------------------ guest memory access
     def _read(self, gva: int, n: int) -> bytes:
         out = b""
-        while n:
-            chunk = min(n, PAGE_SIZE - (gva & 0xFFF))
-            h = self._walker().translate(gva, Access.READ, False).hpa
+        for a, _, chunk in page_spans(gva, n):
+            h = self._walker().translate(a, Access.READ, False).hpa
             out += bytes(self._view[h:h + chunk])
-            gva, n = gva + chunk, n - chunk
         return out
 
     def _write(self, gva: int, data: bytes) -> None:
-        while data:
-            chunk = min(len(data), PAGE_SIZE - (gva & 0xFFF))
-            h = self._walker().translate(gva, Access.WRITE, False).hpa
-            self._view[h:h + chunk] = data[:chunk]
+        for a, at, chunk in page_spans(gva, len(data)):
+            h = self._walker().translate(a, Access.WRITE, False).hpa
+            self._view[h:h + chunk] = data[at:at + chunk]
             self._smc.processor_wrote(h)
-            gva, data = gva + chunk, data[chunk:]
 
     # ------------------------------------------------- virtual interrupts
     def virq_deliverable(self, rflags: int) -> bool:

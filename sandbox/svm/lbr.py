@@ -229,11 +229,7 @@ class BranchRecords:
 
     def apply(self) -> None:
         """Put the hook in the state DebugCtl asks for (outside ``emu_start``)."""
-        recording = bool(self.dbgctl & DEBUGCTL_LBR)
-        if recording and not self._hook.active:
-            self._hook.on()
-        elif not recording and self._hook.active:
-            self._hook.off()
+        self._hook.switch(bool(self.dbgctl & DEBUGCTL_LBR))
         if self.engaged and not self._rdmsr_hooked:
             self._rdmsr_hooked = True
             self._hook_rdmsr()

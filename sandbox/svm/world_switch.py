@@ -343,7 +343,7 @@ class WorldSwitch:
             flush = True
         self._align_cr0(v.cr0)
         lbr = self._lbr
-        if mv[b + OFF_VIRT_EXT] & _LBRV or lbr.engaged or lbr.latched:
+        if mv[b + OFF_VIRT_EXT] & _LBRV or lbr.engaged:         # (engaged covers a latched one)
             lbr.vmrun(mv, b)                # LBR virtualization (APM §15.23)
         sw.entry_rip = v.rip
         if not in_hook:
