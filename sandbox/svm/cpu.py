@@ -42,6 +42,7 @@ from .interrupts import Interrupts
 from .native import TSC_HZ, NativeInsns
 from .alignment import AlignmentCheck
 from .lbr import BranchRecords
+from .breakpoints import HardwareBreakpoints
 from .features import FEATURES, absent_msrs, reserved_cr4, undefined_kinds
 from .pause_filter import PauseFilter
 from .run import GUEST_IPS, RunLimits, RunLoop
@@ -105,15 +106,20 @@ class SvmCpu:
         lbr.connect(fill.insn_bytes, run.restart_slice, run.fail,
                     lambda: scanner.hook_kinds(frozenset({Kind.RDMSR})))
 
+        #: QEMU's instruction-breakpoint objects, kept in line with DR0-DR3 and DR7
+        self.breakpoints = bps = HardwareBreakpoints(uc, st)
+        bps.connect(run.restart_slice)
+
         def before_slice() -> None:        # the per-instruction hooks switch between slices
             align.apply()
             lbr.apply()
+            bps.apply()
         run.before_slice = before_slice
         fill.connect(scanner, smc, run.fail)
         scanner.connect(self, fill, ws, native, interrupts, pause, run.fail)
         native.connect(fill, ws, interrupts, run, smc, avic, align, lbr)
         interrupts.connect(self, fill, scanner, ws, run, smc, avic, lbr)
-        ws.connect(self, fill, scanner, interrupts, smc, pause, align, lbr)
+        ws.connect(self, fill, scanner, interrupts, smc, pause, align, lbr, bps)
         run.connect(fill, ws, interrupts, smc, avic)
         avic.connect(ws.vmexit, ws.after_exit_in_hook, interrupts.deliver, fill.insn_bytes)
         smc.connect(fill, scanner, interrupts.access)

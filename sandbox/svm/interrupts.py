@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import Uc
 from unicorn import x86_const as X
 
-from ..arch import M64, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF
+from ..arch import M64, RFLAGS_IF
 from ..memory.hostmem import HostMemory, page_spans
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import Access
@@ -45,7 +45,6 @@ _DELIVERY_FAULTS = (DeliveryFault, GuestPageFault, GuestGP)
 #: EVENTINJ's bits and TYPEs as plain ints (an IntEnum/IntFlag operation is a Python call)
 _EVENT_VALID, _EVENT_EV = int(Event.VALID), int(Event.EV)
 _TYPE_INTR, _TYPE_NMI, _TYPE_SOFT_INT = int(EventType.INTR), int(EventType.NMI), int(EventType.SOFT_INT)
-_DR_ADDR = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3)
 
 
 class Interrupts:
@@ -55,8 +54,6 @@ class Interrupts:
         self._uc, self._st, self._ctl, self._sw = uc, st, ctl, sw
         self._view = mem.view
         self.ext: ProcessorExtension = NO_EXTENSION
-        #: addresses where an enabled instruction breakpoint raised #DB (see _stale_breakpoint)
-        self._bp_hit: set[int] = set()
         #: supervisor reads and writes of guest linear memory, for delivery and the TSS
         self.access = GuestAccess(self._read, self._write)
 
@@ -86,9 +83,6 @@ class Interrupts:
                 return                      # the model's own trap after a stepped code store
             st = self._st
             rip = st.rip                    # the state's RIP is what a register read returns
-            if intno == Vec.DB and self._stale_breakpoint(rip):
-                st.clear_old_exception()
-                return
             err = st.error_code if intno in HAS_ERROR_CODE else None
             st.clear_old_exception()        # the model delivers it: nothing stays "in flight" for QEMU
             if intno >= 32:
@@ -99,35 +93,6 @@ class Interrupts:
             self.raise_exception(intno, err, rip)
         except BaseException as e:
             self._fail(f"internal error delivering vector {intno}: {type(e).__name__}: {e}", e)
-
-    def _stale_breakpoint(self, rip: int) -> bool:
-        """A #DB from Unicorn that DR7 does not justify: QEMU keeps the instruction
-        breakpoints of the last guest MOV to DR7, and a DR7 loaded from a VMCB (the
-        world switch's register write) does not remove them.  True (and RF set, so the
-        instruction runs once without breakpoints, as after any #DB fault it would)
-        when no enabled breakpoint at ``rip`` explains it but one fired there before
-        (elsewhere it is a single step whose POPF cleared TF), TF is clear, and the
-        instruction is not ICEBP (F1), which raises #DB itself."""
-        st = self._st
-        dr7 = st.reg_read(X.UC_X86_REG_DR7)
-        for i, reg in enumerate(_DR_ADDR):
-            if not dr7 >> (2 * i) & 3:
-                continue                            # neither L nor G: disabled
-            if dr7 >> (16 + 4 * i) & 3:
-                return False                        # a data breakpoint
-            if st.reg_read(reg) == rip:
-                self._bp_hit.add(rip)               # QEMU holds a breakpoint here from now on
-                return False
-        rflags = st.reg_read(_RFLAGS)
-        if rip not in self._bp_hit or rflags & RFLAGS_TF:
-            return False        # only where a breakpoint once fired: else a single step (POPF clearing TF)
-        try:
-            if b"\xf1" in (self._insn_bytes(rip)[:1], self._insn_bytes(rip - 1)[:1]):
-                return False
-        except (GuestPageFault, NestedFault, GuestGP):
-            return False
-        st.reg_write(_RFLAGS, rflags | RFLAGS_RF)
-        return True
 
     def on_invalid(self, uc, ud) -> bool:
         """#UD reaches Unicorn's invalid-instruction hook, not the interrupt hook."""

@@ -39,6 +39,7 @@ from .vmcb import (EXIT_INFO_END, GUEST_INSN_BYTES, OFF_CPL, OFF_EVENTINJ, OFF_E
                    SEGMENTS, VMCB_SIZE, Event, NpControl, TlbControl, VIntr, VirtExt)
 
 if TYPE_CHECKING:
+    from .breakpoints import HardwareBreakpoints
     from .alignment import AlignmentCheck
     from .lbr import BranchRecords
     from .pause_filter import PauseFilter
@@ -204,12 +205,14 @@ class WorldSwitch:
         self._memo: tuple[bytes, int, bytes, bytes] | None = None
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts",
-                smc: "SmcStepper", pause: "PauseFilter", alignment: "AlignmentCheck", lbr: "BranchRecords") -> None:
+                smc: "SmcStepper", pause: "PauseFilter", alignment: "AlignmentCheck", lbr: "BranchRecords",
+                breakpoints: "HardwareBreakpoints") -> None:
         """Bind what the switch drives: soft-TLB flushes and the walker, the
         scanner's arming and cross-modifying code, the entry events, the PAUSE
         filter's counter (loaded at every VMRUN), the last-branch records
-        (LBR virtualization swaps them)."""
+        (LBR virtualization swaps them), QEMU's breakpoints (a DR7 loaded in a hook)."""
         self._cpu = cpu
+        self._breakpoints_loaded = breakpoints.loaded_in_hook
         self._lbr = lbr
         self._pause = pause
         self._align_cr0 = alignment.cr0
@@ -341,6 +344,8 @@ class WorldSwitch:
         self._pause.load(self._ctl)
         if self._load_guest_state(v, not in_hook):        # with RAX, RSP and RFLAGS
             flush = True
+            if in_hook:
+                self._breakpoints_loaded()     # DR7 (the slice ends if QEMU's breakpoints differ)
         self._align_cr0(v.cr0)
         lbr = self._lbr
         if mv[b + OFF_VIRT_EXT] & _LBRV or lbr.engaged:         # (engaged covers a latched one)
