@@ -331,6 +331,7 @@ DECIDE: dict[Kind, Callable] = {
     Kind.STI: lambda i, v, rip: None,          # no intercept; watched for interrupt windows
     Kind.WRFSBASE: lambda i, v, rip: None,     # no intercept; checked for a non-canonical base
     Kind.WRGSBASE: lambda i, v, rip: None,
+    Kind.LOAD_FS_GS: lambda i, v, rip: None,   # no intercept; a null selector keeps the base (AMD)
 }
 #: kinds whose decision also reads the instruction bytes: ``f(insn, view, rip, code)``
 NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: io_exit, Kind.OUT: io_exit, Kind.INS: io_exit,
@@ -390,7 +391,7 @@ class VectorsOnly:
 
 #: kinds whose decision reads nothing but the intercept vectors (cacheable per address)
 STATE_FREE = frozenset({Kind.STI, Kind.CPUID, Kind.PUSHF, Kind.POPF, Kind.IRET, Kind.PAUSE, Kind.VMMCALL, Kind.ICEBP,
-                        Kind.INTN, Kind.INT3, Kind.INTO, Kind.RSM, Kind.RDPRU, Kind.VEX_LEGACY})
+                        Kind.INTN, Kind.INT3, Kind.INTO, Kind.RSM, Kind.RDPRU, Kind.VEX_LEGACY, Kind.LOAD_FS_GS})
 
 #: decoded while a virtual interrupt waits for RFLAGS.IF: the instructions that can set it
 IRQ_WINDOW = frozenset({Kind.STI, Kind.POPF, Kind.IRET})
@@ -408,7 +409,9 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
           # LGDT/LIDT/IRET/WRFSBASE/WRGSBASE: Unicorn loads a non-canonical base or RIP
           Kind.LGDT, Kind.LIDT, Kind.IRET, Kind.WRFSBASE, Kind.WRGSBASE,
           # a VEX prefix on a sensitive legacy opcode: Unicorn runs the legacy instruction
-          Kind.VEX_LEGACY}
+          Kind.VEX_LEGACY,
+          # a null selector into FS/GS: QEMU clears the base the modelled processor keeps
+          Kind.LOAD_FS_GS}
 
 
 

@@ -80,6 +80,9 @@ class Kind(Enum):
     STI = "sti"
     WRFSBASE = "wrfsbase"
     WRGSBASE = "wrgsbase"
+    #: MOV Sreg (8E /4, /5) and POP FS/GS (0F A1, 0F A9) into FS or GS: no intercept, but a
+    #: null selector keeps the base on the modelled processor (:mod:`.null_selector`)
+    LOAD_FS_GS = "load_fs_gs"
     #: a sensitive legacy 0F-map opcode behind a VEX prefix (C4/C5): no VEX instruction
     #: has that opcode, so it is #UD (APM vol. 3 §1.2.7 and §1.8; SDM vol. 2 §2.3.2),
     #: never the legacy instruction -- which Unicorn would execute (RDTSC, CPUID, MOV CRn ...)
@@ -267,6 +270,8 @@ def _decode_vex(code: bytes, p: _Prefixes) -> Insn | None:
 def _decode_one_byte(code: bytes, p: _Prefixes) -> Insn | None:
     i = p.at
     op = code[i]
+    if op == 0x8E:
+        return _decode_mov_sreg(code, p)
     if op == 0x90 and p.rep and p.last_rep == 0xF3 and not p.rex & 1:
         return p.mk(Kind.PAUSE, i + 1)
     kind = _ONE_BYTE.get(op)
@@ -286,11 +291,34 @@ def _decode_one_byte(code: bytes, p: _Prefixes) -> Insn | None:
     return ins
 
 
+def _decode_mov_sreg(code: bytes, p: _Prefixes) -> Insn | None:
+    """MOV FS/GS, r/m16 (8E /4, /5): ``reg`` is the segment (4 FS, 5 GS)."""
+    i = p.at
+    if i + 1 >= len(code) or (code[i + 1] >> 3) & 7 not in (4, 5):
+        return None
+    m = code[i + 1]
+    ml = _modrm_len(code, i + 1, p.addrsize)
+    if ml is None:
+        return None
+    return p.mk(Kind.LOAD_FS_GS, i + 1 + ml, reg=(m >> 3) & 7, rm=(m & 7) | (p.rex_b << 3), mod=m >> 6,
+                modrm_off=i + 1)
+
+
+#: POP FS, POP GS: second byte after 0F -> the segment (4 FS, 5 GS)
+_POP_FS_GS = {0xA1: 4, 0xA9: 5}
+
+
 def _decode_0f(code: bytes, p: _Prefixes) -> Insn | None:
     i, n = p.at, len(code)
     if i + 1 >= n:
         return None
     op2 = code[i + 1]
+    if op2 in _POP_FS_GS:
+        # 64-bit operand size by default, 16 with 66 (APM vol. 3 "POP"); ``mod`` -1: no ModRM
+        ins = p.mk(Kind.LOAD_FS_GS, i + 2, reg=_POP_FS_GS[op2], mod=-1)
+        if ins is not None:
+            ins.opsize = 16 if p.opsize_66 and not p.rex & 8 else 64
+        return ins
     if op2 in _0F_SIMPLE:
         return p.mk(_0F_SIMPLE[op2], i + 2)
     if op2 in (0x20, 0x22, 0x21, 0x23):
@@ -371,6 +399,9 @@ def opcode_starts(kinds: set[Kind]) -> tuple[frozenset[int], frozenset[int]]:
         two.add(0x38)
     if kinds & {Kind.WRFSBASE, Kind.WRGSBASE}:
         two.add(0xAE)
+    if Kind.LOAD_FS_GS in kinds:
+        one.add(0x8E)
+        two |= set(_POP_FS_GS)
     return frozenset(one), frozenset(two)
 
 
@@ -411,7 +442,8 @@ def scan(window: bytes, limit: int, one: frozenset[int], two: frozenset[int]) ->
     while j != -1:
         b = window[j]
         if b in one:
-            hit = True
+            # 8E is MOV Sreg: only its FS and GS forms (ModRM.reg 4, 5); a ModRM beyond the window: be safe
+            hit = b != 0x8E or j + 1 >= n or (window[j + 1] >> 3) & 7 in (4, 5)
         elif b == 0x0F:
             # 0F AE is a candidate only in its WRFSBASE/WRGSBASE register forms (not the fences);
             # an opcode byte beyond the window: be safe

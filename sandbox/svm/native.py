@@ -24,7 +24,7 @@ from unicorn import UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
 from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_TSD, CR4_UMIP, DR6_BS, EFER_LMA, MSR_TSC_AUX, RFLAGS_TF
-from ..memory.hostmem import HostMemory
+from ..memory.hostmem import HostMemory, page_spans
 from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault, NestedLayer
 from ..memory.paging import Access, canonical
 from ..memory.tlb import Tlb
@@ -36,7 +36,7 @@ from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_d
                        wrmsr_faults, xsetbv_faults)
 from .events import Vec
 from .lbr import LBR_MSRS
-from .null_selector import iret_to_outer_succeeds, null_for_outer
+from .null_selector import iret_to_outer_succeeds, load_null, null_for_outer
 from .exitcodes import ExitCode, excp
 from .port_hooks import PortIoHooks
 from .stop import StopReason
@@ -152,7 +152,7 @@ class NativeInsns:
                             D.Kind.XSETBV: self._xsetbv,
                             D.Kind.LGDT: self._load_table_base, D.Kind.LIDT: self._load_table_base,
                             D.Kind.WRFSBASE: self._wrfsgsbase, D.Kind.WRGSBASE: self._wrfsgsbase,
-                            D.Kind.IRET: self._iret,
+                            D.Kind.IRET: self._iret, D.Kind.LOAD_FS_GS: self._load_fs_gs,
                             D.Kind.INVLPG: self._invlpg, D.Kind.INTO: self._into,
                             D.Kind.VEX_LEGACY: self._vex_legacy,
                             D.Kind.RDTSC: self._rdtsc, D.Kind.RDTSCP: self._rdtsc})
@@ -340,6 +340,41 @@ class NativeInsns:
                 if new_cpl is not None:
                     null_for_outer(st, new_cpl)
         self._watch_irq_window(address, insn, st, view, code)
+
+    def _load_fs_gs(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
+        """MOV FS/GS or POP FS/GS of a null selector in 64-bit mode keeps the segment's
+        hidden base (:func:`~.null_selector.load_null`); any other load is QEMU's, and
+        so is an operand read that faults (QEMU raises the fault itself)."""
+        if not st.hflags & HF_CS64:
+            return
+        pop = insn.mod == -1
+        if insn.mod == 3:
+            selector = st.gpr(insn.rm) & 0xFFFF
+        else:
+            n = (2 if insn.opsize == 16 else 8) if pop else 2
+            gva = st.gpr(4) if pop else effective_address(code, insn, view, address + insn.length)
+            value = self._read_as(gva, n, view.cpl == 3)
+            if value is None:
+                return
+            selector = value & 0xFFFF
+        if selector & 0xFFFC:
+            return
+        load_null(st, R_FS if insn.reg == 4 else R_GS, selector)
+        if pop:
+            st.set_gpr(4, (st.gpr(4) + n) & 0xFFFF_FFFF_FFFF_FFFF)
+        self._completed(address + insn.length)
+
+    def _read_as(self, gva: int, n: int, user: bool) -> int | None:
+        """A little-endian value read as the instruction reads it (a user access at
+        CPL 3; A bits set by the walk), or None when that read faults."""
+        try:
+            out = b""
+            for a, _, chunk in page_spans(gva, n):
+                hpa = self._fill.guest_walker().translate(a, Access.READ, user).hpa
+                out += bytes(self._view[hpa:hpa + chunk])
+        except (GuestPageFault, NestedFault, GuestGP, GuestException):
+            return None
+        return int.from_bytes(out, "little")
 
     def _peek_or_none(self, gva: int, n: int) -> int | None:
         return self._peek(gva, n, canonical=None)

@@ -18,6 +18,12 @@ QEMU runs the IRET.  "Will succeed" is decided first by the IRET's own checks
 on the frame, CS and SS (:func:`iret_to_outer_succeeds`), so an IRET that
 faults leaves every selector as it was.  kvm-unit-tests' svm_l2_ac_test relies
 on it: its #AC handler at CPL 0 uses the GS base after an IRETQ to CPL 3.
+
+A MOV to FS or GS, or a POP of them, that loads a null selector in 64-bit mode
+keeps the hidden part the same way (Linux probes for it: ``loadsegment(fs, 0)``
+after writing FS_BASE, then reads FS_BASE back); the processor model carries
+those out itself (:func:`load_null`), and leaves a non-null selector, or an
+operand read that faults, to QEMU.
 """
 from __future__ import annotations
 
@@ -90,3 +96,11 @@ def null_for_outer(st: CpuState, new_cpl: int) -> list[int]:
             st.set_seg(idx, 0, base, limit, flags)
             done.append(idx)
     return done
+
+
+def load_null(st: CpuState, idx: int, selector: int) -> None:
+    """MOV or POP of the null ``selector`` (index 0, TI 0, any RPL) into FS or GS
+    (``idx``) in 64-bit mode: the selector changes, the hidden base, limit and
+    attributes stay (QEMU's ``helper_load_seg`` would zero them)."""
+    _, base, limit, flags = st.seg(idx)
+    st.set_seg(idx, selector, base, limit, flags)
