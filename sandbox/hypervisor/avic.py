@@ -138,7 +138,7 @@ class AvicApic:
         self.stats["noaccel_fault"] += 1
         code = m.read_virt(e.rip, 15)
         try:
-            acc = decode_access(code, XAPIC_BASE | off, m.regs, decode_form(code))
+            acc = decode_access(code, XAPIC_BASE | off, m.regs, decode_form(code, m.cpu.guest_code_size()))
         except MmioDecodeError as err:
             return m.stop(StopReason.MMIO_ERROR, f"AVIC_NOACCEL at RIP {e.rip:#x}: {err}")
         if not acc.is_write:

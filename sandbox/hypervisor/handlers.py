@@ -334,11 +334,12 @@ def handle_mmio(m: "Machine", e: ExitRecord, region: MmioRegion, gpa: int | None
         m.guest.npt.map(page, hpa)          # the instruction re-executes against RAM
         return RESUME
     code = e.insn or m.read_virt(e.rip, 15)
-    key = (e.rip, code)
+    mode = m.cpu.guest_code_size()
+    key = (e.rip, code, mode)
     form = m.mmio_forms.get(key)
     try:
         if form is None:
-            form = m.mmio_forms[key] = decode_form(code)
+            form = m.mmio_forms[key] = decode_form(code, mode)
         acc = decode_access(code, gpa, m.regs, form)
     except MmioDecodeError as err:
         return m.stop(StopReason.MMIO_ERROR, f"at RIP {e.rip:#x}, GPA {gpa:#x}: {err}")

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import x86_const as X
 
 from ..arch import RFLAGS_IF
+from .cpustate import code_size
 from .exitcodes import ExitCode
 from .memop import MmioDecodeError, decode_form, load_result, store_value
 from .vmcb import (AVIC_ADDR_MASK, AVIC_PHYSICAL_MAX_INDEX_MASK, INTERRUPT_SHADOW_ACTIVE, OFF_AVIC_APIC_BAR,
@@ -317,7 +318,7 @@ class Avic:
         it (accelerated) or exit as §15.29.3 says."""
         off = gpa & 0xFFF
         try:
-            form = decode_form(self._insn_bytes(rip))
+            form = decode_form(self._insn_bytes(rip), code_size(self._st.hflags))
         except MmioDecodeError:
             self._exit(AvicExit(ExitCode.AVIC_NOACCEL, noaccel_info1(off, False), 0, trap=False), rip, rip)
             return

@@ -142,6 +142,8 @@ class SvmCpu:
         self.insn_bytes: Callable[[int], bytes] = fill.insn_bytes
         #: whether the guest's CS is a 64-bit code segment (CS.L), read without a VMCB write-back
         self.guest_cs_long: Callable[[], bool] = ws.save_area.guest_cs_long
+        #: the guest's code-segment size (64, 32, 16) as the processor runs it, without a write-back
+        self.guest_code_size: Callable[[], int] = ws.save_area.guest_code_size
         #: the guest's CPL while the hypervisor handles its exit, read without a VMCB write-back
         self.guest_cpl: Callable[[], int] = ws.save_area.guest_cpl
         #: ``fetched_bytes(addr)``: guest code at ``addr`` as fetched, without a walk (None if no longer mapped)

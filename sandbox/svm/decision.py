@@ -67,13 +67,36 @@ def _simple(code: int, cpl0: bool = False) -> Callable[[Insn, GuestView, int], E
 
 
 # -- effective address of a memory operand (INVLPG's EXITINFO1) -----------------
+#: 16-bit addressing: ModRM.rm -> (base, index) GPR numbers (None: absent); rm 6 with mod 00 is disp16
+_EA16 = ((3, 6), (3, 7), (5, 6), (5, 7), (6, None), (7, None), (5, None), (3, None))
+_R_SS, _R_DS = 2, 3
+
+
 def effective_address(code: bytes, i: Insn, v: GuestView, next_rip: int) -> int:
+    """The linear address of the instruction's ModRM memory operand: 64-bit mode adds
+    only an FS or GS base (and RIP-relative disp32); outside it the segment's base is
+    added (SS for rBP/rSP-based forms, DS otherwise, or the override) and the address
+    wraps at 32 bits (APM vol. 3 §1.4, vol. 2 §4.5)."""
     p = i.modrm_off
     m = code[p]
     mod, rm = m >> 6, m & 7
-    rex_x, rex_b = (i.rex >> 1) & 1, i.rex & 1
     p += 1
+    if i.addrsize == 16:
+        base, index = _EA16[rm]
+        if mod == 0 and rm == 6:
+            addr, base = struct.unpack_from("<H", code, p)[0], None
+        else:
+            addr = (v.gpr(base) if base is not None else 0) + (v.gpr(index) if index is not None else 0)
+            if mod == 1:
+                addr += struct.unpack_from("<b", code, p)[0]
+            elif mod == 2:
+                addr += struct.unpack_from("<h", code, p)[0]
+        addr &= 0xFFFF
+        seg = i.seg if i.seg is not None else (_R_SS if base == 5 else _R_DS)
+        return (addr + v.seg_base(seg)) & 0xFFFF_FFFF
+    rex_x, rex_b = (i.rex >> 1) & 1, i.rex & 1
     addr = 0
+    base = None
     if rm == 4:
         sib = code[p]
         p += 1
@@ -83,19 +106,25 @@ def effective_address(code: bytes, i: Insn, v: GuestView, next_rip: int) -> int:
         if (sib & 7) == 5 and mod == 0:
             addr += struct.unpack_from("<i", code, p)[0]
             p += 4
+            base = None
         else:
             addr += v.gpr(base)
     elif rm == 5 and mod == 0:
-        addr = next_rip + struct.unpack_from("<i", code, p)[0]
+        # RIP-relative in 64-bit mode; a plain disp32 elsewhere
+        addr = struct.unpack_from("<i", code, p)[0] + (next_rip if i.mode == 64 else 0)
         p += 4
     else:
-        addr += v.gpr(rm | (rex_b << 3))
+        base = rm | (rex_b << 3)
+        addr += v.gpr(base)
     if mod == 1:
         addr += struct.unpack_from("<b", code, p)[0]
     elif mod == 2:
         addr += struct.unpack_from("<i", code, p)[0]
     if i.addrsize == 32:
         addr &= 0xFFFFFFFF
+    if i.mode != 64:
+        seg = i.seg if i.seg is not None else (_R_SS if base in (4, 5) else _R_DS)
+        return (addr + v.seg_base(seg)) & 0xFFFF_FFFF
     if i.seg in (4, 5):
         addr += v.seg_base(i.seg)
     return addr & 0xFFFF_FFFF_FFFF_FFFF
@@ -243,8 +272,7 @@ def _invlpg_check(i, v, rip, code: bytes = b""):
 def svm_rax_faults(i: Insn, rax: int) -> bool:
     """VMRUN/VMLOAD/VMSAVE: #GP when rAX is not page-aligned or is beyond
     MAXPHYADDR, checked before the intercept (APM §15.5.1; Bochs and QEMU agree)."""
-    if i.addrsize == 32:
-        rax &= 0xFFFF_FFFF
+    rax &= (1 << i.addrsize) - 1                    # rAX: EAX (or AX) by the address size
     return bool(rax & 0xFFF or rax >> MAXPHYADDR)
 
 

@@ -105,6 +105,7 @@ class Insn:
     imm: int | None = None     # imm8 of INT n / IN / OUT
     modrm_off: int = 0         # offset of the ModRM byte within the instruction
     opcode_off: int = 0
+    mode: int = 64             # the code segment's size it was decoded for: 64, 32 or 16
 
 
 # opcodes after 0F that are sensitive on their own (second byte -> kind)
@@ -139,6 +140,8 @@ def _modrm_len(code: bytes, i: int, addrsize: int) -> int | None:
     n = 1
     if mod == 3:
         return n
+    if addrsize == 16:         # no SIB; disp16 alone for mod 00 rm 110 (APM vol. 3 §1.4.2)
+        return n + (2 if (mod == 0 and rm == 6) or mod == 2 else mod)
     if rm == 4:
         if i + 1 >= len(code):
             return None
@@ -167,6 +170,7 @@ class _Prefixes:
     rex: int
     opsize: int
     addrsize: int
+    mode: int = 64
 
     @property
     def rex_r(self) -> int:
@@ -180,12 +184,14 @@ class _Prefixes:
         if length > MAX_INSN:
             return None       # over-long: #GP at decode, no intercept
         return Insn(kind, length, opsize=self.opsize, addrsize=self.addrsize, rep=self.rep, lock=self.lock,
-                    seg=self.seg, rex=self.rex, opcode_off=self.at, **kw)
+                    seg=self.seg, rex=self.rex, opcode_off=self.at, mode=self.mode, **kw)
 
 
-def _prefixes(code: bytes) -> _Prefixes | None:
+def _prefixes(code: bytes, mode: int = 64) -> _Prefixes | None:
     """Legacy prefixes and REX bytes in any order; a REX counts only when it
-    immediately precedes the opcode (APM vol. 3 §1.2.7), otherwise it is ignored."""
+    immediately precedes the opcode (APM vol. 3 §1.2.7), otherwise it is ignored.
+    Outside 64-bit mode (``mode`` 32 or 16, the code segment's size) 40-4F are
+    INC/DEC, and the default operand and address sizes are the segment's (§1.2.2-3)."""
     i = 0
     opsize_66 = addr_67 = rep = lock = False
     seg = None
@@ -195,6 +201,8 @@ def _prefixes(code: bytes) -> _Prefixes | None:
     while i < n and code[i] in PREFIX_BYTES:
         b = code[i]
         if 0x40 <= b <= 0x4F:
+            if mode != 64:
+                break                  # INC/DEC: an opcode
             rex = b
             i += 1
             continue
@@ -213,13 +221,20 @@ def _prefixes(code: bytes) -> _Prefixes | None:
         i += 1
     if i >= n:
         return None
-    opsize = 64 if rex & 8 else (16 if opsize_66 else 32)
-    return _Prefixes(i, opsize_66, rep, last_rep, lock, seg, rex, opsize, 32 if addr_67 else 64)
+    if mode == 64:
+        opsize = 64 if rex & 8 else (16 if opsize_66 else 32)
+        addrsize = 32 if addr_67 else 64
+    else:
+        other = 16 if mode == 32 else 32
+        opsize = other if opsize_66 else mode
+        addrsize = other if addr_67 else mode
+    return _Prefixes(i, opsize_66, rep, last_rep, lock, seg, rex, opsize, addrsize, mode)
 
 
-def decode(code: bytes) -> Insn | None:
-    """Decode the instruction at ``code[0]`` if it is one an intercept can name."""
-    p = _prefixes(code)
+def decode(code: bytes, mode: int = 64) -> Insn | None:
+    """Decode the instruction at ``code[0]`` if it is one an intercept can name, as
+    code of a ``mode``-bit code segment (64: CS.L; 32: CS.D; 16)."""
+    p = _prefixes(code, mode)
     if p is None:
         return None
     op = code[p.at]
@@ -249,6 +264,8 @@ def vex_opcode(code: bytes, at: int) -> tuple[int, int, int] | None:
 
 def _decode_vex(code: bytes, p: _Prefixes) -> Insn | None:
     """A VEX prefix on a sensitive legacy opcode (map 0F, or INVPCID's 0F 38 82)."""
+    if p.mode != 64 and (p.at + 1 >= len(code) or code[p.at + 1] >> 6 != 3):
+        return None                   # LES/LDS outside 64-bit mode
     v = vex_opcode(code, p.at)
     if v is None:
         return None
@@ -284,9 +301,10 @@ def _decode_one_byte(code: bytes, p: _Prefixes) -> Insn | None:
     else:
         ins = p.mk(kind, i + 1)
     if ins is not None and kind in (Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS):
-        # operand size of the port access: byte forms have an even opcode
-        ins.opsize = 8 if op % 2 == 0 else (16 if p.opsize_66 else 32)
-    if ins is not None and kind in (Kind.PUSHF, Kind.POPF, Kind.IRET):
+        # operand size of the port access: byte forms have an even opcode; at most 32 bits
+        ins.opsize = 8 if op % 2 == 0 else (16 if p.opsize == 16 else 32)
+    if ins is not None and kind in (Kind.PUSHF, Kind.POPF, Kind.IRET) and p.mode == 64:
+        # 64-bit mode: PUSHF/POPF default to 64 bits, IRET to 32 (IRETQ with REX.W)
         ins.opsize = 64 if (p.rex & 8 or (kind != Kind.IRET and not p.opsize_66)) else (16 if p.opsize_66 else 32)
     return ins
 
@@ -314,9 +332,9 @@ def _decode_0f(code: bytes, p: _Prefixes) -> Insn | None:
         return None
     op2 = code[i + 1]
     if op2 in _POP_FS_GS:
-        # 64-bit operand size by default, 16 with 66 (APM vol. 3 "POP"); ``mod`` -1: no ModRM
+        # in 64-bit mode 64-bit operand size by default, 16 with 66 (APM vol. 3 "POP"); ``mod`` -1: no ModRM
         ins = p.mk(Kind.LOAD_FS_GS, i + 2, reg=_POP_FS_GS[op2], mod=-1)
-        if ins is not None:
+        if ins is not None and p.mode == 64:
             ins.opsize = 16 if p.opsize_66 and not p.rex & 8 else 64
         return ins
     if op2 in _0F_SIMPLE:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from capstone import x86_const as CX
 
-_cs = Cs(CS_ARCH_X86, CS_MODE_64)
-_cs.detail = True
+#: capstone for each code-segment size (64-bit mode, 32- and 16-bit code segments)
+_CS = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32), 16: Cs(CS_ARCH_X86, CS_MODE_16)}
+for _c in _CS.values():
+    _c.detail = True
 
 #: capstone register name -> (64-bit register, bit offset, width in bits)
 SUBREG: dict[str, tuple[str, int, int]] = {}
@@ -47,9 +49,10 @@ class AccessForm:
     mnemonic: str = ""
 
 
-def decode_form(code: bytes) -> AccessForm:
-    """Decode the instruction in ``code`` (at most 15 bytes) into its access form."""
-    insn = next(_cs.disasm(code, 0, 1), None)
+def decode_form(code: bytes, mode: int = 64) -> AccessForm:
+    """Decode the instruction in ``code`` (at most 15 bytes) into its access form, as
+    code of a ``mode``-bit code segment (64, 32 or 16)."""
+    insn = next(_CS[mode].disasm(code, 0, 1), None)
     if insn is None:
         raise MmioDecodeError(f"undecodable instruction bytes {code.hex()}")
     m = insn.mnemonic

@@ -123,6 +123,13 @@ RFLAGS_OF = 1 << 11
 
 Handler = Callable[[int, D.Insn, CpuState, "DecisionView", bytes], None]
 
+
+def _operand(st: CpuState, insn: D.Insn) -> int:
+    """MOV CRn/DRn's register operand: 64 bits in 64-bit mode, 32 elsewhere (the
+    upper half a compatibility-mode register may still hold is not part of it)."""
+    v = st.gpr(insn.rm)
+    return v if insn.mode == 64 else v & 0xFFFF_FFFF
+
 #: instructions CR4.UMIP restricts to CPL 0 (seen when their intercept is armed)
 UMIP_KINDS = frozenset({D.Kind.SGDT, D.Kind.SIDT, D.Kind.SLDT, D.Kind.STR, D.Kind.SMSW})
 
@@ -261,17 +268,17 @@ class NativeInsns:
             self._raise(Vec.GP, 0, address)
 
     def _mov_to_cr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
-        if view.cpl == 0 and (mov_to_cr_faults(insn.reg, st.gpr(insn.rm), st.cr(0), bool(st.efer & EFER_LMA),
-                                               bool(st.hflags & HF_CS64))
-                              or insn.reg == 4 and st.gpr(insn.rm) & self.cr4_absent):
+        value = _operand(st, insn)
+        if view.cpl == 0 and (mov_to_cr_faults(insn.reg, value, st.cr(0), bool(st.efer & EFER_LMA), insn.mode == 64)
+                              or insn.reg == 4 and value & self.cr4_absent):
             self._raise(Vec.GP, 0, address)        # Unicorn would load the illegal value
         else:
             if insn.reg == 0 and view.cpl == 0:
-                self._align_cr0(st.gpr(insn.rm))     # CR0.AM switches the alignment check
+                self._align_cr0(value)               # CR0.AM switches the alignment check
             self.observe_cr_write(insn.reg)
 
     def _mov_to_dr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
-        if view.cpl == 0 and mov_to_dr_faults(insn.reg, st.gpr(insn.rm), st.cr(4)):
+        if view.cpl == 0 and mov_to_dr_faults(insn.reg, _operand(st, insn), st.cr(4)):
             self._raise(Vec.GP, 0, address)        # Unicorn would load (DR6) or drop (DR7) the bits
 
     def _wrmsr(self, address: int, insn: D.Insn, st: CpuState, view: "DecisionView", code: bytes) -> None:
@@ -383,7 +390,7 @@ class NativeInsns:
                          code: bytes) -> None:
         """LGDT/LIDT: a non-canonical descriptor-table base is #GP(0) (APM vol. 3 "LGDT",
         "LIDT"); Unicorn loads it.  The operand: 2-byte limit, 8-byte base in 64-bit mode."""
-        if view.cpl == 0:
+        if view.cpl == 0 and insn.mode == 64:          # elsewhere a 32-bit base: nothing to check
             ea = effective_address(code, insn, view, address + insn.length)
             if not canonical(self._peek(ea + 2, 8, canonical=0)):
                 self._raise(Vec.GP, 0, address)
@@ -435,7 +442,7 @@ class NativeInsns:
             self._guest_gif(k == D.Kind.STGI)
             self._set_rip(address + insn.length)
         elif k == D.Kind.INVLPGA:
-            va = st.gpr(0) if insn.addrsize == 64 else st.gpr(0) & 0xFFFF_FFFF
+            va = st.gpr(0) & ((1 << insn.addrsize) - 1)      # rAX by the address size
             self.invlpga(va, st.gpr(1) & 0xFFFF_FFFF)
             self._set_rip(address + insn.length)
         else:

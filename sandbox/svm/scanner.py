@@ -28,7 +28,7 @@ from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import HF_CPL_MASK, HF_CS64, OFF_HFLAGS, OFF_REGS, CpuState
+from .cpustate import HF_CPL_MASK, HF_CS32, HF_CS64, OFF_HFLAGS, OFF_REGS, CpuState
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
 from .engine import CodeHooks, TbInvalidator
@@ -185,12 +185,12 @@ class Scanner:
         self._tb_inv = TbInvalidator(uc)
         self._resets = 0
         #: address -> (bytes, the decode or None, the cached decision or None, port I/O?,
-        #: first byte 40-4F: a REX prefix only in 64-bit mode?)
-        self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]] = {}
+        #: the code segment's size the decode is for: 64, 32 or 16)
+        self.decoded: dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool, int]] = {}
         #: port I/O decisions at CPL 0: address -> (decoded entry, key, decision); see _io_decision
         self.io_decided: dict[int, tuple[tuple, tuple, ExitInfo | None]] = {}
         #: the decode caches of the intercept vectors armed so far (``decoded`` is the current one)
-        self._decoded_by_key: dict[tuple, dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]]] = {}
+        self._decoded_by_key: dict[tuple, dict[int, tuple[bytes, D.Insn | None, ExitInfo | None, bool, int]]] = {}
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
         self.irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
         self.pass_once_rip: int | None = None
@@ -334,16 +334,15 @@ class Scanner:
                 code = self._mm[hpa + off:hpa + off + _MAX_INSN]      # as insn_bytes, inline
             else:
                 code = self._insn_bytes(address)
+            st = self._st
+            hflags = st.q[_QHFLAGS]             # low half: hflags (the high half is hflags2)
+            mode = 64 if hflags & HF_CS64 else (32 if hflags & HF_CS32 else 16)
             ent = self.decoded.get(address)
-            if ent is None or ent[0] != code:
-                ent = self._decode(address, code)
+            if ent is None or ent[0] != code or ent[4] != mode:
+                ent = self._decode(address, code, mode)
             insn = ent[1]
             if insn is None:
                 return
-            st = self._st
-            hflags = st.q[_QHFLAGS]             # low half: hflags (the high half is hflags2)
-            if ent[4] and not hflags & HF_CS64:
-                return      # outside 64-bit mode 40-4F is INC/DEC, not a REX prefix (the next byte has its own hook)
             if self.undefined and insn.kind in self.undefined:
                 self._raise(Vec.UD, None, address)      # no such instruction here: nothing to intercept
                 return
@@ -398,16 +397,15 @@ class Scanner:
         self.io_decided[address] = (ent, key, info)
         return info
 
-    def _decode(self, address: int, code: bytes) -> tuple[bytes, D.Insn | None, ExitInfo | None, bool, bool]:
-        insn = D.decode(code)
+    def _decode(self, address: int, code: bytes, mode: int) -> tuple[bytes, D.Insn | None, ExitInfo | None, bool, int]:
+        insn = D.decode(code, mode)
         if insn is not None and insn.kind not in self.scan_kinds:
             insn = None
         fast = None
         if insn is not None and insn.kind in STATE_FREE:
             # the decision depends on the intercept vectors alone: cache it
             fast = _plain(self.decide(insn, VectorsOnly(self.ctl.ivec), address, code)) or NO_EXIT
-        ent = self.decoded[address] = (code, insn, fast, insn is not None and insn.kind in IO_KINDS,
-                                       bool(code) and 0x40 <= code[0] <= 0x4F)
+        ent = self.decoded[address] = (code, insn, fast, insn is not None and insn.kind in IO_KINDS, mode)
         return ent
 
     def set_decide(self, fn: Decide) -> None:

@@ -31,7 +31,7 @@ from unicorn import x86_const as X
 
 from . import decode as D
 from ..memory.hostmem import PAGE_SIZE
-from .cpustate import CpuState
+from .cpustate import CpuState, code_size
 from .engine import TbInvalidator
 from .events import Vec
 
@@ -99,7 +99,8 @@ class SmcStepper:
         st = self._st
         if self.step is None:
             rflags = st.reg_read(_RFLAGS)
-            self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), _pushf_bytes(self._fill.insn_bytes(rip)))
+            self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6),
+                         _pushf_bytes(self._fill.insn_bytes(rip), code_size(st.hflags)))
             st.reg_write(_RFLAGS, rflags | RFLAGS_TF)
         sc = self._scanner
         if sc.pass_used == rip:
@@ -183,7 +184,7 @@ class SmcStepper:
         TF is clear: see :meth:`trap`)."""
         st = self._st
         rflags = st.reg_read(_RFLAGS)
-        self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), _pushf_bytes(code))
+        self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), _pushf_bytes(code, code_size(st.hflags)))
         st.reg_write(_RFLAGS, rflags | RFLAGS_TF)
 
     def _unstep_pushf(self, n: int) -> None:
@@ -257,9 +258,9 @@ def _loads_tf(code: bytes) -> bool:
     return op in (0x9D, 0xCF) or (op == 0x0F and code[k + 1:k + 2] in (b"\x07", b"\xaa"))
 
 
-def _pushf_bytes(code: bytes) -> int:
+def _pushf_bytes(code: bytes, mode: int) -> int:
     """The bytes a PUSHF whose bytes are ``code`` pushes, or 0 when it is not a
     PUSHF -- decided before the stepped instruction runs: a store may rewrite its
     own bytes (a MOV whose new bytes read as PUSHF did not push anything)."""
-    insn = D.decode(code)
+    insn = D.decode(code, mode)
     return insn.opsize // 8 if insn is not None and insn.kind == D.Kind.PUSHF else 0

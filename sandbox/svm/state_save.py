@@ -19,7 +19,7 @@ from unicorn import x86_const as X
 from ..arch import EFER_SVME, M64
 from .cpustate import (DESC_L, HF_CPL_MASK, OFF_CR, OFF_DR, OFF_EFER as CTX_EFER, OFF_GDT, OFF_HFLAGS, OFF_IDT,
                        OFF_SEGS, R_CS, R_ES, SEG_SIZE,
-                       CpuState, attrib_to_flags, flags_to_attrib)
+                       CpuState, attrib_to_flags, code_size, flags_to_attrib)
 from .controls import GuestControls
 from .vmcb import (OFF_CPL, OFF_CR2, OFF_CR4, OFF_EFER, OFF_RAX, OFF_RFLAGS, OFF_RIP, OFF_RSP,
                    SEG_RECORD_SIZE, SEGMENTS)
@@ -132,6 +132,11 @@ class StateSaveArea:
         """CS.L of the guest as the processor holds it: the VMCB's CS.attrib
         bit 9, without the state-save write-back a VMCB read of it costs."""
         return bool(self._st.seg(R_CS)[3] & DESC_L)
+
+    def guest_code_size(self) -> int:
+        """The size of the guest's code segment as the processor runs it: 64 in 64-bit
+        mode, else CS.D's 32 or 16 -- without a VMCB write-back."""
+        return code_size(self._st.hflags)
 
     def guest_cpl(self) -> int:
         """The guest's CPL as the processor holds it (the VMCB's CPL field), without
