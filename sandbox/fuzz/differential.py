@@ -51,6 +51,7 @@ from unicorn import UC_HOOK_INTR, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
+from ..svm.breakpoints import HardwareBreakpoints
 from ..svm.cpustate import CpuState
 from ..svm.engine import TbInvalidator, x86_64_engine
 from ..svm.exitcodes import EXCP_END, EXCP_FIRST, ExitCode, is_excp
@@ -197,6 +198,8 @@ class QemuSvm:
         ctypes.memmove(self._paddr, self._addr, MEM)
         self._ctx = uc.context_save()
         self._st = CpuState(uc)
+        #: QEMU's breakpoint objects, which a context restore leaves as the last case made them
+        self._breakpoints = HardwareBreakpoints(uc, self._st)
         # memory is one RAM block at 0: a guest-physical range is its RAM range
         self._tb_inv = TbInvalidator(uc)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
@@ -223,6 +226,7 @@ class QemuSvm:
                 if inv.available:
                     inv.span(at, at + n)      # the blocks translated from what the case left there
         uc.context_restore(self._ctx)
+        self._breakpoints.apply()           # the clean DR7 enables none: a case's are removed
         if not inv.available:
             uc.ctl_flush_tb()
         uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from capstone import x86_const as CX
 from unicorn import Uc
 from unicorn import x86_const as X
 
 from ..arch import M64
-from .cpustate import OFF_HFLAGS, CpuState
+from .cpustate import OFF_HFLAGS, CpuState, code_size
 from .engine import RawCodeHook
 from .events import Vec
 
@@ -40,8 +40,11 @@ _NO_ACCESS = frozenset({CX.X86_INS_LEA, CX.X86_INS_NOP, CX.X86_INS_PREFETCH, CX.
 _PUSHES = frozenset({CX.X86_INS_PUSH, CX.X86_INS_PUSHFQ, CX.X86_INS_PUSHF, CX.X86_INS_CALL})
 _POPS = frozenset({CX.X86_INS_POP, CX.X86_INS_POPFQ, CX.X86_INS_POPF, CX.X86_INS_RET})
 _CHECKED_SIZES = (2, 4, 8)
-_cs = Cs(CS_ARCH_X86, CS_MODE_64)
-_cs.detail = True
+#: capstone for each code-segment size (64-bit mode, 32- and 16-bit code segments)
+_CS = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32), 16: Cs(CS_ARCH_X86, CS_MODE_16)}
+for _c in _CS.values():
+    _c.detail = True
+_cs = _CS[64]
 
 
 def _uc_reg(cs_reg: int) -> int:
@@ -54,10 +57,10 @@ def _uc_reg(cs_reg: int) -> int:
 Access = tuple
 
 
-def accesses(code: bytes) -> tuple[Access, ...] | None:
+def accesses(code: bytes, mode: int = 64) -> tuple[Access, ...] | None:
     """The data accesses alignment checking looks at for the instruction at the start of
-    ``code`` (None: it does not decode)."""
-    ins = next(_cs.disasm(code, 0, 1), None)
+    ``code`` in a ``mode``-bit code segment (None: it does not decode)."""
+    ins = next(_CS[mode].disasm(code, 0, 1), None)
     if ins is None:
         return None
     out: list[Access] = []
@@ -70,7 +73,9 @@ def accesses(code: bytes) -> tuple[Access, ...] | None:
             out.append(("mem", _uc_reg(m.segment) if m.segment in (CX.X86_REG_FS, CX.X86_REG_GS) else 0,
                         0 if rip_rel or not m.base else _uc_reg(m.base), _uc_reg(m.index) if m.index else 0,
                         m.scale, m.disp, op.size, ins.size if rip_rel else 0))
-    slot = 2 if code[:1] == b"\x66" and ins.id in (CX.X86_INS_PUSH, CX.X86_INS_POP) else 8
+    # a stack slot: the operand size (64-bit mode: 8, or 2 with 66; elsewhere the segment's, 66 the other)
+    o16 = code[:1] == b"\x66" and ins.id in (CX.X86_INS_PUSH, CX.X86_INS_POP)
+    slot = (2 if o16 else 8) if mode == 64 else ((2 if mode == 32 else 4) if o16 else mode // 8)
     if ins.id in _PUSHES:
         out.append(("push", slot))
     elif ins.id in _POPS:
@@ -89,7 +94,7 @@ class AlignmentCheck:
         self._hook = RawCodeHook(uc, self._step)
         #: the guest's CR0.AM as last seen (VMRUN, MOV to CR0): the hook should be on
         self.wanted = False
-        self._decoded: dict[bytes, tuple[Access, ...] | None] = {}
+        self._decoded: dict[tuple[bytes, int], tuple[Access, ...] | None] = {}
 
     def connect(self, insn_bytes: Callable[[int], bytes], raise_exception: Callable[..., None],
                 restart_slice: Callable[[], bool], fail: Callable[[str, BaseException | None], None]) -> None:
@@ -123,11 +128,12 @@ class AlignmentCheck:
             if not rd(X.UC_X86_REG_RFLAGS) & RFLAGS_AC:
                 return
             code = self._insn_bytes(address)
-            acc = self._decoded.get(code, False)
+            key = (code, code_size(st.q[_QHFLAGS]))
+            acc = self._decoded.get(key, False)
             if acc is False:
                 if len(self._decoded) > 4096:
                     self._decoded.clear()
-                acc = self._decoded[code] = accesses(code)
+                acc = self._decoded[key] = accesses(*key)
             for a in acc or ():
                 if a[0] == "mem":
                     _, seg, base, index, scale, disp, n, rip_len = a

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 
 LEGACY_PREFIXES = frozenset({0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65})
 SEG_PREFIX = {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}   # ES CS SS DS FS GS
@@ -486,11 +486,11 @@ def scan(window: bytes, limit: int, one: frozenset[int], two: frozenset[int]) ->
 
 
 #: capstone, for the length of an instruction the decoder does not model
-_CS = Cs(CS_ARCH_X86, CS_MODE_64)
+_CS = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32), 16: Cs(CS_ARCH_X86, CS_MODE_16)}
 
 
-def length_of(code: bytes) -> int | None:
-    """Length of any x86-64 instruction at ``code[0]`` (capstone), or None."""
-    for ins in _CS.disasm(code, 0, 1):
+def length_of(code: bytes, mode: int = 64) -> int | None:
+    """Length of any instruction at ``code[0]`` in a ``mode``-bit code segment (capstone), or None."""
+    for ins in _CS[mode].disasm(code, 0, 1):
         return ins.size
     return None

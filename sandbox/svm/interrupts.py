@@ -21,7 +21,7 @@ from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import Access
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import CpuState
+from .cpustate import CpuState, code_size
 from .events import HAS_ERROR_CODE, DeliveryFault, GuestAccess, Vec, combine, deliver
 from .exitcodes import ExitCode, excp
 from .extension import NO_EXTENSION, ProcessorExtension
@@ -257,7 +257,7 @@ class Interrupts:
             # covers one instruction: the V_IRQ is taken after it (kvm-unit-tests
             # virq_inject_within_shadow), so that address is watched as after an STI
             try:
-                n = D.length_of(self.access.read(rip, D.MAX_INSN))
+                n = D.length_of(self.access.read(rip, D.MAX_INSN), code_size(st.hflags))
             except (GuestPageFault, NestedFault, GuestGP):
                 n = None
             if n is not None:
@@ -285,14 +285,16 @@ class Interrupts:
         try:
             if insn.kind == D.Kind.STI:
                 nxt = address + insn.length
-                shadowed = D.length_of(self.access.read(nxt, D.MAX_INSN))
+                shadowed = D.length_of(self.access.read(nxt, D.MAX_INSN), insn.mode)
                 if shadowed is None:
                     return
                 target = nxt + shadowed
             elif insn.kind == D.Kind.POPF:
                 target = address + insn.length
             else:
-                target = _Q.unpack(self.access.read(st.gpr(4), 8))[0]
+                # IRET: the return address, as wide as the IRET's operand (IRETQ, IRETD, IRET)
+                n = insn.opsize // 8
+                target = int.from_bytes(self.access.read(st.gpr(4) & ((1 << insn.addrsize) - 1), n), "little")
         except (GuestPageFault, NestedFault, GuestGP):
             return
         self._watch(target)

@@ -29,6 +29,7 @@ from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault, N
 from ..memory.paging import Access, canonical
 from ..memory.tlb import Tlb
 from . import decode as D
+from .alignment import CR0_AM, RFLAGS_AC
 from .controls import GuestControls
 from .engine import TCG_BUFFER_SMALL, x86_64_engine
 from .cpustate import HF_CS64, HF_LMA, R_FS, R_GS, CpuState
@@ -352,6 +353,9 @@ class NativeInsns:
         """MOV FS/GS or POP FS/GS of a null selector in 64-bit mode keeps the segment's
         hidden base (:func:`~.null_selector.load_null`); any other load is QEMU's, and
         so is an operand read that faults (QEMU raises the fault itself)."""
+        if insn.lock:
+            self._raise(Vec.UD, None, address)     # LOCK on an instruction that cannot take it (vol. 3 §1.2.5)
+            return
         if not st.hflags & HF_CS64:
             return
         pop = insn.mod == -1
@@ -360,6 +364,8 @@ class NativeInsns:
         else:
             n = (2 if insn.opsize == 16 else 8) if pop else 2
             gva = st.gpr(4) if pop else effective_address(code, insn, view, address + insn.length)
+            if gva & (n - 1) and view.cpl == 3 and st.cr(0) & CR0_AM and view.rflags() & RFLAGS_AC:
+                return          # a misaligned operand: #AC(0) (vol. 2 §8.2.18), raised by the alignment check
             value = self._read_as(gva, n, view.cpl == 3)
             if value is None:
                 return

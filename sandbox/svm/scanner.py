@@ -28,7 +28,7 @@ from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import HF_CPL_MASK, HF_CS32, HF_CS64, OFF_HFLAGS, OFF_REGS, CpuState
+from .cpustate import HF_CPL_MASK, HF_CS32, HF_CS64, OFF_EIP, OFF_HFLAGS, OFF_REGS, R_CS, CpuState
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
 from .engine import CodeHooks, TbInvalidator
@@ -61,6 +61,7 @@ _TSS_IOMAP_BASE = 0x66          # 64-bit TSS: I/O map base address (APM vol. 2 Â
 _DECODE_CACHES = 8
 _MAX_INSN = D.MAX_INSN
 _QHFLAGS = OFF_HFLAGS >> 3             # CpuState.q index of the qword holding hflags
+_QEIP = OFF_EIP >> 3                   # CpuState.q index of RIP (synced by Unicorn before a code hook)
 assert OFF_HFLAGS % 8 == 0 and OFF_REGS == 0
 _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in the page
 #: a reset drops the blocks of at most this many code pages one page at a time;
@@ -336,6 +337,9 @@ class Scanner:
                 code = self._insn_bytes(address)
             st = self._st
             hflags = st.q[_QHFLAGS]             # low half: hflags (the high half is hflags2)
+            eip = st.q[_QEIP]
+            if eip != address and (hflags & HF_CS64 or eip + st.seg(R_CS)[1] != address):
+                return      # a hook before this one on the instruction delivered an event (#AC): control moved
             mode = 64 if hflags & HF_CS64 else (32 if hflags & HF_CS32 else 16)
             ent = self.decoded.get(address)
             if ent is None or ent[0] != code or ent[4] != mode:

@@ -50,7 +50,8 @@ HOT_AFTER = 16
 HOT_RUN = 8
 #: a non-canonical address for resolving host pages in Unicorn (:meth:`SmcStepper.invalidate_code`)
 TB_PROBE_VA = 0x5A5A_0000_0000_0000
-_RFLAGS, _DR6, _RSP, _RIP = X.UC_X86_REG_RFLAGS, X.UC_X86_REG_DR6, X.UC_X86_REG_RSP, X.UC_X86_REG_RIP
+_RFLAGS, _DR6, _DR7, _RSP, _RIP = (X.UC_X86_REG_RFLAGS, X.UC_X86_REG_DR6, X.UC_X86_REG_DR7, X.UC_X86_REG_RSP,
+                                  X.UC_X86_REG_RIP)
 
 
 class CodeStore(Exception):
@@ -163,8 +164,12 @@ class SmcStepper:
         if pushf:
             self._unstep_pushf(pushf)
         st = self._st
-        hit = st.reg_read(_DR6) & ~dr6 & 0xF
-        st.reg_write(_DR6, dr6 | hit)
+        # B0-B3 the step set: QEMU sets one for every DRn that matches, enabled or not
+        # (SDM vol. 3 §17.2.3 allows that); only an enabled one makes this a breakpoint's #DB
+        new = st.reg_read(_DR6) & ~dr6 & 0xF
+        dr7 = st.reg_read(_DR7)
+        hit = new & sum(1 << i for i in range(4) if dr7 >> (2 * i) & 3)
+        st.reg_write(_DR6, dr6 | (new if hit else 0))
         if hit:
             self._hot_left = 0
             return False

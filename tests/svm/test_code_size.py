@@ -153,3 +153,50 @@ def test_mmio_from_32_bit_code_is_decoded_as_32_bit_code(guest):
     assert r.exit_code == 0x55, (r.reason, r.detail, r.exit_code)
     assert r.regs["rbx"] & 0xFFFF_FFFF == 0x11223344
     assert dev.writes == [(0x10, 2, 0x3344)]
+
+
+# -- the interrupt window and the alignment check, outside 64-bit mode --------------------------
+V_IRQ, V_INTR_MASKING = 1 << 8, 1 << 24
+
+
+def _virq_guest(guest, body32: bytes):
+    m, at = _far(guest, CODE32, ".byte " + ",".join(f"{b:#x}" for b in body32))
+    from conftest import install_reporting_idt
+    install_reporting_idt(m)
+    v = m.guest.vmcb
+    v.RFLAGS = 0x2                                  # IF = 0: the V_IRQ waits (APM vol. 2 §15.21.4)
+    v.V_INTR = V_IRQ | V_INTR_MASKING | (0xF << 16)
+    v.V_INTR_VECTOR = 0x40
+    return m, at
+
+
+def test_a_virtual_interrupt_waits_for_the_instruction_in_stis_shadow_in_32_bit_code(guest):
+    """STI; INC EAX (40: one byte in 32-bit code); NOP: the V_IRQ is taken after the INC."""
+    m, at = _virq_guest(guest, bytes([0xFB, 0x40, 0x90, 0x90]))
+    r = m.run(timeout=10)
+    assert r.exit_code == 0x140, (r.reason, r.detail, r.exit_code)
+    assert r.regs["rsi"] == at + 2
+
+
+def test_a_virtual_interrupt_is_taken_at_an_iretds_return_address(guest):
+    """PUSH 202h (IF), PUSH 18h (CS), PUSH target, IRETD: a 32-bit frame (APM vol. 3 "IRET")."""
+    m, at = _virq_guest(guest, b"")
+    target = at + 5 + 2 + 5 + 1
+    m, _ = _virq_guest(guest, b"\x68" + struct.pack("<I", 0x202) + b"\x6a\x18" + b"\x68"
+                       + struct.pack("<I", target) + b"\xcf\x90\x90")
+    r = m.run(timeout=10)
+    assert r.exit_code == 0x140, (r.reason, r.detail, r.exit_code)
+    assert r.regs["rsi"] == target
+
+
+def test_push_eax_in_32_bit_user_code_checks_a_4_byte_slot(guest):
+    """CPL 3 with CR0.AM and RFLAGS.AC in a 32-bit code segment: PUSH EAX writes 4 bytes at
+    ESP-4; two from a 16-aligned ESP are aligned (no #AC, APM vol. 2 §8.2.18)."""
+    from conftest import user_guest
+    body = "push 0x3b\nmov rax, c32\npush rax\nretfq\nc32:\n.byte 0x50, 0x50"
+    m = user_guest(guest, body, rflags=0x2 | (1 << 18))
+    m.guest.write_phys(0x1000 + 0x38, struct.pack("<Q", 0x00CFFB000000FFFF))     # 32-bit code, DPL 3
+    m.guest.vmcb.set_seg("GDTR", Segment(0, 0, 0x3F, 0x1000))
+    m.guest.vmcb.CR0 |= 1 << 18
+    r = m.run(timeout=20)
+    assert r.exit_code == 0x55, (r.reason, r.detail, r.exit_code)

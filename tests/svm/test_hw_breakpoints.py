@@ -137,3 +137,32 @@ def test_an_io_breakpoint_the_vmcb_enables_traps_after_the_out(guest):
     assert r.exit_code == 0x100 + DB, (r.reason, r.detail, r.exit_code)
     assert m.regs.rsi == BASE + len(assemble(head))
     assert m.guest.vmcb.DR6 & 1
+
+
+def test_a_dr_that_is_set_but_not_enabled_does_not_break_a_stepped_code_store(guest):
+    """A store into the running code page is stepped with the model's own TF; QEMU's step
+    trap sets DR6.B0 for a DR0 that equals the next RIP though DR7 does not enable it
+    (SDM vol. 3 §17.2.3 allows the bit), which is no breakpoint: no #DB.  Enabled, it is."""
+    for dr7, want in ((DR7_FIXED_1, 0x55), (DR7_FIXED_1 | 1, 0x100 + DB)):
+        m = guest(f"mov rax, after\nmov dr0, rax\nmov eax, {dr7:#x}\nmov dr7, rax\n"
+                  "lea rbx, [rip + scratch]\nmov byte ptr [rbx], 1\nafter:\nnop\n" + hc_exit(0x55)
+                  + "scratch:\n.byte 0\n")
+        install_reporting_idt(m)
+        r = m.run(timeout=20)
+        assert r.exit_code == want, (hex(dr7), r.reason, r.detail, r.exit_code)
+
+
+def test_the_differential_reference_does_not_inherit_a_breakpoint():
+    """The fuzz campaign's QEMU reference (one Unicorn reused across cases) clears what a
+    case's MOV to DR7 installed, as the model does."""
+    from sandbox.fuzz.differential import QemuSvm
+    at = CODE_BASE + 0x800
+    arm = assemble(f"mov rax, {at:#x}\nmov dr0, rax\nmov eax, 1\nmov dr7, rax\n", CODE_BASE)
+    a = Case(arm + TERMINATOR, 0, VmcbConfig(VMRUN_VMMCALL))
+    b = Case(b"\x90" * 32 + TERMINATOR, 0x800 - 16, VmcbConfig(VMRUN_VMMCALL))
+    want = QemuSvm().first_exit(b)
+    q = QemuSvm()
+    q.first_exit(a)
+    got = q.first_exit(b)
+    assert want is not None and want.exitcode == 0x81                 # VMMCALL
+    assert got is not None and (got.exitcode, got.rip) == (want.exitcode, want.rip), q.last_event

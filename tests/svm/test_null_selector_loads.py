@@ -116,3 +116,36 @@ def test_the_decoder_and_the_scan_take_only_the_fs_and_gs_loads():
     page[20:22] = mov_ds
     page[30:32] = bytes.fromhex("0fa1")
     assert D.scan(bytes(page), len(page), one, two) == [8, 30]
+
+
+# -- what the model must still raise when it carries the load out -------------------------------
+AC, UD = 17, 6
+RFLAGS_AC = CR0_AM = 1 << 18
+
+
+def _user(guest, body: str):
+    from conftest import user_guest
+    m = user_guest(guest, body, rflags=0x2 | RFLAGS_AC)
+    m.guest.vmcb.CR0 |= CR0_AM
+    return m.run(timeout=20)
+
+
+def test_a_misaligned_pop_fs_at_cpl_3_is_ac(guest):
+    """CPL 3, CR0.AM, RFLAGS.AC: POP FS from an RSP that is 4 mod 8 is #AC(0) (APM vol. 2
+    §8.2.18), not a completed load; a POP RAX from the same slot is the control."""
+    for pop in ("pop fs", "pop rax"):
+        r = _user(guest, f"push 0\nsub rsp, 4\nmov dword ptr [rsp], 0\n{pop}")
+        assert r.exit_code == 0x100 + AC, (pop, r.reason, r.detail, r.exit_code)
+
+
+def test_a_misaligned_mov_fs_operand_at_cpl_3_is_ac(guest):
+    from conftest import DATA
+    r = _user(guest, f"mov rbx, {DATA + 1:#x}\nmov fs, word ptr [rbx]")
+    assert r.exit_code == 0x100 + AC, (r.reason, r.detail, r.exit_code)
+
+
+def test_lock_on_mov_fs_or_pop_fs_is_ud(guest):
+    """APM vol. 3 §1.2.5: LOCK on an instruction that is not lockable is #UD."""
+    for body in ("xor eax, eax\n.byte 0xf0, 0x8e, 0xe0\n", "push 0\n.byte 0xf0, 0x0f, 0xa1\n"):
+        m, r = _run(guest, body)
+        assert r.exit_code == 0x100 + UD, (body, r.reason, r.detail, r.exit_code)
