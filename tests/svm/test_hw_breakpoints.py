@@ -82,13 +82,19 @@ def test_a_guest_armed_breakpoint_still_fires(guest):
     assert m.regs.rsi == target
 
 
+def _arm_then_pass() -> tuple[Case, Case]:
+    """Case A arms an instruction breakpoint at CODE_BASE + 800h and ends (VMMCALL);
+    case B runs NOPs through that address to its VMMCALL."""
+    at = CODE_BASE + 0x800
+    arm = assemble(f"mov rax, {at:#x}\nmov dr0, rax\nmov eax, 1\nmov dr7, rax\n", CODE_BASE)
+    return (Case(arm + TERMINATOR, 0, VmcbConfig(VMRUN_VMMCALL)),
+            Case(b"\x90" * 32 + TERMINATOR, 0x800 - 16, VmcbConfig(VMRUN_VMMCALL)))
+
+
 def test_a_fuzz_case_does_not_inherit_the_previous_cases_breakpoint():
     """Case A arms a breakpoint in the code window and ends; case B runs through
     that address.  B's outcome is the same after A as on a fresh harness."""
-    at = CODE_BASE + 0x800
-    arm = assemble(f"mov rax, {at:#x}\nmov dr0, rax\nmov eax, 1\nmov dr7, rax\n", CODE_BASE)
-    a = Case(arm + TERMINATOR, 0, VmcbConfig(VMRUN_VMMCALL))
-    b = Case(b"\x90" * 32 + TERMINATOR, 0x800 - 16, VmcbConfig(VMRUN_VMMCALL))
+    a, b = _arm_then_pass()
     fresh = Harness().run(b)
     h = Harness()
     h.run(a)
@@ -156,10 +162,7 @@ def test_the_differential_reference_does_not_inherit_a_breakpoint():
     """The fuzz campaign's QEMU reference (one Unicorn reused across cases) clears what a
     case's MOV to DR7 installed, as the model does."""
     from sandbox.fuzz.differential import QemuSvm
-    at = CODE_BASE + 0x800
-    arm = assemble(f"mov rax, {at:#x}\nmov dr0, rax\nmov eax, 1\nmov dr7, rax\n", CODE_BASE)
-    a = Case(arm + TERMINATOR, 0, VmcbConfig(VMRUN_VMMCALL))
-    b = Case(b"\x90" * 32 + TERMINATOR, 0x800 - 16, VmcbConfig(VMRUN_VMMCALL))
+    a, b = _arm_then_pass()
     want = QemuSvm().first_exit(b)
     q = QemuSvm()
     q.first_exit(a)

@@ -9,6 +9,8 @@ loads its descriptor's base (0 for the flat data segment), and an operand read t
 faults raises its fault with nothing loaded."""
 from __future__ import annotations
 
+import pytest
+
 from conftest import BASE, assemble, hc_exit, install_reporting_idt
 
 GP, PF = 13, 14
@@ -31,20 +33,14 @@ def _run(guest, body: str):
     return m, r
 
 
-def test_mov_fs_from_a_register_keeps_the_base(guest):
-    src = _set_base(FS_BASE) + "xor eax, eax\nmov fs, ax\n" + _read_base(FS_BASE, "r8") + "mov r9w, fs\n"
+@pytest.mark.parametrize("msr,sreg,selector", [(FS_BASE, "fs", 0), (GS_BASE, "gs", 3)])
+def test_mov_from_a_register_keeps_the_base(guest, msr, sreg, selector):
+    """Selector 0, and 3 (index 0 with RPL 3: null too), moved into FS or GS."""
+    src = _set_base(msr) + f"mov eax, {selector}\nmov {sreg}, ax\n" + _read_base(msr, "r8") + f"mov r9w, {sreg}\n"
     m, r = _run(guest, src)
     assert r.exit_code == 0x55, (r.reason, r.detail, r.exit_code)
     assert r.regs["r8"] == MARK
-    assert r.regs["r9"] & 0xFFFF == 0
-
-
-def test_a_null_selector_with_rpl_3_is_null_too(guest):
-    src = _set_base(GS_BASE) + "mov eax, 3\nmov gs, ax\n" + _read_base(GS_BASE, "r8") + "mov r9w, gs\n"
-    m, r = _run(guest, src)
-    assert r.exit_code == 0x55, (r.reason, r.detail, r.exit_code)
-    assert r.regs["r8"] == MARK
-    assert r.regs["r9"] & 0xFFFF == 3
+    assert r.regs["r9"] & 0xFFFF == selector
 
 
 def test_pop_gs_keeps_the_base_and_pops_eight_bytes(guest):
