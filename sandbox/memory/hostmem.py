@@ -22,7 +22,6 @@ PAGE_SHIFT = 12
 PAGE_MASK = ~(PAGE_SIZE - 1)
 
 
-
 def page_spans(addr: int, n: int) -> Iterator[tuple[int, int, int]]:
     """``(address, offset, length)`` of each piece of the ``n`` bytes at ``addr``
     that lies within one 4 KiB page, in order (nothing for ``n <= 0``): how a

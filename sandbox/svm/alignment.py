@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from capstone import x86_const as CX
 from unicorn import Uc
 from unicorn import x86_const as X
 
 from ..arch import M64
 from .cpustate import OFF_HFLAGS, CpuState, code_size
+from .decode import capstone_decoders
 from .engine import RawCodeHook
 from .events import Vec
 
@@ -40,10 +40,7 @@ _NO_ACCESS = frozenset({CX.X86_INS_LEA, CX.X86_INS_NOP, CX.X86_INS_PREFETCH, CX.
 _PUSHES = frozenset({CX.X86_INS_PUSH, CX.X86_INS_PUSHFQ, CX.X86_INS_PUSHF, CX.X86_INS_CALL})
 _POPS = frozenset({CX.X86_INS_POP, CX.X86_INS_POPFQ, CX.X86_INS_POPF, CX.X86_INS_RET})
 _CHECKED_SIZES = (2, 4, 8)
-#: capstone for each code-segment size (64-bit mode, 32- and 16-bit code segments)
-_CS = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32), 16: Cs(CS_ARCH_X86, CS_MODE_16)}
-for _c in _CS.values():
-    _c.detail = True
+_CS = capstone_decoders(detail=True)
 _cs = _CS[64]
 
 

@@ -167,14 +167,19 @@ class HardwareBreakpoints:
     def connect(self, restart_slice: Callable[[], bool]) -> None:
         self._restart = restart_slice
 
+    def _nodes(self) -> list[tuple[int, int]]:
+        """QEMU's CPU breakpoints in list order: (the node's address, its pc)."""
+        out, n = [], self._head.value
+        while n:
+            pc, flags, nxt = _NODE.unpack(ctypes.string_at(n, _NODE.size))
+            if flags & BP_CPU:
+                out.append((n, pc))
+            n = nxt
+        return out
+
     def installed(self) -> list[int]:
         """The addresses of QEMU's CPU breakpoints, in list order."""
-        out, p = [], self._head.value
-        while p:
-            pc, flags, p = _NODE.unpack(ctypes.string_at(p, _NODE.size))
-            if flags & BP_CPU:
-                out.append(pc)
-        return out
+        return [pc for _, pc in self._nodes()]
 
     def _idle(self) -> bool:
         """Nothing installed, nothing enabled, no breakpoint pointer, no I/O flag."""
@@ -190,12 +195,7 @@ class HardwareBreakpoints:
         exec_bps, io = enabled_breakpoints(q[d + 7])
         if bool(q[self._hf] & HF_IOBPT) != io:
             return False
-        nodes, n = [], self._head.value
-        while n:
-            pc, flags, nxt = _NODE.unpack(ctypes.string_at(n, _NODE.size))
-            if flags & BP_CPU:
-                nodes.append((n, pc))
-            n = nxt
+        nodes = self._nodes()
         if len(nodes) != len(exec_bps):
             return False
         at = dict(nodes)
@@ -210,7 +210,7 @@ class HardwareBreakpoints:
 
     def apply(self) -> None:
         """Between slices: remove QEMU's CPU breakpoints and install DR7's when they differ."""
-        if self._idle() or self.in_step():
+        if self.in_step():
             return
         self.resyncs += 1
         q, d, p = self._q, self._dr, self._ptr
@@ -225,7 +225,7 @@ class HardwareBreakpoints:
         """A VMRUN inside a hook loaded the debug registers: when QEMU's objects no
         longer match, forget the pointers (a guest's own DR7 write would free
         through them) and end the slice, so :meth:`apply` runs before the next."""
-        if self._idle() or self.in_step():
+        if self.in_step():
             return
         p = self._ptr
         q = self._q

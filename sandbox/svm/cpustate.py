@@ -59,16 +59,17 @@ HF_SS32 = 1 << 5
 HF_ADDSEG = 1 << 6
 HF_LMA = 1 << 14
 HF_CS64 = 1 << 15
-
-
-def code_size(hflags: int) -> int:
-    """The code segment's size in bits from QEMU's hflags: 64 (CS.L in long mode), 32 (CS.D) or 16."""
-    return 64 if hflags & HF_CS64 else (32 if hflags & HF_CS32 else 16)
 HF2_GIF = 1 << 0
 
 DESC_B = 1 << 22
 DESC_L = 1 << 21
 DESC_DPL_SHIFT = 13
+
+
+def code_size(hflags: int) -> int:
+    """The code segment's size in bits from QEMU's hflags: 64 (CS.L in long mode), 32 (CS.D) or 16."""
+    return 64 if hflags & HF_CS64 else (32 if hflags & HF_CS32 else 16)
+
 
 _SEG = struct.Struct("<I4xQII")    # selector, base, limit, flags
 _Q = struct.Struct("<Q")

@@ -485,8 +485,17 @@ def scan(window: bytes, limit: int, one: frozenset[int], two: frozenset[int]) ->
     return sorted(hits)
 
 
+def capstone_decoders(detail: bool = False) -> dict[int, Cs]:
+    """A capstone decoder for each code-segment size -- 64 (64-bit mode), 32 and 16 --
+    with operand details when ``detail``."""
+    out = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32), 16: Cs(CS_ARCH_X86, CS_MODE_16)}
+    for cs in out.values():
+        cs.detail = detail
+    return out
+
+
 #: capstone, for the length of an instruction the decoder does not model
-_CS = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32), 16: Cs(CS_ARCH_X86, CS_MODE_16)}
+_CS = capstone_decoders()
 
 
 def length_of(code: bytes, mode: int = 64) -> int | None:

@@ -200,12 +200,17 @@ class Interrupts:
             self._halt(StopReason.SHUTDOWN, f"triple fault at {rip:#x}")
 
     # ------------------------------------------------ guest memory access
-    def _read(self, gva: int, n: int) -> bytes:
+    def read_as(self, gva: int, n: int, user: bool) -> bytes:
+        """``n`` bytes of guest linear memory read through the walker (A bits set), as a
+        user access when ``user``; raises the walk's fault."""
         out = b""
         for a, _, chunk in page_spans(gva, n):
-            h = self._walker().translate(a, Access.READ, False).hpa
+            h = self._walker().translate(a, Access.READ, user).hpa
             out += bytes(self._view[h:h + chunk])
         return out
+
+    def _read(self, gva: int, n: int) -> bytes:
+        return self.read_as(gva, n, False)
 
     def _write(self, gva: int, data: bytes) -> None:
         for a, at, chunk in page_spans(gva, len(data)):

@@ -38,14 +38,14 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from capstone import x86_const as CX
 from unicorn import Uc
 from unicorn import x86_const as X
 
 from ..arch import (M64, MSR_DEBUGCTL, MSR_LAST_BRANCH_FROM_IP, MSR_LAST_BRANCH_TO_IP, MSR_LAST_EXCEPTION_FROM_IP,
                     MSR_LAST_EXCEPTION_TO_IP)
-from .cpustate import HF_CS32, HF_CS64, OFF_HFLAGS, CpuState
+from .cpustate import OFF_HFLAGS, CpuState, code_size
+from .decode import capstone_decoders
 from .engine import RawCodeHook
 from .events import Vec
 from .vmcb import OFF_DBGCTL, OFF_VIRT_EXT, VirtExt
@@ -70,9 +70,7 @@ _UNCONDITIONAL = frozenset({
     CX.X86_INS_RETFQ, CX.X86_INS_IRET, CX.X86_INS_IRETD, CX.X86_INS_IRETQ, CX.X86_INS_SYSCALL,
     CX.X86_INS_SYSRET, CX.X86_INS_SYSRETQ, CX.X86_INS_SYSENTER, CX.X86_INS_SYSEXIT, CX.X86_INS_SYSEXITQ})
 #: decoders by code-segment size: 64-bit, 32-bit (CS.D), 16-bit
-_DECODERS = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32), 16: Cs(CS_ARCH_X86, CS_MODE_16)}
-for _d in _DECODERS.values():
-    _d.detail = True
+_DECODERS = capstone_decoders(detail=True)
 
 
 def classify(code: bytes, bits: int = 64) -> tuple[int, int, int]:
@@ -243,9 +241,7 @@ class BranchRecords:
             if p is not None:                     # the last instruction branched here
                 self._pending = None
                 self.br_from, self.br_to = p, address
-            hf = self._st.q[_QHFLAGS] & 0xFFFF_FFFF
-            bits = 64 if hf & HF_CS64 else (32 if hf & HF_CS32 else 16)
-            key = (self._insn_bytes(address)[:size], bits)
+            key = (self._insn_bytes(address)[:size], code_size(self._st.q[_QHFLAGS]))
             c = self._classes.get(key)
             if c is None:
                 if len(self._classes) > 4096:

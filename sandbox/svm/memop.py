@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from capstone import x86_const as CX
 
-#: capstone for each code-segment size (64-bit mode, 32- and 16-bit code segments)
-_CS = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32), 16: Cs(CS_ARCH_X86, CS_MODE_16)}
-for _c in _CS.values():
-    _c.detail = True
+from .decode import capstone_decoders
+
+_CS = capstone_decoders(detail=True)
 
 #: capstone register name -> (64-bit register, bit offset, width in bits)
 SUBREG: dict[str, tuple[str, int, int]] = {}

@@ -24,7 +24,7 @@ from unicorn import UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
 from ..arch import CR4_FSGSBASE, CR4_OSXSAVE, CR4_TSD, CR4_UMIP, DR6_BS, EFER_LMA, MSR_TSC_AUX, RFLAGS_TF
-from ..memory.hostmem import HostMemory, page_spans
+from ..memory.hostmem import HostMemory
 from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault, NestedLayer
 from ..memory.paging import Access, canonical
 from ..memory.tlb import Tlb
@@ -130,6 +130,7 @@ def _operand(st: CpuState, insn: D.Insn) -> int:
     upper half a compatibility-mode register may still hold is not part of it)."""
     v = st.gpr(insn.rm)
     return v if insn.mode == 64 else v & 0xFFFF_FFFF
+
 
 #: instructions CR4.UMIP restricts to CPL 0 (seen when their intercept is armed)
 UMIP_KINDS = frozenset({D.Kind.SGDT, D.Kind.SIDT, D.Kind.SLDT, D.Kind.STR, D.Kind.SMSW})
@@ -381,13 +382,9 @@ class NativeInsns:
         """A little-endian value read as the instruction reads it (a user access at
         CPL 3; A bits set by the walk), or None when that read faults."""
         try:
-            out = b""
-            for a, _, chunk in page_spans(gva, n):
-                hpa = self._fill.guest_walker().translate(a, Access.READ, user).hpa
-                out += bytes(self._view[hpa:hpa + chunk])
+            return int.from_bytes(self._interrupts.read_as(gva, n, user), "little")
         except (GuestPageFault, NestedFault, GuestGP, GuestException):
             return None
-        return int.from_bytes(out, "little")
 
     def _peek_or_none(self, gva: int, n: int) -> int | None:
         return self._peek(gva, n, canonical=None)

@@ -28,7 +28,7 @@ from ..memory.hostmem import PAGE_SIZE, HostMemory
 from ..memory.mmu import GuestGP, GuestPageFault, NestedFault
 from . import decode as D
 from .controls import GuestControls
-from .cpustate import HF_CPL_MASK, HF_CS32, HF_CS64, OFF_EIP, OFF_HFLAGS, OFF_REGS, R_CS, CpuState
+from .cpustate import HF_CPL_MASK, HF_CS64, OFF_EIP, OFF_HFLAGS, OFF_REGS, R_CS, CpuState, code_size
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
 from .engine import CodeHooks, TbInvalidator
@@ -340,7 +340,7 @@ class Scanner:
             eip = st.q[_QEIP]
             if eip != address and (hflags & HF_CS64 or eip + st.seg(R_CS)[1] != address):
                 return      # a hook before this one on the instruction delivered an event (#AC): control moved
-            mode = 64 if hflags & HF_CS64 else (32 if hflags & HF_CS32 else 16)
+            mode = code_size(hflags)
             ent = self.decoded.get(address)
             if ent is None or ent[0] != code or ent[4] != mode:
                 ent = self._decode(address, code, mode)
