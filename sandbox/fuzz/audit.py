@@ -419,7 +419,10 @@ def _ioio(x: _At):
     while code[k] in _PREFIX_BYTES:
         k += 1
     op0 = code[k]
-    size = 1 if op0 in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E) else (2 if ins.prefix[2] == 0x66 else 4)
+    # REX.W takes precedence over 66h (APM vol. 3 §1.2.7); I/O has no 64-bit form, so it stays 32-bit
+    # (capstone names 66 REX.W 6F "outsw"; QEMU's mo_b_d32 and XED agree on four bytes)
+    size = 1 if op0 in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E) else \
+        (2 if ins.prefix[2] == 0x66 and not ins.rex & 8 else 4)
     port = code[ins.size - 1] if op0 in (0xE4, 0xE5, 0xE6, 0xE7) else g.reg(X.UC_X86_REG_DX)
     iopl = g.reg(X.UC_X86_REG_RFLAGS) >> 12 & 3
     if x.cpl > iopl:

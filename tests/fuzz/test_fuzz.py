@@ -744,3 +744,18 @@ def test_a_case_reads_a_tsc_of_its_own(harness, intercepts):
     assert CASE_TSC_BASE <= first < CASE_TSC_BASE + 100 * CASE_TSC_PER_NS * 1_000_000_000 // GUEST_IPS
     assert second - first == 13 * CASE_TSC_PER_NS * 1_000_000_000 // GUEST_IPS
     assert aux == 0
+
+
+@pytest.mark.parametrize("prefixes,sz", [("66", 1 << 5), ("6648", 1 << 6), ("4866", 1 << 5), ("", 1 << 6)])
+def test_outs_with_66_and_rex_w_is_four_bytes(auditing, prefixes, sz):
+    """REX.W takes precedence over 66h when it immediately precedes the opcode
+    (APM vol. 3 §1.2.7, §1.8); OUTS has no 64-bit form, so 66 REX.W 6F moves
+    four bytes: SZ32 in EXITINFO1 (APM §15.10.2).  A REX before 66h is ignored.
+    Capstone names 66 REX.W 6F "outsw", and the audit took it for SZ16 (seed 1,
+    case ~11,000).  QEMU's decoder agrees (REX.W gives MO_64, which mo_b_d32
+    narrows to MO_32), but its IOIO exits do not surface under Unicorn."""
+    code = bytes.fromhex("baf8030000" + prefixes + "6f") + TERMINATOR
+    c = Case(code, 0, VmcbConfig(words(0x7B, 0x81)))
+    out = auditing.run(c)
+    assert out.exits[0].exitcode == 0x7B and not out.audit, [str(a) for a in out.audit]
+    assert out.exits[0].exitinfo1 & 0x70 == sz
