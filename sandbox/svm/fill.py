@@ -183,6 +183,12 @@ class TlbFill:
             self.fetch_map[gva] = hpa
             self._scan(gva, hpa)
             perms |= UC_PROT_EXEC
+            if hpa in self._smc_open and e[WRITABLE] and e[DIRTY]:
+                # a code page open to stepped stores (.smc): one entry serves the
+                # stepped code's fetches and stores, with no fill between them
+                perms |= UC_PROT_WRITE
+                self.wgrant.add(hpa)
+                self.code_writes.add(gva)
         else:
             is_code = hpa in self._code_hpa
             if acc == _WRITE:
@@ -197,6 +203,11 @@ class TlbFill:
                 self.wgrant.add(hpa)
                 if is_code:
                     self.code_writes.add(gva)
+                    if e[EXECUTABLE] and not (e[USER_PAGE] and not user and q[_Q_CR4] & CR4_SMEP):
+                        # the same for a store: executable as a fetch fill would make it
+                        self.fetch_map[gva] = hpa
+                        self._scan(gva, hpa)
+                        perms |= UC_PROT_EXEC
             elif e[WRITABLE] and e[DIRTY] and not is_code:
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)

@@ -46,8 +46,12 @@ DEMOTE_AFTER = 64
 #: stepped stores to one code page after which the instructions that follow a
 #: stepped store are stepped too (:meth:`SmcStepper.trap`)
 HOT_AFTER = 16
-#: instructions stepped past the last code store before stepping stops
+#: instructions stepped past the last code store before stepping stops ...
 HOT_RUN = 8
+#: ... doubled, up to this, each time the instruction where it stopped stores to
+#: the page again (a run of stores that leave the bytes as they were, which
+#: stepping cannot tell from no store at all)
+HOT_RUN_MAX = 512
 #: a non-canonical address for resolving host pages in Unicorn (:meth:`SmcStepper.invalidate_code`)
 TB_PROBE_VA = 0x5A5A_0000_0000_0000
 _RFLAGS, _DR6, _DR7, _RSP, _RIP = (X.UC_X86_REG_RFLAGS, X.UC_X86_REG_DR6, X.UC_X86_REG_DR7, X.UC_X86_REG_RSP,
@@ -78,6 +82,12 @@ class SmcStepper:
         self.stores: dict[int, int] = {}
         #: instructions still to step after the last stepped store to a hot page
         self._hot_left = 0
+        #: a refused store opened :attr:`open` in the step now running (not a page kept open)
+        self._fresh = False
+        #: the idle steps a hot run allows now (:data:`HOT_RUN` .. :data:`HOT_RUN_MAX`), and
+        #: the RIP where the last hot run stopped for want of stores (None: it did not)
+        self._run = HOT_RUN
+        self._idle_end: int | None = None
 
     def connect(self, fill: "TlbFill", scanner: "Scanner", access: "GuestAccess") -> None:
         """Bind the fill (soft-TLB flush, fetched bytes, the probe fill), the
@@ -97,6 +107,10 @@ class SmcStepper:
         blocks before anything after the store is translated or executed.  A store
         that straddles into a second code page comes back here once more for that page."""
         self.open.add(hpa)
+        self._fresh = True
+        # the first instruction after a hot run stopped stores again: the run was too short
+        self._run = min(2 * self._run, HOT_RUN_MAX) if rip == self._idle_end else HOT_RUN
+        self._idle_end = None
         st = self._st
         if self.step is None:
             rflags = st.reg_read(_RFLAGS)
@@ -107,12 +121,13 @@ class SmcStepper:
         if sc.pass_used == rip:
             sc.pass_once(rip)          # the hypervisor's one unintercepted execution is still due
 
-    def end(self, trapped: bool = False) -> None:
-        """The stepped store completed or faulted: guest TF back, the writable
-        soft-TLB entries of the opened pages gone, and each page it may have
-        written re-examined.
-        ``trapped``: ended by the model's own trap after the instruction (a
-        store to a hot page keeps the stepping going, see :meth:`trap`)."""
+    def end(self, trapped: bool = False) -> bool:
+        """The stepped instruction completed or faulted: guest TF back and each
+        opened page re-examined where its bytes changed.  Returns whether any did.
+        ``trapped``: ended by the model's own trap after the instruction; the
+        pages stay open for :meth:`trap`, which keeps them open while it steps
+        on (a store to a hot page, see :meth:`trap`) and else closes them.
+        Otherwise they are closed here: their writable soft-TLB entries go."""
         guest_tf = self.step[0]
         self.step = None
         st = self._st
@@ -120,20 +135,35 @@ class SmcStepper:
             st.reg_write(_RFLAGS, st.reg_read(_RFLAGS) & ~RFLAGS_TF)
         if not trapped:
             self._hot_left = 0
+        fresh, self._fresh = self._fresh, False
+        if not self.open:
+            return False                    # a step past a store that stored nowhere: nothing to revoke
         opened = list(self.open)
-        if not opened:
-            return                          # a step past a store that stored nowhere: nothing to revoke
-        self.open.clear()                   # in place: the fill holds this set
-        self._fill.revoke_code_writes()
+        if not trapped:
+            self.close()
+        changed = False
         for hpa in opened:
-            self.code_changed(hpa)
+            changed |= self.code_changed(hpa)
+            if not fresh:
+                continue                    # kept open from an earlier step: no refused store to count
             n = self.stores.get(hpa, 0) + 1
             if trapped and n >= HOT_AFTER:
-                self._hot_left = HOT_RUN
+                self._hot_left = self._run
             if n >= DEMOTE_AFTER:
+                # no longer code: its next fetch must be a fill, which scans it again,
+                # so no entry kept open may serve that fetch
+                self.close()
                 self.demote(hpa)
             else:
                 self.stores[hpa] = n
+        return changed
+
+    def close(self) -> None:
+        """No stepped instruction may write the opened code pages any more: the
+        soft TLB's writable entries for them go (:meth:`TlbFill.revoke_code_writes`)."""
+        if self.open:
+            self.open.clear()               # in place: the fill holds this set
+            self._fill.revoke_code_writes()
 
     def demote(self, hpa: int) -> None:
         """A code page the guest keeps storing to (code and data sharing a page,
@@ -154,12 +184,14 @@ class SmcStepper:
         to 512 instructions, all translated again after every store -- thrown
         away one instruction later by the next store.  Once a page has taken
         :data:`HOT_AFTER` stepped stores, the instructions after a stepped store
-        are stepped too (one-instruction blocks), until :data:`HOT_RUN` of them
-        in a row store to no code page."""
+        are stepped too (one-instruction blocks), the pages it opened staying
+        writable, until :data:`HOT_RUN` of them in a row change no code byte
+        (more when the guest stores again just where that stopped)."""
         guest_tf, dr6, pushf = self.step
-        stored = bool(self.open)
-        self.end(trapped=intno == Vec.DB and not guest_tf)
-        if intno != Vec.DB or guest_tf:
+        stored = self._fresh
+        own = intno == Vec.DB and not guest_tf
+        stored |= self.end(trapped=own)
+        if not own:
             return False
         if pushf:
             self._unstep_pushf(pushf)
@@ -172,16 +204,24 @@ class SmcStepper:
         st.reg_write(_DR6, dr6 | (new if hit else 0))
         if hit:
             self._hot_left = 0
+            self.close()
             return False
         if self._hot_left:
             if not stored:
                 self._hot_left -= 1
+            rip = st.reg_read(_RIP)
             if self._hot_left:
-                code = self._fill.insn_bytes(st.reg_read(_RIP))     # read once: TF check and PUSHF
+                code = self._fill.insn_bytes(rip)     # read once: TF check and PUSHF
                 if not _loads_tf(code):
+                    # the pages stay open: every instruction until the stepping stops
+                    # is stepped and followed by end(), so none of their stores goes
+                    # unexamined, and the next store to them is not refused again
                     self._step_next(code)
                     return True
+            else:
+                self._idle_end = rip
             self._hot_left = 0
+        self.close()
         return True
 
     def _step_next(self, code: bytes) -> None:
@@ -208,13 +248,16 @@ class SmcStepper:
         if page in self._scanner.code_hpa and page not in self.open:
             self.code_changed(page)
 
-    def code_changed(self, hpa: int) -> None:
+    def code_changed(self, hpa: int) -> bool:
         """Rescan the executable aliases of code page ``hpa`` where its bytes
         changed, then drop the translated blocks that hold the old bytes -- in
-        that order, so a block translated afterwards carries the new hooks."""
+        that order, so a block translated afterwards carries the new hooks.
+        Returns whether any byte changed."""
         changed = self._scanner.rescan_changed(hpa)
-        if changed is not None:
-            self.invalidate_code(hpa + changed[0], hpa + changed[1])
+        if changed is None:
+            return False
+        self.invalidate_code(hpa + changed[0], hpa + changed[1])
+        return True
 
     def invalidate_code(self, start: int, end: int) -> None:
         """Drop Unicorn's translated blocks holding host bytes [start, end) (one
@@ -248,6 +291,9 @@ class SmcStepper:
         self.step = None
         self.stores.clear()
         self._hot_left = 0
+        self._fresh = False
+        self._run = HOT_RUN
+        self._idle_end = None
 
 
 def _loads_tf(code: bytes) -> bool:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 
-from conftest import BASE, assemble, hc_exit, install_reporting_idt
+import pytest
+
+from conftest import BASE, VMMCALL, assemble, hc_exit, install_reporting_idt
 
 from sandbox.svm import smc
 
@@ -78,3 +80,98 @@ def test_dense_self_modifying_loop_computes_what_bare_unicorn_computes(guest):
     assert r.reason == "guest-exit", (r.reason, r.detail)
     want = _bare_unicorn(assemble(src), BASE)
     assert m.guest.read_phys(BASE + 0xE00, 0x100) == want[0xE00:0xF00]
+
+
+
+SMSW_R12 = bytes.fromhex("41 0f 01 e4")    # SMSW r12d: intercepted as a CR0 read (exit 0, APM Table C-1)
+
+
+@pytest.mark.parametrize("gap,after", [(0, 0), (0, smc.HOT_RUN + 4), (40, 0), (40, smc.HOT_RUN + 4)])
+def test_store_of_an_armed_instruction_on_a_hot_page_exits(guest, gap, after):
+    """Once the page is hot it stays writable while the instructions after a
+    store are stepped.  A store from that run (``after`` = 0) or from past it
+    (the page closed again) writes SMSW r12d ``gap`` bytes after itself, into
+    code the guest then runs: the intercept fires there, and R12 = CR0 shows
+    the new bytes ran."""
+    tail = "target:\nnop\nnop\nnop\nnop\nmov edi, r12d\nxor eax, eax\n" + VMMCALL
+    src = (_hot_loop() + "nop\n" * after + "lea rbx, [rip + target]\nmov dword ptr [rbx], 0xe4010f41\n"
+           + "nop\n" * gap + tail)
+    m = guest(src)
+    m.intercept("cr0_read")
+    seen = []
+    default = m.handlers[0x00]
+
+    def h(m, e):
+        seen.append(e.rip)
+        return default(m, e)
+    m.on(0x00)(h)
+    r = m.run(timeout=20)
+    assert r.reason == "guest-exit", (r.reason, r.detail)
+    code = assemble(src)
+    target = BASE + code.index(bytes([0x90] * 4) + assemble("mov edi, r12d", 0))
+    assert m.guest.read_phys(target, 4) == SMSW_R12
+    assert [hex(a) for a in seen] == [hex(target)]
+    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF != 0
+
+
+def test_a_page_demoted_while_kept_open_is_scanned_before_it_runs_again(guest):
+    """The refused store that demotes a hot page to data (``smc.DEMOTE_AFTER``)
+    comes in a stepped run that keeps the page writable.  The page is no longer
+    scanned, so the run must close it: the next store writes SMSW r12d into
+    it, and the intercept still fires where the guest then runs it."""
+    idle = "nop\n" * (smc.HOT_RUN + 4)        # each store refused again: the run closes between them
+    src = f"""
+    mov rbx, {COUNTER:#x}
+    mov ecx, {smc.DEMOTE_AFTER - 1}
+again:
+    inc qword ptr [rbx]
+    {idle}
+    dec ecx
+    jnz again
+    inc qword ptr [rbx]
+    lea rdx, [rip + target]
+    mov dword ptr [rdx], 0xe4010f41
+    nop
+target:
+    nop
+    nop
+    nop
+    nop
+    mov edi, r12d
+    xor eax, eax
+    """ + VMMCALL
+    m = guest(src)
+    m.intercept("cr0_read")
+    seen = []
+    default = m.handlers[0x00]
+
+    def h(m, e):
+        seen.append(e.rip)
+        return default(m, e)
+    m.on(0x00)(h)
+    r = m.run(timeout=20)
+    assert r.reason == "guest-exit", (r.reason, r.detail)
+    target = BASE + assemble(src).index(bytes([0x90] * 4) + assemble("mov edi, r12d", 0))
+    assert m.guest.read_phys(target, 4) == SMSW_R12
+    assert [hex(a) for a in seen] == [hex(target)]
+    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF
+
+
+def test_stores_that_change_nothing_keep_a_hot_page_stepped(guest, monkeypatch):
+    """ADD [RAX], AL with AL = 0 over its own page (the fuzzer's zero-page
+    sled): each store leaves the bytes as they were, which a stepped run cannot
+    tell from no store.  The run is doubled each time the instruction where it
+    stopped stores again, so the sled is refused a handful of times, not once
+    every ``smc.HOT_RUN`` instructions; and it still computes what bare Unicorn
+    computes."""
+    n = 600
+    src = f"mov rax, {COUNTER:#x}\nxor edx, edx\n" + "add byte ptr [rax], dl\n" * n
+    refused = []
+    begin = smc.SmcStepper.begin
+    monkeypatch.setattr(smc.SmcStepper, "begin", lambda self, hpa, rip: (refused.append(rip), begin(self, hpa, rip)))
+    m = guest(src + hc_exit(0x55))
+    r = m.run(timeout=60)
+    assert r.reason == "guest-exit", (r.reason, r.detail)
+    assert smc.HOT_AFTER <= len(refused) <= smc.HOT_AFTER + 8, len(refused)
+    code = assemble(src)
+    assert m.guest.read_phys(BASE, len(code)) == _bare_unicorn(code, BASE)[:len(code)]
