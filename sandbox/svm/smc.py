@@ -45,9 +45,9 @@ RFLAGS_TF = 1 << 8
 DEMOTE_AFTER = 64
 #: stepped stores to one code page after which the instructions that follow a
 #: stepped store are stepped too (:meth:`SmcStepper.trap`)
-HOT_AFTER = 16
+HOT_AFTER = 2
 #: instructions stepped past the last code store before stepping stops ...
-HOT_RUN = 8
+HOT_RUN = 2
 #: ... doubled, up to this, each time the instruction where it stopped stores to
 #: the page again (a run of stores that leave the bytes as they were, which
 #: stepping cannot tell from no store at all)
@@ -207,8 +207,8 @@ class SmcStepper:
             self.close()
             return False
         if self._hot_left:
-            if not stored:
-                self._hot_left -= 1
+            # the run goes on for HOT_RUN instructions in a row that change no code byte
+            self._hot_left = self._run if stored else self._hot_left - 1
             rip = st.reg_read(_RIP)
             if self._hot_left:
                 code = self._fill.insn_bytes(rip)     # read once: TF check and PUSHF
