@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from unicorn import UC_HOOK_INTR
-from unicorn import unicorn_const as UCC
 
 from ..arch import EFER_LMA, EFER_LME, EFER_NXE
 from ..memory.hostmem import HostMemory
@@ -34,7 +32,7 @@ from .consistency import VmrunError, check_vmrun
 from .controls import GuestControls
 from .cpustate import CpuState
 from .decode import Kind
-from .engine import add_raw_tlb_fill_hook, new_engine
+from .engine import add_raw_event_hooks, add_raw_tlb_fill_hook, new_engine
 from .extension import NO_EXTENSION, ProcessorExtension
 from .fill import FillObserver, TlbFill
 from .avic import Avic
@@ -124,8 +122,7 @@ class SvmCpu:
         avic.connect(ws.vmexit, ws.after_exit_in_hook, interrupts.deliver, fill.insn_bytes)
         smc.connect(fill, scanner, interrupts.access)
         self._fill_hook = add_raw_tlb_fill_hook(uc, fill.on_tlb_fill)     # kept alive with the processor
-        uc.hook_add(UC_HOOK_INTR, interrupts.on_intr)
-        uc.hook_add(UCC.UC_HOOK_INSN_INVALID, interrupts.on_invalid)
+        self._event_hooks = add_raw_event_hooks(uc, interrupts.on_intr, interrupts.on_invalid)
         native.install_hooks()
         # -- the per-exit entry points, bound to their part ---------------------
         #: guest GPR ``i`` while the hypervisor runs (QEMU order: rax rcx rdx rbx rsp ...)

@@ -332,6 +332,29 @@ def add_raw_tlb_fill_hook(uc: Uc, fn: Callable[[object, int, int, object, object
     return ccb
 
 
+#: ``void cb(uc_engine *uc, uint32_t intno, void *user_data)`` (unicorn.h ``uc_cb_hookintr_t``)
+_INTR_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
+#: ``bool cb(uc_engine *uc, void *user_data)`` (``uc_cb_hookinsn_invalid_t``)
+_INVALID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+
+
+def add_raw_event_hooks(uc: Uc, on_intr: Callable[[object, int, object], None],
+                        on_invalid: Callable[[object, object], bool]) -> object:
+    """UC_HOOK_INTR (``on_intr(handle, intno, user_data)``) and UC_HOOK_INSN_INVALID
+    (``on_invalid(handle, user_data) -> bool``: True to go on) straight from C, for
+    the life of the engine: the binding's hooks run two Python frames before the
+    callback on every exception.  The callbacks must not raise.  Keep the returned
+    object alive as long as the hooks."""
+    cbs = (_INTR_CFUNC(on_intr), _INVALID_CFUNC(on_invalid))
+    for cb, kind in zip(cbs, (UCC.UC_HOOK_INTR, UCC.UC_HOOK_INSN_INVALID)):
+        hh = uc_hook_h()
+        err = uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), kind, cb, None, ctypes.c_uint64(1),
+                                ctypes.c_uint64(0))
+        if err:
+            raise UcError(err)
+    return cbs
+
+
 class CodeHooks:
     """Address-ranged UC_HOOK_CODE hooks, one per address, sharing one C callback.
 
