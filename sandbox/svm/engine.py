@@ -149,12 +149,17 @@ def add_raw_insn_hook(uc: Uc, fn: Callable[[], int], insn: int) -> object:
     (they share CPUID's callback type).  ``fn()`` returns 1 to skip the
     instruction.  Keep the returned object alive as long as the hook."""
     cb = HOOK_INSN_CPUID_CFUNC(lambda h, ud: fn())
+    _hook_add_everywhere(uc, UC_HOOK_INSN, cb, ctypes.c_int(insn))
+    return cb
+
+
+def _hook_add_everywhere(uc: Uc, kind: int, cb: object, *extra: object) -> None:
+    """``uc_hook_add`` of the C callback ``cb`` for every address (begin 1 > end 0)."""
     hh = uc_hook_h()
-    err = uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), UC_HOOK_INSN, cb, None, ctypes.c_uint64(1),
-                            ctypes.c_uint64(0), ctypes.c_int(insn))
+    err = uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), kind, cb, None, ctypes.c_uint64(1),
+                            ctypes.c_uint64(0), *extra)
     if err:
         raise UcError(err)
-    return cb
 
 
 class RegReader:
@@ -324,11 +329,7 @@ def add_raw_tlb_fill_hook(uc: Uc, fn: Callable[[object, int, int, object, object
     taking ``*args, **kwargs`` and an adapter) before the callback on every
     soft-TLB miss.  Keep the returned object alive as long as the hook."""
     ccb = HOOK_TLB_FILL_CFUNC(fn)
-    hh = uc_hook_h()
-    err = uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), UC_HOOK_TLB_FILL, ccb, None, ctypes.c_uint64(1),
-                            ctypes.c_uint64(0))
-    if err:
-        raise UcError(err)
+    _hook_add_everywhere(uc, UC_HOOK_TLB_FILL, ccb)
     return ccb
 
 
@@ -347,11 +348,7 @@ def add_raw_event_hooks(uc: Uc, on_intr: Callable[[object, int, object], None],
     object alive as long as the hooks."""
     cbs = (_INTR_CFUNC(on_intr), _INVALID_CFUNC(on_invalid))
     for cb, kind in zip(cbs, (UCC.UC_HOOK_INTR, UCC.UC_HOOK_INSN_INVALID)):
-        hh = uc_hook_h()
-        err = uclib.uc_hook_add(raw_handle(uc), ctypes.byref(hh), kind, cb, None, ctypes.c_uint64(1),
-                                ctypes.c_uint64(0))
-        if err:
-            raise UcError(err)
+        _hook_add_everywhere(uc, kind, cb)
     return cbs
 
 

@@ -86,60 +86,10 @@ def test_dense_self_modifying_loop_computes_what_bare_unicorn_computes(guest):
 SMSW_R12 = bytes.fromhex("41 0f 01 e4")    # SMSW r12d: intercepted as a CR0 read (exit 0, APM Table C-1)
 
 
-@pytest.mark.parametrize("gap,after", [(0, 0), (0, smc.HOT_RUN + 4), (40, 0), (40, smc.HOT_RUN + 4)])
-def test_store_of_an_armed_instruction_on_a_hot_page_exits(guest, gap, after):
-    """Once the page is hot it stays writable while the instructions after a
-    store are stepped.  A store from that run (``after`` = 0) or from past it
-    (the page closed again) writes SMSW r12d ``gap`` bytes after itself, into
-    code the guest then runs: the intercept fires there, and R12 = CR0 shows
-    the new bytes ran."""
-    tail = "target:\nnop\nnop\nnop\nnop\nmov edi, r12d\nxor eax, eax\n" + VMMCALL
-    src = (_hot_loop() + "nop\n" * after + "lea rbx, [rip + target]\nmov dword ptr [rbx], 0xe4010f41\n"
-           + "nop\n" * gap + tail)
-    m = guest(src)
-    m.intercept("cr0_read")
-    seen = []
-    default = m.handlers[0x00]
-
-    def h(m, e):
-        seen.append(e.rip)
-        return default(m, e)
-    m.on(0x00)(h)
-    r = m.run(timeout=20)
-    assert r.reason == "guest-exit", (r.reason, r.detail)
-    code = assemble(src)
-    target = BASE + code.index(bytes([0x90] * 4) + assemble("mov edi, r12d", 0))
-    assert m.guest.read_phys(target, 4) == SMSW_R12
-    assert [hex(a) for a in seen] == [hex(target)]
-    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF != 0
-
-
-def test_a_page_demoted_while_kept_open_is_scanned_before_it_runs_again(guest):
-    """The refused store that demotes a hot page to data (``smc.DEMOTE_AFTER``)
-    comes in a stepped run that keeps the page writable.  The page is no longer
-    scanned, so the run must close it: the next store writes SMSW r12d into
-    it, and the intercept still fires where the guest then runs it."""
-    idle = "nop\n" * (smc.HOT_RUN + 4)        # each store refused again: the run closes between them
-    src = f"""
-    mov rbx, {COUNTER:#x}
-    mov ecx, {smc.DEMOTE_AFTER - 1}
-again:
-    inc qword ptr [rbx]
-    {idle}
-    dec ecx
-    jnz again
-    inc qword ptr [rbx]
-    lea rdx, [rip + target]
-    mov dword ptr [rdx], 0xe4010f41
-    nop
-target:
-    nop
-    nop
-    nop
-    nop
-    mov edi, r12d
-    xor eax, eax
-    """ + VMMCALL
+def _runs_the_stored_smsw(guest, src: str) -> None:
+    """Run ``src``, which stores SMSW r12d over the four NOPs at its label
+    ``target`` and runs on into them, with the CR0-read intercept armed: the
+    intercept fires once, there, and the guest's exit code (R12) is CR0."""
     m = guest(src)
     m.intercept("cr0_read")
     seen = []
@@ -154,7 +104,49 @@ target:
     target = BASE + assemble(src).index(bytes([0x90] * 4) + assemble("mov edi, r12d", 0))
     assert m.guest.read_phys(target, 4) == SMSW_R12
     assert [hex(a) for a in seen] == [hex(target)]
-    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF
+    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF != 0
+
+
+@pytest.mark.parametrize("gap,after", [(0, 0), (0, smc.HOT_RUN + 4), (40, 0), (40, smc.HOT_RUN + 4)])
+def test_store_of_an_armed_instruction_on_a_hot_page_exits(guest, gap, after):
+    """Once the page is hot it stays writable while the instructions after a
+    store are stepped.  A store right after the hot loop (``after`` = 0) or
+    well past it (``after`` idle instructions: the page closed in between)
+    writes SMSW r12d ``gap`` bytes after itself, into code the guest then
+    runs, stepped or not: the intercept fires there, and R12 = CR0 shows the
+    new bytes ran."""
+    tail = "target:\nnop\nnop\nnop\nnop\nmov edi, r12d\nxor eax, eax\n" + VMMCALL
+    src = (_hot_loop() + "nop\n" * after + "lea rbx, [rip + target]\nmov dword ptr [rbx], 0xe4010f41\n"
+           + "nop\n" * gap + tail)
+    _runs_the_stored_smsw(guest, src)
+
+
+def test_a_page_demoted_while_kept_open_is_scanned_before_it_runs_again(guest):
+    """The refused store that demotes a hot page to data (``smc.DEMOTE_AFTER``)
+    comes in a stepped run that keeps the page writable.  The page is no longer
+    scanned, so the run must close it: the next store writes SMSW r12d into
+    it, and the intercept still fires where the guest then runs it."""
+    idle = "nop\n" * (smc.HOT_RUN + 4)        # each store refused again: the run closes between them
+    src = f"""
+    lea rdx, [rip + target]
+    mov rbx, {COUNTER:#x}
+    mov ecx, {smc.DEMOTE_AFTER - 1}
+again:
+    inc qword ptr [rbx]
+    {idle}
+    dec ecx
+    jnz again
+    inc qword ptr [rbx]
+    mov dword ptr [rdx], 0xe4010f41
+target:
+    nop
+    nop
+    nop
+    nop
+    mov edi, r12d
+    xor eax, eax
+    """ + VMMCALL
+    _runs_the_stored_smsw(guest, src)
 
 
 def test_stores_that_change_nothing_keep_a_hot_page_stepped(guest, monkeypatch):
