@@ -241,11 +241,14 @@ class SmcStepper:
     # ------------------------------------------------------ changed code
     def processor_wrote(self, hpa: int) -> None:
         """The processor model itself stored into guest memory (an event frame,
-        a VMSAVE): a code page it changed is rescanned and its blocks dropped."""
+        a VMSAVE): a code page it changed is rescanned and its blocks dropped --
+        at once, even on a page open to stepped stores: a store the model makes
+        in a candidate hook (a virtual VMSAVE) is no instruction QEMU runs, so
+        no single-step trap follows it before the next instruction."""
         page = hpa & ~0xFFF
         for fn in self.write_observers:
             fn(page)
-        if page in self._scanner.code_hpa and page not in self.open:
+        if page in self._scanner.code_hpa:
             self.code_changed(page)
 
     def code_changed(self, hpa: int) -> bool:

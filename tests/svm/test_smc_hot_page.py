@@ -11,7 +11,7 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 
 import pytest
 
-from conftest import BASE, VMMCALL, assemble, hc_exit, install_reporting_idt
+from conftest import BASE, OP, VMMCALL, assemble, hc_exit, install_reporting_idt
 
 from sandbox.svm import smc
 
@@ -86,19 +86,26 @@ def test_dense_self_modifying_loop_computes_what_bare_unicorn_computes(guest):
 SMSW_R12 = bytes.fromhex("41 0f 01 e4")    # SMSW r12d: intercepted as a CR0 read (exit 0, APM Table C-1)
 
 
-def _runs_the_stored_smsw(guest, src: str) -> None:
-    """Run ``src``, which stores SMSW r12d over the four NOPs at its label
-    ``target`` and runs on into them, with the CR0-read intercept armed: the
-    intercept fires once, there, and the guest's exit code (R12) is CR0."""
-    m = guest(src)
+def _cr0_reads(m) -> list[int]:
+    """Arm the CR0-read intercept; returns the list the RIPs of its exits go
+    into (the default handler still handles each)."""
     m.intercept("cr0_read")
-    seen = []
+    seen: list[int] = []
     default = m.handlers[0x00]
 
     def h(m, e):
         seen.append(e.rip)
         return default(m, e)
     m.on(0x00)(h)
+    return seen
+
+
+def _runs_the_stored_smsw(guest, src: str) -> None:
+    """Run ``src``, which stores SMSW r12d over the four NOPs at its label
+    ``target`` and runs on into them, with the CR0-read intercept armed: the
+    intercept fires once, there, and the guest's exit code (R12) is CR0."""
+    m = guest(src)
+    seen = _cr0_reads(m)
     r = m.run(timeout=20)
     assert r.reason == "guest-exit", (r.reason, r.detail)
     target = BASE + assemble(src).index(bytes([0x90] * 4) + assemble("mov edi, r12d", 0))
@@ -167,3 +174,38 @@ def test_stores_that_change_nothing_keep_a_hot_page_stepped(guest, monkeypatch):
     assert smc.HOT_AFTER <= len(refused) <= smc.HOT_AFTER + 8, len(refused)
     code = assemble(src)
     assert m.guest.read_phys(BASE, len(code)) == _bare_unicorn(code, BASE)[:len(code)]
+
+
+def test_a_virtual_vmsave_onto_an_open_page_rescans_before_the_next_instruction(guest):
+    """A virtualized VMSAVE (VIRT_EXT bit 1) is carried out by the model in
+    its candidate hook, so QEMU never runs it and no single-step trap follows
+    it.  Stepped right after a store, with the page kept open, it writes
+    KernelGsBase (offset 620h of the page at rAX, APM §15.5.2 / Table B-4)
+    over the very next instruction: SMSW r12d, then JMP back.  The write must
+    be rescanned at once, so the CR0-read intercept fires there."""
+    smsw_jmp = bytes.fromhex("410f01e4eb8affff")       # SMSW r12d; JMP 5B0h (from 626h); canonical high bytes
+    gsbase = int.from_bytes(smsw_jmp, "little")
+    src = _hot_loop() + f"""
+    mov ecx, 0xC0000102
+    mov eax, {gsbase & 0xFFFF_FFFF:#x}
+    mov edx, {gsbase >> 32:#x}
+    wrmsr
+    mov eax, {BASE:#x}
+    inc qword ptr [rbx]
+    jmp {BASE + 0x61D:#x}
+    """
+    code = bytearray(assemble(src))
+    assert len(code) < 0x400
+    tail = assemble("mov edi, r12d\nxor eax, eax", BASE + 0x5B0) + OP["vmmcall"]
+    page = code + bytes(0x5B0 - len(code)) + tail
+    page += bytes(0x61D - len(page)) + bytes.fromhex("0f01db") + bytes([0x90] * 8)     # VMSAVE at 61Dh
+    m = guest("nop")
+    m.guest.write_phys(BASE, bytes(page))
+    m.intercept("vmsave", on=False)
+    m.guest.vmcb.VIRT_EXT |= 2
+    seen = _cr0_reads(m)
+    r = m.run(timeout=20)
+    assert r.reason == "guest-exit", (r.reason, r.detail)
+    assert m.guest.read_phys(BASE + 0x620, 8) == smsw_jmp
+    assert [hex(a) for a in seen] == [hex(BASE + 0x620)]
+    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF != 0
