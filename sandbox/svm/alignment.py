@@ -41,12 +41,11 @@ _PUSHES = frozenset({CX.X86_INS_PUSH, CX.X86_INS_PUSHFQ, CX.X86_INS_PUSHF, CX.X8
 _POPS = frozenset({CX.X86_INS_POP, CX.X86_INS_POPFQ, CX.X86_INS_POPF, CX.X86_INS_RET})
 _CHECKED_SIZES = (2, 4, 8)
 _CS = capstone_decoders(detail=True)
-_cs = _CS[64]
 
 
 def _uc_reg(cs_reg: int) -> int:
     """The Unicorn register id of capstone register ``cs_reg``."""
-    return getattr(X, "UC_X86_REG_" + _cs.reg_name(cs_reg).upper())
+    return getattr(X, "UC_X86_REG_" + _CS[64].reg_name(cs_reg).upper())
 
 
 #: one access an instruction makes: ("mem", segment, base, index, scale, disp, size, rip-relative

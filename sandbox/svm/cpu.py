@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-
 from ..arch import EFER_LMA, EFER_LME, EFER_NXE
 from ..memory.hostmem import HostMemory
 from ..memory.mmu import TwoDimWalker, WalkStats

@@ -111,12 +111,8 @@ class SmcStepper:
         # the first instruction after a hot run stopped stores again: the run was too short
         self._run = min(2 * self._run, HOT_RUN_MAX) if rip == self._idle_end else HOT_RUN
         self._idle_end = None
-        st = self._st
         if self.step is None:
-            rflags = st.reg_read(_RFLAGS)
-            self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6),
-                         _pushf_bytes(self._fill.insn_bytes(rip), code_size(st.hflags)))
-            st.reg_write(_RFLAGS, rflags | RFLAGS_TF)
+            self._step_next(self._fill.insn_bytes(rip))
         sc = self._scanner
         if sc.pass_used == rip:
             sc.pass_once(rip)          # the hypervisor's one unintercepted execution is still due
@@ -225,8 +221,8 @@ class SmcStepper:
         return True
 
     def _step_next(self, code: bytes) -> None:
-        """Step the next instruction too, whose bytes are ``code`` (the guest's
-        TF is clear: see :meth:`trap`)."""
+        """Step the instruction at RIP, whose bytes are ``code``: the guest's TF
+        and DR6 kept, the model's TF set."""
         st = self._st
         rflags = st.reg_read(_RFLAGS)
         self.step = (rflags & RFLAGS_TF, st.reg_read(_DR6), _pushf_bytes(code, code_size(st.hflags)))
