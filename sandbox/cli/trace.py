@@ -17,17 +17,16 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from capstone import CS_ARCH_X86, CS_MODE_32, CS_MODE_64, Cs
-
 from ..hypervisor.machine import Machine
 from ..svm.cpu import ExitRecord
+from ..svm.decode import capstone_decoders
 from ..svm.exitcodes import exit_name
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-_CS = Cs(CS_ARCH_X86, CS_MODE_64)
-_CS32 = Cs(CS_ARCH_X86, CS_MODE_32)
+#: capstone by the guest's code-segment size (64, 32, 16)
+_CS = capstone_decoders()
 #: the default number of exit lines ``sandbox run`` prints before eliding the rest
 DEFAULT_TRACE_LIMIT = 1000
 _DISASM_CACHE_MAX = 4096
@@ -48,7 +47,7 @@ class Disassembler:
 
     def __init__(self, m: Machine) -> None:
         self.m = m
-        self.cache: dict[tuple[int, bytes, bool], str] = {}
+        self.cache: dict[tuple[int, bytes, int], str] = {}
 
     def __call__(self, rip: int) -> str:
         m = self.m
@@ -58,12 +57,12 @@ class Disassembler:
             code = _code_bytes(m, rip)
         except Exception:
             return "??"
-        long_mode = m.cpu.guest_cs_long()         # CS.L: else 32-bit code (a multiboot entry)
-        key = (rip, code, long_mode)
+        mode = m.cpu.guest_code_size()            # 64-bit mode, or CS.D's 32 (a multiboot entry) or 16
+        key = (rip, code, mode)
         text = self.cache.get(key)
         if text is None:
             text = f"(bytes {code[:4].hex()})"
-            for ins in (_CS if long_mode else _CS32).disasm(code, rip, 1):
+            for ins in _CS[mode].disasm(code, rip, 1):
                 text = f"{ins.mnemonic} {ins.op_str}".strip()
                 break
             if len(self.cache) >= _DISASM_CACHE_MAX:

@@ -173,3 +173,15 @@ def test_reader_going_away_at_any_point_of_the_output_is_sigpipes_status(loop, m
         monkeypatch.setattr(sys, "stderr", closing)
         assert cli_main(["run", str(loop), "--trace-limit", "3"]) == 141, keep
         assert closing.getvalue() == text[:keep]
+
+
+@pytest.mark.parametrize("size,text", [(64, "movabs rax, 0x9090909090909090"), (32, "dec eax"), (16, "dec ax")])
+def test_exit_lines_disassemble_for_the_guest_code_segment_size(size, text):
+    """48 B8 ... is MOV RAX, imm64 in 64-bit mode; outside it 48 is DEC eAX, of
+    the code segment's operand size (APM vol. 3 §1.2.7, §1.2.2).  A 16-bit code
+    segment was disassembled as 32-bit."""
+    from types import SimpleNamespace
+    from sandbox.cli.trace import Disassembler
+    code = bytes.fromhex("48b8") + b"\x90" * 13
+    cpu = SimpleNamespace(fetched_bytes=lambda rip: code, guest_code_size=lambda: size)
+    assert Disassembler(SimpleNamespace(sev=None, cpu=cpu))(0x1000) == text
