@@ -44,7 +44,7 @@ from .features import FEATURES, absent_msrs, reserved_cr4, undefined_kinds
 from .pause_filter import PauseFilter
 from .run import GUEST_IPS, RunLimits, RunLoop
 from .scanner import Decide, Scanner
-from .smc import SmcStepper
+from .smc import CodeChanges
 from .stop import StopInfo, StopReason
 from .vmcb import VMCB
 from .world_switch import ExitRecord, SwitchState, WorldSwitch
@@ -93,7 +93,7 @@ class SvmCpu:
         self._interrupts = interrupts = Interrupts(uc, st, mem, ctl, sw)
         self._ws = ws = WorldSwitch(uc, st, mem, tlb, ctl, sw)
         self._run = run = RunLoop(uc, st, ctl, sw)
-        self._smc = smc = SmcStepper(uc, st)
+        self._smc = smc = CodeChanges(uc)
         self._avic = avic = Avic(mem.view, st, sw, lambda: ctl.vmcb_hpa)
         pause = PauseFilter(run.clock_now, run.keep_clock)
         align = AlignmentCheck(uc, st)
@@ -112,14 +112,14 @@ class SvmCpu:
             lbr.apply()
             bps.apply()
         run.before_slice = before_slice
-        fill.connect(scanner, smc, run.fail)
+        fill.connect(scanner, run.fail)
         scanner.connect(self, fill, ws, native, interrupts, pause, run.fail)
         native.connect(fill, ws, interrupts, run, smc, avic, align, lbr)
         interrupts.connect(self, fill, scanner, ws, run, smc, avic, lbr)
-        ws.connect(self, fill, scanner, interrupts, smc, pause, align, lbr, bps)
-        run.connect(fill, ws, interrupts, smc, avic)
+        ws.connect(self, fill, scanner, interrupts, pause, align, lbr, bps)
+        run.connect(fill, ws, interrupts, avic)
         avic.connect(ws.vmexit, ws.after_exit_in_hook, interrupts.deliver, fill.insn_bytes)
-        smc.connect(fill, scanner, interrupts.access)
+        smc.connect(fill, scanner)
         self._fill_hook = add_raw_tlb_fill_hook(uc, fill.on_tlb_fill)     # kept alive with the processor
         self._event_hooks = add_raw_event_hooks(uc, interrupts.on_intr, interrupts.on_invalid)
         native.install_hooks()
@@ -165,8 +165,6 @@ class SvmCpu:
             self.vmcb = VMCB(self.mem, vmcb_hpa)
         if self._ws.launch(vmcb_hpa, on_exit, limits.max_exits):
             self._run.run()
-        if self._smc.step is not None:
-            self._smc.end()                  # the run stopped inside a stepped code store
         self._ext.at_stop(self)
         self._ws.save_area.flush_guest_state()
         return self._sw.stop
@@ -311,7 +309,6 @@ class SvmCpu:
         :meth:`pass_once`; drop Unicorn's translated blocks and soft TLB.  The
         ASID-tagged :attr:`tlb` is architectural and stays (``tlb.flush_all()``)."""
         self._scanner.reset()
-        self._smc.reset()
         self._fill.drop_walker()
 
     def shed_candidate_hooks(self) -> int:
@@ -320,7 +317,6 @@ class SvmCpu:
         :meth:`reset_translation_caches` so pages are scanned and hooked anew.
         Returns how many hooks were deleted."""
         n = self._scanner.shed_hooks()
-        self._smc.reset()
         self._fill.drop_walker()
         return n
 

@@ -352,6 +352,53 @@ def add_raw_event_hooks(uc: Uc, on_intr: Callable[[object, int, object], None],
     return cbs
 
 
+#: ``bool cb(uc_engine *uc, uc_mem_type type, uint64_t address, int size, int64_t value,
+#: void *user_data)`` (unicorn.h ``uc_cb_eventmem_t``)
+_EVENTMEM_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int,
+                                   ctypes.c_int64, ctypes.c_void_p)
+
+
+class StoreWatch:
+    """Host pages on which QEMU checks every store against its translated blocks.
+
+    QEMU drops the translated blocks a store overwrites in ``notdirty_write()``,
+    which only stores through a "not dirty" soft-TLB entry reach.  Unicorn
+    2.1.4 marks an entry dirty after its first store when the entry has no
+    execute permission -- unless a memory hook is installed on the page
+    (``uc_mem_hook_installed``), when it never does.  So a page is watched
+    with a UC_HOOK_MEM_WRITE_PROT hook bounded to it: that hook type does not
+    slow translated code down (only MEM_READ/MEM_WRITE hooks make TCG drop its
+    fast path), and it never fires here, since all of DRAM is mapped writable.
+    The hooks stay until :meth:`clear` (outside a run)."""
+
+    def __init__(self, uc: Uc) -> None:
+        self._h = raw_handle(uc)
+        # uc_hook_add only allocates and links the hook: called keeping the GIL (see in_hook_fn)
+        self._add = in_hook_fn("uc_hook_add")
+        self._hh = uc_hook_h()
+        self._cb = _EVENTMEM_CFUNC(lambda *args: False)
+        #: host page -> its hook handle
+        self.pages: dict[int, int] = {}
+
+    def watch(self, hpa: int) -> None:
+        """Watch host page ``hpa`` (page-aligned), if it is not watched yet."""
+        if hpa in self.pages:
+            return
+        err = self._add(self._h, ctypes.byref(self._hh), UCC.UC_HOOK_MEM_WRITE_PROT, self._cb, None,
+                        ctypes.c_uint64(hpa), ctypes.c_uint64(hpa + 0xFFF))
+        if err:
+            raise UcError(err)
+        self.pages[hpa] = self._hh.value
+
+    def clear(self) -> None:
+        """Stop watching every page (outside a run)."""
+        pages, self.pages = self.pages, {}
+        for k in pages.values():
+            err = uclib.uc_hook_del(self._h, uc_hook_h(k))
+            if err:
+                raise UcError(err)
+
+
 class CodeHooks:
     """Address-ranged UC_HOOK_CODE hooks, one per address, sharing one C callback.
 

@@ -8,9 +8,11 @@ in :attr:`TlbFill.pending_fault` for the run loop, which raises the #PF (or
 #NPF) once Unicorn has stopped.
 
 The fill also keeps the code-page bookkeeping the scanner depends on: a
-fetch fill scans the page, and scanned pages are never writable in the soft
-TLB, so a guest store to one comes back here as a write fill, which is
-refused and single-stepped (:mod:`.smc`).
+fetch fill scans the page (rescans what changed), and a scanned page is
+executable or writable in the soft TLB, never both: a guest store to one
+comes back here as a write fill, which takes its executable entries away, and
+the next block translated from it as a fetch fill, which takes the writable
+ones away and rescans first (:mod:`.smc`).
 """
 from __future__ import annotations
 
@@ -29,14 +31,12 @@ from ..memory.tlb import DIRTY, EXECUTABLE, HPA, USER_PAGE, WRITABLE, Tlb
 from .controls import GuestControls
 from .cpustate import HF_CPL_MASK, OFF_CR, OFF_EFER, OFF_HFLAGS, CpuState
 from .decode import MAX_INSN
-from .engine import flush_soft_tlb
+from .engine import StoreWatch, flush_soft_tlb
 from .extension import NO_EXTENSION, ProcessorExtension
-from .smc import CodeStore
 from .soft_tlb import page_flusher
 
 if TYPE_CHECKING:
     from .scanner import Scanner
-    from .smc import SmcStepper
 
 #: QEMU's soft TLB: 2**8 entries per MMU index at first, at most 2**22
 #: (CPU_TLB_DYN_DEFAULT_BITS, CPU_TLB_DYN_MAX_BITS for a 64-bit guest on a 64-bit host)
@@ -97,9 +97,10 @@ class TlbFill:
         self._observers: list[FillObserver] = []
         #: hpa pages Unicorn's soft TLB may hold writable (emptied with it)
         self.wgrant: set[int] = set()
-        #: GVA pages whose soft-TLB entry was made writable on a code page opened to a
-        #: stepped store (:mod:`.smc`): what :meth:`revoke_code_writes` takes back
-        self.code_writes: set[int] = set()
+        #: code pages (hpa) the guest stores to, and the GVA pages granted write access to
+        #: each: none of their soft-TLB entries may execute them (:meth:`_to_stores`)
+        self.code_stores: dict[int, set[int]] = {}
+        self._watch = StoreWatch(uc)
         #: ``flush(gva)`` of one soft-TLB page, or None (:mod:`.soft_tlb`)
         self._flush_page = page_flusher(uc)
         #: the fill in use: :meth:`_fill`, or the observed one once an observer is registered
@@ -115,12 +116,11 @@ class TlbFill:
         self._soft_empty = False
         self._grow_at = SOFT_TLB_INITIAL * SOFT_TLB_GROW_PERCENT // 100 + 1
 
-    def connect(self, scanner: "Scanner", smc: "SmcStepper", fail: Callable[[str, BaseException | None], None]) -> None:
-        """Bind what a fill calls: the page scanner and its code-page maps, the
-        code pages a stepped store may write, and the run's failure stop."""
+    def connect(self, scanner: "Scanner", fail: Callable[[str, BaseException | None], None]) -> None:
+        """Bind what a fill calls: the page scanner and its code-page maps, and
+        the run's failure stop."""
         self._scan = scanner.scan
         self._code_hpa = scanner.code_hpa
-        self._smc_open = smc.open
         self._fail = fail
 
     # ------------------------------------------------------------ the hook
@@ -176,38 +176,29 @@ class TlbFill:
         hpa = e[HPA]
         perms = UC_PROT_READ
         if acc == _FETCH:
-            if hpa in self.wgrant and hpa not in self._code_hpa:
-                # the page becomes code while a soft-TLB entry (this or another
-                # GVA) may still write it unobserved: drop those entries
-                self.flush_soft_tlb()
+            if hpa in self.wgrant:
+                stores = self.code_stores.pop(hpa, None)
+                if stores is not None:
+                    # a code page the guest stored to goes back to execution: its
+                    # writable entries go first, so its next store is a fill again
+                    self._drop_entries(stores)
+                elif hpa not in self._code_hpa:
+                    # the page becomes code while a soft-TLB entry (this or another
+                    # GVA) may still write it unobserved: drop those entries
+                    self.flush_soft_tlb()
             self.fetch_map[gva] = hpa
-            self._scan(gva, hpa)
+            self._scan(gva, hpa)            # the bytes stored since the last scan are rescanned
             perms |= UC_PROT_EXEC
-            if hpa in self._smc_open and e[WRITABLE] and e[DIRTY]:
-                # a code page open to stepped stores (.smc): one entry serves the
-                # stepped code's fetches and stores, with no fill between them
-                perms |= UC_PROT_WRITE
-                self.wgrant.add(hpa)
-                self.code_writes.add(gva)
         else:
             is_code = hpa in self._code_hpa
             if acc == _WRITE:
-                if is_code and hpa not in self._smc_open:
-                    # A store to a scanned code page: refused and single-stepped
-                    # (Unicorn's own self-modifying-code check does not hold for
-                    # a page mapped without execute permission; see .smc)
-                    self.pending_fault = CodeStore(hpa)
-                    self.fault_page = gva
-                    return False
+                if is_code:
+                    stores = self.code_stores.get(hpa)
+                    if stores is None:
+                        stores = self._to_stores(hpa)
+                    stores.add(gva)
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
-                if is_code:
-                    self.code_writes.add(gva)
-                    if e[EXECUTABLE] and not (e[USER_PAGE] and not user and q[_Q_CR4] & CR4_SMEP):
-                        # the same for a store: executable as a fetch fill would make it
-                        self.fetch_map[gva] = hpa
-                        self._scan(gva, hpa)
-                        perms |= UC_PROT_EXEC
             elif e[WRITABLE] and e[DIRTY] and not is_code:
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
@@ -382,21 +373,26 @@ class TlbFill:
                              if self.soft_tlb_size < SOFT_TLB_MAX else 1 << 62)
         self.soft_fills = 0
         self.wgrant.clear()
-        self.code_writes.clear()
+        self.code_stores.clear()
 
-    def revoke_code_writes(self) -> None:
-        """Take back the write permission the soft TLB was given on code pages
-        opened to a stepped store (:mod:`.smc`): those pages' entries alone
-        where QEMU's per-page flush is at hand (:mod:`.soft_tlb`) -- the guest's
-        other pages stay filled -- else the whole soft TLB."""
-        gvas = self.code_writes
-        if not gvas:
-            return
+    def _to_stores(self, hpa: int) -> set[int]:
+        """Code page ``hpa`` leaves execution for the guest's stores (a write fill):
+        every soft-TLB entry that may execute it goes, so the next block translated
+        from it is a fetch fill, which rescans what the stores changed before the
+        block is built (with the new candidates' hooks in it); and QEMU is made to
+        check every store to it against its translated blocks (:class:`StoreWatch`),
+        so no block holding bytes a store changed survives it.  Returns the GVA
+        pages that will be granted write access to it (filled in by the caller)."""
+        self._drop_entries(self._code_hpa[hpa])
+        self._watch.watch(hpa)
+        stores = self.code_stores[hpa] = set()
+        return stores
+
+    def _drop_entries(self, gvas) -> None:
+        """Drop the soft-TLB entries of the GVA pages ``gvas`` (every MMU index):
+        one by one where QEMU's per-page flush is at hand, else the whole soft TLB."""
         if self._flush_page is None or len(gvas) > _PAGE_FLUSHES_MAX:
             self.flush_soft_tlb()
             return
         for g in gvas:
             self._flush_page(g)
-            self.fetch_map.pop(g, None)
-        gvas.clear()
-

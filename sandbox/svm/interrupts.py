@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .fill import TlbFill
     from .run import RunLoop
     from .scanner import DecisionView, Scanner
-    from .smc import SmcStepper
+    from .smc import CodeChanges
     from .world_switch import SwitchState, WorldSwitch
 
 _Q = struct.Struct("<Q")
@@ -58,9 +58,9 @@ class Interrupts:
         self.access = GuestAccess(self._read, self._write)
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", ws: "WorldSwitch", run: "RunLoop",
-                smc: "SmcStepper", avic: "Avic", lbr: "BranchRecords") -> None:
+                smc: "CodeChanges", avic: "Avic", lbr: "BranchRecords") -> None:
         """Bind what delivery calls: the walker, the scanner's watch, the #VMEXIT,
-        stopping the run, the stepping of a store to a code page, and the
+        stopping the run, the rescan of a code page the processor writes, and the
         last-branch records (an event is recorded)."""
         self._cpu = cpu
         self._lbr = lbr
@@ -78,9 +78,6 @@ class Interrupts:
     def on_intr(self, uc, intno: int, ud) -> None:
         """UC_HOOK_INTR: an exception (or INT n) Unicorn raised."""
         try:
-            if self._smc.step is not None and self._smc.trap(intno):
-                self._st.clear_old_exception()
-                return                      # the model's own trap after a stepped code store
             st = self._st
             rip = st.rip                    # the state's RIP is what a register read returns
             err = st.error_code if intno in HAS_ERROR_CODE else None
@@ -127,8 +124,6 @@ class Interrupts:
         describing the event being delivered (APM §15.7.2): TYPE 0 for an
         external interrupt, 2 NMI, 4 INT n, 3 for exceptions (INT3/INT1 too).
         """
-        if self._smc.step is not None:
-            self._smc.end()                 # the frame's RFLAGS must not carry the model's TF
         if etype is None:
             etype = (EventType.INTR if external else
                      EventType.SOFT_INT if software and vector not in (1, 3) else EventType.EXCEPTION)

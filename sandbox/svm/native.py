@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .interrupts import Interrupts
     from .run import RunLoop
     from .scanner import DecisionView
-    from .smc import SmcStepper
+    from .smc import CodeChanges
     from .world_switch import SwitchState, WorldSwitch
 
 class _TscClock:
@@ -175,13 +175,12 @@ class NativeInsns:
         self._port_hooks = PortIoHooks(self._uc, self._insn_in, self._insn_out)
 
     def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", run: "RunLoop",
-                smc: "SmcStepper", avic: "Avic", alignment: "AlignmentCheck", lbr: "BranchRecords") -> None:
+                smc: "CodeChanges", avic: "Avic", alignment: "AlignmentCheck", lbr: "BranchRecords") -> None:
         """Bind what the emulation calls: soft-TLB flushes and the walker's
         statistics, the #VMEXIT, event delivery, and stopping the run."""
         self._fill = fill
         self._align_cr0 = alignment.cr0
         self._lbr = lbr
-        self._smc = smc
         self._processor_wrote = smc.processor_wrote
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
@@ -307,7 +306,7 @@ class NativeInsns:
         single step (RFLAGS.TF) traps after it, #DB with DR6.BS (APM vol. 2 §13.1.1.3),
         as Unicorn would have trapped after running it."""
         st = self._st
-        stepping = st.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_TF and self._smc.step is None
+        stepping = st.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_TF
         self._set_rip(next_rip)
         if stepping:
             st.reg_write(X.UC_X86_REG_DR6, st.reg_read(X.UC_X86_REG_DR6) | DR6_BS)
@@ -530,8 +529,8 @@ class NativeInsns:
         """RDTSC/RDTSCP not intercepted, on a virtual TSC: EDX:EAX = the virtual
         host TSC + TSC_OFFSET (APM §15.30.5), RDTSCP's ECX = TSC_AUX[31:0], and RIP
         past it.  Whatever else the instruction may do is left to Unicorn: the #GP
-        of CR4.TSD above CPL 0, a LOCK prefix, a single step's #DB (the guest's TF
-        or the model's own, :mod:`.smc`) -- those run natively.  Without a virtual
+        of CR4.TSD above CPL 0, a LOCK prefix, a single step's #DB (the guest's TF)
+        -- those run natively.  Without a virtual
         TSC nothing is done here (the scanner hooks these only for an intercept)."""
         clock = self.tsc_clock
         if clock is None or (view.cpl and st.cr(4) & CR4_TSD):

@@ -21,14 +21,12 @@ from .controls import GuestControls
 from .cpustate import OFF_EMU_COUNTER, OFF_INVALID_ADDR, CpuState, engine_cell
 from .events import Vec
 from .exitcodes import ExitCode
-from .smc import CodeStore
 from .stop import StopInfo, StopReason
 
 if TYPE_CHECKING:
     from .avic import Avic
     from .fill import TlbFill
     from .interrupts import Interrupts
-    from .smc import SmcStepper
     from .world_switch import SwitchState, WorldSwitch
 
 #: the guest clock's nominal rate: one retired instruction is 10 ns of guest time
@@ -72,13 +70,11 @@ class RunLoop:
         self.remote_events = 0
         self._kicked = False
 
-    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", smc: "SmcStepper",
-                avic: "Avic") -> None:
-        """Bind the failed fill's fault, the #VMEXIT, exception delivery, code-store
-        stepping and the AVIC (which takes APIC-page accesses and doorbells)."""
+    def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", avic: "Avic") -> None:
+        """Bind the failed fill's fault, the #VMEXIT, exception delivery and the
+        AVIC (which takes APIC-page accesses and doorbells)."""
         self._fill = fill
         self._avic = avic
-        self._smc = smc
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
         self._raise = interrupts.raise_exception
@@ -171,8 +167,6 @@ class RunLoop:
             if f is None:
                 sw.stop = StopInfo(StopReason.ERROR, f"emulation error: {e}")
                 return False
-            if budget and isinstance(f, CodeStore):
-                self._uncount_refused_store()
             self._memory_fault(f)
             if sw.stop is None and sw.exit is None:
                 sw.entry_rip = self._st.reg_read(_RIP)
@@ -209,30 +203,15 @@ class RunLoop:
             if self.limits.max_insns:
                 self.insns = (self.insns or 0) + n
 
-    def _uncount_refused_store(self) -> None:
-        """A store refused because it hit a scanned code page did not retire: it
-        runs again, stepped (:mod:`.smc`). Unicorn counted it when it started;
-        take it back, so guest time and an instruction budget count it once --
-        else a budget of one instruction would never get past it."""
-        self.guest_clock = max(0, self.guest_clock - 1)
-        if self.limits.max_insns and self.insns:
-            self.insns -= 1
-
     # ------------------------------------------------------- memory faults
     def _memory_fault(self, f: Exception) -> None:
         """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
         st = self._st
         st.clear_old_exception()
         rip = st.rip
-        smc = self._smc
-        if isinstance(f, CodeStore):
-            smc.begin(f.hpa, rip)          # a store to a code page: step it
-            return
         # the fill saw only the page; Unicorn kept the exact faulting address
         exact = self._invalid.value
         off = exact & 0xFFF if exact & ~0xFFF == self._fill.fault_page else 0
-        if smc.step is not None:
-            smc.end()                      # the stepped store faulted
         if isinstance(f, NestedFault):
             gpa = f.gpa | off if f.exitinfo1 & PFErr.FINAL else f.gpa
             if f.exitinfo1 & PFErr.FINAL and self._avic.claims(gpa):

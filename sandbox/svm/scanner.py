@@ -35,6 +35,7 @@ from .engine import CodeHooks, TbInvalidator
 from .events import GuestAccess, Vec
 from .exitcodes import ExitCode
 from .extension import NO_EXTENSION, ProcessorExtension
+from .one_insn_block import OneInsnBlock
 from .vmcb import OFF_EFER, OFF_V_INTR, VIntr
 
 if TYPE_CHECKING:
@@ -195,8 +196,7 @@ class Scanner:
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
         self.irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
         self.pass_once_rip: int | None = None
-        #: the address whose pass_once the last candidate hook used (a stepped code store re-arms it)
-        self.pass_used: int | None = None
+        self._one_insn_block = OneInsnBlock(uc)
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", ws: "WorldSwitch", native: "NativeInsns",
                 interrupts: "Interrupts", pause: "PauseFilter",
@@ -273,6 +273,9 @@ class Scanner:
             self._hooked_scan.clear()
             self._decoded_by_key.clear()
             self._flush_tb()
+            # and the soft TLB: a block translated again through an entry still
+            # executable would not pass the fetch fill that rescans its page
+            self._flush_soft_tlb()
             self._flush_soft_tlb()
 
     def scan(self, gva: int, hpa: int) -> None:
@@ -310,8 +313,14 @@ class Scanner:
         self._uc.ctl_remove_cache(addr, addr + 1)     # recompile with the hook
 
     def pass_once(self, rip: int | None) -> None:
-        """Execute the instruction at ``rip`` once without the intercept check (None: cancel)."""
+        """Execute the instruction at ``rip`` once without the intercept check (None: cancel).
+
+        It runs as a block of its own (:mod:`.one_insn_block`): QEMU never gives up
+        a store of such a block that overwrites it, which would run the instruction
+        -- and this hook -- again, now intercepted."""
         self.pass_once_rip = rip
+        if rip is not None:
+            self._one_insn_block.next()
 
     # -------------------------------------------------------- candidate hook
     def on_candidate(self, handle, address: int, size: int, user_data) -> None:
@@ -351,10 +360,8 @@ class Scanner:
                 self._raise(Vec.UD, None, address)      # no such instruction here: nothing to intercept
                 return
             view = None
-            self.pass_used = None
             if self.pass_once_rip == address:
                 self.pass_once_rip = None
-                self.pass_used = address
                 info = None
             else:
                 info = ent[2]
@@ -468,16 +475,6 @@ class Scanner:
                 self.code_pages.pop(g, None)
                 self.xmod_pages.add(g)
 
-    def forget_page(self, hpa: int) -> bool:
-        """Code page ``hpa`` is no longer code (see :meth:`SmcStepper.demote`);
-        True when it was.  The next fetch from it scans it again."""
-        gvas = self.code_hpa.pop(hpa, None)
-        if not gvas:
-            return False
-        for g in gvas:
-            self.code_pages.pop(g, None)
-        return True
-
     def xmod_commit(self) -> None:
         """At VMRUN, after any TLB flush: drop what the hypervisor's writes made stale."""
         self._drop_decodes()
@@ -523,7 +520,6 @@ class Scanner:
         self.xmod_pages.clear()
         self.irq_window.clear()
         self.pass_once_rip = None
-        self.pass_used = None
         self._flush_soft_tlb()
 
     def shed_hooks(self) -> int:

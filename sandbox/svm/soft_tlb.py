@@ -2,8 +2,9 @@
 
 Unicorn's API flushes the whole soft TLB (``UC_CTL_TLB_FLUSH``); every page
 the guest touches afterwards comes back through the TLB-fill hook, a Python
-2-D walk or tagged-TLB lookup each.  Where one page's entry must go -- the
-write permission a stepped code store was granted (:mod:`.smc`) -- QEMU's
+2-D walk or tagged-TLB lookup each.  Where one page's entries must go -- a
+code page's executable ones when the guest stores to it, its writable ones
+when it runs again (:mod:`.smc`) -- QEMU's
 ``tlb_flush_page`` drops just that page (every MMU index, its victim-TLB
 entries and its jump-cache entries).  libunicorn exports it under its
 per-target name; it takes the ``CPUState *``, which the engine keeps in

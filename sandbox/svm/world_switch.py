@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from .fill import TlbFill
     from .interrupts import Interrupts
     from .scanner import Scanner
-    from .smc import SmcStepper
 
 _Q = struct.Struct("<Q")
 #: the VMCB bits VMRUN tests on every entry, as plain ints (an IntFlag operation costs a microsecond)
@@ -205,7 +204,7 @@ class WorldSwitch:
         self._memo: tuple[bytes, int, bytes, bytes] | None = None
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", interrupts: "Interrupts",
-                smc: "SmcStepper", pause: "PauseFilter", alignment: "AlignmentCheck", lbr: "BranchRecords",
+                pause: "PauseFilter", alignment: "AlignmentCheck", lbr: "BranchRecords",
                 breakpoints: "HardwareBreakpoints") -> None:
         """Bind what the switch drives: soft-TLB flushes and the walker, the
         scanner's arming and cross-modifying code, the entry events, the PAUSE
@@ -216,7 +215,6 @@ class WorldSwitch:
         self._lbr = lbr
         self._pause = pause
         self._align_cr0 = alignment.cr0
-        self._smc = smc
         self._flush_soft_tlb = fill.flush_soft_tlb
         self._drop_walker = fill.drop_walker
         self._arm_scanner = scanner.arm
@@ -495,8 +493,6 @@ class WorldSwitch:
         HostMemory (``host_access``).  Either way nothing that reads host memory can
         see the VMCB before it holds the guest state.
         """
-        if self._smc.step is not None:
-            self._smc.end()                  # the exit's RFLAGS must not carry the model's TF
         st = self._st
         cpu = self._cpu
         ext = self.ext
@@ -581,7 +577,7 @@ class WorldSwitch:
         :meth:`_reenter`).  Anything else takes the general functions.
         ``code``, ``info1``, ``info2`` are in range (0 <= x < 2**64)."""
         sw = self.sw
-        if self._smc.step is not None or self.ext is not NO_EXTENSION or sw.defer_dispatch or self._lbr.engaged:
+        if self.ext is not NO_EXTENSION or sw.defer_dispatch or self._lbr.engaged:
             self.vmexit(code, info1, info2, rip=rip, nrip=nrip)
             self.after_exit_in_hook(rip)
             return

@@ -316,13 +316,12 @@ PUSHF_RDX = 0xC5CBCD9CA89F284B                           # its byte 4 (9C, PUSHF
 
 
 def test_a_store_rewriting_itself_into_pushf_is_not_taken_for_a_pushf(guest):
-    """A MOV that stores into its own code page is stepped (smc.py); after the
-    step the model clears its own TF from a stepped PUSHF's image.  Whether the
-    stepped instruction was a PUSHF must be decided from the bytes it ran as,
-    not from memory after it: this MOV rewrites its own first byte into 9C.  The
-    model took it for a PUSHF and cleared bit 8 of the guest's word at [RSP]
-    (under shadow paging, where RSP was unmapped, the read crashed the run).
-    Found by `sandbox fuzz --paging shadow --seed 204`."""
+    """A MOV that rewrites its own first byte into 9C (PUSHF) must not be taken
+    for a PUSHF.  When stores to code pages were single-stepped (smc.py), the
+    model cleared its own TF from a stepped PUSHF's image, decided from memory
+    after the step: it cleared bit 8 of the guest's word at [RSP] (under shadow
+    paging, where RSP was unmapped, the read crashed the run).  Found by
+    `sandbox fuzz --paging shadow --seed 204`; the guest's word stays as it was."""
     word = 0x1234_5F00                                    # bit 8 (TF's position) set
     src = f"""
     mov rax, {word:#x}

@@ -145,10 +145,11 @@ def test_an_io_breakpoint_the_vmcb_enables_traps_after_the_out(guest):
     assert m.guest.vmcb.DR6 & 1
 
 
-def test_a_dr_that_is_set_but_not_enabled_does_not_break_a_stepped_code_store(guest):
-    """A store into the running code page is stepped with the model's own TF; QEMU's step
-    trap sets DR6.B0 for a DR0 that equals the next RIP though DR7 does not enable it
-    (SDM vol. 3 §17.2.3 allows the bit), which is no breakpoint: no #DB.  Enabled, it is."""
+def test_a_dr_that_is_set_but_not_enabled_does_not_break_a_code_store(guest):
+    """A store into the running code page with DR0 on the next instruction: a DR0
+    that DR7 does not enable is no breakpoint, no #DB (when such stores were
+    single-stepped, QEMU's step trap set DR6.B0 for it, as SDM vol. 3 §17.2.3
+    allows, and the model had to tell).  Enabled, it is one."""
     for dr7, want in ((DR7_FIXED_1, 0x55), (DR7_FIXED_1 | 1, 0x100 + DB)):
         m = guest(f"mov rax, after\nmov dr0, rax\nmov eax, {dr7:#x}\nmov dr7, rax\n"
                   "lea rbx, [rip + scratch]\nmov byte ptr [rbx], 1\nafter:\nnop\n" + hc_exit(0x55)

@@ -1,6 +1,7 @@
 """One page of Unicorn's soft TLB flushed (QEMU's ``tlb_flush_page``), and the
-stepped code store that uses it: the store's write permission is taken back
-with its page's entry alone, so the guest's other pages stay filled, and the
+code stores that use it (sandbox.svm.smc): a code page's executable entries
+go when the guest stores to it, and its writable ones when it runs again,
+with that page's entries alone, so the guest's other pages stay filled; the
 guest computes what it computes when the whole soft TLB is flushed instead."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sandbox.svm.engine import TCG_BUFFER_SMALL, add_raw_tlb_fill_hook, x86_64_e
 from sandbox.svm.soft_tlb import page_flusher
 
 COUNTER = BASE + 0xC00                  # on the code's own page
-STORES = 5                              # stepped stores, below smc.HOT_AFTER
+STORES = 5
 
 
 def test_one_page_flushed_refills_that_page_alone():
@@ -68,11 +69,11 @@ again:
     return m, data_fills
 
 
-def test_a_stepped_store_keeps_the_guests_other_pages_filled(guest, monkeypatch):
+def test_a_code_store_keeps_the_guests_other_pages_filled(guest, monkeypatch):
     """With the per-page flush, the data page is filled once for the whole
-    loop; with the whole soft TLB flushed after each stepped store (the path
-    taken where the per-page flush is not available) it is filled again after
-    every store.  The guest's results are the same either way."""
+    loop; with the whole soft TLB flushed where a code page's entries go (the
+    path taken where the per-page flush is not available) it is filled again.
+    The guest's results are the same either way."""
     m, data_fills = _smc_guest(guest)
     r = m.run(timeout=20)
     assert r.reason == "guest-exit" and r.exit_code == 0x55, (r.reason, r.detail)
@@ -84,5 +85,5 @@ def test_a_stepped_store_keeps_the_guests_other_pages_filled(guest, monkeypatch)
     r2 = m2.run(timeout=20)
     assert r2.reason == "guest-exit" and r2.exit_code == 0x55, (r2.reason, r2.detail)
     assert int.from_bytes(m2.guest.read_phys(COUNTER, 8), "little") == STORES
-    assert len(data_fills2) >= STORES
+    assert len(data_fills2) > 1
     assert r2.regs == r.regs

@@ -1,7 +1,7 @@
 """A code page the guest keeps storing to (data beside code, as kvm-unit-tests' boot
-code shares a page with its test table) stops being treated as code after a number of
-stepped stores; running it again must scan it anew, so an armed instruction written
-into it while it was data still exits (the intercept soundness rule)."""
+code shares a page with its test table) is writable while the guest stores to it;
+running it again must scan it anew, so an armed instruction written into it in a
+long run of stores still exits (the intercept soundness rule)."""
 from __future__ import annotations
 
 from conftest import BASE, assemble, capture, hc_exit
@@ -12,7 +12,7 @@ from sandbox.svm.exitcodes import ExitCode
 COUNTER, SLOT = BASE + 0x800, BASE + 0x900      # both on the code's own page
 
 
-def test_armed_instruction_written_into_a_demoted_page_exits(guest):
+def test_armed_instruction_written_after_a_long_run_of_stores_exits(guest):
     src = f"""
     mov rbx, {COUNTER:#x}
     mov ecx, 500
