@@ -310,6 +310,7 @@ class SvmCpu:
         ASID-tagged :attr:`tlb` is architectural and stays (``tlb.flush_all()``)."""
         self._scanner.reset()
         self._fill.drop_walker()
+        self._fill.trim_watch()
 
     def shed_candidate_hooks(self) -> int:
         """Delete every per-address candidate hook (each translated block is
@@ -318,7 +319,14 @@ class SvmCpu:
         Returns how many hooks were deleted."""
         n = self._scanner.shed_hooks()
         self._fill.drop_walker()
+        self._fill.trim_watch()
         return n
+
+    @property
+    def watched_code_pages(self) -> frozenset[int]:
+        """Host pages of code the guest stored to, on which QEMU checks every
+        store against its translated blocks (:mod:`.smc`)."""
+        return self._fill.watched_pages
 
     @property
     def candidate_hook_count(self) -> int:

@@ -49,6 +49,9 @@ SOFT_TLB_GROW_PERCENT = 72
 #: code pages' entries flushed one by one (:meth:`TlbFill.revoke_code_writes`); more: all of them
 _PAGE_FLUSHES_MAX = 8
 
+#: code pages watched for stores (:class:`StoreWatch`) before the watches are dropped at a reset
+WATCHED_MAX = 64
+
 #: guest contexts whose walkers are kept (all are dropped when one more comes)
 WALKERS_KEPT = 4
 
@@ -387,6 +390,18 @@ class TlbFill:
         self._watch.watch(hpa)
         stores = self.code_stores[hpa] = set()
         return stores
+
+    @property
+    def watched_pages(self) -> frozenset[int]:
+        """The code pages QEMU checks every store to (:class:`StoreWatch`)."""
+        return frozenset(self._watch.pages)
+
+    def trim_watch(self) -> None:
+        """Stop watching every code page once more than :data:`WATCHED_MAX` are
+        (each is one more hook on Unicorn's list); only with the soft TLB empty,
+        i.e. no page writable (the translation caches were just reset)."""
+        if len(self._watch.pages) > WATCHED_MAX and self._soft_empty:
+            self._watch.clear()
 
     def _drop_entries(self, gvas) -> None:
         """Drop the soft-TLB entries of the GVA pages ``gvas`` (every MMU index):

@@ -310,3 +310,29 @@ def test_an_instruction_run_once_unintercepted_that_overwrites_its_own_block(gue
     assert r.reason == "guest-exit" and r.exit_code == 0x55, (r.reason, r.detail)
     assert r.counts == {0x67: 1, 0x81: 1}                     # GDTR_READ once, then the exit hypercall
     assert m.guest.read_phys(BASE + at + 7, 10) == gdtr
+
+
+def test_watches_are_dropped_past_the_limit(guest):
+    """Each code page the guest stores to is watched (one hook on Unicorn's list
+    each): 65 pages, each written (a RET), called, then stored to.  Past
+    ``fill.WATCHED_MAX`` a reset of the translation caches drops the watches."""
+    from sandbox.svm.fill import WATCHED_MAX
+    n = WATCHED_MAX + 1
+    src = f"""
+    mov rbx, 0x110000
+    mov ecx, {n}
+again:
+    mov byte ptr [rbx], 0xc3
+    call rbx
+    mov byte ptr [rbx + 1], 0x90
+    add rbx, 0x1000
+    dec ecx
+    jnz again
+    """ + hc_exit(0x55)
+    m = guest(src)
+    r = m.run(timeout=20)
+    assert r.reason == "guest-exit" and r.exit_code == 0x55, (r.reason, r.detail)
+    pages = m.cpu.watched_code_pages
+    assert len(pages) == n and all(m.guest.read_phys(0x110000 + i * 0x1000, 2) == b"\xc3\x90" for i in range(n))
+    m.cpu.reset_translation_caches()
+    assert m.cpu.watched_code_pages == frozenset()
