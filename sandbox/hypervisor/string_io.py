@@ -131,27 +131,23 @@ class _Port:
     def __init__(self, dev, port: int, size: int) -> None:
         self.port, self.size, self.dev = port, size, dev
         self.writes = dev is not None
-        if dev is None:
-            self.read, self.write = self._floating, self._nowhere
-            return
-        self._read_string = getattr(dev, "read_string", None)
-        self._write_string = getattr(dev, "write_string", None)
-        if self._read_string is None:
-            self.read = self._read_each
-        if self._write_string is None:
-            self.write = self._write_each
-
-    def _floating(self, n: int) -> bytes:
-        return b"\xff" * (n * self.size)
-
-    def _nowhere(self, data: bytes) -> None:
-        pass
+        # (methods chosen per call, not bound into the instance: a bound method kept
+        # in its own object is a reference cycle, freed only by the garbage collector)
+        self._read_string = getattr(dev, "read_string", None) if dev is not None else None
+        self._write_string = getattr(dev, "write_string", None) if dev is not None else None
 
     def read(self, n: int) -> bytes:
-        return self._read_string(self.port, self.size, n)
+        if self._read_string is not None:
+            return self._read_string(self.port, self.size, n)
+        if self.dev is None:
+            return b"\xff" * (n * self.size)          # a floating bus reads all ones
+        return self._read_each(n)
 
     def write(self, data: bytes) -> None:
-        self._write_string(self.port, self.size, data)
+        if self._write_string is not None:
+            self._write_string(self.port, self.size, data)
+        elif self.dev is not None:
+            self._write_each(data)                     # (with no device, writes go nowhere)
 
     def _read_each(self, n: int) -> bytes:
         read, port, size = self.dev.read, self.port, self.size

@@ -169,7 +169,9 @@ class TlbFill:
                 try:
                     w = self.guest_walker().translate(vaddr, acc, user)
                 except (GuestPageFault, NestedFault, GuestGP, GuestException) as f:
-                    self.pending_fault = f
+                    # without its traceback: the frames it holds lead back here, to the
+                    # fault, a reference cycle only the garbage collector would free
+                    self.pending_fault = f.with_traceback(None)
                     self.fault_page = gva
                     return False
                 e = (w.hpa & ~0xFFF, w.writable, w.executable, w.dirty, w.global_, w.user)
