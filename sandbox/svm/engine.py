@@ -63,6 +63,24 @@ def new_engine(mem: HostMemory) -> Uc:
     return uc
 
 
+class SelfTest:
+    """A check that a libunicorn internal behaves as this package relies on, run
+    once per process (on a scratch engine) the first time it is asked for; a
+    check that raises has failed."""
+
+    def __init__(self, test: Callable[[], bool]) -> None:
+        self._test = test
+        self._passed: bool | None = None
+
+    def passed(self) -> bool:
+        if self._passed is None:
+            try:
+                self._passed = bool(self._test())
+            except Exception:
+                self._passed = False
+        return self._passed
+
+
 def raw_handle(uc: Uc) -> ctypes.c_void_p:
     """The ``uc_engine *`` behind a binding object (a binding internal)."""
     return uc._uch

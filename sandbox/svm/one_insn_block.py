@@ -29,15 +29,13 @@ import ctypes
 from unicorn import UC_HOOK_BLOCK, UC_PROT_ALL, Uc
 
 from .cpustate import INTERNALS, engine_cell, engine_memory
-from .engine import TCG_BUFFER_SMALL, x86_64_engine
+from .engine import TCG_BUFFER_SMALL, SelfTest, x86_64_engine
 
 #: ``offsetof(CPUState, cflags_next_tb)`` on a 64-bit host
 OFF_CFLAGS_NEXT_TB = 24
 #: ``cflags_next_tb`` when no block is asked for, and the one-instruction block's
 #: flags (CF_COUNT_MASK = 1; Unicorn runs no other CF_* bit: one thread, no icount)
 UNSET, ONE_INSN = 0xFFFF_FFFF, 1
-
-_checked: bool | None = None
 
 
 class OneInsnBlock:
@@ -57,13 +55,7 @@ class OneInsnBlock:
 
 def _cell(uc: Uc) -> ctypes.c_uint32:
     """``cflags_next_tb`` of ``uc``'s CPU, in place, once the mechanism is checked."""
-    global _checked
-    if _checked is None:
-        try:
-            _checked = _self_test()
-        except Exception:
-            _checked = False
-    if not _checked:
+    if not _CHECK.passed():
         raise RuntimeError("this libunicorn does not run a one-instruction block on request "
                            "(CPUState.cflags_next_tb): the sandbox needs Unicorn 2.1.x")
     return _raw_cell(uc)
@@ -93,3 +85,6 @@ def _self_test() -> bool:
     cell.value = ONE_INSN
     uc.emu_start(0, 4)
     return blocks == [(0, 1), (1, 3)] and cell.value == UNSET
+
+
+_CHECK = SelfTest(_self_test)

@@ -25,13 +25,10 @@ from unicorn import UC_PROT_ALL, UC_TLB_VIRTUAL, Uc
 from unicorn.unicorn_py3.unicorn import uclib
 
 from .cpustate import INTERNALS, engine_cell
-from .engine import TCG_BUFFER_SMALL, add_raw_tlb_fill_hook, x86_64_engine
+from .engine import TCG_BUFFER_SMALL, SelfTest, add_raw_tlb_fill_hook, x86_64_engine
 
 _FLUSH_PAGE = "tlb_flush_page_x86_64"           # void (CPUState *cpu, target_ulong addr)
 
-#: the self-test's verdict (None: not yet taken; False: this libunicorn cannot flush
-#: one page as checked)
-_checked: bool | None = None
 
 
 def _raw_flusher(uc: Uc) -> Callable[[int], None] | None:
@@ -84,10 +81,8 @@ def page_flusher(uc: Uc) -> Callable[[int], None] | None:
     """``flush(gva)``: drop the soft-TLB entries of the page at ``gva`` on
     ``uc`` (which must have its CPU, i.e. memory mapped); None where this
     libunicorn cannot do it as checked."""
-    global _checked
-    if _checked is None:
-        try:
-            _checked = _self_test()
-        except Exception:
-            _checked = False
-    return _raw_flusher(uc) if _checked else None
+    return _raw_flusher(uc) if _CHECK.passed() else None
+
+
+#: the self-test, taken once (not passed: this libunicorn cannot flush one page as checked)
+_CHECK = SelfTest(_self_test)

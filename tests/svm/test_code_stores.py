@@ -99,18 +99,24 @@ def _cr0_reads(m) -> list[int]:
     return seen
 
 
+def _smsw_exits_once_at(m, at: int, n: int, stored: bytes) -> None:
+    """Run ``m`` with the CR0-read intercept armed: the ``n`` bytes at ``at`` end
+    up as ``stored``, whose SMSW r12d exits once, there, and the guest's exit
+    code (R12) is CR0."""
+    seen = _cr0_reads(m)
+    r = m.run(timeout=20)
+    assert r.reason == "guest-exit", (r.reason, r.detail)
+    assert m.guest.read_phys(at, n) == stored
+    assert [hex(a) for a in seen] == [hex(at)]
+    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF != 0
+
+
 def _runs_the_stored_smsw(guest, src: str) -> None:
     """Run ``src``, which stores SMSW r12d over the four NOPs at its label
     ``target`` and runs on into them, with the CR0-read intercept armed: the
     intercept fires once, there, and the guest's exit code (R12) is CR0."""
-    m = guest(src)
-    seen = _cr0_reads(m)
-    r = m.run(timeout=20)
-    assert r.reason == "guest-exit", (r.reason, r.detail)
     target = BASE + assemble(src).index(bytes([0x90] * 4) + assemble("mov edi, r12d", 0))
-    assert m.guest.read_phys(target, 4) == SMSW_R12
-    assert [hex(a) for a in seen] == [hex(target)]
-    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF != 0
+    _smsw_exits_once_at(guest(src), target, 4, SMSW_R12)
 
 
 @pytest.mark.parametrize("gap,after", [(0, 0), (0, 8), (40, 0), (40, 8)])
@@ -200,12 +206,7 @@ def test_a_virtual_vmsave_onto_a_written_page_rescans_before_the_next_instructio
     m.guest.write_phys(BASE, bytes(page))
     m.intercept("vmsave", on=False)
     m.guest.vmcb.VIRT_EXT |= 2
-    seen = _cr0_reads(m)
-    r = m.run(timeout=20)
-    assert r.reason == "guest-exit", (r.reason, r.detail)
-    assert m.guest.read_phys(BASE + 0x620, 8) == smsw_jmp
-    assert [hex(a) for a in seen] == [hex(BASE + 0x620)]
-    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF != 0
+    _smsw_exits_once_at(m, BASE + 0x620, 8, smsw_jmp)
 
 
 #: a function called, its immediate overwritten by the second of two stores to its page, and called again
@@ -279,13 +280,7 @@ scratch:
     """
     code = assemble(src)
     assert code[:2] == bytes.fromhex("eb06") and code[2:6] == b"\x90" * 4 and code[6] == 0xEB
-    m = guest(src)
-    seen = _cr0_reads(m)
-    r = m.run(timeout=20)
-    assert r.reason == "guest-exit", (r.reason, r.detail)
-    assert m.guest.read_phys(BASE + 2, 4) == SMSW_R12
-    assert [hex(a) for a in seen] == [hex(BASE + 2)]
-    assert r.exit_code == m.guest.vmcb.CR0 & 0xFFFF_FFFF != 0
+    _smsw_exits_once_at(guest(src), BASE + 2, 4, SMSW_R12)
 
 
 def test_an_instruction_run_once_unintercepted_that_overwrites_its_own_block(guest):
