@@ -29,9 +29,10 @@ from ..memory.mmu import (GuestException, GuestGP, GuestLayer, GuestPageFault, I
 from ..memory.paging import Access
 from ..memory.tlb import DIRTY, EXECUTABLE, HPA, USER_PAGE, WRITABLE, Tlb
 from .controls import GuestControls
-from .cpustate import HF_CPL_MASK, OFF_CR, OFF_EFER, OFF_HFLAGS, CpuState
+from .cpustate import HF_CPL_MASK, OFF_CR, OFF_EFER, OFF_EIP, OFF_HFLAGS, CpuState
 from .decode import MAX_INSN
 from .engine import StoreWatch, flush_soft_tlb
+from .one_insn_block import OneInsnBlock
 from .extension import NO_EXTENSION, ProcessorExtension
 from .soft_tlb import page_flusher
 
@@ -52,6 +53,9 @@ _PAGE_FLUSHES_MAX = 8
 #: code pages watched for stores (:class:`StoreWatch`) before the watches are dropped at a reset
 WATCHED_MAX = 64
 
+#: blocks cut to one instruction after QEMU gave up a store into the running block (:meth:`TlbFill._after_stores`)
+ONE_INSN_RUN = 64
+
 #: guest contexts whose walkers are kept (all are dropped when one more comes)
 WALKERS_KEPT = 4
 
@@ -65,9 +69,9 @@ _FAULTS = (GuestPageFault, NestedFault, GuestGP, GuestException)
 #: the control bits a walker depends on (:class:`~sandbox.memory.mmu.GuestLayer`)
 _CR0_WALK, _CR4_WALK, _EFER_WALK = CR0_PG | CR0_WP, CR4_PAE | CR4_PSE | CR4_SMEP | CR4_PGE, EFER_LMA | EFER_NXE
 #: where the fill reads the CPL (hflags), CR4 and EFER in the CPU state's 64-bit words
-_Q_HFLAGS, _Q_CR0, _Q_EFER = OFF_HFLAGS // 8, OFF_CR // 8, OFF_EFER // 8
+_Q_HFLAGS, _Q_CR0, _Q_EFER, _Q_EIP = OFF_HFLAGS // 8, OFF_CR // 8, OFF_EFER // 8, OFF_EIP // 8
 _Q_CR3, _Q_CR4 = _Q_CR0 + 3, _Q_CR0 + 4
-assert OFF_HFLAGS % 8 == 0 and OFF_CR % 8 == 0 and OFF_EFER % 8 == 0
+assert OFF_HFLAGS % 8 == 0 and OFF_CR % 8 == 0 and OFF_EFER % 8 == 0 and OFF_EIP % 8 == 0
 
 
 class TlbFill:
@@ -104,6 +108,12 @@ class TlbFill:
         #: each: none of their soft-TLB entries may execute them (:meth:`_to_stores`)
         self.code_stores: dict[int, set[int]] = {}
         self._watch = StoreWatch(uc)
+        self._one_insn_block = OneInsnBlock(uc)
+        #: RIP at the write fill that last made a code page writable (where QEMU syncs
+        #: it before every instruction: always under an instruction budget), and per
+        #: page the blocks still to be cut to one instruction (:meth:`_after_stores`)
+        self._store_rip = -1
+        self._one_insn_left: dict[int, int] = {}
         #: ``flush(gva)`` of one soft-TLB page, or None (:mod:`.soft_tlb`)
         self._flush_page = page_flusher(uc)
         #: the fill in use: :meth:`_fill`, or the observed one once an observer is registered
@@ -187,6 +197,7 @@ class TlbFill:
                     # a code page the guest stored to goes back to execution: its
                     # writable entries go first, so its next store is a fill again
                     self._drop_entries(stores)
+                    self._after_stores(hpa)
                 elif hpa not in self._code_hpa:
                     # the page becomes code while a soft-TLB entry (this or another
                     # GVA) may still write it unobserved: drop those entries
@@ -201,6 +212,7 @@ class TlbFill:
                     stores = self.code_stores.get(hpa)
                     if stores is None:
                         stores = self._to_stores(hpa)
+                        self._store_rip = q[_Q_EIP]
                     stores.add(gva)
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
@@ -404,6 +416,24 @@ class TlbFill:
         i.e. no page writable (the translation caches were just reset)."""
         if len(self._watch.pages) > WATCHED_MAX and self._soft_empty:
             self._watch.clear()
+
+    def _after_stores(self, hpa: int) -> None:
+        """A block is built from code page ``hpa`` after stores to it.  When it
+        starts at the instruction whose store made the page writable (RIP, which
+        QEMU has just reset to the block's start), QEMU gave
+        that store up, as it does with a store into the running block, and
+        reruns it as a block of its own; a guest doing that once tends to do it
+        at every instruction (a sled storing into the code ahead of it), and each
+        time QEMU first translates a block of up to 512 instructions only to run
+        one.  So for the next :data:`ONE_INSN_RUN` times the page goes back to
+        execution, the block after this one holds one instruction (which QEMU
+        never gives up).  Only the size of blocks changes, never what runs."""
+        if self._q[_Q_EIP] == self._store_rip:
+            self._one_insn_left[hpa] = ONE_INSN_RUN
+        left = self._one_insn_left.get(hpa)
+        if left:
+            self._one_insn_left[hpa] = left - 1
+            self._one_insn_block.next()
 
     def _drop_entries(self, gvas) -> None:
         """Drop the soft-TLB entries of the GVA pages ``gvas`` (every MMU index):

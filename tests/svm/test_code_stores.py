@@ -331,3 +331,21 @@ again:
     assert len(pages) == n and all(m.guest.read_phys(0x110000 + i * 0x1000, 2) == b"\xc3\x90" for i in range(n))
     m.cpu.reset_translation_caches()
     assert m.cpu.watched_code_pages == frozenset()
+
+
+def test_a_sled_storing_into_the_code_ahead_of_it_is_not_retranslated_per_store(guest):
+    """ADD [RAX], DL with DL = 0 and RAX in the middle of the sled: each store
+    lands in the block that runs it, which QEMU gives up to redo the store as a
+    block of its own -- after translating up to 512 instructions for it, and
+    counting the instruction twice.  Once that is seen at a page, the blocks
+    after its next stores hold one instruction, which QEMU never gives up: the
+    600 stores are started about 600 times, not once more each (as in Unicorn
+    alone), and the guest gets to its exit with its code as it was."""
+    n = 600
+    src = f"mov rax, {BASE + 0x300:#x}\nxor edx, edx\n" + "add byte ptr [rax], dl\n" * n
+    code = assemble(src)
+    m = guest(src + hc_exit(0x55))
+    r = m.run(timeout=60, max_insns=100_000)
+    assert r.reason == "guest-exit" and r.exit_code == 0x55, (r.reason, r.detail)
+    assert m.guest.read_phys(BASE, len(code)) == code
+    assert r.insns <= n + 2 + 3 + 16, r.insns               # the sled, its two MOVs, the exit, a few redone
