@@ -310,7 +310,7 @@ class SvmCpu:
         ASID-tagged :attr:`tlb` is architectural and stays (``tlb.flush_all()``)."""
         self._scanner.reset()
         self._fill.drop_walker()
-        self._fill.trim_watch()
+        self._fill.after_reset()
 
     def shed_candidate_hooks(self) -> int:
         """Delete every per-address candidate hook (each translated block is
@@ -319,7 +319,7 @@ class SvmCpu:
         Returns how many hooks were deleted."""
         n = self._scanner.shed_hooks()
         self._fill.drop_walker()
-        self._fill.trim_watch()
+        self._fill.after_reset()
         return n
 
     @property

@@ -32,8 +32,8 @@ from .controls import GuestControls
 from .cpustate import HF_CPL_MASK, OFF_CR, OFF_EFER, OFF_EIP, OFF_HFLAGS, CpuState
 from .decode import MAX_INSN
 from .engine import StoreWatch, flush_soft_tlb
-from .one_insn_block import OneInsnBlock
 from .extension import NO_EXTENSION, ProcessorExtension
+from .one_insn_block import OneInsnBlock
 from .soft_tlb import page_flusher
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ SOFT_TLB_MAX = 1 << 22
 #: (tlb_mmu_resize_locked); a little margin over that for the count's slack
 SOFT_TLB_GROW_PERCENT = 72
 
-#: code pages' entries flushed one by one (:meth:`TlbFill.revoke_code_writes`); more: all of them
+#: code pages' entries flushed one by one (:meth:`TlbFill._drop_entries`); more: all of them
 _PAGE_FLUSHES_MAX = 8
 
 #: code pages watched for stores (:class:`StoreWatch`) before the watches are dropped at a reset
@@ -108,7 +108,8 @@ class TlbFill:
         #: each: none of their soft-TLB entries may execute them (:meth:`_to_stores`)
         self.code_stores: dict[int, set[int]] = {}
         self._watch = StoreWatch(uc)
-        self._one_insn_block = OneInsnBlock(uc)
+        #: the next block cut to one instruction (shared with the scanner's pass_once)
+        self.one_insn_block = OneInsnBlock(uc)
         #: RIP at the write fill that last made a code page writable (where QEMU syncs
         #: it before every instruction: always under an instruction budget), and per
         #: page the blocks still to be cut to one instruction (:meth:`_after_stores`)
@@ -410,10 +411,12 @@ class TlbFill:
         """The code pages QEMU checks every store to (:class:`StoreWatch`)."""
         return frozenset(self._watch.pages)
 
-    def trim_watch(self) -> None:
-        """Stop watching every code page once more than :data:`WATCHED_MAX` are
-        (each is one more hook on Unicorn's list); only with the soft TLB empty,
-        i.e. no page writable (the translation caches were just reset)."""
+    def after_reset(self) -> None:
+        """The translation caches were just reset: no code page is left, nor any
+        count of blocks still to cut (:meth:`_after_stores`); and every watch goes
+        once more than :data:`WATCHED_MAX` pages are watched (each is one more hook
+        on Unicorn's list) -- only with the soft TLB empty, i.e. no page writable."""
+        self._one_insn_left.clear()
         if len(self._watch.pages) > WATCHED_MAX and self._soft_empty:
             self._watch.clear()
 
@@ -433,7 +436,7 @@ class TlbFill:
         left = self._one_insn_left.get(hpa)
         if left:
             self._one_insn_left[hpa] = left - 1
-            self._one_insn_block.next()
+            self.one_insn_block.next()
 
     def _drop_entries(self, gvas) -> None:
         """Drop the soft-TLB entries of the GVA pages ``gvas`` (every MMU index):

@@ -12,7 +12,11 @@ a new execution and exit again, for ever.  So the instruction that runs
 unintercepted is run as a one-instruction block from the start, which QEMU
 never gives up (a store into a one-instruction block is completed, and the
 block after it translated anew): the flag QEMU sets for that, in
-``CPUState``, is set before the guest resumes.
+``CPUState``, is set before the guest resumes.  The TLB fill sets it too,
+for a while, at a page where QEMU was seen giving such a store up
+(:meth:`~.fill.TlbFill._after_stores`): a guest that stores into its running
+code once tends to at every instruction, and QEMU translates up to 512
+instructions for each store it then gives up.
 
 ``cflags_next_tb`` is the field after QEMU 5.0's two ints, one pointer and
 seven bools at the start of ``struct CPUState`` (include/hw/core/cpu.h),

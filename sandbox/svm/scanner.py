@@ -35,7 +35,6 @@ from .engine import CodeHooks, TbInvalidator
 from .events import GuestAccess, Vec
 from .exitcodes import ExitCode
 from .extension import NO_EXTENSION, ProcessorExtension
-from .one_insn_block import OneInsnBlock
 from .vmcb import OFF_EFER, OFF_V_INTR, VIntr
 
 if TYPE_CHECKING:
@@ -196,19 +195,19 @@ class Scanner:
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
         self.irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
         self.pass_once_rip: int | None = None
-        self._one_insn_block = OneInsnBlock(uc)
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", ws: "WorldSwitch", native: "NativeInsns",
                 interrupts: "Interrupts", pause: "PauseFilter",
                 fail: Callable[[str, BaseException | None], None]) -> None:
         """Bind what a candidate calls: fetched bytes, the #VMEXIT, the
         emulation of instructions that do not exit, the interrupt window,
-        the PAUSE filter."""
+        the PAUSE filter, the one-instruction block of :meth:`pass_once`."""
         self._cpu = cpu
         self._pause_exits = pause.exits
         self._insn_bytes = fill.insn_bytes
         self._fetch_map = fill.fetch_map
         self._flush_soft_tlb = fill.flush_soft_tlb
+        self._one_insn_block = fill.one_insn_block
         self._exit_in_hook = ws.exit_in_hook
         self._native = native.handle
         self._window_open = interrupts.window_open
