@@ -179,6 +179,9 @@ class Scanner:
         #: still hooked: kept across resets (hooks outlive them) and dropped with the
         #: hooks, so a page fetched again after a reset is scanned only where it changed
         self._hooked_scan: dict[int, tuple[int, bytes]] = {}
+        #: the first byte of the page after each page scanned, hooked whatever is
+        #: there (see :meth:`scan`); kept with the hooks
+        self._page_heads: set[int] = set()
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
         #: hpa pages fetched since every translated block was last flushed: every
         #: block lies on these (Unicorn grants execute only to a fetch fill, which scans)
@@ -285,6 +288,15 @@ class Scanner:
         scanned again: the candidates elsewhere are unchanged and hooked.  A
         fuzz case rewrites a few hundred bytes of a code page each time."""
         self.tb_pages.add(hpa)
+        head = (gva + PAGE_SIZE) & M64
+        if head not in self._page_heads:
+            # A block translated from this page may run on into the next one.  QEMU
+            # asks whether a code hook covers an instruction before it fetches it,
+            # so the first instruction of the next page is looked at before the
+            # fetch fill that scans that page: a candidate there would run unhooked.
+            # It is hooked now, whatever it turns out to be (the hook decodes it).
+            self._page_heads.add(head)
+            self.hooks.add(head)
         cur = self.code_pages.get(gva)
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
         if cur is not None and cur[0] == hpa and cur[1] == page:
@@ -525,6 +537,7 @@ class Scanner:
         """Delete every candidate hook and :meth:`reset`; returns how many were deleted."""
         n = self.hooks.shed()
         self._hooked_scan.clear()
+        self._page_heads.clear()
         self.reset()
         return n
 

@@ -442,6 +442,39 @@ def test_instruction_straddling_a_page_boundary_exits(guest, hexbytes, split):
     assert rec[0].rip == start and rec[0].nrip == start + len(b)
 
 
+@pytest.mark.parametrize("budget", [0, 1000])
+@pytest.mark.parametrize("hexbytes,exitcode", [("0fa2", 0x72), ("0f01f9", 0x87), ("480fa2", 0x72)])
+def test_intercepted_instruction_first_on_the_next_page_exits(guest, budget, hexbytes, exitcode):
+    """A run of NOPs falls through into the next page, whose first byte begins an
+    intercepted instruction: one translated block holds both pages' code, and
+    QEMU asks whether a hook covers that instruction before it fetches it (the
+    fill that scans the page).  It must exit (APM §15.9: the intercept is checked
+    before the instruction executes), with or without an instruction budget
+    (whose counting hook on every instruction once hid a missing hook)."""
+    b = bytes.fromhex(hexbytes)
+    start = BASE + 0x1000
+    src = ".space 0x1000, 0x90\n" + db(b)
+    m = guest(src + "\n" + hc_exit(DONE))
+    m.intercept("rdtscp")
+    rec = capture(m, exitcode)
+    m.guest.vmcb.RIP = start - 40           # forty NOPs on the first page, then the page boundary
+    r = m.run(timeout=5, max_insns=budget)
+    assert r.reason == "captured", r.detail
+    assert rec[0].rip == start and rec[0].nrip == start + len(b)
+
+
+def test_plain_instruction_first_on_the_next_page_runs(guest):
+    """The first instruction of a page is hooked whatever it is: one that is not
+    intercepted (INC EBX) runs exactly once."""
+    src = ".space 0x1000 - 40, 0x90\nmov ebx, 7\n.space 35, 0x90\ninc ebx\n" + hc_exit(DONE)
+    assert assemble(src)[0x1000:0x1002] == bytes.fromhex("ffc3")
+    m = guest(src)
+    m.guest.vmcb.RIP = BASE + 0x1000 - 40
+    r = m.run(timeout=5)
+    assert r.reason == "guest-exit", r.detail
+    assert r.regs["rbx"] == 8
+
+
 def test_cpuid_hidden_in_an_immediate_exits(guest):
     # mov eax, 0x90a20f90 = b8 90 0f a2 90; jumping to its third byte executes 0F A2 = CPUID
     src = "mov rbx, {t}\njmp rbx\nmov eax, 0x90a20f90"
