@@ -14,6 +14,7 @@ from rich.table import Table
 from ..fuzz import campaign as C
 from ..fuzz.case import CODE_WINDOW, Case, CaseError
 from ..fuzz.differential import differential
+from ..fuzz.uncounted import UncountedReference
 from ..fuzz.oracle import Finding, findings
 from ..fuzz.snapshot import Harness
 from ..hypervisor.machine import PAGING_MODES
@@ -56,6 +57,9 @@ def add_parser(sub) -> None:
                    help="in fast mode, audit one case in N (0: never; default 8)")
     f.add_argument("--differential-every", type=int, default=16, metavar="N",
                    help="compare one case in N with Unicorn's bundled QEMU SVM (0: never; default 16)")
+    f.add_argument("--uncounted-every", type=int, default=0, metavar="N",
+                   help="run one case in N again without the instruction budget's counting, which must not "
+                        "change how it ends (0: never, the default; 1: every case)")
     f.add_argument("--insns", type=int, default=64, metavar="N", help="instructions per generated case (1-%d)" % (CODE_WINDOW // 16))
     f.add_argument("--paging", choices=PAGING_MODES, default="nested",
                    help="how the hypervisor virtualizes guest memory: nested paging or shadow tables (default nested)")
@@ -84,7 +88,8 @@ def _status_table(stats: C.Stats, secs: float) -> Table:
     t = Table(title="sandbox fuzz", show_header=False, box=None)
     rate = stats.execs / secs if secs > 0 else 0.0
     t.add_row("execs", f"{stats.execs} ({rate:.0f}/s, {stats.audited} audited, "
-                       f"{stats.differential} compared with QEMU)")
+                       f"{stats.differential} compared with QEMU"
+                       + (f", {stats.uncounted} run uncounted)" if stats.uncounted else ")"))
     arcs = arc_count(stats.coverage)
     t.add_row("coverage", f"{len(stats.coverage) - arcs} (exit, info class, handler) tuples, {arcs} handler arcs; "
                           f"corpus +{stats.corpus}")
@@ -116,8 +121,8 @@ def check_fuzz_numbers(a: argparse.Namespace) -> None:
         raise CliError("--audit audits every case; --audit-every N (one case in N) applies without it")
     if a.audit_every is None:
         a.audit_every = 8
-    if a.audit_every < 0 or a.differential_every < 0:
-        raise CliError("--audit-every and --differential-every must be >= 0 (0: never)")
+    if a.audit_every < 0 or a.differential_every < 0 or a.uncounted_every < 0:
+        raise CliError("--audit-every, --differential-every and --uncounted-every must be >= 0 (0: never)")
     if not 1 <= a.insns <= MAX_INSNS:
         raise CliError(f"--insns {a.insns}: must be 1-{MAX_INSNS} (a case's code window is {CODE_WINDOW:#x} bytes)")
     for d, flag in ((a.corpus, "--corpus"), (a.crashes, "--crashes")):
@@ -144,7 +149,8 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
             raise CliError(f"--hooks {e}") from None
     opts = C.Options(seed=a.seed, seconds=a.seconds, cases=a.cases, jobs=a.jobs, corpus=a.corpus,
                      crashes=a.crashes, audit=a.audit, audit_every=a.audit_every,
-                     differential_every=a.differential_every, n_insns=a.insns, paging=a.paging, sev=a.sev,
+                     differential_every=a.differential_every, uncounted_every=a.uncounted_every,
+                     n_insns=a.insns, paging=a.paging, sev=a.sev,
                      minimize=not a.no_minimize, stop_on_finding=a.stop_on_finding, hooks=a.hooks,
                      arcs=not a.no_arcs)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -169,7 +175,7 @@ def cmd_fuzz(a: argparse.Namespace, patch=None) -> int:
         # directories, loading the corpus): nothing ran, nothing is lost
         stats, secs, interrupted = C.Stats(), 0.0, True
     summary = {
-        "seed": a.seed, "jobs": a.jobs, "paging": a.paging, "sev": a.sev, "execs": stats.execs, "audited": stats.audited, "differential": stats.differential, "seconds": round(secs, 2),
+        "seed": a.seed, "jobs": a.jobs, "paging": a.paging, "sev": a.sev, "execs": stats.execs, "audited": stats.audited, "differential": stats.differential, "uncounted": stats.uncounted, "seconds": round(secs, 2),
         "execs_per_s": round(stats.execs / secs, 1) if secs else 0.0, "interrupted": interrupted,
         "coverage": len(stats.coverage), "arcs": arc_count(stats.coverage), "corpus_added": stats.corpus,
         "exits": {exit_name(c): n for c, n in stats.exits.most_common()},
@@ -231,6 +237,11 @@ def replay_case(a: argparse.Namespace) -> int:
     out = h.run(case, full=True)          # all of DRAM compared: the isolation check is exact
     fs = findings(out) + (guard.take() if guard is not None else [])
     fs += [Finding("differential", d) for d in differential(case, out.exits)]
+    ref = UncountedReference(case.paging, case.sev)
+    ref_guard = HookGuard(ref.harness.m, a.hooks) if guard is not None else None   # the same handlers there
+    fs += [Finding(k, m) for k, m in ref.compare(case, out)]
+    if ref_guard is not None:
+        ref_guard.take()
     r = out.result
     if a.json:
         for e in out.exits:

@@ -26,6 +26,7 @@ from .generate import next_case
 from .hooks_fuzz import HookGuard
 from .oracle import Finding, coverage, findings, minimize
 from .snapshot import Harness
+from .uncounted import UncountedReference
 
 SYNC_EVERY = 256          # cases between corpus syncs with the other workers
 STATUS_EVERY_S = 0.5
@@ -46,6 +47,7 @@ class Options:
     audit: bool = False             # audit every case (slow)
     audit_every: int = 8            # otherwise audit one case in N (0: never)
     differential_every: int = 16    # compare one case in N with QEMU's SVM (0: never)
+    uncounted_every: int = 0        # run one case in N again without counting (0: never; see .uncounted)
     n_insns: int = 64
     paging: str = "nested"          # the hypervisor's memory virtualization: nested | shadow
     sev: bool = False               # the guest launched with SEV (encrypted RAM; nested paging)
@@ -66,11 +68,13 @@ class Stats:
     new_coverage: int = 0
     corpus: int = 0
     findings: dict = field(default_factory=dict)     # signature -> (Finding, saved path or "")
+    uncounted: int = 0               # cases run again without counting (.uncounted)
 
     def merge(self, o: "Stats") -> None:
         self.execs += o.execs
         self.audited += o.audited
         self.differential += o.differential
+        self.uncounted += o.uncounted
         self.exits.update(o.exits)
         self.ends.update(o.ends)
         self.coverage |= o.coverage
@@ -144,9 +148,14 @@ class Worker:
         self.qemu = None
         if opts.differential_every:
             self.qemu = QemuSvm()
+        #: the machine that runs cases again without counting (--uncounted-every)
+        self.uncounted = UncountedReference(opts.paging, opts.sev) if opts.uncounted_every else None
         #: the user's handlers, guarded, on each harness's machine (--hooks)
         harnesses = {id(h): h for h in (self.fast, self.auditing) if h is not None}.values()
         self.guards = {id(h): HookGuard(h.m, str(opts.hooks)) for h in harnesses} if opts.hooks is not None else {}
+        # the same handlers there, or the runs could not end alike (its findings are the campaign's)
+        self._uncounted_guard = HookGuard(self.uncounted.harness.m, str(opts.hooks)) \
+            if self.uncounted is not None and opts.hooks is not None else None
         extra = [str(opts.hooks)] if opts.hooks is not None else []
         self.tracers = {id(h): ArcTracer(h.m, extra) for h in harnesses} if opts.arcs else {}
 
@@ -194,6 +203,9 @@ class Worker:
         if self.qemu is not None and n % o.differential_every == o.differential_every - 1:
             st.differential += 1
             fs += [Finding("differential", d) for d in self._differential(case, out)]
+        if self.uncounted is not None and n % o.uncounted_every == o.uncounted_every - 1:
+            st.uncounted += 1
+            fs += [Finding(k, m) for k, m in self._uncounted(case, out)]
         fresh += self._keep(st, fs, case, h)
         if n % SYNC_EVERY == SYNC_EVERY - 1:
             self._sync()
@@ -236,7 +248,16 @@ class Worker:
         except Exception as e:                 # the reference failing is not the sandbox's bug
             return [] if not isinstance(e, AssertionError) else [str(e)]
 
+    def _uncounted(self, case: Case, out) -> list[tuple[str, str]]:
+        msgs = self.uncounted.compare(case, out)
+        if self._uncounted_guard is not None:
+            self._uncounted_guard.take()       # reported by the campaign's own machine
+        return msgs
+
     def _reproduces(self, f: Finding, h: Harness) -> Callable[[Case], bool]:
+        if f.kind in ("uncounted", "history"):
+            return lambda c: any(Finding(k, m).signature == f.signature
+                                 for k, m in self._uncounted(c, h.run(c)))
         if f.kind == "differential":
             return lambda c: any(m == f.message or Finding(f.kind, m).signature == f.signature
                                  for m in self._differential(c, h.run(c)))
@@ -261,7 +282,8 @@ class Worker:
         stamp_machine(small, self.opts).save(base.with_suffix(".case"))
         base.with_suffix(".txt").write_text(
             f"{f.kind}: {f.message}\nseed {self.opts.seed} worker {self.index}\n"
-            f"replay: sandbox run {base.with_suffix('.case')}" + (" --audit" if f.kind not in ("crash", "isolation") else "")
+            f"replay: sandbox run {base.with_suffix('.case')}"
+            + (" --audit" if f.kind not in ("crash", "isolation", "uncounted", "history") else "")
             + (f" --hooks {self.opts.hooks}" if self.opts.hooks is not None else "") + "\n")
         return str(base.with_suffix(".case"))
 
@@ -346,7 +368,7 @@ def _worker_main(opts: Options, index: int, q, stop, patch) -> None:
 
 def _portable(s: Stats) -> Stats:
     return Stats(s.execs, s.audited, s.differential, collections.Counter(s.exits), collections.Counter(s.ends), set(s.coverage),
-                 s.new_coverage, s.corpus, dict(s.findings))
+                 s.new_coverage, s.corpus, dict(s.findings), s.uncounted)
 
 
 def run_parallel(opts: Options, on_status: Callable[[Stats, float], None] | None = None,

@@ -89,7 +89,7 @@ class FuzzActor:
         w.keep_cases = []
         s = w.stats
         stats = Stats(s.execs, s.audited, s.differential, collections.Counter(s.exits), collections.Counter(s.ends),
-                      set(s.coverage), s.new_coverage, s.corpus, {})
+                      set(s.coverage), s.new_coverage, s.corpus, {}, s.uncounted)
         return stats, new, found
 
     def received_cases(self) -> int:

@@ -25,7 +25,7 @@ from ..svm.stop import StopReason
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str            # crash | isolation | missed | spurious | mismatch | order | audit-error | differential
+    kind: str            # crash | isolation | missed | spurious | mismatch | order | audit-error | differential | uncounted | history
     message: str
 
     @property

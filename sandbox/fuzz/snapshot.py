@@ -109,6 +109,8 @@ class Outcome:
     #: isolation findings of earlier cases, found by this case's full comparison and
     #: pinned on them by replaying the cases since the previous one: (case, messages)
     earlier: list = field(default_factory=list)
+    #: whether the case read the time-stamp counter (a value counted in instructions)
+    read_time: bool = False
 
 
 class Harness:
@@ -145,6 +147,7 @@ class Harness:
         #: the guest's RAM in bytes (guest-physical 0 up)
         self.ram_size = ram
         self.rebuilds = 0
+        self._time_reads = 0
         self._watch = _Watchdog()
         self._build()
 
@@ -222,6 +225,7 @@ class Harness:
         began, guest time being counted in retired instructions.  A function of
         the case alone, so a seeded campaign, a minimization and a saved case's
         replay see the same values (the host's clock would differ every run)."""
+        self._time_reads += 1
         return CASE_TSC_BASE + (self.cpu.guest_time_ns - self._tsc_t0) * CASE_TSC_PER_NS
 
     def hypervisor_exits(self, case: Case) -> frozenset[int]:
@@ -333,6 +337,7 @@ class Harness:
         if not cpu.branch_records.clear:
             cpu.branch_records.reset()           # DebugCtl and the records as snapshotted (zero)
         self._tsc_t0 = cpu.guest_time_ns         # the case's TSC starts at CASE_TSC_BASE
+        self._time_reads = 0
         # and the ASID-tagged TLB behind it, unless it holds only what the
         # snapshot's tables give: the previous case changed no table page,
         # flushed nothing (no CR3/CR4/INVLPG/TLB_CONTROL) and this case edits no
@@ -406,6 +411,7 @@ class Harness:
             tb = traceback.extract_tb(e.__traceback__)[-1]
             out.crash = f"exception escaped Machine.run: {type(e).__name__}: {e} ({tb.filename}:{tb.lineno})"
         out.exits, out.handlers = self._cur_exits, self._cur_handlers
+        out.read_time = self._time_reads > 0
         if self.auditor is not None and self.auditor.enabled:
             out.audit = self.auditor.end()
         for a in self._fills_outside:

@@ -1,0 +1,76 @@
+"""The counting oracle: a case ends the same way whether or not its instructions are counted.
+
+A campaign runs every case with an instruction budget, and Unicorn counts it
+with a code hook on every instruction: a call before each one, in every
+translated block.  The processor's own hooks are placed only on candidate
+instructions, and must already be in place when QEMU translates a block -- it
+asks whether a hook covers an instruction before it fetches it.  A candidate
+hooked too late still exits under the counting hook's calls (the late hook is
+found when the code runs) and runs unintercepted without them: the audit,
+whose own hook is on every instruction, cannot see that either.
+
+So a case that ended within its budget without reading the time (the virtual
+TSC counts instructions) is run again from the snapshot on a machine of its
+own with no budget, and must end alike: the same stop reason at the same RIP,
+the same #VMEXITs at the same RIPs.  A run that does not end there within the
+wall-clock limit, or ends otherwise, is an ``uncounted`` finding.  (One such
+bug: a candidate at the first byte of a page a translated block ran on into.)
+
+A difference is first confirmed with a counted run on that second machine.
+When that run ends as the uncounted one did, counting is not what changed the
+outcome but the machine: each has run other cases before, and the case ends
+differently after them -- a ``history`` finding (state one case leaves that
+the snapshot's restore does not put back; its replay may not reproduce it).
+"""
+from __future__ import annotations
+
+from ..svm.exitcodes import exit_name
+from ..svm.stop import StopReason
+from .case import Case
+from .snapshot import DEFAULT_MAX_INSNS, Harness, Outcome
+
+
+def _ends(out: Outcome) -> tuple:
+    r = out.result
+    if r is None:
+        return ("crash", 0, ())
+    return (str(r.reason), r.rip, tuple((int(e.exitcode), e.rip) for e in out.exits))
+
+
+def _say(ends: tuple) -> str:
+    reason, rip, exits = ends
+    seq = ", ".join(f"{exit_name(c)} at {r:#x}" for c, r in exits) or "no exit"
+    return f"{reason} at {rip:#x} after {seq}"
+
+
+def comparable(out: Outcome) -> bool:
+    """Whether ``out`` (a counted run) can be compared with an uncounted one: it
+    ended before its budget and read no time."""
+    r = out.result
+    return r is not None and r.reason != StopReason.INSN_BUDGET and not out.read_time and not out.crash
+
+
+class UncountedReference:
+    """A second machine, like the campaign's, that runs cases without a budget."""
+
+    def __init__(self, paging: str = "nested", sev: bool = False) -> None:
+        self.harness = Harness(paging=paging, sev=sev, max_insns=0)
+
+    def compare(self, case: Case, out: Outcome) -> list[tuple[str, str]]:
+        """The findings for ``case``, whose counted run gave ``out``, as (kind,
+        message) pairs (none when ``out`` is not :func:`comparable`)."""
+        if not comparable(out):
+            return []
+        h = self.harness
+        ref = h.run(case, audit=False)
+        a, b = _ends(out), _ends(ref)
+        if a == b:
+            return []
+        h.max_insns = DEFAULT_MAX_INSNS
+        try:
+            c = _ends(h.run(case, audit=False))
+        finally:
+            h.max_insns = 0
+        if c == b:
+            return [("history", f"after other cases the case ends {_say(c)}; after these, {_say(a)}")]
+        return [("uncounted", f"uncounted, the case ends {_say(b)}; counted, {_say(a)}")]
