@@ -113,7 +113,7 @@ class SvmCpu:
             bps.apply()
         run.before_slice = before_slice
         fill.connect(scanner, run.fail)
-        scanner.connect(self, fill, ws, native, interrupts, pause, run.fail)
+        scanner.connect(self, fill, ws, native, interrupts, pause, run.fail, run.restart_slice)
         native.connect(fill, ws, interrupts, run, smc, avic, align, lbr)
         interrupts.connect(self, fill, scanner, ws, run, smc, avic, lbr)
         ws.connect(self, fill, scanner, interrupts, pause, align, lbr, bps)

@@ -31,7 +31,7 @@ from .controls import GuestControls
 from .cpustate import HF_CPL_MASK, HF_CS64, OFF_EIP, OFF_HFLAGS, OFF_REGS, R_CS, CpuState, code_size
 from .decision import ALWAYS, IRQ_WINDOW, STATE_FREE, ExitInfo, VectorsOnly, kinds_for_bits
 from .decision import decide as default_decide
-from .engine import CodeHooks, TbInvalidator
+from .engine import TCG_BUFFER_SMALL, CodeHooks, SelfTest, TbInvalidator, x86_64_engine
 from .events import GuestAccess, Vec
 from .exitcodes import ExitCode
 from .extension import NO_EXTENSION, ProcessorExtension
@@ -63,6 +63,28 @@ _MAX_INSN = D.MAX_INSN
 _QHFLAGS = OFF_HFLAGS >> 3             # CpuState.q index of the qword holding hflags
 _QEIP = OFF_EIP >> 3                   # CpuState.q index of RIP (synced by Unicorn before a code hook)
 assert OFF_HFLAGS % 8 == 0 and OFF_REGS == 0
+#: QEMU 5.0's lazy flags, right after eip and eflags in CPUX86State: cc_dst, cc_src,
+#: cc_src2, then the 32-bit cc_op (checked once: :data:`_LAZY_FLAGS`)
+_QCC_SRC = (OFF_EIP + 24) >> 3
+_QCC_OP = (OFF_EIP + 40) >> 3
+_CC_OP_EFLAGS, _CC_OP_ADDQ = 1, 9
+#: the flags CC_OP_EFLAGS keeps in cc_src: OF SF ZF AF PF CF
+_CC_ARITH = 0x8D5
+
+
+def _lazy_flags_layout() -> bool:
+    """After ``add rax, rbx`` QEMU holds cc_op = CC_OP_ADDQ and cc_src = RBX where
+    :data:`_QCC_OP` and :data:`_QCC_SRC` say."""
+    uc = x86_64_engine(TCG_BUFFER_SMALL)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, bytes.fromhex("4801d8f4"))          # add rax, rbx ; hlt
+    uc.reg_write(X.UC_X86_REG_RBX, 0x1C01C0)
+    uc.emu_start(0x1000, 0x1003)
+    q = CpuState(uc).q
+    return q[_QCC_OP] & 0xFFFF_FFFF == _CC_OP_ADDQ and q[_QCC_SRC] == 0x1C01C0
+
+
+_LAZY_FLAGS = SelfTest(_lazy_flags_layout)
 _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in the page
 #: a reset drops the blocks of at most this many code pages one page at a time;
 #: past it (or every _FLUSH_EVERY resets, so Unicorn's code buffer is reused from
@@ -198,10 +220,15 @@ class Scanner:
         self.xmod_pages: set[int] = set()   # GVAs of executed pages the hypervisor wrote
         self.irq_window: set[int] = set()   # addresses where a pending V_IRQ may become deliverable
         self.pass_once_rip: int | None = None
+        #: the candidate whose slice was last ended for stale lazy flags (see on_candidate)
+        self._stale_at: int | None = None
+        self._restart_slice: Callable[[], bool] = lambda: False
+        self._check_flags = False
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", ws: "WorldSwitch", native: "NativeInsns",
                 interrupts: "Interrupts", pause: "PauseFilter",
-                fail: Callable[[str, BaseException | None], None]) -> None:
+                fail: Callable[[str, BaseException | None], None],
+                restart_slice: Callable[[], bool] = lambda: False) -> None:
         """Bind what a candidate calls: fetched bytes, the #VMEXIT, the
         emulation of instructions that do not exit, the interrupt window,
         the PAUSE filter, the one-instruction block of :meth:`pass_once`."""
@@ -217,6 +244,8 @@ class Scanner:
         self._raise = interrupts.raise_exception
         self.guest_access: GuestAccess = interrupts.access
         self._fail = fail
+        self._restart_slice = restart_slice
+        self._check_flags = _LAZY_FLAGS.passed()
 
     # ---------------------------------------------------------------- arming
     def arm(self) -> None:
@@ -344,6 +373,18 @@ class Scanner:
         try:
             if self._sw.stop is not None:
                 return
+            q = self._st.q
+            if self._check_flags and q[_QCC_OP] & 0xFFFF_FFFF == _CC_OP_EFLAGS and q[_QCC_SRC] & ~_CC_ARITH:
+                # Unicorn syncs the lazy flags before a code hook only when the block's
+                # operation differs from the one its previous hook saw, and an
+                # instruction in between (PUSHF) may have stored another: RFLAGS read
+                # here would take an operand for flags.  Ending the slice makes QEMU
+                # restore the state at this instruction, and the block translated for
+                # the next slice begins here, where it is current.
+                if self._stale_at != address and self._restart_slice():
+                    self._stale_at = address
+                    return
+            self._stale_at = None
             irq = self.irq_window
             if irq and address in irq:
                 irq.discard(address)
@@ -356,8 +397,8 @@ class Scanner:
             else:
                 code = self._insn_bytes(address)
             st = self._st
-            hflags = st.q[_QHFLAGS]             # low half: hflags (the high half is hflags2)
-            eip = st.q[_QEIP]
+            hflags = q[_QHFLAGS]             # low half: hflags (the high half is hflags2)
+            eip = q[_QEIP]
             if eip != address and (hflags & HF_CS64 or eip + st.seg(R_CS)[1] != address):
                 return      # a hook before this one on the instruction delivered an event (#AC): control moved
             mode = code_size(hflags)

@@ -88,3 +88,35 @@ def test_cli_flag():
     assert json.loads(text.strip().splitlines()[-1])["uncounted"] == 20
     rc, text = _cli("fuzz", "--cases", "5", "--uncounted-every", "-1")
     assert rc == 2 and len(text.strip().splitlines()) == 1 and "--uncounted-every" in text, text
+
+
+def _flags_case() -> Case:
+    """ADD RCX, RAX; PUSHF (16-bit); MOV RCX, 0xABD; MOV RAX, [RSI+RCX+0Ah];
+    ADD RAX, RBP; SLDT SI; then the terminator.  With the SLDT and #DB intercepts."""
+    code = bytes.fromhex("4801c1" "669c" "48c7c1bd0a0000" "488b440e0a" "4801e8" "660f00c6") + TERMINATOR
+    ldtr_read, db = 0x68 - 0x60, 1
+    cfg = VmcbConfig(intercepts=[0, 0, 1 << db, 1 << ldtr_read | 1 << 31, 0b11, 0])
+    return Case(code, 0x100, cfg, {"rax": 0x1C0000, "rbp": 0x1C01C0, "rsi": 0x1C0400}, "hand")
+
+
+def _pushf_hooked(h: Harness) -> None:
+    """A case that intercepts PUSHF first: the scanner hooks PUSHF from then on."""
+    pushf = 0x70 - 0x60
+    h.run(Case(b"\x9c\x58" + TERMINATOR, 0, VmcbConfig(intercepts=[0, 0, 0, 1 << pushf | 1 << 31, 0b11, 0])),
+          audit=False)
+
+
+def test_rflags_at_an_exit_in_the_middle_of_a_block_without_a_budget():
+    """The SLDT exit saves RFLAGS as ADD RAX, RBP left it (APM §15.6), and the
+    guest resumes with it: TF stays clear, so no #DB follows, as in a counted run.
+    Unicorn did not sync its lazy flags before the SLDT hook (the PUSHF hook before
+    it in the block saw the same ADD operation) and RFLAGS read RBP as flags."""
+    ends = []
+    for budget in (1024, 0):
+        h = Harness(max_insns=budget)
+        _pushf_hooked(h)
+        out = h.run(_flags_case(), audit=False)
+        ends.append([(int(e.exitcode), e.rip) for e in out.exits])
+    entry = 0x100100
+    assert ends[0][:1] == [(0x68, entry + 20)] and 0x41 not in [c for c, _ in ends[0]]
+    assert ends[1] == ends[0], ends
