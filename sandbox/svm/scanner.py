@@ -201,9 +201,6 @@ class Scanner:
         #: still hooked: kept across resets (hooks outlive them) and dropped with the
         #: hooks, so a page fetched again after a reset is scanned only where it changed
         self._hooked_scan: dict[int, tuple[int, bytes]] = {}
-        #: the first byte of the page after each page scanned, hooked whatever is
-        #: there (see :meth:`scan`); kept with the hooks
-        self._page_heads: set[int] = set()
         self.code_hpa: dict[int, set[int]] = {}              # hpa page -> gva pages
         #: hpa pages fetched since every translated block was last flushed: every
         #: block lies on these (Unicorn grants execute only to a fetch fill, which scans)
@@ -228,10 +225,11 @@ class Scanner:
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", ws: "WorldSwitch", native: "NativeInsns",
                 interrupts: "Interrupts", pause: "PauseFilter",
                 fail: Callable[[str, BaseException | None], None],
-                restart_slice: Callable[[], bool] = lambda: False) -> None:
+                restart_slice: Callable[[], bool]) -> None:
         """Bind what a candidate calls: fetched bytes, the #VMEXIT, the
         emulation of instructions that do not exit, the interrupt window,
-        the PAUSE filter, the one-instruction block of :meth:`pass_once`."""
+        the PAUSE filter, the one-instruction block of :meth:`pass_once`, and
+        ending the slice (a candidate that finds the lazy flags stale)."""
         self._cpu = cpu
         self._pause_exits = pause.exits
         self._insn_bytes = fill.insn_bytes
@@ -317,15 +315,12 @@ class Scanner:
         scanned again: the candidates elsewhere are unchanged and hooked.  A
         fuzz case rewrites a few hundred bytes of a code page each time."""
         self.tb_pages.add(hpa)
-        head = (gva + PAGE_SIZE) & M64
-        if head not in self._page_heads:
-            # A block translated from this page may run on into the next one.  QEMU
-            # asks whether a code hook covers an instruction before it fetches it,
-            # so the first instruction of the next page is looked at before the
-            # fetch fill that scans that page: a candidate there would run unhooked.
-            # It is hooked now, whatever it turns out to be (the hook decodes it).
-            self._page_heads.add(head)
-            self.hooks.add(head)
+        # A block translated from this page may run on into the next one.  QEMU asks
+        # whether a code hook covers an instruction before it fetches it, so the first
+        # instruction of the next page is looked at before the fetch fill that scans
+        # that page: a candidate there would run unhooked.  It is hooked now, whatever
+        # it turns out to be (the hook decodes it).
+        self.hooks.add((gva + PAGE_SIZE) & M64)
         cur = self.code_pages.get(gva)
         page = bytes(self.view[hpa:hpa + PAGE_SIZE])
         if cur is not None and cur[0] == hpa and cur[1] == page:
@@ -578,7 +573,6 @@ class Scanner:
         """Delete every candidate hook and :meth:`reset`; returns how many were deleted."""
         n = self.hooks.shed()
         self._hooked_scan.clear()
-        self._page_heads.clear()
         self.reset()
         return n
 
