@@ -237,11 +237,8 @@ def replay_case(a: argparse.Namespace) -> int:
     out = h.run(case, full=True)          # all of DRAM compared: the isolation check is exact
     fs = findings(out) + (guard.take() if guard is not None else [])
     fs += [Finding("differential", d) for d in differential(case, out.exits)]
-    ref = UncountedReference(case.paging, case.sev)
-    ref_guard = HookGuard(ref.harness.m, a.hooks) if guard is not None else None   # the same handlers there
+    ref = UncountedReference(case.paging, case.sev, a.hooks if guard is not None else None)
     fs += [Finding(k, m) for k, m in ref.compare(case, out)]
-    if ref_guard is not None:
-        ref_guard.take()
     r = out.result
     if a.json:
         for e in out.exits:

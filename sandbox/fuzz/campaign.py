@@ -149,13 +149,11 @@ class Worker:
         if opts.differential_every:
             self.qemu = QemuSvm()
         #: the machine that runs cases again without counting (--uncounted-every)
-        self.uncounted = UncountedReference(opts.paging, opts.sev) if opts.uncounted_every else None
+        self.uncounted = UncountedReference(opts.paging, opts.sev, str(opts.hooks) if opts.hooks is not None else None) \
+            if opts.uncounted_every else None
         #: the user's handlers, guarded, on each harness's machine (--hooks)
         harnesses = {id(h): h for h in (self.fast, self.auditing) if h is not None}.values()
         self.guards = {id(h): HookGuard(h.m, str(opts.hooks)) for h in harnesses} if opts.hooks is not None else {}
-        # the same handlers there, or the runs could not end alike (its findings are the campaign's)
-        self._uncounted_guard = HookGuard(self.uncounted.harness.m, str(opts.hooks)) \
-            if self.uncounted is not None and opts.hooks is not None else None
         extra = [str(opts.hooks)] if opts.hooks is not None else []
         self.tracers = {id(h): ArcTracer(h.m, extra) for h in harnesses} if opts.arcs else {}
 
@@ -205,7 +203,7 @@ class Worker:
             fs += [Finding("differential", d) for d in self._differential(case, out)]
         if self.uncounted is not None and n % o.uncounted_every == o.uncounted_every - 1:
             st.uncounted += 1
-            fs += [Finding(k, m) for k, m in self._uncounted(case, out)]
+            fs += [Finding(k, m) for k, m in self.uncounted.compare(case, out)]
         fresh += self._keep(st, fs, case, h)
         if n % SYNC_EVERY == SYNC_EVERY - 1:
             self._sync()
@@ -248,16 +246,10 @@ class Worker:
         except Exception as e:                 # the reference failing is not the sandbox's bug
             return [] if not isinstance(e, AssertionError) else [str(e)]
 
-    def _uncounted(self, case: Case, out) -> list[tuple[str, str]]:
-        msgs = self.uncounted.compare(case, out)
-        if self._uncounted_guard is not None:
-            self._uncounted_guard.take()       # reported by the campaign's own machine
-        return msgs
-
     def _reproduces(self, f: Finding, h: Harness) -> Callable[[Case], bool]:
         if f.kind in ("uncounted", "history"):
             return lambda c: any(Finding(k, m).signature == f.signature
-                                 for k, m in self._uncounted(c, h.run(c)))
+                                 for k, m in self.uncounted.compare(c, h.run(c)))
         if f.kind == "differential":
             return lambda c: any(m == f.message or Finding(f.kind, m).signature == f.signature
                                  for m in self._differential(c, h.run(c)))

@@ -27,6 +27,7 @@ from __future__ import annotations
 from ..svm.exitcodes import exit_name
 from ..svm.stop import StopReason
 from .case import Case
+from .hooks_fuzz import HookGuard
 from .snapshot import DEFAULT_MAX_INSNS, Harness, Outcome
 
 
@@ -53,14 +54,25 @@ def comparable(out: Outcome) -> bool:
 class UncountedReference:
     """A second machine, like the campaign's, that runs cases without a budget."""
 
-    def __init__(self, paging: str = "nested", sev: bool = False) -> None:
+    def __init__(self, paging: str = "nested", sev: bool = False, hooks: str | None = None) -> None:
+        """``hooks``: the user's handlers file the campaign's machine runs (the same
+        handlers here, or the runs could not end alike; what they report here is
+        the campaign machine's to report, and dropped)."""
         self.harness = Harness(paging=paging, sev=sev, max_insns=0)
+        self._guard = HookGuard(self.harness.m, hooks) if hooks is not None else None
 
     def compare(self, case: Case, out: Outcome) -> list[tuple[str, str]]:
         """The findings for ``case``, whose counted run gave ``out``, as (kind,
         message) pairs (none when ``out`` is not :func:`comparable`)."""
         if not comparable(out):
             return []
+        try:
+            return self._compare(case, out)
+        finally:
+            if self._guard is not None:
+                self._guard.take()
+
+    def _compare(self, case: Case, out: Outcome) -> list[tuple[str, str]]:
         h = self.harness
         ref = h.run(case, audit=False)
         a, b = _ends(out), _ends(ref)
