@@ -90,6 +90,8 @@ class TlbFill:
         #: the fault of the last failed fill, and its page, for the run loop
         self.pending_fault: Exception | None = None
         self.fault_page = 0
+        #: whether that fill was an instruction fetch's
+        self.fault_fetch = False
         self._walker: TwoDimWalker | None = None
         #: the walkers of the last few guest contexts (:meth:`_walker_context`), with their
         #: fast paths, the current one among them: a context comes back (the host's, for
@@ -184,6 +186,7 @@ class TlbFill:
                     # fault, a reference cycle only the garbage collector would free
                     self.pending_fault = f.with_traceback(None)
                     self.fault_page = gva
+                    self.fault_fetch = acc == _FETCH
                     return False
                 e = (w.hpa & ~0xFFF, w.writable, w.executable, w.dirty, w.global_, w.user)
             tlb.insert_key(key, e)
@@ -322,6 +325,16 @@ class TlbFill:
             if nxt is not None:
                 b += bytes(self._view[nxt:nxt + MAX_INSN - len(b)])
         return b
+
+    def code_page(self, gva: int) -> bytes | None:
+        """The bytes of the code page at ``gva`` as the processor fetches them
+        (None when a fetch from it would fault)."""
+        hpa = self.fetch_map.get(gva & ~0xFFF)
+        if hpa is None:
+            hpa = self._fetch_page(gva & ~0xFFF)
+            if hpa is None:
+                return None
+        return bytes(self._mm[hpa:hpa + PAGE_SIZE])
 
     def hypervisor_page(self, gva: int, access: int, set_ad: bool) -> int | None:
         """The host page a supervisor ``access`` to ``gva`` reaches, for the

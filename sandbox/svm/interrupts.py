@@ -56,6 +56,9 @@ class Interrupts:
         self.ext: ProcessorExtension = NO_EXTENSION
         #: supervisor reads and writes of guest linear memory, for delivery and the TSS
         self.access = GuestAccess(self._read, self._write)
+        #: events vectored so far (:meth:`deliver`): the run loop tells by it whether
+        #: the guest went elsewhere between two of its slices
+        self.deliveries = 0
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", scanner: "Scanner", ws: "WorldSwitch", run: "RunLoop",
                 smc: "CodeChanges", avic: "Avic", lbr: "BranchRecords") -> None:
@@ -124,6 +127,7 @@ class Interrupts:
         describing the event being delivered (APM §15.7.2): TYPE 0 for an
         external interrupt, 2 NMI, 4 INT n, 3 for exceptions (INT3/INT1 too).
         """
+        self.deliveries += 1
         if etype is None:
             etype = (EventType.INTR if external else
                      EventType.SOFT_INT if software and vector not in (1, 3) else EventType.EXCEPTION)

@@ -40,6 +40,8 @@ OFF_CFLAGS_NEXT_TB = 24
 #: ``cflags_next_tb`` when no block is asked for, and the one-instruction block's
 #: flags (CF_COUNT_MASK = 1; Unicorn runs no other CF_* bit: one thread, no icount)
 UNSET, ONE_INSN = 0xFFFF_FFFF, 1
+#: the most instructions a block can be asked to hold (QEMU 5.0's CF_COUNT_MASK, 0x1ff)
+MAX_COUNT = 0x1FF
 
 
 class OneInsnBlock:
@@ -55,6 +57,18 @@ class OneInsnBlock:
             cell = self._cell = _cell(self._uc)
         if cell.value == UNSET:
             cell.value = ONE_INSN
+
+    def next_count(self, n: int) -> None:
+        """The next block holds at most ``n`` instructions (1 to :data:`MAX_COUNT`;
+        fewer where QEMU ends it anyway, at a branch say).  A one-instruction
+        block asked for and not yet translated is kept."""
+        if not 1 <= n <= MAX_COUNT:
+            raise ValueError(f"a block holds 1 to {MAX_COUNT} instructions, not {n}")
+        cell = self._cell
+        if cell is None:
+            cell = self._cell = _cell(self._uc)
+        if cell.value == UNSET or cell.value > n:
+            cell.value = n
 
 
 def _cell(uc: Uc) -> ctypes.c_uint32:
@@ -73,9 +87,10 @@ def _raw_cell(uc: Uc) -> ctypes.c_uint32:
 
 
 def _self_test() -> bool:
-    """Four NOPs run twice on a scratch engine: as one block, then -- the flag
-    set -- as a block of one NOP and a block of the other three; the flag is
-    unset again after."""
+    """Four NOPs run three times on a scratch engine: as one block, then -- the
+    flag set -- as a block of one NOP and a block of the other three, then --
+    a count of two asked for -- as two blocks of two; the flag is unset again
+    after each."""
     uc = x86_64_engine(TCG_BUFFER_SMALL)
     uc.mem_map(0, 0x1000, UC_PROT_ALL)
     uc.mem_write(0, b"\x90" * 4)
@@ -88,7 +103,12 @@ def _self_test() -> bool:
         return False
     cell.value = ONE_INSN
     uc.emu_start(0, 4)
-    return blocks == [(0, 1), (1, 3)] and cell.value == UNSET
+    if blocks != [(0, 1), (1, 3)] or cell.value != UNSET:
+        return False
+    blocks[:] = []
+    cell.value = 2
+    uc.emu_start(0, 4)
+    return blocks == [(0, 2), (2, 2)] and cell.value == UNSET
 
 
 _CHECK = SelfTest(_self_test)

@@ -18,7 +18,8 @@ from unicorn import x86_const as X
 from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import PFErr
 from .controls import GuestControls
-from .cpustate import OFF_EMU_COUNTER, OFF_INVALID_ADDR, CpuState, engine_cell
+from .cpustate import HF_CS64, OFF_EMU_COUNTER, OFF_INVALID_ADDR, R_CS, CpuState, code_size, engine_cell
+from .decode import MAX_INSN, length_of
 from .events import Vec
 from .exitcodes import ExitCode
 from .stop import StopInfo, StopReason
@@ -34,6 +35,9 @@ GUEST_IPS = 100_000_000
 #: the budget of a slice counted only to keep guest time (never reached)
 _CLOCK_ONLY = 1 << 62
 _RIP = X.UC_X86_REG_RIP
+#: the most instructions a block can be asked to hold (QEMU 5.0's CF_COUNT_MASK)
+_MAX_BLOCK = 0x1FF
+_PAGE = 0x1000
 
 
 @dataclass
@@ -69,11 +73,19 @@ class RunLoop:
         self.remote_fn: Callable[[], None] | None = None
         self.remote_events = 0
         self._kicked = False
+        #: the block last cut short before a page it ran on into (:meth:`_run_on`):
+        #: (its first instruction's address, that page, the instructions asked for,
+        #: the exits and deliveries so far), None when none is
+        self._cut: tuple[int, int, int, tuple[int, int]] | None = None
+        #: run-on fetch faults not raised, the block cut short instead
+        self.run_on_faults = 0
 
     def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", avic: "Avic") -> None:
         """Bind the failed fill's fault, the #VMEXIT, exception delivery and the
         AVIC (which takes APIC-page accesses and doorbells)."""
         self._fill = fill
+        self._ws = ws
+        self._interrupts = interrupts
         self._avic = avic
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
@@ -108,6 +120,7 @@ class RunLoop:
         # core from the guest on a small machine.
         self.timed_out = False
         self.insns = None
+        self._cut = None
         watchdog = None
         if self.limits.timeout_s:
             watchdog = threading.Timer(self.limits.timeout_s, self.expire)
@@ -208,6 +221,9 @@ class RunLoop:
         """A TLB fill failed: #PF into the guest (or its intercept) or VMEXIT_NPF."""
         st = self._st
         st.clear_old_exception()
+        if self._fill.fault_fetch and self._run_on():
+            return                  # not the guest's fault: the block is translated again, shorter
+        self._cut = None
         rip = st.rip
         # the fill saw only the page; Unicorn kept the exact faulting address
         exact = self._invalid.value
@@ -226,6 +242,70 @@ class RunLoop:
             self._exception_outside(Vec.GP, 0, rip)
         elif isinstance(f, GuestException):          # SEV-SNP #VC raised by the memory system
             self._exception_outside(f.vector, f.error_code, rip)
+
+    def _run_on(self) -> bool:
+        """Whether the failed fetch fill was QEMU's, not the guest's: True when it
+        is, with the next block asked to end before the page the fill was for.
+
+        QEMU (5.0, as in Unicorn 2) fetches every instruction of a block when it
+        translates it, before the block's first instruction runs, and lets a block
+        run on across a page boundary.  A fetch fault for the next page then comes
+        at the block's start -- RIP there, CR2 on the next page -- while the
+        instructions before the one that reaches that page have not run.  The
+        processor raises an instruction-fetch fault only for the instruction
+        whose bytes are not there, after every earlier one has completed (APM
+        vol. 2 §8.1: exceptions are precise, the saved rIP is that of the
+        faulting instruction; §8.2.15: CR2 is the address that faulted).  QEMU
+        7.1 ends a block before a non-first instruction that crosses into
+        another page; here the block is asked for again holding only the
+        instructions that lie wholly on its first page (counted with the
+        decoder's lengths; one, should that block still run on), and the fault,
+        if real, is raised by the block that starts with the instruction
+        reaching the page.
+
+        The instructions before that one are straight-line code (QEMU ends a
+        block at every branch), so the guest comes back to the same block start
+        before reaching it only through an exit or a delivered event: the same
+        fault with neither counted in between is the shortened block's own."""
+        st, fill = self._st, self._fill
+        hflags = st.hflags
+        pc = st.seg(R_CS)[1] + st.rip             # the block's start, as QEMU computes it
+        if not hflags & HF_CS64:
+            pc &= 0xFFFF_FFFF
+        page, fault_page = pc & ~(_PAGE - 1), fill.fault_page
+        if fault_page == page:
+            return False                          # the block's first page: the first instruction's fetch
+        events = (self._ws.exit_count, self._interrupts.deliveries)
+        cut = self._cut
+        if cut is not None and cut[:2] == (pc, fault_page) and cut[3] == events:
+            # the block just asked for ran on too (nothing ran in between)
+            if cut[2] == 1:
+                self._cut = None
+                return False                      # one instruction, and it reaches the page: its fault
+            n = 1
+        else:
+            n = self._whole_insns(pc, page, code_size(hflags))
+            if n == 0:
+                return False                      # the first instruction reaches the page
+        self._cut = (pc, fault_page, n, events)
+        self.run_on_faults += 1
+        fill.one_insn_block.next_count(n)
+        return True
+
+    def _whole_insns(self, pc: int, page: int, mode: int) -> int:
+        """How many instructions from ``pc`` lie wholly on its ``page`` (at most a
+        block's worth), by the decoder's lengths."""
+        code = self._fill.code_page(page)
+        if code is None:
+            return 0
+        at, n = pc - page, 0
+        while n < _MAX_BLOCK:
+            size = length_of(code[at:at + MAX_INSN], mode)
+            if size is None or at + size > _PAGE:
+                break
+            at += size
+            n += 1
+        return n
 
     def _exception_outside(self, vec: int, err: int | None, rip: int, cr2: int | None = None) -> None:
         self._raise(vec, err, rip, cr2)
