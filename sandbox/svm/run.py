@@ -19,7 +19,7 @@ from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import PFErr
 from .controls import GuestControls
 from .cpustate import HF_CS64, OFF_EMU_COUNTER, OFF_INVALID_ADDR, R_CS, CpuState, code_size, engine_cell
-from .decode import MAX_INSN, length_of
+from .decode import whole_insns
 from .events import Vec
 from .exitcodes import ExitCode
 from .stop import StopInfo, StopReason
@@ -298,14 +298,7 @@ class RunLoop:
         code = self._fill.code_page(page)
         if code is None:
             return 0
-        at, n = pc - page, 0
-        while n < _MAX_BLOCK:
-            size = length_of(code[at:at + MAX_INSN], mode)
-            if size is None or at + size > _PAGE:
-                break
-            at += size
-            n += 1
-        return n
+        return whole_insns(code[pc - page:], mode, _MAX_BLOCK)
 
     def _exception_outside(self, vec: int, err: int | None, rip: int, cr2: int | None = None) -> None:
         self._raise(vec, err, rip, cr2)

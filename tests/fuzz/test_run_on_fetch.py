@@ -96,3 +96,18 @@ def test_seed3_shadow_findings_end_alike_counted_and_uncounted(case):
     fetches = [e.exitinfo2 & ~0xFFF for e in out.exits if e.exitcode == EXCP_PF and e.exitinfo1 & PF_FETCH]
     assert fetches == [page], fetches
     assert UncountedReference("shadow").compare(case, out) == []
+
+
+@pytest.mark.parametrize("code,mode,expected", [
+    (bytes(4), 64, 2),                                 # ADD [RAX], AL twice (00 /r, ModRM 00)
+    (bytes(5), 64, 2),                                 # the fifth byte begins a cut-off ADD
+    (b"\x90" + bytes.fromhex("b8785634"), 64, 1),      # NOP, then MOV EAX, imm32 missing its last byte
+    (bytes.fromhex("66b87856") + b"\x90", 64, 2),      # MOV AX, imm16 (66h), then NOP
+    (bytes.fromhex("66b87856") + b"\x90", 16, 0),      # in a 16-bit segment 66h makes it imm32: cut off
+    (b"\x90" * 600, 64, 511),                          # at most a block's worth (QEMU's CF_COUNT_MASK)
+])
+def test_instructions_wholly_on_a_page_are_counted_by_their_encodings(code, mode, expected):
+    """The shortened block's count: instructions that decode back to back and
+    end within the bytes given (lengths from the encodings, APM vol. 3 §1.1)."""
+    from sandbox.svm.decode import whole_insns
+    assert whole_insns(code, mode, 511) == expected
