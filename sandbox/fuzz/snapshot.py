@@ -111,6 +111,11 @@ class Outcome:
     earlier: list = field(default_factory=list)
     #: whether the case read the time-stamp counter (a value counted in instructions)
     read_time: bool = False
+    #: whether a guest or nested table page changed during the case, or the guest
+    #: could store to one (granted writable): its outcome may then depend on what
+    #: the TLB held when it began (APM vol. 2 §5.5.3), which the harness keeps
+    #: across cases
+    wrote_tables: bool = False
 
 
 class Harness:
@@ -203,6 +208,7 @@ class Harness:
         #: pages whose change makes the TLB's translations stale: guest and nested tables
         self._table_pages = frozenset(loader | self.npt_pages)
         self._tlb_good = False
+        self._wrote_tables = False
         cpu.add_write_observer(self._written.add)
         self._ctx = self.uc.context_save()
         self._restore_ctx = cpu.st.context_restorer(self._ctx)
@@ -258,6 +264,10 @@ class Harness:
         self.cpu.shed_candidate_hooks()
         self._tlb_good = False
         self.rebuilds += 1
+
+    def forget_tlb(self) -> None:
+        """Start the next case with an empty TLB, as a new harness would."""
+        self._tlb_good = False
 
     def _record(self, rec) -> None:
         self._cur_exits.append(rec)
@@ -421,6 +431,7 @@ class Harness:
             self._window.append(case)
         window = self._window
         out.dirty_pages, bad = self._restore(full)
+        out.wrote_tables = self._wrote_tables
         missed = self._missed
         if missed and len(window) > 1 and not self._replaying and not set(missed).isdisjoint(bad):
             # (a missed change to the guest's own memory is counted, not blamed: no replay for it)
@@ -479,7 +490,8 @@ class Harness:
         a full comparison found that the tracking missed are left in :attr:`_missed`."""
         base, size = self._base, self.m.mem.size
         # a page of the processor's plaintext cache (SEV) stands for its DRAM page
-        cand = self._always.union(p if p < size else p - size for p in self._written)
+        written = {p if p < size else p - size for p in self._written}
+        cand = self._always | written
         self._written.clear()
         tables = frozenset()
         if self.m.shadow is not None:
@@ -512,8 +524,13 @@ class Harness:
             bad.append(p)
         for p in dirty:
             base.put_back(p)
+        # the TLB is kept only while it holds nothing but the snapshot's translations:
+        # a table page the guest could store to may have been edited, used (a TLB
+        # entry made from the edit) and put back -- equal bytes, a stale entry that
+        # no invalidation dropped (APM vol. 2 §5.5.3), which the next case would see
+        self._wrote_tables = not (self._table_pages.isdisjoint(dirty) and self._table_pages.isdisjoint(written))
         self._tlb_good = self._tlb_good and self.cpu.tlb.stats.flushes == 0 and \
-            self.m.shadow is None and not self.sev and self._table_pages.isdisjoint(dirty)
+            self.m.shadow is None and not self.sev and not self._wrote_tables
         if self.sev:
             memctl = self.m.sev.memctl
             for p in memctl.cached_pages():        # plaintext of the case's pages: decrypted anew
