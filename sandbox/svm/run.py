@@ -22,6 +22,7 @@ from .cpustate import HF_CS64, OFF_EMU_COUNTER, OFF_INVALID_ADDR, R_CS, CpuState
 from .decode import whole_insns
 from .events import Vec
 from .exitcodes import ExitCode
+from .scanner import CC_ARITH, CC_OP_EFLAGS, LAZY_FLAGS, QCC_OP, QCC_SRC, QEFLAGS
 from .stop import StopInfo, StopReason
 
 if TYPE_CHECKING:
@@ -79,6 +80,10 @@ class RunLoop:
         self._cut: tuple[int, int, int, tuple[int, int]] | None = None
         #: run-on fetch faults not raised, the block cut short instead
         self.run_on_faults = 0
+        #: whether the translated blocks were made with Unicorn's counting hook (see
+        #: :meth:`_counted_flags`): the last slice counted
+        self._counted_blocks = False
+        self._fix_flags = LAZY_FLAGS.passed()
 
     def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", avic: "Avic") -> None:
         """Bind the failed fill's fault, the #VMEXIT, exception delivery and the
@@ -167,6 +172,12 @@ class RunLoop:
         if self.before_slice is not None:
             self.before_slice()
         self._slice_budget, self._in_emu, self._rearm = budget, True, False
+        if budget and not self._counted_blocks:
+            # Unicorn adds its counting hook without dropping the blocks translated
+            # before, which lack the hook's prologue (it drops them all when it
+            # takes the hook away): every block of a counted slice must have it
+            self._uc.ctl_flush_tb()
+        self._counted_blocks = bool(budget)
         try:
             try:
                 self._uc.emu_start(sw.entry_rip, 0xFFFF_FFFF_FFFF_FFFF, count=budget)
@@ -224,6 +235,8 @@ class RunLoop:
         if self._fill.fault_fetch and self._run_on():
             return                  # not the guest's fault: the block is translated again, shorter
         self._cut = None
+        if self._slice_budget and not self._fill.fault_fetch and self._fix_flags:
+            self._counted_flags()
         rip = st.rip
         # the fill saw only the page; Unicorn kept the exact faulting address
         exact = self._invalid.value
@@ -242,6 +255,29 @@ class RunLoop:
             self._exception_outside(Vec.GP, 0, rip)
         elif isinstance(f, GuestException):          # SEV-SNP #VC raised by the memory system
             self._exception_outside(f.vector, f.error_code, rip)
+
+    def _counted_flags(self) -> None:
+        """The lazy flags as they were when the faulting instruction began, in a
+        counted slice.
+
+        Unicorn 2.1.4 puts before every instruction a code hook covers -- the
+        counting hook covers all -- a prologue that, after the hook's call,
+        computes the lazy flags (``gen_compute_eflags``: cc_src = the flags,
+        cc_op = CC_OP_EFLAGS).  The instruction's restart record
+        (``tcg_gen_insn_start``) was written before it, with the lazy operation
+        of the instruction before; a data access that faults restores that
+        operation (``restore_state_to_opc``) beside the computed cc_src, and
+        RFLAGS read from the pair is garbage (SUB AL, F0h from 0, then a faulting
+        load: CF read back 0).  The instruction has changed no flag state before
+        its access (QEMU restarts it from its record alone), so the computed form
+        is the flags before it, as a precise fault leaves them (APM vol. 2 §8.1).
+        QEMU has already left the run, computing eflags from the pair; both are
+        put right.  A fetch fault comes at translation, before any of the block
+        ran: its state is the block's entry state, left alone."""
+        q = self._st.q
+        flags = q[QCC_SRC] & CC_ARITH
+        q[QEFLAGS] = q[QEFLAGS] & ~CC_ARITH | flags
+        q[QCC_OP] = q[QCC_OP] & ~0xFFFF_FFFF | CC_OP_EFLAGS
 
     def _run_on(self) -> bool:
         """Whether the failed fetch fill was QEMU's, not the guest's: True when it

@@ -85,6 +85,10 @@ def _lazy_flags_layout() -> bool:
 
 
 _LAZY_FLAGS = SelfTest(_lazy_flags_layout)
+#: for the run loop (a fault in a counted slice, see RunLoop._counted_flags): the
+#: lazy flags' words, and eflags's, between eip and cc_dst
+QEFLAGS, QCC_SRC, QCC_OP, CC_OP_EFLAGS, CC_ARITH, LAZY_FLAGS = \
+    (OFF_EIP + 8) >> 3, _QCC_SRC, _QCC_OP, _CC_OP_EFLAGS, _CC_ARITH, _LAZY_FLAGS
 _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in the page
 #: a reset drops the blocks of at most this many code pages one page at a time;
 #: past it (or every _FLUSH_EVERY resets, so Unicorn's code buffer is reused from
