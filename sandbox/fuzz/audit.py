@@ -205,6 +205,9 @@ def decode(code: bytes, rip: int):
     return None
 
 
+#: the second opcode bytes of MOV from/to CRn: the only sensitive instructions LOCK is
+#: legal on (AMD's encoding of CR8, APM vol. 3 "MOV CRn"); on any other it is #UD
+_MOV_CR = (0x20, 0x22)
 #: a handler's answer when the instruction is not of its class
 _OTHER = object()
 _LOCK_UD = frozenset({C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC, C.X86_INS_RDMSR, C.X86_INS_WRMSR,
@@ -249,7 +252,6 @@ class _At:
 _PLAIN = frozenset({*_FIXED, *_CPL0, *_UMIP, C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC, C.X86_INS_XSETBV,
                     C.X86_INS_INT, C.X86_INS_INT3, C.X86_INS_SMSW, C.X86_INS_LMSW, C.X86_INS_CLTS})
 #: the instructions a LOCK prefix makes #UD (MOV CRn aside: AMD's LOCK MOV CR0 is CR8)
-_LOCK_UD_ALL = frozenset({*_FIXED, *_CPL0, *_UMIP, *_SVM, *_IO, *_LOCK_UD})
 #: every instruction some model below looks at: any other instruction's
 #: expectation is "no intercept" whatever the guest's state
 #: (``tests/fuzz/test_audit_model.py`` checks that the models answer so)
@@ -284,7 +286,7 @@ def _decode_at(code: bytes) -> tuple | None:
             return hit
     ins = decode(code, 0)
     if ins is None:
-        return None
+        return _locked(code)
     k = 0
     while k < ins.size and code[k] in _PREFIX_BYTES:
         k += 1
@@ -298,12 +300,29 @@ def _decode_at(code: bytes) -> tuple | None:
     none = Expect(None, what=name, repeats=iid in _IO and _IO[iid][1])
     lock = ins.prefix[0] == 0xF0
     model = _model_of(iid, code, k)
-    if lock and iid in _LOCK_UD_ALL and model is not _mov_crdr:
+    if lock and model is not None and not (model is _mov_crdr and code[k + 1] in _MOV_CR):
         model = None                        # LOCK on a non-lockable instruction: #UD first
     hit = _decoded[code[:ins.size]] = _windows[code] = (ins, k, name, none, model, lock)
     if ins.size not in _decoded_lengths:
         _decoded_lengths = tuple(sorted((*_decoded_lengths, ins.size)))
     return hit
+
+
+def _locked(code: bytes) -> tuple | None:
+    """An instruction behind a LOCK prefix it cannot take, which capstone does not
+    decode: #UD at decode, before any intercept (APM vol. 3 §1.2.5), so no exit
+    for an instruction a model covers.  LOCK MOV CRn (AMD's encoding of CR8) is
+    left without an expectation."""
+    k = 0
+    while k < len(code) and code[k] in _PREFIX_BYTES:
+        k += 1
+    if 0xF0 not in code[:k] or code[k:k + 1] == b"\x0f" and k + 1 < len(code) and code[k + 1] in _MOV_CR:
+        return None
+    ins = decode(bytes(b for b in code[:k] if b != 0xF0) + code[k:], 0)
+    if ins is None or ins.id not in MODELLED:
+        return None
+    name = f"lock {ins.mnemonic} {ins.op_str}".strip()
+    return ins, k, name, Expect(None, what=name), None, True
 
 
 def _model_of(iid: int, code: bytes, k: int):
@@ -335,7 +354,7 @@ def expected_exit(code: bytes, rip: int, g: GuestState, shortcut: bool = True) -
     if shortcut:
         return none if model is None else model(_At(ins, code, g, rip + ins.size, lock, name, k, none))
     x = _At(ins, code, g, rip + ins.size, lock, name, k, none)
-    if x.lock and not x.is_mov_crdr and ins.id in _LOCK_UD_ALL:
+    if x.lock and not (x.is_mov_crdr and code[k + 1] in _MOV_CR):
         return x.none                       # LOCK on a non-lockable instruction: #UD first
     for handler in (_plain, _mov_crdr, _ioio, _msr, _invlpg_svm):
         r = handler(x)

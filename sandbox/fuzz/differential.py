@@ -34,6 +34,9 @@ Known QEMU deviations (:data:`ALLOW`), each checked against the APM:
 * ``invd`` -- QEMU's translator reports INVD with the WBINVD code
   (``(b & 2) ? INVD : WBINVD`` is never true for 0F 08); APM Table C-1: INVD
   0x76.  Not compared.
+* ``lock-ud`` -- QEMU ignores a LOCK prefix on an instruction that cannot
+  take it and exits for LOCK CPUID, LOCK RDTSC ...; APM vol. 3 §1.2.5: #UD,
+  raised at decode before any intercept.  QEMU is wrong; not compared.
 * ``unmodelled`` -- MONITOR/MWAIT (the EPYC model under Unicorn raises #UD),
   RDPRU and INVPCID (misc3 vector; QEMU 5.0 has neither), ICEBP (surfaces as
   vector 1): the APM defines all of these intercepts.  Not compared.
@@ -86,6 +89,7 @@ ALLOW = {
     "cr0-sel-write": "QEMU 5.0 has no selective CR0-write intercept; APM §15.9.1 defines 0x65",
     "sev-status": "QEMU lets the MSRPM intercept RDMSR/WRMSR of SEV_STATUS; APM §15.34.10: never intercepted",
     "invd": "QEMU reports INVD as WBINVD; APM Table C-1: INVD 0x76",
+    "lock-ud": "QEMU exits for a sensitive instruction behind a LOCK it cannot take; APM vol. 3 §1.2.5: #UD first",
     "unmodelled": "MONITOR/MWAIT/RDPRU/INVPCID/ICEBP intercepts never surface from QEMU 5.0 under Unicorn",
     "cpuid-model": "a CPUID the case does not intercept returns its CPU model's values (APM vol. 3 CPUID: "
                    "implementation-specific), and the sandbox's processor and the reference's EPYC model differ: "
@@ -283,6 +287,15 @@ def _opcode(insn: bytes) -> bytes:
     return insn[k:]
 
 
+def _locked(insn: bytes) -> bool:
+    """Whether a LOCK prefix stands before the instruction, and it is not MOV CRn
+    (0F 20/22, where LOCK is AMD's encoding of CR8): #UD on the processor."""
+    k = 0
+    while k < len(insn) and insn[k] in _PREFIXES:
+        k += 1
+    return 0xF0 in insn[:k] and insn[k:k + 2] not in (b"\x0f\x20", b"\x0f\x22")
+
+
 def compared(code: int, rip: int, case: Case) -> str | None:
     """Why a sandbox exit is *not* compared (an allow-list key), or None."""
     if code == ExitCode.RDTSCP:
@@ -317,6 +330,8 @@ def differential(case: Case, sandbox_exits: list, qemu: QemuSvm | None = None) -
         return []          # inconclusive: QEMU's run ended on an emulation error or its budget
     if q.exitcode == ExitCode.RDTSC and _opcode(q.insn).startswith(b"\x0f\x01\xf9"):
         return []          # "rdtscp": QEMU checks the RDTSC bit for RDTSCP (and reports it as RDTSC)
+    if _locked(q.insn):
+        return []          # "lock-ud": QEMU ran a LOCK the processor refuses (#UD)
     if q.exitcode == ExitCode.MSR and q.ecx == 0xC001_0131:
         return []          # "sev-status": QEMU intercepts SEV_STATUS; APM §15.34.10: it cannot be
     if q.exitcode in NOT_SURFACING or compared(q.exitcode, q.rip, case) is not None:

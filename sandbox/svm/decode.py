@@ -89,6 +89,12 @@ class Kind(Enum):
     VEX_LEGACY = "vex_legacy"
 
 
+#: the sensitive instructions a LOCK prefix is legal on: MOV to/from CRn, where it is
+#: AMD's alternate encoding of CR8 (APM vol. 3 "MOV CRn"); on any other LOCK is #UD
+#: (APM vol. 3 §1.2.5), which QEMU does not raise
+LOCK_LEGAL = frozenset({Kind.MOV_FROM_CR, Kind.MOV_TO_CR})
+
+
 @dataclass(slots=True)
 class Insn:
     kind: Kind

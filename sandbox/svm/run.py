@@ -320,9 +320,10 @@ class RunLoop:
                 return False                      # one instruction, and it reaches the page: its fault
             n = 1
         else:
-            n = self._whole_insns(pc, page, code_size(hflags))
-            if n == 0:
-                return False                      # the first instruction reaches the page
+            # at least one: the first instruction may reach the page (the one-instruction
+            # block then faults again, and that fault is raised), or capstone may not
+            # decode what QEMU runs (LOCK PUSH: #UD on the processor, a PUSH to QEMU)
+            n = max(1, self._whole_insns(pc, page, code_size(hflags)))
         self._cut = (pc, fault_page, n, events)
         self.run_on_faults += 1
         fill.one_insn_block.next_count(n)

@@ -410,6 +410,11 @@ class Scanner:
             if self.undefined and insn.kind in self.undefined:
                 self._raise(Vec.UD, None, address)      # no such instruction here: nothing to intercept
                 return
+            if insn.lock and insn.kind not in D.LOCK_LEGAL:
+                # LOCK on an instruction that cannot take it: #UD at decode, before any
+                # intercept (APM vol. 3 §1.2.5); QEMU would run it as if unprefixed
+                self._raise(Vec.UD, None, address)
+                return
             view = None
             if self.pass_once_rip == address:
                 self.pass_once_rip = None

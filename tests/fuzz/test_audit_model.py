@@ -157,3 +157,23 @@ def test_the_model_picked_per_encoding_answers_as_the_whole_chain():
                     assert audit.expected_exit(code, 0x2000, g) == want, (code.hex(), want)
                     compared += want is not None and want.code is not None
     assert compared > 1000
+
+
+@pytest.mark.parametrize("code", ["f00fa2", "f00f31", "f0e460", "f0f4", "f00f01d9", "f00f21c0", "66f00fa2"])
+def test_lock_on_a_sensitive_instruction_expects_no_exit(code):
+    """Capstone decodes none of these (LOCK where it is not legal); the model still
+    names the APM's outcome: #UD at decode, before any intercept (vol. 3 §1.2.5)."""
+    e = audit.expected_exit(bytes.fromhex(code) + bytes(15), 0x1000, _all_armed())
+    assert e is not None and e.code is None and e.what.startswith("lock ")
+
+
+def test_the_audit_catches_an_exit_on_a_locked_instruction(monkeypatch):
+    """The sandbox's #UD for LOCK taken away, LOCK CPUID exits as CPUID: the audit
+    names that exit spurious."""
+    from sandbox.fuzz.case import Case, VmcbConfig
+    from sandbox.fuzz.snapshot import Harness
+    from sandbox.svm import decode as D
+    monkeypatch.setattr(D, "LOCK_LEGAL", frozenset(D.Kind))
+    cfg = VmcbConfig(intercepts=[0, 0, 0, (1 << 31) | (1 << 18), 0b11, 0])   # SHUTDOWN, CPUID; VMRUN, VMMCALL
+    out = Harness(audit=True).run(Case(bytes.fromhex("f00fa20f01d9"), 0x800, cfg, {}, "hand"), audit=True)
+    assert [(f.kind, f.insn) for f in out.audit] == [("spurious", "lock cpuid")]

@@ -625,6 +625,26 @@ def test_differential_allows_qemu_intercepting_sev_status(harness):
     assert differential(c, out.exits) == []
 
 
+def test_differential_allows_qemu_exiting_on_a_locked_instruction(harness):
+    """LOCK RDTSC is #UD at decode (APM vol. 3 §1.2.5), before the RDTSC intercept:
+    the sandbox raises it; QEMU ignores the prefix and exits (allow-list 'lock-ud').
+    The sandbox's run ends in a shutdown (no IDT), which is never compared, so its
+    first exit is stood in for by the next instruction's, as a guest with a #UD
+    handler would reach it."""
+    from types import SimpleNamespace
+
+    from sandbox.fuzz.differential import QemuSvm, differential
+    c = Case(b"\xf0\x0f\x31\xf4", 0, VmcbConfig(words(0x6E, 0x78)))
+    q = QemuSvm().first_exit(c)
+    assert (q.exitcode, q.rip) == (0x6E, CODE_BASE)             # QEMU: the RDTSC exit
+    out = harness.run(c)
+    assert out.exits == [] and out.result.reason == "shutdown"   # the sandbox: #UD, #GP, #DF, shutdown
+    hlt = SimpleNamespace(exitcode=0x78, rip=CODE_BASE + 3, exitinfo1=0)
+    assert differential(c, [hlt]) == []
+    c = Case(b"\x0f\x31\xf4", 0, VmcbConfig(words(0x6E, 0x78)))  # without LOCK it is compared
+    assert differential(c, [hlt]) != []
+
+
 def test_differential_allows_cpuid_values_of_another_cpu_model(harness):
     """Seed 107's finding: CPUID (not intercepted) with EAX = FFFFFFFFh left a
     model-specific ECX, which RDMSR then used as the MSR number -- one processor's
