@@ -111,3 +111,18 @@ def test_instructions_wholly_on_a_page_are_counted_by_their_encodings(code, mode
     end within the bytes given (lengths from the encodings, APM vol. 3 §1.1)."""
     from sandbox.svm.decode import whole_insns
     assert whole_insns(code, mode, 511) == expected
+
+
+def test_a_block_whose_first_instruction_capstone_does_not_decode_is_cut_too():
+    """Seed 11's ``--paging shadow`` finding: LOCK PUSH RDI (F0 57; #UD on the
+    processor, APM vol. 3 §1.2.5, a PUSH to QEMU) and zeros to the page end.
+    Capstone decodes no instruction there, and the cut once took that for the
+    first instruction reaching the next page: the uncounted run's fetch #PF for
+    0x102000 came at the block's start.  No instruction that ran reached it."""
+    case = Case(bytes.fromhex("f057"), 7801, VmcbConfig([0, 0, 0, 0x80000000, 1, 0]),
+                {"rax": 0xD305EAC5267702E}, "mutation, minimized", paging="shadow")
+    page = case.entry & ~0xFFF
+    for max_insns in (1024, 0):
+        out = Harness(paging="shadow", max_insns=max_insns).run(case, audit=False)
+        fetches = [e.exitinfo2 & ~0xFFF for e in out.exits if e.exitcode == EXCP_PF and e.exitinfo1 & PF_FETCH]
+        assert fetches == [page], (max_insns, fetches)
