@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 _Q = struct.Struct("<Q")
 _RIP, _RSP, _RFLAGS = X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS
+#: vectors Unicorn raises after an instruction completes, with the state it left
+#: (single-step #DB; INT3 and INTO, which change no flags): not faults inside one
+_TRAPS = frozenset({Vec.DB, Vec.BP, Vec.OF})
 _DELIVERY_FAULTS = (DeliveryFault, GuestPageFault, GuestGP)
 #: EVENTINJ's bits and TYPEs as plain ints (an IntEnum/IntFlag operation is a Python call)
 _EVENT_VALID, _EVENT_EV = int(Event.VALID), int(Event.EV)
@@ -75,12 +78,15 @@ class Interrupts:
         self._vmexit = ws.vmexit
         self._after_exit = ws.after_exit_in_hook
         self._halt = run.halt
+        self._fault_flags = run.fault_flags
         self._fail: Callable[[str, BaseException | None], None] = run.fail
 
     # -------------------------------------------------------- Unicorn hooks
     def on_intr(self, uc, intno: int, ud) -> None:
         """UC_HOOK_INTR: an exception (or INT n) Unicorn raised."""
         try:
+            if intno < 32 and intno not in _TRAPS:
+                self._fault_flags()         # a fault a QEMU helper raised inside the instruction
             st = self._st
             rip = st.rip                    # the state's RIP is what a register read returns
             err = st.error_code if intno in HAS_ERROR_CODE else None

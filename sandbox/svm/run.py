@@ -81,7 +81,7 @@ class RunLoop:
         #: run-on fetch faults not raised, the block cut short instead
         self.run_on_faults = 0
         #: whether the translated blocks were made with Unicorn's counting hook (see
-        #: :meth:`_counted_flags`): the last slice counted
+        #: :meth:`fault_flags`): the last slice counted
         self._counted_blocks = False
         self._fix_flags = LAZY_FLAGS.passed()
 
@@ -235,8 +235,8 @@ class RunLoop:
         if self._fill.fault_fetch and self._run_on():
             return                  # not the guest's fault: the block is translated again, shorter
         self._cut = None
-        if self._slice_budget and not self._fill.fault_fetch and self._fix_flags:
-            self._counted_flags()
+        if not self._fill.fault_fetch:
+            self.fault_flags()
         rip = st.rip
         # the fill saw only the page; Unicorn kept the exact faulting address
         exact = self._invalid.value
@@ -256,9 +256,10 @@ class RunLoop:
         elif isinstance(f, GuestException):          # SEV-SNP #VC raised by the memory system
             self._exception_outside(f.vector, f.error_code, rip)
 
-    def _counted_flags(self) -> None:
-        """The lazy flags as they were when the faulting instruction began, in a
-        counted slice.
+    def fault_flags(self) -> None:
+        """The lazy flags as they were when the faulting instruction began, for a
+        fault raised inside an instruction (a data access, a QEMU helper's #DE or
+        #GP ...) in a counted slice; nothing otherwise.
 
         Unicorn 2.1.4 puts before every instruction a code hook covers -- the
         counting hook covers all -- a prologue that, after the hook's call,
@@ -273,7 +274,11 @@ class RunLoop:
         is the flags before it, as a precise fault leaves them (APM vol. 2 §8.1).
         QEMU has already left the run, computing eflags from the pair; both are
         put right.  A fetch fault comes at translation, before any of the block
-        ran: its state is the block's entry state, left alone."""
+        ran: its state is the block's entry state, left alone.  A trap raised after
+        an instruction (single-step #DB) has the state that instruction left, its
+        lazy operation included: not for this."""
+        if not (self._slice_budget and self._fix_flags):
+            return
         q = self._st.q
         flags = q[QCC_SRC] & CC_ARITH
         q[QEFLAGS] = q[QEFLAGS] & ~CC_ARITH | flags

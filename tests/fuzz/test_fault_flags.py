@@ -103,3 +103,33 @@ def test_seed8_shadow_findings_end_alike_counted_and_uncounted(case, end):
     out = Harness(paging="shadow").run(case, audit=False)
     assert out.result is not None and out.result.rip == end, out.result
     assert UncountedReference("shadow").compare(case, out) == []
+
+
+#: the exception intercepts (word 2): #DE (vector 0) and #GP (13)
+DE, GP = 0, 13
+EXCP_DE, EXCP_GP = 0x40, 0x4D
+
+
+@BOTH_MODES
+def test_a_divide_error_keeps_the_carry_of_the_sub_before_it(max_insns):
+    """SUB AL, F0h with AL = 0 (CF = 1, RFLAGS 3, as above), then DIV CL with
+    CL = 0: #DE, a fault (APM vol. 3 DIV; vol. 2 §8.2.1), raised by QEMU's
+    division helper inside the instruction -- intercepted, the #VMEXIT saves the
+    flags the SUB left."""
+    code = bytes.fromhex("2cf0" "f6f1" "0f01d9")
+    cfg = VmcbConfig(intercepts=[0, 0, 1 << DE, 1 << 31, 0b11, 0])
+    case = Case(code, 0x800, cfg, {"rax": 0, "rcx": 0}, "hand")
+    exits = _run(case, max_insns)
+    assert exits[0][0] == EXCP_DE and exits[0][1] == 0x100802 and exits[0][4] == 0x3, exits
+
+
+@BOTH_MODES
+def test_a_general_protection_fault_in_a_helper_keeps_the_flags(max_insns):
+    """SUB AL, F0h (RFLAGS 3), then MOV SS, CX with CX = 13h: the selector's RPL
+    (3) is not the CPL (0), #GP(selector) (APM vol. 3 MOV Sreg), raised by QEMU's
+    segment-load helper inside the instruction: the #VMEXIT saves RFLAGS 3."""
+    code = bytes.fromhex("2cf0" "8ed1" "0f01d9")
+    cfg = VmcbConfig(intercepts=[0, 0, 1 << GP, 1 << 31, 0b11, 0])
+    case = Case(code, 0x800, cfg, {"rax": 0, "rcx": 0x13}, "hand")
+    exits = _run(case, max_insns)
+    assert exits[0][0] == EXCP_GP and exits[0][1] == 0x100802 and exits[0][4] == 0x3, exits
