@@ -429,14 +429,35 @@ def opcode_starts(kinds: set[Kind]) -> tuple[frozenset[int], frozenset[int]]:
     return frozenset(one), frozenset(two)
 
 
+#: the opcodes of every sensitive instruction: LOCK before any of them is #UD, the
+#: instruction armed or not (:func:`scan`); LOCK MOV CRn (AMD's CR8) is legal
+_ALL_ONE, _ALL_TWO = opcode_starts(set(Kind))
+_LOCKED_TWO = _ALL_TWO - {0x20, 0x22}
+
+
+def _locks_sensitive(window: bytes, j: int) -> bool:
+    """Whether the LOCK at ``window[j]`` stands before a sensitive opcode (after
+    more prefixes, if any): an opcode beyond the window counts as one (be safe)."""
+    n = len(window)
+    k = j + 1
+    while k < n and k - j < MAX_INSN and window[k] in PREFIX_BYTES:
+        k += 1
+    if k >= n:
+        return True
+    op = window[k]
+    if op == 0x0F:
+        return k + 1 >= n or window[k + 1] in _LOCKED_TWO
+    return op in _ALL_ONE
+
+
 def _starts_table(one: frozenset[int]) -> bytes:
     """A ``bytes.translate`` table marking (01) the bytes that may begin a
-    candidate: the single-byte opcodes of ``one``, 0F and the VEX prefixes."""
+    candidate: the single-byte opcodes of ``one``, 0F, LOCK and the VEX prefixes."""
     t = _STARTS.get(one)
     if t is None:
         if len(_STARTS) >= 64:
             _STARTS.clear()
-        marks = one | {0x0F} | set(VEX_PREFIXES)
+        marks = one | {0x0F, 0xF0} | set(VEX_PREFIXES)
         t = _STARTS[one] = bytes(1 if b in marks else 0 for b in range(256))
     return t
 
@@ -450,6 +471,8 @@ def scan(window: bytes, limit: int, one: frozenset[int], two: frozenset[int]) ->
     ``window`` may extend past ``limit`` (the next page's first bytes) so an
     instruction straddling the boundary is seen.  Every run of prefix bytes
     immediately before an opcode match also yields a candidate per byte.
+    A LOCK prefix before any sensitive opcode is a candidate, armed or not: the
+    hook raises the #UD the prefix makes it (QEMU runs it unprefixed).
     Candidates for a VEX prefix on a sensitive legacy 0F opcode are included,
     armed or not: Unicorn would run it as the legacy instruction, which must be
     #UD instead (an escape when its intercept is armed, a wrong result when it
@@ -473,6 +496,10 @@ def scan(window: bytes, limit: int, one: frozenset[int], two: frozenset[int]) ->
             # an opcode byte beyond the window: be safe
             hit = bool(two) and (j + 1 >= n or (window[j + 1] in two and (
                 window[j + 1] != 0xAE or j + 2 >= n or 0xD0 <= window[j + 2] <= 0xDF)))
+        elif b == 0xF0:
+            # LOCK before any sensitive opcode, armed or not: the hook raises #UD
+            # (APM vol. 3 §1.2.5), which QEMU would not
+            hit = _locks_sensitive(window, j)
         else:
             v = vex_opcode(window, j)
             hit = v is None or (v[0] == 1 and v[1] in _VEX_SENSITIVE_0F) or (v[0] == 2 and v[1] == 0x82)

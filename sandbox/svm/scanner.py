@@ -466,8 +466,8 @@ class Scanner:
 
     def _decode(self, address: int, code: bytes, mode: int) -> tuple[bytes, D.Insn | None, ExitInfo | None, bool, int]:
         insn = D.decode(code, mode)
-        if insn is not None and insn.kind not in self.scan_kinds:
-            insn = None
+        if insn is not None and insn.kind not in self.scan_kinds and not (insn.lock and insn.kind not in D.LOCK_LEGAL):
+            insn = None                 # not armed (a LOCK it cannot take is #UD whatever is armed)
         fast = None
         if insn is not None and insn.kind in STATE_FREE:
             # the decision depends on the intercept vectors alone: cache it

@@ -5,8 +5,8 @@ BTS, CMPXCHG, CMPXCHG8B/16B, DEC, INC, NEG, NOT, OR, SBB, SUB, XADD, XCHG and XO
 instruction").  The #UD comes at decode, before the instruction's own intercept
 is checked, so LOCK CPUID with CPUID intercepted is an EXCP_UD #VMEXIT when #UD
 is intercepted and never a CPUID one.  QEMU (Unicorn) ignores the prefix and
-runs LOCK CPUID, LOCK RDTSC, LOCK IN ... as the plain instruction (and so does
-the sandbox where the VMCB intercepts none of them: README, Known limits).
+runs LOCK CPUID, LOCK RDTSC, LOCK IN ... as the plain instruction, intercepted
+or not; the sandbox's scanner hooks a LOCK before any sensitive opcode.
 
 The one sensitive exception: LOCK MOV CR0 is AMD's alternate encoding of MOV
 CR8 (APM vol. 3, "MOV CRn"), an access to CR8 -- intercepted as CR8 (exit 08h
@@ -67,3 +67,26 @@ def test_unprefixed_they_exit_as_themselves():
 
 def test_lock_mov_from_cr0_is_a_cr8_read():
     assert _exits(bytes.fromhex("f00f20c0"), ud=True)[:1] == [(CR8_READ, 0x100800)]
+
+
+def test_lock_on_an_instruction_the_vmcb_does_not_intercept_is_ud_too():
+    """CPUID and RDTSC not intercepted, #UD intercepted: LOCK makes each #UD all
+    the same -- QEMU would run them unprefixed."""
+    for code in ("f00fa2", "f00f31", "66f00fa2"):
+        case = Case(bytes.fromhex(code) + VMMCALL_BYTES, 0x800,
+                    VmcbConfig(intercepts=[0, 0, 1 << 6, 1 << 31, 0b11, 0]), {}, "hand")
+        out = Harness().run(case, audit=False)
+        assert [(int(e.exitcode), e.rip) for e in out.exits][:1] == [(EXCP_UD, 0x100800)], code
+
+
+@pytest.mark.parametrize("code,starts", [
+    ("90f00fa2", [1]),          # NOP; LOCK CPUID: the LOCK begins the instruction
+    ("66f00fa2", [0, 1]),       # 66h before it: either byte may begin it
+    ("f0660fa2", [0]),          # at 66h it is CPUID without LOCK, which nothing arms
+    ("f00fb100", []),           # LOCK CMPXCHG [RAX], EAX: lockable, not sensitive
+    ("f00f20c0", []),           # LOCK MOV RAX, CR0: AMD's encoding of CR8, legal
+])
+def test_the_scan_finds_a_lock_before_any_sensitive_opcode(code, starts):
+    from sandbox.svm import decode as D
+    b = bytes.fromhex(code)
+    assert D.scan(b, len(b), frozenset(), frozenset()) == starts
