@@ -251,7 +251,6 @@ class _At:
 #: the instructions :func:`_plain` answers for
 _PLAIN = frozenset({*_FIXED, *_CPL0, *_UMIP, C.X86_INS_RDTSC, C.X86_INS_RDTSCP, C.X86_INS_RDPMC, C.X86_INS_XSETBV,
                     C.X86_INS_INT, C.X86_INS_INT3, C.X86_INS_SMSW, C.X86_INS_LMSW, C.X86_INS_CLTS})
-#: the instructions a LOCK prefix makes #UD (MOV CRn aside: AMD's LOCK MOV CR0 is CR8)
 #: every instruction some model below looks at: any other instruction's
 #: expectation is "no intercept" whatever the guest's state
 #: (``tests/fuzz/test_audit_model.py`` checks that the models answer so)

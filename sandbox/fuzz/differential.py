@@ -290,10 +290,8 @@ def _opcode(insn: bytes) -> bytes:
 def _locked(insn: bytes) -> bool:
     """Whether a LOCK prefix stands before the instruction, and it is not MOV CRn
     (0F 20/22, where LOCK is AMD's encoding of CR8): #UD on the processor."""
-    k = 0
-    while k < len(insn) and insn[k] in _PREFIXES:
-        k += 1
-    return 0xF0 in insn[:k] and insn[k:k + 2] not in (b"\x0f\x20", b"\x0f\x22")
+    op = _opcode(insn)
+    return 0xF0 in insn[:len(insn) - len(op)] and op[:2] not in (b"\x0f\x20", b"\x0f\x22")
 
 
 def compared(code: int, rip: int, case: Case) -> str | None:

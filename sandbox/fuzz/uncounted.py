@@ -91,11 +91,7 @@ class UncountedReference:
             return []
         if out.wrote_tables or ref.wrote_tables:
             return self._from_empty_tlb(case)
-        h.max_insns = DEFAULT_MAX_INSNS
-        try:
-            c = _ends(h.run(case, audit=False))
-        finally:
-            h.max_insns = 0
+        c = self._counted(case)
         if c == b:
             return [("history", f"after other cases the case ends {_say(c)}; after these, {_say(a)}")]
         return [("uncounted", f"uncounted, the case ends {_say(b)}; counted, {_say(a)}")]
@@ -107,10 +103,15 @@ class UncountedReference:
         h = self.harness
         h.forget_tlb()
         b = _ends(h.run(case, audit=False))
+        h.forget_tlb()
+        a = self._counted(case)
+        return [] if a == b else [("uncounted", f"uncounted, the case ends {_say(b)}; counted, {_say(a)}")]
+
+    def _counted(self, case: Case) -> tuple:
+        """How ``case`` ends run here with the campaign's budget."""
+        h = self.harness
         h.max_insns = DEFAULT_MAX_INSNS
         try:
-            h.forget_tlb()
-            a = _ends(h.run(case, audit=False))
+            return _ends(h.run(case, audit=False))
         finally:
             h.max_insns = 0
-        return [] if a == b else [("uncounted", f"uncounted, the case ends {_say(b)}; counted, {_say(a)}")]

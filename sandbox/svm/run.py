@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from unicorn import Uc, UcError
 from unicorn import x86_const as X
 
+from ..memory.hostmem import PAGE_SIZE
 from ..memory.mmu import GuestException, GuestGP, GuestPageFault, NestedFault
 from ..memory.paging import PFErr
 from .controls import GuestControls
@@ -22,6 +23,7 @@ from .cpustate import HF_CS64, OFF_EMU_COUNTER, OFF_INVALID_ADDR, R_CS, CpuState
 from .decode import whole_insns
 from .events import Vec
 from .exitcodes import ExitCode
+from .one_insn_block import MAX_COUNT
 from .scanner import CC_ARITH, CC_OP_EFLAGS, LAZY_FLAGS, QCC_OP, QCC_SRC, QEFLAGS
 from .stop import StopInfo, StopReason
 
@@ -36,9 +38,6 @@ GUEST_IPS = 100_000_000
 #: the budget of a slice counted only to keep guest time (never reached)
 _CLOCK_ONLY = 1 << 62
 _RIP = X.UC_X86_REG_RIP
-#: the most instructions a block can be asked to hold (QEMU 5.0's CF_COUNT_MASK)
-_MAX_BLOCK = 0x1FF
-_PAGE = 0x1000
 
 
 @dataclass
@@ -313,7 +312,7 @@ class RunLoop:
         pc = st.seg(R_CS)[1] + st.rip             # the block's start, as QEMU computes it
         if not hflags & HF_CS64:
             pc &= 0xFFFF_FFFF
-        page, fault_page = pc & ~(_PAGE - 1), fill.fault_page
+        page, fault_page = pc & ~(PAGE_SIZE - 1), fill.fault_page
         if fault_page == page:
             return False                          # the block's first page: the first instruction's fetch
         events = (self._ws.exit_count, self._interrupts.deliveries)
@@ -340,7 +339,7 @@ class RunLoop:
         code = self._fill.code_page(page)
         if code is None:
             return 0
-        return whole_insns(code[pc - page:], mode, _MAX_BLOCK)
+        return whole_insns(code[pc - page:], mode, MAX_COUNT)
 
     def _exception_outside(self, vec: int, err: int | None, rip: int, cr2: int | None = None) -> None:
         self._raise(vec, err, rip, cr2)

@@ -63,8 +63,11 @@ _MAX_INSN = D.MAX_INSN
 _QHFLAGS = OFF_HFLAGS >> 3             # CpuState.q index of the qword holding hflags
 _QEIP = OFF_EIP >> 3                   # CpuState.q index of RIP (synced by Unicorn before a code hook)
 assert OFF_HFLAGS % 8 == 0 and OFF_REGS == 0
-#: QEMU 5.0's lazy flags, right after eip and eflags in CPUX86State: cc_dst, cc_src,
-#: cc_src2, then the 32-bit cc_op (checked once: :data:`_LAZY_FLAGS`)
+#: QEMU 5.0's eflags (the bits the lazy flags do not hold), right after eip in
+#: CPUX86State, then its lazy flags: cc_dst, cc_src, cc_src2, then the 32-bit cc_op
+#: (all checked once: :data:`LAZY_FLAGS`); the run loop repairs them after a fault
+#: in a counted slice (``RunLoop.fault_flags``)
+QEFLAGS = (OFF_EIP + 8) >> 3
 _QCC_SRC = (OFF_EIP + 24) >> 3
 _QCC_OP = (OFF_EIP + 40) >> 3
 _CC_OP_EFLAGS, _CC_OP_ADDQ = 1, 9
@@ -74,21 +77,20 @@ _CC_ARITH = 0x8D5
 
 def _lazy_flags_layout() -> bool:
     """After ``add rax, rbx`` QEMU holds cc_op = CC_OP_ADDQ and cc_src = RBX where
-    :data:`_QCC_OP` and :data:`_QCC_SRC` say."""
+    :data:`_QCC_OP` and :data:`_QCC_SRC` say, and RFLAGS's IF where :data:`QEFLAGS` says."""
     uc = x86_64_engine(TCG_BUFFER_SMALL)
     uc.mem_map(0, 0x10000)
     uc.mem_write(0x1000, bytes.fromhex("4801d8f4"))          # add rax, rbx ; hlt
     uc.reg_write(X.UC_X86_REG_RBX, 0x1C01C0)
+    uc.reg_write(X.UC_X86_REG_RFLAGS, 0x202)
     uc.emu_start(0x1000, 0x1003)
     q = CpuState(uc).q
-    return q[_QCC_OP] & 0xFFFF_FFFF == _CC_OP_ADDQ and q[_QCC_SRC] == 0x1C01C0
+    return q[_QCC_OP] & 0xFFFF_FFFF == _CC_OP_ADDQ and q[_QCC_SRC] == 0x1C01C0 and q[QEFLAGS] & ~_CC_ARITH == 0x202
 
 
 _LAZY_FLAGS = SelfTest(_lazy_flags_layout)
-#: for the run loop (a fault in a counted slice, see RunLoop._counted_flags): the
-#: lazy flags' words, and eflags's, between eip and cc_dst
-QEFLAGS, QCC_SRC, QCC_OP, CC_OP_EFLAGS, CC_ARITH, LAZY_FLAGS = \
-    (OFF_EIP + 8) >> 3, _QCC_SRC, _QCC_OP, _CC_OP_EFLAGS, _CC_ARITH, _LAZY_FLAGS
+#: the same, for the run loop's repair of the flags after a fault
+QCC_SRC, QCC_OP, CC_OP_EFLAGS, CC_ARITH, LAZY_FLAGS = _QCC_SRC, _QCC_OP, _CC_OP_EFLAGS, _CC_ARITH, _LAZY_FLAGS
 _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in the page
 #: a reset drops the blocks of at most this many code pages one page at a time;
 #: past it (or every _FLUSH_EVERY resets, so Unicorn's code buffer is reused from
