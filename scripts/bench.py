@@ -56,7 +56,12 @@ round of each side shown beside them):
    audited, one in 16 compared with QEMU; --fuzz-seconds per round), target
    >= 1,500/s, and as ``sandbox fuzz --audit`` runs it (every case audited,
    --fuzz-cases / 2 cases), target >= 600/s, beside bare Unicorn running the
-   same cases' code.
+   same cases' code.  When the machine has two cores, each round also runs
+   the campaign with ``--jobs 2`` right after ``--jobs 1``: the scaling is the
+   median of those pairs, target >= 1.8x (not with --quick).
+7.-9. ``bench_extra``: RDTSC not intercepted beside bare Unicorn, the warm 4 MiB
+   and 64 MiB working sets (bench_memory's passes), and the human trace's cost
+   per exit line.
 
 Exit status: 0 when every run succeeded (targets are reported, not enforced,
 unless --strict: then 1 when a target is missed); 2 when a run failed or the
@@ -92,6 +97,7 @@ from sandbox.hypervisor.machine import handle_cpuid  # noqa: E402
 from sandbox.hypervisor.loader import LOAD_BASE, ImageError, assemble  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_extra  # noqa: E402
 import bench_sev  # noqa: E402
 
 M64 = (1 << 64) - 1
@@ -151,6 +157,7 @@ TARGET_OUT_FLOOR_RATIO = 2.5
 TARGET_COLD_TOUCH_US = 15.0
 TARGET_FUZZ_EXECS = 1500.0          # the campaign loop, as `sandbox fuzz --seed 1 --jobs 1` runs it (goal 2,000)
 TARGET_FUZZ_AUDIT_EXECS = 600.0
+TARGET_JOBS2_SCALING = 1.8          # `--jobs 2` on two free cores against `--jobs 1`
 
 
 class BenchError(Exception):
@@ -524,15 +531,17 @@ def fuzz_rate(n: int, audit: bool, seed: int = 1) -> dict:
     return r
 
 
-def fuzz_campaign_rate(seconds: float, seed: int = 1) -> dict:
+def fuzz_campaign_rate(seconds: float, seed: int = 1, jobs: int = 1) -> dict:
     """The issue's measure itself: ``sandbox fuzz --seconds S --seed 1 --jobs 1``
     (the CLI's campaign with its defaults, in this process, as the CLI runs
     it): cases over the campaign's own wall clock, which starts with the first
-    case, so the early cases' cold caches count as they do for a user."""
+    case, so the early cases' cold caches count as they do for a user.  With
+    ``jobs`` > 1 the workers are processes of their own (CPU time: this
+    process's, the driver's, only)."""
     from sandbox.fuzz import campaign as FC
     c0 = time.process_time()
-    stats, dt, _ = FC.run(FC.Options(seed=seed, seconds=seconds))
-    cpu = time.process_time() - c0
+    stats, dt, _ = FC.run(FC.Options(seed=seed, seconds=seconds, jobs=jobs))
+    cpu = max(time.process_time() - c0, 1e-9)
     return {"cases": stats.execs, "seconds": dt, "execs_per_s": stats.execs / dt, "cpu_seconds": cpu,
             "execs_per_cpu_s": stats.execs / cpu, "coverage": len(stats.coverage), "findings": len(stats.findings)}
 
@@ -712,18 +721,27 @@ def run(a: argparse.Namespace, log) -> dict:
         auds.append(fuzz_rate(nf, True))
     fast = max(fasts, key=lambda r: r["execs_per_s"])
     aud = max(auds, key=lambda r: r["execs_per_s"])
-    loops, aloops, floors = [], [], []
+    loops, aloops, floors, twos = [], [], [], []
     nl = max(1, nf // 2)
+    # (not in --quick: a worker process's start-up would weigh as much as its seconds of cases)
+    two_cores = (os.cpu_count() or 1) >= 2 and not a.quick
     for _ in range(rounds):                       # the campaign loops and their floor, interleaved
         loops.append(fuzz_campaign_rate(a.fuzz_seconds))
+        if two_cores:                             # --jobs 2 right after --jobs 1: a pair shares the host's phase
+            twos.append(fuzz_campaign_rate(a.fuzz_seconds, jobs=2))
         aloops.append(fuzz_loop_rate(nl, audit=True))
         floors.append(fuzz_floor_rate(nl))
+    scaling = statistics.median(t["execs_per_s"] / o["execs_per_s"] for t, o in zip(twos, loops)) if twos else None
     loop = max(loops, key=lambda r: r["execs_per_s"])
     aloop = max(aloops, key=lambda r: r["execs_per_s"])
     floor_f = max(floors, key=lambda r: r["execs_per_s"])
     log(f"  harness: fast {fast['execs_per_s']:.0f}/s   audit {aud['execs_per_s']:.0f}/s   campaign loop "
         f"{loop['execs_per_s']:.0f}/s   --audit {aloop['execs_per_s']:.0f}/s   "
-        f"bare-Unicorn floor {floor_f['execs_per_s']:.0f}/s")
+        f"bare-Unicorn floor {floor_f['execs_per_s']:.0f}/s"
+        + (f"   --jobs 2 / --jobs 1 {scaling:.2f}x" if scaling is not None else ""))
+    tsc = bench_extra.rdtsc_row(200_000 if a.quick else 2_000_000, a.paired_rounds, a.timeout, log)
+    mem = bench_extra.memory_rows(a.quick, log)
+    trace = bench_extra.trace_row(1 if a.quick else rounds, log)
 
     bare_best, sb_best = min(bare_t), min(sb_t)
     best = {k: min(v, key=lambda t: t.median) for k, v in runs.items()}
@@ -789,9 +807,18 @@ def run(a: argparse.Namespace, log) -> dict:
         "cold_touch": touch,
         "load_average": os.getloadavg(),
         "fuzz": {"fast": fast, "audit": aud, "campaign_loop": loop, "campaign_loop_audit": aloop, "floor": floor_f,
-                 "ratio_to_floor": loop["execs_per_s"] / floor_f["execs_per_s"]},
+                 "ratio_to_floor": loop["execs_per_s"] / floor_f["execs_per_s"],
+                 "campaign_rounds": loops, "jobs2_rounds": twos, "jobs2_scaling": scaling},
         "sev": sev,
+        "rdtsc": tsc,
+        "memory": mem,
+        "trace": trace,
         "targets": {
+            **({"fuzz_jobs2_scaling": {"value": scaling, "target": f">= {TARGET_JOBS2_SCALING:g}x --jobs 1",
+                                       "met": scaling >= TARGET_JOBS2_SCALING}} if scaling is not None else {}),
+            "rdtsc_ratio": tsc["target"],
+            **mem["targets"],
+            **trace["targets"],
             "fuzz_execs_per_s": {"value": loop["execs_per_s"], "target": f">= {TARGET_FUZZ_EXECS:g}/s",
                                  "met": loop["execs_per_s"] >= TARGET_FUZZ_EXECS},
             # "audit mode": `sandbox fuzz --audit`, the whole loop with every case audited
@@ -912,6 +939,7 @@ def show(res: dict) -> None:
     t.add_row("[bold]fuzz campaign loop, every case audited (`sandbox fuzz --audit`)[/]",
               f"[bold]{al['execs_per_s']:.0f}/s[/] ({al['execs_per_cpu_s']:.0f}/s of CPU)",
               "the same floor", tg["fuzz_audit_execs_per_s"]["target"], ok(tg["fuzz_audit_execs_per_s"]["met"]))
+    bench_extra.add_rows(t, res, ok)
     con = Console()
     if not con.is_terminal:
         con = Console(width=132)
