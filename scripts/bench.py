@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: the sandbox against bare Unicorn, measured side by side in one run.
 
-    python scripts/bench.py                 # full run (about a minute)
+    python scripts/bench.py                 # full run (about three minutes)
     python scripts/bench.py --quick         # smoke run for CI (a few seconds)
     python scripts/bench.py --json          # JSON on stdout instead of the table
     python scripts/bench.py --json out.json # the table, and JSON written to out.json
