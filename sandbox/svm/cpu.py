@@ -113,6 +113,8 @@ class SvmCpu:
             bps.apply()
         run.before_slice = before_slice
         fill.connect(scanner, run.fail)
+        fill.insn_mark, fill.store_given_up = run.insn_mark, run.store_given_up
+        run.hooked = scanner.hooks.__contains__
         scanner.connect(self, fill, ws, native, interrupts, pause, run.fail, run.restart_slice)
         native.connect(fill, ws, interrupts, run, smc, avic, align, lbr)
         interrupts.connect(self, fill, scanner, ws, run, smc, avic, lbr)

@@ -117,6 +117,12 @@ class TlbFill:
         #: page the blocks still to be cut to one instruction (:meth:`_after_stores`)
         self._store_rip = -1
         self._one_insn_left: dict[int, int] = {}
+        #: that write fill's point in a counted slice (``insn_mark()``, bound by the
+        #: processor: None uncounted), and what is told when QEMU gave its store up
+        #: there (:meth:`_after_stores`)
+        self._store_mark: tuple[int, int] | None = None
+        self.insn_mark: Callable[[], tuple[int, int] | None] = lambda: None
+        self.store_given_up: Callable[[], None] = lambda: None
         #: ``flush(gva)`` of one soft-TLB page, or None (:mod:`.soft_tlb`)
         self._flush_page = page_flusher(uc)
         #: the fill in use: :meth:`_fill`, or the observed one once an observer is registered
@@ -217,6 +223,7 @@ class TlbFill:
                     if stores is None:
                         stores = self._to_stores(hpa)
                         self._store_rip = q[_Q_EIP]
+                        self._store_mark = self.insn_mark()
                     stores.add(gva)
                 perms |= UC_PROT_WRITE
                 self.wgrant.add(hpa)
@@ -443,8 +450,16 @@ class TlbFill:
         time QEMU first translates a block of up to 512 instructions only to run
         one.  So for the next :data:`ONE_INSN_RUN` times the page goes back to
         execution, the block after this one holds one instruction (which QEMU
-        never gives up).  Only the size of blocks changes, never what runs."""
+        never gives up).  Only the size of blocks changes, never what runs.
+
+        In a counted slice, the same instruction fetched again with no
+        instruction started since its store (Unicorn's count unchanged) is
+        certainly that given-up store: QEMU restored the state at it, with the
+        lazy flags the run loop puts right (``RunLoop.store_given_up``)."""
         if self._q[_Q_EIP] == self._store_rip:
+            mark = self._store_mark
+            if mark is not None and mark == self.insn_mark():
+                self.store_given_up()
             self._one_insn_left[hpa] = ONE_INSN_RUN
         left = self._one_insn_left.get(hpa)
         if left:

@@ -83,6 +83,12 @@ class RunLoop:
         #: :meth:`fault_flags`): the last slice counted
         self._counted_blocks = False
         self._fix_flags = LAZY_FLAGS.passed()
+        #: whether a code hook of the processor's own covers an address (its
+        #: candidate hooks; bound by the processor): the instruction there has
+        #: Unicorn's hook prologue in an uncounted slice too (:meth:`fault_flags`)
+        self.hooked: Callable[[int], bool] = lambda rip: False
+        #: slices started, so an instruction count names one point of one slice (:meth:`insn_mark`)
+        self._slices = 0
 
     def connect(self, fill: "TlbFill", ws: "WorldSwitch", interrupts: "Interrupts", avic: "Avic") -> None:
         """Bind the failed fill's fault, the #VMEXIT, exception delivery and the
@@ -171,6 +177,7 @@ class RunLoop:
         if self.before_slice is not None:
             self.before_slice()
         self._slice_budget, self._in_emu, self._rearm = budget, True, False
+        self._slices += 1
         if budget and not self._counted_blocks:
             # Unicorn adds its counting hook without dropping the blocks translated
             # before, which lack the hook's prologue (it drops them all when it
@@ -258,7 +265,8 @@ class RunLoop:
     def fault_flags(self) -> None:
         """The lazy flags as they were when the faulting instruction began, for a
         fault raised inside an instruction (a data access, a QEMU helper's #DE or
-        #GP ...) in a counted slice; nothing otherwise.
+        #GP ...) in a counted slice, or in an instruction a candidate hook
+        covers; nothing otherwise.
 
         Unicorn 2.1.4 puts before every instruction a code hook covers -- the
         counting hook covers all -- a prologue that, after the hook's call,
@@ -275,9 +283,48 @@ class RunLoop:
         put right.  A fetch fault comes at translation, before any of the block
         ran: its state is the block's entry state, left alone.  A trap raised after
         an instruction (single-step #DB) has the state that instruction left, its
-        lazy operation included: not for this."""
-        if not (self._slice_budget and self._fix_flags):
+        lazy operation included: not for this.
+
+        Not only the counting hook puts the prologue there: so does the
+        candidate hook the processor places on an instruction (INSB, say), in
+        an uncounted slice as well -- a shadow miss on INSB's store left the
+        SUB before it with OF and CF set (seed 28, ``--paging shadow``).  There
+        the repair also needs cc_src to be a flags word (no bit outside OF SF ZF
+        AF PF CF), as the prologue leaves it: a block translated before the hook
+        was placed would hold the instruction's plain lazy operands."""
+        if not self._fix_flags:
             return
+        q = self._st.q
+        if not self._slice_budget and not (self.hooked(self._st.rip) and not q[QCC_SRC] & ~CC_ARITH):
+            return
+        self._computed_flags()
+
+    def store_given_up(self) -> None:
+        """QEMU gave up a store into the block running it, in a counted slice
+        (:meth:`~.fill.TlbFill._after_stores` saw the instruction fetched again
+        with no instruction started since its store): its precise
+        self-modifying-code handling restored the state at the storing
+        instruction (``cpu_restore_state``) and runs it again as a block of its
+        own.  That restore is the one a fault makes (:meth:`fault_flags`), with
+        the same stale lazy operation beside the computed cc_src: ``ADD EAX,
+        EAX`` then ``MOV [RIP+0], ECX`` over the next instruction left CF = 1
+        from 0 + 0 (seed 27).  No Python runs between the restore and the
+        instruction's new block but the fetch fill that block needs, which
+        calls this.  (In an uncounted slice nothing tells a given-up store from
+        a branch back to the instruction: a candidate storing into its own
+        running block after a flag-setting instruction is not repaired.)"""
+        if self._slice_budget and self._fix_flags:
+            self._computed_flags()
+
+    def insn_mark(self) -> tuple[int, int] | None:
+        """A point of the running counted slice: instructions started (Unicorn's
+        counter) and the slice; None in an uncounted slice."""
+        if not (self._in_emu and self._slice_budget):
+            return None
+        return (self._slices, self._counter.value)
+
+    def _computed_flags(self) -> None:
+        """cc_src holds the computed flags (Unicorn's hook prologue): RFLAGS and cc_op follow it."""
         q = self._st.q
         flags = q[QCC_SRC] & CC_ARITH
         q[QEFLAGS] = q[QEFLAGS] & ~CC_ARITH | flags
