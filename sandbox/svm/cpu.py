@@ -114,7 +114,7 @@ class SvmCpu:
         run.before_slice = before_slice
         fill.connect(scanner, run.fail)
         fill.insn_mark, fill.store_given_up = run.insn_mark, run.store_given_up
-        run.hooked = scanner.hooks.__contains__
+        run.hook_ran = scanner.hook_ran
         scanner.connect(self, fill, ws, native, interrupts, pause, run.fail, run.restart_slice)
         native.connect(fill, ws, interrupts, run, smc, avic, align, lbr)
         interrupts.connect(self, fill, scanner, ws, run, smc, avic, lbr)

@@ -83,10 +83,10 @@ class RunLoop:
         #: :meth:`fault_flags`): the last slice counted
         self._counted_blocks = False
         self._fix_flags = LAZY_FLAGS.passed()
-        #: whether a code hook of the processor's own covers an address (its
-        #: candidate hooks; bound by the processor): the instruction there has
-        #: Unicorn's hook prologue in an uncounted slice too (:meth:`fault_flags`)
-        self.hooked: Callable[[int], bool] = lambda rip: False
+        #: whether the instruction at an address just had a candidate-hook call
+        #: (bound by the processor: ``Scanner.hook_ran``): it had Unicorn's hook
+        #: prologue in an uncounted slice too (:meth:`fault_flags`)
+        self.hook_ran: Callable[[int], bool] = lambda rip: False
         #: slices started, so an instruction count names one point of one slice (:meth:`insn_mark`)
         self._slices = 0
 
@@ -289,13 +289,15 @@ class RunLoop:
         candidate hook the processor places on an instruction (INSB, say), in
         an uncounted slice as well -- a shadow miss on INSB's store left the
         SUB before it with OF and CF set (seed 28, ``--paging shadow``).  There
-        the repair also needs cc_src to be a flags word (no bit outside OF SF ZF
-        AF PF CF), as the prologue leaves it: a block translated before the hook
-        was placed would hold the instruction's plain lazy operands."""
+        the repair needs the candidate hook's call at this very instruction to
+        be the last one (``Scanner.hook_ran``) and cc_src to be a flags word (no
+        bit outside OF SF ZF AF PF CF), as the prologue leaves it: a block
+        translated before the hook was placed holds the instruction's plain lazy
+        operands, and runs it with no call."""
         if not self._fix_flags:
             return
         q = self._st.q
-        if not self._slice_budget and not (self.hooked(self._st.rip) and not q[QCC_SRC] & ~CC_ARITH):
+        if not self._slice_budget and not (self.hook_ran(self._st.rip) and not q[QCC_SRC] & ~CC_ARITH):
             return
         self._computed_flags()
 

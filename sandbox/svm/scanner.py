@@ -227,6 +227,9 @@ class Scanner:
         self._stale_at: int | None = None
         self._restart_slice: Callable[[], bool] = lambda: False
         self._check_flags = False
+        #: the address of the last candidate-hook call: Unicorn's hook prologue ran
+        #: there, its lazy flags now computed (:meth:`hook_ran`)
+        self._last_hook = -1
 
     def connect(self, cpu: "SvmCpu", fill: "TlbFill", ws: "WorldSwitch", native: "NativeInsns",
                 interrupts: "Interrupts", pause: "PauseFilter",
@@ -371,6 +374,7 @@ class Scanner:
         This is the first step of every intercepted instruction's round trip,
         so the common case is written out here (the fetched bytes, the
         state) rather than spread over helper calls."""
+        self._last_hook = address
         try:
             if self._sw.stop is not None:
                 return
@@ -445,6 +449,15 @@ class Scanner:
                 self._native(address, insn, st, view or DecisionView(self, st), code)
         except BaseException as e:          # never let an exception unwind through C
             self._fail(f"internal error at guest RIP {address:#x}: {type(e).__name__}: {e}", e)
+
+    def hook_ran(self, rip: int) -> bool:
+        """Whether the instruction at ``rip`` had Unicorn's hook prologue: the
+        last candidate-hook call was there, and a hook still covers it.  (A block
+        translated before the hook was placed runs the address without the
+        prologue and without a call: the last call elsewhere tells it, unless
+        the same address ran hooked from another block just before, with no
+        candidate in between.)"""
+        return self._last_hook == rip and rip in self.hooks
 
     def _io_decision(self, ent: tuple, insn: D.Insn, st: CpuState, address: int, code: bytes) -> ExitInfo | None:
         """Port I/O at CPL 0, decided once per instruction and remembered.
