@@ -328,6 +328,9 @@ DECIDE: dict[Kind, Callable] = {
     Kind.INT3: _int3,
     Kind.INTO: _into,
     Kind.VEX_LEGACY: lambda i, v, rip: None,      # #UD, a simple exception: before any intercept (§15.9)
+    Kind.SYSCALL: lambda i, v, rip: None,         # SVM has no intercept for the fast system calls
+    Kind.SYSENTER: lambda i, v, rip: None,
+    Kind.SYSEXIT: lambda i, v, rip: None,
     Kind.ICEBP: _simple(ExitCode.ICEBP),
     Kind.SGDT: _descriptor_read(ExitCode.GDTR_READ),
     Kind.SIDT: _descriptor_read(ExitCode.IDTR_READ),
@@ -419,7 +422,8 @@ class VectorsOnly:
 
 #: kinds whose decision reads nothing but the intercept vectors (cacheable per address)
 STATE_FREE = frozenset({Kind.STI, Kind.CPUID, Kind.PUSHF, Kind.POPF, Kind.IRET, Kind.PAUSE, Kind.VMMCALL, Kind.ICEBP,
-                        Kind.INTN, Kind.INT3, Kind.INTO, Kind.RSM, Kind.RDPRU, Kind.VEX_LEGACY, Kind.LOAD_FS_GS})
+                        Kind.INTN, Kind.INT3, Kind.INTO, Kind.RSM, Kind.RDPRU, Kind.VEX_LEGACY, Kind.LOAD_FS_GS,
+                        Kind.SYSCALL, Kind.SYSENTER, Kind.SYSEXIT})
 
 #: decoded while a virtual interrupt waits for RFLAGS.IF: the instructions that can set it
 IRQ_WINDOW = frozenset({Kind.STI, Kind.POPF, Kind.IRET})
@@ -439,7 +443,9 @@ ALWAYS = {Kind.HLT, Kind.INTN, Kind.INT3, Kind.INTO, Kind.ICEBP, Kind.VMRUN, Kin
           # a VEX prefix on a sensitive legacy opcode: Unicorn runs the legacy instruction
           Kind.VEX_LEGACY,
           # a null selector into FS/GS: QEMU clears the base the modelled processor keeps
-          Kind.LOAD_FS_GS}
+          Kind.LOAD_FS_GS,
+          # SYSCALL/SYSENTER: Unicorn runs them as no-ops; SYSENTER/SYSEXIT: #UD in long mode
+          Kind.SYSCALL, Kind.SYSENTER, Kind.SYSEXIT}
 
 
 

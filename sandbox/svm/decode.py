@@ -87,6 +87,11 @@ class Kind(Enum):
     #: has that opcode, so it is #UD (APM vol. 3 §1.2.7 and §1.8; SDM vol. 2 §2.3.2),
     #: never the legacy instruction -- which Unicorn would execute (RDTSC, CPUID, MOV CRn ...)
     VEX_LEGACY = "vex_legacy"
+    #: the fast system calls: no intercept, but Unicorn runs SYSCALL and SYSENTER as
+    #: no-ops and its Intel CPU model decodes SYSENTER/SYSEXIT in long mode (:mod:`.fast_syscall`)
+    SYSCALL = "syscall"
+    SYSENTER = "sysenter"
+    SYSEXIT = "sysexit"
 
 
 #: the sensitive instructions a LOCK prefix is legal on: MOV to/from CRn, where it is
@@ -118,6 +123,7 @@ class Insn:
 _0F_SIMPLE = {
     0xA2: Kind.CPUID, 0x31: Kind.RDTSC, 0x33: Kind.RDPMC, 0x30: Kind.WRMSR, 0x32: Kind.RDMSR,
     0x08: Kind.INVD, 0x09: Kind.WBINVD, 0x06: Kind.CLTS, 0xAA: Kind.RSM,
+    0x05: Kind.SYSCALL, 0x34: Kind.SYSENTER, 0x35: Kind.SYSEXIT,
 }
 # 0F 01 with mod == 11: third byte -> kind
 _0F01_REG = {

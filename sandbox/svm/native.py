@@ -36,6 +36,7 @@ from .cpustate import HF_CS64, HF_LMA, R_FS, R_GS, CpuState
 from .decision import (IRQ_WINDOW, effective_address, mov_to_cr_faults, mov_to_dr_faults, svm_rax_faults,
                        wrmsr_faults, xsetbv_faults)
 from .events import Vec
+from .fast_syscall import FastSyscalls
 from .lbr import LBR_MSRS
 from .null_selector import iret_to_outer_succeeds, load_null, null_for_outer
 from .exitcodes import ExitCode, excp
@@ -166,6 +167,9 @@ class NativeInsns:
                             D.Kind.VEX_LEGACY: self._vex_legacy,
                             D.Kind.RDTSC: self._rdtsc, D.Kind.RDTSCP: self._rdtsc})
         self._table.update({k: self._umip for k in UMIP_KINDS})
+        #: SYSCALL, SYSENTER and SYSEXIT (:mod:`.fast_syscall`)
+        self._syscalls = FastSyscalls(uc, st)
+        self._table.update(self._syscalls.handlers())
 
     def install_hooks(self) -> None:
         """Unicorn's instruction hooks for IN/OUT, raw (:class:`PortIoHooks`).
@@ -186,6 +190,7 @@ class NativeInsns:
         self._after_exit = ws.after_exit_in_hook
         self._raise = interrupts.raise_exception
         self._deliver = interrupts.deliver
+        self._syscalls.connect(interrupts.raise_exception, self._completed)
         self._interrupts = interrupts
         self._avic = avic
         self._halt = run.halt
