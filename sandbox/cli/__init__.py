@@ -19,22 +19,24 @@ def interrupt_handled() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``sandbox`` command.  Its modules load here (about a second); a Ctrl-C
-    meanwhile is noted, not raised -- a KeyboardInterrupt inside a library's import
-    machinery can surface as another exception -- and ends the command with one
-    line and exit status 130 once they have loaded, as later."""
+    """The ``sandbox`` command.  Its modules load and its arguments are parsed here
+    (about a second); a Ctrl-C meanwhile is noted, not raised -- a KeyboardInterrupt
+    inside a library's import machinery, or in argparse's message catalogue lookup,
+    can surface as another exception or a traceback -- and ends the command with one
+    line and exit status 130 once that is done, as later."""
     pressed: list[int] = []
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGINT, lambda *_: pressed.append(1)) if main_thread else None
     try:
-        from .run import main as run_main
+        from .run import main as run_main, parse
+        args = parse(argv)
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, old)
     if pressed:
         print("sandbox: interrupted", file=sys.stderr)
         return 130
-    code = run_main(argv)
+    code = run_main(args=args)
     if code == 130:
         interrupt_handled()
     return code

@@ -701,9 +701,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's arguments (argparse exits 2 with one line on bad ones)."""
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """Run the command ``argv`` (or the already parsed ``args``)."""
+    a = args if args is not None else parse(argv)
     if sys.stdout is None:             # started with stdout closed (>&-): results would vanish
         print("sandbox: error: stdout is closed; redirect it to a file or /dev/null instead", file=sys.stderr)
         return 2

@@ -244,6 +244,26 @@ def test_ctrl_c_during_start_up_is_one_line(after):
     assert err.strip().splitlines()[-1].startswith(("sandbox: interrupted", "run ended: stopped - interrupted"))
 
 
+def test_ctrl_c_while_the_arguments_are_parsed_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C that lands in argument parsing (argparse looks up its message
+    catalogue through gettext: a KeyboardInterrupt there printed a traceback and
+    killed the process with SIGINT, seen on a fresh install where start-up is slow)
+    is noted and ends the command with one line and 130, parsing having finished."""
+    import sandbox.cli as cli
+    import sandbox.cli.run as run
+    real = run.parse
+    parsed = []
+
+    def parse_interrupted(argv=None):
+        os.kill(os.getpid(), signal.SIGINT)        # delivered at the next bytecode, inside parsing
+        a = real(argv)
+        parsed.append(a)
+        return a
+    monkeypatch.setattr(run, "parse", parse_interrupted)
+    assert cli.main(["run", str(IMG / "spin.S"), "--quiet"]) == 130
+    assert parsed and capsys.readouterr().err.strip() == "sandbox: interrupted"
+
+
 def test_package_root_names_load_on_first_use():
     code = ("import sys, sandbox.cli; assert 'sandbox.hypervisor.machine' not in sys.modules; "
             "import sandbox; from sandbox import Machine, handlers, ExitCode, VMCB, RESUME; "
