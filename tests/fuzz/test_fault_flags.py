@@ -36,7 +36,7 @@ DATA = 0x1C0000                                       # guest RAM the guest's ta
 BOTH_MODES = pytest.mark.parametrize("max_insns", [1024, 0], ids=["counted", "uncounted"])
 
 
-def _run(case: Case, max_insns: int) -> list[tuple[int, int, int, int, int]]:
+def exits_with_rflags(case: Case, max_insns: int) -> list[tuple[int, int, int, int, int]]:
     """The exits, each with the RFLAGS the #VMEXIT saved in the VMCB."""
     h = Harness(paging=case.paging, max_insns=max_insns)
     record, seen = h.m.on_exit_record, []
@@ -59,7 +59,7 @@ def test_a_shadow_miss_on_a_load_keeps_the_carry_of_the_sub_before_it(max_insns)
     code = bytes.fromhex("2cf0" "8a0b" "7203" "0f01d9" "0f01d9")
     case = Case(code, 0x800, VmcbConfig(intercepts=INTERCEPTS), {"rax": 0, "rbx": DATA}, "hand", paging="shadow")
     e = 0x100800
-    assert _run(case, max_insns)[:3] == [(EXCP_PF, e, PF_FETCH, e, 0x2),
+    assert exits_with_rflags(case, max_insns)[:3] == [(EXCP_PF, e, PF_FETCH, e, 0x2),
                                          (EXCP_PF, e + 2, PF_READ, DATA, 0x3),
                                          (VMMCALL, e + 9, 0, 0, 0x3)]
 
@@ -75,7 +75,7 @@ def test_a_fault_on_a_push_keeps_the_overflow_an_imul_cleared(max_insns):
     code = bytes.fromhex("83c000" "6bc101" "50" "7103" "0f01d9" "0f01d9")
     case = Case(code, 0x800, VmcbConfig(intercepts=INTERCEPTS), {"rax": 0, "rcx": 0}, "hand", paging="shadow")
     e = 0x100800
-    exits = _run(case, max_insns)
+    exits = exits_with_rflags(case, max_insns)
     push = [x for x in exits if x[0] == EXCP_PF and x[1] == e + 6]
     assert push and push[0][2] == PF_WRITE
     assert push[0][4] & 0x801 == 0                   # OF, CF
@@ -119,7 +119,7 @@ def test_a_divide_error_keeps_the_carry_of_the_sub_before_it(max_insns):
     code = bytes.fromhex("2cf0" "f6f1" "0f01d9")
     cfg = VmcbConfig(intercepts=[0, 0, 1 << DE, 1 << 31, 0b11, 0])
     case = Case(code, 0x800, cfg, {"rax": 0, "rcx": 0}, "hand")
-    exits = _run(case, max_insns)
+    exits = exits_with_rflags(case, max_insns)
     assert exits[0][0] == EXCP_DE and exits[0][1] == 0x100802 and exits[0][4] == 0x3, exits
 
 
@@ -131,5 +131,5 @@ def test_a_general_protection_fault_in_a_helper_keeps_the_flags(max_insns):
     code = bytes.fromhex("2cf0" "8ed1" "0f01d9")
     cfg = VmcbConfig(intercepts=[0, 0, 1 << GP, 1 << 31, 0b11, 0])
     case = Case(code, 0x800, cfg, {"rax": 0, "rcx": 0x13}, "hand")
-    exits = _run(case, max_insns)
+    exits = exits_with_rflags(case, max_insns)
     assert exits[0][0] == EXCP_GP and exits[0][1] == 0x100802 and exits[0][4] == 0x3, exits

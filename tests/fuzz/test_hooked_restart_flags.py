@@ -28,6 +28,7 @@ import pytest
 from sandbox.fuzz.case import Case, VmcbConfig
 from sandbox.fuzz.snapshot import Harness
 from sandbox.fuzz.uncounted import UncountedReference
+from tests.fuzz.test_fault_flags import exits_with_rflags
 
 EXCP_PF, VMMCALL = 0x4E, 0x81                          # APM vol. 2 Appendix C exit codes
 PF_FETCH, PF_WRITE = 0x10, 0x2
@@ -39,17 +40,8 @@ BOTH_MODES = pytest.mark.parametrize("max_insns", [1024, 0], ids=["counted", "un
 
 
 def _run(case: Case, max_insns: int) -> list[tuple[int, int, int, int]]:
-    """The exits, each with the RFLAGS the #VMEXIT saved in the VMCB."""
-    h = Harness(paging=case.paging, max_insns=max_insns)
-    record, seen = h.m.on_exit_record, []
-
-    def on_exit(rec):
-        seen.append((int(rec.exitcode), rec.rip, rec.exitinfo1, h.m.guest.vmcb.RFLAGS))
-        record(rec)
-    h.m.on_exit_record = on_exit
-    out = h.run(case, audit=False)
-    assert out.result is not None, out.crash
-    return seen
+    """The exits (EXITCODE, RIP, EXITINFO1), each with the RFLAGS the #VMEXIT saved."""
+    return [(code, rip, info1, rflags) for code, rip, info1, _, rflags in exits_with_rflags(case, max_insns)]
 
 
 @BOTH_MODES

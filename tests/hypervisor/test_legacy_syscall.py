@@ -34,7 +34,8 @@ def _kernel(tmp_path, head: str) -> tuple[str, int]:
     return str(p), LOAD + 12 + len(code)
 
 
-def _run(path: str, **intercepts) -> dict:
+def _run(path: str) -> tuple:
+    """A machine that stops at the entry's CPUID, and what it will have seen there."""
     m = machine()
     m.load(path)
     seen = {}
@@ -45,6 +46,17 @@ def _run(path: str, **intercepts) -> dict:
         seen.update(ebx=r.rbx, esi=r.rsi, edi=r.rdi, ebp=r.rbp, edx=r.rdx, rip=e.rip)
         return m.stop("seen")
     return m, seen
+
+
+def _entered(path: str) -> dict:
+    """Run to the entry's CPUID: the registers CAPTURE kept, checked to have got there
+    with IF clear and the flat kernel CS 08h and SS 10h loaded."""
+    m, seen = _run(path)
+    m.run()
+    assert seen["rip"] == ENTRY + len(asm32(CAPTURE.replace("cpuid", ""), ENTRY))
+    assert not seen["esi"] & (1 << 9)                 # IF cleared (STI had set it)
+    assert (seen["edi"], seen["ebp"]) == (0x08, 0x10)
+    return seen
 
 
 def test_syscall_in_legacy_mode(tmp_path):
@@ -62,12 +74,8 @@ def test_syscall_in_legacy_mode(tmp_path):
         syscall
     """
     path, after = _kernel(tmp_path, head)
-    m, seen = _run(path)
-    m.run()
-    assert seen["rip"] == ENTRY + len(asm32(CAPTURE.replace("cpuid", ""), ENTRY))
+    seen = _entered(path)
     assert seen["ebx"] == after                       # ECX: the instruction after SYSCALL
-    assert not seen["esi"] & (1 << 9)                 # IF cleared (STI had set it)
-    assert (seen["edi"], seen["ebp"]) == (0x08, 0x10)
     assert seen["edx"] == 0x7000                      # the stack is left alone
 
 
@@ -88,11 +96,7 @@ def test_sysenter_in_legacy_mode(tmp_path):
         sysenter
     """
     path, _ = _kernel(tmp_path, head)
-    m, seen = _run(path)
-    m.run()
-    assert seen["rip"] == ENTRY + len(asm32(CAPTURE.replace("cpuid", ""), ENTRY))
-    assert not seen["esi"] & (1 << 9)
-    assert (seen["edi"], seen["ebp"]) == (0x08, 0x10)
+    seen = _entered(path)
     assert seen["edx"] == 0x6000                      # ESP = SYSENTER_ESP
 
 
