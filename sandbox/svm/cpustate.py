@@ -61,9 +61,14 @@ HF_LMA = 1 << 14
 HF_CS64 = 1 << 15
 HF2_GIF = 1 << 0
 
+# QEMU's descriptor-cache flags (target/i386/cpu.h): G, D/B, L, P, DPL, S and the type bits
+DESC_G = 1 << 23
 DESC_B = 1 << 22
 DESC_L = 1 << 21
+DESC_P = 1 << 15
 DESC_DPL_SHIFT = 13
+DESC_S = 1 << 12
+DESC_CS, DESC_C, DESC_W, DESC_A = 1 << 11, 1 << 10, 1 << 9, 1 << 8     # W: R for a code segment
 
 
 def code_size(hflags: int) -> int:

@@ -36,25 +36,21 @@ from typing import Callable
 from unicorn import Uc
 from unicorn import x86_const as X
 
-from ..arch import EFER_LMA, EFER_SCE, RFLAGS_IF, RFLAGS_RF
+from ..arch import (CR0_PE, EFER_LMA, EFER_SCE, MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS,
+                    MSR_SYSENTER_EIP, MSR_SYSENTER_ESP, RFLAGS_IF, RFLAGS_RF, RFLAGS_VM)
 from . import decode as D
-from .cpustate import DESC_B, DESC_L, HF_CS64, R_CS, R_SS, CpuState
+from .cpustate import (DESC_A, DESC_B, DESC_CS, DESC_G, DESC_L, DESC_P, DESC_S, DESC_W, HF_CS64, R_CS, R_SS,
+                       CpuState)
 from .events import Vec
 
-MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
-MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084
-RFLAGS_VM = 1 << 17
-CR0_PE = 1 << 0
 M32, M64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 
-# QEMU's descriptor flags (target/i386/cpu.h): granularity, present, code/data, type bits
-DESC_G, DESC_P, DESC_S = 1 << 23, 1 << 15, 1 << 12
-DESC_CS, DESC_R_W, DESC_A = 1 << 11, 1 << 9, 1 << 8
-#: the flat DPL-0 code segment SYSCALL loads in long mode (L = 1, D = 0) and in legacy mode (D = 1)
-CODE64 = DESC_G | DESC_P | DESC_S | DESC_CS | DESC_R_W | DESC_A | DESC_L
-CODE32 = DESC_G | DESC_B | DESC_P | DESC_S | DESC_CS | DESC_R_W | DESC_A
+#: the flat DPL-0 code segment SYSCALL loads in long mode (L = 1, D = 0) and in legacy mode (D = 1);
+#: DESC_W is a code segment's R bit
+CODE64 = DESC_G | DESC_P | DESC_S | DESC_CS | DESC_W | DESC_A | DESC_L
+CODE32 = DESC_G | DESC_B | DESC_P | DESC_S | DESC_CS | DESC_W | DESC_A
 #: the flat DPL-0 stack segment both instructions load (B = 1, writable)
-STACK = DESC_G | DESC_B | DESC_P | DESC_S | DESC_R_W | DESC_A
+STACK = DESC_G | DESC_B | DESC_P | DESC_S | DESC_W | DESC_A
 
 Raise = Callable[[int, int | None, int], None]
 Completed = Callable[[int], None]

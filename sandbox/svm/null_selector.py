@@ -29,9 +29,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .cpustate import DESC_DPL_SHIFT, R_FS, R_GS, CpuState
+from .cpustate import DESC_C, DESC_CS, DESC_DPL_SHIFT, DESC_P, DESC_S, DESC_W, R_FS, R_GS, CpuState
 
-DESC_W, DESC_C, DESC_CS, DESC_S, DESC_P = 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 15
 RFLAGS_NT = 1 << 14
 
 
