@@ -64,6 +64,11 @@ def asm_set_gate(idt: int, vector: int, label: str) -> str:
 """
 
 
+def wrmsr(msr: int, value: int) -> str:
+    """Guest code writing ``value`` to MSR ``msr`` (ECX, EDX:EAX, WRMSR)."""
+    return f"mov ecx, {msr:#x}\nmov eax, {value & 0xFFFFFFFF:#x}\nmov edx, {value >> 32:#x}\nwrmsr\n"
+
+
 def hc_exit(code: int) -> str:
     """The EXIT hypercall: RAX = 0, RDI = code, VMMCALL."""
     return f"mov edi, {code:#x}\nxor eax, eax\n{VMMCALL}\n"

@@ -308,6 +308,11 @@ def _monitor(code_: int):
     return check
 
 
+def _no_intercept(i, v, rip) -> None:
+    """An instruction SVM has no intercept for (the model hooks it for another reason)."""
+    return None
+
+
 DECIDE: dict[Kind, Callable] = {
     Kind.CPUID: _cpuid,
     Kind.RDTSC: _rdtsc,
@@ -327,10 +332,10 @@ DECIDE: dict[Kind, Callable] = {
     Kind.INTN: _intn,
     Kind.INT3: _int3,
     Kind.INTO: _into,
-    Kind.VEX_LEGACY: lambda i, v, rip: None,      # #UD, a simple exception: before any intercept (§15.9)
-    Kind.SYSCALL: lambda i, v, rip: None,         # SVM has no intercept for the fast system calls
-    Kind.SYSENTER: lambda i, v, rip: None,
-    Kind.SYSEXIT: lambda i, v, rip: None,
+    Kind.VEX_LEGACY: _no_intercept,      # #UD, a simple exception: before any intercept (§15.9)
+    Kind.SYSCALL: _no_intercept,         # SVM has no intercept for the fast system calls
+    Kind.SYSENTER: _no_intercept,
+    Kind.SYSEXIT: _no_intercept,
     Kind.ICEBP: _simple(ExitCode.ICEBP),
     Kind.SGDT: _descriptor_read(ExitCode.GDTR_READ),
     Kind.SIDT: _descriptor_read(ExitCode.IDTR_READ),
@@ -359,10 +364,10 @@ DECIDE: dict[Kind, Callable] = {
     Kind.RSM: _simple(ExitCode.RSM),
     Kind.RDPRU: _simple(ExitCode.RDPRU),
     Kind.INVPCID: _simple(ExitCode.INVPCID, cpl0=True),
-    Kind.STI: lambda i, v, rip: None,          # no intercept; watched for interrupt windows
-    Kind.WRFSBASE: lambda i, v, rip: None,     # no intercept; checked for a non-canonical base
-    Kind.WRGSBASE: lambda i, v, rip: None,
-    Kind.LOAD_FS_GS: lambda i, v, rip: None,   # no intercept; a null selector keeps the base (AMD)
+    Kind.STI: _no_intercept,          # no intercept; watched for interrupt windows
+    Kind.WRFSBASE: _no_intercept,     # no intercept; checked for a non-canonical base
+    Kind.WRGSBASE: _no_intercept,
+    Kind.LOAD_FS_GS: _no_intercept,   # no intercept; a null selector keeps the base (AMD)
 }
 #: kinds whose decision also reads the instruction bytes: ``f(insn, view, rip, code)``
 NEEDS_CODE = {Kind.INVLPG: _invlpg_check, Kind.IN: io_exit, Kind.OUT: io_exit, Kind.INS: io_exit,

@@ -65,19 +65,19 @@ _QEIP = OFF_EIP >> 3                   # CpuState.q index of RIP (synced by Unic
 assert OFF_HFLAGS % 8 == 0 and OFF_REGS == 0
 #: QEMU 5.0's eflags (the bits the lazy flags do not hold), right after eip in
 #: CPUX86State, then its lazy flags: cc_dst, cc_src, cc_src2, then the 32-bit cc_op
-#: (all checked once: :data:`LAZY_FLAGS`); the run loop repairs them after a fault
-#: in a counted slice (``RunLoop.fault_flags``)
+#: (all checked once: :data:`LAZY_FLAGS`); the run loop repairs them after a restart
+#: inside a hooked instruction (``RunLoop.fault_flags``)
 QEFLAGS = (OFF_EIP + 8) >> 3
-_QCC_SRC = (OFF_EIP + 24) >> 3
-_QCC_OP = (OFF_EIP + 40) >> 3
-_CC_OP_EFLAGS, _CC_OP_ADDQ = 1, 9
+QCC_SRC = (OFF_EIP + 24) >> 3
+QCC_OP = (OFF_EIP + 40) >> 3
+CC_OP_EFLAGS, _CC_OP_ADDQ = 1, 9
 #: the flags CC_OP_EFLAGS keeps in cc_src: OF SF ZF AF PF CF
-_CC_ARITH = 0x8D5
+CC_ARITH = 0x8D5
 
 
 def _lazy_flags_layout() -> bool:
     """After ``add rax, rbx`` QEMU holds cc_op = CC_OP_ADDQ and cc_src = RBX where
-    :data:`_QCC_OP` and :data:`_QCC_SRC` say, and RFLAGS's IF where :data:`QEFLAGS` says."""
+    :data:`QCC_OP` and :data:`QCC_SRC` say, and RFLAGS's IF where :data:`QEFLAGS` says."""
     uc = x86_64_engine(TCG_BUFFER_SMALL)
     uc.mem_map(0, 0x10000)
     uc.mem_write(0x1000, bytes.fromhex("4801d8f4"))          # add rax, rbx ; hlt
@@ -85,12 +85,10 @@ def _lazy_flags_layout() -> bool:
     uc.reg_write(X.UC_X86_REG_RFLAGS, 0x202)
     uc.emu_start(0x1000, 0x1003)
     q = CpuState(uc).q
-    return q[_QCC_OP] & 0xFFFF_FFFF == _CC_OP_ADDQ and q[_QCC_SRC] == 0x1C01C0 and q[QEFLAGS] & ~_CC_ARITH == 0x202
+    return q[QCC_OP] & 0xFFFF_FFFF == _CC_OP_ADDQ and q[QCC_SRC] == 0x1C01C0 and q[QEFLAGS] & ~CC_ARITH == 0x202
 
 
-_LAZY_FLAGS = SelfTest(_lazy_flags_layout)
-#: the same, for the run loop's repair of the flags after a fault
-QCC_SRC, QCC_OP, CC_OP_EFLAGS, CC_ARITH, LAZY_FLAGS = _QCC_SRC, _QCC_OP, _CC_OP_EFLAGS, _CC_ARITH, _LAZY_FLAGS
+LAZY_FLAGS = SelfTest(_lazy_flags_layout)
 _LAST_WHOLE = PAGE_SIZE - D.MAX_INSN   # the last offset where 15 bytes fit in the page
 #: a reset drops the blocks of at most this many code pages one page at a time;
 #: past it (or every _FLUSH_EVERY resets, so Unicorn's code buffer is reused from
@@ -252,7 +250,7 @@ class Scanner:
         self.guest_access: GuestAccess = interrupts.access
         self._fail = fail
         self._restart_slice = restart_slice
-        self._check_flags = _LAZY_FLAGS.passed()
+        self._check_flags = LAZY_FLAGS.passed()
 
     # ---------------------------------------------------------------- arming
     def arm(self) -> None:
@@ -379,7 +377,7 @@ class Scanner:
             if self._sw.stop is not None:
                 return
             q = self._st.q
-            if self._check_flags and q[_QCC_OP] & 0xFFFF_FFFF == _CC_OP_EFLAGS and q[_QCC_SRC] & ~_CC_ARITH:
+            if self._check_flags and q[QCC_OP] & 0xFFFF_FFFF == CC_OP_EFLAGS and q[QCC_SRC] & ~CC_ARITH:
                 # Unicorn syncs the lazy flags before a code hook only when the block's
                 # operation differs from the one its previous hook saw, and an
                 # instruction in between (PUSHF) may have stored another: RFLAGS read

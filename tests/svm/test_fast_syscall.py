@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import BASE, hc_exit, install_reporting_idt, user_guest
+from tests.conftest import BASE, hc_exit, install_reporting_idt, user_guest, wrmsr
 
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC000_0080, 0xC000_0081, 0xC000_0082, 0xC000_0084
 MSR_SYSENTER_CS = 0x174
 RF_DF, RF_IF, RF_TF = 1 << 10, 1 << 9, 1 << 8
-
-
-def wrmsr(msr: int, value: int) -> str:
-    return (f"mov ecx, {msr:#x}\nmov eax, {value & 0xFFFF_FFFF:#x}\nmov edx, {value >> 32:#x}\nwrmsr\n")
 
 
 SET_SCE = f"mov ecx, {MSR_EFER:#x}\nrdmsr\nor eax, 1\nwrmsr\n"

@@ -15,7 +15,7 @@ import struct
 
 import pytest
 
-from conftest import BASE, STUB_SIZE, STUBS, VMMCALL, assemble, hc_exit, install_reporting_idt, user_guest
+from conftest import BASE, STUB_SIZE, STUBS, VMMCALL, assemble, hc_exit, install_reporting_idt, user_guest, wrmsr
 
 from unicorn.x86_const import UC_X86_REG_DR6
 
@@ -23,10 +23,6 @@ from sandbox import Segment
 
 DEBUGCTL, FROM, TO, EX_FROM, EX_TO = 0x1D9, 0x1DB, 0x1DC, 0x1DD, 0x1DE
 DONE = 0x55
-
-
-def wrmsr(msr: int, value: int) -> str:
-    return f"mov ecx, {msr:#x}\nmov eax, {value & 0xFFFFFFFF:#x}\nmov edx, {value >> 32:#x}\nwrmsr\n"
 
 
 def read_records() -> str:
